@@ -1,0 +1,693 @@
+"""Load, validate and resolve the config file and the rule packs it includes.
+
+The config is read once into frozen dataclasses (``Config``, ``ModelConfig``,
+``WatchConfig``, ``Rule``) that every later stage receives.  Validation is
+complete before anything runs: every problem is collected with its file and
+line (``config.yaml:14: rules[2].output: 'pdf' is not one of md, html, json``)
+and reported at once, as a ``ConfigError``.  ``check``, ``run`` and every
+other command share this loader; only their exit codes differ.
+
+Things that may legitimately be missing on the machine that checks a config
+(the model weights, a watch folder not mounted yet) are warnings, not errors.
+
+YAML is read with ``yaml.compose`` (the safe loader's node graph) so that each
+value keeps its line number; nothing in a config can construct Python objects,
+and prompt templates are plain ``$name`` substitutions (``string.Template``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import string
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+from wcmatch import glob as wcglob
+
+from daemon.errors import ConfigError, ExitCode, Problem, VlwatchError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
+TASKS = ("ocr", "describe", "ground", "code", "custom")
+OUTPUTS = ("md", "html", "json")
+DEFAULT_OUTPUT = {"ocr": "md", "describe": "md", "ground": "json", "code": "html"}
+BACKENDS = ("transformers", "openai")
+ATTENTIONS = ("auto", "flash_attention_2", "sdpa", "eager")
+#: What a prompt template may name.  Anything else is a config error, so a
+#: typo is caught by `check` rather than sent to the model verbatim.
+TEMPLATE_VARIABLES = frozenset({"filename", "stem", "suffix", "folder", "path", "rule", "objects"})
+#: Image files the bundled packs match when a rule gives no `match:`.
+IMAGE_GLOBS = ("*.png", "*.jpg", "*.jpeg", "*.webp", "*.bmp", "*.gif", "*.tif", "*.tiff")
+#: Glob flags: `**` spans folders, a pattern without `/` matches the file name
+#: at any depth (as .gitignore does), and case is ignored because scanners
+#: write `.TIF` as often as `.tif`.
+GLOB_FLAGS = wcglob.GLOBSTAR | wcglob.MATCHBASE | wcglob.IGNORECASE | wcglob.BRACE
+
+#: Bundled rule packs: `rules/` of a source checkout, installed as `daemon/rules`.
+_PACK_DIRS = (Path(__file__).resolve().parent / "rules", Path(__file__).resolve().parent.parent / "rules")
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backend: str = "transformers"
+    name: str = DEFAULT_MODEL
+    attention: str = "auto"
+    dtype: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    device: str = "auto"  # auto = cuda if present, else cpu
+    min_pixels: int = 4 * 28 * 28
+    max_pixels: int = 1003520
+    batch_size: int | None = None  # None = auto
+    max_gpu_memory: int | None = None  # bytes
+    max_new_tokens: int = 2048
+    idle_unload: float = 900.0  # seconds; 0 disables
+    base_url: tuple[str, ...] = ("http://127.0.0.1:8000/v1",)
+    api_key_env: str | None = None
+    max_concurrency: int = 8
+    timeout: float = 120.0
+
+
+@dataclass(frozen=True)
+class JobsConfig:
+    """How the daemon treats its queue (vlwatch's own keys, beyond the contract)."""
+
+    attempts: int = 3  # tries per job before it is marked failed
+    backoff: float = 30.0  # first retry delay; doubles each attempt
+    rescan: float = 600.0  # periodic rescan of watched folders; 0 disables
+    keep_history: float = 30 * 86400.0  # prune finished jobs older than this
+    batch_wait: float = 0.2  # how long the worker waits to fill a batch
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    path: Path
+    rules: tuple[str, ...] | None = None  # None = every rule
+    recursive: bool = True
+    polling: bool = False
+    settle: float = 2.0
+    output_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    match: tuple[str, ...]
+    task: str
+    prompt: str
+    output: str
+    also: bool = False
+    csp: bool = True  # code task: add a network-blocking Content-Security-Policy
+    objects: str = "all distinct objects"  # ground task: what to detect ($objects)
+    max_new_tokens: int | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    source: str = ""  # "file:line" where the rule was defined
+
+    def matches(self, relative: str) -> bool:
+        """Whether a path relative to its watch root (``/``-separated) matches."""
+        return wcglob.globmatch(relative, list(self.match), flags=GLOB_FLAGS)
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig
+    state: Path
+    include: tuple[str, ...]
+    watch: tuple[WatchConfig, ...]
+    rules: tuple[Rule, ...]  # the config's own rules first, then the packs', in order
+    jobs: JobsConfig = field(default_factory=JobsConfig)
+    source: Path | None = None
+    warnings: tuple[str, ...] = ()
+
+    def rule(self, name: str) -> Rule | None:
+        return next((r for r in self.rules if r.name == name), None)
+
+
+# ----------------------------------------------------------------------- finding
+
+
+def config_candidates() -> list[Path]:
+    """The places a config is looked for when ``--config`` is not given, in order."""
+    out: list[Path] = []
+    if env := os.environ.get("VLWATCH_CONFIG"):
+        out.append(Path(env).expanduser())
+    xdg = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    out.append(Path(xdg).expanduser() / "vlwatch" / "config.yaml")
+    out.append(Path("/etc/vlwatch/config.yaml"))
+    return out
+
+
+def find_config(explicit: str | os.PathLike[str] | None) -> Path:
+    if explicit is not None:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise VlwatchError(f"{path}: config file not found", ExitCode.USAGE)
+        return path
+    candidates = config_candidates()
+    for path in candidates:
+        if path.is_file():
+            return path
+    tried = ", ".join(str(p) for p in candidates)
+    raise VlwatchError(f"no config file found (tried {tried}); pass --config PATH", ExitCode.USAGE)
+
+
+def bundled_packs() -> dict[str, Path]:
+    packs: dict[str, Path] = {}
+    for folder in _PACK_DIRS:
+        if folder.is_dir():
+            for f in sorted(folder.glob("*.yaml")):
+                packs.setdefault(f.stem, f)
+    return packs
+
+
+def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
+    """Find, read and validate the config; raise ``ConfigError`` listing every problem."""
+    path = find_config(explicit)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VlwatchError(f"{path}: cannot read config: {exc}", ExitCode.USAGE) from exc
+    return parse_config(text, path)
+
+
+def parse_config(text: str, path: Path) -> Config:
+    reader = _Reader(str(path), base=path.parent)
+    node = reader.compose(text)
+    config = _read_config(reader, node, path) if node is not None else None
+    if reader.problems or config is None:
+        problems = reader.problems or [Problem(str(path), None, "", "empty config")]
+        # Report in file order (the config first, then each pack), as a reader scans them.
+        order = {f: i for i, f in enumerate(dict.fromkeys([str(path)] + [p.file for p in problems]))}
+        raise ConfigError(sorted(problems, key=lambda p: (order[p.file], p.line or 0)))
+    return config
+
+
+# ------------------------------------------------------------------------ reader
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+class _Reader:
+    """Turns YAML nodes into typed values, collecting problems with their lines."""
+
+    def __init__(self, file: str, base: Path) -> None:
+        self.file = file
+        self.base = base
+        self.problems: list[Problem] = []
+        self.warnings: list[str] = []
+        self._constructor = yaml.constructor.SafeConstructor()
+
+    # -- plumbing
+    def compose(self, text: str) -> yaml.Node | None:
+        try:
+            return yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            line = mark.line + 1 if mark else None
+            self.problems.append(Problem(self.file, line, "", f"invalid YAML: {exc.problem or exc}"))
+        except yaml.YAMLError as exc:
+            self.problems.append(Problem(self.file, None, "", f"invalid YAML: {exc}"))
+        return None
+
+    def problem(self, node: yaml.Node | None, where: str, message: str) -> None:
+        line = node.start_mark.line + 1 if node is not None else None
+        self.problems.append(Problem(self.file, line, where, message))
+
+    def warn(self, node: yaml.Node | None, where: str, message: str) -> None:
+        line = node.start_mark.line + 1 if node is not None else None
+        self.warnings.append(str(Problem(self.file, line, where, message)))
+
+    def value(self, node: yaml.Node) -> Any:
+        return self._constructor.construct_object(node, deep=True)
+
+    def mapping(self, node: yaml.Node, where: str, allowed: tuple[str, ...]) -> dict[str, yaml.Node]:
+        if not isinstance(node, yaml.MappingNode):
+            self.problem(node, where, "expected a mapping of keys to values")
+            return {}
+        out: dict[str, yaml.Node] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            sub = f"{where}.{key}" if where else str(key)
+            if key not in allowed:
+                hint = _did_you_mean(str(key), allowed)
+                self.problem(key_node, sub, f"unknown key{hint}; allowed: {', '.join(allowed)}")
+            elif key in out:
+                self.problem(key_node, sub, "given twice")
+            else:
+                out[key] = value_node
+        return out
+
+    def sequence(self, node: yaml.Node, where: str) -> list[yaml.Node]:
+        if isinstance(node, yaml.SequenceNode):
+            return list(node.value)
+        self.problem(node, where, "expected a list")
+        return []
+
+    # -- typed scalars; each returns None after recording a problem
+    def _scalar(self, node: yaml.Node, where: str, what: str) -> Any:
+        if not isinstance(node, yaml.ScalarNode):
+            self.problem(node, where, f"expected {what}")
+            return None
+        return self.value(node)
+
+    def string(self, node: yaml.Node, where: str, *, nonempty: bool = True) -> str | None:
+        value = self._scalar(node, where, "a string")
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            value = str(value)
+        if nonempty and not value.strip():
+            self.problem(node, where, "must not be empty")
+            return None
+        return value
+
+    def choice(self, node: yaml.Node, where: str, choices: tuple[str, ...]) -> str | None:
+        value = self._scalar(node, where, "a string")
+        if value is None:
+            return None
+        if value not in choices:
+            self.problem(node, where, f"{value!r} is not one of {', '.join(choices)}")
+            return None
+        return value
+
+    def boolean(self, node: yaml.Node, where: str) -> bool | None:
+        value = self._scalar(node, where, "true or false")
+        if not isinstance(value, bool):
+            if value is not None:
+                self.problem(node, where, f"expected true or false, got {value!r}")
+            return None
+        return value
+
+    def integer(self, node: yaml.Node, where: str, *, minimum: int = 0) -> int | None:
+        value = self._scalar(node, where, "a whole number")
+        if isinstance(value, bool) or not isinstance(value, int):
+            if value is not None:
+                self.problem(node, where, f"expected a whole number, got {value!r}")
+            return None
+        if value < minimum:
+            self.problem(node, where, f"must be at least {minimum}, got {value}")
+            return None
+        return value
+
+    def duration(self, node: yaml.Node, where: str) -> float | None:
+        value = self._scalar(node, where, "a duration like 2s")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+            return float(value)
+        m = _DURATION.match(str(value)) if isinstance(value, str) else None
+        if m is None:
+            if value is not None:
+                self.problem(node, where, f"expected a duration like 2s, 15m or 1h, got {value!r}")
+            return None
+        return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+    def size(self, node: yaml.Node, where: str) -> int | None:
+        value = self._scalar(node, where, "a size like 22GiB")
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+        m = _SIZE.match(str(value)) if isinstance(value, str) else None
+        if m is None:
+            if value is not None:
+                self.problem(node, where, f"expected a size like 22GiB or 500MB, got {value!r}")
+            return None
+        return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "b").lower()])
+
+    def path(self, node: yaml.Node, where: str) -> Path | None:
+        value = self.string(node, where)
+        if value is None:
+            return None
+        p = Path(os.path.expandvars(value)).expanduser()
+        # Relative paths are relative to the config file, not to wherever the
+        # daemon happens to be started from (systemd starts it in /).
+        return p if p.is_absolute() else (self.base / p)
+
+    def is_null(self, node: yaml.Node) -> bool:
+        return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
+
+    def string_list(self, node: yaml.Node, where: str) -> list[tuple[str, yaml.Node]]:
+        """A list of strings; a single string is taken as a list of one."""
+        if isinstance(node, yaml.ScalarNode):
+            s = self.string(node, where)
+            return [(s, node)] if s is not None else []
+        out = []
+        for i, item in enumerate(self.sequence(node, where)):
+            s = self.string(item, f"{where}[{i}]")
+            if s is not None:
+                out.append((s, item))
+        return out
+
+
+def _did_you_mean(key: str, allowed: tuple[str, ...]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, allowed, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# --------------------------------------------------------------------- sections
+
+_TOP_KEYS = ("model", "state", "include", "watch", "rules", "jobs")
+_MODEL_KEYS = ("backend", "name", "attention", "dtype", "device", "min_pixels", "max_pixels", "batch_size",
+               "max_gpu_memory", "max_new_tokens", "idle_unload", "base_url", "api_key_env",
+               "max_concurrency", "timeout")
+_WATCH_KEYS = ("path", "rules", "recursive", "polling", "settle", "output_dir")
+_RULE_KEYS = ("name", "match", "task", "prompt", "output", "also", "csp", "objects", "max_new_tokens",
+              "min_pixels", "max_pixels")
+_JOBS_KEYS = ("attempts", "backoff", "rescan", "keep_history", "batch_wait")
+
+
+def default_state_path() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base).expanduser() / "vlwatch" / "state.db"
+
+
+def _read_config(r: _Reader, node: yaml.Node, path: Path) -> Config | None:
+    keys = r.mapping(node, "", _TOP_KEYS)
+    model = _read_model(r, keys["model"]) if "model" in keys else ModelConfig()
+    state = default_state_path()
+    if "state" in keys and (p := r.path(keys["state"], "state")) is not None:
+        state = p
+    jobs = _read_jobs(r, keys["jobs"]) if "jobs" in keys else JobsConfig()
+
+    own_rules = _read_rules(r, keys["rules"], "rules") if "rules" in keys else []
+    include = [(s, n) for s, n in r.string_list(keys["include"], "include")] if "include" in keys else []
+    pack_rules = _read_packs(r, include)
+    rules = _unique_rules(r, own_rules + pack_rules)
+    rules = [(_with_default_prompt(r, rule), n) for rule, n in rules]
+
+    watch = []
+    if "watch" in keys:
+        for i, item in enumerate(r.sequence(keys["watch"], "watch")):
+            w = _read_watch(r, item, f"watch[{i}]", {rule.name for rule, _ in rules})
+            if w is not None:
+                watch.append(w)
+
+    if model.backend == "transformers":
+        _check_model_present(r, keys.get("model"), model.name)
+    return Config(
+        model=model, state=state, include=tuple(s for s, _ in include), watch=tuple(watch),
+        rules=tuple(rule for rule, _ in rules), jobs=jobs, source=path, warnings=tuple(r.warnings),
+    )
+
+
+def _read_model(r: _Reader, node: yaml.Node) -> ModelConfig:
+    keys = r.mapping(node, "model", _MODEL_KEYS)
+    kw: dict[str, Any] = {}
+    w = "model."
+    if "backend" in keys:
+        kw["backend"] = r.choice(keys["backend"], w + "backend", BACKENDS)
+    if "name" in keys:
+        kw["name"] = r.string(keys["name"], w + "name")
+        if kw["name"] and kw["name"].startswith(("~", "$")):
+            kw["name"] = os.path.expandvars(str(Path(kw["name"]).expanduser()))
+    if "attention" in keys:
+        kw["attention"] = r.choice(keys["attention"], w + "attention", ATTENTIONS)
+    if "dtype" in keys:
+        kw["dtype"] = r.choice(keys["dtype"], w + "dtype", ("auto", "bfloat16", "float16", "float32"))
+    if "device" in keys:
+        kw["device"] = r.string(keys["device"], w + "device")
+    for k in ("min_pixels", "max_pixels", "max_new_tokens"):
+        if k in keys:
+            kw[k] = r.integer(keys[k], w + k, minimum=1)
+    if "batch_size" in keys:
+        n = keys["batch_size"]
+        kw["batch_size"] = None if r.value(n) == "auto" else r.integer(n, w + "batch_size", minimum=1)
+    if "max_gpu_memory" in keys and not r.is_null(keys["max_gpu_memory"]):
+        kw["max_gpu_memory"] = r.size(keys["max_gpu_memory"], w + "max_gpu_memory")
+    for k in ("idle_unload", "timeout"):
+        if k in keys:
+            kw[k] = r.duration(keys[k], w + k)
+    if "base_url" in keys:
+        urls = r.string_list(keys["base_url"], w + "base_url")
+        for url, n in urls:
+            if not re.match(r"^https?://[^/\s]+", url):
+                r.problem(n, w + "base_url", f"{url!r} is not an http(s) URL")
+        kw["base_url"] = tuple(u for u, _ in urls) or None
+    if "api_key_env" in keys and not r.is_null(keys["api_key_env"]):
+        name = r.string(keys["api_key_env"], w + "api_key_env")
+        if name and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+            # Catches the mistake of pasting the key itself here.
+            r.problem(keys["api_key_env"], w + "api_key_env",
+                      "must be the NAME of an environment variable holding the key, not the key")
+            name = None
+        kw["api_key_env"] = name
+    if "max_concurrency" in keys:
+        kw["max_concurrency"] = r.integer(keys["max_concurrency"], w + "max_concurrency", minimum=1)
+    kw = {k: v for k, v in kw.items() if v is not None}
+    model = ModelConfig(**kw)
+    if model.min_pixels > model.max_pixels:
+        r.problem(keys.get("min_pixels") or node, w + "min_pixels", "must not exceed max_pixels")
+    return model
+
+
+def _read_jobs(r: _Reader, node: yaml.Node) -> JobsConfig:
+    keys = r.mapping(node, "jobs", _JOBS_KEYS)
+    kw: dict[str, Any] = {}
+    if "attempts" in keys:
+        kw["attempts"] = r.integer(keys["attempts"], "jobs.attempts", minimum=1)
+    for k in ("backoff", "rescan", "keep_history", "batch_wait"):
+        if k in keys:
+            kw[k] = r.duration(keys[k], f"jobs.{k}")
+    return JobsConfig(**{k: v for k, v in kw.items() if v is not None})
+
+
+def _read_watch(r: _Reader, node: yaml.Node, where: str, rule_names: set[str]) -> WatchConfig | None:
+    keys = r.mapping(node, where, _WATCH_KEYS)
+    if "path" not in keys:
+        r.problem(node, where, "missing required key 'path'")
+        return None
+    path = r.path(keys["path"], f"{where}.path")
+    if path is None:
+        return None
+    kw: dict[str, Any] = {"path": path}
+    if "rules" in keys:
+        names = r.string_list(keys["rules"], f"{where}.rules")
+        for name, n in names:
+            if name not in rule_names:
+                r.problem(n, f"{where}.rules", f"rule {name!r} is not defined{_did_you_mean(name, tuple(rule_names))}")
+        kw["rules"] = tuple(name for name, _ in names)
+    for k in ("recursive", "polling"):
+        if k in keys:
+            kw[k] = r.boolean(keys[k], f"{where}.{k}")
+    if "settle" in keys:
+        kw["settle"] = r.duration(keys["settle"], f"{where}.settle")
+    if "output_dir" in keys and not r.is_null(keys["output_dir"]):
+        kw["output_dir"] = r.path(keys["output_dir"], f"{where}.output_dir")
+    watch = WatchConfig(**{k: v for k, v in kw.items() if v is not None})
+    if not watch.path.is_dir():
+        r.warn(keys["path"], f"{where}.path", f"folder {watch.path} does not exist (yet)")
+    if watch.output_dir is not None and watch.recursive and _inside(watch.output_dir, watch.path):
+        # The daemon never treats sidecars as input anyway, but an output tree
+        # inside a recursive watch would still be rescanned forever (OCRmyPDF
+        # refuses this for the same reason).
+        r.warn(keys["output_dir"], f"{where}.output_dir", "is inside the watched folder; its files are ignored")
+    return watch
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    try:
+        child.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _read_rules(r: _Reader, node: yaml.Node, where: str) -> list[tuple[Rule, yaml.Node]]:
+    out = []
+    for i, item in enumerate(r.sequence(node, where)):
+        rule = _read_rule(r, item, f"{where}[{i}]")
+        if rule is not None:
+            out.append((rule, item))
+    return out
+
+
+def _read_rule(r: _Reader, node: yaml.Node, where: str) -> Rule | None:
+    keys = r.mapping(node, where, _RULE_KEYS)
+    missing = [k for k in ("name", "task") if k not in keys]
+    if missing:
+        r.problem(node, where, f"missing required key {', '.join(repr(m) for m in missing)}")
+        return None
+    name = r.string(keys["name"], f"{where}.name")
+    if name is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", name):
+        # The name goes into sidecar file names: keep it a plain word.
+        r.problem(keys["name"], f"{where}.name", f"{name!r} must be letters, digits, '-', '_' or '.'")
+        name = None
+    task = r.choice(keys["task"], f"{where}.task", TASKS)
+    output = r.choice(keys["output"], f"{where}.output", OUTPUTS) if "output" in keys else DEFAULT_OUTPUT.get(task or "")
+    if output is None and task == "custom" and "output" not in keys:
+        r.problem(node, where, "a custom rule needs 'output' (md, html or json)")
+    if task == "ground" and output not in (None, "json"):
+        r.problem(keys["output"], f"{where}.output", "a ground rule writes json (boxes and an overlay)")
+    if task == "code" and output not in (None, "html"):
+        r.problem(keys["output"], f"{where}.output", "a code rule writes html")
+    prompt = None
+    if "prompt" in keys:
+        prompt = r.string(keys["prompt"], f"{where}.prompt")
+        if prompt is not None and not _check_template(r, keys["prompt"], f"{where}.prompt", prompt):
+            prompt = None
+    elif task == "custom":
+        r.problem(node, where, "a custom rule needs a 'prompt'")
+    match = IMAGE_GLOBS
+    if "match" in keys:
+        globs = r.string_list(keys["match"], f"{where}.match")
+        for g, n in globs:
+            if (msg := _glob_problem(g)) is not None:
+                r.problem(n, f"{where}.match", f"bad glob {g!r}: {msg}")
+        match = tuple(g for g, _ in globs)
+        if not match:
+            r.problem(keys["match"], f"{where}.match", "must list at least one glob")
+    kw: dict[str, Any] = {}
+    for k in ("also", "csp"):
+        if k in keys:
+            kw[k] = r.boolean(keys[k], f"{where}.{k}")
+    if "objects" in keys:
+        kw["objects"] = r.string(keys["objects"], f"{where}.objects")
+    for k in ("max_new_tokens", "min_pixels", "max_pixels"):
+        if k in keys:
+            kw[k] = r.integer(keys[k], f"{where}.{k}", minimum=1)
+    if name is None or task is None or output is None or (prompt is None and ("prompt" in keys or task == "custom")):
+        return None
+    line = node.start_mark.line + 1
+    return Rule(name=name, match=match, task=task, prompt=prompt or "", output=output,
+                source=f"{r.file}:{line}", **{k: v for k, v in kw.items() if v is not None})
+
+
+def _check_template(r: _Reader, node: yaml.Node, where: str, text: str) -> bool:
+    template = string.Template(text)
+    if not template.is_valid():
+        r.problem(node, where, "invalid template: a '$' must start $name or ${name}; write $$ for a literal $")
+        return False
+    unknown = sorted(set(template.get_identifiers()) - TEMPLATE_VARIABLES)
+    if unknown:
+        known = ", ".join(f"${v}" for v in sorted(TEMPLATE_VARIABLES))
+        r.problem(node, where, f"unknown variable {', '.join('$' + u for u in unknown)}; known: {known}")
+        return False
+    return True
+
+
+def _glob_problem(pattern: str) -> str | None:
+    if pattern.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", pattern):
+        return "must be relative to the watched folder"
+    if ".." in pattern.replace("\\", "/").split("/"):
+        return "must not climb out of the watched folder with '..'"
+    if pattern.count("[") != pattern.count("]"):
+        return "unbalanced [ ]"
+    if pattern.count("{") != pattern.count("}"):
+        return "unbalanced { }"
+    try:
+        wcglob.translate(pattern, flags=GLOB_FLAGS)
+    except Exception as exc:  # wcmatch raises several types for bad patterns
+        return str(exc)
+    return None
+
+
+def _read_packs(r: _Reader, include: list[tuple[str, yaml.Node]]) -> list[tuple[Rule, yaml.Node]]:
+    bundled = bundled_packs()
+    out: list[tuple[Rule, yaml.Node]] = []
+    for i, (entry, node) in enumerate(include):
+        if entry in bundled:
+            pack = bundled[entry]
+        elif entry.endswith((".yaml", ".yml")) or "/" in entry:
+            pack = Path(os.path.expandvars(entry)).expanduser()
+            pack = pack if pack.is_absolute() else r.base / pack
+            if not pack.is_file():
+                r.problem(node, f"include[{i}]", f"rule file {pack} does not exist")
+                continue
+        else:
+            names = ", ".join(sorted(bundled))
+            r.problem(node, f"include[{i}]", f"no rule pack named {entry!r}{_did_you_mean(entry, tuple(bundled))}; bundled: {names}")
+            continue
+        out.extend(_read_pack_file(r, pack))
+    return out
+
+
+def _read_pack_file(r: _Reader, pack: Path) -> list[tuple[Rule, yaml.Node]]:
+    try:
+        text = pack.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        r.problems.append(Problem(str(pack), None, "", f"cannot read rule file: {exc}"))
+        return []
+    sub = _Reader(str(pack), base=pack.parent)
+    node = sub.compose(text)
+    rules: list[tuple[Rule, yaml.Node]] = []
+    if node is not None:
+        keys = sub.mapping(node, "", ("rules",))
+        if "rules" in keys:
+            rules = _read_rules(sub, keys["rules"], "rules")
+        else:
+            sub.problem(node, "", "a rule file holds a 'rules:' list")
+    r.problems.extend(sub.problems)
+    r.warnings.extend(sub.warnings)
+    return rules
+
+
+def _with_default_prompt(r: _Reader, rule: Rule) -> Rule:
+    """A rule that names a task but no prompt gets the bundled pack's prompt for that task."""
+    if rule.prompt:
+        return rule
+    pack = bundled_packs().get(rule.task)
+    if pack is not None:
+        sub = _Reader(str(pack), base=pack.parent)
+        for default, _ in _read_pack_file(sub, pack):
+            if default.name == rule.task and default.prompt:
+                return replace(rule, prompt=default.prompt)
+    r.problems.append(Problem(rule.source, None, rule.name, f"no prompt given and no bundled default for task {rule.task!r}"))
+    return rule
+
+
+def _unique_rules(r: _Reader, rules: list[tuple[Rule, yaml.Node]]) -> list[tuple[Rule, yaml.Node]]:
+    seen: dict[str, Rule] = {}
+    out = []
+    for rule, node in rules:
+        if rule.name in seen:
+            # A config rule may shadow a pack rule of the same name on purpose
+            # only if it came first; a second definition is almost always a
+            # copy-paste slip, so it is an error rather than a silent override.
+            r.problems.append(Problem(rule.source.rsplit(":", 1)[0], node.start_mark.line + 1, "name",
+                                      f"rule {rule.name!r} is already defined at {seen[rule.name].source}"))
+            continue
+        seen[rule.name] = rule
+        out.append((rule, node))
+    return out
+
+
+# -------------------------------------------------------------------- the model
+
+
+def _check_model_present(r: _Reader, node: yaml.Node | None, name: str) -> None:
+    """Warn (not fail) when the weights are not on this machine: `check` must pass without them."""
+    if local_model_path(name) is None:
+        r.warn(node, "model.name", f"model {name!r} is not downloaded; run `vlwatch pull {name}` "
+                                   "or set model.name to a local directory")
+
+
+def local_model_path(name: str) -> Path | None:
+    """The local directory holding model ``name`` (a path, or an id in the HF cache), or None."""
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return p
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # LocalEntryNotFoundError, or an offline-mode variant of it
+        return None
+
+
+def describe_problems(exc: ConfigError) -> str:
+    n = len(exc.problems)
+    return f"{exc}\n{n} problem{'s' if n != 1 else ''} found"
+

@@ -1,0 +1,110 @@
+"""Match a file against the rules and render the prompt each would send.
+
+A file is matched with globs relative to the watch root it sits under (or to
+its own folder, for a one-shot ``vlwatch process`` outside any watch).  Rules
+are tried in config order: the config's own ``rules:`` first, then the packs
+of ``include:``; the first match wins unless a rule says ``also: true``, which
+lets the rules after it run too.
+
+Prompts are ``string.Template`` substitutions of a fixed set of variables: a
+template can never run code, and a variable the loader does not know is a
+config error long before a file arrives.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemon.config import Config, Rule, WatchConfig
+
+
+@dataclass(frozen=True)
+class Match:
+    """A source file paired with one rule that applies to it: what gets queued."""
+
+    path: Path
+    rule: Rule
+    root: Path  # the watch root (or the file's folder): globs and output_dir mirroring start here
+    output_dir: Path | None = None
+
+    @property
+    def relative(self) -> str:
+        return relative_to_root(self.path, self.root)
+
+
+def relative_to_root(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.name
+
+
+def watch_for(config: Config, path: Path) -> WatchConfig | None:
+    """The most specific watch entry whose folder holds ``path``, if any."""
+    best: WatchConfig | None = None
+    for watch in config.watch:
+        try:
+            rel = path.absolute().relative_to(watch.path.absolute())
+        except ValueError:
+            continue
+        if not watch.recursive and len(rel.parts) > 1:
+            continue
+        if best is None or len(watch.path.parts) > len(best.path.parts):
+            best = watch
+    return best
+
+
+def candidate_rules(config: Config, watch: WatchConfig | None) -> list[Rule]:
+    if watch is None or watch.rules is None:
+        return list(config.rules)
+    allowed = set(watch.rules)
+    return [r for r in config.rules if r.name in allowed]
+
+
+def match_file(config: Config, path: Path, rule_name: str | None = None) -> list[Match]:
+    """The rules that apply to ``path``, in order.
+
+    Args:
+        config: the loaded config.
+        path: the source file (need not exist, for ``explain``).
+        rule_name: force this rule, ignoring globs (``process --rule``).
+    """
+    path = path.absolute()
+    watch = watch_for(config, path)
+    root = watch.path.absolute() if watch else path.parent
+    output_dir = watch.output_dir if watch else None
+    if rule_name is not None:
+        rule = config.rule(rule_name)
+        return [Match(path, rule, root, output_dir)] if rule else []
+    rel = relative_to_root(path, root)
+    out: list[Match] = []
+    for rule in candidate_rules(config, watch):
+        if rule.matches(rel):
+            out.append(Match(path, rule, root, output_dir))
+            if not rule.also:
+                break
+    return out
+
+
+def render_prompt(rule: Rule, path: Path) -> str:
+    """The prompt for ``path`` under ``rule``: ``$name`` substitution only, never code."""
+    values = {
+        "filename": path.name,
+        "stem": path.stem,
+        "suffix": path.suffix.lstrip("."),
+        "folder": path.parent.name,
+        "path": str(path),
+        "rule": rule.name,
+        "objects": rule.objects,
+    }
+    # Anyone who can write into a watched folder chooses file names: a name
+    # holding chat-template control tokens (<|im_end|> ...) must not be able to
+    # end the user turn and speak for the system, so those are removed.
+    safe = {k: _CONTROL_TOKEN.sub("", v) for k, v in values.items()}
+    return string.Template(rule.prompt).safe_substitute(safe).strip()
+
+
+_CONTROL_TOKEN = re.compile(r"<\|[^|<>]*\|>")

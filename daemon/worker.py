@@ -1,0 +1,178 @@
+"""Run matched files through the model and hand each answer to its sidecar writer.
+
+The worker is the one place where files meet the backend:
+
+1. *prepare* (CPU threads): decode each file into pages sized for the model
+   (``daemon.images``) and render its prompt (``daemon.rules``);
+2. *infer*: group the pages' requests into batches of similar size and send
+   them to the backend, pages of many files together;
+3. *write*: give each file its pages' answers back and write its sidecars
+   (``daemon.outputs``).
+
+A failure is confined to its file: a file that cannot be decoded, a batch the
+backend rejects (retried one request at a time to find the culprit), or a
+sidecar that cannot be written becomes that file's ``Outcome.error``; every
+other file still gets its sidecars.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from daemon.backends import Answer, Backend, Request
+from daemon.config import Config
+from daemon.errors import BackendError, VlwatchError
+from daemon.images import Page, load_pages
+from daemon.outputs import PageResult, Result, write_result
+from daemon.rules import Match, render_prompt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    match: Match
+    pages: tuple[Page, ...]
+    requests: tuple[Request, ...]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    match: Match
+    sidecars: tuple[Path, ...] = ()
+    error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class Worker:
+    config: Config
+    backend: Backend
+    threads: int = 4
+    _pool: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
+
+    def batch_size(self) -> int:
+        """Requests per model call: the configured number, or an automatic one."""
+        if self.config.model.batch_size is not None:
+            return self.config.model.batch_size
+        auto = getattr(self.backend, "auto_batch_size", None)
+        return auto() if callable(auto) else 4
+
+    # ------------------------------------------------------------ stage 1
+
+    def prepare(self, match: Match) -> Prepared:
+        """Decode and size ``match``'s file, and build one request per page."""
+        rule, model = match.rule, self.config.model
+        pages = load_pages(
+            match.path,
+            min_pixels=rule.min_pixels or model.min_pixels,
+            max_pixels=rule.max_pixels or model.max_pixels,
+        )
+        prompt = render_prompt(rule, match.path)
+        max_new = rule.max_new_tokens or model.max_new_tokens
+        requests = tuple(Request(images=(p.image,), prompt=prompt, max_new_tokens=max_new) for p in pages)
+        return Prepared(match, tuple(pages), requests)
+
+    # ------------------------------------------------------------ stages 2+3
+
+    def process(self, matches: Sequence[Match]) -> list[Outcome]:
+        """Run every match to its sidecars; return one outcome per match, in order."""
+        outcomes: dict[int, Outcome] = {}
+        chunk = max(1, self.batch_size()) * 4
+        for start in range(0, len(matches), chunk):
+            part = list(enumerate(matches[start:start + chunk], start))
+            for i, outcome in self._process_chunk(part):
+                outcomes[i] = outcome
+        return [outcomes[i] for i in range(len(matches))]
+
+    def _process_chunk(self, part: list[tuple[int, Match]]) -> Iterator[tuple[int, Outcome]]:
+        started = time.monotonic()
+        prepared: list[tuple[int, Prepared]] = []
+        for (i, match), result in zip(part, self._map(self._safe_prepare, [m for _, m in part])):
+            if isinstance(result, Outcome):
+                yield i, result
+            else:
+                prepared.append((i, result))
+        answers = self.infer([p for _, p in prepared])
+        for (i, prep), got in zip(prepared, answers):
+            yield i, self._finish(prep, got, started)
+
+    def _safe_prepare(self, match: Match) -> Prepared | Outcome:
+        try:
+            return self.prepare(match)
+        except VlwatchError as exc:
+            return Outcome(match, error=str(exc))
+        except Exception as exc:  # a decoder bug must not take the daemon down
+            log.exception("%s: unexpected error while reading", match.path)
+            return Outcome(match, error=f"{match.path}: unexpected error while reading: {exc}")
+
+    def infer(self, prepared: Sequence[Prepared]) -> list[list[Answer] | str]:
+        """Answers for each prepared file (one per page), or an error message."""
+        flat = [(fi, pi, req) for fi, prep in enumerate(prepared) for pi, req in enumerate(prep.requests)]
+        got: dict[tuple[int, int], Answer | str] = {}
+        for batch in self._batches(flat):
+            for key, answer in self._infer_batch(batch):
+                got[key] = answer
+        out: list[list[Answer] | str] = []
+        for fi, prep in enumerate(prepared):
+            page_answers = [got[(fi, pi)] for pi in range(len(prep.requests))]
+            errors = [a for a in page_answers if isinstance(a, str)]
+            out.append(errors[0] if errors else page_answers)  # type: ignore[arg-type]
+        return out
+
+    def _batches(self, flat: list[tuple[int, int, Request]]) -> Iterator[list[tuple[int, int, Request]]]:
+        # Sorting by image area and output budget keeps similar requests
+        # together, so left-padding wastes little of each batch.
+        size = max(1, self.batch_size())
+        ordered = sorted(flat, key=lambda x: (x[2].max_new_tokens, sum(i.width * i.height for i in x[2].images)))
+        for start in range(0, len(ordered), size):
+            yield ordered[start:start + size]
+
+    def _infer_batch(self, batch: list[tuple[int, int, Request]]) -> list[tuple[tuple[int, int], Answer | str]]:
+        keys = [(fi, pi) for fi, pi, _ in batch]
+        try:
+            return list(zip(keys, self.backend.generate([r for _, _, r in batch])))
+        except BackendError as exc:
+            if len(batch) == 1:
+                return [(keys[0], str(exc))]
+            log.warning("a batch of %d failed (%s); retrying one at a time", len(batch), exc)
+            return [pair for item in batch for pair in self._infer_batch([item])]
+
+    def _finish(self, prep: Prepared, got: list[Answer] | str, started: float) -> Outcome:
+        match = prep.match
+        if isinstance(got, str):
+            return Outcome(match, error=got, seconds=time.monotonic() - started)
+        pages = tuple(
+            PageResult(number=page.number, answer=answer, original=page.original, shown=page.shown)
+            for page, answer in zip(prep.pages, got)
+        )
+        result = Result(match=match, pages=pages, backend=self.backend.name, model=self.backend.model)
+        try:
+            sidecars = write_result(result)
+        except OSError as exc:
+            return Outcome(match, error=f"{match.path}: cannot write sidecar: {exc}", seconds=time.monotonic() - started)
+        return Outcome(match, sidecars=tuple(sidecars), seconds=time.monotonic() - started)
+
+    # ------------------------------------------------------------ plumbing
+
+    def _map(self, fn, items: Iterable[Match]) -> Iterator[Prepared | Outcome]:
+        items = list(items)
+        if len(items) <= 1 or self.threads <= 1:
+            return map(fn, items)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="vlwatch-prepare")
+        return self._pool.map(fn, items)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
