@@ -61,3 +61,11 @@ class InputError(VlwatchError):
 
 class BackendError(VlwatchError):
     """The model backend failed on a request."""
+
+
+class BackendUnavailableError(BackendError):
+    """The backend cannot be reached at all (server down, connection refused).
+
+    Not the job's fault: the worker pauses the queue and tries again later
+    instead of spending the job's attempts.
+    """
