@@ -647,18 +647,27 @@ def _with_default_prompt(r: _Reader, rule: Rule) -> Rule:
 
 
 def _unique_rules(r: _Reader, rules: list[tuple[Rule, yaml.Node]]) -> list[tuple[Rule, yaml.Node]]:
-    seen: dict[str, Rule] = {}
+    """Drop (and report) a second rule of the same name.
+
+    A second definition is almost always a copy-paste slip or a config rule
+    that collides with an included pack, so it is an error rather than a
+    silent override.  It is reported where the user can fix it: in the
+    config file when one of the two is there.
+    """
+    seen: dict[str, tuple[Rule, yaml.Node]] = {}
     out = []
     for rule, node in rules:
-        if rule.name in seen:
-            # A config rule may shadow a pack rule of the same name on purpose
-            # only if it came first; a second definition is almost always a
-            # copy-paste slip, so it is an error rather than a silent override.
-            r.problems.append(Problem(rule.source.rsplit(":", 1)[0], node.start_mark.line + 1, "name",
-                                      f"rule {rule.name!r} is already defined at {seen[rule.name].source}"))
+        if rule.name not in seen:
+            seen[rule.name] = (rule, node)
+            out.append((rule, node))
             continue
-        seen[rule.name] = rule
-        out.append((rule, node))
+        first, first_node = seen[rule.name]
+        here, here_node, other = (rule, node, first)
+        if not rule.source.startswith(r.file + ":") and first.source.startswith(r.file + ":"):
+            here, here_node, other = first, first_node, rule
+        r.problems.append(Problem(here.source.rsplit(":", 1)[0], here_node.start_mark.line + 1, "name",
+                                  f"rule {rule.name!r} is also defined at {other.source}; rename one "
+                                  "(or drop the pack from include)"))
     return out
 
 

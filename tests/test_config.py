@@ -1,0 +1,169 @@
+"""The config loader: every problem reported at once, each with file and line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from daemon.config import config_candidates, find_config, load_config, parse_config
+from daemon.errors import ConfigError, ExitCode, VlwatchError
+from tests.conftest import run_vlwatch, write_config
+
+BAD = """\
+model:
+  backend: tranformers
+  max_pixels: lots
+  idle_unload: soon
+  max_gpu_memory: 22 gigs
+  api_key_env: sk-123456
+watch:
+  - path: ./inbox
+    rules: [nosuch]
+    settle: 2 seconds
+    color: red
+include: [ocr, nopack]
+rules:
+  - name: a
+    match: ["[abc", "../x/*.png", "/abs/*.png"]
+    task: ocr
+    output: pdf
+  - name: b
+    task: summarise
+    prompt: "hello $nam and $filename"
+  - name: c
+    task: custom
+  - name: ocr
+    task: ocr
+  - name: d e
+    task: ground
+    output: md
+"""
+
+# (line, key path, words of the message) for each problem in BAD
+EXPECTED = [
+    (2, "model.backend", "'tranformers' is not one of transformers, openai"),
+    (3, "model.max_pixels", "expected a whole number"),
+    (4, "model.idle_unload", "expected a duration"),
+    (5, "model.max_gpu_memory", "expected a size"),
+    (6, "model.api_key_env", "NAME of an environment variable"),
+    (9, "watch[0].rules", "rule 'nosuch' is not defined"),
+    (10, "watch[0].settle", "expected a duration"),
+    (11, "watch[0].color", "unknown key"),
+    (12, "include[1]", "no rule pack named 'nopack'"),
+    (15, "rules[0].match", "bad glob '[abc'"),
+    (15, "rules[0].match", "bad glob '../x/*.png'"),
+    (15, "rules[0].match", "bad glob '/abs/*.png'"),
+    (17, "rules[0].output", "'pdf' is not one of md, html, json"),
+    (19, "rules[1].task", "'summarise' is not one of ocr, describe, ground, code, custom"),
+    (20, "rules[1].prompt", "unknown variable $nam"),
+    (21, "rules[2]", "needs 'output'"),
+    (21, "rules[2]", "needs a 'prompt'"),
+    (23, "name", "rule 'ocr' is also defined at"),
+    (25, "rules[4].name", "must be letters"),
+    (27, "rules[4].output", "a ground rule writes json"),
+]
+
+
+def test_every_problem_is_reported_with_file_and_line(tmp_path: Path) -> None:
+    path = write_config(tmp_path, BAD)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    text = [str(p) for p in info.value.problems]
+    for line, where, words in EXPECTED:
+        prefix = f"{path}:{line}: {where}: "
+        assert any(t.startswith(prefix) and words in t for t in text), (prefix, words, text)
+    # nothing reported that we did not expect
+    assert len(text) == len(EXPECTED), text
+
+
+def test_check_exits_1_and_lists_all_problems(tmp_path: Path) -> None:
+    path = write_config(tmp_path, BAD)
+    done = run_vlwatch("check", "--config", path)
+    assert done.returncode == ExitCode.FAILED
+    assert f"{len(EXPECTED)} problems found" in done.stdout
+    assert f"{path}:17: rules[0].output: 'pdf' is not one of md, html, json" in done.stdout
+
+
+def test_other_commands_exit_2_on_a_bad_config(tmp_path: Path) -> None:
+    path = write_config(tmp_path, BAD)
+    done = run_vlwatch("explain", "--config", path, tmp_path / "x.png")
+    assert done.returncode == ExitCode.USAGE
+    assert f"{path}:2: model.backend" in done.stderr
+
+
+def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "model:\n  name: [unclosed\nstate: x\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value.problems[0]).startswith(f"{path}:3: invalid YAML")
+
+
+def test_yaml_cannot_construct_python_objects(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "state: !!python/object/apply:os.system ['touch /tmp/pwned']\n")
+    with pytest.raises(ConfigError):
+        load_config(path)
+
+
+def test_missing_model_and_folder_are_warnings_not_errors(tmp_path: Path) -> None:
+    path = write_config(tmp_path, """
+        model: {name: Someone/not-downloaded}
+        watch: [{path: ./not-yet}]
+        include: [ocr]
+    """)
+    config = load_config(path)
+    assert any("not downloaded" in w and "vlwatch pull Someone/not-downloaded" in w for w in config.warnings)
+    assert any("does not exist (yet)" in w for w in config.warnings)
+    done = run_vlwatch("check", "--config", path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "warning:" in done.stdout and "OK" in done.stdout
+
+
+def test_values_are_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCANS", str(tmp_path / "scans"))
+    path = write_config(tmp_path, """
+        model: {max_gpu_memory: 22GiB, idle_unload: 15m, timeout: 500ms, batch_size: auto, base_url: http://a:1/v1}
+        state: ~/state.db
+        watch: [{path: $SCANS, settle: 1.5s, rules: [ocr]}, {path: rel, recursive: false, polling: true}]
+        include: [ocr, code]
+    """)
+    c = load_config(path)
+    assert c.model.max_gpu_memory == 22 * 2**30
+    assert c.model.idle_unload == 900 and c.model.timeout == 0.5 and c.model.batch_size is None
+    assert c.model.base_url == ("http://a:1/v1",)
+    assert c.state == Path.home() / "state.db"
+    assert c.watch[0].path == tmp_path / "scans" and c.watch[0].settle == 1.5 and c.watch[0].rules == ("ocr",)
+    assert c.watch[1].path == tmp_path / "rel" and c.watch[1].polling and not c.watch[1].recursive
+    assert [r.name for r in c.rules] == ["ocr", "code"]
+
+
+def test_rule_without_prompt_gets_the_bundled_one(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "rules: [{name: scans, task: ocr, match: '*.tif'}]\n")
+    rule = load_config(path).rule("scans")
+    assert rule is not None and "Markdown" in rule.prompt and rule.output == "md"
+
+
+def test_config_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    xdg = tmp_path / "xdg"
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(xdg))
+    (xdg / "vlwatch").mkdir(parents=True)
+    (xdg / "vlwatch" / "config.yaml").write_text("include: [ocr]\n")
+    assert find_config(None) == xdg / "vlwatch" / "config.yaml"
+    env = write_config(tmp_path, "include: [code]\n")
+    monkeypatch.setenv("VLWATCH_CONFIG", str(env))
+    assert find_config(None) == env
+    assert config_candidates()[-1] == Path("/etc/vlwatch/config.yaml")
+
+
+def test_no_config_anywhere_is_a_usage_error(tmp_path: Path) -> None:
+    done = run_vlwatch("explain", "x.png")
+    assert done.returncode == ExitCode.USAGE
+    assert "no config file found" in done.stderr
+    with pytest.raises(VlwatchError):
+        find_config(tmp_path / "absent.yaml")
+
+
+def test_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parent.parent / "examples" / "config.yaml"
+    config = parse_config(example.read_text(), example)
+    assert {"invoice-ocr", "ocr", "describe", "ground", "code"} <= {r.name for r in config.rules}
