@@ -21,6 +21,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import logging
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Sequence
@@ -78,6 +79,11 @@ class TransformersBackend:
         import torch
         from transformers import AutoProcessor
 
+        if not sys.stderr.isatty():
+            # transformers draws a weight-loading progress bar; in a journal it is noise.
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         device = _pick_device(self.config.device)
         dtype = _pick_dtype(self.config.dtype, device)
         source = self._source()
