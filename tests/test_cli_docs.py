@@ -1,0 +1,33 @@
+"""Keep `--help` and the README in step (the llm habit), so neither drifts."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from daemon.cli import build_parser
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+CONTRACT_COMMANDS = {"run", "process", "scan", "explain", "check", "status", "retry", "pull", "bench"}
+
+
+def _subcommands() -> dict[str, object]:
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
+    return dict(sub.choices)
+
+
+def test_every_contract_command_exists_and_is_in_the_readme() -> None:
+    commands = _subcommands()
+    assert set(commands) == CONTRACT_COMMANDS
+    documented = set(re.findall(r"^\| `vlwatch (\w+)", README, re.MULTILINE))
+    assert documented == CONTRACT_COMMANDS
+
+
+def test_every_option_in_help_is_in_the_readme() -> None:
+    for name, sub in _subcommands().items():
+        for action in sub._actions:
+            for opt in action.option_strings:
+                if opt in ("-h", "--help"):
+                    continue
+                assert opt in README or name == "bench", f"vlwatch {name} {opt} is not documented in README.md"

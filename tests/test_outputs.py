@@ -1,0 +1,95 @@
+"""Sidecar writing: names, atomicity, box mapping to original pixels, overlays."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+from PIL import Image
+
+from daemon.backends import Answer
+from daemon.config import Rule
+from daemon.images import shown_size
+from daemon.outputs import PageResult, Result, is_output_name, planned_sidecars, sidecar_path, write_result
+from daemon.rules import Match
+
+GROUND = Rule(name="ground", match=("*.png",), task="ground", prompt="p", output="json")
+CODE = Rule(name="code", match=("*.png",), task="code", prompt="p", output="html")
+
+
+def test_boxes_map_from_shown_to_original_pixels(tmp_path: Path) -> None:
+    source = tmp_path / "big.png"
+    Image.new("RGB", (3000, 2000), "white").save(source)
+    shown = shown_size(3000, 2000, min_pixels=3136, max_pixels=1003520)
+    assert shown == (1204, 812)  # qwen-vl-utils smart_resize: multiples of 28 within max_pixels
+    # a box covering the shown image's central quarter, one clamped past the edge,
+    # one malformed, one empty after clamping
+    text = ('```json\n[{"bbox_2d": [301, 203, 903, 609], "label": "centre"},\n'
+            ' {"bbox_2d": [1100, 700, 1250, 900], "label": "edge"},\n'
+            ' {"bbox_2d": [1, 2, 3], "label": "bad"},\n'
+            ' {"bbox_2d": [1210, 820, 1400, 950], "label": "outside"}]\n```')
+    page = PageResult(number=1, answer=Answer(text), original=(3000, 2000), shown=shown)
+    match = Match(source, GROUND, tmp_path)
+    paths = write_result(Result(match, (page,), backend="transformers", model="m"))
+    assert paths == [tmp_path / "big.png.ground.json", tmp_path / "big.png.ground.overlay.png"]
+    doc = json.loads(paths[0].read_text())
+    assert doc["size"] == [3000, 2000] and doc["shown_size"] == [1204, 812]
+    sx, sy = 3000 / 1204, 2000 / 812
+    assert doc["boxes"][0] == {"label": "centre", "bbox": [round(301 * sx), round(203 * sy), round(903 * sx), round(609 * sy)]}
+    assert doc["boxes"][0]["bbox"] == [750, 500, 2250, 1500]
+    assert doc["boxes"][1] == {"label": "edge", "bbox": [round(1100 * sx), round(700 * sy), 3000, 2000]}
+    assert len(doc["boxes"]) == 2
+    assert any("bad" in w or "length" in w or "4" in w for w in doc["warnings"])
+    with Image.open(paths[1]) as overlay:
+        assert overlay.size == (3000, 2000)
+        assert overlay.getpixel((750, 1000)) != (255, 255, 255)  # the left edge of the centre box is drawn
+
+
+def test_no_usable_boxes_still_gives_a_sidecar(tmp_path: Path) -> None:
+    source = tmp_path / "a.png"
+    Image.new("RGB", (100, 80)).save(source)
+    page = PageResult(1, Answer("I cannot see any objects.", finished=True), (100, 80), (112, 84))
+    (path, _) = write_result(Result(Match(source, GROUND, tmp_path), (page,), "transformers", "m"))
+    doc = json.loads(path.read_text())
+    assert doc["boxes"] == [] and doc["raw_answer"] == "I cannot see any objects." and doc["warnings"]
+
+
+def test_html_gets_csp_and_output_dir_mirrors_subfolders(tmp_path: Path) -> None:
+    root, out = tmp_path / "watched", tmp_path / "out"
+    source = root / "sub" / "shot.png"
+    source.parent.mkdir(parents=True)
+    Image.new("RGB", (10, 10)).save(source)
+    match = Match(source, CODE, root, output_dir=out)
+    answer = Answer("Here:\n```html\n<html><head><base href='http://evil/'></head><body><img src='http://evil/x.png'></body></html>\n```")
+    (path,) = write_result(Result(match, (PageResult(1, answer, (10, 10), (28, 28)),), "transformers", "m"))
+    assert path == out / "sub" / "shot.png.code.html"
+    html = path.read_text()
+    assert "Content-Security-Policy" in html and "default-src 'none'" in html and "<base" not in html
+
+
+def test_sidecars_are_not_world_writable_and_honour_umask(tmp_path: Path) -> None:
+    source = tmp_path / "a.png"
+    Image.new("RGB", (10, 10)).save(source)
+    old = os.umask(0o027)
+    try:
+        (path,) = write_result(Result(Match(source, CODE, tmp_path), (PageResult(1, Answer("x"), (10, 10), (28, 28)),), "t", "m"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+def test_own_outputs_are_recognised() -> None:
+    rules = {"ocr", "ground", "code", "invoice-ocr"}
+    for name in ["a.png.ocr.md", "a.png.ground.json", "a.png.ground.overlay.png", "x y.jpg.code.html",
+                 "scan.tif.invoice-ocr.md", ".vlwatch-0a1b2c3d4e5f.tmp"]:
+        assert is_output_name(name, rules), name
+    for name in ["a.png", "report.md", "overlay.png", "a.png.other.md", "notes.json"]:
+        assert not is_output_name(name, rules), name
+
+
+def test_planned_sidecars(tmp_path: Path) -> None:
+    m = Match(tmp_path / "p.jpg", GROUND, tmp_path)
+    assert planned_sidecars(m) == [tmp_path / "p.jpg.ground.json", tmp_path / "p.jpg.ground.overlay.png"]
+    assert sidecar_path(Match(tmp_path / "p.jpg", CODE, tmp_path), "html") == tmp_path / "p.jpg.code.html"
