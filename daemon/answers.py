@@ -113,7 +113,7 @@ class Boxes:
 
 @dataclass(frozen=True)
 class Html:
-    document: str  # always a complete HTML document, CSP already applied
+    document: str  # always a complete HTML document; CSP applied unless extract_html(csp=None)
     found_html: bool  # False: the answer had no HTML; document shows it escaped in <pre>
     truncated: bool  # the answer looked cut off (unclosed fence / no </html>)
     warnings: tuple[str, ...]
@@ -534,7 +534,10 @@ _ATTRS = r"""(?:[^>"']|"[^"]*"|'[^']*')*"""
 
 
 def _tag(name: str) -> re.Pattern[str]:
-    return re.compile(rf"<{name}\b{_ATTRS}>|<{name}\b[^>]*>", re.IGNORECASE)
+    # A browser ends a tag name only at whitespace, '/' or '>': "<head</html>" is
+    # an element named "head<", not a head.
+    start = rf"<{name}(?=[\s/>])"
+    return re.compile(rf"{start}{_ATTRS}>|{start}[^>]*>", re.IGNORECASE)
 
 
 _HTML_OPEN = _tag("html")
@@ -557,30 +560,37 @@ _FRAGMENT_TAG = re.compile(
 _RAW_TEXT_TAGS = ("script", "style", "textarea", "title")
 
 
-def extract_html(text: str, *, title: str = "vlwatch") -> Html:
-    """A complete HTML document from a screenshot->code answer, CSP applied."""
+def extract_html(text: str, *, title: str = "vlwatch", csp: str | None = CSP) -> Html:
+    """A complete HTML document from a screenshot->code answer.
+
+    The document comes with ``add_csp(document, csp)`` applied, so forgetting
+    the call cannot produce an open page; ``csp=None`` is the explicit opt-out
+    (the document is then left exactly as completed).
+    """
     try:
-        return _extract_html(text, title)
+        result = _extract_html(text, title)
     except Exception as exc:  # a bug here must not kill the daemon's worker
-        document = add_csp(_pre_document(_normalise(text).strip(), title))
-        return Html(document, False, False, (f"internal error while extracting HTML: {exc!r}",))
+        document = _pre_document(_normalise(text).strip(), title)
+        result = Html(document, False, False, (f"internal error while extracting HTML: {exc!r}",))
+    if csp is None:
+        return result
+    return Html(add_csp(result.document, csp), result.found_html, result.truncated, result.warnings)
 
 
 def _extract_html(text: str, title: str) -> Html:
     s = _normalise(text)
     if not s.strip():
-        return Html(add_csp(_pre_document("", title)), False, False, ("empty answer",))
+        return Html(_pre_document("", title), False, False, ("empty answer",))
     notes: list[str] = []
     candidate, truncated = _html_candidate(s, notes)
     if candidate is None or not candidate.strip():
         notes.append("no HTML in answer; document shows the answer as text")
-        return Html(add_csp(_pre_document(s.strip(), title)), False, False, tuple(notes))
+        return Html(_pre_document(s.strip(), title), False, False, tuple(notes))
     if _DOC_START.search(candidate) and not _HTML_CLOSE.search(candidate):
         truncated = True
     if truncated:
         notes.append("answer looks truncated; closed the open elements")
-    document = _complete_document(candidate, title)
-    return Html(add_csp(document), True, truncated, tuple(notes))
+    return Html(_complete_document(candidate, title), True, truncated, tuple(notes))
 
 
 def _html_candidate(s: str, notes: list[str]) -> tuple[str | None, bool]:
@@ -622,10 +632,15 @@ def _complete_document(candidate: str, title: str) -> str:
     doctype = _DOCTYPE.match(c)
     if doctype is not None:
         c = c[doctype.end() :].strip()  # replaced by the standard one below
-    if not _HTML_OPEN.search(c):
+    html_tag = _HTML_OPEN.search(c)
+    if html_tag is None:
         c = f"<html>\n{c}\n</html>"
-    elif not ends:
-        c = f"{c}\n</html>"
+    else:
+        # Text before <html> makes the browser open an implied head and body,
+        # which would push our CSP meta into the body, where it is ignored.
+        c = c[html_tag.start() :]
+        if not _HTML_CLOSE.search(c):
+            c = f"{c}\n</html>"
     c = _ensure_head(c, title)
     c = _ensure_body(c)
     return f"<!DOCTYPE html>\n{c}\n"
@@ -638,7 +653,7 @@ def _close_open_ends(c: str) -> str:
     ``<style>`` block would swallow ``</body></html>`` as attribute, comment or
     CSS text.  Harmless on a complete page.
     """
-    if c.rfind("<") > c.rfind(">"):
+    while c.rfind("<") > c.rfind(">"):  # "<head<ba": cut tags may stack
         c = c[: c.rfind("<")].rstrip()
     if c.rfind("<!--") > c.rfind("-->"):
         c += " -->"
@@ -657,7 +672,7 @@ def _close_open_ends(c: str) -> str:
 def _ensure_head(c: str, title: str) -> str:
     html_tag = _HTML_OPEN.search(c)
     assert html_tag is not None  # _complete_document guarantees it
-    head = _HEAD_OPEN.search(c)
+    head = _HEAD_OPEN.search(c, html_tag.end())
     if head is None:
         block = f'\n<head>\n<meta charset="utf-8">\n<title>{html.escape(title)}</title>\n</head>'
         return c[: html_tag.end()] + block + c[html_tag.end() :]
@@ -726,6 +741,7 @@ _DROP_EQUIV = frozenset(
 )
 # Resource hints: DNS prefetch and preconnect are not reliably governed by CSP.
 _DROP_REL = frozenset({"dns-prefetch", "preconnect", "prefetch", "prerender", "preload", "modulepreload"})
+_KEPT_HTML_ATTR = re.compile(r"""(?<![\w:-])(?:lang|dir)\s*=\s*(?:"[^"]*"|'[^']*'|[^\s>"']+)""", re.IGNORECASE)
 _DNS_OFF = '<meta http-equiv="x-dns-prefetch-control" content="off">'
 
 
@@ -738,7 +754,7 @@ def add_csp(document: str, policy: str = CSP) -> str:
     """
     content = html.escape(policy, quote=False).replace('"', "&quot;")
     block = f'\n<meta http-equiv="Content-Security-Policy" content="{content}">\n{_DNS_OFF}'
-    doc = _strip_unsafe(document.replace(block, ""))
+    doc = _plain_start_tags(_strip_unsafe(document.replace(block, "")))
     head = _usable_head(doc)
     if head is not None:
         return doc[:head] + block + doc[head:]
@@ -757,18 +773,31 @@ def _usable_head(doc: str) -> int | None:
     When anything but whitespace and comments comes before it, the parser has
     already opened an implied head there, so the policy must go earlier.
     """
-    head = _HEAD_OPEN.search(doc)
+    html_tag = _HTML_OPEN.search(doc)
+    head = _HEAD_OPEN.search(doc, html_tag.end() if html_tag else 0)
     if head is None:
         return None
-    html_tag = _HTML_OPEN.search(doc)
     if html_tag is None:
         return head.end()
-    if head.start() < html_tag.end():
-        return None
     between = doc[html_tag.end() : head.start()]
     if _LEADING_WS_COMMENTS.fullmatch(between) is None:
         return None
     return head.end()
+
+
+def _plain_start_tags(doc: str) -> str:
+    """<html> keeps only lang/dir, <head> keeps nothing.
+
+    Both tags are parsed before the policy exists, so an attribute on them (a
+    ``style`` with ``url(https://...)``) would be outside it.
+    """
+    doc = _HTML_OPEN.sub(_plain_html_tag, doc)
+    return _HEAD_OPEN.sub("<head>", doc)
+
+
+def _plain_html_tag(m: re.Match[str]) -> str:
+    kept = [a.group() for a in _KEPT_HTML_ATTR.finditer(m.group())]
+    return f"<html {' '.join(kept)}>" if kept else "<html>"
 
 
 def _strip_unsafe(doc: str) -> str:
