@@ -1,16 +1,389 @@
-"""``vlwatch bench``: measure the inference worker on this machine (see issue 5)."""
+"""``vlwatch bench``: measure the inference worker on this machine (issue 5).
+
+One run loads the backend once (as configured, or with ``--load-format
+dummy`` the configured architecture with random weights) and times, on the
+same synthetic images, side by side:
+
+1. the one-at-a-time baseline: stock ``model.generate``, one request per call
+   (for a server backend: one request per call);
+2. batch 1 through the worker (the latency of a lone image, warm);
+3. the batching worker at each ``--batch-sizes`` entry (``auto`` and numbers);
+4. with ``--max-gpu-memory``, the worker under that cap, ``batch_size: auto``.
+
+Every request gets exactly ``--new-tokens`` tokens (end-of-sequence is ignored:
+random weights would stop at arbitrary points), so the setups do the same
+work.  The table gives images/min, seconds per image, time to first token,
+decode tokens/s and peak GPU memory (the CUDA allocator's reserved bytes,
+which the cap bounds; the CUDA context's few hundred MiB come on top).
+
+Time to first token is the mean, over requests, of the time from when a
+batch slot was free for the request to its first token: in a batch it
+includes waiting for the other prefills of the same round; for the baseline
+it is a one-token generate of one image.  Decode tokens/s is over all
+sequences together, prefill excluded.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import platform
+import re
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
 
 from daemon.errors import ExitCode, VlwatchError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROMPT = "Describe this image in detail."
+GiB = 2**30
+_BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
                         help="dummy: random weights of the real architecture (no download)")
+    parser.add_argument("--model", metavar="NAME", help="model id or directory (default: model.name of the config)")
+    parser.add_argument("--backend", choices=("transformers", "openai"), help="default: model.backend of the config")
+    parser.add_argument("--attention", choices=("auto", "flash_attention_2", "sdpa", "eager"),
+                        help="default: model.attention of the config")
+    parser.add_argument("--images", type=int, default=128, metavar="N", help="images per batched setup (default 128)")
+    parser.add_argument("--size", default="1036x1036", metavar="WxH",
+                        help="synthetic image size, rounded to multiples of 28 (default 1036x1036)")
+    parser.add_argument("--new-tokens", type=int, default=256, metavar="N",
+                        help="tokens generated per image, forced (default 256)")
+    parser.add_argument("--batch-sizes", default="auto", metavar="LIST",
+                        help="batched setups, comma-separated: auto and/or numbers (default auto)")
+    parser.add_argument("--max-gpu-memory", metavar="SIZE",
+                        help="add a setup capped at this much GPU memory, e.g. 22GiB")
+    parser.add_argument("--baseline-images", type=int, default=2, metavar="N",
+                        help="images for the one-at-a-time baseline (default 2)")
+    parser.add_argument("--latency-images", type=int, default=3, metavar="N",
+                        help="images for the batch-1 latency setup (default 3)")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt sent with each image")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    parser.add_argument("--save", metavar="DIR", type=Path,
+                        help="also write the table (.md) and the JSON, with the command line, into DIR")
+
+
+@dataclass
+class SetupResult:
+    setup: str
+    batch: str
+    images: int
+    seconds: float
+    images_per_min: float
+    s_per_image: float
+    ttft_s: float | None
+    decode_tok_s: float | None
+    peak_gpu_gib: float | None
+    new_tokens: int
+
+
+@dataclass
+class Setup:
+    name: str
+    images: int
+    batch_size: int | None  # None: auto
+    engine: str = "auto"  # transformers only: "hf" is stock model.generate
+    cap: int | None = None  # max_gpu_memory for this setup
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    raise VlwatchError("bench is not implemented yet", ExitCode.USAGE)
+    width, height = parse_size(args.size)
+    model = _model_config(args, width * height)
+    setups = plan(args, model)
+    backend = _backend(model, args.load_format)
+    started = time.perf_counter()
+    images = synthetic_images(max(s.images for s in setups), width, height)
+    results = [run_setup(backend, model, setup, images, args) for setup in setups]
+    header = describe(backend, model, args, width, height)
+    report = {"command": command_line(), "header": header, "results": [asdict(r) for r in results],
+              "seconds": time.perf_counter() - started}
+    table = format_table(header, results)
+    print(json.dumps(report, indent=2) if args.json else table)
+    if args.save:
+        save(args.save, report, table)
+    return ExitCode.OK
+
+
+# ------------------------------------------------------------------ setup
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if m is None:
+        raise VlwatchError(f"--size {text!r}: expected WIDTHxHEIGHT, e.g. 1036x1036", ExitCode.USAGE)
+    w, h = (max(28, round(int(v) / 28) * 28) for v in m.groups())
+    if (w, h) != (int(m.group(1)), int(m.group(2))):
+        log.warning("--size %s: using %dx%d (the model takes multiples of 28 pixels)", text, w, h)
+    return w, h
+
+
+def parse_bytes(text: str) -> int:
+    m = _BYTES.match(text)
+    if m is None or (m.group(2) or "b").lower() not in _UNITS:
+        raise VlwatchError(f"{text!r}: expected a size such as 22GiB", ExitCode.USAGE)
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
+
+
+def _model_config(args: argparse.Namespace, pixels: int) -> Any:
+    from daemon.config import ModelConfig, find_config, load_config
+
+    model = ModelConfig()
+    path = args.config
+    if path is None:
+        try:
+            path = find_config(None)
+        except VlwatchError:
+            path = None  # no config anywhere: the bench runs on the defaults
+    if path is not None:
+        model = load_config(path).model
+    overrides: dict[str, Any] = {"max_new_tokens": args.new_tokens, "batch_size": None,
+                                 # the images are shown at exactly --size
+                                 "max_pixels": max(model.max_pixels, pixels)}
+    for key in ("model", "backend", "attention"):
+        value = getattr(args, key, None)
+        if value is not None:
+            overrides["name" if key == "model" else key] = value
+    return replace(model, **overrides)
+
+
+def plan(args: argparse.Namespace, model: Any) -> list[Setup]:
+    if args.images < 1 or args.new_tokens < 1:
+        raise VlwatchError("--images and --new-tokens must be at least 1", ExitCode.USAGE)
+    local = model.backend == "transformers"
+    setups = [Setup("one at a time (baseline)" + (": stock model.generate" if local else ""),
+                    max(1, args.baseline_images), 1, engine="hf" if local else "auto"),
+              Setup("batch 1 (latency, warm)", max(1, args.latency_images), 1)]
+    for item in filter(None, (p.strip() for p in args.batch_sizes.split(","))):
+        if item == "auto":
+            setups.append(Setup("batched worker", args.images, None))
+        elif item.isdigit() and int(item) > 0:
+            setups.append(Setup("batched worker", args.images, int(item)))
+        else:
+            raise VlwatchError(f"--batch-sizes: {item!r} is neither auto nor a positive number", ExitCode.USAGE)
+    if args.max_gpu_memory:
+        cap = parse_bytes(args.max_gpu_memory)
+        setups.append(Setup(f"batched worker, max_gpu_memory {args.max_gpu_memory}", args.images, None, cap=cap))
+    return setups
+
+
+def _backend(model: Any, load_format: str) -> Any:
+    if model.backend == "transformers":
+        from daemon.backends.transformers import TransformersBackend
+
+        backend = TransformersBackend(model, load_format=load_format)
+        backend.load()
+        return backend
+    if load_format == "dummy":
+        raise VlwatchError("--load-format dummy needs the transformers backend", ExitCode.USAGE)
+    from daemon.backends import create_backend
+
+    return create_backend(model)
+
+
+def synthetic_images(n: int, width: int, height: int) -> list[Any]:
+    """``n`` different noise images: flat colour would make every patch alike."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+# ------------------------------------------------------------------ running
+
+
+def run_setup(backend: Any, model: Any, setup: Setup, images: list[Any], args: argparse.Namespace) -> SetupResult:
+    from daemon.backends import Request
+
+    config = replace(model, batch_size=setup.batch_size)
+    if setup.cap is not None:
+        config = replace(config, max_gpu_memory=setup.cap, batch_size=None)
+    _configure(backend, config, setup)
+    requests = [Request((img,), args.prompt, args.new_tokens) for img in images[:setup.images]]
+    worker = _worker(config, backend)
+    try:
+        batch = str(worker.batch_size()) if setup.batch_size is not None else f"auto ({worker.batch_size()})"
+        log.info("bench: %s, batch %s, %d images: warming up", setup.name, batch, setup.images)
+        first_token = _warm_up(backend, requests, worker.batch_size())
+        _reset_peak_memory(backend)
+        stats: list[dict[str, Any]] = []
+        _record_stats(backend, stats)
+        t0 = time.perf_counter()
+        answers = worker.infer([_prepared(r, i) for i, r in enumerate(requests)])
+        seconds = time.perf_counter() - t0
+    finally:
+        worker.close()
+        _record_stats(backend, None)
+    failed = [a for a in answers if isinstance(a, str)]
+    if failed:
+        raise VlwatchError(f"bench: {setup.name}: {failed[0]}")
+    result = _summarise(setup, batch, seconds, stats, first_token, _peak_memory(backend), args.new_tokens)
+    log.info("bench: %s: %.1f images/min", setup.name, result.images_per_min)
+    return result
+
+
+def _configure(backend: Any, config: Any, setup: Setup) -> None:
+    if callable(getattr(backend, "reconfigure", None)):
+        backend.reconfigure(config)  # batch size, memory cap; each setup sizes its own cache
+    else:
+        backend.config = config
+    if hasattr(backend, "ignore_eos"):
+        backend.ignore_eos = True
+    if hasattr(backend, "set_engine"):
+        backend.set_engine(setup.engine)
+
+
+def _worker(config: Any, backend: Any) -> Any:
+    from daemon.config import Config
+    from daemon.worker import Worker
+
+    return Worker(Config(model=config, state=Path("bench-state.db"), include=(), watch=(), rules=()), backend)
+
+
+def _prepared(request: Any, i: int) -> Any:
+    from daemon.config import Rule
+    from daemon.rules import Match
+    from daemon.worker import Prepared
+
+    rule = Rule(name="bench", match=("*",), task="describe", prompt=request.prompt, output="md")
+    return Prepared(Match(Path(f"bench-{i}.png"), rule, Path(".")), (), (request,))
+
+
+def _warm_up(backend: Any, requests: list[Any], batch: int) -> float | None:
+    """Load kernels, allocate and capture as the timed run will; return a lone request's prefill time."""
+    warm = getattr(backend, "warmup", None)
+    if callable(warm):
+        warm(requests[:max(1, batch)])
+    else:
+        backend.generate(requests[:1])
+    # Time to first token of one request alone: a one-token generate.
+    one = replace(requests[0], max_new_tokens=1)
+    t0 = time.perf_counter()
+    backend.generate([one])
+    return time.perf_counter() - t0
+
+
+def _record_stats(backend: Any, sink: list[dict[str, Any]] | None) -> None:
+    """Collect ``backend.last_stats`` after every generate() call while ``sink`` is set."""
+    if sink is None:
+        backend.__dict__.pop("generate", None)
+        return
+    stock = type(backend).generate
+
+    def generate(requests: Sequence[Any]) -> Any:
+        out = stock(backend, requests)
+        stats = getattr(backend, "last_stats", None)
+        if stats:
+            sink.append(dict(stats))
+        return out
+
+    backend.generate = generate
+
+
+def _summarise(setup: Setup, batch: str, seconds: float, stats: list[dict[str, Any]],
+               first_token: float | None, peak: float | None, budget: int) -> SetupResult:
+    n = setup.images
+    # A backend that reports nothing (a server) is taken to have produced the forced budget.
+    new_tokens = sum(int(s.get("new_tokens", 0)) for s in stats) or n * budget
+    ttfts = [t for s in stats for t in s.get("ttft", [])]
+    decode_s = sum(float(s.get("decode_s", 0.0)) for s in stats)
+    if decode_s <= 0 and first_token is not None:
+        # model.generate reports no split: its decode time is the rest after
+        # each call's prefill (the one-token time measured alone).
+        decode_s = seconds - first_token * len(stats)
+    decoded = new_tokens - n  # the first token of each request comes from its prefill
+    return SetupResult(
+        setup=setup.name, batch=batch, images=n, seconds=round(seconds, 3),
+        images_per_min=round(60 * n / seconds, 2), s_per_image=round(seconds / n, 3),
+        ttft_s=round(sum(ttfts) / len(ttfts), 3) if ttfts else (round(first_token, 3) if first_token else None),
+        decode_tok_s=round(decoded / decode_s, 1) if decode_s > 0 and decoded > 0 else None,
+        peak_gpu_gib=round(peak / GiB, 2) if peak is not None else None, new_tokens=new_tokens,
+    )
+
+
+# ------------------------------------------------------------------ memory
+
+
+def _cuda(backend: Any) -> bool:
+    model = getattr(backend, "_model", None)
+    return model is not None and getattr(model.device, "type", "") == "cuda"
+
+
+def _reset_peak_memory(backend: Any) -> None:
+    if _cuda(backend):
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_memory(backend: Any) -> float | None:
+    if not _cuda(backend):
+        return None
+    import torch
+
+    torch.cuda.synchronize()
+    return float(torch.cuda.max_memory_reserved())
+
+
+# ------------------------------------------------------------------ output
+
+
+def describe(backend: Any, model: Any, args: argparse.Namespace, width: int, height: int) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "model": model.name, "backend": model.backend, "weights": "random (dummy)" if args.load_format == "dummy" else "real",
+        "image": f"{width}x{height}", "image_tokens": (width // 28) * (height // 28), "new_tokens": args.new_tokens,
+        "python": platform.python_version(),
+    }
+    try:
+        import torch
+        import transformers
+
+        info["torch"], info["transformers"] = torch.__version__, transformers.__version__
+        info["device"] = torch.cuda.get_device_name() if _cuda(backend) else platform.processor() or "cpu"
+        if _cuda(backend):
+            info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / GiB, 1)
+    except ImportError:
+        pass
+    if callable(getattr(backend, "describe", None)):
+        info.update(backend.describe())
+    return info
+
+
+def format_table(header: dict[str, Any], results: list[SetupResult]) -> str:
+    first = ", ".join(f"{k} {v}" for k, v in header.items())
+    rows = [["setup", "batch", "images", "images/min", "s/image", "TTFT s", "decode tok/s", "peak GPU GiB"]]
+    for r in results:
+        rows.append([r.setup, r.batch, str(r.images), f"{r.images_per_min:.1f}", f"{r.s_per_image:.3f}",
+                     _num(r.ttft_s, "{:.3f}"), _num(r.decode_tok_s, "{:.0f}"), _num(r.peak_gpu_gib, "{:.2f}")])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return f"vlwatch bench: {first}\n\n" + "\n".join(lines)
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def command_line() -> str:
+    return "vlwatch " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "vlwatch bench"
+
+
+def save(folder: Path, report: dict[str, Any], table: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (folder / f"bench-{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (folder / f"bench-{stamp}.md").write_text(f"    {report['command']}\n\n{table}\n")
+    log.info("bench: wrote %s/bench-%s.{md,json}", folder, stamp)

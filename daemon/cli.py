@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -18,6 +19,7 @@ from typing import Callable, Sequence
 from daemon import __version__
 from daemon.config import Config, load_config
 from daemon.errors import ConfigError, ExitCode, VlwatchError
+from daemon.images import printable
 
 log = logging.getLogger("vlwatch")
 
@@ -25,7 +27,8 @@ log = logging.getLogger("vlwatch")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.verbose)
+    # The daemon and a scan report each file's life at INFO; the other commands print their results.
+    setup_logging(args.verbose + (1 if args.command in ("run", "scan") else 0))
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return int(handler(args))
@@ -85,9 +88,33 @@ def setup_logging(verbose: int) -> None:
         level = getattr(logging, os.environ["VLWATCH_LOG_LEVEL"].upper(), level)
     # journald stamps each line itself; a terminal user wants the time.
     stamp = "" if os.environ.get("JOURNAL_STREAM") or not sys.stderr.isatty() else "%(asctime)s "
-    logging.basicConfig(level=level, format=f"{stamp}%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    # Under systemd, a "<N>" prefix gives each line its syslog priority, so
+    # `journalctl -p warning` works (sd-daemon(3), SyslogLevelPrefix=).
+    prefix = "<%(priority)d>" if _stderr_is_journal() else ""
+    logging.basicConfig(level=level, format=f"{prefix}{stamp}%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    if prefix:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_syslog_priority)
     for noisy in ("httpx", "httpcore", "urllib3", "filelock", "PIL", "apscheduler", "watchdog"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def _stderr_is_journal() -> bool:
+    """Whether stderr is connected to journald ($JOURNAL_STREAM names its device:inode)."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return stream == f"{st.st_dev}:{st.st_ino}"
+
+
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+def _syslog_priority(record: logging.LogRecord) -> bool:
+    record.priority = _PRIORITY.get(record.levelno, 6)
+    return True
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -122,8 +149,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     config = _config(args)
     path = args.file.absolute()
     watch = watch_for(config, path)
-    print(f"{path}")
-    print(f"  watched folder: {watch.path if watch else '(none: globs match the file name)'}")
+    print(printable(path))
+    print(f"  watched folder: {printable(watch.path) if watch else '(none: globs match the file name)'}")
     matches = match_file(config, path)
     if not matches:
         print("  no rule matches this file")
@@ -131,11 +158,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
     for m in matches:
         r = m.rule
         print(f"  rule {r.name} ({r.source}): task {r.task} -> {r.output}")
+        if r.formats is not None or r.pages is not None:
+            pages = ",".join(f"{a}" if a == b else f"{a}-{b or ''}" for a, b in r.pages or ())
+            print(f"    takes: formats {', '.join(r.formats or ('any',))}; pages {pages or 'all'}")
         print("    prompt:")
         for line in render_prompt(r, path).splitlines():
             print(f"      {line}")
         for sidecar in planned_sidecars(m):
-            print(f"    writes: {sidecar}")
+            print(f"    writes: {printable(sidecar)}")
     return ExitCode.OK
 
 
@@ -151,13 +181,15 @@ def cmd_process(args: argparse.Namespace) -> int:
     failed = 0
     matches = []
     for path in args.files:
-        if not path.is_file():
-            print(f"error: {path}: no such file", file=sys.stderr)
+        if (problem := _not_a_file(path)) is not None:
+            print(f"error: {printable(path)}: {problem}", file=sys.stderr)
             failed += 1
             continue
         found = match_file(config, path, args.rule)
         if not found:
-            print(f"error: {path}: no rule matches; skipped (see `vlwatch explain {path}`)", file=sys.stderr)
+            hint = shlex.quote(printable(path))
+            print(f"error: {printable(path)}: no rule matches; skipped (see `vlwatch explain -- {hint}`)",
+                  file=sys.stderr)
             failed += 1
         matches.extend(found)
     if matches:
@@ -169,11 +201,32 @@ def cmd_process(args: argparse.Namespace) -> int:
         for outcome in outcomes:
             if outcome.ok:
                 for sidecar in outcome.sidecars:
-                    print(sidecar)
+                    _print_path(sidecar)
             else:
                 failed += 1
                 print(f"error: {outcome.error}", file=sys.stderr)
     return ExitCode.FAILED if failed else ExitCode.OK
+
+
+def _not_a_file(path: Path) -> str | None:
+    if path.is_file():
+        return None
+    if path.is_symlink() and not path.exists():
+        return "is a symbolic link to a file that does not exist"
+    if path.exists():
+        return "is not a regular file"
+    return "no such file"
+
+
+def _print_path(path: Path) -> None:
+    """One path per line, as the exact bytes of its name (a name need not be UTF-8)."""
+    sys.stdout.flush()
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:  # a test harness's text-only stdout
+        print(printable(path))
+        return
+    buffer.write(os.fsencode(path) + b"\n")
+    buffer.flush()
 
 
 def cmd_pull(args: argparse.Namespace) -> int:

@@ -17,10 +17,12 @@ and prompt templates are plain ``$name`` substitutions (``string.Template``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
 import string
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -42,7 +44,14 @@ ATTENTIONS = ("auto", "flash_attention_2", "sdpa", "eager")
 #: typo is caught by `check` rather than sent to the model verbatim.
 TEMPLATE_VARIABLES = frozenset({"filename", "stem", "suffix", "folder", "path", "rule", "objects"})
 #: Image files the bundled packs match when a rule gives no `match:`.
-IMAGE_GLOBS = ("*.png", "*.jpg", "*.jpeg", "*.webp", "*.bmp", "*.gif", "*.tif", "*.tiff")
+IMAGE_GLOBS = ("*.png", "*.jpg", "*.jpeg", "*.webp", "*.bmp", "*.gif", "*.tif", "*.tiff", "*.pdf",
+               "*.heic", "*.heif")
+#: Input formats a rule's `formats:` may name (``daemon.images`` tells them
+#: apart by content, not by file name), and the spellings people also use.
+FORMATS = ("png", "jpeg", "webp", "bmp", "gif", "tiff", "pdf", "heif")
+FORMAT_ALIASES = {"jpg": "jpeg", "tif": "tiff", "heic": "heif"}
+#: A rule's `pages:` as inclusive 1-based ranges: ``"1-3,7-"`` is ``((1, 3), (7, None))``.
+PageRanges = tuple[tuple[int, int | None], ...]
 #: Glob flags: `**` spans folders, a pattern without `/` matches the file name
 #: at any depth (as .gitignore does), and case is ignored because scanners
 #: write `.TIF` as often as `.tif`.
@@ -93,6 +102,10 @@ class WatchConfig:
     polling: bool = False
     settle: float = 2.0
     output_dir: Path | None = None
+    #: Read a symlinked file whose target lies outside every watched folder.
+    #: Off by default: anyone who can write into the folder could otherwise
+    #: make the daemon read (and describe into a sidecar) any file it can read.
+    follow_symlinks_out: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,11 +121,53 @@ class Rule:
     max_new_tokens: int | None = None
     min_pixels: int | None = None
     max_pixels: int | None = None
+    formats: tuple[str, ...] | None = None  # None = every supported format (see FORMATS)
+    pages: PageRanges | None = None  # None = every page of a multi-page file
     source: str = ""  # "file:line" where the rule was defined
 
     def matches(self, relative: str) -> bool:
         """Whether a path relative to its watch root (``/``-separated) matches."""
-        return wcglob.globmatch(relative, list(self.match), flags=GLOB_FLAGS)
+        return _glob_matcher(self.match).match(relative)
+
+
+@functools.lru_cache(maxsize=512)
+def _glob_matcher(patterns: tuple[str, ...]) -> wcglob.WcMatcher:
+    # Compiled once per pattern list: `globmatch` recompiles (brace expansion
+    # and all) on every call, which dominated the cost of a burst of 10,000 files.
+    return wcglob.compile(list(patterns), flags=GLOB_FLAGS)
+
+
+_PAGE_PART = re.compile(r"^\s*(\d+)\s*(?:(-)\s*(\d+)?)?\s*$")
+
+
+def parse_pages(spec: str | int) -> PageRanges:
+    """``"1-3,7,10-"`` -> ``((1, 3), (7, 7), (10, None))``.
+
+    Raises:
+        ValueError: with a message fit for a config problem.
+    """
+    out: list[tuple[int, int | None]] = []
+    for part in str(spec).split(","):
+        m = _PAGE_PART.match(part)
+        if m is None:
+            raise ValueError(f"{part.strip()!r} is not a page or range like 3, 1-5 or 10-")
+        first = int(m.group(1))
+        last: int | None = first if m.group(2) is None else (int(m.group(3)) if m.group(3) else None)
+        if first < 1 or (last is not None and last < first):
+            raise ValueError(f"{part.strip()!r}: pages count from 1 and a range must not run backwards")
+        out.append((first, last))
+    return tuple(out)
+
+
+def page_selected(number: int, ranges: PageRanges | None) -> bool:
+    return ranges is None or any(a <= number and (b is None or number <= b) for a, b in ranges)
+
+
+def last_page_wanted(ranges: PageRanges | None) -> int | None:
+    """The highest page number ``ranges`` can select; None when open-ended."""
+    if ranges is None or any(b is None for _, b in ranges):
+        return None
+    return max(b for _, b in ranges if b is not None)
 
 
 @dataclass(frozen=True)
@@ -167,8 +222,29 @@ def bundled_packs() -> dict[str, Path]:
     return packs
 
 
+#: Environment variable naming modules to import before a config is read.
+PLUGINS_ENV = "VLWATCH_PLUGINS"
+
+
+def load_plugins() -> None:
+    """Import the modules named in ``$VLWATCH_PLUGINS`` (comma-separated), once.
+
+    A plugin registers a backend with ``daemon.backends.register`` when
+    imported, as a built-in one does, so a config may name it; the tests and
+    benchmarks use this for their fakes.
+    """
+    import importlib
+
+    for name in filter(None, (n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise VlwatchError(f"{PLUGINS_ENV}: cannot import {name!r}: {exc}", ExitCode.USAGE) from exc
+
+
 def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
     """Find, read and validate the config; raise ``ConfigError`` listing every problem."""
+    load_plugins()
     path = find_config(explicit)
     try:
         text = path.read_text(encoding="utf-8")
@@ -361,9 +437,9 @@ _TOP_KEYS = ("model", "state", "include", "watch", "rules", "jobs")
 _MODEL_KEYS = ("backend", "name", "attention", "dtype", "device", "min_pixels", "max_pixels", "batch_size",
                "max_gpu_memory", "max_new_tokens", "idle_unload", "base_url", "api_key_env",
                "max_concurrency", "timeout")
-_WATCH_KEYS = ("path", "rules", "recursive", "polling", "settle", "output_dir")
+_WATCH_KEYS = ("path", "rules", "recursive", "polling", "settle", "output_dir", "follow_symlinks_out")
 _RULE_KEYS = ("name", "match", "task", "prompt", "output", "also", "csp", "objects", "max_new_tokens",
-              "min_pixels", "max_pixels")
+              "min_pixels", "max_pixels", "formats", "pages")
 _JOBS_KEYS = ("attempts", "backoff", "rescan", "keep_history", "batch_wait")
 
 
@@ -406,7 +482,7 @@ def _read_model(r: _Reader, node: yaml.Node) -> ModelConfig:
     kw: dict[str, Any] = {}
     w = "model."
     if "backend" in keys:
-        kw["backend"] = r.choice(keys["backend"], w + "backend", BACKENDS)
+        kw["backend"] = r.choice(keys["backend"], w + "backend", _known_backends())
     if "name" in keys:
         kw["name"] = r.string(keys["name"], w + "name")
         if kw["name"] and kw["name"].startswith(("~", "$")):
@@ -451,6 +527,16 @@ def _read_model(r: _Reader, node: yaml.Node) -> ModelConfig:
     return model
 
 
+def _known_backends() -> tuple[str, ...]:
+    """The built-in backends plus any a plugin registered (``$VLWATCH_PLUGINS``; the tests' fake).
+
+    Read from ``sys.modules`` rather than imported: ``daemon.backends`` imports
+    this module, and a plugin has loaded it by the time a config names one.
+    """
+    registry = getattr(sys.modules.get("daemon.backends"), "_REGISTRY", {})
+    return tuple(dict.fromkeys((*BACKENDS, *registry)))
+
+
 def _read_jobs(r: _Reader, node: yaml.Node) -> JobsConfig:
     keys = r.mapping(node, "jobs", _JOBS_KEYS)
     kw: dict[str, Any] = {}
@@ -477,7 +563,7 @@ def _read_watch(r: _Reader, node: yaml.Node, where: str, rule_names: set[str]) -
             if name not in rule_names:
                 r.problem(n, f"{where}.rules", f"rule {name!r} is not defined{_did_you_mean(name, tuple(rule_names))}")
         kw["rules"] = tuple(name for name, _ in names)
-    for k in ("recursive", "polling"):
+    for k in ("recursive", "polling", "follow_symlinks_out"):
         if k in keys:
             kw[k] = r.boolean(keys[k], f"{where}.{k}")
     if "settle" in keys:
@@ -556,11 +642,45 @@ def _read_rule(r: _Reader, node: yaml.Node, where: str) -> Rule | None:
     for k in ("max_new_tokens", "min_pixels", "max_pixels"):
         if k in keys:
             kw[k] = r.integer(keys[k], f"{where}.{k}", minimum=1)
+    if "formats" in keys:
+        kw["formats"] = _read_formats(r, keys["formats"], f"{where}.formats")
+    if "pages" in keys:
+        kw["pages"] = _read_pages(r, keys["pages"], f"{where}.pages")
     if name is None or task is None or output is None or (prompt is None and ("prompt" in keys or task == "custom")):
         return None
     line = node.start_mark.line + 1
     return Rule(name=name, match=match, task=task, prompt=prompt or "", output=output,
                 source=f"{r.file}:{line}", **{k: v for k, v in kw.items() if v is not None})
+
+
+def _read_formats(r: _Reader, node: yaml.Node, where: str) -> tuple[str, ...] | None:
+    out: list[str] = []
+    given = r.string_list(node, where)
+    for value, n in given:
+        fmt = value.strip().lower().lstrip(".")
+        fmt = FORMAT_ALIASES.get(fmt, fmt)
+        if fmt not in FORMATS:
+            r.problem(n, where, f"{value!r} is not one of {', '.join(FORMATS)}{_did_you_mean(fmt, FORMATS)}")
+        elif fmt not in out:
+            out.append(fmt)
+    if not given and isinstance(node, yaml.SequenceNode):
+        r.problem(node, where, "must list at least one format")
+    return tuple(out) or None
+
+
+def _read_pages(r: _Reader, node: yaml.Node, where: str) -> PageRanges | None:
+    """``pages: 1``, ``pages: "1-3,7-"`` or ``pages: [1, "4-6"]``."""
+    items = r.sequence(node, where) if isinstance(node, yaml.SequenceNode) else [node]
+    ranges: list[tuple[int, int | None]] = []
+    for n in items:
+        value = r._scalar(n, where, "a page number or a range like 1-3")
+        if value is None:
+            continue
+        try:
+            ranges.extend(parse_pages(value if isinstance(value, (int, str)) and not isinstance(value, bool) else "?"))
+        except ValueError as exc:
+            r.problem(n, where, str(exc))
+    return tuple(ranges) or None
 
 
 def _check_template(r: _Reader, node: yaml.Node, where: str, text: str) -> bool:

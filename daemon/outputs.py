@@ -10,7 +10,22 @@ temporary names and the finished outputs.
 What the model says never fails a job: an answer with no usable boxes still
 gives a ``ground`` sidecar (empty list, raw answer kept, a warning logged);
 an answer with no HTML still gives a complete ``code`` document.  Nothing the
-model says is executed or used as a path.
+model says is executed or used as a path, and no answer can make a writer
+raise: JSON nested past any stack is kept as text only, and lone surrogates
+(a server's ``\udcff`` escapes) are written as U+FFFD.
+
+Where a sidecar may go (issue 6): only inside the watch root (beside the
+image) or the watch's ``output_dir``.  The name is built from the image's own
+file name and the rule name (a plain word, checked by the config loader), so
+it has no ``/`` to climb with; the folder is checked twice before writing:
+lexically (``..``) and physically, folder by folder, so a sub-folder that is
+a symlink pointing out of the allowed tree is refused rather than written
+through.  Sidecars are created mode 0664 minus the umask (never
+world-writable) and never more readable than their source image: the OCR of
+a private scan stays private.  Accepted risk: a folder swapped for a symlink
+between the check and the rename; the temporary file is opened with
+``O_NOFOLLOW`` and renamed within one folder, which narrows that to folders
+the attacker can already write.
 """
 
 from __future__ import annotations
@@ -20,6 +35,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +44,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from daemon import answers
 from daemon.backends import Answer
+from daemon.errors import VlwatchError
+from daemon.images import printable
 from daemon.rules import Match
 
 log = logging.getLogger(__name__)
@@ -58,14 +76,65 @@ class Result:
 
 def sidecar_path(match: Match, ext: str) -> Path:
     """Where the sidecar of ``match`` with extension ``ext`` (md, html, json, overlay.png) goes."""
-    name = f"{match.path.name}.{match.rule.name}.{ext}"
+    path = _lexical(match.path)
+    name = f"{path.name}.{match.rule.name}.{ext}"
     if match.output_dir is None:
-        return match.path.parent / name
+        return path.parent / name
     try:
-        sub = match.path.parent.relative_to(match.root)
+        sub = path.parent.relative_to(_lexical(match.root))
     except ValueError:
         sub = Path()
-    return match.output_dir / sub / name
+    return _lexical(match.output_dir) / sub / name
+
+
+def _lexical(path: Path) -> Path:
+    return Path(os.path.normpath(path.absolute()))
+
+
+def checked_sidecar_path(match: Match, ext: str) -> Path:
+    """``sidecar_path``, once its folder is known to lie inside the allowed tree (and exists).
+
+    Raises:
+        VlwatchError: the folder is, or leads through a symlink to, a place
+            outside the watch root (or ``output_dir``).
+    """
+    path = sidecar_path(match, ext)
+    base = _lexical(match.output_dir if match.output_dir is not None else match.root)
+    folder = path.parent
+    if folder != base and base not in folder.parents:
+        raise _outside(match, folder, folder, base)
+    _make_folder(base)
+    real_base = Path(os.path.realpath(base))
+    current = base
+    for part in folder.relative_to(base).parts:
+        current = current / part
+        try:
+            os.mkdir(current, 0o775)
+        except FileExistsError:
+            pass
+        real = Path(os.path.realpath(current))
+        if real != real_base and real_base not in real.parents:
+            raise _outside(match, current, real, base)
+    return path
+
+
+def _outside(match: Match, folder: Path, real: Path, base: Path) -> VlwatchError:
+    via = "" if real == folder else f" (it leads to {printable(real)})"
+    return VlwatchError(f"{printable(match.path)}: refusing to write a sidecar into {printable(folder)}{via}: "
+                        f"outside {printable(base)}; a symlinked folder? set output_dir to write elsewhere")
+
+
+def _make_folder(folder: Path) -> None:
+    """``mkdir -p`` with 0775 at every level (pathlib's makes parents 0777 minus umask)."""
+    missing = []
+    while not folder.exists() and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    for f in reversed(missing):
+        try:
+            os.mkdir(f, 0o775)
+        except FileExistsError:
+            pass
 
 
 def planned_sidecars(match: Match) -> list[Path]:
@@ -106,15 +175,15 @@ def write_result(result: Result) -> list[Path]:
 
 def _write_markdown(result: Result) -> Path:
     parts = []
-    multi = len(result.pages) > 1
+    multi = _paged(result)
     for page in result.pages:
         text = answers.clean_markdown(page.answer.text)
         if not page.answer.finished:
             _warn_truncated(result, page)
             text += "\n<!-- vlwatch: the answer was cut off at max_new_tokens -->\n"
         parts.append(f"## Page {page.number}\n\n{text}" if multi else text)
-    path = sidecar_path(result.match, "md")
-    atomic_write(path, "\n".join(parts).encode("utf-8"))
+    path = checked_sidecar_path(result.match, "md")
+    atomic_write(path, _utf8("\n".join(parts)), like=result.match.path)
     return path
 
 
@@ -122,7 +191,8 @@ def _write_html(result: Result) -> Path:
     rule, match = result.match.rule, result.match
     bodies = []
     for page in result.pages:
-        html = answers.extract_html(page.answer.text, title=match.path.name)
+        html = answers.extract_html(page.answer.text, title=_text(match.path.name),
+                                     csp=answers.CSP if rule.csp else None)
         for w in html.warnings:
             log.warning("%s: %s: %s", match.path, rule.name, w)
         if not page.answer.finished:
@@ -130,10 +200,8 @@ def _write_html(result: Result) -> Path:
         bodies.append(html.document)
     # Multi-page inputs are rare for screenshot->code; the first page's page is the sidecar.
     document = bodies[0]
-    if rule.csp:
-        document = answers.add_csp(document)
-    path = sidecar_path(match, "html")
-    atomic_write(path, document.encode("utf-8"))
+    path = checked_sidecar_path(match, "html")
+    atomic_write(path, _utf8(document), like=match.path)
     return path
 
 
@@ -141,7 +209,7 @@ def _header(result: Result) -> dict[str, object]:
     m = result.match
     first = result.pages[0]
     return {
-        "source": m.path.name,
+        "source": _text(m.path.name),
         "size": list(first.original),
         "rule": m.rule.name,
         "task": m.rule.task,
@@ -157,12 +225,12 @@ def _write_json(result: Result) -> Path:
     for page in result.pages:
         pages.append({"page": page.number, "answer": page.answer.text, "data": _json_or_none(page.answer.text),
                       "truncated": not page.answer.finished})
-    if len(pages) == 1:
+    if not _paged(result):
         doc.update({k: v for k, v in pages[0].items() if k != "page"})
     else:
         doc["pages"] = pages
-    path = sidecar_path(result.match, "json")
-    atomic_write(path, _dump(doc))
+    path = checked_sidecar_path(result.match, "json")
+    atomic_write(path, _dump(doc), like=result.match.path)
     return path
 
 
@@ -178,15 +246,15 @@ def _write_ground(result: Result) -> list[Path]:
         if not page.answer.finished:
             _warn_truncated(result, page)
         pages.append({"page": page.number, "size": list(page.original), "shown_size": list(page.shown), **boxes})
-    if len(pages) == 1:
+    if not _paged(result):
         doc.update({k: v for k, v in pages[0].items() if k not in ("page", "size")})
     else:
         doc["pages"] = pages
-    path = sidecar_path(match, "json")
-    overlay = sidecar_path(match, OVERLAY)
+    path = checked_sidecar_path(match, "json")
+    overlay = checked_sidecar_path(match, OVERLAY)
     first_boxes = pages[0]["boxes"]
-    atomic_write(overlay, draw_overlay(match.path, first_boxes))
-    atomic_write(path, _dump(doc))
+    atomic_write(overlay, draw_overlay(match.path, first_boxes), like=match.path)
+    atomic_write(path, _dump(doc), like=match.path)
     return [path, overlay]
 
 
@@ -233,6 +301,11 @@ def draw_overlay(source: Path, boxes: list[dict]) -> bytes:
 _PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46a0a0", "#f032e6", "#808000", "#000075"]
 
 
+def _paged(result: Result) -> bool:
+    """Whether the sidecar is laid out by page: several pages, or one picked from a longer file."""
+    return len(result.pages) > 1 or result.pages[0].number != 1
+
+
 def _warn_truncated(result: Result, page: PageResult) -> None:
     log.warning("%s: %s: answer cut off at max_new_tokens (page %d)", result.match.path, result.match.rule.name, page.number)
 
@@ -243,28 +316,56 @@ def _json_or_none(text: str) -> object:
     if fenced:
         body = fenced.group(1)
     try:
-        return json.loads(body)
-    except ValueError:
+        value = json.loads(body)
+    except (ValueError, RecursionError):  # the model chose the text: "[[[[..." nests past any stack
         return None
+    return value if _shallow(value) else None
+
+
+def _shallow(value: object, limit: int = 64) -> bool:
+    """Whether parsed JSON nests at most ``limit`` deep, so writing it back cannot recurse out."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            if depth > limit:
+                return False
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return True
+
+
+def _text(name: str) -> str:
+    """Text fit for a UTF-8 file: lone surrogates (a file name's bytes that were not UTF-8) become U+FFFD."""
+    return name.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 def _dump(doc: dict[str, object]) -> bytes:
-    return (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    return _utf8(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def _utf8(text: str) -> bytes:
+    # An OpenAI-compatible server may send "\udcff" escapes in its JSON: a lone
+    # surrogate cannot be UTF-8, so it is written as U+FFFD, not raised on.
+    return _text(text).encode("utf-8")
+
+
+def atomic_write(path: Path, data: bytes, *, like: Path | None = None) -> None:
     """Write ``data`` to ``path`` so that no reader ever sees a partial file.
 
-    The temporary file is created with mode 0666 minus the umask (mkstemp's
-    0600 would surprise a user sharing the folder), written, fsynced and
-    renamed over ``path``; then the folder is fsynced so the rename survives
-    a power cut.
+    The temporary file is created with mode 0664 minus the umask (mkstemp's
+    0600 would surprise a user sharing the folder; 0666 would let a umask of
+    0 make it world-writable) and, given ``like`` (the source image), no
+    more readable than that file; it is written, fsynced and renamed over
+    ``path`` (replacing a symlink there, never following it); then the folder
+    is fsynced so the rename survives a power cut.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_folder(path.parent)
     tmp = path.parent / f"{TEMP_PREFIX}{secrets.token_hex(6)}{TEMP_SUFFIX}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o664)
     try:
         with os.fdopen(fd, "wb") as f:
+            if like is not None:
+                _no_wider_than(f.fileno(), like)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -273,6 +374,17 @@ def atomic_write(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _no_wider_than(fd: int, source: Path) -> None:
+    try:
+        source_mode = os.stat(source).st_mode
+    except OSError:  # the source went away meanwhile: keep the umask's choice
+        return
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    narrowed = mode & (source_mode | 0o600)
+    if narrowed != mode:
+        os.fchmod(fd, narrowed)
 
 
 def _fsync_dir(folder: Path) -> None:

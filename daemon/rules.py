@@ -9,10 +9,18 @@ lets the rules after it run too.
 Prompts are ``string.Template`` substitutions of a fixed set of variables: a
 template can never run code, and a variable the loader does not know is a
 config error long before a file arrives.
+
+Paths are made absolute and normalised lexically (``a/../b``) before they are
+matched, so ``watch/../elsewhere/x.png`` is not taken for a file of ``watch``.
+Symlinks are judged by ``allowed_roots``: a file whose real location is
+outside every watched folder is read only where the watch says
+``follow_symlinks_out: true`` (``daemon.images`` checks the file it actually
+opened, so the check cannot be raced).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import string
 from dataclasses import dataclass
@@ -45,9 +53,10 @@ def relative_to_root(path: Path, root: Path) -> str:
 def watch_for(config: Config, path: Path) -> WatchConfig | None:
     """The most specific watch entry whose folder holds ``path``, if any."""
     best: WatchConfig | None = None
+    path = normalised(path)
     for watch in config.watch:
         try:
-            rel = path.absolute().relative_to(watch.path.absolute())
+            rel = path.relative_to(normalised(watch.path))
         except ValueError:
             continue
         if not watch.recursive and len(rel.parts) > 1:
@@ -72,9 +81,9 @@ def match_file(config: Config, path: Path, rule_name: str | None = None) -> list
         path: the source file (need not exist, for ``explain``).
         rule_name: force this rule, ignoring globs (``process --rule``).
     """
-    path = path.absolute()
+    path = normalised(path)
     watch = watch_for(config, path)
-    root = watch.path.absolute() if watch else path.parent
+    root = normalised(watch.path) if watch else path.parent
     output_dir = watch.output_dir if watch else None
     if rule_name is not None:
         rule = config.rule(rule_name)
@@ -87,6 +96,27 @@ def match_file(config: Config, path: Path, rule_name: str | None = None) -> list
             if not rule.also:
                 break
     return out
+
+
+def normalised(path: Path) -> Path:
+    """Absolute, with ``.`` and ``..`` folded lexically (symlinks are left alone)."""
+    return Path(os.path.normpath(path.absolute()))
+
+
+def allowed_roots(config: Config, match: Match) -> tuple[Path, ...] | None:
+    """Where the file of ``match`` may really be (symlinks resolved); None = anywhere.
+
+    A file under a watched folder may be a symlink only to somewhere inside a
+    watched folder, unless its watch has ``follow_symlinks_out: true``: anyone
+    who can drop a symlink into the folder could otherwise have the daemon
+    read, and describe into a sidecar, any file its user can read.  A file
+    outside every watch (``vlwatch process ~/x.png``) was named by the user
+    and may be anywhere.
+    """
+    watch = watch_for(config, match.path)
+    if watch is None or watch.follow_symlinks_out:
+        return None
+    return tuple(Path(os.path.realpath(w.path)) for w in config.watch)
 
 
 def render_prompt(rule: Rule, path: Path) -> str:
@@ -103,8 +133,14 @@ def render_prompt(rule: Rule, path: Path) -> str:
     # Anyone who can write into a watched folder chooses file names: a name
     # holding chat-template control tokens (<|im_end|> ...) must not be able to
     # end the user turn and speak for the system, so those are removed.
-    safe = {k: _CONTROL_TOKEN.sub("", v) for k, v in values.items()}
+    # A name that is not valid UTF-8 arrives with surrogate escapes, which no
+    # tokenizer can encode: those bytes become U+FFFD.
+    safe = {k: _CONTROL_TOKEN.sub("", _text(v)) for k, v in values.items()}
     return string.Template(rule.prompt).safe_substitute(safe).strip()
 
 
 _CONTROL_TOKEN = re.compile(r"<\|[^|<>]*\|>")
+
+
+def _text(value: str) -> str:
+    return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")

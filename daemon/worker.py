@@ -26,10 +26,10 @@ from typing import Iterable, Iterator, Sequence
 
 from daemon.backends import Answer, Backend, Request
 from daemon.config import Config
-from daemon.errors import BackendError, VlwatchError
-from daemon.images import Page, load_pages
+from daemon.errors import BackendError, BackendUnavailableError, VlwatchError
+from daemon.images import Page, load_pages, printable
 from daemon.outputs import PageResult, Result, write_result
-from daemon.rules import Match, render_prompt
+from daemon.rules import Match, allowed_roots, render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,9 @@ class Worker:
             match.path,
             min_pixels=rule.min_pixels or model.min_pixels,
             max_pixels=rule.max_pixels or model.max_pixels,
+            formats=rule.formats,
+            pages=rule.pages,  # each selected page becomes its own request, batched like separate images
+            allowed_roots=allowed_roots(self.config, match),
         )
         prompt = render_prompt(rule, match.path)
         max_new = rule.max_new_tokens or model.max_new_tokens
@@ -88,16 +91,22 @@ class Worker:
         """Run every match to its sidecars; return one outcome per match, in order."""
         outcomes: dict[int, Outcome] = {}
         chunk = max(1, self.batch_size()) * 4
-        for start in range(0, len(matches), chunk):
-            part = list(enumerate(matches[start:start + chunk], start))
-            for i, outcome in self._process_chunk(part):
+        parts = [list(enumerate(matches[start:start + chunk], start)) for start in range(0, len(matches), chunk)]
+        # The next chunk's files are decoded on the CPU threads while this
+        # chunk is on the GPU, so the GPU does not wait for image decoding.
+        ahead = self._map(self._safe_prepare, [m for _, m in parts[0]]) if parts else None
+        for n, part in enumerate(parts):
+            current = ahead
+            ahead = self._map(self._safe_prepare, [m for _, m in parts[n + 1]]) if n + 1 < len(parts) else None
+            for i, outcome in self._process_chunk(part, current):
                 outcomes[i] = outcome
         return [outcomes[i] for i in range(len(matches))]
 
-    def _process_chunk(self, part: list[tuple[int, Match]]) -> Iterator[tuple[int, Outcome]]:
+    def _process_chunk(self, part: list[tuple[int, Match]],
+                       results: Iterator[Prepared | Outcome]) -> Iterator[tuple[int, Outcome]]:
         started = time.monotonic()
         prepared: list[tuple[int, Prepared]] = []
-        for (i, match), result in zip(part, self._map(self._safe_prepare, [m for _, m in part])):
+        for (i, match), result in zip(part, results):
             if isinstance(result, Outcome):
                 yield i, result
             else:
@@ -112,8 +121,8 @@ class Worker:
         except VlwatchError as exc:
             return Outcome(match, error=str(exc))
         except Exception as exc:  # a decoder bug must not take the daemon down
-            log.exception("%s: unexpected error while reading", match.path)
-            return Outcome(match, error=f"{match.path}: unexpected error while reading: {exc}")
+            log.exception("%s: unexpected error while reading", printable(match.path))
+            return Outcome(match, error=f"{printable(match.path)}: unexpected error while reading: {printable(exc)}")
 
     def infer(self, prepared: Sequence[Prepared]) -> list[list[Answer] | str]:
         """Answers for each prepared file (one per page), or an error message."""
@@ -134,6 +143,10 @@ class Worker:
         # together, so left-padding wastes little of each batch.
         size = max(1, self.batch_size())
         ordered = sorted(flat, key=lambda x: (x[2].max_new_tokens, sum(i.width * i.height for i in x[2].images)))
+        if getattr(self.backend, "continuous_batching", False):
+            # The backend refills a slot as soon as its sequence ends: give it
+            # the whole chunk, so one long answer holds up no batch of short ones.
+            size = max(1, len(ordered))
         for start in range(0, len(ordered), size):
             yield ordered[start:start + size]
 
@@ -141,6 +154,8 @@ class Worker:
         keys = [(fi, pi) for fi, pi, _ in batch]
         try:
             return list(zip(keys, self.backend.generate([r for _, _, r in batch])))
+        except BackendUnavailableError:
+            raise  # not this batch's fault: the caller pauses instead of failing files
         except BackendError as exc:
             if len(batch) == 1:
                 return [(keys[0], str(exc))]
@@ -158,8 +173,15 @@ class Worker:
         result = Result(match=match, pages=pages, backend=self.backend.name, model=self.backend.model)
         try:
             sidecars = write_result(result)
+        except VlwatchError as exc:  # a sidecar path that would leave the allowed folders
+            return Outcome(match, error=str(exc), seconds=time.monotonic() - started)
         except OSError as exc:
-            return Outcome(match, error=f"{match.path}: cannot write sidecar: {exc}", seconds=time.monotonic() - started)
+            return Outcome(match, error=f"{printable(match.path)}: cannot write sidecar: {printable(exc)}",
+                           seconds=time.monotonic() - started)
+        except Exception as exc:  # a writer bug on some answer must fail this file only, not its batch
+            log.exception("%s: unexpected error while writing sidecars", printable(match.path))
+            return Outcome(match, error=f"{printable(match.path)}: unexpected error while writing sidecars: "
+                                        f"{printable(exc)}", seconds=time.monotonic() - started)
         return Outcome(match, sidecars=tuple(sidecars), seconds=time.monotonic() - started)
 
     # ------------------------------------------------------------ plumbing

@@ -93,3 +93,14 @@ def test_planned_sidecars(tmp_path: Path) -> None:
     m = Match(tmp_path / "p.jpg", GROUND, tmp_path)
     assert planned_sidecars(m) == [tmp_path / "p.jpg.ground.json", tmp_path / "p.jpg.ground.overlay.png"]
     assert sidecar_path(Match(tmp_path / "p.jpg", CODE, tmp_path), "html") == tmp_path / "p.jpg.code.html"
+
+
+def test_csp_can_be_switched_off_by_a_rule(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    source = tmp_path / "a.png"
+    Image.new("RGB", (10, 10)).save(source)
+    open_rule = replace(CODE, name="code-open", csp=False)
+    answer = Answer("```html\n<html><head></head><body>hi</body></html>\n```")
+    (path,) = write_result(Result(Match(source, open_rule, tmp_path), (PageResult(1, answer, (10, 10), (28, 28)),), "t", "m"))
+    assert "Content-Security-Policy" not in path.read_text()

@@ -11,9 +11,20 @@ both present), then sdpa, then eager, and logs what it got and why it fell
 back.  An explicit choice that cannot be honoured is an error, not a silent
 fallback.
 
-Batches are left-padded (the processor pads right by default, which breaks
-batched generation for a decoder-only model).  A CUDA out-of-memory error
-splits the batch in two and retries each half, down to single requests.
+Generation (``engine``): for Qwen2.5-VL, ``daemon.backends.fastgen`` runs
+greedy decoding over a static KV cache of ``batch_size`` slots that are
+refilled as sequences end (continuous batching), with the decode step
+replayed as a CUDA graph on GPUs, and the vision tower's windowed attention
+grouped into a few calls; the tokens equal ``model.generate``'s.  Any other
+model, or ``engine="hf"``, goes through ``model.generate`` with left-padded
+batches (the processor pads right by default, which breaks batched
+generation for a decoder-only model).
+
+Memory: ``max_gpu_memory`` caps this process's CUDA allocator
+(``torch.cuda.set_per_process_memory_fraction``) and ``batch_size: auto``
+sizes the slots to what is left under the cap after the weights.  A CUDA
+out-of-memory error splits the batch in two and retries each half, down to
+single requests, and later batches use fewer slots.
 """
 
 from __future__ import annotations
@@ -23,14 +34,28 @@ import importlib.util
 import logging
 import sys
 import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from daemon.backends import Answer, Request
 from daemon.config import ModelConfig, local_model_path
 from daemon.errors import BackendError, ModelMissingError
 
 log = logging.getLogger(__name__)
+
+#: Most slots ``batch_size: auto`` picks: past this, decode steps get no
+#: cheaper per token and each refill round's prefill delays every answer.
+MAX_AUTO_SLOTS = 64
+#: Text tokens around an image in a typical prompt (system prompt, chat
+#: markup, the rule's prompt), for sizing the cache before tokenizing.
+TEXT_TOKENS_ALLOWANCE = 128
+GiB = 2**30
+
+T = TypeVar("T")
+U = TypeVar("U")
 
 
 def missing_model_message(name: str) -> str:
@@ -50,19 +75,36 @@ def resolve_model(name: str) -> Path:
 class TransformersBackend:
     name = "transformers"
 
-    def __init__(self, config: ModelConfig, *, load_format: str = "auto") -> None:
+    def __init__(self, config: ModelConfig, *, load_format: str = "auto", engine: str = "auto") -> None:
         """Args:
         config: the ``model:`` section.
         load_format: ``auto`` loads real weights; ``dummy`` builds the same
             architecture from the model's config with random weights (bench only).
+        engine: ``auto`` uses ``fastgen`` where the model supports it, ``hf``
+            always ``model.generate`` (the bench's baseline).
         """
         self.config = config
         self.model = config.name
         self.load_format = load_format
+        self.engine = engine
         self.attention: str | None = None  # what was actually loaded
+        #: bench: generate every request to its full budget (random weights
+        #: would otherwise stop at an arbitrary early end-of-sequence token)
+        self.ignore_eos = False
+        #: what the last generate() measured (fastgen only), for the bench
+        self.last_stats: dict[str, Any] | None = None
         self._model: Any = None
         self._processor: Any = None
+        self._fast: Any = None  # fastgen.SlotEngine
+        self._vision: Any = None  # fastgen.VisionAttentionPatch
+        self._oom_slots: int | None = None  # slot limit learnt from an out-of-memory error
+        self._tried_slots = 0  # slots of the fastgen run in progress (halved after an OOM)
         self._lock = threading.Lock()
+
+    @property
+    def continuous_batching(self) -> bool:
+        """Whether generate() refills finished slots itself (the worker then hands it whole chunks)."""
+        return self.engine != "hf" and (self._model is None or self._fast is not None)
 
     # ---------------------------------------------------------------- loading
 
@@ -90,11 +132,85 @@ class TransformersBackend:
         processor = AutoProcessor.from_pretrained(source, local_files_only=True)
         # Batched generation of a decoder-only model needs the padding on the left.
         processor.tokenizer.padding_side = "left"
+        self._limit_memory(device)
         model, attention = self._load_model(source, device, dtype)
         model.eval()
         self._processor, self._model, self.attention = processor, model, attention
         log.info("loaded %s on %s (%s, attention=%s)", self.model, device, str(dtype).removeprefix("torch."), attention)
+        self._speed_up(model, attention)
         del torch
+
+    def _speed_up(self, model: Any, attention: str) -> None:
+        if getattr(model.config, "model_type", None) != "qwen2_5_vl":
+            log.info("generation: model.generate (fastgen supports qwen2_5_vl only)")
+            return
+        from daemon.backends import fastgen
+
+        if model.device.type == "cuda" and fastgen.pad_vision_mlp(model):
+            log.debug("vision MLP width padded for the Hopper/Ampere GEMM kernels")
+        if attention != "flash_attention_2":  # flash-attn already runs the windows as one varlen call
+            self._vision = fastgen.VisionAttentionPatch(model, compile=fastgen.compile_enabled(model.device, "vision"))
+        if self.engine != "hf":
+            self._fast = fastgen.SlotEngine(model, eos_ids=_eos_ids(model, self._processor))
+            log.info("generation: fastgen (static cache, continuous batching%s)",
+                     ", CUDA graphs" if self._fast.use_cuda_graphs else "")
+        self._choose_sdpa_kernels()
+
+    def set_engine(self, engine: str) -> None:
+        """Switch between ``auto`` (fastgen and the vision patch) and ``hf`` (stock transformers)."""
+        self.engine = engine
+        if self._vision is not None:
+            self._vision.enabled = engine != "hf"
+        self._choose_sdpa_kernels()
+
+    def _choose_sdpa_kernels(self) -> None:
+        """fastgen: no cuDNN attention (it plans anew for every sequence length); stock: torch's default.
+
+        On the H100 with torch 2.11, SDPA picks cuDNN's kernel, which builds an
+        execution plan for each new shape: a prefill of an unseen length took
+        0.24 s instead of 0.145 s, and stock decoding (a new KV length every
+        step) 72 ms a step instead of 34 (benchmarks/NOTES.md).  Flash and
+        memory-efficient attention run as fast once warm and need no plans.
+        The switch is process-wide; the daemon owns its process.
+        """
+        import torch
+
+        if self._model is not None and self._model.device.type == "cuda":
+            torch.backends.cuda.enable_cudnn_sdp(self.engine == "hf" or self._fast is None)
+
+    def reconfigure(self, config: ModelConfig) -> None:
+        """Take a new ``model:`` section without reloading (the bench's setups): batch size, memory cap."""
+        with self._lock:
+            self.config = config
+            if self._fast is not None:
+                self._fast.release()  # the next batch sizes its own cache
+            if self._model is not None:
+                _empty_cuda_cache()
+                self._limit_memory(self._model.device)
+
+    def describe(self) -> dict[str, Any]:
+        """What runs the model, for the bench's header."""
+        info: dict[str, Any] = {"attention": self.attention}
+        if self._fast is not None:
+            info["engine"] = "fastgen" + (" + CUDA graphs" if self._fast.use_cuda_graphs else "")
+            info["decode_compiled"] = self._fast._layer_fn is not None
+        if self._vision is not None:
+            info["vision_attention"] = self._vision.last_path or "stock"
+            info["vision_compiled"] = self._vision.use_compiled
+        return info
+
+    def _limit_memory(self, device: Any) -> None:
+        """Apply ``max_gpu_memory`` to this process's CUDA allocator."""
+        import torch
+
+        cap = self.config.max_gpu_memory
+        if device.type != "cuda":
+            return
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total) if cap else 1.0, index)
+        if cap:
+            log.info("GPU memory capped at %.1f GiB of %.1f GiB", cap / GiB, total / GiB)
 
     def _source(self) -> str:
         if self.load_format == "dummy":
@@ -121,9 +237,14 @@ class TransformersBackend:
         from transformers import AutoConfig, AutoModelForImageTextToText
 
         if self.load_format == "dummy":
+            import torch
+
             config = AutoConfig.from_pretrained(source, local_files_only=True)
             config._attn_implementation = attention  # honoured by from_config below
-            return AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=attention)
+            # Build on the target device: initialising 8B random weights on
+            # the CPU and copying them over takes minutes, on a GPU seconds.
+            with torch.device(_pick_device(self.config.device)):
+                return AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=attention)
         return AutoModelForImageTextToText.from_pretrained(
             source, local_files_only=True, dtype=dtype, attn_implementation=attention
         )
@@ -132,8 +253,11 @@ class TransformersBackend:
         with self._lock:
             if self._model is None:
                 return
+            if self._fast is not None:
+                self._fast.release()
             self._model = None
             self._processor = None
+            self._fast = self._vision = None
             gc.collect()
             _empty_cuda_cache()
             log.info("unloaded %s (idle)", self.model)
@@ -153,6 +277,9 @@ class TransformersBackend:
         try:
             return self._generate(requests)
         except torch.cuda.OutOfMemoryError:
+            if self._fast is not None and self._tried_slots:
+                self._fast.release()  # its cache was sized for the batch that did not fit
+                self._oom_slots = max(1, self._tried_slots // 2)
             if len(requests) == 1:
                 raise BackendError("out of GPU memory on a single image; lower model.max_pixels") from None
             half = len(requests) // 2
@@ -161,6 +288,134 @@ class TransformersBackend:
             return self._generate_split(requests[:half]) + self._generate_split(requests[half:])
 
     def _generate(self, requests: list[Request]) -> list[Answer]:
+        self._tried_slots = 0
+        if self._fast is not None and self.engine != "hf":
+            return self._generate_fast(requests)
+        return self._generate_hf(requests)
+
+    # ------------------------------------------------------------ fastgen
+
+    def _generate_fast(self, requests: list[Request]) -> list[Answer]:
+        import torch
+
+        from daemon.backends.fastgen import Prompt
+
+        fast, tokenizer = self._fast, self._processor.tokenizer
+        fast.ignore_eos = self.ignore_eos
+        lengths, slots, cache_length, max_new = self._plan(requests)
+        self._tried_slots = slots
+        # Longest first: the long prefills go in while the batch is full anyway.
+        order = sorted(range(len(requests)), key=lambda i: -lengths[i])
+
+        def prompt(i: int) -> Prompt:
+            return Prompt(i, self._inputs(requests[i]), requests[i].max_new_tokens)
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(1, thread_name_prefix="vlwatch-processor") as pool, torch.inference_mode():
+            # The processor (normalising pixels, tokenizing) runs on a CPU
+            # thread a few requests ahead of the GPU.
+            prompts = _prefetch(pool, prompt, order, ahead=slots + 2)
+            try:
+                got = fast.run(prompts, total=len(requests), slots=slots, cache_length=cache_length, max_new=max_new)
+            finally:
+                prompts.close()
+        stats = asdict(fast.stats)
+        stats["wall_s"] = time.perf_counter() - started
+        self.last_stats = stats
+        answers = []
+        for i, request in enumerate(requests):
+            g = got[i]
+            text = tokenizer.decode(g.tokens, skip_special_tokens=True)
+            answers.append(Answer(text=text, new_tokens=len(g.tokens), finished=g.finished))
+        return answers
+
+    def _plan(self, requests: Sequence[Request]) -> tuple[list[int], int, int, int]:
+        """Prompt lengths, slots, cache length and the largest budget for these requests."""
+        lengths = [self._prompt_length(r) for r in requests]
+        max_new = max(r.max_new_tokens for r in requests)
+        cache_length = max(n + r.max_new_tokens for n, r in zip(lengths, requests))
+        slots = self.slots_for(len(requests), max_new_tokens=max_new, tokens=max(lengths))
+        return lengths, slots, cache_length, max_new
+
+    def warmup(self, requests: Sequence[Request]) -> None:
+        """Do now what the first generate(requests) would do once: allocate, capture, load kernels."""
+        import torch
+
+        if not requests:
+            return
+        self.load()
+        short = [replace(requests[0], max_new_tokens=min(4, requests[0].max_new_tokens))]
+        with self._lock:
+            if self._fast is not None and self.engine != "hf":
+                _, slots, cache_length, max_new = self._plan(requests)
+                with torch.inference_mode():
+                    self._fast.prepare(slots, cache_length, max_new)
+            self._generate_split(short)
+
+    def _inputs(self, request: Request) -> dict[str, Any]:
+        """The processor's tensors for one request (CPU), pixels already in the model's dtype."""
+        processor = self._processor
+        text = processor.apply_chat_template(_messages(request), tokenize=False, add_generation_prompt=True)
+        # do_resize=False: daemon.images already sized the images (see _generate_hf).
+        inputs = dict(processor(text=[text], images=list(request.images) or None, return_tensors="pt", do_resize=False))
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
+        if "mm_token_type_ids" not in inputs:  # what get_rope_index reads to find the images
+            inputs["mm_token_type_ids"] = (inputs["input_ids"] == self._model.config.image_token_id).int()
+        from daemon.backends.fastgen import rope_positions
+
+        inputs.update(rope_positions(self._model, inputs))  # here, on the CPU thread
+        return inputs
+
+    def _prompt_length(self, request: Request) -> int:
+        """Tokens the prompt will take, image placeholders expanded, without processing pixels."""
+        processor = self._processor
+        text = processor.apply_chat_template(_messages(request), tokenize=False, add_generation_prompt=True)
+        n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return n + sum(image_tokens(img.width, img.height) - 1 for img in request.images)
+
+    def slots_for(self, n: int, *, max_new_tokens: int | None = None, tokens: int | None = None) -> int:
+        """Sequences to decode together for ``n`` requests."""
+        slots = self.config.batch_size or self.auto_batch_size(max_new_tokens=max_new_tokens, tokens=tokens)
+        if self._oom_slots is not None:
+            slots = min(slots, self._oom_slots)
+        return max(1, min(slots, n))
+
+    def auto_batch_size(self, *, max_new_tokens: int | None = None, tokens: int | None = None) -> int:
+        """Slots that fit the free GPU memory (under ``max_gpu_memory``); 4 on a CPU.
+
+        Args:
+            max_new_tokens: output budget per request (default: the config's).
+            tokens: prompt tokens per request (default: an image of
+                ``max_pixels`` plus a typical prompt).
+        """
+        import torch
+
+        if self._model is None:  # generate() calls this holding the lock, with the model loaded
+            self.load()
+        if self._model.device.type != "cuda":
+            return 4  # CPU: batching barely helps and latency grows with it
+        per_token = self._fast.kv_bytes_per_token() if self._fast is not None else _kv_bytes_per_token(self._model)
+        if tokens is None:
+            tokens = self.config.max_pixels // (28 * 28) + TEXT_TOKENS_ALLOWANCE
+        length = tokens + (max_new_tokens or self.config.max_new_tokens)
+        vocab = self._model.lm_head.weight.shape[0]
+        per_slot = length * per_token + 3 * vocab * 4  # the cache, logits and the penalty's mask
+        budget = available_gpu_memory(self._model.device, self.config.max_gpu_memory)
+        if self._fast is not None:
+            budget += self._fast.held_bytes()  # the cache in hand is reused or replaced, not added to
+        budget -= prefill_reserve(self._model, tokens)
+        slots = max(1, min(MAX_AUTO_SLOTS, int(budget // per_slot)))
+        if slots >= 8:
+            slots -= slots % 8  # shapes the kernels like
+        log.debug("auto batch size: %d slots of %d tokens (%.2f GiB available after the prefill reserve)",
+                  slots, length, budget / GiB)
+        del torch
+        return slots
+
+    # ------------------------------------------------------------ model.generate
+
+    def _generate_hf(self, requests: list[Request]) -> list[Answer]:
         import torch
 
         processor, model = self._processor, self._model
@@ -171,8 +426,13 @@ class TransformersBackend:
         inputs = processor(text=texts, images=images or None, padding=True, return_tensors="pt", do_resize=False)
         inputs = inputs.to(model.device)
         max_new = max(r.max_new_tokens for r in requests)
+        # Forced length (bench): the same work whatever random weights say.
+        forced = {"min_new_tokens": max_new} if self.ignore_eos else {}
+        started = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=max_new, do_sample=False)
+            out = model.generate(**inputs, max_new_tokens=max_new, do_sample=False, **forced)
+        self.last_stats = {"wall_s": time.perf_counter() - started, "requests": len(requests),
+                           "new_tokens": int(out.shape[0] * (out.shape[1] - inputs["input_ids"].shape[1]))}
         new = out[:, inputs["input_ids"].shape[1]:]
         eos = _eos_ids(model, processor)
         answers = []
@@ -182,6 +442,68 @@ class TransformersBackend:
             text = processor.tokenizer.decode(tokens, skip_special_tokens=True)
             answers.append(Answer(text=text, new_tokens=len(tokens), finished=len(tokens) < len(budget)))
         return answers
+
+
+def image_tokens(width: int, height: int) -> int:
+    """Tokens an image of this (already sized, multiple-of-28) size takes: one per 28x28 pixels."""
+    return max(1, (width // 28) * (height // 28))
+
+
+def _kv_bytes_per_token(model: Any) -> int:
+    cfg = model.config.get_text_config()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * model.dtype.itemsize
+
+
+def available_gpu_memory(device: Any, cap: int | None) -> int:
+    """Bytes this process can still allocate on ``device``: free memory, and room under ``cap``."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    held = torch.cuda.memory_allocated(device)
+    cached = torch.cuda.memory_reserved(device) - held  # reserved by us but unused: ours to reuse
+    room = free + cached
+    if cap:
+        room = min(room, cap - torch.cuda.memory_reserved(device) + cached)
+    return max(0, room)
+
+
+def prefill_reserve(model: Any, tokens: int) -> int:
+    """Peak working memory of one prefill of ``tokens`` tokens, with a margin.
+
+    The prefill's own KV cache (copied into a slot afterwards), the widest
+    activations of a text layer (the MLP's gate and up projections) and of the
+    vision tower, plus 1 GiB for the allocator's fragmentation, cuBLAS
+    workspaces and the decode graph's pool.
+    """
+    cfg = model.config.get_text_config()
+    width = model.dtype.itemsize
+    text = tokens * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * width
+    vision_cfg = getattr(model.config, "vision_config", None)
+    vision = 0
+    if vision_cfg is not None:
+        from daemon.backends.fastgen import VISION_BATCH_PATCHES
+
+        # Several images go through the tower together (up to about this many patches).
+        patches = max(4 * tokens, VISION_BATCH_PATCHES)  # 2x2 patches merge into one token
+        vision = patches * (6 * vision_cfg.hidden_size + 3 * vision_cfg.intermediate_size) * width
+    return tokens * _kv_bytes_per_token(model) + 2 * max(text, vision) + GiB
+
+
+def _prefetch(pool: ThreadPoolExecutor, fn: Callable[[T], U], items: Iterable[T], *, ahead: int) -> Iterator[U]:
+    """``map(fn, items)`` computed on ``pool``, at most ``ahead`` items in advance."""
+    queue: list[Future[U]] = []
+    source = iter(items)
+    try:
+        for item in source:
+            queue.append(pool.submit(fn, item))
+            if len(queue) > ahead:
+                yield queue.pop(0).result()
+        while queue:
+            yield queue.pop(0).result()
+    finally:
+        for future in queue:
+            future.cancel()
 
 
 def _messages(request: Request) -> list[dict[str, Any]]:

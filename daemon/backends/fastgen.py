@@ -1,0 +1,753 @@
+"""Fast greedy generation for Qwen2.5-VL: slot-based continuous batching and CUDA graphs.
+
+``transformers``' ``generate`` spends most of a decode step outside the GPU's
+work (Python per layer, a fresh mask each step, KV expanded to every query
+head), runs a batch until its longest member is done, and its continuous
+batching does not carry images.  This module keeps the model and its weights
+and replaces the generation loop (measurements: ``benchmarks/NOTES.md``):
+
+- **prefill** without padding: the vision tower runs on the images of a few
+  prompts at once (its cost per call is mostly fixed), then the text model on
+  each prompt alone, with Qwen's 3D rotary positions (computed on the CPU, by
+  the processor thread);
+- each prompt's KV cache is copied into a **slot** of a preallocated static
+  cache (``slots`` rows of ``length`` tokens per layer);
+- **decode** runs all slots together in a step written against the model's
+  own modules and weights (q/k/v and gate/up fused into one GEMV each), with
+  grouped-query attention done as ``(kv_heads, group)`` query rows against the
+  un-expanded cache; on CUDA the step is one CUDA graph replay, and each layer
+  runs as a function compiled with ``torch.compile``;
+- a slot whose sequence ends (EOS or budget) is **refilled** with the next
+  request at once, so a long answer does not hold up short ones.
+
+Greedy tokens equal ``model.generate(do_sample=False)``'s, including the
+repetition penalty of the model's generation config (tests compare them on
+the CPU, where the arithmetic is the stock one; on a GPU, bf16 kernels that
+differ from the stock ones can flip near-ties after a while).
+
+The vision tower's windowed attention is also replaced (``VisionAttentionPatch``):
+windows of equal length go to one ``scaled_dot_product_attention`` call
+instead of one call per window (or, opt-in, to ``torch.nn.attention.varlen``).
+
+Environment switches (all default on where they apply): ``VLWATCH_CUDA_GRAPHS``,
+``VLWATCH_COMPILE`` (``_DECODE``, ``_VISION``); ``VLWATCH_VISION_VARLEN=1``
+opts into varlen attention.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+#: Vision patches per vision-tower call when several prompts are prefilled
+#: (16384: three 1036x1036 images, or sixteen 512x512): amortises the tower's
+#: fixed per-call CPU work, bounds its activation memory (~1 GiB).
+VISION_BATCH_PATCHES = 16384
+#: Decode steps between two looks at which sequences ended (each look is a
+#: device-to-host sync); capped by the smallest remaining budget.
+SYNC_EVERY = 16
+
+
+@dataclass
+class Prompt:
+    """One request after the processor: what prefill needs (tensors on the CPU)."""
+
+    index: int
+    inputs: dict[str, torch.Tensor]
+    max_new_tokens: int
+
+    @property
+    def length(self) -> int:
+        return int(self.inputs["input_ids"].shape[1])
+
+    @property
+    def patches(self) -> int:
+        pixels = self.inputs.get("pixel_values")
+        return 0 if pixels is None else int(pixels.shape[0])
+
+
+@dataclass
+class Generated:
+    tokens: list[int]  # up to, not including, the first end-of-sequence token
+    finished: bool  # True: stopped at end-of-sequence; False: ran out of budget
+    ttft: float  # seconds from a free slot to this request's first token (see SlotEngine.run)
+    generated: int  # tokens produced, an end-of-sequence token included
+
+
+@dataclass
+class RunStats:
+    requests: int = 0
+    slots: int = 0
+    cache_length: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    new_tokens: int = 0
+    ttft: list[float] = field(default_factory=list)
+    cuda_graphs: bool = False
+
+
+class SlotEngine:
+    """Static-cache greedy decoding over ``slots`` sequences of a Qwen2.5-VL model."""
+
+    def __init__(self, model: Any, *, eos_ids: set[int], use_cuda_graphs: bool | None = None) -> None:
+        self.model = model
+        text = model.model.language_model
+        self.layers = list(text.layers)
+        self.norm = text.norm
+        self.embed = text.embed_tokens
+        self.lm_head = model.lm_head
+        rotary = text.rotary_emb
+        self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
+        cfg = text.config
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.device = self.embed.weight.device
+        self.dtype = self.embed.weight.dtype
+        self.inv_freq = rotary.inv_freq.detach().to(self.device, torch.float32)
+        self.eos = torch.tensor(sorted(eos_ids) or [-1], device=self.device)
+        penalty = getattr(model.generation_config, "repetition_penalty", None)
+        self.penalty = float(penalty) if penalty not in (None, 1.0) else None
+        if use_cuda_graphs is None:
+            # VLWATCH_CUDA_GRAPHS=0 turns them off (debugging, or a driver that misbehaves).
+            use_cuda_graphs = self.device.type == "cuda" and os.environ.get("VLWATCH_CUDA_GRAPHS", "1") != "0"
+        self.use_cuda_graphs = use_cuda_graphs
+        self.ignore_eos = False  # bench: run every sequence to its budget
+        self.eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
+        self.fused = _fuse_projections(self.layers)
+        # On CUDA one decoder layer's step runs through torch.compile (one
+        # compiled function for all layers): it fuses the norms, the rotary
+        # embedding and the residual adds, ~30 small kernels per layer.
+        self._layer_fn: Callable[..., torch.Tensor] | None = None
+        if self.fused and compile_enabled(self.device, "decode") and getattr(cfg, "hidden_act", "") == "silu":
+            _allow_shared_compiles()
+            self._layer_fn = Compiled(_layer_step, fullgraph=True)
+        self._slots = 0
+        self._length = 0
+        self._graphs: dict[int, Any] = {}
+        self._state: dict[str, torch.Tensor] = {}
+        self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.stats = RunStats()
+
+    # ------------------------------------------------------------ memory
+
+    def kv_bytes_per_token(self) -> int:
+        return 2 * len(self.layers) * self.n_kv * self.head_dim * self.dtype.itemsize
+
+    def held_bytes(self) -> int:
+        """Device memory the cache and state hold now (reused by the next run that fits)."""
+        tensors = [t for pair in self._kv for t in pair] + list(self._state.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def release(self) -> None:
+        """Drop the static cache and the captured graphs (their memory goes back to the allocator)."""
+        self._graphs.clear()
+        self._kv = []
+        self._state = {}
+        self._slots = self._length = 0
+
+    def _ensure(self, slots: int, length: int, max_new: int) -> None:
+        """Allocate (or keep) a cache of at least ``slots`` x ``length``."""
+        length = -(-length // 64) * 64  # round up: fewer distinct shapes, aligned masks
+        fits = slots <= self._slots and length <= self._length <= 2 * length
+        cols = max_new + 1  # + a scratch column that idle slots write into
+        if fits and self._state["out"].shape[1] >= cols and ("seen" in self._state) == (self.penalty is not None):
+            return
+        self.release()
+        shape = (slots, self.n_kv, length, self.head_dim)
+        self._kv = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                     torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in self.layers]
+        dev, vocab = self.device, self.lm_head.weight.shape[0]
+        self._state = {
+            "tok": torch.zeros(slots, dtype=torch.long, device=dev),  # token fed to the next step
+            "pos": torch.zeros(slots, dtype=torch.long, device=dev),  # its rotary position
+            "wpos": torch.zeros(slots, dtype=torch.long, device=dev),  # its cache column
+            "n_gen": torch.zeros(slots, dtype=torch.long, device=dev),  # tokens produced so far
+            "budget": torch.ones(slots, dtype=torch.long, device=dev),
+            "active": torch.zeros(slots, dtype=torch.bool, device=dev),
+            "out": torch.zeros(slots, cols, dtype=torch.long, device=dev),
+            "cols": torch.arange(length, device=dev),
+            "rows": torch.arange(slots, device=dev),
+            "ignore_eos": torch.zeros((), dtype=torch.bool, device=dev),
+        }
+        if self.penalty is not None:
+            self._state["seen"] = torch.zeros(slots, vocab, dtype=torch.bool, device=dev)
+        self._slots, self._length = slots, length
+        log.debug("static cache: %d slots x %d tokens (%.2f GiB)", slots, length,
+                  slots * length * self.kv_bytes_per_token() / 2**30)
+
+    def prepare(self, slots: int, cache_length: int, max_new: int) -> None:
+        """Allocate the cache and capture the decode step for ``slots`` ahead of a run."""
+        self._ensure(slots, cache_length, max_new)
+        self._graph(slots)
+
+    # ------------------------------------------------------------ decode step
+
+    def _view(self, n: int) -> tuple[dict[str, torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+        state = {k: (v[:n] if v.dim() and k not in ("cols",) else v) for k, v in self._state.items()}
+        return state, [(k[:n], v[:n]) for k, v in self._kv]
+
+    def _step(self, n: int) -> None:
+        """One greedy decode step for the first ``n`` slots, in place on the state (graph-safe)."""
+        s, kv = self._view(n)
+        rows, wpos, active = s["rows"], s["wpos"], s["active"]
+        x = self.embed(s["tok"])
+        cos, sin = self._rope(s["pos"])
+        # Additive mask over cache columns: what this row has written, the current token included.
+        visible = s["cols"][None, :] <= wpos[:, None]
+        bias = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+        bias = bias.masked_fill(~visible, float("-inf"))[:, None, None, :]
+        group = self.n_heads // self.n_kv
+        for layer, (k_cache, v_cache) in zip(self.layers, kv):
+            attn = layer.self_attn
+            if self._layer_fn is not None:
+                x = self._layer_fn(x, cos, sin, bias, k_cache, v_cache, rows, wpos, *self.fused[id(layer)],
+                                   layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                                   attn.o_proj.weight, layer.mlp.down_proj.weight, self.eps, attn.scaling,
+                                   self.n_kv, group)
+                continue
+            h = layer.input_layernorm(x)
+            if self.fused:  # one GEMV for q, k and v (their weights are views of one tensor)
+                q, k, v = F.linear(h, *self.fused[id(layer)][:2]).split(
+                    [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], dim=-1)
+                q = q.reshape(n, self.n_heads, self.head_dim)
+                k = k.reshape(n, self.n_kv, self.head_dim)
+                v = v.reshape(n, self.n_kv, self.head_dim)
+            else:
+                q = attn.q_proj(h).view(n, self.n_heads, self.head_dim)
+                k = attn.k_proj(h).view(n, self.n_kv, self.head_dim)
+                v = attn.v_proj(h).view(n, self.n_kv, self.head_dim)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            k_cache[rows, :, wpos] = k
+            v_cache[rows, :, wpos] = v
+            # Query head j uses KV head j // group (HF's repeat_kv): the group's
+            # queries are rows against one un-expanded KV head.
+            o = F.scaled_dot_product_attention(q.view(n, self.n_kv, group, self.head_dim), k_cache, v_cache,
+                                               attn_mask=bias, scale=attn.scaling)
+            x = x + attn.o_proj(o.reshape(n, self.n_heads * self.head_dim))
+            h = layer.post_attention_layernorm(x)
+            if self.fused:  # gate and up in one GEMV
+                gate, up = F.linear(h, self.fused[id(layer)][2]).chunk(2, dim=-1)
+                x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+            else:
+                x = x + layer.mlp(h)
+        logits = self.lm_head(self.norm(x)).float()
+        if "seen" in s:
+            logits = _penalize(logits, s["seen"], self.penalty)
+        nxt = logits.argmax(-1)
+        self._advance(s, nxt)
+
+    def _advance(self, s: dict[str, torch.Tensor], nxt: torch.Tensor) -> None:
+        active, rows, n_gen = s["active"], s["rows"], s["n_gen"]
+        scratch = s["out"].shape[1] - 1
+        s["out"][rows, torch.where(active, n_gen, scratch)] = nxt
+        n_gen += active.long()
+        if "seen" in s:
+            s["seen"][rows, nxt] |= active
+        is_eos = (nxt[:, None] == self.eos[None, :]).any(-1) & ~s["ignore_eos"]
+        active &= ~((n_gen >= s["budget"]) | is_eos)
+        s["tok"].copy_(nxt)
+        s["pos"] += 1
+        s["wpos"].copy_(torch.clamp(s["wpos"] + 1, max=self._length - 1))
+
+    def _rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # In decoding the three M-RoPE components (time, height, width) are the
+        # same text position, so M-RoPE reduces to plain RoPE at that position.
+        freqs = pos[:, None].float() * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.rope_scale).to(self.dtype)[:, None, :]
+        sin = (emb.sin() * self.rope_scale).to(self.dtype)[:, None, :]
+        return cos, sin
+
+    def _graph(self, n: int) -> Callable[[], None]:
+        if not self.use_cuda_graphs:
+            return lambda: self._step(n)
+        graph = self._graphs.get(n)
+        if graph is None:
+            try:
+                graph = self._capture(n)
+            except RuntimeError as exc:  # a kernel that cannot be captured: correct, only slower
+                log.warning("CUDA graph capture failed (%s); decoding without graphs", exc)
+                self.use_cuda_graphs = False
+                return lambda: self._step(n)
+            self._graphs[n] = graph
+        return graph.replay
+
+    def _capture(self, n: int) -> Any:
+        started = time.perf_counter()
+        saved = {k: v.clone() for k, v in self._state.items()}
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up kernels and workspaces off the capture
+            for _ in range(2):
+                self._step(n)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step(n)
+        for k, v in saved.items():  # the warm-up and capture ran the step: undo it
+            self._state[k].copy_(v)
+        log.debug("captured the decode step for %d slots in %.2fs", n, time.perf_counter() - started)
+        return graph
+
+    # ------------------------------------------------------------ prefill
+
+    def _image_features(self, prompts: list[Prompt]) -> list[torch.Tensor | None]:
+        """The vision tower's output for each prompt's images, all images in one call.
+
+        The tower's cost per call is mostly fixed CPU work (a few thousand
+        small launches), so several images per call cost little more than one.
+        """
+        with_images = [p for p in prompts if "pixel_values" in p.inputs]
+        if not with_images:
+            return [None] * len(prompts)
+        visual = self.model.model.visual
+        pixels = torch.cat([p.inputs["pixel_values"] for p in with_images]).to(self.device, visual.dtype)
+        grids = torch.cat([p.inputs["image_grid_thw"] for p in with_images])
+        merged = visual(pixels, grid_thw=grids.to(self.device)).pooler_output
+        per_prompt = [int(p.inputs["image_grid_thw"].prod(-1).sum()) // visual.spatial_merge_size**2 for p in with_images]
+        parts = iter(torch.split(merged, per_prompt))
+        return [next(parts) if "pixel_values" in p.inputs else None for p in prompts]
+
+    def _prefill(self, prompt: Prompt, slot: int, image_features: torch.Tensor | None) -> int:
+        """Run the prompt through the text model, move its cache into ``slot``; return the first token.
+
+        Qwen2_5_VLModel.forward does the same (image features into the
+        image-token positions, 3D rotary positions from get_rope_index);
+        it is spelled out so that the vision tower can run for several
+        prompts at once, before.
+        """
+        model, dev = self.model, self.device
+        if "position_ids" not in prompt.inputs:
+            prompt.inputs.update(rope_positions(model, prompt.inputs))
+        inputs = {k: v.to(dev, non_blocking=True) for k, v in prompt.inputs.items() if k != "pixel_values"}
+        ids, positions, deltas = inputs["input_ids"], inputs["position_ids"], inputs["rope_deltas"]
+        length = ids.shape[1]
+        embeds = self.embed(ids)
+        if image_features is not None:
+            slots_for_image = (ids == model.config.image_token_id)[..., None].expand_as(embeds)
+            embeds = embeds.masked_scatter(slots_for_image, image_features.to(embeds.dtype))
+        # One unpadded sequence: no attention mask, so the text model takes the plain causal path.
+        out = model.model.language_model(input_ids=None, inputs_embeds=embeds, position_ids=positions, use_cache=True)
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        for layer, (k_cache, v_cache) in zip(cache.layers, self._kv):
+            k_cache[slot, :, :length] = layer.keys[0]
+            v_cache[slot, :, :length] = layer.values[0]
+        s = self._state
+        logits = self.lm_head(out.last_hidden_state[:, -1]).float()
+        if "seen" in s:
+            s["seen"][slot].zero_()
+            s["seen"][slot, ids[0]] = True
+            logits = _penalize(logits, s["seen"][slot:slot + 1], self.penalty)
+        first = logits.argmax(-1)
+        s["tok"][slot] = first[0]
+        s["pos"][slot] = length + deltas.reshape(-1)[0]
+        s["wpos"][slot] = length
+        s["out"][slot, 0] = first[0]
+        s["n_gen"][slot] = 1
+        s["budget"][slot] = prompt.max_new_tokens
+        if "seen" in s:
+            s["seen"][slot, first[0]] = True
+        return int(first.item())
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self, prompts: Iterator[Prompt], *, total: int, slots: int, cache_length: int,
+            max_new: int) -> dict[int, Generated]:
+        """Generate for every prompt; ``slots`` sequences at a time, refilled as they end."""
+        slots = bucket(max(1, min(slots, total)), slots)
+        self._ensure(slots, cache_length, max_new)
+        self._state["ignore_eos"].fill_(self.ignore_eos)
+        self._state["active"].zero_()
+        step = self._graph(slots)
+        stats = self.stats = RunStats(requests=total, slots=slots, cache_length=self._length,
+                                      cuda_graphs=self.use_cuda_graphs)
+        eos = set(self.eos.tolist())
+        started = time.perf_counter()
+        results: dict[int, Generated] = {}
+        owner: dict[int, Prompt] = {}  # slot -> the prompt it is generating for
+        ttft: dict[int, float] = {}
+        # Time to first token counts from when a slot was free for the request
+        # (the start, or the end of the sequence before it): waiting for the
+        # prefills of its own round is included, waiting for a slot is not.
+        free_since = {i: started for i in range(slots)}
+        pending = iter(prompts)
+        exhausted = False
+        while True:
+            free = [i for i in range(slots) if i not in owner]
+            while free and not exhausted:
+                # A group of prompts whose images go through the vision tower together.
+                group: list[Prompt] = []
+                patches = 0
+                while len(group) < len(free) and (not group or patches < VISION_BATCH_PATCHES):
+                    prompt = next(pending, None)
+                    if prompt is None:
+                        exhausted = True
+                        break
+                    if prompt.length + prompt.max_new_tokens > self._length or prompt.max_new_tokens > max_new:
+                        raise ValueError(f"request {prompt.index} does not fit the cache ({prompt.length} tokens)")
+                    group.append(prompt)
+                    patches += prompt.patches
+                if not group:
+                    break
+                t0 = time.perf_counter()
+                features = self._image_features(group)
+                for prompt, image_features in zip(group, features):
+                    slot = free[0]
+                    first = self._prefill(prompt, slot, image_features)
+                    ttft[prompt.index] = time.perf_counter() - free_since[slot]
+                    if (first in eos and not self.ignore_eos) or prompt.max_new_tokens <= 1:
+                        results[prompt.index] = _result([first], eos, ttft[prompt.index])
+                        continue  # the slot stays free
+                    self._state["active"][slot] = True
+                    owner[free.pop(0)] = prompt
+                stats.prefill_s += time.perf_counter() - t0
+            if not owner:
+                break
+            # Run until the first sequence can have reached its budget, at most
+            # SYNC_EVERY steps: an end of sequence is noticed within that many.
+            n_gen = self._state["n_gen"].tolist()
+            left = min(owner[i].max_new_tokens - n_gen[i] for i in owner)
+            t0 = time.perf_counter()
+            for _ in range(max(1, min(SYNC_EVERY, left))):
+                step()
+                stats.decode_steps += 1
+            active = self._state["active"].tolist()
+            stats.decode_s += time.perf_counter() - t0
+            done = [i for i in owner if not active[i]]
+            for i in done:
+                free_since[i] = time.perf_counter()
+            if done:
+                out = self._state["out"].cpu()
+                n_gen = self._state["n_gen"].tolist()
+                for i in done:
+                    prompt = owner.pop(i)
+                    results[prompt.index] = _result(out[i, :n_gen[i]].tolist(), eos, ttft[prompt.index])
+        stats.new_tokens = sum(r.generated for r in results.values())
+        stats.ttft = [r.ttft for r in results.values()]
+        return results
+
+
+def _fuse_projections(layers: list[Any]) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Put q/k/v and gate/up weights of each layer into one tensor each, the modules keeping views.
+
+    Decoding reads every weight once per step; one GEMV over a fused matrix
+    runs closer to memory bandwidth than three small ones (k and v are 3.5 MB
+    each), and launches fewer kernels.  The HF modules' parameters become
+    views into the fused tensors, so prefill (the stock forward) computes the
+    same thing and no memory is duplicated.  Returns {} when the layout is
+    not the expected one (then the modules are used as they are).
+    """
+    fused: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    for layer in layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        projections = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
+        gates = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj")]
+        if any(p is None or p.bias is None for p in projections) or any(g is None or g.bias is not None for g in gates):
+            return {}
+        with torch.no_grad():
+            qkv_w = torch.cat([p.weight for p in projections])
+            qkv_b = torch.cat([p.bias for p in projections])
+            gate_up = torch.cat([g.weight for g in gates])
+            _repoint([p.weight for p in projections], qkv_w)
+            _repoint([p.bias for p in projections], qkv_b)
+            _repoint([g.weight for g in gates], gate_up)
+        fused[id(layer)] = (qkv_w, qkv_b, gate_up)
+    return fused
+
+
+def _repoint(params: list[torch.Tensor], whole: torch.Tensor) -> None:
+    start = 0
+    for p in params:
+        p.data = whole[start:start + p.shape[0]]
+        start += p.shape[0]
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Qwen2.5-VL's RMSNorm, same operation order (normalise in fp32, cast, scale).
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _layer_step(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, rows: torch.Tensor, wpos: torch.Tensor, qkv_w: torch.Tensor,
+                qkv_b: torch.Tensor, gate_up: torch.Tensor, ln1: torch.Tensor, ln2: torch.Tensor, o_w: torch.Tensor,
+                down_w: torch.Tensor, eps: float, scale: float, n_kv: int, group: int) -> torch.Tensor:
+    """One decoder layer for one new token per row (the compiled variant of SlotEngine._step's loop body)."""
+    n, dim = x.shape[0], k_cache.shape[-1]
+    qkv = F.linear(_rms(x, ln1, eps), qkv_w, qkv_b)
+    q, k, v = qkv.split([n_kv * group * dim, n_kv * dim, n_kv * dim], dim=-1)
+    q = _rotate(q.reshape(n, n_kv * group, dim), cos, sin)
+    k = _rotate(k.reshape(n, n_kv, dim), cos, sin)
+    k_cache[rows, :, wpos] = k
+    v_cache[rows, :, wpos] = v.reshape(n, n_kv, dim)
+    o = F.scaled_dot_product_attention(q.view(n, n_kv, group, dim), k_cache, v_cache, attn_mask=bias, scale=scale)
+    x = x + F.linear(o.reshape(n, -1), o_w)
+    gate, up = F.linear(_rms(x, ln2, eps), gate_up).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, down_w)
+
+
+def rope_positions(model: Any, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """3D (M-RoPE) positions of one prompt and its decode offset, on the inputs' device.
+
+    Qwen's get_rope_index walks the tokens in Python; run on the CPU tensors
+    (the processor thread calls this) it costs the GPU nothing and no syncs.
+    """
+    ids = inputs["input_ids"]
+    if "image_grid_thw" not in inputs:  # text only: the plain positions
+        length = ids.shape[1]
+        positions = torch.arange(length, device=ids.device).view(1, 1, -1).expand(3, 1, -1).contiguous()
+        return {"position_ids": positions, "rope_deltas": torch.zeros(1, 1, dtype=torch.long, device=ids.device)}
+    positions, deltas = model.model.get_rope_index(
+        ids, inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
+        attention_mask=inputs.get("attention_mask"))
+    return {"position_ids": positions, "rope_deltas": deltas.reshape(1, 1).to(torch.long)}
+
+
+def bucket(n: int, most: int) -> int:
+    """``n`` rounded up to 1, 2, 4, 8, 16 or a multiple of 16 (at most ``most``): few graph shapes."""
+    b = 1
+    while b < n and b < 16:
+        b *= 2
+    if b < n:
+        b = -(-n // 16) * 16
+    return max(n, min(b, most))
+
+
+def _result(tokens: list[int], eos: set[int], ttft: float) -> Generated:
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return Generated(tokens[:i], True, ttft, len(tokens))
+    return Generated(tokens, False, ttft, len(tokens))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor, over a seen-token mask instead of the ids."""
+    scaled = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, scaled, logits)
+
+
+# ---------------------------------------------------------------- vision tower
+
+
+class VisionAttentionPatch:
+    """Replace the vision blocks' attention forward: equal-length windows in one call.
+
+    The stock forward (without flash-attn) splits the sequence at every window
+    boundary and calls attention once per window: about 100 calls per
+    1036x1036 image in each of 28 windowed layers.  Windows come in a few
+    lengths only (full 8x8-patch windows, and the clipped ones at the right and
+    bottom edges), so grouping by length makes it 2-4 calls per layer with no
+    padding and no mask, which the fused SDPA kernels take.  Where
+    ``torch.nn.attention.varlen.varlen_attn`` exists and works (CUDA, half
+    precision), one varlen call per layer is used instead.
+
+    With ``compile`` (CUDA), the blocks' RMSNorms and MLPs and the rotary
+    embedding also run through ``torch.compile`` (dynamic shapes: one compile
+    serves every image size), which fuses their element-wise work (fp32
+    upcasts, silu, bias adds): the tower's GPU time per 1036x1036 image went
+    from 38 to about 21 ms.  Its fixed cost per call is why prefill runs the
+    tower on several images at once (``VISION_BATCH_PATCHES``).
+
+    ``enabled`` switches back to the stock forwards (the bench's baseline).
+    """
+
+    def __init__(self, model: Any, *, varlen: bool | None = None, compile: bool = False) -> None:
+        from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
+
+        self._stock_rotary: Callable[..., Any] = qwen.apply_rotary_pos_emb_vision
+        self._rotary = self._stock_rotary
+        self.enabled = True
+        self.use_compiled = compile
+        self.last_path = ""  # what the last call used: "varlen_attn" or "grouped sdpa"
+        if varlen is None:
+            # Opt-in: on the H100 it was 4% faster than grouped SDPA but not
+            # bit-equal to the stock tower (benchmarks/NOTES.md).
+            varlen = os.environ.get("VLWATCH_VISION_VARLEN", "0") == "1"
+        self.varlen = _varlen_attn() if varlen else None
+        self._plans: dict[int, tuple[torch.Tensor, Any]] = {}
+        blocks = list(model.model.visual.blocks)
+        self.modules = [blk.attn for blk in blocks]
+        for module in self.modules:
+            stock = module.forward
+            module.forward = types.MethodType(self._forward_for(stock), module)
+        if compile:
+            _allow_shared_compiles()
+            self._rotary = Compiled(self._stock_rotary, dynamic=True)
+            norm = Compiled(type(blocks[0].norm1).forward, dynamic=True)
+            mlp = Compiled(type(blocks[0].mlp).forward, dynamic=True)
+            for blk in blocks:
+                for module, fn in ((blk.norm1, norm), (blk.norm2, norm), (blk.mlp, mlp)):
+                    module.forward = types.MethodType(self._switch(fn, module.forward), module)
+
+    def _switch(self, compiled: Callable[..., Any], stock: Callable[..., Any]) -> Callable[..., Any]:
+        patch = self
+
+        def forward(module: Any, *args: Any) -> Any:
+            if patch.enabled and patch.use_compiled:
+                return compiled(module, *args)
+            return stock(*args)
+
+        return forward
+
+    def _forward_for(self, stock: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        patch = self
+
+        def forward(module: Any, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
+                    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    max_seqlen: int | None = None, **kwargs: Any) -> torch.Tensor:
+            if not patch.enabled or position_embeddings is None:
+                return stock(hidden_states, cu_seqlens, position_embeddings=position_embeddings,
+                             max_seqlen=max_seqlen, **kwargs)
+            return patch.attention(module, hidden_states, cu_seqlens, position_embeddings)
+
+        return forward
+
+    def attention(self, module: Any, hidden: torch.Tensor, cu_seqlens: torch.Tensor,
+                  position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        seq = hidden.shape[0]
+        q, k, v = module.qkv(hidden).reshape(seq, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        cos, sin = position_embeddings
+        q, k = (self._rotary if self.use_compiled else self._stock_rotary)(q, k, cos, sin)
+        out = self._packed(q, k, v, cu_seqlens, module.scaling)
+        return module.proj(out.reshape(seq, -1))
+
+    def _packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        """Attention within each [cu[i], cu[i+1]) span of (seq, heads, dim) tensors."""
+        plan = self._plan(cu)
+        if self.varlen is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            try:
+                cu32, longest = plan["cu32"], plan["longest"]
+                self.last_path = "varlen_attn"
+                return self.varlen(q, k.contiguous(), v.contiguous(), cu32, cu32, longest, longest, scale=scale)
+            except Exception as exc:  # an older or partial varlen build: keep the portable path
+                log.warning("varlen attention failed (%s); using grouped SDPA", exc)
+                self.varlen = None
+        self.last_path = "grouped sdpa"
+        out = torch.empty_like(q)
+        for index in plan["groups"]:  # index: (windows, length) token positions
+            m, n = index.shape
+            take = index.reshape(-1)
+            qg, kg, vg = (t.index_select(0, take).view(m, n, t.shape[1], t.shape[2]).transpose(1, 2)
+                          for t in (q, k, v))
+            og = F.scaled_dot_product_attention(qg, kg, vg, scale=scale)
+            out.index_copy_(0, take, og.transpose(1, 2).reshape(m * n, q.shape[1], q.shape[2]))
+        return out
+
+    def _plan(self, cu: torch.Tensor) -> dict[str, Any]:
+        # The same cu_seqlens tensor is passed to every block of one forward:
+        # work out its grouping once (one device sync) rather than per block.
+        hit = self._plans.get(id(cu))
+        if hit is not None and hit[0] is cu:
+            return hit[1]
+        bounds = cu.tolist()
+        by_length: dict[int, list[int]] = {}
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            if end > start:
+                by_length.setdefault(end - start, []).append(start)
+        groups = []
+        for length, starts in by_length.items():
+            base = torch.tensor(starts, device=cu.device)[:, None]
+            groups.append(base + torch.arange(length, device=cu.device)[None, :])
+        plan = {"groups": groups, "cu32": cu.to(torch.int32), "longest": max(by_length, default=0)}
+        if len(self._plans) > 8:
+            self._plans.clear()
+        self._plans[id(cu)] = (cu, plan)
+        return plan
+
+
+def pad_vision_mlp(model: Any, multiple: int = 64) -> bool:
+    """Zero-pad the vision MLPs' hidden width (3420 in the 7B) to a multiple of ``multiple``.
+
+    A width of 3420 bf16 values is 6840 bytes, not a multiple of 16: cuBLAS
+    then cannot use the Hopper (TMA) GEMM kernels and runs these three GEMMs
+    per block on an sm80 kernel at about 210 TFLOP/s, 40% of the tower's GPU
+    time (probe, H100).  The padded units are exactly zero (zero weights and
+    bias: silu(0) * 0 = 0, and their down-projection columns are zero), so the
+    output is the same function.  Returns whether anything was padded.
+    """
+    padded = False
+    for blk in model.model.visual.blocks:
+        mlp = blk.mlp
+        width = mlp.gate_proj.out_features
+        extra = -width % multiple
+        if extra == 0:
+            continue
+        with torch.no_grad():
+            for proj in (mlp.gate_proj, mlp.up_proj):
+                proj.weight = torch.nn.Parameter(F.pad(proj.weight, (0, 0, 0, extra)), requires_grad=False)
+                if proj.bias is not None:
+                    proj.bias = torch.nn.Parameter(F.pad(proj.bias, (0, extra)), requires_grad=False)
+                proj.out_features = width + extra
+            down = mlp.down_proj
+            down.weight = torch.nn.Parameter(F.pad(down.weight, (0, extra)), requires_grad=False)
+            down.in_features = width + extra
+        padded = True
+    return padded
+
+
+class Compiled:
+    """``torch.compile(fn)``, falling back to ``fn`` for good if compiling or running it fails."""
+
+    def __init__(self, fn: Callable[..., Any], **options: Any) -> None:
+        self.eager = fn
+        self.compiled: Callable[..., Any] | None = torch.compile(fn, **options)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - inductor/Triton problems of any kind
+                log.warning("torch.compile failed for %s (%s); running it uncompiled",
+                            getattr(self.eager, "__qualname__", self.eager), str(exc).splitlines()[0][:200])
+                self.compiled = None
+        return self.eager(*args, **kwargs)
+
+
+def compile_enabled(device: torch.device, part: str = "") -> bool:
+    """torch.compile the hot paths on CUDA (CPUs gain little, and CI stays simple).
+
+    ``VLWATCH_COMPILE=0`` turns all of it off; ``VLWATCH_COMPILE_<PART>=0``
+    one part (``DECODE``, ``VISION``).
+    """
+    if device.type != "cuda" or os.environ.get("VLWATCH_COMPILE", "1") == "0":
+        return False
+    return not part or os.environ.get(f"VLWATCH_COMPILE_{part.upper()}", "1") != "0"
+
+
+def _allow_shared_compiles() -> None:
+    # One compiled function serves every layer's module (their weights are
+    # inputs), but dynamo keeps a small cache per code object: raise it so
+    # 64 norms, 32 MLPs and a few slot counts never push it into eager.
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    for name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 64))
+
+
+def _varlen_attn() -> Callable[..., torch.Tensor] | None:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.10
+        return None
+    return varlen_attn

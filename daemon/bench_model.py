@@ -1,0 +1,222 @@
+"""The model source for ``vlwatch bench --load-format dummy``: the real architecture, no weights.
+
+``dummy_source(name)`` returns a local folder that ``AutoConfig`` and
+``AutoProcessor`` can read offline.  When the configured model is on this
+machine (a directory, or a snapshot in the Hugging Face cache) that folder is
+used as is: its config gives the architecture and its processor the exact
+tokenization; only the weights are random (``from_config``).  Otherwise a
+built-in copy of Qwen/Qwen2.5-VL-7B-Instruct's ``config.json`` is written,
+with a stand-in tokenizer: a small byte-level BPE whose special tokens sit at
+the real ids (so the model finds its image placeholders) and whose vocabulary
+is padded to the real size.  Random weights make the text meaningless; what
+matters for a benchmark is the same compute: the same layers, image token
+counts and (near enough) text token counts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from daemon.config import local_model_path
+
+log = logging.getLogger(__name__)
+
+#: Bump when the written files change, so a stale cached copy is rebuilt.
+_LAYOUT_VERSION = "1"
+
+#: Qwen/Qwen2.5-VL-7B-Instruct config.json, as published (legacy flat layout:
+#: every transformers 5.x reads it into text_config / vision_config).
+QWEN2_5_VL_7B_CONFIG: dict[str, Any] = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "vision_token_id": 151654,
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "hidden_act": "silu",
+    "hidden_size": 3584,
+    "initializer_range": 0.02,
+    "intermediate_size": 18944,
+    "max_position_embeddings": 128000,
+    "max_window_layers": 28,
+    "model_type": "qwen2_5_vl",
+    "num_attention_heads": 28,
+    "num_hidden_layers": 28,
+    "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "sliding_window": 32768,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vision_config": {
+        "depth": 32,
+        "hidden_act": "silu",
+        "hidden_size": 1280,
+        "intermediate_size": 3420,
+        "num_heads": 16,
+        "in_chans": 3,
+        "out_hidden_size": 3584,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "spatial_patch_size": 14,
+        "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+        "tokens_per_second": 2,
+        "temporal_patch_size": 2,
+    },
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "vocab_size": 152064,
+}
+
+#: generation_config.json of the same model: greedy decoding in vlwatch
+#: ignores the sampling keys, but the repetition penalty still costs work.
+QWEN2_5_VL_7B_GENERATION: dict[str, Any] = {
+    "bos_token_id": 151643,
+    "pad_token_id": 151643,
+    "do_sample": True,
+    "eos_token_id": [151645, 151643],
+    "repetition_penalty": 1.05,
+    "temperature": 0.1,
+    "top_p": 0.001,
+    "top_k": 1,
+}
+
+#: Qwen's special tokens at their real ids, in order from 151643.
+QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+)
+FIRST_SPECIAL_ID = 151643
+
+#: The chat template Qwen2.5-VL-Instruct ships (chat_template.json).
+QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Qwen2's pre-tokenizer split (transformers' qwen2 PRETOKENIZE_REGEX).
+_SPLIT_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+# Enough English for common words to become single tokens, as they are in
+# the real 151k vocabulary, so prompts tokenize to about the real length.
+_CORPUS = (
+    "You are a helpful assistant. Describe this image in detail. Extract all text of the "
+    "image as Markdown, keep tables as Markdown tables. Read the text. What is shown in the "
+    "picture? Write the HTML code of this screenshot. Detect all distinct objects and return "
+    "their bounding boxes as JSON. system user assistant the a of and to in is that with for "
+    "on as it this be are from at by or an page document table code screenshot photo scan"
+)
+
+
+def dummy_source(name: str) -> Path:
+    """A local folder with ``name``'s config and processor files (see the module doc)."""
+    local = local_model_path(name)
+    if local is not None and (Path(local) / "config.json").is_file():
+        log.info("dummy weights: architecture and processor of %s", local)
+        return Path(local)
+    if not _is_qwen2_5_vl_7b(name):
+        log.warning("dummy weights: %s is not on this machine; using the built-in Qwen2.5-VL-7B-Instruct config", name)
+    return builtin_qwen2_5_vl_7b()
+
+
+def _is_qwen2_5_vl_7b(name: str) -> bool:
+    return name.rstrip("/").split("/")[-1].lower() == "qwen2.5-vl-7b-instruct"
+
+
+def builtin_qwen2_5_vl_7b(folder: Path | None = None) -> Path:
+    """Write (once) the built-in Qwen2.5-VL-7B-Instruct config and stand-in processor."""
+    folder = folder or _cache_dir() / "dummy" / "Qwen2.5-VL-7B-Instruct"
+    stamp = folder / ".vlwatch-dummy"
+    if stamp.is_file() and stamp.read_text() == _LAYOUT_VERSION:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(QWEN2_5_VL_7B_CONFIG, indent=2))
+    (folder / "generation_config.json").write_text(json.dumps(QWEN2_5_VL_7B_GENERATION, indent=2))
+    _processor().save_pretrained(folder)
+    stamp.write_text(_LAYOUT_VERSION)
+    log.info("dummy weights: wrote the built-in Qwen2.5-VL-7B-Instruct config to %s", folder)
+    return folder
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vlwatch"
+
+
+def _processor() -> Any:
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    # The real preprocessor_config.json: 14 px patches, 2x2 merge, CLIP mean/std.
+    pixels = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 16384}
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    image = Qwen2VLImageProcessor(size=pixels, patch_size=14, temporal_patch_size=2, merge_size=2,
+                                  image_mean=mean, image_std=std)
+    video = Qwen2VLVideoProcessor(size=pixels, patch_size=14, temporal_patch_size=2, merge_size=2,
+                                  image_mean=mean, image_std=std)
+    return Qwen2_5_VLProcessor(image_processor=image, video_processor=video, tokenizer=_tokenizer(),
+                               chat_template=QWEN2_5_VL_CHAT_TEMPLATE)
+
+
+def _tokenizer() -> Any:
+    """A byte-level BPE with Qwen's specials at their real ids (151643...)."""
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = _train_bpe()
+    # Pad to the first special id: the embedding table has 152064 rows and the
+    # config names the vision tokens by number.
+    for i in range(len(vocab), FIRST_SPECIAL_ID):
+        vocab[f"<|vlwatch_unused_{i}|>"] = i
+    for i, token in enumerate(QWEN_SPECIAL_TOKENS):
+        vocab[token] = FIRST_SPECIAL_ID + i
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=merges, bos_token=None, unk_token=None, eos_token="<|im_end|>",
+        pad_token="<|endoftext|>", extra_special_tokens=[t for t in QWEN_SPECIAL_TOKENS if t != "<|endoftext|>"],
+        errors="replace", model_max_length=131072, split_special_tokens=False,
+        clean_up_tokenization_spaces=False, padding_side="left", chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
+    )
+    for i, token in enumerate(QWEN_SPECIAL_TOKENS):
+        if tokenizer.convert_tokens_to_ids(token) != FIRST_SPECIAL_ID + i:
+            raise RuntimeError(f"stand-in tokenizer: {token!r} did not get id {FIRST_SPECIAL_ID + i}")
+    return tokenizer
+
+
+def _train_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_SPLIT_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    trainer = trainers.BpeTrainer(vocab_size=1024, min_frequency=2, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    bpe.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    model = json.loads(bpe.to_str())["model"]
+    # Merges are "a b" strings in older tokenizers releases, [a, b] lists in newer.
+    merges = [(m[0], m[1]) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in model["merges"]]
+    return dict(model["vocab"]), merges  # type: ignore[return-value]

@@ -1,0 +1,566 @@
+"""The durable job queue and its history, in one SQLite file (``state:``).
+
+A *job* is one (source file, rule) pair at one content: the file's path, the
+rule's name and a blake2b hash of the bytes, with its state (``queued``,
+``running``, ``done``, ``failed``), attempts, the earliest time it may run
+again (``not_before``, which is how retries back off), timings, the last
+error and the sidecars it wrote.  Finished jobs stay as history until
+``prune``; the newest row of a (path, rule) says what its sidecar was made from.
+
+What makes the queue safe to lose power or ``kill -9`` over:
+
+- WAL journal, one transaction per batch of changes.  ``synchronous=NORMAL``
+  survives any crash of the process; a power cut may roll back the last few
+  commits, which the daemon's start-up recovery and catch-up scan redo
+  (re-queueing at worst a file whose sidecar is already complete).
+- ``enqueue`` is idempotent, keyed on path + rule + content hash: a file
+  already queued, running or done with the same bytes is not queued again, so
+  the watcher, the catch-up scan and the periodic rescan may all report the
+  same file (paperless re-queued a file on a stray NAS touch, #13511).  A
+  file whose bytes changed while still queued updates that job instead of
+  adding a second one.
+- ``recover`` (run by whoever holds the state lock, at start) puts jobs left
+  ``running`` by a crash back on the queue, unless their sidecars were fully
+  written after the job started (then the crash hit between the write and
+  the commit, and the job is simply done).  A crash counts as an attempt, so
+  a file that kills the process every time ends up ``failed``, not in a loop.
+
+The schema evolves by ordered, named migrations recorded in ``_migrations``
+(simonw/llm's ``migrations.py`` habit), so an old state file is upgraded in
+place and a blank one is built by running them all.
+
+Deliberately not here: deciding *whether* a file needs work (``service``),
+readiness (``watching``) and running jobs (``worker``).  Reusing the answer
+of another file with identical bytes is not done: the sidecars name their
+source, and identical screenshots are rare enough not to be worth the
+coupling.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
+
+log = logging.getLogger(__name__)
+
+STATES = ("queued", "running", "done", "failed")
+ACTIVE = ("queued", "running")
+
+#: How far a sidecar's mtime may trail the job's start and still count as
+#: written by that job: file timestamps come from the kernel's coarse clock,
+#: which lags ``time.time()`` by up to a tick.
+MTIME_SLACK_NS = 20_000_000
+
+
+# ------------------------------------------------------------------ values
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A file, under one rule, that should have an up-to-date sidecar."""
+
+    path: Path
+    rule: str
+    hash: str
+    size: int
+    mtime_ns: int
+    #: the sidecar is missing: redo even if a job with these bytes is done,
+    #: unless that job finished after ``seen_at`` (it wrote the sidecar since).
+    #: A callable is asked only when it matters (a done job with these bytes).
+    redo: bool | Callable[[], bool] = False
+    seen_at: float = 0.0
+
+    def wants_redo(self) -> bool:
+        return self.redo() if callable(self.redo) else self.redo
+
+
+class Queued(NamedTuple):
+    """A job ``enqueue`` created, or updated to newer bytes."""
+
+    id: int
+    path: Path
+    rule: str
+    hash: str
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    path: Path
+    rule: str
+    hash: str
+    size: int
+    mtime_ns: int
+    state: str
+    attempts: int
+    not_before: float
+    queued_at: float
+    started_at: float | None
+    finished_at: float | None
+    seconds: float | None
+    error: str | None
+    sidecars: tuple[Path, ...]
+
+    @property
+    def signature(self) -> tuple[int, int]:
+        return (self.size, self.mtime_ns)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "id": self.id, "path": str(self.path), "rule": self.rule, "hash": self.hash, "state": self.state,
+            "attempts": self.attempts, "queued_at": self.queued_at, "started_at": self.started_at,
+            "finished_at": self.finished_at, "seconds": self.seconds, "error": self.error,
+            "sidecars": [str(s) for s in self.sidecars],
+        }
+
+
+def content_hash(path: Path) -> str:
+    """The blake2b hex digest of a file's bytes (what a job is keyed on)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=20)).hexdigest()
+
+
+# -------------------------------------------------------------- migrations
+
+Migration = Callable[[sqlite3.Connection], None]
+MIGRATIONS: list[Migration] = []
+
+
+def migration(fn: Migration) -> Migration:
+    """Register a schema change; they run in definition order, each exactly once."""
+    MIGRATIONS.append(fn)
+    return fn
+
+
+@migration
+def m001_jobs(db: sqlite3.Connection) -> None:
+    db.execute("""
+        CREATE TABLE jobs (
+            id INTEGER PRIMARY KEY,
+            path TEXT NOT NULL,
+            rule TEXT NOT NULL,
+            hash TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            not_before REAL NOT NULL DEFAULT 0,
+            queued_at REAL NOT NULL,
+            started_at REAL,
+            finished_at REAL,
+            seconds REAL,
+            error TEXT,
+            sidecars TEXT
+        )""")
+    db.execute("CREATE INDEX jobs_path_rule ON jobs (path, rule, id)")
+    db.execute("CREATE INDEX jobs_due ON jobs (state, not_before, id)")
+
+
+@migration
+def m002_meta(db: sqlite3.Connection) -> None:
+    # Small shared facts for `vlwatch status` in another process: model state,
+    # backend outage, the daemon's pid and start time.
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL, updated REAL NOT NULL)")
+
+
+@migration
+def m003_finished_index(db: sqlite3.Connection) -> None:
+    # `status` lists the latest failures and `prune` deletes by age.
+    db.execute("CREATE INDEX jobs_finished ON jobs (state, finished_at)")
+
+
+def migrate(db: sqlite3.Connection) -> list[str]:
+    """Apply the migrations this database lacks; return their names."""
+    db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+    applied: list[str] = []
+    for fn in MIGRATIONS:
+        # One transaction per migration, re-checked under the write lock: two
+        # processes opening a new state file at once must not both apply it.
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            done = db.execute("SELECT 1 FROM _migrations WHERE name = ?", (fn.__name__,)).fetchone()
+            if not done:
+                fn(db)
+                db.execute("INSERT INTO _migrations (name, applied_at) VALUES (?, ?)", (fn.__name__, time.time()))
+                applied.append(fn.__name__)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+    return applied
+
+
+# ------------------------------------------------------------------- queue
+
+
+class Queue:
+    """The state database.  Thread-safe: one connection, used under a lock.
+
+    Args:
+        path: the SQLite file (``config.state``); its folder is created.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE),
+        # so a read never holds a lock that blocks the daemon's writes.
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=30000")
+        applied = migrate(self._db)
+        if applied:
+            log.debug("%s: applied migrations %s", self.path, ", ".join(applied))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Queue:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    @staticmethod
+    def _drop_if_superseded(db: sqlite3.Connection, job_ids: Iterable[int]) -> None:
+        """Delete jobs that a newer job of the same (path, rule) has replaced.
+
+        Called before a job goes back on the queue: if the file got new bytes
+        meanwhile, those have their own job and the old one has nothing to do.
+        """
+        db.executemany(
+            "DELETE FROM jobs WHERE id = ? AND EXISTS"
+            " (SELECT 1 FROM jobs k WHERE k.path = jobs.path AND k.rule = jobs.rule AND k.id > jobs.id)",
+            [(i,) for i in job_ids])
+
+    def _query(self, sql: str, args: Sequence[object] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # ----------------------------------------------------------- enqueue
+
+    def enqueue(self, candidates: Iterable[Candidate]) -> list[Queued]:
+        """Queue each candidate unless its bytes are already queued, running or done.
+
+        All in one transaction, so 10,000 files cost one commit.  Returns the
+        jobs queued (new, or a queued job updated to newer bytes).
+        """
+        now = time.time()
+        queued: list[Queued] = []
+        with self._tx() as db:
+            for c in candidates:
+                job_id = self._enqueue_one(db, c, now)
+                if job_id is not None:
+                    queued.append(Queued(job_id, c.path, c.rule, c.hash))
+        return queued
+
+    def _enqueue_one(self, db: sqlite3.Connection, c: Candidate, now: float) -> int | None:
+        path = str(c.path)
+        row = db.execute(
+            "SELECT id, hash, state, finished_at FROM jobs WHERE path = ? AND rule = ? ORDER BY id DESC LIMIT 1",
+            (path, c.rule),
+        ).fetchone()
+        if row is None:
+            return self._insert(db, path, c, now)
+        if row["hash"] == c.hash:
+            redo = row["state"] == "done" and (row["finished_at"] or 0) < c.seen_at and c.wants_redo()
+            if not redo:
+                # Same bytes: remember the new size/mtime (a touch) so the next
+                # scan recognises the file without hashing it again.
+                db.execute("UPDATE jobs SET size = ?, mtime_ns = ? WHERE id = ?", (c.size, c.mtime_ns, row["id"]))
+                return None
+        elif db.execute(
+                "SELECT 1 FROM jobs WHERE path = ? AND rule = ? AND state = 'running' AND hash = ?",
+                (path, c.rule, c.hash)).fetchone():
+            # Back to the bytes that are being processed right now (A -> B -> A):
+            # the running job covers them, so the queued one for B is moot.
+            if row["state"] == "queued":
+                db.execute("DELETE FROM jobs WHERE id = ?", (row["id"],))
+            return None
+        elif row["state"] == "queued":
+            # New bytes before the old ones were processed: one job, newest content.
+            db.execute(
+                "UPDATE jobs SET hash = ?, size = ?, mtime_ns = ?, attempts = 0, not_before = 0, error = NULL,"
+                " queued_at = ? WHERE id = ?",
+                (c.hash, c.size, c.mtime_ns, now, row["id"]),
+            )
+            return int(row["id"])
+        return self._insert(db, path, c, now)
+
+    @staticmethod
+    def _insert(db: sqlite3.Connection, path: str, c: Candidate, now: float) -> int:
+        cur = db.execute(
+            "INSERT INTO jobs (path, rule, hash, size, mtime_ns, state, queued_at) VALUES (?, ?, ?, ?, ?, 'queued', ?)",
+            (path, c.rule, c.hash, c.size, c.mtime_ns, now),
+        )
+        return int(cur.lastrowid or 0)
+
+    # ------------------------------------------------------------- claim
+
+    def claim(self, limit: int, now: float | None = None) -> list[Job]:
+        """Take up to ``limit`` due jobs, oldest first, and mark them running.
+
+        The attempt is counted here, not on failure, so a file that crashes
+        the daemon still uses up its attempts.
+        """
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            ids = [r[0] for r in db.execute(
+                "SELECT id FROM jobs WHERE state = 'queued' AND not_before <= ? ORDER BY id LIMIT ?", (now, limit))]
+            db.executemany(
+                "UPDATE jobs SET state = 'running', started_at = ?, attempts = attempts + 1 WHERE id = ?",
+                [(now, i) for i in ids])
+        return self._jobs_by_id(ids)
+
+    def due_count(self, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        return int(self._query("SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND not_before <= ?", (now,))[0][0])
+
+    def next_due(self) -> float | None:
+        """When the earliest queued job may run (wall clock), or None if none is queued."""
+        row = self._query("SELECT MIN(not_before) FROM jobs WHERE state = 'queued'")[0]
+        return None if row[0] is None else float(row[0])
+
+    # ------------------------------------------------------------ results
+
+    def finish(self, results: Iterable[tuple[int, Sequence[Path], float]]) -> None:
+        """Mark jobs done: (job id, sidecars written, seconds spent) each."""
+        now = time.time()
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE jobs SET state = 'done', finished_at = ?, seconds = ?, error = NULL, sidecars = ?"
+                " WHERE id = ?",
+                [(now, seconds, json.dumps([str(s) for s in sidecars]), job_id) for job_id, sidecars, seconds in results])
+
+    def fail(self, job_id: int, error: str, *, retry_at: float | None, seconds: float | None = None) -> None:
+        """Record a failure: back on the queue from ``retry_at``, or ``failed`` for good if None."""
+        now = time.time()
+        with self._tx() as db:
+            if retry_at is None:
+                db.execute("UPDATE jobs SET state = 'failed', finished_at = ?, seconds = ?, error = ? WHERE id = ?",
+                           (now, seconds, error, job_id))
+            else:
+                self._drop_if_superseded(db, [job_id])
+                db.execute("UPDATE jobs SET state = 'queued', not_before = ?, seconds = ?, error = ? WHERE id = ?",
+                           (retry_at, seconds, error, job_id))
+
+    def release(self, job_ids: Iterable[int], *, not_before: float = 0.0) -> None:
+        """Put running jobs back on the queue without spending their attempt.
+
+        For work that never really ran: the backend was unreachable, or the
+        daemon was asked to stop before it got to them.
+        """
+        job_ids = list(job_ids)
+        with self._tx() as db:
+            self._drop_if_superseded(db, job_ids)
+            db.executemany(
+                "UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0), not_before = ?"
+                " WHERE id = ? AND state = 'running'",
+                [(not_before, i) for i in job_ids])
+
+    def touch(self, job_id: int, size: int, mtime_ns: int) -> None:
+        """Record a job's file's new size and mtime after a touch that left its bytes alone."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET size = ?, mtime_ns = ? WHERE id = ?", (size, mtime_ns, job_id))
+
+    def drop(self, job_id: int) -> None:
+        """Forget a job that has nothing left to do (source gone, or superseded)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+    def retry(self, ids: Sequence[int] | None) -> list[Job]:
+        """Put failed jobs (all of them, or these ids) back on the queue with fresh attempts."""
+        with self._tx() as db:
+            if ids is None:
+                found = [r[0] for r in db.execute("SELECT id FROM jobs WHERE state = 'failed'")]
+            else:
+                marks = ",".join("?" * len(ids))
+                found = [r[0] for r in db.execute(f"SELECT id FROM jobs WHERE state = 'failed' AND id IN ({marks})", list(ids))]
+            db.executemany(
+                "UPDATE jobs SET state = 'queued', attempts = 0, not_before = 0, finished_at = NULL WHERE id = ?",
+                [(i,) for i in found])
+        return self._jobs_by_id(found)
+
+    # ----------------------------------------------------------- recovery
+
+    def recover(self, max_attempts: int, *, written: Callable[[Job], bool]) -> dict[str, int]:
+        """After a crash: settle every job left ``running``.
+
+        Args:
+            max_attempts: a job that has used this many attempts is failed
+                (it was running each time the daemon died).
+            written: whether a job's sidecars are complete and its source
+                unchanged; such a job only missed its ``done`` commit.
+        """
+        counts = {"done": 0, "queued": 0, "failed": 0}
+        stuck = self._jobs("SELECT * FROM jobs WHERE state = 'running' ORDER BY id")
+        for job in stuck:
+            if written(job):
+                self.finish([(job.id, job.sidecars, 0.0)])
+                counts["done"] += 1
+                log.info("%s: %s: recovered as done (sidecars were written before the stop)", job.path, job.rule)
+            elif job.attempts >= max_attempts:
+                self.fail(job.id, f"the daemon stopped while processing this file {job.attempts} times", retry_at=None)
+                counts["failed"] += 1
+                log.error("%s: %s: failed: the daemon stopped while processing it %d times", job.path, job.rule, job.attempts)
+            else:
+                with self._tx() as db:
+                    self._drop_if_superseded(db, [job.id])
+                    db.execute("UPDATE jobs SET state = 'queued', not_before = 0 WHERE id = ?", (job.id,))
+                counts["queued"] += 1
+                log.info("%s: %s: queued again (interrupted)", job.path, job.rule)
+        return counts
+
+    def prune(self, older_than: float) -> int:
+        """Delete finished history older than ``older_than`` seconds.
+
+        The newest ``done`` job of each (path, rule) is kept while its source
+        exists: it records which bytes the sidecar was made from.
+        """
+        cutoff = time.time() - older_than
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT j.id, j.path, j.state, (SELECT MAX(id) FROM jobs k WHERE k.path = j.path AND k.rule = j.rule) AS newest"
+                " FROM jobs j WHERE j.state IN ('done', 'failed') AND j.finished_at < ?", (cutoff,)).fetchall()
+            doomed = [r["id"] for r in rows
+                      if not (r["id"] == r["newest"] and r["state"] == "done" and os.path.exists(r["path"]))]
+            db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in doomed])
+        return len(doomed)
+
+    # ------------------------------------------------------------ reading
+
+    def latest(self, path: Path, rule: str) -> Job | None:
+        """The newest job of this (path, rule), which says what its sidecar holds."""
+        jobs = self._jobs("SELECT * FROM jobs WHERE path = ? AND rule = ? ORDER BY id DESC LIMIT 1", (str(path), rule))
+        return jobs[0] if jobs else None
+
+    def history(self, path: Path | None = None) -> list[Job]:
+        if path is None:
+            return self._jobs("SELECT * FROM jobs ORDER BY id")
+        return self._jobs("SELECT * FROM jobs WHERE path = ? ORDER BY id", (str(path),))
+
+    def job(self, job_id: int) -> Job | None:
+        jobs = self._jobs_by_id([job_id])
+        return jobs[0] if jobs else None
+
+    def running(self) -> list[Job]:
+        return self._jobs("SELECT * FROM jobs WHERE state = 'running' ORDER BY id")
+
+    def counts(self) -> dict[str, int]:
+        out = dict.fromkeys(STATES, 0)
+        for state, n in self._query("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
+            out[state] = int(n)
+        return out
+
+    def failures(self, limit: int = 10) -> list[Job]:
+        return self._jobs("SELECT * FROM jobs WHERE state = 'failed' ORDER BY finished_at DESC, id DESC LIMIT ?", (limit,))
+
+    def _jobs_by_id(self, ids: Sequence[int]) -> list[Job]:
+        out: list[Job] = []
+        for start in range(0, len(ids), 500):  # SQLite caps the number of parameters
+            part = ids[start:start + 500]
+            out += self._jobs(f"SELECT * FROM jobs WHERE id IN ({','.join('?' * len(part))}) ORDER BY id", part)
+        return out
+
+    def _jobs(self, sql: str, args: Sequence[object] = ()) -> list[Job]:
+        return [_job(r) for r in self._query(sql, args)]
+
+    # --------------------------------------------------------------- meta
+
+    def set_meta(self, key: str, value: dict[str, object] | None) -> None:
+        with self._tx() as db:
+            if value is None:
+                db.execute("DELETE FROM meta WHERE key = ?", (key,))
+            else:
+                db.execute("INSERT INTO meta (key, value, updated) VALUES (?, ?, ?)"
+                           " ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated = excluded.updated",
+                           (key, json.dumps(value), time.time()))
+
+    def meta(self) -> dict[str, dict[str, object]]:
+        return {r["key"]: json.loads(r["value"]) for r in self._query("SELECT key, value FROM meta")}
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"], path=Path(row["path"]), rule=row["rule"], hash=row["hash"], size=row["size"],
+        mtime_ns=row["mtime_ns"], state=row["state"], attempts=row["attempts"], not_before=row["not_before"],
+        queued_at=row["queued_at"], started_at=row["started_at"], finished_at=row["finished_at"],
+        seconds=row["seconds"], error=row["error"],
+        sidecars=tuple(Path(s) for s in json.loads(row["sidecars"])) if row["sidecars"] else (),
+    )
+
+
+# -------------------------------------------------------------- the lock
+
+
+class StateLock:
+    """One process at a time works a state file: the daemon, or a `scan` without one.
+
+    An ``flock`` on ``<state>.lock``, released by the kernel when the holder
+    dies (so a ``kill -9`` never leaves a stale lock).  The holder's pid is
+    written into the file for ``vlwatch status``.
+    """
+
+    def __init__(self, state: Path) -> None:
+        self.path = Path(f"{state}.lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def holder(self) -> int | None:
+        """The pid of the process holding the lock, or None if nobody does."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                text = os.read(fd, 32).decode(errors="replace").strip()
+                return int(text) if text.isdigit() else -1
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)

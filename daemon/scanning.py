@@ -1,0 +1,234 @@
+"""Which files need work: the catch-up at start, the periodic rescan and ``vlwatch scan``.
+
+A file under a watched folder needs work for a rule when that rule's
+sidecar is missing, or older than the file's bytes.  Cheap first: the
+newest job's size and mtime vouch for the bytes its sidecar was made from,
+so an unchanged file costs a ``stat`` and one indexed query; only a file
+whose size or mtime moved is hashed, and a touch that left the bytes alone
+is remembered, not redone.  A sidecar with no job behind it (written by
+``vlwatch process``, or before this state file existed) counts as up to date
+when it is newer than the file.
+
+The same filter as the watcher's applies (hidden, temporary, litter, our
+own outputs), so the scan never finds what the watcher would ignore.  Also
+here: whether a job that a crash left ``running`` did write its sidecars
+(``sidecars_written``), which is the same question asked of one job.
+
+Deliberately not here: readiness (a file still being written is the
+settler's business: the daemon hands recent files to it) and processing.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from daemon.config import Config, WatchConfig, bundled_packs
+from daemon.outputs import TEMP_PREFIX, TEMP_SUFFIX, planned_sidecars
+from daemon.queue import ACTIVE, MTIME_SLACK_NS, Candidate, Job, Queue, Queued, content_hash
+from daemon.rules import Match, match_file, watch_for
+from daemon.watching import file_signature, is_ignored, walk_files
+
+log = logging.getLogger(__name__)
+
+#: Age after which a leftover sidecar temp file is removed by the daemon's scans.
+STALE_TEMP = 3600.0
+
+
+def rule_names(config: Config) -> frozenset[str]:
+    """Every rule name whose sidecars may exist: the config's and every bundled pack's."""
+    return frozenset(r.name for r in config.rules) | frozenset(bundled_packs())
+
+
+def output_dirs_inside(watch: WatchConfig, config: Config) -> list[Path]:
+    """Output folders (of any watch) inside ``watch``'s tree: never input."""
+    root = watch.path.absolute()
+    return [w.output_dir.absolute() for w in config.watch
+            if w.output_dir is not None and w.output_dir.absolute().is_relative_to(root)]
+
+
+class Progress:
+    """A progress bar on a terminal; a log line every few seconds otherwise."""
+
+    def __init__(self, what: str, total: int | None = None, *, tty: bool | None = None, every: float = 5.0) -> None:
+        self.what, self.total, self.count = what, total, 0
+        self._tty = sys.stderr.isatty() if tty is None else tty
+        self._every, self._last = every, time.monotonic()
+        self._bar = None
+        if self._tty:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=what, unit=" files", leave=False, file=sys.stderr)
+
+    def update(self, n: int = 1) -> None:
+        self.count += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif time.monotonic() - self._last >= self._every:
+            self._last = time.monotonic()
+            of = f"/{self.total}" if self.total is not None else ""
+            log.info("%s: %d%s files", self.what, self.count, of)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+@dataclass(frozen=True)
+class Work:
+    """A file, under one rule, whose sidecar is missing or older than its bytes."""
+
+    match: Match
+    size: int
+    mtime_ns: int
+    reason: str  # "missing" | "stale"
+    hash: str | None = None
+    seen_at: float = 0.0
+
+
+def needs_work(queue: Queue, match: Match, size: int, mtime_ns: int) -> tuple[str | None, str | None]:
+    """Whether ``match`` needs processing: (reason or None, content hash if computed).
+
+    Cheap first: the newest job's size and mtime vouch for its bytes; only a
+    file whose size or mtime moved is hashed (a touch is not a change).
+    """
+    job = queue.latest(match.path, match.rule.name)
+    if job is not None and job.state in ACTIVE:
+        return None, None
+    if job is not None and job.state == "failed" and job.signature == (size, mtime_ns):
+        return None, None  # failed for good on these bytes: `vlwatch retry` redoes it
+    mtimes = []
+    for sidecar in planned_sidecars(match):
+        sig = file_signature(sidecar)
+        if sig is None:
+            return "missing", None
+        mtimes.append(sig[1])
+    if job is None:  # written by `vlwatch process`, moved in with its image, or older than this state file
+        return (None if min(mtimes) >= mtime_ns else "stale"), None
+    if job.state == "done" and job.signature == (size, mtime_ns):
+        return None, None
+    try:
+        digest = content_hash(match.path)
+    except OSError:
+        return None, None
+    if digest == job.hash:
+        queue.touch(job.id, size, mtime_ns)
+        return None, digest
+    return "stale", digest
+
+
+def find_work(config: Config, queue: Queue, *, progress: Progress | None = None,
+              stop: threading.Event | None = None, on_ignored: Callable[[Path], None] | None = None) -> Iterator[Work]:
+    """Files under the watched folders whose sidecars are missing or stale (``vlwatch scan``).
+
+    Args:
+        on_ignored: told about each file the filter skips (the daemon sweeps
+            its own stale temporary files there).
+    """
+    names = rule_names(config)
+    for watch in config.watch:
+        root = watch.path.absolute()
+        if not root.is_dir():
+            log.warning("%s: watched folder does not exist; skipped", root)
+            continue
+        skip = output_dirs_inside(watch, config)
+        for path in walk_files(root, recursive=watch.recursive, skip_dirs=skip):
+            if stop is not None and stop.is_set():
+                return
+            if progress is not None:
+                progress.update()
+            if is_ignored(path, root, names, skip):
+                if on_ignored is not None:
+                    on_ignored(path)
+                continue  # litter, or our own output
+            if watch_for(config, path) is not watch:
+                continue  # a nested watch's file: that watch's turn
+            yield from _file_work(config, queue, path)
+
+
+def _file_work(config: Config, queue: Queue, path: Path) -> Iterator[Work]:
+    matches = match_file(config, path)
+    if not matches:
+        return
+    sig = file_signature(path)
+    if sig is None:
+        return
+    for match in matches:
+        seen_at = time.time()
+        reason, digest = needs_work(queue, match, *sig)
+        if reason is not None:
+            yield Work(match, sig[0], sig[1], reason, digest, seen_at)
+
+
+def candidate(work: Work) -> Candidate | None:
+    """The queue entry for ``work``, hashing the file if that was not needed yet."""
+    try:
+        digest = work.hash or content_hash(work.match.path)
+    except OSError:
+        return None
+    return Candidate(work.match.path, work.match.rule.name, digest, work.size, work.mtime_ns,
+                     redo=work.reason == "missing", seen_at=work.seen_at)
+
+
+def enqueue_in_chunks(queue: Queue, works: Iterable[Work], chunk: int = 500) -> list[Queued]:
+    queued: list[Queued] = []
+    batch: list[Candidate] = []
+    for work in works:
+        if (c := candidate(work)) is not None:
+            batch.append(c)
+        if len(batch) >= chunk:
+            queued += queue.enqueue(batch)
+            batch = []
+    if batch:
+        queued += queue.enqueue(batch)
+    return queued
+
+
+def sidecar_missing(match: Match) -> bool:
+    return not all(p.exists() for p in planned_sidecars(match))
+
+
+def sidecar_fresh(match: Match, mtime_ns: int) -> bool:
+    """Whether every sidecar of ``match`` exists and is newer than the file (mtime ``mtime_ns``)."""
+    for sidecar in planned_sidecars(match):
+        sig = file_signature(sidecar)
+        if sig is None or sig[1] < mtime_ns:
+            return False
+    return True
+
+
+def remove_stale_temp(path: Path) -> None:
+    """Delete a sidecar temp file (``.vlwatch-*.tmp``) a killed process left behind.
+
+    Only after ``STALE_TEMP`` seconds: a live writer renames its temp file
+    within milliseconds, so an old one has no owner any more.
+    """
+    if not (path.name.startswith(TEMP_PREFIX) and path.name.endswith(TEMP_SUFFIX)):
+        return
+    sig = file_signature(path)
+    if sig is not None and time.time() - sig[1] / 1e9 > STALE_TEMP:
+        path.unlink(missing_ok=True)
+        log.info("%s: removed a stale temporary file", path)
+
+
+def sidecars_written(job: Job, config: Config) -> bool:
+    """Whether a job left ``running`` by a crash did write all its sidecars, from these bytes."""
+    if job.started_at is None:
+        return False
+    matches = match_file(config, job.path, job.rule)
+    if not matches:
+        return False
+    started_ns = int(job.started_at * 1e9) - MTIME_SLACK_NS
+    for sidecar in planned_sidecars(matches[0]):
+        sig = file_signature(sidecar)
+        if sig is None or sig[1] < started_ns:
+            return False
+    try:
+        return content_hash(job.path) == job.hash
+    except OSError:
+        return False

@@ -1,0 +1,582 @@
+"""Watch folders, ignore what is not input, and hand over files once complete.
+
+Three parts, each usable alone:
+
+- **The filter** (``is_ignored``): hidden files and folders, temporary and
+  partial downloads (``.part``, ``.crdownload``, ``.tmp``, ``~$*``...), editor
+  swap files, NAS/OS litter (``.DS_Store``, ``@eaDir``, ``Thumbs.db``...) and,
+  above all, vlwatch's own sidecars, overlays and temporary files.  It runs
+  before any rule sees a path, so the daemon never feeds on its own output.
+- **Readiness** (``Settler``): a create event fires at the first write
+  (watchdog #586, #787), so a file is only handed over once it is complete:
+  closed after writing (inotify ``IN_CLOSE_WRITE``), moved in whole, or
+  unchanged in size and mtime for ``settle`` seconds, restarting on any new
+  event as paperless-ngx's consumer does.  Then it is decoded for real; one
+  that still reads as truncated (a copy that closes and re-opens the file,
+  OCRmyPDF #552) is re-checked after settling again, not dropped, and only
+  handed over as it is after a few tries (the worker then records why it
+  fails).  Ready files leave in batches, so the queue commits once per batch.
+- **Observers** (``Watcher``): one inotify observer for all local folders,
+  one polling observer per ``polling: true`` folder (NFS/SMB/FUSE, where
+  inotify sees nothing: watchdog README, #409; OCRmyPDF #714, #1645).  A
+  folder that is missing or cannot be watched is retried by ``ensure``, which
+  the periodic rescan calls; an overflowed inotify queue asks for a rescan.
+
+Deliberately not here: which rule applies (the caller's ``accept`` decides),
+hashing and queueing (``queue``), and finding files that arrived while
+nobody watched (the catch-up scan in ``service``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import re
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Literal, Sequence
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from daemon.config import WatchConfig
+from daemon.outputs import is_output_name
+
+log = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------ filter
+
+#: Folders never entered: version control, OS and NAS metadata, trash,
+#: Syncthing's own folders (paperless-ngx and watchfiles ignore the same).
+IGNORED_DIRS = frozenset({
+    ".git", ".hg", ".svn", "__pycache__", "node_modules", "@eaDir", "#recycle", "#snapshot", ".snapshot",
+    ".stfolder", ".stversions", ".Trash", ".Trashes", ".Spotlight-V100", ".fseventsd", "$RECYCLE.BIN",
+    "System Volume Information", "lost+found",
+})
+#: Exact names that are never input.
+IGNORED_NAMES = frozenset({".DS_Store", "Thumbs.db", "ehthumbs.db", "desktop.ini", ".directory", "Icon\r"})
+#: Suffixes of files still being downloaded, copied or edited.
+IGNORED_SUFFIXES = (
+    ".part", ".partial", ".crdownload", ".download", ".opdownload", ".filepart", ".!qb", ".tmp", ".temp",
+    ".swp", ".swo", ".swx", ".kate-swp", ".bak", "~",
+)
+#: Prefixes of Office lock files, Emacs/LibreOffice locks and similar.
+IGNORED_PREFIXES = ("~$", ".~lock.", ".#", "#", ".syncthing.", ".goutputstream-")
+#: vim probes a folder's writability with a file called 4913 (and 5036...).
+_VIM_PROBE = re.compile(r"^\d{4,5}$")
+
+
+def ignored_name(name: str) -> bool:
+    """Whether a file name alone marks it as litter, hidden or temporary."""
+    lower = name.lower()
+    return (
+        name.startswith(".")
+        or name in IGNORED_NAMES
+        or lower.endswith(IGNORED_SUFFIXES)
+        or name.startswith(IGNORED_PREFIXES)
+        or bool(_VIM_PROBE.match(name))
+    )
+
+
+def ignored_dir(name: str) -> bool:
+    return name.startswith(".") or name in IGNORED_DIRS
+
+
+def is_ignored(path: Path, root: Path, rule_names: frozenset[str] | set[str],
+               skip_dirs: Sequence[Path] = ()) -> bool:
+    """Whether ``path`` under watch ``root`` must never become a job.
+
+    Args:
+        path: the file.
+        root: the watched folder it was seen under.
+        rule_names: every rule name whose sidecars may exist (their names are ours).
+        skip_dirs: output folders inside the watched tree; nothing under them is input.
+    """
+    if ignored_name(path.name) or is_output_name(path.name, rule_names):
+        return True
+    # String work, not pathlib: this runs for every event of a burst.
+    text, base = str(path), str(root).rstrip(os.sep) + os.sep
+    folders = text[len(base):].split(os.sep)[:-1] if text.startswith(base) else []
+    if any(ignored_dir(p) for p in folders):
+        return True
+    return any(text.startswith(str(d).rstrip(os.sep) + os.sep) for d in skip_dirs)
+
+
+# --------------------------------------------------------------- readiness
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """A complete file, with the size and mtime it had when found ready."""
+
+    path: Path
+    size: int
+    mtime_ns: int
+    #: what the caller attached when it first offered the path (the rules it matched)
+    data: object = None
+
+
+Kind = Literal["changed", "closed", "moved"]
+
+
+@dataclass
+class _Pending:
+    settle: float
+    signature: tuple[int, int] | None  # (size, mtime_ns) when last seen changing
+    changed_at: float  # monotonic time of the last change
+    complete: bool = False  # closed after writing, or moved in whole, since the last change
+    probes: int = 0  # times it was stable but did not decode
+    due: float = 0.0
+    data: object = None
+
+
+def file_signature(path: Path) -> tuple[int, int] | None:
+    """(size, mtime_ns) of a regular file, or None if it is gone or not a regular file."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return (st.st_size, st.st_mtime_ns)
+
+
+#: The common raster formats, probed by decoding.  Anything else (a PDF, a
+#: HEIC without its plugin) is handed over once stable: the worker's decoder
+#: knows more formats than Pillow, and Pillow's EPS reader would run Ghostscript.
+_PROBED = frozenset({".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".dib", ".gif",
+                     ".tif", ".tiff"})
+
+
+def probe_image(path: Path) -> bool:
+    """Whether ``path`` looks complete (or is not an image Pillow knows).
+
+    A cheap look at the end of the file first: a PNG ends with its IEND chunk,
+    a JPEG with the EOI marker, a GIF with its trailer, and WebP and BMP
+    headers state the file's size.  Only when that is not conclusive (TIFF,
+    trailing data after a JPEG's EOI, a torn file) is the image decoded for
+    real; JPEGs then in draft mode (1/8 scale), which still reads every byte.
+    The worker decodes every file again anyway, so a common, complete file
+    costs one read of its last bytes here, not a second decode.
+    """
+    if path.suffix.lower() not in _PROBED:
+        return True
+    if _complete_by_structure(path):
+        return True
+    return _decodes(path)
+
+
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def _complete_by_structure(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - 12))
+            tail = f.read(12)
+    except OSError:
+        return False
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return tail == _PNG_END
+    if head.startswith(b"\xff\xd8"):
+        return tail.endswith(b"\xff\xd9")
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return tail.endswith(b";")
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return int.from_bytes(head[4:8], "little") + 8 <= size
+    if head.startswith(b"BM"):
+        return int.from_bytes(head[2:6], "little") <= size
+    return False  # TIFF and the rest: decode
+
+
+def _decodes(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            if image.format == "JPEG":
+                image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+            image.load()
+    except Image.DecompressionBombError:
+        return True  # complete, just refused: the worker says so
+    except Exception:  # truncated, or not even a header yet
+        return False
+    return True
+
+
+class Settler:
+    """Tracks files until they are complete, then hands them over in batches.
+
+    ``note`` is called from observer threads and only updates a table; the
+    checking (stat, decode) runs on the settler's own thread.
+
+    Args:
+        deliver: called on the settler thread with each batch of ready files.
+        probe: whether a stable file decodes completely (``probe_image``).
+        max_probes: hand a file over after this many failed decodes anyway.
+        batch: most files checked and handed over per round.
+    """
+
+    def __init__(self, deliver: Callable[[list[Arrival]], None], *, probe: Callable[[Path], bool] = probe_image,
+                 max_probes: int = 3, batch: int = 2000, gather: float = 0.02,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._deliver = deliver
+        self._probe = probe
+        self._max_probes = max_probes
+        self._batch = batch
+        self._gather = gather  # once a file is due, wait this long for others: one commit for a burst
+        self._clock = clock
+        self._wakes_at: float | None = None  # when the settler thread will look next, if it is waiting
+        self._pending: dict[Path, _Pending] = {}
+        self._heap: list[tuple[float, int, Path]] = []
+        self._seq = 0
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    # -- from any thread
+    def note(self, path: Path, kind: Kind, settle: float | None = None, data: object = None) -> bool:
+        """Record an event for ``path``.
+
+        Args:
+            kind: ``changed`` (created or written), ``closed`` (closed after
+                writing) or ``moved`` (renamed into place, so already whole).
+            settle: the quiet time for a path not yet tracked; None means
+                "only if already tracked".
+            data: kept with a newly tracked path and handed back in its ``Arrival``.
+        Returns:
+            whether the path is (now) tracked.
+        """
+        now = self._clock()
+        sig = file_signature(path) if kind == "changed" else None
+        with self._cond:
+            entry = self._pending.get(path)
+            if entry is None:
+                if settle is None:
+                    return False
+                entry = self._pending[path] = _Pending(settle=settle, signature=sig, changed_at=now, data=data)
+            if kind == "changed":
+                entry.signature, entry.changed_at, entry.complete = sig, now, False
+                self._schedule(path, entry, now + entry.settle)
+            else:
+                entry.complete = True
+                self._schedule(path, entry, now)
+            return True
+
+    def tracking(self, path: Path) -> bool:
+        with self._cond:
+            return path in self._pending
+
+    def forget(self, path: Path) -> None:
+        """The file was deleted or moved away before it was ready: drop it."""
+        with self._cond:
+            if self._pending.pop(path, None) is not None:
+                log.debug("%s: gone before it was complete", path)
+
+    def forget_under(self, folder: Path) -> None:
+        with self._cond:
+            for path in [p for p in self._pending if p.is_relative_to(folder)]:
+                del self._pending[path]
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+    def _schedule(self, path: Path, entry: _Pending, due: float) -> None:
+        entry.due = due
+        self._seq += 1
+        heapq.heappush(self._heap, (due, self._seq, path))
+        # Wake the settler only if it would otherwise look too late: a burst of
+        # events must not cost a thread switch each.
+        if self._wakes_at is not None and due < self._wakes_at:
+            self._wakes_at = due
+            self._cond.notify()
+
+    # -- the settler thread
+    def start(self) -> None:
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="vlwatch-settle", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self) -> None:
+        while True:
+            due = self._wait_for_due()
+            if due is None:
+                return
+            ready = [a for a in (self._check(p) for p in due) if a is not None]
+            if ready:
+                try:
+                    self._deliver(ready)
+                except Exception:  # a queue error must not stop the watching
+                    log.exception("could not hand over %d ready files; the rescan will find them", len(ready))
+
+    def _wait_for_due(self) -> list[Path] | None:
+        with self._cond:
+            due: list[Path] = []
+            gathered = False
+            while True:
+                if self._stop:
+                    return None
+                now = self._clock()
+                while self._heap and self._heap[0][0] <= now and len(due) < self._batch:
+                    when, _, path = heapq.heappop(self._heap)
+                    entry = self._pending.get(path)
+                    if entry is not None and entry.due == when:  # else superseded by a later event
+                        due.append(path)
+                if due and (gathered or len(due) >= self._batch):
+                    self._wakes_at = None
+                    return due
+                if due:
+                    # Gathering: events keep adding due files; none needs a wake-up.
+                    gathered, timeout, self._wakes_at = True, self._gather, None
+                else:
+                    timeout = (self._heap[0][0] - now) if self._heap else None
+                    self._wakes_at = now + timeout if timeout is not None else float("inf")
+                self._cond.wait(timeout)
+
+    def _check(self, path: Path) -> Arrival | None:
+        with self._cond:
+            entry = self._pending.get(path)
+            if entry is None:
+                return None
+            complete, before, settle = entry.complete, entry.signature, entry.settle
+        sig = file_signature(path)
+        now = self._clock()
+        if sig is None:
+            self.forget(path)
+            return None
+        if not complete and sig != before:
+            with self._cond:  # still changing (or changed behind the events' back): wait again
+                if self._pending.get(path) is entry:
+                    entry.signature, entry.changed_at = sig, now
+                    self._schedule(path, entry, now + settle)
+            return None
+        if sig[0] > 0 and self._probe(path):
+            return self._take(path, entry, sig)
+        with self._cond:
+            if self._pending.get(path) is not entry:
+                return None
+            entry.probes += 1
+            if entry.probes >= self._max_probes:
+                log.warning("%s: still does not decode after %d checks; queueing it as it is", path, entry.probes)
+            else:
+                log.info("%s: incomplete (empty or truncated); checking again in %gs", path, settle)
+                entry.complete, entry.signature, entry.changed_at = False, sig, now
+                self._schedule(path, entry, now + settle)
+                return None
+        return self._take(path, entry, sig)
+
+    def _take(self, path: Path, entry: _Pending, sig: tuple[int, int]) -> Arrival | None:
+        with self._cond:
+            if self._pending.get(path) is not entry or entry.due > self._clock():
+                return None  # a new event arrived while we checked: it reschedules
+            del self._pending[path]
+        return Arrival(path, sig[0], sig[1], entry.data)
+
+
+# --------------------------------------------------------------- observers
+
+#: Events that matter; everything else (opened, closed-without-write,
+#: attribute-only on folders) is never even read from the kernel.
+_EVENTS: list[type[FileSystemEvent]] = [
+    FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent, FileDeletedEvent,
+    DirCreatedEvent, DirMovedEvent,
+]
+
+
+class _Handler(FileSystemEventHandler):
+    """Turns watchdog events into ``offer``/``forget`` calls, nothing more."""
+
+    def __init__(self, offer: Callable[[Path, Kind], None], forget: Callable[[Path], None],
+                 forget_under: Callable[[Path], None]) -> None:
+        self._offer = offer
+        self._forget = forget
+        self._forget_under = forget_under
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        src = os.fsdecode(event.src_path)
+        if event.is_directory:
+            if isinstance(event, DirMovedEvent) and src:
+                self._forget_under(Path(src))
+            return  # new folders' files arrive as their own events (watchdog simulates them)
+        if isinstance(event, FileClosedEvent):
+            self._offer(Path(src), "closed")
+        elif isinstance(event, FileMovedEvent):
+            if src:
+                self._forget(Path(src))
+            dest = os.fsdecode(event.dest_path)
+            if dest:
+                self._offer(Path(dest), "moved")
+        elif isinstance(event, FileDeletedEvent):
+            self._forget(Path(src))
+        elif isinstance(event, (FileCreatedEvent, FileModifiedEvent)):
+            self._offer(Path(src), "changed")
+
+
+def _native_observer() -> BaseObserver:
+    try:
+        from watchdog.observers.inotify import InotifyObserver
+    except ImportError:  # not Linux: the platform's observer, readiness by settling
+        from watchdog.observers import Observer
+
+        return Observer()
+    # Full events: a file renamed in from outside the tree arrives as a move
+    # with no source, so it is known to be whole (no settle wait).
+    return InotifyObserver(generate_full_events=True)
+
+
+def poll_interval(settle: float) -> float:
+    """How often a polling observer walks its folder: twice per settle, 0.25 to 2 s."""
+    return max(0.25, min(2.0, settle / 2))
+
+
+class Watcher:
+    """Observers over the configured folders, feeding ``offer``.
+
+    Args:
+        offer: called for each file event, ``offer(path, kind)``, on observer threads.
+        forget: called for a file deleted or moved away.
+        forget_under: called for a folder moved away.
+    """
+
+    def __init__(self, offer: Callable[[Path, Kind], None], forget: Callable[[Path], None],
+                 forget_under: Callable[[Path], None]) -> None:
+        self._handler = _Handler(offer, forget, forget_under)
+        self._native: BaseObserver | None = None
+        self._polling: dict[Path, BaseObserver] = {}
+        self._watching: dict[Path, WatchConfig] = {}
+        self._missing: dict[Path, WatchConfig] = {}
+        self._lock = threading.Lock()
+        _OverflowAlarm.install()
+
+    @property
+    def roots(self) -> list[Path]:
+        with self._lock:
+            return list(self._watching)
+
+    def start(self, watches: Iterable[WatchConfig]) -> None:
+        """Schedule every folder; those that cannot be watched yet are retried by ``ensure``."""
+        with self._lock:
+            self._native = _native_observer()
+            self._native.start()
+            for watch in watches:
+                self._missing[watch.path] = watch
+        self.ensure()
+
+    def ensure(self) -> list[Path]:
+        """Try again to watch folders that were missing or failed; return those now watched."""
+        added = []
+        with self._lock:
+            for root, watch in list(self._missing.items()):
+                if self._schedule(watch):
+                    del self._missing[root]
+                    self._watching[root] = watch
+                    added.append(root)
+        return added
+
+    def _schedule(self, watch: WatchConfig) -> bool:
+        path = watch.path
+        if not path.is_dir():
+            log.warning("%s: watched folder does not exist; will look again at the next rescan", path)
+            return False
+        if not watch.polling and self._native is not None:
+            try:
+                self._native.schedule(self._handler, str(path), recursive=watch.recursive, event_filter=_EVENTS)
+                log.info("%s: watching (inotify%s, settle %gs)", path, ", recursive" if watch.recursive else "", watch.settle)
+                return True
+            except OSError as exc:
+                # ENOSPC: fs.inotify.max_user_watches is used up; polling still works.
+                log.warning("%s: cannot watch with inotify (%s); polling instead", path, exc)
+        observer = PollingObserver(timeout=poll_interval(watch.settle))
+        try:
+            observer.schedule(self._handler, str(path), recursive=watch.recursive, event_filter=_EVENTS)
+            observer.start()
+        except OSError as exc:
+            log.warning("%s: cannot watch (%s); will try again at the next rescan", path, exc)
+            return False
+        self._polling[path] = observer
+        log.info("%s: watching (polling every %gs, settle %gs)", path, poll_interval(watch.settle), watch.settle)
+        return True
+
+    def alive(self) -> bool:
+        with self._lock:
+            observers = [o for o in [self._native, *self._polling.values()] if o is not None]
+        return all(o.is_alive() for o in observers)
+
+    def stop(self) -> None:
+        with self._lock:
+            observers = [o for o in [self._native, *self._polling.values()] if o is not None]
+            self._native, self._polling = None, {}
+            self._watching, self._missing = {}, {}
+        for o in observers:
+            o.stop()
+        for o in observers:
+            o.join(timeout=10)
+
+
+class _OverflowAlarm(logging.Handler):
+    """Notices watchdog's "Inotify queue overflowed" warning: events were lost.
+
+    watchdog reconciles its watches but reports the lost events only in its
+    log, so this handler turns that line into a flag the service polls to
+    run a rescan.
+    """
+
+    raised = threading.Event()
+    _installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        if not cls._installed:
+            logging.getLogger("watchdog.observers.inotify_c").addHandler(cls(level=logging.WARNING))
+            cls._installed = True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            _OverflowAlarm.raised.set()
+
+
+def overflowed() -> bool:
+    """Whether inotify dropped events since the last call (then a rescan is due)."""
+    if _OverflowAlarm.raised.is_set():
+        _OverflowAlarm.raised.clear()
+        return True
+    return False
+
+
+def walk_files(root: Path, *, recursive: bool, skip_dirs: Sequence[Path] = ()) -> Iterable[Path]:
+    """Every file under ``root`` that is not in an ignored folder, in a stable order."""
+    skip = {str(d) for d in skip_dirs}
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if recursive and not ignored_dir(d) and os.path.join(folder, d) not in skip)
+        for name in sorted(files):
+            yield Path(folder, name)

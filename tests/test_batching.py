@@ -1,0 +1,203 @@
+"""Batched generation on the tiny checkpoint (CPU): same greedy tokens as one at a time, OOM splits.
+
+The transformers backend decodes with ``daemon.backends.fastgen`` (slots
+refilled as sequences end); these tests hold it to stock ``model.generate``
+one request at a time, with images of different sizes in one batch, so the
+prompts differ in length and in their rotary positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from daemon.backends import Answer, Request
+from daemon.backends.fastgen import Generated, _result, bucket
+from daemon.backends.transformers import TransformersBackend
+from daemon.config import Config, ModelConfig, Rule
+from daemon.errors import BackendError
+from daemon.rules import Match
+from daemon.worker import Prepared, Worker
+
+# (width, height), multiples of 28 as daemon.images makes them: 6 to 40
+# image tokens, one image wider than a 112 px attention window.
+SIZES = ((224, 168), (56, 56), (112, 280), (168, 168), (84, 56), (56, 112))
+BUDGETS = (12, 5, 20, 9, 16, 7)
+
+
+def _requests() -> list[Request]:
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in SIZES]
+    return [Request((img,), "Describe this image.", n) for img, n in zip(images, BUDGETS)]
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model: Path):
+    b = TransformersBackend(ModelConfig(name=str(tiny_model), batch_size=4))
+    b.load()
+    yield b
+    b.unload()
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(backend: TransformersBackend) -> list[Answer]:
+    """The reference: stock model.generate, one request per call."""
+    backend.set_engine("hf")
+    try:
+        return [backend.generate([r])[0] for r in _requests()]
+    finally:
+        backend.set_engine("auto")
+
+
+def test_batched_equals_one_at_a_time(backend: TransformersBackend, one_at_a_time: list[Answer]) -> None:
+    requests = _requests()
+    assert backend.continuous_batching
+    batched = backend.generate(requests)  # 6 requests through 4 slots: two are refills
+    assert backend.last_stats is not None and backend.last_stats["slots"] == 4
+    assert batched == one_at_a_time
+    assert [backend.generate([r])[0] for r in requests] == one_at_a_time  # the engine, one at a time
+
+
+def test_batched_equals_stock_batched_generate(backend: TransformersBackend, one_at_a_time: list[Answer]) -> None:
+    backend.set_engine("hf")
+    try:
+        stock_batched = backend.generate(_requests())  # left-padded model.generate
+    finally:
+        backend.set_engine("auto")
+    assert stock_batched == one_at_a_time
+
+
+def test_repetition_penalty_is_applied_like_generate(backend: TransformersBackend) -> None:
+    config, fast = backend._model.generation_config, backend._fast
+    requests = [replace(r, max_new_tokens=24) for r in _requests()[:3]]
+    plain = backend.generate(requests)
+    config.repetition_penalty, fast.penalty = 1.3, 1.3
+    try:
+        penalised = backend.generate(requests)
+        backend.set_engine("hf")
+        stock = [backend.generate([r])[0] for r in requests]
+    finally:
+        config.repetition_penalty, fast.penalty = 1.0, None
+        backend.set_engine("auto")
+    assert penalised == stock
+    assert penalised != plain  # the penalty changed something, so the comparison means something
+
+
+def test_ignore_eos_generates_the_whole_budget(backend: TransformersBackend) -> None:
+    requests = _requests()[:3]
+    backend.ignore_eos = True
+    try:
+        backend.generate(requests)
+    finally:
+        backend.ignore_eos = False
+    assert backend.last_stats["new_tokens"] == sum(r.max_new_tokens for r in requests)
+
+
+def test_out_of_memory_splits_the_batch(backend: TransformersBackend, one_at_a_time: list[Answer],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CUDA OOM (simulated on the CPU) halves the batch and lowers the slot count for later batches."""
+    fast = backend._fast
+    run = fast.run
+    calls: list[tuple[int, int]] = []
+
+    def run_or_oom(prompts, *, total, slots, **kwargs):
+        calls.append((total, slots))
+        if slots > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return run(prompts, total=total, slots=slots, **kwargs)
+
+    monkeypatch.setattr(fast, "run", run_or_oom)
+    monkeypatch.setattr(backend, "_oom_slots", None)
+    assert backend.generate(_requests()) == one_at_a_time
+    assert calls[0] == (6, 4)  # the batch that did not fit
+    assert all(slots <= 2 for _, slots in calls[1:])  # every retry with fewer slots
+    assert backend._oom_slots == 2
+    monkeypatch.setattr(backend, "_oom_slots", None)
+
+
+def test_out_of_memory_on_one_image_is_a_backend_error(backend: TransformersBackend,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    def oom(requests):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(backend, "_generate", oom)
+    monkeypatch.setattr(backend, "_oom_slots", None)
+    with pytest.raises(BackendError, match="out of GPU memory on a single image"):
+        backend.generate(_requests()[:1])
+    monkeypatch.setattr(backend, "_oom_slots", None)
+
+
+def test_stock_path_splits_too(backend: TransformersBackend, one_at_a_time: list[Answer],
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    stock = backend._generate_hf
+    sizes: list[int] = []
+
+    def generate_or_oom(requests):
+        sizes.append(len(requests))
+        if len(requests) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return stock(requests)
+
+    monkeypatch.setattr(backend, "_generate_hf", generate_or_oom)
+    backend.set_engine("hf")
+    try:
+        assert backend.generate(_requests()[:4]) == one_at_a_time[:4]
+    finally:
+        backend.set_engine("auto")
+    assert sizes == [4, 2, 1, 1, 2, 1, 1]
+
+
+def test_auto_batch_size_on_cpu(backend: TransformersBackend) -> None:
+    assert backend.auto_batch_size() == 4
+
+
+def test_slot_buckets() -> None:
+    assert [bucket(n, 64) for n in (1, 2, 3, 5, 9, 16, 17, 33, 64)] == [1, 2, 4, 8, 16, 16, 32, 48, 64]
+    assert bucket(3, 3) == 3 and bucket(20, 24) == 24
+
+
+def test_result_stops_at_end_of_sequence() -> None:
+    assert _result([5, 6, 9, 7], {9}, 0.1) == Generated([5, 6], True, 0.1, 4)
+    assert _result([5, 6], {9}, 0.1) == Generated([5, 6], False, 0.1, 2)
+
+
+# ------------------------------------------------------------------ worker
+
+
+class _Recorder:
+    name, model, loaded = "fake", "fake", True
+
+    def __init__(self, continuous: bool) -> None:
+        self.continuous_batching = continuous
+        self.calls: list[int] = []
+
+    def generate(self, requests):
+        self.calls.append(len(requests))
+        return [Answer(text=r.prompt) for r in requests]
+
+    def unload(self) -> None:
+        pass
+
+
+def _prepared(n: int) -> list[Prepared]:
+    rule = Rule(name="r", match=("*",), task="describe", prompt="p", output="md")
+    image = Image.new("RGB", (56, 56))
+    return [Prepared(Match(Path(f"{i}.png"), rule, Path(".")), (), (Request((image,), f"p{i}", 8),)) for i in range(n)]
+
+
+@pytest.mark.parametrize("continuous, expected", [(False, [3, 3, 1]), (True, [7])])
+def test_worker_hands_a_continuous_backend_the_whole_chunk(continuous: bool, expected: list[int]) -> None:
+    backend = _Recorder(continuous)
+    config = Config(model=ModelConfig(batch_size=3), state=Path("s.db"), include=(), watch=(), rules=())
+    worker = Worker(config, backend)
+    try:
+        answers = worker.infer(_prepared(7))
+    finally:
+        worker.close()
+    assert backend.calls == expected
+    assert [a[0].text for a in answers] == [f"p{i}" for i in range(7)]  # back in the files' order

@@ -1,0 +1,114 @@
+"""`vlwatch bench` on the tiny checkpoint (CPU): the same table and JSON the H100 run gives."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from daemon import backends
+from daemon.backends import Answer
+from daemon.bench import parse_bytes, parse_size, run_bench
+from daemon.cli import build_parser
+from tests.conftest import run_vlwatch
+
+COLUMNS = ("setup", "batch", "images", "images/min", "s/image", "TTFT s", "decode tok/s", "peak GPU GiB")
+SMALL = ("--images", "3", "--size", "84x56", "--new-tokens", "4", "--baseline-images", "1", "--latency-images", "2")
+
+
+def test_bench_json_on_the_tiny_checkpoint(tiny_model: Path) -> None:
+    done = run_vlwatch("bench", "--model", tiny_model, *SMALL, "--batch-sizes", "auto,2", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["header"]["image_tokens"] == 6 and report["header"]["new_tokens"] == 4
+    assert report["header"]["device"] and report["header"]["engine"] == "fastgen"
+    setups = [(r["setup"], r["batch"], r["images"]) for r in report["results"]]
+    assert setups == [
+        ("one at a time (baseline): stock model.generate", "1", 1),
+        ("batch 1 (latency, warm)", "1", 2),
+        ("batched worker", "auto (4)", 3),
+        ("batched worker", "2", 3),
+    ]
+    for r in report["results"]:
+        assert r["images_per_min"] > 0 and r["s_per_image"] > 0 and r["seconds"] > 0
+        assert r["new_tokens"] == 4 * r["images"]  # the budget is forced: random weights stop anywhere
+        assert r["ttft_s"] is not None and r["ttft_s"] > 0
+        assert r["peak_gpu_gib"] is None  # no GPU here
+    assert report["command"].startswith("vlwatch bench")
+
+
+def test_bench_table_and_save(tiny_model: Path, tmp_path: Path) -> None:
+    done = run_vlwatch("bench", "--model", tiny_model, *SMALL, "--load-format", "dummy", "--save", tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("vlwatch bench: model ") and "weights random (dummy)" in lines[0]
+    header = next(line for line in lines if line.startswith("| setup"))
+    assert [c.strip() for c in header.strip("|").split("|")] == list(COLUMNS)
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| setup")]
+    assert len(rows) == 3  # baseline, batch 1, batched auto
+    saved = sorted(p.suffix for p in tmp_path.iterdir())
+    assert saved == [".json", ".md"]
+    md = next(tmp_path.glob("*.md")).read_text()
+    assert md.startswith("    vlwatch bench") and "| setup" in md
+
+
+def test_bench_through_a_server_backend(tiny_model: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Any backend works: the bench only calls generate() (here a stand-in for the OpenAI one)."""
+    calls: list[int] = []
+
+    class Server:
+        name, model, loaded = "openai", "remote", True
+
+        def __init__(self, config) -> None:
+            self.config = config
+
+        def generate(self, requests):
+            calls.append(len(requests))
+            return [Answer(text="x", new_tokens=r.max_new_tokens) for r in requests]
+
+        def unload(self) -> None:
+            pass
+
+    monkeypatch.setitem(backends._REGISTRY, "openai", Server)
+    args = build_parser().parse_args(["bench", "--backend", "openai", *SMALL, "--json"])
+    assert run_bench(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["images"] for r in report["results"]] == [1, 2, 3]
+    assert all(r["peak_gpu_gib"] is None and r["images_per_min"] > 0 for r in report["results"])
+    assert sum(calls) >= 1 + 2 + 3
+
+
+def test_bench_usage_errors(tiny_model: Path) -> None:
+    done = run_vlwatch("bench", "--model", tiny_model, "--size", "big")
+    assert done.returncode == 2 and "WIDTHxHEIGHT" in done.stderr
+    done = run_vlwatch("bench", "--model", tiny_model, "--batch-sizes", "auto,lots")
+    assert done.returncode == 2 and "lots" in done.stderr
+
+
+def test_sizes() -> None:
+    assert parse_size("1036x1036") == (1036, 1036)
+    assert parse_size("1000X500") == (1008, 504)  # rounded to multiples of 28
+    assert parse_bytes("22GiB") == 22 * 2**30 and parse_bytes("1.5 GB") == 1_500_000_000
+
+
+def test_builtin_dummy_config_is_qwen2_5_vl_7b(tmp_path: Path) -> None:
+    from transformers import AutoConfig, AutoProcessor
+
+    from daemon.bench_model import builtin_qwen2_5_vl_7b, dummy_source
+
+    folder = builtin_qwen2_5_vl_7b(tmp_path / "dummy")
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    text, vision = config.text_config, config.vision_config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads,
+            text.intermediate_size, text.vocab_size) == (3584, 28, 28, 4, 18944, 152064)
+    assert text.rope_parameters["mrope_section"] == [16, 24, 24] and text.rope_parameters["rope_theta"] == 1e6
+    assert (vision.depth, vision.hidden_size, vision.out_hidden_size, vision.window_size) == (32, 1280, 3584, 112)
+    assert vision.fullatt_block_indexes == [7, 15, 23, 31]
+    processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+    tok = processor.tokenizer
+    assert tok.convert_tokens_to_ids("<|image_pad|>") == config.image_token_id == 151655
+    assert tok.convert_tokens_to_ids("<|im_end|>") == 151645
+    # A model that is on this machine brings its own config and processor.
+    assert dummy_source(str(folder)) == folder

@@ -1,0 +1,305 @@
+"""Watching: the filter, readiness (the settler) and the real observers.
+
+The settler and observers run on real files in tmp_path with short settle
+times; nothing here loads a model.  Every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from PIL import Image
+
+from daemon.config import WatchConfig
+from daemon.watching import Arrival, Settler, Watcher, is_ignored, walk_files
+
+RULES = frozenset({"describe", "ground"})
+
+
+def png_bytes(seed: int = 0, size: tuple[int, int] = (96, 64)) -> bytes:
+    import numpy as np
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+# ---------------------------------------------------------------------- filter
+
+
+@pytest.mark.parametrize("name", [
+    ".hidden.png", "shot.png.part", "shot.png.crdownload", "shot.png.download", "shot.png.tmp", "shot.TMP",
+    "~$report.png", ".~lock.scan.png#", "#scan.png#", ".#scan.png", "scan.png~", "scan.png.swp", "4913",
+    ".DS_Store", "Thumbs.db", "desktop.ini",
+    # our own outputs: sidecars, overlays, temporary files
+    "shot.png.describe.md", "shot.png.ground.json", "shot.png.ground.overlay.png", ".vlwatch-0a1b2c3d4e5f.tmp",
+])
+def test_ignored_names(tmp_path: Path, name: str) -> None:
+    assert is_ignored(tmp_path / name, tmp_path, RULES)
+
+
+@pytest.mark.parametrize("name", ["shot.png", "Scan 0001.TIF", "photo.jpeg", "a.b.c.png", "notes.md", "2024.png",
+                                  "shot.png.other.md"])
+def test_input_names(tmp_path: Path, name: str) -> None:
+    assert not is_ignored(tmp_path / name, tmp_path, RULES)
+
+
+@pytest.mark.parametrize("folder", ["@eaDir", ".git", ".stfolder", "#recycle", ".hidden", "$RECYCLE.BIN"])
+def test_ignored_folders(tmp_path: Path, folder: str) -> None:
+    assert is_ignored(tmp_path / folder / "sub" / "shot.png", tmp_path, RULES)
+    assert not is_ignored(tmp_path / "ok" / "shot.png", tmp_path, RULES)
+
+
+def test_output_dir_inside_the_watch_is_ignored(tmp_path: Path) -> None:
+    out = tmp_path / "sidecars"
+    assert is_ignored(out / "a" / "shot.png", tmp_path, RULES, [out])
+    assert not is_ignored(tmp_path / "a" / "shot.png", tmp_path, RULES, [out])
+
+
+def test_walk_skips_ignored_folders_and_respects_recursive(tmp_path: Path) -> None:
+    for rel in ["a.png", "sub/b.png", ".git/c.png", "@eaDir/d.png", "sub/deeper/e.png"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    found = [p.relative_to(tmp_path).as_posix() for p in walk_files(tmp_path, recursive=True)]
+    assert found == ["a.png", "sub/b.png", "sub/deeper/e.png"]
+    assert [p.name for p in walk_files(tmp_path, recursive=False)] == ["a.png"]
+
+
+# ------------------------------------------------------------------- readiness
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.batches: list[list[Arrival]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, batch: list[Arrival]) -> None:
+        with self.lock:
+            self.batches.append(batch)
+
+    @property
+    def paths(self) -> list[Path]:
+        with self.lock:
+            return [a.path for b in self.batches for a in b]
+
+
+@pytest.fixture
+def settler():
+    got = Collector()
+    s = Settler(got)
+    s.start()
+    yield s, got
+    s.stop()
+    assert not s.alive
+
+
+def test_a_closed_file_is_ready_at_once(settler, tmp_path: Path) -> None:
+    s, got = settler
+    f = tmp_path / "a.png"
+    f.write_bytes(png_bytes())
+    start = time.monotonic()
+    s.note(f, "changed", settle=5.0)
+    s.note(f, "closed")
+    wait_for(lambda: got.paths == [f], 3, "the closed file")
+    assert time.monotonic() - start < 2.0
+    [arrival] = got.batches[0]
+    assert arrival.size == f.stat().st_size and arrival.mtime_ns == f.stat().st_mtime_ns
+
+
+def test_an_unclosed_file_waits_for_settle(settler, tmp_path: Path) -> None:
+    s, got = settler
+    f = tmp_path / "a.png"
+    f.write_bytes(png_bytes())
+    start = time.monotonic()
+    s.note(f, "changed", settle=0.6)
+    wait_for(lambda: got.paths == [f], 5, "the settled file")
+    assert time.monotonic() - start >= 0.6
+
+
+def test_a_file_still_growing_is_rechecked_not_dropped(settler, tmp_path: Path) -> None:
+    """A slow copy with no events between writes (as on a network mount) is
+    re-checked until size and mtime hold still, then handed over once."""
+    s, got = settler
+    f = tmp_path / "slow.png"
+    data = png_bytes(1, (400, 300))
+    chunks = [data[i:i + len(data) // 6 + 1] for i in range(0, len(data), len(data) // 6 + 1)]
+    with open(f, "wb") as out:
+        out.write(chunks[0])
+        out.flush()
+        s.note(f, "changed", settle=0.3)
+        for chunk in chunks[1:]:
+            time.sleep(0.15)  # shorter than settle: still "changing"
+            out.write(chunk)
+            out.flush()
+            assert got.paths == []
+    wait_for(lambda: got.paths == [f], 5, "the complete file")
+    assert got.batches[0][0].size == len(data)
+
+
+def test_a_truncated_image_is_checked_again_after_settling(settler, tmp_path: Path) -> None:
+    """Closed is not always complete: a copier that closes between chunks
+    (OCRmyPDF #552) leaves a truncated image, which must wait, not be queued."""
+    s, got = settler
+    f = tmp_path / "a.png"
+    data = png_bytes(2, (200, 150))
+    f.write_bytes(data[: len(data) // 2])
+    s.note(f, "closed", settle=0.3)
+    time.sleep(0.5)
+    assert got.paths == []
+    with open(f, "ab") as out:
+        out.write(data[len(data) // 2:])
+    s.note(f, "closed")
+    wait_for(lambda: got.paths == [f], 5, "the completed file")
+
+
+def test_a_file_that_never_decodes_is_handed_over_after_a_few_checks(tmp_path: Path) -> None:
+    got = Collector()
+    s = Settler(got, max_probes=2)
+    s.start()
+    try:
+        f = tmp_path / "broken.png"
+        f.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 50)
+        s.note(f, "closed", settle=0.2)
+        wait_for(lambda: got.paths == [f], 5, "the broken file")  # the worker will say why it fails
+    finally:
+        s.stop()
+
+
+def test_a_file_deleted_before_it_settles_is_dropped(settler, tmp_path: Path) -> None:
+    s, got = settler
+    f = tmp_path / "gone.png"
+    f.write_bytes(png_bytes())
+    s.note(f, "changed", settle=0.3)
+    f.unlink()
+    time.sleep(0.6)
+    assert got.paths == [] and s.pending() == 0
+
+
+def test_forget_drops_a_file_moved_away(settler, tmp_path: Path) -> None:
+    s, got = settler
+    f = tmp_path / "moved.png"
+    f.write_bytes(png_bytes())
+    s.note(f, "changed", settle=0.3)
+    s.forget(f)
+    time.sleep(0.5)
+    assert got.paths == []
+
+
+def test_note_without_settle_only_updates_tracked_files(settler, tmp_path: Path) -> None:
+    s, _ = settler
+    assert not s.note(tmp_path / "x.png", "changed")
+    assert s.note(tmp_path / "x.png", "changed", settle=10)
+    assert s.note(tmp_path / "x.png", "changed")
+
+
+def test_many_ready_files_leave_in_few_batches(settler, tmp_path: Path) -> None:
+    s, got = settler
+    data = png_bytes()
+    files = []
+    for i in range(300):
+        f = tmp_path / f"{i}.png"
+        f.write_bytes(data)
+        files.append(f)
+    for f in files:
+        s.note(f, "moved", settle=1.0)
+    wait_for(lambda: len(got.paths) == 300, 10, "300 files")
+    assert len(got.batches) <= 10
+    assert sorted(got.paths) == sorted(files)
+
+
+# ------------------------------------------------------------------- observers
+
+
+class Events:
+    def __init__(self) -> None:
+        self.offers: list[tuple[Path, str]] = []
+        self.forgotten: list[Path] = []
+        self.lock = threading.Lock()
+
+    def offer(self, path: Path, kind: str) -> None:
+        with self.lock:
+            self.offers.append((path, kind))
+
+    def forget(self, path: Path) -> None:
+        with self.lock:
+            self.forgotten.append(path)
+
+    def kinds(self, path: Path) -> set[str]:
+        with self.lock:
+            return {k for p, k in self.offers if p == path}
+
+
+@pytest.fixture(params=["inotify", "polling"])
+def watched(request: pytest.FixtureRequest, tmp_path: Path):
+    root = tmp_path / "inbox"
+    root.mkdir()
+    events = Events()
+    before = set(threading.enumerate())
+    watcher = Watcher(events.offer, events.forget, lambda folder: None)
+    watcher.start([WatchConfig(path=root, polling=request.param == "polling", settle=0.5)])
+    yield root, events, request.param
+    watcher.stop()
+    # The observers are daemon threads, which the conftest check skips: stop must still end them.
+    leaked = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
+    assert not leaked, f"observer threads still running after stop: {leaked}"
+
+
+def test_observer_sees_create_rename_subfolder_and_delete(watched, tmp_path: Path) -> None:
+    root, events, mode = watched
+    created = root / "new.png"
+    created.write_bytes(png_bytes())
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(png_bytes(1))
+    renamed = root / "renamed.png"
+    os.rename(outside, renamed)
+    (root / "a" / "b").mkdir(parents=True)
+    deep = root / "a" / "b" / "deep.png"
+    deep.write_bytes(png_bytes(2))
+    wait_for(lambda: events.kinds(created) and events.kinds(renamed) and events.kinds(deep), 10, "all three files")
+    if mode == "inotify":
+        assert "closed" in events.kinds(created)  # readiness from IN_CLOSE_WRITE, no settle wait
+        assert "moved" in events.kinds(renamed)  # renamed in whole: no settle wait either
+    created.unlink()
+    wait_for(lambda: created in events.forgotten, 10, "the deletion")
+
+
+def test_temp_then_rename_inside_the_folder(watched) -> None:
+    root, events, mode = watched
+    part = root / "download.png.part"
+    part.write_bytes(png_bytes())
+    final = root / "download.png"
+    os.rename(part, final)
+    wait_for(lambda: events.kinds(final), 10, "the renamed file")
+    if mode == "inotify":
+        assert "moved" in events.kinds(final)
+        wait_for(lambda: part in events.forgotten, 5, "the temp name to be forgotten")
+
+
+def test_missing_folder_is_watched_once_it_appears(tmp_path: Path) -> None:
+    root = tmp_path / "later"
+    events = Events()
+    watcher = Watcher(events.offer, events.forget, lambda folder: None)
+    watcher.start([WatchConfig(path=root, settle=0.5)])
+    try:
+        assert watcher.roots == []
+        root.mkdir()
+        assert watcher.ensure() == [root]
+        (root / "x.png").write_bytes(png_bytes())
+        wait_for(lambda: events.kinds(root / "x.png"), 10, "an event in the new folder")
+    finally:
+        watcher.stop()
