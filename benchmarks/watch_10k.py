@@ -159,6 +159,7 @@ def daemon_run(work: Path, payloads: list[bytes]) -> dict[str, float]:
         queued = _wait_count(db, "SELECT COUNT(DISTINCT path) FROM jobs", n, 600)
         cpu_queued = cpu_seconds(proc.pid) - cpu_before
         hwm_queued = vm_hwm(proc.pid)
+        done_meanwhile = db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'done'").fetchone()[0] - 1
         jobs = db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] - 1
         done = _wait_count(db, "SELECT COUNT(*) FROM jobs WHERE state = 'done'", n, 600)
         hwm_done = vm_hwm(proc.pid)
@@ -166,7 +167,7 @@ def daemon_run(work: Path, payloads: list[bytes]) -> dict[str, float]:
         proc.terminate()
         rc = proc.wait(60)
         return {"queued_s": queued - start, "done_s": done - start, "jobs": jobs, "hwm_queued": hwm_queued,
-                "hwm_done": hwm_done, "rss_warm": rss_warm, "cpu_queued": cpu_queued, "rc": rc}
+                "hwm_done": hwm_done, "rss_warm": rss_warm, "cpu_queued": cpu_queued, "done_meanwhile": done_meanwhile, "rc": rc}
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -202,7 +203,7 @@ def main() -> int:
     print(f"bare watchdog observer: all {bare_seen} closes seen in {bare_s:.2f} s, peak RSS {bare_hwm / 1024:.0f} MB, "
           f"{bare_cpu:.2f} s CPU")
     print(f"vlwatch daemon:        all {args.files} files queued in {d['queued_s']:.2f} s "
-          f"({d['jobs']} jobs, {d['cpu_queued']:.2f} s CPU meanwhile, the worker's included), "
+          f"({d['jobs']} jobs; meanwhile {d['cpu_queued']:.2f} s CPU and {d['done_meanwhile']} files processed), "
           f"all done in {d['done_s']:.2f} s (instant backend)")
     print(f"overhead: {d['queued_s'] / bare_s:.2f}x the bare observer (aim: under 2x)")
     print(f"daemon peak RSS: {d['hwm_queued'] / 1024:.0f} MB when all were queued, "

@@ -124,10 +124,42 @@ class Job:
         }
 
 
+def path_key(path: Path | str) -> str | bytes:
+    """How a path is stored: as text, or as its raw bytes when the name is not UTF-8.
+
+    File names are bytes on Linux; Python carries undecodable ones as lone
+    surrogates, which SQLite's text type refuses.  Such a name is stored as a
+    BLOB (compared byte for byte, like the file system does), so one odd name
+    cannot fail the transaction that queues a whole batch.
+    """
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(text)
+    return text
+
+
+def key_path(value: str | bytes) -> Path:
+    return Path(os.fsdecode(value) if isinstance(value, bytes) else value)
+
+
+def safe_text(text: str) -> str:
+    """``text`` with any undecodable bytes of a file name shown as escapes (for error columns)."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that is not an escaped byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def content_hash(path: Path) -> str:
     """The blake2b hex digest of a file's bytes (what a job is keyed on)."""
+    digest = hashlib.blake2b(digest_size=20)
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=20)).hexdigest()
+        # One read for the usual small image; a big scan streams in 1 MiB pieces.
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 # -------------------------------------------------------------- migrations
@@ -274,13 +306,17 @@ class Queue:
         queued: list[Queued] = []
         with self._tx() as db:
             for c in candidates:
-                job_id = self._enqueue_one(db, c, now)
+                try:
+                    job_id = self._enqueue_one(db, c, now)
+                except sqlite3.Error as exc:  # one bad entry must not lose the rest of the batch
+                    log.error("%s: %s: cannot be queued: %s", c.path, c.rule, exc)
+                    continue
                 if job_id is not None:
                     queued.append(Queued(job_id, c.path, c.rule, c.hash))
         return queued
 
     def _enqueue_one(self, db: sqlite3.Connection, c: Candidate, now: float) -> int | None:
-        path = str(c.path)
+        path = path_key(c.path)
         row = db.execute(
             "SELECT id, hash, state, finished_at FROM jobs WHERE path = ? AND rule = ? ORDER BY id DESC LIMIT 1",
             (path, c.rule),
@@ -313,7 +349,7 @@ class Queue:
         return self._insert(db, path, c, now)
 
     @staticmethod
-    def _insert(db: sqlite3.Connection, path: str, c: Candidate, now: float) -> int:
+    def _insert(db: sqlite3.Connection, path: str | bytes, c: Candidate, now: float) -> int:
         cur = db.execute(
             "INSERT INTO jobs (path, rule, hash, size, mtime_ns, state, queued_at) VALUES (?, ?, ?, ?, ?, 'queued', ?)",
             (path, c.rule, c.hash, c.size, c.mtime_ns, now),
@@ -360,6 +396,7 @@ class Queue:
     def fail(self, job_id: int, error: str, *, retry_at: float | None, seconds: float | None = None) -> None:
         """Record a failure: back on the queue from ``retry_at``, or ``failed`` for good if None."""
         now = time.time()
+        error = safe_text(error)
         with self._tx() as db:
             if retry_at is None:
                 db.execute("UPDATE jobs SET state = 'failed', finished_at = ?, seconds = ?, error = ? WHERE id = ?",
@@ -456,13 +493,13 @@ class Queue:
 
     def latest(self, path: Path, rule: str) -> Job | None:
         """The newest job of this (path, rule), which says what its sidecar holds."""
-        jobs = self._jobs("SELECT * FROM jobs WHERE path = ? AND rule = ? ORDER BY id DESC LIMIT 1", (str(path), rule))
+        jobs = self._jobs("SELECT * FROM jobs WHERE path = ? AND rule = ? ORDER BY id DESC LIMIT 1", (path_key(path), rule))
         return jobs[0] if jobs else None
 
     def history(self, path: Path | None = None) -> list[Job]:
         if path is None:
             return self._jobs("SELECT * FROM jobs ORDER BY id")
-        return self._jobs("SELECT * FROM jobs WHERE path = ? ORDER BY id", (str(path),))
+        return self._jobs("SELECT * FROM jobs WHERE path = ? ORDER BY id", (path_key(path),))
 
     def job(self, job_id: int) -> Job | None:
         jobs = self._jobs_by_id([job_id])
@@ -507,7 +544,7 @@ class Queue:
 
 def _job(row: sqlite3.Row) -> Job:
     return Job(
-        id=row["id"], path=Path(row["path"]), rule=row["rule"], hash=row["hash"], size=row["size"],
+        id=row["id"], path=key_path(row["path"]), rule=row["rule"], hash=row["hash"], size=row["size"],
         mtime_ns=row["mtime_ns"], state=row["state"], attempts=row["attempts"], not_before=row["not_before"],
         queued_at=row["queued_at"], started_at=row["started_at"], finished_at=row["finished_at"],
         seconds=row["seconds"], error=row["error"],

@@ -51,7 +51,7 @@ from typing import Callable, Iterator, Sequence
 from daemon.backends import Backend, create_backend
 from daemon.config import Config, WatchConfig, load_config, local_model_path
 from daemon.errors import BackendUnavailableError, ConfigError, ExitCode, ModelMissingError, VlwatchError
-from daemon.queue import Candidate, Job, Queue, StateLock, content_hash
+from daemon.queue import Candidate, Job, Queue, StateLock, content_hash, safe_text
 from daemon.rules import Match, match_file, watch_for
 from daemon.scanning import (
     Progress,
@@ -829,7 +829,7 @@ def scan(config: Config, dry_run: bool = False) -> int:
         progress.close()
         if dry_run:
             for w in works:
-                print(f"{w.reason}\t{w.match.rule.name}\t{w.match.path}")
+                print(f"{w.reason}\t{w.match.rule.name}\t{safe_text(str(w.match.path))}")
             print(f"{len(works)} files need processing ({progress.count} scanned)", file=sys.stderr)
             return ExitCode.OK
         now = time.time()
@@ -940,7 +940,7 @@ def format_status(info: dict) -> str:
     if info["failures"]:
         lines.append("last failures:")
         for f in info["failures"]:
-            lines.append(f"  #{f['id']}  {f['path']} [{f['rule']}] after {f['attempts']} attempts, "
+            lines.append(f"  #{f['id']}  {safe_text(f['path'])} [{f['rule']}] after {f['attempts']} attempts, "
                          f"{_when(f['finished_at'])}: {f['error']}")
         lines.append("(`vlwatch retry --all` or `vlwatch retry JOB_ID...` puts them back on the queue)")
     return "\n".join(lines)
@@ -963,7 +963,7 @@ def retry(config: Config, ids: Sequence[int] | None) -> int:
     with Queue(config.state) as queue:
         jobs = queue.retry(ids)
     for job in jobs:
-        print(f"requeued #{job.id} {job.path} [{job.rule}]")
+        print(f"requeued #{job.id} {safe_text(str(job.path))} [{job.rule}]")
     unknown = sorted(set(ids or ()) - {j.id for j in jobs})
     for job_id in unknown:
         print(f"vlwatch: job {job_id} is not a failed job", file=sys.stderr)

@@ -285,8 +285,11 @@ def watched(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 
 def test_created_file_gets_one_sidecar(watched: Watched) -> None:
     image = put(watched.inbox / "created.png", png_bytes(1))
-    watched.daemon.wait_done(image)
-    assert_one_complete_sidecar(watched.daemon, image)
+    # A name that is not UTF-8 (Latin-1 bytes, as an old NAS or a Windows share writes them).
+    latin1 = put(watched.inbox / os.fsdecode(b"caf\xe9 re\xe7u.png"), png_bytes(14))
+    for path in (image, latin1):
+        watched.daemon.wait_done(path)
+        assert_one_complete_sidecar(watched.daemon, path)
 
 
 def test_renamed_into_the_folder(watched: Watched) -> None:

@@ -192,8 +192,6 @@ def test_corpus_through_the_daemon(tmp_path: Path, tiny_model: Path) -> None:
     assert code == 0, log_path.read_text(errors="replace")[-4000:]
 
 
-@pytest.mark.xfail(strict=True, reason="daemon/queue.py binds paths as str: SQLite refuses surrogate escapes, "
-                   "and the failure drops the whole batch handed over with it")
 def test_queue_stores_a_name_that_is_not_utf8(tmp_path: Path) -> None:
     from daemon.queue import Candidate, Queue
 

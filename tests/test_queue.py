@@ -236,6 +236,20 @@ def test_a_second_connection_sees_the_daemons_writes(tmp_path: Path) -> None:
         assert status.retry(None) == []
 
 
+def test_a_name_that_is_not_utf8_is_stored_and_does_not_spoil_the_batch(queue: Queue) -> None:
+    import os
+
+    odd = Path("/w") / os.fsdecode(b"scan-\xe9t\xe9.png")  # Latin-1 bytes from an old NAS
+    queued = queue.enqueue([cand(path=str(odd)), cand(path="/w/plain.png")])
+    assert [q.path for q in queued] == [odd, Path("/w/plain.png")]
+    assert queue.latest(odd, "describe") is not None
+    assert queue.enqueue([cand(path=str(odd))]) == []  # found again by its bytes: idempotent
+    [job, _] = queue.claim(2)
+    queue.fail(job.id, f"{odd}: cannot decode", retry_at=None)
+    [failed] = queue.failures()
+    assert failed.path == odd and "\\xe9" in (failed.error or "")
+
+
 def test_content_hash_is_blake2b_of_the_bytes(tmp_path: Path) -> None:
     import hashlib
 

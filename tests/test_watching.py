@@ -159,8 +159,8 @@ def test_a_truncated_image_is_checked_again_after_settling(settler, tmp_path: Pa
     data = png_bytes(2, (200, 150))
     f.write_bytes(data[: len(data) // 2])
     s.note(f, "closed", settle=0.3)
-    time.sleep(0.5)
-    assert got.paths == []
+    time.sleep(0.5)  # a negative: closed, but truncated, so not handed over
+    assert got.paths == [] and s.tracking(f)
     with open(f, "ab") as out:
         out.write(data[len(data) // 2:])
     s.note(f, "closed")
@@ -186,8 +186,8 @@ def test_a_file_deleted_before_it_settles_is_dropped(settler, tmp_path: Path) ->
     f.write_bytes(png_bytes())
     s.note(f, "changed", settle=0.3)
     f.unlink()
-    time.sleep(0.6)
-    assert got.paths == [] and s.pending() == 0
+    wait_for(lambda: s.pending() == 0, 5, "the deleted file to be dropped")
+    assert got.paths == []
 
 
 def test_forget_drops_a_file_moved_away(settler, tmp_path: Path) -> None:
@@ -196,7 +196,8 @@ def test_forget_drops_a_file_moved_away(settler, tmp_path: Path) -> None:
     f.write_bytes(png_bytes())
     s.note(f, "changed", settle=0.3)
     s.forget(f)
-    time.sleep(0.5)
+    assert s.pending() == 0
+    time.sleep(0.6)  # a negative: nothing may arrive within twice the settle time
     assert got.paths == []
 
 
