@@ -324,12 +324,41 @@ def _looks_like_text(head: bytes) -> bool:
 _IMPORT_LOCK = threading.Lock()
 
 
-@cache
-def _smart_resize():  # -> qwen_vl_utils.smart_resize
-    with _IMPORT_LOCK:
-        from qwen_vl_utils import smart_resize
-
+def _smart_resize():  # -> a function with qwen_vl_utils.smart_resize's signature
     return smart_resize
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int | None = None,
+                 max_pixels: int | None = None) -> tuple[int, int]:
+    """qwen-vl-utils 0.0.14's ``smart_resize``, line for line.
+
+    Why a copy: importing ``qwen_vl_utils`` imports torch and torchvision
+    (about 650 MB resident) for this arithmetic alone, which a watcher-only
+    process, a daemon on the ``openai`` backend, or ``vlwatch explain`` should
+    not pay.  ``tests/test_images.py`` pins this copy to the library's function
+    over thousands of sizes, so a change upstream fails the tests instead of
+    silently moving grounding boxes.
+    """
+    max_pixels = max_pixels if max_pixels is not None else 16384 * factor**2
+    min_pixels = min_pixels if min_pixels is not None else 4 * factor**2
+    if max_pixels < min_pixels:
+        raise ValueError("The max_pixels of image must be greater than or equal to min_pixels.")
+    if max(height, width) / min(height, width) > _MAX_RATIO:
+        raise ValueError(f"absolute aspect ratio must be smaller than {_MAX_RATIO}, got {max(height, width) / min(height, width)}")
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = math.floor(height / beta / factor) * factor
+        w_bar = math.floor(width / beta / factor) * factor
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+_MAX_RATIO = 200  # qwen_vl_utils.vision_process.MAX_RATIO
 
 
 @cache

@@ -369,3 +369,37 @@ def test_ground_on_a_pdf_maps_boxes_to_200_dpi_pixels_and_draws_the_overlay(tmp_
     assert doc["pages"][1]["size"] == [472, 611] and doc["pages"][1]["boxes"][0]["bbox"] == [0, 0, 472, 611]
     with Image.open(tmp_path / "d.pdf.ground.overlay.png") as overlay:
         assert overlay.size == (472, 611)
+
+
+def test_smart_resize_copy_matches_qwen_vl_utils() -> None:
+    """daemon.images keeps a torch-free copy of smart_resize; pin it to the library's."""
+    import random
+
+    from qwen_vl_utils import smart_resize as upstream
+
+    from daemon.images import smart_resize
+
+    rng = random.Random(7)
+    cases = [(2000, 3000, 3136, 1003520), (20, 3000, 3136, 1003520), (1, 199, 3136, 50000), (9000, 12000, 3136, 1003520)]
+    cases += [(rng.randint(1, 6000), rng.randint(1, 6000), rng.choice([3136, 12544]), rng.choice([50000, 1003520, 12845056]))
+              for _ in range(3000)]
+    for h, w, lo, hi in cases:
+        try:
+            expected = upstream(h, w, factor=28, min_pixels=lo, max_pixels=hi)
+        except ValueError:
+            try:
+                smart_resize(h, w, factor=28, min_pixels=lo, max_pixels=hi)
+            except ValueError:
+                continue
+            raise AssertionError(f"{h}x{w}: upstream refuses, copy accepts")
+        assert smart_resize(h, w, factor=28, min_pixels=lo, max_pixels=hi) == expected, (h, w, lo, hi)
+
+
+def test_images_module_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from daemon.images import shown_size; shown_size(3000, 2000, min_pixels=3136, max_pixels=1003520);"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
