@@ -19,7 +19,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from daemon.config import local_model_path
 
@@ -183,28 +183,59 @@ def _processor() -> Any:
 
 def _tokenizer() -> Any:
     """A byte-level BPE with Qwen's specials at their real ids (151643...)."""
-    from transformers import Qwen2Tokenizer
-
-    vocab, merges = _train_bpe()
     # Pad to the first special id: the embedding table has 152064 rows and the
     # config names the vision tokens by number.
-    for i in range(len(vocab), FIRST_SPECIAL_ID):
+    return stand_in_tokenizer([_CORPUS] * 4, vocab_size=1024, first_special_id=FIRST_SPECIAL_ID,
+                              model_max_length=131072)
+
+
+def stand_in_tokenizer(corpus: Sequence[str], *, vocab_size: int, first_special_id: int | None = None,
+                       model_max_length: int) -> Any:
+    """A Qwen2Tokenizer trained here on ``corpus``, with Qwen's special tokens and chat template.
+
+    Shared by the bench's stand-in (specials at their real ids) and the tests'
+    tiny checkpoint (specials right after the BPE vocab, ``first_special_id=None``).
+
+    Args:
+        corpus: training text.
+        vocab_size: BPE target size (a small corpus may stop short of it).
+        first_special_id: id of ``<|endoftext|>``; the vocab is padded with
+            unused tokens up to it.  None: right after the BPE vocab.
+        model_max_length: as in the real tokenizer_config.json.
+    """
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = train_bpe(corpus, vocab_size=vocab_size)
+    first = len(vocab) if first_special_id is None else first_special_id
+    for i in range(len(vocab), first):
         vocab[f"<|vlwatch_unused_{i}|>"] = i
+    # Fixed ids in Qwen order: letting the tokenizer append them would order
+    # them by role (eos before pad, ...), not as the real vocabulary does.
     for i, token in enumerate(QWEN_SPECIAL_TOKENS):
-        vocab[token] = FIRST_SPECIAL_ID + i
+        vocab[token] = first + i
     tokenizer = Qwen2Tokenizer(
+        # Real Qwen2.5-VL tokenizer_config.json: no bos, no unk, eos <|im_end|>, pad <|endoftext|>.
         vocab=vocab, merges=merges, bos_token=None, unk_token=None, eos_token="<|im_end|>",
         pad_token="<|endoftext|>", extra_special_tokens=[t for t in QWEN_SPECIAL_TOKENS if t != "<|endoftext|>"],
-        errors="replace", model_max_length=131072, split_special_tokens=False,
+        errors="replace", model_max_length=model_max_length, split_special_tokens=False,
+        # Left padding: batched generation of a decoder-only model needs it.
         clean_up_tokenization_spaces=False, padding_side="left", chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
     )
+    # The model config hard-codes the vision token ids: fail loudly if the
+    # tokenizer renumbered a special token.
     for i, token in enumerate(QWEN_SPECIAL_TOKENS):
-        if tokenizer.convert_tokens_to_ids(token) != FIRST_SPECIAL_ID + i:
-            raise RuntimeError(f"stand-in tokenizer: {token!r} did not get id {FIRST_SPECIAL_ID + i}")
+        if tokenizer.convert_tokens_to_ids(token) != first + i:
+            raise RuntimeError(f"stand-in tokenizer: {token!r} did not get id {first + i}")
     return tokenizer
 
 
-def _train_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
+def train_bpe(corpus: Sequence[str], *, vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Train a byte-level BPE the way Qwen2Tokenizer pre-tokenizes; return (vocab, merges).
+
+    The pipeline (NFC, Qwen's split regex, byte-level without prefix space)
+    mirrors what Qwen2Tokenizer builds around a vocab/merges pair, so the
+    learned merges apply when that class re-creates it.
+    """
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 
     bpe = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
@@ -213,10 +244,13 @@ def _train_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
         pre_tokenizers.Split(Regex(_SPLIT_REGEX), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
-    trainer = trainers.BpeTrainer(vocab_size=1024, min_frequency=2, show_progress=False,
+    # All 256 byte symbols are in the vocab so any text round-trips, as with the real vocab.
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
-    bpe.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    bpe.train_from_iterator(list(corpus), trainer=trainer)
+    # Read back through the serialized model: not every tokenizers release has a merges getter.
     model = json.loads(bpe.to_str())["model"]
-    # Merges are "a b" strings in older tokenizers releases, [a, b] lists in newer.
+    # Merges are "a b" strings in older tokenizers releases, [a, b] lists in newer;
+    # Qwen2Tokenizer wants (a, b) tuples.
     merges = [(m[0], m[1]) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in model["merges"]]
     return dict(model["vocab"]), merges  # type: ignore[return-value]

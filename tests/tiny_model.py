@@ -28,77 +28,18 @@ Works with transformers 5.17 .. 5.24 (only APIs present in both are used).
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+# The real chat template, Qwen's special tokens and the way a stand-in BPE
+# tokenizer is trained live in the package (the bench builds the same kind of
+# tokenizer for the full-size architecture); the tiny checkpoint reuses them.
+from daemon.bench_model import QWEN2_5_VL_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, stand_in_tokenizer
+
 if TYPE_CHECKING:  # torch/transformers load only when a model is built, not on import
     from transformers import Qwen2Tokenizer
-
-# The Jinja chat template shipped by Qwen/Qwen2.5-VL-7B-Instruct in its
-# chat_template.json (identical to the one in transformers' own Qwen2-VL
-# processor tests).  Reproduced verbatim: the daemon's prompt formatting must
-# be tested against the real template, including the default system prompt
-# that is injected when the conversation does not start with one.
-QWEN2_5_VL_CHAT_TEMPLATE: str = (
-    "{% set image_count = namespace(value=0) %}"
-    "{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}"
-    "{{ message['content'] }}<|im_end|>\n"
-    "{% else %}"
-    "{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}"
-    "{{ content['text'] }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "<|im_end|>\n"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-# Qwen special tokens, in the order (and therefore relative id order) the real
-# tokenizer assigns them: 151643 <|endoftext|> ... 151656 <|video_pad|>.
-QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
-
-# Same regex the real Qwen2 tokenizer pre-tokenizes with (copied from
-# transformers.models.qwen2.tokenization_qwen2.PRETOKENIZE_REGEX).  Training
-# with the same pre-tokenizer matters: merges learned across a different split
-# would never fire (or fire differently) once Qwen2Tokenizer re-splits text.
-QWEN_PRETOKENIZE_REGEX: str = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
-    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
 
 # Small built-in training corpus covering what the daemon feeds the model:
 # English prose, HTML, JSON and Markdown, plus file paths.  A few KB is enough
@@ -159,87 +100,9 @@ MROPE_SECTION: list[int] = [2, 3, 3]
 SEED: int = 0
 
 
-def _train_bpe_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Train a byte-level BPE on the built-in corpus; return (vocab, merges).
-
-    The pipeline (NFC, Qwen split regex, byte-level without prefix space)
-    mirrors what transformers' Qwen2Tokenizer builds around a vocab/merges
-    pair, so the learned merges apply when that class re-creates it.
-    """
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
-
-    bpe = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
-    bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    trainer = trainers.BpeTrainer(
-        vocab_size=_BPE_VOCAB_SIZE,
-        min_frequency=2,
-        # All 256 byte symbols are in the vocab so ANY text (or bytes the
-        # random model emits) round-trips, like the real Qwen vocab.
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=[],  # added afterwards at the END of the vocab, as in Qwen
-        show_progress=False,
-    )
-    bpe.train_from_iterator(list(_CORPUS) * _CORPUS_REPEATS, trainer=trainer)
-
-    # Read vocab/merges back through the serialized model: the Python BPE
-    # object exposes no merges getter in every tokenizers release.
-    model_json = json.loads(bpe.to_str())["model"]
-    vocab: dict[str, int] = dict(model_json["vocab"])
-    raw_merges = model_json["merges"]
-    # Older tokenizers releases serialize merges as "a b" strings, newer ones
-    # as [a, b] lists; Qwen2Tokenizer hands merges straight to tokenizers' BPE,
-    # which raises a TypeError for "a b" strings and wants (a, b) tuples.
-    merges: list[tuple[str, str]] = [
-        (m[0], m[1]) if isinstance(m, list) else tuple(m.split(" ", 1))  # type: ignore[misc]
-        for m in raw_merges
-    ]
-    return vocab, merges
-
-
 def _build_tokenizer() -> Qwen2Tokenizer:
-    """Wrap the trained BPE as transformers' Qwen2Tokenizer with Qwen specials."""
-    from transformers import Qwen2Tokenizer
-
-    vocab, merges = _train_bpe_vocab()
-    # Give the special tokens fixed ids right after the BPE vocab, in Qwen
-    # order.  Letting the tokenizer append them would order them by special
-    # token *role* (eos before pad, ...), not the real Qwen order.
-    for token in QWEN_SPECIAL_TOKENS:
-        vocab[token] = len(vocab)
-
-    tokenizer = Qwen2Tokenizer(
-        vocab=vocab,
-        merges=merges,
-        # Real Qwen2.5-VL tokenizer_config.json: no bos, no unk,
-        # eos <|im_end|> (ends an assistant turn), pad <|endoftext|>.
-        bos_token=None,
-        unk_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        extra_special_tokens=[t for t in QWEN_SPECIAL_TOKENS if t != "<|endoftext|>"],
-        errors="replace",
-        model_max_length=32768,
-        split_special_tokens=False,
-        clean_up_tokenization_spaces=False,
-        # Decoder-only batched generation needs LEFT padding; transformers'
-        # default is right, which would put pad tokens between the prompt
-        # and the generated tokens.
-        padding_side="left",
-        chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
-    )
-    # Guard against the tokenizer silently re-numbering the specials (the
-    # model config hard-codes the vision token ids below).
-    for token in QWEN_SPECIAL_TOKENS:
-        got = tokenizer.convert_tokens_to_ids(token)
-        if got != vocab[token]:
-            raise RuntimeError(f"special token {token!r} got id {got}, expected {vocab[token]}")
-    return tokenizer
+    """Qwen2Tokenizer trained on the built-in corpus, Qwen specials right after the BPE vocab."""
+    return stand_in_tokenizer(list(_CORPUS) * _CORPUS_REPEATS, vocab_size=_BPE_VOCAB_SIZE, model_max_length=32768)
 
 
 def build_tiny_model(path: Path) -> Path:
