@@ -31,3 +31,19 @@ def test_every_option_in_help_is_in_the_readme() -> None:
                 if opt in ("-h", "--help"):
                     continue
                 assert opt in README or name == "bench", f"vlwatch {name} {opt} is not documented in README.md"
+
+
+def test_every_config_key_is_in_the_readme() -> None:
+    from daemon import config
+
+    for keys in (config._TOP_KEYS, config._MODEL_KEYS, config._WATCH_KEYS, config._RULE_KEYS, config._JOBS_KEYS):
+        for key in keys:
+            assert re.search(rf"^\s*(- )?{key}:", README, re.MULTILINE), f"config key {key!r} is not in README.md"
+
+
+def test_the_readme_config_reference_is_a_valid_config(tmp_path) -> None:
+    from daemon.config import parse_config
+
+    block = re.search(r"## Configuration.*?```yaml\n(.*?)```", README, re.DOTALL).group(1)
+    config = parse_config(block, tmp_path / "config.yaml")
+    assert [r.name for r in config.rules][:3] == ["invoice-ocr", "signatures", "mockups"]
