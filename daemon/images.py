@@ -201,7 +201,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def shown_size(width: int, height: int, *, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """(width, height) the model sees for an image of this size."""
-    smart_resize = _smart_resize()
     try:
         h, w = smart_resize(height, width, factor=FACTOR, min_pixels=min_pixels, max_pixels=max_pixels)
     except ValueError as exc:  # qwen-vl-utils refuses aspect ratios over 200:1
@@ -322,10 +321,6 @@ def _looks_like_text(head: bytes) -> bool:
 # would make each of them import these (torch, through qwen-vl-utils) at once;
 # one at a time is safer and costs nothing after the first.
 _IMPORT_LOCK = threading.Lock()
-
-
-def _smart_resize():  # -> a function with qwen_vl_utils.smart_resize's signature
-    return smart_resize
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int | None = None,
