@@ -24,6 +24,7 @@ import os
 import re
 import string
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from daemon.config import Config, Rule, WatchConfig
@@ -51,19 +52,23 @@ def relative_to_root(path: Path, root: Path) -> str:
 
 
 def watch_for(config: Config, path: Path) -> WatchConfig | None:
-    """The most specific watch entry whose folder holds ``path``, if any."""
-    best: WatchConfig | None = None
-    path = normalised(path)
-    for watch in config.watch:
-        try:
-            rel = path.relative_to(normalised(watch.path))
-        except ValueError:
-            continue
-        if not watch.recursive and len(rel.parts) > 1:
-            continue
-        if best is None or len(watch.path.parts) > len(best.path.parts):
-            best = watch
-    return best
+    """The most specific watch entry whose folder holds ``path``, if any.
+
+    A non-recursive watch owns only its direct children.  Compared as string
+    prefixes of normalised paths: this runs for every event of a burst.
+    """
+    text = str(normalised(path))
+    for prefix, watch in _watch_prefixes(config.watch):
+        if text.startswith(prefix) and (watch.recursive or os.sep not in text[len(prefix):]):
+            return watch
+    return None
+
+
+@lru_cache(maxsize=16)
+def _watch_prefixes(watches: tuple[WatchConfig, ...]) -> list[tuple[str, WatchConfig]]:
+    """``(folder + os.sep, watch)``, deepest folder first, so the first hit is the most specific."""
+    entries = [(str(normalised(w.path)).rstrip(os.sep) + os.sep, w) for w in watches]
+    return sorted(entries, key=lambda e: len(e[0]), reverse=True)
 
 
 def candidate_rules(config: Config, watch: WatchConfig | None) -> list[Rule]:

@@ -135,25 +135,19 @@ def check_model(config: Config) -> None:
 
 
 class Roots:
-    """Which watch a path belongs to, by string prefix (it runs for every event of a burst).
-
-    Same answer as ``rules.watch_for``: the most specific watch whose folder
-    holds the path, and only direct children for a non-recursive one.
-    """
+    """Which watch a path belongs to (``rules.watch_for``), with its root and the output dirs to skip."""
 
     def __init__(self, config: Config) -> None:
-        entries = []
-        for watch in config.watch:
-            root = Path(os.path.normpath(watch.path.absolute()))
-            entries.append((str(root).rstrip(os.sep) + os.sep, watch, root, output_dirs_inside(watch, config)))
-        self._entries = sorted(entries, key=lambda e: len(e[0]), reverse=True)
+        self._config = config
+        self._extra = {w: (Path(os.path.normpath(w.path.absolute())), output_dirs_inside(w, config))
+                       for w in config.watch}
 
     def find(self, path: Path) -> tuple[WatchConfig, Path, list[Path]] | None:
-        text = str(path)
-        for prefix, watch, root, skip in self._entries:
-            if text.startswith(prefix) and (watch.recursive or os.sep not in text[len(prefix):]):
-                return watch, root, skip
-        return None
+        watch = watch_for(self._config, path)
+        if watch is None:
+            return None
+        root, skip = self._extra[watch]
+        return watch, root, skip
 
 
 # ----------------------------------------------------------------- processing
