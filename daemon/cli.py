@@ -247,19 +247,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    from daemon.service import scan
+    from daemon.commands import scan
 
     return scan(_config(args), dry_run=args.dry_run)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from daemon.service import status
+    from daemon.commands import status
 
     return status(_config(args), as_json=args.json)
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from daemon.service import retry
+    from daemon.commands import retry
 
     if not args.all and not args.job_ids:
         raise VlwatchError("name the jobs to retry, or --all", ExitCode.USAGE)

@@ -1,4 +1,4 @@
-"""The daemon (``vlwatch run``) and the queue commands (``scan``, ``status``, ``retry``).
+"""The daemon (``vlwatch run``): its lifecycle, signals and systemd.
 
 ``run`` composes the stages: it loads the config, opens the state database
 (taking its lock: one daemon per state file), puts back jobs a crash left
@@ -15,14 +15,8 @@ main thread only waits for signals and talks to systemd:
   with the queue counts, ``WATCHDOG=1`` while every thread is healthy,
   ``STOPPING=1``.
 
-Failures: a file that fails is retried ``jobs.attempts`` times with
-exponential backoff (``jobs.backoff``, doubling) and then marked failed with
-its reason; the file itself is never touched.  A backend that cannot be
-reached at all (``BackendUnavailableError``) is not the files' fault: the
-queue pauses, backing off up to ``MAX_OUTAGE_PAUSE``, without spending any
-job's attempts.  A job whose source was deleted or moved away before it ran
-is dropped; one whose source changed is dropped and the file goes back to
-the settler, so the new bytes are queued once they are complete.
+What happens to each job (retries, outages, dropped jobs) is the engine's
+(``daemon.engine``); ``scan``, ``status`` and ``retry`` are ``daemon.commands``.
 
 Deliberately not here: the watching, readiness, queue and model code (their
 own modules); this one decides only what happens when.
@@ -34,24 +28,26 @@ import collections
 import contextlib
 import faulthandler
 import functools
-import json
 import logging
 import os
 import select
 import signal
 import socket
-import sys
 import threading
 import time
-from dataclasses import dataclass, replace
-from datetime import datetime
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 from daemon.backends import Backend, create_backend
-from daemon.config import Config, WatchConfig, load_config, local_model_path
-from daemon.errors import BackendUnavailableError, ConfigError, ExitCode, ModelMissingError, VlwatchError
-from daemon.queue import Candidate, Job, Queue, StateLock, content_hash, safe_text
+from daemon.config import Config, WatchConfig, load_config
+from daemon.engine import Processor, WorkerLoop, check_model
+from daemon.errors import (
+    ConfigError,
+    ExitCode,
+    VlwatchError,
+)
+from daemon.queue import Candidate, Queue, StateLock, content_hash
 from daemon.rules import Match, match_file, watch_for
 from daemon.scanning import (
     Progress,
@@ -66,7 +62,14 @@ from daemon.scanning import (
     sidecars_written,
 )
 from daemon.scheduler import Scheduler
-from daemon.watching import Arrival, Kind, Settler, Watcher, file_signature, is_ignored, overflowed
+from daemon.watching import (
+    Arrival,
+    Kind,
+    Settler,
+    Watcher,
+    is_ignored,
+    overflowed,
+)
 from daemon.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -75,13 +78,6 @@ log = logging.getLogger(__name__)
 STOP_GRACE = 20.0
 #: A batch running longer than this is a hang: the systemd watchdog stops being fed.
 STALL = 1800.0
-#: Longest pause of the queue while the backend is unreachable.
-MAX_OUTAGE_PAUSE = 300.0
-#: Files waiting to settle plus files queued per second that make a burst:
-#: the worker then lets the intake get them onto the durable queue first...
-BURST = 200
-#: ...but never waits longer than this before running a batch anyway.
-MAX_YIELD = 10.0
 #: How often STATUS= is refreshed.
 STATUS_EVERY = 5.0
 
@@ -126,14 +122,6 @@ def watchdog_interval() -> float | None:
 # ------------------------------------------------------------------ helpers
 
 
-def check_model(config: Config) -> None:
-    """Fail at start, with the way out, when the local weights are missing."""
-    if config.model.backend == "transformers" and local_model_path(config.model.name) is None:
-        from daemon.backends.transformers import missing_model_message
-
-        raise ModelMissingError(missing_model_message(config.model.name))
-
-
 class Roots:
     """Which watch a path belongs to (``rules.watch_for``), with its root and the output dirs to skip."""
 
@@ -148,294 +136,6 @@ class Roots:
             return None
         root, skip = self._extra[watch]
         return watch, root, skip
-
-
-# ----------------------------------------------------------------- processing
-
-
-def backoff_delay(config: Config, attempts: int) -> float:
-    """Wait before try ``attempts + 1``: ``jobs.backoff``, doubling each time."""
-    return config.jobs.backoff * (2 ** max(0, attempts - 1))
-
-
-@dataclass
-class BatchResult:
-    done: int = 0
-    failed: int = 0
-    retrying: int = 0
-    dropped: int = 0
-
-
-class Processor:
-    """Runs claimed jobs through a worker and records what became of each.
-
-    Shared by the daemon's worker thread and ``vlwatch scan``.
-
-    Args:
-        queue: the state database.
-        on_changed: told about a source whose bytes changed since it was queued.
-    """
-
-    def __init__(self, queue: Queue, on_changed: Callable[[Path], None]) -> None:
-        self.queue = queue
-        self.on_changed = on_changed
-
-    def process(self, worker: Worker, jobs: Sequence[Job]) -> BatchResult:
-        """Raises ``BackendUnavailableError`` after putting the jobs back (attempts refunded)."""
-        result = BatchResult()
-        config = worker.config
-        ready: list[tuple[Job, Match]] = []
-        for job in jobs:
-            match = self._gate(config, job, result)
-            if match is not None:
-                ready.append((job, match))
-        if not ready:
-            return result
-        try:
-            outcomes = worker.process([m for _, m in ready])
-        except BackendUnavailableError:
-            raise
-        except ModelMissingError as exc:
-            # The weights went away under a running daemon: the machine's
-            # problem, not the files'; pause like an unreachable server.
-            raise BackendUnavailableError(str(exc)) from exc
-        except Exception as exc:  # a model crash fails this batch's files, not the daemon
-            log.exception("the worker failed on a batch of %d", len(ready))
-            for job, _ in ready:
-                self._failed(config, job, f"unexpected error: {exc}", None, result)
-            return result
-        finished = []
-        for (job, _), outcome in zip(ready, outcomes, strict=True):
-            if outcome.ok:
-                finished.append((job.id, outcome.sidecars, outcome.seconds))
-                names = ", ".join(s.name for s in outcome.sidecars)
-                log.info("%s: %s done in %.1fs -> %s", job.path, job.rule, outcome.seconds, names)
-                result.done += 1
-                if file_signature(job.path) != job.signature:
-                    self.on_changed(job.path)  # changed while it ran: its new bytes get their turn
-            else:
-                self._failed(config, job, outcome.error or "unknown error", outcome.seconds, result)
-        self.queue.finish(finished)
-        return result
-
-    def _gate(self, config: Config, job: Job, result: BatchResult) -> Match | None:
-        """The job's match if it should run now; drop it (and say why) if not."""
-        sig = file_signature(job.path)
-        if sig is None:
-            return self._drop(job, "the file was deleted or moved away before it was processed", result)
-        matches = match_file(config, job.path, job.rule)
-        if not matches:
-            return self._drop(job, f"rule {job.rule!r} is no longer configured", result)
-        if sig != job.signature:
-            try:
-                same = content_hash(job.path) == job.hash
-            except OSError:
-                same = False
-            if not same:
-                self.on_changed(job.path)
-                return self._drop(job, "the file changed since it was queued; queued again once it settles", result)
-        return matches[0]
-
-    def _drop(self, job: Job, why: str, result: BatchResult) -> None:
-        self.queue.drop(job.id)
-        log.info("%s: %s dropped: %s", job.path, job.rule, why)
-        result.dropped += 1
-        return None
-
-    def _failed(self, config: Config, job: Job, error: str, seconds: float | None, result: BatchResult) -> None:
-        if file_signature(job.path) != job.signature:
-            # The file changed (or went away) under us, e.g. a copy still in
-            # progress that decoded as truncated: not a failure of these bytes.
-            self.on_changed(job.path)
-            self._drop(job, f"the file changed while it was processed ({error})", result)
-            return
-        if job.attempts < config.jobs.attempts:
-            delay = backoff_delay(config, job.attempts)
-            self.queue.fail(job.id, error, retry_at=time.time() + delay, seconds=seconds)
-            log.warning("%s: %s failed (attempt %d of %d), retrying in %gs: %s",
-                        job.path, job.rule, job.attempts, config.jobs.attempts, delay, error)
-            result.retrying += 1
-        else:
-            self.queue.fail(job.id, error, retry_at=None, seconds=seconds)
-            log.error("%s: %s failed after %d attempts: %s", job.path, job.rule, job.attempts, error)
-            result.failed += 1
-
-
-# ---------------------------------------------------------------- the worker
-
-
-class WorkerLoop(threading.Thread):
-    """Claims batches from the queue and runs them, until told to stop.
-
-    Args:
-        queue: the state database.
-        worker: the worker for the current config (swapped by ``replace_worker``).
-        processor: records results.
-    """
-
-    def __init__(self, queue: Queue, worker: Worker, processor: Processor,
-                 backlog: Callable[[], int] = lambda: 0) -> None:
-        super().__init__(name="vlwatch-worker", daemon=True)
-        self.queue = queue
-        self.worker = worker
-        self.processor = processor
-        self._backlog = backlog
-        self._yielding_since: float | None = None
-        self.stopping = threading.Event()
-        self._wake = threading.Event()
-        self._next_worker: Worker | None = None
-        self.in_hand: list[int] = []  # ids of claimed jobs not yet recorded
-        self.busy_since: float | None = None
-        self.last_work = time.monotonic()
-        self.batch_lock = threading.Lock()  # held while the backend is in use
-        self.paused_until = 0.0
-        self._outage_pause = 0.0
-        self._outage_since: float | None = None
-        self._model_loaded: bool | None = None
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self._wake.set()
-
-    def replace_worker(self, worker: Worker) -> None:
-        """Use ``worker`` from the next batch on (after a reload)."""
-        self._next_worker = worker
-        self._wake.set()
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                self._step()
-            except Exception:  # e.g. the state disk is full: log, wait, go on
-                log.exception("worker loop error; retrying in 5s")
-                self.stopping.wait(5)
-
-    def _step(self) -> None:
-        self._swap_worker()
-        now = time.time()
-        if self.paused_until > now:
-            self._sleep(self.paused_until - now)
-            return
-        size = max(1, self.worker.batch_size())
-        if self.queue.due_count() == 0:
-            self._sleep(self._idle_timeout())
-            return
-        self._fill(size)
-        if self.stopping.is_set():
-            return
-        if self._yield_to_intake():
-            self._sleep(0.05)
-            return
-        jobs = self.queue.claim(size)
-        self.in_hand = [j.id for j in jobs]
-        if jobs:
-            self._run(jobs)
-
-    def _yield_to_intake(self) -> bool:
-        """During a burst of arrivals, let them reach the durable queue before processing.
-
-        Queued is what survives a crash; the model can start a few seconds
-        later.  Bounded by ``MAX_YIELD``, so a steady stream never starves it.
-        """
-        if self._backlog() < BURST:
-            self._yielding_since = None
-            return False
-        now = time.monotonic()
-        if self._yielding_since is None:
-            self._yielding_since = now
-        if now - self._yielding_since < MAX_YIELD:
-            return True
-        self._yielding_since = None
-        return False
-
-    def _fill(self, size: int) -> None:
-        """Wait up to ``jobs.batch_wait`` for a full batch, so files arriving together share one."""
-        deadline = time.monotonic() + self.worker.config.jobs.batch_wait
-        while not self.stopping.is_set() and self.queue.due_count() < size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            self._wake.wait(remaining)
-            self._wake.clear()
-
-    def _run(self, jobs: list[Job]) -> None:
-        with self.batch_lock:
-            self.busy_since = time.monotonic()
-            try:
-                self.processor.process(self.worker, jobs)
-                self._backend_back()
-            except BackendUnavailableError as exc:
-                self._backend_down(exc)
-            finally:
-                self.in_hand = []
-                self.busy_since = None
-                self.last_work = time.monotonic()
-        self._note_model_state()
-
-    def _backend_down(self, exc: BackendUnavailableError) -> None:
-        self._outage_pause = min(MAX_OUTAGE_PAUSE, max(5.0, self._outage_pause * 2))
-        self._outage_since = self._outage_since or time.time()
-        until = time.time() + self._outage_pause
-        self.queue.release(self.in_hand, not_before=until)
-        self.paused_until = until
-        log.warning("backend unavailable (%s); queue paused for %gs, no attempts spent", exc, self._outage_pause)
-        self.queue.set_meta("backend", {"available": False, "error": str(exc), "retry_at": until,
-                                        "since": self._outage_since})
-
-    def _backend_back(self) -> None:
-        if self._outage_pause:
-            self._outage_pause, self._outage_since = 0.0, None
-            log.info("backend available again; queue resumed")
-            self.queue.set_meta("backend", None)
-
-    def _note_model_state(self) -> None:
-        loaded = bool(getattr(self.worker.backend, "loaded", False))
-        if loaded != self._model_loaded:
-            self._model_loaded = loaded
-            backend = self.worker.backend
-            self.queue.set_meta("model", {"backend": backend.name, "model": backend.model, "loaded": loaded,
-                                          "since": time.time()})
-
-    def unload_if_idle(self, idle_unload: float) -> None:
-        """Free the model's memory after ``idle_unload`` seconds without a batch."""
-        backend = self.worker.backend
-        if idle_unload <= 0 or not getattr(backend, "loaded", False):
-            return
-        if time.monotonic() - self.last_work < idle_unload or not self.batch_lock.acquire(blocking=False):
-            return
-        try:
-            backend.unload()
-            log.info("model %s unloaded after %gs idle; it loads again on the next file", backend.model, idle_unload)
-        finally:
-            self.batch_lock.release()
-        self._note_model_state()
-
-    def _swap_worker(self) -> None:
-        new, self._next_worker = self._next_worker, None
-        if new is None:
-            return
-        old = self.worker
-        self.worker = new
-        old.close()
-        if old.backend is not new.backend:
-            unload = getattr(old.backend, "unload", None)
-            if callable(unload):
-                unload()
-        self._model_loaded = None
-        self._note_model_state()
-
-    def _idle_timeout(self) -> float:
-        # Other processes (`vlwatch retry`, `scan`) add jobs without waking
-        # us, and retries come due by the clock: look again at least every second.
-        due = self.queue.next_due()
-        return 1.0 if due is None else max(0.05, min(1.0, due - time.time()))
-
-    def _sleep(self, seconds: float) -> None:
-        self._wake.wait(max(0.0, seconds))
-        self._wake.clear()
 
 
 # ---------------------------------------------------------------- the daemon
@@ -805,162 +505,3 @@ def run(config_path: str | os.PathLike[str] | None) -> int:
             log.warning("%s", warning)
         check_model(config)
         return Daemon(config).serve(signals)
-
-
-# ------------------------------------------------------------------- scan
-
-
-def scan(config: Config, dry_run: bool = False) -> int:
-    """``vlwatch scan``: queue files with missing or stale sidecars, and process them.
-
-    With a daemon running on the same state file, the jobs are left to it;
-    otherwise this process takes the state lock and works the queue itself.
-    """
-    tty = sys.stderr.isatty()
-    with Queue(config.state) as queue:
-        progress = Progress("scanning", tty=tty)
-        works = list(find_work(config, queue, progress=progress))
-        progress.close()
-        if dry_run:
-            for w in works:
-                print(f"{w.reason}\t{w.match.rule.name}\t{safe_text(str(w.match.path))}")
-            print(f"{len(works)} files need processing ({progress.count} scanned)", file=sys.stderr)
-            return ExitCode.OK
-        now = time.time()
-        ready: list[Work] = []
-        for w in works:
-            if now - w.mtime_ns / 1e9 < _settle_of(config, w.match.path):
-                log.warning("%s: still being written (changed less than settle ago); skipped", w.match.path)
-            else:
-                ready.append(w)
-        jobs = enqueue_in_chunks(queue, ready)
-        log.info("scan: %d files scanned, %d jobs queued", progress.count, len(jobs))
-        lock = StateLock(config.state)
-        if not lock.acquire():
-            print(f"queued {len(jobs)} jobs; the running daemon (pid {lock.holder()}) will process them")
-            return ExitCode.OK
-        try:
-            check_model(config)
-            return _drain(config, queue, tty)
-        finally:
-            lock.release()
-
-
-def _settle_of(config: Config, path: Path) -> float:
-    watch = watch_for(config, path)
-    return watch.settle if watch else 0.0
-
-
-def _drain(config: Config, queue: Queue, tty: bool) -> int:
-    """Process every due job now, with progress; exit 1 if any failed."""
-    queue.recover(config.jobs.attempts, written=lambda j: sidecars_written(j, config))
-    total = queue.due_count()
-    if total == 0:
-        print("nothing to process")
-        return ExitCode.OK
-    worker = Worker(config, create_backend(config.model))
-    processor = Processor(queue, on_changed=lambda p: log.warning("%s: changed while queued; run scan again", p))
-    summary = BatchResult()
-    progress = Progress("processing", total, tty=tty)
-    try:
-        while jobs := queue.claim(max(1, worker.batch_size())):
-            try:
-                r = processor.process(worker, jobs)
-            except BackendUnavailableError as exc:
-                queue.release([j.id for j in jobs])
-                print(f"vlwatch: backend unavailable: {exc}; {queue.due_count()} jobs left queued", file=sys.stderr)
-                return ExitCode.FAILED
-            for k in ("done", "failed", "retrying", "dropped"):
-                setattr(summary, k, getattr(summary, k) + getattr(r, k))
-            progress.update(len(jobs))
-    finally:
-        progress.close()
-        worker.close()
-    print(f"processed {summary.done + summary.failed + summary.retrying} files: {summary.done} done, "
-          f"{summary.failed + summary.retrying} failed ({summary.retrying} will be retried)"
-          + (f", {summary.dropped} dropped" if summary.dropped else ""))
-    return ExitCode.FAILED if summary.failed or summary.retrying else ExitCode.OK
-
-
-# ----------------------------------------------------------------- status
-
-
-def status(config: Config, as_json: bool = False) -> int:
-    """``vlwatch status``: queue counts, the daemon, the model, the last failures."""
-    info = status_info(config)
-    if as_json:
-        print(json.dumps(info, indent=2))
-    else:
-        print(format_status(info))
-    return ExitCode.OK
-
-
-def status_info(config: Config, failures: int = 10) -> dict[str, object]:
-    pid = StateLock(config.state).holder()
-    info: dict[str, object] = {"state": str(config.state), "daemon": {"running": pid is not None, "pid": pid},
-                               "counts": {"queued": 0, "running": 0, "done": 0, "failed": 0},
-                               "model": None, "backend": None, "failures": []}
-    if not config.state.exists():
-        return info
-    with Queue(config.state) as queue:
-        meta = queue.meta()
-        info["counts"] = queue.counts()
-        info["failures"] = [j.as_dict() for j in queue.failures(failures)]
-    model = meta.get("model")
-    if model is not None and pid is None:
-        model = {**model, "loaded": False, "since": None}  # nobody holds it any more
-    info["model"] = model
-    info["backend"] = meta.get("backend") if pid is not None else None
-    return info
-
-
-def format_status(info: dict) -> str:
-    c = info["counts"]
-    daemon = info["daemon"]
-    lines = [
-        f"state    {info['state']}",
-        f"daemon   {'running (pid %s)' % daemon['pid'] if daemon['running'] else 'not running'}",
-        f"queue    {c['queued']} queued, {c['running']} running, {c['done']} done, {c['failed']} failed",
-    ]
-    model = info.get("model")
-    if model:
-        state = "loaded" if model.get("loaded") else "not loaded"
-        since = f" since {_when(model['since'])}" if model.get("since") else ""
-        lines.append(f"model    {model.get('model')} ({model.get('backend')}): {state}{since}")
-    backend = info.get("backend")
-    if backend and not backend.get("available", True):
-        lines.append(f"backend  unavailable since {_when(backend.get('since'))}: {backend.get('error')}; "
-                     f"next try {_when(backend.get('retry_at'))}")
-    if info["failures"]:
-        lines.append("last failures:")
-        for f in info["failures"]:
-            lines.append(f"  #{f['id']}  {safe_text(f['path'])} [{f['rule']}] after {f['attempts']} attempts, "
-                         f"{_when(f['finished_at'])}: {f['error']}")
-        lines.append("(`vlwatch retry --all` or `vlwatch retry JOB_ID...` puts them back on the queue)")
-    return "\n".join(lines)
-
-
-def _when(ts: object) -> str:
-    if not isinstance(ts, (int, float)):
-        return "?"
-    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
-
-
-# ------------------------------------------------------------------ retry
-
-
-def retry(config: Config, ids: Sequence[int] | None) -> int:
-    """``vlwatch retry``: put failed jobs (all, or these ids) back on the queue."""
-    if not config.state.exists():
-        print("no failed jobs (no state file yet)")
-        return ExitCode.OK if ids is None else ExitCode.FAILED
-    with Queue(config.state) as queue:
-        jobs = queue.retry(ids)
-    for job in jobs:
-        print(f"requeued #{job.id} {safe_text(str(job.path))} [{job.rule}]")
-    unknown = sorted(set(ids or ()) - {j.id for j in jobs})
-    for job_id in unknown:
-        print(f"vlwatch: job {job_id} is not a failed job", file=sys.stderr)
-    if not jobs and not unknown:
-        print("no failed jobs")
-    return ExitCode.FAILED if unknown else ExitCode.OK
