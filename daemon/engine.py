@@ -17,13 +17,16 @@ the settler, so the new bytes are queued once they are complete.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+from daemon.backends import Answer, Request
 from daemon.config import Config, local_model_path
 from daemon.errors import BackendUnavailableError, ModelMissingError
 from daemon.queue import Job, Queue, content_hash
@@ -191,6 +194,18 @@ class WorkerLoop(threading.Thread):
         self._outage_pause = 0.0
         self._outage_since: float | None = None
         self._model_loaded: bool | None = None
+        self._interactive: collections.deque[tuple[Request, Future[Answer]]] = collections.deque()
+
+    def submit(self, request: Request) -> Future[Answer]:
+        """Answer ``request`` ahead of the folder backlog (the API, ``vlwatch ask``).
+
+        The future fails with the backend's exception (``BackendUnavailableError``
+        when it cannot be reached); ``future.cancel()`` before it starts drops it.
+        """
+        future: Future[Answer] = Future()
+        self._interactive.append((request, future))
+        self._wake.set()
+        return future
 
     def wake(self) -> None:
         self._wake.set()
@@ -211,9 +226,16 @@ class WorkerLoop(threading.Thread):
             except Exception:  # e.g. the state disk is full: log, wait, go on
                 log.exception("worker loop error; retrying in 5s")
                 self.stopping.wait(5)
+        while self._interactive:
+            _, future = self._interactive.popleft()
+            if future.set_running_or_notify_cancel():
+                future.set_exception(BackendUnavailableError("the daemon is stopping"))
 
     def _step(self) -> None:
         self._swap_worker()
+        if self._interactive:
+            self._serve_interactive()
+            return
         now = time.time()
         if self.paused_until > now:
             self._sleep(self.paused_until - now)
@@ -232,6 +254,21 @@ class WorkerLoop(threading.Thread):
         self.in_hand = [j.id for j in jobs]
         if jobs:
             self._run(jobs)
+
+    def _serve_interactive(self) -> None:
+        # First version: interactive requests run between folder batches, one
+        # at a time (issue 12 replaces this with admission into free slots).
+        with self.batch_lock:
+            self.busy_since = time.monotonic()
+            try:
+                while self._interactive and not self.stopping.is_set():
+                    request, future = self._interactive.popleft()
+                    if future.set_running_or_notify_cancel():
+                        _answer_one(self.worker, request, future)
+            finally:
+                self.busy_since = None
+                self.last_work = time.monotonic()
+        self._note_model_state()
 
     def _yield_to_intake(self) -> bool:
         """During a burst of arrivals, let them reach the durable queue before processing.
@@ -335,3 +372,26 @@ class WorkerLoop(threading.Thread):
     def _sleep(self, seconds: float) -> None:
         self._wake.wait(max(0.0, seconds))
         self._wake.clear()
+
+
+def _answer_one(worker: Worker, request: Request, future: Future[Answer]) -> None:
+    """Run one interactive request; whatever the backend streamed, the client gets the whole text."""
+    sent: list[str] = []
+    if request.stream is not None:
+        client = request.stream
+
+        def stream(piece: str) -> None:
+            sent.append(piece)
+            client(piece)
+
+        request = replace(request, stream=stream)
+    try:
+        [answer] = worker.backend.generate([request])
+    except Exception as exc:  # the caller (an HTTP request) reports it; the daemon goes on
+        future.set_exception(exc)
+        return
+    if request.stream is not None:
+        rest = answer.text[len("".join(sent)):]
+        if rest:
+            request.stream(rest)
+    future.set_result(answer)

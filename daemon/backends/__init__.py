@@ -11,7 +11,7 @@ prompts) and after it (parsing, sidecars) is shared, so a backend only turns
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 from daemon.config import ModelConfig
@@ -22,12 +22,34 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class Message:
+    """One turn of a conversation: text and images (already sized), in order."""
+
+    role: str  # "system" | "user" | "assistant"
+    parts: tuple["str | Image.Image", ...]
+
+
+@dataclass(frozen=True)
 class Request:
-    """One model call: images already sized by ``daemon.images``, and the user prompt."""
+    """One model call: images already sized by ``daemon.images``, and the user prompt.
+
+    A folder job is one user turn: ``images`` then ``prompt``.  A chat (the
+    API, ``vlwatch ask``) sets ``messages`` instead: the whole conversation,
+    images inside the turns where they were given; ``images`` then lists the
+    same images in order of appearance (what sizing and batching look at) and
+    ``prompt`` is unused.
+
+    ``stream``, when set, is called with pieces of the answer's text as they
+    are produced (a backend that cannot stream calls it never; the engine then
+    sends the whole text once).  The pieces joined equal ``Answer.text``.
+    """
 
     images: tuple["Image.Image", ...]
     prompt: str
     max_new_tokens: int
+    messages: tuple[Message, ...] = ()
+    temperature: float = 0.0  # 0 = greedy (what folder jobs use)
+    stream: "Callable[[str], None] | None" = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
