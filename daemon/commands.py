@@ -123,7 +123,7 @@ def status_info(config: Config, failures: int = 10) -> dict[str, object]:
     pid = StateLock(config.state).holder()
     info: dict[str, object] = {"state": str(config.state), "daemon": {"running": pid is not None, "pid": pid},
                                "counts": {"queued": 0, "running": 0, "done": 0, "failed": 0},
-                               "model": None, "backend": None, "failures": []}
+                               "model": None, "backend": None, "storage": None, "failures": []}
     if not config.state.exists():
         return info
     with Queue(config.state) as queue:
@@ -135,6 +135,8 @@ def status_info(config: Config, failures: int = 10) -> dict[str, object]:
         model = {**model, "loaded": False, "since": None}  # nobody holds it any more
     info["model"] = model
     info["backend"] = meta.get("backend") if pid is not None else None
+    # An output disk that refuses writes pauses the queue like a backend outage (issue 10.8).
+    info["storage"] = meta.get("storage") if pid is not None else None
     return info
 
 
@@ -155,6 +157,10 @@ def format_status(info: dict) -> str:
     if backend and not backend.get("available", True):
         lines.append(f"backend  unavailable since {_when(backend.get('since'))}: {backend.get('error')}; "
                      f"next try {_when(backend.get('retry_at'))}")
+    storage = info.get("storage")
+    if storage and not storage.get("available", True):
+        lines.append(f"storage  {storage.get('error')} since {_when(storage.get('since'))}; queue paused, "
+                     f"no attempts spent; next try {_when(storage.get('retry_at'))}")
     if info["failures"]:
         lines.append("last failures:")
         for f in info["failures"]:

@@ -56,6 +56,12 @@ log = logging.getLogger(__name__)
 STATES = ("queued", "running", "done", "failed")
 ACTIVE = ("queued", "running")
 
+#: SQL: the job (table alias ``jobs``) is the newest of its (path, rule), i.e.
+#: what that file's sidecar is at now.  A failure of older bytes that a newer
+#: job has superseded is history, not a current failure (issue 10.9).
+CURRENT = ("NOT EXISTS (SELECT 1 FROM jobs newer WHERE newer.path = jobs.path AND newer.rule = jobs.rule"
+           " AND newer.id > jobs.id)")
+
 #: How far a sidecar's mtime may trail the job's start and still count as
 #: written by that job: file timestamps come from the kernel's coarse clock,
 #: which lags ``time.time()`` by up to a tick.
@@ -433,11 +439,13 @@ class Queue:
     def retry(self, ids: Sequence[int] | None) -> list[Job]:
         """Put failed jobs (all of them, or these ids) back on the queue with fresh attempts."""
         with self._tx() as db:
+            # Only current failures: one a newer job superseded was of bytes the file no longer has.
             if ids is None:
-                found = [r[0] for r in db.execute("SELECT id FROM jobs WHERE state = 'failed'")]
+                found = [r[0] for r in db.execute(f"SELECT id FROM jobs WHERE state = 'failed' AND {CURRENT}")]
             else:
                 marks = ",".join("?" * len(ids))
-                found = [r[0] for r in db.execute(f"SELECT id FROM jobs WHERE state = 'failed' AND id IN ({marks})", list(ids))]
+                found = [r[0] for r in db.execute(
+                    f"SELECT id FROM jobs WHERE state = 'failed' AND {CURRENT} AND id IN ({marks})", list(ids))]
             db.executemany(
                 "UPDATE jobs SET state = 'queued', attempts = 0, not_before = 0, finished_at = NULL WHERE id = ?",
                 [(i,) for i in found])
@@ -509,13 +517,17 @@ class Queue:
         return self._jobs("SELECT * FROM jobs WHERE state = 'running' ORDER BY id")
 
     def counts(self) -> dict[str, int]:
+        """Jobs per state; ``failed`` counts current failures only (see ``CURRENT``)."""
         out = dict.fromkeys(STATES, 0)
-        for state, n in self._query("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
+        for state, n in self._query(f"SELECT state, COUNT(*) FROM jobs WHERE state != 'failed' OR {CURRENT}"
+                                    " GROUP BY state"):
             out[state] = int(n)
         return out
 
     def failures(self, limit: int = 10) -> list[Job]:
-        return self._jobs("SELECT * FROM jobs WHERE state = 'failed' ORDER BY finished_at DESC, id DESC LIMIT ?", (limit,))
+        """The newest current failures: a file whose newer bytes have a job shows that job's state instead."""
+        return self._jobs(f"SELECT * FROM jobs WHERE state = 'failed' AND {CURRENT}"
+                          " ORDER BY finished_at DESC, id DESC LIMIT ?", (limit,))
 
     def _jobs_by_id(self, ids: Sequence[int]) -> list[Job]:
         out: list[Job] = []
