@@ -51,6 +51,16 @@ class ConfigError(VlwatchError):
         super().__init__("\n".join(str(p) for p in problems))
 
 
+class StateError(VlwatchError):
+    """The state database cannot be opened: an unwritable folder, a corrupt file (issue 10.16).
+
+    A problem of the machine's setup, not of a file: exit 2, so systemd does
+    not restart the daemon in a loop (``RestartPreventExitStatus=2``).
+    """
+
+    code = ExitCode.USAGE
+
+
 class ModelMissingError(VlwatchError):
     """The configured model is neither a local directory nor in the local HF cache."""
 

@@ -44,12 +44,15 @@ import json
 import logging
 import os
 import sqlite3
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
+
+from daemon.errors import StateError
 
 log = logging.getLogger(__name__)
 
@@ -250,16 +253,23 @@ class Queue:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_state_folder(self.path)
         self._lock = threading.RLock()
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE),
         # so a read never holds a lock that blocks the daemon's writes.
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=30000")
-        applied = migrate(self._db)
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        except sqlite3.Error as exc:
+            raise StateError(_state_problem(self.path, exc)) from None
+        try:
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=30000")
+            applied = migrate(self._db)
+        except sqlite3.Error as exc:  # a corrupt header, a read-only file or folder (issue 10.16)
+            self._db.close()
+            raise StateError(_state_problem(self.path, exc)) from None
         if applied:
             log.debug("%s: applied migrations %s", self.path, ", ".join(applied))
 
@@ -554,6 +564,40 @@ class Queue:
         return {r["key"]: json.loads(r["value"]) for r in self._query("SELECT key, value FROM meta")}
 
 
+def make_state_folder(state: Path) -> None:
+    """Create the state file's folder, or say in one line why it cannot be."""
+    try:
+        state.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StateError(f"{safe_text(str(state.parent))}: cannot create the state folder: "
+                         f"{exc.strerror or exc}; set `state:` in the config to a writable path") from None
+
+
+def _state_problem(path: Path, exc: sqlite3.Error) -> str:
+    """One line for a state database that cannot be opened, naming the file and the way out."""
+    text = safe_text(str(path))
+    reason = str(exc)
+    if isinstance(exc, sqlite3.DatabaseError) and ("not a database" in reason or "malformed" in reason):
+        return (f"{text}: the state database is corrupt ({reason}); move it away (the daemon then starts "
+                "afresh and its catch-up scan queues what has no sidecar) or restore it from a backup")
+    why = _unwritable(path.parent)
+    if why is None and path.exists() and not os.access(path, os.W_OK):
+        why = "the file is read-only"
+    if why is not None:
+        return (f"{text}: the state database cannot be written ({why}; {reason}); fix the permissions "
+                "or set `state:` in the config to a writable path")
+    return f"{text}: cannot open the state database: {reason}"
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why nothing can be created in ``folder``, or None if something can (tried, not guessed from modes)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as exc:
+        return f"its folder {safe_text(str(folder))} is not writable: {exc.strerror or exc}"
+
+
 def _job(row: sqlite3.Row) -> Job:
     return Job(
         id=row["id"], path=key_path(row["path"]), rule=row["rule"], hash=row["hash"], size=row["size"],
@@ -580,8 +624,12 @@ class StateLock:
         self._fd: int | None = None
 
     def acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        make_state_folder(self.path)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StateError(f"{safe_text(str(self.path))}: cannot create the state lock: {exc.strerror or exc}; "
+                             "fix the folder's permissions or set `state:` in the config to a writable path") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
