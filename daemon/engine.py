@@ -13,6 +13,15 @@ queue pauses, backing off up to ``MAX_OUTAGE_PAUSE``, without spending any
 job's attempts.  A job whose source was deleted or moved away before it ran
 is dropped; one whose source changed is dropped and the file goes back to
 the settler, so the new bytes are queued once they are complete.
+
+What is not retried: an input error that is ``permanent`` (not an image,
+empty, a decompression bomb, an aspect ratio the model cannot take, a
+format the rule does not take) fails the job at once (issue 10.10).  What
+pauses like an unreachable backend, spending no attempts: an output disk
+that refuses sidecars (ENOSPC, EDQUOT, EROFS: issue 10.8; a small probe
+write tells when it takes writes again, before the model runs) and a state
+database that refuses a commit (issue 10.7: the outcomes are kept in memory,
+in order, and recorded once it takes writes, so no job stays ``running``).
 """
 
 from __future__ import annotations

@@ -25,6 +25,15 @@ What makes the queue safe to lose power or ``kill -9`` over:
   the commit, and the job is simply done).  A crash counts as an attempt, so
   a file that kills the process every time ends up ``failed``, not in a loop.
 
+A failure of one (path, rule) is *current* only while no newer job of that
+(path, rule) exists (``CURRENT``): a slow writer's early, truncated version
+failed, the complete file then got its own job, and ``status``, the
+``failed`` count and ``retry --all`` show the file's current state, not the
+superseded failure (issue 10.9).  The row stays as history until ``prune``.
+
+A state folder nothing can be written to, or a file that is not an SQLite
+database, is a ``StateError``: one line naming the file, exit 2.
+
 The schema evolves by ordered, named migrations recorded in ``_migrations``
 (simonw/llm's ``migrations.py`` habit), so an old state file is upgraded in
 place and a blank one is built by running them all.
