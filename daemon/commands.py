@@ -90,9 +90,11 @@ def _drain(config: Config, queue: Queue, tty: bool) -> int:
         while jobs := queue.claim(max(1, worker.batch_size())):
             try:
                 r = processor.process(worker, jobs)
-            except BackendUnavailableError as exc:
-                queue.release([j.id for j in jobs])
-                print(f"vlwatch: backend unavailable: {exc}; {queue.due_count()} jobs left queued", file=sys.stderr)
+            except BackendUnavailableError as exc:  # the server, the output disk or the state database
+                processor.release([j.id for j in jobs])  # recorded now, or kept until the state disk takes it
+                what = "backend unavailable: " if exc.meta_key == "backend" else ""
+                left = "" if processor.unrecorded() else f"; {queue.due_count()} jobs left queued"
+                print(f"vlwatch: {what}{exc}{left}", file=sys.stderr)
                 return ExitCode.FAILED
             for k in ("done", "failed", "retrying", "dropped"):
                 setattr(summary, k, getattr(summary, k) + getattr(r, k))
