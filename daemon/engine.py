@@ -37,7 +37,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from daemon.config import Config, local_model_path
-from daemon.errors import BackendUnavailableError, ModelMissingError, StateUnavailableError, StorageUnavailableError
+from daemon.errors import (
+    BackendUnavailableError,
+    ModelMissingError,
+    StateUnavailableError,
+    StorageUnavailableError,
+)
 from daemon.images import printable
 from daemon.outputs import TEMP_PREFIX, TEMP_SUFFIX
 from daemon.queue import Job, Queue, content_hash

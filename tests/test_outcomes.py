@@ -14,8 +14,8 @@ import errno
 import io
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -81,7 +81,7 @@ def setup(tmp_path: Path):
 def test_permanent_input_errors_fail_at_once_transient_ones_retry(setup, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     # issue 10.10: bytes that can never succeed are not retried with backoff.
-    config, queue, worker = setup
+    _config, queue, worker = setup
     inbox = tmp_path / "inbox"
     (inbox / "only").mkdir()
     files = {
@@ -135,7 +135,7 @@ def _jpeg() -> bytes:
 def test_a_newer_job_supersedes_the_files_older_failures(setup, tmp_path: Path) -> None:
     # issue 10.9: a slow writer's early (truncated) version failed; the
     # complete file then succeeded: status shows the file's current state.
-    config, queue, worker = setup
+    _config, queue, worker = setup
     image = tmp_path / "inbox" / "slow.png"
     whole = png(5, (120, 90))
     image.write_bytes(whole[:200])
@@ -196,7 +196,7 @@ class FullStateDisk:
 def test_a_failed_commit_leaves_no_job_running(setup, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # issue 10.7: the sidecars are written, then the state disk is full at the
     # commit: the result is kept and recorded once writes work, no restart.
-    config, queue, worker = setup
+    _config, queue, worker = setup
     image = tmp_path / "inbox" / "a.png"
     image.write_bytes(png(7))
     job_id = enqueue(queue, image)
@@ -223,7 +223,7 @@ def test_a_full_output_disk_pauses_without_spending_attempts(setup, tmp_path: Pa
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     # issue 10.8: ENOSPC while writing sidecars is an outage: pause, say so in
     # status, resume by itself once writes work; no file fails for it.
-    config, queue, worker = setup
+    _config, queue, worker = setup
     real_write = outputs.atomic_write
     disk = {"full": True, "refused": 0}
 
