@@ -202,6 +202,50 @@ def clean_markdown(text: str) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
+def escape_raw_html(markdown: str) -> str:
+    """``markdown`` with its raw HTML made inert: ``<`` outside code becomes ``&lt;`` (issue 10.14).
+
+    The model reads attacker-controlled pixels; a Markdown viewer that renders
+    inline HTML would run a ``<script>`` it wrote, or load ``<img
+    src=http://...>`` and tell a stranger the file was opened.  Escaping the
+    ``<`` of every tag, comment and declaration turns them into visible text,
+    which every renderer shows as written.  Fenced code blocks and inline code
+    spans are left as they are: renderers show their content literally
+    already, and ``&lt;`` there would be shown as ``&lt;``.  ``>`` stays (a
+    quote marker; harmless without its ``<``).
+    """
+    out: list[str] = []
+    fence: tuple[str, int] | None = None
+    for line in markdown.split("\n"):
+        if fence is not None:
+            out.append(line)
+            if _fence_closes(line, *fence):
+                fence = None
+            continue
+        opened = _fence_open(line)
+        if opened is not None:
+            fence = (opened[0], opened[1])
+            out.append(line)
+            continue
+        out.append(_escape_outside_code_spans(line))
+    return "\n".join(out)
+
+
+_CODE_SPAN = re.compile(r"(`+)(.+?)(?<!`)\1(?!`)")
+
+
+def _escape_outside_code_spans(line: str) -> str:
+    if "<" not in line:
+        return line
+    parts, last = [], 0
+    for m in _CODE_SPAN.finditer(line):
+        parts.append(line[last:m.start()].replace("<", "&lt;"))
+        parts.append(m.group(0))
+        last = m.end()
+    parts.append(line[last:].replace("<", "&lt;"))
+    return "".join(parts)
+
+
 def _trim_blank(lines: list[str]) -> list[str]:
     start, end = 0, len(lines)
     while start < end and not lines[start]:

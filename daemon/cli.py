@@ -92,11 +92,49 @@ def setup_logging(verbose: int) -> None:
     # `journalctl -p warning` works (sd-daemon(3), SyslogLevelPrefix=).
     prefix = "<%(priority)d>" if _stderr_is_journal() else ""
     logging.basicConfig(level=level, format=f"{prefix}{stamp}%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
-    if prefix:
-        for handler in logging.getLogger().handlers:
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(SafeFormatter(handler.formatter))  # issue 10.12: no forged lines, no raw ANSI
+        if prefix:
             handler.addFilter(_syslog_priority)
     for noisy in ("httpx", "httpcore", "urllib3", "filelock", "PIL", "apscheduler", "watchdog"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+class SafeFormatter(logging.Formatter):
+    """Every log line is one line, whatever a file name or the model said (issue 10.12).
+
+    Paths, file names and model text reach log records as arguments; a name
+    holding a newline would print a second, forged line (``ERROR
+    daemon.service: ...``) and an ANSI escape would reach the terminal raw.
+    Escaping here, once, covers every call site: the message (after %-style
+    arguments are filled in) has its control characters escaped as Python
+    would write them (``\\n``, ``\\x1b``), and the lines of a traceback are
+    escaped likewise and indented with ``  | ``, so none of them can pass
+    for a record of its own.
+
+    Args:
+        inner: the formatter that lays out the line (level, name, time...).
+    """
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        safe = logging.makeLogRecord(record.__dict__)
+        safe.msg, safe.args = escape_control(record.getMessage()), None
+        text = self.inner.format(safe)
+        head, newline, tail = text.partition("\n")
+        if not newline:
+            return head
+        return head + "".join(f"\n  | {escape_control(line)}" for line in tail.split("\n"))
+
+
+def escape_control(text: str) -> str:
+    """``text`` with every non-printable character (newline, ESC, lone surrogates...) escaped."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _stderr_is_journal() -> bool:

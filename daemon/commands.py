@@ -90,9 +90,11 @@ def _drain(config: Config, queue: Queue, tty: bool) -> int:
         while jobs := queue.claim(max(1, worker.batch_size())):
             try:
                 r = processor.process(worker, jobs)
-            except BackendUnavailableError as exc:
-                queue.release([j.id for j in jobs])
-                print(f"vlwatch: backend unavailable: {exc}; {queue.due_count()} jobs left queued", file=sys.stderr)
+            except BackendUnavailableError as exc:  # the server, the output disk or the state database
+                processor.release([j.id for j in jobs])  # recorded now, or kept until the state disk takes it
+                what = "backend unavailable: " if exc.meta_key == "backend" else ""
+                left = "" if processor.unrecorded() else f"; {queue.due_count()} jobs left queued"
+                print(f"vlwatch: {what}{exc}{left}", file=sys.stderr)
                 return ExitCode.FAILED
             for k in ("done", "failed", "retrying", "dropped"):
                 setattr(summary, k, getattr(summary, k) + getattr(r, k))
@@ -123,7 +125,7 @@ def status_info(config: Config, failures: int = 10) -> dict[str, object]:
     pid = StateLock(config.state).holder()
     info: dict[str, object] = {"state": str(config.state), "daemon": {"running": pid is not None, "pid": pid},
                                "counts": {"queued": 0, "running": 0, "done": 0, "failed": 0},
-                               "model": None, "backend": None, "failures": []}
+                               "model": None, "backend": None, "storage": None, "failures": []}
     if not config.state.exists():
         return info
     with Queue(config.state) as queue:
@@ -135,6 +137,8 @@ def status_info(config: Config, failures: int = 10) -> dict[str, object]:
         model = {**model, "loaded": False, "since": None}  # nobody holds it any more
     info["model"] = model
     info["backend"] = meta.get("backend") if pid is not None else None
+    # An output disk that refuses writes pauses the queue like a backend outage (issue 10.8).
+    info["storage"] = meta.get("storage") if pid is not None else None
     return info
 
 
@@ -155,6 +159,10 @@ def format_status(info: dict) -> str:
     if backend and not backend.get("available", True):
         lines.append(f"backend  unavailable since {_when(backend.get('since'))}: {backend.get('error')}; "
                      f"next try {_when(backend.get('retry_at'))}")
+    storage = info.get("storage")
+    if storage and not storage.get("available", True):
+        lines.append(f"storage  {storage.get('error')} since {_when(storage.get('since'))}; queue paused, "
+                     f"no attempts spent; next try {_when(storage.get('retry_at'))}")
     if info["failures"]:
         lines.append("last failures:")
         for f in info["failures"]:

@@ -117,6 +117,7 @@ class Rule:
     output: str
     also: bool = False
     csp: bool = True  # code task: add a network-blocking Content-Security-Policy
+    raw_html: bool = False  # md output: keep the model's raw HTML instead of escaping it
     objects: str = "all distinct objects"  # ground task: what to detect ($objects)
     max_new_tokens: int | None = None
     min_pixels: int | None = None
@@ -438,7 +439,7 @@ _MODEL_KEYS = ("backend", "name", "attention", "dtype", "device", "min_pixels", 
                "max_gpu_memory", "max_new_tokens", "idle_unload", "base_url", "api_key_env",
                "max_concurrency", "timeout")
 _WATCH_KEYS = ("path", "rules", "recursive", "polling", "settle", "output_dir", "follow_symlinks_out")
-_RULE_KEYS = ("name", "match", "task", "prompt", "output", "also", "csp", "objects", "max_new_tokens",
+_RULE_KEYS = ("name", "match", "task", "prompt", "output", "also", "csp", "raw_html", "objects", "max_new_tokens",
               "min_pixels", "max_pixels", "formats", "pages")
 _JOBS_KEYS = ("attempts", "backoff", "rescan", "keep_history", "batch_wait")
 
@@ -634,7 +635,7 @@ def _read_rule(r: _Reader, node: yaml.Node, where: str) -> Rule | None:
         if not match:
             r.problem(keys["match"], f"{where}.match", "must list at least one glob")
     kw: dict[str, Any] = {}
-    for k in ("also", "csp"):
+    for k in ("also", "csp", "raw_html"):
         if k in keys:
             kw[k] = r.boolean(keys[k], f"{where}.{k}")
     if "objects" in keys:

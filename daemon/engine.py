@@ -13,31 +13,50 @@ queue pauses, backing off up to ``MAX_OUTAGE_PAUSE``, without spending any
 job's attempts.  A job whose source was deleted or moved away before it ran
 is dropped; one whose source changed is dropped and the file goes back to
 the settler, so the new bytes are queued once they are complete.
+
+What is not retried: an input error that is ``permanent`` (not an image,
+empty, a decompression bomb, an aspect ratio the model cannot take, a
+format the rule does not take) fails the job at once (issue 10.10).  What
+pauses like an unreachable backend, spending no attempts: an output disk
+that refuses sidecars (ENOSPC, EDQUOT, EROFS: issue 10.8; a small probe
+write tells when it takes writes again, before the model runs) and a state
+database that refuses a commit (issue 10.7: the outcomes are kept in memory,
+in order, and recorded once it takes writes, so no job stays ``running``).
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import os
+import sqlite3
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
 from daemon.backends import Answer, Request
 from daemon.config import Config, local_model_path
-from daemon.errors import BackendUnavailableError, ModelMissingError
+from daemon.errors import (
+    BackendUnavailableError,
+    ModelMissingError,
+    StateUnavailableError,
+    StorageUnavailableError,
+)
+from daemon.images import printable
+from daemon.outputs import TEMP_PREFIX, TEMP_SUFFIX
 from daemon.queue import Job, Queue, content_hash
 from daemon.rules import Match, match_file
 from daemon.watching import file_signature
-from daemon.worker import Worker
+from daemon.worker import STORAGE_ERRNOS, Worker
 
 log = logging.getLogger(__name__)
 
-#: Longest pause of the queue while the backend is unreachable.
-MAX_OUTAGE_PAUSE = 300.0
+#: Longest pause of the queue while the backend is unreachable (see ``BackendUnavailableError.max_pause``).
+MAX_OUTAGE_PAUSE = BackendUnavailableError.max_pause
 #: Files waiting to settle plus files queued per second that make a burst:
 #: the worker then lets the intake get them onto the durable queue first...
 BURST = 200
@@ -73,6 +92,13 @@ class Processor:
 
     Shared by the daemon's worker thread and ``vlwatch scan``.
 
+    Recording never loses an outcome (issue 10.7): a write the state database
+    refuses (its disk is full, an I/O error) is kept in memory, in order, and
+    applied by ``flush`` once the database takes writes again; meanwhile
+    ``process`` raises ``StateUnavailableError`` so the caller pauses like
+    for any outage.  Jobs therefore never stay ``running`` for want of a
+    restart.
+
     Args:
         queue: the state database.
         on_changed: told about a source whose bytes changed since it was queued.
@@ -81,9 +107,59 @@ class Processor:
     def __init__(self, queue: Queue, on_changed: Callable[[Path], None]) -> None:
         self.queue = queue
         self.on_changed = on_changed
+        self._unrecorded: list[Callable[[], object]] = []
+        self._record_lock = threading.Lock()
+        self.state_error: str | None = None
+        #: a folder whose disk refused a sidecar: probed before the model runs again
+        self.full_folder: Path | None = None
+
+    # ------------------------------------------------------------ recording
+
+    def record(self, write: Callable[[], object]) -> None:
+        """Apply ``write`` to the state database now, or as soon as it takes writes again."""
+        with self._record_lock:
+            self._unrecorded.append(write)
+        self.flush()
+
+    def release(self, job_ids: Sequence[int], not_before: float = 0.0) -> None:
+        """Put jobs that never really ran back on the queue (no attempt spent)."""
+        if job_ids:
+            self.record(partial(self.queue.release, list(job_ids), not_before=not_before))
+
+    def flush(self) -> bool:
+        """Record what the state database refused before, in order; True when nothing is left."""
+        with self._record_lock:
+            while self._unrecorded:
+                try:
+                    self._unrecorded[0]()
+                except sqlite3.OperationalError as exc:  # "database or disk is full", "disk I/O error"...
+                    if self.state_error is None:
+                        log.error("%s: cannot record job results (%s); %d kept in memory, retried while the "
+                                  "queue is paused", self.queue.path, exc, len(self._unrecorded))
+                    self.state_error = str(exc)
+                    return False
+                self._unrecorded.pop(0)
+            if self.state_error is not None:
+                self.state_error = None
+                log.warning("%s: takes writes again; every job result is recorded", self.queue.path)
+            return True
+
+    def unrecorded(self) -> int:
+        with self._record_lock:
+            return len(self._unrecorded)
+
+    def state_down(self) -> StateUnavailableError:
+        return StateUnavailableError(f"state database {self.queue.path} refuses writes: {self.state_error}")
+
+    # ------------------------------------------------------------ processing
 
     def process(self, worker: Worker, jobs: Sequence[Job]) -> BatchResult:
-        """Raises ``BackendUnavailableError`` after putting the jobs back (attempts refunded)."""
+        """Raises ``BackendUnavailableError`` (or a subclass: output disk, state
+        database) with the jobs not recorded; the caller puts them back with
+        ``release`` (attempts refunded)."""
+        if not self.flush():
+            raise self.state_down()
+        self._probe_output()
         result = BatchResult()
         config = worker.config
         ready: list[tuple[Job, Match]] = []
@@ -92,7 +168,7 @@ class Processor:
             if match is not None:
                 ready.append((job, match))
         if not ready:
-            return result
+            return self._checked(result)
         try:
             outcomes = worker.process([m for _, m in ready])
         except BackendUnavailableError:
@@ -105,8 +181,9 @@ class Processor:
             log.exception("the worker failed on a batch of %d", len(ready))
             for job, _ in ready:
                 self._failed(config, job, f"unexpected error: {exc}", None, result)
-            return result
+            return self._checked(result)
         finished = []
+        outage: tuple[Path, str] | None = None
         for (job, _), outcome in zip(ready, outcomes, strict=True):
             if outcome.ok:
                 finished.append((job.id, outcome.sidecars, outcome.seconds))
@@ -115,10 +192,52 @@ class Processor:
                 result.done += 1
                 if file_signature(job.path) != job.signature:
                     self.on_changed(job.path)  # changed while it ran: its new bytes get their turn
+            elif outcome.outage is not None:
+                # Left running: the caller releases it with the rest of the batch.
+                outage = outage or (outcome.outage, outcome.error or "output disk refuses writes")
             else:
-                self._failed(config, job, outcome.error or "unknown error", outcome.seconds, result)
-        self.queue.finish(finished)
+                self._failed(config, job, outcome.error or "unknown error", outcome.seconds, result,
+                             permanent=outcome.permanent)
+        self.record(partial(self.queue.finish, finished))
+        if outage is not None:
+            self.full_folder = outage[0]
+            raise StorageUnavailableError(outage[1])
+        self.full_folder = None
+        return self._checked(result)
+
+    def _checked(self, result: BatchResult) -> BatchResult:
+        if self.unrecorded():
+            raise self.state_down()
         return result
+
+    def _probe_output(self) -> None:
+        """While an output disk was full, try a small write there before running the model again.
+
+        Running a batch through the model only to fail writing it wastes the
+        GPU; a probe costs one small file.  A probe that passes lets the batch
+        run (the real write may still fail, which pauses again).
+        """
+        folder = self.full_folder
+        if folder is None:
+            return
+        probe = folder / f"{TEMP_PREFIX}probe-{os.getpid()}{TEMP_SUFFIX}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            try:
+                os.write(fd, b"\0" * 65536)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            if exc.errno in STORAGE_ERRNOS:
+                probe.unlink(missing_ok=True)
+                raise StorageUnavailableError(f"output disk still refuses writes: {printable(folder)} "
+                                              f"({exc.strerror or exc})") from exc
+            # Something else (the folder went away): let the batch find out for itself.
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
 
     def _gate(self, config: Config, job: Job, result: BatchResult) -> Match | None:
         """The job's match if it should run now; drop it (and say why) if not."""
@@ -139,26 +258,34 @@ class Processor:
         return matches[0]
 
     def _drop(self, job: Job, why: str, result: BatchResult) -> None:
-        self.queue.drop(job.id)
+        self.record(partial(self.queue.drop, job.id))
         log.info("%s: %s dropped: %s", job.path, job.rule, why)
         result.dropped += 1
         return None
 
-    def _failed(self, config: Config, job: Job, error: str, seconds: float | None, result: BatchResult) -> None:
+    def _failed(self, config: Config, job: Job, error: str, seconds: float | None, result: BatchResult,
+                *, permanent: bool = False) -> None:
         if file_signature(job.path) != job.signature:
             # The file changed (or went away) under us, e.g. a copy still in
             # progress that decoded as truncated: not a failure of these bytes.
             self.on_changed(job.path)
             self._drop(job, f"the file changed while it was processed ({error})", result)
             return
-        if job.attempts < config.jobs.attempts:
+        if permanent:
+            # These bytes can never succeed (not an image, a bomb...): trying
+            # again only burns time (issue 10.10).  New bytes get a new job.
+            self.record(partial(self.queue.fail, job.id, error, retry_at=None, seconds=seconds))
+            log.error("%s: %s failed (not retried: it cannot succeed for this file's content): %s",
+                      job.path, job.rule, error)
+            result.failed += 1
+        elif job.attempts < config.jobs.attempts:
             delay = backoff_delay(config, job.attempts)
-            self.queue.fail(job.id, error, retry_at=time.time() + delay, seconds=seconds)
+            self.record(partial(self.queue.fail, job.id, error, retry_at=time.time() + delay, seconds=seconds))
             log.warning("%s: %s failed (attempt %d of %d), retrying in %gs: %s",
                         job.path, job.rule, job.attempts, config.jobs.attempts, delay, error)
             result.retrying += 1
         else:
-            self.queue.fail(job.id, error, retry_at=None, seconds=seconds)
+            self.record(partial(self.queue.fail, job.id, error, retry_at=None, seconds=seconds))
             log.error("%s: %s failed after %d attempts: %s", job.path, job.rule, job.attempts, error)
             result.failed += 1
 
@@ -193,6 +320,7 @@ class WorkerLoop(threading.Thread):
         self.paused_until = 0.0
         self._outage_pause = 0.0
         self._outage_since: float | None = None
+        self._outage_key = "backend"
         self._model_loaded: bool | None = None
         self._interactive: collections.deque[tuple[Request, Future[Answer]]] = collections.deque()
 
@@ -223,7 +351,10 @@ class WorkerLoop(threading.Thread):
         while not self.stopping.is_set():
             try:
                 self._step()
-            except Exception:  # e.g. the state disk is full: log, wait, go on
+            except sqlite3.OperationalError as exc:  # the state disk is full (claim failed): nothing was taken
+                log.error("%s: %s; trying again in 5s", self.queue.path, exc)
+                self.stopping.wait(5)
+            except Exception:  # a bug: log, wait, go on
                 log.exception("worker loop error; retrying in 5s")
                 self.stopping.wait(5)
         while self._interactive:
@@ -240,6 +371,11 @@ class WorkerLoop(threading.Thread):
         if self.paused_until > now:
             self._sleep(self.paused_until - now)
             return
+        if not self.processor.flush():  # results the state database refused: nothing new until they are in
+            self._backend_down(self.processor.state_down())
+            return
+        if self._outage_key == "state":
+            self._backend_back()
         size = max(1, self.worker.batch_size())
         if self.queue.due_count() == 0:
             self._sleep(self._idle_timeout())
@@ -312,20 +448,33 @@ class WorkerLoop(threading.Thread):
         self._note_model_state()
 
     def _backend_down(self, exc: BackendUnavailableError) -> None:
-        self._outage_pause = min(MAX_OUTAGE_PAUSE, max(5.0, self._outage_pause * 2))
+        # One path for every outage: backend, output disk, state database (issue 10.7, 10.8).
+        key = exc.meta_key
+        if key != self._outage_key and self._outage_pause:
+            self._set_meta(self._outage_key, None)
+        self._outage_key = key
+        self._outage_pause = min(exc.max_pause, max(exc.first_pause, self._outage_pause * 2))
         self._outage_since = self._outage_since or time.time()
         until = time.time() + self._outage_pause
-        self.queue.release(self.in_hand, not_before=until)
+        self.processor.release(self.in_hand, not_before=until)
         self.paused_until = until
-        log.warning("backend unavailable (%s); queue paused for %gs, no attempts spent", exc, self._outage_pause)
-        self.queue.set_meta("backend", {"available": False, "error": str(exc), "retry_at": until,
-                                        "since": self._outage_since})
+        what = {"backend": "backend unavailable", "storage": "output disk refuses writes",
+                "state": "state database refuses writes"}.get(key, key)
+        log.warning("%s (%s); queue paused for %gs, no attempts spent", what, exc, self._outage_pause)
+        self._set_meta(key, {"available": False, "error": str(exc), "retry_at": until, "since": self._outage_since})
 
     def _backend_back(self) -> None:
         if self._outage_pause:
             self._outage_pause, self._outage_since = 0.0, None
-            log.info("backend available again; queue resumed")
-            self.queue.set_meta("backend", None)
+            log.info("%s available again; queue resumed", {"storage": "output disk", "state": "state database"}
+                     .get(self._outage_key, "backend"))
+            self._set_meta(self._outage_key, None)
+
+    def _set_meta(self, key: str, value: dict[str, object] | None) -> None:
+        try:
+            self.queue.set_meta(key, value)
+        except sqlite3.OperationalError as exc:  # the state disk is the one that is full
+            log.debug("cannot record %s state: %s", key, exc)
 
     def _note_model_state(self) -> None:
         loaded = bool(getattr(self.worker.backend, "loaded", False))

@@ -51,12 +51,57 @@ class ConfigError(VlwatchError):
         super().__init__("\n".join(str(p) for p in problems))
 
 
+class StateError(VlwatchError):
+    """The state database cannot be opened: an unwritable folder, a corrupt file (issue 10.16).
+
+    A problem of the machine's setup, not of a file: exit 2, so systemd does
+    not restart the daemon in a loop (``RestartPreventExitStatus=2``).
+    """
+
+    code = ExitCode.USAGE
+
+
 class ModelMissingError(VlwatchError):
     """The configured model is neither a local directory nor in the local HF cache."""
 
 
 class InputError(VlwatchError):
-    """A source file cannot be used (unreadable, not an image, too large...)."""
+    """A source file cannot be used (unreadable, not an image, too large...).
+
+    ``permanent`` says whether trying the same bytes again could ever help.
+    A plain ``InputError`` is transient (an I/O error, a file that went away,
+    a truncated file that may still be growing): the job is retried with
+    backoff.  The subclasses below are facts about the bytes themselves: the
+    job fails at once (issue 10.10).  New bytes make a new job either way.
+    """
+
+    permanent: bool = False
+
+
+class UnusableInputError(InputError):
+    """The file's bytes can never be processed, however often they are tried."""
+
+    permanent = True
+
+
+class NotAnImageError(UnusableInputError):
+    """Not an image or PDF vlwatch can read (text, an unknown format, empty)."""
+
+
+class UnsupportedFormatError(UnusableInputError):
+    """An image of a format this rule (or this install) does not take."""
+
+
+class ImageTooLargeError(UnusableInputError):
+    """Over the decompression-bomb limit, or more pages than vlwatch takes."""
+
+
+class AspectRatioError(UnusableInputError):
+    """An aspect ratio the model cannot be shown (over 200:1)."""
+
+
+class NoPagesError(UnusableInputError):
+    """None of the rule's pages exist, or the document has none / is locked."""
 
 
 class BackendError(VlwatchError):
@@ -69,3 +114,33 @@ class BackendUnavailableError(BackendError):
     Not the job's fault: the worker pauses the queue and tries again later
     instead of spending the job's attempts.
     """
+
+    #: the ``meta`` key ``vlwatch status`` reads the outage from.
+    meta_key = "backend"
+    #: the queue's first pause, doubling on each failed try up to ``max_pause`` (seconds).
+    first_pause = 5.0
+    max_pause = 300.0
+
+
+class StorageUnavailableError(BackendUnavailableError):
+    """The output disk refuses writes (full, over quota, read-only): issue 10.8.
+
+    An outage like an unreachable backend, and handled by the same path: the
+    queue pauses without spending attempts and resumes by itself once a
+    write works again.  ``status`` shows it under ``storage``.
+    """
+
+    meta_key = "storage"
+    max_pause = 60.0  # a probe write tells whether it is over: cheap to look often
+
+
+class StateUnavailableError(BackendUnavailableError):
+    """The state database refuses a commit (its disk is full, I/O error): issue 10.7.
+
+    The outcomes of the jobs in hand are kept in memory and recorded once
+    the database takes writes again; meanwhile the queue pauses.
+    """
+
+    meta_key = "state"
+    first_pause = 1.0  # trying a commit again costs nothing
+    max_pause = 30.0

@@ -26,7 +26,12 @@ once at full size, then shrunk with ``reduce`` before any colour conversion,
 so no second full-size copy is made.
 
 Every failure is an ``InputError`` whose message starts with the file's path
-(control characters escaped, see ``printable``).  Accepted risks:
+(control characters escaped, see ``printable``).  What can never succeed for
+these bytes (not an image, empty, a decompression bomb, an aspect ratio over
+200:1, a format the rule does not take, no selected page) is one of the
+``permanent`` subclasses in ``daemon.errors``, so the job fails at once;
+anything that may be a file still being written (truncated, a damaged
+header) stays a plain, retried ``InputError``.  Accepted risks:
 
 - A non-JPEG image is decoded at full size once, up to Pillow's
   decompression-bomb limit (``Image.MAX_IMAGE_PIXELS`` x 2, ~179 MP, about
@@ -61,7 +66,14 @@ from typing import BinaryIO
 from PIL import Image
 
 from daemon.config import FORMATS, PageRanges, last_page_wanted, page_selected
-from daemon.errors import InputError
+from daemon.errors import (
+    AspectRatioError,
+    ImageTooLargeError,
+    InputError,
+    NoPagesError,
+    NotAnImageError,
+    UnsupportedFormatError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +216,7 @@ def shown_size(width: int, height: int, *, min_pixels: int, max_pixels: int) -> 
     try:
         h, w = smart_resize(height, width, factor=FACTOR, min_pixels=min_pixels, max_pixels=max_pixels)
     except ValueError as exc:  # qwen-vl-utils refuses aspect ratios over 200:1
-        raise InputError(f"image of {width}x{height} cannot be shown to the model: {exc}") from exc
+        raise AspectRatioError(f"image of {width}x{height} cannot be shown to the model: {exc}") from exc
     # qwen-vl-utils 0.0.14 floors the short side of a thin strip it shrinks to
     # 0 (3000x20 -> 2996x0); transformers' own copy clamps it to one factor.
     if h < FACTOR:
@@ -251,7 +263,7 @@ def open_source(path: Path, allowed_roots: Sequence[Path] | None = None) -> Iter
         if allowed_roots is not None:
             _check_inside(path, fd, allowed_roots)
         if st.st_size == 0:
-            raise InputError(f"{p}: file is empty (0 bytes)")
+            raise NotAnImageError(f"{p}: file is empty (0 bytes)")
         f = os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
@@ -278,14 +290,14 @@ def _is_pdf(path: Path, f: BinaryIO) -> bool:
     if b"%PDF-" in head:  # PDF readers accept junk before the header, and so does PDFium
         return True
     if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS and not _heif_available():
-        raise InputError(f"{printable(path)}: is HEIC/HEIF, which needs the optional extra: "
+        raise UnsupportedFormatError(f"{printable(path)}: is HEIC/HEIF, which needs the optional extra: "
                          "pip install 'vlwatch[heif]'")
     return False
 
 
 def _check_format(path: Path, fmt: str, formats: Sequence[str] | None) -> None:
     if formats is not None and fmt not in formats:
-        raise InputError(f"{printable(path)}: is {_NAMES.get(fmt, fmt)}, which this rule does not take "
+        raise UnsupportedFormatError(f"{printable(path)}: is {_NAMES.get(fmt, fmt)}, which this rule does not take "
                          f"(formats: {', '.join(formats)})")
 
 
@@ -295,11 +307,11 @@ def _open_pillow(path: Path, f: BinaryIO) -> Image.Image:
     try:
         image = Image.open(f, formats=_pillow_formats())
     except Image.DecompressionBombError as exc:
-        raise InputError(f"{p}: image is too large to decode safely ({exc})") from exc
+        raise ImageTooLargeError(f"{p}: image is too large to decode safely ({exc})") from exc
     except Image.UnidentifiedImageError as exc:
         f.seek(0)
         kind = "a text file" if _looks_like_text(f.read(4096)) else "not an image vlwatch can read"
-        raise InputError(f"{p}: is {kind}; supported: {_SUPPORTED}") from exc
+        raise NotAnImageError(f"{p}: is {kind}; supported: {_SUPPORTED}") from exc
     except Exception as exc:  # a corrupt header: Pillow raises OSError, SyntaxError, ValueError, struct.error...
         raise InputError(f"{p}: cannot read image header: {_reason(exc)}") from exc
     return image
@@ -405,11 +417,11 @@ def _image_pages(path: Path, image: Image.Image, *, min_pixels: int, max_pixels:
     out: list[Page] = []
     for number in _frames(path, image, _format_of(image), pages):
         if len(out) == MAX_PAGES:
-            raise InputError(f"{printable(path)}: has more than {MAX_PAGES} pages; "
+            raise ImageTooLargeError(f"{printable(path)}: has more than {MAX_PAGES} pages; "
                              "give the rule a `pages:` range to take part of it")
         out.append(_frame_page(path, image, number, min_pixels=min_pixels, max_pixels=max_pixels))
     if not out:
-        raise InputError(f"{printable(path)}: none of the rule's pages ({_ranges(pages)}) exist in this file")
+        raise NoPagesError(f"{printable(path)}: none of the rule's pages ({_ranges(pages)}) exist in this file")
     return out
 
 
@@ -444,7 +456,7 @@ def _seek(path: Path, image: Image.Image, frame: int) -> None:
     try:
         image.seek(frame)
     except EOFError as exc:
-        raise InputError(f"{printable(path)}: has no page {frame + 1}") from exc
+        raise NoPagesError(f"{printable(path)}: has no page {frame + 1}") from exc
     except Exception as exc:
         raise InputError(f"{printable(path)}: page {frame + 1} cannot be read: {_reason(exc)}") from exc
 
@@ -460,7 +472,7 @@ def _frame_page(path: Path, image: Image.Image, number: int, *, min_pixels: int,
     try:
         shown = shown_size(*original, min_pixels=min_pixels, max_pixels=max_pixels)
     except InputError as exc:
-        raise InputError(f"{p}: {exc}") from None
+        raise type(exc)(f"{p}: {exc}") from None  # keep the kind: permanent or not
     target = (shown[1], shown[0]) if turned else shown  # in the stored (unrotated) orientation
     if image.format in ("JPEG", "MPO") and number == 1:
         # libjpeg decodes at 1/2, 1/4 or 1/8 scale for free, never below target.
@@ -482,7 +494,7 @@ def _decode(path: Path, image: Image.Image) -> None:
     try:
         image.load()
     except Image.DecompressionBombError as exc:
-        raise InputError(f"{p}: image is too large to decode safely ({exc})") from exc
+        raise ImageTooLargeError(f"{p}: image is too large to decode safely ({exc})") from exc
     except MemoryError as exc:
         raise InputError(f"{p}: not enough memory to decode an image of {image.size[0]}x{image.size[1]}") from exc
     except Exception as exc:  # OSError "image file is truncated", SyntaxError, ValueError...
@@ -499,7 +511,7 @@ def _check_bomb(path: Path, size: tuple[int, int]) -> None:
     # Pillow checks the first frame on open; later TIFF pages are checked here.
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and size[0] * size[1] > 2 * limit:
-        raise InputError(f"{printable(path)}: image is too large to decode safely ({size[0]}x{size[1]} = "
+        raise ImageTooLargeError(f"{printable(path)}: image is too large to decode safely ({size[0]}x{size[1]} = "
                          f"{size[0] * size[1]} pixels, over the limit of {2 * limit}; "
                          "a decompression bomb, or a scan too big for vlwatch)")
 
@@ -596,13 +608,13 @@ def _pdf_pages(path: Path, f: BinaryIO, *, min_pixels: int, max_pixels: int, pag
     with _PDFIUM_LOCK, _pdf_document(path, f) as doc:
         count = len(doc)
         if count == 0:
-            raise InputError(f"{printable(path)}: PDF has no pages")
+            raise NoPagesError(f"{printable(path)}: PDF has no pages")
         numbers = _selected(count, pages)
         if len(numbers) > MAX_PAGES:
-            raise InputError(f"{printable(path)}: has {count} pages, more than the {MAX_PAGES} vlwatch takes "
+            raise ImageTooLargeError(f"{printable(path)}: has {count} pages, more than the {MAX_PAGES} vlwatch takes "
                              "from one file; give the rule a `pages:` range to take part of it")
         if not numbers:
-            raise InputError(f"{printable(path)}: has {count} page{'s' if count != 1 else ''}; "
+            raise NoPagesError(f"{printable(path)}: has {count} page{'s' if count != 1 else ''}; "
                              f"none of the rule's pages ({_ranges(pages)}) exist")
         return [_pdf_page(path, doc, n, min_pixels=min_pixels, max_pixels=max_pixels) for n in numbers]
 
@@ -645,10 +657,10 @@ def _pdf_document(path: Path, f: BinaryIO) -> Iterator["object"]:
         # that does not set it (a PDF without pages leaves the previous
         # file's "incorrect password"), so the file itself tells encryption.
         if _has_encrypt_entry(f):
-            reason = "PDF is password-protected (or encrypted in a way PDFium cannot open); vlwatch cannot read it"
-        else:
-            reason = "PDF cannot be read: it is damaged, not really a PDF, or has no pages"
-        raise InputError(f"{p}: {reason}") from exc
+            raise UnsupportedFormatError(f"{p}: PDF is password-protected (or encrypted in a way PDFium cannot "
+                                         "open); vlwatch cannot read it") from exc
+        # Damaged may mean still being copied: transient, retried.
+        raise InputError(f"{p}: PDF cannot be read: it is damaged, not really a PDF, or has no pages") from exc
     try:
         yield doc
     finally:
@@ -673,7 +685,7 @@ def _pdf_page(path: Path, doc: object, number: int, *, min_pixels: int, max_pixe
         try:
             shown = shown_size(*original, min_pixels=min_pixels, max_pixels=max_pixels)
         except InputError as exc:
-            raise InputError(f"{p}: page {number}: {exc}") from None
+            raise type(exc)(f"{p}: page {number}: {exc}") from None  # keep the kind: permanent or not
         image = _pdf_render(path, page, number, shown)
     finally:
         page.close()
@@ -683,7 +695,7 @@ def _pdf_page(path: Path, doc: object, number: int, *, min_pixels: int, max_pixe
 def _pdf_original(path: Path, f: BinaryIO, number: int) -> Image.Image:
     with _PDFIUM_LOCK, _pdf_document(path, f) as doc:
         if not 1 <= number <= len(doc):
-            raise InputError(f"{printable(path)}: has no page {number}")
+            raise NoPagesError(f"{printable(path)}: has no page {number}")
         page = _pdf_load_page(path, doc, number)
         try:
             size = _pdf_nominal(path, page, number)

@@ -177,7 +177,7 @@ def _write_markdown(result: Result) -> Path:
     parts = []
     multi = _paged(result)
     for page in result.pages:
-        text = answers.clean_markdown(page.answer.text)
+        text = _inert_markdown(answers.clean_markdown(page.answer.text), result.match.rule.raw_html)
         if not page.answer.finished:
             _warn_truncated(result, page)
             text += "\n<!-- vlwatch: the answer was cut off at max_new_tokens -->\n"
@@ -185,6 +185,11 @@ def _write_markdown(result: Result) -> Path:
     path = checked_sidecar_path(result.match, "md")
     atomic_write(path, _utf8("\n".join(parts)), like=result.match.path)
     return path
+
+
+def _inert_markdown(text: str, raw_html: bool) -> str:
+    """The model's Markdown with its raw HTML escaped, unless the rule says ``raw_html: true`` (issue 10.14)."""
+    return text if raw_html else answers.escape_raw_html(text)
 
 
 def _write_html(result: Result) -> Path:

@@ -25,6 +25,15 @@ What makes the queue safe to lose power or ``kill -9`` over:
   the commit, and the job is simply done).  A crash counts as an attempt, so
   a file that kills the process every time ends up ``failed``, not in a loop.
 
+A failure of one (path, rule) is *current* only while no newer job of that
+(path, rule) exists (``CURRENT``): a slow writer's early, truncated version
+failed, the complete file then got its own job, and ``status``, the
+``failed`` count and ``retry --all`` show the file's current state, not the
+superseded failure (issue 10.9).  The row stays as history until ``prune``.
+
+A state folder nothing can be written to, or a file that is not an SQLite
+database, is a ``StateError``: one line naming the file, exit 2.
+
 The schema evolves by ordered, named migrations recorded in ``_migrations``
 (simonw/llm's ``migrations.py`` habit), so an old state file is upgraded in
 place and a blank one is built by running them all.
@@ -44,6 +53,7 @@ import json
 import logging
 import os
 import sqlite3
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -51,10 +61,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
+from daemon.errors import StateError
+
 log = logging.getLogger(__name__)
 
 STATES = ("queued", "running", "done", "failed")
 ACTIVE = ("queued", "running")
+
+#: SQL: the job (table alias ``jobs``) is the newest of its (path, rule), i.e.
+#: what that file's sidecar is at now.  A failure of older bytes that a newer
+#: job has superseded is history, not a current failure (issue 10.9).
+CURRENT = ("NOT EXISTS (SELECT 1 FROM jobs newer WHERE newer.path = jobs.path AND newer.rule = jobs.rule"
+           " AND newer.id > jobs.id)")
 
 #: How far a sidecar's mtime may trail the job's start and still count as
 #: written by that job: file timestamps come from the kernel's coarse clock,
@@ -244,16 +262,23 @@ class Queue:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_state_folder(self.path)
         self._lock = threading.RLock()
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE),
         # so a read never holds a lock that blocks the daemon's writes.
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=30000")
-        applied = migrate(self._db)
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        except sqlite3.Error as exc:
+            raise StateError(_state_problem(self.path, exc)) from None
+        try:
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=30000")
+            applied = migrate(self._db)
+        except sqlite3.Error as exc:  # a corrupt header, a read-only file or folder (issue 10.16)
+            self._db.close()
+            raise StateError(_state_problem(self.path, exc)) from None
         if applied:
             log.debug("%s: applied migrations %s", self.path, ", ".join(applied))
 
@@ -433,11 +458,13 @@ class Queue:
     def retry(self, ids: Sequence[int] | None) -> list[Job]:
         """Put failed jobs (all of them, or these ids) back on the queue with fresh attempts."""
         with self._tx() as db:
+            # Only current failures: one a newer job superseded was of bytes the file no longer has.
             if ids is None:
-                found = [r[0] for r in db.execute("SELECT id FROM jobs WHERE state = 'failed'")]
+                found = [r[0] for r in db.execute(f"SELECT id FROM jobs WHERE state = 'failed' AND {CURRENT}")]
             else:
                 marks = ",".join("?" * len(ids))
-                found = [r[0] for r in db.execute(f"SELECT id FROM jobs WHERE state = 'failed' AND id IN ({marks})", list(ids))]
+                found = [r[0] for r in db.execute(
+                    f"SELECT id FROM jobs WHERE state = 'failed' AND {CURRENT} AND id IN ({marks})", list(ids))]
             db.executemany(
                 "UPDATE jobs SET state = 'queued', attempts = 0, not_before = 0, finished_at = NULL WHERE id = ?",
                 [(i,) for i in found])
@@ -509,13 +536,17 @@ class Queue:
         return self._jobs("SELECT * FROM jobs WHERE state = 'running' ORDER BY id")
 
     def counts(self) -> dict[str, int]:
+        """Jobs per state; ``failed`` counts current failures only (see ``CURRENT``)."""
         out = dict.fromkeys(STATES, 0)
-        for state, n in self._query("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
+        for state, n in self._query(f"SELECT state, COUNT(*) FROM jobs WHERE state != 'failed' OR {CURRENT}"
+                                    " GROUP BY state"):
             out[state] = int(n)
         return out
 
     def failures(self, limit: int = 10) -> list[Job]:
-        return self._jobs("SELECT * FROM jobs WHERE state = 'failed' ORDER BY finished_at DESC, id DESC LIMIT ?", (limit,))
+        """The newest current failures: a file whose newer bytes have a job shows that job's state instead."""
+        return self._jobs(f"SELECT * FROM jobs WHERE state = 'failed' AND {CURRENT}"
+                          " ORDER BY finished_at DESC, id DESC LIMIT ?", (limit,))
 
     def _jobs_by_id(self, ids: Sequence[int]) -> list[Job]:
         out: list[Job] = []
@@ -540,6 +571,40 @@ class Queue:
 
     def meta(self) -> dict[str, dict[str, object]]:
         return {r["key"]: json.loads(r["value"]) for r in self._query("SELECT key, value FROM meta")}
+
+
+def make_state_folder(state: Path) -> None:
+    """Create the state file's folder, or say in one line why it cannot be."""
+    try:
+        state.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StateError(f"{safe_text(str(state.parent))}: cannot create the state folder: "
+                         f"{exc.strerror or exc}; set `state:` in the config to a writable path") from None
+
+
+def _state_problem(path: Path, exc: sqlite3.Error) -> str:
+    """One line for a state database that cannot be opened, naming the file and the way out."""
+    text = safe_text(str(path))
+    reason = str(exc)
+    if isinstance(exc, sqlite3.DatabaseError) and ("not a database" in reason or "malformed" in reason):
+        return (f"{text}: the state database is corrupt ({reason}); move it away (the daemon then starts "
+                "afresh and its catch-up scan queues what has no sidecar) or restore it from a backup")
+    why = _unwritable(path.parent)
+    if why is None and path.exists() and not os.access(path, os.W_OK):
+        why = "the file is read-only"
+    if why is not None:
+        return (f"{text}: the state database cannot be written ({why}; {reason}); fix the permissions "
+                "or set `state:` in the config to a writable path")
+    return f"{text}: cannot open the state database: {reason}"
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why nothing can be created in ``folder``, or None if something can (tried, not guessed from modes)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as exc:
+        return f"its folder {safe_text(str(folder))} is not writable: {exc.strerror or exc}"
 
 
 def _job(row: sqlite3.Row) -> Job:
@@ -568,8 +633,12 @@ class StateLock:
         self._fd: int | None = None
 
     def acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        make_state_folder(self.path)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StateError(f"{safe_text(str(self.path))}: cannot create the state lock: {exc.strerror or exc}; "
+                             "fix the folder's permissions or set `state:` in the config to a writable path") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

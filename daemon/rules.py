@@ -21,7 +21,6 @@ opened, so the check cannot be raced).
 from __future__ import annotations
 
 import os
-import re
 import string
 from dataclasses import dataclass
 from functools import lru_cache
@@ -135,16 +134,32 @@ def render_prompt(rule: Rule, path: Path) -> str:
         "rule": rule.name,
         "objects": rule.objects,
     }
-    # Anyone who can write into a watched folder chooses file names: a name
-    # holding chat-template control tokens (<|im_end|> ...) must not be able to
-    # end the user turn and speak for the system, so those are removed.
-    # A name that is not valid UTF-8 arrives with surrogate escapes, which no
-    # tokenizer can encode: those bytes become U+FFFD.
-    safe = {k: _CONTROL_TOKEN.sub("", _text(v)) for k, v in values.items()}
+    safe = {k: neutralise(v) for k, v in values.items()}
     return string.Template(rule.prompt).safe_substitute(safe).strip()
 
 
-_CONTROL_TOKEN = re.compile(r"<\|[^|<>]*\|>")
+#: ``<`` and ``>`` in text from outside become these lookalikes (U+2039,
+#: U+203A: no Unicode normalisation maps them back to ``<`` ``>``).
+_ANGLES = str.maketrans({"<": "\u2039", ">": "\u203a"})
+
+
+def neutralise(value: str) -> str:
+    """``value`` (a file name, folder or path) made unable to become a chat special token.
+
+    Anyone who can write into a watched folder chooses file names: a name
+    that holds ``<|im_end|>`` would end the user turn and speak for the
+    system, ``<|image_pad|>`` would add an image placeholder.  Removing such
+    tokens cannot be made safe (``a<|im_<|x|>end|>b`` becomes ``a<|im_end|>b``
+    after one pass: issue 10.11), so nothing is removed: every ``<`` and ``>``
+    becomes a lookalike.  Every special and added token of Qwen's tokenizer
+    (``<|...|>``, ``<tool_call>``...) starts with ``<`` and ends with ``>``,
+    so no token can lie in the text, whatever its bytes, and the model still
+    reads the name almost as it is.  The same text goes to both backends
+    (an OpenAI-compatible server tokenizes what we send with the same rules).
+    A name that is not valid UTF-8 arrives with surrogate escapes, which no
+    tokenizer can encode: those bytes become U+FFFD.
+    """
+    return _text(value).translate(_ANGLES)
 
 
 def _text(value: str) -> str:

@@ -159,6 +159,7 @@ class Daemon:
         self._stopping = threading.Event()
         self._scan_lock = threading.Lock()
         self._arrived: collections.deque[tuple[float, int]] = collections.deque()
+        self._threads: list[threading.Thread] = []  # catch-up and rescans: joined before the queue closes
 
     # -- start
     def start(self) -> None:
@@ -269,7 +270,12 @@ class Daemon:
         self.settler.stop()
         assert self.loop is not None and self.queue is not None
         self.loop.stop()
-        self.loop.join(STOP_GRACE)
+        # Catch-up and rescans stop at the next file once _stopping is set;
+        # they use the queue, so they end before it closes (issue 10.19).
+        deadline = time.monotonic() + STOP_GRACE
+        for thread in list(self._threads):
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self.loop.join(max(0.0, deadline - time.monotonic()))
         hung = self.loop.is_alive()
         if hung:
             in_hand = list(self.loop.in_hand)
@@ -278,6 +284,7 @@ class Daemon:
                         STOP_GRACE, len(in_hand))
         else:
             self.loop.worker.close()
+        self.loop.processor.flush()  # results the state disk refused earlier, if it takes them now
         self.queue.close()
         self.lock.release()
         log.info("stopped")
@@ -467,10 +474,15 @@ class Daemon:
         def guarded() -> None:
             try:
                 fn()
-            except Exception:
-                log.exception("%s failed", name)
+            except Exception as exc:
+                if self._stopping.is_set():  # one that outlived the stop's grace: the queue is gone
+                    log.debug("%s stopped: %s", name, exc)
+                else:
+                    log.exception("%s failed", name)
 
-        threading.Thread(target=guarded, name=name, daemon=True).start()
+        thread = threading.Thread(target=guarded, name=name, daemon=True)
+        self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
 
 
 @contextlib.contextmanager

@@ -17,7 +17,9 @@ other file still gets its sidecars.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,6 +35,10 @@ from daemon.rules import Match, allowed_roots, render_prompt
 
 log = logging.getLogger(__name__)
 
+#: Write errors that say the disk, not the file, is the problem (issue 10.8).
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+_STORAGE_WORDS = {errno.ENOSPC: "full", errno.EDQUOT: "over quota", errno.EROFS: "read-only"}
+
 
 @dataclass(frozen=True)
 class Prepared:
@@ -47,6 +53,11 @@ class Outcome:
     sidecars: tuple[Path, ...] = ()
     error: str | None = None
     seconds: float = 0.0
+    #: the error can never go away for these bytes: fail now, no retries (issue 10.10)
+    permanent: bool = False
+    #: the folder whose disk refused the write (full, quota, read-only): not
+    #: the file's fault; the queue pauses instead of spending attempts (issue 10.8)
+    outage: Path | None = None
 
     @property
     def ok(self) -> bool:
@@ -119,7 +130,7 @@ class Worker:
         try:
             return self.prepare(match)
         except VlwatchError as exc:
-            return Outcome(match, error=str(exc))
+            return Outcome(match, error=str(exc), permanent=bool(getattr(exc, "permanent", False)))
         except Exception as exc:  # a decoder bug must not take the daemon down
             log.exception("%s: unexpected error while reading", printable(match.path))
             return Outcome(match, error=f"{printable(match.path)}: unexpected error while reading: {printable(exc)}")
@@ -176,6 +187,11 @@ class Worker:
         except VlwatchError as exc:  # a sidecar path that would leave the allowed folders
             return Outcome(match, error=str(exc), seconds=time.monotonic() - started)
         except OSError as exc:
+            if exc.errno in STORAGE_ERRNOS:
+                folder = Path(os.fsdecode(exc.filename)).parent if exc.filename else match.path.parent
+                return Outcome(match, error=f"output disk {_STORAGE_WORDS[exc.errno]}: {printable(folder)} "
+                                            f"({exc.strerror or exc})",
+                               seconds=time.monotonic() - started, outage=folder)
             return Outcome(match, error=f"{printable(match.path)}: cannot write sidecar: {printable(exc)}",
                            seconds=time.monotonic() - started)
         except Exception as exc:  # a writer bug on some answer must fail this file only, not its batch

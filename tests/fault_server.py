@@ -22,7 +22,12 @@ What a reply can do:
   vLLM and OpenAI use;
 - ``Reply.hang(seconds)``: say nothing for that long, then close (a hang past
   the client's timeout);
-- ``Reply.drop()``: close the connection without any answer.
+- ``Reply.drop()``: close the connection without any answer;
+- ``Reply.drip(interval)``: a good answer, sent one byte every ``interval``
+  seconds (headers at once), so no single read ever times out;
+- ``Reply.huge(chars)``: a good answer of ``chars`` characters, streamed
+  without building it in memory (a 200 MB answer costs the server nothing);
+- ``Reply.null()``: a 200 whose ``content`` is ``null``.
 
 Built on the standard library's ``http.server``: nothing to install, and a
 failure is exactly what is scripted, not what a framework adds.
@@ -61,7 +66,7 @@ class Received:
 
 @dataclass(frozen=True)
 class Reply:
-    kind: str  # ok | status | hang | drop
+    kind: str  # ok | status | hang | drop | drip | huge | null
     text: str | Callable[[Received], str] | None = None
     finish_reason: str = "stop"
     code: int = 200
@@ -86,6 +91,18 @@ class Reply:
     @staticmethod
     def drop() -> "Reply":
         return Reply("drop")
+
+    @staticmethod
+    def drip(interval: float = 1.0, text: str = "a slow answer") -> "Reply":
+        return Reply("drip", text=text, seconds=interval)
+
+    @staticmethod
+    def huge(chars: int) -> "Reply":
+        return Reply("huge", code=chars)
+
+    @staticmethod
+    def null() -> "Reply":
+        return Reply("null")
 
 
 def echo_size(received: Received) -> str:
@@ -241,6 +258,14 @@ class _Handler(BaseHTTPRequestHandler):
                                                              "code": reply.code}}
             headers = {"Retry-After": str(reply.retry_after)} if reply.retry_after is not None else {}
             return self._json(reply.code, body, headers)
+        if reply.kind == "drip":
+            return self._drip(reply)
+        if reply.kind == "huge":
+            return self._huge(reply.code)
+        if reply.kind == "null":
+            return self._json(200, {"id": "chatcmpl-test", "object": "chat.completion", "created": 0,
+                                    "choices": [{"index": 0, "message": {"role": "assistant", "content": None},
+                                                 "finish_reason": "stop"}]})
         if reply.seconds:
             fault._stopping.wait(reply.seconds)
         text = reply.text(received) if callable(reply.text) else (reply.text or "")
@@ -252,6 +277,43 @@ class _Handler(BaseHTTPRequestHandler):
             "usage": {"prompt_tokens": 10, "completion_tokens": max(1, len(text.split())),
                       "total_tokens": 10 + max(1, len(text.split()))},
         })
+
+    def _drip(self, reply: Reply) -> None:
+        data = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
+                                        "finish_reason": "stop"}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.flush()
+        try:
+            for i in range(len(data)):
+                if self.server.fault._stopping.wait(reply.seconds):
+                    break
+                self.wfile.write(data[i:i + 1])
+                self.wfile.flush()
+        except OSError:  # the client gave up: what the test wants
+            pass
+        self.close_connection = True
+
+    def _huge(self, chars: int) -> None:
+        head = b'{"choices": [{"index": 0, "message": {"role": "assistant", "content": "'
+        tail = b'"}, "finish_reason": "stop"}]}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(head) + chars + len(tail)))
+        self.end_headers()
+        chunk = b"x" * 65536
+        try:
+            self.wfile.write(head)
+            left = chars
+            while left > 0 and not self.server.fault._stopping.is_set():
+                self.wfile.write(chunk[:min(left, len(chunk))])
+                left -= min(left, len(chunk))
+            self.wfile.write(tail)
+        except OSError:  # the client stopped reading: what the test wants
+            pass
+        self.close_connection = True
 
     def _json(self, code: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         data = json.dumps(body).encode()

@@ -21,6 +21,15 @@ stays full.  What goes over the wire:
   ``max_new_tokens``; an answer is ``finished`` when ``finish_reason`` is
   ``stop``.
 
+Bounds (issue 10.13): ``model.timeout`` bounds each whole exchange, connect
+to last byte; every read and write of the connection waits only for the
+time left (``_DeadlineBackend``), so a server dripping a byte a second
+fails at ``timeout``.  At most ``CHARS_PER_TOKEN`` characters per
+``max_new_tokens`` of answer are kept (cut and marked unfinished past
+that), and the body is read only that far, so a 200 MB answer costs about
+a megabyte.  A reply without answer text (``content: null``) is a
+``BackendError``, never an empty sidecar that counts as done.
+
 Servers and faults.  A list of ``base_url``s is used round-robin.  A server
 that cannot be reached (connection refused, connect timeout, a probe that
 fails) cools down (1 s, doubling to 30 s) and is probed with ``GET
@@ -65,6 +74,7 @@ import json
 import logging
 import os
 import random
+import re
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
@@ -73,6 +83,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
+import httpcore
 import httpx
 
 from daemon.backends import Answer, Request
@@ -101,6 +112,14 @@ CONNECT_TIMEOUT = 10.0
 #: (``transformers serve`` answers 422 "Unexpected fields"): a server whose 4xx
 #: names one is asked again without it, and never sent it again.
 OPTIONAL_FIELDS = ("mm_processor_kwargs", "chat_template_kwargs", "ignore_eos")
+#: An answer is cut (and marked truncated) past this many characters per
+#: ``max_new_tokens``: generous (a token is 3-4 characters of text), yet a
+#: server that sends 200 MB cannot fill the daemon's memory (issue 10.13).
+CHARS_PER_TOKEN = 16
+#: Raw bytes read of a reply, per answer character (JSON escapes such as
+#: ``\u00e9`` take six), plus room for the envelope.
+BODY_BYTES_PER_CHAR = 8
+BODY_SLACK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -359,13 +378,15 @@ class OpenAIBackend:
         for name in server.refused:
             body.pop(name, None)
         started = time.monotonic()
+        chars = answer_limit(request)
         with self._in_flight:
-            response = self._send(server, "POST", "/chat/completions", json_body=body)
+            response, cut = self._send(server, "POST", "/chat/completions", json_body=body,
+                                       limit=chars * BODY_BYTES_PER_CHAR + BODY_SLACK)
         seconds = time.monotonic() - started
         log.debug("%s: %s -> HTTP %d in %.2fs", server.display, _sizes(request), response.status_code, seconds)
         self._mark_up(server)
         if response.status_code == 200:
-            return self._parse(server, response)
+            return self._parse(server, response, chars, cut)
         message = self._scrub(_server_message(response))
         status = response.status_code
         reason = f"{server.display}: HTTP {status}: {message}"
@@ -383,25 +404,61 @@ class OpenAIBackend:
         raise BackendError(reason)
 
     def _send(self, server: _Server, method: str, path: str, *, json_body: Any = None,
-              timeout: float | None = None) -> httpx.Response:
-        """One HTTP exchange; transport failures become ``_Unreachable`` or ``_Retryable``."""
+              timeout: float | None = None, limit: int = BODY_SLACK) -> tuple[httpx.Response, bool]:
+        """One HTTP exchange, and whether its body was cut at ``limit`` bytes.
+
+        ``timeout`` (default ``model.timeout``) bounds the whole exchange,
+        connect to last byte, not each read: a server that drips a byte a
+        second fails at ``timeout`` like one that says nothing (issue 10.13).
+        At most ``limit`` bytes of the body are read; the connection is then
+        dropped.  Transport failures become ``_Unreachable`` or ``_Retryable``.
+        """
         client = self._client(server)
+        seconds = timeout if timeout is not None else self.config.timeout
+        _EXCHANGE.deadline = time.monotonic() + seconds
         try:
-            return client.request(method, server.url + path, json=json_body,
-                                  timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else httpx.Timeout(timeout))
+            with client.stream(method, server.url + path, json=json_body,
+                               timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else httpx.Timeout(timeout)) as r:
+                body, cut = bytearray(), False
+                for chunk in r.iter_bytes():
+                    body += chunk
+                    if len(body) > limit:
+                        del body[limit:]
+                        cut = True
+                        break
+            # The body is already decoded (gzip...) and may be cut: the copy must not claim otherwise.
+            headers = [(k, v) for k, v in r.headers.multi_items()
+                       if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
+            return httpx.Response(r.status_code, headers=headers, content=bytes(body), request=r.request), cut
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise _Unreachable(_transport_reason(exc)) from None
         except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout) as exc:
-            limit = timeout if timeout is not None else self.config.timeout
-            reason = f"{server.display}: no answer within {limit:g}s ({_transport_reason(exc)})"
+            reason = f"{server.display}: no answer within {seconds:g}s ({_transport_reason(exc)})"
             raise _Retryable(reason, timeout=True, check_alive=True) from None
         except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
             reason = f"{server.display}: connection dropped ({_transport_reason(exc)})"
             raise _Retryable(reason, check_alive=True) from None
         except httpx.TransportError as exc:  # proxy errors, unsupported protocol...
             raise _Unreachable(_transport_reason(exc)) from None
+        finally:
+            _EXCHANGE.deadline = None
 
-    def _parse(self, server: _Server, response: httpx.Response) -> Answer:
+    def _parse(self, server: _Server, response: httpx.Response, chars: int, cut: bool = False) -> Answer:
+        """The answer in a 200 reply, cut at ``chars`` characters (then marked unfinished).
+
+        A reply whose body was cut at the byte limit is not JSON any more: the
+        beginning of its ``content`` string is salvaged, as a local model's
+        answer cut at ``max_new_tokens`` is kept.  No content at all (null,
+        missing, empty) is an error, never an empty sidecar that counts as done.
+        """
+        if cut:
+            text = _salvage_content(response.content)
+            if text is None:
+                raise BackendError(f"{server.display}: an answer over {len(response.content)} bytes without "
+                                   "readable content; lower max_new_tokens or check the server")
+            log.warning("%s: answer over %d bytes; cut at %d characters", server.display,
+                        len(response.content), chars)
+            return Answer(text=text[:chars], new_tokens=0, finished=False)
         try:
             data = response.json()
             choice = data["choices"][0]
@@ -412,8 +469,15 @@ class OpenAIBackend:
             snippet = self._scrub(response.text[:200])
             raise BackendError(f"{server.display}: an answer vlwatch cannot read ({exc!r}): {snippet!r}") from None
         if isinstance(content, list):  # some servers send content parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        return Answer(text=content or "", new_tokens=tokens, finished=choice.get("finish_reason") == "stop")
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+        if not isinstance(content, str) or not content.strip():
+            reason = choice.get("finish_reason") if isinstance(choice, dict) else None
+            raise BackendError(f"{server.display}: the server sent no answer text (content: "
+                               f"{json.dumps(content)[:40]}, finish_reason: {reason})")
+        finished = choice.get("finish_reason") == "stop"
+        if len(content) > chars:
+            content, finished = content[:chars], False
+        return Answer(text=content, new_tokens=tokens, finished=finished)
 
     # ------------------------------------------------------------ choosing a server
 
@@ -446,7 +510,7 @@ class OpenAIBackend:
 
     def _probe_once(self, server: _Server) -> bool:
         try:
-            response = self._send(server, "GET", "/models", timeout=min(PROBE_TIMEOUT, self.config.timeout))
+            response, _ = self._send(server, "GET", "/models", timeout=min(PROBE_TIMEOUT, self.config.timeout))
         except (_Unreachable, _Retryable) as exc:
             self._mark_down(server, str(exc.args[0]) if exc.args else "does not answer")
             return False
@@ -580,7 +644,7 @@ def _read_key(env_name: str | None) -> str | None:
 
 def _new_client(url: str, key: str | None, connections: int, timeout: float) -> httpx.Client:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.Client(
+    client = httpx.Client(
         headers=headers,
         timeout=httpx.Timeout(timeout, connect=min(CONNECT_TIMEOUT, timeout)),
         limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
@@ -589,6 +653,100 @@ def _new_client(url: str, key: str | None, connections: int, timeout: float) -> 
         # is never reached through a proxy.
         trust_env=not _is_loopback(url),
     )
+    # httpx bounds each read, not the exchange: give every connection pool
+    # (the direct one and any proxy's) a network backend that bounds each
+    # read and write by the time left to the exchange (issue 10.13).
+    for transport in [client._transport, *client._mounts.values()]:
+        pool = getattr(transport, "_pool", None)
+        if pool is not None and hasattr(pool, "_network_backend"):
+            pool._network_backend = _DeadlineBackend(pool._network_backend)
+    return client
+
+
+#: The deadline (``time.monotonic``) of the exchange this thread is making.
+_EXCHANGE = threading.local()
+
+
+def _time_left(timeout: float | None, error: type[Exception]) -> float | None:
+    deadline = getattr(_EXCHANGE, "deadline", None)
+    if deadline is None:
+        return timeout
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise error("the request's time is up")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A connection whose every read and write waits no longer than the exchange has left."""
+
+    def __init__(self, inner: httpcore.NetworkStream) -> None:
+        self._inner = inner
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, _time_left(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, _time_left(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        return _DeadlineStream(self._inner.start_tls(ssl_context, server_hostname,
+                                                     _time_left(timeout, httpcore.ConnectTimeout)))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    def __init__(self, inner: httpcore.NetworkBackend) -> None:
+        self._inner = inner
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                    socket_options: Any = None) -> httpcore.NetworkStream:
+        stream = self._inner.connect_tcp(host, port, _time_left(timeout, httpcore.ConnectTimeout),
+                                         local_address, socket_options)
+        return _DeadlineStream(stream)
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None,
+                            socket_options: Any = None) -> httpcore.NetworkStream:
+        return _DeadlineStream(self._inner.connect_unix_socket(path, _time_left(timeout, httpcore.ConnectTimeout),
+                                                               socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+def answer_limit(request: Request) -> int:
+    """Characters of answer kept for ``request``: ``CHARS_PER_TOKEN`` per ``max_new_tokens``."""
+    return max(1, request.max_new_tokens) * CHARS_PER_TOKEN
+
+
+_CONTENT = re.compile(rb'"content"\s*:\s*"')
+_ESCAPE_OR_QUOTE = re.compile(r'\\.|"', re.DOTALL)
+
+
+def _salvage_content(raw: bytes) -> str | None:
+    """The (beginning of the) first ``content`` string of a JSON reply cut short, decoded."""
+    m = _CONTENT.search(raw)
+    if m is None:
+        return None
+    rest = raw[m.end():].decode("utf-8", "ignore")
+    end = len(rest)  # the closing quote, if the cut came after it
+    for token in _ESCAPE_OR_QUOTE.finditer(rest):  # a scan, not a backtracking match over megabytes
+        if token.group() == '"':
+            end = token.start()
+            break
+    text = rest[:end]
+    for back in range(8):  # the cut may fall inside an escape such as \u00e9
+        try:
+            return json.loads(f'"{text[:len(text) - back]}"')
+        except ValueError:
+            continue
+    return None
 
 
 def _is_loopback(url: str) -> bool:
