@@ -180,6 +180,10 @@ class Config:
     jobs: JobsConfig = field(default_factory=JobsConfig)
     source: Path | None = None
     warnings: tuple[str, ...] = ()
+    #: "the weights are not downloaded", kept apart from ``warnings``: the
+    #: commands that need the model stop with the full message instead, so it
+    #: is said once (issue 11.8); ``check`` shows it as a warning.
+    model_warning: str | None = None
 
     def rule(self, name: str) -> Rule | None:
         return next((r for r in self.rules if r.name == name), None)
@@ -469,11 +473,13 @@ def _read_config(r: _Reader, node: yaml.Node, path: Path) -> Config | None:
             if w is not None:
                 watch.append(w)
 
+    model_warning = None
     if model.backend == "transformers":
-        _check_model_present(r, keys.get("model"), model.name)
+        model_warning = _check_model_present(r, keys.get("model"), model.name)
     return Config(
         model=model, state=state, include=tuple(s for s, _ in include), watch=tuple(watch),
         rules=tuple(rule for rule, _ in rules), jobs=jobs, source=path, warnings=tuple(r.warnings),
+        model_warning=model_warning,
     )
 
 
@@ -794,11 +800,13 @@ def _unique_rules(r: _Reader, rules: list[tuple[Rule, yaml.Node]]) -> list[tuple
 # -------------------------------------------------------------------- the model
 
 
-def _check_model_present(r: _Reader, node: yaml.Node | None, name: str) -> None:
-    """Warn (not fail) when the weights are not on this machine: `check` must pass without them."""
-    if local_model_path(name) is None:
-        r.warn(node, "model.name", f"model {name!r} is not downloaded; run `vlwatch pull {name}` "
-                                   "or set model.name to a local directory")
+def _check_model_present(r: _Reader, node: yaml.Node | None, name: str) -> str | None:
+    """A warning (not a problem) when the weights are not on this machine: `check` must pass without them."""
+    if local_model_path(name) is not None:
+        return None
+    line = node.start_mark.line + 1 if node is not None else None
+    return str(Problem(r.file, line, "model.name", f"model {name!r} is not downloaded; run `vlwatch pull {name}` "
+                                                   "or set model.name to a local directory"))
 
 
 def local_model_path(name: str) -> Path | None:

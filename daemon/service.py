@@ -46,6 +46,7 @@ from daemon.errors import (
     ConfigError,
     ExitCode,
     VlwatchError,
+    plural,
 )
 from daemon.queue import Candidate, Queue, StateLock, content_hash
 from daemon.rules import Match, match_file, watch_for
@@ -295,7 +296,7 @@ class Daemon:
         try:
             new = load_config(path)
         except ConfigError as exc:
-            log.error("%s: reload rejected (%d problems); keeping the running config", path, len(exc.problems))
+            log.error("%s: reload rejected (%s); keeping the running config", path, plural(len(exc.problems), "problem"))
             for problem in exc.problems:
                 log.error("%s", problem)
             return
@@ -441,7 +442,7 @@ class Daemon:
                 settled = []
         queued += self._enqueue_works(settled)
         progress.close()
-        log.info("%s: %d files scanned, %d jobs queued", why, progress.count, queued)
+        log.info("%s: %s scanned, %s queued", why, plural(progress.count, "file"), plural(queued, "job"))
 
     def _enqueue_works(self, works: list[Work]) -> int:
         assert self.queue is not None and self.loop is not None
