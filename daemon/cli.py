@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shlex
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -19,7 +18,6 @@ from typing import Callable, Sequence
 from daemon import __version__
 from daemon.config import Config, load_config
 from daemon.errors import ConfigError, ExitCode, VlwatchError, plural
-from daemon.images import printable
 
 log = logging.getLogger("vlwatch")
 
@@ -231,90 +229,16 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from daemon.outputs import planned_sidecars
-    from daemon.rules import match_file, render_prompt, watch_for
+    from daemon.commands import explain
 
-    config = _config(args)
-    path = args.file.absolute()
-    watch = watch_for(config, path)
-    print(printable(path))
-    print(f"  watched folder: {printable(watch.path) if watch else '(none: globs match the file name)'}")
-    matches = match_file(config, path)
-    if not matches:
-        print("  no rule matches this file")
-        return ExitCode.FAILED
-    for m in matches:
-        r = m.rule
-        print(f"  rule {r.name} ({r.source}): task {r.task} -> {r.output}")
-        if r.formats is not None or r.pages is not None:
-            pages = ",".join(f"{a}" if a == b else f"{a}-{b or ''}" for a, b in r.pages or ())
-            print(f"    takes: formats {', '.join(r.formats or ('any',))}; pages {pages or 'all'}")
-        print("    prompt:")
-        for line in render_prompt(r, path).splitlines():
-            print(f"      {line}")
-        for sidecar in planned_sidecars(m):
-            print(f"    writes: {printable(sidecar)}")
-    return ExitCode.OK
+    return explain(_config(args), args.file)
 
 
 def cmd_process(args: argparse.Namespace) -> int:
-    from daemon.backends import create_backend
-    from daemon.rules import match_file
-    from daemon.worker import Worker
+    from daemon.commands import process
 
-    config = _config(args)
-    if args.rule is not None and config.rule(args.rule) is None:
-        names = ", ".join(r.name for r in config.rules)
-        raise VlwatchError(f"no rule named {args.rule!r} (defined: {names})", ExitCode.USAGE)
-    failed = 0
-    matches = []
-    for path in args.files:
-        if (problem := _not_a_file(path)) is not None:
-            print(f"error: {printable(path)}: {problem}", file=sys.stderr)
-            failed += 1
-            continue
-        found = match_file(config, path, args.rule)
-        if not found:
-            hint = shlex.quote(printable(path))
-            print(f"error: {printable(path)}: no rule matches; skipped (see `vlwatch explain -- {hint}`)",
-                  file=sys.stderr)
-            failed += 1
-        matches.extend(found)
-    if matches:
-        worker = Worker(config, create_backend(config.model))
-        try:
-            outcomes = worker.process(matches)
-        finally:
-            worker.close()
-        for outcome in outcomes:
-            if outcome.ok:
-                for sidecar in outcome.sidecars:
-                    _print_path(sidecar)
-            else:
-                failed += 1
-                print(f"error: {outcome.error}", file=sys.stderr)
-    return ExitCode.FAILED if failed else ExitCode.OK
-
-
-def _not_a_file(path: Path) -> str | None:
-    if path.is_file():
-        return None
-    if path.is_symlink() and not path.exists():
-        return "is a symbolic link to a file that does not exist"
-    if path.exists():
-        return "is not a regular file"
-    return "no such file"
-
-
-def _print_path(path: Path) -> None:
-    """One path per line, as the exact bytes of its name (a name need not be UTF-8)."""
-    sys.stdout.flush()
-    buffer = getattr(sys.stdout, "buffer", None)
-    if buffer is None:  # a test harness's text-only stdout
-        print(printable(path))
-        return
-    buffer.write(os.fsencode(path) + b"\n")
-    buffer.flush()
+    return process(_config(args), args.files, rule=args.rule, force=args.force, local=args.local,
+                   timeout=args.timeout)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -337,7 +261,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_scan(args: argparse.Namespace) -> int:
     from daemon.commands import scan
 
-    return scan(_config(args), dry_run=args.dry_run)
+    if args.rule is not None and not args.redo:
+        raise VlwatchError("--rule goes with --redo (a scan always looks at every rule)", ExitCode.USAGE)
+    return scan(_config(args), dry_run=args.dry_run, redo=args.redo, rule=args.rule)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -49,6 +49,7 @@ from daemon.errors import (
     plural,
 )
 from daemon.queue import Candidate, Queue, StateLock, content_hash
+from daemon.recipes import recipe_of
 from daemon.rules import Match, match_file, watch_for
 from daemon.scanning import (
     Progress,
@@ -373,7 +374,8 @@ class Daemon:
                 if self._came_with_its_sidecar(m, arrival):
                     continue
                 batch.append(Candidate(arrival.path, m.rule.name, digest, arrival.size, arrival.mtime_ns,
-                                       redo=functools.partial(sidecar_missing, m), seen_at=seen_at))
+                                       redo=functools.partial(sidecar_missing, m), seen_at=seen_at,
+                                       recipe=recipe_of(config, m)))
         jobs = self.queue.enqueue(batch)
         self._arrived.append((time.monotonic(), len(arrivals)))
         for job in jobs:

@@ -100,6 +100,7 @@ def test_explain_shows_rule_prompt_and_paths(workspace: tuple[Path, Path]) -> No
     assert "rule ocr (" in done.stdout and "task ocr -> md" in done.stdout
     assert "Read all the text in this image (shot.png)" in done.stdout  # the rendered prompt
     assert f"writes: {inbox / 'shot.png.ocr.md'}" in done.stdout
+    (inbox / "readme.txt").write_text("not an image")
     done = run_vlwatch("explain", "--config", config, inbox / "readme.txt")
     assert done.returncode == 1 and "no rule matches" in done.stdout
 
