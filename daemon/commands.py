@@ -140,6 +140,11 @@ def _settled(config: Config, works: list[Work], *, limit: float = 60.0) -> list[
     return ready
 
 
+def _settle_of(config: Config, path: Path) -> float:
+    watch = watch_for(config, path)
+    return watch.settle if watch else 0.0
+
+
 def _drain(config: Config, queue: Queue, tty: bool) -> int:
     """Process every due job now, with progress; exit 1 if any failed."""
     queue.recover(config.jobs.attempts, written=lambda j: sidecars_written(j, config))
@@ -269,7 +274,7 @@ def explain(config: Config, path: Path) -> int:
     is never processed (our own output, a temporary or litter file) or no
     rule matches it.
     """
-    from daemon.outputs import TEMP_PREFIX, TEMP_SUFFIX, is_output_name, planned_sidecars
+    from daemon.outputs import TEMP_PREFIX, TEMP_SUFFIX, is_output_name, optional_sidecars, planned_sidecars
     from daemon.rules import candidate_rules, match_file, normalised, relative_to_root, render_prompt
     from daemon.scanning import output_dirs_inside, rule_names
     from daemon.watching import ignored_dir, ignored_name
@@ -333,6 +338,8 @@ def explain(config: Config, path: Path) -> int:
             print(f"      {line}")
         for sidecar in planned_sidecars(m):
             print(f"    writes: {safe_text(str(sidecar))}")
+        for sidecar in optional_sidecars(m):
+            print(f"    writes: {safe_text(str(sidecar))} (when the answer holds boxes)")
     return ExitCode.OK
 
 
