@@ -67,3 +67,215 @@ def test_out_of_memory_while_loading_says_so_with_numbers(tiny_model: Path, monk
     assert params and f"({params / 1e9:.2f} B parameters in float32)" in text  # needed: from the checkpoint
     assert re.search(r"had [\d.]+ GiB free of [\d.]+ GiB", text)  # and what there was
     assert "model.max_pixels" in text and "model.backend: openai" in text
+
+
+# ----------------------------------------------------------------- 11.8
+
+
+def test_verbose_works_after_the_subcommand_too(tmp_path: Path) -> None:
+    # issue 11.8: `vlwatch run -v` was a usage error
+    config = write_config(tmp_path, "include: [ocr]\nwatch: [{path: ./inbox}]\n")
+    for args in (["-v", "status"], ["status", "-v"], ["status", "-vv"]):
+        done = run_vlwatch(*args, "--config", config)
+        assert done.returncode == 0, (args, done.stderr)
+    from daemon.cli import build_parser
+
+    args = build_parser().parse_args(["-v", "run", "-vv"])
+    assert args.verbose + args.sub_verbose == 3
+
+
+def _log_lines(tmp_path: Path, env: dict[str, str]) -> list[str]:
+    config = write_config(tmp_path, "include: [ocr]\nwatch: [{path: ./not-there}]\n")
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:
+        st = os.fstat(f.fileno())
+        env = {k: v.replace("DEV:INO", f"{st.st_dev}:{st.st_ino}") for k, v in env.items()}
+        subprocess.run([sys.executable, "-m", "daemon", "status", "--config", str(config)], cwd=REPO,
+                       stdout=subprocess.DEVNULL, stderr=f, env={**os.environ, **env}, timeout=120)
+    return log.read_text().splitlines()
+
+
+def test_log_lines_carry_a_time_in_a_file_but_not_in_the_journal(tmp_path: Path) -> None:
+    # issue 11.8: a log file had no timestamps; journald stamps lines itself
+    (line,) = _log_lines(tmp_path, {})
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} WARNING ", line), line
+    (line,) = _log_lines(tmp_path, {"JOURNAL_STREAM": "DEV:INO"})
+    assert line.startswith("<4>WARNING "), line
+
+
+def test_config_warnings_once_and_missing_model_said_once(tmp_path: Path) -> None:
+    # issue 11.8: every command repeated every config warning; the missing
+    # model was reported twice (as a warning, then as the error)
+    png(tmp_path / "a.png")
+    config = write_config(tmp_path, """
+        model: {name: Someone/not-downloaded}
+        include: [ocr]
+        watch: [{path: ./gone-1}, {path: ./gone-2}]
+    """)
+    status = run_vlwatch("status", "--config", config)
+    assert status.returncode == 0
+    assert status.stderr.count("\n") == 1 and "has 2 warnings (`vlwatch check` lists them)" in status.stderr
+    done = run_vlwatch("process", "--config", config, tmp_path / "a.png")
+    assert done.returncode == 1
+    assert done.stderr.count("Someone/not-downloaded") == 2, done.stderr  # once: "model '...' ... `vlwatch pull ...`"
+    assert done.stderr.count("vlwatch pull") == 1, done.stderr
+    check = run_vlwatch("check", "--config", config)
+    assert check.stdout.count("warning:") == 3 and "vlwatch pull Someone/not-downloaded" in check.stdout
+
+
+def test_counts_have_proper_plurals(tmp_path: Path) -> None:
+    # issue 11.8: "1 files", "(1 problems)"
+    config = write_config(tmp_path, "include: [ocr]\nwatch: [{path: ./inbox}]\n")
+    check = run_vlwatch("check", "--config", config)
+    assert "(1 rule, 1 watched folder," in check.stdout, check.stdout
+    bad = write_config(tmp_path, "include: [ocr]\nwatch: [{path: ./inbox, settle: soon}]\n")
+    check = run_vlwatch("check", "--config", bad)
+    assert check.stdout.splitlines()[-1] == "1 problem found"
+    from daemon.errors import plural
+
+    assert plural(1, "file") == "1 file" and plural(2, "file") == "2 files" and plural(0, "job") == "0 jobs"
+
+
+# ----------------------------------------------------------------- 11.2
+
+
+def test_a_config_without_rules_is_a_problem(tmp_path: Path) -> None:
+    # issue 11.2: `check` said OK (0 rules) and `run` ignored every file
+    config = write_config(tmp_path, "watch: [{path: ./inbox}]\n")
+    check = run_vlwatch("check", "--config", config)
+    assert check.returncode == 1
+    assert "rules: no rules: nothing will be processed" in check.stdout and "include: [code, describe" in check.stdout
+    run = run_vlwatch("run", "--config", config)
+    assert run.returncode == 2 and "no rules" in run.stderr
+
+
+def test_a_watch_naming_a_bundled_rule_says_to_include_it(tmp_path: Path) -> None:
+    # issue 11.2: `watch.rules: [ocr]` without `include`
+    config = write_config(tmp_path, """
+        rules: [{name: mine, task: describe}]
+        watch: [{path: ./inbox, rules: [ocr]}]
+    """)
+    with pytest.raises(ConfigError) as info:
+        parse_config(config.read_text(), config)
+    (problem,) = info.value.problems
+    assert str(problem) == (f"{config}:2: watch[0].rules: rule 'ocr' is not defined; the bundled pack 'ocr' "
+                            "defines it: add it to include (include: [ocr])")
+
+
+# ----------------------------------------------------------------- 11.4
+
+
+@pytest.mark.parametrize("body, message", [
+    ("model: {device: gpu}", "model.device: 'gpu' is not a device: auto, cpu, cuda, cuda:N (N counts from 0) or mps "
+                             "(did you mean 'cuda'?)"),
+    ("model: {device: cuda}", "on this machine; use device: auto (the GPU when there is one, else the CPU) or cpu"),
+    ("model: {device: 'cuda:1'}", "model.device: 'cuda:1' but this machine has 1 CUDA GPU (cuda:0..cuda:0)"),
+    ("model: {max_gpu_memory: 22}", "model.max_gpu_memory: 22 needs a unit, like 22GiB or 22GB"),
+    ("model: {max_gpu_memory: '22'}", "model.max_gpu_memory: '22' needs a unit, like 22GiB or 22GB"),
+    ("model: {idle_unload: 15}", "model.idle_unload: 15 needs a unit: 15s, 15m or 15h"),
+    ("jobs: {backoff: '30'}", "jobs.backoff: '30' needs a unit: 30s, 30m or 30h"),
+    ("model: {dtype: bf16}", "model.dtype: 'bf16' is not one of auto, bfloat16, float16, float32 (did you mean 'bfloat16'?)"),
+    ("model: {dtype: fp16}", "(did you mean 'float16'?)"),
+])
+def test_values_that_used_to_fail_later_are_caught_by_check(tmp_path: Path, body: str, message: str) -> None:
+    # issue 11.4
+    config = write_config(tmp_path, f"include: [ocr]\n{body}\n")
+    fake_one_gpu = {"VLWATCH_FAKE_CUDA_DEVICES": "1"} if "cuda:1" in body else {}
+    done = run_vlwatch("check", "--config", config, env=fake_one_gpu)
+    assert done.returncode == 1, done.stdout
+    assert message in done.stdout, done.stdout
+
+
+def test_good_units_and_devices_pass(tmp_path: Path) -> None:
+    config = write_config(tmp_path, """
+        include: [ocr]
+        model: {device: cpu, max_gpu_memory: 22GiB, idle_unload: 15m, dtype: bfloat16}
+        jobs: {rescan: 0, backoff: 500ms}
+    """)
+    parsed = parse_config(config.read_text(), config)
+    assert parsed.model.max_gpu_memory == 22 * 2**30 and parsed.model.idle_unload == 900.0
+    assert parsed.jobs.rescan == 0 and parsed.jobs.backoff == 0.5
+    # an openai backend does not care about this machine's GPUs
+    remote = write_config(tmp_path, "include: [ocr]\nmodel: {backend: openai, device: cuda}\n")
+    parse_config(remote.read_text(), remote)
+
+
+# ----------------------------------------------------------------- 11.9
+
+
+def test_explain_says_why(tmp_path: Path) -> None:
+    # issue 11.9: no match shows the globs and the watch's filter; our own
+    # output and temporary files are named as such; a missing file is exit 1
+    inbox = tmp_path / "inbox"
+    config = write_config(tmp_path, """
+        include: [ocr, code]
+        watch: [{path: ./inbox, rules: [code]}]
+    """)
+    (inbox / "notes.txt").parent.mkdir(parents=True)
+    (inbox / "notes.txt").write_text("hi")
+    done = run_vlwatch("explain", "--config", config, inbox / "notes.txt")
+    assert done.returncode == 1
+    assert "no rule matches 'notes.txt'; it was held against:" in done.stdout
+    assert "rule code (" in done.stdout and "match *.png, *.jpg" in done.stdout
+    assert "(not tried: ocr; this folder's `rules:` leaves them out)" in done.stdout
+    for name, words in [("a.png.code.html", "a sidecar (or overlay) vlwatch wrote"),
+                        (".vlwatch-0123456789ab.tmp", "a temporary file vlwatch writes"),
+                        ("scan.png.part", "a hidden, temporary or system file")]:
+        (inbox / name).write_bytes(b"x")
+        done = run_vlwatch("explain", "--config", config, inbox / name)
+        assert done.returncode == 1 and f"never processed: {words}" in done.stdout, (name, done.stdout)
+    done = run_vlwatch("explain", "--config", config, inbox / "absent.png")
+    assert done.returncode == 1 and "absent.png: no such file" in done.stderr
+    png(inbox / "shot.png")
+    done = run_vlwatch("explain", "--config", config, inbox / "shot.png")
+    assert done.returncode == 0 and "rule code (" in done.stdout
+
+
+# ----------------------------------------------------------------- 11.3
+
+
+def test_the_example_config_works_out_of_the_box() -> None:
+    # issue 11.3: its watched folders exist in the source tree
+    example = REPO / "examples" / "config.yaml"
+    config = parse_config(example.read_text(), example)
+    assert config.warnings == (), config.warnings
+    assert all(w.path.is_dir() for w in config.watch)
+
+
+def test_read_only_commands_create_nothing(tmp_path: Path) -> None:
+    # issue 11.3: `status` created examples/state/state.db in the source tree
+    import shutil
+
+    shutil.copytree(REPO / "examples", tmp_path / "examples")
+    png(tmp_path / "examples" / "inbox" / "scans" / "a.png")
+    config = tmp_path / "examples" / "config.yaml"
+    before = files_under(tmp_path)
+    for args in (["status"], ["status", "--json"], ["check"], ["explain", tmp_path / "examples" / "inbox" / "scans" / "a.png"],
+                 ["scan", "--dry-run"], ["retry", "--all"]):
+        done = run_vlwatch(*args, "--config", config)
+        assert done.returncode in (0, 1), (args, done.stderr)
+        assert files_under(tmp_path) == before, (args, files_under(tmp_path) - before)
+    dry = run_vlwatch("scan", "--dry-run", "--config", config)
+    assert "missing\tocr\t" in dry.stdout and "1 file needs processing" in dry.stderr
+
+
+def test_init_writes_a_commented_config_and_its_folders(tmp_path: Path, isolated_env: Path) -> None:
+    # issue 11.3: `vlwatch init [DIR]`
+    done = run_vlwatch("init", tmp_path / "try")
+    assert done.returncode == 0, done.stderr
+    config = tmp_path / "try" / "config.yaml"
+    text = config.read_text()
+    assert text.startswith("# vlwatch config, written by `vlwatch init`")
+    for task in ("ocr", "describe", "ground", "code"):
+        assert (tmp_path / "try" / "inbox" / task).is_dir()
+    check = run_vlwatch("check", "--config", config)
+    assert check.returncode == 0 and "(4 rules, 4 watched folders" in check.stdout
+    assert f"vlwatch run --config {config}" in done.stdout and "vlwatch pull" in done.stdout
+    again = run_vlwatch("init", tmp_path / "try")
+    assert again.returncode == 1 and "exists already" in again.stderr and config.read_text() == text
+    # without DIR: the XDG config path, which every command then finds by itself
+    done = run_vlwatch("init")
+    assert done.returncode == 0, done.stderr
+    assert (isolated_env / ".config" / "vlwatch" / "config.yaml").is_file()
+    assert (isolated_env / "vlwatch" / "inbox" / "ocr").is_dir()
+    assert run_vlwatch("check").returncode == 0
