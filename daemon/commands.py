@@ -407,33 +407,34 @@ def submit(config: Config, queue: Queue, paths: Sequence[Path], rule: str | None
     return out
 
 
-def wait_for(queue: Queue, job_ids: Sequence[int], *, timeout: float | None = None,
-             alive: Callable[[], bool] = lambda: True, poll: float = 0.2) -> dict[int, Job]:
-    """Poll the jobs until each is done or has failed an attempt; return them by id.
+def wait_for(queue: Queue, submitted: Sequence[Submitted], *, timeout: float | None = None,
+             alive: Callable[[], bool] = lambda: True, poll: float = 0.2) -> dict[int, Job | None]:
+    """Poll the submitted jobs until each is done or has failed an attempt, by job id.
 
     A job that failed once counts as failed here (the daemon may retry it;
-    ``status`` tells). A job replaced by a newer one of the same file is
-    followed to that one. Stops early when ``alive()`` turns false (the daemon
-    went away) or ``timeout`` passes; unfinished jobs are then left out.
+    ``status`` tells).  A job replaced by a newer one of the same file is
+    followed to that one; a job the daemon dropped (the file went away)
+    maps to None.  Stops early when ``alive()`` turns false (the daemon went
+    away) or ``timeout`` passes; unfinished jobs are then left out.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
-    follow = {i: i for i in job_ids}  # asked-for id -> id of the job that covers it now
-    paths: dict[int, tuple[Path, str]] = {}
-    finished: dict[int, Job] = {}
-    while len(finished) < len(follow):
-        for asked, current in follow.items():
-            if asked in finished:
-                continue
+    pending = {s.job_id: (s.job_id, s.path, s.rule) for s in submitted if s.job_id is not None and s.rule}
+    finished: dict[int, Job | None] = {}
+    while pending:
+        for asked, (current, path, rule) in list(pending.items()):
             job = queue.job(current)
-            if job is not None:
-                paths[asked] = (job.path, job.rule)
-            elif asked in paths and (newer := queue.latest(*paths[asked])) is not None:
-                follow[asked], job = newer.id, newer
             if job is None:
-                continue
-            if job.state == "done" or job.state == "failed" or (job.state == "queued" and job.error):
+                newer = queue.latest(path, rule)
+                if newer is None or newer.id <= current:
+                    finished[asked] = None  # dropped
+                    del pending[asked]
+                    continue
+                pending[asked] = (newer.id, path, rule)
+                job = newer
+            if job.state in ("done", "failed") or (job.state == "queued" and job.error):
                 finished[asked] = job
-        if len(finished) == len(follow) or not alive() or (deadline is not None and time.monotonic() > deadline):
+                del pending[asked]
+        if not pending or not alive() or (deadline is not None and time.monotonic() > deadline):
             break
         time.sleep(poll)
     return finished
@@ -462,13 +463,17 @@ def process(config: Config, paths: Sequence[Path], *, rule: str | None = None, f
             log.warning("handed %s to the running daemon (pid %d); waiting for %s",
                         plural(len(ids), "job"), holder, "it" if len(ids) == 1 else "them")
         lock = StateLock(config.state)
-        jobs = wait_for(queue, ids, timeout=timeout, alive=lambda: lock.holder() is not None)
+        jobs = wait_for(queue, submitted, timeout=timeout, alive=lambda: lock.holder() is not None)
         for job_id in ids:
             job = jobs.get(job_id)
-            if job is None:
+            if job_id not in jobs:
                 failed += 1
                 why = "the daemon stopped" if lock.holder() is None else f"not done within {timeout:g}s"
                 print(f"error: job #{job_id}: {why}; it stays queued (`vlwatch status`)", file=sys.stderr)
+            elif job is None:
+                failed += 1
+                print(f"error: job #{job_id}: dropped by the daemon (the file went away or changed; see its log)",
+                      file=sys.stderr)
             elif job.state == "done":
                 for sidecar in job.sidecars:
                     print_path(sidecar)

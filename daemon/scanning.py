@@ -148,8 +148,11 @@ def find_work(config: Config, queue: Queue, *, progress: Progress | None = None,
                 if on_ignored is not None:
                     on_ignored(path)
                 continue  # litter, or our own output
-            if watch_for(config, path) is not watch:
-                continue  # a nested watch's file: that watch's turn
+            if watch_for(config, path) != watch:
+                # A nested watch's file: that watch's turn.  Compared by value:
+                # watch_for's cache may hand back an equal entry of an earlier
+                # config (a reload), and `is not` then skipped every file.
+                continue
             yield from _file_work(config, queue, path)
 
 

@@ -279,3 +279,96 @@ def test_init_writes_a_commented_config_and_its_folders(tmp_path: Path, isolated
     assert (isolated_env / ".config" / "vlwatch" / "config.yaml").is_file()
     assert (isolated_env / "vlwatch" / "inbox" / "ocr").is_dir()
     assert run_vlwatch("check").returncode == 0
+
+
+# ----------------------------------------------------------------- 11.1 and 11.13, with a real daemon
+
+
+def test_process_hands_files_to_the_running_daemon_and_redo_follows_the_recipe(tmp_path: Path,
+                                                                                tiny_model: Path) -> None:
+    # issue 11.1: `process` loaded a second copy of the model next to a running daemon
+    # issue 11.13: sidecars of an older recipe are counted and redone on request only
+    import signal
+
+    from tests.test_daemon import Daemon, config_text, wait_until
+
+    (tmp_path / "inbox").mkdir()
+    config = tmp_path / "config.yaml"
+    config.write_text(config_text(tiny_model))
+    image = png(tmp_path / "elsewhere" / "a.png", seed=3)
+    sidecar = image.parent / "a.png.describe.md"
+    d = Daemon(tmp_path, config)
+    try:
+        d.start()
+        env = {k: d.env[k] for k in ("HOME", "XDG_CONFIG_HOME", "XDG_STATE_HOME", "XDG_CACHE_HOME", "HF_HOME")}
+        started = time.monotonic()
+        done = run_vlwatch("-vv", "process", "--config", config, image, env=env)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == [str(sidecar)] and sidecar.is_file()
+        assert re.search(r"handed 1 job to the running daemon \(pid \d+\)", done.stderr), done.stderr
+        # the model was never loaded here: no backend log line, no transformers import of weights
+        assert "loaded " not in done.stderr and "loading" not in done.stderr.lower(), done.stderr
+        assert f"{image.absolute()}: describe done" in d.log()
+        jobs = d.queue.history(image.absolute())
+        assert len(jobs) == 1 and jobs[0].recipe and jobs[0].recipe.startswith("r1:")
+        print(f"process through the daemon: {time.monotonic() - started:.1f}s")
+
+        # up to date: nothing queued again; --force redoes it (issue 11.13)
+        again = run_vlwatch("process", "--config", config, image, env=env)
+        assert again.returncode == 0 and again.stdout.splitlines() == [str(sidecar)]
+        assert len(d.queue.history(image.absolute())) == 1
+        forced = run_vlwatch("process", "--force", "--config", config, image, env=env)
+        assert forced.returncode == 0, forced.stderr
+        assert len(d.queue.history(image.absolute())) == 2
+
+        # a new recipe (longer answers): counted, not redone, until asked
+        config.write_text(config_text(tiny_model).replace("max_new_tokens: 8", "max_new_tokens: 9"))
+        d.signal(signal.SIGHUP)
+        wait_until(lambda: d.log_count("reloaded:") == 1, "the reload", log=d.log)
+        status = json.loads(run_vlwatch("status", "--json", "--config", config, env=env).stdout)
+        assert status["outdated"] == 1
+        text = run_vlwatch("status", "--config", config, env=env).stdout
+        assert "outdated 1 sidecar was made by an older recipe" in text and "`vlwatch scan --redo`" in text
+        dry = run_vlwatch("scan", "--dry-run", "--config", config, env=env)
+        assert f"outdated\tdescribe\t{image.absolute()}" in dry.stdout
+        assert len(d.queue.history(image.absolute())) == 2  # the daemon redoes nothing by itself
+        redo = run_vlwatch("scan", "--redo", "--rule", "describe", "--config", config, env=env)
+        assert redo.returncode == 0 and "queued 1 job; the running daemon" in redo.stdout, redo.stdout + redo.stderr
+        wait_until(lambda: json.loads(run_vlwatch("status", "--json", "--config", config, env=env).stdout)["outdated"] == 0
+                   and d.latest(image).state == "done", "the redo", log=d.log)
+        assert len(d.queue.history(image.absolute())) == 3
+
+        # a file that does not exist, next to one that does: exit 1, the other still done
+        other = png(tmp_path / "elsewhere" / "b.png", seed=4)
+        mixed = run_vlwatch("process", "--config", config, other, tmp_path / "nope.png", env=env)
+        assert mixed.returncode == 1 and "nope.png: no such file" in mixed.stderr
+        assert mixed.stdout.splitlines() == [str(other.parent / "b.png.describe.md")]
+    finally:
+        d.close()
+
+
+def test_the_daemon_redoes_outdated_sidecars_only_when_the_config_asks(tmp_path: Path) -> None:
+    # issue 11.13: `jobs.redo_outdated` (default false)
+    from daemon.queue import Candidate, Queue, content_hash
+    from daemon.recipes import recipe_of
+    from daemon.rules import match_file
+    from daemon.scanning import find_work
+
+    inbox = tmp_path / "inbox"
+    image = png(inbox / "a.png")
+    body = "model: {{name: /models/v{n}}}\ninclude: [ocr]\nwatch: [{{path: ./inbox}}]\n{extra}"
+    old = parse_config(body.format(n=8, extra=""), tmp_path / "config.yaml")
+    with Queue(tmp_path / "state.db") as q:
+        st = image.stat()
+        [m] = match_file(old, image)
+        q.enqueue([Candidate(image.absolute(), "ocr", content_hash(image), st.st_size, st.st_mtime_ns,
+                             recipe=recipe_of(old, m))])
+        [job] = q.claim(1)
+        (inbox / "a.png.ocr.md").write_text("text")
+        q.finish([(job.id, [inbox / "a.png.ocr.md"], 1.0)])
+        assert list(find_work(old, q)) == []
+        new = parse_config(body.format(n=9, extra=""), tmp_path / "config.yaml")
+        assert list(find_work(new, q)) == []  # a model or prompt change alone redoes nothing
+        asks = parse_config(body.format(n=9, extra="jobs: {redo_outdated: true}\n"), tmp_path / "config.yaml")
+        [work] = find_work(asks, q)
+        assert work.reason == "outdated"
