@@ -274,8 +274,20 @@ def explain(config: Config, path: Path) -> int:
     is never processed (our own output, a temporary or litter file) or no
     rule matches it.
     """
-    from daemon.outputs import TEMP_PREFIX, TEMP_SUFFIX, is_output_name, optional_sidecars, planned_sidecars
-    from daemon.rules import candidate_rules, match_file, normalised, relative_to_root, render_prompt
+    from daemon.outputs import (
+        TEMP_PREFIX,
+        TEMP_SUFFIX,
+        is_output_name,
+        optional_sidecars,
+        planned_sidecars,
+    )
+    from daemon.rules import (
+        candidate_rules,
+        match_file,
+        normalised,
+        relative_to_root,
+        render_prompt,
+    )
     from daemon.scanning import output_dirs_inside, rule_names
     from daemon.watching import ignored_dir, ignored_name
 

@@ -7,11 +7,9 @@ the model is the tiny checkpoint; only a GPU running out of memory is faked.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
-import sqlite3
 import subprocess
 import sys
 import time
@@ -372,3 +370,123 @@ def test_the_daemon_redoes_outdated_sidecars_only_when_the_config_asks(tmp_path:
         asks = parse_config(body.format(n=9, extra="jobs: {redo_outdated: true}\n"), tmp_path / "config.yaml")
         [work] = find_work(asks, q)
         assert work.reason == "outdated"
+
+
+# ----------------------------------------------------------------- 11.7
+
+
+def test_scan_right_after_a_copy_waits_for_the_files(tmp_path: Path) -> None:
+    # issue 11.7: printed "still being written ...; skipped" per file, then "nothing to process"
+    from daemon.queue import Queue, StateLock
+
+    config = write_config(tmp_path, """
+        include: [ocr]
+        state: ./state.db
+        watch: [{path: ./inbox, settle: 1s}]
+    """)
+    lock = StateLock(tmp_path / "state.db")
+    assert lock.acquire()  # a daemon holds the state: the scan only queues
+    try:
+        image = png(tmp_path / "inbox" / "fresh.png")
+        done = run_vlwatch("scan", "--config", config)
+        assert done.returncode == 0, done.stderr
+        assert "waiting for 1 file still being written" in done.stderr
+        assert "queued 1 job; the running daemon" in done.stdout, done.stdout
+        with Queue(tmp_path / "state.db") as q:
+            assert q.latest(image.absolute(), "ocr").state == "queued"
+    finally:
+        lock.release()
+
+
+# ----------------------------------------------------------------- 11.12
+
+
+def _complete(line: str, tmp_path: Path) -> list[str]:
+    out = tmp_path / "completions.txt"
+    env = {"_ARGCOMPLETE": "1", "COMP_LINE": line, "COMP_POINT": str(len(line)),
+           "_ARGCOMPLETE_STDOUT_FILENAME": str(out), "_ARGCOMPLETE_IFS": "\n"}
+    done = run_vlwatch(env=env)
+    assert done.returncode == 0, done.stderr
+    return out.read_text().split()
+
+
+@pytest.mark.parametrize("shell, marker", [("bash", "complete "), ("zsh", "#compdef vlwatch"),
+                                           ("fish", "complete --command vlwatch")])
+def test_shell_completion_scripts(shell: str, marker: str) -> None:
+    # issue 11.12: bash, zsh and fish, generated from the parser by argcomplete
+    done = run_vlwatch("--print-completion", shell)
+    assert done.returncode == 0 and marker in done.stdout, done.stdout[:500]
+
+
+def test_completion_offers_commands_options_and_rule_names(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "include: [ocr, code]\n")
+    assert _complete("vlwatch pro", tmp_path) == ["process"]
+    assert set(_complete("vlwatch scan --r", tmp_path)) == {"--redo", "--rule"}
+    assert _complete(f"vlwatch process --config {config} --rule o", tmp_path) == ["ocr"]
+
+
+# ----------------------------------------------------------------- 11.11
+
+
+def _first_ten_minutes() -> list[str]:
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## The first ten minutes", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```sh\n(.*?)```", section, re.DOTALL)
+    return [line.split("  #")[0].strip() for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def test_the_readme_first_ten_minutes_work_as_written(tmp_path: Path, tiny_model: Path, isolated_env: Path) -> None:
+    # issue 11.11 ("done when"): a newcomer follows the README from pip install
+    # to a first sidecar; the tiny checkpoint stands in for `vlwatch pull`.
+    import shutil
+    import signal
+
+    from tests.test_daemon import wait_until
+
+    steps = _first_ten_minutes()
+    assert steps[:5] == ["python3 -m venv ~/.venvs/vlwatch && . ~/.venvs/vlwatch/bin/activate", "pip install .",
+                         "vlwatch init", "vlwatch pull", "vlwatch run"], steps
+    home = isolated_env
+    shim = tmp_path / "bin" / "vlwatch"  # what `pip install .` puts on PATH
+    shim.parent.mkdir()
+    shim.write_text(f"#!/bin/sh\nPYTHONPATH={REPO} exec {sys.executable} -m daemon \"$@\"\n")
+    shim.chmod(0o755)
+    env = {**os.environ, "PATH": f"{shim.parent}:{os.environ['PATH']}", "HOME": str(home)}
+    png(home / "Pictures" / "scan.png", seed=5)
+    Image.open(png(tmp_path / "photo.png", seed=6)).convert("RGB").save(home / "Pictures" / "photo.jpg")
+
+    def sh(line: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["bash", "-c", line], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+
+    daemon = None
+    try:
+        for line in steps[2:]:
+            if line == "vlwatch pull":  # no download here: model.name points at the tiny checkpoint instead
+                config = home / ".config" / "vlwatch" / "config.yaml"
+                text = config.read_text()
+                assert "  name: Qwen/Qwen2.5-VL-7B-Instruct\n" in text
+                config.write_text(text.replace("  name: Qwen/Qwen2.5-VL-7B-Instruct\n", f"  name: {tiny_model}\n"))
+            elif line == "vlwatch run":
+                daemon = subprocess.Popen(["bash", "-c", "exec vlwatch run"], env=env, cwd=tmp_path,
+                                          stdout=open(tmp_path / "daemon.log", "wb"), stderr=subprocess.STDOUT)
+            elif line.startswith("ls "):
+                def listed() -> bool:
+                    assert daemon is not None and daemon.poll() is None, (tmp_path / "daemon.log").read_text()
+                    return "scan.png.ocr.md" in sh(line).stdout
+
+                wait_until(listed, "scan.png.ocr.md", timeout=240, log=(tmp_path / "daemon.log").read_text)
+            else:
+                done = sh(line)
+                assert done.returncode == 0, (line, done.stdout, done.stderr)
+                if line == "vlwatch status":
+                    assert "daemon   running" in done.stdout
+                if line.startswith("vlwatch process"):
+                    assert done.stdout.strip() == str(home / "Pictures" / "photo.jpg.describe.md")
+                    assert "handed 1 job to the running daemon" in done.stderr
+        assert (home / "vlwatch" / "inbox" / "ocr" / "scan.png.ocr.md").is_file()
+        assert (home / "Pictures" / "photo.jpg.describe.md").is_file()
+    finally:
+        if daemon is not None:
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.wait(60) == 0
+        shutil.rmtree(home / "vlwatch", ignore_errors=True)
