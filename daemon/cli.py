@@ -11,24 +11,28 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shlex
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
 from daemon import __version__
 from daemon.config import Config, load_config
-from daemon.errors import ConfigError, ExitCode, VlwatchError
-from daemon.images import printable
+from daemon.errors import ConfigError, ExitCode, VlwatchError, plural
 
 log = logging.getLogger("vlwatch")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    if argv is None and "_ARGCOMPLETE" in os.environ:  # the shell asks for completions (issue 11.12)
+        import argcomplete
+
+        argcomplete.autocomplete(parser)
     args = parser.parse_args(argv)
+    # -v counts before and after the subcommand alike (issue 11.8).
+    verbose = args.verbose + getattr(args, "sub_verbose", 0)
     # The daemon and a scan report each file's life at INFO; the other commands print their results.
-    setup_logging(args.verbose + (1 if args.command in ("run", "scan") else 0))
+    setup_logging(verbose + (1 if args.command in ("run", "scan") else 0))
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return int(handler(args))
@@ -47,26 +51,44 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlwatch", description="Watch folders for images and write Qwen2.5-VL answers beside them.")
     p.add_argument("--version", action="version", version=f"vlwatch {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    _add_completion(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Every subcommand takes -v too, so `vlwatch run -v` works as well as `vlwatch -v run`.
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", dest="sub_verbose", action="count", default=0,
+                         help="more log output (-vv for debug)")
 
     def command(name: str, handler: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
-        c = sub.add_parser(name, help=help, description=help)
+        c = sub.add_parser(name, help=help, description=help, parents=[verbose])
         c.set_defaults(handler=handler)
         return c
 
     def with_config(c: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        c.add_argument("--config", metavar="PATH",
-                       help="config file (default: $VLWATCH_CONFIG, then $XDG_CONFIG_HOME/vlwatch/config.yaml, then /etc/vlwatch/config.yaml)")
+        a = c.add_argument("--config", metavar="PATH",
+                           help="config file (default: $VLWATCH_CONFIG, then $XDG_CONFIG_HOME/vlwatch/config.yaml, then /etc/vlwatch/config.yaml)")
+        _complete_file(a)
         return c
 
+    c = command("init", cmd_init, "write a commented starter config and create its folders")
+    _complete_dir(c.add_argument("dir", nargs="?", metavar="DIR", type=Path,
+                                 help="where to put config.yaml and its folders (default: $XDG_CONFIG_HOME/vlwatch)"))
+    c.add_argument("--model", metavar="NAME", help="model.name to write (a model id or a local directory)")
+    c.add_argument("--force", action="store_true", help="overwrite an existing config.yaml")
     with_config(command("run", cmd_run, "run the daemon in the foreground: watch, queue, infer, write sidecars"))
     c = with_config(command("process", cmd_process, "run the matching (or named) rule on these files now, then exit"))
-    c.add_argument("files", nargs="+", metavar="FILE", type=Path)
-    c.add_argument("--rule", metavar="NAME", help="use this rule instead of matching")
+    _complete_file(c.add_argument("files", nargs="+", metavar="FILE", type=Path))
+    _complete_rule(c.add_argument("--rule", metavar="NAME", help="use this rule instead of matching"))
+    c.add_argument("--force", action="store_true", help="redo the file even if its sidecar is up to date")
+    c.add_argument("--local", action="store_true",
+                   help="load the model in this process even if a daemon runs (default: hand the files to it)")
+    c.add_argument("--timeout", metavar="SECONDS", type=float, default=None,
+                   help="with a running daemon: give up waiting after this long (default: wait until done)")
     c = with_config(command("scan", cmd_scan, "process files under the watched folders whose sidecars are missing or stale"))
     c.add_argument("--dry-run", action="store_true", help="only list the files")
+    c.add_argument("--redo", action="store_true", help="also redo sidecars made by an older recipe (model, prompt, sizing)")
+    _complete_rule(c.add_argument("--rule", metavar="NAME", help="with --redo: only this rule's sidecars"))
     c = with_config(command("explain", cmd_explain, "show which rules match FILE, their prompts and sidecar paths"))
-    c.add_argument("file", metavar="FILE", type=Path)
+    _complete_file(c.add_argument("file", metavar="FILE", type=Path))
     with_config(command("check", cmd_check, "validate the config and every rule"))
     c = with_config(command("status", cmd_status, "queue counts, recent failures, model state"))
     c.add_argument("--json", action="store_true", help="machine-readable output")
@@ -82,12 +104,62 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+SHELLS = ("bash", "zsh", "fish")
+
+
+def _add_completion(p: argparse.ArgumentParser) -> None:
+    """``--print-completion SHELL``: the completion script for bash, zsh or fish (issue 11.12).
+
+    Generated by argcomplete from this very parser, so it never drifts from
+    ``--help``; at each Tab the shell asks ``vlwatch`` itself (``main`` calls
+    ``argcomplete.autocomplete`` before parsing).
+    """
+    p.add_argument("--print-completion", choices=SHELLS, action=_PrintCompletion,
+                   help="print the shell completion script for bash, zsh or fish and exit")
+
+
+class _PrintCompletion(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        import argcomplete
+
+        sys.stdout.write(argcomplete.shellcode([parser.prog], shell=str(values)))
+        parser.exit()
+
+
+def _complete_file(action: argparse.Action) -> argparse.Action:
+    from argcomplete.completers import FilesCompleter
+
+    action.completer = FilesCompleter()  # type: ignore[attr-defined]
+    return action
+
+
+def _complete_dir(action: argparse.Action) -> argparse.Action:
+    from argcomplete.completers import DirectoriesCompleter
+
+    action.completer = DirectoriesCompleter()  # type: ignore[attr-defined]
+    return action
+
+
+def _complete_rule(action: argparse.Action) -> argparse.Action:
+    """Tab after ``--rule`` offers the rule names of the config in use."""
+    def rules(prefix: str, parsed_args: argparse.Namespace, **_: object) -> list[str]:
+        try:
+            config = load_config(getattr(parsed_args, "config", None))
+        except Exception:  # completing must never print a traceback into the prompt
+            return []
+        return [r.name for r in config.rules if r.name.startswith(prefix)]
+
+    action.completer = rules  # type: ignore[attr-defined]
+    return action
+
+
 def setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
     if os.environ.get("VLWATCH_LOG_LEVEL"):
         level = getattr(logging, os.environ["VLWATCH_LOG_LEVEL"].upper(), level)
-    # journald stamps each line itself; a terminal user wants the time.
-    stamp = "" if os.environ.get("JOURNAL_STREAM") or not sys.stderr.isatty() else "%(asctime)s "
+    # journald stamps each line itself; a terminal, or a log file, wants the time (issue 11.8).
+    stamp = "" if _stderr_is_journal() else "%(asctime)s "
     # Under systemd, a "<N>" prefix gives each line its syslog priority, so
     # `journalctl -p warning` works (sd-daemon(3), SyslogLevelPrefix=).
     prefix = "<%(priority)d>" if _stderr_is_journal() else ""
@@ -156,9 +228,14 @@ def _syslog_priority(record: logging.LogRecord) -> bool:
 
 
 def _config(args: argparse.Namespace) -> Config:
+    """The config, with its warnings summed up in one line: `check` and `run` list them (issue 11.8).
+
+    The "model not downloaded" warning is left out: the commands that need the
+    model stop with the full message, so it is said once.
+    """
     config = load_config(args.config)
-    for warning in config.warnings:
-        log.warning("%s", warning)
+    if config.warnings:
+        log.warning("%s has %s (`vlwatch check` lists them)", config.source, plural(len(config.warnings), "warning"))
     return config
 
 
@@ -171,100 +248,35 @@ def cmd_check(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem)
-        n = len(exc.problems)
-        print(f"{n} problem{'s' if n != 1 else ''} found")
+        print(f"{plural(len(exc.problems), 'problem')} found")
         return ExitCode.FAILED
-    for warning in config.warnings:
+    for warning in (*config.warnings, *filter(None, [config.model_warning])):
         print(f"warning: {warning}")
-    print(f"{config.source}: OK ({len(config.rules)} rules, {len(config.watch)} watched folders, backend {config.model.backend})")
+    print(f"{config.source}: OK ({plural(len(config.rules), 'rule')}, {plural(len(config.watch), 'watched folder')}, "
+          f"backend {config.model.backend})")
+    return ExitCode.OK
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from daemon.config import local_model_path
+    from daemon.init_config import init, next_steps
+
+    done = init(args.dir, model=args.model, force=args.force)
+    print(next_steps(done, local_model_path(args.model or load_config(done.config).model.name) is not None))
     return ExitCode.OK
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from daemon.outputs import planned_sidecars
-    from daemon.rules import match_file, render_prompt, watch_for
+    from daemon.commands import explain
 
-    config = _config(args)
-    path = args.file.absolute()
-    watch = watch_for(config, path)
-    print(printable(path))
-    print(f"  watched folder: {printable(watch.path) if watch else '(none: globs match the file name)'}")
-    matches = match_file(config, path)
-    if not matches:
-        print("  no rule matches this file")
-        return ExitCode.FAILED
-    for m in matches:
-        r = m.rule
-        print(f"  rule {r.name} ({r.source}): task {r.task} -> {r.output}")
-        if r.formats is not None or r.pages is not None:
-            pages = ",".join(f"{a}" if a == b else f"{a}-{b or ''}" for a, b in r.pages or ())
-            print(f"    takes: formats {', '.join(r.formats or ('any',))}; pages {pages or 'all'}")
-        print("    prompt:")
-        for line in render_prompt(r, path).splitlines():
-            print(f"      {line}")
-        for sidecar in planned_sidecars(m):
-            print(f"    writes: {printable(sidecar)}")
-    return ExitCode.OK
+    return explain(_config(args), args.file)
 
 
 def cmd_process(args: argparse.Namespace) -> int:
-    from daemon.backends import create_backend
-    from daemon.rules import match_file
-    from daemon.worker import Worker
+    from daemon.commands import process
 
-    config = _config(args)
-    if args.rule is not None and config.rule(args.rule) is None:
-        names = ", ".join(r.name for r in config.rules)
-        raise VlwatchError(f"no rule named {args.rule!r} (defined: {names})", ExitCode.USAGE)
-    failed = 0
-    matches = []
-    for path in args.files:
-        if (problem := _not_a_file(path)) is not None:
-            print(f"error: {printable(path)}: {problem}", file=sys.stderr)
-            failed += 1
-            continue
-        found = match_file(config, path, args.rule)
-        if not found:
-            hint = shlex.quote(printable(path))
-            print(f"error: {printable(path)}: no rule matches; skipped (see `vlwatch explain -- {hint}`)",
-                  file=sys.stderr)
-            failed += 1
-        matches.extend(found)
-    if matches:
-        worker = Worker(config, create_backend(config.model))
-        try:
-            outcomes = worker.process(matches)
-        finally:
-            worker.close()
-        for outcome in outcomes:
-            if outcome.ok:
-                for sidecar in outcome.sidecars:
-                    _print_path(sidecar)
-            else:
-                failed += 1
-                print(f"error: {outcome.error}", file=sys.stderr)
-    return ExitCode.FAILED if failed else ExitCode.OK
-
-
-def _not_a_file(path: Path) -> str | None:
-    if path.is_file():
-        return None
-    if path.is_symlink() and not path.exists():
-        return "is a symbolic link to a file that does not exist"
-    if path.exists():
-        return "is not a regular file"
-    return "no such file"
-
-
-def _print_path(path: Path) -> None:
-    """One path per line, as the exact bytes of its name (a name need not be UTF-8)."""
-    sys.stdout.flush()
-    buffer = getattr(sys.stdout, "buffer", None)
-    if buffer is None:  # a test harness's text-only stdout
-        print(printable(path))
-        return
-    buffer.write(os.fsencode(path) + b"\n")
-    buffer.flush()
+    return process(_config(args), args.files, rule=args.rule, force=args.force, local=args.local,
+                   timeout=args.timeout)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -287,7 +299,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_scan(args: argparse.Namespace) -> int:
     from daemon.commands import scan
 
-    return scan(_config(args), dry_run=args.dry_run)
+    if args.rule is not None and not args.redo:
+        raise VlwatchError("--rule goes with --redo (a scan always looks at every rule)", ExitCode.USAGE)
+    return scan(_config(args), dry_run=args.dry_run, redo=args.redo, rule=args.rule)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

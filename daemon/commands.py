@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shlex
 import sys
 import time
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from daemon.backends import create_backend
 from daemon.config import Config
 from daemon.engine import BatchResult, Processor, check_model
-from daemon.errors import BackendUnavailableError, ExitCode
-from daemon.queue import Queue, StateLock, safe_text
+from daemon.errors import BackendUnavailableError, ExitCode, VlwatchError, plural
+from daemon.images import printable
+from daemon.queue import Job, Queue, StateLock, safe_text
+from daemon.recipes import Outdated, outdated, recipe_of
 from daemon.rules import watch_for
 from daemon.scanning import (
     Progress,
@@ -28,46 +33,111 @@ from daemon.scanning import (
     find_work,
     sidecars_written,
 )
+from daemon.watching import file_signature
 from daemon.worker import Worker
 
 log = logging.getLogger(__name__)
 
 
 
-def scan(config: Config, dry_run: bool = False) -> int:
+def scan(config: Config, dry_run: bool = False, *, redo: bool = False, rule: str | None = None) -> int:
     """``vlwatch scan``: queue files with missing or stale sidecars, and process them.
 
     With a daemon running on the same state file, the jobs are left to it;
     otherwise this process takes the state lock and works the queue itself.
+
+    Args:
+        dry_run: only list the files (and create nothing: no state file, issue 11.3).
+        redo: also redo sidecars an older recipe made (``daemon.recipes``, issue 11.13).
+        rule: with ``redo``, only this rule's.
     """
+    if rule is not None and config.rule(rule) is None:
+        names = ", ".join(r.name for r in config.rules)
+        raise VlwatchError(f"no rule named {rule!r} (defined: {names})", ExitCode.USAGE)
     tty = sys.stderr.isatty()
-    with Queue(config.state) as queue:
+    # A dry run of a config that never ran must not create its state file:
+    # an empty in-memory queue answers "nothing done yet" just as well.
+    state = config.state if config.state.exists() or not dry_run else Path(":memory:")
+    with Queue(state) as queue:
         progress = Progress("scanning", tty=tty)
         works = list(find_work(config, queue, progress=progress))
         progress.close()
+        old = outdated(config, queue, rule)
         if dry_run:
             for w in works:
                 print(f"{w.reason}\t{w.match.rule.name}\t{safe_text(str(w.match.path))}")
-            print(f"{len(works)} files need processing ({progress.count} scanned)", file=sys.stderr)
+            for o in old:
+                print(f"outdated\t{o.job.rule}\t{safe_text(str(o.job.path))}")
+            print(f"{plural(len(works), 'file')} need{'s' if len(works) == 1 else ''} processing "
+                  f"({progress.count} scanned)", file=sys.stderr)
+            if old:
+                print(_outdated_note(len(old), redo), file=sys.stderr)
             return ExitCode.OK
-        now = time.time()
-        ready: list[Work] = []
-        for w in works:
-            if now - w.mtime_ns / 1e9 < _settle_of(config, w.match.path):
-                log.warning("%s: still being written (changed less than settle ago); skipped", w.match.path)
-            else:
-                ready.append(w)
+        ready = _settled(config, works)
+        if redo:
+            ready += [w for o in old if (w := _redo_work(config, o)) is not None]
+        elif old:
+            print(_outdated_note(len(old), redo=False), file=sys.stderr)
         jobs = enqueue_in_chunks(queue, ready)
-        log.info("scan: %d files scanned, %d jobs queued", progress.count, len(jobs))
+        log.info("scan: %s scanned, %s queued", plural(progress.count, "file"), plural(len(jobs), "job"))
         lock = StateLock(config.state)
         if not lock.acquire():
-            print(f"queued {len(jobs)} jobs; the running daemon (pid {lock.holder()}) will process them")
+            print(f"queued {plural(len(jobs), 'job')}; the running daemon (pid {lock.holder()}) will process them")
             return ExitCode.OK
         try:
             check_model(config)
             return _drain(config, queue, tty)
         finally:
             lock.release()
+
+
+def _outdated_note(n: int, redo: bool) -> str:
+    made = f"{plural(n, 'sidecar')} {'was' if n == 1 else 'were'} made by an older recipe (model, prompt or sizing)"
+    return f"{made}; `vlwatch scan --redo` redoes {'it' if n == 1 else 'them'}" if not redo else made
+
+
+def _redo_work(config: Config, old: Outdated) -> Work | None:
+    """The work that redoes an outdated sidecar; None if the file changed since (the scan redoes it anyway)."""
+    sig = file_signature(old.job.path)
+    if sig is None or sig != old.job.signature:
+        return None
+    return Work(old.match, sig[0], sig[1], "outdated", old.job.hash, time.time(), recipe_of(config, old.match))
+
+
+def _settled(config: Config, works: list[Work], *, limit: float = 60.0) -> list[Work]:
+    """``works``, once each file has held still for its watch's ``settle`` (issue 11.7).
+
+    A scan right after a copy used to skip the files still being written and
+    say "nothing to process"; it now waits for them (saying so), and only a
+    file still changing after ``limit`` more seconds is left for the next scan.
+    """
+    ready, waiting = [], []
+    now = time.time()
+    for work in works:
+        (waiting if now - work.mtime_ns / 1e9 < _settle_of(config, work.match.path) else ready).append(work)
+    if not waiting:
+        return ready
+    print(f"waiting for {plural(len({x.match.path for x in waiting}), 'file')} still being written "
+          f"(unchanged for `settle` counts as complete)", file=sys.stderr)
+    deadline = time.monotonic() + limit + max(_settle_of(config, x.match.path) for x in waiting)
+    while waiting and time.monotonic() < deadline:
+        time.sleep(0.1)
+        still = []
+        now = time.time()
+        for work in waiting:
+            sig = file_signature(work.match.path)
+            if sig is None:
+                continue  # gone meanwhile
+            if sig != (work.size, work.mtime_ns):
+                work = replace(work, size=sig[0], mtime_ns=sig[1], hash=None)
+            if now - work.mtime_ns / 1e9 >= _settle_of(config, work.match.path):
+                ready.append(work)
+            else:
+                still.append(work)
+        waiting = still
+    for w in waiting:
+        log.warning("%s: still being written after %gs; left for the next scan", w.match.path, limit)
+    return ready
 
 
 def _settle_of(config: Config, path: Path) -> float:
@@ -93,7 +163,7 @@ def _drain(config: Config, queue: Queue, tty: bool) -> int:
             except BackendUnavailableError as exc:  # the server, the output disk or the state database
                 processor.release([j.id for j in jobs])  # recorded now, or kept until the state disk takes it
                 what = "backend unavailable: " if exc.meta_key == "backend" else ""
-                left = "" if processor.unrecorded() else f"; {queue.due_count()} jobs left queued"
+                left = "" if processor.unrecorded() else f"; {plural(queue.due_count(), 'job')} left queued"
                 print(f"vlwatch: {what}{exc}{left}", file=sys.stderr)
                 return ExitCode.FAILED
             for k in ("done", "failed", "retrying", "dropped"):
@@ -102,7 +172,7 @@ def _drain(config: Config, queue: Queue, tty: bool) -> int:
     finally:
         progress.close()
         worker.close()
-    print(f"processed {summary.done + summary.failed + summary.retrying} files: {summary.done} done, "
+    print(f"processed {plural(summary.done + summary.failed + summary.retrying, 'file')}: {summary.done} done, "
           f"{summary.failed + summary.retrying} failed ({summary.retrying} will be retried)"
           + (f", {summary.dropped} dropped" if summary.dropped else ""))
     return ExitCode.FAILED if summary.failed or summary.retrying else ExitCode.OK
@@ -125,13 +195,14 @@ def status_info(config: Config, failures: int = 10) -> dict[str, object]:
     pid = StateLock(config.state).holder()
     info: dict[str, object] = {"state": str(config.state), "daemon": {"running": pid is not None, "pid": pid},
                                "counts": {"queued": 0, "running": 0, "done": 0, "failed": 0},
-                               "model": None, "backend": None, "storage": None, "failures": []}
+                               "model": None, "backend": None, "storage": None, "failures": [], "outdated": 0}
     if not config.state.exists():
         return info
     with Queue(config.state) as queue:
         meta = queue.meta()
         info["counts"] = queue.counts()
         info["failures"] = [j.as_dict() for j in queue.failures(failures)]
+        info["outdated"] = len(outdated(config, queue))
     model = meta.get("model")
     if model is not None and pid is None:
         model = {**model, "loaded": False, "since": None}  # nobody holds it any more
@@ -150,6 +221,8 @@ def format_status(info: dict) -> str:
         f"daemon   {'running (pid %s)' % daemon['pid'] if daemon['running'] else 'not running'}",
         f"queue    {c['queued']} queued, {c['running']} running, {c['done']} done, {c['failed']} failed",
     ]
+    if info.get("outdated"):
+        lines.append(f"outdated {_outdated_note(info['outdated'], redo=False)}")
     model = info.get("model")
     if model:
         state = "loaded" if model.get("loaded") else "not loaded"
@@ -196,3 +269,294 @@ def retry(config: Config, ids: Sequence[int] | None) -> int:
     if not jobs and not unknown:
         print("no failed jobs")
     return ExitCode.FAILED if unknown else ExitCode.OK
+
+
+# ---------------------------------------------------------------- explain
+
+
+def explain(config: Config, path: Path) -> int:
+    """``vlwatch explain``: which rules match ``path``, and why or why not (issue 11.9).
+
+    Loads no model and writes nothing.  Exit 1 when the file does not exist,
+    is never processed (our own output, a temporary or litter file) or no
+    rule matches it.
+    """
+    from daemon.outputs import (
+        TEMP_PREFIX,
+        TEMP_SUFFIX,
+        is_output_name,
+        optional_sidecars,
+        planned_sidecars,
+    )
+    from daemon.rules import (
+        candidate_rules,
+        match_file,
+        normalised,
+        relative_to_root,
+        render_prompt,
+    )
+    from daemon.scanning import output_dirs_inside, rule_names
+    from daemon.watching import ignored_dir, ignored_name
+
+    path = normalised(path)
+    shown = safe_text(str(path))
+    if not path.exists():
+        print(f"vlwatch: {shown}: no such file", file=sys.stderr)
+        return ExitCode.FAILED
+    watch = watch_for(config, path)
+    root = normalised(watch.path) if watch else path.parent
+    print(shown)
+    if watch is None:
+        print("  watched folder: none (the daemon never sees this file; `vlwatch process` can still take it, "
+              "matching the globs against the file name)")
+    else:
+        print(f"  watched folder: {safe_text(str(root))}"
+              + ("" if watch.rules is None else f" (only rules {', '.join(watch.rules)})"))
+    # What the watcher and the scans drop before any rule sees the file.
+    name = path.name
+    if name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX):
+        print("  never processed: a temporary file vlwatch writes a sidecar into before renaming it")
+        return ExitCode.FAILED
+    if is_output_name(name, rule_names(config)):
+        print("  never processed: a sidecar (or overlay) vlwatch wrote; vlwatch never feeds on its own output")
+        return ExitCode.FAILED
+    if ignored_name(name):
+        print("  never processed: a hidden, temporary or system file (editor swap, partial download, "
+              ".DS_Store, Thumbs.db ...)")
+        return ExitCode.FAILED
+    relative = relative_to_root(path, root)
+    if watch is not None:
+        folders = relative.split("/")[:-1]
+        if bad := [f for f in folders if ignored_dir(f)]:
+            print(f"  never processed: inside the ignored folder {bad[0]!r} (hidden, or system litter)")
+            return ExitCode.FAILED
+        for out in output_dirs_inside(watch, config):
+            if path.is_relative_to(out):
+                print(f"  never processed: inside the output folder {safe_text(str(out))}")
+                return ExitCode.FAILED
+    matches = match_file(config, path)
+    if not matches:
+        print(f"  no rule matches {relative!r}; it was held against:")
+        tried = candidate_rules(config, watch)
+        for r in tried:
+            print(f"    rule {r.name} ({r.source}): match {', '.join(r.match)}")
+        skipped = [r.name for r in config.rules if r not in tried]
+        if skipped:
+            print(f"    (not tried: {', '.join(skipped)}; this folder's `rules:` leaves them out)")
+        if not tried:
+            print("    (no rule: this folder's `rules:` names none that exists)")
+        return ExitCode.FAILED
+    for m in matches:
+        r = m.rule
+        print(f"  rule {r.name} ({r.source}): task {r.task} -> {r.output}")
+        if r.formats is not None or r.pages is not None:
+            pages = ",".join(f"{a}" if a == b else f"{a}-{b or ''}" for a, b in r.pages or ())
+            print(f"    takes: formats {', '.join(r.formats or ('any',))}; pages {pages or 'all'}")
+        print("    prompt:")
+        for line in render_prompt(r, path).splitlines():
+            print(f"      {line}")
+        for sidecar in planned_sidecars(m):
+            print(f"    writes: {safe_text(str(sidecar))}")
+        for sidecar in optional_sidecars(m):
+            print(f"    writes: {safe_text(str(sidecar))} (when the answer holds boxes)")
+    return ExitCode.OK
+
+
+# ---------------------------------------------------------------- process
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """One (file, rule) handed to the queue: the job that covers it, or why there is none."""
+
+    path: Path
+    rule: str | None
+    job_id: int | None = None
+    error: str | None = None
+
+
+def submit(config: Config, queue: Queue, paths: Sequence[Path], rule: str | None = None,
+           force: bool = False) -> list[Submitted]:
+    """Queue these files now, for whoever works the queue (the running daemon).
+
+    What ``vlwatch process`` does while a daemon runs (issue 11.1), and what
+    ``POST /api/v1/jobs`` is meant to call.  Like a scan, a file whose
+    sidecar is up to date for its bytes is not queued again (its finished job
+    is returned) unless ``force``; a file already queued or running is
+    covered by that job.
+
+    Raises:
+        VlwatchError: ``rule`` names no rule (exit 2).
+    """
+    from daemon.outputs import planned_sidecars
+    from daemon.queue import Candidate, content_hash
+    from daemon.rules import match_file
+    from daemon.scanning import sidecar_fresh
+
+    if rule is not None and config.rule(rule) is None:
+        names = ", ".join(r.name for r in config.rules)
+        raise VlwatchError(f"no rule named {rule!r} (defined: {names})", ExitCode.USAGE)
+    out: list[Submitted] = []
+    for path in paths:
+        if (problem := not_a_file(path)) is not None:
+            out.append(Submitted(path, rule, error=f"{safe_text(str(path))}: {problem}"))
+            continue
+        path = path.absolute()
+        matches = match_file(config, path, rule)
+        if not matches:
+            out.append(Submitted(path, rule, error=f"{safe_text(str(path))}: no rule matches; skipped "
+                                                   f"(see `vlwatch explain`)"))
+            continue
+        sig = file_signature(path)
+        try:
+            digest = content_hash(path)
+        except OSError as exc:
+            out.append(Submitted(path, rule, error=f"{safe_text(str(path))}: cannot be read: {exc.strerror or exc}"))
+            continue
+        if sig is None:
+            out.append(Submitted(path, rule, error=f"{safe_text(str(path))}: no such file"))
+            continue
+        now = time.time()
+        for m in matches:
+            redo = force or not sidecar_fresh(m, sig[1]) or not all(p.exists() for p in planned_sidecars(m))
+            queue.enqueue([Candidate(path, m.rule.name, digest, sig[0], sig[1], redo=redo, seen_at=now,
+                                     recipe=recipe_of(config, m))])
+            job = queue.latest(path, m.rule.name)
+            out.append(Submitted(path, m.rule.name, job.id if job is not None else None))
+    return out
+
+
+def wait_for(queue: Queue, submitted: Sequence[Submitted], *, timeout: float | None = None,
+             alive: Callable[[], bool] = lambda: True, poll: float = 0.2) -> dict[int, Job | None]:
+    """Poll the submitted jobs until each is done or has failed an attempt, by job id.
+
+    A job that failed once counts as failed here (the daemon may retry it;
+    ``status`` tells).  A job replaced by a newer one of the same file is
+    followed to that one; a job the daemon dropped (the file went away)
+    maps to None.  Stops early when ``alive()`` turns false (the daemon went
+    away) or ``timeout`` passes; unfinished jobs are then left out.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pending = {s.job_id: (s.job_id, s.path, s.rule) for s in submitted if s.job_id is not None and s.rule}
+    finished: dict[int, Job | None] = {}
+    while pending:
+        for asked, (current, path, rule) in list(pending.items()):
+            job = queue.job(current)
+            if job is None:
+                newer = queue.latest(path, rule)
+                if newer is None or newer.id <= current:
+                    finished[asked] = None  # dropped
+                    del pending[asked]
+                    continue
+                pending[asked] = (newer.id, path, rule)
+                job = newer
+            if job.state in ("done", "failed") or (job.state == "queued" and job.error):
+                finished[asked] = job
+                del pending[asked]
+        if not pending or not alive() or (deadline is not None and time.monotonic() > deadline):
+            break
+        time.sleep(poll)
+    return finished
+
+
+def process(config: Config, paths: Sequence[Path], *, rule: str | None = None, force: bool = False,
+            local: bool = False, timeout: float | None = None) -> int:
+    """``vlwatch process``: these files now; through the running daemon when there is one (issue 11.1).
+
+    While a daemon holds the state file, the files go onto its queue and this
+    waits for their sidecars: one model in memory, and no file done twice.
+    Otherwise (or with ``local``) the model is loaded here.
+    """
+    holder = None if local or not config.state.exists() else StateLock(config.state).holder()
+    if holder is None:
+        return process_local(config, paths, rule=rule)
+    with Queue(config.state) as queue:
+        submitted = submit(config, queue, paths, rule, force)
+        failed = 0
+        for s in submitted:
+            if s.error:
+                print(f"error: {s.error}", file=sys.stderr)
+                failed += 1
+        ids = [s.job_id for s in submitted if s.job_id is not None]
+        if ids:
+            log.warning("handed %s to the running daemon (pid %d); waiting for %s",
+                        plural(len(ids), "job"), holder, "it" if len(ids) == 1 else "them")
+        lock = StateLock(config.state)
+        jobs = wait_for(queue, submitted, timeout=timeout, alive=lambda: lock.holder() is not None)
+        for job_id in ids:
+            job = jobs.get(job_id)
+            if job_id not in jobs:
+                failed += 1
+                why = "the daemon stopped" if lock.holder() is None else f"not done within {timeout:g}s"
+                print(f"error: job #{job_id}: {why}; it stays queued (`vlwatch status`)", file=sys.stderr)
+            elif job is None:
+                failed += 1
+                print(f"error: job #{job_id}: dropped by the daemon (the file went away or changed; see its log)",
+                      file=sys.stderr)
+            elif job.state == "done":
+                for sidecar in job.sidecars:
+                    print_path(sidecar)
+            else:
+                failed += 1
+                retry = " (the daemon will try it again)" if job.state == "queued" else ""
+                print(f"error: {safe_text(str(job.path))}: {job.rule}: {job.error}{retry}", file=sys.stderr)
+    return ExitCode.FAILED if failed else ExitCode.OK
+
+
+def process_local(config: Config, paths: Sequence[Path], *, rule: str | None = None) -> int:
+    """``vlwatch process --local``: load the model here, write the sidecars, print their paths."""
+    from daemon.rules import match_file
+
+    if rule is not None and config.rule(rule) is None:
+        names = ", ".join(r.name for r in config.rules)
+        raise VlwatchError(f"no rule named {rule!r} (defined: {names})", ExitCode.USAGE)
+    failed = 0
+    matches = []
+    for path in paths:
+        if (problem := not_a_file(path)) is not None:
+            print(f"error: {printable(path)}: {problem}", file=sys.stderr)
+            failed += 1
+            continue
+        found = match_file(config, path, rule)
+        if not found:
+            hint = shlex.quote(printable(path))
+            print(f"error: {printable(path)}: no rule matches; skipped (see `vlwatch explain -- {hint}`)",
+                  file=sys.stderr)
+            failed += 1
+        matches.extend(found)
+    if matches:
+        check_model(config)
+        worker = Worker(config, create_backend(config.model))
+        try:
+            outcomes = worker.process(matches)
+        finally:
+            worker.close()
+        for outcome in outcomes:
+            if outcome.ok:
+                for sidecar in outcome.sidecars:
+                    print_path(sidecar)
+            else:
+                failed += 1
+                print(f"error: {outcome.error}", file=sys.stderr)
+    return ExitCode.FAILED if failed else ExitCode.OK
+
+
+def not_a_file(path: Path) -> str | None:
+    if path.is_file():
+        return None
+    if path.is_symlink() and not path.exists():
+        return "is a symbolic link to a file that does not exist"
+    if path.exists():
+        return "is not a regular file"
+    return "no such file"
+
+
+def print_path(path: Path) -> None:
+    """One path per line, as the exact bytes of its name (a name need not be UTF-8)."""
+    sys.stdout.flush()
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:  # a test harness's text-only stdout
+        print(printable(path))
+        return
+    buffer.write(os.fsencode(path) + b"\n")
+    buffer.flush()

@@ -92,6 +92,9 @@ class JobsConfig:
     rescan: float = 600.0  # periodic rescan of watched folders; 0 disables
     keep_history: float = 30 * 86400.0  # prune finished jobs older than this
     batch_wait: float = 0.2  # how long the worker waits to fill a batch
+    #: redo sidecars made by an older recipe (model, prompt, sizing) by itself;
+    #: off: a model upgrade must not silently re-run every file (issue 11.13)
+    redo_outdated: bool = False
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,10 @@ class Config:
     jobs: JobsConfig = field(default_factory=JobsConfig)
     source: Path | None = None
     warnings: tuple[str, ...] = ()
+    #: "the weights are not downloaded", kept apart from ``warnings``: the
+    #: commands that need the model stop with the full message instead, so it
+    #: is said once (issue 11.8); ``check`` shows it as a warning.
+    model_warning: str | None = None
 
     def rule(self, name: str) -> Rule | None:
         return next((r for r in self.rules if r.name == name), None)
@@ -350,12 +357,17 @@ class _Reader:
             return None
         return value
 
-    def choice(self, node: yaml.Node, where: str, choices: tuple[str, ...]) -> str | None:
+    def choice(self, node: yaml.Node, where: str, choices: tuple[str, ...],
+               aliases: dict[str, str] | None = None) -> str | None:
         value = self._scalar(node, where, "a string")
         if value is None:
             return None
         if value not in choices:
-            self.problem(node, where, f"{value!r} is not one of {', '.join(choices)}")
+            # `dtype: bf16` gets "did you mean 'bfloat16'?" (issue 11.4): common
+            # spellings first, then whatever is close.
+            alias = (aliases or {}).get(str(value).lower())
+            hint = f" (did you mean {alias!r}?)" if alias else _did_you_mean(str(value), choices)
+            self.problem(node, where, f"{value!r} is not one of {', '.join(choices)}{hint}")
             return None
         return value
 
@@ -379,26 +391,46 @@ class _Reader:
         return value
 
     def duration(self, node: yaml.Node, where: str) -> float | None:
+        """``2s``, ``15m``, ``1h``, ``500ms``, ``30d``; a bare number needs a unit, except 0 (issue 11.4).
+
+        ``idle_unload: 15`` read as seconds surprised everyone who meant
+        minutes, so a number alone is refused rather than guessed at.
+        """
         value = self._scalar(node, where, "a duration like 2s")
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
-            return float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value == 0:
+                return 0.0
+            self.problem(node, where, f"{value!r} needs a unit: {value}s, {value}m or {value}h")
+            return None
         m = _DURATION.match(str(value)) if isinstance(value, str) else None
-        if m is None:
-            if value is not None:
+        if m is None or m.group(2) is None and float(m.group(1)) != 0:
+            if m is not None:
+                self.problem(node, where, f"{value!r} needs a unit: {m.group(1)}s, {m.group(1)}m or {m.group(1)}h")
+            elif value is not None:
                 self.problem(node, where, f"expected a duration like 2s, 15m or 1h, got {value!r}")
             return None
         return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
 
     def size(self, node: yaml.Node, where: str) -> int | None:
+        """``22GiB``, ``500MB``, ``1.5TiB``; a bare number is refused: 22 would be 22 bytes (issue 11.4)."""
         value = self._scalar(node, where, "a size like 22GiB")
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            self.problem(node, where, f"{value!r} needs a unit, like {value}GiB or {value}GB "
+                                      f"(a bare number would be bytes)")
+            return None
         m = _SIZE.match(str(value)) if isinstance(value, str) else None
-        if m is None:
-            if value is not None:
+        if m is None or m.group(2) is None:
+            if m is not None:
+                self.problem(node, where, f"{value!r} needs a unit, like {m.group(1)}GiB or {m.group(1)}GB "
+                                          f"(a bare number would be bytes)")
+            elif value is not None:
                 self.problem(node, where, f"expected a size like 22GiB or 500MB, got {value!r}")
             return None
-        return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "b").lower()])
+        size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+        if size <= 0:
+            self.problem(node, where, f"must be more than 0, got {value!r}")
+            return None
+        return size
 
     def path(self, node: yaml.Node, where: str) -> Path | None:
         value = self.string(node, where)
@@ -441,7 +473,7 @@ _MODEL_KEYS = ("backend", "name", "attention", "dtype", "device", "min_pixels", 
 _WATCH_KEYS = ("path", "rules", "recursive", "polling", "settle", "output_dir", "follow_symlinks_out")
 _RULE_KEYS = ("name", "match", "task", "prompt", "output", "also", "csp", "raw_html", "objects", "max_new_tokens",
               "min_pixels", "max_pixels", "formats", "pages")
-_JOBS_KEYS = ("attempts", "backoff", "rescan", "keep_history", "batch_wait")
+_JOBS_KEYS = ("attempts", "backoff", "rescan", "keep_history", "batch_wait", "redo_outdated")
 
 
 def default_state_path() -> Path:
@@ -470,12 +502,26 @@ def _read_config(r: _Reader, node: yaml.Node, path: Path) -> Config | None:
             if w is not None:
                 watch.append(w)
 
+    if not rules and not _has_rule_problems(r):
+        # A config with no rules used to pass `check` and make `run` load the
+        # model only to ignore every file (issue 11.2).
+        packs = ", ".join(sorted(bundled_packs()))
+        r.problem(keys.get("rules") or keys.get("include") or node, "rules",
+                  f"no rules: nothing will be processed; include a bundled pack (include: [{packs}]) "
+                  "or write rules of your own")
+    model_warning = None
     if model.backend == "transformers":
-        _check_model_present(r, keys.get("model"), model.name)
+        model_warning = _check_model_present(r, keys.get("model"), model.name)
     return Config(
         model=model, state=state, include=tuple(s for s, _ in include), watch=tuple(watch),
         rules=tuple(rule for rule, _ in rules), jobs=jobs, source=path, warnings=tuple(r.warnings),
+        model_warning=model_warning,
     )
+
+
+def _has_rule_problems(r: _Reader) -> bool:
+    """Whether rules were given but refused (then "no rules" would only add noise)."""
+    return any(p.where.startswith(("rules", "include", "name")) or p.file != r.file for p in r.problems)
 
 
 def _read_model(r: _Reader, node: yaml.Node) -> ModelConfig:
@@ -491,9 +537,10 @@ def _read_model(r: _Reader, node: yaml.Node) -> ModelConfig:
     if "attention" in keys:
         kw["attention"] = r.choice(keys["attention"], w + "attention", ATTENTIONS)
     if "dtype" in keys:
-        kw["dtype"] = r.choice(keys["dtype"], w + "dtype", ("auto", "bfloat16", "float16", "float32"))
+        kw["dtype"] = r.choice(keys["dtype"], w + "dtype", DTYPES, DTYPE_ALIASES)
     if "device" in keys:
-        kw["device"] = r.string(keys["device"], w + "device")
+        kw["device"] = _read_device(r, keys["device"], w + "device",
+                                    local=kw.get("backend", "transformers") == "transformers")
     for k in ("min_pixels", "max_pixels", "max_new_tokens"):
         if k in keys:
             kw[k] = r.integer(keys[k], w + k, minimum=1)
@@ -528,6 +575,59 @@ def _read_model(r: _Reader, node: yaml.Node) -> ModelConfig:
     return model
 
 
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "f16": "float16",
+                 "fp32": "float32", "f32": "float32", "float": "float32", "full": "float32"}
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DEVICE_ALIASES = {"gpu": "cuda", "nvidia": "cuda", "cuda0": "cuda:0", "gpu0": "cuda:0", "gpu:0": "cuda:0",
+                  "cuda1": "cuda:1", "gpu1": "cuda:1", "gpu:1": "cuda:1"}
+
+
+def _read_device(r: _Reader, node: yaml.Node, where: str, *, local: bool = True) -> str | None:
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; a CUDA device this machine lacks is a problem.
+
+    ``device: gpu`` or ``device: cuda`` on a machine without one used to pass
+    `check` and end in a traceback at the first job (issue 11.4).
+    """
+    value = r.string(node, where)
+    if value is None:
+        return None
+    if not _DEVICE.match(value):
+        alias = DEVICE_ALIASES.get(value.lower())
+        hint = f" (did you mean {alias!r}?)" if alias else ""
+        r.problem(node, where, f"{value!r} is not a device: auto, cpu, cuda, cuda:N (N counts from 0) or mps{hint}")
+        return None
+    if local and value.startswith("cuda") and (problem := _cuda_problem(value)) is not None:
+        r.problem(node, where, problem)
+        return None
+    return value
+
+
+def _cuda_problem(device: str) -> str | None:
+    """Why ``device`` (``cuda`` or ``cuda:N``) cannot be used here, or None.
+
+    Imports torch only for a config that names a CUDA device; ``$VLWATCH_FAKE_CUDA_DEVICES``
+    (a count) stands in for the GPUs in tests that have none.
+    """
+    fake = os.environ.get("VLWATCH_FAKE_CUDA_DEVICES")
+    if fake is not None and fake.isdigit():
+        count, why = int(fake), "no CUDA GPU"
+    else:
+        try:
+            import torch
+        except ImportError:
+            return None
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        why = ("torch was built without CUDA" if torch.version.cuda is None
+               else "no CUDA GPU is visible (driver, CUDA_VISIBLE_DEVICES?)")
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if count == 0:
+        return f"{device!r} but {why} on this machine; use device: auto (the GPU when there is one, else the CPU) or cpu"
+    if index >= count:
+        return f"{device!r} but this machine has {count} CUDA GPU{'s' if count != 1 else ''} (cuda:0..cuda:{count - 1})"
+    return None
+
+
 def _known_backends() -> tuple[str, ...]:
     """The built-in backends plus any a plugin registered (``$VLWATCH_PLUGINS``; the tests' fake).
 
@@ -546,6 +646,8 @@ def _read_jobs(r: _Reader, node: yaml.Node) -> JobsConfig:
     for k in ("backoff", "rescan", "keep_history", "batch_wait"):
         if k in keys:
             kw[k] = r.duration(keys[k], f"jobs.{k}")
+    if "redo_outdated" in keys:
+        kw["redo_outdated"] = r.boolean(keys["redo_outdated"], "jobs.redo_outdated")
     return JobsConfig(**{k: v for k, v in kw.items() if v is not None})
 
 
@@ -561,7 +663,11 @@ def _read_watch(r: _Reader, node: yaml.Node, where: str, rule_names: set[str]) -
     if "rules" in keys:
         names = r.string_list(keys["rules"], f"{where}.rules")
         for name, n in names:
-            if name not in rule_names:
+            if name not in rule_names and name in bundled_packs():
+                # The bundled rule exists, it is just not included (issue 11.2).
+                r.problem(n, f"{where}.rules", f"rule {name!r} is not defined; the bundled pack {name!r} defines it: "
+                                               f"add it to include (include: [{name}])")
+            elif name not in rule_names:
                 r.problem(n, f"{where}.rules", f"rule {name!r} is not defined{_did_you_mean(name, tuple(rule_names))}")
         kw["rules"] = tuple(name for name, _ in names)
     for k in ("recursive", "polling", "follow_symlinks_out"):
@@ -795,11 +901,13 @@ def _unique_rules(r: _Reader, rules: list[tuple[Rule, yaml.Node]]) -> list[tuple
 # -------------------------------------------------------------------- the model
 
 
-def _check_model_present(r: _Reader, node: yaml.Node | None, name: str) -> None:
-    """Warn (not fail) when the weights are not on this machine: `check` must pass without them."""
-    if local_model_path(name) is None:
-        r.warn(node, "model.name", f"model {name!r} is not downloaded; run `vlwatch pull {name}` "
-                                   "or set model.name to a local directory")
+def _check_model_present(r: _Reader, node: yaml.Node | None, name: str) -> str | None:
+    """A warning (not a problem) when the weights are not on this machine: `check` must pass without them."""
+    if local_model_path(name) is not None:
+        return None
+    line = node.start_mark.line + 1 if node is not None else None
+    return str(Problem(r.file, line, "model.name", f"model {name!r} is not downloaded; run `vlwatch pull {name}` "
+                                                   "or set model.name to a local directory"))
 
 
 def local_model_path(name: str) -> Path | None:

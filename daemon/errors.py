@@ -16,6 +16,11 @@ class ExitCode(IntEnum):
     USAGE = 2  # bad usage, or an unreadable / invalid config
 
 
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """``"1 file"``, ``"2 files"``: a count with its noun in the right number (issue 11.8)."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"
+
+
 class VlwatchError(Exception):
     """An error with a message meant for the user, and the exit code it implies."""
 

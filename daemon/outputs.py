@@ -138,10 +138,18 @@ def _make_folder(folder: Path) -> None:
 
 
 def planned_sidecars(match: Match) -> list[Path]:
-    paths = [sidecar_path(match, match.rule.output)]
-    if match.rule.task == "ground":
-        paths.append(sidecar_path(match, OVERLAY))
-    return paths
+    """The sidecars every successful job of ``match`` writes (what freshness is judged by).
+
+    A ``ground`` rule's overlay is not among them: it is drawn only when the
+    answer held boxes (issue 11.10), and it is written before the JSON, so a
+    JSON sidecar vouches for it.  ``optional_sidecars`` names it.
+    """
+    return [sidecar_path(match, match.rule.output)]
+
+
+def optional_sidecars(match: Match) -> list[Path]:
+    """Sidecars a job of ``match`` writes only sometimes: a ground rule's overlay, when there are boxes."""
+    return [sidecar_path(match, OVERLAY)] if match.rule.task == "ground" else []
 
 
 def is_output_name(name: str, rule_names: set[str] | frozenset[str]) -> bool:
@@ -182,6 +190,7 @@ def _write_markdown(result: Result) -> Path:
             _warn_truncated(result, page)
             text += "\n<!-- vlwatch: the answer was cut off at max_new_tokens -->\n"
         parts.append(f"## Page {page.number}\n\n{text}" if multi else text)
+    parts.append(provenance_comment(result))
     path = checked_sidecar_path(result.match, "md")
     atomic_write(path, _utf8("\n".join(parts)), like=result.match.path)
     return path
@@ -192,6 +201,23 @@ def _inert_markdown(text: str, raw_html: bool) -> str:
     return text if raw_html else answers.escape_raw_html(text)
 
 
+def provenance_comment(result: Result) -> str:
+    """The last line of a ``.md`` sidecar: which rule and model made it, and when (issue 11.10).
+
+    An HTML comment, so it shows in no rendered view and sits after the
+    text, out of the way of anyone who only wants the answer (``head -n -1``,
+    or ``sed '$d'``, drops it).  Nothing in it can close the comment early.
+    """
+    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    fields = f"rule {result.match.rule.name}; model {result.model}; {when}"
+    return f"<!-- vlwatch: {_comment_safe(fields)} -->\n"
+
+
+def _comment_safe(text: str) -> str:
+    # "--" may not appear inside an HTML comment, and ">" could end it early in lax parsers.
+    return _text(text).replace("--", "- -").replace(">", ")").replace("\n", " ")
+
+
 def _write_html(result: Result) -> Path:
     rule, match = result.match.rule, result.match
     bodies = []
@@ -200,14 +226,36 @@ def _write_html(result: Result) -> Path:
                                      csp=answers.CSP if rule.csp else None)
         for w in html.warnings:
             log.warning("%s: %s: %s", match.path, rule.name, w)
-        if not page.answer.finished:
+        document = html.document
+        if not page.answer.finished or html.truncated:
             _warn_truncated(result, page)
-        bodies.append(html.document)
+            document = mark_cut_off(document, visible=not html.found_html)
+        bodies.append(document)
     # Multi-page inputs are rare for screenshot->code; the first page's page is the sidecar.
     document = bodies[0]
     path = checked_sidecar_path(match, "html")
     atomic_write(path, _utf8(document), like=match.path)
     return path
+
+
+CUT_OFF_COMMENT = "<!-- vlwatch: the answer was cut off at max_new_tokens -->"
+
+
+def mark_cut_off(document: str, *, visible: bool) -> str:
+    """Mark an HTML sidecar whose answer was cut off (issue 11.10).
+
+    Always a comment before ``</body>``, as the Markdown sidecars have; and
+    when the page only shows the answer as text (no HTML in it), a visible
+    line too, since a reader of that page would otherwise take it as whole.
+    """
+    note = CUT_OFF_COMMENT
+    if visible:
+        note += ('\n<p style="font-style: italic; color: #a00">[vlwatch: the answer was cut off at '
+                 'max_new_tokens; what came before is shown above]</p>')
+    at = document.lower().rfind("</body>")
+    if at < 0:
+        return f"{document}\n{note}\n"
+    return f"{document[:at]}{note}\n{document[at:]}"
 
 
 def _header(result: Result) -> dict[str, object]:
@@ -258,9 +306,16 @@ def _write_ground(result: Result) -> list[Path]:
     path = checked_sidecar_path(match, "json")
     overlay = checked_sidecar_path(match, OVERLAY)
     first_boxes = pages[0]["boxes"]
-    atomic_write(overlay, draw_overlay(match.path, first_boxes), like=match.path)
+    written = [path]
+    if first_boxes:
+        # Before the JSON: the JSON sidecar is what says the job is complete.
+        atomic_write(overlay, draw_overlay(match.path, first_boxes), like=match.path)
+        written.append(overlay)
+    else:
+        # Nothing to draw: no overlay (issue 11.10), nor one left from an earlier answer.
+        overlay.unlink(missing_ok=True)
     atomic_write(path, _dump(doc), like=match.path)
-    return [path, overlay]
+    return written
 
 
 def ground_boxes(page: PageResult) -> dict[str, object]:
@@ -292,6 +347,10 @@ def draw_overlay(source: Path, boxes: list[dict]) -> bytes:
     for i, box in enumerate(boxes):
         colour = _PALETTE[i % len(_PALETTE)]
         x1, y1, x2, y2 = box["bbox"]
+        # A rim of the contrasting shade on both sides of the coloured line, so
+        # a box stays visible on an object of its own colour (issue 11.10).
+        rim = _contrast(colour)
+        draw.rectangle((x1 - 1, y1 - 1, x2 + 1, y2 + 1), outline=rim, width=width + 2)
         draw.rectangle((x1, y1, x2, y2), outline=colour, width=width)
         label = str(box["label"])[:60]
         tx, ty = x1 + width, max(0, y1 - font.size - 2 * width)
@@ -301,6 +360,12 @@ def draw_overlay(source: Path, boxes: list[dict]) -> bytes:
     out = BytesIO()
     image.save(out, format="PNG")
     return out.getvalue()
+
+
+def _contrast(colour: str) -> str:
+    """Black for a light colour, white for a dark one (relative luminance, ITU-R BT.709)."""
+    r, g, b = (int(colour[i:i + 2], 16) for i in (1, 3, 5))
+    return "#000000" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 110 else "#ffffff"
 
 
 _PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46a0a0", "#f032e6", "#808000", "#000075"]

@@ -97,6 +97,8 @@ class Candidate:
     #: A callable is asked only when it matters (a done job with these bytes).
     redo: bool | Callable[[], bool] = False
     seen_at: float = 0.0
+    #: what would make its sidecar (``daemon.recipes``); recorded with the job
+    recipe: str | None = None
 
     def wants_redo(self) -> bool:
         return self.redo() if callable(self.redo) else self.redo
@@ -128,6 +130,7 @@ class Job:
     seconds: float | None
     error: str | None
     sidecars: tuple[Path, ...]
+    recipe: str | None = None  # daemon.recipes: what made (or will make) its sidecars
 
     @property
     def signature(self) -> tuple[int, int]:
@@ -227,6 +230,14 @@ def m002_meta(db: sqlite3.Connection) -> None:
 def m003_finished_index(db: sqlite3.Connection) -> None:
     # `status` lists the latest failures and `prune` deletes by age.
     db.execute("CREATE INDEX jobs_finished ON jobs (state, finished_at)")
+
+
+@migration
+def m010_recipe(db: sqlite3.Connection) -> None:
+    # What made each sidecar (model, rendered prompt, sizing: daemon.recipes),
+    # so sidecars of an older recipe can be found and redone (issue 11.13).
+    # NULL for jobs from before: they count as current.
+    db.execute("ALTER TABLE jobs ADD COLUMN recipe TEXT")
 
 
 def migrate(db: sqlite3.Connection) -> list[str]:
@@ -367,8 +378,8 @@ class Queue:
             # New bytes before the old ones were processed: one job, newest content.
             db.execute(
                 "UPDATE jobs SET hash = ?, size = ?, mtime_ns = ?, attempts = 0, not_before = 0, error = NULL,"
-                " queued_at = ? WHERE id = ?",
-                (c.hash, c.size, c.mtime_ns, now, row["id"]),
+                " queued_at = ?, recipe = ? WHERE id = ?",
+                (c.hash, c.size, c.mtime_ns, now, c.recipe, row["id"]),
             )
             return int(row["id"])
         return self._insert(db, path, c, now)
@@ -376,8 +387,9 @@ class Queue:
     @staticmethod
     def _insert(db: sqlite3.Connection, path: str | bytes, c: Candidate, now: float) -> int:
         cur = db.execute(
-            "INSERT INTO jobs (path, rule, hash, size, mtime_ns, state, queued_at) VALUES (?, ?, ?, ?, ?, 'queued', ?)",
-            (path, c.rule, c.hash, c.size, c.mtime_ns, now),
+            "INSERT INTO jobs (path, rule, hash, size, mtime_ns, state, queued_at, recipe)"
+            " VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)",
+            (path, c.rule, c.hash, c.size, c.mtime_ns, now, c.recipe),
         )
         return int(cur.lastrowid or 0)
 
@@ -535,6 +547,14 @@ class Queue:
     def running(self) -> list[Job]:
         return self._jobs("SELECT * FROM jobs WHERE state = 'running' ORDER BY id")
 
+    def latest_done_with_recipe(self, rule: str | None = None) -> list[Job]:
+        """The newest job of each (path, rule), where it is done and recorded its recipe (daemon.recipes)."""
+        sql = ("SELECT * FROM jobs j WHERE state = 'done' AND recipe IS NOT NULL"
+               + (" AND rule = ?" if rule is not None else "")
+               + " AND NOT EXISTS (SELECT 1 FROM jobs k WHERE k.path = j.path AND k.rule = j.rule AND k.id > j.id)"
+               " ORDER BY id")
+        return self._jobs(sql, (rule,) if rule is not None else ())
+
     def counts(self) -> dict[str, int]:
         """Jobs per state; ``failed`` counts current failures only (see ``CURRENT``)."""
         out = dict.fromkeys(STATES, 0)
@@ -614,6 +634,7 @@ def _job(row: sqlite3.Row) -> Job:
         queued_at=row["queued_at"], started_at=row["started_at"], finished_at=row["finished_at"],
         seconds=row["seconds"], error=row["error"],
         sidecars=tuple(Path(s) for s in json.loads(row["sidecars"])) if row["sidecars"] else (),
+        recipe=row["recipe"] if "recipe" in row.keys() else None,
     )
 
 

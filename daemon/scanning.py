@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Iterator
 from daemon.config import Config, WatchConfig, bundled_packs
 from daemon.outputs import TEMP_PREFIX, TEMP_SUFFIX, planned_sidecars
 from daemon.queue import ACTIVE, MTIME_SLACK_NS, Candidate, Job, Queue, Queued, content_hash
+from daemon.recipes import recipe_of
 from daemon.rules import Match, match_file, watch_for
 from daemon.watching import file_signature, is_ignored, walk_files
 
@@ -86,9 +87,10 @@ class Work:
     match: Match
     size: int
     mtime_ns: int
-    reason: str  # "missing" | "stale"
+    reason: str  # "missing" | "stale" | "outdated" (an older recipe made it: daemon.recipes)
     hash: str | None = None
     seen_at: float = 0.0
+    recipe: str | None = None
 
 
 def needs_work(queue: Queue, match: Match, size: int, mtime_ns: int) -> tuple[str | None, str | None]:
@@ -146,8 +148,11 @@ def find_work(config: Config, queue: Queue, *, progress: Progress | None = None,
                 if on_ignored is not None:
                     on_ignored(path)
                 continue  # litter, or our own output
-            if watch_for(config, path) is not watch:
-                continue  # a nested watch's file: that watch's turn
+            if watch_for(config, path) != watch:
+                # A nested watch's file: that watch's turn.  Compared by value:
+                # watch_for's cache may hand back an equal entry of an earlier
+                # config (a reload), and `is not` then skipped every file.
+                continue
             yield from _file_work(config, queue, path)
 
 
@@ -161,8 +166,22 @@ def _file_work(config: Config, queue: Queue, path: Path) -> Iterator[Work]:
     for match in matches:
         seen_at = time.time()
         reason, digest = needs_work(queue, match, *sig)
+        recipe = recipe_of(config, match)
+        if reason is None and config.jobs.redo_outdated:
+            reason, digest = _outdated(queue, match, recipe, sig), digest
         if reason is not None:
-            yield Work(match, sig[0], sig[1], reason, digest, seen_at)
+            yield Work(match, sig[0], sig[1], reason, digest, seen_at, recipe)
+
+
+def _outdated(queue: Queue, match: Match, recipe: str, sig: tuple[int, int]) -> str | None:
+    """"outdated" when the up-to-date sidecar of ``match`` was made by another recipe (issue 11.13).
+
+    Asked only when the config says ``jobs.redo_outdated: true``.
+    """
+    job = queue.latest(match.path, match.rule.name)
+    if job is None or job.state != "done" or job.recipe is None or job.recipe == recipe:
+        return None
+    return "outdated" if job.signature == sig else None
 
 
 def candidate(work: Work) -> Candidate | None:
@@ -172,7 +191,7 @@ def candidate(work: Work) -> Candidate | None:
     except OSError:
         return None
     return Candidate(work.match.path, work.match.rule.name, digest, work.size, work.mtime_ns,
-                     redo=work.reason == "missing", seen_at=work.seen_at)
+                     redo=work.reason in ("missing", "outdated"), seen_at=work.seen_at, recipe=work.recipe)
 
 
 def enqueue_in_chunks(queue: Queue, works: Iterable[Work], chunk: int = 500) -> list[Queued]:

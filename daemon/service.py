@@ -46,8 +46,10 @@ from daemon.errors import (
     ConfigError,
     ExitCode,
     VlwatchError,
+    plural,
 )
 from daemon.queue import Candidate, Queue, StateLock, content_hash
+from daemon.recipes import recipe_of
 from daemon.rules import Match, match_file, watch_for
 from daemon.scanning import (
     Progress,
@@ -302,7 +304,7 @@ class Daemon:
         try:
             new = load_config(path)
         except ConfigError as exc:
-            log.error("%s: reload rejected (%d problems); keeping the running config", path, len(exc.problems))
+            log.error("%s: reload rejected (%s); keeping the running config", path, plural(len(exc.problems), "problem"))
             for problem in exc.problems:
                 log.error("%s", problem)
             return
@@ -379,7 +381,8 @@ class Daemon:
                 if self._came_with_its_sidecar(m, arrival):
                     continue
                 batch.append(Candidate(arrival.path, m.rule.name, digest, arrival.size, arrival.mtime_ns,
-                                       redo=functools.partial(sidecar_missing, m), seen_at=seen_at))
+                                       redo=functools.partial(sidecar_missing, m), seen_at=seen_at,
+                                       recipe=recipe_of(config, m)))
         jobs = self.queue.enqueue(batch)
         self._arrived.append((time.monotonic(), len(arrivals)))
         for job in jobs:
@@ -448,7 +451,7 @@ class Daemon:
                 settled = []
         queued += self._enqueue_works(settled)
         progress.close()
-        log.info("%s: %d files scanned, %d jobs queued", why, progress.count, queued)
+        log.info("%s: %s scanned, %s queued", why, plural(progress.count, "file"), plural(queued, "job"))
 
     def _enqueue_works(self, works: list[Work]) -> int:
         assert self.queue is not None and self.loop is not None

@@ -112,11 +112,12 @@ def test_missing_model_and_folder_are_warnings_not_errors(tmp_path: Path) -> Non
         include: [ocr]
     """)
     config = load_config(path)
-    assert any("not downloaded" in w and "vlwatch pull Someone/not-downloaded" in w for w in config.warnings)
+    assert "not downloaded" in config.model_warning and "vlwatch pull Someone/not-downloaded" in config.model_warning
     assert any("does not exist (yet)" in w for w in config.warnings)
     done = run_vlwatch("check", "--config", path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "warning:" in done.stdout and "OK" in done.stdout
+    assert "vlwatch pull Someone/not-downloaded" in done.stdout
 
 
 def test_values_are_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -233,11 +233,14 @@ def assert_one_complete_sidecar(d: Daemon, image: Path, rule: str = "describe", 
     may have run on any other bytes: that would be a partial file processed.
     """
     if rule == "boxes":
-        assert sidecar_names(image) == [f"{image.name}.boxes.json", f"{image.name}.boxes.overlay.png"]
         doc = json.loads((image.parent / f"{image.name}.boxes.json").read_text())
         assert doc["source"] == image.name and isinstance(doc["boxes"], list)
-        with Image.open(image.parent / f"{image.name}.boxes.overlay.png") as overlay:
-            overlay.load()
+        # issue 11.10: an overlay only when there are boxes to draw
+        overlay = [f"{image.name}.boxes.overlay.png"] if doc["boxes"] else []
+        assert sidecar_names(image) == [f"{image.name}.boxes.json", *overlay]
+        if overlay:
+            with Image.open(image.parent / overlay[0]) as drawn:
+                drawn.load()
     else:
         assert sidecar_names(image) == [f"{image.name}.{rule}.md"]
         (image.parent / f"{image.name}.{rule}.md").read_text(encoding="utf-8")
@@ -516,9 +519,10 @@ def test_recovery_trusts_only_sidecars_written_after_the_job_started(tmp_path: P
         st = image.stat()
         q.enqueue([Candidate(image.absolute(), "boxes", content_hash(image), st.st_size, st.st_mtime_ns)])
         [job] = q.claim(1)
-    json_sidecar = put(inbox / "boxes" / "a.png.boxes.json", b"{}")
-    assert not sidecars_written(job, config)  # the overlay is missing: the crash came between the two
+    assert not sidecars_written(job, config)  # nothing written yet
     overlay = put(inbox / "boxes" / "a.png.boxes.overlay.png", b"png")
+    assert not sidecars_written(job, config)  # the overlay comes first; the JSON is missing: crashed between
+    json_sidecar = put(inbox / "boxes" / "a.png.boxes.json", b"{}")
     assert sidecars_written(job, config)
     old = job.started_at - 5  # type: ignore[operator]
     os.utime(json_sidecar, (old, old))  # left over from an earlier run

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -12,7 +14,15 @@ from PIL import Image
 from daemon.backends import Answer
 from daemon.config import Rule
 from daemon.images import shown_size
-from daemon.outputs import PageResult, Result, is_output_name, planned_sidecars, sidecar_path, write_result
+from daemon.outputs import (
+    PageResult,
+    Result,
+    is_output_name,
+    optional_sidecars,
+    planned_sidecars,
+    sidecar_path,
+    write_result,
+)
 from daemon.rules import Match
 
 GROUND = Rule(name="ground", match=("*.png",), task="ground", prompt="p", output="json")
@@ -51,9 +61,55 @@ def test_no_usable_boxes_still_gives_a_sidecar(tmp_path: Path) -> None:
     source = tmp_path / "a.png"
     Image.new("RGB", (100, 80)).save(source)
     page = PageResult(1, Answer("I cannot see any objects.", finished=True), (100, 80), (112, 84))
-    (path, _) = write_result(Result(Match(source, GROUND, tmp_path), (page,), "transformers", "m"))
+    overlay = tmp_path / "a.png.ground.overlay.png"
+    overlay.write_bytes(b"an overlay from an earlier answer with boxes")
+    (path,) = write_result(Result(Match(source, GROUND, tmp_path), (page,), "transformers", "m"))
     doc = json.loads(path.read_text())
     assert doc["boxes"] == [] and doc["raw_answer"] == "I cannot see any objects." and doc["warnings"]
+    # issue 11.10: zero boxes, no overlay (and none left over from before)
+    assert not overlay.exists()
+
+
+def test_md_sidecar_ends_with_its_provenance(tmp_path: Path) -> None:
+    # issue 11.10: model, rule and time, in a trailing comment out of the text's way
+    source = tmp_path / "a.png"
+    Image.new("RGB", (10, 10)).save(source)
+    rule = Rule("notes", ("*.png",), "describe", "p", "md")
+    page = PageResult(1, Answer("# Title\n\nSome text."), (10, 10), (28, 28))
+    (path,) = write_result(Result(Match(source, rule, tmp_path), (page,), "transformers", "Qwen/Some--Model>x"))
+    lines = path.read_text().splitlines()
+    assert lines[:3] == ["# Title", "", "Some text."]
+    assert re.fullmatch(r"<!-- vlwatch: rule notes; model Qwen/Some- -Model\)x; \d{4}-\d\d-\d\dT[\d:]+\+00:00 -->",
+                        lines[-1]), lines[-1]
+    assert "-->" not in "\n".join(lines[:-1]) and lines[-1].count("--") == 2  # the comment closes only at its end
+
+
+def test_cut_off_html_is_marked(tmp_path: Path) -> None:
+    # issue 11.10: the fallback page (no HTML in the answer) says it was cut off, visibly
+    source = tmp_path / "shot.png"
+    Image.new("RGB", (10, 10)).save(source)
+    cut = PageResult(1, Answer("The page shows a login form with", finished=False), (10, 10), (28, 28))
+    (path,) = write_result(Result(Match(source, CODE, tmp_path), (cut,), "transformers", "m"))
+    html = path.read_text()
+    assert "<!-- vlwatch: the answer was cut off at max_new_tokens -->" in html
+    assert "[vlwatch: the answer was cut off" in html and html.index("cut off") < html.lower().index("</body>")
+    whole = PageResult(1, Answer("The page shows a login form."), (10, 10), (28, 28))
+    (path,) = write_result(Result(Match(source, CODE, tmp_path), (whole,), "transformers", "m"))
+    assert "cut off" not in path.read_text()
+
+
+def test_a_box_stays_visible_on_an_object_of_its_own_colour(tmp_path: Path) -> None:
+    # issue 11.10: the outline carries a contrasting rim
+    from daemon.outputs import _PALETTE, draw_overlay
+
+    for colour in _PALETTE[:3]:
+        rgb = tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5))
+        source = tmp_path / "same.png"
+        Image.new("RGB", (400, 300), rgb).save(source)
+        png = draw_overlay(source, [{"label": "x", "bbox": [100, 100, 300, 200]}])
+        with Image.open(io.BytesIO(png)) as drawn:
+            edge = [drawn.getpixel((x, 150)) for x in range(95, 106)]
+        assert any(sum(abs(a - b) for a, b in zip(p, rgb)) > 200 for p in edge), (colour, edge)
 
 
 def test_html_gets_csp_and_output_dir_mirrors_subfolders(tmp_path: Path) -> None:
@@ -91,7 +147,8 @@ def test_own_outputs_are_recognised() -> None:
 
 def test_planned_sidecars(tmp_path: Path) -> None:
     m = Match(tmp_path / "p.jpg", GROUND, tmp_path)
-    assert planned_sidecars(m) == [tmp_path / "p.jpg.ground.json", tmp_path / "p.jpg.ground.overlay.png"]
+    assert planned_sidecars(m) == [tmp_path / "p.jpg.ground.json"]
+    assert optional_sidecars(m) == [tmp_path / "p.jpg.ground.overlay.png"]  # issue 11.10: only with boxes
     assert sidecar_path(Match(tmp_path / "p.jpg", CODE, tmp_path), "html") == tmp_path / "p.jpg.code.html"
 
 

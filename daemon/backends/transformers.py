@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from daemon.backends import Answer, Request
+from daemon.backends.oom import is_out_of_memory, load_oom_message
 from daemon.config import ModelConfig, local_model_path
 from daemon.errors import BackendError, ModelMissingError
 
@@ -225,6 +226,8 @@ class TransformersBackend:
             try:
                 model = self._instantiate(source, dtype, attention).to(device)
             except (ImportError, ValueError, RuntimeError) as exc:
+                if is_out_of_memory(exc):  # not an attention problem: say so, with numbers (issue 11.5)
+                    raise BackendError(load_oom_message(self.model, source, dtype, device, self.config)) from exc
                 if self.config.attention != "auto":
                     raise BackendError(f"attention {attention!r} is not usable here: {exc}") from exc
                 log.warning("attention %s failed to load (%s); falling back", attention, _one_line(exc))
