@@ -188,3 +188,59 @@ def retry(config: Config, ids: Sequence[int] | None) -> int:
     if not jobs and not unknown:
         print("no failed jobs")
     return ExitCode.FAILED if unknown else ExitCode.OK
+
+
+# ----------------------------------------------------------------- search
+
+
+def search(config: Config, query: str, *, as_json: bool = False, limit: int = 20, folder: Path | None = None,
+           rule: str | None = None, since: str | None = None, until: str | None = None) -> int:
+    """``vlwatch search``: full-text search over every sidecar; path, rule, sidecar and a snippet per hit.
+
+    The same index and function as ``GET /api/v1/search`` (``search_hits``).
+    """
+    hits = search_hits(config, query, limit=limit, folder=folder, rule=rule, since=since, until=until)
+    if as_json:
+        print(json.dumps({"query": query, "hits": hits}, indent=2, ensure_ascii=False))
+        return ExitCode.OK
+    bold = sys.stdout.isatty()
+    for h in hits:
+        print(f"{h['path']}\t[{h['rule']}]\t{h['sidecar']}")
+        print(f"    {_marked(h['snippet'], h['highlights'], bold)}")
+    if not hits:
+        print("no hits", file=sys.stderr)
+    return ExitCode.OK
+
+
+def search_hits(config: Config, query: str, *, limit: int = 20, folder: Path | None = None, rule: str | None = None,
+                since: str | None = None, until: str | None = None) -> list[dict[str, object]]:
+    """The hits of one search as JSON-ready dicts (what the CLI prints and the API returns).
+
+    Raises:
+        VlwatchError: a date is not ``YYYY-MM-DD`` or ``limit`` is out of range (exit 2).
+    """
+    from daemon.errors import VlwatchError
+    from daemon.search import Filters, parse_date
+    from daemon.search import search as run_search
+
+    if not 1 <= limit <= 1000:
+        raise VlwatchError(f"--limit must be between 1 and 1000, not {limit}", ExitCode.USAGE)
+    dates: list[float | None] = []
+    for text, end in ((since, False), (until, True)):
+        try:
+            dates.append(parse_date(text, end=end) if text else None)
+        except ValueError:
+            raise VlwatchError(f"dates are YYYY-MM-DD, not {text!r}", ExitCode.USAGE) from None
+    filters = Filters(folder=folder.expanduser().absolute() if folder else None, rule=rule or None,
+                      since=dates[0], until=dates[1])
+    return [h.as_dict() for h in run_search(config.state, query, limit=limit, filters=filters)]
+
+
+def _marked(snippet: str, spans: Sequence[Sequence[int]], bold: bool) -> str:
+    if not bold:
+        return snippet
+    out, pos = [], 0
+    for start, end in spans:
+        out += [snippet[pos:start], "\033[1m", snippet[start:end], "\033[0m"]
+        pos = end
+    return "".join(out) + snippet[pos:]

@@ -211,6 +211,64 @@ def m003_finished_index(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX jobs_finished ON jobs (state, finished_at)")
 
 
+# Search index (daemon/search.py): one row per text sidecar, and its FTS5 text.
+@migration
+def m030_search_index(db: sqlite3.Connection) -> None:
+    db.execute("""
+        CREATE TABLE search_docs (
+            id INTEGER PRIMARY KEY,
+            path TEXT NOT NULL,
+            rule TEXT NOT NULL,
+            sidecar TEXT NOT NULL,
+            job_id INTEGER NOT NULL,
+            job_finished REAL NOT NULL,
+            folder TEXT NOT NULL,
+            sidecar_mtime_ns INTEGER NOT NULL,
+            sidecar_size INTEGER NOT NULL
+        )""")
+    db.execute("CREATE INDEX search_docs_path_rule ON search_docs (path, rule)")
+    db.execute("CREATE UNIQUE INDEX search_docs_sidecar ON search_docs (sidecar)")
+    db.execute("CREATE INDEX search_docs_job ON search_docs (job_id, job_finished)")
+    db.execute("CREATE INDEX search_docs_folder ON search_docs (folder)")
+    # Jobs looked at that left no text sidecar, so the catch-up does not read them again.
+    db.execute("CREATE TABLE search_skipped (job_id INTEGER PRIMARY KEY, job_finished REAL NOT NULL)")
+    db.execute("CREATE TABLE search_cursor (id INTEGER PRIMARY KEY CHECK (id = 1), finished_at REAL NOT NULL)")
+    db.execute("INSERT INTO search_cursor (id, finished_at) VALUES (1, 0)")
+    db.execute("CREATE VIRTUAL TABLE search_fts USING fts5 (name, body, tokenize = 'unicode61 remove_diacritics 2')")
+
+
+# The web page's ask/compare conversations (daemon/server/web.py), kept until cleared.
+@migration
+def m031_conversations(db: sqlite3.Connection) -> None:
+    db.execute("""
+        CREATE TABLE conversations (
+            id INTEGER PRIMARY KEY,
+            title TEXT NOT NULL,
+            created REAL NOT NULL,
+            updated REAL NOT NULL
+        )""")
+    # content: the OpenAI message content (text and image_url parts), as JSON.
+    db.execute("""
+        CREATE TABLE conversation_messages (
+            id INTEGER PRIMARY KEY,
+            conversation_id INTEGER NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+            role TEXT NOT NULL,
+            content TEXT NOT NULL,
+            created REAL NOT NULL
+        )""")
+    db.execute("CREATE INDEX conversation_messages_conv ON conversation_messages (conversation_id, id)")
+    # Images uploaded from the browser, kept only for their conversation.
+    db.execute("""
+        CREATE TABLE conversation_images (
+            id INTEGER PRIMARY KEY,
+            conversation_id INTEGER NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+            name TEXT NOT NULL,
+            mime TEXT NOT NULL,
+            data BLOB NOT NULL,
+            created REAL NOT NULL
+        )""")
+    db.execute("CREATE INDEX conversation_images_conv ON conversation_images (conversation_id)")
+
 def migrate(db: sqlite3.Connection) -> list[str]:
     """Apply the migrations this database lacks; return their names."""
     db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")

@@ -8,7 +8,7 @@ from pathlib import Path
 from daemon.cli import build_parser
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-CONTRACT_COMMANDS = {"run", "process", "scan", "explain", "check", "status", "retry", "pull", "bench"}
+CONTRACT_COMMANDS = {"run", "process", "scan", "explain", "check", "status", "retry", "pull", "bench", "search"}
 
 
 def _subcommands() -> dict[str, object]:
