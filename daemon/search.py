@@ -224,6 +224,8 @@ class SearchIndex:
         self.path = Path(state)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        #: held by whoever is catching up, so a search does not redo a background build's work
+        self.catching = threading.Lock()
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -324,7 +326,8 @@ class SearchIndex:
         Hostile input is fine: an empty or punctuation-only query returns no hits.
         """
         if catch_up:
-            self.catch_up()
+            with self.catching:
+                self.catch_up()
         match = fts_query(query)
         if match is None or limit <= 0:
             return []
