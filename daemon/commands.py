@@ -7,19 +7,22 @@ no daemon holds the state file.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import stat
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from daemon.backends import create_backend
 from daemon.config import Config
 from daemon.engine import BatchResult, Processor, check_model
-from daemon.errors import BackendUnavailableError, ExitCode
-from daemon.queue import Queue, StateLock, safe_text
+from daemon.errors import BackendUnavailableError, ExitCode, VlwatchError
+from daemon.queue import Job, Queue, StateLock, safe_text
 from daemon.rules import watch_for
 from daemon.scanning import (
     Progress,
@@ -188,3 +191,113 @@ def retry(config: Config, ids: Sequence[int] | None) -> int:
     if not jobs and not unknown:
         print("no failed jobs")
     return ExitCode.FAILED if unknown else ExitCode.OK
+
+
+def retry_job(config: Config, job_id: int) -> "Job | None":
+    """Put one failed job back on the queue (``POST /api/v1/jobs/ID/retry``); None if it is not a failed job."""
+    with Queue(config.state) as queue:
+        jobs = queue.retry([job_id])
+    return jobs[0] if jobs else None
+
+
+def jobs_info(config: Config, state: str | None = None, limit: int = 50) -> list[dict[str, object]]:
+    """The newest jobs, newest first (``GET /api/v1/jobs``)."""
+    if not config.state.exists():
+        return []
+    with Queue(config.state) as queue:
+        return [j.as_dict() for j in queue.recent(state, limit)]
+
+
+def job_info(config: Config, job_id: int) -> dict[str, object] | None:
+    if not config.state.exists():
+        return None
+    with Queue(config.state) as queue:
+        job = queue.job(job_id)
+    return job.as_dict() if job is not None else None
+
+
+# ------------------------------------------------------------ submit (API)
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """What became of one path handed to ``submit_paths``."""
+
+    path: str
+    rule: str | None = None
+    job: int | None = None  # the job that covers it now (new or already queued/running/done)
+    state: str | None = None  # that job's state
+    queued: bool = False  # a new job was queued for it by this call
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {"path": self.path, "rule": self.rule, "job": self.job, "state": self.state, "queued": self.queued,
+                "error": self.error}
+
+
+def submit_paths(config: Config, paths: Sequence[str | Path], rule: str | None = None,
+                 force: bool = False) -> list[Submitted]:
+    """Queue these files now, for the running daemon (``POST /api/v1/jobs``, ``vlwatch process``).
+
+    Only files inside a watched folder are taken: a file elsewhere would have
+    the daemon (often another user, with other rights) read it and write a
+    sidecar beside it.  Queueing is the queue's idempotent ``enqueue``: a
+    file already queued or running is reported with that job.
+
+    Args:
+        config: the config in force.
+        paths: absolute paths of the files.
+        rule: run this rule instead of matching (it must exist).
+        force: queue again even when an up-to-date sidecar exists (``process``
+            semantics); otherwise only a missing or stale sidecar queues it.
+
+    Raises:
+        VlwatchError: ``rule`` names no rule.
+    """
+    from daemon.queue import Candidate, content_hash
+    from daemon.rules import match_file, normalised
+    from daemon.scanning import sidecar_missing
+
+    if rule is not None and config.rule(rule) is None:
+        raise VlwatchError(f"no rule named {rule!r} (defined: {', '.join(r.name for r in config.rules)})",
+                           ExitCode.USAGE)
+    out: list[Submitted] = []
+    wanted: list[tuple[Path, str]] = []
+    candidates: list[Candidate] = []
+    now = time.time()
+    for given in paths:
+        path = normalised(Path(given))
+        shown = safe_text(str(path))
+        if not Path(given).is_absolute():
+            out.append(Submitted(safe_text(str(given)), error="not an absolute path"))
+            continue
+        if watch_for(config, path) is None:
+            out.append(Submitted(shown, error="not inside a watched folder"))
+            continue
+        try:
+            st = path.stat()
+            if not stat.S_ISREG(st.st_mode):
+                raise IsADirectoryError
+            digest = content_hash(path)
+        except FileNotFoundError:
+            out.append(Submitted(shown, error="no such file"))
+            continue
+        except OSError:
+            out.append(Submitted(shown, error="not a readable regular file"))
+            continue
+        matches = match_file(config, path, rule)
+        if not matches:
+            out.append(Submitted(shown, error="no rule matches"))
+            continue
+        for m in matches:
+            redo: bool | Callable[[], bool] = True if force else functools.partial(sidecar_missing, m)
+            candidates.append(Candidate(path, m.rule.name, digest, st.st_size, st.st_mtime_ns, redo=redo, seen_at=now))
+            wanted.append((path, m.rule.name))
+    if candidates:
+        with Queue(config.state) as queue:
+            new = {(str(q.path), q.rule): q.id for q in queue.enqueue(candidates)}
+            for path, name in wanted:
+                job = queue.latest(path, name)
+                out.append(Submitted(safe_text(str(path)), name, job.id if job else None, job.state if job else None,
+                                     queued=(str(path), name) in new))
+    return out
