@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--until", metavar="YYYY-MM-DD", help="only sidecars written on or before this day")
     c = with_config(command("pull", cmd_pull, "download the model into the local Hugging Face cache (uses the network)"))
     c.add_argument("model", nargs="?", metavar="MODEL", help="model id (default: model.name of the config)")
+    c = with_config(command("ask", cmd_ask, "ask anything about one or more images; through the running daemon "
+                                            "when one answers, else the model is loaded here"))
+    c.add_argument("question", metavar="QUESTION")
+    c.add_argument("images", nargs="+", metavar="IMAGE", type=Path)
+    c.add_argument("--json", action="store_true", help="print one JSON object with the answer at the end")
+    c.add_argument("--max-tokens", type=int, metavar="N", help="longest answer in tokens (default: model.max_new_tokens)")
     c = with_config(command("bench", cmd_bench, "measure the inference worker on this machine"))
     from daemon.bench import add_arguments
 
@@ -169,6 +175,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if r.formats is not None or r.pages is not None:
             pages = ",".join(f"{a}" if a == b else f"{a}-{b or ''}" for a, b in r.pages or ())
             print(f"    takes: formats {', '.join(r.formats or ('any',))}; pages {pages or 'all'}")
+        for ref in r.reference:
+            print(f"    reference: {printable(ref)}")
         print("    prompt:")
         for line in render_prompt(r, path).splitlines():
             print(f"      {line}")
@@ -186,6 +194,11 @@ def cmd_process(args: argparse.Namespace) -> int:
     if args.rule is not None and config.rule(args.rule) is None:
         names = ", ".join(r.name for r in config.rules)
         raise VlwatchError(f"no rule named {args.rule!r} (defined: {names})", ExitCode.USAGE)
+    from daemon.commands import process_through_daemon
+
+    through = process_through_daemon(config, args.files, args.rule)  # a running daemon's model does it
+    if through is not None:
+        return through
     failed = 0
     matches = []
     for path in args.files:
@@ -279,6 +292,16 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     return search(_config(args), args.query, as_json=args.json, limit=args.limit, folder=args.folder,
                   rule=args.rule, since=args.since, until=args.until)
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from daemon.commands import ask
+
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise VlwatchError("--max-tokens must be at least 1", ExitCode.USAGE)
+    return ask(_config(args), args.question, args.images, max_tokens=args.max_tokens, as_json=args.json)
+
+
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

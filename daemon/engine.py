@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+from daemon import hooks
 from daemon.backends import Answer, Request
 from daemon.config import Config, local_model_path
 from daemon.errors import BackendUnavailableError, ModelMissingError
@@ -118,6 +119,9 @@ class Processor:
             else:
                 self._failed(config, job, outcome.error or "unknown error", outcome.seconds, result)
         self.queue.finish(finished)
+        for job, outcome in zip((j for j, _ in ready), outcomes):  # after the commit: a hook may move the file
+            if outcome.ok:
+                hooks.done(config, job.rule, job.path, outcome.sidecars)
         return result
 
     def _gate(self, config: Config, job: Job, result: BatchResult) -> Match | None:
@@ -160,6 +164,7 @@ class Processor:
         else:
             self.queue.fail(job.id, error, retry_at=None, seconds=seconds)
             log.error("%s: %s failed after %d attempts: %s", job.path, job.rule, job.attempts, error)
+            hooks.failed(config, job.rule, job.path, error)
             result.failed += 1
 
 

@@ -211,6 +211,23 @@ def m003_finished_index(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX jobs_finished ON jobs (state, finished_at)")
 
 
+@migration
+def m020_job_events(db: sqlite3.Connection) -> None:
+    # The API's event stream (GET /api/v1/events) follows every job's state
+    # changes, whichever process made them (the daemon, `scan`, `retry`):
+    # triggers log each change with a sequence number a client can resume
+    # from.  Trimmed to the last ~10,000 changes as it grows.
+    db.execute("CREATE TABLE job_events (seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id INTEGER NOT NULL,"
+               " state TEXT NOT NULL, at REAL NOT NULL)")
+    now = "(julianday('now') - 2440587.5) * 86400.0"
+    db.execute(f"CREATE TRIGGER job_events_insert AFTER INSERT ON jobs BEGIN"
+               f" INSERT INTO job_events (job_id, state, at) VALUES (NEW.id, NEW.state, {now}); END")
+    db.execute(f"CREATE TRIGGER job_events_update AFTER UPDATE OF state ON jobs WHEN NEW.state IS NOT OLD.state BEGIN"
+               f" INSERT INTO job_events (job_id, state, at) VALUES (NEW.id, NEW.state, {now}); END")
+    db.execute("CREATE TRIGGER job_events_trim AFTER INSERT ON job_events WHEN NEW.seq % 1000 = 0 BEGIN"
+               " DELETE FROM job_events WHERE seq <= NEW.seq - 10000; END")
+
+
 # Search index (daemon/search.py): one row per text sidecar, and its FTS5 text.
 @migration
 def m030_search_index(db: sqlite3.Connection) -> None:
@@ -574,6 +591,23 @@ class Queue:
 
     def failures(self, limit: int = 10) -> list[Job]:
         return self._jobs("SELECT * FROM jobs WHERE state = 'failed' ORDER BY finished_at DESC, id DESC LIMIT ?", (limit,))
+
+    def recent(self, state: str | None = None, limit: int = 50) -> list[Job]:
+        """The newest jobs (of one state, or all), newest first (``GET /api/v1/jobs``)."""
+        if state is None:
+            return self._jobs("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
+        return self._jobs("SELECT * FROM jobs WHERE state = ? ORDER BY id DESC LIMIT ?", (state, limit))
+
+    def last_event(self) -> int:
+        """The sequence number of the latest job state change (0 if none)."""
+        return int(self._query("SELECT COALESCE(MAX(seq), 0) FROM job_events")[0][0])
+
+    def events_since(self, seq: int, limit: int = 500) -> list[tuple[int, str, float, Job | int]]:
+        """Job state changes after ``seq``: (seq, new state, when, the job now — or its id if gone)."""
+        rows = self._query(
+            "SELECT e.seq AS e_seq, e.state AS e_state, e.at AS e_at, e.job_id AS e_job, j.* FROM job_events e"
+            " LEFT JOIN jobs j ON j.id = e.job_id WHERE e.seq > ? ORDER BY e.seq LIMIT ?", (seq, limit))
+        return [(r["e_seq"], r["e_state"], r["e_at"], _job(r) if r["id"] is not None else r["e_job"]) for r in rows]
 
     def _jobs_by_id(self, ids: Sequence[int]) -> list[Job]:
         out: list[Job] = []
