@@ -42,7 +42,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from daemon.queue import key_path, migrate, path_key, safe_text
+from daemon.queue import MIGRATIONS, key_path, migrate, path_key, safe_text
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,8 @@ class SearchIndex:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=30000")
-        migrate(self._db)
+        if not _migrated(self._db):
+            migrate(self._db)
 
     def close(self) -> None:
         with self._lock:
@@ -421,6 +422,15 @@ class SearchIndex:
     def count(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM search_docs").fetchone()[0])
+
+
+def _migrated(db: sqlite3.Connection) -> bool:
+    """Whether every migration is applied (one read; ``migrate`` takes a write lock per migration)."""
+    try:
+        done = {r[0] for r in db.execute("SELECT name FROM _migrations")}
+    except sqlite3.OperationalError:  # a blank database
+        return False
+    return all(fn.__name__ in done for fn in MIGRATIONS)
 
 
 class _Tx:

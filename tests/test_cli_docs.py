@@ -8,7 +8,7 @@ from pathlib import Path
 from daemon.cli import build_parser
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-CONTRACT_COMMANDS = {"run", "process", "scan", "explain", "check", "status", "retry", "pull", "bench", "search"}
+CONTRACT_COMMANDS = {"run", "process", "scan", "explain", "check", "status", "retry", "pull", "bench", "search", "ask"}
 
 
 def _subcommands() -> dict[str, object]:

@@ -60,7 +60,7 @@ from starlette.concurrency import run_in_threadpool
 from daemon import answers
 from daemon.config import Config
 from daemon.images import printable, shown_size
-from daemon.queue import key_path, migrate, safe_text
+from daemon.queue import key_path, safe_text
 from daemon.search import Filters, SearchIndex, parse_date
 from daemon.server.app import ApiError, ServerContext, context
 
@@ -182,8 +182,7 @@ class WebState:
         self.db = sqlite3.connect(state, isolation_level=None, check_same_thread=False, timeout=30.0)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA busy_timeout=30000")
-        migrate(self.db)
-        self.index = SearchIndex(state)
+        self.index = SearchIndex(state)  # migrates the database if needed
         self._stopping = stopping or threading.Event()
         self._indexer = threading.Thread(target=self._index_loop, name="web-search-index", daemon=True)
         self._indexer.start()
@@ -827,7 +826,7 @@ def _image_size(config: Config, ws: WebState, cid: int, url: str) -> tuple[int, 
         if url.startswith("file://"):
             from daemon.images import open_image
 
-            path = _allowed(config, url[len("file://"):])
+            path = _allowed(config, urllib.parse.unquote(urllib.parse.urlsplit(url).path))
             with open_image(path) as image:
                 return image.size
         image_id = int(url.rsplit("/", 1)[-1])
