@@ -359,13 +359,16 @@
         const answer = await streamAnswer(await apiMessages([...state.history, user]), answerText);
         const saved = await postJSON("/web/conversations/" + cid + "/messages",
           {messages: [user, {role: "assistant", content: answer}]});
-        state.history.push(user, {role: "assistant", content: answer});
-        bubble.replaceWith(assistantBubble(answer, saved.messages[1]));
+        // The user may have opened another conversation meanwhile: this turn belongs to its own.
+        if (state.conv === cid) {
+          state.history.push(user, {role: "assistant", content: answer});
+          bubble.replaceWith(assistantBubble(answer, saved.messages[1]));
+        }
         await loadList();
       } catch (e) {
         showError(e.message);
         const streaming = $(".msg.streaming", messagesBox);
-        if (streaming) streaming.classList.add("failed");
+        if (streaming) streaming.classList.replace("streaming", "failed");
       } finally {
         state.busy = false;
         $("#send").disabled = false;
