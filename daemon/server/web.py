@@ -114,7 +114,7 @@ _env.filters["q"] = _q
 def _markdown() -> MarkdownIt:
     md = MarkdownIt("commonmark", {"html": False, "linkify": False, "typographer": False}).enable("table")
 
-    def image_as_text(tokens: Any, idx: int, options: Any, env: Any) -> str:
+    def image_as_text(renderer: Any, tokens: Any, idx: int, options: Any, env: Any) -> str:
         # A model's ![](https://...) would make the page fetch from anywhere (and the CSP
         # refusal would be noise); its alt text is what the reader needs.
         alt = "".join(t.content for t in (tokens[idx].children or ()))
