@@ -438,3 +438,20 @@ def test_an_api_request_is_answered_ahead_of_the_folder_backlog(tmp_path: Path) 
     finally:
         d.stop()
         d.close()
+
+
+def test_system_unit_gives_the_socket_to_its_group_and_stays_sandboxed() -> None:  # issue 13.3
+    import re
+    import shutil
+    import subprocess
+
+    unit = (Path(__file__).resolve().parent.parent / "systemd" / "vlwatch.service")
+    text = unit.read_text()
+    assert "RuntimeDirectory=vlwatch" in text and "RuntimeDirectoryMode=0750" in text
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    done = subprocess.run([analyze, "security", "--offline=true", str(unit)], capture_output=True, text=True,
+                          timeout=120)
+    m = re.search(r"Overall exposure level for vlwatch\.service: (\d+\.\d+)", done.stdout + done.stderr)
+    assert m and float(m.group(1)) <= 2.0, done.stdout[-2000:]
