@@ -123,6 +123,8 @@ def create_app(ctx: ServerContext) -> FastAPI:
     web = _optional("daemon.server.web")
     if web is not None and hasattr(web, "router"):
         app.include_router(web.router)
+    if web is not None and callable(getattr(web, "setup", None)):
+        web.setup(app)  # e.g. app.mount("/static", StaticFiles(...)): the Guard covers mounts too
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
