@@ -321,8 +321,7 @@ def submit_paths(config: Config, paths: Sequence[str | Path], rule: str | None =
     if rule is not None and config.rule(rule) is None:
         raise VlwatchError(f"no rule named {rule!r} (defined: {', '.join(r.name for r in config.rules)})",
                            ExitCode.USAGE)
-    out: list[Submitted] = []
-    wanted: list[tuple[Path, str]] = []
+    out: list[Submitted | tuple[Path, str]] = []  # in the order given; (path, rule) until queued
     candidates: list[Candidate] = []
     now = time.time()
     for given in paths:
@@ -352,15 +351,21 @@ def submit_paths(config: Config, paths: Sequence[str | Path], rule: str | None =
         for m in matches:
             redo: bool | Callable[[], bool] = True if force else functools.partial(sidecar_missing, m)
             candidates.append(Candidate(path, m.rule.name, digest, st.st_size, st.st_mtime_ns, redo=redo, seen_at=now))
-            wanted.append((path, m.rule.name))
-    if candidates:
-        with Queue(config.state) as queue:
-            new = {(str(q.path), q.rule): q.id for q in queue.enqueue(candidates)}
-            for path, name in wanted:
-                job = queue.latest(path, name)
-                out.append(Submitted(safe_text(str(path)), name, job.id if job else None, job.state if job else None,
+            out.append((path, m.rule.name))
+    if not candidates:
+        return [s for s in out if isinstance(s, Submitted)]
+    results: list[Submitted] = []
+    with Queue(config.state) as queue:
+        new = {(str(q.path), q.rule) for q in queue.enqueue(candidates)}
+        for item in out:
+            if isinstance(item, Submitted):
+                results.append(item)
+                continue
+            path, name = item
+            job = queue.latest(path, name)
+            results.append(Submitted(safe_text(str(path)), name, job.id if job else None, job.state if job else None,
                                      queued=(str(path), name) in new))
-    return out
+    return results
 
 
 # --------------------------------------------------------- the daemon's API

@@ -686,15 +686,19 @@ def _read_hooks(r: _Reader, node: yaml.Node) -> HooksConfig:
 
 
 def _read_reference(r: _Reader, node: yaml.Node, where: str) -> tuple[Path, ...]:
-    """Reference images, relative to the file that defines the rule; each must exist."""
+    """Reference images, relative to the file that defines the rule.
+
+    A missing one is a warning, like a watch folder not mounted yet: the
+    machine that checks a config may not have it; the rule's jobs fail with
+    its name until it is there.
+    """
     out: list[Path] = []
     for value, n in r.string_list(node, where):
         p = Path(os.path.expandvars(value)).expanduser()
-        p = p if p.is_absolute() else r.base / p
+        p = Path(os.path.normpath((p if p.is_absolute() else r.base / p).absolute()))
         if not p.is_file():
-            r.problem(n, where, f"reference image {p} does not exist")
-            continue
-        out.append(Path(os.path.normpath(p.absolute())))
+            r.warn(n, where, f"reference image {p} does not exist (yet); this rule's files fail until it does")
+        out.append(p)
     return tuple(out)
 
 

@@ -14,7 +14,8 @@ A chat (``Request.messages``) is answered with what it saw, so a test can
 tell the turns and images arrived in order: ``chat: 2 turns, 3 images
 (64x48, ...); last: <the last user text>``, streamed word by word when the
 request asks for a stream.  Every call is counted in ``$VLWATCH_STUB_LOG``
-(one line per request: ``chat`` or ``job``) when that is set.
+(one line per request: ``chat`` or ``job``, its number of images and
+the pid of the process that answered) when that is set.
 
 Only for injecting faults; arrivals, restarts and kills are tested on the
 tiny real checkpoint.
@@ -58,7 +59,7 @@ class StubBackend:
         self._loaded = True
         if log := os.environ.get("VLWATCH_STUB_LOG"):
             with open(log, "a") as f:
-                f.writelines("chat\n" if r.messages else "job\n" for r in requests)
+                f.writelines(f"{'chat' if r.messages else 'job'} {len(r.images)} {os.getpid()}\n" for r in requests)
         return [self._chat(r) if r.messages else
                 Answer(text=f"stub answer for: {r.prompt[:40]}", new_tokens=4) for r in requests]
 

@@ -123,6 +123,8 @@ def create_app(ctx: ServerContext) -> FastAPI:
     web = _optional("daemon.server.web")
     if web is not None and hasattr(web, "router"):
         app.include_router(web.router)
+    if web is not None and callable(getattr(web, "setup", None)):
+        web.setup(app)  # e.g. app.mount("/static", StaticFiles(...)): the Guard covers mounts too
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -205,6 +207,7 @@ class Guard:
             return
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > MAX_BODY:
+            await _drain(receive, int(length))
             await _too_large()(scope, receive, send)
             return
         seen = 0
@@ -229,6 +232,7 @@ class Guard:
             await self.app(scope, counting_receive, tracking_send)
         except BodyTooLarge:
             if not started:
+                await _drain(receive, MAX_DRAIN)
                 await _too_large()(scope, receive, send)
 
     def _refusal(self, headers: dict[str, str]) -> JSONResponse | None:
@@ -245,6 +249,21 @@ class Guard:
         if origin is not None and origin.lower() not in (f"http://{host.lower()}", f"https://{host.lower()}"):
             return error_response(403, f"cross-origin request from {origin!r} refused", code="bad_origin")
         return None
+
+
+#: An oversized body is read and thrown away up to this much before the 413
+#: goes out: closing a socket with unread data makes the kernel reset the
+#: connection, and the client would lose the answer that says why.
+MAX_DRAIN = 4 * MAX_BODY
+
+
+async def _drain(receive: Receive, length: int) -> None:
+    if length > MAX_DRAIN:
+        return
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
 
 
 def _too_large() -> JSONResponse:

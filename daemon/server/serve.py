@@ -161,6 +161,9 @@ class ApiServer:
         self._thread.start()
         self.listen = listen
         log.info("api: listening on %s%s", listen, " (bearer token required)" if token else "")
+        if token is None and self._unix is None and os.environ.get("INVOCATION_ID"):
+            log.warning("api: loopback TCP without a token is open to every local user, and this service may "
+                        "read folders they cannot; listen on a unix: socket (docs/service.md, 'The API socket')")
         return True
 
     def _serve(self) -> None:
