@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from daemon.queue import Candidate, Queue
-from daemon.search import Filters, SearchIndex, fts_query, html_text, json_text, search
+from daemon.search import Filters, SearchIndex, fts_query, search
 from tests.conftest import run_vlwatch, write_config
 
 

@@ -47,8 +47,7 @@ def fresh_web_state():
     # Each test's app opens its own state file; drop the per-state cache between tests.
     yield
     for ws in web._states.values():
-        ws.index.close()
-        ws.db.close()
+        ws.close()
     web._states.clear()
 
 
@@ -72,7 +71,7 @@ def test_markdown_is_rendered_without_raw_html(config, tmp_path: Path) -> None:
     with Queue(config.state) as q:
         finish_job(q, tmp_path / "inbox" / "a.png", "ocr",
                    {"md": "# Title\n\n<script>alert(1)</script>\n\n<b onclick=x()>b</b> [js](javascript:alert(1))"
-                          " ![logo](https://tracker.example/x.png)\n\n| a | b |\n|---|---|\n| 1 | 2 |\n"})
+                          " ![logo](https://tracker.example/x.png)\n\n| a | b |\n|:-:|--:|\n| 1 | 2 |\n"})
     with client(config) as c:
         page = c.get("/results").text
     assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
@@ -80,6 +79,7 @@ def test_markdown_is_rendered_without_raw_html(config, tmp_path: Path) -> None:
     assert "tracker.example" not in page.split("[image:")[0]  # no <img> fetching from anywhere
     assert "<img src=\"https://tracker" not in page and "[image: logo]" in page
     assert "<table>" in page and "<h1>Title</h1>" in page
+    assert "style=" not in page and 'class="align-center"' in page  # the CSP allows no inline style
 
 
 def test_results_are_keyset_paginated_newest_first(config, tmp_path: Path) -> None:
@@ -111,7 +111,9 @@ def test_conversations_survive_a_restart_until_cleared(config) -> None:
         saved = c.post(f"/web/conversations/{cid}/messages", json={"messages": [user, answer]}).json()
         assert saved["messages"][1]["boxes"] == [{"label": "logo", "bbox": [10, 10, 30, 20]}]
         assert saved["messages"][1]["size"] == [280, 168]
-    web._states.clear()  # a new process: nothing cached
+    for ws in web._states.values():  # a new process: nothing cached
+        ws.close()
+    web._states.clear()
     with client(config) as c:
         conv = c.get(f"/web/conversations/{cid}").json()
         assert conv["title"] == "Where is the logo?" and conv["created"] <= time.time()

@@ -121,7 +121,17 @@ def _markdown() -> MarkdownIt:
         return f'<span class="img-alt">[image: {md.utils.escapeHtml(alt)}]</span>' if alt else ""
 
     md.add_render_rule("image", image_as_text)
+    md.core.ruler.push("align_as_class", _align_as_class)
     return md
+
+
+def _align_as_class(state: Any) -> None:
+    """Table alignment as a class: the page's CSP allows no inline style (``style="text-align:..."``)."""
+    for token in state.tokens:
+        if token.type in ("th_open", "td_open"):
+            style = token.attrs.pop("style", None) if token.attrs else None
+            if isinstance(style, str) and style.startswith("text-align:"):
+                token.attrSet("class", "align-" + style.split(":", 1)[1].strip())
 
 
 _MD = _markdown()
@@ -184,12 +194,20 @@ class WebState:
         self.db.execute("PRAGMA busy_timeout=30000")
         self.index = SearchIndex(state)  # migrates the database if needed
         self._stopping = stopping or threading.Event()
+        self._closed = threading.Event()
         self._indexer = threading.Thread(target=self._index_loop, name="web-search-index", daemon=True)
         self._indexer.start()
 
+    def close(self) -> None:
+        self._closed.set()
+        self._indexer.join(30)
+        with self.lock:
+            self.index.close()
+            self.db.close()
+
     def _index_loop(self) -> None:
         last_sweep = time.monotonic()
-        while not self._stopping.is_set():
+        while not (self._stopping.is_set() or self._closed.is_set()):
             try:
                 with self.index.catching:
                     self.index.catch_up()
@@ -198,7 +216,7 @@ class WebState:
                     last_sweep = time.monotonic()
             except Exception:  # a locked or full disk: log, try again later
                 log.exception("search index: catch-up failed; retrying in %gs", self.CATCH_UP)
-            self._stopping.wait(self.CATCH_UP)
+            self._closed.wait(self.CATCH_UP)
 
     def rows(self, sql: str, args: tuple | list = ()) -> list[sqlite3.Row]:
         with self.lock:
