@@ -315,6 +315,14 @@ def test_ask_streams_an_answer_keeps_the_conversation_and_clears(site: Site, bro
     page.locator("#question").fill("What is this?")
     page.locator("#send").click()
     page.locator(".msg.assistant:not(.streaming)", has_text="1 images").wait_for(timeout=60_000)
+    # Compare: two files from the watched folders in one question.
+    page.locator("#new-conv").click()
+    page.locator("button.pick", has_text="invoice-2031.png").first.click()
+    page.locator("button.pick", has_text="login.png").first.click()
+    assert page.locator("#tray img").count() == 2
+    page.locator("#question").fill("What changed between these?")
+    page.locator("#send").click()
+    page.locator(".msg.assistant:not(.streaming)", has_text="2 images").wait_for(timeout=60_000)
     page.locator("#new-conv").click()
     page.locator("#question").fill("Hello without images")
     page.locator("#send").click()
@@ -322,8 +330,8 @@ def test_ask_streams_an_answer_keeps_the_conversation_and_clears(site: Site, bro
     browser.shot("ask")
     # Kept across a reload (and a restart: they live in the state database).
     page.goto(site.base + "/ask")
-    page.locator("#conv-list li").nth(2).wait_for(timeout=20_000)
-    assert page.locator("#conv-list li").count() == 3
+    page.locator("#conv-list li").nth(3).wait_for(timeout=20_000)
+    assert page.locator("#conv-list li").count() == 4
     page.locator("#conv-list li", has_text="Find every logo").click()
     page.locator(".msg.assistant:not(.streaming)", has_text="(3 turns, 1 images").wait_for(timeout=20_000)
     with site.db() as db:

@@ -136,7 +136,9 @@ def test_uploads_and_messages_are_checked(config) -> None:
                     {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/web/conversations/999/images/1"}}]}):
             assert c.post(f"/web/conversations/{cid}/messages", json={"messages": [bad]}).status_code == 400
         assert c.post("/web/conversations/999/messages", json={"messages": [{"role": "user", "content": "x"}]}).status_code == 404
-        assert c.post("/web/retry", content=b"not json").status_code == 400
+        assert c.post("/web/retry", content=b"not json", headers={"Content-Type": "application/json"}).status_code == 400
+        # A cross-site form's text/plain body, even if it parses as JSON, is not taken.
+        assert c.post("/web/retry", content=b'{"all": true}', headers={"Content-Type": "text/plain"}).status_code == 415
         assert c.post("/web/retry", json={"ids": ["1; DROP"]}).status_code == 400
 
 
@@ -154,3 +156,19 @@ def test_overview_json_counts_rate_and_model(config, tmp_path: Path) -> None:
     assert o["model"]["attention"] == "sdpa" and o["model"]["engine"] == "fastgen"
     assert o["model"]["gpus"] == [{"name": "cuda:0", "state": "loaded", "detail": "memory 15.2 GiB"}]
     assert "fastgen" in page and "cuda:0" in page and json.dumps(o)
+
+
+def test_retry_one_or_all_failed_jobs(config, tmp_path: Path) -> None:
+    # issue 14: failures with a retry button (one, or all)
+    with Queue(config.state) as q:
+        ids = [finish_job(q, tmp_path / "inbox" / f"f{i}.png", "ocr", {"md": "x"}) for i in range(3)]
+        for i in ids:
+            q.fail(i, "broken", retry_at=None)
+    with client(config) as c:
+        assert c.post("/web/retry", json={"ids": [ids[0]]}).json() == {"requeued": [ids[0]]}
+        assert c.post("/web/retry", json={"ids": [ids[0]]}).json() == {"requeued": []}  # not failed any more
+        assert sorted(c.post("/web/retry", json={"all": True}).json()["requeued"]) == ids[1:]
+        page = c.get("/failures").text
+    assert "no failures" in page
+    with Queue(config.state) as q:
+        assert [q.job(i).state for i in ids] == ["queued"] * 3

@@ -559,6 +559,10 @@ async def retry(request: Request, ctx: ServerContext = Depends(context)) -> dict
 
 
 async def _json(request: Request) -> dict[str, Any]:
+    # A cross-site HTML form cannot send application/json without a CORS preflight,
+    # which this server never grants: one more wall besides Origin and Sec-Fetch-Site.
+    if not request.headers.get("content-type", "").lower().startswith("application/json"):
+        raise ApiError(415, "expected a JSON body (Content-Type: application/json)", code="invalid_content_type")
     try:
         body = json.loads(await request.body())
     except (ValueError, UnicodeDecodeError):
