@@ -19,8 +19,9 @@ the daemon.  Stdin is ``/dev/null``.
 Deliberately not done: retrying a failed hook (it may not be idempotent),
 and running hooks for a job that will still be retried (``on_failed`` is
 for a file that needs a person).  Hooks still queued when the process exits
-are waited for up to their timeout (``atexit``), so a ``vlwatch scan``
-does not cut them off.
+are waited for up to ``EXIT_WAIT`` seconds (``atexit``), so a ``vlwatch
+scan`` does not cut them off; one still running then is left to finish on
+its own (it runs in its own session).
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ WORKERS = 2
 #: Hooks waiting at most; beyond this new ones are dropped (and logged), so a
 #: hook slower than the model cannot grow memory without bound.
 BACKLOG = 10_000
+#: Longest the process waits at exit for hooks still queued or running
+#: (systemd's stop timeout is 45 s, and the batch in hand may take 20).
+EXIT_WAIT = 15.0
 #: Output of a failing hook quoted in the log.
 OUTPUT_LINES = 5
 
@@ -106,7 +110,7 @@ def _submit(hook: Hook) -> None:
         _pending += 1
         if len(_threads) < WORKERS:
             if not _threads:
-                atexit.register(wait)
+                atexit.register(wait, EXIT_WAIT)
             t = threading.Thread(target=_work, name=f"vlwatch-hook-{len(_threads)}", daemon=True)
             _threads.append(t)
             t.start()
