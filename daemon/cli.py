@@ -95,8 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
     c = with_config(command("retry", cmd_retry, "put failed jobs back on the queue"))
     c.add_argument("--all", action="store_true", help="every failed job")
     c.add_argument("job_ids", nargs="*", metavar="JOB_ID", type=int)
+    c = with_config(command("search", cmd_search, "full-text search over every sidecar: path, rule, sidecar and a snippet per hit"))
+    c.add_argument("query", metavar="QUERY", help="words that must all occur (a trailing * searches a prefix)")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.add_argument("--limit", metavar="N", type=int, default=20, help="at most N hits (default 20)")
+    c.add_argument("--folder", metavar="DIR", type=Path, help="only files under this folder")
+    c.add_argument("--rule", metavar="NAME", help="only sidecars of this rule")
+    c.add_argument("--since", metavar="YYYY-MM-DD", help="only sidecars written on or after this day")
+    c.add_argument("--until", metavar="YYYY-MM-DD", help="only sidecars written on or before this day")
     c = with_config(command("pull", cmd_pull, "download the model into the local Hugging Face cache (uses the network)"))
     c.add_argument("model", nargs="?", metavar="MODEL", help="model id (default: model.name of the config)")
+    c = with_config(command("ask", cmd_ask, "ask anything about one or more images; through the running daemon "
+                                            "when one answers, else the model is loaded here"))
+    c.add_argument("question", metavar="QUESTION")
+    c.add_argument("images", nargs="+", metavar="IMAGE", type=Path)
+    c.add_argument("--json", action="store_true", help="print one JSON object with the answer at the end")
+    c.add_argument("--max-tokens", type=int, metavar="N", help="longest answer in tokens (default: model.max_new_tokens)")
     c = with_config(command("bench", cmd_bench, "measure the inference worker on this machine"))
     from daemon.bench import add_arguments
 
@@ -316,6 +330,23 @@ def cmd_retry(args: argparse.Namespace) -> int:
     if not args.all and not args.job_ids:
         raise VlwatchError("name the jobs to retry, or --all", ExitCode.USAGE)
     return retry(_config(args), None if args.all else args.job_ids)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from daemon.commands import search
+
+    return search(_config(args), args.query, as_json=args.json, limit=args.limit, folder=args.folder,
+                  rule=args.rule, since=args.since, until=args.until)
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from daemon.commands import ask
+
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise VlwatchError("--max-tokens must be at least 1", ExitCode.USAGE)
+    return ask(_config(args), args.question, args.images, max_tokens=args.max_tokens, as_json=args.json)
+
+
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -127,6 +127,12 @@ class Rule:
     max_pixels: int | None = None
     formats: tuple[str, ...] | None = None  # None = every supported format (see FORMATS)
     pages: PageRanges | None = None  # None = every page of a multi-page file
+    #: images shown to the model before the file, in every request of this rule
+    reference: tuple[Path, ...] = ()
+    #: commands run after this rule's sidecars are written / its job fails for
+    #: good; None = the top-level ``hooks:`` (``daemon.hooks``)
+    on_done: tuple[str, ...] | None = None
+    on_failed: tuple[str, ...] | None = None
     source: str = ""  # "file:line" where the rule was defined
 
     def matches(self, relative: str) -> bool:
@@ -174,6 +180,69 @@ def last_page_wanted(ranges: PageRanges | None) -> int | None:
     return max(b for _, b in ranges if b is not None)
 
 
+#: Where the API listens unless the config says otherwise (loopback only).
+DEFAULT_LISTEN = "127.0.0.1:8765"
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """The local HTTP API and web page (``api:``; ``daemon.server``).
+
+    ``listen`` is ``host:port``, ``unix:/path`` or None (off).  The token is
+    read from the environment variable named by ``token_env`` when the
+    server starts; it never sits in the config.
+    """
+
+    listen: str | None = DEFAULT_LISTEN
+    token_env: str | None = None
+
+    @property
+    def unix_socket(self) -> Path | None:
+        return Path(self.listen[5:]) if self.listen and self.listen.startswith("unix:") else None
+
+    def host_port(self) -> tuple[str, int] | None:
+        """(host, port) of a TCP ``listen``; None for a unix socket or off."""
+        if not self.listen or self.unix_socket is not None:
+            return None
+        return split_host_port(self.listen)
+
+
+def split_host_port(listen: str) -> tuple[str, int]:
+    """``127.0.0.1:8765`` / ``[::1]:8765`` / ``localhost:8765`` -> (host, port).
+
+    Raises:
+        ValueError: with a message fit for a config problem.
+    """
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{listen!r} is not host:port (like 127.0.0.1:8765) or unix:/path/to/socket")
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ValueError(f"{listen!r}: an IPv6 address is written in brackets, like [::1]:8765")
+        host = host[1:-1]
+    return host, int(port)
+
+
+def is_loopback_host(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class HooksConfig:
+    """Commands run after a job (``hooks:``); a rule's own ``on_done``/``on_failed`` replace these."""
+
+    on_done: tuple[str, ...] | None = None
+    on_failed: tuple[str, ...] | None = None
+    timeout: float = 60.0
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig
@@ -182,6 +251,8 @@ class Config:
     watch: tuple[WatchConfig, ...]
     rules: tuple[Rule, ...]  # the config's own rules first, then the packs', in order
     jobs: JobsConfig = field(default_factory=JobsConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    hooks: HooksConfig = field(default_factory=HooksConfig)
     source: Path | None = None
     warnings: tuple[str, ...] = ()
     #: "the weights are not downloaded", kept apart from ``warnings``: the
@@ -466,14 +537,16 @@ def _did_you_mean(key: str, allowed: tuple[str, ...]) -> str:
 
 # --------------------------------------------------------------------- sections
 
-_TOP_KEYS = ("model", "state", "include", "watch", "rules", "jobs")
+_TOP_KEYS = ("model", "state", "include", "watch", "rules", "jobs", "api", "hooks")
 _MODEL_KEYS = ("backend", "name", "attention", "dtype", "device", "min_pixels", "max_pixels", "batch_size",
                "max_gpu_memory", "max_new_tokens", "idle_unload", "base_url", "api_key_env",
                "max_concurrency", "timeout")
 _WATCH_KEYS = ("path", "rules", "recursive", "polling", "settle", "output_dir", "follow_symlinks_out")
 _RULE_KEYS = ("name", "match", "task", "prompt", "output", "also", "csp", "raw_html", "objects", "max_new_tokens",
-              "min_pixels", "max_pixels", "formats", "pages")
+              "min_pixels", "max_pixels", "formats", "pages", "reference", "on_done", "on_failed")
 _JOBS_KEYS = ("attempts", "backoff", "rescan", "keep_history", "batch_wait", "redo_outdated")
+_API_KEYS = ("listen", "token_env")
+_HOOKS_KEYS = ("on_done", "on_failed", "timeout")
 
 
 def default_state_path() -> Path:
@@ -488,6 +561,8 @@ def _read_config(r: _Reader, node: yaml.Node, path: Path) -> Config | None:
     if "state" in keys and (p := r.path(keys["state"], "state")) is not None:
         state = p
     jobs = _read_jobs(r, keys["jobs"]) if "jobs" in keys else JobsConfig()
+    api = _read_api(r, keys["api"]) if "api" in keys else ApiConfig()
+    hooks = _read_hooks(r, keys["hooks"]) if "hooks" in keys else HooksConfig()
 
     own_rules = _read_rules(r, keys["rules"], "rules") if "rules" in keys else []
     include = [(s, n) for s, n in r.string_list(keys["include"], "include")] if "include" in keys else []
@@ -514,8 +589,8 @@ def _read_config(r: _Reader, node: yaml.Node, path: Path) -> Config | None:
         model_warning = _check_model_present(r, keys.get("model"), model.name)
     return Config(
         model=model, state=state, include=tuple(s for s, _ in include), watch=tuple(watch),
-        rules=tuple(rule for rule, _ in rules), jobs=jobs, source=path, warnings=tuple(r.warnings),
-        model_warning=model_warning,
+        rules=tuple(rule for rule, _ in rules), jobs=jobs, api=api, hooks=hooks, source=path,
+        warnings=tuple(r.warnings), model_warning=model_warning,
     )
 
 
@@ -651,6 +726,84 @@ def _read_jobs(r: _Reader, node: yaml.Node) -> JobsConfig:
     return JobsConfig(**{k: v for k, v in kw.items() if v is not None})
 
 
+def _read_api(r: _Reader, node: yaml.Node) -> ApiConfig:
+    if r.is_null(node):
+        return ApiConfig(listen=None)
+    keys = r.mapping(node, "api", _API_KEYS)
+    listen: str | None = DEFAULT_LISTEN
+    if "listen" in keys:
+        listen = None if r.is_null(keys["listen"]) else r.string(keys["listen"], "api.listen")
+    token_env = None
+    if "token_env" in keys and not r.is_null(keys["token_env"]):
+        token_env = r.string(keys["token_env"], "api.token_env")
+        if token_env and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", token_env):
+            r.problem(keys["token_env"], "api.token_env",
+                      "must be the NAME of an environment variable holding the token, not the token")
+            token_env = None
+    where = keys.get("listen", node)
+    if listen is not None and listen.startswith("unix:"):
+        socket_path = Path(os.path.expandvars(listen[5:])).expanduser()
+        if not socket_path.is_absolute():
+            r.problem(where, "api.listen", f"{listen!r}: a unix socket needs an absolute path, like unix:/run/vlwatch/api.sock")
+        listen = f"unix:{socket_path}"
+    elif listen is not None:
+        try:
+            host, _ = split_host_port(listen)
+        except ValueError as exc:
+            r.problem(where, "api.listen", str(exc))
+            return ApiConfig(listen=None, token_env=token_env)
+        if not is_loopback_host(host) and token_env is None:
+            # Loopback is reachable by every local user already; anything
+            # wider reaches the network, where the API must not be open.
+            r.problem(where, "api.listen", f"{listen!r} is reachable from other machines: set api.token_env "
+                                           "to the name of a variable holding a bearer token (or listen on "
+                                           "127.0.0.1 or a unix: socket)")
+    return ApiConfig(listen=listen, token_env=token_env)
+
+
+def _read_argv(r: _Reader, node: yaml.Node, where: str) -> tuple[str, ...] | None:
+    """A command as an argv list (no shell): ``[notify-send, vlwatch, done]``."""
+    if r.is_null(node):
+        return None
+    if not isinstance(node, yaml.SequenceNode):
+        r.problem(node, where, "expected a command as a list of words, like [notify-send, vlwatch, done] "
+                               "(no shell: use [sh, -c, '...'] for one)")
+        return None
+    argv = [s for s, _ in r.string_list(node, where)]
+    if not argv:
+        r.problem(node, where, "must name a command")
+        return None
+    return tuple(argv)
+
+
+def _read_hooks(r: _Reader, node: yaml.Node) -> HooksConfig:
+    keys = r.mapping(node, "hooks", _HOOKS_KEYS)
+    kw: dict[str, Any] = {}
+    for k in ("on_done", "on_failed"):
+        if k in keys:
+            kw[k] = _read_argv(r, keys[k], f"hooks.{k}")
+    if "timeout" in keys:
+        kw["timeout"] = r.duration(keys["timeout"], "hooks.timeout")
+    return HooksConfig(**{k: v for k, v in kw.items() if v is not None})
+
+
+def _read_reference(r: _Reader, node: yaml.Node, where: str) -> tuple[Path, ...]:
+    """Reference images, relative to the file that defines the rule.
+
+    A missing one is a warning, like a watch folder not mounted yet: the
+    machine that checks a config may not have it; the rule's jobs fail with
+    its name until it is there.
+    """
+    out: list[Path] = []
+    for value, n in r.string_list(node, where):
+        p = Path(os.path.expandvars(value)).expanduser()
+        p = Path(os.path.normpath((p if p.is_absolute() else r.base / p).absolute()))
+        if not p.is_file():
+            r.warn(n, where, f"reference image {p} does not exist (yet); this rule's files fail until it does")
+        out.append(p)
+    return tuple(out)
+
+
 def _read_watch(r: _Reader, node: yaml.Node, where: str, rule_names: set[str]) -> WatchConfig | None:
     keys = r.mapping(node, where, _WATCH_KEYS)
     if "path" not in keys:
@@ -753,6 +906,11 @@ def _read_rule(r: _Reader, node: yaml.Node, where: str) -> Rule | None:
         kw["formats"] = _read_formats(r, keys["formats"], f"{where}.formats")
     if "pages" in keys:
         kw["pages"] = _read_pages(r, keys["pages"], f"{where}.pages")
+    if "reference" in keys:
+        kw["reference"] = _read_reference(r, keys["reference"], f"{where}.reference") or None
+    for k in ("on_done", "on_failed"):
+        if k in keys:
+            kw[k] = _read_argv(r, keys[k], f"{where}.{k}")
     if name is None or task is None or output is None or (prompt is None and ("prompt" in keys or task == "custom")):
         return None
     line = node.start_mark.line + 1

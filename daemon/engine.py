@@ -38,6 +38,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
+from daemon import hooks
 from daemon.backends import Answer, Request
 from daemon.config import Config, local_model_path
 from daemon.errors import (
@@ -199,6 +200,9 @@ class Processor:
                 self._failed(config, job, outcome.error or "unknown error", outcome.seconds, result,
                              permanent=outcome.permanent)
         self.record(partial(self.queue.finish, finished))
+        for job, outcome in zip((j for j, _ in ready), outcomes):  # after the commit: a hook may move the file
+            if outcome.ok:
+                hooks.done(config, job.rule, job.path, outcome.sidecars)
         if outage is not None:
             self.full_folder = outage[0]
             raise StorageUnavailableError(outage[1])
@@ -287,6 +291,7 @@ class Processor:
         else:
             self.record(partial(self.queue.fail, job.id, error, retry_at=None, seconds=seconds))
             log.error("%s: %s failed after %d attempts: %s", job.path, job.rule, job.attempts, error)
+            hooks.failed(config, job.rule, job.path, error)
             result.failed += 1
 
 

@@ -240,6 +240,80 @@ def m010_recipe(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE jobs ADD COLUMN recipe TEXT")
 
 
+def m020_job_events(db: sqlite3.Connection) -> None:
+    # The API's event stream (GET /api/v1/events) follows every job's state
+    # changes, whichever process made them (the daemon, `scan`, `retry`):
+    # triggers log each change with a sequence number a client can resume
+    # from.  Trimmed to the last ~10,000 changes as it grows.
+    db.execute("CREATE TABLE job_events (seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id INTEGER NOT NULL,"
+               " state TEXT NOT NULL, at REAL NOT NULL)")
+    now = "(julianday('now') - 2440587.5) * 86400.0"
+    db.execute(f"CREATE TRIGGER job_events_insert AFTER INSERT ON jobs BEGIN"
+               f" INSERT INTO job_events (job_id, state, at) VALUES (NEW.id, NEW.state, {now}); END")
+    db.execute(f"CREATE TRIGGER job_events_update AFTER UPDATE OF state ON jobs WHEN NEW.state IS NOT OLD.state BEGIN"
+               f" INSERT INTO job_events (job_id, state, at) VALUES (NEW.id, NEW.state, {now}); END")
+    db.execute("CREATE TRIGGER job_events_trim AFTER INSERT ON job_events WHEN NEW.seq % 1000 = 0 BEGIN"
+               " DELETE FROM job_events WHERE seq <= NEW.seq - 10000; END")
+
+
+# Search index (daemon/search.py): one row per text sidecar, and its FTS5 text.
+@migration
+def m030_search_index(db: sqlite3.Connection) -> None:
+    db.execute("""
+        CREATE TABLE search_docs (
+            id INTEGER PRIMARY KEY,
+            path TEXT NOT NULL,
+            rule TEXT NOT NULL,
+            sidecar TEXT NOT NULL,
+            job_id INTEGER NOT NULL,
+            job_finished REAL NOT NULL,
+            folder TEXT NOT NULL,
+            sidecar_mtime_ns INTEGER NOT NULL,
+            sidecar_size INTEGER NOT NULL
+        )""")
+    db.execute("CREATE INDEX search_docs_path_rule ON search_docs (path, rule)")
+    db.execute("CREATE UNIQUE INDEX search_docs_sidecar ON search_docs (sidecar)")
+    db.execute("CREATE INDEX search_docs_job ON search_docs (job_id, job_finished)")
+    db.execute("CREATE INDEX search_docs_folder ON search_docs (folder)")
+    # Jobs looked at that left no text sidecar, so the catch-up does not read them again.
+    db.execute("CREATE TABLE search_skipped (job_id INTEGER PRIMARY KEY, job_finished REAL NOT NULL)")
+    db.execute("CREATE TABLE search_cursor (id INTEGER PRIMARY KEY CHECK (id = 1), finished_at REAL NOT NULL)")
+    db.execute("INSERT INTO search_cursor (id, finished_at) VALUES (1, 0)")
+    db.execute("CREATE VIRTUAL TABLE search_fts USING fts5 (name, body, tokenize = 'unicode61 remove_diacritics 2')")
+
+
+# The web page's ask/compare conversations (daemon/server/web.py), kept until cleared.
+@migration
+def m031_conversations(db: sqlite3.Connection) -> None:
+    db.execute("""
+        CREATE TABLE conversations (
+            id INTEGER PRIMARY KEY,
+            title TEXT NOT NULL,
+            created REAL NOT NULL,
+            updated REAL NOT NULL
+        )""")
+    # content: the OpenAI message content (text and image_url parts), as JSON.
+    db.execute("""
+        CREATE TABLE conversation_messages (
+            id INTEGER PRIMARY KEY,
+            conversation_id INTEGER NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+            role TEXT NOT NULL,
+            content TEXT NOT NULL,
+            created REAL NOT NULL
+        )""")
+    db.execute("CREATE INDEX conversation_messages_conv ON conversation_messages (conversation_id, id)")
+    # Images uploaded from the browser, kept only for their conversation.
+    db.execute("""
+        CREATE TABLE conversation_images (
+            id INTEGER PRIMARY KEY,
+            conversation_id INTEGER NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+            name TEXT NOT NULL,
+            mime TEXT NOT NULL,
+            data BLOB NOT NULL,
+            created REAL NOT NULL
+        )""")
+    db.execute("CREATE INDEX conversation_images_conv ON conversation_images (conversation_id)")
+
 def migrate(db: sqlite3.Connection) -> list[str]:
     """Apply the migrations this database lacks; return their names."""
     db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
@@ -567,6 +641,23 @@ class Queue:
         """The newest current failures: a file whose newer bytes have a job shows that job's state instead."""
         return self._jobs(f"SELECT * FROM jobs WHERE state = 'failed' AND {CURRENT}"
                           " ORDER BY finished_at DESC, id DESC LIMIT ?", (limit,))
+
+    def recent(self, state: str | None = None, limit: int = 50) -> list[Job]:
+        """The newest jobs (of one state, or all), newest first (``GET /api/v1/jobs``)."""
+        if state is None:
+            return self._jobs("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
+        return self._jobs("SELECT * FROM jobs WHERE state = ? ORDER BY id DESC LIMIT ?", (state, limit))
+
+    def last_event(self) -> int:
+        """The sequence number of the latest job state change (0 if none)."""
+        return int(self._query("SELECT COALESCE(MAX(seq), 0) FROM job_events")[0][0])
+
+    def events_since(self, seq: int, limit: int = 500) -> list[tuple[int, str, float, Job | int]]:
+        """Job state changes after ``seq``: (seq, new state, when, the job now — or its id if gone)."""
+        rows = self._query(
+            "SELECT e.seq AS e_seq, e.state AS e_state, e.at AS e_at, e.job_id AS e_job, j.* FROM job_events e"
+            " LEFT JOIN jobs j ON j.id = e.job_id WHERE e.seq > ? ORDER BY e.seq LIMIT ?", (seq, limit))
+        return [(r["e_seq"], r["e_state"], r["e_at"], _job(r) if r["id"] is not None else r["e_job"]) for r in rows]
 
     def _jobs_by_id(self, ids: Sequence[int]) -> list[Job]:
         out: list[Job] = []

@@ -156,6 +156,7 @@ class Daemon:
         self.settler = Settler(self._deliver)
         self.watcher = self._new_watcher()
         self.loop: WorkerLoop | None = None
+        self.api = None  # daemon.server.serve.ApiServer once started
         self.scheduler = Scheduler(rescan=lambda: self.catch_up("rescan"), idle_check=self._idle_check,
                                    prune=self._prune)
         self._stopping = threading.Event()
@@ -182,10 +183,24 @@ class Daemon:
         self.watcher.start(self.config.watch)
         self.loop.start()
         self.scheduler.start(self.config)
+        self._start_api()
         log.info("watching %d folders with %d rules; state %s", len(self.watcher.roots), len(self.config.rules),
                  self.config.state)
         sd_notify("READY=1\nSTATUS=" + self.status_line())
         self._background(lambda: self.catch_up("catch-up"), "vlwatch-catchup")
+
+    def _start_api(self) -> None:
+        """The HTTP API (``daemon.server``), unless ``api.listen`` is null; where clients find it is in the state."""
+        assert self.queue is not None
+        listening = None
+        if self.config.api.listen is not None:
+            from daemon.server.serve import ApiServer
+
+            self.api = ApiServer(lambda: self.config, self.loop)
+            if self.api.start():
+                listening = {"listen": self.api.listen, "pid": os.getpid(),
+                             "token": self.config.api.token_env is not None}
+        self.queue.set_meta("api", listening)
 
     def _new_watcher(self) -> Watcher:
         return Watcher(self._offer, self.settler.forget, self.settler.forget_under)
@@ -267,6 +282,8 @@ class Daemon:
     def shutdown(self) -> int:
         sd_notify("STOPPING=1")
         self._stopping.set()
+        if self.api is not None:
+            self.api.stop()  # no new requests; those in flight get GRACE seconds
         self.watcher.stop()
         self.scheduler.shutdown()
         self.settler.stop()
@@ -287,6 +304,8 @@ class Daemon:
         else:
             self.loop.worker.close()
         self.loop.processor.flush()  # results the state disk refused earlier, if it takes them now
+        with contextlib.suppress(Exception):
+            self.queue.set_meta("api", None)
         self.queue.close()
         self.lock.release()
         log.info("stopped")
@@ -321,6 +340,9 @@ class Daemon:
         if new.state != old.state:
             log.warning("state: moving to %s needs a restart; still using %s", new.state, old.state)
             new = replace(new, state=old.state)
+        if new.api != old.api:
+            log.warning("api: a change of api.listen or api.token_env needs a restart; still serving the old one")
+            new = replace(new, api=old.api)
         backend: Backend = self.loop.worker.backend
         if new.model != old.model:
             backend = create_backend(new.model)

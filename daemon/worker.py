@@ -18,13 +18,14 @@ other file still gets its sidecars.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 from daemon.backends import Answer, Backend, Request
 from daemon.config import Config
@@ -32,6 +33,9 @@ from daemon.errors import BackendError, BackendUnavailableError, VlwatchError
 from daemon.images import Page, load_pages, printable
 from daemon.outputs import PageResult, Result, write_result
 from daemon.rules import Match, allowed_roots, render_prompt
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,24 @@ class Outcome:
         return self.error is None
 
 
+def reference_images(path: Path, min_pixels: int, max_pixels: int) -> tuple["Image.Image", ...]:
+    """A rule's reference image (every page of a PDF), sized like a page; decoded once per content."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise VlwatchError(f"reference image {printable(path)}: {exc.strerror or exc}") from exc
+    return _reference_images(path, st.st_size, st.st_mtime_ns, min_pixels, max_pixels)
+
+
+@functools.lru_cache(maxsize=16)
+def _reference_images(path: Path, size: int, mtime_ns: int, min_pixels: int, max_pixels: int) -> tuple["Image.Image", ...]:
+    try:
+        pages = load_pages(path, min_pixels=min_pixels, max_pixels=max_pixels)
+    except VlwatchError as exc:
+        raise VlwatchError(f"reference image: {exc}") from exc
+    return tuple(p.image for p in pages)
+
+
 @dataclass
 class Worker:
     config: Config
@@ -93,7 +115,12 @@ class Worker:
         )
         prompt = render_prompt(rule, match.path)
         max_new = rule.max_new_tokens or model.max_new_tokens
-        requests = tuple(Request(images=(p.image,), prompt=prompt, max_new_tokens=max_new) for p in pages)
+        # A rule's reference images go first in every request (issue 13.5):
+        # their pixels count in the batch planner like the page's own.
+        refs = tuple(img for ref in rule.reference
+                     for img in reference_images(ref, rule.min_pixels or model.min_pixels,
+                                                 rule.max_pixels or model.max_pixels))
+        requests = tuple(Request(images=(*refs, p.image), prompt=prompt, max_new_tokens=max_new) for p in pages)
         return Prepared(match, tuple(pages), requests)
 
     # ------------------------------------------------------------ stages 2+3

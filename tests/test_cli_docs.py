@@ -8,7 +8,8 @@ from pathlib import Path
 from daemon.cli import build_parser
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-CONTRACT_COMMANDS = {"init", "run", "process", "scan", "explain", "check", "status", "retry", "pull", "bench"}
+CONTRACT_COMMANDS = {"init", "run", "process", "scan", "explain", "check", "status", "retry", "pull", "bench", "search",
+                     "ask"}
 
 
 def _subcommands() -> dict[str, object]:
@@ -36,7 +37,8 @@ def test_every_option_in_help_is_in_the_readme() -> None:
 def test_every_config_key_is_in_the_readme() -> None:
     from daemon import config
 
-    for keys in (config._TOP_KEYS, config._MODEL_KEYS, config._WATCH_KEYS, config._RULE_KEYS, config._JOBS_KEYS):
+    for keys in (config._TOP_KEYS, config._MODEL_KEYS, config._WATCH_KEYS, config._RULE_KEYS, config._JOBS_KEYS,
+                 config._API_KEYS, config._HOOKS_KEYS):
         for key in keys:
             assert re.search(rf"^\s*(- )?{key}:", README, re.MULTILINE), f"config key {key!r} is not in README.md"
 

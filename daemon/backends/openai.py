@@ -17,7 +17,9 @@ stays full.  What goes over the wire:
   serve`` refuses any field it does not know (HTTP 422), so a server whose
   4xx names one of these extensions is remembered and asked again without
   it;
-- greedy decoding (``temperature: 0``) and ``max_tokens`` = the request's
+- the request's ``temperature`` (0, greedy, for folder jobs; a chat of the
+  API may ask for more), its conversation turn by turn when it has
+  ``messages`` (a chat), and ``max_tokens`` = the request's
   ``max_new_tokens``; an answer is ``finished`` when ``finish_reason`` is
   ``stop``.
 
@@ -592,13 +594,11 @@ def chat_body(model: str, request: Request, images: list[str], *, ignore_eos: bo
         images: ``request.images`` as data URLs (``image_data_url``).
         ignore_eos: ask the server to generate all ``max_tokens`` (for the bench).
     """
-    content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": url}} for url in images]
-    content.append({"type": "text", "text": request.prompt})
     body: dict[str, Any] = {
         "model": model,
-        "messages": [{"role": "user", "content": content}],
+        "messages": _chat_messages(request, images),
         "max_tokens": request.max_new_tokens,
-        "temperature": 0,
+        "temperature": request.temperature,
         "stream": False,
     }
     if request.images:
@@ -614,6 +614,29 @@ def chat_body(model: str, request: Request, images: list[str], *, ignore_eos: bo
     if ignore_eos:
         body["ignore_eos"] = True
     return body
+
+
+def _chat_messages(request: Request, images: list[str]) -> list[dict[str, Any]]:
+    """A folder job as one user turn (images, then the prompt); a chat turn by turn, images where they were given."""
+    if not request.messages:
+        content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": url}} for url in images]
+        content.append({"type": "text", "text": request.prompt})
+        return [{"role": "user", "content": content}]
+    # The turns hold the very image objects of request.images, in order.
+    urls = {id(img): url for img, url in zip(request.images, images)}
+    out: list[dict[str, Any]] = []
+    for message in request.messages:
+        parts: list[dict[str, Any]] = []
+        for part in message.parts:
+            if isinstance(part, str):
+                parts.append({"type": "text", "text": part})
+            else:
+                parts.append({"type": "image_url", "image_url": {"url": urls.get(id(part)) or image_data_url(part)}})
+        if message.role != "user" and all(p["type"] == "text" for p in parts):
+            out.append({"role": message.role, "content": "".join(p["text"] for p in parts)})
+        else:
+            out.append({"role": message.role, "content": parts})
+    return out
 
 
 def image_data_url(image: "Image.Image") -> str:

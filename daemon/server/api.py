@@ -1,0 +1,356 @@
+"""The routes: OpenAI-compatible ``/v1`` and vlwatch's own ``/api/v1``.
+
+Each route is a thin call of a library function the CLI calls too
+(``daemon.commands``); the chat route hands its request to the engine
+(``WorkerLoop.submit``), which answers it ahead of the folder backlog.
+Blocking work (SQLite, image decoding) runs in the thread pool, never on the
+event loop.
+
+``/api/v1/events`` follows the state database, not the engine: it polls
+the job-change log (``Queue.events_since``) and the model's meta record every
+``POLL`` seconds, so it sees jobs added by any process (``scan``,
+``retry``), and a client may resume with ``Last-Event-ID``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import mimetypes
+import os
+import stat
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from daemon import commands
+from daemon.backends import Answer
+from daemon.errors import BackendError, BackendUnavailableError, VlwatchError
+from daemon.images import printable
+from daemon.queue import STATES, Job, Queue
+from daemon.server.app import ApiError, ServerContext, context, error_body
+from daemon.server.chat import ChatCall, parse_chat, served_roots
+
+log = logging.getLogger(__name__)
+
+router = APIRouter()
+
+#: How often the event stream looks at the state database.
+POLL = 0.5
+#: A comment line this often keeps proxies and clients from timing an idle stream out.
+HEARTBEAT = 15.0
+#: Largest file ``/api/v1/file`` serves.
+MAX_FILE = 512 * 1024 * 1024
+#: What ``/api/v1/file`` serves besides sidecars: the image types the rules take.
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".pdf", ".heic", ".heif"}
+#: Every file the API serves carries this: a sidecar's HTML (the code task's
+#: page, made by a model from an image anyone could drop) runs sandboxed, in
+#: no origin, with no network, so it cannot call the API with the user's
+#: cookie or reach anywhere else.
+FILE_CSP = "sandbox; default-src 'none'; img-src data: 'self'; style-src 'unsafe-inline'; font-src data:"
+
+
+async def _json_body(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "the body is not valid JSON", code="invalid_json") from None
+
+
+# ---------------------------------------------------------------- /v1
+
+
+@router.get("/v1/models")
+def list_models(ctx: ServerContext = Depends(context)) -> dict[str, Any]:
+    config = ctx.config()
+    return {"object": "list", "data": [{"id": config.model.name, "object": "model", "created": 0,
+                                        "owned_by": "vlwatch"}]}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, ctx: ServerContext = Depends(context)) -> Any:
+    body = await _json_body(request)
+    config = ctx.config()
+    if ctx.loop is None:
+        raise ApiError(503, "no model is served by this process", code="model_not_served")
+    call = await run_in_threadpool(parse_chat, body, config)
+    served = config.model.name
+    if call.stream:
+        return StreamingResponse(_chat_stream(ctx, call, served), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    future = ctx.loop.submit(call.request)
+    try:
+        answer = await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        future.cancel()  # the client went away: drop the request if it has not started
+        raise
+    except Exception as exc:
+        raise _engine_error(exc) from None
+    return _completion(answer, served)
+
+
+def _engine_error(exc: BaseException) -> ApiError:
+    if isinstance(exc, BackendUnavailableError):
+        return ApiError(503, f"the model is unavailable: {exc}", code="model_unavailable")
+    if isinstance(exc, (BackendError, VlwatchError)):
+        return ApiError(500, f"the model failed: {exc}", code="model_error")
+    log.error("chat request failed unexpectedly", exc_info=exc)
+    return ApiError(500, "the model failed (see the daemon's log)", code="model_error")
+
+
+def _completion(answer: Answer, served: str) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": served,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
+                     "finish_reason": "stop" if answer.finished else "length", "logprobs": None}],
+        "usage": _usage(answer),
+    }
+
+
+def _usage(answer: Answer) -> dict[str, int]:
+    # The engine does not report prompt tokens; 0 rather than a guess.
+    return {"prompt_tokens": 0, "completion_tokens": answer.new_tokens, "total_tokens": answer.new_tokens}
+
+
+def _sse(data: Any) -> bytes:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+async def _chat_stream(ctx: ServerContext, call: ChatCall, served: str) -> AsyncIterator[bytes]:
+    """OpenAI's streaming shape: a role chunk, content chunks, a finish chunk, ``[DONE]``."""
+    assert ctx.loop is not None
+    aloop = asyncio.get_running_loop()
+    pieces: asyncio.Queue[str | None] = asyncio.Queue()
+
+    def put(item: str | None) -> None:
+        try:
+            aloop.call_soon_threadsafe(pieces.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (the server stopped): nobody is listening
+            pass
+
+    future = ctx.loop.submit(replace(call.request, stream=put))
+    future.add_done_callback(lambda _: put(None))
+    ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return _sse({"id": ident, "object": "chat.completion.chunk", "created": created, "model": served,
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]})
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while (piece := await pieces.get()) is not None:
+            if piece:
+                yield chunk({"content": piece})
+        try:
+            answer = future.result()
+        except Exception as exc:
+            error = _engine_error(exc)
+            yield _sse(error_body(error.message, status=error.status, code=error.code))
+        else:
+            yield chunk({}, "stop" if answer.finished else "length")
+            if call.include_usage:
+                yield _sse({"id": ident, "object": "chat.completion.chunk", "created": created, "model": served,
+                            "choices": [], "usage": _usage(answer)})
+        yield b"data: [DONE]\n\n"
+    finally:
+        future.cancel()  # a client that left: drop the request if it has not started
+
+
+# ------------------------------------------------------------- /api/v1
+
+
+@router.get("/api/v1/status")
+def status(ctx: ServerContext = Depends(context)) -> dict[str, Any]:
+    return commands.status_info(ctx.config())
+
+
+@router.get("/api/v1/jobs")
+def list_jobs(ctx: ServerContext = Depends(context), state: str | None = None,
+              limit: int = Query(50, ge=1, le=1000)) -> dict[str, Any]:
+    if state is not None and state not in STATES:
+        raise ApiError(400, f"state: {state!r} is not one of {', '.join(STATES)}", param="state",
+                       code="invalid_request")
+    return {"jobs": commands.jobs_info(ctx.config(), state, limit)}
+
+
+@router.get("/api/v1/jobs/{job_id}")
+def get_job(job_id: int, ctx: ServerContext = Depends(context)) -> dict[str, Any]:
+    job = commands.job_info(ctx.config(), job_id)
+    if job is None:
+        raise ApiError(404, f"no job {job_id}", code="job_not_found")
+    return job
+
+
+@router.post("/api/v1/jobs", status_code=202)
+async def submit_jobs(request: Request, ctx: ServerContext = Depends(context)) -> dict[str, Any]:
+    body = await _json_body(request)
+    paths = body.get("paths") if isinstance(body, dict) else None
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
+        raise ApiError(400, "paths: expected a non-empty list of absolute paths", param="paths", code="invalid_request")
+    if len(paths) > 10_000:
+        raise ApiError(400, "paths: at most 10000 per request", param="paths", code="invalid_request")
+    rule = body.get("rule")
+    force = body.get("force", False)
+    if rule is not None and not isinstance(rule, str):
+        raise ApiError(400, "rule: expected a rule name", param="rule", code="invalid_request")
+    if not isinstance(force, bool):
+        raise ApiError(400, "force: expected true or false", param="force", code="invalid_request")
+    try:
+        results = await run_in_threadpool(commands.submit_paths, ctx.config(), paths, rule, force)
+    except VlwatchError as exc:
+        raise ApiError(400, str(exc), param="rule", code="unknown_rule") from None
+    if ctx.loop is not None and any(r.queued for r in results):
+        ctx.loop.wake()
+    return {"jobs": [r.as_dict() for r in results]}
+
+
+@router.post("/api/v1/jobs/{job_id}/retry")
+def retry_job(job_id: int, ctx: ServerContext = Depends(context)) -> dict[str, Any]:
+    config = ctx.config()
+    job = commands.retry_job(config, job_id)
+    if job is None:
+        known = commands.job_info(config, job_id)
+        if known is None:
+            raise ApiError(404, f"no job {job_id}", code="job_not_found")
+        raise ApiError(409, f"job {job_id} is {known['state']}, not failed", code="job_not_failed")
+    if ctx.loop is not None:
+        ctx.loop.wake()
+    return job.as_dict()
+
+
+# --------------------------------------------------------------- events
+
+_EVENT_OF_STATE = {"queued": "job.queued", "running": "job.started", "done": "job.done", "failed": "job.failed"}
+
+
+@router.get("/api/v1/events")
+async def events(request: Request, ctx: ServerContext = Depends(context)) -> StreamingResponse:
+    config = ctx.config()
+    last_id = request.headers.get("last-event-id", "")
+    queue = await run_in_threadpool(Queue, config.state)
+    try:
+        since = int(last_id) if last_id.isdigit() else await run_in_threadpool(queue.last_event)
+    except BaseException:
+        queue.close()
+        raise
+    return StreamingResponse(_event_stream(request, ctx, queue, since), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _event_stream(request: Request, ctx: ServerContext, queue: Queue, since: int) -> AsyncIterator[bytes]:
+    """Job and model events as they show in the state database; ends when the server stops."""
+    model: tuple[object, object] | None = None
+    beat = time.monotonic()
+    try:
+        yield b"retry: 2000\n\n"
+        while not (ctx.stopping is not None and ctx.stopping.is_set()):
+            changes, meta = await run_in_threadpool(_poll, queue, since)
+            for seq, state, at, job in changes:
+                since = seq
+                data: dict[str, Any] = {"type": _EVENT_OF_STATE.get(state, f"job.{state}"), "at": at}
+                data["job"] = job.as_dict() if isinstance(job, Job) else {"id": job}
+                if isinstance(job, Job) and job.state != state:
+                    data["job"]["state"] = state  # as it was then; it has moved on since
+                yield f"id: {seq}\n".encode() + _sse(data)
+            now_model = meta.get("model")
+            key = (now_model or {}).get("loaded"), (now_model or {}).get("model")
+            if model is not None and key != model and now_model is not None:
+                kind = "model.loaded" if now_model.get("loaded") else "model.unloaded"
+                yield _sse({"type": kind, "model": now_model})
+            model = key
+            if time.monotonic() - beat > HEARTBEAT:
+                beat = time.monotonic()
+                yield b": keep-alive\n\n"
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(POLL)
+    finally:
+        queue.close()
+
+
+def _poll(queue: Queue, since: int) -> tuple[list[tuple[int, str, float, Job | int]], dict[str, Any]]:
+    return queue.events_since(since), queue.meta()
+
+
+# ----------------------------------------------------------------- files
+
+
+@router.get("/api/v1/file")
+def get_file(path: str, ctx: ServerContext = Depends(context)) -> StreamingResponse:
+    config = ctx.config()
+    if not path.startswith("/"):
+        raise ApiError(400, "path: expected an absolute path", param="path", code="invalid_request")
+    wanted = Path(os.path.normpath(path))
+    roots = served_roots(config)
+    if not any(r in wanted.parents for r in roots):
+        raise ApiError(403, f"{printable(wanted)} is not inside a watched folder or output_dir", param="path",
+                       code="path_not_allowed")
+    names = {r.name for r in config.rules}
+    from daemon.outputs import is_output_name
+
+    if wanted.suffix.lower() not in IMAGE_SUFFIXES and not is_output_name(wanted.name, names):
+        raise ApiError(403, f"{printable(wanted.name)} is neither an image nor a sidecar", param="path",
+                       code="path_not_allowed")
+    f = _open_inside(wanted, roots)
+    media = _media_type(wanted)
+    size = os.fstat(f.fileno()).st_size
+    return StreamingResponse(_chunks(f), media_type=media, headers={
+        "Content-Length": str(size), "Content-Security-Policy": FILE_CSP, "X-Content-Type-Options": "nosniff",
+        "Cache-Control": "no-cache", "Content-Disposition": "inline"})
+
+
+def _open_inside(path: Path, roots: tuple[Path, ...]) -> Any:
+    """Open ``path`` and check the file actually opened lies inside ``roots`` (symlinks resolved)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise ApiError(404, f"{printable(path)}: no such file", param="path", code="file_not_found") from None
+    except OSError as exc:
+        raise ApiError(403, f"{printable(path)}: cannot be read: {exc.strerror}", param="path",
+                       code="path_not_allowed") from None
+    try:
+        st = os.fstat(fd)
+        real = Path(os.readlink(f"/proc/self/fd/{fd}")) if os.path.exists(f"/proc/self/fd/{fd}") \
+            else Path(os.path.realpath(path))
+        real_roots = [Path(os.path.realpath(r)) for r in roots]
+        if not any(r in real.parents for r in real_roots):
+            raise ApiError(403, f"{printable(path)}: resolves to a file outside every watched folder",
+                           param="path", code="path_not_allowed")
+        if not stat.S_ISREG(st.st_mode):
+            raise ApiError(404, f"{printable(path)}: not a regular file", param="path", code="file_not_found")
+        if st.st_size > MAX_FILE:
+            raise ApiError(413, f"{printable(path)}: over {MAX_FILE // (1024 * 1024)} MiB", param="path",
+                           code="file_too_large")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _chunks(f: Any) -> Iterator[bytes]:
+    with f:
+        while chunk := f.read(1 << 16):
+            yield chunk
+
+
+def _media_type(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(".md"):
+        return "text/markdown; charset=utf-8"
+    if name.endswith(".json"):
+        return "application/json"
+    if name.endswith(".html"):
+        return "text/html; charset=utf-8"
+    return mimetypes.guess_type(name)[0] or "application/octet-stream"

@@ -1,0 +1,310 @@
+"""The ASGI application: one ``FastAPI`` with the checks every route gets.
+
+``create_app(ctx)`` builds it around a ``ServerContext`` (the live config,
+the engine's ``WorkerLoop``, the bearer token), kept on ``app.state.ctx``
+for the routes.  In front of every route, static file and 404 alike, a
+small ASGI middleware (``Guard``) enforces, in order:
+
+1. the bearer token, when one is configured (``Authorization: Bearer``,
+   compared in constant time; the web page may send it as the
+   ``vlwatch_token`` cookie instead, which it sets ``SameSite=Strict``);
+2. on loopback TCP, a ``Host`` header naming the loopback address: a web
+   site the user visits cannot rebind its own name to 127.0.0.1 and read
+   the API (DNS rebinding);
+3. an ``Origin`` header, when a browser sends one, equal to the API's own:
+   another site's page cannot post jobs or chats (CSRF);
+4. the request body size (``MAX_BODY``), by ``Content-Length`` and by
+   counting what actually arrives.
+
+Errors leave in the OpenAI shape ``{"error": {"message", "type", "code"}}``,
+also for FastAPI's validation errors (400, not 422) and anything unexpected
+(500, logged with a traceback; the message says nothing about internals).
+The token is never logged: uvicorn's access log is off.
+"""
+
+from __future__ import annotations
+
+import hmac
+import http.cookies
+import importlib
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from daemon.config import Config, is_loopback_host
+
+if TYPE_CHECKING:
+    import threading
+
+    from daemon.engine import WorkerLoop
+
+log = logging.getLogger(__name__)
+
+#: Largest request body: a conversation with a dozen full-size photos as data: URLs.
+MAX_BODY = 64 * 1024 * 1024
+#: The cookie the web page may carry the token in (a browser cannot add a header to a page load).
+TOKEN_COOKIE = "vlwatch_token"
+
+
+@dataclass
+class ServerContext:
+    """What the routes need from the daemon.
+
+    Args:
+        config: returns the config in force now (a reload swaps it).
+        loop: the engine; None where the API runs without one (then the
+            model routes answer 503).
+        token: the bearer token every request must carry; None = none needed.
+        listen: the address served, e.g. ``127.0.0.1:8765`` or ``unix:/run/x.sock``
+            (the ``Host`` check of loopback TCP uses it).
+        stopping: set when the server shuts down, so long streams end.
+    """
+
+    config: Callable[[], Config]
+    loop: "WorkerLoop | None" = None
+    token: str | None = None
+    listen: str | None = None
+    stopping: "threading.Event | None" = field(default=None)
+
+
+class ApiError(Exception):
+    """An error answer in the OpenAI shape."""
+
+    def __init__(self, status: int, message: str, *, code: str | None = None,
+                 type: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.type = type or _error_type(status)
+        self.param = param
+
+
+def error_body(message: str, *, status: int, code: str | None = None, type: str | None = None,
+               param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type or _error_type(status), "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, *, code: str | None = None, type: str | None = None,
+                   param: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, status=status, code=code, type=type, param=param),
+                        status_code=status, headers=headers)
+
+
+def _error_type(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 403:
+        return "permission_error"
+    if status == 404:
+        return "not_found_error"
+    if status == 413:
+        return "request_too_large"
+    if status == 429:
+        return "rate_limit_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+def create_app(ctx: ServerContext) -> FastAPI:
+    """The application: ``daemon.server.api``'s routes, the web page if installed, the guard."""
+    from daemon.server import api
+
+    app = FastAPI(title="vlwatch", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.ctx = ctx
+    app.include_router(api.router)
+    web = _optional("daemon.server.web")
+    if web is not None and hasattr(web, "router"):
+        app.include_router(web.router)
+    if web is not None and callable(getattr(web, "setup", None)):
+        web.setup(app)  # e.g. app.mount("/static", StaticFiles(...)): the Guard covers mounts too
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)
+    app.add_middleware(Guard, ctx=ctx)
+    return app
+
+
+def _optional(module: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise  # the web module exists but something it imports is missing: say so
+        return None
+
+
+def context(request: Request) -> ServerContext:
+    """The ``ServerContext`` of the app serving ``request`` (for routes: ``Depends(context)``)."""
+    return request.app.state.ctx
+
+
+# ------------------------------------------------------------------ errors
+
+
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status, exc.message, code=exc.code, type=exc.type, param=exc.param)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+    if exc.status_code == 404 and message == "Not Found":
+        message = f"no such path: {request.url.path}"
+    return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    parts = []
+    for e in exc.errors()[:5]:
+        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+    return error_response(400, "; ".join(parts) or "invalid request", code="invalid_request")
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.error("%s %s: unexpected error", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal error (see the daemon's log)", code="internal_error")
+
+
+# ------------------------------------------------------------------- guard
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class Guard:
+    """Token, Host, Origin and body size, checked before any route sees a request (see the module doc)."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], ctx: ServerContext) -> None:
+        self.app = app
+        self.ctx = ctx
+        self.loopback_hosts = _loopback_hosts(ctx.listen)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = _headers(scope)
+        refusal = self._refusal(headers)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > MAX_BODY:
+            await _drain(receive, int(length))
+            await _too_large()(scope, receive, send)
+            return
+        seen = 0
+        started = False
+
+        async def counting_receive() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > MAX_BODY:
+                    raise BodyTooLarge()
+            return message
+
+        async def tracking_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except BodyTooLarge:
+            if not started:
+                await _drain(receive, MAX_DRAIN)
+                await _too_large()(scope, receive, send)
+
+    def _refusal(self, headers: dict[str, str]) -> JSONResponse | None:
+        token = self.ctx.token
+        if token is not None and not _token_ok(token, headers):
+            return error_response(401, "a bearer token is required (Authorization: Bearer <token>; "
+                                       "the daemon reads it from the variable named by api.token_env)",
+                                  code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        host = headers.get("host", "")
+        if self.loopback_hosts is not None and host.lower() not in self.loopback_hosts:
+            return error_response(403, f"Host {host!r} is not this loopback address (DNS rebinding?)",
+                                  code="bad_host")
+        origin = headers.get("origin")
+        if origin is not None and origin.lower() not in (f"http://{host.lower()}", f"https://{host.lower()}"):
+            return error_response(403, f"cross-origin request from {origin!r} refused", code="bad_origin")
+        return None
+
+
+#: An oversized body is read and thrown away up to this much before the 413
+#: goes out: closing a socket with unread data makes the kernel reset the
+#: connection, and the client would lose the answer that says why.
+MAX_DRAIN = 4 * MAX_BODY
+
+
+async def _drain(receive: Receive, length: int) -> None:
+    if length > MAX_DRAIN:
+        return
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+
+
+def _too_large() -> JSONResponse:
+    return error_response(413, f"request body over {MAX_BODY // (1024 * 1024)} MiB", code="body_too_large",
+                          headers={"Connection": "close"})
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+
+
+def _token_ok(token: str, headers: dict[str, str]) -> bool:
+    expected = token.encode()
+    auth = headers.get("authorization", "")
+    scheme, _, given = auth.partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected):
+        return True
+    cookie = headers.get("cookie")
+    if cookie:
+        jar = http.cookies.SimpleCookie()
+        try:
+            jar.load(cookie)
+        except http.cookies.CookieError:
+            return False
+        morsel = jar.get(TOKEN_COOKIE)
+        if morsel is not None and hmac.compare_digest(morsel.value.encode(), expected):
+            return True
+    return False
+
+
+def _loopback_hosts(listen: str | None) -> set[str] | None:
+    """The Host values a loopback TCP listener accepts; None = no Host check (unix socket, non-loopback)."""
+    from daemon.config import split_host_port
+
+    if not listen or listen.startswith("unix:"):
+        return None
+    try:
+        host, port = split_host_port(listen)
+    except ValueError:
+        return None
+    if not is_loopback_host(host):
+        return None  # reached by name from elsewhere; the token guards it
+    names = {"localhost", "127.0.0.1", "[::1]", host if ":" not in host else f"[{host}]"}
+    return {f"{n}:{port}" for n in names} | ({n for n in names} if port == 80 else set())

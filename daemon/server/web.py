@@ -1,0 +1,931 @@
+"""The web page served by ``vlwatch run`` at ``GET /``: see what happened, find anything, fix failures, ask.
+
+Server-rendered (Jinja2, autoescape on) with one small vendored script
+(``static/vlwatch.js``, plain JS, no build step).  Pages:
+
+- ``/``          overview (queue, backlog progress and rate, model, last
+                 failures, latest results), kept live by the script from
+                 ``/api/v1/events`` (SSE) and ``/web/overview.json``;
+- ``/results``   every current result, newest first, thumbnail beside its
+                 rendered sidecar; keyset-paginated on ``(finished_at, id)``
+                 so page 5,000 costs what page 1 does;
+- ``/search``    full-text search (``daemon.search``), with folder, rule and
+                 date filters; ``GET /api/v1/search`` answers from the same function;
+- ``/failures``  reasons, files, retry one or all;
+- ``/ask``       ask and compare: images from the watched folders or
+                 uploaded, a streamed answer (the script reads
+                 ``/v1/chat/completions``), conversations kept in the state
+                 database until cleared (migration ``m031_conversations``).
+
+Security (issue 14): every page carries a strict Content-Security-Policy
+(``script-src 'self'``, no inline script or style, frames only from
+``/api/v1/file``, whose responses are themselves sandboxed); a sidecar's
+HTML is shown in an ``<iframe sandbox>`` with neither ``allow-scripts`` nor
+``allow-same-origin``; Markdown is rendered with raw HTML off and images
+shown as their alt text; model text and file names are escaped by the
+templates; files are served only through the API's checks (inside a
+watched folder or output_dir, symlinks resolved).  State changes are POSTs;
+the app's guard refuses cross-origin ``Origin`` headers, and these routes
+also refuse a browser's cross-site ``Sec-Fetch-Site``.  The bearer token
+(off loopback) guards every route here too: the guard sits in front of the
+whole app.
+
+Deliberately not here: editing sidecars, deleting files, or queueing new
+files (the API's ``POST /api/v1/jobs`` does that).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+import urllib.parse
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import HTMLResponse, Response
+from markdown_it import MarkdownIt
+from starlette.concurrency import run_in_threadpool
+
+from daemon import answers
+from daemon.config import Config
+from daemon.images import printable, shown_size
+from daemon.queue import key_path, safe_text
+from daemon.search import Filters, SearchIndex, parse_date
+from daemon.server.app import ApiError, ServerContext, context
+
+log = logging.getLogger(__name__)
+
+router = APIRouter()
+
+HERE = Path(__file__).resolve().parent
+STATIC = HERE / "static"
+PAGE_SIZE = 20
+#: Sidecar text rendered on a results page (a runaway answer must not make the page huge).
+MAX_RENDER = 200_000
+THUMB_WIDTHS = (160, 320, 640)
+#: Uploaded images: at most this big each (the chat API's own limit is similar).
+MAX_UPLOAD = 20 * 1024 * 1024
+#: How many recent jobs count towards "rate".
+RATE_WINDOW = 600.0
+
+_env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
+                          undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+
+
+def _when(ts: object) -> str:
+    if not isinstance(ts, (int, float)):
+        return ""
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _iso(ts: object) -> str:
+    if not isinstance(ts, (int, float)):
+        return ""
+    return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
+
+
+_env.filters["when"] = _when
+_env.filters["iso"] = _iso
+_env.filters["printable"] = printable
+
+
+def _q(value: object) -> str:
+    """A path (or any text) for a query string; a non-UTF-8 name keeps its raw bytes."""
+    return urllib.parse.quote(os.fsencode(str(value)), safe="/")
+
+
+_env.filters["q"] = _q
+
+
+# ------------------------------------------------------------------ markdown
+
+
+def _markdown() -> MarkdownIt:
+    md = MarkdownIt("commonmark", {"html": False, "linkify": False, "typographer": False}).enable("table")
+
+    def image_as_text(renderer: Any, tokens: Any, idx: int, options: Any, env: Any) -> str:
+        # A model's ![](https://...) would make the page fetch from anywhere (and the CSP
+        # refusal would be noise); its alt text is what the reader needs.
+        alt = "".join(t.content for t in (tokens[idx].children or ()))
+        return f'<span class="img-alt">[image: {md.utils.escapeHtml(alt)}]</span>' if alt else ""
+
+    md.add_render_rule("image", image_as_text)
+    md.core.ruler.push("align_as_class", _align_as_class)
+    return md
+
+
+def _align_as_class(state: Any) -> None:
+    """Table alignment as a class: the page's CSP allows no inline style (``style="text-align:..."``)."""
+    for token in state.tokens:
+        if token.type in ("th_open", "td_open"):
+            style = token.attrs.pop("style", None) if token.attrs else None
+            if isinstance(style, str) and style.startswith("text-align:"):
+                token.attrSet("class", "align-" + style.split(":", 1)[1].strip())
+
+
+_MD = _markdown()
+
+
+def render_markdown(text: str) -> str:
+    """Markdown -> HTML with every raw HTML tag escaped (model text is hostile)."""
+    return _MD.render(text[:MAX_RENDER])
+
+
+# ------------------------------------------------------------------ headers
+
+
+def page_csp(request: Request) -> str:
+    base = str(request.base_url).rstrip("/")
+    return ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+            f"connect-src 'self'; frame-src {base}/api/v1/file; form-action 'self'; base-uri 'none'; "
+            "frame-ancestors 'none'")
+
+
+def _page(request: Request, template: str, **values: Any) -> HTMLResponse:
+    config = request.app.state.ctx.config()
+    body = _env.get_template(template).render(request=request, nav=template.split(".")[0],
+                                              model_name=config.model.name, **values)
+    return HTMLResponse(body, headers=_page_headers(request))
+
+
+def _page_headers(request: Request) -> dict[str, str]:
+    return {"Content-Security-Policy": page_csp(request), "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY", "Cache-Control": "no-store"}
+
+
+def same_site(request: Request) -> None:
+    """Refuse a state change a browser says comes from another site (CSRF, with the guard's Origin check)."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None and site not in ("same-origin", "none"):
+        raise ApiError(403, f"cross-site request refused (Sec-Fetch-Site: {site})", code="cross_site")
+
+
+# ------------------------------------------------------------------ state
+
+
+class WebState:
+    """A read connection to the state database and the search index, per state file.
+
+    One connection, used under a lock (routes run in the thread pool); reads
+    never take a write lock, so the page never slows the daemon.  The
+    search index is built in a background thread the first time the page
+    is used, then kept in step by each search and every ``CATCH_UP`` seconds.
+    """
+
+    CATCH_UP = 20.0
+    SWEEP = 600.0
+
+    def __init__(self, state: Path, stopping: threading.Event | None) -> None:
+        self.state = state
+        self.lock = threading.RLock()
+        self.db = sqlite3.connect(state, isolation_level=None, check_same_thread=False, timeout=30.0)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA busy_timeout=30000")
+        self.index = SearchIndex(state)  # migrates the database if needed
+        self._stopping = stopping or threading.Event()
+        self._closed = threading.Event()
+        self._indexer = threading.Thread(target=self._index_loop, name="web-search-index", daemon=True)
+        self._indexer.start()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._indexer.join(30)
+        with self.lock:
+            self.index.close()
+            self.db.close()
+
+    def _index_loop(self) -> None:
+        last_sweep = time.monotonic()
+        while not (self._stopping.is_set() or self._closed.is_set()):
+            try:
+                with self.index.catching:
+                    self.index.catch_up()
+                if time.monotonic() - last_sweep > self.SWEEP:
+                    self.index.sweep()
+                    last_sweep = time.monotonic()
+            except Exception:  # a locked or full disk: log, try again later
+                log.exception("search index: catch-up failed; retrying in %gs", self.CATCH_UP)
+            self._closed.wait(self.CATCH_UP)
+
+    def rows(self, sql: str, args: tuple | list = ()) -> list[sqlite3.Row]:
+        with self.lock:
+            return self.db.execute(sql, args).fetchall()
+
+    def write(self, sql: str, args: tuple | list = ()) -> sqlite3.Cursor:
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = self.db.execute(sql, args)
+                self.db.execute("COMMIT")
+                return cur
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+
+_states: dict[Path, WebState] = {}
+_states_lock = threading.Lock()
+
+
+def web_state(ctx: ServerContext) -> WebState:
+    config = ctx.config()
+    with _states_lock:
+        ws = _states.get(config.state)
+        if ws is None:
+            ws = _states[config.state] = WebState(config.state, ctx.stopping)
+        return ws
+
+
+# ------------------------------------------------------------------ results
+
+
+@dataclass(frozen=True)
+class Result:
+    id: int
+    path: Path
+    rule: str
+    finished_at: float
+    seconds: float | None
+    sidecars: tuple[Path, ...]
+    kind: str  # md | html | json | ground | missing
+    body_html: str = ""  # rendered Markdown (safe) or JSON text
+    boxes: tuple[dict, ...] = ()
+    size: tuple[int, int] | None = None
+    frame: Path | None = None  # the html sidecar shown in the sandboxed iframe
+
+    @property
+    def name(self) -> str:
+        return printable(self.path.name)
+
+
+def _result(row: sqlite3.Row) -> Result:
+    sidecars = tuple(Path(s) for s in json.loads(row["sidecars"] or "[]"))
+    base = dict(id=row["id"], path=key_path(row["path"]), rule=row["rule"], finished_at=row["finished_at"],
+                seconds=row["seconds"], sidecars=sidecars)
+    text_sidecar = next((s for s in sidecars if s.suffix in (".md", ".html", ".json")), None)
+    if text_sidecar is None:
+        return Result(**base, kind="missing")
+    if text_sidecar.suffix == ".html":
+        return Result(**base, kind="html", frame=text_sidecar)
+    try:
+        with open(text_sidecar, "rb") as f:
+            text = f.read(MAX_RENDER).decode("utf-8", "replace")
+    except OSError:
+        return Result(**base, kind="missing")
+    if text_sidecar.suffix == ".md":
+        return Result(**base, kind="md", body_html=render_markdown(text))
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and isinstance(doc.get("boxes"), list):
+        boxes = tuple(b for b in doc["boxes"] if _is_box(b))
+        size = doc.get("size")
+        size_t = (int(size[0]), int(size[1])) if _is_size(size) else None
+        return Result(**base, kind="ground", boxes=boxes, size=size_t)
+    answer = doc.get("answer") if isinstance(doc, dict) else None
+    shown = answer if isinstance(answer, str) else text
+    return Result(**base, kind="json", body_html=render_markdown(f"```\n{shown}\n```"))
+
+
+def _is_box(b: object) -> bool:
+    return (isinstance(b, dict) and isinstance(b.get("label"), str) and isinstance(b.get("bbox"), list)
+            and len(b["bbox"]) == 4 and all(isinstance(v, (int, float)) for v in b["bbox"]))
+
+
+def _is_size(s: object) -> bool:
+    return isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) and v > 0 for v in s)
+
+
+_CURRENT = ("NOT EXISTS (SELECT 1 FROM jobs k WHERE k.path = j.path AND k.rule = j.rule AND k.id > j.id"
+            " AND k.state = 'done')")
+
+
+def results_page(ws: WebState, before: tuple[float, int] | None, limit: int = PAGE_SIZE,
+                 rule: str | None = None) -> tuple[list[Result], tuple[float, int] | None]:
+    """Current results newest first, after the keyset ``before``; and the key of the next page."""
+    where, args = ["j.state = 'done'", _CURRENT], []
+    if before is not None:
+        where.append("(j.finished_at < ? OR (j.finished_at = ? AND j.id < ?))")
+        args += [before[0], before[0], before[1]]
+    if rule:
+        where.append("j.rule = ?")
+        args.append(rule)
+    rows = ws.rows(f"SELECT j.id, j.path, j.rule, j.finished_at, j.seconds, j.sidecars FROM jobs j"
+                   f" WHERE {' AND '.join(where)} ORDER BY j.finished_at DESC, j.id DESC LIMIT ?", [*args, limit + 1])
+    more = len(rows) > limit
+    rows = rows[:limit]
+    results = [_result(r) for r in rows]
+    nxt = (rows[-1]["finished_at"], rows[-1]["id"]) if more and rows else None
+    return results, nxt
+
+
+def _parse_key(text: str | None) -> tuple[float, int] | None:
+    if not text:
+        return None
+    at, _, job = text.partition(":")
+    try:
+        return float(at), int(job)
+    except ValueError:
+        raise ApiError(400, "before: expected FINISHED_AT:JOB_ID", param="before", code="invalid_request") from None
+
+
+# ------------------------------------------------------------------ overview
+
+
+def overview(ctx: ServerContext, ws: WebState) -> dict[str, Any]:
+    """Everything the overview shows, as JSON (the page and its live updates use the same)."""
+    config = ctx.config()
+    now = time.time()
+    counts = {"queued": 0, "running": 0, "done": 0, "failed": 0}
+    for r in ws.rows("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
+        counts[r["state"]] = r["n"]
+    meta = {r["key"]: _loads(r["value"]) for r in ws.rows("SELECT key, value FROM meta")}
+    daemon = meta.get("daemon") or {}
+    started = daemon.get("started") if isinstance(daemon, dict) else None
+    recent = ws.rows("SELECT COUNT(*) AS n FROM jobs WHERE state = 'done' AND finished_at >= ?",
+                     (now - RATE_WINDOW,))[0]["n"]
+    rate = recent / (RATE_WINDOW / 60.0)  # per minute
+    done_since = counts["done"]
+    if isinstance(started, (int, float)):
+        done_since = ws.rows("SELECT COUNT(*) AS n FROM jobs WHERE state = 'done' AND finished_at >= ?",
+                             (started,))[0]["n"]
+    backlog = counts["queued"] + counts["running"]
+    total = done_since + backlog
+    failures = [_job_row(r) for r in ws.rows(
+        "SELECT id, path, rule, attempts, finished_at, error FROM jobs WHERE state = 'failed'"
+        " ORDER BY finished_at DESC, id DESC LIMIT 5")]
+    latest = [{"id": r["id"], "path": safe_text(str(key_path(r["path"]))), "name": printable(key_path(r["path"]).name),
+               "rule": r["rule"], "finished_at": r["finished_at"], "when": _when(r["finished_at"])}
+              for r in ws.rows("SELECT id, path, rule, finished_at FROM jobs WHERE state = 'done'"
+                               " ORDER BY finished_at DESC, id DESC LIMIT 8")]
+    return {
+        "counts": counts,
+        "backlog": backlog,
+        "progress": {"done": done_since, "total": total, "percent": round(100.0 * done_since / total, 1) if total else 100.0},
+        "rate_per_min": round(rate, 2),
+        "eta_s": round(backlog / rate * 60) if rate > 0 and backlog else None,
+        "model": _model_info(config, meta),
+        "backend": meta.get("backend"),
+        "daemon": {"pid": daemon.get("pid"), "started": started, "since": _when(started)} if daemon else None,
+        "failures": failures,
+        "latest": latest,
+        "indexed": ws.index.count(),
+        "at": now,
+    }
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _model_info(config: Config, meta: dict[str, Any]) -> dict[str, Any]:
+    """The model, how it runs (attention, engine) and its state per GPU, from the config and the daemon's meta."""
+    m = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+    info: dict[str, Any] = {
+        "name": m.get("model") or config.model.name,
+        "backend": m.get("backend") or config.model.backend,
+        "loaded": bool(m.get("loaded")),
+        "since": _when(m.get("since")),
+        "attention": m.get("attention") or config.model.attention,
+        "engine": m.get("engine") or ("remote server" if config.model.backend == "openai" else ""),
+        "dtype": m.get("dtype") or "",
+        "device": m.get("device") or config.model.device,
+    }
+    gpus = m.get("gpus") or m.get("devices")
+    info["gpus"] = [_gpu(g, i) for i, g in enumerate(gpus)] if isinstance(gpus, list) else []
+    # Whatever else the engine records (it grows): shown as plain key/value text.
+    known = {"model", "backend", "loaded", "since", "attention", "engine", "dtype", "device", "gpus", "devices"}
+    info["extra"] = {str(k): _short(v) for k, v in m.items() if k not in known}
+    return info
+
+
+def _gpu(g: Any, i: int) -> dict[str, str]:
+    if not isinstance(g, dict):
+        return {"name": f"GPU {i}", "state": _short(g)}
+    return {"name": _short(g.get("name") or g.get("device") or f"GPU {i}"),
+            "state": _short(g.get("state") or ("loaded" if g.get("loaded") else "idle")),
+            "detail": ", ".join(f"{k} {_short(v)}" for k, v in g.items()
+                                if k not in ("name", "device", "state", "loaded"))}
+
+
+def _short(v: Any) -> str:
+    text = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)
+    return text[:200]
+
+
+def _job_row(r: sqlite3.Row) -> dict[str, Any]:
+    path = key_path(r["path"])
+    return {"id": r["id"], "path": safe_text(str(path)), "name": printable(path.name), "rule": r["rule"],
+            "attempts": r["attempts"], "finished_at": r["finished_at"], "when": _when(r["finished_at"]),
+            "error": r["error"] or ""}
+
+
+# ------------------------------------------------------------------ pages
+
+
+@router.get("/", response_class=HTMLResponse)
+def index_page(request: Request, ctx: ServerContext = Depends(context)) -> HTMLResponse:
+    ws = web_state(ctx)
+    return _page(request, "overview.html", o=overview(ctx, ws))
+
+
+@router.get("/web/overview.json")
+def overview_json(ctx: ServerContext = Depends(context)) -> dict[str, Any]:
+    return overview(ctx, web_state(ctx))
+
+
+@router.get("/results", response_class=HTMLResponse)
+def results_view(request: Request, before: str | None = None, rule: str | None = None,
+                 ctx: ServerContext = Depends(context)) -> HTMLResponse:
+    ws = web_state(ctx)
+    results, nxt = results_page(ws, _parse_key(before), rule=rule or None)
+    return _page(request, "results.html", results=results, next_key=f"{nxt[0]!r}:{nxt[1]}" if nxt else None,
+                 rule=rule or "", rules=[r.name for r in ctx.config().rules], first=before is None)
+
+
+@router.get("/search", response_class=HTMLResponse)
+def search_view(request: Request, q: str = "", folder: str = "", rule: str = "", since: str = "", until: str = "",
+                ctx: ServerContext = Depends(context)) -> HTMLResponse:
+    ws = web_state(ctx)
+    error, hits = None, []
+    if q.strip():
+        try:
+            hits = _search(ws, q, 50, folder, rule, since, until)
+        except ApiError as exc:
+            error = exc.message
+    config = ctx.config()
+    folders = [printable(w.path) for w in config.watch]
+    return _page(request, "search.html", q=q, folder=folder, rule=rule, since=since, until=until, hits=hits,
+                 error=error, rules=[r.name for r in config.rules], folders=folders)
+
+
+@router.get("/failures", response_class=HTMLResponse)
+def failures_view(request: Request, ctx: ServerContext = Depends(context)) -> HTMLResponse:
+    ws = web_state(ctx)
+    rows = ws.rows("SELECT id, path, rule, attempts, finished_at, error FROM jobs WHERE state = 'failed'"
+                   " ORDER BY finished_at DESC, id DESC LIMIT 500")
+    total = ws.rows("SELECT COUNT(*) AS n FROM jobs WHERE state = 'failed'")[0]["n"]
+    return _page(request, "failures.html", failures=[_job_row(r) for r in rows], total=total)
+
+
+@router.get("/ask", response_class=HTMLResponse)
+def ask_view(request: Request, path: list[str] = Query(default=[]), ctx: ServerContext = Depends(context)) -> HTMLResponse:
+    ws = web_state(ctx)
+    recent = [{"path": safe_text(str(key_path(r["path"]))), "name": printable(key_path(r["path"]).name)}
+              for r in ws.rows("SELECT DISTINCT path FROM jobs WHERE state = 'done'"
+                               " ORDER BY finished_at DESC LIMIT 12")
+              if not isinstance(r["path"], bytes)]
+    return _page(request, "ask.html", recent=recent, preset=[p for p in path if p.startswith("/")][:8],
+                 examples=EXAMPLES)
+
+
+EXAMPLES = (
+    ("Extract a table", "Extract every table in this image as a Markdown table. Keep the column headers."),
+    ("Describe for a product page", "Describe this product for an online shop's product page: what it is, "
+                                    "its colour, material and notable details, in two short paragraphs."),
+    ("Find every logo", "Find every logo in this image. Answer with JSON: "
+                        "[{\"bbox_2d\": [x1, y1, x2, y2], \"label\": \"brand name\"}]."),
+    ("Screenshot to HTML", "Turn this screenshot into a single HTML page with inline CSS that looks the same."),
+)
+
+
+# ------------------------------------------------------------------ search API
+
+
+def _search(ws: WebState, q: str, limit: int, folder: str, rule: str, since: str, until: str) -> list[dict[str, Any]]:
+    try:
+        filters = Filters(folder=Path(os.path.normpath(folder)) if folder.startswith("/") else None,
+                          rule=rule or None, since=parse_date(since) if since else None,
+                          until=parse_date(until, end=True) if until else None)
+    except ValueError:
+        raise ApiError(400, "since/until: dates are YYYY-MM-DD", code="invalid_request") from None
+    if folder and not folder.startswith("/"):
+        raise ApiError(400, "folder: expected an absolute path", param="folder", code="invalid_request")
+    # The background indexer builds a large index; a search only catches up on what is new.
+    if ws.index.catching.acquire(blocking=False):
+        try:
+            ws.index.catch_up(limit=200)
+        finally:
+            ws.index.catching.release()
+    hits = ws.index.search(q, limit=limit, filters=filters, catch_up=False)
+    return [h.as_dict() for h in hits]
+
+
+@router.get("/api/v1/search")
+def search_api(q: str = "", limit: int = Query(20, ge=1, le=1000), folder: str = "", rule: str = "",
+               since: str = "", until: str = "", ctx: ServerContext = Depends(context)) -> dict[str, Any]:
+    """JSON hits with path, rule, sidecar and snippet (what ``vlwatch search --json`` prints)."""
+    ws = web_state(ctx)
+    return {"query": q, "hits": _search(ws, q, limit, folder, rule, since, until)}
+
+
+# ------------------------------------------------------------------ retry
+
+
+@router.post("/web/retry")
+async def retry(request: Request, ctx: ServerContext = Depends(context)) -> dict[str, Any]:
+    """Body ``{"ids": [..]}`` or ``{"all": true}``: put failed jobs back on the queue."""
+    same_site(request)
+    body = await _json(request)
+    ids = body.get("ids")
+    every = body.get("all") is True
+    if not every and (not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids)):
+        raise ApiError(400, "expected {\"ids\": [JOB_ID, ...]} or {\"all\": true}", code="invalid_request")
+    from daemon.queue import Queue
+
+    def work() -> list[int]:
+        with Queue(ctx.config().state) as queue:
+            return [j.id for j in queue.retry(None if every else ids)]
+
+    requeued = await run_in_threadpool(work)
+    if ctx.loop is not None and requeued:
+        ctx.loop.wake()
+    return {"requeued": requeued}
+
+
+async def _json(request: Request) -> dict[str, Any]:
+    # A cross-site HTML form cannot send application/json without a CORS preflight,
+    # which this server never grants: one more wall besides Origin and Sec-Fetch-Site.
+    if not request.headers.get("content-type", "").lower().startswith("application/json"):
+        raise ApiError(415, "expected a JSON body (Content-Type: application/json)", code="invalid_content_type")
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "the body is not valid JSON", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "expected a JSON object", code="invalid_json")
+    return body
+
+
+# ------------------------------------------------------------------ thumbnails
+
+
+class _ThumbCache:
+    """Downsized images in memory, keyed by path, size, mtime and width (a changed file misses)."""
+
+    def __init__(self, capacity: int = 512) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[tuple, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> bytes | None:
+        with self._lock:
+            data = self._items.get(key)
+            if data is not None:
+                self._items.move_to_end(key)
+            return data
+
+    def put(self, key: tuple, data: bytes) -> None:
+        with self._lock:
+            self._items[key] = data
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+
+_thumbs = _ThumbCache()
+
+
+@router.get("/web/thumb")
+def thumb(request: Request, path: str, w: int = 320, ctx: ServerContext = Depends(context)) -> Response:
+    """A JPEG of the image at ``path`` (inside a watched folder or output_dir), at most ``w`` pixels wide."""
+    from daemon.server.api import _open_inside
+    from daemon.server.chat import served_roots
+
+    width = min(THUMB_WIDTHS, key=lambda t: abs(t - w))
+    wanted = _allowed(ctx.config(), path)
+    roots = served_roots(ctx.config())
+    f = _open_inside(wanted, roots)  # 403/404 for anything outside, symlinks resolved
+    with f:
+        st = os.fstat(f.fileno())
+        key = (str(wanted), st.st_size, st.st_mtime_ns, width)
+        etag = '"' + hashlib.blake2b(repr(key).encode(), digest_size=12).hexdigest() + '"'
+        headers = {"ETag": etag, "Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"}
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers=headers)
+        data = _thumbs.get(key)
+        if data is None:
+            data = _make_thumb(wanted, width)
+            _thumbs.put(key, data)
+    return Response(data, media_type="image/jpeg", headers=headers)
+
+
+def _allowed(config: Config, path: str) -> Path:
+    from daemon.server.chat import served_roots
+
+    if not path.startswith("/"):
+        raise ApiError(400, "path: expected an absolute path", param="path", code="invalid_request")
+    wanted = Path(os.path.normpath(path))
+    if not any(r in wanted.parents for r in served_roots(config)):
+        raise ApiError(403, f"{printable(wanted)} is not inside a watched folder or output_dir", param="path",
+                       code="path_not_allowed")
+    return wanted
+
+
+def _make_thumb(path: Path, width: int) -> bytes:
+    from daemon.images import open_image
+
+    try:
+        image = open_image(path)
+    except Exception as exc:  # not an image we can read: a grey tile says so, the page stays whole
+        log.debug("%s: no thumbnail: %s", printable(path), exc)
+        return _placeholder(width)
+    try:
+        image.thumbnail((width, width * 4))
+        out = io.BytesIO()
+        image.convert("RGB").save(out, format="JPEG", quality=82)
+        return out.getvalue()
+    finally:
+        image.close()
+
+
+def _placeholder(width: int) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (width, width * 3 // 4), (210, 210, 210)).save(out, format="JPEG")
+    return out.getvalue()
+
+
+# ------------------------------------------------------------------ static
+
+
+_STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
+                 ".svg": "image/svg+xml", ".png": "image/png", ".ico": "image/x-icon"}
+_static_files = {p.name: p for p in STATIC.iterdir() if p.is_file() and p.suffix in _STATIC_TYPES} \
+    if STATIC.is_dir() else {}
+
+
+@router.get("/static/{name}")
+def static(name: str) -> Response:
+    """The vendored script and style (a fixed list: nothing else on disk is reachable here)."""
+    path = _static_files.get(name)
+    if path is None:
+        raise ApiError(404, f"no such file: /static/{name}", code="not_found")
+    return Response(path.read_bytes(), media_type=_STATIC_TYPES[path.suffix],
+                    headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
+
+
+@router.get("/favicon.ico")
+def favicon() -> Response:
+    return static("favicon.svg")
+
+
+# ------------------------------------------------------------------ conversations
+
+
+ROLES = ("user", "assistant")
+
+
+def _conversation(ws: WebState, cid: int) -> sqlite3.Row:
+    rows = ws.rows("SELECT * FROM conversations WHERE id = ?", (cid,))
+    if not rows:
+        raise ApiError(404, f"no conversation {cid}", code="not_found")
+    return rows[0]
+
+
+@router.get("/web/conversations")
+def list_conversations(ctx: ServerContext = Depends(context)) -> dict[str, Any]:
+    ws = web_state(ctx)
+    rows = ws.rows("SELECT * FROM conversations ORDER BY updated DESC LIMIT 200")
+    return {"conversations": [{"id": r["id"], "title": r["title"], "created": r["created"], "updated": r["updated"],
+                               "when": _when(r["updated"])} for r in rows]}
+
+
+@router.post("/web/conversations")
+async def new_conversation(request: Request, ctx: ServerContext = Depends(context)) -> dict[str, Any]:
+    same_site(request)
+    body = await _json(request)
+    title = body.get("title") if isinstance(body.get("title"), str) else ""
+    now = time.time()
+    ws = web_state(ctx)
+    cur = await run_in_threadpool(ws.write, "INSERT INTO conversations (title, created, updated) VALUES (?, ?, ?)",
+                                  ((title or "New conversation")[:120], now, now))
+    return {"id": cur.lastrowid, "created": now}
+
+
+@router.get("/web/conversations/{cid}")
+def get_conversation(cid: int, ctx: ServerContext = Depends(context)) -> dict[str, Any]:
+    ws = web_state(ctx)
+    conv = _conversation(ws, cid)
+    messages = []
+    for r in ws.rows("SELECT * FROM conversation_messages WHERE conversation_id = ? ORDER BY id", (cid,)):
+        content = _loads(r["content"])
+        item: dict[str, Any] = {"role": r["role"], "content": content, "created": r["created"], "when": _when(r["created"])}
+        if r["role"] == "assistant" and isinstance(content, str):
+            item.update(_rendered_answer(ctx.config(), ws, cid, content, r["id"]))
+        messages.append(item)
+    return {"id": cid, "title": conv["title"], "created": conv["created"], "updated": conv["updated"],
+            "messages": messages}
+
+
+@router.post("/web/conversations/{cid}/messages")
+async def add_messages(cid: int, request: Request, ctx: ServerContext = Depends(context)) -> dict[str, Any]:
+    """Body ``{"messages": [{"role", "content"}, ...]}``: a finished turn (question and answer) to keep."""
+    same_site(request)
+    body = await _json(request)
+    ws = web_state(ctx)
+    await run_in_threadpool(_conversation, ws, cid)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or len(messages) > 20:
+        raise ApiError(400, "messages: expected a list of {role, content}", code="invalid_request")
+    clean = [_checked_message(m, cid, i) for i, m in enumerate(messages)]
+    now = time.time()
+
+    def work() -> list[dict[str, Any]]:
+        out = []
+        with ws.lock:
+            ws.db.execute("BEGIN IMMEDIATE")
+            try:
+                for role, content in clean:
+                    cur = ws.db.execute("INSERT INTO conversation_messages (conversation_id, role, content, created)"
+                                        " VALUES (?, ?, ?, ?)", (cid, role, json.dumps(content), now))
+                    out.append((cur.lastrowid, role, content))
+                title = _title(clean)
+                ws.db.execute("UPDATE conversations SET updated = ?,"
+                              " title = CASE WHEN title = 'New conversation' AND ? != '' THEN ? ELSE title END"
+                              " WHERE id = ?", (now, title, title, cid))
+                ws.db.execute("COMMIT")
+            except BaseException:
+                ws.db.execute("ROLLBACK")
+                raise
+        rendered = []
+        for mid, role, content in out:
+            item: dict[str, Any] = {"id": mid, "role": role}
+            if role == "assistant" and isinstance(content, str):
+                item.update(_rendered_answer(ctx.config(), ws, cid, content, mid))
+            rendered.append(item)
+        return rendered
+
+    return {"messages": await run_in_threadpool(work)}
+
+
+def _title(messages: list[tuple[str, Any]]) -> str:
+    for role, content in messages:
+        if role != "user":
+            continue
+        text = content if isinstance(content, str) else " ".join(
+            p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        return " ".join(text.split())[:80]
+    return ""
+
+
+def _checked_message(m: Any, cid: int, i: int) -> tuple[str, Any]:
+    where = f"messages[{i}]"
+    if not isinstance(m, dict) or m.get("role") not in ROLES:
+        raise ApiError(400, f"{where}: expected role user or assistant", code="invalid_request")
+    content = m.get("content")
+    if isinstance(content, str):
+        return m["role"], content[:MAX_RENDER]
+    if not isinstance(content, list) or len(content) > 40:
+        raise ApiError(400, f"{where}.content: expected text or a list of parts", code="invalid_request")
+    parts: list[dict[str, Any]] = []
+    for j, p in enumerate(content):
+        if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str):
+            parts.append({"type": "text", "text": p["text"][:MAX_RENDER]})
+            continue
+        url = p.get("image_url", {}).get("url") if isinstance(p, dict) and isinstance(p.get("image_url"), dict) else None
+        if isinstance(url, str) and (url.startswith("file:///") or url.startswith(f"/web/conversations/{cid}/images/")):
+            # Only references are kept: a watched file, or an image uploaded to this conversation.
+            parts.append({"type": "image_url", "image_url": {"url": url[:4096]}})
+            continue
+        raise ApiError(400, f"{where}.content[{j}]: expected a text part or an image_url of a watched file "
+                            "or an image uploaded to this conversation", code="invalid_request")
+    return m["role"], parts
+
+
+def _rendered_answer(config: Config, ws: WebState, cid: int, text: str, before_id: int) -> dict[str, Any]:
+    """An answer as safe HTML, and its boxes (if any) in the pixels of the last image asked about."""
+    out: dict[str, Any] = {"html": render_markdown(text), "boxes": [], "image": None}
+    if "bbox" not in text and "<|box_start|>" not in text:
+        return out
+    image = _last_image(ws, cid, before_id)
+    if image is None:
+        return out
+    size = _image_size(config, ws, cid, image)
+    if size is None:
+        return out
+    shown = shown_size(size[0], size[1], min_pixels=config.model.min_pixels, max_pixels=config.model.max_pixels)
+    boxes = []
+    for box in answers.parse_boxes(text).boxes:
+        mapped = answers.map_box(box.bbox, shown, size)
+        if mapped is not None:
+            boxes.append({"label": box.label, "bbox": list(mapped)})
+    out.update(boxes=boxes, image=image, size=list(size))
+    return out
+
+
+def _last_image(ws: WebState, cid: int, before_id: int) -> str | None:
+    for r in ws.rows("SELECT content FROM conversation_messages WHERE conversation_id = ? AND id < ? AND role = 'user'"
+                     " ORDER BY id DESC", (cid, before_id)):
+        content = _loads(r["content"])
+        if isinstance(content, list):
+            urls = [p["image_url"]["url"] for p in content if isinstance(p, dict) and p.get("type") == "image_url"]
+            if urls:
+                return urls[-1]
+    return None
+
+
+def _image_size(config: Config, ws: WebState, cid: int, url: str) -> tuple[int, int] | None:
+    from PIL import Image
+
+    try:
+        if url.startswith("file://"):
+            from daemon.images import open_image
+
+            path = _allowed(config, urllib.parse.unquote(urllib.parse.urlsplit(url).path))
+            with open_image(path) as image:
+                return image.size
+        image_id = int(url.rsplit("/", 1)[-1])
+        rows = ws.rows("SELECT data FROM conversation_images WHERE id = ? AND conversation_id = ?", (image_id, cid))
+        if not rows:
+            return None
+        with Image.open(io.BytesIO(rows[0]["data"])) as image:
+            from PIL import ImageOps
+
+            return ImageOps.exif_transpose(image).size
+    except Exception:  # an unreadable image has no boxes to show
+        return None
+
+
+@router.post("/web/conversations/{cid}/images")
+async def upload_image(cid: int, request: Request, ctx: ServerContext = Depends(context)) -> dict[str, Any]:
+    """The raw image bytes as the body; kept only for this conversation (cleared with it)."""
+    same_site(request)
+    data = await request.body()
+    if not data or len(data) > MAX_UPLOAD:
+        raise ApiError(413 if data else 400, f"an image of 1 byte to {MAX_UPLOAD // (1024 * 1024)} MiB is expected",
+                       code="invalid_image")
+    mime = _image_type(data)
+    if mime is None:
+        raise ApiError(400, "the upload is not an image this page can show (PNG, JPEG, WebP, GIF, BMP)",
+                       code="invalid_image")
+    name = request.headers.get("x-filename", "image")[:200]
+    ws = web_state(ctx)
+    await run_in_threadpool(_conversation, ws, cid)
+    cur = await run_in_threadpool(ws.write, "INSERT INTO conversation_images (conversation_id, name, mime, data, created)"
+                                            " VALUES (?, ?, ?, ?, ?)", (cid, name, mime, data, time.time()))
+    return {"id": cur.lastrowid, "url": f"/web/conversations/{cid}/images/{cur.lastrowid}", "name": name}
+
+
+def _image_type(data: bytes) -> str | None:
+    """The MIME type of an image the browser can show, judged by its bytes (never by what the client said)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            fmt = image.format
+    except Exception:
+        return None
+    return {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif",
+            "BMP": "image/bmp"}.get(fmt or "")
+
+
+@router.get("/web/conversations/{cid}/images/{image_id}")
+def get_image(cid: int, image_id: int, ctx: ServerContext = Depends(context)) -> Response:
+    ws = web_state(ctx)
+    rows = ws.rows("SELECT mime, data FROM conversation_images WHERE id = ? AND conversation_id = ?", (image_id, cid))
+    if not rows:
+        raise ApiError(404, f"no image {image_id} in conversation {cid}", code="not_found")
+    return Response(rows[0]["data"], media_type=rows[0]["mime"],
+                    headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=3600",
+                             "Content-Security-Policy": "sandbox; default-src 'none'"})
+
+
+@router.post("/web/conversations/clear")
+async def clear_conversations(request: Request, ctx: ServerContext = Depends(context)) -> dict[str, Any]:
+    """Forget every conversation and the images uploaded for them."""
+    same_site(request)
+    ws = web_state(ctx)
+
+    def work() -> int:
+        with ws.lock:
+            ws.db.execute("BEGIN IMMEDIATE")
+            try:
+                n = ws.db.execute("SELECT COUNT(*) FROM conversations").fetchone()[0]
+                ws.db.execute("DELETE FROM conversation_images")
+                ws.db.execute("DELETE FROM conversation_messages")
+                ws.db.execute("DELETE FROM conversations")
+                ws.db.execute("COMMIT")
+            except BaseException:
+                ws.db.execute("ROLLBACK")
+                raise
+        return int(n)
+
+    return {"cleared": await run_in_threadpool(work)}
+
