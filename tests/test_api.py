@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Iterator
 
 import httpx
-import numpy as np
 import openai
 import pytest
 from PIL import Image

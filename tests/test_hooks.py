@@ -83,8 +83,8 @@ def test_hooks_run_once_per_job_with_its_variables(tmp_path: Path) -> None:  # i
 
 def test_a_failing_or_hanging_hook_does_not_stop_the_daemon(tmp_path: Path) -> None:  # issue 13.6
     (tmp_path / "inbox").mkdir()
-    config = write_config(tmp_path, f"""
-        model: {{backend: stub, name: stub-model}}
+    config = write_config(tmp_path, """
+        model: {backend: stub, name: stub-model}
         state: ./state/state.db
         include: [describe]
         watch:
@@ -103,8 +103,8 @@ def test_a_failing_or_hanging_hook_does_not_stop_the_daemon(tmp_path: Path) -> N
             match: ["absent/*.png"]
             task: describe
             on_done: [/no/such/program]
-        hooks: {{timeout: 1s}}
-        api: {{listen: null}}
+        hooks: {timeout: 1s}
+        api: {listen: null}
         """)
     d = Daemon(tmp_path, config, VLWATCH_PLUGINS="tests.stub_backend").start()
     try:
@@ -116,7 +116,7 @@ def test_a_failing_or_hanging_hook_does_not_stop_the_daemon(tmp_path: Path) -> N
         wait_until(lambda: "killed" in d.log() and "exited with 3" in d.log() and "cannot run" in d.log(),
                    "the hook failures in the log", log=d.log)
         assert d.proc.poll() is None
-        rc, seconds = d.stop()
+        rc, _ = d.stop()
         assert rc == 0
     finally:
         d.close()
