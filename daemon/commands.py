@@ -358,6 +358,8 @@ def explain(config: Config, path: Path) -> int:
         if r.formats is not None or r.pages is not None:
             pages = ",".join(f"{a}" if a == b else f"{a}-{b or ''}" for a, b in r.pages or ())
             print(f"    takes: formats {', '.join(r.formats or ('any',))}; pages {pages or 'all'}")
+        for ref in r.reference:
+            print(f"    reference: {safe_text(str(ref))}")
         print("    prompt:")
         for line in render_prompt(r, path).splitlines():
             print(f"      {line}")
@@ -721,15 +723,16 @@ def submit_paths(config: Config, paths: Sequence[str | Path], rule: str | None =
             continue
         for m in matches:
             redo: bool | Callable[[], bool] = True if force else functools.partial(sidecar_missing, m)
-            candidates.append(Candidate(path, m.rule.name, digest, st.st_size, st.st_mtime_ns, redo=redo, seen_at=now))
+            candidates.append(Candidate(path, m.rule.name, digest, st.st_size, st.st_mtime_ns, redo=redo, seen_at=now,
+                                        recipe=recipe_of(config, m)))
             out.append((path, m.rule.name))
     if not candidates:
-        return [s for s in out if isinstance(s, Submitted)]
+        return [s for s in out if isinstance(s, Accepted)]
     results: list[Accepted] = []
     with Queue(config.state) as queue:
         new = {(str(q.path), q.rule) for q in queue.enqueue(candidates)}
         for item in out:
-            if isinstance(item, Submitted):
+            if isinstance(item, Accepted):
                 results.append(item)
                 continue
             path, name = item

@@ -240,6 +240,7 @@ def m010_recipe(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE jobs ADD COLUMN recipe TEXT")
 
 
+@migration
 def m020_job_events(db: sqlite3.Connection) -> None:
     # The API's event stream (GET /api/v1/events) follows every job's state
     # changes, whichever process made them (the daemon, `scan`, `retry`):

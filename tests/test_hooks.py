@@ -74,7 +74,8 @@ def test_hooks_run_once_per_job_with_its_variables(tmp_path: Path) -> None:  # i
     assert shot["VLWATCH_ERROR"] == ""
     box = by_source[str(boxed)]
     assert box["VLWATCH_RULE"] == "boxes" and box["VLWATCH_TASK"] == "ground"
-    assert box["VLWATCH_SIDECARS"].splitlines() == [str(boxed) + ".boxes.json", str(boxed) + ".boxes.overlay.png"]
+    # The stub's answer holds no boxes, so the job writes its JSON and no overlay (issue 11.10).
+    assert box["VLWATCH_SIDECARS"].splitlines() == [str(boxed) + ".boxes.json"]
     [failed] = records(failed_log)
     assert failed["VLWATCH_SOURCE"] == str(bad) and "rejected" in failed["VLWATCH_ERROR"]
     assert failed["VLWATCH_SIDECARS"] == ""

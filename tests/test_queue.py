@@ -42,6 +42,15 @@ def test_migrations_from_blank_database(tmp_path: Path) -> None:
     assert migrate(db) == []
 
 
+def test_every_migration_function_is_registered_in_order() -> None:
+    # A migration written without its @migration decorator (a merge once lost
+    # m020's) silently never runs: every m### function must be in MIGRATIONS, in name order.
+    import daemon.queue as q
+
+    defined = sorted(name for name in vars(q) if name[:1] == "m" and name[1:4].isdigit() and name[4:5] == "_")
+    assert [m.__name__ for m in MIGRATIONS] == defined
+
+
 def test_migrations_from_the_first_schema_keep_data(tmp_path: Path) -> None:
     db_path = tmp_path / "state.db"
     db = sqlite3.connect(db_path, isolation_level=None)
