@@ -287,7 +287,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_process(args: argparse.Namespace) -> int:
-    from daemon.commands import process
+    from daemon.process import process
 
     return process(_config(args), args.files, rule=args.rule, force=args.force, local=args.local,
                    timeout=args.timeout)
@@ -340,7 +340,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from daemon.commands import ask
+    from daemon.asking import ask
 
     if args.max_tokens is not None and args.max_tokens < 1:
         raise VlwatchError("--max-tokens must be at least 1", ExitCode.USAGE)

@@ -20,7 +20,8 @@ from PIL import Image
 from daemon.config import parse_config
 from daemon.queue import Queue
 from daemon.server import web
-from daemon.server.app import ServerContext, create_app
+from daemon.server.app import create_app
+from daemon.server.context import ServerContext
 from tests.test_search import finish_job
 
 

@@ -10,5 +10,5 @@
 - ``web`` (when present): the web page at ``/``.
 
 Nothing imports this package except ``daemon.service`` (to start it) and the
-CLI's client side (``daemon.commands.ask``) never does: it talks HTTP.
+CLI's client side (``daemon.asking.ask``) never does: it talks HTTP.
 """

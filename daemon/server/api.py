@@ -34,9 +34,10 @@ from daemon import commands
 from daemon.backends import Answer
 from daemon.errors import BackendError, BackendUnavailableError, VlwatchError
 from daemon.images import printable
+from daemon.process import submit_paths
 from daemon.queue import STATES, Job, Queue
-from daemon.server.app import ApiError, ServerContext, context, error_body
 from daemon.server.chat import ChatCall, parse_chat, served_roots
+from daemon.server.context import ApiError, ServerContext, context, error_body
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ async def submit_jobs(request: Request, ctx: ServerContext = Depends(context)) -
     if not isinstance(force, bool):
         raise ApiError(400, "force: expected true or false", param="force", code="invalid_request")
     try:
-        results = await run_in_threadpool(commands.submit_paths, ctx.config(), paths, rule, force)
+        results = await run_in_threadpool(submit_paths, ctx.config(), paths, rule, force)
     except VlwatchError as exc:
         raise ApiError(400, str(exc), param="rule", code="unknown_rule") from None
     if ctx.loop is not None and any(r.queued for r in results):

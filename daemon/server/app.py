@@ -29,7 +29,6 @@ import http.cookies
 import importlib
 import json
 import logging
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from fastapi import FastAPI, Request
@@ -37,80 +36,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from daemon.config import Config, is_loopback_host
+from daemon.asking import MAX_BODY
+from daemon.config import is_loopback_host
+from daemon.server.context import ApiError, ServerContext, error_response
 
 if TYPE_CHECKING:
-    import threading
 
-    from daemon.engine import WorkerLoop
+    pass
 
 log = logging.getLogger(__name__)
 
-#: Largest request body: a conversation with a dozen full-size photos as data: URLs.
-MAX_BODY = 64 * 1024 * 1024
+# MAX_BODY, the largest request body (a conversation with a dozen full-size
+# photos as data: URLs), lives with the API's client so both use one number.
 #: The cookie the web page may carry the token in (a browser cannot add a header to a page load).
 TOKEN_COOKIE = "vlwatch_token"
-
-
-@dataclass
-class ServerContext:
-    """What the routes need from the daemon.
-
-    Args:
-        config: returns the config in force now (a reload swaps it).
-        loop: the engine; None where the API runs without one (then the
-            model routes answer 503).
-        token: the bearer token every request must carry; None = none needed.
-        listen: the address served, e.g. ``127.0.0.1:8765`` or ``unix:/run/x.sock``
-            (the ``Host`` check of loopback TCP uses it).
-        stopping: set when the server shuts down, so long streams end.
-    """
-
-    config: Callable[[], Config]
-    loop: "WorkerLoop | None" = None
-    token: str | None = None
-    listen: str | None = None
-    stopping: "threading.Event | None" = field(default=None)
-
-
-class ApiError(Exception):
-    """An error answer in the OpenAI shape."""
-
-    def __init__(self, status: int, message: str, *, code: str | None = None,
-                 type: str | None = None, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-        self.type = type or _error_type(status)
-        self.param = param
-
-
-def error_body(message: str, *, status: int, code: str | None = None, type: str | None = None,
-               param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type or _error_type(status), "param": param, "code": code}}
-
-
-def error_response(status: int, message: str, *, code: str | None = None, type: str | None = None,
-                   param: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, status=status, code=code, type=type, param=param),
-                        status_code=status, headers=headers)
-
-
-def _error_type(status: int) -> str:
-    if status == 401:
-        return "authentication_error"
-    if status == 403:
-        return "permission_error"
-    if status == 404:
-        return "not_found_error"
-    if status == 413:
-        return "request_too_large"
-    if status == 429:
-        return "rate_limit_error"
-    if status >= 500:
-        return "server_error"
-    return "invalid_request_error"
 
 
 def create_app(ctx: ServerContext) -> FastAPI:
@@ -140,11 +79,6 @@ def _optional(module: str) -> Any:
         if exc.name != module:
             raise  # the web module exists but something it imports is missing: say so
         return None
-
-
-def context(request: Request) -> ServerContext:
-    """The ``ServerContext`` of the app serving ``request`` (for routes: ``Depends(context)``)."""
-    return request.app.state.ctx
 
 
 # ------------------------------------------------------------------ errors

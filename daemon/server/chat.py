@@ -42,7 +42,7 @@ from daemon.backends import Message, Request
 from daemon.config import Config
 from daemon.errors import InputError
 from daemon.images import load_pages, printable
-from daemon.server.app import ApiError
+from daemon.server.context import ApiError
 
 #: Largest decoded ``data:`` image.
 MAX_IMAGE_BYTES = 32 * 1024 * 1024

@@ -137,7 +137,8 @@ class ApiServer:
         """Bind and serve; False (after logging why) when the API stays off."""
         import uvicorn
 
-        from daemon.server.app import ServerContext, create_app
+        from daemon.server.app import create_app
+        from daemon.server.context import ServerContext
 
         config = self._config()
         listen = config.api.listen

@@ -62,7 +62,7 @@ from daemon.config import Config
 from daemon.images import printable, shown_size
 from daemon.queue import key_path, safe_text
 from daemon.search import Filters, SearchIndex, parse_date
-from daemon.server.app import ApiError, ServerContext, context
+from daemon.server.context import ApiError, ServerContext, context
 
 log = logging.getLogger(__name__)
 
