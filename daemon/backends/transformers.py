@@ -346,6 +346,7 @@ class TransformersBackend:
         fast.ignore_eos = self.ignore_eos
         live = _Live(self, feed)
         totals: dict[str, Any] = {}
+        lost = False
         try:
             with torch.inference_mode():
                 while not feed.stopping() and live.busy():
@@ -355,6 +356,7 @@ class TransformersBackend:
                         fast.run(live, slots=slots, cache_length=cache_length, max_new=max_new)
                     except Exception as exc:
                         if is_sticky_cuda_error(exc):
+                            lost = True  # the feed records what was in hand, with the attempt spent
                             raise DeviceLostError(f"the GPU is in an unrecoverable state: {_describe(exc)}") from exc
                         if not _is_oom(exc):
                             # A fault of the decode step itself, not of one prompt
@@ -373,7 +375,7 @@ class TransformersBackend:
                     finally:
                         _add_stats(totals, asdict(fast.stats))
         finally:
-            live.close()
+            live.close(put_back=not lost)
             self.last_stats = totals or None
 
     def _live_plan(self, live: "_Live") -> tuple[int, int, int]:
@@ -784,15 +786,15 @@ class _Live:
         for index in sorted(self.taken):
             self._deliver(self.taken.pop(index).item, exc)
 
-    def close(self) -> None:
-        """Whatever was taken from the feed and not delivered goes back to it."""
+    def close(self, put_back: bool = True) -> None:
+        """Whatever was taken from the feed and not delivered goes back to it (unless the device is lost)."""
         for _, _, future in self.making:
             future.cancel()
         self.pool.shutdown(wait=True, cancel_futures=True)
         keys = [f.item.key for f in self.taken.values()] + [f.item.key for f in self.front]
         keys += [item.key for item, _, _ in self.making]
         self.taken.clear(), self.front.clear(), self.making.clear()
-        if keys:
+        if keys and put_back:
             self.feed.put_back(keys)
 
     # -- inside
