@@ -16,6 +16,12 @@ work.  The table gives images/min, seconds per image, time to first token,
 decode tokens/s and peak GPU memory (the CUDA allocator's reserved bytes,
 which the cap bounds; the CUDA context's few hundred MiB come on top).
 
+``--verify`` checks exactness instead of speed: the slot engine against
+stock ``model.generate`` (one request per call) in float32, on images of
+several sizes run through fewer slots than requests (so slots are refilled
+mid-run) with different budgets, token for token; exit 1 on any mismatch.
+Run it after upgrading torch or transformers.
+
 Time to first token is the mean, over requests, of the time from when a
 batch slot was free for the request to its first token: in a batch it
 includes waiting for the other prefills of the same round; for the baseline
@@ -44,6 +50,9 @@ log = logging.getLogger(__name__)
 DEFAULT_PROMPT = "Describe this image in detail."
 GiB = 2**30
 _BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+#: --verify's image sizes: small to a full 1036 px image, square, wide and tall,
+#: one wider than an attention window and several with clipped edge windows.
+VERIFY_SIZES = ("224x224", "448x336", "336x672", "1036x1036", "812x476", "112x112", "644x980", "560x560")
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -70,6 +79,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images for the batch-1 latency setup (default 3)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt sent with each image")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    parser.add_argument("--verify", action="store_true",
+                        help="check the engine's tokens against stock model.generate in float32 (exit 1 on a mismatch)")
+    parser.add_argument("--verify-sizes", default=",".join(VERIFY_SIZES), metavar="LIST",
+                        help="--verify: image sizes, comma-separated WxH")
+    parser.add_argument("--verify-slots", type=int, default=4, metavar="N",
+                        help="--verify: engine slots, fewer than the sizes (default 4)")
     parser.add_argument("--save", metavar="DIR", type=Path,
                         help="also write the table (.md) and the JSON, with the command line, into DIR")
 
@@ -98,6 +113,8 @@ class Setup:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if getattr(args, "verify", False):
+        return run_verify(args)
     width, height = parse_size(args.size)
     model = _model_config(args, width * height)
     setups = plan(args, model)
@@ -113,6 +130,74 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.save:
         save(args.save, report, table)
     return ExitCode.OK
+
+
+# ------------------------------------------------------------------ verify
+
+
+@dataclass
+class VerifyRow:
+    size: str
+    image_tokens: int
+    budget: int
+    engine_tokens: int
+    stock_tokens: int
+    first_difference: int | None  # index of the first differing token, None when equal
+
+    @property
+    def same(self) -> bool:
+        return self.first_difference is None
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """The engine against stock ``model.generate`` in float32, token for token; exit 1 on a mismatch."""
+    from daemon.backends import Request
+
+    sizes = [parse_size(item) for item in args.verify_sizes.split(",") if item.strip()]
+    slots = max(1, args.verify_slots)
+    if len(sizes) <= slots:
+        log.warning("--verify: %d sizes through %d slots: no slot is refilled", len(sizes), slots)
+    largest = max(w * h for w, h in sizes)
+    model = replace(_model_config(args, largest), dtype="float32", batch_size=slots)
+    if model.backend != "transformers":
+        raise VlwatchError("--verify needs the transformers backend", ExitCode.USAGE)
+    backend = _backend(model, args.load_format)
+    # Budgets differ, so sequences end at different steps and slots refill mid-run.
+    step = max(1, args.new_tokens // (2 * len(sizes)))
+    budgets = [max(2, args.new_tokens - step * i) for i in range(len(sizes))]
+    requests = [Request((synthetic_images(1, w, h)[0],), args.prompt, n) for (w, h), n in zip(sizes, budgets)]
+    started = time.perf_counter()
+    backend.set_engine("auto")
+    engine = backend.token_ids(requests, engine="auto")
+    backend.set_engine("hf")
+    stock = backend.token_ids(requests, engine="hf")
+    rows = []
+    for (w, h), n, a, b in zip(sizes, budgets, engine, stock):
+        diff = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if diff is None and len(a) != len(b):
+            diff = min(len(a), len(b))
+        rows.append(VerifyRow(f"{w}x{h}", (w // 28) * (h // 28), n, len(a), len(b), diff))
+    same = sum(r.same for r in rows)
+    header = describe(backend, model, args, *sizes[0])
+    header.pop("image", None), header.pop("image_tokens", None)
+    header.update(dtype="float32", slots=slots, requests=len(rows))
+    table = format_verify(header, rows, same)
+    report = {"command": command_line(), "header": header, "rows": [asdict(r) for r in rows], "same": same,
+              "requests": len(rows), "seconds": time.perf_counter() - started}
+    print(json.dumps(report, indent=2) if args.json else table)
+    if args.save:
+        save(args.save, report, table, prefix="verify")
+    return ExitCode.OK if same == len(rows) else ExitCode.FAILED
+
+
+def format_verify(header: dict[str, Any], rows: list[VerifyRow], same: int) -> str:
+    first = ", ".join(f"{k} {v}" for k, v in header.items())
+    lines = ["| image | image tokens | budget | engine tokens | stock tokens | result |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        result = "same" if r.same else f"DIFFERENT from token {r.first_difference}"
+        lines.append(f"| {r.size} | {r.image_tokens} | {r.budget} | {r.engine_tokens} | {r.stock_tokens} | {result} |")
+    verdict = f"{same} of {len(rows)} requests gave the same tokens" + ("" if same == len(rows) else ": MISMATCH")
+    return f"vlwatch bench --verify: {first}\n\n" + "\n".join(lines) + f"\n\n{verdict}"
 
 
 # ------------------------------------------------------------------ setup
@@ -381,9 +466,9 @@ def command_line() -> str:
     return "vlwatch " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "vlwatch bench"
 
 
-def save(folder: Path, report: dict[str, Any], table: str) -> None:
+def save(folder: Path, report: dict[str, Any], table: str, prefix: str = "bench") -> None:
     folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    (folder / f"bench-{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (folder / f"bench-{stamp}.md").write_text(f"    {report['command']}\n\n{table}\n")
-    log.info("bench: wrote %s/bench-%s.{md,json}", folder, stamp)
+    (folder / f"{prefix}-{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (folder / f"{prefix}-{stamp}.md").write_text(f"    {report['command']}\n\n{table}\n")
+    log.info("bench: wrote %s/%s-%s.{md,json}", folder, prefix, stamp)

@@ -337,7 +337,7 @@ class TransformersBackend:
 
     # ------------------------------------------------------------ fastgen
 
-    def _serve_fast(self, feed: Feed) -> None:
+    def _serve_fast(self, feed: Feed, tokens: dict[Hashable, list[int]] | None = None) -> None:
         import torch
 
         from daemon.backends.fastgen import _is_oom
@@ -377,6 +377,25 @@ class TransformersBackend:
         finally:
             live.close(put_back=not lost)
             self.last_stats = totals or None
+            if tokens is not None:
+                tokens.update(live.tokens)
+
+    def token_ids(self, requests: Sequence[Request], *, engine: str) -> list[list[int]]:
+        """Generated token ids (end-of-sequence excluded) per request: ``auto`` the slot engine, ``hf``
+        stock ``model.generate`` one request per call (``bench --verify`` compares the two)."""
+        self.load()
+        with self._lock:
+            if engine == "hf":
+                return [self._generate_hf_tokens([r])[0] for r in requests]
+            if self._fast is None:
+                raise BackendError("this model has no slot engine (fastgen supports qwen2_5_vl only)")
+            got: dict[Hashable, list[int]] = {}
+            feed = ListFeed(requests)
+            self._serve_fast(feed, got)
+        for answer in feed.answers():
+            if isinstance(answer, BaseException):
+                raise answer
+        return [got[i] for i in range(len(requests))]
 
     def _live_plan(self, live: "_Live") -> tuple[int, int, int]:
         """Slots, cache length and the largest budget for the next run."""
@@ -543,6 +562,18 @@ class TransformersBackend:
     # ------------------------------------------------------------ model.generate
 
     def _generate_hf(self, requests: list[Request]) -> list[Answer]:
+        tokenizer = self._processor.tokenizer
+        answers = []
+        for tokens, full, request in zip(*self._generate_hf_raw(requests), requests):
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            answers.append(Answer(text=text, new_tokens=len(tokens), finished=full))
+        return answers
+
+    def _generate_hf_tokens(self, requests: list[Request]) -> list[list[int]]:
+        return self._generate_hf_raw(requests)[0]
+
+    def _generate_hf_raw(self, requests: list[Request]) -> tuple[list[list[int]], list[bool]]:
+        """Token ids up to end-of-sequence per request, and whether each ended there (not at its budget)."""
         import torch
 
         processor, model = self._processor, self._model
@@ -566,13 +597,13 @@ class TransformersBackend:
                            "new_tokens": int(out.shape[0] * (out.shape[1] - inputs["input_ids"].shape[1]))}
         new = out[:, inputs["input_ids"].shape[1]:]
         eos = _eos_ids(model, processor)
-        answers = []
+        tokens, ended = [], []
         for row, request in zip(new.tolist(), requests):
             budget = row[: request.max_new_tokens]  # the batch ran to its longest budget
-            tokens = _until_eos(budget, eos)
-            text = processor.tokenizer.decode(tokens, skip_special_tokens=True)
-            answers.append(Answer(text=text, new_tokens=len(tokens), finished=len(tokens) < len(budget)))
-        return answers
+            kept = _until_eos(budget, eos)
+            tokens.append(kept)
+            ended.append(len(kept) < len(budget))
+        return tokens, ended
 
 
 def image_tokens(width: int, height: int) -> int:
@@ -699,6 +730,7 @@ class _Live:
         self.front: collections.deque[_Flight] = collections.deque()  # deferred or to run again
         self.taken: dict[int, _Flight] = {}  # handed to the engine, not yet delivered
         self._seq = itertools.count()
+        self.tokens: dict[Hashable, list[int]] = {}  # generated token ids by feed key (bench --verify)
 
     # -- the Source protocol
     def take(self) -> Any:
@@ -745,6 +777,7 @@ class _Live:
         if isinstance(result, BaseException):
             self._deliver(flight.item, result)
             return
+        self.tokens[flight.item.key] = list(result.tokens)
         try:
             if flight.stream is not None:
                 text = flight.stream.update(result.tokens, final=True)
