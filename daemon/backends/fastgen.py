@@ -457,14 +457,16 @@ class SlotEngine:
 
     # ------------------------------------------------------------ the loop
 
-    def run(self, source: Source, *, slots: int, cache_length: int, max_new: int) -> None:
+    def run(self, source: Source, *, slots: int, cache_length: int, max_new: int, shrink: bool = False) -> None:
         """Generate for what ``source`` gives until it has nothing more: continuous admission.
 
         A free slot takes the next prompt at once (between two host syncs,
         at most ``SYNC_EVERY`` steps apart); each result goes to
         ``source.finished`` as soon as its sequence ends.  The decode step
-        runs over the first ``bucket(highest busy slot + 1)`` slots, so a lone
-        request decodes at batch-1 speed in a cache sized for many.
+        runs over all ``slots``, or with ``shrink`` (the daemon, where load
+        comes and goes) over the first power of two of slots covering the
+        busy ones: a lone request then decodes at batch-1 speed in a cache
+        sized for many (each size is compiled and captured once per process).
 
         Failures stay with their request: a prompt whose prefill raises (or
         whose logits are not finite) is finished with the exception and the
@@ -485,6 +487,7 @@ class SlotEngine:
         # prefills of its own round is included, waiting for a slot is not.
         self._free_since = dict.fromkeys(range(slots), time.perf_counter())
         self._ttft: dict[int, float] = {}
+        self._shrink = shrink
         admitting = True
         while True:
             if source.stopping():
@@ -562,7 +565,9 @@ class SlotEngine:
     def _decode(self, source: Source, eos: set[int]) -> None:
         """Run decode steps up to the next host sync, then hand over what ended or streamed."""
         s, owner, stats = self._state, self._owner, self.stats
-        n = bucket(max(owner) + 1, self._slots)
+        n = self._slots
+        if self._shrink:
+            n = min(n, 1 << max(owner).bit_length())  # the power of two above the highest busy slot
         sample = any(p.temperature > 0 for p in owner.values())
         step = self._graph(n, sample)
         # Run until the first sequence can have reached its budget, at most
