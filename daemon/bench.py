@@ -360,20 +360,30 @@ def _warm_up(backend: Any, requests: list[Any], batch: int) -> float | None:
 
 
 def _record_stats(backend: Any, sink: list[dict[str, Any]] | None) -> None:
-    """Collect ``backend.last_stats`` after every generate() call while ``sink`` is set."""
+    """Collect ``backend.last_stats`` after every generate()/generate_each() call while ``sink`` is set."""
+    names = [n for n in ("generate", "generate_each") if callable(getattr(type(backend), n, None))]
     if sink is None:
-        backend.__dict__.pop("generate", None)
+        for name in names:
+            backend.__dict__.pop(name, None)
         return
-    stock = type(backend).generate
+    for name in names:
+        backend.__dict__[name] = _recording(backend, getattr(type(backend), name), sink)
 
-    def generate(requests: Sequence[Any]) -> Any:
-        out = stock(backend, requests)
+
+def _recording(backend: Any, stock: Any, sink: list[dict[str, Any]]) -> Any:
+    def call(requests: Sequence[Any]) -> Any:
+        depth = backend.__dict__.get("_bench_depth", 0)
+        backend.__dict__["_bench_depth"] = depth + 1
+        try:
+            out = stock(backend, requests)
+        finally:
+            backend.__dict__["_bench_depth"] = depth
         stats = getattr(backend, "last_stats", None)
-        if stats:
+        if stats and depth == 0:  # generate() calls generate_each(): count the work once
             sink.append(dict(stats))
         return out
 
-    backend.generate = generate
+    return call
 
 
 def _summarise(setup: Setup, batch: str, seconds: float, stats: list[dict[str, Any]],

@@ -190,10 +190,14 @@ class WorkerLoop(threading.Thread):
     """
 
     def __init__(self, queue: Queue, worker: Worker, processor: Processor,
-                 backlog: Callable[[], int] = lambda: 0) -> None:
-        super().__init__(name="vlwatch-worker", daemon=True)
+                 backlog: Callable[[], int] = lambda: 0, *, index: int = 0, device: str | None = None) -> None:
+        super().__init__(name="vlwatch-worker" + (f"-{index}" if index else ""), daemon=True)
         self.queue = queue
         self.worker = worker
+        self.index = index  # which engine of an EngineGroup (0 when there is one)
+        self.device = device  # its device, when the group placed it (model.devices)
+        self.done = 0  # files finished by this engine (for status)
+        self._siblings: list[WorkerLoop] = [self]  # loops sharing the interactive requests
         self.processor = processor
         self._backlog = backlog
         self._yielding_since: float | None = None
@@ -227,7 +231,8 @@ class WorkerLoop(threading.Thread):
         """
         future: Future[Answer] = Future()
         self._interactive.append((request, future))
-        self._wake.set()
+        for loop in self._siblings:  # whichever engine has a free slot first takes it
+            loop._wake.set()
         return future
 
     def wake(self) -> None:
@@ -324,6 +329,7 @@ class WorkerLoop(threading.Thread):
                 self.busy_since = None
                 self.last_work = time.monotonic()
         self._note_model_state()
+        self._note_engine()
 
     def _device_lost(self, feed: JobFeed, exc: DeviceLostError) -> None:
         log.critical("%s; putting %d jobs back and exiting for a restart", exc, len(feed.job_ids()))
@@ -425,7 +431,19 @@ class WorkerLoop(threading.Thread):
                                         "since": time.time()}
             if down:
                 state["unavailable"] = True
-            self.queue.set_meta("model", state)
+            if self.index == 0:
+                self.queue.set_meta("model", state)
+            self._note_engine(state)
+
+    def _note_engine(self, state: dict[str, object] | None = None) -> None:
+        """Per-engine status (issue 12.5): ``engine.<index>`` in the state database's meta."""
+        if len(self._siblings) < 2:
+            return
+        if state is None:
+            loaded, down = self._model_loaded or (False, False)
+            state = {"backend": self.worker.backend.name, "model": self.worker.backend.model, "loaded": loaded}
+        self.queue.set_meta(f"engine.{self.index}", {**state, "device": self.device or self.worker.config.model.device,
+                                                     "done": self.done, "updated": time.time()})
 
     def unload_if_idle(self, idle_unload: float) -> None:
         """Free the model's memory after ``idle_unload`` seconds without a batch."""
@@ -467,6 +485,134 @@ class WorkerLoop(threading.Thread):
     def _sleep(self, seconds: float) -> None:
         self._wake.wait(max(0.0, seconds))
         self._wake.clear()
+
+
+# ---------------------------------------------------------------- one engine per GPU
+
+
+def engine_devices(model: Any) -> list[str | None]:
+    """Where to run one engine each (issue 12.5): ``[None]`` is one engine on ``model.device``.
+
+    ``model.devices: auto`` is every visible CUDA device (one engine if there
+    is none); a list is taken as given.  Data parallel, no NCCL: each engine
+    holds a whole copy of the model (a 7B model fits one GPU many times over).
+    """
+    devices = tuple(getattr(model, "devices", ()) or ())
+    if not devices or model.backend != "transformers":
+        return [None]
+    if devices == ("auto",):
+        try:
+            import torch
+        except ImportError:
+            return [None]
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [f"cuda:{i}" for i in range(count)] or [None]
+    return list(devices)
+
+
+def start_engines(queue: Queue, config: Config, processor: Processor, *, backlog: Callable[[], int] = lambda: 0,
+                  make_backend: Callable[[Any], Any] | None = None) -> WorkerLoop | EngineGroup:
+    """The daemon's engine(s) for ``config``: a WorkerLoop, or an EngineGroup of one per device."""
+    if make_backend is None:
+        from daemon.backends import create_backend
+
+        make_backend = create_backend
+    devices = engine_devices(config.model)
+    loops = []
+    for index, device in enumerate(devices):
+        model = config.model if device is None else replace(config.model, device=device, devices=())
+        worker = Worker(replace(config, model=model), make_backend(model))
+        loops.append(WorkerLoop(queue, worker, processor, backlog, index=index, device=device))
+    if len(loops) == 1:
+        return loops[0]
+    return EngineGroup(loops, make_backend)
+
+
+class EngineGroup:
+    """Several WorkerLoops, one per device, fed from the same queue; looks like one WorkerLoop to the service.
+
+    Each claims jobs as its own slots free up (claims are transactions on the
+    shared queue) and they share one list of interactive requests, so an
+    ``ask`` goes to whichever engine has a free slot first.
+    """
+
+    def __init__(self, loops: list[WorkerLoop], make_backend: Callable[[Any], Any]) -> None:
+        self.loops = loops
+        self._make_backend = make_backend
+        shared = loops[0]._interactive
+        for loop in loops:
+            loop._interactive = shared
+            loop._siblings = loops
+
+    # -- what the service and the API use of a WorkerLoop
+    @property
+    def worker(self) -> Worker:
+        return self.loops[0].worker
+
+    @property
+    def busy_since(self) -> float | None:
+        busy = [loop.busy_since for loop in self.loops if loop.busy_since is not None]
+        return min(busy) if busy else None
+
+    @property
+    def paused_until(self) -> float:
+        return max(loop.paused_until for loop in self.loops)
+
+    @property
+    def in_hand(self) -> list[int]:
+        return [job for loop in self.loops for job in loop.in_hand]
+
+    @property
+    def fatal(self) -> DeviceLostError | None:
+        return next((loop.fatal for loop in self.loops if loop.fatal is not None), None)
+
+    def submit(self, request: Request) -> Future[Answer]:
+        return self.loops[0].submit(request)
+
+    def start(self) -> None:
+        for loop in self.loops:
+            loop.start()
+
+    def is_alive(self) -> bool:
+        return all(loop.is_alive() for loop in self.loops)
+
+    def stop(self) -> None:
+        for loop in self.loops:
+            loop.stop()
+
+    def join(self, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for loop in self.loops:
+            loop.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        for loop in self.loops[1:]:  # the service closes the first one's worker
+            if not loop.is_alive():
+                loop.worker.close()
+
+    def wake(self) -> None:
+        for loop in self.loops:
+            loop.wake()
+
+    def unload_if_idle(self, idle_unload: float) -> None:
+        for loop in self.loops:
+            loop.unload_if_idle(idle_unload)
+
+    def _note_model_state(self) -> None:
+        for loop in self.loops:
+            loop._note_model_state()
+
+    def replace_worker(self, worker: Worker) -> None:
+        """After a reload: the first engine takes ``worker``; each other one the same config on its device."""
+        first = self.loops[0]
+        same_backend = worker.backend is first.worker.backend
+        if not same_backend and first.device is not None:  # a new model: on the first engine's device too
+            model = replace(worker.config.model, device=first.device, devices=())
+            worker = Worker(replace(worker.config, model=model), self._make_backend(model))
+        first.replace_worker(worker)
+        for loop in self.loops[1:]:
+            model = worker.config.model if loop.device is None else replace(worker.config.model, device=loop.device,
+                                                                             devices=())
+            backend = loop.worker.backend if same_backend else self._make_backend(model)
+            loop.replace_worker(Worker(replace(worker.config, model=model), backend))
 
 
 @dataclass
@@ -680,6 +826,8 @@ class JobFeed:
             ("no answer" if errors else pages)  # type: ignore[assignment]
         outcome = self.worker.finish(opened.prep, got, opened.started)
         self._record(opened.job, outcome, None)
+        if outcome.ok:
+            self.loop.done += 1
 
     def _record(self, job: Job, outcome: Outcome | None, error: str | None) -> None:
         """Writer thread: the processor checks the job's file and records ``outcome`` (or ``error``)."""

@@ -181,6 +181,8 @@ def _write_markdown(result: Result) -> Path:
         if not page.answer.finished:
             _warn_truncated(result, page)
             text += "\n<!-- vlwatch: the answer was cut off at max_new_tokens -->\n"
+        if getattr(page.answer, "looped", False):  # issue 12.4
+            text += "\n<!-- vlwatch: the model kept repeating itself; stopped early (a retry looped too) -->\n"
         parts.append(f"## Page {page.number}\n\n{text}" if multi else text)
     path = checked_sidecar_path(result.match, "md")
     atomic_write(path, _utf8("\n".join(parts)), like=result.match.path)
@@ -224,7 +226,7 @@ def _write_json(result: Result) -> Path:
     pages = []
     for page in result.pages:
         pages.append({"page": page.number, "answer": page.answer.text, "data": _json_or_none(page.answer.text),
-                      "truncated": not page.answer.finished})
+                      "truncated": not page.answer.finished, "looped": bool(getattr(page.answer, "looped", False))})
     if not _paged(result):
         doc.update({k: v for k, v in pages[0].items() if k != "page"})
     else:
@@ -271,7 +273,8 @@ def ground_boxes(page: PageResult) -> dict[str, object]:
         boxes.append({"label": box.label, "bbox": list(mapped)})
     if not boxes and not any("no usable" in w for w in warnings):
         warnings.append("the answer held no usable boxes")
-    return {"boxes": boxes, "raw_answer": page.answer.text, "warnings": warnings, "truncated": not page.answer.finished}
+    return {"boxes": boxes, "raw_answer": page.answer.text, "warnings": warnings, "truncated": not page.answer.finished,
+            "looped": bool(getattr(page.answer, "looped", False))}
 
 
 def draw_overlay(source: Path, boxes: list[dict]) -> bytes:

@@ -466,3 +466,98 @@ def test_model_state_is_recorded_when_it_loads(tmp_path: Path, tiny_model: Path)
         model = r.queue.meta()["model"]
         assert model["loaded"] is False and model["unavailable"] is True
         backend.unload()
+
+
+# ------------------------------------------------------------------ repetition loops (issue 12.4)
+
+
+def _force_tokens(backend: TransformersBackend, monkeypatch: pytest.MonkeyPatch, *, greedy_loops: bool,
+                  sampled_loops: bool) -> None:
+    """Make greedy and/or sampled rows emit a 7-token cycle (a stuck sequence) or ever-new tokens."""
+    fast = backend._fast
+    advance = fast._advance
+
+    def forced(s, nxt, bad):
+        cycle = 100 + s["n_gen"] % 7
+        fresh = 100 + s["n_gen"] % 300  # no period within the loop window
+        greedy = cycle if greedy_loops else fresh
+        sampled = cycle if sampled_loops else fresh
+        return advance(s, torch.where(s["temp"] > 0, sampled, greedy), bad)
+
+    monkeypatch.setattr(fast, "_advance", forced)
+
+
+def test_a_loop_is_stopped_and_retried_with_sampling(backend: TransformersBackend,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    backend.reconfigure(replace(backend.config, batch_size=2))
+    _force_tokens(backend, monkeypatch, greedy_loops=True, sampled_loops=False)
+    requests = [Request((image(i, 56, 56),), "Transcribe the table.", 400) for i in range(2)]
+    got = backend.generate(requests)
+    stats = backend.last_stats
+    assert stats["loops"] == 2  # each first attempt stopped early...
+    assert all(not a.looped and a.new_tokens == 400 for a in got)  # ...and its retry ran to the end
+
+
+def test_a_retry_that_loops_too_marks_the_sidecar(tmp_path: Path, tiny_model: Path, backend: TransformersBackend,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from daemon.rules import match_file
+
+    config = config_for(tmp_path, tiny_model, max_new_tokens=400)
+    backend.reconfigure(config.model)
+    _force_tokens(backend, monkeypatch, greedy_loops=True, sampled_loops=True)
+    source = tmp_path / "inbox" / "table.png"
+    source.parent.mkdir()
+    source.write_bytes(png(3))
+    worker = Worker(config, backend)
+    try:
+        [outcome] = worker.process(match_file(config, source))
+    finally:
+        worker.close()
+    assert outcome.ok, outcome.error
+    assert backend.last_stats["loops"] == 2  # the first attempt and the retry
+    md = (tmp_path / "inbox" / "table.png.describe.md").read_text()
+    assert "kept repeating itself" in md
+    [answer] = backend.generate([Request((image(3, 56, 56),), "Transcribe.", 400)])
+    assert answer.looped and answer.new_tokens < 400 - 100  # stopped early, not at the budget
+
+
+# ------------------------------------------------------------------ one engine per device (issue 12.5)
+
+
+def test_one_engine_per_device_fed_from_one_queue(tmp_path: Path, tiny_model: Path) -> None:
+    from daemon.engine import EngineGroup, engine_devices, start_engines
+
+    config = config_for(tmp_path, tiny_model)
+    config = replace(config, model=replace(config.model, devices=("cpu", "cpu")))
+    assert engine_devices(config.model) == ["cpu", "cpu"]
+    assert engine_devices(replace(config.model, devices=())) == [None]
+    made: list[TransformersBackend] = []
+
+    def make(model: ModelConfig) -> TransformersBackend:
+        made.append(TransformersBackend(model))
+        return made[-1]
+
+    queue = Queue(tmp_path / "state.db")
+    group = start_engines(queue, config, Processor(queue, lambda path: None), make_backend=make)
+    try:
+        assert isinstance(group, EngineGroup) and len(group.loops) == 2
+        assert made[0] is not made[1] and all(b.config.device == "cpu" for b in made)
+        paths = queue_files(tmp_path, queue, [f"{i:02d}.png" for i in range(12)])
+        group.start()
+        wait_until(lambda: queue.counts()["done"] == 12, "all 12 files done")
+        ask = group.submit(Request((image(5, 56, 56),), "What is it?", 3))
+        assert isinstance(ask.result(timeout=DEADLINE), Answer)
+        assert all(loop.done > 0 for loop in group.loops), [loop.done for loop in group.loops]
+        assert sum(loop.done for loop in group.loops) == 12
+        wait_until(lambda: {"engine.0", "engine.1"} <= set(queue.meta()), "per-engine status")
+        engines = [queue.meta()[f"engine.{i}"] for i in range(2)]
+        assert [e["device"] for e in engines] == ["cpu", "cpu"] and all(e["loaded"] for e in engines)
+        for p in paths:
+            assert p.with_name(p.name + ".describe.md").exists()
+    finally:
+        group.stop()
+        group.join(60)
+        group.worker.close()
+        for b in made:
+            b.unload()
+        queue.close()

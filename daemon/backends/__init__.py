@@ -65,6 +65,9 @@ class Answer:
     text: str
     new_tokens: int = 0
     finished: bool = True  # False when generation stopped at max_new_tokens
+    #: stopped early because the model kept repeating itself (and a retry with
+    #: light sampling repeated too): ``text`` is what came before the stop
+    looped: bool = False
 
 
 class DeviceLostError(RuntimeError):

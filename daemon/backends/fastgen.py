@@ -55,6 +55,12 @@ VISION_BATCH_PATCHES = 16384
 #: Decode steps between two looks at which sequences ended (each look is a
 #: device-to-host sync); capped by the smallest remaining budget.
 SYNC_EVERY = 16
+#: Repetition loops (issue 12.4; Qwen2.5-VL loops on long tables and OCR): a
+#: sequence whose last LOOP_WINDOW tokens repeat with a period of at most
+#: LOOP_MAX_PERIOD tokens (so at least three copies of a 48-token phrase, or
+#: 96 copies of one token) is stopped at the next host sync.
+LOOP_WINDOW = 96
+LOOP_MAX_PERIOD = 48
 
 
 @dataclass
@@ -66,6 +72,7 @@ class Prompt:
     max_new_tokens: int
     temperature: float = 0.0  # 0: greedy; > 0: sampled at this temperature (Gumbel-max)
     stream: bool = False  # the source wants partial tokens at every host sync
+    retried: bool = False  # already a retry after a repetition loop
 
     @property
     def length(self) -> int:
@@ -83,6 +90,7 @@ class Generated:
     finished: bool  # True: stopped at end-of-sequence; False: ran out of budget
     ttft: float  # seconds from a free slot to this request's first token (see SlotEngine.run)
     generated: int  # tokens produced, an end-of-sequence token included
+    looped: bool = False  # stopped early: the tokens had started repeating (see LOOP_WINDOW)
 
 
 class NonFiniteLogitsError(ValueError):
@@ -156,6 +164,7 @@ class RunStats:
     new_tokens: int = 0
     ttft: list[float] = field(default_factory=list)
     cuda_graphs: bool = False
+    loops: int = 0  # sequences stopped for repeating themselves
 
 
 class SlotEngine:
@@ -185,6 +194,7 @@ class SlotEngine:
             use_cuda_graphs = self.device.type == "cuda" and os.environ.get("VLWATCH_CUDA_GRAPHS", "1") != "0"
         self.use_cuda_graphs = use_cuda_graphs
         self.ignore_eos = False  # bench: run every sequence to its budget
+        self.detect_loops = True  # stop sequences stuck repeating (LOOP_WINDOW)
         self.eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
         self.fused = _fuse_projections(self.layers)
         # On CUDA one decoder layer's step runs through torch.compile (one
@@ -578,8 +588,15 @@ class SlotEngine:
         for _ in range(max(1, min(SYNC_EVERY, left))):
             step()
             stats.decode_steps += 1
+        looping = self._looping(n) if self.detect_loops and not self.ignore_eos else None
         active = s["active"].tolist()
         stats.decode_s += time.perf_counter() - t0
+        looped: set[int] = set()
+        if looping is not None:
+            looped = {i for i, flag in enumerate(looping.tolist()) if flag and i in owner and active[i]}
+            for i in looped:
+                s["active"][i] = False
+                active[i] = False
         done = [i for i in owner if not active[i]]
         streaming = [i for i in owner if active[i] and owner[i].stream]
         if not done and not streaming:
@@ -604,8 +621,25 @@ class SlotEngine:
                 source.finished(prompt, NonFiniteLogitsError(_NON_FINITE))
                 continue
             result = _result(tokens, eos, self._ttft.get(prompt.index, 0.0))
+            if i in looped:
+                result.looped = True
+                stats.loops += 1
             stats.new_tokens += result.generated
             source.finished(prompt, result)
+
+    def _looping(self, n: int) -> torch.Tensor:
+        """Which of the first ``n`` slots are stuck repeating: the last LOOP_WINDOW tokens have a period
+        of at most LOOP_MAX_PERIOD (a few small kernels per host sync, no sync of their own)."""
+        s = self._state
+        out, n_gen = s["out"][:n], s["n_gen"][:n]
+        span = LOOP_WINDOW + LOOP_MAX_PERIOD
+        if out.shape[1] <= span:
+            return torch.zeros(n, dtype=torch.bool, device=out.device)
+        back = torch.arange(span, device=out.device)
+        tail = out.gather(1, (n_gen[:, None] - 1 - back[None, :]).clamp(min=0))  # newest first
+        windows = tail.unfold(1, LOOP_WINDOW, 1)  # [:, p] = the window shifted back by p tokens
+        periodic = (windows[:, 1:] == windows[:, :1]).all(-1).any(-1)
+        return periodic & (n_gen >= span) & s["active"][:n]
 
 
 _FAILED = object()  # _features_each: this prompt was finished with its error

@@ -74,6 +74,8 @@ MAX_AUTO_SLOTS = 256
 #: markup, the rule's prompt), for sizing the cache before tokenizing.
 TEXT_TOKENS_ALLOWANCE = 128
 GiB = 2**30
+#: Temperature of the one retry of a request that got stuck repeating itself.
+LOOP_RETRY_TEMPERATURE = 0.4
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -328,7 +330,7 @@ class TransformersBackend:
         """
         self.load()
         started = time.perf_counter()
-        with self._lock:
+        with self._lock, _on_device(self._model.device):
             if self._fast is not None and self.engine != "hf":
                 self._serve_fast(feed)
             else:
@@ -386,14 +388,19 @@ class TransformersBackend:
         """Generated token ids (end-of-sequence excluded) per request: ``auto`` the slot engine, ``hf``
         stock ``model.generate`` one request per call (``bench --verify`` compares the two)."""
         self.load()
-        with self._lock:
+        with self._lock, _on_device(self._model.device):
             if engine == "hf":
                 return [self._generate_hf_tokens([r])[0] for r in requests]
             if self._fast is None:
                 raise BackendError("this model has no slot engine (fastgen supports qwen2_5_vl only)")
             got: dict[Hashable, list[int]] = {}
             feed = ListFeed(requests)
-            self._serve_fast(feed, got)
+            # Stock generate has no loop stop: compare like with like.
+            detect, self._fast.detect_loops = self._fast.detect_loops, False
+            try:
+                self._serve_fast(feed, got)
+            finally:
+                self._fast.detect_loops = detect
         for answer in feed.answers():
             if isinstance(answer, BaseException):
                 raise answer
@@ -491,7 +498,7 @@ class TransformersBackend:
         self.load()
         short = [replace(requests[0], max_new_tokens=min(4, requests[0].max_new_tokens), stream=None)]
         if self._fast is not None and self.engine != "hf":
-            with self._lock:
+            with self._lock, _on_device(self._model.device):
                 _, slots, cache_length, max_new = self._plan(requests)
                 with torch.inference_mode():
                     self._fast.prepare(slots, cache_length, max_new)
@@ -779,6 +786,15 @@ class _Live:
         if isinstance(result, BaseException):
             self._deliver(flight.item, result)
             return
+        if result.looped and not flight.prompt.retried and flight.prompt.temperature == 0 and flight.stream is None:
+            # Stuck repeating (issue 12.4): once more with light sampling,
+            # which usually steps out of the loop (olmOCR's remedy).
+            log.info("a request started repeating itself after %d tokens; retrying it at temperature %.1f",
+                     len(result.tokens), LOOP_RETRY_TEMPERATURE)
+            flight.prompt.retried = True
+            flight.prompt.temperature = LOOP_RETRY_TEMPERATURE
+            self.front.appendleft(flight)
+            return
         self.tokens[flight.item.key] = list(result.tokens)
         try:
             if flight.stream is not None:
@@ -788,7 +804,11 @@ class _Live:
         except Exception as exc:  # the client's stream callback failed: its request ends with that
             self._deliver(flight.item, exc)
             return
-        self._deliver(flight.item, Answer(text=text, new_tokens=len(result.tokens), finished=result.finished))
+        if result.looped:
+            log.warning("a request kept repeating itself%s; stopped after %d tokens",
+                        " after a retry" if flight.prompt.retried else "", len(result.tokens))
+        self._deliver(flight.item, Answer(text=text, new_tokens=len(result.tokens), finished=result.finished or
+                                          result.looped, looped=result.looped))
 
     def partial(self, prompt: Any, tokens: list[int]) -> bool:
         flight = self.taken[prompt.index]
@@ -866,6 +886,15 @@ def _add_stats(totals: dict[str, Any], stats: dict[str, Any]) -> None:
             totals[key] = max(totals.get(key, 0), value)
         else:
             totals[key] = totals.get(key, 0) + value
+
+
+def _on_device(device: Any) -> Any:
+    """Make ``device`` CUDA's current device (streams, graphs and caches are per device; engine per GPU)."""
+    import contextlib
+
+    import torch
+
+    return torch.cuda.device(device) if getattr(device, "type", "") == "cuda" else contextlib.nullcontext()
 
 
 def _describe(exc: BaseException) -> str:
