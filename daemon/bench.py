@@ -8,7 +8,9 @@ same synthetic images, side by side:
    (for a server backend: one request per call);
 2. batch 1 through the worker (the latency of a lone image, warm);
 3. the batching worker at each ``--batch-sizes`` entry (``auto`` and numbers);
-4. with ``--max-gpu-memory``, the worker under that cap, ``batch_size: auto``.
+4. with ``--max-gpu-memory``, the worker under that cap, ``batch_size: auto``;
+5. with ``--devices``, one engine per device (``batch_size: auto`` each),
+   the images split between them and run at once (issue 12.5).
 
 Every request gets exactly ``--new-tokens`` tokens (end-of-sequence is ignored:
 random weights would stop at arbitrary points), so the setups do the same
@@ -79,6 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images for the batch-1 latency setup (default 3)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt sent with each image")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    parser.add_argument("--devices", metavar="LIST",
+                        help="add a setup with one engine per device: auto (every GPU) or e.g. cuda:0,cuda:1")
     parser.add_argument("--verify", action="store_true",
                         help="check the engine's tokens against stock model.generate in float32 (exit 1 on a mismatch)")
     parser.add_argument("--verify-sizes", default=",".join(VERIFY_SIZES), metavar="LIST",
@@ -122,6 +126,8 @@ def run_bench(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     images = synthetic_images(max(s.images for s in setups), width, height)
     results = [run_setup(backend, model, setup, images, args) for setup in setups]
+    if getattr(args, "devices", None):
+        results.append(run_engines(backend, model, images[:args.images], args))
     header = describe(backend, model, args, width, height)
     report = {"command": command_line(), "header": header, "results": [asdict(r) for r in results],
               "seconds": time.perf_counter() - started}
@@ -318,6 +324,59 @@ def run_setup(backend: Any, model: Any, setup: Setup, images: list[Any], args: a
     return result
 
 
+def run_engines(first: Any, model: Any, images: list[Any], args: argparse.Namespace) -> SetupResult:
+    """One engine per device, the images split evenly, all running at once (threads, as in the daemon)."""
+    import threading
+
+    from daemon.backends import Request
+    from daemon.engine import engine_devices
+
+    wanted = ("auto",) if args.devices.strip() == "auto" else tuple(d.strip() for d in args.devices.split(",") if d.strip())
+    devices = [d or model.device for d in engine_devices(replace(model, devices=wanted))]
+    if len(devices) < 2:
+        log.warning("bench: --devices %s gives %d device(s)", args.devices, len(devices))
+    config = replace(model, batch_size=None)
+    backends = [first] + [_backend(replace(config, device=d), args.load_format) for d in devices[1:]]
+    setup = Setup(f"batched worker, {len(devices)} engines ({', '.join(devices)})", len(images), None)
+    workers, shares = [], []
+    for i, (backend, device) in enumerate(zip(backends, devices)):
+        _configure(backend, replace(config, device=device), setup)
+        share = [Request((img,), args.prompt, args.new_tokens) for img in images[i::len(devices)]]
+        worker = _worker(replace(config, device=device), backend)
+        log.info("bench: engine %d on %s, %d images: warming up", i, device, len(share))
+        _warm_up(backend, share, worker.batch_size())
+        workers.append(worker)
+        shares.append(share)
+    for backend in backends:
+        _reset_peak_memory(backend)
+    batches = ", ".join(str(w.batch_size()) for w in workers)
+    done: list[list[Any]] = [[] for _ in workers]
+
+    def run(i: int) -> None:
+        done[i] = workers[i].infer([_prepared(r, k) for k, r in enumerate(shares[i])])
+
+    threads = [threading.Thread(target=run, args=(i,), name=f"bench-engine-{i}") for i in range(len(workers))]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - t0
+    for w in workers:
+        w.close()
+    failed = [a for answers in done for a in answers if isinstance(a, str)]
+    if failed or sum(len(d) for d in done) != len(images):
+        raise VlwatchError(f"bench: {setup.name}: {failed[0] if failed else 'an engine did not finish'}")
+    peaks = [p for p in (_peak_memory(b) for b in backends) if p is not None]
+    n = len(images)
+    result = SetupResult(setup=setup.name, batch=f"auto ({batches})", images=n, seconds=round(seconds, 3),
+                         images_per_min=round(60 * n / seconds, 2), s_per_image=round(seconds / n, 3), ttft_s=None,
+                         decode_tok_s=None, peak_gpu_gib=round(max(peaks) / GiB, 2) if peaks else None,
+                         new_tokens=n * args.new_tokens)
+    log.info("bench: %s: %.1f images/min", setup.name, result.images_per_min)
+    return result
+
+
 def _configure(backend: Any, config: Any, setup: Setup) -> None:
     if callable(getattr(backend, "reconfigure", None)):
         backend.reconfigure(config)  # batch size, memory cap; each setup sizes its own cache
@@ -419,8 +478,9 @@ def _reset_peak_memory(backend: Any) -> None:
     if _cuda(backend):
         import torch
 
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        device = backend._model.device
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def _peak_memory(backend: Any) -> float | None:
@@ -428,8 +488,9 @@ def _peak_memory(backend: Any) -> float | None:
         return None
     import torch
 
-    torch.cuda.synchronize()
-    return float(torch.cuda.max_memory_reserved())
+    device = backend._model.device
+    torch.cuda.synchronize(device)
+    return float(torch.cuda.max_memory_reserved(device))
 
 
 # ------------------------------------------------------------------ output

@@ -147,3 +147,13 @@ def test_bench_verify_exits_1_on_a_mismatch(tiny_model: Path, monkeypatch: pytes
     assert run_bench(args) == 1
     out = capsys.readouterr().out
     assert "DIFFERENT from token 5" in out and "4 of 5 requests gave the same tokens: MISMATCH" in out
+
+
+def test_bench_one_engine_per_device(tiny_model: Path) -> None:
+    # issue 12.5: the images split between engines running at once (two CPU "devices" here).
+    done = run_vlwatch("bench", "--model", tiny_model, *SMALL, "--devices", "cpu,cpu", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    last = report["results"][-1]
+    assert last["setup"] == "batched worker, 2 engines (cpu, cpu)" and last["batch"] == "auto (4, 4)"
+    assert last["images"] == 3 and last["images_per_min"] > 0
