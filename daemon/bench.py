@@ -329,7 +329,7 @@ def run_engines(first: Any, model: Any, images: list[Any], args: argparse.Namesp
     import threading
 
     from daemon.backends import Request
-    from daemon.engine import engine_devices
+    from daemon.backends import engine_devices
 
     wanted = ("auto",) if args.devices.strip() == "auto" else tuple(d.strip() for d in args.devices.split(",") if d.strip())
     devices = [d or model.device for d in engine_devices(replace(model, devices=wanted))]

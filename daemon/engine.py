@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Hashable, Sequence
 
-from daemon.backends import Answer, DeviceLostError, Item, Request
+from daemon.backends import Answer, DeviceLostError, Item, Request, engine_devices
 from daemon.config import Config, local_model_path
 from daemon.errors import BackendUnavailableError, ModelMissingError
 from daemon.queue import Job, Queue, content_hash
@@ -488,26 +488,6 @@ class WorkerLoop(threading.Thread):
 
 
 # ---------------------------------------------------------------- one engine per GPU
-
-
-def engine_devices(model: Any) -> list[str | None]:
-    """Where to run one engine each (issue 12.5): ``[None]`` is one engine on ``model.device``.
-
-    ``model.devices: auto`` is every visible CUDA device (one engine if there
-    is none); a list is taken as given.  Data parallel, no NCCL: each engine
-    holds a whole copy of the model (a 7B model fits one GPU many times over).
-    """
-    devices = tuple(getattr(model, "devices", ()) or ())
-    if not devices or model.backend != "transformers":
-        return [None]
-    if devices == ("auto",):
-        try:
-            import torch
-        except ImportError:
-            return [None]
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        return [f"cuda:{i}" for i in range(count)] or [None]
-    return list(devices)
 
 
 def start_engines(queue: Queue, config: Config, processor: Processor, *, backlog: Callable[[], int] = lambda: 0,

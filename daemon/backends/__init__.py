@@ -176,6 +176,26 @@ class ListFeed:
         return [self.results.get(i, VlwatchError("no answer")) for i in range(len(self.requests))]
 
 
+def engine_devices(model: Any) -> list[str | None]:
+    """Where to run one engine each (issue 12.5): ``[None]`` is one engine on ``model.device``.
+
+    ``model.devices: auto`` is every visible CUDA device (one engine if there
+    is none); a list is taken as given.  Data parallel, no NCCL: each engine
+    holds a whole copy of the model (a 7B model fits one GPU many times over).
+    """
+    devices = tuple(getattr(model, "devices", ()) or ())
+    if not devices or model.backend != "transformers":
+        return [None]
+    if devices == ("auto",):
+        try:
+            import torch
+        except ImportError:
+            return [None]
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [f"cuda:{i}" for i in range(count)] or [None]
+    return list(devices)
+
+
 class Backend(Protocol):
     #: what produced the answers, recorded in sidecars, e.g. "transformers"
     name: str
