@@ -379,14 +379,17 @@ class SlotEngine:
     def _capture(self, n: int, sample: bool) -> Any:
         started = time.perf_counter()
         saved = {k: v.clone() for k, v in self._state.items()}
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):  # warm up kernels and workspaces off the capture
             for _ in range(2):
                 self._step(n, sample)
-        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # An explicit capture stream on this engine's device: torch.cuda.graph's
+        # default stream is made once, on the first device that captured
+        # (with one engine per GPU, the second engine's capture failed on it).
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream(self.device)):
             self._step(n, sample)
         for k, v in saved.items():  # the warm-up and capture ran the step: undo it
             self._state[k].copy_(v)
