@@ -552,6 +552,16 @@ def test_one_engine_per_device_fed_from_one_queue(tmp_path: Path, tiny_model: Pa
         wait_until(lambda: {"engine.0", "engine.1"} <= set(queue.meta()), "per-engine status")
         engines = [queue.meta()[f"engine.{i}"] for i in range(2)]
         assert [e["device"] for e in engines] == ["cpu", "cpu"] and all(e["loaded"] for e in engines)
+        from daemon.commands import format_status, status_info
+        from daemon.queue import StateLock
+
+        lock = StateLock(config.state)
+        assert lock.acquire()  # `status` shows engines of a running daemon only
+        try:
+            shown = format_status(status_info(config))
+        finally:
+            lock.release()
+        assert "engine 0 on cpu: loaded" in shown and "engine 1 on cpu: loaded" in shown
         for p in paths:
             assert p.with_name(p.name + ".describe.md").exists()
     finally:
