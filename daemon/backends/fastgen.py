@@ -1,4 +1,4 @@
-"""Fast greedy generation for Qwen2.5-VL: slot-based continuous batching and CUDA graphs.
+"""Fast generation for Qwen2.5-VL: slot-based continuous batching and CUDA graphs.
 
 ``transformers``' ``generate`` spends most of a decode step outside the GPU's
 work (Python per layer, a fresh mask each step, KV expanded to every query
@@ -18,7 +18,12 @@ and replaces the generation loop (measurements: ``benchmarks/NOTES.md``):
   un-expanded cache; on CUDA the step is one CUDA graph replay, and each layer
   runs as a function compiled with ``torch.compile``;
 - a slot whose sequence ends (EOS or budget) is **refilled** with the next
-  request at once, so a long answer does not hold up short ones.
+  request at once, so a long answer does not hold up short ones; requests
+  come from a live ``Source`` (continuous admission) and each result goes
+  back as soon as it ends;
+- per slot: greedy or temperature sampling (Gumbel-max in the captured
+  step), a stop for sequences stuck repeating (``LOOP_WINDOW``), and a
+  non-finite-logits check that fails that request alone.
 
 Greedy tokens equal ``model.generate(do_sample=False)``'s, including the
 repetition penalty of the model's generation config (tests compare them on
