@@ -332,7 +332,8 @@ class WorkerLoop(threading.Thread):
         self._note_engine()
 
     def _device_lost(self, feed: JobFeed, exc: DeviceLostError) -> None:
-        log.critical("%s; putting %d jobs back and exiting for a restart", exc, len(feed.job_ids()))
+        log.critical("%s; the %d jobs in hand go back on the queue (attempt spent); exiting for a restart",
+                     exc, len(feed.job_ids()))
         error = f"the GPU failed while this file was in hand (the daemon restarted): {exc}"
         attempts = self.worker.config.jobs.attempts
         for job in feed.drop_jobs_objects():

@@ -571,3 +571,33 @@ def test_one_engine_per_device_fed_from_one_queue(tmp_path: Path, tiny_model: Pa
         for b in made:
             b.unload()
         queue.close()
+
+
+def test_the_daemon_exits_non_zero_on_a_lost_gpu_and_the_attempt_counts(tmp_path: Path) -> None:
+    # issue 12.3, end to end: `vlwatch run` exits non-zero (systemd restarts it); the file's attempt is spent.
+    from tests.test_daemon import Daemon, put
+
+    config = tmp_path / "config.yaml"
+    config.write_text("model: {backend: devicelost, name: any}\nstate: ./state/state.db\n"
+                      "watch: [{path: ./inbox, settle: 0.3s}]\n"
+                      "rules: [{name: describe, match: ['*.png'], task: describe, output: md}]\n"
+                      "jobs: {attempts: 2}\n")
+    (tmp_path / "inbox").mkdir()
+    d = Daemon(tmp_path, config, VLWATCH_PLUGINS="tests.device_lost_backend")
+    try:
+        d.start(watchdog=False)
+        image = put(tmp_path / "inbox" / "poison.png", png(7))
+        wait_until(lambda: d.proc.poll() is not None, "the daemon to exit")
+        assert d.proc.returncode != 0, d.log()
+        assert "unrecoverable state" in d.log()
+        with Queue(tmp_path / "state" / "state.db") as q:
+            job = q.latest(image.absolute(), "describe")
+        assert job is not None and job.state == "queued" and job.attempts == 1, job
+        assert "GPU failed" in (job.error or "")
+        d.start(watchdog=False)  # the restart takes it again: the second attempt is the last
+        wait_until(lambda: d.proc.poll() is not None, "the daemon to exit again")
+        with Queue(tmp_path / "state" / "state.db") as q:
+            job = q.latest(image.absolute(), "describe")
+        assert job.state == "failed" and job.attempts == 2, job  # a poison file cannot loop forever
+    finally:
+        d.close()
