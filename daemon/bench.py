@@ -8,13 +8,21 @@ same synthetic images, side by side:
    (for a server backend: one request per call);
 2. batch 1 through the worker (the latency of a lone image, warm);
 3. the batching worker at each ``--batch-sizes`` entry (``auto`` and numbers);
-4. with ``--max-gpu-memory``, the worker under that cap, ``batch_size: auto``.
+4. with ``--max-gpu-memory``, the worker under that cap, ``batch_size: auto``;
+5. with ``--devices``, one engine per device (``batch_size: auto`` each),
+   the images split between them and run at once (issue 12.5).
 
 Every request gets exactly ``--new-tokens`` tokens (end-of-sequence is ignored:
 random weights would stop at arbitrary points), so the setups do the same
 work.  The table gives images/min, seconds per image, time to first token,
 decode tokens/s and peak GPU memory (the CUDA allocator's reserved bytes,
 which the cap bounds; the CUDA context's few hundred MiB come on top).
+
+``--verify`` checks exactness instead of speed: the slot engine against
+stock ``model.generate`` (one request per call) in float32, on images of
+several sizes run through fewer slots than requests (so slots are refilled
+mid-run) with different budgets, token for token; exit 1 on any mismatch.
+Run it after upgrading torch or transformers.
 
 Time to first token is the mean, over requests, of the time from when a
 batch slot was free for the request to its first token: in a batch it
@@ -44,6 +52,9 @@ log = logging.getLogger(__name__)
 DEFAULT_PROMPT = "Describe this image in detail."
 GiB = 2**30
 _BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+#: --verify's image sizes: small to a full 1036 px image, square, wide and tall,
+#: one wider than an attention window and several with clipped edge windows.
+VERIFY_SIZES = ("224x224", "448x336", "336x672", "1036x1036", "812x476", "112x112", "644x980", "560x560")
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -70,6 +81,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images for the batch-1 latency setup (default 3)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt sent with each image")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    parser.add_argument("--devices", metavar="LIST",
+                        help="add a setup with one engine per device: auto (every GPU) or e.g. cuda:0,cuda:1")
+    parser.add_argument("--verify", action="store_true",
+                        help="check the engine's tokens against stock model.generate in float32 (exit 1 on a mismatch)")
+    parser.add_argument("--verify-sizes", default=",".join(VERIFY_SIZES), metavar="LIST",
+                        help="--verify: image sizes, comma-separated WxH")
+    parser.add_argument("--verify-slots", type=int, default=4, metavar="N",
+                        help="--verify: engine slots, fewer than the sizes (default 4)")
     parser.add_argument("--save", metavar="DIR", type=Path,
                         help="also write the table (.md) and the JSON, with the command line, into DIR")
 
@@ -98,6 +117,8 @@ class Setup:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if getattr(args, "verify", False):
+        return run_verify(args)
     width, height = parse_size(args.size)
     model = _model_config(args, width * height)
     setups = plan(args, model)
@@ -105,6 +126,8 @@ def run_bench(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     images = synthetic_images(max(s.images for s in setups), width, height)
     results = [run_setup(backend, model, setup, images, args) for setup in setups]
+    if getattr(args, "devices", None):
+        results.append(run_engines(backend, model, images[:args.images], args))
     header = describe(backend, model, args, width, height)
     report = {"command": command_line(), "header": header, "results": [asdict(r) for r in results],
               "seconds": time.perf_counter() - started}
@@ -113,6 +136,74 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.save:
         save(args.save, report, table)
     return ExitCode.OK
+
+
+# ------------------------------------------------------------------ verify
+
+
+@dataclass
+class VerifyRow:
+    size: str
+    image_tokens: int
+    budget: int
+    engine_tokens: int
+    stock_tokens: int
+    first_difference: int | None  # index of the first differing token, None when equal
+
+    @property
+    def same(self) -> bool:
+        return self.first_difference is None
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """The engine against stock ``model.generate`` in float32, token for token; exit 1 on a mismatch."""
+    from daemon.backends import Request
+
+    sizes = [parse_size(item) for item in args.verify_sizes.split(",") if item.strip()]
+    slots = max(1, args.verify_slots)
+    if len(sizes) <= slots:
+        log.warning("--verify: %d sizes through %d slots: no slot is refilled", len(sizes), slots)
+    largest = max(w * h for w, h in sizes)
+    model = replace(_model_config(args, largest), dtype="float32", batch_size=slots)
+    if model.backend != "transformers":
+        raise VlwatchError("--verify needs the transformers backend", ExitCode.USAGE)
+    backend = _backend(model, args.load_format)
+    # Budgets differ, so sequences end at different steps and slots refill mid-run.
+    step = max(1, args.new_tokens // (2 * len(sizes)))
+    budgets = [max(2, args.new_tokens - step * i) for i in range(len(sizes))]
+    requests = [Request((synthetic_images(1, w, h)[0],), args.prompt, n) for (w, h), n in zip(sizes, budgets)]
+    started = time.perf_counter()
+    backend.set_engine("auto")
+    engine = backend.token_ids(requests, engine="auto")
+    backend.set_engine("hf")
+    stock = backend.token_ids(requests, engine="hf")
+    rows = []
+    for (w, h), n, a, b in zip(sizes, budgets, engine, stock):
+        diff = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if diff is None and len(a) != len(b):
+            diff = min(len(a), len(b))
+        rows.append(VerifyRow(f"{w}x{h}", (w // 28) * (h // 28), n, len(a), len(b), diff))
+    same = sum(r.same for r in rows)
+    header = describe(backend, model, args, *sizes[0])
+    header.pop("image", None), header.pop("image_tokens", None)
+    header.update(dtype="float32", slots=slots, requests=len(rows))
+    table = format_verify(header, rows, same)
+    report = {"command": command_line(), "header": header, "rows": [asdict(r) for r in rows], "same": same,
+              "requests": len(rows), "seconds": time.perf_counter() - started}
+    print(json.dumps(report, indent=2) if args.json else table)
+    if args.save:
+        save(args.save, report, table, prefix="verify")
+    return ExitCode.OK if same == len(rows) else ExitCode.FAILED
+
+
+def format_verify(header: dict[str, Any], rows: list[VerifyRow], same: int) -> str:
+    first = ", ".join(f"{k} {v}" for k, v in header.items())
+    lines = ["| image | image tokens | budget | engine tokens | stock tokens | result |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        result = "same" if r.same else f"DIFFERENT from token {r.first_difference}"
+        lines.append(f"| {r.size} | {r.image_tokens} | {r.budget} | {r.engine_tokens} | {r.stock_tokens} | {result} |")
+    verdict = f"{same} of {len(rows)} requests gave the same tokens" + ("" if same == len(rows) else ": MISMATCH")
+    return f"vlwatch bench --verify: {first}\n\n" + "\n".join(lines) + f"\n\n{verdict}"
 
 
 # ------------------------------------------------------------------ setup
@@ -233,6 +324,59 @@ def run_setup(backend: Any, model: Any, setup: Setup, images: list[Any], args: a
     return result
 
 
+def run_engines(first: Any, model: Any, images: list[Any], args: argparse.Namespace) -> SetupResult:
+    """One engine per device, the images split evenly, all running at once (threads, as in the daemon)."""
+    import threading
+
+    from daemon.backends import Request
+    from daemon.backends import engine_devices
+
+    wanted = ("auto",) if args.devices.strip() == "auto" else tuple(d.strip() for d in args.devices.split(",") if d.strip())
+    devices = [d or model.device for d in engine_devices(replace(model, devices=wanted))]
+    if len(devices) < 2:
+        log.warning("bench: --devices %s gives %d device(s)", args.devices, len(devices))
+    config = replace(model, batch_size=None)
+    backends = [first] + [_backend(replace(config, device=d), args.load_format) for d in devices[1:]]
+    setup = Setup(f"batched worker, {len(devices)} engines ({', '.join(devices)})", len(images), None)
+    workers, shares = [], []
+    for i, (backend, device) in enumerate(zip(backends, devices)):
+        _configure(backend, replace(config, device=device), setup)
+        share = [Request((img,), args.prompt, args.new_tokens) for img in images[i::len(devices)]]
+        worker = _worker(replace(config, device=device), backend)
+        log.info("bench: engine %d on %s, %d images: warming up", i, device, len(share))
+        _warm_up(backend, share, worker.batch_size())
+        workers.append(worker)
+        shares.append(share)
+    for backend in backends:
+        _reset_peak_memory(backend)
+    batches = ", ".join(str(w.batch_size()) for w in workers)
+    done: list[list[Any]] = [[] for _ in workers]
+
+    def run(i: int) -> None:
+        done[i] = workers[i].infer([_prepared(r, k) for k, r in enumerate(shares[i])])
+
+    threads = [threading.Thread(target=run, args=(i,), name=f"bench-engine-{i}") for i in range(len(workers))]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - t0
+    for w in workers:
+        w.close()
+    failed = [a for answers in done for a in answers if isinstance(a, str)]
+    if failed or sum(len(d) for d in done) != len(images):
+        raise VlwatchError(f"bench: {setup.name}: {failed[0] if failed else 'an engine did not finish'}")
+    peaks = [p for p in (_peak_memory(b) for b in backends) if p is not None]
+    n = len(images)
+    result = SetupResult(setup=setup.name, batch=f"auto ({batches})", images=n, seconds=round(seconds, 3),
+                         images_per_min=round(60 * n / seconds, 2), s_per_image=round(seconds / n, 3), ttft_s=None,
+                         decode_tok_s=None, peak_gpu_gib=round(max(peaks) / GiB, 2) if peaks else None,
+                         new_tokens=n * args.new_tokens)
+    log.info("bench: %s: %.1f images/min", setup.name, result.images_per_min)
+    return result
+
+
 def _configure(backend: Any, config: Any, setup: Setup) -> None:
     if callable(getattr(backend, "reconfigure", None)):
         backend.reconfigure(config)  # batch size, memory cap; each setup sizes its own cache
@@ -275,20 +419,30 @@ def _warm_up(backend: Any, requests: list[Any], batch: int) -> float | None:
 
 
 def _record_stats(backend: Any, sink: list[dict[str, Any]] | None) -> None:
-    """Collect ``backend.last_stats`` after every generate() call while ``sink`` is set."""
+    """Collect ``backend.last_stats`` after every generate()/generate_each() call while ``sink`` is set."""
+    names = [n for n in ("generate", "generate_each") if callable(getattr(type(backend), n, None))]
     if sink is None:
-        backend.__dict__.pop("generate", None)
+        for name in names:
+            backend.__dict__.pop(name, None)
         return
-    stock = type(backend).generate
+    for name in names:
+        backend.__dict__[name] = _recording(backend, getattr(type(backend), name), sink)
 
-    def generate(requests: Sequence[Any]) -> Any:
-        out = stock(backend, requests)
+
+def _recording(backend: Any, stock: Any, sink: list[dict[str, Any]]) -> Any:
+    def call(requests: Sequence[Any]) -> Any:
+        depth = backend.__dict__.get("_bench_depth", 0)
+        backend.__dict__["_bench_depth"] = depth + 1
+        try:
+            out = stock(backend, requests)
+        finally:
+            backend.__dict__["_bench_depth"] = depth
         stats = getattr(backend, "last_stats", None)
-        if stats:
+        if stats and depth == 0:  # generate() calls generate_each(): count the work once
             sink.append(dict(stats))
         return out
 
-    backend.generate = generate
+    return call
 
 
 def _summarise(setup: Setup, batch: str, seconds: float, stats: list[dict[str, Any]],
@@ -324,8 +478,9 @@ def _reset_peak_memory(backend: Any) -> None:
     if _cuda(backend):
         import torch
 
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        device = backend._model.device
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def _peak_memory(backend: Any) -> float | None:
@@ -333,8 +488,9 @@ def _peak_memory(backend: Any) -> float | None:
         return None
     import torch
 
-    torch.cuda.synchronize()
-    return float(torch.cuda.max_memory_reserved())
+    device = backend._model.device
+    torch.cuda.synchronize(device)
+    return float(torch.cuda.max_memory_reserved(device))
 
 
 # ------------------------------------------------------------------ output
@@ -381,9 +537,9 @@ def command_line() -> str:
     return "vlwatch " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "vlwatch bench"
 
 
-def save(folder: Path, report: dict[str, Any], table: str) -> None:
+def save(folder: Path, report: dict[str, Any], table: str, prefix: str = "bench") -> None:
     folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    (folder / f"bench-{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (folder / f"bench-{stamp}.md").write_text(f"    {report['command']}\n\n{table}\n")
-    log.info("bench: wrote %s/bench-%s.{md,json}", folder, stamp)
+    (folder / f"{prefix}-{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (folder / f"{prefix}-{stamp}.md").write_text(f"    {report['command']}\n\n{table}\n")
+    log.info("bench: wrote %s/%s-%s.{md,json}", folder, prefix, stamp)

@@ -210,6 +210,9 @@ def status_info(config: Config, failures: int = 10) -> dict[str, object]:
     info["backend"] = meta.get("backend") if pid is not None else None
     # An output disk that refuses writes pauses the queue like a backend outage (issue 10.8).
     info["storage"] = meta.get("storage") if pid is not None else None
+    # One entry per engine when model.devices runs several (issue 12.5).
+    engines = sorted((k for k in meta if k.startswith("engine.") and k[7:].isdigit()), key=lambda k: int(k[7:]))
+    info["engines"] = [{"engine": int(k[7:]), **meta[k]} for k in engines] if pid is not None else []
     return info
 
 
@@ -228,6 +231,9 @@ def format_status(info: dict) -> str:
         state = "loaded" if model.get("loaded") else "not loaded"
         since = f" since {_when(model['since'])}" if model.get("since") else ""
         lines.append(f"model    {model.get('model')} ({model.get('backend')}): {state}{since}")
+    for engine in info.get("engines") or []:
+        state = "loaded" if engine.get("loaded") else "not loaded"
+        lines.append(f"engine {engine['engine']} on {engine.get('device')}: {state}, {engine.get('done', 0)} files done")
     backend = info.get("backend")
     if backend and not backend.get("available", True):
         lines.append(f"backend  unavailable since {_when(backend.get('since'))}: {backend.get('error')}; "

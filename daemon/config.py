@@ -71,6 +71,9 @@ class ModelConfig:
     attention: str = "auto"
     dtype: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
     device: str = "auto"  # auto = cuda if present, else cpu
+    #: one engine per device (issue 12.5): () = one engine on ``device``;
+    #: ("auto",) = every visible GPU; or a list such as ("cuda:0", "cuda:1")
+    devices: tuple[str, ...] = ()
     min_pixels: int = 4 * 28 * 28
     max_pixels: int = 1003520
     batch_size: int | None = None  # None = auto
@@ -538,7 +541,7 @@ def _did_you_mean(key: str, allowed: tuple[str, ...]) -> str:
 # --------------------------------------------------------------------- sections
 
 _TOP_KEYS = ("model", "state", "include", "watch", "rules", "jobs", "api", "hooks")
-_MODEL_KEYS = ("backend", "name", "attention", "dtype", "device", "min_pixels", "max_pixels", "batch_size",
+_MODEL_KEYS = ("backend", "name", "attention", "dtype", "device", "devices", "min_pixels", "max_pixels", "batch_size",
                "max_gpu_memory", "max_new_tokens", "idle_unload", "base_url", "api_key_env",
                "max_concurrency", "timeout")
 _WATCH_KEYS = ("path", "rules", "recursive", "polling", "settle", "output_dir", "follow_symlinks_out")
@@ -616,6 +619,11 @@ def _read_model(r: _Reader, node: yaml.Node) -> ModelConfig:
     if "device" in keys:
         kw["device"] = _read_device(r, keys["device"], w + "device",
                                     local=kw.get("backend", "transformers") == "transformers")
+    if "devices" in keys and not r.is_null(keys["devices"]):
+        if r.value(keys["devices"]) == "auto":
+            kw["devices"] = ("auto",)
+        else:
+            kw["devices"] = tuple(d for d, _ in r.string_list(keys["devices"], w + "devices"))
     for k in ("min_pixels", "max_pixels", "max_new_tokens"):
         if k in keys:
             kw[k] = r.integer(keys[k], w + k, minimum=1)

@@ -1,9 +1,23 @@
 """The engine: runs queued jobs through the model and records what became of each.
 
-``WorkerLoop`` is the thread that owns the backend: it claims jobs from the
-durable queue and hands them to the ``Worker``; ``Processor`` records each
+``WorkerLoop`` is the thread that owns the backend; ``Processor`` records each
 job's outcome (done, retried with backoff, failed, dropped).  ``vlwatch
 scan`` uses ``Processor`` too, without the thread.
+
+Continuous admission: with a backend that admits requests itself
+(``serve``: the transformers backend's slot engine), the loop hands it a
+``JobFeed``: interactive requests (``submit``: the API, ``vlwatch ask``)
+first, then the pages of queued jobs, claimed a few at a time as slots free
+up and decoded on the worker's threads ahead of the GPU.  Each answer comes
+back as soon as its sequence ends; a file's sidecars are written (on a
+writer thread, off the GPU's path) and its job recorded when its last page
+is done.  Other backends (a server, plugins) get batches as before, with
+interactive requests between batches.
+
+A sticky CUDA error (``DeviceLostError``) cannot be recovered in-process:
+the jobs in hand are put back with the attempt spent (so a poison file
+cannot loop forever) and the loop ends; the daemon then exits non-zero and
+systemd restarts it.
 
 Failures: a file that fails is retried ``jobs.attempts`` times with
 exponential backoff (``jobs.backoff``, doubling) and then marked failed with
@@ -32,14 +46,14 @@ import os
 import sqlite3
 import threading
 import time
-from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 from daemon import hooks
-from daemon.backends import Answer, Request
+from daemon.backends import Answer, DeviceLostError, Item, Request, engine_devices
 from daemon.config import Config, local_model_path
 from daemon.errors import (
     BackendUnavailableError,
@@ -52,7 +66,7 @@ from daemon.outputs import TEMP_PREFIX, TEMP_SUFFIX
 from daemon.queue import Job, Queue, content_hash
 from daemon.rules import Match, match_file
 from daemon.watching import file_signature
-from daemon.worker import STORAGE_ERRNOS, Worker
+from daemon.worker import STORAGE_ERRNOS, Outcome, Prepared, Worker, error_text
 
 log = logging.getLogger(__name__)
 
@@ -308,10 +322,14 @@ class WorkerLoop(threading.Thread):
     """
 
     def __init__(self, queue: Queue, worker: Worker, processor: Processor,
-                 backlog: Callable[[], int] = lambda: 0) -> None:
-        super().__init__(name="vlwatch-worker", daemon=True)
+                 backlog: Callable[[], int] = lambda: 0, *, index: int = 0, device: str | None = None) -> None:
+        super().__init__(name="vlwatch-worker" + (f"-{index}" if index else ""), daemon=True)
         self.queue = queue
         self.worker = worker
+        self.index = index  # which engine of an EngineGroup (0 when there is one)
+        self.device = device  # its device, when the group placed it (model.devices)
+        self.done = 0  # files finished by this engine (for status)
+        self._siblings: list[WorkerLoop] = [self]  # loops sharing the interactive requests
         self.processor = processor
         self._backlog = backlog
         self._yielding_since: float | None = None
@@ -326,8 +344,17 @@ class WorkerLoop(threading.Thread):
         self._outage_pause = 0.0
         self._outage_since: float | None = None
         self._outage_key = "backend"
-        self._model_loaded: bool | None = None
+        self._model_loaded: tuple[bool, bool] | None = None  # (loaded, backend unavailable) last recorded
         self._interactive: collections.deque[tuple[Request, Future[Answer]]] = collections.deque()
+        self._in_hand_lock = threading.Lock()
+        #: the sticky device error that ended the loop (the daemon then exits non-zero)
+        self.fatal: DeviceLostError | None = None
+        self._watch_backend(worker.backend)
+
+    def _watch_backend(self, backend: Any) -> None:
+        # Record the model's state the moment it loads or unloads, not after the next batch (issue 11.6).
+        if hasattr(backend, "on_state_change"):
+            backend.on_state_change = self._note_model_state
 
     def submit(self, request: Request) -> Future[Answer]:
         """Answer ``request`` ahead of the folder backlog (the API, ``vlwatch ask``).
@@ -337,7 +364,8 @@ class WorkerLoop(threading.Thread):
         """
         future: Future[Answer] = Future()
         self._interactive.append((request, future))
-        self._wake.set()
+        for loop in self._siblings:  # whichever engine has a free slot first takes it
+            loop._wake.set()
         return future
 
     def wake(self) -> None:
@@ -366,9 +394,14 @@ class WorkerLoop(threading.Thread):
             _, future = self._interactive.popleft()
             if future.set_running_or_notify_cancel():
                 future.set_exception(BackendUnavailableError("the daemon is stopping"))
+        if getattr(self.worker.backend, "on_state_change", None) == self._note_model_state:
+            self.worker.backend.on_state_change = None  # the queue it writes to may close now
 
     def _step(self) -> None:
         self._swap_worker()
+        if callable(getattr(self.worker.backend, "serve", None)):
+            self._step_live()
+            return
         if self._interactive:
             self._serve_interactive()
             return
@@ -395,6 +428,69 @@ class WorkerLoop(threading.Thread):
         self.in_hand = [j.id for j in jobs]
         if jobs:
             self._run(jobs)
+
+    # ------------------------------------------------------------ continuous admission
+
+    def _step_live(self) -> None:
+        """Hand the backend a live feed until it has nothing more (or the loop is told to stop)."""
+        now = time.time()
+        paused = self.paused_until > now
+        if not paused and not self.processor.flush():  # results the state database refused: nothing new yet
+            self._backend_down(self.processor.state_down())
+            paused = True
+        elif not paused and self._outage_key == "state":
+            self._backend_back()
+        if not self._interactive:
+            if paused:
+                self._sleep(self.paused_until - now)
+                return
+            if self.queue.due_count() == 0:
+                self._sleep(self._idle_timeout())
+                return
+            if self._yield_to_intake():
+                self._sleep(0.05)
+                return
+        feed = JobFeed(self)
+        with self.batch_lock:
+            self.busy_since = time.monotonic()
+            try:
+                self.worker.backend.serve(feed)
+                feed.close()  # the writer finishes: an outage it met is known now
+                if feed.outage is not None:
+                    self._backend_down(feed.outage)
+                elif feed.claimed:
+                    self._backend_back()
+            except DeviceLostError as exc:
+                self._device_lost(feed, exc)
+            except (BackendUnavailableError, ModelMissingError) as exc:
+                # The machine's problem (server down, weights gone), not the files':
+                # pause the queue without spending attempts.
+                self.in_hand = feed.drop_jobs()
+                feed.fail_asks(exc)
+                self._backend_down(exc if isinstance(exc, BackendUnavailableError)
+                                   else BackendUnavailableError(str(exc)))
+            except Exception as exc:  # a bug in the backend's loop: the jobs in hand fail, the daemon goes on
+                log.exception("the engine failed")
+                feed.fail_everything(f"unexpected error: {type(exc).__name__}: {exc}")
+            finally:
+                feed.close()
+                self.in_hand = []
+                self.busy_since = None
+                self.last_work = time.monotonic()
+        self._note_model_state()
+        self._note_engine()
+
+    def _device_lost(self, feed: JobFeed, exc: DeviceLostError) -> None:
+        log.critical("%s; the %d jobs in hand go back on the queue (attempt spent); exiting for a restart",
+                     exc, len(feed.job_ids()))
+        error = f"the GPU failed while this file was in hand (the daemon restarted): {exc}"
+        attempts = self.worker.config.jobs.attempts
+        for job in feed.drop_jobs_objects():
+            # The attempt stays spent: a file that crashes the GPU each time fails for good.
+            self.queue.fail(job.id, error, retry_at=time.time() if job.attempts < attempts else None)
+        feed.fail_asks(BackendUnavailableError("the GPU failed; the daemon restarts"))
+        self.fatal = exc
+        self.stopping.set()
 
     def _serve_interactive(self) -> None:
         # First version: interactive requests run between folder batches, one
@@ -467,6 +563,7 @@ class WorkerLoop(threading.Thread):
                 "state": "state database refuses writes"}.get(key, key)
         log.warning("%s (%s); queue paused for %gs, no attempts spent", what, exc, self._outage_pause)
         self._set_meta(key, {"available": False, "error": str(exc), "retry_at": until, "since": self._outage_since})
+        self._note_model_state()
 
     def _backend_back(self) -> None:
         if self._outage_pause:
@@ -475,6 +572,8 @@ class WorkerLoop(threading.Thread):
                      .get(self._outage_key, "backend"))
             self._set_meta(self._outage_key, None)
 
+            self._note_model_state()
+
     def _set_meta(self, key: str, value: dict[str, object] | None) -> None:
         try:
             self.queue.set_meta(key, value)
@@ -482,12 +581,33 @@ class WorkerLoop(threading.Thread):
             log.debug("cannot record %s state: %s", key, exc)
 
     def _note_model_state(self) -> None:
-        loaded = bool(getattr(self.worker.backend, "loaded", False))
-        if loaded != self._model_loaded:
-            self._model_loaded = loaded
-            backend = self.worker.backend
-            self.queue.set_meta("model", {"backend": backend.name, "model": backend.model, "loaded": loaded,
-                                          "since": time.time()})
+        """Record (for ``status``) whether the model is loaded, when that changes.
+
+        With the backend unreachable (a server down) the model is not usable,
+        whatever connections the client keeps: not "loaded" (issue 11.6).
+        """
+        backend = self.worker.backend
+        down = self._outage_since is not None
+        loaded = bool(getattr(backend, "loaded", False)) and not down
+        if (loaded, down) != self._model_loaded:
+            self._model_loaded = (loaded, down)
+            state: dict[str, object] = {"backend": backend.name, "model": backend.model, "loaded": loaded,
+                                        "since": time.time()}
+            if down:
+                state["unavailable"] = True
+            if self.index == 0:
+                self.queue.set_meta("model", state)
+            self._note_engine(state)
+
+    def _note_engine(self, state: dict[str, object] | None = None) -> None:
+        """Per-engine status (issue 12.5): ``engine.<index>`` in the state database's meta."""
+        if len(self._siblings) < 2:
+            return
+        if state is None:
+            loaded, down = self._model_loaded or (False, False)
+            state = {"backend": self.worker.backend.name, "model": self.worker.backend.model, "loaded": loaded}
+        self.queue.set_meta(f"engine.{self.index}", {**state, "device": self.device or self.worker.config.model.device,
+                                                     "done": self.done, "updated": time.time()})
 
     def unload_if_idle(self, idle_unload: float) -> None:
         """Free the model's memory after ``idle_unload`` seconds without a batch."""
@@ -509,8 +629,11 @@ class WorkerLoop(threading.Thread):
             return
         old = self.worker
         self.worker = new
+        self._watch_backend(new.backend)
         old.close()
         if old.backend is not new.backend:
+            if getattr(old.backend, "on_state_change", None) is not None:
+                old.backend.on_state_change = None
             unload = getattr(old.backend, "unload", None)
             if callable(unload):
                 unload()
@@ -526,6 +649,365 @@ class WorkerLoop(threading.Thread):
     def _sleep(self, seconds: float) -> None:
         self._wake.wait(max(0.0, seconds))
         self._wake.clear()
+
+
+# ---------------------------------------------------------------- one engine per GPU
+
+
+def start_engines(queue: Queue, config: Config, processor: Processor, *, backlog: Callable[[], int] = lambda: 0,
+                  make_backend: Callable[[Any], Any] | None = None) -> WorkerLoop | EngineGroup:
+    """The daemon's engine(s) for ``config``: a WorkerLoop, or an EngineGroup of one per device."""
+    if make_backend is None:
+        from daemon.backends import create_backend
+
+        make_backend = create_backend
+    devices = engine_devices(config.model)
+    loops = []
+    for index, device in enumerate(devices):
+        model = config.model if device is None else replace(config.model, device=device, devices=())
+        worker = Worker(replace(config, model=model), make_backend(model))
+        loops.append(WorkerLoop(queue, worker, processor, backlog, index=index, device=device))
+    if len(loops) == 1:
+        return loops[0]
+    return EngineGroup(loops, make_backend)
+
+
+class EngineGroup:
+    """Several WorkerLoops, one per device, fed from the same queue; looks like one WorkerLoop to the service.
+
+    Each claims jobs as its own slots free up (claims are transactions on the
+    shared queue) and they share one list of interactive requests, so an
+    ``ask`` goes to whichever engine has a free slot first.
+    """
+
+    def __init__(self, loops: list[WorkerLoop], make_backend: Callable[[Any], Any]) -> None:
+        self.loops = loops
+        self._make_backend = make_backend
+        shared = loops[0]._interactive
+        for loop in loops:
+            loop._interactive = shared
+            loop._siblings = loops
+
+    # -- what the service and the API use of a WorkerLoop
+    @property
+    def worker(self) -> Worker:
+        return self.loops[0].worker
+
+    @property
+    def busy_since(self) -> float | None:
+        busy = [loop.busy_since for loop in self.loops if loop.busy_since is not None]
+        return min(busy) if busy else None
+
+    @property
+    def paused_until(self) -> float:
+        return max(loop.paused_until for loop in self.loops)
+
+    @property
+    def in_hand(self) -> list[int]:
+        return [job for loop in self.loops for job in loop.in_hand]
+
+    @property
+    def fatal(self) -> DeviceLostError | None:
+        return next((loop.fatal for loop in self.loops if loop.fatal is not None), None)
+
+    def submit(self, request: Request) -> Future[Answer]:
+        return self.loops[0].submit(request)
+
+    def start(self) -> None:
+        for loop in self.loops:
+            loop.start()
+
+    def is_alive(self) -> bool:
+        return all(loop.is_alive() for loop in self.loops)
+
+    def stop(self) -> None:
+        for loop in self.loops:
+            loop.stop()
+
+    def join(self, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for loop in self.loops:
+            loop.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        for loop in self.loops[1:]:  # the service closes the first one's worker
+            if not loop.is_alive():
+                loop.worker.close()
+
+    def wake(self) -> None:
+        for loop in self.loops:
+            loop.wake()
+
+    def unload_if_idle(self, idle_unload: float) -> None:
+        for loop in self.loops:
+            loop.unload_if_idle(idle_unload)
+
+    def _note_model_state(self) -> None:
+        for loop in self.loops:
+            loop._note_model_state()
+
+    def replace_worker(self, worker: Worker) -> None:
+        """After a reload: the first engine takes ``worker``; each other one the same config on its device."""
+        first = self.loops[0]
+        same_backend = worker.backend is first.worker.backend
+        if not same_backend and first.device is not None:  # a new model: on the first engine's device too
+            model = replace(worker.config.model, device=first.device, devices=())
+            worker = Worker(replace(worker.config, model=model), self._make_backend(model))
+        first.replace_worker(worker)
+        for loop in self.loops[1:]:
+            model = worker.config.model if loop.device is None else replace(worker.config.model, device=loop.device,
+                                                                             devices=())
+            backend = loop.worker.backend if same_backend else self._make_backend(model)
+            loop.replace_worker(Worker(replace(worker.config, model=model), backend))
+
+
+@dataclass
+class _OpenJob:
+    job: Job
+    prep: Prepared
+    started: float
+    answers: dict[int, Answer | BaseException] = field(default_factory=dict)
+
+
+@dataclass
+class _Given:
+    """A stand-in worker for ``Processor.process``: the outcome is known already (continuous admission).
+
+    The processor then does for one job what it does for a batch: checks the
+    file is still the one queued, and records the outcome.
+    """
+
+    config: Config
+    outcome: Outcome | None
+
+    def process(self, matches: Sequence[Match]) -> list[Outcome]:
+        if self.outcome is None:
+            return [Outcome(matches[0], error="the file matched no rule when it was claimed")]
+        return [self.outcome]
+
+
+class JobFeed:
+    """The live ``Feed`` of one admission session: interactive requests, then queued jobs' pages.
+
+    Called from the backend's GPU loop; never blocks it: jobs are claimed a
+    few at a time (up to ``lookahead`` pages ahead of the slots) and read on
+    the worker's threads; finished files are written and recorded on a writer
+    thread.  Whatever is still in hand at the end goes back on the queue
+    without spending an attempt (``close``).
+    """
+
+    #: Least time between two claims that found nothing (each is a SQLite transaction).
+    CLAIM_EVERY = 0.25
+
+    def __init__(self, loop: WorkerLoop, lookahead: int | None = None) -> None:
+        self.loop = loop
+        self.worker = loop.worker
+        self.queue = loop.queue
+        self.lookahead = lookahead or min(64, max(1, self.worker.batch_size())) + 4
+        self.asks: dict[Hashable, Future[Answer]] = {}
+        self.open: dict[int, _OpenJob] = {}
+        self.ready: collections.deque[Item] = collections.deque()
+        self.preparing: list[tuple[Job, Future[Prepared | Outcome]]] = []
+        self.claimed = 0
+        self._may_have_more = True
+        self._last_empty_claim = 0.0
+        self._asks_seen = 0
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="vlwatch-writer")
+        self._lock = threading.Lock()  # open / in_hand, shared with the writer thread
+        #: an output disk or the state database that refused the writer (issues 10.7, 10.8): no
+        #: new jobs are claimed, and the loop pauses the queue once the backend hands back
+        self.outage: BackendUnavailableError | None = None
+
+    # -- the Feed protocol (GPU thread)
+    def next(self, urgent_only: bool = False) -> Item | None:
+        self.loop.busy_since = time.monotonic()
+        while self.loop._interactive:
+            request, future = self.loop._interactive.popleft()
+            if future.set_running_or_notify_cancel():
+                self._asks_seen += 1
+                key = ("ask", self._asks_seen)
+                self.asks[key] = future
+                return Item(key, request, urgent=True)
+        if urgent_only or self.stopping():
+            return None
+        self._collect()
+        if len(self.ready) + self._preparing_pages() < self.lookahead:
+            self._top_up()
+            self._collect()
+        return self.ready.popleft() if self.ready else None
+
+    def more(self) -> bool:
+        if self.stopping():
+            return False
+        return bool(self.loop._interactive or self.ready or self.preparing) or (
+            self._may_have_more and self.loop.paused_until <= time.time() and self.outage is None)
+
+    def wait(self, timeout: float) -> None:
+        self.loop._wake.wait(timeout)
+        self.loop._wake.clear()
+
+    def stopping(self) -> bool:
+        return self.loop.stopping.is_set() or self.loop._next_worker is not None
+
+    def deliver(self, key: Hashable, result: Answer | BaseException) -> None:
+        self.loop.busy_since = time.monotonic()
+        future = self.asks.pop(key, None)
+        if future is not None:
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+            return
+        job_id, page = key  # type: ignore[misc]
+        with self._lock:
+            opened = self.open.get(job_id)
+            if opened is None:
+                return
+            opened.answers[page] = result
+            if len(opened.answers) < len(opened.prep.requests):
+                return  # a multi-page file is done when its last page is
+            del self.open[job_id]
+        self._writer.submit(self._finish, opened)
+
+    def put_back(self, keys: Sequence[Hashable]) -> None:
+        jobs = set()
+        for key in keys:
+            future = self.asks.pop(key, None)
+            if future is not None:
+                future.set_exception(BackendUnavailableError("the daemon is stopping"))
+            else:
+                jobs.add(key[0])  # type: ignore[index]
+        self._release([j for j in jobs])
+
+    # -- for the loop
+    def job_ids(self) -> list[int]:
+        with self._lock:
+            return list(self.open) + [j.id for j, _ in self.preparing]
+
+    def drop_jobs_objects(self) -> list[Job]:
+        """Forget every job in hand (the caller records them) and return them."""
+        with self._lock:
+            jobs = [o.job for o in self.open.values()] + [j for j, _ in self.preparing]
+            self.open.clear()
+        for _, future in self.preparing:
+            future.cancel()
+        self.preparing.clear()
+        self.ready.clear()
+        with self.loop._in_hand_lock:
+            self.loop.in_hand = []
+        return jobs
+
+    def drop_jobs(self) -> list[int]:
+        return [j.id for j in self.drop_jobs_objects()]
+
+    def fail_asks(self, exc: BaseException) -> None:
+        for future in self.asks.values():
+            future.set_exception(exc)
+        self.asks.clear()
+
+    def fail_everything(self, error: str) -> None:
+        jobs = self.drop_jobs_objects()
+        for job in jobs:
+            self._record(job, None, error)
+        self.fail_asks(BackendUnavailableError(error))
+
+    def close(self) -> None:
+        """End of the session: wait for the writer; what is still in hand goes back on the queue."""
+        self._writer.shutdown(wait=True)
+        self._release(self.job_ids())
+        self.fail_asks(BackendUnavailableError("the request was not answered (the engine stopped)"))
+
+    # -- inside
+    def _preparing_pages(self) -> int:
+        return len(self.preparing)  # one page per file until it is read (most files have one)
+
+    def _top_up(self) -> None:
+        if self.loop.paused_until > time.time() or self.outage is not None:
+            return
+        if not self._may_have_more and time.monotonic() - self._last_empty_claim < self.CLAIM_EVERY:
+            return
+        want = self.lookahead - len(self.ready) - self._preparing_pages()
+        jobs = self.queue.claim(want)
+        self.claimed += len(jobs)
+        self._may_have_more = len(jobs) == want
+        if not jobs:
+            self._last_empty_claim = time.monotonic()
+        config = self.worker.config
+        for job in jobs:
+            with self.loop._in_hand_lock:
+                self.loop.in_hand.append(job.id)
+            matches = match_file(config, job.path, job.rule) if file_signature(job.path) is not None else []
+            if not matches:  # gone, or its rule removed: the processor drops it and says why
+                self._writer.submit(self._record, job, None, None)
+                continue
+            future = self.worker.submit_prepare(matches[0])
+            future.add_done_callback(lambda _: self.loop._wake.set())
+            self.preparing.append((job, future))
+
+    def _collect(self) -> None:
+        """Pages of files that have been read become ready; files that could not be read are recorded."""
+        still = []
+        for job, future in self.preparing:
+            if not future.done():
+                still.append((job, future))
+                continue
+            try:
+                got = future.result()
+            except Exception as exc:  # _safe_prepare catches everything; belt and braces
+                self._writer.submit(self._record, job, None, error_text(exc))
+                continue
+            if isinstance(got, Outcome):
+                self._writer.submit(self._record, job, got, None)
+                continue
+            if not got.requests:
+                self._writer.submit(self._finish, _OpenJob(job, got, time.monotonic()))
+                continue
+            with self._lock:
+                self.open[job.id] = _OpenJob(job, got, time.monotonic())
+            self.ready.extend(Item((job.id, i), r) for i, r in enumerate(got.requests))
+        self.preparing = still
+
+    def _finish(self, opened: _OpenJob) -> None:
+        """Writer thread: sidecars for a file whose pages are all answered, then its record."""
+        pages = [opened.answers.get(i) for i in range(len(opened.prep.requests))]
+        errors = [a for a in pages if isinstance(a, BaseException) or a is None]
+        got: list[Answer] | str = error_text(errors[0]) if errors and errors[0] is not None else \
+            ("no answer" if errors else pages)  # type: ignore[assignment]
+        outcome = self.worker.finish(opened.prep, got, opened.started)
+        self._record(opened.job, outcome, None)
+        if outcome.ok:
+            self.loop.done += 1
+
+    def _record(self, job: Job, outcome: Outcome | None, error: str | None) -> None:
+        """Writer thread: the processor checks the job's file and records ``outcome`` (or ``error``)."""
+        try:
+            if error is not None:
+                matches = match_file(self.worker.config, job.path, job.rule)
+                outcome = Outcome(matches[0], error=error) if matches else None
+            self.loop.processor.process(_Given(self.worker.config, outcome), [job])
+        except BackendUnavailableError as exc:
+            # The output disk is full (the job never really ran: back on the queue, no attempt
+            # spent) or the state database refused the commit (the processor keeps the outcome
+            # and records it once it can): either way the queue pauses (issues 10.7, 10.8).
+            self.outage = self.outage or exc
+            if not isinstance(exc, StateUnavailableError):
+                self.loop.processor.release([job.id])
+        except Exception:  # a bug: the job stays running and is recovered at the next start
+            log.exception("%s: could not record the outcome", job.path)
+        finally:
+            with self.loop._in_hand_lock:
+                if job.id in self.loop.in_hand:
+                    self.loop.in_hand.remove(job.id)
+
+    def _release(self, job_ids: Sequence[int]) -> None:
+        if not job_ids:
+            return
+        with self._lock:
+            for job_id in job_ids:
+                self.open.pop(job_id, None)
+        self.preparing = [(j, f) for j, f in self.preparing if j.id not in job_ids]
+        self.ready = collections.deque(i for i in self.ready if i.key[0] not in job_ids)  # type: ignore[index]
+        self.queue.release(job_ids)
+        with self.loop._in_hand_lock:
+            self.loop.in_hand = [j for j in self.loop.in_hand if j not in job_ids]
 
 
 def _answer_one(worker: Worker, request: Request, future: Future[Answer]) -> None:

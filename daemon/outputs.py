@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import ImageDraw, ImageFont
 
 from daemon import answers
 from daemon.backends import Answer
@@ -189,6 +189,8 @@ def _write_markdown(result: Result) -> Path:
         if not page.answer.finished:
             _warn_truncated(result, page)
             text += "\n<!-- vlwatch: the answer was cut off at max_new_tokens -->\n"
+        if getattr(page.answer, "looped", False):  # issue 12.4
+            text += "\n<!-- vlwatch: the model kept repeating itself; stopped early (a retry looped too) -->\n"
         parts.append(f"## Page {page.number}\n\n{text}" if multi else text)
     parts.append(provenance_comment(result))
     path = checked_sidecar_path(result.match, "md")
@@ -277,7 +279,7 @@ def _write_json(result: Result) -> Path:
     pages = []
     for page in result.pages:
         pages.append({"page": page.number, "answer": page.answer.text, "data": _json_or_none(page.answer.text),
-                      "truncated": not page.answer.finished})
+                      "truncated": not page.answer.finished, "looped": bool(getattr(page.answer, "looped", False))})
     if not _paged(result):
         doc.update({k: v for k, v in pages[0].items() if k != "page"})
     else:
@@ -331,7 +333,8 @@ def ground_boxes(page: PageResult) -> dict[str, object]:
         boxes.append({"label": box.label, "bbox": list(mapped)})
     if not boxes and not any("no usable" in w for w in warnings):
         warnings.append("the answer held no usable boxes")
-    return {"boxes": boxes, "raw_answer": page.answer.text, "warnings": warnings, "truncated": not page.answer.finished}
+    return {"boxes": boxes, "raw_answer": page.answer.text, "warnings": warnings, "truncated": not page.answer.finished,
+            "looped": bool(getattr(page.answer, "looped", False))}
 
 
 def draw_overlay(source: Path, boxes: list[dict]) -> bytes:

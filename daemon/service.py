@@ -41,7 +41,7 @@ from typing import Callable, Iterator
 
 from daemon.backends import Backend, create_backend
 from daemon.config import Config, WatchConfig, load_config
-from daemon.engine import Processor, WorkerLoop, check_model
+from daemon.engine import EngineGroup, Processor, WorkerLoop, check_model, start_engines
 from daemon.errors import (
     ConfigError,
     ExitCode,
@@ -155,7 +155,7 @@ class Daemon:
         self.queue: Queue | None = None
         self.settler = Settler(self._deliver)
         self.watcher = self._new_watcher()
-        self.loop: WorkerLoop | None = None
+        self.loop: WorkerLoop | EngineGroup | None = None
         self.api = None  # daemon.server.serve.ApiServer once started
         self.scheduler = Scheduler(rescan=lambda: self.catch_up("rescan"), idle_check=self._idle_check,
                                    prune=self._prune)
@@ -175,9 +175,9 @@ class Daemon:
         if any(recovered.values()):
             log.info("recovered interrupted jobs: %(queued)d queued again, %(done)d done, %(failed)d failed", recovered)
         self.queue.set_meta("daemon", {"pid": os.getpid(), "started": time.time(), "config": str(self.config_path)})
-        worker = Worker(self.config, create_backend(self.config.model))
-        self.loop = WorkerLoop(self.queue, worker, Processor(self.queue, self._requeue_changed),
-                               backlog=self._intake_load)
+        # One engine, or one per device (model.devices); the group looks like one WorkerLoop.
+        self.loop = start_engines(self.queue, self.config, Processor(self.queue, self._requeue_changed),
+                                  backlog=self._intake_load)
         self.loop._note_model_state()
         self.settler.start()
         self.watcher.start(self.config.watch)

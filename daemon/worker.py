@@ -9,10 +9,17 @@ The worker is the one place where files meet the backend:
 3. *write*: give each file its pages' answers back and write its sidecars
    (``daemon.outputs``).
 
-A failure is confined to its file: a file that cannot be decoded, a batch the
-backend rejects (retried one request at a time to find the culprit), or a
-sidecar that cannot be written becomes that file's ``Outcome.error``; every
-other file still gets its sidecars.
+A failure is confined to its file: a file that cannot be decoded, a request
+the backend fails on (whatever the exception: a batch that raises is retried
+one request at a time to find the culprit), or a sidecar that cannot be
+written becomes that file's ``Outcome.error``; every other file still gets
+its sidecars.  Two exceptions are not one file's fault and pass through: the
+backend is unreachable (``BackendUnavailableError``: the queue pauses) and the
+GPU is lost (``DeviceLostError``: the daemon restarts).
+
+The daemon's engine (``daemon.engine``) uses ``prepare`` and ``finish`` one
+file at a time around a backend that admits requests itself (``serve``);
+``process`` is the batch path (``vlwatch scan``, server backends).
 """
 
 from __future__ import annotations
@@ -22,14 +29,14 @@ import functools
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
-from daemon.backends import Answer, Backend, Request
+from daemon.backends import Answer, Backend, DeviceLostError, Request
 from daemon.config import Config
-from daemon.errors import BackendError, BackendUnavailableError, VlwatchError
+from daemon.errors import BackendUnavailableError, VlwatchError
 from daemon.images import Page, load_pages, printable
 from daemon.outputs import PageResult, Result, write_result
 from daemon.rules import Match, allowed_roots, render_prompt
@@ -190,15 +197,30 @@ class Worker:
 
     def _infer_batch(self, batch: list[tuple[int, int, Request]]) -> list[tuple[tuple[int, int], Answer | str]]:
         keys = [(fi, pi) for fi, pi, _ in batch]
+        requests = [r for _, _, r in batch]
+        each = getattr(self.backend, "generate_each", None)
+        if callable(each):  # the backend isolates failing requests itself
+            try:
+                got = each(requests)
+            except (BackendUnavailableError, DeviceLostError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - a backend bug: every request of the call fails with it
+                log.exception("the backend failed on a batch of %d", len(batch))
+                got = [exc] * len(batch)
+            return [(k, error_text(a) if isinstance(a, BaseException) else a) for k, a in zip(keys, got)]
         try:
-            return list(zip(keys, self.backend.generate([r for _, _, r in batch])))
-        except BackendUnavailableError:
-            raise  # not this batch's fault: the caller pauses instead of failing files
-        except BackendError as exc:
+            return list(zip(keys, self.backend.generate(requests), strict=True))
+        except (BackendUnavailableError, DeviceLostError):
+            raise  # not this batch's fault: the caller pauses (or restarts) instead of failing files
+        except Exception as exc:  # noqa: BLE001 - any exception: find the culprit, keep the rest (issue 12.3)
             if len(batch) == 1:
-                return [(keys[0], str(exc))]
-            log.warning("a batch of %d failed (%s); retrying one at a time", len(batch), exc)
+                return [(keys[0], error_text(exc))]
+            log.warning("a batch of %d failed (%s); retrying one at a time", len(batch), error_text(exc))
             return [pair for item in batch for pair in self._infer_batch([item])]
+
+    def finish(self, prep: Prepared, got: list[Answer] | str, started: float) -> Outcome:
+        """Write ``prep``'s sidecars from its pages' answers (or record the error); never raises."""
+        return self._finish(prep, got, started)
 
     def _finish(self, prep: Prepared, got: list[Answer] | str, started: float) -> Outcome:
         match = prep.match
@@ -229,6 +251,12 @@ class Worker:
 
     # ------------------------------------------------------------ plumbing
 
+    def submit_prepare(self, match: Match) -> "Future[Prepared | Outcome]":
+        """``prepare`` on the worker's threads (continuous admission reads files ahead of the GPU)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max(1, self.threads), thread_name_prefix="vlwatch-prepare")
+        return self._pool.submit(self._safe_prepare, match)
+
     def _map(self, fn, items: Iterable[Match]) -> Iterator[Prepared | Outcome]:
         items = list(items)
         if len(items) <= 1 or self.threads <= 1:
@@ -241,3 +269,10 @@ class Worker:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+
+def error_text(exc: BaseException) -> str:
+    """What a failed request records: the message of our own errors, the type too for anything else."""
+    if isinstance(exc, VlwatchError):
+        return str(exc)
+    return f"unexpected error: {type(exc).__name__}: {printable(str(exc))}"

@@ -98,34 +98,33 @@ def test_ignore_eos_generates_the_whole_budget(backend: TransformersBackend) -> 
     assert backend.last_stats["new_tokens"] == sum(r.max_new_tokens for r in requests)
 
 
-def test_out_of_memory_splits_the_batch(backend: TransformersBackend, one_at_a_time: list[Answer],
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """A CUDA OOM (simulated on the CPU) halves the batch and lowers the slot count for later batches."""
+def test_out_of_memory_shrinks_the_slots(backend: TransformersBackend, one_at_a_time: list[Answer],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CUDA OOM (simulated on the CPU) halves the slots and later runs keep the lower count."""
     fast = backend._fast
     run = fast.run
-    calls: list[tuple[int, int]] = []
+    calls: list[int] = []
 
-    def run_or_oom(prompts, *, total, slots, **kwargs):
-        calls.append((total, slots))
+    def run_or_oom(source, *, slots, **kwargs):
+        calls.append(slots)
         if slots > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return run(prompts, total=total, slots=slots, **kwargs)
+        return run(source, slots=slots, **kwargs)
 
     monkeypatch.setattr(fast, "run", run_or_oom)
     monkeypatch.setattr(backend, "_oom_slots", None)
     assert backend.generate(_requests()) == one_at_a_time
-    assert calls[0] == (6, 4)  # the batch that did not fit
-    assert all(slots <= 2 for _, slots in calls[1:])  # every retry with fewer slots
+    assert calls == [4, 2]  # the run that did not fit, then every request with fewer slots
     assert backend._oom_slots == 2
     monkeypatch.setattr(backend, "_oom_slots", None)
 
 
 def test_out_of_memory_on_one_image_is_a_backend_error(backend: TransformersBackend,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    def oom(requests):
+    def oom(prompt, slot, features):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(backend, "_generate", oom)
+    monkeypatch.setattr(backend._fast, "_prefill", oom)
     monkeypatch.setattr(backend, "_oom_slots", None)
     with pytest.raises(BackendError, match="out of GPU memory on a single image"):
         backend.generate(_requests()[:1])

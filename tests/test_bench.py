@@ -112,3 +112,48 @@ def test_builtin_dummy_config_is_qwen2_5_vl_7b(tmp_path: Path) -> None:
     assert tok.convert_tokens_to_ids("<|im_end|>") == 151645
     # A model that is on this machine brings its own config and processor.
     assert dummy_source(str(folder)) == folder
+
+
+# ------------------------------------------------------------------ --verify (issue 12.6)
+
+VERIFY = ("--verify-sizes", "56x56,112x84,84x140,168x168,56x112", "--verify-slots", "2", "--new-tokens", "14")
+
+
+def test_bench_verify_engine_equals_stock_generate(tiny_model: Path, tmp_path: Path) -> None:
+    done = run_vlwatch("bench", "--verify", "--model", tiny_model, *VERIFY, "--save", tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "5 of 5 requests gave the same tokens" in done.stdout
+    assert "dtype float32" in done.stdout and "slots 2" in done.stdout
+    md = next(tmp_path.glob("verify-*.md")).read_text()
+    assert md.startswith("    vlwatch bench --verify")
+
+
+def test_bench_verify_exits_1_on_a_mismatch(tiny_model: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from daemon.backends.transformers import TransformersBackend
+
+    stock = TransformersBackend.token_ids
+
+    def one_token_off(self, requests, *, engine):
+        got = stock(self, requests, engine=engine)
+        if engine == "auto":
+            longest = max(range(len(got)), key=lambda i: len(got[i]))
+            assert len(got[longest]) > 5
+            got[longest] = got[longest][:5] + [(got[longest][5] + 1) % 100] + got[longest][6:]
+        return got
+
+    monkeypatch.setattr(TransformersBackend, "token_ids", one_token_off)
+    args = build_parser().parse_args(["bench", "--verify", "--model", str(tiny_model), *VERIFY])
+    assert run_bench(args) == 1
+    out = capsys.readouterr().out
+    assert "DIFFERENT from token 5" in out and "4 of 5 requests gave the same tokens: MISMATCH" in out
+
+
+def test_bench_one_engine_per_device(tiny_model: Path) -> None:
+    # issue 12.5: the images split between engines running at once (two CPU "devices" here).
+    done = run_vlwatch("bench", "--model", tiny_model, *SMALL, "--devices", "cpu,cpu", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    last = report["results"][-1]
+    assert last["setup"] == "batched worker, 2 engines (cpu, cpu)" and last["batch"] == "auto (4, 4)"
+    assert last["images"] == 3 and last["images_per_min"] > 0

@@ -23,6 +23,7 @@ from PIL import Image
 
 import tests.stub_backend  # noqa: F401  registers the "stub" backend
 from daemon import outputs
+from daemon.backends import create_backend
 from daemon.config import parse_config
 from daemon.engine import Processor, WorkerLoop
 from daemon.queue import Candidate, Queue, content_hash
@@ -47,9 +48,9 @@ def wait_until(predicate: Callable[[], object], what: str, timeout: float = DEAD
         time.sleep(0.05)
 
 
-def make_config(tmp_path: Path, extra_rule: str = ""):
+def make_config(tmp_path: Path, extra_rule: str = "", model: str = "{backend: stub, name: stub-model}"):
     text = (
-        "model: {backend: stub, name: stub-model}\n"
+        f"model: {model}\n"
         f"state: {tmp_path}/state/state.db\n"
         f"watch: [{{path: {tmp_path}/inbox}}]\n"
         "rules:\n"
@@ -71,6 +72,20 @@ def setup(tmp_path: Path):
     config = make_config(tmp_path, "  - {name: pngonly, match: ['only/*'], task: custom, prompt: x, output: md, formats: [png]}\n")
     with Queue(config.state) as queue:
         worker = Worker(config, StubBackend(config.model), threads=1)
+        yield config, queue, worker
+        worker.close()
+
+
+@pytest.fixture(params=["batches", "live"])
+def either_path(request: pytest.FixtureRequest, tmp_path: Path):
+    """The stub backend (batches through ``Processor.process``) and the transformers backend
+    on the tiny checkpoint (the engine's live admission, which records from its writer thread)."""
+    model = "{backend: stub, name: stub-model}"
+    if request.param == "live":
+        model = f"{{backend: transformers, name: '{request.getfixturevalue('tiny_model')}', max_new_tokens: 4}}"
+    config = make_config(tmp_path, model=model)
+    with Queue(config.state) as queue:
+        worker = Worker(config, create_backend(config.model), threads=1)
         yield config, queue, worker
         worker.close()
 
@@ -193,10 +208,10 @@ class FullStateDisk:
         return self._queue.fail(*a, **kw)
 
 
-def test_a_failed_commit_leaves_no_job_running(setup, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_failed_commit_leaves_no_job_running(either_path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # issue 10.7: the sidecars are written, then the state disk is full at the
     # commit: the result is kept and recorded once writes work, no restart.
-    _config, queue, worker = setup
+    _config, queue, worker = either_path
     image = tmp_path / "inbox" / "a.png"
     image.write_bytes(png(7))
     job_id = enqueue(queue, image)
@@ -219,11 +234,11 @@ def test_a_failed_commit_leaves_no_job_running(setup, tmp_path: Path, caplog: py
 # -------------------------------------------------------------- issue 10.8
 
 
-def test_a_full_output_disk_pauses_without_spending_attempts(setup, tmp_path: Path,
+def test_a_full_output_disk_pauses_without_spending_attempts(either_path, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     # issue 10.8: ENOSPC while writing sidecars is an outage: pause, say so in
     # status, resume by itself once writes work; no file fails for it.
-    _config, queue, worker = setup
+    _config, queue, worker = either_path
     real_write = outputs.atomic_write
     disk = {"full": True, "refused": 0}
 

@@ -7,12 +7,20 @@ prompts) and after it (parsing, sidecars) is shared, so a backend only turns
 
 - ``transformers``: Qwen2.5-VL in this process, on the GPU (or the CPU).
 - ``openai``: any OpenAI-compatible ``/v1/chat/completions`` server.
+
+A backend that runs its own admission loop (the transformers backend's slot
+engine) also has ``serve(feed)``: it takes ``Item``s from a live ``Feed`` as
+its slots free up and hands each answer back as soon as it is done
+(``Feed.deliver``); the daemon's engine (``daemon.engine``) feeds it
+interactive requests first, then the durable queue's jobs.  Other backends
+get batches through ``generate``.
 """
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Protocol, Sequence
 
 from daemon.config import ModelConfig
 from daemon.errors import VlwatchError
@@ -57,6 +65,135 @@ class Answer:
     text: str
     new_tokens: int = 0
     finished: bool = True  # False when generation stopped at max_new_tokens
+    #: stopped early because the model kept repeating itself (and a retry with
+    #: light sampling repeated too): ``text`` is what came before the stop
+    looped: bool = False
+
+
+class DeviceLostError(RuntimeError):
+    """The accelerator is in a state this process cannot recover from (a sticky CUDA error).
+
+    "an illegal memory access", "device-side assert triggered", "unspecified
+    launch failure": after one of these every later CUDA call fails too.  The
+    daemon puts the jobs in hand back (the crash counts as an attempt, so a
+    poison file cannot loop forever) and exits non-zero for systemd to restart
+    it.  Deliberately not a ``BackendError``: nothing may retry it in-process.
+    """
+
+
+#: Messages of CUDA errors that poison the CUDA context for good.
+STICKY_CUDA_ERRORS = ("illegal memory access", "device-side assert", "cudaErrorLaunchFailure",
+                      "unspecified launch failure", "illegal instruction", "misaligned address",
+                      "cudaErrorIllegalAddress", "cudaErrorAssert")
+
+
+def is_sticky_cuda_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a CUDA error the process cannot recover from."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, DeviceLostError):
+            return True
+        text = str(exc)
+        if any(marker in text for marker in STICKY_CUDA_ERRORS):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
+@dataclass(frozen=True)
+class Item:
+    """One request a ``Feed`` hands to a backend's admission loop.
+
+    ``key`` is the feed's own handle (given back with the answer); ``urgent``
+    marks an interactive request, admitted before any queued work.
+    """
+
+    key: Hashable
+    request: Request
+    urgent: bool = False
+
+
+class Feed(Protocol):
+    """A live source of requests for ``serve``: polled, never blocking the GPU loop."""
+
+    def next(self, urgent_only: bool = False) -> Item | None:
+        """The next request to admit, interactive ones first; None when nothing is ready now.
+
+        ``urgent_only``: only an interactive request (the caller's lookahead is full).
+        """
+        ...
+
+    def more(self) -> bool:
+        """Whether anything is still on its way (being read, or waiting to be taken)."""
+        ...
+
+    def wait(self, timeout: float) -> None:
+        """Block up to ``timeout`` seconds until something may be ready."""
+        ...
+
+    def deliver(self, key: Hashable, result: "Answer | BaseException") -> None:
+        """The answer (or the error) of one request, as soon as it is done."""
+        ...
+
+    def put_back(self, keys: Sequence[Hashable]) -> None:
+        """Requests taken but not run (the loop is stopping, or the device is lost)."""
+        ...
+
+    def stopping(self) -> bool:
+        """Whether the loop should stop admitting and return (daemon stop, config reload)."""
+        ...
+
+
+class ListFeed:
+    """A ``Feed`` over a fixed list: what ``generate`` runs through ``serve``."""
+
+    def __init__(self, requests: Sequence[Request]) -> None:
+        self.requests = list(requests)
+        self._pending = collections.deque(Item(i, r) for i, r in enumerate(self.requests))
+        self.results: dict[int, Answer | BaseException] = {}
+
+    def next(self, urgent_only: bool = False) -> Item | None:
+        return self._pending.popleft() if self._pending and not urgent_only else None
+
+    def more(self) -> bool:
+        return bool(self._pending)
+
+    def wait(self, timeout: float) -> None:
+        return None
+
+    def deliver(self, key: Hashable, result: "Answer | BaseException") -> None:
+        self.results[key] = result  # type: ignore[index]
+
+    def put_back(self, keys: Sequence[Hashable]) -> None:
+        for key in keys:
+            self.results.setdefault(key, VlwatchError("the request was not run (stopped)"))  # type: ignore[index]
+
+    def stopping(self) -> bool:
+        return False
+
+    def answers(self) -> "list[Answer | BaseException]":
+        return [self.results.get(i, VlwatchError("no answer")) for i in range(len(self.requests))]
+
+
+def engine_devices(model: Any) -> list[str | None]:
+    """Where to run one engine each (issue 12.5): ``[None]`` is one engine on ``model.device``.
+
+    ``model.devices: auto`` is every visible CUDA device (one engine if there
+    is none); a list is taken as given.  Data parallel, no NCCL: each engine
+    holds a whole copy of the model (a 7B model fits one GPU many times over).
+    """
+    devices = tuple(getattr(model, "devices", ()) or ())
+    if not devices or model.backend != "transformers":
+        return [None]
+    if devices == ("auto",):
+        try:
+            import torch
+        except ImportError:
+            return [None]
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [f"cuda:{i}" for i in range(count)] or [None]
+    return list(devices)
 
 
 class Backend(Protocol):

@@ -1,4 +1,4 @@
-"""Fast greedy generation for Qwen2.5-VL: slot-based continuous batching and CUDA graphs.
+"""Fast generation for Qwen2.5-VL: slot-based continuous batching and CUDA graphs.
 
 ``transformers``' ``generate`` spends most of a decode step outside the GPU's
 work (Python per layer, a fresh mask each step, KV expanded to every query
@@ -18,7 +18,12 @@ and replaces the generation loop (measurements: ``benchmarks/NOTES.md``):
   un-expanded cache; on CUDA the step is one CUDA graph replay, and each layer
   runs as a function compiled with ``torch.compile``;
 - a slot whose sequence ends (EOS or budget) is **refilled** with the next
-  request at once, so a long answer does not hold up short ones.
+  request at once, so a long answer does not hold up short ones; requests
+  come from a live ``Source`` (continuous admission) and each result goes
+  back as soon as it ends;
+- per slot: greedy or temperature sampling (Gumbel-max in the captured
+  step), a stop for sequences stuck repeating (``LOOP_WINDOW``), and a
+  non-finite-logits check that fails that request alone.
 
 Greedy tokens equal ``model.generate(do_sample=False)``'s, including the
 repetition penalty of the model's generation config (tests compare them on
@@ -41,7 +46,7 @@ import os
 import time
 import types
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +60,12 @@ VISION_BATCH_PATCHES = 16384
 #: Decode steps between two looks at which sequences ended (each look is a
 #: device-to-host sync); capped by the smallest remaining budget.
 SYNC_EVERY = 16
+#: Repetition loops (issue 12.4; Qwen2.5-VL loops on long tables and OCR): a
+#: sequence whose last LOOP_WINDOW tokens repeat with a period of at most
+#: LOOP_MAX_PERIOD tokens (so at least three copies of a 48-token phrase, or
+#: 96 copies of one token) is stopped at the next host sync.
+LOOP_WINDOW = 96
+LOOP_MAX_PERIOD = 48
 
 
 @dataclass
@@ -64,6 +75,9 @@ class Prompt:
     index: int
     inputs: dict[str, torch.Tensor]
     max_new_tokens: int
+    temperature: float = 0.0  # 0: greedy; > 0: sampled at this temperature (Gumbel-max)
+    stream: bool = False  # the source wants partial tokens at every host sync
+    retried: bool = False  # already a retry after a repetition loop
 
     @property
     def length(self) -> int:
@@ -81,6 +95,67 @@ class Generated:
     finished: bool  # True: stopped at end-of-sequence; False: ran out of budget
     ttft: float  # seconds from a free slot to this request's first token (see SlotEngine.run)
     generated: int  # tokens produced, an end-of-sequence token included
+    looped: bool = False  # stopped early: the tokens had started repeating (see LOOP_WINDOW)
+
+
+class NonFiniteLogitsError(ValueError):
+    """The model's logits for a request were NaN or infinite (fp16 overflow, broken weights)."""
+
+
+class Source(Protocol):
+    """Where ``SlotEngine.run`` takes prompts from and gives results to (polled between steps).
+
+    ``take`` never blocks; ``busy`` says whether more may come, so the engine
+    waits (``wait``) instead of returning while a prompt is still being made.
+    """
+
+    def take(self) -> Prompt | None: ...
+
+    def busy(self) -> bool: ...
+
+    def wait(self, timeout: float) -> None: ...
+
+    def stopping(self) -> bool: ...
+
+    def defer(self, prompt: Prompt) -> None:
+        """``prompt`` does not fit this run's cache: hold it for the next run (admission stops)."""
+        ...
+
+    def finished(self, prompt: Prompt, result: "Generated | BaseException") -> None: ...
+
+    def partial(self, prompt: Prompt, tokens: list[int]) -> bool:
+        """Tokens so far of a streaming prompt; False cancels it (the slot is freed, nothing more sent)."""
+        ...
+
+
+class ListSource:
+    """A ``Source`` over a list of prompts, results collected by index (tests, the bench's probe)."""
+
+    def __init__(self, prompts: Iterable[Prompt]) -> None:
+        self._prompts = iter(prompts)
+        self.results: dict[int, Generated | BaseException] = {}
+        self.deferred: list[Prompt] = []
+
+    def take(self) -> Prompt | None:
+        return next(self._prompts, None)
+
+    def busy(self) -> bool:
+        return False
+
+    def wait(self, timeout: float) -> None:
+        return None
+
+    def stopping(self) -> bool:
+        return False
+
+    def defer(self, prompt: Prompt) -> None:
+        self.deferred.append(prompt)
+
+    def finished(self, prompt: Prompt, result: "Generated | BaseException") -> None:
+        self.results[prompt.index] = result
+
+    def partial(self, prompt: Prompt, tokens: list[int]) -> bool:
+        return True
 
 
 @dataclass
@@ -94,6 +169,7 @@ class RunStats:
     new_tokens: int = 0
     ttft: list[float] = field(default_factory=list)
     cuda_graphs: bool = False
+    loops: int = 0  # sequences stopped for repeating themselves
 
 
 class SlotEngine:
@@ -123,6 +199,7 @@ class SlotEngine:
             use_cuda_graphs = self.device.type == "cuda" and os.environ.get("VLWATCH_CUDA_GRAPHS", "1") != "0"
         self.use_cuda_graphs = use_cuda_graphs
         self.ignore_eos = False  # bench: run every sequence to its budget
+        self.detect_loops = True  # stop sequences stuck repeating (LOOP_WINDOW)
         self.eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
         self.fused = _fuse_projections(self.layers)
         # On CUDA one decoder layer's step runs through torch.compile (one
@@ -134,7 +211,7 @@ class SlotEngine:
             self._layer_fn = Compiled(_layer_step, fullgraph=True)
         self._slots = 0
         self._length = 0
-        self._graphs: dict[int, Any] = {}
+        self._graphs: dict[tuple[int, bool], Any] = {}
         self._state: dict[str, torch.Tensor] = {}
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.stats = RunStats()
@@ -179,6 +256,8 @@ class SlotEngine:
             "cols": torch.arange(length, device=dev),
             "rows": torch.arange(slots, device=dev),
             "ignore_eos": torch.zeros((), dtype=torch.bool, device=dev),
+            "temp": torch.zeros(slots, dtype=torch.float32, device=dev),  # 0: greedy
+            "bad": torch.zeros(slots, dtype=torch.bool, device=dev),  # stopped on non-finite logits
         }
         if self.penalty is not None:
             self._state["seen"] = torch.zeros(slots, vocab, dtype=torch.bool, device=dev)
@@ -189,7 +268,7 @@ class SlotEngine:
     def prepare(self, slots: int, cache_length: int, max_new: int) -> None:
         """Allocate the cache and capture the decode step for ``slots`` ahead of a run."""
         self._ensure(slots, cache_length, max_new)
-        self._graph(slots)
+        self._graph(slots, False)
 
     # ------------------------------------------------------------ decode step
 
@@ -197,10 +276,16 @@ class SlotEngine:
         state = {k: (v[:n] if v.dim() and k not in ("cols",) else v) for k, v in self._state.items()}
         return state, [(k[:n], v[:n]) for k, v in self._kv]
 
-    def _step(self, n: int) -> None:
-        """One greedy decode step for the first ``n`` slots, in place on the state (graph-safe)."""
+    def _step(self, n: int, sample: bool = False) -> None:
+        """One decode step for the first ``n`` slots, in place on the state (graph-safe).
+
+        Greedy, or with ``sample`` each slot whose temperature is above 0 draws
+        its token (Gumbel-max: argmax of logits / T + Gumbel noise, which is a
+        draw from softmax(logits / T)); the greedy slots' tokens are the same
+        either way.
+        """
         s, kv = self._view(n)
-        rows, wpos, active = s["rows"], s["wpos"], s["active"]
+        rows, wpos = s["rows"], s["wpos"]
         x = self.embed(s["tok"])
         cos, sin = self._rope(s["pos"])
         # Additive mask over cache columns: what this row has written, the current token included.
@@ -244,11 +329,16 @@ class SlotEngine:
         logits = self.lm_head(self.norm(x)).float()
         if "seen" in s:
             logits = _penalize(logits, s["seen"], self.penalty)
-        nxt = logits.argmax(-1)
-        self._advance(s, nxt)
+        nxt, bad = _choose(logits, s["temp"] if sample else None)
+        self._advance(s, nxt, bad)
 
-    def _advance(self, s: dict[str, torch.Tensor], nxt: torch.Tensor) -> None:
+    def _advance(self, s: dict[str, torch.Tensor], nxt: torch.Tensor, bad: torch.Tensor) -> None:
         active, rows, n_gen = s["active"], s["rows"], s["n_gen"]
+        # A row whose logits are not finite stops here, flagged, instead of
+        # emitting token 0 (what argmax of NaNs gives) for the rest of its budget.
+        bad = bad & active
+        s["bad"] |= bad
+        active &= ~bad
         scratch = s["out"].shape[1] - 1
         s["out"][rows, torch.where(active, n_gen, scratch)] = nxt
         n_gen += active.long()
@@ -269,35 +359,47 @@ class SlotEngine:
         sin = (emb.sin() * self.rope_scale).to(self.dtype)[:, None, :]
         return cos, sin
 
-    def _graph(self, n: int) -> Callable[[], None]:
+    def _graph(self, n: int, sample: bool) -> Callable[[], None]:
         if not self.use_cuda_graphs:
-            return lambda: self._step(n)
-        graph = self._graphs.get(n)
+            return lambda: self._step(n, sample)
+        graph = self._graphs.get((n, sample))
         if graph is None:
             try:
-                graph = self._capture(n)
-            except RuntimeError as exc:  # a kernel that cannot be captured: correct, only slower
+                graph = self._capture(n, sample)
+            except RuntimeError as exc:
+                if _is_oom(exc):
+                    # Out of memory while capturing: the caller shrinks the
+                    # slots and tries again; the fast path stays on.
+                    self._graphs.clear()
+                    raise torch.cuda.OutOfMemoryError(f"CUDA out of memory while capturing the decode step: {exc}") from exc
+                if _is_sticky(exc):
+                    raise
+                # A kernel that cannot be captured: correct, only slower.
                 log.warning("CUDA graph capture failed (%s); decoding without graphs", exc)
                 self.use_cuda_graphs = False
-                return lambda: self._step(n)
-            self._graphs[n] = graph
+                return lambda: self._step(n, sample)
+            self._graphs[(n, sample)] = graph
         return graph.replay
 
-    def _capture(self, n: int) -> Any:
+    def _capture(self, n: int, sample: bool) -> Any:
         started = time.perf_counter()
         saved = {k: v.clone() for k, v in self._state.items()}
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):  # warm up kernels and workspaces off the capture
             for _ in range(2):
-                self._step(n)
-        torch.cuda.current_stream().wait_stream(stream)
+                self._step(n, sample)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._step(n)
+        # An explicit capture stream on this engine's device: torch.cuda.graph's
+        # default stream is made once, on the first device that captured
+        # (with one engine per GPU, the second engine's capture failed on it).
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream(self.device)):
+            self._step(n, sample)
         for k, v in saved.items():  # the warm-up and capture ran the step: undo it
             self._state[k].copy_(v)
-        log.debug("captured the decode step for %d slots in %.2fs", n, time.perf_counter() - started)
+        log.debug("captured the decode step for %d slots%s in %.2fs", n, " (sampling)" if sample else "",
+                  time.perf_counter() - started)
         return graph
 
     # ------------------------------------------------------------ prefill
@@ -334,6 +436,13 @@ class SlotEngine:
         ids, positions, deltas = inputs["input_ids"], inputs["position_ids"], inputs["rope_deltas"]
         length = ids.shape[1]
         embeds = self.embed(ids)
+        placeholders = int(prompt.inputs["input_ids"].eq(model.config.image_token_id).sum())
+        features = 0 if image_features is None else int(image_features.shape[0])
+        if placeholders != features:
+            # What stock transformers checks too (get_placeholder_mask): text
+            # that turned into image tokens must not shift the image features.
+            raise ValueError(f"the prompt has {placeholders} image placeholder tokens for {features} image "
+                             "features (text that tokenized as an image token?); request refused")
         if image_features is not None:
             slots_for_image = (ids == model.config.image_token_id)[..., None].expand_as(embeds)
             embeds = embeds.masked_scatter(slots_for_image, image_features.to(embeds.dtype))
@@ -349,7 +458,11 @@ class SlotEngine:
             s["seen"][slot].zero_()
             s["seen"][slot, ids[0]] = True
             logits = _penalize(logits, s["seen"][slot:slot + 1], self.penalty)
-        first = logits.argmax(-1)
+        s["temp"][slot] = prompt.temperature
+        first, bad = _choose(logits, s["temp"][slot:slot + 1] if prompt.temperature > 0 else None)
+        if bool(bad[0]):
+            raise NonFiniteLogitsError(_NON_FINITE)
+        s["bad"][slot] = False
         s["tok"][slot] = first[0]
         s["pos"][slot] = length + deltas.reshape(-1)[0]
         s["wpos"][slot] = length
@@ -362,80 +475,218 @@ class SlotEngine:
 
     # ------------------------------------------------------------ the loop
 
-    def run(self, prompts: Iterator[Prompt], *, total: int, slots: int, cache_length: int,
-            max_new: int) -> dict[int, Generated]:
-        """Generate for every prompt; ``slots`` sequences at a time, refilled as they end."""
-        slots = bucket(max(1, min(slots, total)), slots)
+    def run(self, source: Source, *, slots: int, cache_length: int, max_new: int, shrink: bool = False) -> None:
+        """Generate for what ``source`` gives until it has nothing more: continuous admission.
+
+        A free slot takes the next prompt at once (between two host syncs,
+        at most ``SYNC_EVERY`` steps apart); each result goes to
+        ``source.finished`` as soon as its sequence ends.  The decode step
+        runs over all ``slots``, or with ``shrink`` (the daemon, where load
+        comes and goes) over the first power of two of slots covering the
+        busy ones: a lone request then decodes at batch-1 speed in a cache
+        sized for many (each size is compiled and captured once per process).
+
+        Failures stay with their request: a prompt whose prefill raises (or
+        whose logits are not finite) is finished with the exception and the
+        others go on.  Out of memory and sticky CUDA errors propagate (the
+        caller shrinks the slots, or gives up the device); prompts still in
+        slots then have no result, and the source knows which it handed out.
+        """
         self._ensure(slots, cache_length, max_new)
-        self._state["ignore_eos"].fill_(self.ignore_eos)
-        self._state["active"].zero_()
-        step = self._graph(slots)
-        stats = self.stats = RunStats(requests=total, slots=slots, cache_length=self._length,
-                                      cuda_graphs=self.use_cuda_graphs)
+        s = self._state
+        s["ignore_eos"].fill_(self.ignore_eos)
+        s["active"].zero_()
+        slots = self._slots
+        stats = self.stats = RunStats(slots=slots, cache_length=self._length, cuda_graphs=self.use_cuda_graphs)
         eos = set(self.eos.tolist())
-        started = time.perf_counter()
-        results: dict[int, Generated] = {}
-        owner: dict[int, Prompt] = {}  # slot -> the prompt it is generating for
-        ttft: dict[int, float] = {}
+        self._owner: dict[int, Prompt] = {}  # slot -> the prompt it is generating for
         # Time to first token counts from when a slot was free for the request
         # (the start, or the end of the sequence before it): waiting for the
         # prefills of its own round is included, waiting for a slot is not.
-        free_since = {i: started for i in range(slots)}
-        pending = iter(prompts)
-        exhausted = False
+        self._free_since = dict.fromkeys(range(slots), time.perf_counter())
+        self._ttft: dict[int, float] = {}
+        self._shrink = shrink
+        admitting = True
         while True:
-            free = [i for i in range(slots) if i not in owner]
-            while free and not exhausted:
-                # A group of prompts whose images go through the vision tower together.
-                group: list[Prompt] = []
-                patches = 0
-                while len(group) < len(free) and (not group or patches < VISION_BATCH_PATCHES):
-                    prompt = next(pending, None)
-                    if prompt is None:
-                        exhausted = True
-                        break
-                    if prompt.length + prompt.max_new_tokens > self._length or prompt.max_new_tokens > max_new:
-                        raise ValueError(f"request {prompt.index} does not fit the cache ({prompt.length} tokens)")
-                    group.append(prompt)
-                    patches += prompt.patches
-                if not group:
-                    break
-                t0 = time.perf_counter()
-                features = self._image_features(group)
-                for prompt, image_features in zip(group, features):
-                    slot = free[0]
-                    first = self._prefill(prompt, slot, image_features)
-                    ttft[prompt.index] = time.perf_counter() - free_since[slot]
-                    if (first in eos and not self.ignore_eos) or prompt.max_new_tokens <= 1:
-                        results[prompt.index] = _result([first], eos, ttft[prompt.index])
-                        continue  # the slot stays free
-                    self._state["active"][slot] = True
-                    owner[free.pop(0)] = prompt
-                stats.prefill_s += time.perf_counter() - t0
-            if not owner:
+            if source.stopping():
                 break
-            # Run until the first sequence can have reached its budget, at most
-            # SYNC_EVERY steps: an end of sequence is noticed within that many.
-            n_gen = self._state["n_gen"].tolist()
-            left = min(owner[i].max_new_tokens - n_gen[i] for i in owner)
+            if admitting:
+                admitting = self._admit(source, max_new, eos)
+            if not self._owner:
+                if not admitting or not source.busy():
+                    break
+                source.wait(0.02)
+                continue
+            self._decode(source, eos)
+        s["active"].zero_()
+        stats.ttft = list(self._ttft.values())
+
+    def _admit(self, source: Source, max_new: int, eos: set[int]) -> bool:
+        """Fill free slots from ``source``; False once a prompt had to be deferred (admission stops)."""
+        stats = self.stats
+        while True:
+            free = [i for i in range(self._slots) if i not in self._owner]
+            if not free:
+                return True
+            # A group of prompts whose images go through the vision tower together.
+            group: list[Prompt] = []
+            patches = 0
+            admitting = True
+            while len(group) < len(free) and (not group or patches < VISION_BATCH_PATCHES):
+                prompt = source.take()
+                if prompt is None:
+                    break
+                if prompt.length + prompt.max_new_tokens > self._length or prompt.max_new_tokens > max_new:
+                    source.defer(prompt)  # the next run sizes its cache for it
+                    admitting = False
+                    break
+                group.append(prompt)
+                patches += prompt.patches
+            if not group:
+                return admitting
             t0 = time.perf_counter()
-            for _ in range(max(1, min(SYNC_EVERY, left))):
-                step()
-                stats.decode_steps += 1
-            active = self._state["active"].tolist()
-            stats.decode_s += time.perf_counter() - t0
-            done = [i for i in owner if not active[i]]
-            for i in done:
-                free_since[i] = time.perf_counter()
-            if done:
-                out = self._state["out"].cpu()
-                n_gen = self._state["n_gen"].tolist()
-                for i in done:
-                    prompt = owner.pop(i)
-                    results[prompt.index] = _result(out[i, :n_gen[i]].tolist(), eos, ttft[prompt.index])
-        stats.new_tokens = sum(r.generated for r in results.values())
-        stats.ttft = [r.ttft for r in results.values()]
-        return results
+            for prompt, image_features in zip(group, self._features_each(group, source)):
+                if image_features is _FAILED:
+                    continue
+                slot = free[0]
+                try:
+                    first = self._prefill(prompt, slot, image_features)
+                except Exception as exc:
+                    _reraise_fatal(exc)
+                    source.finished(prompt, exc)  # this prompt alone; the slot stays free
+                    continue
+                ttft = self._ttft[prompt.index] = time.perf_counter() - self._free_since[slot]
+                stats.requests += 1
+                if (first in eos and not self.ignore_eos) or prompt.max_new_tokens <= 1:
+                    source.finished(prompt, _result([first], eos, ttft))
+                    continue
+                self._state["active"][slot] = True
+                self._owner[free.pop(0)] = prompt
+            stats.prefill_s += time.perf_counter() - t0
+            if not admitting:
+                return False
+
+    def _features_each(self, group: list[Prompt], source: Source) -> list[Any]:
+        """Vision features per prompt; a prompt whose images fail is finished with the error."""
+        try:
+            return self._image_features(group)
+        except Exception as exc:
+            _reraise_fatal(exc)
+            if len(group) == 1:
+                source.finished(group[0], exc)
+                return [_FAILED]
+        out: list[Any] = []
+        for prompt in group:  # one at a time, to find the culprit
+            out.extend(self._features_each([prompt], source))
+        return out
+
+    def _decode(self, source: Source, eos: set[int]) -> None:
+        """Run decode steps up to the next host sync, then hand over what ended or streamed."""
+        s, owner, stats = self._state, self._owner, self.stats
+        n = self._slots
+        if self._shrink:
+            n = min(n, 1 << max(owner).bit_length())  # the power of two above the highest busy slot
+        sample = any(p.temperature > 0 for p in owner.values())
+        step = self._graph(n, sample)
+        # Run until the first sequence can have reached its budget, at most
+        # SYNC_EVERY steps: an end of sequence is noticed within that many.
+        n_gen = s["n_gen"].tolist()
+        left = min(owner[i].max_new_tokens - n_gen[i] for i in owner)
+        t0 = time.perf_counter()
+        for _ in range(max(1, min(SYNC_EVERY, left))):
+            step()
+            stats.decode_steps += 1
+        looping = self._looping(n) if self.detect_loops and not self.ignore_eos else None
+        active = s["active"].tolist()
+        stats.decode_s += time.perf_counter() - t0
+        looped: set[int] = set()
+        if looping is not None:
+            looped = {i for i, flag in enumerate(looping.tolist()) if flag and i in owner and active[i]}
+            for i in looped:
+                s["active"][i] = False
+                active[i] = False
+        done = [i for i in owner if not active[i]]
+        streaming = [i for i in owner if active[i] and owner[i].stream]
+        if not done and not streaming:
+            return
+        rows = done + streaming
+        out = s["out"][rows].cpu()
+        n_gen = s["n_gen"].tolist()
+        bad = s["bad"].tolist()
+        now = time.perf_counter()
+        for row, i in enumerate(rows):
+            prompt = owner[i]
+            tokens = out[row, :n_gen[i]].tolist()
+            if i in streaming:
+                if not source.partial(prompt, tokens):
+                    s["active"][i] = False  # cancelled by its client
+                    del owner[i]
+                    self._free_since[i] = now
+                continue
+            del owner[i]
+            self._free_since[i] = now
+            if bad[i]:
+                source.finished(prompt, NonFiniteLogitsError(_NON_FINITE))
+                continue
+            result = _result(tokens, eos, self._ttft.get(prompt.index, 0.0))
+            if i in looped:
+                result.looped = True
+                stats.loops += 1
+            stats.new_tokens += result.generated
+            source.finished(prompt, result)
+
+    def _looping(self, n: int) -> torch.Tensor:
+        """Which of the first ``n`` slots are stuck repeating: the last LOOP_WINDOW tokens have a period
+        of at most LOOP_MAX_PERIOD (a few small kernels per host sync, no sync of their own)."""
+        s = self._state
+        out, n_gen = s["out"][:n], s["n_gen"][:n]
+        span = LOOP_WINDOW + LOOP_MAX_PERIOD
+        if out.shape[1] <= span:
+            return torch.zeros(n, dtype=torch.bool, device=out.device)
+        back = torch.arange(span, device=out.device)
+        tail = out.gather(1, (n_gen[:, None] - 1 - back[None, :]).clamp(min=0))  # newest first
+        windows = tail.unfold(1, LOOP_WINDOW, 1)  # [:, p] = the window shifted back by p tokens
+        periodic = (windows[:, 1:] == windows[:, :1]).all(-1).any(-1)
+        return periodic & (n_gen >= span) & s["active"][:n]
+
+
+_FAILED = object()  # _features_each: this prompt was finished with its error
+_NON_FINITE = ("the model produced non-finite logits (NaN or infinity) for this request; with "
+               "model.dtype float16 that is an overflow: use bfloat16 (what Qwen2.5-VL was trained in)")
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc)
+
+
+def _is_sticky(exc: BaseException) -> bool:
+    from daemon.backends import is_sticky_cuda_error
+
+    return is_sticky_cuda_error(exc)
+
+
+def _reraise_fatal(exc: BaseException) -> None:
+    """Out of memory and sticky CUDA errors are not one request's fault: let the caller handle them."""
+    if _is_oom(exc) or _is_sticky(exc):
+        raise exc
+
+
+def _choose(logits: torch.Tensor, temp: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next token per row (greedy, or sampled where ``temp`` > 0) and whether the row's logits were not finite.
+
+    The check is on the greedy pick's logit: NaN wins argmax, +inf is the max,
+    and a row of -inf has -inf there, so one gathered value per row tells.
+    Graph-safe (no host sync); the random draw uses the CUDA generator, which
+    graph replays advance.
+    """
+    greedy = logits.argmax(-1)
+    bad = ~torch.isfinite(logits.gather(-1, greedy[:, None]))[:, 0]
+    if temp is None:
+        return greedy, bad
+    u = torch.rand_like(logits).clamp_(min=1e-20, max=1.0 - 1e-7)
+    gumbel = -torch.log(-torch.log(u))
+    sampled = (logits / temp.clamp(min=1e-4)[:, None] + gumbel).argmax(-1)
+    return torch.where(temp > 0, sampled, greedy), bad
 
 
 def _fuse_projections(layers: list[Any]) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -716,6 +967,7 @@ class Compiled:
             try:
                 return self.compiled(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - inductor/Triton problems of any kind
+                _reraise_fatal(exc)  # out of memory: fewer slots, not eager for good
                 log.warning("torch.compile failed for %s (%s); running it uncompiled",
                             getattr(self.eager, "__qualname__", self.eager), str(exc).splitlines()[0][:200])
                 self.compiled = None

@@ -20,40 +20,63 @@ model, or ``engine="hf"``, goes through ``model.generate`` with left-padded
 batches (the processor pads right by default, which breaks batched
 generation for a decoder-only model).
 
+Admission (``serve``): the daemon's engine hands this backend a live feed;
+a free slot takes the next request at once (interactive ones first), and
+each answer goes back as soon as its sequence ends.  A request that fails
+(a bad image, non-finite logits, a prompt whose image tokens do not match
+its images) fails alone.  ``generate`` runs a fixed list the same way.
+Chat requests (``Request.messages``) go through the processor's chat
+template, images in their turns; ``temperature > 0`` samples that request;
+``stream`` gets the text as it is decoded.
+
+Precision: float16 is refused for Qwen2.5-VL (trained in bfloat16, its
+activations overflow fp16 and the logits turn NaN) unless
+``VLWATCH_ALLOW_FP16=1`` is set; ``dtype: auto`` picks bfloat16, or
+float32 on a GPU without bfloat16.
+
 Memory: ``max_gpu_memory`` caps this process's CUDA allocator
 (``torch.cuda.set_per_process_memory_fraction``) and ``batch_size: auto``
 sizes the slots to what is left under the cap after the weights.  A CUDA
-out-of-memory error splits the batch in two and retries each half, down to
-single requests, and later batches use fewer slots.
+out-of-memory error (in prefill, decoding, or while capturing the CUDA graph
+or compiling) halves the slots and runs the requests in hand again, down to
+one slot; on a single image it fails that request.  The fast paths stay on.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import gc
 import importlib.util
+import itertools
 import logging
+import os
 import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence, TypeVar
 
-from daemon.backends import Answer, Request
+from daemon.backends import (Answer, DeviceLostError, Feed, Item, ListFeed, Request,
+                             is_sticky_cuda_error)
 from daemon.backends.oom import is_out_of_memory, load_oom_message
 from daemon.config import ModelConfig, local_model_path
-from daemon.errors import BackendError, ModelMissingError
+from daemon.errors import BackendError, ModelMissingError, VlwatchError
 
 log = logging.getLogger(__name__)
 
-#: Most slots ``batch_size: auto`` picks: past this, decode steps get no
-#: cheaper per token and each refill round's prefill delays every answer.
-MAX_AUTO_SLOTS = 64
+#: Most slots ``batch_size: auto`` picks (memory permitting).  On the H100
+#: (issue 12) 256 slots gave +20% images/min over 64 for 1036 px images and
+#: +57% for document pages; past that the KV reads dominate the step.
+MAX_AUTO_SLOTS = 256
 #: Text tokens around an image in a typical prompt (system prompt, chat
 #: markup, the rule's prompt), for sizing the cache before tokenizing.
 TEXT_TOKENS_ALLOWANCE = 128
 GiB = 2**30
+#: Temperature of the one retry of a request that got stuck repeating itself.
+LOOP_RETRY_TEMPERATURE = 0.4
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -101,6 +124,15 @@ class TransformersBackend:
         self._oom_slots: int | None = None  # slot limit learnt from an out-of-memory error
         self._tried_slots = 0  # slots of the fastgen run in progress (halved after an OOM)
         self._lock = threading.Lock()
+        #: called after the model is loaded or unloaded (the daemon records it for `status`)
+        self.on_state_change: Callable[[], None] | None = None
+
+    def _state_changed(self) -> None:
+        if self.on_state_change is not None:
+            try:
+                self.on_state_change()
+            except Exception:  # a status write must not break loading
+                log.exception("recording the model state failed")
 
     @property
     def continuous_batching(self) -> bool:
@@ -115,8 +147,10 @@ class TransformersBackend:
 
     def load(self) -> None:
         with self._lock:
-            if self._model is None:
-                self._load()
+            if self._model is not None:
+                return
+            self._load()
+        self._state_changed()
 
     def _load(self) -> None:
         import torch
@@ -130,6 +164,7 @@ class TransformersBackend:
         device = _pick_device(self.config.device)
         dtype = _pick_dtype(self.config.dtype, device)
         source = self._source()
+        _refuse_fp16(dtype, source)
         processor = AutoProcessor.from_pretrained(source, local_files_only=True)
         # Batched generation of a decoder-only model needs the padding on the left.
         processor.tokenizer.padding_side = "left"
@@ -264,73 +299,190 @@ class TransformersBackend:
             gc.collect()
             _empty_cuda_cache()
             log.info("unloaded %s (idle)", self.model)
+        self._state_changed()
 
     # -------------------------------------------------------------- inference
 
     def generate(self, requests: Sequence[Request]) -> list[Answer]:
+        """Answer every request; raises the first request's error if any failed (see ``generate_each``)."""
+        answers = self.generate_each(requests)
+        for a in answers:
+            if isinstance(a, BaseException):
+                raise a if isinstance(a, VlwatchError) else BackendError(_describe(a)) from a
+        return answers  # type: ignore[return-value]
+
+    def generate_each(self, requests: Sequence[Request]) -> list[Answer | BaseException]:
+        """An answer or the error for each request: one failing request does not fail the others."""
         if not requests:
             return []
+        # Longest first: the long prefills go in while the batch is full anyway.
+        order = sorted(range(len(requests)), key=lambda i: -sum(im.width * im.height for im in requests[i].images))
+        feed = ListFeed([requests[i] for i in order])
+        self.serve(feed)
+        got = feed.answers()
+        out: list[Answer | BaseException] = [None] * len(requests)  # type: ignore[list-item]
+        for pos, i in enumerate(order):
+            out[i] = got[pos]
+        return out
+
+    def serve(self, feed: Feed) -> None:
+        """Run what ``feed`` gives until it has nothing more or asks to stop (continuous admission).
+
+        Raises ``DeviceLostError`` on a sticky CUDA error (after putting
+        back what was in hand), and the loading errors (model missing...).
+        """
         self.load()
-        with self._lock:
-            return self._generate_split(list(requests))
+        started = time.perf_counter()
+        with self._lock, _on_device(self._model.device):
+            if self._fast is not None and self.engine != "hf":
+                self._serve_fast(feed)
+            else:
+                self._serve_batches(feed)
+        if self.last_stats is not None:
+            self.last_stats["wall_s"] = time.perf_counter() - started
+
+    # ------------------------------------------------------------ fastgen
+
+    def _serve_fast(self, feed: Feed, tokens: dict[Hashable, list[int]] | None = None) -> None:
+        import torch
+
+        from daemon.backends.fastgen import _is_oom
+
+        fast = self._fast
+        fast.ignore_eos = self.ignore_eos
+        live = _Live(self, feed)
+        totals: dict[str, Any] = {}
+        lost = False
+        try:
+            with torch.inference_mode():
+                while not feed.stopping() and live.busy():
+                    slots, cache_length, max_new = self._live_plan(live)
+                    self._tried_slots = slots
+                    try:
+                        fast.run(live, slots=slots, cache_length=cache_length, max_new=max_new,
+                                 shrink=not isinstance(feed, ListFeed))
+                    except Exception as exc:
+                        if is_sticky_cuda_error(exc):
+                            lost = True  # the feed records what was in hand, with the attempt spent
+                            raise DeviceLostError(f"the GPU is in an unrecoverable state: {_describe(exc)}") from exc
+                        if not _is_oom(exc):
+                            # A fault of the decode step itself, not of one prompt
+                            # (those fail alone inside run): the requests in slots fail.
+                            log.exception("the decode loop failed; failing the %d requests in slots", len(live.taken))
+                            live.fail_taken(exc)
+                            continue
+                        fast.release()  # its cache was sized for the slots that did not fit
+                        _empty_cuda_cache()
+                        if slots <= 1:
+                            live.fail_taken(BackendError("out of GPU memory on a single image; lower model.max_pixels"))
+                        else:
+                            self._oom_slots = max(1, slots // 2)
+                            log.warning("out of GPU memory with %d slots; going on with %d", slots, self._oom_slots)
+                            live.requeue_taken()
+                    finally:
+                        _add_stats(totals, asdict(fast.stats))
+        finally:
+            live.close(put_back=not lost)
+            self.last_stats = totals or None
+            if tokens is not None:
+                tokens.update(live.tokens)
+
+    def token_ids(self, requests: Sequence[Request], *, engine: str) -> list[list[int]]:
+        """Generated token ids (end-of-sequence excluded) per request: ``auto`` the slot engine, ``hf``
+        stock ``model.generate`` one request per call (``bench --verify`` compares the two)."""
+        self.load()
+        with self._lock, _on_device(self._model.device):
+            if engine == "hf":
+                return [self._generate_hf_tokens([r])[0] for r in requests]
+            if self._fast is None:
+                raise BackendError("this model has no slot engine (fastgen supports qwen2_5_vl only)")
+            got: dict[Hashable, list[int]] = {}
+            feed = ListFeed(requests)
+            # Stock generate has no loop stop: compare like with like.
+            detect, self._fast.detect_loops = self._fast.detect_loops, False
+            try:
+                self._serve_fast(feed, got)
+            finally:
+                self._fast.detect_loops = detect
+        for answer in feed.answers():
+            if isinstance(answer, BaseException):
+                raise answer
+        return [got[i] for i in range(len(requests))]
+
+    def _live_plan(self, live: "_Live") -> tuple[int, int, int]:
+        """Slots, cache length and the largest budget for the next run."""
+        known = getattr(live.feed, "requests", None)
+        if known is not None:  # a fixed list (generate): sized for exactly these requests
+            _, slots, cache_length, max_new = self._plan(known)
+            longest, budget = live.largest()
+            return slots, max(cache_length, longest + budget), max(max_new, budget)
+        # The daemon: any request may come; size for the configured largest
+        # image and budget (a larger one is deferred to a run sized for it).
+        longest, budget = live.largest()
+        tokens = max(self.config.max_pixels // (28 * 28) + TEXT_TOKENS_ALLOWANCE, longest)
+        max_new = max(self.config.max_new_tokens, budget)
+        slots = self.slots_for(1 << 20, max_new_tokens=max_new, tokens=tokens)
+        return slots, tokens + max_new, max_new
+
+    def _prompt(self, index: int, item: Item) -> Any:
+        from daemon.backends.fastgen import Prompt
+
+        r = item.request
+        return Prompt(index, self._inputs(r), r.max_new_tokens, temperature=max(0.0, r.temperature),
+                      stream=r.stream is not None)
+
+    # ------------------------------------------------------------ model.generate
+
+    def _serve_batches(self, feed: Feed) -> None:
+        """``model.generate`` (engine hf, or a model fastgen does not know): batches of what is there."""
+        size = max(1, self.config.batch_size or 4)
+        while not feed.stopping():
+            items: list[Item] = []
+            while len(items) < size:
+                item = feed.next()
+                if item is None:
+                    break
+                items.append(item)
+            if not items:
+                if not feed.more():
+                    return
+                feed.wait(0.05)
+                continue
+            # One sampling setting per model.generate call.
+            for temperature in sorted({i.request.temperature for i in items}):
+                group = [i for i in items if i.request.temperature == temperature]
+                for item, got in zip(group, self._each_hf([i.request for i in group])):
+                    if isinstance(got, Answer) and item.request.stream is not None and got.text:
+                        try:
+                            item.request.stream(got.text)  # no token stream here: the text at once
+                        except Exception as exc:
+                            got = exc
+                    feed.deliver(item.key, got)
+
+    def _each_hf(self, requests: list[Request]) -> list[Answer | BaseException]:
+        try:
+            return list(self._generate_split(requests))
+        except Exception as exc:
+            if is_sticky_cuda_error(exc):
+                raise DeviceLostError(f"the GPU is in an unrecoverable state: {_describe(exc)}") from exc
+            if len(requests) == 1:
+                return [exc]
+            log.warning("a batch of %d failed (%s); running it one request at a time", len(requests), _describe(exc))
+            return [a for r in requests for a in self._each_hf([r])]
 
     def _generate_split(self, requests: list[Request]) -> list[Answer]:
+        """``model.generate``; a CUDA out-of-memory error halves the batch, down to one request."""
         import torch
 
         try:
-            return self._generate(requests)
+            return self._generate_hf(requests)
         except torch.cuda.OutOfMemoryError:
-            if self._fast is not None and self._tried_slots:
-                self._fast.release()  # its cache was sized for the batch that did not fit
-                self._oom_slots = max(1, self._tried_slots // 2)
             if len(requests) == 1:
                 raise BackendError("out of GPU memory on a single image; lower model.max_pixels") from None
             half = len(requests) // 2
             log.warning("out of GPU memory on a batch of %d; retrying as %d + %d", len(requests), half, len(requests) - half)
             _empty_cuda_cache()
             return self._generate_split(requests[:half]) + self._generate_split(requests[half:])
-
-    def _generate(self, requests: list[Request]) -> list[Answer]:
-        self._tried_slots = 0
-        if self._fast is not None and self.engine != "hf":
-            return self._generate_fast(requests)
-        return self._generate_hf(requests)
-
-    # ------------------------------------------------------------ fastgen
-
-    def _generate_fast(self, requests: list[Request]) -> list[Answer]:
-        import torch
-
-        from daemon.backends.fastgen import Prompt
-
-        fast, tokenizer = self._fast, self._processor.tokenizer
-        fast.ignore_eos = self.ignore_eos
-        lengths, slots, cache_length, max_new = self._plan(requests)
-        self._tried_slots = slots
-        # Longest first: the long prefills go in while the batch is full anyway.
-        order = sorted(range(len(requests)), key=lambda i: -lengths[i])
-
-        def prompt(i: int) -> Prompt:
-            return Prompt(i, self._inputs(requests[i]), requests[i].max_new_tokens)
-
-        started = time.perf_counter()
-        with ThreadPoolExecutor(1, thread_name_prefix="vlwatch-processor") as pool, torch.inference_mode():
-            # The processor (normalising pixels, tokenizing) runs on a CPU
-            # thread a few requests ahead of the GPU.
-            prompts = _prefetch(pool, prompt, order, ahead=slots + 2)
-            try:
-                got = fast.run(prompts, total=len(requests), slots=slots, cache_length=cache_length, max_new=max_new)
-            finally:
-                prompts.close()
-        stats = asdict(fast.stats)
-        stats["wall_s"] = time.perf_counter() - started
-        self.last_stats = stats
-        answers = []
-        for i, request in enumerate(requests):
-            g = got[i]
-            text = tokenizer.decode(g.tokens, skip_special_tokens=True)
-            answers.append(Answer(text=text, new_tokens=len(g.tokens), finished=g.finished))
-        return answers
 
     def _plan(self, requests: Sequence[Request]) -> tuple[list[int], int, int, int]:
         """Prompt lengths, slots, cache length and the largest budget for these requests."""
@@ -347,12 +499,15 @@ class TransformersBackend:
         if not requests:
             return
         self.load()
-        short = [replace(requests[0], max_new_tokens=min(4, requests[0].max_new_tokens))]
-        with self._lock:
-            if self._fast is not None and self.engine != "hf":
+        short = [replace(requests[0], max_new_tokens=min(4, requests[0].max_new_tokens), stream=None)]
+        if self._fast is not None and self.engine != "hf":
+            with self._lock, _on_device(self._model.device):
                 _, slots, cache_length, max_new = self._plan(requests)
                 with torch.inference_mode():
                     self._fast.prepare(slots, cache_length, max_new)
+            self.generate(short)
+            return
+        with self._lock:
             self._generate_split(short)
 
     def _inputs(self, request: Request) -> dict[str, Any]:
@@ -419,6 +574,18 @@ class TransformersBackend:
     # ------------------------------------------------------------ model.generate
 
     def _generate_hf(self, requests: list[Request]) -> list[Answer]:
+        tokenizer = self._processor.tokenizer
+        answers = []
+        for tokens, full, request in zip(*self._generate_hf_raw(requests), requests):
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            answers.append(Answer(text=text, new_tokens=len(tokens), finished=full))
+        return answers
+
+    def _generate_hf_tokens(self, requests: list[Request]) -> list[list[int]]:
+        return self._generate_hf_raw(requests)[0]
+
+    def _generate_hf_raw(self, requests: list[Request]) -> tuple[list[list[int]], list[bool]]:
+        """Token ids up to end-of-sequence per request, and whether each ended there (not at its budget)."""
         import torch
 
         processor, model = self._processor, self._model
@@ -430,21 +597,25 @@ class TransformersBackend:
         inputs = inputs.to(model.device)
         max_new = max(r.max_new_tokens for r in requests)
         # Forced length (bench): the same work whatever random weights say.
-        forced = {"min_new_tokens": max_new} if self.ignore_eos else {}
+        forced: dict[str, Any] = {"min_new_tokens": max_new} if self.ignore_eos else {}
+        temperature = requests[0].temperature  # callers group requests by temperature
+        # Plain temperature sampling, as fastgen does (no top-k/top-p from the generation config).
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 \
+            else {"do_sample": False}
         started = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=max_new, do_sample=False, **forced)
+            out = model.generate(**inputs, max_new_tokens=max_new, **sampling, **forced)
         self.last_stats = {"wall_s": time.perf_counter() - started, "requests": len(requests),
                            "new_tokens": int(out.shape[0] * (out.shape[1] - inputs["input_ids"].shape[1]))}
         new = out[:, inputs["input_ids"].shape[1]:]
         eos = _eos_ids(model, processor)
-        answers = []
+        tokens, ended = [], []
         for row, request in zip(new.tolist(), requests):
             budget = row[: request.max_new_tokens]  # the batch ran to its longest budget
-            tokens = _until_eos(budget, eos)
-            text = processor.tokenizer.decode(tokens, skip_special_tokens=True)
-            answers.append(Answer(text=text, new_tokens=len(tokens), finished=len(tokens) < len(budget)))
-        return answers
+            kept = _until_eos(budget, eos)
+            tokens.append(kept)
+            ended.append(len(kept) < len(budget))
+        return tokens, ended
 
 
 def image_tokens(width: int, height: int) -> int:
@@ -510,9 +681,244 @@ def _prefetch(pool: ThreadPoolExecutor, fn: Callable[[T], U], items: Iterable[T]
 
 
 def _messages(request: Request) -> list[dict[str, Any]]:
-    content: list[dict[str, Any]] = [{"type": "image"} for _ in request.images]
-    content.append({"type": "text", "text": request.prompt})
-    return [{"role": "user", "content": content}]
+    """The chat template's messages: a folder job's one user turn, or the request's conversation."""
+    if not request.messages:
+        content: list[dict[str, Any]] = [{"type": "image"} for _ in request.images]
+        content.append({"type": "text", "text": request.prompt})
+        return [{"role": "user", "content": content}]
+    out = []
+    for message in request.messages:
+        parts = [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image"} for p in message.parts]
+        out.append({"role": message.role, "content": parts})
+    return out
+
+
+class _TextStream:
+    """Incremental detokenisation: each call sends the text decoded since the last one.
+
+    The whole sequence is decoded each time (a few per second; merges at token
+    boundaries stay right), and a trailing U+FFFD, an incomplete UTF-8
+    character still waiting for its next byte-token, is held back.
+    """
+
+    def __init__(self, tokenizer: Any, emit: Callable[[str], None]) -> None:
+        self.tokenizer, self.emit = tokenizer, emit
+        self.sent = ""
+
+    def update(self, tokens: list[int], *, final: bool = False) -> str:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        shown = text if final else text.rstrip("\ufffd")
+        if shown.startswith(self.sent):
+            if len(shown) > len(self.sent):
+                self.emit(shown[len(self.sent):])
+                self.sent = shown
+        elif final:
+            log.warning("streamed text and final text differ; the stream keeps what it sent")
+        return text
+
+
+@dataclass
+class _Flight:
+    item: Item
+    prompt: Any  # fastgen.Prompt
+    stream: _TextStream | None
+
+
+class _Live:
+    """The slot engine's ``Source`` over a ``Feed``: the processor runs ahead on CPU threads.
+
+    Requests become prompts (chat template, pixels, rotary positions) on two
+    threads, a few ahead of the GPU; an urgent (interactive) request is
+    pulled past the lookahead limit and admitted before any other prompt.
+    Tracks every prompt handed to the engine until it is delivered, so that
+    after an out-of-memory error they run again, and on a stop they go back.
+    """
+
+    def __init__(self, backend: TransformersBackend, feed: Feed, ahead: int = 4) -> None:
+        self.backend, self.feed, self.ahead = backend, feed, ahead
+        self.tokenizer = backend._processor.tokenizer
+        self.pool = ThreadPoolExecutor(2, thread_name_prefix="vlwatch-processor")
+        self.making: list[tuple[Item, int, Future[Any]]] = []
+        self.front: collections.deque[_Flight] = collections.deque()  # deferred or to run again
+        self.taken: dict[int, _Flight] = {}  # handed to the engine, not yet delivered
+        self._seq = itertools.count()
+        self.tokens: dict[Hashable, list[int]] = {}  # generated token ids by feed key (bench --verify)
+
+    # -- the Source protocol
+    def take(self) -> Any:
+        if self.front:
+            flight = self.front.popleft()
+            self.taken[flight.prompt.index] = flight
+            return flight.prompt
+        self._pull()
+        while True:
+            chosen = self._ready()
+            if chosen is None:
+                return None
+            item, index, future = chosen
+            self.making.remove(chosen)
+            try:
+                prompt = future.result()
+            except Exception as exc:  # this request's images or text: it fails alone
+                self._deliver(item, exc)
+                continue
+            stream = None
+            if item.request.stream is not None:
+                stream = _TextStream(self.tokenizer, item.request.stream)
+            self.taken[index] = _Flight(item, prompt, stream)
+            return prompt
+
+    def busy(self) -> bool:
+        return bool(self.front or self.making) or self.feed.more()
+
+    def wait(self, timeout: float) -> None:
+        futures = [f for _, _, f in self.making]
+        if futures:
+            concurrent.futures.wait(futures, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
+        else:
+            self.feed.wait(timeout)
+
+    def stopping(self) -> bool:
+        return self.feed.stopping()
+
+    def defer(self, prompt: Any) -> None:
+        self.front.appendleft(self.taken.pop(prompt.index))
+
+    def finished(self, prompt: Any, result: Any) -> None:
+        flight = self.taken.pop(prompt.index)
+        if isinstance(result, BaseException):
+            self._deliver(flight.item, result)
+            return
+        if result.looped and not flight.prompt.retried and flight.prompt.temperature == 0 and flight.stream is None:
+            # Stuck repeating (issue 12.4): once more with light sampling,
+            # which usually steps out of the loop (olmOCR's remedy).
+            log.info("a request started repeating itself after %d tokens; retrying it at temperature %.1f",
+                     len(result.tokens), LOOP_RETRY_TEMPERATURE)
+            flight.prompt.retried = True
+            flight.prompt.temperature = LOOP_RETRY_TEMPERATURE
+            self.front.appendleft(flight)
+            return
+        self.tokens[flight.item.key] = list(result.tokens)
+        try:
+            if flight.stream is not None:
+                text = flight.stream.update(result.tokens, final=True)
+            else:
+                text = self.tokenizer.decode(result.tokens, skip_special_tokens=True)
+        except Exception as exc:  # the client's stream callback failed: its request ends with that
+            self._deliver(flight.item, exc)
+            return
+        if result.looped:
+            log.warning("a request kept repeating itself%s; stopped after %d tokens",
+                        " after a retry" if flight.prompt.retried else "", len(result.tokens))
+        self._deliver(flight.item, Answer(text=text, new_tokens=len(result.tokens), finished=result.finished or
+                                          result.looped, looped=result.looped))
+
+    def partial(self, prompt: Any, tokens: list[int]) -> bool:
+        flight = self.taken[prompt.index]
+        try:
+            flight.stream.update(tokens)  # type: ignore[union-attr]
+        except Exception as exc:  # the client went away: free its slot
+            del self.taken[prompt.index]
+            self._deliver(flight.item, exc)
+            return False
+        return True
+
+    # -- for the backend
+    def largest(self) -> tuple[int, int]:
+        """Longest prompt and largest budget among the prompts waiting in front (deferred ones)."""
+        flights = list(self.front)
+        return (max((f.prompt.length for f in flights), default=0),
+                max((f.prompt.max_new_tokens for f in flights), default=0))
+
+    def requeue_taken(self) -> None:
+        """After an out-of-memory error: what was in the engine runs again (first, in order)."""
+        for index in sorted(self.taken, reverse=True):
+            flight = self.taken.pop(index)
+            if flight.stream is not None and flight.stream.sent and flight.prompt.temperature > 0:
+                # A sampled stream cannot be replayed: its client has part of an answer.
+                self._deliver(flight.item, BackendError("out of GPU memory while answering; please retry"))
+                continue
+            self.front.appendleft(flight)
+
+    def fail_taken(self, exc: BaseException) -> None:
+        for index in sorted(self.taken):
+            self._deliver(self.taken.pop(index).item, exc)
+
+    def close(self, put_back: bool = True) -> None:
+        """Whatever was taken from the feed and not delivered goes back to it (unless the device is lost)."""
+        for _, _, future in self.making:
+            future.cancel()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        keys = [f.item.key for f in self.taken.values()] + [f.item.key for f in self.front]
+        keys += [item.key for item, _, _ in self.making]
+        self.taken.clear(), self.front.clear(), self.making.clear()
+        if keys and put_back:
+            self.feed.put_back(keys)
+
+    # -- inside
+    def _pull(self) -> None:
+        while True:
+            urgent_only = len(self.making) >= self.ahead
+            item = self.feed.next(urgent_only=urgent_only)
+            if item is None:
+                return
+            index = next(self._seq)
+            self.making.append((item, index, self.pool.submit(self.backend._prompt, index, item)))
+
+    def _ready(self) -> tuple[Item, int, Future[Any]] | None:
+        """The prompt to admit next: an urgent one first (waited for while it is being made), else the oldest."""
+        urgent = [m for m in self.making if m[0].urgent]
+        for candidates in (urgent, self.making):
+            if candidates:
+                first = next((m for m in candidates if m[2].done()), None)
+                if first is not None or candidates is urgent:
+                    return first
+        return None
+
+    def _deliver(self, item: Item, result: Answer | BaseException) -> None:
+        self.feed.deliver(item.key, result)
+
+
+def _add_stats(totals: dict[str, Any], stats: dict[str, Any]) -> None:
+    for key, value in stats.items():
+        if isinstance(value, list):
+            totals.setdefault(key, []).extend(value)
+        elif isinstance(value, bool):
+            totals[key] = value
+        elif key in ("slots", "cache_length"):
+            totals[key] = max(totals.get(key, 0), value)
+        else:
+            totals[key] = totals.get(key, 0) + value
+
+
+def _on_device(device: Any) -> Any:
+    """Make ``device`` CUDA's current device (streams, graphs and caches are per device; engine per GPU)."""
+    import contextlib
+
+    import torch
+
+    return torch.cuda.device(device) if getattr(device, "type", "") == "cuda" else contextlib.nullcontext()
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {_one_line(exc)}" if not isinstance(exc, VlwatchError) else str(exc)
+
+
+def _refuse_fp16(dtype: Any, source: str) -> None:
+    """float16 for Qwen2.5-VL only when the user insists (``VLWATCH_ALLOW_FP16=1``)."""
+    import torch
+
+    if dtype != torch.float16 or os.environ.get("VLWATCH_ALLOW_FP16") == "1":
+        return
+    try:
+        import json
+
+        model_type = json.loads((Path(source) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        model_type = None
+    if model_type in ("qwen2_5_vl", "qwen2_vl"):
+        raise BackendError("model.dtype float16: Qwen2.5-VL was trained in bfloat16 and overflows float16 "
+                           "(NaN logits); use bfloat16 or float32, or set VLWATCH_ALLOW_FP16=1 to insist")
 
 
 def _eos_ids(model: Any, processor: Any) -> set[int]:
@@ -571,7 +977,8 @@ def _pick_dtype(requested: str, device: Any) -> Any:
     if requested != "auto":
         return getattr(torch, requested)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # No float16 fallback: Qwen2.5-VL overflows it (see _refuse_fp16).
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return torch.float32  # bf16 matmuls on most CPUs are slow and fp16 is unsupported
 
 

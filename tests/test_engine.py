@@ -1,0 +1,603 @@
+"""The engine (issue 12) on the tiny checkpoint, CPU: continuous admission, priority, isolation, streaming.
+
+The daemon's ``WorkerLoop`` runs in-process here, on a real SQLite queue and
+real image files, with the real transformers backend and its slot engine
+(``fastgen``); faults that cannot happen on a CPU (out of memory, a lost GPU,
+non-finite logits) are injected at the one call where they would arise.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from daemon.backends import Answer, DeviceLostError, Message, Request, is_sticky_cuda_error, register
+from daemon.backends import fastgen
+from daemon.backends.transformers import TransformersBackend, _messages
+from daemon.config import ModelConfig, parse_config
+from daemon.engine import Processor, WorkerLoop
+from daemon.errors import BackendError
+from daemon.queue import Candidate, Queue, content_hash
+from daemon.worker import Worker
+
+DEADLINE = 120.0
+
+
+def wait_until(predicate: Callable[[], object], what: str, timeout: float = DEADLINE) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def png(seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def image(seed: int, w: int, h: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def config_for(tmp_path: Path, model: Path | str, *, backend: str = "transformers", batch_size: int = 2,
+               max_new_tokens: int = 8):
+    text = f"""\
+model:
+  backend: {backend}
+  name: {model}
+  device: cpu
+  max_new_tokens: {max_new_tokens}
+  max_pixels: 50000
+  batch_size: {batch_size}
+state: ./state.db
+watch:
+  - path: ./inbox
+rules:
+  - name: describe
+    match: ["*.png"]
+    task: describe
+    output: md
+jobs: {{batch_wait: 0s, backoff: 1s, attempts: 3}}
+"""
+    return parse_config(text, tmp_path / "config.yaml")
+
+
+def queue_files(tmp_path: Path, queue: Queue, names: Sequence[str]) -> list[Path]:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir(exist_ok=True)
+    paths = []
+    for i, name in enumerate(names):
+        path = inbox / name
+        path.write_bytes(png(i))
+        st = path.stat()
+        queue.enqueue([Candidate(path.absolute(), "describe", content_hash(path), st.st_size, st.st_mtime_ns)])
+        paths.append(path)
+    return paths
+
+
+class Running:
+    """A WorkerLoop thread over a real queue; stopped and joined on exit."""
+
+    def __init__(self, tmp_path: Path, config, backend) -> None:
+        self.queue = Queue(tmp_path / "state.db")
+        self.worker = Worker(config, backend)
+        self.loop = WorkerLoop(self.queue, self.worker, Processor(self.queue, lambda path: None))
+
+    def __enter__(self) -> Running:
+        return self
+
+    def start(self) -> None:
+        self.loop.start()
+
+    def states(self) -> dict[str, str]:
+        return {j.path.name: j.state for j in self.queue.history()}
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.stop()
+        if self.loop.ident is not None:
+            self.loop.join(60)
+        self.worker.close()
+        self.queue.close()
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model: Path):
+    b = TransformersBackend(ModelConfig(name=str(tiny_model), device="cpu", batch_size=2, max_new_tokens=8,
+                                        max_pixels=50000))
+    b.load()
+    yield b
+    b.unload()
+
+
+# ------------------------------------------------------------------ admission
+
+
+def test_interactive_request_is_admitted_before_the_rest_of_the_backlog(tmp_path: Path, tiny_model: Path,
+                                                                         backend: TransformersBackend,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 12.2: a request arriving while a backlog runs starts at the next free slot, ahead of queued jobs.
+    config = config_for(tmp_path, tiny_model)
+    backend.reconfigure(config.model)
+    admitted: list[int] = []  # max_new_tokens of each prefill: 8 = a queued job, 3 = the interactive request
+    fast = backend._fast
+    prefill = fast._prefill
+    with Running(tmp_path, config, backend) as r:
+        queue_files(tmp_path, r.queue, [f"{i:02d}.png" for i in range(8)])
+        ask: list = []
+
+        def recording_prefill(prompt, slot, features):
+            admitted.append(prompt.max_new_tokens)
+            if len(admitted) == 2:  # the backlog is running: now the API asks something
+                ask.append(r.loop.submit(Request((image(99, 56, 56),), "What is this?", 3)))
+            return prefill(prompt, slot, features)
+
+        monkeypatch.setattr(fast, "_prefill", recording_prefill)
+        r.start()
+        wait_until(lambda: ask and ask[0].done(), "the interactive answer")
+        answer = ask[0].result(timeout=1)
+        wait_until(lambda: set(r.states().values()) == {"done"} and len(r.states()) == 8, "the backlog done")
+    assert isinstance(answer, Answer)
+    assert admitted.count(3) == 1 and len(admitted) == 9
+    # The next prefill after the request arrived is the request, with six queued jobs still to come.
+    assert admitted.index(3) == 2, admitted
+    for i in range(8):
+        assert (tmp_path / "inbox" / f"{i:02d}.png.describe.md").exists()
+
+
+def test_each_sidecar_is_written_when_its_request_finishes(tmp_path: Path, tiny_model: Path,
+                                                           backend: TransformersBackend,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 12.2: no chunk boundary: a short answer's sidecar exists while a long one is still decoding.
+    config = config_for(tmp_path, tiny_model, max_new_tokens=40)
+    backend.reconfigure(config.model)
+    fast = backend._fast
+    seen_while_decoding: list[bool] = []
+    decode = fast._decode
+    with Running(tmp_path, config, backend) as r:
+        paths = queue_files(tmp_path, r.queue, ["long.png", "short.png"])
+        long_id = r.queue.latest(paths[0].absolute(), "describe").id
+        prompt = backend._prompt
+
+        def with_budgets(index, item):
+            got = prompt(index, item)
+            got.max_new_tokens = 40 if item.key[0] == long_id else 2
+            return got
+
+        short_sidecar = paths[1].parent / "short.png.describe.md"
+
+        def watching_decode(source, eos):
+            decode(source, eos)
+            if fast._owner and not fast._owner[min(fast._owner)].max_new_tokens == 2:  # "long" still decoding
+                deadline = time.monotonic() + 10
+                while not short_sidecar.exists() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                seen_while_decoding.append(short_sidecar.exists())
+
+        monkeypatch.setattr(backend, "_prompt", with_budgets)
+        monkeypatch.setattr(fast, "_decode", watching_decode)
+        fast.ignore_eos = backend.ignore_eos = True
+        try:
+            r.start()
+            wait_until(lambda: list(r.states().values()) == ["done", "done"], "both done")
+        finally:
+            fast.ignore_eos = backend.ignore_eos = False
+    assert seen_while_decoding and seen_while_decoding[-1], seen_while_decoding
+
+
+# ------------------------------------------------------------------ isolation
+
+
+class RaisingBackend:
+    """A plugin backend that raises RuntimeError (not a BackendError) on one file's request."""
+
+    name = "raising"
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.model, self.loaded = config.name, True
+        self.calls: list[int] = []
+
+    def generate(self, requests: Sequence[Request]) -> list[Answer]:
+        self.calls.append(len(requests))
+        if any("bad" in r.prompt for r in requests):
+            raise RuntimeError("shape mismatch (injected)")
+        return [Answer(text="fine") for _ in requests]
+
+    def unload(self) -> None:
+        pass
+
+
+def test_a_raising_request_fails_alone_in_a_plugin_backend(tmp_path: Path) -> None:
+    # issue 12.3 repro: RuntimeError for 1 of 16 files in batches of 8 left 4 good files without sidecars.
+    register("raising", RaisingBackend)
+    config = config_for(tmp_path, "any", backend="raising", batch_size=8)
+    config = replace(config, rules=tuple(replace(rule, prompt="Describe $filename.") for rule in config.rules))
+    backend = RaisingBackend(config.model)
+    with Running(tmp_path, config, backend) as r:
+        names = [f"{i:02d}.png" for i in range(16)]
+        names[5] = "05-bad.png"
+        queue_files(tmp_path, r.queue, names)
+        r.start()
+        wait_until(lambda: sum(s == "done" for s in r.states().values()) == 15, "the 15 good files done")
+        bad = r.queue.latest((tmp_path / "inbox" / "05-bad.png").absolute(), "describe")
+        assert bad is not None and "shape mismatch (injected)" in (bad.error or "")
+        assert "RuntimeError" in bad.error
+    for name in names:
+        assert (tmp_path / "inbox" / f"{name}.describe.md").exists() == ("bad" not in name)
+
+
+def test_a_failing_prefill_fails_that_request_alone(backend: TransformersBackend,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    backend.reconfigure(replace(backend.config, batch_size=2))
+    requests = [Request((image(i, 56, 56),), f"Describe {i}.", 4) for i in range(5)]
+    fast = backend._fast
+    prefill = fast._prefill
+
+    def failing(prompt, slot, features):
+        if "Describe 2." in backend._processor.tokenizer.decode(prompt.inputs["input_ids"][0]):
+            raise ValueError("cache planner says no (injected)")
+        return prefill(prompt, slot, features)
+
+    monkeypatch.setattr(fast, "_prefill", failing)
+    got = backend.generate_each(requests)
+    assert isinstance(got[2], ValueError)
+    assert all(isinstance(a, Answer) for i, a in enumerate(got) if i != 2)
+
+
+def test_image_placeholders_must_match_the_image_features(backend: TransformersBackend) -> None:
+    # issue 10.11: text that became an image token must not shift the image features; that request fails alone.
+    requests = [Request((image(i, 56, 56),), "Describe.", 3) for i in range(3)]
+    prompts = [fastgen.Prompt(i, backend._inputs(r), 3) for i, r in enumerate(requests)]
+    forged = prompts[1].inputs["input_ids"].clone()
+    forged[0, -3] = backend._model.config.image_token_id  # a text token turned into <|image_pad|>
+    prompts[1].inputs["input_ids"] = forged
+    source = fastgen.ListSource(prompts)
+    with torch.inference_mode():
+        backend._fast.run(source, slots=2, cache_length=128, max_new=3)
+    assert isinstance(source.results[1], ValueError)
+    assert "image placeholder tokens" in str(source.results[1])
+    assert isinstance(source.results[0], fastgen.Generated) and isinstance(source.results[2], fastgen.Generated)
+
+
+def test_non_finite_logits_fail_the_request_clearly(backend: TransformersBackend,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 12.3: NaN/inf logits stop that sequence with an error instead of emitting token 0.
+    logits = torch.tensor([[0.0, 1.0, 2.0], [float("nan"), 1.0, 0.0], [0.0, float("inf"), 1.0],
+                           [-float("inf")] * 3])
+    tokens, bad = fastgen._choose(logits, None)
+    assert tokens[0] == 2 and bad.tolist() == [False, True, True, True]
+    fast = backend._fast
+    advance = fast._advance
+
+    def poisoned(s, nxt, bad):  # the request with budget 13 gets non-finite logits on its decode steps
+        return advance(s, nxt, bad | (s["budget"] == 13))
+
+    monkeypatch.setattr(fast, "_advance", poisoned)
+    requests = [Request((image(i, 56, 56),), "Describe.", n) for i, n in enumerate((6, 13, 7))]
+    got = backend.generate_each(requests)
+    assert isinstance(got[1], fastgen.NonFiniteLogitsError) and "non-finite logits" in str(got[1])
+    assert isinstance(got[0], Answer) and isinstance(got[2], Answer)
+
+
+def test_fp16_is_refused_unless_insisted(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from daemon.backends.transformers import _refuse_fp16
+
+    with pytest.raises(BackendError, match="VLWATCH_ALLOW_FP16=1"):
+        _refuse_fp16(torch.float16, str(tiny_model))
+    _refuse_fp16(torch.bfloat16, str(tiny_model))
+    monkeypatch.setenv("VLWATCH_ALLOW_FP16", "1")
+    _refuse_fp16(torch.float16, str(tiny_model))
+
+
+def test_sticky_cuda_error_puts_the_jobs_back_and_ends_the_loop(tmp_path: Path, tiny_model: Path,
+                                                                backend: TransformersBackend,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 12.3: an illegal memory access cannot be recovered in-process: jobs back (attempt spent), loop ends.
+    assert is_sticky_cuda_error(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not is_sticky_cuda_error(RuntimeError("CUDA out of memory"))
+    config = config_for(tmp_path, tiny_model)
+    backend.reconfigure(config.model)
+
+    def crash(source, **kwargs):
+        source.take()  # a prompt is in a slot when it happens
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(backend._fast, "run", crash)
+    with Running(tmp_path, config, backend) as r:
+        queue_files(tmp_path, r.queue, ["a.png", "b.png", "c.png"])
+        r.start()
+        r.loop.join(DEADLINE)
+        assert not r.loop.is_alive()  # the daemon's health check sees it and exits non-zero
+        assert isinstance(r.loop.fatal, DeviceLostError)
+        jobs = r.queue.history()
+    in_hand = [j for j in jobs if j.attempts == 1]
+    assert in_hand and all(j.state == "queued" and "GPU failed" in (j.error or "") for j in in_hand)
+    assert all(j.state == "queued" for j in jobs)
+
+
+# ------------------------------------------------------------------ out of memory
+
+
+def test_out_of_memory_while_capturing_shrinks_the_slots(backend: TransformersBackend,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 12.3: OOM while capturing the CUDA graph halves the slots; the graphs stay on.
+    backend.reconfigure(replace(backend.config, batch_size=4))
+    requests = [Request((image(i, 56 + 28 * (i % 3), 56),), "Describe.", 6) for i in range(6)]
+    expected = backend.generate(requests)
+    fast = backend._fast
+    captured: list[int] = []
+
+    class FakeGraph:
+        def __init__(self, n: int, sample: bool) -> None:
+            self.replay = lambda: fast._step(n, sample)
+
+    def capture(n: int, sample: bool):
+        captured.append(n)
+        if n > 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return FakeGraph(n, sample)
+
+    monkeypatch.setattr(fast, "_capture", capture)
+    monkeypatch.setattr(fast, "use_cuda_graphs", True)
+    monkeypatch.setattr(backend, "_oom_slots", None)
+    try:
+        assert backend.generate(requests) == expected
+        assert fast.use_cuda_graphs  # not switched off for the life of the process
+        assert backend._oom_slots == 1 and captured[0] == 4 and captured[-1] == 1
+    finally:
+        fast.release()
+        backend._oom_slots = None
+
+
+def test_out_of_memory_mid_run_runs_the_requests_in_hand_again(backend: TransformersBackend,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    backend.reconfigure(replace(backend.config, batch_size=4))
+    requests = [Request((image(i, 56, 84),), "Describe.", 9) for i in range(6)]
+    expected = backend.generate(requests)
+    fast = backend._fast
+    prefill = fast._prefill
+    calls = []
+
+    def oom_once(prompt, slot, features):
+        calls.append(slot)
+        if len(calls) == 5:  # slots busy, one refill under way
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return prefill(prompt, slot, features)
+
+    monkeypatch.setattr(fast, "_prefill", oom_once)
+    monkeypatch.setattr(backend, "_oom_slots", None)
+    try:
+        assert backend.generate(requests) == expected
+        assert backend._oom_slots == 2
+    finally:
+        backend._oom_slots = None
+
+
+# ------------------------------------------------------------------ streaming, chat, sampling
+
+
+def test_stream_pieces_join_to_the_answer(backend: TransformersBackend) -> None:
+    backend.reconfigure(replace(backend.config, batch_size=2))
+    pieces: list[str] = []
+    plain = [Request((image(i, 56, 56),), "Describe.", 40) for i in range(3)]
+    backend.ignore_eos = True
+    try:
+        expected = backend.generate(plain)
+        streamed = backend.generate([replace(plain[0], stream=pieces.append)] + plain[1:])
+    finally:
+        backend.ignore_eos = False
+    assert streamed == expected
+    assert "".join(pieces) == streamed[0].text
+    assert len(pieces) >= 2  # sent as decoded (every host sync), not once at the end
+
+
+def test_stream_holds_back_an_incomplete_utf8_character(backend: TransformersBackend) -> None:
+    from daemon.backends.transformers import _TextStream
+
+    tok = backend._processor.tokenizer
+    ids = tok("é€ ok", add_special_tokens=False)["input_ids"]
+    sent: list[str] = []
+    stream = _TextStream(tok, sent.append)
+    for n in range(1, len(ids) + 1):
+        stream.update(ids[:n])
+        assert "\ufffd" not in "".join(sent)
+    stream.update(ids, final=True)
+    assert "".join(sent) == "é€ ok"
+
+
+def test_chat_messages_with_two_images(backend: TransformersBackend) -> None:
+    a, b = image(1, 56, 84), image(2, 84, 56)
+    request = Request(images=(a, b), prompt="", max_new_tokens=10, messages=(
+        Message("system", ("You compare pictures.",)),
+        Message("user", ("First:", a, "second:", b, "Which is wider?")),
+    ))
+    text = backend._processor.apply_chat_template(_messages(request), tokenize=False, add_generation_prompt=True)
+    assert text.index("You compare pictures.") < text.index("First:") < text.index("<|vision_start|>")
+    assert text.count("<|vision_start|><|image_pad|><|vision_end|>") == 2
+    assert text.index("second:") < text.rindex("<|vision_start|>") < text.index("Which is wider?")
+    engine = backend.generate([request])
+    backend.set_engine("hf")
+    try:
+        stock = backend.generate([request])
+    finally:
+        backend.set_engine("auto")
+    assert engine == stock
+
+
+def test_sampling_leaves_greedy_neighbours_alone(backend: TransformersBackend) -> None:
+    backend.reconfigure(replace(backend.config, batch_size=4))
+    requests = [Request((image(i, 56, 56),), "Describe.", 12) for i in range(4)]
+    backend.ignore_eos = True
+    try:
+        greedy = backend.generate(requests)
+        torch.manual_seed(0)
+        mixed = backend.generate([requests[0], replace(requests[1], temperature=5.0)] + requests[2:])
+    finally:
+        backend.ignore_eos = False
+    assert mixed[0] == greedy[0] and mixed[2:] == greedy[2:]
+    assert mixed[1] != greedy[1]  # at temperature 5 over a random model's vocabulary: a different draw
+
+
+# ------------------------------------------------------------------ model state (issue 11.6)
+
+
+def test_model_state_is_recorded_when_it_loads(tmp_path: Path, tiny_model: Path) -> None:
+    config = config_for(tmp_path, tiny_model)
+    backend = TransformersBackend(config.model)
+    with Running(tmp_path, config, backend) as r:
+        r.loop._note_model_state()
+        assert r.queue.meta()["model"]["loaded"] is False
+        backend.load()  # no batch has run: status must already say loaded
+        assert r.queue.meta()["model"]["loaded"] is True
+        from daemon.errors import BackendUnavailableError
+
+        r.loop._backend_down(BackendUnavailableError("connection refused"))
+        model = r.queue.meta()["model"]
+        assert model["loaded"] is False and model["unavailable"] is True
+        backend.unload()
+
+
+# ------------------------------------------------------------------ repetition loops (issue 12.4)
+
+
+def _force_tokens(backend: TransformersBackend, monkeypatch: pytest.MonkeyPatch, *, greedy_loops: bool,
+                  sampled_loops: bool) -> None:
+    """Make greedy and/or sampled rows emit a 7-token cycle (a stuck sequence) or ever-new tokens."""
+    fast = backend._fast
+    advance = fast._advance
+
+    def forced(s, nxt, bad):
+        cycle = 100 + s["n_gen"] % 7
+        fresh = 100 + s["n_gen"] % 300  # no period within the loop window
+        greedy = cycle if greedy_loops else fresh
+        sampled = cycle if sampled_loops else fresh
+        return advance(s, torch.where(s["temp"] > 0, sampled, greedy), bad)
+
+    monkeypatch.setattr(fast, "_advance", forced)
+
+
+def test_a_loop_is_stopped_and_retried_with_sampling(backend: TransformersBackend,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    backend.reconfigure(replace(backend.config, batch_size=2))
+    _force_tokens(backend, monkeypatch, greedy_loops=True, sampled_loops=False)
+    requests = [Request((image(i, 56, 56),), "Transcribe the table.", 400) for i in range(2)]
+    got = backend.generate(requests)
+    stats = backend.last_stats
+    assert stats["loops"] == 2  # each first attempt stopped early...
+    assert all(not a.looped and a.new_tokens == 400 for a in got)  # ...and its retry ran to the end
+
+
+def test_a_retry_that_loops_too_marks_the_sidecar(tmp_path: Path, tiny_model: Path, backend: TransformersBackend,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from daemon.rules import match_file
+
+    config = config_for(tmp_path, tiny_model, max_new_tokens=400)
+    backend.reconfigure(config.model)
+    _force_tokens(backend, monkeypatch, greedy_loops=True, sampled_loops=True)
+    source = tmp_path / "inbox" / "table.png"
+    source.parent.mkdir()
+    source.write_bytes(png(3))
+    worker = Worker(config, backend)
+    try:
+        [outcome] = worker.process(match_file(config, source))
+    finally:
+        worker.close()
+    assert outcome.ok, outcome.error
+    assert backend.last_stats["loops"] == 2  # the first attempt and the retry
+    md = (tmp_path / "inbox" / "table.png.describe.md").read_text()
+    assert "kept repeating itself" in md
+    [answer] = backend.generate([Request((image(3, 56, 56),), "Transcribe.", 400)])
+    assert answer.looped and answer.new_tokens < 400 - 100  # stopped early, not at the budget
+
+
+# ------------------------------------------------------------------ one engine per device (issue 12.5)
+
+
+def test_one_engine_per_device_fed_from_one_queue(tmp_path: Path, tiny_model: Path) -> None:
+    from daemon.engine import EngineGroup, engine_devices, start_engines
+
+    config = config_for(tmp_path, tiny_model)
+    config = replace(config, model=replace(config.model, devices=("cpu", "cpu")))
+    assert engine_devices(config.model) == ["cpu", "cpu"]
+    assert engine_devices(replace(config.model, devices=())) == [None]
+    made: list[TransformersBackend] = []
+
+    def make(model: ModelConfig) -> TransformersBackend:
+        made.append(TransformersBackend(model))
+        return made[-1]
+
+    queue = Queue(tmp_path / "state.db")
+    group = start_engines(queue, config, Processor(queue, lambda path: None), make_backend=make)
+    try:
+        assert isinstance(group, EngineGroup) and len(group.loops) == 2
+        assert made[0] is not made[1] and all(b.config.device == "cpu" for b in made)
+        paths = queue_files(tmp_path, queue, [f"{i:02d}.png" for i in range(12)])
+        group.start()
+        wait_until(lambda: queue.counts()["done"] == 12, "all 12 files done")
+        ask = group.submit(Request((image(5, 56, 56),), "What is it?", 3))
+        assert isinstance(ask.result(timeout=DEADLINE), Answer)
+        assert all(loop.done > 0 for loop in group.loops), [loop.done for loop in group.loops]
+        assert sum(loop.done for loop in group.loops) == 12
+        wait_until(lambda: {"engine.0", "engine.1"} <= set(queue.meta()), "per-engine status")
+        engines = [queue.meta()[f"engine.{i}"] for i in range(2)]
+        assert [e["device"] for e in engines] == ["cpu", "cpu"] and all(e["loaded"] for e in engines)
+        from daemon.commands import format_status, status_info
+        from daemon.queue import StateLock
+
+        lock = StateLock(config.state)
+        assert lock.acquire()  # `status` shows engines of a running daemon only
+        try:
+            shown = format_status(status_info(config))
+        finally:
+            lock.release()
+        assert "engine 0 on cpu: loaded" in shown and "engine 1 on cpu: loaded" in shown
+        for p in paths:
+            assert p.with_name(p.name + ".describe.md").exists()
+    finally:
+        group.stop()
+        group.join(60)
+        group.worker.close()
+        for b in made:
+            b.unload()
+        queue.close()
+
+
+def test_the_daemon_exits_non_zero_on_a_lost_gpu_and_the_attempt_counts(tmp_path: Path) -> None:
+    # issue 12.3, end to end: `vlwatch run` exits non-zero (systemd restarts it); the file's attempt is spent.
+    from tests.test_daemon import Daemon, put
+
+    config = tmp_path / "config.yaml"
+    config.write_text("model: {backend: devicelost, name: any}\nstate: ./state/state.db\n"
+                      "watch: [{path: ./inbox, settle: 0.3s}]\n"
+                      "rules: [{name: describe, match: ['*.png'], task: describe, output: md}]\n"
+                      "jobs: {attempts: 2}\n")
+    (tmp_path / "inbox").mkdir()
+    d = Daemon(tmp_path, config, VLWATCH_PLUGINS="tests.device_lost_backend")
+    try:
+        d.start(watchdog=False)
+        image = put(tmp_path / "inbox" / "poison.png", png(7))
+        wait_until(lambda: d.proc.poll() is not None, "the daemon to exit")
+        assert d.proc.returncode != 0, d.log()
+        assert "unrecoverable state" in d.log()
+        with Queue(tmp_path / "state" / "state.db") as q:
+            job = q.latest(image.absolute(), "describe")
+        assert job is not None and job.state == "queued" and job.attempts == 1, job
+        assert "GPU failed" in (job.error or "")
+        d.start(watchdog=False)  # the restart takes it again: the second attempt is the last
+        wait_until(lambda: d.proc.poll() is not None, "the daemon to exit again")
+        with Queue(tmp_path / "state" / "state.db") as q:
+            job = q.latest(image.absolute(), "describe")
+        assert job.state == "failed" and job.attempts == 2, job  # a poison file cannot loop forever
+    finally:
+        d.close()
