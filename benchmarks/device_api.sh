@@ -17,7 +17,7 @@ if [[ -z ${SKIP_VERIFY:-} ]]; then
     timeout 200 python3 -m daemon -v bench --verify --load-format dummy --new-tokens 128 2>&1 | tee -a "$OUT/verify.log"
     echo "exit ${PIPESTATUS[0]}" | tee -a "$OUT/verify.log"
 fi
-args=(--backlog ${BACKLOG:-400} --requests ${REQUESTS:-12} --out "$OUT")
+args=(--backlog ${BACKLOG:-400} --requests ${REQUESTS:-12} --gap ${GAP:-1.0} --out "$OUT")
 echo "+ python benchmarks/api_ttft.py ${args[*]}" | tee "$OUT/api_ttft.log"
 timeout ${TTFT_LIMIT:-330} python3 benchmarks/api_ttft.py "${args[@]}" 2>&1 | tee -a "$OUT/api_ttft.log"
 echo "exit ${PIPESTATUS[0]}" | tee -a "$OUT/api_ttft.log"
