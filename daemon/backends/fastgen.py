@@ -57,6 +57,13 @@ log = logging.getLogger(__name__)
 #: (16384: three 1036x1036 images, or sixteen 512x512): amortises the tower's
 #: fixed per-call CPU work, bounds its activation memory (~1 GiB).
 VISION_BATCH_PATCHES = 16384
+#: Longest a round of admission (vision + prefill of new prompts) may run while
+#: a streaming (interactive) sequence waits for its tokens: without it a backlog
+#: arriving at once filled every free slot first (~20 s for 256 images on an
+#: H100) and a chat request admitted meanwhile saw its first token only after
+#: all of them (benchmarks/NOTES.md, API TTFT).  Folder work alone is admitted
+#: in full rounds (what throughput wants).
+ADMIT_BUDGET = 0.3
 #: Decode steps between two looks at which sequences ended (each look is a
 #: device-to-host sync); capped by the smallest remaining budget.
 SYNC_EVERY = 16
@@ -524,6 +531,7 @@ class SlotEngine:
     def _admit(self, source: Source, max_new: int, eos: set[int]) -> bool:
         """Fill free slots from ``source``; False once a prompt had to be deferred (admission stops)."""
         stats = self.stats
+        started = time.perf_counter()
         while True:
             free = [i for i in range(self._slots) if i not in self._owner]
             if not free:
@@ -565,6 +573,8 @@ class SlotEngine:
             stats.prefill_s += time.perf_counter() - t0
             if not admitting:
                 return False
+            if time.perf_counter() - started > ADMIT_BUDGET and any(p.stream for p in self._owner.values()):
+                return True  # a streaming (interactive) sequence is waiting for its tokens: step first
 
     def _features_each(self, group: list[Prompt], source: Source) -> list[Any]:
         """Vision features per prompt; a prompt whose images fail is finished with the error."""
