@@ -144,13 +144,21 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from daemon.outputs import planned_sidecars
+    from daemon.config import Snapshot
     from daemon.rules import match_file, render_prompt, watch_for
+    from daemon.watching import ignore_reason
 
     config = _config(args)
     path = args.file.absolute()
     watch = watch_for(config, path)
     print(printable(path))
     print(f"  watched folder: {printable(watch.path) if watch else '(none: globs match the file name)'}")
+    # The daemon's own filter, so explain and the daemon give one answer (issue 10.5).
+    snapshot = Snapshot.of(config)
+    _, root, skip = snapshot.find(path) or (None, path.parent, ())
+    if (reason := ignore_reason(path, root, snapshot.rule_names, skip)) is not None:
+        print(f"  ignored: {reason}; the daemon never processes it")
+        return ExitCode.FAILED
     matches = match_file(config, path)
     if not matches:
         print("  no rule matches this file")

@@ -24,10 +24,9 @@ import os
 import re
 import string
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
-from daemon.config import Config, Rule, WatchConfig
+from daemon.config import Config, Rule, WatchConfig, owning_watch
 
 
 @dataclass(frozen=True)
@@ -57,18 +56,7 @@ def watch_for(config: Config, path: Path) -> WatchConfig | None:
     A non-recursive watch owns only its direct children.  Compared as string
     prefixes of normalised paths: this runs for every event of a burst.
     """
-    text = str(normalised(path))
-    for prefix, watch in _watch_prefixes(config.watch):
-        if text.startswith(prefix) and (watch.recursive or os.sep not in text[len(prefix):]):
-            return watch
-    return None
-
-
-@lru_cache(maxsize=16)
-def _watch_prefixes(watches: tuple[WatchConfig, ...]) -> list[tuple[str, WatchConfig]]:
-    """``(folder + os.sep, watch)``, deepest folder first, so the first hit is the most specific."""
-    entries = [(str(normalised(w.path)).rstrip(os.sep) + os.sep, w) for w in watches]
-    return sorted(entries, key=lambda e: len(e[0]), reverse=True)
+    return owning_watch(config.watch, str(normalised(path)))
 
 
 def candidate_rules(config: Config, watch: WatchConfig | None) -> list[Rule]:

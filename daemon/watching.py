@@ -29,16 +29,17 @@ nobody watched (the catch-up scan in ``service``).
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
+import mmap
 import os
-import re
 import stat
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Sequence
+from typing import AbstractSet, BinaryIO, Callable, Iterable, Literal, Sequence
 
 from watchdog.events import (
     DirCreatedEvent,
@@ -51,11 +52,11 @@ from watchdog.events import (
     FileSystemEvent,
     FileSystemEventHandler,
 )
-from watchdog.observers.api import BaseObserver
+from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
 from daemon.config import WatchConfig
-from daemon.outputs import is_output_name
+from daemon.sidecars import own_name_reason
 
 log = logging.getLogger(__name__)
 
@@ -70,51 +71,90 @@ IGNORED_DIRS = frozenset({
 })
 #: Exact names that are never input.
 IGNORED_NAMES = frozenset({".DS_Store", "Thumbs.db", "ehthumbs.db", "desktop.ini", ".directory", "Icon\r"})
-#: Suffixes of files still being downloaded, copied or edited.
-IGNORED_SUFFIXES = (
-    ".part", ".partial", ".crdownload", ".download", ".opdownload", ".filepart", ".!qb", ".tmp", ".temp",
-    ".swp", ".swo", ".swx", ".kate-swp", ".bak", "~",
-)
-#: Prefixes of Office lock files, Emacs/LibreOffice locks and similar.
-IGNORED_PREFIXES = ("~$", ".~lock.", ".#", "#", ".syncthing.", ".goutputstream-")
-#: vim probes a folder's writability with a file called 4913 (and 5036...).
-_VIM_PROBE = re.compile(r"^\d{4,5}$")
+#: Suffixes of files still being downloaded, copied or edited, with what they are.
+IGNORED_SUFFIXES: dict[str, str] = {
+    ".part": "partial download", ".partial": "partial download", ".crdownload": "partial download (Chrome)",
+    ".download": "partial download (Safari)", ".opdownload": "partial download (Opera)",
+    ".filepart": "partial upload (WinSCP)", ".!qb": "partial download (qBittorrent)",
+    ".tmp": "temporary file", ".temp": "temporary file",
+    ".swp": "editor swap file (vim)", ".swo": "editor swap file (vim)", ".swx": "editor swap file (vim)",
+    ".kate-swp": "editor swap file (Kate)", ".bak": "backup file", "~": "backup file",
+}
+#: Prefixes of lock and temporary files, with what they are.
+IGNORED_PREFIXES: dict[str, str] = {
+    "~$": "temporary file (Office lock)", ".~lock.": "temporary file (LibreOffice lock)",
+    ".#": "temporary file (Emacs lock)", ".syncthing.": "temporary file (Syncthing)",
+    ".goutputstream-": "temporary file (GNOME)",
+}
+
+
+def litter_reason(name: str) -> str | None:
+    """Why a file name alone marks it as litter, hidden or temporary; None for an ordinary name.
+
+    Precise on purpose (issue 10.5): ``#1 receipt.png`` is an ordinary file;
+    only Emacs's autosave form ``#name#`` is not.  Plain string operations,
+    so a name with a newline in it is judged like any other.
+    """
+    lower = name.lower()
+    for prefix, what in IGNORED_PREFIXES.items():
+        if name.startswith(prefix):
+            return what
+    if name in IGNORED_NAMES:
+        return f"system litter ({name!r})"
+    for suffix, what in IGNORED_SUFFIXES.items():
+        if lower.endswith(suffix):
+            return what
+    if len(name) > 2 and name.startswith("#") and name.endswith("#"):
+        return "temporary file (Emacs autosave)"
+    if name.startswith("."):
+        return "hidden file"
+    if 4 <= len(name) <= 5 and name.isascii() and name.isdigit():
+        return "temporary file (vim's write probe)"
+    return None
 
 
 def ignored_name(name: str) -> bool:
     """Whether a file name alone marks it as litter, hidden or temporary."""
-    lower = name.lower()
-    return (
-        name.startswith(".")
-        or name in IGNORED_NAMES
-        or lower.endswith(IGNORED_SUFFIXES)
-        or name.startswith(IGNORED_PREFIXES)
-        or bool(_VIM_PROBE.match(name))
-    )
+    return litter_reason(name) is not None
 
 
 def ignored_dir(name: str) -> bool:
     return name.startswith(".") or name in IGNORED_DIRS
 
 
-def is_ignored(path: Path, root: Path, rule_names: frozenset[str] | set[str],
-               skip_dirs: Sequence[Path] = ()) -> bool:
-    """Whether ``path`` under watch ``root`` must never become a job.
+def ignore_reason(path: Path, root: Path, rule_names: AbstractSet[str],
+                  skip_dirs: Sequence[Path] = ()) -> str | None:
+    """Why ``path`` under watch ``root`` must never become a job, or None if it may.
+
+    The one answer for the daemon, ``scan`` and ``vlwatch explain`` (issues
+    10.2 and 10.5): our own outputs and temporary files (``daemon.sidecars``),
+    litter, and anything inside an ignored folder or an output folder.
 
     Args:
-        path: the file.
+        path: the file (absolute).
         root: the watched folder it was seen under.
-        rule_names: every rule name whose sidecars may exist (their names are ours).
+        rule_names: the rules of the running config (their sidecars are ours).
         skip_dirs: output folders inside the watched tree; nothing under them is input.
     """
-    if ignored_name(path.name) or is_output_name(path.name, rule_names):
-        return True
+    name = path.name
+    reason = own_name_reason(name, rule_names) or litter_reason(name)
+    if reason is not None:
+        return reason
     # String work, not pathlib: this runs for every event of a burst.
     text, base = str(path), str(root).rstrip(os.sep) + os.sep
     folders = text[len(base):].split(os.sep)[:-1] if text.startswith(base) else []
-    if any(ignored_dir(p) for p in folders):
-        return True
-    return any(text.startswith(str(d).rstrip(os.sep) + os.sep) for d in skip_dirs)
+    for folder in folders:
+        if ignored_dir(folder):
+            return f"inside an ignored folder ({folder!r})"
+    for d in skip_dirs:
+        if text.startswith(str(d).rstrip(os.sep) + os.sep):
+            return f"inside the output folder {d}"
+    return None
+
+
+def is_ignored(path: Path, root: Path, rule_names: AbstractSet[str], skip_dirs: Sequence[Path] = ()) -> bool:
+    """Whether ``path`` under watch ``root`` must never become a job (``ignore_reason`` as a yes/no)."""
+    return ignore_reason(path, root, rule_names, skip_dirs) is not None
 
 
 # --------------------------------------------------------------- readiness
@@ -168,42 +208,64 @@ def probe_image(path: Path) -> bool:
 
     A cheap look at the end of the file first: a PNG ends with its IEND chunk,
     a JPEG with the EOI marker, a GIF with its trailer, and WebP and BMP
-    headers state the file's size.  Only when that is not conclusive (TIFF,
-    trailing data after a JPEG's EOI, a torn file) is the image decoded for
-    real; JPEGs then in draft mode (1/8 scale), which still reads every byte.
-    The worker decodes every file again anyway, so a common, complete file
-    costs one read of its last bytes here, not a second decode.
+    headers state the file's size.  A PNG with no IEND or a JPEG with no EOI
+    after its last scan is incomplete, full stop (issue 10.9): Pillow decodes
+    a PNG cut just before IEND, which would be processed and then redone.
+    Only when the end is not conclusive (TIFF, trailing data after the end
+    marker) is the image decoded for real; JPEGs then in draft mode (1/8
+    scale), which still reads every byte.  The worker decodes every file
+    again anyway, so a common, complete file costs one read of its last
+    bytes here, not a second decode.  A file we may not read is "complete":
+    waiting cannot help, and the intake records why it fails.
     """
     if path.suffix.lower() not in _PROBED:
         return True
-    if _complete_by_structure(path):
-        return True
+    verdict = _complete_by_structure(path)
+    if verdict is not None:
+        return verdict
     return _decodes(path)
 
 
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
-def _complete_by_structure(path: Path) -> bool:
+def _complete_by_structure(path: Path) -> bool | None:
+    """True/False when the file's structure says whether it is complete; None to decode it."""
     try:
         with open(path, "rb") as f:
             head = f.read(16)
             size = f.seek(0, os.SEEK_END)
             f.seek(max(0, size - 12))
             tail = f.read(12)
+            if head.startswith(b"\x89PNG\r\n\x1a\n"):
+                if tail == _PNG_END:
+                    return True
+                return None if _find(f, size, b"IEND") >= 0 else False
+            if head.startswith(b"\xff\xd8"):
+                if tail.endswith(b"\xff\xd9"):
+                    return True
+                # Byte stuffing keeps FF D9 out of scan data: an EOI after the
+                # last start-of-scan means data follows a complete image.
+                return None if _find(f, size, b"\xff\xd9") > _find(f, size, b"\xff\xda") else False
+    except PermissionError:
+        return True
     except OSError:
         return False
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return tail == _PNG_END
-    if head.startswith(b"\xff\xd8"):
-        return tail.endswith(b"\xff\xd9")
     if head.startswith((b"GIF87a", b"GIF89a")):
-        return tail.endswith(b";")
+        return True if tail.endswith(b";") else None
     if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
-        return int.from_bytes(head[4:8], "little") + 8 <= size
+        return True if int.from_bytes(head[4:8], "little") + 8 <= size else None
     if head.startswith(b"BM"):
-        return int.from_bytes(head[2:6], "little") <= size
-    return False  # TIFF and the rest: decode
+        return True if int.from_bytes(head[2:6], "little") <= size else None
+    return None  # TIFF and the rest: decode
+
+
+def _find(f: BinaryIO, size: int, needle: bytes) -> int:
+    """The last offset of ``needle`` in the open file ``f`` (-1 if absent), without reading it into memory."""
+    if size == 0:
+        return -1
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        return m.rfind(needle)
 
 
 def _decodes(path: Path) -> bool:
@@ -442,16 +504,51 @@ class _Handler(FileSystemEventHandler):
             self._offer(Path(src), "changed")
 
 
-def _native_observer() -> BaseObserver:
+class _ParentHandler(FileSystemEventHandler):
+    """Watches the nearest existing parent of a missing folder for that folder to appear."""
+
+    def __init__(self, appeared: Callable[[], None]) -> None:
+        self._appeared = appeared
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        if event.is_directory and isinstance(event, (DirCreatedEvent, DirMovedEvent)):
+            self._appeared()
+
+
+def _native_observer(on_overflow: Callable[[], None]) -> BaseObserver:
     try:
-        from watchdog.observers.inotify import InotifyObserver
+        from watchdog.observers.inotify import InotifyFullEmitter, InotifyObserver
+        from watchdog.observers.inotify_c import InotifyFD
     except ImportError:  # not Linux: the platform's observer, readiness by settling
         from watchdog.observers import Observer
 
         return Observer()
-    # Full events: a file renamed in from outside the tree arrives as a move
-    # with no source, so it is known to be whole (no settle wait).
-    return InotifyObserver(generate_full_events=True)
+
+    if not hasattr(InotifyFD, "handle_event"):  # another watchdog: its log line is the signal
+        return InotifyObserver(generate_full_events=True)
+
+    class _FD(InotifyFD):  # type: ignore[misc, valid-type]
+        """watchdog's inotify reader, telling us about IN_Q_OVERFLOW itself (issue 10.18).
+
+        watchdog reconciles its watches after an overflow but reports the lost
+        events only in a WARNING log line, which a log level can silence.
+        """
+
+        def handle_event(self, event):  # type: ignore[no-untyped-def]
+            if event.is_queue_overflow:
+                on_overflow()
+            super().handle_event(event)
+
+    class _Observer(InotifyObserver):  # type: ignore[misc, valid-type]
+        # InotifyObserver.__init__ with our reader.  Full events: a file renamed
+        # in from outside the tree arrives as a move with no source, so it is
+        # known to be whole (no settle wait).
+        def __init__(self) -> None:
+            self._inotify_fd = _FD()
+            self._inotify_fd.start()
+            BaseObserver.__init__(self, InotifyFullEmitter, inotify_fd=self._inotify_fd)
+
+    return _Observer()
 
 
 def poll_interval(settle: float) -> float:
@@ -462,20 +559,34 @@ def poll_interval(settle: float) -> float:
 class Watcher:
     """Observers over the configured folders, feeding ``offer``.
 
+    A watched folder that does not exist yet is watched through its nearest
+    existing parent, and watched itself the moment it appears (issue 11.3),
+    not at the next rescan.
+
     Args:
         offer: called for each file event, ``offer(path, kind)``, on observer threads.
         forget: called for a file deleted or moved away.
         forget_under: called for a folder moved away.
+        on_watched: told the folders watched late (they appeared after start), so
+            the caller can catch up on files already in them.
+        on_overflow: called when inotify dropped events (a rescan is due).
     """
 
     def __init__(self, offer: Callable[[Path, Kind], None], forget: Callable[[Path], None],
-                 forget_under: Callable[[Path], None]) -> None:
+                 forget_under: Callable[[Path], None], *,
+                 on_watched: Callable[[list[Path]], None] | None = None,
+                 on_overflow: Callable[[], None] | None = None) -> None:
         self._handler = _Handler(offer, forget, forget_under)
+        self._parent_handler = _ParentHandler(self._appeared)
+        self._on_watched = on_watched
+        self._on_overflow = on_overflow or _OverflowAlarm.raised.set
         self._native: BaseObserver | None = None
         self._polling: dict[Path, BaseObserver] = {}
         self._watching: dict[Path, WatchConfig] = {}
         self._missing: dict[Path, WatchConfig] = {}
+        self._parents: dict[Path, ObservedWatch] = {}  # parent folder -> its watch, for missing folders
         self._lock = threading.Lock()
+        self._started = False
         _OverflowAlarm.install()
 
     @property
@@ -486,27 +597,69 @@ class Watcher:
     def start(self, watches: Iterable[WatchConfig]) -> None:
         """Schedule every folder; those that cannot be watched yet are retried by ``ensure``."""
         with self._lock:
-            self._native = _native_observer()
+            self._native = _native_observer(self._on_overflow)
             self._native.start()
+            self._started = True
             for watch in watches:
                 self._missing[watch.path] = watch
-        self.ensure()
+        self.ensure(initial=True)
 
-    def ensure(self) -> list[Path]:
+    def ensure(self, initial: bool = False) -> list[Path]:
         """Try again to watch folders that were missing or failed; return those now watched."""
         added = []
         with self._lock:
-            for root, watch in list(self._missing.items()):
-                if self._schedule(watch):
-                    del self._missing[root]
-                    self._watching[root] = watch
-                    added.append(root)
+            if not self._started:
+                return []
+            # Again while a folder appeared meanwhile: `mkdir -p a/b/c` may make
+            # b/c before the parent watch moves down to b.
+            for _ in range(64):
+                for root, watch in list(self._missing.items()):
+                    if self._schedule(watch, quiet=not initial or _ > 0):
+                        del self._missing[root]
+                        self._watching[root] = watch
+                        added.append(root)
+                        if not initial:
+                            log.info("%s: the watched folder exists now; watching it", root)
+                self._watch_parents()
+                if not any(root.is_dir() for root in self._missing):
+                    break
         return added
 
-    def _schedule(self, watch: WatchConfig) -> bool:
+    def _appeared(self) -> None:
+        """A folder appeared under the parent of a missing one: look (off the observer's thread,
+        which holds the observer's lock while it dispatches)."""
+        def look() -> None:
+            added = self.ensure()
+            if added and self._on_watched is not None:
+                self._on_watched(added)
+
+        threading.Thread(target=look, name="vlwatch-appeared", daemon=True).start()
+
+    def _watch_parents(self) -> None:
+        """Keep an inotify watch on the nearest existing parent of each missing folder (lock held)."""
+        wanted: set[Path] = set()
+        for root in self._missing:
+            parent = _nearest_existing(root)
+            if parent is not None:
+                wanted.add(parent)
+        if self._native is None:
+            return
+        for parent in set(self._parents) - wanted:
+            with contextlib.suppress(KeyError, OSError):
+                self._native.unschedule(self._parents.pop(parent))
+        for parent in wanted - set(self._parents):
+            try:
+                self._parents[parent] = self._native.schedule(
+                    self._parent_handler, str(parent), recursive=False, event_filter=[DirCreatedEvent, DirMovedEvent])
+            except OSError as exc:
+                log.debug("%s: cannot watch for missing folders (%s); the rescan looks for them", parent, exc)
+
+    def _schedule(self, watch: WatchConfig, quiet: bool = False) -> bool:
         path = watch.path
         if not path.is_dir():
-            log.warning("%s: watched folder does not exist; will look again at the next rescan", path)
+            if not quiet:
+                log.warning("%s: watched folder does not exist; watching %s for it to appear", path,
+                            _nearest_existing(path) or "nothing")
             return False
         if not watch.polling and self._native is not None:
             try:
@@ -536,11 +689,20 @@ class Watcher:
         with self._lock:
             observers = [o for o in [self._native, *self._polling.values()] if o is not None]
             self._native, self._polling = None, {}
-            self._watching, self._missing = {}, {}
+            self._watching, self._missing, self._parents = {}, {}, {}
+            self._started = False
         for o in observers:
             o.stop()
         for o in observers:
             o.join(timeout=10)
+
+
+def _nearest_existing(path: Path) -> Path | None:
+    """The deepest existing folder above ``path``."""
+    for parent in path.parents:
+        if parent.is_dir():
+            return parent
+    return None
 
 
 class _OverflowAlarm(logging.Handler):
