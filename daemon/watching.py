@@ -473,6 +473,13 @@ _EVENTS: list[type[FileSystemEvent]] = [
     FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent, FileDeletedEvent,
     DirCreatedEvent, DirMovedEvent,
 ]
+try:  # watchdog >= 6.1 reports attribute changes apart from writes
+    from watchdog.events import FileAttribEvent
+
+    # A chmod that makes an unreadable file readable must bring it back (issue 10.3).
+    _EVENTS.append(FileAttribEvent)
+except ImportError:  # older watchdog: attribute changes arrive as FileModifiedEvent
+    FileAttribEvent = FileModifiedEvent  # type: ignore[misc, assignment]
 
 
 class _Handler(FileSystemEventHandler):
@@ -500,7 +507,7 @@ class _Handler(FileSystemEventHandler):
                 self._offer(Path(dest), "moved")
         elif isinstance(event, FileDeletedEvent):
             self._forget(Path(src))
-        elif isinstance(event, (FileCreatedEvent, FileModifiedEvent)):
+        elif isinstance(event, (FileCreatedEvent, FileModifiedEvent, FileAttribEvent)):
             self._offer(Path(src), "changed")
 
 
