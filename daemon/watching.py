@@ -160,7 +160,7 @@ def is_ignored(path: Path, root: Path, rule_names: AbstractSet[str], skip_dirs: 
 # --------------------------------------------------------------- readiness
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per file of a burst: no per-instance dict
 class Arrival:
     """A complete file, with the size and mtime it had when found ready."""
 
@@ -174,7 +174,7 @@ class Arrival:
 Kind = Literal["changed", "closed", "moved"]
 
 
-@dataclass
+@dataclass(slots=True)  # one per file in flight (issue 10.21): no per-instance dict
 class _Pending:
     settle: float
     signature: tuple[int, int] | None  # (size, mtime_ns) when last seen changing

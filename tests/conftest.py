@@ -109,13 +109,14 @@ def put(path: Path, data: bytes) -> Path:
 
 
 def wait_until(predicate: Callable[[], object], what: str, timeout: float = DEADLINE,
-               log: Callable[[], str] | None = None) -> None:
+               log: Callable[[], str] | None = None, interval: float = 0.1) -> None:
+    """Poll ``predicate`` until true; fail after ``timeout`` naming ``what`` (and the log's tail)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
             tail = "\n--- daemon log (tail) ---\n" + log()[-4000:] if log else ""
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{tail}")
-        time.sleep(0.1)
+        time.sleep(interval)
 
 
 PLUGINS = "VLWATCH_PLUGINS"

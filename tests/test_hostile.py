@@ -16,7 +16,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -32,7 +31,7 @@ from daemon.images import printable
 from daemon.outputs import PageResult, Result, checked_sidecar_path, planned_sidecars, write_result
 from daemon.rules import Match, match_file
 from daemon.worker import Worker
-from tests.conftest import REPO, run_vlwatch, write_config
+from tests.conftest import REPO, run_vlwatch, wait_until, write_config
 from tests.data.make_hostile import Sample, build
 
 RULE = "look"
@@ -117,15 +116,11 @@ def test_corpus_through_process(tmp_path: Path, tiny_model: Path) -> None:
 
 
 def _wait_for(what: str, check: Callable[[], bool], timeout: float, daemon: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if daemon.poll() is not None:
-            raise AssertionError(f"the daemon exited ({daemon.returncode}) while waiting for {what}:\n"
-                                 + log.read_text(errors="replace")[-4000:])
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}:\n"
-                                 + log.read_text(errors="replace")[-4000:])
-        time.sleep(0.25)
+    def check_alive() -> bool:
+        assert daemon.poll() is None, f"daemon exited with {daemon.returncode}:\n{log.read_text(errors='replace')[-3000:]}"
+        return check()
+
+    wait_until(check_alive, what, timeout, log=lambda: log.read_text(errors="replace"))
 
 
 def _status(config: Path) -> dict:

@@ -24,18 +24,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, run_vlwatch, write_config
+from tests.conftest import REPO, run_vlwatch, wait_until, write_config
 from tests.fault_server import FaultServer, Reply
 
 KEY = "sk-vlwatch-daemon-2c41e8f0a9b7"
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.1)
+    wait_until(check, what, timeout)
 
 
 @pytest.fixture
