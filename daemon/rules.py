@@ -44,10 +44,12 @@ class Match:
 
 
 def relative_to_root(path: Path, root: Path) -> str:
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return path.name
+    # String work: this runs for every file of a burst.
+    text, base = str(path), str(root).rstrip(os.sep) + os.sep
+    if text.startswith(base):
+        rel = text[len(base):]
+        return rel if os.sep == "/" else rel.replace(os.sep, "/")
+    return path.name
 
 
 def watch_for(config: Config, path: Path) -> WatchConfig | None:
@@ -76,7 +78,7 @@ def match_file(config: Config, path: Path, rule_name: str | None = None) -> list
     """
     path = normalised(path)
     watch = watch_for(config, path)
-    root = normalised(watch.path) if watch else path.parent
+    root = watch.path if watch else path.parent  # a watch's path is canonical already (config)
     output_dir = watch.output_dir if watch else None
     if rule_name is not None:
         rule = config.rule(rule_name)
@@ -93,7 +95,10 @@ def match_file(config: Config, path: Path, rule_name: str | None = None) -> list
 
 def normalised(path: Path) -> Path:
     """Absolute, with ``.`` and ``..`` folded lexically (symlinks are left alone)."""
-    return Path(os.path.normpath(path.absolute()))
+    text = str(path)
+    if os.path.isabs(text) and os.path.normpath(text) == text:
+        return path  # already canonical, as every path from the watcher is: no new Path
+    return Path(os.path.normpath(os.path.abspath(text)))
 
 
 def allowed_roots(config: Config, match: Match) -> tuple[Path, ...] | None:

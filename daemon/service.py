@@ -327,14 +327,16 @@ class Daemon:
         log.info("%s: reloaded: %d rules, %d watched folders", self.config_path, len(new.rules), len(new.watch))
 
     # -- intake: watcher events -> settler -> queue
-    def _offer(self, path: Path, kind: Kind) -> None:
+    def _offer(self, path: str, kind: Kind) -> None:
         if self.settler.note(path, kind):
             return  # already tracked: only its timing changes
         snapshot = self.snapshot
-        accepted = self._accept(snapshot, path)
+        accepted = self._accept(snapshot, Path(path))
         if accepted is not None:
-            settle, matches = accepted
-            self.settler.note(path, kind, settle, data=(snapshot.config, matches))
+            # Only the (shared) snapshot travels with the file, not its matches:
+            # memory per file in flight stays small (issue 10.21); the rules are
+            # matched again when it is ready, which costs less than keeping them.
+            self.settler.note(path, kind, accepted[0], data=snapshot)
 
     @staticmethod
     def _accept(snapshot: Snapshot, path: Path) -> tuple[float, list[Match]] | None:
@@ -401,9 +403,13 @@ class Daemon:
 
     @staticmethod
     def _matches_now(snapshot: Snapshot, arrival: Arrival) -> list[Match]:
-        """The rules matched when the file was first seen, unless a reload changed them since."""
-        if isinstance(arrival.data, tuple) and arrival.data[0] is snapshot.config:
-            return arrival.data[1]
+        """The rules that apply to a ready file under the running snapshot.
+
+        Matched with the snapshot it was accepted under when nothing was
+        reloaded since (the filter passed then); judged again in full otherwise.
+        """
+        if arrival.data is snapshot:
+            return match_file(snapshot.config, arrival.path)
         accepted = Daemon._accept(snapshot, arrival.path)
         return accepted[1] if accepted is not None else []
 
@@ -411,7 +417,7 @@ class Daemon:
         snapshot = self.snapshot
         accepted = self._accept(snapshot, path)
         if accepted is not None:
-            self.settler.note(path, "changed", accepted[0], data=(snapshot.config, accepted[1]))
+            self.settler.note(path, "changed", accepted[0], data=snapshot)
 
     # -- chores
     def catch_up(self, why: str) -> None:

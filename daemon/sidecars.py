@@ -49,7 +49,10 @@ def sidecar_path(match: Match, ext: str) -> Path:
 
 
 def _lexical(path: Path) -> Path:
-    return Path(os.path.normpath(path.absolute()))
+    text = str(path)
+    if os.path.isabs(text) and os.path.normpath(text) == text:
+        return path  # canonical already (every path from the config and the watcher is)
+    return Path(os.path.normpath(os.path.abspath(text)))
 
 
 def planned_sidecars(match: Match) -> list[Path]:

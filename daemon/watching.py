@@ -174,18 +174,18 @@ class Arrival:
 Kind = Literal["changed", "closed", "moved"]
 
 
-@dataclass(slots=True)  # one per file in flight (issue 10.21): no per-instance dict
+@dataclass(slots=True)  # one per file in flight (issue 10.21): small, no per-instance dict
 class _Pending:
     settle: float
     signature: tuple[int, int] | None  # (size, mtime_ns) when last seen changing
-    changed_at: float  # monotonic time of the last change
     complete: bool = False  # closed after writing, or moved in whole, since the last change
     probes: int = 0  # times it was stable but did not decode
-    due: float = 0.0
+    due: float = 0.0  # when to look next
+    heap_due: float | None = None  # the earliest entry this path has in the heap, if any
     data: object = None
 
 
-def file_signature(path: Path) -> tuple[int, int] | None:
+def file_signature(path: str | Path) -> tuple[int, int] | None:
     """(size, mtime_ns) of a regular file, or None if it is gone or not a regular file."""
     try:
         st = os.stat(path)
@@ -306,15 +306,17 @@ class Settler:
         self._gather = gather  # once a file is due, wait this long for others: one commit for a burst
         self._clock = clock
         self._wakes_at: float | None = None  # when the settler thread will look next, if it is waiting
-        self._pending: dict[Path, _Pending] = {}
-        self._heap: list[tuple[float, int, Path]] = []
+        # Keyed by the path's text, not a Path: a burst of 100,000 files holds
+        # 100,000 of these, and a str is a fifth of a Path's memory (issue 10.21).
+        self._pending: dict[str, _Pending] = {}
+        self._heap: list[tuple[float, int, str]] = []
         self._seq = 0
         self._cond = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
 
     # -- from any thread
-    def note(self, path: Path, kind: Kind, settle: float | None = None, data: object = None) -> bool:
+    def note(self, path: str | Path, kind: Kind, settle: float | None = None, data: object = None) -> bool:
         """Record an event for ``path``.
 
         Args:
@@ -326,45 +328,52 @@ class Settler:
         Returns:
             whether the path is (now) tracked.
         """
+        key = os.fspath(path)
         now = self._clock()
-        sig = file_signature(path) if kind == "changed" else None
+        sig = file_signature(key) if kind == "changed" else None
         with self._cond:
-            entry = self._pending.get(path)
+            entry = self._pending.get(key)
             if entry is None:
                 if settle is None:
                     return False
-                entry = self._pending[path] = _Pending(settle=settle, signature=sig, changed_at=now, data=data)
+                entry = self._pending[key] = _Pending(settle=settle, signature=sig, data=data)
             if kind == "changed":
-                entry.signature, entry.changed_at, entry.complete = sig, now, False
-                self._schedule(path, entry, now + entry.settle)
+                entry.signature, entry.complete = sig, False
+                self._schedule(key, entry, now + entry.settle)
             else:
                 entry.complete = True
-                self._schedule(path, entry, now)
+                self._schedule(key, entry, now)
             return True
 
-    def tracking(self, path: Path) -> bool:
+    def tracking(self, path: str | Path) -> bool:
         with self._cond:
-            return path in self._pending
+            return os.fspath(path) in self._pending
 
-    def forget(self, path: Path) -> None:
+    def forget(self, path: str | Path) -> None:
         """The file was deleted or moved away before it was ready: drop it."""
         with self._cond:
-            if self._pending.pop(path, None) is not None:
+            if self._pending.pop(os.fspath(path), None) is not None:
                 log.debug("%s: gone before it was complete", path)
 
-    def forget_under(self, folder: Path) -> None:
+    def forget_under(self, folder: str | Path) -> None:
+        prefix = os.fspath(folder).rstrip(os.sep) + os.sep
         with self._cond:
-            for path in [p for p in self._pending if p.is_relative_to(folder)]:
-                del self._pending[path]
+            for key in [k for k in self._pending if k.startswith(prefix)]:
+                del self._pending[key]
 
     def pending(self) -> int:
         with self._cond:
             return len(self._pending)
 
-    def _schedule(self, path: Path, entry: _Pending, due: float) -> None:
+    def _schedule(self, key: str, entry: _Pending, due: float) -> None:
         entry.due = due
+        if entry.heap_due is not None and entry.heap_due <= due:
+            # An earlier heap entry comes up first and is pushed again for the
+            # new time then: each event of a file no longer costs a heap entry.
+            return
+        entry.heap_due = due
         self._seq += 1
-        heapq.heappush(self._heap, (due, self._seq, path))
+        heapq.heappush(self._heap, (due, self._seq, key))
         # Wake the settler only if it would otherwise look too late: a burst of
         # events must not cost a thread switch each.
         if self._wakes_at is not None and due < self._wakes_at:
@@ -401,19 +410,24 @@ class Settler:
                 except Exception:  # a queue error must not stop the watching
                     log.exception("could not hand over %d ready files; the rescan will find them", len(ready))
 
-    def _wait_for_due(self) -> list[Path] | None:
+    def _wait_for_due(self) -> list[str] | None:
         with self._cond:
-            due: list[Path] = []
+            due: list[str] = []
             gathered = False
             while True:
                 if self._stop:
                     return None
                 now = self._clock()
                 while self._heap and self._heap[0][0] <= now and len(due) < self._batch:
-                    when, _, path = heapq.heappop(self._heap)
-                    entry = self._pending.get(path)
-                    if entry is not None and entry.due == when:  # else superseded by a later event
-                        due.append(path)
+                    when, _, key = heapq.heappop(self._heap)
+                    entry = self._pending.get(key)
+                    if entry is None or entry.heap_due != when:
+                        continue  # gone, or a later heap entry of a rescheduled file
+                    entry.heap_due = None
+                    if entry.due > when:
+                        self._schedule(key, entry, entry.due)  # an event since moved its time on
+                    else:
+                        due.append(key)
                 if due and (gathered or len(due) >= self._batch):
                     self._wakes_at = None
                     return due
@@ -425,43 +439,44 @@ class Settler:
                     self._wakes_at = now + timeout if timeout is not None else float("inf")
                 self._cond.wait(timeout)
 
-    def _check(self, path: Path) -> Arrival | None:
+    def _check(self, key: str) -> Arrival | None:
         with self._cond:
-            entry = self._pending.get(path)
+            entry = self._pending.get(key)
             if entry is None:
                 return None
             complete, before, settle = entry.complete, entry.signature, entry.settle
-        sig = file_signature(path)
+        sig = file_signature(key)
         now = self._clock()
         if sig is None:
-            self.forget(path)
+            self.forget(key)
             return None
         if not complete and sig != before:
             with self._cond:  # still changing (or changed behind the events' back): wait again
-                if self._pending.get(path) is entry:
-                    entry.signature, entry.changed_at = sig, now
-                    self._schedule(path, entry, now + settle)
+                if self._pending.get(key) is entry:
+                    entry.signature = sig
+                    self._schedule(key, entry, now + settle)
             return None
+        path = Path(key)
         if sig[0] > 0 and self._probe(path):
-            return self._take(path, entry, sig)
+            return self._take(key, path, entry, sig)
         with self._cond:
-            if self._pending.get(path) is not entry:
+            if self._pending.get(key) is not entry:
                 return None
             entry.probes += 1
             if entry.probes >= self._max_probes:
                 log.warning("%s: still does not decode after %d checks; queueing it as it is", path, entry.probes)
             else:
                 log.info("%s: incomplete (empty or truncated); checking again in %gs", path, settle)
-                entry.complete, entry.signature, entry.changed_at = False, sig, now
-                self._schedule(path, entry, now + settle)
+                entry.complete, entry.signature = False, sig
+                self._schedule(key, entry, now + settle)
                 return None
-        return self._take(path, entry, sig)
+        return self._take(key, path, entry, sig)
 
-    def _take(self, path: Path, entry: _Pending, sig: tuple[int, int]) -> Arrival | None:
+    def _take(self, key: str, path: Path, entry: _Pending, sig: tuple[int, int]) -> Arrival | None:
         with self._cond:
-            if self._pending.get(path) is not entry or entry.due > self._clock():
+            if self._pending.get(key) is not entry or entry.due > self._clock():
                 return None  # a new event arrived while we checked: it reschedules
-            del self._pending[path]
+            del self._pending[key]
         return Arrival(path, sig[0], sig[1], entry.data)
 
 
@@ -483,10 +498,15 @@ except ImportError:  # older watchdog: attribute changes arrive as FileModifiedE
 
 
 class _Handler(FileSystemEventHandler):
-    """Turns watchdog events into ``offer``/``forget`` calls, nothing more."""
+    """Turns watchdog events into ``offer``/``forget`` calls, nothing more.
 
-    def __init__(self, offer: Callable[[Path, Kind], None], forget: Callable[[Path], None],
-                 forget_under: Callable[[Path], None]) -> None:
+    Paths are handed on as text: most events are for a file already tracked,
+    and a ``Path`` made for each of them was most of a burst's CPU time
+    (issue 10.21).  Whoever needs a ``Path`` makes one, once per file.
+    """
+
+    def __init__(self, offer: Callable[[str, Kind], None], forget: Callable[[str], None],
+                 forget_under: Callable[[str], None]) -> None:
         self._offer = offer
         self._forget = forget
         self._forget_under = forget_under
@@ -495,20 +515,20 @@ class _Handler(FileSystemEventHandler):
         src = os.fsdecode(event.src_path)
         if event.is_directory:
             if isinstance(event, DirMovedEvent) and src:
-                self._forget_under(Path(src))
+                self._forget_under(src)
             return  # new folders' files arrive as their own events (watchdog simulates them)
         if isinstance(event, FileClosedEvent):
-            self._offer(Path(src), "closed")
+            self._offer(src, "closed")
         elif isinstance(event, FileMovedEvent):
             if src:
-                self._forget(Path(src))
+                self._forget(src)
             dest = os.fsdecode(event.dest_path)
             if dest:
-                self._offer(Path(dest), "moved")
+                self._offer(dest, "moved")
         elif isinstance(event, FileDeletedEvent):
-            self._forget(Path(src))
+            self._forget(src)
         elif isinstance(event, (FileCreatedEvent, FileModifiedEvent, FileAttribEvent)):
-            self._offer(Path(src), "changed")
+            self._offer(src, "changed")
 
 
 class _ParentHandler(FileSystemEventHandler):
@@ -571,16 +591,17 @@ class Watcher:
     not at the next rescan.
 
     Args:
-        offer: called for each file event, ``offer(path, kind)``, on observer threads.
-        forget: called for a file deleted or moved away.
-        forget_under: called for a folder moved away.
+        offer: called for each file event, ``offer(path, kind)``, on observer
+            threads; ``path`` is the absolute path as text.
+        forget: called for a file deleted or moved away (its path as text).
+        forget_under: called for a folder moved away (its path as text).
         on_watched: told the folders watched late (they appeared after start), so
             the caller can catch up on files already in them.
         on_overflow: called when inotify dropped events (a rescan is due).
     """
 
-    def __init__(self, offer: Callable[[Path, Kind], None], forget: Callable[[Path], None],
-                 forget_under: Callable[[Path], None], *,
+    def __init__(self, offer: Callable[[str, Kind], None], forget: Callable[[str], None],
+                 forget_under: Callable[[str], None], *,
                  on_watched: Callable[[list[Path]], None] | None = None,
                  on_overflow: Callable[[], None] | None = None) -> None:
         self._handler = _Handler(offer, forget, forget_under)

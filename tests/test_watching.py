@@ -158,7 +158,7 @@ def test_a_truncated_image_is_checked_again_after_settling(settler, tmp_path: Pa
     s.note(f, "closed", settle=0.3)
     # A negative, decided by the settler's own progress rather than a sleep:
     # once it has probed the file and found it truncated, nothing was handed over.
-    wait_for(lambda: (e := s._pending.get(f)) is not None and e.probes >= 1, 5, "the first probe")
+    wait_for(lambda: (e := s._pending.get(str(f))) is not None and e.probes >= 1, 5, "the first probe")
     assert got.paths == [] and s.tracking(f)
     with open(f, "ab") as out:
         out.write(data[len(data) // 2:])
@@ -232,13 +232,13 @@ class Events:
         self.forgotten: list[Path] = []
         self.lock = threading.Lock()
 
-    def offer(self, path: Path, kind: str) -> None:
+    def offer(self, path: str, kind: str) -> None:
         with self.lock:
-            self.offers.append((path, kind))
+            self.offers.append((Path(path), kind))
 
-    def forget(self, path: Path) -> None:
+    def forget(self, path: str) -> None:
         with self.lock:
-            self.forgotten.append(path)
+            self.forgotten.append(Path(path))
 
     def kinds(self, path: Path) -> set[str]:
         with self.lock:
