@@ -333,10 +333,9 @@ class Daemon:
         snapshot = self.snapshot
         accepted = self._accept(snapshot, Path(path))
         if accepted is not None:
-            # Only the (shared) snapshot travels with the file, not its matches:
-            # memory per file in flight stays small (issue 10.21); the rules are
-            # matched again when it is ready, which costs less than keeping them.
-            self.settler.note(path, kind, accepted[0], data=snapshot)
+            # Only the shared snapshot and rules travel with the file, not Match
+            # objects: memory per file in flight stays small (issue 10.21).
+            self.settler.note(path, kind, accepted[0], data=(snapshot, tuple(m.rule for m in accepted[1])))
 
     @staticmethod
     def _accept(snapshot: Snapshot, path: Path) -> tuple[float, list[Match]] | None:
@@ -408,8 +407,11 @@ class Daemon:
         Matched with the snapshot it was accepted under when nothing was
         reloaded since (the filter passed then); judged again in full otherwise.
         """
-        if arrival.data is snapshot:
-            return match_file(snapshot.config, arrival.path)
+        if isinstance(arrival.data, tuple) and arrival.data[0] is snapshot:
+            found = snapshot.find(arrival.path)
+            if found is not None:
+                watch = found[0]
+                return [Match(arrival.path, rule, watch.path, watch.output_dir) for rule in arrival.data[1]]
         accepted = Daemon._accept(snapshot, arrival.path)
         return accepted[1] if accepted is not None else []
 
@@ -417,7 +419,7 @@ class Daemon:
         snapshot = self.snapshot
         accepted = self._accept(snapshot, path)
         if accepted is not None:
-            self.settler.note(path, "changed", accepted[0], data=snapshot)
+            self.settler.note(path, "changed", accepted[0], data=(snapshot, tuple(m.rule for m in accepted[1])))
 
     # -- chores
     def catch_up(self, why: str) -> None:

@@ -37,10 +37,19 @@ SIDECAR_ENDINGS = ("." + OVERLAY, ".md", ".html", ".json")
 
 def sidecar_path(match: Match, ext: str) -> Path:
     """Where the sidecar of ``match`` with extension ``ext`` (md, html, json, overlay.png) goes."""
+    return Path(sidecar_text(match, ext))
+
+
+def sidecar_text(match: Match, ext: str) -> str:
+    """``sidecar_path`` as text: the freshness checks of a burst make no ``Path`` for it."""
     path = _lexical(match.path)
-    name = f"{path.name}.{match.rule.name}.{ext}"
     if match.output_dir is None:
-        return path.parent / name
+        return f"{path}.{match.rule.name}.{ext}"
+    return str(_mirrored(match, path, f"{path.name}.{match.rule.name}.{ext}"))
+
+
+def _mirrored(match: Match, path: Path, name: str) -> Path:
+    assert match.output_dir is not None
     try:
         sub = path.parent.relative_to(_lexical(match.root))
     except ValueError:
@@ -56,10 +65,15 @@ def _lexical(path: Path) -> Path:
 
 
 def planned_sidecars(match: Match) -> list[Path]:
-    paths = [sidecar_path(match, match.rule.output)]
+    return [Path(t) for t in planned_texts(match)]
+
+
+def planned_texts(match: Match) -> list[str]:
+    """``planned_sidecars`` as text."""
+    texts = [sidecar_text(match, match.rule.output)]
     if match.rule.task == "ground":
-        paths.append(sidecar_path(match, OVERLAY))
-    return paths
+        texts.append(sidecar_text(match, OVERLAY))
+    return texts
 
 
 def is_temp_name(name: str) -> bool:
@@ -96,7 +110,7 @@ def is_output_name(name: str, rule_names: AbstractSet[str]) -> bool:
     return own_name_reason(name, rule_names) is not None
 
 
-def _mtime_ns(path: Path) -> int | None:
+def _mtime_ns(path: str) -> int | None:
     try:
         return os.stat(path).st_mtime_ns
     except OSError:
@@ -104,12 +118,12 @@ def _mtime_ns(path: Path) -> int | None:
 
 
 def sidecar_missing(match: Match) -> bool:
-    return not all(p.exists() for p in planned_sidecars(match))
+    return not all(os.path.exists(t) for t in planned_texts(match))
 
 
 def sidecar_fresh(match: Match, mtime_ns: int) -> bool:
     """Whether every sidecar of ``match`` exists and is newer than the file (mtime ``mtime_ns``)."""
-    for sidecar in planned_sidecars(match):
+    for sidecar in planned_texts(match):
         m = _mtime_ns(sidecar)
         if m is None or m < mtime_ns:
             return False

@@ -88,6 +88,10 @@ IGNORED_PREFIXES: dict[str, str] = {
 }
 
 
+_ANY_PREFIX = (*IGNORED_PREFIXES, "#", ".")
+_ANY_SUFFIX = tuple(IGNORED_SUFFIXES)
+
+
 def litter_reason(name: str) -> str | None:
     """Why a file name alone marks it as litter, hidden or temporary; None for an ordinary name.
 
@@ -96,6 +100,9 @@ def litter_reason(name: str) -> str | None:
     so a name with a newline in it is judged like any other.
     """
     lower = name.lower()
+    if not (name.startswith(_ANY_PREFIX) or lower.endswith(_ANY_SUFFIX) or name in IGNORED_NAMES
+            or (4 <= len(name) <= 5 and name.isdigit())):
+        return None  # the common case, in one pass: this runs for every new file of a burst
     for prefix, what in IGNORED_PREFIXES.items():
         if name.startswith(prefix):
             return what
@@ -329,6 +336,8 @@ class Settler:
             whether the path is (now) tracked.
         """
         key = os.fspath(path)
+        if settle is None and key not in self._pending:  # a dict lookup is atomic: no lock, no stat
+            return False
         now = self._clock()
         sig = file_signature(key) if kind == "changed" else None
         with self._cond:
