@@ -371,8 +371,8 @@ class Settler:
                 del self._pending[key]
 
     def pending(self) -> int:
-        with self._cond:
-            return len(self._pending)
+        # len() of a dict is atomic: no lock, so the inotify reader may ask per event.
+        return len(self._pending)
 
     def _schedule(self, key: str, entry: _Pending, due: float) -> None:
         entry.due = due
@@ -551,7 +551,15 @@ class _ParentHandler(FileSystemEventHandler):
             self._appeared()
 
 
-def _native_observer(on_overflow: Callable[[], None]) -> BaseObserver:
+#: Most events read from the kernel but not yet handled, and most files being
+#: settled, before the inotify reader stops reading (issue 10.21): past these,
+#: a burst waits in the kernel's queue (``fs.inotify.max_queued_events``), not
+#: in our memory; if that overflows, the rescan finds the files.
+MAX_EVENT_BACKLOG = 20_000
+MAX_SETTLING = 20_000
+
+
+def _native_observer(on_overflow: Callable[[], None], backlog: Callable[[], int]) -> BaseObserver:
     try:
         from watchdog.observers.inotify import InotifyFullEmitter, InotifyObserver
         from watchdog.observers.inotify_c import InotifyFD
@@ -570,19 +578,34 @@ def _native_observer(on_overflow: Callable[[], None]) -> BaseObserver:
         events only in a WARNING log line, which a log level can silence.
         """
 
+        observer: BaseObserver | None = None
+
         def handle_event(self, event):  # type: ignore[no-untyped-def]
             if event.is_queue_overflow:
                 on_overflow()
+            else:
+                self._wait_for_room()
             super().handle_event(event)
+
+        def _wait_for_room(self) -> None:
+            """Backpressure: while those downstream are behind, leave events in the kernel."""
+            observer = self.observer
+            if observer is None:
+                return
+            queue = observer.event_queue
+            while ((queue.qsize() > MAX_EVENT_BACKLOG or backlog() > MAX_SETTLING)
+                   and self.should_keep_running()):
+                time.sleep(0.005)
 
     class _Observer(InotifyObserver):  # type: ignore[misc, valid-type]
         # InotifyObserver.__init__ with our reader.  Full events: a file renamed
         # in from outside the tree arrives as a move with no source, so it is
         # known to be whole (no settle wait).
         def __init__(self) -> None:
-            self._inotify_fd = _FD()
-            self._inotify_fd.start()
-            BaseObserver.__init__(self, InotifyFullEmitter, inotify_fd=self._inotify_fd)
+            fd = self._inotify_fd = _FD()
+            fd.start()
+            BaseObserver.__init__(self, InotifyFullEmitter, inotify_fd=fd)
+            fd.observer = self
 
     return _Observer()
 
@@ -607,16 +630,20 @@ class Watcher:
         on_watched: told the folders watched late (they appeared after start), so
             the caller can catch up on files already in them.
         on_overflow: called when inotify dropped events (a rescan is due).
+        backlog: how many files the caller is still settling; past
+            ``MAX_SETTLING`` the inotify reader pauses (backpressure).
     """
 
     def __init__(self, offer: Callable[[str, Kind], None], forget: Callable[[str], None],
                  forget_under: Callable[[str], None], *,
                  on_watched: Callable[[list[Path]], None] | None = None,
-                 on_overflow: Callable[[], None] | None = None) -> None:
+                 on_overflow: Callable[[], None] | None = None,
+                 backlog: Callable[[], int] | None = None) -> None:
         self._handler = _Handler(offer, forget, forget_under)
         self._parent_handler = _ParentHandler(self._appeared)
         self._on_watched = on_watched
         self._on_overflow = on_overflow or _OverflowAlarm.raised.set
+        self._backlog = backlog or (lambda: 0)
         self._native: BaseObserver | None = None
         self._polling: dict[Path, BaseObserver] = {}
         self._watching: dict[Path, WatchConfig] = {}
@@ -634,7 +661,7 @@ class Watcher:
     def start(self, watches: Iterable[WatchConfig]) -> None:
         """Schedule every folder; those that cannot be watched yet are retried by ``ensure``."""
         with self._lock:
-            self._native = _native_observer(self._on_overflow)
+            self._native = _native_observer(self._on_overflow, self._backlog)
             self._native.start()
             self._started = True
             for watch in watches:
