@@ -173,7 +173,7 @@ class Daemon:
 
     def _new_watcher(self) -> Watcher:
         return Watcher(self._offer, self.settler.forget, self.settler.forget_under,
-                       on_watched=self._now_watched, on_overflow=self._overflowed, backlog=self.settler.pending)
+                       on_watched=self._now_watched, on_overflow=self._overflowed, backlog=self.settler.ready_backlog)
 
     def _now_watched(self, roots: list[Path]) -> None:
         """A folder missing at start appeared and is watched now: catch up on what is already in it."""

@@ -317,6 +317,7 @@ class Settler:
         # 100,000 of these, and a str is a fifth of a Path's memory (issue 10.21).
         self._pending: dict[str, _Pending] = {}
         self._heap: list[tuple[float, int, str]] = []
+        self._complete = 0  # tracked files known whole (closed or moved in): waiting only for us
         self._seq = 0
         self._cond = threading.Condition()
         self._stop = False
@@ -347,12 +348,26 @@ class Settler:
                     return False
                 entry = self._pending[key] = _Pending(settle=settle, signature=sig, data=data)
             if kind == "changed":
-                entry.signature, entry.complete = sig, False
+                self._set_complete(entry, False)
+                entry.signature = sig
                 self._schedule(key, entry, now + entry.settle)
             else:
-                entry.complete = True
+                self._set_complete(entry, True)
                 self._schedule(key, entry, now)
             return True
+
+    def _set_complete(self, entry: _Pending, complete: bool) -> None:
+        """(lock held) Keep ``_complete`` in step with the entries' flags."""
+        if entry.complete != complete:
+            self._complete += 1 if complete else -1
+            entry.complete = complete
+
+    def _drop(self, key: str) -> _Pending | None:
+        """(lock held) Stop tracking ``key``."""
+        entry = self._pending.pop(key, None)
+        if entry is not None and entry.complete:
+            self._complete -= 1
+        return entry
 
     def tracking(self, path: str | Path) -> bool:
         with self._cond:
@@ -361,18 +376,27 @@ class Settler:
     def forget(self, path: str | Path) -> None:
         """The file was deleted or moved away before it was ready: drop it."""
         with self._cond:
-            if self._pending.pop(os.fspath(path), None) is not None:
+            if self._drop(os.fspath(path)) is not None:
                 log.debug("%s: gone before it was complete", path)
 
     def forget_under(self, folder: str | Path) -> None:
         prefix = os.fspath(folder).rstrip(os.sep) + os.sep
         with self._cond:
             for key in [k for k in self._pending if k.startswith(prefix)]:
-                del self._pending[key]
+                self._drop(key)
 
     def pending(self) -> int:
-        # len() of a dict is atomic: no lock, so the inotify reader may ask per event.
-        return len(self._pending)
+        with self._cond:
+            return len(self._pending)
+
+    def ready_backlog(self) -> int:
+        """Files known whole that wait only for the settler's check: how far behind it is.
+
+        Read without the lock (an int read is atomic), so the inotify reader may
+        ask per event.  Files waiting out their settle time do not count: their
+        close event may be the very one a paused reader would hold back.
+        """
+        return self._complete
 
     def _schedule(self, key: str, entry: _Pending, due: float) -> None:
         entry.due = due
@@ -476,7 +500,8 @@ class Settler:
                 log.warning("%s: still does not decode after %d checks; queueing it as it is", path, entry.probes)
             else:
                 log.info("%s: incomplete (empty or truncated); checking again in %gs", path, settle)
-                entry.complete, entry.signature = False, sig
+                self._set_complete(entry, False)
+                entry.signature = sig
                 self._schedule(key, entry, now + settle)
                 return None
         return self._take(key, path, entry, sig)
@@ -485,7 +510,7 @@ class Settler:
         with self._cond:
             if self._pending.get(key) is not entry or entry.due > self._clock():
                 return None  # a new event arrived while we checked: it reschedules
-            del self._pending[key]
+            self._drop(key)
         return Arrival(path, sig[0], sig[1], entry.data)
 
 

@@ -310,3 +310,52 @@ def test_a_missing_watch_folder_is_watched_the_moment_it_appears(tmp_path: Path)
         assert d.stop()[0] == 0
     finally:
         d.close()
+
+
+# ------------------------------------------------------------ backpressure
+
+
+def test_the_inotify_reader_waits_while_the_settler_is_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 10.21: a burst waits in the kernel's queue, not in our memory, while we are behind
+    from daemon import watching
+    from daemon.config import WatchConfig
+
+    behind = threading.Event()
+    behind.set()
+    asked = threading.Event()
+
+    def backlog() -> int:
+        asked.set()
+        return 10 ** 9 if behind.is_set() else 0
+
+    offers: list[str] = []
+    watcher = Watcher(lambda p, k: offers.append(p), lambda p: None, lambda p: None, backlog=backlog)
+    watcher.start([WatchConfig(path=tmp_path)])
+    try:
+        for i in range(20):
+            (tmp_path / f"{i}.png").write_bytes(b"x")
+        wait_until(asked.is_set, "the reader to ask how far behind we are", 10)
+        assert offers == []  # asked before handing on: nothing was read past the limit
+        behind.clear()
+        wait_until(lambda: len(set(offers)) == 20, "every file once we caught up", 10)
+    finally:
+        watcher.stop()
+
+
+def test_the_settlers_ready_count_follows_its_files(tmp_path: Path) -> None:
+    from daemon.watching import Settler
+
+    settler = Settler(lambda batch: None)  # not started: nothing leaves
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    for f in (a, b):
+        f.write_bytes(b"x")
+    settler.note(a, "changed", 1.0)
+    settler.note(b, "closed", 1.0)
+    assert settler.ready_backlog() == 1
+    settler.note(a, "closed")
+    settler.note(b, "changed")
+    settler.note(b, "moved")
+    assert settler.ready_backlog() == 2
+    settler.forget(a)
+    settler.forget_under(tmp_path)
+    assert settler.ready_backlog() == 0 and settler.pending() == 0
