@@ -156,7 +156,9 @@ def find_work(config: Config, queue: Queue, *, progress: Progress | None = None,
                     on_ignored(path)
                 continue  # litter, or our own output
             found = snapshot.find(path)
-            if found is None or found[0] is not watch:
+            # By value, not identity: the owner lookup is cached per (equal) watch
+            # list, so a config loaded again may answer with its twin from before.
+            if found is None or found[0] != watch:
                 continue  # a nested watch's file: that watch's turn
             yield from _file_work(config, queue, path)
 

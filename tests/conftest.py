@@ -137,8 +137,9 @@ class Daemon:
     """``vlwatch run`` in a subprocess, with a notify socket standing in for systemd."""
 
     def __init__(self, workdir: Path, config: Path | str, *, cwd: Path = REPO, state: Path | None = None,
-                 prefix: tuple[str, ...] = (), **env: str) -> None:
+                 prefix: tuple[str, ...] = (), verbose: int = 0, log_path: Path | None = None, **env: str) -> None:
         self.workdir, self.config, self.cwd, self.prefix = workdir, config, cwd, prefix
+        self.flags = ["-v"] * verbose
         self.state = state or workdir / "state" / "state.db"
         self.env = daemon_env(workdir / "home", **env)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -151,7 +152,7 @@ class Daemon:
         self._reader = threading.Thread(target=self._read_notes, name="notify-reader", daemon=True)
         self._reader.start()
         self._runs = 0
-        self.log_path = workdir / "daemon.log"
+        self.log_path = log_path or workdir / "daemon.log"
         self._queue: Queue | None = None
 
     # -- life
@@ -164,7 +165,8 @@ class Daemon:
         log.write(f"=== start {self._runs}\n".encode())
         log.flush()
         self.notes = []
-        self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "daemon", "run", "--config", str(self.config)],
+        self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "daemon", *self.flags, "run", "--config",
+                                      str(self.config)],
                                      cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         wait_until(lambda: self.notified("READY=1") or self.proc.poll() is not None, "READY=1", log=self.log)
