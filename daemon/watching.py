@@ -2,11 +2,13 @@
 
 Three parts, each usable alone:
 
-- **The filter** (``is_ignored``): hidden files and folders, temporary and
-  partial downloads (``.part``, ``.crdownload``, ``.tmp``, ``~$*``...), editor
-  swap files, NAS/OS litter (``.DS_Store``, ``@eaDir``, ``Thumbs.db``...) and,
-  above all, vlwatch's own sidecars, overlays and temporary files.  It runs
-  before any rule sees a path, so the daemon never feeds on its own output.
+- **The filter** (``ignore_reason``, and ``is_ignored`` as a yes/no): hidden
+  files and folders, temporary and partial downloads (``.part``,
+  ``.crdownload``, ``.tmp``, ``~$*``...), editor swap and autosave files,
+  NAS/OS litter (``.DS_Store``, ``@eaDir``, ``Thumbs.db``...) and, above all,
+  vlwatch's own sidecars, overlays and temporary files (``daemon.sidecars``
+  decides those).  It runs before any rule sees a path, so the daemon never
+  feeds on its own output, and ``vlwatch explain`` prints its reason.
 - **Readiness** (``Settler``): a create event fires at the first write
   (watchdog #586, #787), so a file is only handed over once it is complete:
   closed after writing (inotify ``IN_CLOSE_WRITE``), moved in whole, or
@@ -19,8 +21,12 @@ Three parts, each usable alone:
 - **Observers** (``Watcher``): one inotify observer for all local folders,
   one polling observer per ``polling: true`` folder (NFS/SMB/FUSE, where
   inotify sees nothing: watchdog README, #409; OCRmyPDF #714, #1645).  A
-  folder that is missing or cannot be watched is retried by ``ensure``, which
-  the periodic rescan calls; an overflowed inotify queue asks for a rescan.
+  folder that is missing is watched through its nearest existing parent and
+  watched itself the moment it appears; one that cannot be watched is
+  retried by ``ensure``, which the periodic rescan calls.  An overflowed
+  inotify queue is reported by watchdog's reader itself (``on_overflow``),
+  and while the caller is far behind the reader pauses, so a burst waits in
+  the kernel's queue rather than in memory (backpressure).
 
 Deliberately not here: which rule applies (the caller's ``accept`` decides),
 hashing and queueing (``queue``), and finding files that arrived while
