@@ -287,22 +287,10 @@ def explain(config: Config, path: Path) -> int:
     is never processed (our own output, a temporary or litter file) or no
     rule matches it.
     """
-    from daemon.outputs import (
-        TEMP_PREFIX,
-        TEMP_SUFFIX,
-        is_output_name,
-        optional_sidecars,
-        planned_sidecars,
-    )
-    from daemon.rules import (
-        candidate_rules,
-        match_file,
-        normalised,
-        relative_to_root,
-        render_prompt,
-    )
-    from daemon.scanning import output_dirs_inside, rule_names
-    from daemon.watching import ignored_dir, ignored_name
+    from daemon.config import Snapshot
+    from daemon.rules import candidate_rules, match_file, normalised, relative_to_root, render_prompt
+    from daemon.sidecars import optional_sidecars, planned_sidecars
+    from daemon.watching import ignore_reason
 
     path = normalised(path)
     shown = safe_text(str(path))
@@ -318,28 +306,13 @@ def explain(config: Config, path: Path) -> int:
     else:
         print(f"  watched folder: {safe_text(str(root))}"
               + ("" if watch.rules is None else f" (only rules {', '.join(watch.rules)})"))
-    # What the watcher and the scans drop before any rule sees the file.
-    name = path.name
-    if name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX):
-        print("  never processed: a temporary file vlwatch writes a sidecar into before renaming it")
-        return ExitCode.FAILED
-    if is_output_name(name, rule_names(config)):
-        print("  never processed: a sidecar (or overlay) vlwatch wrote; vlwatch never feeds on its own output")
-        return ExitCode.FAILED
-    if ignored_name(name):
-        print("  never processed: a hidden, temporary or system file (editor swap, partial download, "
-              ".DS_Store, Thumbs.db ...)")
+    # The daemon's own filter, so explain and the daemon give one answer (issue 10.5).
+    snapshot = Snapshot.of(config)
+    _, owner_root, skip = snapshot.find(path) or (None, root, ())
+    if (reason := ignore_reason(path, owner_root, snapshot.rule_names, skip)) is not None:
+        print(f"  never processed: {reason}")
         return ExitCode.FAILED
     relative = relative_to_root(path, root)
-    if watch is not None:
-        folders = relative.split("/")[:-1]
-        if bad := [f for f in folders if ignored_dir(f)]:
-            print(f"  never processed: inside the ignored folder {bad[0]!r} (hidden, or system litter)")
-            return ExitCode.FAILED
-        for out in output_dirs_inside(watch, config):
-            if path.is_relative_to(out):
-                print(f"  never processed: inside the output folder {safe_text(str(out))}")
-                return ExitCode.FAILED
     matches = match_file(config, path)
     if not matches:
         print(f"  no rule matches {relative!r}; it was held against:")

@@ -267,6 +267,64 @@ class Config:
         return next((r for r in self.rules if r.name == name), None)
 
 
+@functools.lru_cache(maxsize=16)
+def watch_prefixes(watches: tuple[WatchConfig, ...]) -> tuple[tuple[str, WatchConfig], ...]:
+    """``(folder + os.sep, watch)``, deepest folder first, so the first hit is the most specific."""
+    entries = [(os.path.normpath(w.path).rstrip(os.sep) + os.sep, w) for w in watches]
+    return tuple(sorted(entries, key=lambda e: len(e[0]), reverse=True))
+
+
+def owning_watch(watches: tuple[WatchConfig, ...], text: str) -> WatchConfig | None:
+    """The most specific watch holding the normalised absolute path ``text`` (string prefixes:
+    this runs for every event of a burst).  A non-recursive watch owns only its direct children."""
+    for prefix, watch in watch_prefixes(watches):
+        if text.startswith(prefix) and (watch.recursive or os.sep not in text[len(prefix):]):
+            return watch
+    return None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One config with everything derived from it, swapped whole on reload (issue 10.17).
+
+    Observer threads read ``daemon.snapshot`` once per event and use only
+    that object, so no event is ever judged by half an old config and half
+    a new one (a rule list from one, watch roots from the other).
+    """
+
+    config: Config
+    #: the names whose sidecars are ours: the rules of this config, no more
+    rule_names: frozenset[str]
+    #: per watch: output folders of any watch strictly inside it (never input)
+    skip_dirs: dict[WatchConfig, tuple[Path, ...]]
+
+    @classmethod
+    def of(cls, config: Config) -> Snapshot:
+        watch_prefixes(config.watch)  # compiled now, not by the first event
+        for rule in config.rules:
+            _glob_matcher(rule.match)
+        return cls(config, frozenset(r.name for r in config.rules),
+                   {w: tuple(output_dirs_inside(w, config)) for w in config.watch})
+
+    def find(self, path: Path) -> tuple[WatchConfig, Path, tuple[Path, ...]] | None:
+        """(watch, its root, output folders to skip) for ``path``, or None outside every watch."""
+        watch = owning_watch(self.config.watch, os.path.normpath(path))
+        if watch is None:
+            return None
+        return watch, watch.path, self.skip_dirs[watch]
+
+
+def output_dirs_inside(watch: WatchConfig, config: Config) -> list[Path]:
+    """Output folders (of any watch) strictly inside ``watch``'s tree: never input.
+
+    The watched folder itself is not one (issue 10.4): sidecars written
+    beside the images are told apart by name.
+    """
+    root = watch.path
+    return [w.output_dir for w in config.watch
+            if w.output_dir is not None and w.output_dir != root and w.output_dir.is_relative_to(root)]
+
+
 # ----------------------------------------------------------------------- finding
 
 
@@ -281,16 +339,27 @@ def config_candidates() -> list[Path]:
     return out
 
 
+def canonical(path: str | os.PathLike[str]) -> Path:
+    """``path`` made absolute (against the working directory) with ``.``/``..`` folded lexically.
+
+    Every path the daemon stores, compares, logs or prints goes through this
+    once, at load time (issue 10.1): the watcher, the catch-up and ``scan``
+    then all see one spelling of a file whatever the working directory.
+    Symlinks are left alone: the watch folder is what the user named.
+    """
+    return Path(os.path.abspath(os.fspath(path)))
+
+
 def find_config(explicit: str | os.PathLike[str] | None) -> Path:
     if explicit is not None:
         path = Path(explicit).expanduser()
         if not path.is_file():
             raise VlwatchError(f"{path}: config file not found", ExitCode.USAGE)
-        return path
+        return canonical(path)
     candidates = config_candidates()
     for path in candidates:
         if path.is_file():
-            return path
+            return canonical(path)
     tried = ", ".join(str(p) for p in candidates)
     raise VlwatchError(f"no config file found (tried {tried}); pass --config PATH", ExitCode.USAGE)
 
@@ -336,6 +405,7 @@ def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
 
 
 def parse_config(text: str, path: Path) -> Config:
+    path = canonical(path)
     reader = _Reader(str(path), base=path.parent)
     node = reader.compose(text)
     config = _read_config(reader, node, path) if node is not None else None
@@ -512,8 +582,9 @@ class _Reader:
             return None
         p = Path(os.path.expandvars(value)).expanduser()
         # Relative paths are relative to the config file, not to wherever the
-        # daemon happens to be started from (systemd starts it in /).
-        return p if p.is_absolute() else (self.base / p)
+        # daemon happens to be started from (systemd starts it in /), and all
+        # of them absolute and normalised (issue 10.1).
+        return canonical(p if p.is_absolute() else (self.base / p))
 
     def is_null(self, node: yaml.Node) -> bool:
         return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
@@ -554,7 +625,7 @@ _HOOKS_KEYS = ("on_done", "on_failed", "timeout")
 
 def default_state_path() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base).expanduser() / "vlwatch" / "state.db"
+    return canonical(Path(base).expanduser() / "vlwatch" / "state.db")
 
 
 def _read_config(r: _Reader, node: yaml.Node, path: Path) -> Config | None:
@@ -838,6 +909,10 @@ def _read_watch(r: _Reader, node: yaml.Node, where: str, rule_names: set[str]) -
         kw["settle"] = r.duration(keys["settle"], f"{where}.settle")
     if "output_dir" in keys and not r.is_null(keys["output_dir"]):
         kw["output_dir"] = r.path(keys["output_dir"], f"{where}.output_dir")
+    if kw.get("output_dir") is not None and _same_folder(kw["output_dir"], path):
+        # issue 10.4: sidecars beside the images is what no output_dir means;
+        # treating the watched folder as an output tree would ignore every file.
+        kw["output_dir"] = None
     watch = WatchConfig(**{k: v for k, v in kw.items() if v is not None})
     if not watch.path.is_dir():
         r.warn(keys["path"], f"{where}.path", f"folder {watch.path} does not exist (yet)")
@@ -847,6 +922,16 @@ def _read_watch(r: _Reader, node: yaml.Node, where: str, rule_names: set[str]) -
         # refuses this for the same reason).
         r.warn(keys["output_dir"], f"{where}.output_dir", "is inside the watched folder; its files are ignored")
     return watch
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    """The same folder, by name or (once both exist) by identity."""
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _inside(child: Path, parent: Path) -> bool:
@@ -993,7 +1078,7 @@ def _read_packs(r: _Reader, include: list[tuple[str, yaml.Node]]) -> list[tuple[
             pack = bundled[entry]
         elif entry.endswith((".yaml", ".yml")) or "/" in entry:
             pack = Path(os.path.expandvars(entry)).expanduser()
-            pack = pack if pack.is_absolute() else r.base / pack
+            pack = canonical(pack if pack.is_absolute() else r.base / pack)
             if not pack.is_file():
                 r.problem(node, f"include[{i}]", f"rule file {pack} does not exist")
                 continue

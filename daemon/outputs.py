@@ -47,13 +47,18 @@ from daemon.backends import Answer
 from daemon.errors import VlwatchError
 from daemon.images import printable
 from daemon.rules import Match
+# Naming lives in daemon.sidecars; re-exported here for older callers.
+from daemon.sidecars import (  # noqa: F401
+    OVERLAY,
+    TEMP_PREFIX,
+    TEMP_SUFFIX,
+    _lexical,
+    is_output_name,
+    planned_sidecars,
+    sidecar_path,
+)
 
 log = logging.getLogger(__name__)
-
-TEMP_PREFIX = ".vlwatch-"
-TEMP_SUFFIX = ".tmp"
-OVERLAY = "overlay.png"
-
 
 @dataclass(frozen=True)
 class PageResult:
@@ -72,23 +77,6 @@ class Result:
 
 
 # ------------------------------------------------------------------ naming
-
-
-def sidecar_path(match: Match, ext: str) -> Path:
-    """Where the sidecar of ``match`` with extension ``ext`` (md, html, json, overlay.png) goes."""
-    path = _lexical(match.path)
-    name = f"{path.name}.{match.rule.name}.{ext}"
-    if match.output_dir is None:
-        return path.parent / name
-    try:
-        sub = path.parent.relative_to(_lexical(match.root))
-    except ValueError:
-        sub = Path()
-    return _lexical(match.output_dir) / sub / name
-
-
-def _lexical(path: Path) -> Path:
-    return Path(os.path.normpath(path.absolute()))
 
 
 def checked_sidecar_path(match: Match, ext: str) -> Path:
@@ -135,35 +123,6 @@ def _make_folder(folder: Path) -> None:
             os.mkdir(f, 0o775)
         except FileExistsError:
             pass
-
-
-def planned_sidecars(match: Match) -> list[Path]:
-    """The sidecars every successful job of ``match`` writes (what freshness is judged by).
-
-    A ``ground`` rule's overlay is not among them: it is drawn only when the
-    answer held boxes (issue 11.10), and it is written before the JSON, so a
-    JSON sidecar vouches for it.  ``optional_sidecars`` names it.
-    """
-    return [sidecar_path(match, match.rule.output)]
-
-
-def optional_sidecars(match: Match) -> list[Path]:
-    """Sidecars a job of ``match`` writes only sometimes: a ground rule's overlay, when there are boxes."""
-    return [sidecar_path(match, OVERLAY)] if match.rule.task == "ground" else []
-
-
-def is_output_name(name: str, rule_names: set[str] | frozenset[str]) -> bool:
-    """Whether a file name is one of ours: a sidecar, an overlay or a temporary file.
-
-    Checked before any rule sees a file, so the daemon never feeds on itself.
-    """
-    if name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX):
-        return True
-    m = _OUTPUT_NAME.match(name)
-    return bool(m) and m.group("rule") in rule_names
-
-
-_OUTPUT_NAME = re.compile(r"^.+\.(?P<rule>[A-Za-z0-9][A-Za-z0-9_.-]*?)\.(?:md|html|json|overlay\.png)$")
 
 
 # ----------------------------------------------------------------- writing

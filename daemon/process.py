@@ -60,7 +60,7 @@ def submit(config: Config, queue: Queue, paths: Sequence[Path], rule: str | None
     Raises:
         VlwatchError: ``rule`` names no rule (exit 2).
     """
-    from daemon.outputs import planned_sidecars
+    from daemon.sidecars import planned_sidecars
     from daemon.queue import Candidate, content_hash
     from daemon.rules import match_file
     from daemon.scanning import sidecar_fresh

@@ -78,6 +78,16 @@ CURRENT = ("NOT EXISTS (SELECT 1 FROM jobs newer WHERE newer.path = jobs.path AN
 #: written by that job: file timestamps come from the kernel's coarse clock,
 #: which lags ``time.time()`` by up to a tick.
 MTIME_SLACK_NS = 20_000_000
+#: The hash of a candidate whose bytes may not be read (issue 10.3): it is
+#: recorded as a failed job, not queued; new permissions give a real hash,
+#: which no longer matches, so the file is queued again.
+UNREADABLE = "unreadable:"
+#: What a failed job says when the daemon may not read its file (as ``vlwatch process`` says).
+PERMISSION_DENIED = "permission denied: the daemon's user may not read this file"
+
+
+def unreadable_hash(size: int, mtime_ns: int) -> str:
+    return f"{UNREADABLE}{size}:{mtime_ns}"
 
 
 # ------------------------------------------------------------------ values
@@ -230,6 +240,30 @@ def m002_meta(db: sqlite3.Connection) -> None:
 def m003_finished_index(db: sqlite3.Connection) -> None:
     # `status` lists the latest failures and `prune` deletes by age.
     db.execute("CREATE INDEX jobs_finished ON jobs (state, finished_at)")
+
+
+@migration
+def m004_absolute_paths(db: sqlite3.Connection) -> None:
+    """Rewrite relative job paths (issue 10.1) as the canonical absolute ones the daemon now stores.
+
+    Before 10.1 a relative ``--config`` made the watcher store ``in/x.png``
+    (relative to the daemon's working directory), beside the catch-up's
+    ``/abs/in/x.png``.  That directory was not recorded; the best guess is
+    the working directory of the command opening the state now (users run
+    the same command from the same place), unless the file exists only
+    relative to the state file's folder.
+    """
+    state = next((Path(r[2]) for r in db.execute("PRAGMA database_list") if r[1] == "main" and r[2]), None)
+    bases = [Path.cwd()] + ([state.parent] if state is not None else [])
+    rows = db.execute("SELECT id, path FROM jobs WHERE CAST(path AS TEXT) NOT LIKE '/%'").fetchall()
+    for job_id, value in rows:
+        relative = os.fsdecode(value) if isinstance(value, bytes) else value
+        if os.path.isabs(relative):
+            continue
+        candidates = [os.path.abspath(os.path.join(b, relative)) for b in bases]
+        chosen = next((c for c in candidates if os.path.exists(c)), candidates[0])
+        db.execute("UPDATE jobs SET path = ? WHERE id = ?", (path_key(chosen), job_id))
+
 
 
 @migration
@@ -432,6 +466,9 @@ class Queue:
             "SELECT id, hash, state, finished_at FROM jobs WHERE path = ? AND rule = ? ORDER BY id DESC LIMIT 1",
             (path, c.rule),
         ).fetchone()
+        if c.hash.startswith(UNREADABLE):
+            self._record_unreadable(db, path, c, row, now)
+            return None
         if row is None:
             return self._insert(db, path, c, now)
         if row["hash"] == c.hash:
@@ -458,6 +495,19 @@ class Queue:
             )
             return int(row["id"])
         return self._insert(db, path, c, now)
+
+    @staticmethod
+    def _record_unreadable(db: sqlite3.Connection, path: str | bytes, c: Candidate, row: sqlite3.Row | None,
+                           now: float) -> None:
+        """A file the daemon may not read: a failed job saying so, once per (size, mtime) (issue 10.3)."""
+        if row is not None and (row["state"] in ACTIVE or (row["state"] == "failed" and row["hash"] == c.hash)):
+            return  # a job in hand finds out itself; or this very failure is on record already
+        db.execute(
+            "INSERT INTO jobs (path, rule, hash, size, mtime_ns, state, queued_at, finished_at, error)"
+            " VALUES (?, ?, ?, ?, ?, 'failed', ?, ?, ?)",
+            (path, c.rule, c.hash, c.size, c.mtime_ns, now, now, PERMISSION_DENIED))
+        log.warning("%s: %s: %s; recorded as failed (it is tried again once its permissions change)",
+                    safe_text(str(c.path)), c.rule, PERMISSION_DENIED)
 
     @staticmethod
     def _insert(db: sqlite3.Connection, path: str | bytes, c: Candidate, now: float) -> int:

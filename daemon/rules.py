@@ -23,10 +23,9 @@ from __future__ import annotations
 import os
 import string
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
-from daemon.config import Config, Rule, WatchConfig
+from daemon.config import Config, Rule, WatchConfig, owning_watch
 
 
 @dataclass(frozen=True)
@@ -44,10 +43,12 @@ class Match:
 
 
 def relative_to_root(path: Path, root: Path) -> str:
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return path.name
+    # String work: this runs for every file of a burst.
+    text, base = str(path), str(root).rstrip(os.sep) + os.sep
+    if text.startswith(base):
+        rel = text[len(base):]
+        return rel if os.sep == "/" else rel.replace(os.sep, "/")
+    return path.name
 
 
 def watch_for(config: Config, path: Path) -> WatchConfig | None:
@@ -56,18 +57,7 @@ def watch_for(config: Config, path: Path) -> WatchConfig | None:
     A non-recursive watch owns only its direct children.  Compared as string
     prefixes of normalised paths: this runs for every event of a burst.
     """
-    text = str(normalised(path))
-    for prefix, watch in _watch_prefixes(config.watch):
-        if text.startswith(prefix) and (watch.recursive or os.sep not in text[len(prefix):]):
-            return watch
-    return None
-
-
-@lru_cache(maxsize=16)
-def _watch_prefixes(watches: tuple[WatchConfig, ...]) -> list[tuple[str, WatchConfig]]:
-    """``(folder + os.sep, watch)``, deepest folder first, so the first hit is the most specific."""
-    entries = [(str(normalised(w.path)).rstrip(os.sep) + os.sep, w) for w in watches]
-    return sorted(entries, key=lambda e: len(e[0]), reverse=True)
+    return owning_watch(config.watch, str(normalised(path)))
 
 
 def candidate_rules(config: Config, watch: WatchConfig | None) -> list[Rule]:
@@ -87,7 +77,7 @@ def match_file(config: Config, path: Path, rule_name: str | None = None) -> list
     """
     path = normalised(path)
     watch = watch_for(config, path)
-    root = normalised(watch.path) if watch else path.parent
+    root = watch.path if watch else path.parent  # a watch's path is canonical already (config)
     output_dir = watch.output_dir if watch else None
     if rule_name is not None:
         rule = config.rule(rule_name)
@@ -104,7 +94,10 @@ def match_file(config: Config, path: Path, rule_name: str | None = None) -> list
 
 def normalised(path: Path) -> Path:
     """Absolute, with ``.`` and ``..`` folded lexically (symlinks are left alone)."""
-    return Path(os.path.normpath(path.absolute()))
+    text = str(path)
+    if os.path.isabs(text) and os.path.normpath(text) == text:
+        return path  # already canonical, as every path from the watcher is: no new Path
+    return Path(os.path.normpath(os.path.abspath(text)))
 
 
 def allowed_roots(config: Config, match: Match) -> tuple[Path, ...] | None:

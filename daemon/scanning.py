@@ -21,6 +21,7 @@ settler's business: the daemon hands recent files to it) and processing.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -28,11 +29,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from daemon.config import Config, WatchConfig, bundled_packs
-from daemon.outputs import TEMP_PREFIX, TEMP_SUFFIX, planned_sidecars
-from daemon.queue import ACTIVE, MTIME_SLACK_NS, Candidate, Job, Queue, Queued, content_hash
+from daemon.config import Config, Snapshot, WatchConfig, bundled_packs, output_dirs_inside  # noqa: F401 (re-exported)
+from daemon.queue import (
+    ACTIVE,
+    MTIME_SLACK_NS,
+    UNREADABLE,
+    Candidate,
+    Job,
+    Queue,
+    Queued,
+    content_hash,
+    unreadable_hash,
+)
 from daemon.recipes import recipe_of
-from daemon.rules import Match, match_file, watch_for
+from daemon.rules import Match, match_file
+from daemon.sidecars import is_temp_name, planned_sidecars, sidecar_fresh, sidecar_missing  # noqa: F401
 from daemon.watching import file_signature, is_ignored, walk_files
 
 log = logging.getLogger(__name__)
@@ -42,15 +53,9 @@ STALE_TEMP = 3600.0
 
 
 def rule_names(config: Config) -> frozenset[str]:
-    """Every rule name whose sidecars may exist: the config's and every bundled pack's."""
-    return frozenset(r.name for r in config.rules) | frozenset(bundled_packs())
-
-
-def output_dirs_inside(watch: WatchConfig, config: Config) -> list[Path]:
-    """Output folders (of any watch) inside ``watch``'s tree: never input."""
-    root = watch.path.absolute()
-    return [w.output_dir.absolute() for w in config.watch
-            if w.output_dir is not None and w.output_dir.absolute().is_relative_to(root)]
+    """The rule names whose sidecars are ours: this config's rules (issue 10.5: a name that only
+    looks like the sidecar of a rule that does not exist is an ordinary input)."""
+    return frozenset(r.name for r in config.rules)
 
 
 class Progress:
@@ -103,7 +108,9 @@ def needs_work(queue: Queue, match: Match, size: int, mtime_ns: int) -> tuple[st
     if job is not None and job.state in ACTIVE:
         return None, None
     if job is not None and job.state == "failed" and job.signature == (size, mtime_ns):
-        return None, None  # failed for good on these bytes: `vlwatch retry` redoes it
+        if not (job.hash.startswith(UNREADABLE) and os.access(match.path, os.R_OK)):
+            return None, None  # failed for good on these bytes: `vlwatch retry` redoes it
+        # else: unreadable then, readable now (a chmod leaves size and mtime alone)
     mtimes = []
     for sidecar in planned_sidecars(match):
         sig = file_signature(sidecar)
@@ -116,6 +123,8 @@ def needs_work(queue: Queue, match: Match, size: int, mtime_ns: int) -> tuple[st
         return None, None
     try:
         digest = content_hash(match.path)
+    except PermissionError:
+        return "unreadable", unreadable_hash(size, mtime_ns)
     except OSError:
         return None, None
     if digest == job.hash:
@@ -132,27 +141,27 @@ def find_work(config: Config, queue: Queue, *, progress: Progress | None = None,
         on_ignored: told about each file the filter skips (the daemon sweeps
             its own stale temporary files there).
     """
-    names = rule_names(config)
+    snapshot = Snapshot.of(config)
     for watch in config.watch:
-        root = watch.path.absolute()
+        root = watch.path
         if not root.is_dir():
             log.warning("%s: watched folder does not exist; skipped", root)
             continue
-        skip = output_dirs_inside(watch, config)
+        skip = snapshot.skip_dirs[watch]
         for path in walk_files(root, recursive=watch.recursive, skip_dirs=skip):
             if stop is not None and stop.is_set():
                 return
             if progress is not None:
                 progress.update()
-            if is_ignored(path, root, names, skip):
+            if is_ignored(path, root, snapshot.rule_names, skip):
                 if on_ignored is not None:
                     on_ignored(path)
                 continue  # litter, or our own output
-            if watch_for(config, path) != watch:
-                # A nested watch's file: that watch's turn.  Compared by value:
-                # watch_for's cache may hand back an equal entry of an earlier
-                # config (a reload), and `is not` then skipped every file.
-                continue
+            found = snapshot.find(path)
+            # By value, not identity: the owner lookup is cached per (equal) watch
+            # list, so a config loaded again may answer with its twin from before.
+            if found is None or found[0] != watch:
+                continue  # a nested watch's file: that watch's turn
             yield from _file_work(config, queue, path)
 
 
@@ -188,6 +197,8 @@ def candidate(work: Work) -> Candidate | None:
     """The queue entry for ``work``, hashing the file if that was not needed yet."""
     try:
         digest = work.hash or content_hash(work.match.path)
+    except PermissionError:  # recorded as a failed job (issue 10.3), not skipped in silence
+        digest = unreadable_hash(work.size, work.mtime_ns)
     except OSError:
         return None
     return Candidate(work.match.path, work.match.rule.name, digest, work.size, work.mtime_ns,
@@ -208,26 +219,13 @@ def enqueue_in_chunks(queue: Queue, works: Iterable[Work], chunk: int = 500) -> 
     return queued
 
 
-def sidecar_missing(match: Match) -> bool:
-    return not all(p.exists() for p in planned_sidecars(match))
-
-
-def sidecar_fresh(match: Match, mtime_ns: int) -> bool:
-    """Whether every sidecar of ``match`` exists and is newer than the file (mtime ``mtime_ns``)."""
-    for sidecar in planned_sidecars(match):
-        sig = file_signature(sidecar)
-        if sig is None or sig[1] < mtime_ns:
-            return False
-    return True
-
-
 def remove_stale_temp(path: Path) -> None:
     """Delete a sidecar temp file (``.vlwatch-*.tmp``) a killed process left behind.
 
     Only after ``STALE_TEMP`` seconds: a live writer renames its temp file
     within milliseconds, so an old one has no owner any more.
     """
-    if not (path.name.startswith(TEMP_PREFIX) and path.name.endswith(TEMP_SUFFIX)):
+    if not is_temp_name(path.name):
         return
     sig = file_signature(path)
     if sig is not None and time.time() - sig[1] / 1e9 > STALE_TEMP:

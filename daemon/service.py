@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from daemon.backends import Backend, create_backend
-from daemon.config import Config, WatchConfig, load_config
+from daemon.config import Config, Snapshot, load_config
 from daemon.engine import EngineGroup, Processor, WorkerLoop, check_model, start_engines
 from daemon.errors import (
     ConfigError,
@@ -48,21 +48,18 @@ from daemon.errors import (
     VlwatchError,
     plural,
 )
-from daemon.queue import Candidate, Queue, StateLock, content_hash
+from daemon.queue import Candidate, Queue, StateLock, content_hash, unreadable_hash
 from daemon.recipes import recipe_of
-from daemon.rules import Match, match_file, watch_for
+from daemon.rules import Match, match_file
 from daemon.scanning import (
     Progress,
     Work,
     enqueue_in_chunks,
     find_work,
-    output_dirs_inside,
     remove_stale_temp,
-    rule_names,
-    sidecar_fresh,
-    sidecar_missing,
     sidecars_written,
 )
+from daemon.sidecars import sidecar_fresh, sidecar_missing
 from daemon.scheduler import Scheduler
 from daemon.watching import (
     Arrival,
@@ -124,22 +121,6 @@ def watchdog_interval() -> float | None:
 # ------------------------------------------------------------------ helpers
 
 
-class Roots:
-    """Which watch a path belongs to (``rules.watch_for``), with its root and the output dirs to skip."""
-
-    def __init__(self, config: Config) -> None:
-        self._config = config
-        self._extra = {w: (Path(os.path.normpath(w.path.absolute())), output_dirs_inside(w, config))
-                       for w in config.watch}
-
-    def find(self, path: Path) -> tuple[WatchConfig, Path, list[Path]] | None:
-        watch = watch_for(self._config, path)
-        if watch is None:
-            return None
-        root, skip = self._extra[watch]
-        return watch, root, skip
-
-
 # ---------------------------------------------------------------- the daemon
 
 
@@ -147,10 +128,10 @@ class Daemon:
     """``vlwatch run``: every stage wired together, driven by signals."""
 
     def __init__(self, config: Config) -> None:
-        self.config = config
+        #: config, rule names and watch roots, swapped whole by ``apply`` (issue 10.17):
+        #: a reader takes ``self.snapshot`` once and uses only that.
+        self.snapshot = Snapshot.of(config)
         self.config_path = config.source
-        self.rule_names = rule_names(config)
-        self._roots = Roots(config)
         self.lock = StateLock(config.state)
         self.queue: Queue | None = None
         self.settler = Settler(self._deliver)
@@ -161,6 +142,8 @@ class Daemon:
                                    prune=self._prune)
         self._stopping = threading.Event()
         self._scan_lock = threading.Lock()
+        self._scanning = False  # a catch-up or rescan is walking the folders
+        self._scan_again: str | None = None  # asked for while one ran: run another after it
         self._arrived: collections.deque[tuple[float, int]] = collections.deque()
         self._threads: list[threading.Thread] = []  # catch-up and rescans: joined before the queue closes
 
@@ -202,8 +185,24 @@ class Daemon:
                              "token": self.config.api.token_env is not None}
         self.queue.set_meta("api", listening)
 
+    @property
+    def config(self) -> Config:
+        return self.snapshot.config
+
     def _new_watcher(self) -> Watcher:
-        return Watcher(self._offer, self.settler.forget, self.settler.forget_under)
+        return Watcher(self._offer, self.settler.forget, self.settler.forget_under,
+                       on_watched=self._now_watched, on_overflow=self._overflowed, backlog=self.settler.ready_backlog)
+
+    def _now_watched(self, roots: list[Path]) -> None:
+        """A folder missing at start appeared and is watched now: catch up on what is already in it."""
+        if not self._stopping.is_set():
+            self._background(lambda: self.catch_up("catch-up"), "vlwatch-catchup")
+
+    def _overflowed(self) -> None:
+        """inotify dropped events (issue 10.18): rescan, or rescan again after the running one."""
+        if not self._stopping.is_set():
+            log.warning("inotify dropped events; rescanning the watched folders")
+            self._background(lambda: self.catch_up("rescan"), "vlwatch-rescan")
 
     # -- the main thread
     def serve(self, signals: int) -> int:
@@ -240,9 +239,8 @@ class Daemon:
             if ping and not stalled and time.monotonic() - last_ping >= ping:
                 last_ping = time.monotonic()
                 sd_notify("WATCHDOG=1")
-            if overflowed():
-                log.warning("inotify dropped events; rescanning the watched folders")
-                self._background(lambda: self.catch_up("rescan"), "vlwatch-rescan")
+            if overflowed():  # watchdog versions without the overflow hook: its log line
+                self._overflowed()
             if time.monotonic() - last_status >= STATUS_EVERY:
                 last_status = time.monotonic()
                 sd_notify("STATUS=" + self.status_line())
@@ -346,40 +344,41 @@ class Daemon:
         backend: Backend = self.loop.worker.backend
         if new.model != old.model:
             backend = create_backend(new.model)
-        self.rule_names = self.rule_names | rule_names(new)
-        self._roots = Roots(new)
-        self.config = new
+        self.snapshot = Snapshot.of(new)  # one assignment: every reader sees all old or all new
         self.loop.replace_worker(Worker(new, backend))
         if new.watch != old.watch:
-            # New observers first, then a catch-up, so no file falls into the
-            # gap while watches are re-created (paperless-ngx #13011).
-            self.watcher.stop()
-            self.watcher = self._new_watcher()
+            # New observers first, then the old ones stopped, then a catch-up
+            # (issue 10.6): at every moment some observer watches each folder,
+            # and the scan finds what arrived while the new ones started.
+            watcher, self.watcher = self.watcher, self._new_watcher()
             self.watcher.start(new.watch)
+            watcher.stop()
             self._background(lambda: self.catch_up("catch-up"), "vlwatch-catchup")
         self.scheduler.apply(new)
         log.info("%s: reloaded: %d rules, %d watched folders", self.config_path, len(new.rules), len(new.watch))
 
     # -- intake: watcher events -> settler -> queue
-    def _offer(self, path: Path, kind: Kind) -> None:
+    def _offer(self, path: str, kind: Kind) -> None:
         if self.settler.note(path, kind):
             return  # already tracked: only its timing changes
-        accepted = self._accept(path)
+        snapshot = self.snapshot
+        accepted = self._accept(snapshot, Path(path))
         if accepted is not None:
-            settle, matches = accepted
-            self.settler.note(path, kind, settle, data=(self.config, matches))
+            # Only the shared snapshot and rules travel with the file, not Match
+            # objects: memory per file in flight stays small (issue 10.21).
+            self.settler.note(path, kind, accepted[0], data=(snapshot, tuple(m.rule for m in accepted[1])))
 
-    def _accept(self, path: Path) -> tuple[float, list[Match]] | None:
+    @staticmethod
+    def _accept(snapshot: Snapshot, path: Path) -> tuple[float, list[Match]] | None:
         """(settle time, matching rules) for a new path that may become a job, else None."""
-        config = self.config
-        found = self._roots.find(path)
+        found = snapshot.find(path)
         if found is None:
             return None
         watch, root, skip = found
-        if is_ignored(path, root, self.rule_names, skip):
+        if is_ignored(path, root, snapshot.rule_names, skip):
             log.debug("%s: ignored", path)
             return None
-        matches = match_file(config, path)
+        matches = match_file(snapshot.config, path)
         if not matches:
             log.debug("%s: no rule matches", path)
             return None
@@ -388,14 +387,17 @@ class Daemon:
     def _deliver(self, arrivals: list[Arrival]) -> None:
         """Ready files from the settler: hash once, queue a job per matching rule, one commit."""
         assert self.queue is not None and self.loop is not None
-        config = self.config
+        snapshot = self.snapshot
         batch: list[Candidate] = []
         for arrival in arrivals:
-            matches = self._matches_now(config, arrival)
+            matches = self._matches_now(snapshot, arrival)
             if not matches:
                 continue
             try:
                 digest = content_hash(arrival.path)
+            except PermissionError:
+                # Recorded as a failed job saying so (issue 10.3), retried once readable.
+                digest = unreadable_hash(arrival.size, arrival.mtime_ns)
             except OSError:
                 continue  # gone already
             seen_at = time.time()
@@ -404,7 +406,7 @@ class Daemon:
                     continue
                 batch.append(Candidate(arrival.path, m.rule.name, digest, arrival.size, arrival.mtime_ns,
                                        redo=functools.partial(sidecar_missing, m), seen_at=seen_at,
-                                       recipe=recipe_of(config, m)))
+                                       recipe=recipe_of(snapshot.config, m)))
         jobs = self.queue.enqueue(batch)
         self._arrived.append((time.monotonic(), len(arrivals)))
         for job in jobs:
@@ -430,40 +432,67 @@ class Daemon:
             self._arrived.popleft()
         return self.settler.pending() + 2 * sum(n for _, n in self._arrived)
 
-    def _matches_now(self, config: Config, arrival: Arrival) -> list[Match]:
-        """The rules matched when the file was first seen, unless a reload changed them since."""
-        if isinstance(arrival.data, tuple) and arrival.data[0] is config:
-            return arrival.data[1]
-        return match_file(config, arrival.path) if self._roots.find(arrival.path) is not None else []
+    @staticmethod
+    def _matches_now(snapshot: Snapshot, arrival: Arrival) -> list[Match]:
+        """The rules that apply to a ready file under the running snapshot.
+
+        Matched with the snapshot it was accepted under when nothing was
+        reloaded since (the filter passed then); judged again in full otherwise.
+        """
+        if isinstance(arrival.data, tuple) and arrival.data[0] is snapshot:
+            found = snapshot.find(arrival.path)
+            if found is not None:
+                watch = found[0]
+                return [Match(arrival.path, rule, watch.path, watch.output_dir) for rule in arrival.data[1]]
+        accepted = Daemon._accept(snapshot, arrival.path)
+        return accepted[1] if accepted is not None else []
 
     def _requeue_changed(self, path: Path) -> None:
-        accepted = self._accept(path)
+        snapshot = self.snapshot
+        accepted = self._accept(snapshot, path)
         if accepted is not None:
-            self.settler.note(path, "changed", accepted[0], data=(self.config, accepted[1]))
+            self.settler.note(path, "changed", accepted[0], data=(snapshot, tuple(m.rule for m in accepted[1])))
 
     # -- chores
     def catch_up(self, why: str) -> None:
-        """Queue files without an up-to-date sidecar; recent ones go through the settler first."""
-        if not self._scan_lock.acquire(blocking=False):
-            return  # one is running already
+        """Queue files without an up-to-date sidecar; recent ones go through the settler first.
+
+        One walk at a time.  Asked for while one runs (an overflow during a
+        rescan, a reload during a catch-up), it is not folded into the
+        running walk, which may have passed the folder already: another walk
+        follows, until one runs with nothing asked meanwhile (issues 10.6, 10.18).
+        """
+        with self._scan_lock:
+            if self._scanning:
+                self._scan_again = why
+                return
+            self._scanning = True
         try:
-            self._catch_up(why)
+            while not self._stopping.is_set():
+                self._catch_up(why)
+                with self._scan_lock:
+                    if self._scan_again is None:
+                        break
+                    why, self._scan_again = self._scan_again, None
+                log.info("%s: asked for again while the last one ran; walking the folders again", why)
         finally:
-            self._scan_lock.release()
+            with self._scan_lock:
+                self._scanning, self._scan_again = False, None
 
     def _catch_up(self, why: str) -> None:
         assert self.queue is not None and self.loop is not None
         if why == "rescan":
             self.watcher.ensure()
-        config = self.config
+        snapshot = self.snapshot
+        config = snapshot.config
         progress = Progress(why, tty=False)
         now = time.time()
         settled: list[Work] = []
         queued = 0
         for work in find_work(config, self.queue, progress=progress, stop=self._stopping,
                               on_ignored=remove_stale_temp):
-            watch = watch_for(config, work.match.path)
-            settle = watch.settle if watch else 0.0
+            found = snapshot.find(work.match.path)
+            settle = found[0].settle if found else 0.0
             if now - work.mtime_ns / 1e9 < settle:
                 self.settler.note(work.match.path, "changed", settle)  # may still be being written
                 continue

@@ -2,11 +2,13 @@
 
 Three parts, each usable alone:
 
-- **The filter** (``is_ignored``): hidden files and folders, temporary and
-  partial downloads (``.part``, ``.crdownload``, ``.tmp``, ``~$*``...), editor
-  swap files, NAS/OS litter (``.DS_Store``, ``@eaDir``, ``Thumbs.db``...) and,
-  above all, vlwatch's own sidecars, overlays and temporary files.  It runs
-  before any rule sees a path, so the daemon never feeds on its own output.
+- **The filter** (``ignore_reason``, and ``is_ignored`` as a yes/no): hidden
+  files and folders, temporary and partial downloads (``.part``,
+  ``.crdownload``, ``.tmp``, ``~$*``...), editor swap and autosave files,
+  NAS/OS litter (``.DS_Store``, ``@eaDir``, ``Thumbs.db``...) and, above all,
+  vlwatch's own sidecars, overlays and temporary files (``daemon.sidecars``
+  decides those).  It runs before any rule sees a path, so the daemon never
+  feeds on its own output, and ``vlwatch explain`` prints its reason.
 - **Readiness** (``Settler``): a create event fires at the first write
   (watchdog #586, #787), so a file is only handed over once it is complete:
   closed after writing (inotify ``IN_CLOSE_WRITE``), moved in whole, or
@@ -19,8 +21,12 @@ Three parts, each usable alone:
 - **Observers** (``Watcher``): one inotify observer for all local folders,
   one polling observer per ``polling: true`` folder (NFS/SMB/FUSE, where
   inotify sees nothing: watchdog README, #409; OCRmyPDF #714, #1645).  A
-  folder that is missing or cannot be watched is retried by ``ensure``, which
-  the periodic rescan calls; an overflowed inotify queue asks for a rescan.
+  folder that is missing is watched through its nearest existing parent and
+  watched itself the moment it appears; one that cannot be watched is
+  retried by ``ensure``, which the periodic rescan calls.  An overflowed
+  inotify queue is reported by watchdog's reader itself (``on_overflow``),
+  and while the caller is far behind the reader pauses, so a burst waits in
+  the kernel's queue rather than in memory (backpressure).
 
 Deliberately not here: which rule applies (the caller's ``accept`` decides),
 hashing and queueing (``queue``), and finding files that arrived while
@@ -29,16 +35,17 @@ nobody watched (the catch-up scan in ``service``).
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
+import mmap
 import os
-import re
 import stat
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Sequence
+from typing import AbstractSet, BinaryIO, Callable, Iterable, Literal, Sequence
 
 from watchdog.events import (
     DirCreatedEvent,
@@ -51,11 +58,11 @@ from watchdog.events import (
     FileSystemEvent,
     FileSystemEventHandler,
 )
-from watchdog.observers.api import BaseObserver
+from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
 from daemon.config import WatchConfig
-from daemon.outputs import is_output_name
+from daemon.sidecars import own_name_reason
 
 log = logging.getLogger(__name__)
 
@@ -70,57 +77,103 @@ IGNORED_DIRS = frozenset({
 })
 #: Exact names that are never input.
 IGNORED_NAMES = frozenset({".DS_Store", "Thumbs.db", "ehthumbs.db", "desktop.ini", ".directory", "Icon\r"})
-#: Suffixes of files still being downloaded, copied or edited.
-IGNORED_SUFFIXES = (
-    ".part", ".partial", ".crdownload", ".download", ".opdownload", ".filepart", ".!qb", ".tmp", ".temp",
-    ".swp", ".swo", ".swx", ".kate-swp", ".bak", "~",
-)
-#: Prefixes of Office lock files, Emacs/LibreOffice locks and similar.
-IGNORED_PREFIXES = ("~$", ".~lock.", ".#", "#", ".syncthing.", ".goutputstream-")
-#: vim probes a folder's writability with a file called 4913 (and 5036...).
-_VIM_PROBE = re.compile(r"^\d{4,5}$")
+#: Suffixes of files still being downloaded, copied or edited, with what they are.
+IGNORED_SUFFIXES: dict[str, str] = {
+    ".part": "partial download", ".partial": "partial download", ".crdownload": "partial download (Chrome)",
+    ".download": "partial download (Safari)", ".opdownload": "partial download (Opera)",
+    ".filepart": "partial upload (WinSCP)", ".!qb": "partial download (qBittorrent)",
+    ".tmp": "temporary file", ".temp": "temporary file",
+    ".swp": "editor swap file (vim)", ".swo": "editor swap file (vim)", ".swx": "editor swap file (vim)",
+    ".kate-swp": "editor swap file (Kate)", ".bak": "backup file", "~": "backup file",
+}
+#: Prefixes of lock and temporary files, with what they are.
+IGNORED_PREFIXES: dict[str, str] = {
+    "~$": "temporary file (Office lock)", ".~lock.": "temporary file (LibreOffice lock)",
+    ".#": "temporary file (Emacs lock)", ".syncthing.": "temporary file (Syncthing)",
+    ".goutputstream-": "temporary file (GNOME)",
+}
+
+
+_ANY_PREFIX = (*IGNORED_PREFIXES, "#", ".")
+_ANY_SUFFIX = tuple(IGNORED_SUFFIXES)
+
+
+def litter_reason(name: str) -> str | None:
+    """Why a file name alone marks it as litter, hidden or temporary; None for an ordinary name.
+
+    Precise on purpose (issue 10.5): ``#1 receipt.png`` is an ordinary file;
+    only Emacs's autosave form ``#name#`` is not.  Plain string operations,
+    so a name with a newline in it is judged like any other.
+    """
+    lower = name.lower()
+    if not (name.startswith(_ANY_PREFIX) or lower.endswith(_ANY_SUFFIX) or name in IGNORED_NAMES
+            or (4 <= len(name) <= 5 and name.isdigit())):
+        return None  # the common case, in one pass: this runs for every new file of a burst
+    for prefix, what in IGNORED_PREFIXES.items():
+        if name.startswith(prefix):
+            return what
+    if name in IGNORED_NAMES:
+        return f"system litter ({name!r})"
+    for suffix, what in IGNORED_SUFFIXES.items():
+        if lower.endswith(suffix):
+            return what
+    if len(name) > 2 and name.startswith("#") and name.endswith("#"):
+        return "temporary file (Emacs autosave)"
+    if name.startswith("."):
+        return "hidden file"
+    if 4 <= len(name) <= 5 and name.isascii() and name.isdigit():
+        return "temporary file (vim's write probe)"
+    return None
 
 
 def ignored_name(name: str) -> bool:
     """Whether a file name alone marks it as litter, hidden or temporary."""
-    lower = name.lower()
-    return (
-        name.startswith(".")
-        or name in IGNORED_NAMES
-        or lower.endswith(IGNORED_SUFFIXES)
-        or name.startswith(IGNORED_PREFIXES)
-        or bool(_VIM_PROBE.match(name))
-    )
+    return litter_reason(name) is not None
 
 
 def ignored_dir(name: str) -> bool:
     return name.startswith(".") or name in IGNORED_DIRS
 
 
-def is_ignored(path: Path, root: Path, rule_names: frozenset[str] | set[str],
-               skip_dirs: Sequence[Path] = ()) -> bool:
-    """Whether ``path`` under watch ``root`` must never become a job.
+def ignore_reason(path: Path, root: Path, rule_names: AbstractSet[str],
+                  skip_dirs: Sequence[Path] = ()) -> str | None:
+    """Why ``path`` under watch ``root`` must never become a job, or None if it may.
+
+    The one answer for the daemon, ``scan`` and ``vlwatch explain`` (issues
+    10.2 and 10.5): our own outputs and temporary files (``daemon.sidecars``),
+    litter, and anything inside an ignored folder or an output folder.
 
     Args:
-        path: the file.
+        path: the file (absolute).
         root: the watched folder it was seen under.
-        rule_names: every rule name whose sidecars may exist (their names are ours).
+        rule_names: the rules of the running config (their sidecars are ours).
         skip_dirs: output folders inside the watched tree; nothing under them is input.
     """
-    if ignored_name(path.name) or is_output_name(path.name, rule_names):
-        return True
+    name = path.name
+    reason = own_name_reason(name, rule_names) or litter_reason(name)
+    if reason is not None:
+        return reason
     # String work, not pathlib: this runs for every event of a burst.
     text, base = str(path), str(root).rstrip(os.sep) + os.sep
     folders = text[len(base):].split(os.sep)[:-1] if text.startswith(base) else []
-    if any(ignored_dir(p) for p in folders):
-        return True
-    return any(text.startswith(str(d).rstrip(os.sep) + os.sep) for d in skip_dirs)
+    for folder in folders:
+        if ignored_dir(folder):
+            return f"inside an ignored folder ({folder!r})"
+    for d in skip_dirs:
+        if text.startswith(str(d).rstrip(os.sep) + os.sep):
+            return f"inside the output folder {d}"
+    return None
+
+
+def is_ignored(path: Path, root: Path, rule_names: AbstractSet[str], skip_dirs: Sequence[Path] = ()) -> bool:
+    """Whether ``path`` under watch ``root`` must never become a job (``ignore_reason`` as a yes/no)."""
+    return ignore_reason(path, root, rule_names, skip_dirs) is not None
 
 
 # --------------------------------------------------------------- readiness
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per file of a burst: no per-instance dict
 class Arrival:
     """A complete file, with the size and mtime it had when found ready."""
 
@@ -134,18 +187,18 @@ class Arrival:
 Kind = Literal["changed", "closed", "moved"]
 
 
-@dataclass
+@dataclass(slots=True)  # one per file in flight (issue 10.21): small, no per-instance dict
 class _Pending:
     settle: float
     signature: tuple[int, int] | None  # (size, mtime_ns) when last seen changing
-    changed_at: float  # monotonic time of the last change
     complete: bool = False  # closed after writing, or moved in whole, since the last change
     probes: int = 0  # times it was stable but did not decode
-    due: float = 0.0
+    due: float = 0.0  # when to look next
+    heap_due: float | None = None  # the earliest entry this path has in the heap, if any
     data: object = None
 
 
-def file_signature(path: Path) -> tuple[int, int] | None:
+def file_signature(path: str | Path) -> tuple[int, int] | None:
     """(size, mtime_ns) of a regular file, or None if it is gone or not a regular file."""
     try:
         st = os.stat(path)
@@ -168,42 +221,64 @@ def probe_image(path: Path) -> bool:
 
     A cheap look at the end of the file first: a PNG ends with its IEND chunk,
     a JPEG with the EOI marker, a GIF with its trailer, and WebP and BMP
-    headers state the file's size.  Only when that is not conclusive (TIFF,
-    trailing data after a JPEG's EOI, a torn file) is the image decoded for
-    real; JPEGs then in draft mode (1/8 scale), which still reads every byte.
-    The worker decodes every file again anyway, so a common, complete file
-    costs one read of its last bytes here, not a second decode.
+    headers state the file's size.  A PNG with no IEND or a JPEG with no EOI
+    after its last scan is incomplete, full stop (issue 10.9): Pillow decodes
+    a PNG cut just before IEND, which would be processed and then redone.
+    Only when the end is not conclusive (TIFF, trailing data after the end
+    marker) is the image decoded for real; JPEGs then in draft mode (1/8
+    scale), which still reads every byte.  The worker decodes every file
+    again anyway, so a common, complete file costs one read of its last
+    bytes here, not a second decode.  A file we may not read is "complete":
+    waiting cannot help, and the intake records why it fails.
     """
     if path.suffix.lower() not in _PROBED:
         return True
-    if _complete_by_structure(path):
-        return True
+    verdict = _complete_by_structure(path)
+    if verdict is not None:
+        return verdict
     return _decodes(path)
 
 
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
-def _complete_by_structure(path: Path) -> bool:
+def _complete_by_structure(path: Path) -> bool | None:
+    """True/False when the file's structure says whether it is complete; None to decode it."""
     try:
         with open(path, "rb") as f:
             head = f.read(16)
             size = f.seek(0, os.SEEK_END)
             f.seek(max(0, size - 12))
             tail = f.read(12)
+            if head.startswith(b"\x89PNG\r\n\x1a\n"):
+                if tail == _PNG_END:
+                    return True
+                return None if _find(f, size, b"IEND") >= 0 else False
+            if head.startswith(b"\xff\xd8"):
+                if tail.endswith(b"\xff\xd9"):
+                    return True
+                # Byte stuffing keeps FF D9 out of scan data: an EOI after the
+                # last start-of-scan means data follows a complete image.
+                return None if _find(f, size, b"\xff\xd9") > _find(f, size, b"\xff\xda") else False
+    except PermissionError:
+        return True
     except OSError:
         return False
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return tail == _PNG_END
-    if head.startswith(b"\xff\xd8"):
-        return tail.endswith(b"\xff\xd9")
     if head.startswith((b"GIF87a", b"GIF89a")):
-        return tail.endswith(b";")
+        return True if tail.endswith(b";") else None
     if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
-        return int.from_bytes(head[4:8], "little") + 8 <= size
+        return True if int.from_bytes(head[4:8], "little") + 8 <= size else None
     if head.startswith(b"BM"):
-        return int.from_bytes(head[2:6], "little") <= size
-    return False  # TIFF and the rest: decode
+        return True if int.from_bytes(head[2:6], "little") <= size else None
+    return None  # TIFF and the rest: decode
+
+
+def _find(f: BinaryIO, size: int, needle: bytes) -> int:
+    """The last offset of ``needle`` in the open file ``f`` (-1 if absent), without reading it into memory."""
+    if size == 0:
+        return -1
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        return m.rfind(needle)
 
 
 def _decodes(path: Path) -> bool:
@@ -244,15 +319,18 @@ class Settler:
         self._gather = gather  # once a file is due, wait this long for others: one commit for a burst
         self._clock = clock
         self._wakes_at: float | None = None  # when the settler thread will look next, if it is waiting
-        self._pending: dict[Path, _Pending] = {}
-        self._heap: list[tuple[float, int, Path]] = []
+        # Keyed by the path's text, not a Path: a burst of 100,000 files holds
+        # 100,000 of these, and a str is a fifth of a Path's memory (issue 10.21).
+        self._pending: dict[str, _Pending] = {}
+        self._heap: list[tuple[float, int, str]] = []
+        self._complete = 0  # tracked files known whole (closed or moved in): waiting only for us
         self._seq = 0
         self._cond = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
 
     # -- from any thread
-    def note(self, path: Path, kind: Kind, settle: float | None = None, data: object = None) -> bool:
+    def note(self, path: str | Path, kind: Kind, settle: float | None = None, data: object = None) -> bool:
         """Record an event for ``path``.
 
         Args:
@@ -264,45 +342,77 @@ class Settler:
         Returns:
             whether the path is (now) tracked.
         """
+        key = os.fspath(path)
+        if settle is None and key not in self._pending:  # a dict lookup is atomic: no lock, no stat
+            return False
         now = self._clock()
-        sig = file_signature(path) if kind == "changed" else None
+        sig = file_signature(key) if kind == "changed" else None
         with self._cond:
-            entry = self._pending.get(path)
+            entry = self._pending.get(key)
             if entry is None:
                 if settle is None:
                     return False
-                entry = self._pending[path] = _Pending(settle=settle, signature=sig, changed_at=now, data=data)
+                entry = self._pending[key] = _Pending(settle=settle, signature=sig, data=data)
             if kind == "changed":
-                entry.signature, entry.changed_at, entry.complete = sig, now, False
-                self._schedule(path, entry, now + entry.settle)
+                self._set_complete(entry, False)
+                entry.signature = sig
+                self._schedule(key, entry, now + entry.settle)
             else:
-                entry.complete = True
-                self._schedule(path, entry, now)
+                self._set_complete(entry, True)
+                self._schedule(key, entry, now)
             return True
 
-    def tracking(self, path: Path) -> bool:
-        with self._cond:
-            return path in self._pending
+    def _set_complete(self, entry: _Pending, complete: bool) -> None:
+        """(lock held) Keep ``_complete`` in step with the entries' flags."""
+        if entry.complete != complete:
+            self._complete += 1 if complete else -1
+            entry.complete = complete
 
-    def forget(self, path: Path) -> None:
+    def _drop(self, key: str) -> _Pending | None:
+        """(lock held) Stop tracking ``key``."""
+        entry = self._pending.pop(key, None)
+        if entry is not None and entry.complete:
+            self._complete -= 1
+        return entry
+
+    def tracking(self, path: str | Path) -> bool:
+        with self._cond:
+            return os.fspath(path) in self._pending
+
+    def forget(self, path: str | Path) -> None:
         """The file was deleted or moved away before it was ready: drop it."""
         with self._cond:
-            if self._pending.pop(path, None) is not None:
+            if self._drop(os.fspath(path)) is not None:
                 log.debug("%s: gone before it was complete", path)
 
-    def forget_under(self, folder: Path) -> None:
+    def forget_under(self, folder: str | Path) -> None:
+        prefix = os.fspath(folder).rstrip(os.sep) + os.sep
         with self._cond:
-            for path in [p for p in self._pending if p.is_relative_to(folder)]:
-                del self._pending[path]
+            for key in [k for k in self._pending if k.startswith(prefix)]:
+                self._drop(key)
 
     def pending(self) -> int:
         with self._cond:
             return len(self._pending)
 
-    def _schedule(self, path: Path, entry: _Pending, due: float) -> None:
+    def ready_backlog(self) -> int:
+        """Files known whole that wait only for the settler's check: how far behind it is.
+
+        Read without the lock (an int read is atomic), so the inotify reader may
+        ask per event.  Files waiting out their settle time do not count: their
+        close event may be the very one a paused reader would hold back.
+        """
+        return self._complete
+
+    def _schedule(self, key: str, entry: _Pending, due: float) -> None:
         entry.due = due
+        if entry.heap_due is not None and entry.heap_due <= due:
+            # An earlier heap entry comes up first and is pushed again for the
+            # new time then: each event of a file no longer costs a heap entry.
+            return
+        entry.heap_due = due
         self._seq += 1
-        heapq.heappush(self._heap, (due, self._seq, path))
+        heapq.heappush(self._heap, (due, self._seq, key))
         # Wake the settler only if it would otherwise look too late: a burst of
         # events must not cost a thread switch each.
         if self._wakes_at is not None and due < self._wakes_at:
@@ -339,19 +449,24 @@ class Settler:
                 except Exception:  # a queue error must not stop the watching
                     log.exception("could not hand over %d ready files; the rescan will find them", len(ready))
 
-    def _wait_for_due(self) -> list[Path] | None:
+    def _wait_for_due(self) -> list[str] | None:
         with self._cond:
-            due: list[Path] = []
+            due: list[str] = []
             gathered = False
             while True:
                 if self._stop:
                     return None
                 now = self._clock()
                 while self._heap and self._heap[0][0] <= now and len(due) < self._batch:
-                    when, _, path = heapq.heappop(self._heap)
-                    entry = self._pending.get(path)
-                    if entry is not None and entry.due == when:  # else superseded by a later event
-                        due.append(path)
+                    when, _, key = heapq.heappop(self._heap)
+                    entry = self._pending.get(key)
+                    if entry is None or entry.heap_due != when:
+                        continue  # gone, or a later heap entry of a rescheduled file
+                    entry.heap_due = None
+                    if entry.due > when:
+                        self._schedule(key, entry, entry.due)  # an event since moved its time on
+                    else:
+                        due.append(key)
                 if due and (gathered or len(due) >= self._batch):
                     self._wakes_at = None
                     return due
@@ -363,43 +478,45 @@ class Settler:
                     self._wakes_at = now + timeout if timeout is not None else float("inf")
                 self._cond.wait(timeout)
 
-    def _check(self, path: Path) -> Arrival | None:
+    def _check(self, key: str) -> Arrival | None:
         with self._cond:
-            entry = self._pending.get(path)
+            entry = self._pending.get(key)
             if entry is None:
                 return None
             complete, before, settle = entry.complete, entry.signature, entry.settle
-        sig = file_signature(path)
+        sig = file_signature(key)
         now = self._clock()
         if sig is None:
-            self.forget(path)
+            self.forget(key)
             return None
         if not complete and sig != before:
             with self._cond:  # still changing (or changed behind the events' back): wait again
-                if self._pending.get(path) is entry:
-                    entry.signature, entry.changed_at = sig, now
-                    self._schedule(path, entry, now + settle)
+                if self._pending.get(key) is entry:
+                    entry.signature = sig
+                    self._schedule(key, entry, now + settle)
             return None
+        path = Path(key)
         if sig[0] > 0 and self._probe(path):
-            return self._take(path, entry, sig)
+            return self._take(key, path, entry, sig)
         with self._cond:
-            if self._pending.get(path) is not entry:
+            if self._pending.get(key) is not entry:
                 return None
             entry.probes += 1
             if entry.probes >= self._max_probes:
                 log.warning("%s: still does not decode after %d checks; queueing it as it is", path, entry.probes)
             else:
                 log.info("%s: incomplete (empty or truncated); checking again in %gs", path, settle)
-                entry.complete, entry.signature, entry.changed_at = False, sig, now
-                self._schedule(path, entry, now + settle)
+                self._set_complete(entry, False)
+                entry.signature = sig
+                self._schedule(key, entry, now + settle)
                 return None
-        return self._take(path, entry, sig)
+        return self._take(key, path, entry, sig)
 
-    def _take(self, path: Path, entry: _Pending, sig: tuple[int, int]) -> Arrival | None:
+    def _take(self, key: str, path: Path, entry: _Pending, sig: tuple[int, int]) -> Arrival | None:
         with self._cond:
-            if self._pending.get(path) is not entry or entry.due > self._clock():
+            if self._pending.get(key) is not entry or entry.due > self._clock():
                 return None  # a new event arrived while we checked: it reschedules
-            del self._pending[path]
+            self._drop(key)
         return Arrival(path, sig[0], sig[1], entry.data)
 
 
@@ -411,13 +528,25 @@ _EVENTS: list[type[FileSystemEvent]] = [
     FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent, FileDeletedEvent,
     DirCreatedEvent, DirMovedEvent,
 ]
+try:  # watchdog >= 6.1 reports attribute changes apart from writes
+    from watchdog.events import FileAttribEvent
+
+    # A chmod that makes an unreadable file readable must bring it back (issue 10.3).
+    _EVENTS.append(FileAttribEvent)
+except ImportError:  # older watchdog: attribute changes arrive as FileModifiedEvent
+    FileAttribEvent = FileModifiedEvent  # type: ignore[misc, assignment]
 
 
 class _Handler(FileSystemEventHandler):
-    """Turns watchdog events into ``offer``/``forget`` calls, nothing more."""
+    """Turns watchdog events into ``offer``/``forget`` calls, nothing more.
 
-    def __init__(self, offer: Callable[[Path, Kind], None], forget: Callable[[Path], None],
-                 forget_under: Callable[[Path], None]) -> None:
+    Paths are handed on as text: most events are for a file already tracked,
+    and a ``Path`` made for each of them was most of a burst's CPU time
+    (issue 10.21).  Whoever needs a ``Path`` makes one, once per file.
+    """
+
+    def __init__(self, offer: Callable[[str, Kind], None], forget: Callable[[str], None],
+                 forget_under: Callable[[str], None]) -> None:
         self._offer = offer
         self._forget = forget
         self._forget_under = forget_under
@@ -426,32 +555,90 @@ class _Handler(FileSystemEventHandler):
         src = os.fsdecode(event.src_path)
         if event.is_directory:
             if isinstance(event, DirMovedEvent) and src:
-                self._forget_under(Path(src))
+                self._forget_under(src)
             return  # new folders' files arrive as their own events (watchdog simulates them)
         if isinstance(event, FileClosedEvent):
-            self._offer(Path(src), "closed")
+            self._offer(src, "closed")
         elif isinstance(event, FileMovedEvent):
             if src:
-                self._forget(Path(src))
+                self._forget(src)
             dest = os.fsdecode(event.dest_path)
             if dest:
-                self._offer(Path(dest), "moved")
+                self._offer(dest, "moved")
         elif isinstance(event, FileDeletedEvent):
-            self._forget(Path(src))
-        elif isinstance(event, (FileCreatedEvent, FileModifiedEvent)):
-            self._offer(Path(src), "changed")
+            self._forget(src)
+        elif isinstance(event, (FileCreatedEvent, FileModifiedEvent, FileAttribEvent)):
+            self._offer(src, "changed")
 
 
-def _native_observer() -> BaseObserver:
+class _ParentHandler(FileSystemEventHandler):
+    """Watches the nearest existing parent of a missing folder for that folder to appear."""
+
+    def __init__(self, appeared: Callable[[], None]) -> None:
+        self._appeared = appeared
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        if event.is_directory and isinstance(event, (DirCreatedEvent, DirMovedEvent)):
+            self._appeared()
+
+
+#: Most events read from the kernel but not yet handled, and most files being
+#: settled, before the inotify reader stops reading (issue 10.21): past these,
+#: a burst waits in the kernel's queue (``fs.inotify.max_queued_events``), not
+#: in our memory; if that overflows, the rescan finds the files.
+MAX_EVENT_BACKLOG = 20_000
+MAX_SETTLING = 20_000
+
+
+def _native_observer(on_overflow: Callable[[], None], backlog: Callable[[], int]) -> BaseObserver:
     try:
-        from watchdog.observers.inotify import InotifyObserver
+        from watchdog.observers.inotify import InotifyFullEmitter, InotifyObserver
+        from watchdog.observers.inotify_c import InotifyFD
     except ImportError:  # not Linux: the platform's observer, readiness by settling
         from watchdog.observers import Observer
 
         return Observer()
-    # Full events: a file renamed in from outside the tree arrives as a move
-    # with no source, so it is known to be whole (no settle wait).
-    return InotifyObserver(generate_full_events=True)
+
+    if not hasattr(InotifyFD, "handle_event"):  # another watchdog: its log line is the signal
+        return InotifyObserver(generate_full_events=True)
+
+    class _FD(InotifyFD):  # type: ignore[misc, valid-type]
+        """watchdog's inotify reader, telling us about IN_Q_OVERFLOW itself (issue 10.18).
+
+        watchdog reconciles its watches after an overflow but reports the lost
+        events only in a WARNING log line, which a log level can silence.
+        """
+
+        observer: BaseObserver | None = None
+
+        def handle_event(self, event):  # type: ignore[no-untyped-def]
+            if event.is_queue_overflow:
+                on_overflow()
+            else:
+                self._wait_for_room()
+            super().handle_event(event)
+
+        def _wait_for_room(self) -> None:
+            """Backpressure: while those downstream are behind, leave events in the kernel."""
+            observer = self.observer
+            if observer is None:
+                return
+            queue = observer.event_queue
+            while ((queue.qsize() > MAX_EVENT_BACKLOG or backlog() > MAX_SETTLING)
+                   and self.should_keep_running()):
+                time.sleep(0.005)
+
+    class _Observer(InotifyObserver):  # type: ignore[misc, valid-type]
+        # InotifyObserver.__init__ with our reader.  Full events: a file renamed
+        # in from outside the tree arrives as a move with no source, so it is
+        # known to be whole (no settle wait).
+        def __init__(self) -> None:
+            fd = self._inotify_fd = _FD()
+            fd.start()
+            BaseObserver.__init__(self, InotifyFullEmitter, inotify_fd=fd)
+            fd.observer = self
+
+    return _Observer()
 
 
 def poll_interval(settle: float) -> float:
@@ -462,20 +649,39 @@ def poll_interval(settle: float) -> float:
 class Watcher:
     """Observers over the configured folders, feeding ``offer``.
 
+    A watched folder that does not exist yet is watched through its nearest
+    existing parent, and watched itself the moment it appears (issue 11.3),
+    not at the next rescan.
+
     Args:
-        offer: called for each file event, ``offer(path, kind)``, on observer threads.
-        forget: called for a file deleted or moved away.
-        forget_under: called for a folder moved away.
+        offer: called for each file event, ``offer(path, kind)``, on observer
+            threads; ``path`` is the absolute path as text.
+        forget: called for a file deleted or moved away (its path as text).
+        forget_under: called for a folder moved away (its path as text).
+        on_watched: told the folders watched late (they appeared after start), so
+            the caller can catch up on files already in them.
+        on_overflow: called when inotify dropped events (a rescan is due).
+        backlog: how many files the caller is still settling; past
+            ``MAX_SETTLING`` the inotify reader pauses (backpressure).
     """
 
-    def __init__(self, offer: Callable[[Path, Kind], None], forget: Callable[[Path], None],
-                 forget_under: Callable[[Path], None]) -> None:
+    def __init__(self, offer: Callable[[str, Kind], None], forget: Callable[[str], None],
+                 forget_under: Callable[[str], None], *,
+                 on_watched: Callable[[list[Path]], None] | None = None,
+                 on_overflow: Callable[[], None] | None = None,
+                 backlog: Callable[[], int] | None = None) -> None:
         self._handler = _Handler(offer, forget, forget_under)
+        self._parent_handler = _ParentHandler(self._appeared)
+        self._on_watched = on_watched
+        self._on_overflow = on_overflow or _OverflowAlarm.raised.set
+        self._backlog = backlog or (lambda: 0)
         self._native: BaseObserver | None = None
         self._polling: dict[Path, BaseObserver] = {}
         self._watching: dict[Path, WatchConfig] = {}
         self._missing: dict[Path, WatchConfig] = {}
+        self._parents: dict[Path, ObservedWatch] = {}  # parent folder -> its watch, for missing folders
         self._lock = threading.Lock()
+        self._started = False
         _OverflowAlarm.install()
 
     @property
@@ -486,27 +692,69 @@ class Watcher:
     def start(self, watches: Iterable[WatchConfig]) -> None:
         """Schedule every folder; those that cannot be watched yet are retried by ``ensure``."""
         with self._lock:
-            self._native = _native_observer()
+            self._native = _native_observer(self._on_overflow, self._backlog)
             self._native.start()
+            self._started = True
             for watch in watches:
                 self._missing[watch.path] = watch
-        self.ensure()
+        self.ensure(initial=True)
 
-    def ensure(self) -> list[Path]:
+    def ensure(self, initial: bool = False) -> list[Path]:
         """Try again to watch folders that were missing or failed; return those now watched."""
         added = []
         with self._lock:
-            for root, watch in list(self._missing.items()):
-                if self._schedule(watch):
-                    del self._missing[root]
-                    self._watching[root] = watch
-                    added.append(root)
+            if not self._started:
+                return []
+            # Again while a folder appeared meanwhile: `mkdir -p a/b/c` may make
+            # b/c before the parent watch moves down to b.
+            for _ in range(64):
+                for root, watch in list(self._missing.items()):
+                    if self._schedule(watch, quiet=not initial or _ > 0):
+                        del self._missing[root]
+                        self._watching[root] = watch
+                        added.append(root)
+                        if not initial:
+                            log.info("%s: the watched folder exists now; watching it", root)
+                self._watch_parents()
+                if not any(root.is_dir() for root in self._missing):
+                    break
         return added
 
-    def _schedule(self, watch: WatchConfig) -> bool:
+    def _appeared(self) -> None:
+        """A folder appeared under the parent of a missing one: look (off the observer's thread,
+        which holds the observer's lock while it dispatches)."""
+        def look() -> None:
+            added = self.ensure()
+            if added and self._on_watched is not None:
+                self._on_watched(added)
+
+        threading.Thread(target=look, name="vlwatch-appeared", daemon=True).start()
+
+    def _watch_parents(self) -> None:
+        """Keep an inotify watch on the nearest existing parent of each missing folder (lock held)."""
+        wanted: set[Path] = set()
+        for root in self._missing:
+            parent = _nearest_existing(root)
+            if parent is not None:
+                wanted.add(parent)
+        if self._native is None:
+            return
+        for parent in set(self._parents) - wanted:
+            with contextlib.suppress(KeyError, OSError):
+                self._native.unschedule(self._parents.pop(parent))
+        for parent in wanted - set(self._parents):
+            try:
+                self._parents[parent] = self._native.schedule(
+                    self._parent_handler, str(parent), recursive=False, event_filter=[DirCreatedEvent, DirMovedEvent])
+            except OSError as exc:
+                log.debug("%s: cannot watch for missing folders (%s); the rescan looks for them", parent, exc)
+
+    def _schedule(self, watch: WatchConfig, quiet: bool = False) -> bool:
         path = watch.path
         if not path.is_dir():
-            log.warning("%s: watched folder does not exist; will look again at the next rescan", path)
+            if not quiet:
+                log.warning("%s: watched folder does not exist; watching %s for it to appear", path,
+                            _nearest_existing(path) or "nothing")
             return False
         if not watch.polling and self._native is not None:
             try:
@@ -536,11 +784,20 @@ class Watcher:
         with self._lock:
             observers = [o for o in [self._native, *self._polling.values()] if o is not None]
             self._native, self._polling = None, {}
-            self._watching, self._missing = {}, {}
+            self._watching, self._missing, self._parents = {}, {}, {}
+            self._started = False
         for o in observers:
             o.stop()
         for o in observers:
             o.join(timeout=10)
+
+
+def _nearest_existing(path: Path) -> Path | None:
+    """The deepest existing folder above ``path``."""
+    for parent in path.parents:
+        if parent.is_dir():
+            return parent
+    return None
 
 
 class _OverflowAlarm(logging.Handler):

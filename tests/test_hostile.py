@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -39,7 +36,7 @@ from daemon.outputs import (
 )
 from daemon.rules import Match, match_file
 from daemon.worker import Worker
-from tests.conftest import REPO, run_vlwatch, write_config
+from tests.conftest import REPO, Daemon, run_vlwatch, wait_until, write_config
 from tests.data.make_hostile import Sample, build
 
 RULE = "look"
@@ -123,18 +120,6 @@ def test_corpus_through_process(tmp_path: Path, tiny_model: Path) -> None:
 # ------------------------------------------------------------------ the daemon
 
 
-def _wait_for(what: str, check: Callable[[], bool], timeout: float, daemon: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if daemon.poll() is not None:
-            raise AssertionError(f"the daemon exited ({daemon.returncode}) while waiting for {what}:\n"
-                                 + log.read_text(errors="replace")[-4000:])
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}:\n"
-                                 + log.read_text(errors="replace")[-4000:])
-        time.sleep(0.25)
-
-
 def _status(config: Path) -> dict:
     done = run_vlwatch("status", "--json", "--config", config, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -161,12 +146,9 @@ def test_corpus_through_the_daemon(tmp_path: Path, tiny_model: Path) -> None:
     samples = [s for s in build(stage) if s.daemon and _utf8(s.name)]
     state = tmp_path / "state" / "state.db"
     config = _config(tmp_path, tiny_model, watched, state)
-    log_path = tmp_path / "daemon.log"
-    with open(log_path, "wb") as log:
-        daemon = subprocess.Popen([sys.executable, "-m", "daemon", "-v", "run", "--config", str(config)],
-                                  cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    daemon = Daemon(tmp_path, config, state=state, verbose=1)
     try:
-        _wait_for("the daemon to start", lambda: _status(config)["daemon"]["running"], 60, daemon, log_path)
+        daemon.start()
         for s in samples:  # moved in whole, as a scanner's finished file appears
             os.rename(stage / s.name, watched / s.name)
         before = _tree(tmp_path)
@@ -174,8 +156,8 @@ def test_corpus_through_the_daemon(tmp_path: Path, tiny_model: Path) -> None:
         def settled() -> bool:
             c = _status(config)["counts"]
             return c["queued"] == 0 and c["running"] == 0 and c["done"] + c["failed"] >= len(samples)
-        _wait_for("every file to be done or failed", settled, 300, daemon, log_path)
-        assert daemon.poll() is None  # alive after all of it
+        wait_until(settled, "every file to be done or failed", 300, log=daemon.log)
+        assert daemon.proc is not None and daemon.proc.poll() is None  # alive after all of it
         info = _status(config)
         bad = [s for s in samples if not s.good]
         assert info["counts"]["failed"] == len(bad) and info["counts"]["done"] == len(samples) - len(bad)
@@ -189,14 +171,10 @@ def test_corpus_through_the_daemon(tmp_path: Path, tiny_model: Path) -> None:
         for s in samples:
             assert _sidecar(watched, s).is_file() == s.good, (s.name, s.why)
         _check_nothing_escaped(tmp_path, watched, before, samples)
+        code = daemon.stop(timeout=60)[0]
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            code = daemon.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            raise
-    assert code == 0, log_path.read_text(errors="replace")[-4000:]
+        daemon.close()
+    assert code == 0, daemon.log()[-4000:]
 
 
 def test_queue_stores_a_name_that_is_not_utf8(tmp_path: Path) -> None:

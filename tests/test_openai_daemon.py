@@ -12,10 +12,6 @@ and in no log line, state file or sidecar.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -24,18 +20,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, run_vlwatch, write_config
+from tests.conftest import Daemon, run_vlwatch, wait_until, write_config
 from tests.fault_server import FaultServer, Reply
 
 KEY = "sk-vlwatch-daemon-2c41e8f0a9b7"
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.1)
+    wait_until(check, what, timeout)
 
 
 @pytest.fixture
@@ -80,12 +72,9 @@ def test_daemon_survives_a_server_outage_under_a_burst(fault: FaultServer, tmp_p
             settle: 0.3s
         jobs: {{attempts: 2, backoff: 1s, batch_wait: 0.1s}}
     """)
-    log_path = tmp_path / "daemon.log"
-    env = {**os.environ, "VLWATCH_TEST_KEY": KEY}
-    with open(log_path, "wb") as log:
-        daemon = subprocess.Popen([sys.executable, "-m", "daemon", "-vv", "run", "--config", str(config)],
-                                  cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    daemon = Daemon(tmp_path, config, state=state, verbose=2, VLWATCH_TEST_KEY=KEY)
     try:
+        daemon.start()
         first = drop_image(inbox, "first.png", 0)
         sidecar = lambda p: p.with_name(p.name + ".describe.md")  # noqa: E731
         wait_for("the first sidecar", lambda: sidecar(first).exists())
@@ -111,14 +100,10 @@ def test_daemon_survives_a_server_outage_under_a_burst(fault: FaultServer, tmp_p
         final = status(config)
         assert final["counts"]["failed"] == 0 and final["failures"] == []
         assert final["counts"]["done"] == 9 and final["counts"]["queued"] == 0
+        code = daemon.stop()[0]
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            code = daemon.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            raise
-    output = log_path.read_text(errors="replace")
+        daemon.close()
+    output = daemon.log()
     assert code == 0, output
 
     for image in [first, *burst]:

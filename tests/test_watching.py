@@ -18,6 +18,7 @@ from PIL import Image
 
 from daemon.config import WatchConfig
 from daemon.watching import Arrival, Settler, Watcher, is_ignored, walk_files
+from tests.conftest import wait_until
 
 RULES = frozenset({"describe", "ground"})
 
@@ -32,11 +33,7 @@ def png_bytes(seed: int = 0, size: tuple[int, int] = (96, 64)) -> bytes:
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
+    wait_until(predicate, what, timeout, interval=0.02)
 
 
 # ---------------------------------------------------------------------- filter
@@ -159,7 +156,9 @@ def test_a_truncated_image_is_checked_again_after_settling(settler, tmp_path: Pa
     data = png_bytes(2, (200, 150))
     f.write_bytes(data[: len(data) // 2])
     s.note(f, "closed", settle=0.3)
-    time.sleep(0.5)  # a negative: closed, but truncated, so not handed over
+    # A negative, decided by the settler's own progress rather than a sleep:
+    # once it has probed the file and found it truncated, nothing was handed over.
+    wait_for(lambda: (e := s._pending.get(str(f))) is not None and e.probes >= 1, 5, "the first probe")
     assert got.paths == [] and s.tracking(f)
     with open(f, "ab") as out:
         out.write(data[len(data) // 2:])
@@ -197,7 +196,8 @@ def test_forget_drops_a_file_moved_away(settler, tmp_path: Path) -> None:
     s.note(f, "changed", settle=0.3)
     s.forget(f)
     assert s.pending() == 0
-    time.sleep(0.6)  # a negative: nothing may arrive within twice the settle time
+    # A negative: once the settler has passed the time the file was due, nothing came.
+    wait_for(lambda: not s._heap, 5, "the settler to pass the file's due time")
     assert got.paths == []
 
 
@@ -232,13 +232,13 @@ class Events:
         self.forgotten: list[Path] = []
         self.lock = threading.Lock()
 
-    def offer(self, path: Path, kind: str) -> None:
+    def offer(self, path: str, kind: str) -> None:
         with self.lock:
-            self.offers.append((path, kind))
+            self.offers.append((Path(path), kind))
 
-    def forget(self, path: Path) -> None:
+    def forget(self, path: str) -> None:
         with self.lock:
-            self.forgotten.append(path)
+            self.forgotten.append(Path(path))
 
     def kinds(self, path: Path) -> set[str]:
         with self.lock:

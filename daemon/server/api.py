@@ -298,7 +298,7 @@ def get_file(path: str, ctx: ServerContext = Depends(context)) -> StreamingRespo
         raise ApiError(403, f"{printable(wanted)} is not inside a watched folder or output_dir", param="path",
                        code="path_not_allowed")
     names = {r.name for r in config.rules}
-    from daemon.outputs import is_output_name
+    from daemon.sidecars import is_output_name
 
     if wanted.suffix.lower() not in IMAGE_SUFFIXES and not is_output_name(wanted.name, names):
         raise ApiError(403, f"{printable(wanted.name)} is neither an image nor a sidecar", param="path",
