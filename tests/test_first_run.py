@@ -216,9 +216,10 @@ def test_explain_says_why(tmp_path: Path) -> None:
     assert "no rule matches 'notes.txt'; it was held against:" in done.stdout
     assert "rule code (" in done.stdout and "match *.png, *.jpg" in done.stdout
     assert "(not tried: ocr; this folder's `rules:` leaves them out)" in done.stdout
-    for name, words in [("a.png.code.html", "a sidecar (or overlay) vlwatch wrote"),
-                        (".vlwatch-0123456789ab.tmp", "a temporary file vlwatch writes"),
-                        ("scan.png.part", "a hidden, temporary or system file")]:
+    # The daemon's own words (watching.ignore_reason: one answer for both, issue 10.5).
+    for name, words in [("a.png.code.html", "vlwatch's own sidecar of rule 'code'"),
+                        (".vlwatch-0123456789ab.tmp", "vlwatch's own temporary file"),
+                        ("scan.png.part", "partial download")]:
         (inbox / name).write_bytes(b"x")
         done = run_vlwatch("explain", "--config", config, inbox / name)
         assert done.returncode == 1 and f"never processed: {words}" in done.stdout, (name, done.stdout)
