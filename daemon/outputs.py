@@ -47,16 +47,9 @@ from daemon.backends import Answer
 from daemon.errors import VlwatchError
 from daemon.images import printable
 from daemon.rules import Match
-# Naming lives in daemon.sidecars; re-exported here for older callers.
-from daemon.sidecars import (  # noqa: F401
-    OVERLAY,
-    TEMP_PREFIX,
-    TEMP_SUFFIX,
-    _lexical,
-    is_output_name,
-    planned_sidecars,
-    sidecar_path,
-)
+
+# Naming (what a sidecar is called, whether a name is ours) lives in daemon.sidecars.
+from daemon.sidecars import OVERLAY, TEMP_PREFIX, TEMP_SUFFIX, _lexical, sidecar_path
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,6 @@ non-finite logits) are injected at the one call where they would arise.
 from __future__ import annotations
 
 import io
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path

@@ -26,15 +26,9 @@ from daemon.backends import Answer, Request
 from daemon.config import Rule, parse_config
 from daemon.errors import VlwatchError
 from daemon.images import printable
-from daemon.outputs import (
-    PageResult,
-    Result,
-    checked_sidecar_path,
-    optional_sidecars,
-    planned_sidecars,
-    write_result,
-)
+from daemon.outputs import PageResult, Result, checked_sidecar_path, write_result
 from daemon.rules import Match, match_file
+from daemon.sidecars import optional_sidecars, planned_sidecars
 from daemon.worker import Worker
 from tests.conftest import REPO, Daemon, run_vlwatch, wait_until, write_config
 from tests.data.make_hostile import Sample, build

@@ -321,7 +321,6 @@ def test_a_missing_watch_folder_is_watched_the_moment_it_appears(tmp_path: Path)
 
 def test_the_inotify_reader_waits_while_the_settler_is_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # issue 10.21: a burst waits in the kernel's queue, not in our memory, while we are behind
-    from daemon import watching
     from daemon.config import WatchConfig
 
     behind = threading.Event()

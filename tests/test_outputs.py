@@ -14,16 +14,14 @@ from PIL import Image
 from daemon.backends import Answer
 from daemon.config import Rule
 from daemon.images import shown_size
-from daemon.outputs import (
-    PageResult,
-    Result,
+from daemon.outputs import PageResult, Result, write_result
+from daemon.rules import Match
+from daemon.sidecars import (
     is_output_name,
     optional_sidecars,
     planned_sidecars,
     sidecar_path,
-    write_result,
 )
-from daemon.rules import Match
 
 GROUND = Rule(name="ground", match=("*.png",), task="ground", prompt="p", output="json")
 CODE = Rule(name="code", match=("*.png",), task="code", prompt="p", output="html")
