@@ -12,31 +12,32 @@ import io
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from daemon.backends import Answer, DeviceLostError, Message, Request, is_sticky_cuda_error, register
-from daemon.backends import fastgen
+from daemon.backends import (
+    Answer,
+    DeviceLostError,
+    Message,
+    Request,
+    fastgen,
+    is_sticky_cuda_error,
+    register,
+)
 from daemon.backends.transformers import TransformersBackend, _messages
 from daemon.config import ModelConfig, parse_config
 from daemon.engine import Processor, WorkerLoop
 from daemon.errors import BackendError
 from daemon.queue import Candidate, Queue, content_hash
 from daemon.worker import Worker
+from tests.conftest import wait_until
 
-DEADLINE = 120.0
+DEADLINE = 120.0  # joins and answers; waits use conftest.wait_until (90 s)
 
-
-def wait_until(predicate: Callable[[], object], what: str, timeout: float = DEADLINE) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def png(seed: int, size: tuple[int, int] = (64, 48)) -> bytes:

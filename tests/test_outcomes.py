@@ -14,7 +14,6 @@ import errno
 import io
 import sqlite3
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +27,9 @@ from daemon.config import parse_config
 from daemon.engine import Processor, WorkerLoop
 from daemon.queue import Candidate, Queue, content_hash
 from daemon.worker import Worker
+from tests.conftest import wait_until
 from tests.stub_backend import StubBackend
 
-DEADLINE = 60.0
 
 
 def png(seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
@@ -39,13 +38,6 @@ def png(seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
     Image.fromarray(pixels).save(out, format="PNG")
     return out.getvalue()
 
-
-def wait_until(predicate: Callable[[], object], what: str, timeout: float = DEADLINE) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def make_config(tmp_path: Path, extra_rule: str = "", model: str = "{backend: stub, name: stub-model}"):

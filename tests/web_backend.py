@@ -19,25 +19,16 @@ import json
 from typing import Sequence
 
 from daemon.backends import Answer, Request, register
-from daemon.config import ModelConfig
 from daemon.errors import BackendError
+from tests.stub_backend import StubBackend
 
 EVIL = '<script>alert("pwned")</script><img src=x onerror=alert(2)> **still bold**'
 
 
-class WebBackend:
+class WebBackend(StubBackend):
+    """The stub's model state; answers shaped like the model's (tables, boxes, HTML, hostile markup)."""
+
     name = "webstub"
-
-    def __init__(self, config: ModelConfig) -> None:
-        self.model = config.name
-        self._loaded = False
-
-    @property
-    def loaded(self) -> bool:
-        return self._loaded
-
-    def unload(self) -> None:
-        self._loaded = False
 
     def generate(self, requests: Sequence[Request]) -> list[Answer]:
         if any("bad" in r.prompt and not r.messages for r in requests):

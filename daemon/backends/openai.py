@@ -71,7 +71,6 @@ from __future__ import annotations
 import base64
 import email.utils
 import io
-import ipaddress
 import json
 import logging
 import os
@@ -89,7 +88,7 @@ import httpcore
 import httpx
 
 from daemon.backends import Answer, Request
-from daemon.config import ModelConfig
+from daemon.config import ModelConfig, is_loopback_host
 from daemon.errors import BackendError, BackendUnavailableError, ExitCode, VlwatchError
 
 if TYPE_CHECKING:
@@ -773,13 +772,7 @@ def _salvage_content(raw: bytes) -> str | None:
 
 
 def _is_loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(urlsplit(url).hostname or "")
 
 
 def _without_userinfo(url: str) -> str:
