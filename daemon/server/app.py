@@ -62,6 +62,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
     web = _optional("daemon.server.web")
     if web is not None and hasattr(web, "router"):
         app.include_router(web.router)
+        app.include_router(importlib.import_module("daemon.server.conversations").router)
     if web is not None and callable(getattr(web, "setup", None)):
         web.setup(app)  # e.g. app.mount("/static", StaticFiles(...)): the Guard covers mounts too
     app.add_exception_handler(ApiError, _api_error)
