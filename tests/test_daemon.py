@@ -250,8 +250,10 @@ def test_sighup_applies_a_new_rule_and_rejects_a_broken_config(watched: Watched)
     broken = good.replace("settle: 1s", "settle: soon")
     watched.config.write_text(broken)
     d.signal(signal.SIGHUP)
-    wait_until(lambda: "reload rejected" in d.log(), "the rejection", log=d.log)
-    assert "config.yaml:" in d.log() and "settle: expected a duration" in d.log()
+    # The problem lines are records of their own, after the "rejected" one: wait for them too.
+    wait_until(lambda: "reload rejected" in d.log() and "settle: expected a duration" in d.log(), "the rejection",
+               log=d.log)
+    assert "config.yaml:" in d.log()
     after = put(inbox / "late" / "after.png", png_bytes(12))
     d.wait_done(after, "late")  # still running, with the last good config
     assert d.proc is not None and d.proc.poll() is None
@@ -330,8 +332,9 @@ def test_kill_9_mid_batch_then_restart(tmp_path: Path, tiny_model: Path) -> None
         images = [put(inbox / f"plain{i}.png", png_bytes(40 + i)) for i in range(4)]
         images += [put(inbox / "boxes" / f"box{i}.png", png_bytes(50 + i)) for i in range(4)]
         # Once the model is loaded (a file is done), kill inside the next batch's generation.
-        wait_until(lambda: (c := d.queue.counts())["done"] > 0 and c["running"] > 0, "a batch in progress",
-                   log=d.log)
+        # Work must be left after the kill (a poll that saw the last job running could kill after it ended).
+        wait_until(lambda: (c := d.queue.counts())["done"] > 0 and c["running"] > 0
+                   and c["queued"] + c["running"] >= 3, "a batch in progress, with more to come", log=d.log)
         d.kill9()
         finished = sum(1 for j in d.queue.history() if j.state == "done")
         assert finished < len(images), "everything finished before the kill; the test proves nothing"
