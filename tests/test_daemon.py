@@ -322,10 +322,12 @@ def test_catch_up_restart_and_sigterm(tmp_path: Path, tiny_model: Path) -> None:
 
 
 def test_kill_9_mid_batch_then_restart(tmp_path: Path, tiny_model: Path) -> None:
-    # Longer answers and batches of two make a batch slow enough to kill inside it.
+    # Long answers and two slots make the work slow enough to kill inside it: the tiny model
+    # runs every answer to max_new_tokens, ~0.5 s a pair at 256 tokens (0.1 s at 48 was too
+    # quick to catch with jobs finishing one by one).
     inbox, config = _workspace(tmp_path, tiny_model, model_extra="  batch_size: 2\n",
                                jobs="{batch_wait: 0.5s, backoff: 1s}")
-    config.write_text(config.read_text().replace("max_new_tokens: 8", "max_new_tokens: 48"))
+    config.write_text(config.read_text().replace("max_new_tokens: 8", "max_new_tokens: 256"))
     d = Daemon(tmp_path, config)
     try:
         d.start()
