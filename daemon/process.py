@@ -60,7 +60,6 @@ def submit(config: Config, queue: Queue, paths: Sequence[Path], rule: str | None
     Raises:
         VlwatchError: ``rule`` names no rule (exit 2).
     """
-    from daemon.sidecars import planned_sidecars
     from daemon.queue import Candidate, content_hash
     from daemon.rules import match_file
     from daemon.scanning import sidecar_fresh
@@ -90,7 +89,7 @@ def submit(config: Config, queue: Queue, paths: Sequence[Path], rule: str | None
             continue
         now = time.time()
         for m in matches:
-            redo = force or not sidecar_fresh(m, sig[1]) or not all(p.exists() for p in planned_sidecars(m))
+            redo = force or not sidecar_fresh(m, sig[1])  # fresh means every planned sidecar exists, newer
             queue.enqueue([Candidate(path, m.rule.name, digest, sig[0], sig[1], redo=redo, seen_at=now,
                                      recipe=recipe_of(config, m))])
             job = queue.latest(path, m.rule.name)
