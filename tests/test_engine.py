@@ -196,6 +196,165 @@ def test_each_sidecar_is_written_when_its_request_finishes(tmp_path: Path, tiny_
     assert seen_while_decoding and seen_while_decoding[-1], seen_while_decoding
 
 
+class UrgentSource(fastgen.ListSource):
+    """A ListSource whose interactive prompts appear when ``arrive`` is called (by a patched engine step)."""
+
+    def __init__(self, prompts, urgent) -> None:
+        super().__init__(prompts)
+        self.pending: list = []
+        self.later = list(urgent)
+        self.partials: dict[int, list[list[int]]] = {}
+        self.events: list[tuple[str, int]] = []  # ("prefill"|"finished"|"partial", index) in order
+
+    def arrive(self) -> None:
+        self.pending.extend(self.later)
+        self.later = []
+
+    def take(self):
+        if self.pending:
+            return self.pending.pop(0)
+        return super().take()
+
+    def urgent(self) -> bool:
+        return bool(self.pending)
+
+    def finished(self, prompt, result) -> None:
+        self.events.append(("finished", prompt.index))
+        super().finished(prompt, result)
+
+    def partial(self, prompt, tokens) -> bool:
+        self.events.append(("partial", prompt.index))
+        self.partials.setdefault(prompt.index, []).append(list(tokens))
+        return True
+
+
+def _prompts(backend: TransformersBackend, n: int, budget: int, first: int = 0, **kw) -> list[fastgen.Prompt]:
+    return [fastgen.Prompt(first + i, backend._inputs(Request((image(first + i, 56, 56),), "Describe.", budget)),
+                           budget, **kw) for i in range(n)]
+
+
+def test_queued_work_leaves_a_slot_for_an_interactive_request(backend: TransformersBackend,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 13 (time to first token under load): a backlog admitted at once must not hold every slot until its
+    # sequences end together; the interactive request takes the reserved slot at the next admission.
+    fast = backend._fast
+    folder = _prompts(backend, 12, 24)
+    asked = _prompts(backend, 1, 4, first=100, urgent=True)
+    source = UrgentSource(folder, asked)
+    prefill, decode = fast._prefill, fast._decode
+    busy_at_prefill: dict[int, int] = {}
+
+    def recording_prefill(prompt, slot, features):
+        busy_at_prefill[prompt.index] = len(fast._owner)
+        source.events.append(("prefill", prompt.index))
+        return prefill(prompt, slot, features)
+
+    def decode_then_ask(src, eos):
+        decode(src, eos)
+        source.arrive()
+
+    monkeypatch.setattr(fast, "_prefill", recording_prefill)
+    monkeypatch.setattr(fast, "_decode", decode_then_ask)
+    fast.ignore_eos = True
+    try:
+        with torch.inference_mode():
+            fast.run(source, slots=fastgen.RESERVE_FROM, cache_length=256, max_new=24, shrink=True)
+    finally:
+        fast.ignore_eos = False
+    slots = fastgen.RESERVE_FROM
+    # Queued work filled all but the reserved slot(s) ...
+    assert max(busy_at_prefill[i] for i in range(12)) <= slots - fastgen.RESERVED_SLOTS - 1
+    # ... and the request started right after the first decode run, before any queued sequence ended.
+    events = source.events
+    assert events.index(("prefill", 100)) < events.index(next(e for e in events if e[0] == "finished" and e[1] < 100))
+    assert busy_at_prefill[100] == slots - fastgen.RESERVED_SLOTS
+    assert all(isinstance(source.results[i], fastgen.Generated) for i in [*range(12), 100])
+
+
+def test_an_interactive_request_cuts_into_a_round_of_queued_prefills(backend: TransformersBackend,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 13: a request arriving while a vision group of queued prompts is being prefilled goes next; the rest
+    # of the group keeps its image features (the vision tower does not run for them again).
+    fast = backend._fast
+    folder = _prompts(backend, 4, 3)
+    asked = _prompts(backend, 1, 3, first=100, urgent=True)
+    source = UrgentSource(folder, asked)
+    prefill, features = fast._prefill, fast._image_features
+    vision_calls: list[list[int]] = []
+
+    def recording_prefill(prompt, slot, image_features):
+        source.events.append(("prefill", prompt.index))
+        got = prefill(prompt, slot, image_features)
+        source.arrive()  # the request arrives during the first prefill of the round
+        return got
+
+    def recording_features(prompts):
+        vision_calls.append([p.index for p in prompts])
+        return features(prompts)
+
+    monkeypatch.setattr(fast, "_prefill", recording_prefill)
+    monkeypatch.setattr(fast, "_image_features", recording_features)
+    with torch.inference_mode():
+        fast.run(source, slots=4, cache_length=256, max_new=3)
+    order = [i for kind, i in source.events if kind == "prefill"]
+    assert order[:2] == [0, 100], order
+    assert vision_calls[:2] == [[0, 1, 2, 3], [100]], vision_calls  # 1-3 were not sent through the tower again
+    assert sorted(order) == [0, 1, 2, 3, 100]
+    assert all(isinstance(source.results[i], fastgen.Generated) for i in (0, 1, 2, 3, 100))
+
+
+def test_a_streamed_request_gets_its_first_token_before_any_decode_step(backend: TransformersBackend,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 13: the first token comes out of the prefill; it is sent then, not after the next run of decode steps.
+    fast = backend._fast
+    asked = _prompts(backend, 1, 6, first=100, urgent=True, stream=True)
+    source = UrgentSource([], asked)
+    source.arrive()
+    steps_at_first_partial: list[int] = []
+    partial = source.partial
+
+    def watching_partial(prompt, tokens):
+        if not steps_at_first_partial:
+            steps_at_first_partial.append(fast.stats.decode_steps)
+        return partial(prompt, tokens)
+
+    monkeypatch.setattr(source, "partial", watching_partial)
+    fast.ignore_eos = True
+    try:
+        with torch.inference_mode():
+            fast.run(source, slots=2, cache_length=256, max_new=6)
+    finally:
+        fast.ignore_eos = False
+    assert steps_at_first_partial == [0]
+    assert len(source.partials[100][0]) == 1
+    assert source.results[100].tokens[:1] == source.partials[100][0]
+
+
+def test_decode_runs_are_bounded_in_time(backend: TransformersBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 13: between two host syncs the engine runs only as many decode steps as fit SYNC_SECONDS (measured
+    # step time), so a request arriving meanwhile waits for a short run, not 16 steps of a full batch.
+    fast = backend._fast
+    runs: list[int] = []
+    decode = fast._decode
+
+    def counting(src, eos):
+        before = fast.stats.decode_steps
+        decode(src, eos)
+        runs.append(fast.stats.decode_steps - before)
+
+    monkeypatch.setattr(fast, "_decode", counting)
+    monkeypatch.setattr(fastgen, "SYNC_SECONDS", 0.0)  # any measured step is too long: one step per run
+    monkeypatch.setattr(fast, "_step_s", {})  # no step measured yet
+    fast.ignore_eos = True
+    try:
+        with torch.inference_mode():
+            fast.run(fastgen.ListSource(_prompts(backend, 1, 24)), slots=1, cache_length=256, max_new=24)
+    finally:
+        fast.ignore_eos = False
+    assert runs[0] > 1  # nothing measured yet: up to SYNC_EVERY
+    assert set(runs[1:]) == {1}, runs
+
+
 # ------------------------------------------------------------------ isolation
 
 

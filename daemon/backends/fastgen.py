@@ -64,9 +64,20 @@ VISION_BATCH_PATCHES = 16384
 #: all of them (benchmarks/NOTES.md, API TTFT).  Folder work alone is admitted
 #: in full rounds (what throughput wants).
 ADMIT_BUDGET = 0.3
-#: Decode steps between two looks at which sequences ended (each look is a
-#: device-to-host sync); capped by the smallest remaining budget.
+#: Most decode steps between two looks at which sequences ended (each look is
+#: a device-to-host sync); capped by the smallest remaining budget and by
+#: SYNC_SECONDS.
 SYNC_EVERY = 16
+#: Longest a run of decode steps between two host syncs should take (from the
+#: measured step time): an interactive request that arrives meanwhile waits
+#: for the run to end before its prefill (16 steps of 256 slots took ~0.3 s
+#: on an H100).  A sync costs the GPU well under a millisecond.
+SYNC_SECONDS = 0.08
+#: Slots that queued (folder) work leaves free for interactive requests, once
+#: the engine has at least RESERVE_FROM slots: a backlog admitted at once
+#: otherwise holds every slot until its sequences end together (seconds).
+RESERVED_SLOTS = 1
+RESERVE_FROM = 8
 #: Repetition loops (issue 12.4; Qwen2.5-VL loops on long tables and OCR): a
 #: sequence whose last LOOP_WINDOW tokens repeat with a period of at most
 #: LOOP_MAX_PERIOD tokens (so at least three copies of a 48-token phrase, or
@@ -84,6 +95,7 @@ class Prompt:
     max_new_tokens: int
     temperature: float = 0.0  # 0: greedy; > 0: sampled at this temperature (Gumbel-max)
     stream: bool = False  # the source wants partial tokens at every host sync
+    urgent: bool = False  # interactive: admitted before queued work, may use the reserved slots
     retried: bool = False  # already a retry after a repetition loop
 
     @property
@@ -124,6 +136,10 @@ class Source(Protocol):
 
     def stopping(self) -> bool: ...
 
+    def urgent(self) -> bool:
+        """An interactive prompt is waiting (or being made): admission and decode runs stay short."""
+        ...
+
     def defer(self, prompt: Prompt) -> None:
         """``prompt`` does not fit this run's cache: hold it for the next run (admission stops)."""
         ...
@@ -153,6 +169,9 @@ class ListSource:
         return None
 
     def stopping(self) -> bool:
+        return False
+
+    def urgent(self) -> bool:
         return False
 
     def defer(self, prompt: Prompt) -> None:
@@ -219,6 +238,7 @@ class SlotEngine:
         self._slots = 0
         self._length = 0
         self._graphs: dict[tuple[int, bool], Any] = {}
+        self._step_s: dict[int, float] = {}  # last measured seconds per decode step, by slots stepped
         self._state: dict[str, torch.Tensor] = {}
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.stats = RunStats()
@@ -512,6 +532,7 @@ class SlotEngine:
         # prefills of its own round is included, waiting for a slot is not.
         self._free_since = dict.fromkeys(range(slots), time.perf_counter())
         self._ttft: dict[int, float] = {}
+        self._carry: list[tuple[Prompt, Any]] = []  # prompts with image features, prefilled next
         self._shrink = shrink
         admitting = True
         while True:
@@ -520,61 +541,102 @@ class SlotEngine:
             if admitting:
                 admitting = self._admit(source, max_new, eos)
             if not self._owner:
+                if self._carry:
+                    continue
                 if not admitting or not source.busy():
                     break
                 source.wait(0.02)
                 continue
             self._decode(source, eos)
         s["active"].zero_()
+        for prompt, _ in self._carry:  # stopping: they were taken, so the source hears back
+            source.defer(prompt)
+        self._carry = []
         stats.ttft = list(self._ttft.values())
 
     def _admit(self, source: Source, max_new: int, eos: set[int]) -> bool:
-        """Fill free slots from ``source``; False once a prompt had to be deferred (admission stops)."""
-        stats = self.stats
+        """Fill free slots from ``source``; False once a prompt had to be deferred (admission stops).
+
+        Queued work leaves ``RESERVED_SLOTS`` free for interactive prompts,
+        and a round of queued work ends as soon as an interactive prompt is
+        waiting: the prompts of the round whose images already went through
+        the vision tower are kept (``_carry``) for the next round.
+        """
         started = time.perf_counter()
+        reserve = RESERVED_SLOTS if self._slots >= RESERVE_FROM else 0
         while True:
             free = [i for i in range(self._slots) if i not in self._owner]
-            if not free:
+            urgent = _urgent(source)
+            if not free or (len(free) <= reserve and not urgent):
                 return True
-            # A group of prompts whose images go through the vision tower together.
-            group: list[Prompt] = []
-            patches = 0
-            admitting = True
-            while len(group) < len(free) and (not group or patches < VISION_BATCH_PATCHES):
-                prompt = source.take()
-                if prompt is None:
-                    break
-                if prompt.length + prompt.max_new_tokens > self._length or prompt.max_new_tokens > max_new:
-                    source.defer(prompt)  # the next run sizes its cache for it
-                    admitting = False
-                    break
-                group.append(prompt)
-                patches += prompt.patches
+            group, admitting = self._group(source, len(free) - (0 if urgent else reserve), max_new)
             if not group:
                 return admitting
             t0 = time.perf_counter()
-            for prompt, image_features in zip(group, self._features_each(group, source)):
-                if image_features is _FAILED:
+            while group:
+                prompt, image_features = group.pop(0)
+                if not self._start(source, prompt, free, image_features, eos):
                     continue
-                slot = free[0]
-                try:
-                    first = self._prefill(prompt, slot, image_features)
-                except Exception as exc:
-                    _reraise_fatal(exc)
-                    source.finished(prompt, exc)  # this prompt alone; the slot stays free
-                    continue
-                ttft = self._ttft[prompt.index] = time.perf_counter() - self._free_since[slot]
-                stats.requests += 1
-                if (first in eos and not self.ignore_eos) or prompt.max_new_tokens <= 1:
-                    source.finished(prompt, _result([first], eos, ttft))
-                    continue
-                self._state["active"][slot] = True
-                self._owner[free.pop(0)] = prompt
-            stats.prefill_s += time.perf_counter() - t0
+                if group and not prompt.urgent and _urgent(source):
+                    self._carry = group + self._carry  # an interactive prompt goes first
+                    break
+            self.stats.prefill_s += time.perf_counter() - t0
             if not admitting:
                 return False
             if time.perf_counter() - started > ADMIT_BUDGET and any(p.stream for p in self._owner.values()):
                 return True  # a streaming (interactive) sequence is waiting for its tokens: step first
+
+    def _group(self, source: Source, room: int, max_new: int) -> tuple[list[tuple[Prompt, Any]], bool]:
+        """Prompts to prefill next, with their image features: carried-over ones, or a new group.
+
+        A new group's images go through the vision tower together (up to
+        VISION_BATCH_PATCHES).  An interactive prompt is taken ahead of any
+        carried-over one.  The flag is False once a prompt was deferred.
+        """
+        urgent = _urgent(source)
+        if self._carry and not urgent:
+            return [self._carry.pop(0)], True
+        group: list[Prompt] = []
+        patches = 0
+        admitting = True
+        while len(group) < room and (not group or patches < VISION_BATCH_PATCHES):
+            prompt = source.take()
+            if prompt is None:
+                break
+            if prompt.length + prompt.max_new_tokens > self._length or prompt.max_new_tokens > max_new:
+                source.defer(prompt)  # the next run sizes its cache for it
+                for carried, _ in reversed(self._carry):  # and they are admitted after it
+                    source.defer(carried)
+                self._carry = []
+                admitting = False
+                break
+            group.append(prompt)
+            patches += prompt.patches
+            if prompt.urgent:
+                break  # its own vision call: nothing queued delays its first token
+        if not group and self._carry and not urgent:
+            return [self._carry.pop(0)], admitting
+        return [(p, f) for p, f in zip(group, self._features_each(group, source)) if f is not _FAILED], admitting
+
+    def _start(self, source: Source, prompt: Prompt, free: list[int], image_features: Any, eos: set[int]) -> bool:
+        """Prefill ``prompt`` into the first free slot; whether it now holds the slot."""
+        slot = free[0]
+        try:
+            first = self._prefill(prompt, slot, image_features)
+        except Exception as exc:
+            _reraise_fatal(exc)
+            source.finished(prompt, exc)  # this prompt alone; the slot stays free
+            return False
+        ttft = self._ttft[prompt.index] = time.perf_counter() - self._free_since[slot]
+        self.stats.requests += 1
+        if (first in eos and not self.ignore_eos) or prompt.max_new_tokens <= 1:
+            source.finished(prompt, _result([first], eos, ttft))
+            return False
+        if prompt.stream and not source.partial(prompt, [first]):
+            return False  # its client went away already; the slot stays free
+        self._state["active"][slot] = True
+        self._owner[free.pop(0)] = prompt
+        return True
 
     def _features_each(self, group: list[Prompt], source: Source) -> list[Any]:
         """Vision features per prompt; a prompt whose images fail is finished with the error."""
@@ -602,13 +664,19 @@ class SlotEngine:
         # SYNC_EVERY steps: an end of sequence is noticed within that many.
         n_gen = s["n_gen"].tolist()
         left = min(owner[i].max_new_tokens - n_gen[i] for i in owner)
+        steps = min(SYNC_EVERY, left)
+        if n in self._step_s:
+            steps = min(steps, int(SYNC_SECONDS / self._step_s[n]))
+        steps = max(1, steps)
         t0 = time.perf_counter()
-        for _ in range(max(1, min(SYNC_EVERY, left))):
+        for _ in range(steps):
             step()
-            stats.decode_steps += 1
+        stats.decode_steps += steps
         looping = self._looping(n) if self.detect_loops and not self.ignore_eos else None
         active = s["active"].tolist()
-        stats.decode_s += time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        stats.decode_s += elapsed
+        self._step_s[n] = elapsed / steps  # GPU-bound on CUDA: the sync waited for every step
         looped: set[int] = set()
         if looping is not None:
             looped = {i for i, flag in enumerate(looping.tolist()) if flag and i in owner and active[i]}
@@ -661,6 +729,11 @@ class SlotEngine:
 
 
 _FAILED = object()  # _features_each: this prompt was finished with its error
+
+
+def _urgent(source: Source) -> bool:
+    urgent = getattr(source, "urgent", None)  # optional for sources without interactive prompts
+    return bool(urgent()) if urgent is not None else False
 _NON_FINITE = ("the model produced non-finite logits (NaN or infinity) for this request; with "
                "model.dtype float16 that is an overflow: use bfloat16 (what Qwen2.5-VL was trained in)")
 

@@ -429,7 +429,7 @@ class TransformersBackend:
 
         r = item.request
         return Prompt(index, self._inputs(r), r.max_new_tokens, temperature=max(0.0, r.temperature),
-                      stream=r.stream is not None)
+                      stream=r.stream is not None, urgent=item.urgent)
 
     # ------------------------------------------------------------ model.generate
 
@@ -780,6 +780,19 @@ class _Live:
 
     def stopping(self) -> bool:
         return self.feed.stopping()
+
+    def urgent(self) -> bool:
+        """An interactive request is waiting: in front (deferred), being made, or just arrived.
+
+        Pulls arrived interactive requests from the feed, so that they are made
+        on the processor threads while the engine finishes what it is doing.
+        """
+        if any(f.prompt.urgent for f in self.front):
+            return True
+        while (item := self.feed.next(urgent_only=True)) is not None:
+            index = next(self._seq)
+            self.making.append((item, index, self.pool.submit(self.backend._prompt, index, item)))
+        return any(item.urgent for item, _, _ in self.making)
 
     def defer(self, prompt: Any) -> None:
         self.front.appendleft(self.taken.pop(prompt.index))
