@@ -30,13 +30,12 @@ repetition penalty of the model's generation config (tests compare them on
 the CPU, where the arithmetic is the stock one; on a GPU, bf16 kernels that
 differ from the stock ones can flip near-ties after a while).
 
-The vision tower's windowed attention is also replaced (``VisionAttentionPatch``):
-windows of equal length go to one ``scaled_dot_product_attention`` call
-instead of one call per window (or, opt-in, to ``torch.nn.attention.varlen``).
+The stock modules prefill still runs (the vision tower, the text layers) are
+sped up in place by ``daemon.backends.patches``.
 
 Environment switches (all default on where they apply): ``VLWATCH_CUDA_GRAPHS``,
-``VLWATCH_COMPILE`` (``_DECODE``, ``_VISION``); ``VLWATCH_VISION_VARLEN=1``
-opts into varlen attention.
+``VLWATCH_COMPILE`` (``_DECODE``, ``_VISION``, ``_PREFILL``);
+``VLWATCH_VISION_VARLEN=1`` opts into varlen attention.
 """
 
 from __future__ import annotations
@@ -44,12 +43,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
 import torch
 import torch.nn.functional as F
+
+from daemon.backends.patches import Compiled, _allow_shared_compiles, compile_enabled
 
 log = logging.getLogger(__name__)
 
@@ -876,213 +876,3 @@ def _penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch
     """transformers' RepetitionPenaltyLogitsProcessor, over a seen-token mask instead of the ids."""
     scaled = torch.where(logits < 0, logits * penalty, logits / penalty)
     return torch.where(seen, scaled, logits)
-
-
-# ---------------------------------------------------------------- vision tower
-
-
-class VisionAttentionPatch:
-    """Replace the vision blocks' attention forward: equal-length windows in one call.
-
-    The stock forward (without flash-attn) splits the sequence at every window
-    boundary and calls attention once per window: about 100 calls per
-    1036x1036 image in each of 28 windowed layers.  Windows come in a few
-    lengths only (full 8x8-patch windows, and the clipped ones at the right and
-    bottom edges), so grouping by length makes it 2-4 calls per layer with no
-    padding and no mask, which the fused SDPA kernels take.  Where
-    ``torch.nn.attention.varlen.varlen_attn`` exists and works (CUDA, half
-    precision), one varlen call per layer is used instead.
-
-    With ``compile`` (CUDA), the blocks' RMSNorms and MLPs and the rotary
-    embedding also run through ``torch.compile`` (dynamic shapes: one compile
-    serves every image size), which fuses their element-wise work (fp32
-    upcasts, silu, bias adds): the tower's GPU time per 1036x1036 image went
-    from 38 to about 21 ms.  Its fixed cost per call is why prefill runs the
-    tower on several images at once (``VISION_BATCH_PATCHES``).
-
-    ``enabled`` switches back to the stock forwards (the bench's baseline).
-    """
-
-    def __init__(self, model: Any, *, varlen: bool | None = None, compile: bool = False) -> None:
-        from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
-
-        self._stock_rotary: Callable[..., Any] = qwen.apply_rotary_pos_emb_vision
-        self._rotary = self._stock_rotary
-        self.enabled = True
-        self.use_compiled = compile
-        self.last_path = ""  # what the last call used: "varlen_attn" or "grouped sdpa"
-        if varlen is None:
-            # Opt-in: on the H100 it was 4% faster than grouped SDPA but not
-            # bit-equal to the stock tower (benchmarks/NOTES.md).
-            varlen = os.environ.get("VLWATCH_VISION_VARLEN", "0") == "1"
-        self.varlen = _varlen_attn() if varlen else None
-        self._plans: dict[int, tuple[torch.Tensor, Any]] = {}
-        blocks = list(model.model.visual.blocks)
-        self.modules = [blk.attn for blk in blocks]
-        for module in self.modules:
-            stock = module.forward
-            module.forward = types.MethodType(self._forward_for(stock), module)
-        if compile:
-            _allow_shared_compiles()
-            self._rotary = Compiled(self._stock_rotary, dynamic=True)
-            norm = Compiled(type(blocks[0].norm1).forward, dynamic=True)
-            mlp = Compiled(type(blocks[0].mlp).forward, dynamic=True)
-            for blk in blocks:
-                for module, fn in ((blk.norm1, norm), (blk.norm2, norm), (blk.mlp, mlp)):
-                    module.forward = types.MethodType(self._switch(fn, module.forward), module)
-
-    def _switch(self, compiled: Callable[..., Any], stock: Callable[..., Any]) -> Callable[..., Any]:
-        patch = self
-
-        def forward(module: Any, *args: Any) -> Any:
-            if patch.enabled and patch.use_compiled:
-                return compiled(module, *args)
-            return stock(*args)
-
-        return forward
-
-    def _forward_for(self, stock: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        patch = self
-
-        def forward(module: Any, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
-                    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    max_seqlen: int | None = None, **kwargs: Any) -> torch.Tensor:
-            if not patch.enabled or position_embeddings is None:
-                return stock(hidden_states, cu_seqlens, position_embeddings=position_embeddings,
-                             max_seqlen=max_seqlen, **kwargs)
-            return patch.attention(module, hidden_states, cu_seqlens, position_embeddings)
-
-        return forward
-
-    def attention(self, module: Any, hidden: torch.Tensor, cu_seqlens: torch.Tensor,
-                  position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        seq = hidden.shape[0]
-        q, k, v = module.qkv(hidden).reshape(seq, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        cos, sin = position_embeddings
-        q, k = (self._rotary if self.use_compiled else self._stock_rotary)(q, k, cos, sin)
-        out = self._packed(q, k, v, cu_seqlens, module.scaling)
-        return module.proj(out.reshape(seq, -1))
-
-    def _packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
-                scale: float) -> torch.Tensor:
-        """Attention within each [cu[i], cu[i+1]) span of (seq, heads, dim) tensors."""
-        plan = self._plan(cu)
-        if self.varlen is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            try:
-                cu32, longest = plan["cu32"], plan["longest"]
-                self.last_path = "varlen_attn"
-                return self.varlen(q, k.contiguous(), v.contiguous(), cu32, cu32, longest, longest, scale=scale)
-            except Exception as exc:  # an older or partial varlen build: keep the portable path
-                log.warning("varlen attention failed (%s); using grouped SDPA", exc)
-                self.varlen = None
-        self.last_path = "grouped sdpa"
-        out = torch.empty_like(q)
-        for index in plan["groups"]:  # index: (windows, length) token positions
-            m, n = index.shape
-            take = index.reshape(-1)
-            qg, kg, vg = (t.index_select(0, take).view(m, n, t.shape[1], t.shape[2]).transpose(1, 2)
-                          for t in (q, k, v))
-            og = F.scaled_dot_product_attention(qg, kg, vg, scale=scale)
-            out.index_copy_(0, take, og.transpose(1, 2).reshape(m * n, q.shape[1], q.shape[2]))
-        return out
-
-    def _plan(self, cu: torch.Tensor) -> dict[str, Any]:
-        # The same cu_seqlens tensor is passed to every block of one forward:
-        # work out its grouping once (one device sync) rather than per block.
-        hit = self._plans.get(id(cu))
-        if hit is not None and hit[0] is cu:
-            return hit[1]
-        bounds = cu.tolist()
-        by_length: dict[int, list[int]] = {}
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            if end > start:
-                by_length.setdefault(end - start, []).append(start)
-        groups = []
-        for length, starts in by_length.items():
-            base = torch.tensor(starts, device=cu.device)[:, None]
-            groups.append(base + torch.arange(length, device=cu.device)[None, :])
-        plan = {"groups": groups, "cu32": cu.to(torch.int32), "longest": max(by_length, default=0)}
-        if len(self._plans) > 8:
-            self._plans.clear()
-        self._plans[id(cu)] = (cu, plan)
-        return plan
-
-
-def pad_vision_mlp(model: Any, multiple: int = 64) -> bool:
-    """Zero-pad the vision MLPs' hidden width (3420 in the 7B) to a multiple of ``multiple``.
-
-    A width of 3420 bf16 values is 6840 bytes, not a multiple of 16: cuBLAS
-    then cannot use the Hopper (TMA) GEMM kernels and runs these three GEMMs
-    per block on an sm80 kernel at about 210 TFLOP/s, 40% of the tower's GPU
-    time (probe, H100).  The padded units are exactly zero (zero weights and
-    bias: silu(0) * 0 = 0, and their down-projection columns are zero), so the
-    output is the same function.  Returns whether anything was padded.
-    """
-    padded = False
-    for blk in model.model.visual.blocks:
-        mlp = blk.mlp
-        width = mlp.gate_proj.out_features
-        extra = -width % multiple
-        if extra == 0:
-            continue
-        with torch.no_grad():
-            for proj in (mlp.gate_proj, mlp.up_proj):
-                proj.weight = torch.nn.Parameter(F.pad(proj.weight, (0, 0, 0, extra)), requires_grad=False)
-                if proj.bias is not None:
-                    proj.bias = torch.nn.Parameter(F.pad(proj.bias, (0, extra)), requires_grad=False)
-                proj.out_features = width + extra
-            down = mlp.down_proj
-            down.weight = torch.nn.Parameter(F.pad(down.weight, (0, extra)), requires_grad=False)
-            down.in_features = width + extra
-        padded = True
-    return padded
-
-
-class Compiled:
-    """``torch.compile(fn)``, falling back to ``fn`` for good if compiling or running it fails."""
-
-    def __init__(self, fn: Callable[..., Any], **options: Any) -> None:
-        self.eager = fn
-        self.compiled: Callable[..., Any] | None = torch.compile(fn, **options)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.compiled is not None:
-            try:
-                return self.compiled(*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - inductor/Triton problems of any kind
-                _reraise_fatal(exc)  # out of memory: fewer slots, not eager for good
-                log.warning("torch.compile failed for %s (%s); running it uncompiled",
-                            getattr(self.eager, "__qualname__", self.eager), str(exc).splitlines()[0][:200])
-                self.compiled = None
-        return self.eager(*args, **kwargs)
-
-
-def compile_enabled(device: torch.device, part: str = "") -> bool:
-    """torch.compile the hot paths on CUDA (CPUs gain little, and CI stays simple).
-
-    ``VLWATCH_COMPILE=0`` turns all of it off; ``VLWATCH_COMPILE_<PART>=0``
-    one part (``DECODE``, ``VISION``).
-    """
-    if device.type != "cuda" or os.environ.get("VLWATCH_COMPILE", "1") == "0":
-        return False
-    return not part or os.environ.get(f"VLWATCH_COMPILE_{part.upper()}", "1") != "0"
-
-
-def _allow_shared_compiles() -> None:
-    # One compiled function serves every layer's module (their weights are
-    # inputs), but dynamo keeps a small cache per code object: raise it so
-    # 64 norms, 32 MLPs and a few slot counts never push it into eager.
-    import torch._dynamo
-
-    config = torch._dynamo.config
-    for name in ("cache_size_limit", "recompile_limit"):
-        if hasattr(config, name):
-            setattr(config, name, max(getattr(config, name), 64))
-
-
-def _varlen_attn() -> Callable[..., torch.Tensor] | None:
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:  # torch < 2.10
-        return None
-    return varlen_attn

@@ -120,7 +120,8 @@ class TransformersBackend:
         self._model: Any = None
         self._processor: Any = None
         self._fast: Any = None  # fastgen.SlotEngine
-        self._vision: Any = None  # fastgen.VisionAttentionPatch
+        self._vision: Any = None  # patches.VisionAttentionPatch
+        self._text: Any = None  # patches.TextPrefillPatch (CUDA)
         self._oom_slots: int | None = None  # slot limit learnt from an out-of-memory error
         self._tried_slots = 0  # slots of the fastgen run in progress (halved after an OOM)
         self._lock = threading.Lock()
@@ -180,12 +181,14 @@ class TransformersBackend:
         if getattr(model.config, "model_type", None) != "qwen2_5_vl":
             log.info("generation: model.generate (fastgen supports qwen2_5_vl only)")
             return
-        from daemon.backends import fastgen
+        from daemon.backends import fastgen, patches
 
-        if model.device.type == "cuda" and fastgen.pad_vision_mlp(model):
+        if model.device.type == "cuda" and patches.pad_vision_mlp(model):
             log.debug("vision MLP width padded for the Hopper/Ampere GEMM kernels")
         if attention != "flash_attention_2":  # flash-attn already runs the windows as one varlen call
-            self._vision = fastgen.VisionAttentionPatch(model, compile=fastgen.compile_enabled(model.device, "vision"))
+            self._vision = patches.VisionAttentionPatch(model, compile=patches.compile_enabled(model.device, "vision"))
+        if patches.compile_enabled(model.device, "prefill"):
+            self._text = patches.TextPrefillPatch(model)
         if self.engine != "hf":
             self._fast = fastgen.SlotEngine(model, eos_ids=_eos_ids(model, self._processor))
             log.info("generation: fastgen (static cache, continuous batching%s)",
@@ -197,6 +200,8 @@ class TransformersBackend:
         self.engine = engine
         if self._vision is not None:
             self._vision.enabled = engine != "hf"
+        if self._text is not None:
+            self._text.enabled = engine != "hf"
         self._choose_sdpa_kernels()
 
     def _choose_sdpa_kernels(self) -> None:
@@ -233,6 +238,7 @@ class TransformersBackend:
         if self._vision is not None:
             info["vision_attention"] = self._vision.last_path or "stock"
             info["vision_compiled"] = self._vision.use_compiled
+        info["prefill_compiled"] = self._text is not None
         return info
 
     def _limit_memory(self, device: Any) -> None:
@@ -295,7 +301,7 @@ class TransformersBackend:
                 self._fast.release()
             self._model = None
             self._processor = None
-            self._fast = self._vision = None
+            self._fast = self._vision = self._text = None
             gc.collect()
             _empty_cuda_cache()
             log.info("unloaded %s (idle)", self.model)

@@ -1,0 +1,66 @@
+"""The stock-module patches prefill uses (daemon.backends.patches), on the tiny checkpoint, CPU.
+
+On a GPU they are on by default (torch.compile, CUDA only); here they are
+applied by hand, so that the patched forwards are checked against stock.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from daemon.backends import Request
+from daemon.backends.patches import Compiled, TextPrefillPatch
+from daemon.backends.transformers import TransformersBackend
+from daemon.bench import synthetic_images
+from daemon.config import ModelConfig
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model: Path):
+    backend = TransformersBackend(ModelConfig(name=str(tiny_model), device="cpu", dtype="float32", max_pixels=50000))
+    backend.load()
+    yield backend
+    backend.unload()
+
+
+def _text_out(backend: TransformersBackend, inputs: dict) -> torch.Tensor:
+    model = backend._model
+    embeds = model.model.language_model.embed_tokens(inputs["input_ids"])
+    with torch.inference_mode():
+        return model.model.language_model(inputs_embeds=embeds).last_hidden_state
+
+
+def test_compiled_text_prefill_computes_what_stock_does(loaded: TransformersBackend,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 12.1 (prefill speed): the fused norms and MLPs are the same function; switched off, stock runs.
+    inputs = loaded._inputs(Request(tuple(synthetic_images(1, 112, 112)), "Describe this.", 8))
+    layers = list(loaded._model.model.language_model.layers)
+    saved = {id(m): m.__dict__.get("forward") for layer in layers
+             for m in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp)}
+    stock = _text_out(loaded, inputs)
+    calls: list[int] = []
+    compiled_call = Compiled.__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return compiled_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(Compiled, "__call__", counting)
+    patch = TextPrefillPatch(loaded._model)
+    try:
+        patched = _text_out(loaded, inputs)
+        assert len(calls) == 3 * len(layers)  # two norms and the MLP of each layer went through the compiled path
+        torch.testing.assert_close(patched, stock, rtol=1e-4, atol=1e-4)
+        patch.enabled = False
+        calls.clear()
+        off = _text_out(loaded, inputs)
+        assert not calls
+        torch.testing.assert_close(off, stock)
+    finally:
+        for layer in layers:
+            for m in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
+                if saved[id(m)] is None:
+                    m.__dict__.pop("forward", None)
