@@ -188,3 +188,15 @@ def test_priority_migration_from_the_previous_schema(tmp_path: Path) -> None:  #
     assert "m040_priority" in migrate(db)
     assert db.execute("SELECT priority FROM jobs").fetchone()[0] == 0
     db.close()
+
+
+def test_help_and_readme_tell_the_same_hand_off() -> None:  # issue 13.4
+    from tests.test_cli_docs import README
+
+    done = run_vlwatch("process", "--help")
+    assert "through its API for files inside a watched folder" in " ".join(done.stdout.split())
+    text = " ".join(README.split())
+    assert "goes through the daemon's API (`POST /api/v1/jobs`)" in text
+    assert "a file elsewhere still goes through the state file when you may write it" in text
+    api = " ".join((Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text().split())
+    assert "goes onto the queue in the state file directly" in api and "suggests `--local`" in api
