@@ -286,7 +286,14 @@ def process(config: Config, paths: Sequence[Path], *, rule: str | None = None, f
             failed += 1
         else:
             files.append(normalised(path))
-    client = daemon_client(config) if files else None
+    client = None
+    if files:
+        try:
+            client = daemon_client(config)
+        except VlwatchError as exc:  # it wants a token this user lacks: the state file still takes files
+            if not _queue_writable(config):
+                raise
+            log.warning("%s; handing the files over through its state file instead", exc)
     if client is None and files and config.api.listen is not None:
         log.info("the daemon's API does not answer at %s; handing the files over through its state file",
                  config.api.listen)

@@ -62,10 +62,14 @@ def busy(tmp_path: Path) -> Iterator[tuple[Daemon, Path, Path, dict[str, str]]]:
 
 
 def _up(port: int) -> bool:
+    return _status(port) == 200
+
+
+def _status(port: int) -> int | None:
     try:
-        return httpx.get(f"http://127.0.0.1:{port}/api/v1/status", timeout=2).status_code == 200
+        return httpx.get(f"http://127.0.0.1:{port}/api/v1/status", timeout=2).status_code
     except httpx.HTTPError:
-        return False
+        return None
 
 
 def test_process_goes_through_the_api_ahead_of_the_backlog(busy: tuple[Daemon, Path, Path, dict[str, str]],
@@ -200,3 +204,29 @@ def test_help_and_readme_tell_the_same_hand_off() -> None:  # issue 13.4
     assert "a file elsewhere still goes through the state file when you may write it" in text
     api = " ".join((Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text().split())
     assert "goes onto the queue in the state file directly" in api and "suggests `--local`" in api
+
+
+def test_process_with_a_token_and_without_one(tmp_path: Path) -> None:  # issue 13.4
+    # With the daemon's token the files go through its API; without it, through
+    # the state file this user may write (as before the API), with a warning.
+    from tests.test_api import TOKEN
+
+    port = free_port()
+    config = api_config(tmp_path, port, api_extra="  token_env: VLWATCH_TEST_API_TOKEN")
+    env = {"VLWATCH_PLUGINS": "tests.stub_backend"}
+    d = Daemon(tmp_path, config, VLWATCH_TEST_API_TOKEN=TOKEN, **env).start()
+    try:
+        wait_until(lambda: _status(port) == 401, "the API to answer", log=d.log)
+        one = put(tmp_path / "inbox" / "one.png", png_bytes(12, (40, 30)))
+        two = put(tmp_path / "inbox" / "two.png", png_bytes(13, (40, 30)))
+        done = run_vlwatch("process", "--config", config, one, env={**env, "VLWATCH_TEST_API_TOKEN": TOKEN})
+        assert done.returncode == 0 and done.stdout.splitlines() == [f"{one}.describe.md"], done.stderr
+        assert "through its API" in done.stderr, done.stderr
+        done = run_vlwatch("process", "--config", config, two, env={**env, "VLWATCH_TEST_API_TOKEN": ""})
+        assert done.returncode == 0 and done.stdout.splitlines() == [f"{two}.describe.md"], done.stderr
+        assert "wants a bearer token" in done.stderr and "through its state file instead" in done.stderr
+        assert "through its API" not in done.stderr
+    finally:
+        d.stop()
+        d.close()
+    assert TOKEN not in d.log()
