@@ -272,8 +272,6 @@ def process(config: Config, paths: Sequence[Path], *, rule: str | None = None, f
     one model in memory, and no file done twice.  Otherwise (or with
     ``local``) the model is loaded here.
     """
-    from daemon.asking import daemon_client
-
     holder = None if local or not config.state.exists() else StateLock(config.state).holder()
     if holder is None:
         return process_local(config, paths, rule=rule)
@@ -286,37 +284,23 @@ def process(config: Config, paths: Sequence[Path], *, rule: str | None = None, f
             failed += 1
         else:
             files.append(normalised(path))
-    client = None
-    if files:
-        try:
-            client = daemon_client(config)
-        except VlwatchError as exc:  # it wants a token this user lacks: the state file still takes files
-            if not _queue_writable(config):
-                raise
-            log.warning("%s; handing the files over through its state file instead", exc)
-    if client is None and files and config.api.listen is not None:
-        log.info("the daemon's API does not answer at %s; handing the files over through its state file",
-                 config.api.listen)
-    by_api = [p for p in files if client is not None and _api_takes(config, p)]
-    by_queue = [p for p in files if p not in set(by_api)]
-    if by_queue and client is not None and not _queue_writable(config):
-        for path in by_queue:
-            print(f"error: {printable(path)}: {OUTSIDE}: the daemon's API takes only those, and its state file "
-                  f"{printable(config.state)} is not writable here (`vlwatch process --local` processes it "
-                  "in this process)", file=sys.stderr)
-        failed += len(by_queue)
-        by_queue = []
-    order = {p: i for i, p in enumerate(files)}
+    place = {p: i for i, p in enumerate(files)}  # sidecars are printed in the order the files were given
+    client = _client(config) if files else None
     lock = StateLock(config.state)
     with contextlib.ExitStack() as stack:
         waits: list[tuple[JobSource, list[Submitted]]] = []
         if client is not None:
             stack.callback(client.close)
+            by_api = [p for p in files if _api_takes(config, p)]
             if by_api:
                 waits.append((ApiJobs(client), _post(client, by_api, rule, force)))
-        if by_queue:
+            files = [p for p in files if p not in set(by_api)]
+            if files and not _queue_writable(config):
+                failed += _refuse(config, files)
+                files = []
+        if files:
             queue = stack.enter_context(Queue(config.state))
-            waits.append((queue, submit(config, queue, by_queue, rule, force=force, stale=True)))
+            waits.append((queue, submit(config, queue, files, rule, force=force, stale=True)))
         for source, submitted in waits:
             failed += _print_refused(submitted)
             if ids := [s.job_id for s in submitted if s.job_id is not None]:
@@ -324,18 +308,45 @@ def process(config: Config, paths: Sequence[Path], *, rule: str | None = None, f
                 log.warning("handed %s to the running daemon (pid %d)%s; waiting for %s", plural(len(ids), "job"),
                             holder, how, "it" if len(ids) == 1 else "them")
         deadline = None if timeout is None else time.monotonic() + timeout
-        done: list[tuple[int, int, JobLike | None | str]] = []  # (file's place, job id, outcome or why not)
+        outcomes: list[tuple[int, int, JobLike | None | str]] = []  # (place, job id, the job or why it is not done)
         for source, submitted in waits:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            jobs = wait_for(source, submitted, timeout=left, alive=lambda: lock.holder() is not None)
-            for s in submitted:
-                if s.job_id is not None:
-                    why = ("the daemon stopped" if lock.holder() is None or timeout is None
-                           else f"not done within {timeout:g}s")
-                    done.append((order.get(s.path, 0), s.job_id, jobs.get(s.job_id, why)))
-    for _, job_id, job in sorted(done, key=lambda d: d[0]):
+            # Over HTTP, one request per job and round: a long list is asked less often.
+            poll = min(2.0, 0.2 + len(submitted) / 200) if isinstance(source, ApiJobs) else 0.2
+            jobs = wait_for(source, submitted, timeout=left, alive=lambda: lock.holder() is not None, poll=poll)
+            why = "the daemon stopped" if lock.holder() is None or timeout is None else f"not done within {timeout:g}s"
+            outcomes += [(place.get(s.path, 0), s.job_id, jobs.get(s.job_id, why))
+                         for s in submitted if s.job_id is not None]
+    for _, job_id, job in sorted(outcomes, key=lambda o: o[0]):
         failed += _report(job_id, job)
     return ExitCode.FAILED if failed else ExitCode.OK
+
+
+def _client(config: Config) -> "httpx.Client | None":
+    """The daemon's API client (``vlwatch ask``'s), or None: then the files go through the state file."""
+    from daemon.asking import daemon_client
+
+    try:
+        client = daemon_client(config)
+    except VlwatchError as exc:  # it wants a token this user lacks: the state file still takes the files
+        if not _queue_writable(config):
+            raise
+        log.warning("%s; handing the files over through its state file instead", exc)
+        return None
+    if client is None and config.api.listen is not None:
+        log.info("the daemon's API does not answer at %s; handing the files over through its state file",
+                 config.api.listen)
+    return client
+
+
+def _refuse(config: Config, files: Sequence[Path]) -> int:
+    """Files the API does not take, and the state file may not be written here: say why, and what to do."""
+    for path in files:
+        why = OUTSIDE if watch_for(config, path) is None else "its name is not UTF-8"
+        print(f"error: {printable(path)}: {why}: the daemon's API does not take it, and its state file "
+              f"{printable(config.state)} is not writable here (`vlwatch process --local` processes it "
+              "in this process)", file=sys.stderr)
+    return len(files)
 
 
 def _api_takes(config: Config, path: Path) -> bool:

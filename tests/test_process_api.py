@@ -140,7 +140,7 @@ def test_outside_files_need_a_writable_state_file(busy: tuple[Daemon, Path, Path
     out, err = capsysbinary.readouterr()
     assert rc == 1
     assert out.decode().splitlines() == [f"{inside}.describe.md"]
-    assert f"{outside}: not inside a watched folder: the daemon's API takes only those" in err.decode()
+    assert f"{outside}: not inside a watched folder: the daemon's API does not take it" in err.decode()
     assert "--local" in err.decode() and not Path(f"{outside}.describe.md").exists()
     assert d.latest(outside) is None
 
