@@ -230,3 +230,18 @@ def test_process_with_a_token_and_without_one(tmp_path: Path) -> None:  # issue 
         d.stop()
         d.close()
     assert TOKEN not in d.log()
+
+
+def test_a_job_retried_by_id_goes_ahead_of_the_backlog(tmp_path: Path) -> None:  # issue 13.4
+    from daemon import commands
+    from daemon.config import parse_config
+
+    config = parse_config(f"state: {tmp_path / 'state.db'}\ninclude: [describe]\n", tmp_path / "config.yaml")
+    with Queue(config.state) as q:
+        q.enqueue(Candidate(Path(f"/in/{i}.png"), "describe", f"h{i}", 1, 1) for i in range(5))
+        q.enqueue([Candidate(Path("/in/failed.png"), "describe", "hf", 1, 1)])  # the newest, folder priority
+        *backlog, job = q.claim(6)
+        q.fail(job.id, "boom", retry_at=None)
+        q.release([j.id for j in backlog])
+        assert commands.retry_job(config, job.id) is not None  # as the API and the web page's button do
+        assert [j.id for j in q.claim(1)] == [job.id]
