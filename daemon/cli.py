@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     _complete_rule(c.add_argument("--rule", metavar="NAME", help="use this rule instead of matching"))
     c.add_argument("--force", action="store_true", help="redo the file even if its sidecar is up to date")
     c.add_argument("--local", action="store_true",
-                   help="load the model in this process even if a daemon runs (default: hand the files to it)")
+                   help="load the model in this process even if a daemon runs (default: hand the files to it, "
+                        "through its API for files inside a watched folder, else through its state file; "
+                        "ahead of its folder backlog)")
     c.add_argument("--timeout", metavar="SECONDS", type=float, default=None,
                    help="with a running daemon: give up waiting after this long (default: wait until done)")
     c = with_config(command("scan", cmd_scan, "process files under the watched folders whose sidecars are missing or stale"))

@@ -20,7 +20,7 @@ from daemon.backends import create_backend
 from daemon.config import Config
 from daemon.engine import BatchResult, Processor, check_model
 from daemon.errors import BackendUnavailableError, ExitCode, VlwatchError, plural
-from daemon.queue import Job, Queue, StateLock, safe_text
+from daemon.queue import HANDED_OVER, Job, Queue, StateLock, safe_text
 from daemon.recipes import Outdated, outdated, recipe_of
 from daemon.rules import watch_for
 from daemon.scanning import (
@@ -267,6 +267,8 @@ def retry(config: Config, ids: Sequence[int] | None) -> int:
         return ExitCode.OK if ids is None else ExitCode.FAILED
     with Queue(config.state) as queue:
         jobs = queue.retry(ids)
+        if ids is not None:  # jobs named one by one: a person waits for them (issue 13.4); --all is a backlog
+            queue.prioritise([j.id for j in jobs], HANDED_OVER)
     for job in jobs:
         print(f"requeued #{job.id} {safe_text(str(job.path))} [{job.rule}]")
     unknown = sorted(set(ids or ()) - {j.id for j in jobs})
@@ -403,6 +405,7 @@ def retry_job(config: Config, job_id: int) -> "Job | None":
     """Put one failed job back on the queue (``POST /api/v1/jobs/ID/retry``); None if it is not a failed job."""
     with Queue(config.state) as queue:
         jobs = queue.retry([job_id])
+        queue.prioritise([j.id for j in jobs], HANDED_OVER)  # a person clicked it: ahead of the backlog
     return jobs[0] if jobs else None
 
 

@@ -90,6 +90,11 @@ def unreadable_hash(size: int, mtime_ns: int) -> str:
     return f"{UNREADABLE}{size}:{mtime_ns}"
 
 
+#: The priority of a file a person handed over (``vlwatch process``, ``POST
+#: /api/v1/jobs``, a retried job): claimed before the folder backlog (0).
+HANDED_OVER = 10
+
+
 # ------------------------------------------------------------------ values
 
 
@@ -109,6 +114,9 @@ class Candidate:
     seen_at: float = 0.0
     #: what would make its sidecar (``daemon.recipes``); recorded with the job
     recipe: str | None = None
+    #: higher is claimed first: a file a person handed over (``vlwatch
+    #: process``, ``POST /api/v1/jobs``) goes ahead of the folder backlog (0)
+    priority: int = 0
 
     def wants_redo(self) -> bool:
         return self.redo() if callable(self.redo) else self.redo
@@ -349,6 +357,15 @@ def m031_conversations(db: sqlite3.Connection) -> None:
         )""")
     db.execute("CREATE INDEX conversation_images_conv ON conversation_images (conversation_id)")
 
+@migration
+def m040_priority(db: sqlite3.Connection) -> None:
+    # Files a person hands over (`vlwatch process`, POST /api/v1/jobs) are
+    # claimed before the folder backlog (issue 13.4): higher first, then
+    # oldest.  The index serves claim's ORDER BY without sorting the backlog.
+    db.execute("ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0")
+    db.execute("CREATE INDEX jobs_claim ON jobs (state, priority DESC, id)")
+
+
 def migrate(db: sqlite3.Connection) -> list[str]:
     """Apply the migrations this database lacks; return their names."""
     db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
@@ -512,24 +529,27 @@ class Queue:
     @staticmethod
     def _insert(db: sqlite3.Connection, path: str | bytes, c: Candidate, now: float) -> int:
         cur = db.execute(
-            "INSERT INTO jobs (path, rule, hash, size, mtime_ns, state, queued_at, recipe)"
-            " VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)",
-            (path, c.rule, c.hash, c.size, c.mtime_ns, now, c.recipe),
+            "INSERT INTO jobs (path, rule, hash, size, mtime_ns, state, queued_at, recipe, priority)"
+            " VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+            (path, c.rule, c.hash, c.size, c.mtime_ns, now, c.recipe, c.priority),
         )
         return int(cur.lastrowid or 0)
 
     # ------------------------------------------------------------- claim
 
     def claim(self, limit: int, now: float | None = None) -> list[Job]:
-        """Take up to ``limit`` due jobs, oldest first, and mark them running.
+        """Take up to ``limit`` due jobs, highest priority first, then oldest, and mark them running.
 
         The attempt is counted here, not on failure, so a file that crashes
         the daemon still uses up its attempts.
         """
         now = time.time() if now is None else now
         with self._tx() as db:
+            # INDEXED BY: walked in claim order, the first ``limit`` due rows end it
+            # (the planner would sort the whole backlog: 0.01 ms against 12 ms at 100,000).
             ids = [r[0] for r in db.execute(
-                "SELECT id FROM jobs WHERE state = 'queued' AND not_before <= ? ORDER BY id LIMIT ?", (now, limit))]
+                "SELECT id FROM jobs INDEXED BY jobs_claim WHERE state = 'queued' AND not_before <= ?"
+                " ORDER BY priority DESC, id LIMIT ?", (now, limit))]
             db.executemany(
                 "UPDATE jobs SET state = 'running', started_at = ?, attempts = attempts + 1 WHERE id = ?",
                 [(now, i) for i in ids])
@@ -606,6 +626,18 @@ class Queue:
                 "UPDATE jobs SET state = 'queued', attempts = 0, not_before = 0, finished_at = NULL WHERE id = ?",
                 [(i,) for i in found])
         return self._jobs_by_id(found)
+
+    def prioritise(self, job_ids: Sequence[int], priority: int) -> None:
+        """Raise these jobs' priority while they wait (never lower it).
+
+        A file a person hands over may already sit in the folder backlog;
+        ``enqueue`` then keeps that job, which must move ahead too.
+        """
+        if not job_ids:
+            return
+        with self._tx() as db:
+            db.executemany("UPDATE jobs SET priority = ? WHERE id = ? AND state = 'queued' AND priority < ?",
+                           [(priority, i, priority) for i in job_ids])
 
     # ----------------------------------------------------------- recovery
 

@@ -32,9 +32,10 @@ from starlette.concurrency import run_in_threadpool
 
 from daemon import commands
 from daemon.backends import Answer
+from daemon.config import Config
 from daemon.errors import BackendError, BackendUnavailableError, VlwatchError
 from daemon.images import printable
-from daemon.process import submit_paths
+from daemon.process import Submitted, submit
 from daemon.queue import STATES, Job, Queue
 from daemon.server.chat import ChatCall, parse_chat, served_roots
 from daemon.server.context import ApiError, ServerContext, context, error_body
@@ -202,18 +203,31 @@ async def submit_jobs(request: Request, ctx: ServerContext = Depends(context)) -
     if len(paths) > 10_000:
         raise ApiError(400, "paths: at most 10000 per request", param="paths", code="invalid_request")
     rule = body.get("rule")
-    force = body.get("force", False)
     if rule is not None and not isinstance(rule, str):
         raise ApiError(400, "rule: expected a rule name", param="rule", code="invalid_request")
-    if not isinstance(force, bool):
-        raise ApiError(400, "force: expected true or false", param="force", code="invalid_request")
+    flags = {k: body.get(k, False) for k in ("force", "stale")}
+    for key, value in flags.items():
+        if not isinstance(value, bool):
+            raise ApiError(400, f"{key}: expected true or false", param=key, code="invalid_request")
     try:
-        results = await run_in_threadpool(submit_paths, ctx.config(), paths, rule, force)
+        results = await run_in_threadpool(_submit, ctx.config(), paths, rule, flags["force"], flags["stale"])
     except VlwatchError as exc:
         raise ApiError(400, str(exc), param="rule", code="unknown_rule") from None
-    if ctx.loop is not None and any(r.queued for r in results):
+    if ctx.loop is not None and any(r.state == "queued" for r in results):
         ctx.loop.wake()
     return {"jobs": [r.as_dict() for r in results]}
+
+
+def _submit(config: Config, paths: list[str], rule: str | None, force: bool, stale: bool) -> list[Submitted]:
+    """``process.submit`` as the API may: absolute paths inside a watched folder only (issue 13.4)."""
+    with Queue(config.state) as queue:
+        results = submit(config, queue, paths, rule, force=force, stale=stale, watched_only=True,
+                         absolute_only=True)
+    for r in results:  # one line per file, as the watcher logs its own
+        if r.state == "queued":
+            how = "queued through the API as" if r.queued else "moved ahead through the API:"
+            log.info("%s: %s %s job #%s, ahead of the folder backlog", printable(r.path), r.rule, how, r.job_id)
+    return results
 
 
 @router.post("/api/v1/jobs/{job_id}/retry")
