@@ -155,11 +155,12 @@ class Job:
         return (self.size, self.mtime_ns)
 
     def as_dict(self) -> dict[str, object]:
+        """The job as JSON-ready values; a file name that is not UTF-8 is shown with escapes (JSON is UTF-8)."""
         return {
-            "id": self.id, "path": str(self.path), "rule": self.rule, "hash": self.hash, "state": self.state,
-            "attempts": self.attempts, "queued_at": self.queued_at, "started_at": self.started_at,
-            "finished_at": self.finished_at, "seconds": self.seconds, "error": self.error,
-            "sidecars": [str(s) for s in self.sidecars],
+            "id": self.id, "path": safe_text(str(self.path)), "rule": self.rule, "hash": self.hash,
+            "state": self.state, "attempts": self.attempts, "queued_at": self.queued_at,
+            "started_at": self.started_at, "finished_at": self.finished_at, "seconds": self.seconds,
+            "error": self.error, "sidecars": [safe_text(str(s)) for s in self.sidecars],
         }
 
 

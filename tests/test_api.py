@@ -281,6 +281,22 @@ def test_submit_list_and_retry_jobs(served: tuple[Daemon, str, Path], tmp_path: 
     assert r.status_code == 200 and r.json()["state"] == "queued"
 
 
+def test_a_file_name_that_is_not_utf8_is_listed_not_a_500(served: tuple[Daemon, str, Path]) -> None:  # 13.2
+    # Hostile names: JSON is UTF-8, so the undecodable byte is shown escaped, and the job is still listed.
+    d, base, inbox = served
+    (inbox / "odd").mkdir(exist_ok=True)
+    raw = os.fsencode(inbox / "odd") + b"/caf\xe9.png"
+    with open(raw, "wb") as f:
+        f.write(png_bytes(21))
+    path = Path(os.fsdecode(raw))
+    job = d.wait_done(path)
+    got = httpx.get(f"{base}/api/v1/jobs/{job.id}")
+    assert got.status_code == 200, got.text
+    assert got.json()["path"].endswith("/odd/caf\\xe9.png")
+    listed = httpx.get(base + "/api/v1/jobs", params={"limit": 500})
+    assert listed.status_code == 200 and job.id in [j["id"] for j in listed.json()["jobs"]]
+
+
 def test_events_stream_job_changes(served: tuple[Daemon, str, Path]) -> None:  # issue 13.1
     d, base, inbox = served
     seen: list[dict] = []
