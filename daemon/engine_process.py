@@ -239,8 +239,9 @@ def _swap_config(loop: Any, old: Config, new: Config) -> Config:
     from daemon.backends import create_backend
     from daemon.worker import Worker
 
-    backend = loop.worker.backend if new.model == old.model else create_backend(new.model)
-    loop.replace_worker(Worker(new, backend))
+    same = new.model == old.model
+    loop.replace_worker(Worker(new, loop.worker.backend if same else create_backend(new.model)))
+    log.info("engine %d: config reloaded: %d rules%s", loop.index, len(new.rules), "" if same else ", a new model")
     return new
 
 

@@ -55,12 +55,12 @@ def two_engines(tmp_path: Path, tiny_model: Path):
     d.close()  # a child engine dies with its daemon (test_a_child_engine_dies_with_its_daemon)
 
 
-def _warm(d: Daemon, inbox: Path, prefix: str, seed: int) -> int:
+def _warm(d: Daemon, folder: Path, prefix: str, seed: int, rule: str = "describe") -> int:
     """Make engine 1 load its model: it loads once it finds a job due, as engine 0 does.  16 files
     keep jobs due for a while (engine 0 holds at most its slots plus a few), so engine 1 finds
     some.  Returns engine 1's pid."""
     for i in range(16):
-        put(inbox / f"{prefix}{i:02d}.png", png_bytes(seed + i))
+        put(folder / f"{prefix}{i:02d}.png", png_bytes(seed + i))
     wait_until(lambda: _engine(d, 1).get("running") and _engine(d, 1).get("loaded"), "engine 1 to load its model",
                log=d.log)
     return _engine(d, 1)["pid"]
@@ -119,13 +119,29 @@ def test_two_engines_share_the_backlog_a_killed_child_is_replaced_and_stop_leave
     assert "engine 1 stopped" in d.log()
 
 
-def test_a_child_engine_dies_with_its_daemon(two_engines) -> None:
-    # issue 12.5: kill -9 of the daemon ends its engine processes too (PR_SET_PDEATHSIG), and the next
-    # start recovers what they held, as after any crash.
+def test_a_reload_reaches_the_child_and_a_child_dies_with_its_daemon(two_engines) -> None:
+    # issue 12.5: SIGHUP hands the new config to engine 1's process (a rule added is one it runs);
+    # kill -9 of the daemon ends its engine processes too (PR_SET_PDEATHSIG), and the next start
+    # recovers what they held, as after any crash.
     d, inbox = two_engines
     d.start()
     wait_until(lambda: _engine(d, 1).get("running"), "engine 1's process to start", log=d.log)
     child = _engine(d, 1)["pid"]
+    d.config.write_text(d.config.read_text().replace(
+        "jobs:", '  - name: late\n    match: ["late/*.png"]\n    task: describe\n    output: json\njobs:'))
+    d.signal(signal.SIGHUP)
+    wait_until(lambda: "[engine 1]: engine 1: config reloaded" in d.log(), "engine 1 to take the new config",
+               log=d.log)
+    assert _warm(d, inbox / "late", "new", 500) == child
+    images = sorted((inbox / "late").glob("*.png"))
+    for image in images:
+        d.wait_done(image, "late")  # none dropped as "rule no longer configured" by engine 1
+    theirs = f"engine 1 pid {child}"
+    late = [j for j in d.queue.history() if j.rule == "late"]
+    with sqlite3.connect(d.state) as db:
+        by_child = {r[0] for r in db.execute("SELECT id FROM jobs WHERE claimed_by = ?", (theirs,))}
+    assert by_child & {j.id for j in late}, "engine 1 ran none of the new rule's jobs; the test proves nothing"
+
     d.kill9()
     wait_until(lambda: not _alive(child), "engine 1's process to end with its daemon", timeout=30)
     d.start()
