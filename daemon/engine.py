@@ -750,8 +750,7 @@ class EngineGroup:
         self.children.join(None if deadline is None else max(0.0, deadline - time.monotonic()) + 5.0)
 
     def wake(self) -> None:
-        self.first.wake()
-        self.children.wake()
+        self.first.wake()  # the children look at the queue every second (ChildEngines)
 
     def unload_if_idle(self, idle_unload: float) -> None:
         self.first.unload_if_idle(idle_unload)  # each child looks after its own

@@ -25,6 +25,9 @@ The daemon's side (``ChildEngines``, one supervisor thread):
   process's CUDA context only, a new process gets a fresh one, and engine 0
   and the intake go on undisturbed.  Engine 0 losing its GPU still ends the
   daemon non-zero (systemd restarts it), children included;
+- a child loads its model as it starts (engine 0 loads on its first job,
+  as with one device): it exists only to run that GPU, and a backlog at
+  start or after a restart finds it ready;
 - SIGHUP: the new config goes to each child over its pipe; the child swaps
   its worker between admission sessions as engine 0 does (reusing the loaded
   model when ``model`` did not change);
@@ -198,8 +201,9 @@ def child_main(spec: EngineSpec, conn: Connection) -> None:
     loop = WorkerLoop(queue, Worker(config, create_backend(config.model)), processor, index=spec.index,
                       device=spec.device, engines=spec.engines)
     loop._note_model_state()
-    loop.start()
     log.info("%s on %s started (pid %d)", name, spec.device, os.getpid())
+    _load(loop)
+    loop.start()
     last_idle_check = time.monotonic()
     while loop.is_alive() and not stop_signal.is_set():
         ready = wait([conn, wake_r], timeout=min(1.0, IDLE_CHECK))
@@ -212,9 +216,7 @@ def child_main(spec: EngineSpec, conn: Connection) -> None:
                 break  # the daemon is gone
             if message[0] == "stop":
                 break
-            if message[0] == "wake":
-                loop.wake()
-            elif message[0] == "config":
+            if message[0] == "config":
                 config = _swap_config(loop, config, message[1])
         if time.monotonic() - last_idle_check >= IDLE_CHECK:
             last_idle_check = time.monotonic()
@@ -224,6 +226,19 @@ def child_main(spec: EngineSpec, conn: Connection) -> None:
     # os._exit: the model's threads (torch, the worker's pools) must not hold up the
     # exit; everything that matters is committed in the state file by now.
     os._exit(code)
+
+
+def _load(loop: Any) -> None:
+    """Load the model now, not on the first job: this process exists only to run it on its GPU,
+    and a backlog at start (or after a restart) then finds every engine ready.  A load that
+    fails is tried again on the first job, where the loop handles it (the queue pauses)."""
+    load = getattr(loop.worker.backend, "load", None)
+    if not callable(load):
+        return
+    try:
+        load()
+    except Exception as exc:
+        log.warning("engine %d: the model did not load at start (%s); trying again on the first job", loop.index, exc)
 
 
 def _drain(fd: int) -> None:
@@ -317,9 +332,9 @@ class ChildEngines(threading.Thread):
         self._lock = threading.Lock()
 
     # -- what the engine group calls (any thread)
-    def wake(self) -> None:
-        for child in self.children:
-            child.send(("wake",))
+    # No "wake" on new jobs: a child looks at the queue at least every second anyway
+    # (``WorkerLoop._idle_timeout``), engine 0 is woken at once, and a message per arrival
+    # could fill the pipe of a wedged child and block the intake thread that sent it.
 
     def reload(self, config: Config) -> None:
         with self._lock:
@@ -412,8 +427,10 @@ class ChildEngines(threading.Thread):
             code, f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}")
         error = f"engine {child.index} on {child.device} {how} while this file was in hand"
         counts = self.queue.release_claimed_by(child.owner, max_attempts=self.config.jobs.attempts, error=error)
-        log.error("engine %d on %s (pid %d) %s; %d of its jobs back on the queue, %d failed (out of attempts)",
-                  child.index, child.device, process.pid, how, counts["queued"], counts["failed"])
+        # Exit 0 unasked: a SIGTERM or Ctrl-C that reached it directly (it put its jobs back itself).
+        log.log(logging.WARNING if code == 0 else logging.ERROR,
+                "engine %d on %s (pid %d) %s; %d of its jobs back on the queue, %d failed (out of attempts)",
+                child.index, child.device, process.pid, how, counts["queued"], counts["failed"])
         self._forget(child)
         if ran >= HEALTHY_AFTER:
             child.delay = 0.0

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from daemon.queue import Queue
-from tests.conftest import Daemon, png_bytes, put, wait_until
+from tests.conftest import Daemon, png_bytes, put, run_vlwatch, wait_until
 from tests.test_daemon import config_text
 
 
@@ -55,12 +55,8 @@ def two_engines(tmp_path: Path, tiny_model: Path):
     d.close()  # a child engine dies with its daemon (test_a_child_engine_dies_with_its_daemon)
 
 
-def _warm(d: Daemon, folder: Path, prefix: str, seed: int, rule: str = "describe") -> int:
-    """Make engine 1 load its model: it loads once it finds a job due, as engine 0 does.  16 files
-    keep jobs due for a while (engine 0 holds at most its slots plus a few), so engine 1 finds
-    some.  Returns engine 1's pid."""
-    for i in range(16):
-        put(folder / f"{prefix}{i:02d}.png", png_bytes(seed + i))
+def _loaded(d: Daemon) -> int:
+    """Wait for engine 1's process to have loaded its model (it does as it starts); its pid."""
     wait_until(lambda: _engine(d, 1).get("running") and _engine(d, 1).get("loaded"), "engine 1 to load its model",
                log=d.log)
     return _engine(d, 1)["pid"]
@@ -72,11 +68,10 @@ def test_two_engines_share_the_backlog_a_killed_child_is_replaced_and_stop_leave
     d, inbox = two_engines
     d.start()
     daemon_pid = d.proc.pid
-    wait_until(lambda: _engine(d, 1).get("running"), "engine 1's process to start", log=d.log)
-    first_child = _warm(d, inbox, "warm", 300)
+    first_child = _loaded(d)
     assert first_child != daemon_pid and _alive(first_child)
 
-    # Both engines warm: each claims a few slots' worth at a time, so both take part.
+    # Engine 1 ready: each engine claims a few slots' worth at a time, so both take part.
     images = [put(inbox / f"{i:02d}.png", png_bytes(100 + i)) for i in range(24)]
     one = f"engine 1 pid {first_child}"
     wait_until(lambda: {"running", "done"} <= {c[1] for c in _claims(d.state) if c[2] == one},
@@ -85,25 +80,23 @@ def test_two_engines_share_the_backlog_a_killed_child_is_replaced_and_stop_leave
 
     for image in images:
         d.wait_done(image)
-    wait_until(lambda: d.queue.counts()["done"] == 40, "the warm-up files done too", log=d.log)
     assert d.proc.poll() is None, d.log()  # the daemon ran on
     wait_until(lambda: "was killed by signal 9" in d.log(), "the daemon to notice", log=d.log)
     said = re.search(r"engine 1 on cpu \(pid %d\) was killed by signal 9; (\d+) of its jobs back on the queue"
                      % first_child, d.log())
     assert said is not None, d.log()[-3000:]
     claims = {c[0]: c for c in _claims(d.state)}
-    assert len(claims) == 40 and all(c[1] == "done" for c in claims.values())  # each file done once
+    assert len(claims) == 24 and all(c[1] == "done" for c in claims.values())  # each file done once
     # The crash spent an attempt: the jobs it held were done on their second (and only those).
     again = [c for c in claims.values() if c[3] == 2]
     assert len(again) == int(said.group(1)) > 0, (said.group(0), again)
     assert all(c[2] != one for c in again)  # redone by another engine, or engine 1's new process
     zero = f"engine 0 pid {daemon_pid}"
     assert {zero, one} <= {c[2] for c in claims.values()}  # both engines did part of the backlog
-    wait_until(lambda: _engine(d, 1).get("running") and _engine(d, 1).get("pid") != first_child,
-               "engine 1 to run again in a new process", log=d.log)
+    wait_until(lambda: _engine(d, 1).get("pid") != first_child, "engine 1 to run again in a new process", log=d.log)
 
     # SIGTERM while engine 1 holds jobs: they go back (no attempt spent), nothing outlives the daemon.
-    second_child = _warm(d, inbox, "warmer", 400)
+    second_child = _loaded(d)
     assert second_child != first_child and _alive(second_child)
     [put(inbox / f"late{i:02d}.png", png_bytes(200 + i)) for i in range(16)]
     two = f"engine 1 pid {second_child}"
@@ -113,7 +106,7 @@ def test_two_engines_share_the_backlog_a_killed_child_is_replaced_and_stop_leave
     assert rc == 0, d.log()[-3000:]
     assert not _alive(second_child), "engine 1's process outlived the daemon"
     late = [c for c in _claims(d.state) if c[0] not in claims]
-    assert len(late) == 32
+    assert len(late) == 16
     assert all(c[1] in ("queued", "done") for c in late), late
     assert all(c[3] == 0 for c in late if c[1] == "queued"), late  # put back, no attempt spent
     assert "engine 1 stopped" in d.log()
@@ -132,8 +125,8 @@ def test_a_reload_reaches_the_child_and_a_child_dies_with_its_daemon(two_engines
     d.signal(signal.SIGHUP)
     wait_until(lambda: "[engine 1]: engine 1: config reloaded" in d.log(), "engine 1 to take the new config",
                log=d.log)
-    assert _warm(d, inbox / "late", "new", 500) == child
-    images = sorted((inbox / "late").glob("*.png"))
+    assert _loaded(d) == child
+    images = [put(inbox / "late" / f"{i:02d}.png", png_bytes(500 + i)) for i in range(16)]
     for image in images:
         d.wait_done(image, "late")  # none dropped as "rule no longer configured" by engine 1
     theirs = f"engine 1 pid {child}"
@@ -145,9 +138,14 @@ def test_a_reload_reaches_the_child_and_a_child_dies_with_its_daemon(two_engines
     d.kill9()
     wait_until(lambda: not _alive(child), "engine 1's process to end with its daemon", timeout=30)
     d.start()
-    wait_until(lambda: _engine(d, 1).get("running") and _engine(d, 1)["pid"] != child, "a new engine 1", log=d.log)
+    wait_until(lambda: _engine(d, 1).get("pid", child) != child, "a new engine 1", log=d.log)
+    _loaded(d)
     status = d.queue.meta()
     assert set(k for k in status if k.startswith("engine.")) == {"engine.0", "engine.1"}
+    shown = run_vlwatch("status", "--config", d.config, env=d.env)
+    assert shown.returncode == 0, shown.stderr
+    assert f"engine 0 on cpu (pid {d.proc.pid}): not loaded, 0 files done" in shown.stdout, shown.stdout
+    assert f"engine 1 on cpu (pid {_engine(d, 1)['pid']}): loaded, 0 files done" in shown.stdout, shown.stdout
     rc, _ = d.stop()
     assert rc == 0
 
@@ -175,3 +173,13 @@ def test_release_claimed_by_counts_a_crash_and_refunds_a_stop(tmp_path: Path) ->
         assert q.release_claimed_by("engine 0 pid 9", max_attempts=None) == {"queued": 2, "failed": 0}
         jobs = {j.id: j for j in q.history()}
         assert jobs[c.id].state == "queued" and jobs[c.id].attempts == 0 and jobs[c.id].error is None
+
+
+def test_status_says_when_an_engine_is_down() -> None:
+    # issue 12.5: a child between a death and its restart.
+    from daemon.commands import _engine_line
+
+    line = _engine_line({"engine": 1, "device": "cuda:1", "running": False, "restarts": 2, "restart_at": 1.8e9,
+                         "error": "engine 1 on cuda:1 was killed by signal 9 while this file was in hand"})
+    assert line.startswith("engine 1 on cuda:1: not running (engine 1 on cuda:1 was killed by signal 9")
+    assert "; starting again at " in line and "(restart 2)" in line
