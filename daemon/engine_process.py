@@ -79,6 +79,9 @@ MAX_RESTART_DELAY = 60.0
 HEALTHY_AFTER = 60.0
 #: How often a child looks whether its model has been idle long enough to unload.
 IDLE_CHECK = 5.0
+#: A child that exits cleanly unasked was most likely signalled with its daemon (systemd's
+#: KillMode=control-group, Ctrl-C): wait this long for the daemon's own stop before restarting it.
+CLEAN_EXIT_GRACE = 2.0
 #: prctl(2) option: the signal sent to this process when its parent thread ends.
 PR_SET_PDEATHSIG = 1
 
@@ -422,12 +425,16 @@ class ChildEngines(threading.Thread):
         process = child.process
         process.join()
         code = process.exitcode
+        if code == 0 and self._stopping.wait(CLEAN_EXIT_GRACE):
+            return  # systemd (or Ctrl-C) signalled the whole service: the daemon's stop is under way
+        if self._stopping.is_set():
+            return
         ran = time.monotonic() - child.started
         how = {DEVICE_LOST_EXIT: "lost its GPU", ORPHANED_EXIT: "lost its daemon"}.get(
             code, f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}")
         error = f"engine {child.index} on {child.device} {how} while this file was in hand"
         counts = self.queue.release_claimed_by(child.owner, max_attempts=self.config.jobs.attempts, error=error)
-        # Exit 0 unasked: a SIGTERM or Ctrl-C that reached it directly (it put its jobs back itself).
+        # Exit 0 unasked: a SIGTERM that reached it alone (it put its jobs back itself).
         log.log(logging.WARNING if code == 0 else logging.ERROR,
                 "engine %d on %s (pid %d) %s; %d of its jobs back on the queue, %d failed (out of attempts)",
                 child.index, child.device, process.pid, how, counts["queued"], counts["failed"])

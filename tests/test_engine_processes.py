@@ -95,19 +95,17 @@ def test_two_engines_share_the_backlog_a_killed_child_is_replaced_and_stop_leave
     assert {zero, one} <= {c[2] for c in claims.values()}  # both engines did part of the backlog
     wait_until(lambda: _engine(d, 1).get("pid") != first_child, "engine 1 to run again in a new process", log=d.log)
 
-    # SIGTERM while engine 1 holds jobs: they go back (no attempt spent), nothing outlives the daemon.
+    # SIGTERM with work in hand: what is running goes back (no attempt spent), nothing outlives the daemon.
     second_child = _loaded(d)
     assert second_child != first_child and _alive(second_child)
     [put(inbox / f"late{i:02d}.png", png_bytes(200 + i)) for i in range(16)]
-    two = f"engine 1 pid {second_child}"
-    wait_until(lambda: any(c[1] == "running" and c[2] == two for c in _claims(d.state)),
-               "the new engine 1 to hold jobs", log=d.log)
+    wait_until(lambda: any(c[1] == "running" and c[0] not in claims for c in _claims(d.state)),
+               "the late files in hand", log=d.log)
     rc, _ = d.stop()
     assert rc == 0, d.log()[-3000:]
     assert not _alive(second_child), "engine 1's process outlived the daemon"
     late = [c for c in _claims(d.state) if c[0] not in claims]
-    assert len(late) == 16
-    assert all(c[1] in ("queued", "done") for c in late), late
+    assert len(late) == 16 and all(c[1] in ("queued", "done") for c in late), late
     assert all(c[3] == 0 for c in late if c[1] == "queued"), late  # put back, no attempt spent
     assert "engine 1 stopped" in d.log()
 
@@ -134,6 +132,13 @@ def test_a_reload_reaches_the_child_and_a_child_dies_with_its_daemon(two_engines
     with sqlite3.connect(d.state) as db:
         by_child = {r[0] for r in db.execute("SELECT id FROM jobs WHERE claimed_by = ?", (theirs,))}
     assert by_child & {j.id for j in late}, "engine 1 ran none of the new rule's jobs; the test proves nothing"
+
+    # SIGTERM to engine 1 alone (not its daemon): it stops cleanly and is started again.
+    os.kill(child, signal.SIGTERM)
+    wait_until(lambda: _engine(d, 1).get("pid", child) != child, "engine 1 started again", log=d.log)
+    assert "[engine 1]: engine 1 stopped" in d.log() and "(pid %d) exited with code 0" % child in d.log()
+    assert d.proc.poll() is None
+    child = _loaded(d)
 
     d.kill9()
     wait_until(lambda: not _alive(child), "engine 1's process to end with its daemon", timeout=30)
