@@ -436,8 +436,10 @@ def _expect(process: Any, conn: Any, what: str) -> tuple[Any, ...]:
 
 def _engine_child(job: _EngineJob, conn: Any) -> None:
     """A bench engine process: load, warm up, say ready, run its share at "go", report."""
-    from daemon.engine_process import child_logging, die_with_parent
+    from daemon.engine_process import child_logging, die_with_parent, pin_device
 
+    named = job.model.device
+    job = replace(job, model=replace(job.model, device=pin_device(named)))  # before torch loads
     die_with_parent(job.parent_pid)
     child_logging(job.log_level, f"engine {job.index}")
     try:
@@ -449,7 +451,7 @@ def _engine_child(job: _EngineJob, conn: Any) -> None:
         images = synthetic_images(job.images, *job.size, start=job.index, step=job.engines)
         share = [Request((img,), job.prompt, job.new_tokens) for img in images]
         worker = _worker(job.model, backend)
-        log.info("bench: engine %d on %s, %d images: warming up", job.index, job.model.device, len(share))
+        log.info("bench: engine %d on %s, %d images: warming up", job.index, named, len(share))
         _warm_up(backend, share, worker.batch_size())
         _reset_peak_memory(backend)
         conn.send(("ready", worker.batch_size()))

@@ -702,10 +702,6 @@ class EngineGroup:
 
     # -- what the service and the API use of a WorkerLoop
     @property
-    def loops(self) -> list[WorkerLoop]:
-        return [self.first]
-
-    @property
     def worker(self) -> Worker:
         return self.first.worker
 

@@ -25,6 +25,8 @@ The daemon's side (``ChildEngines``, one supervisor thread):
   process's CUDA context only, a new process gets a fresh one, and engine 0
   and the intake go on undisturbed.  Engine 0 losing its GPU still ends the
   daemon non-zero (systemd restarts it), children included;
+- a child sees only its own GPU (``CUDA_VISIBLE_DEVICES``, set before torch
+  loads), so nothing in it can touch another engine's card;
 - a child loads its model as it starts (engine 0 loads on its first job,
   as with one device): it exists only to run that GPU, and a backlog at
   start or after a restart finds it ready;
@@ -118,6 +120,23 @@ def _exit_when_gone(sentinel: int) -> None:
     os._exit(ORPHANED_EXIT)
 
 
+def pin_device(device: str) -> str:
+    """In a child, before torch loads: let it see only its own GPU; the name to use for it then.
+
+    ``cuda:N`` becomes ``CUDA_VISIBLE_DEVICES`` = the Nth of the GPUs the daemon sees (its own
+    ``CUDA_VISIBLE_DEVICES`` honoured) and ``cuda:0`` inside the child, so nothing in the
+    process (a default stream, a stray context, a default-device tensor) can touch another
+    engine's card.  Other devices (``cpu``) are left as they are.
+    """
+    prefix, _, number = device.partition(":")
+    if prefix != "cuda" or not number.isdigit():
+        return device
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [v.strip() for v in visible.split(",")] if visible else []
+    os.environ["CUDA_VISIBLE_DEVICES"] = ids[int(number)] if int(number) < len(ids) else number
+    return "cuda:0"
+
+
 def child_logging(level: int, name: str) -> None:
     """The daemon's log format in a child (spawn starts without it), each line naming the engine."""
     from daemon.cli import setup_logging  # light (config and errors); the one place to set the format
@@ -179,6 +198,7 @@ class _Link:
 
 def child_main(spec: EngineSpec, conn: Connection) -> None:
     """The child process: a WorkerLoop on ``spec.device`` over the shared state file, until told to stop."""
+    config = engine_config(spec.config, pin_device(spec.device))  # before anything imports torch
     die_with_parent(spec.parent_pid)
     name = f"engine {spec.index}"
     child_logging(spec.log_level, name)
@@ -197,10 +217,9 @@ def child_main(spec: EngineSpec, conn: Connection) -> None:
     from daemon.worker import Worker
 
     link = _Link(conn)
-    queue = Queue(spec.config.state)
+    queue = Queue(config.state)
     queue.owner = owner(spec.index, os.getpid())
     processor = Processor(queue, lambda path: link.send(("changed", os.fsencode(path))))
-    config = spec.config
     loop = WorkerLoop(queue, Worker(config, create_backend(config.model)), processor, index=spec.index,
                       device=spec.device, engines=spec.engines)
     loop._note_model_state()
@@ -220,7 +239,7 @@ def child_main(spec: EngineSpec, conn: Connection) -> None:
             if message[0] == "stop":
                 break
             if message[0] == "config":
-                config = _swap_config(loop, config, message[1])
+                config = _swap_config(loop, config, engine_config(message[1], config.model.device))
         if time.monotonic() - last_idle_check >= IDLE_CHECK:
             last_idle_check = time.monotonic()
             loop.unload_if_idle(config.model.idle_unload)
@@ -343,7 +362,7 @@ class ChildEngines(threading.Thread):
         with self._lock:
             self.config = config
         for child in self.children:
-            child.send(("config", engine_config(config, child.device)))
+            child.send(("config", config))  # the child puts it on its device (``pin_device``)
 
     def stop(self, deadline: float) -> None:
         """Ask every child to stop; by ``deadline`` (monotonic) the supervisor kills what is left."""

@@ -82,8 +82,8 @@ def test_two_engines_share_the_backlog_a_killed_child_is_replaced_and_stop_leave
         d.wait_done(image)
     assert d.proc.poll() is None, d.log()  # the daemon ran on
     wait_until(lambda: "was killed by signal 9" in d.log(), "the daemon to notice", log=d.log)
-    said = re.search(r"engine 1 on cpu \(pid %d\) was killed by signal 9; (\d+) of its jobs back on the queue"
-                     % first_child, d.log())
+    said = re.search(rf"engine 1 on cpu \(pid {first_child}\) was killed by signal 9; (\d+) of its jobs back on the queue",
+                     d.log())
     assert said is not None, d.log()[-3000:]
     claims = {c[0]: c for c in _claims(d.state)}
     assert len(claims) == 24 and all(c[1] == "done" for c in claims.values())  # each file done once
@@ -136,7 +136,7 @@ def test_a_reload_reaches_the_child_and_a_child_dies_with_its_daemon(two_engines
     # SIGTERM to engine 1 alone (not its daemon): it stops cleanly and is started again.
     os.kill(child, signal.SIGTERM)
     wait_until(lambda: _engine(d, 1).get("pid", child) != child, "engine 1 started again", log=d.log)
-    assert "[engine 1]: engine 1 stopped" in d.log() and "(pid %d) exited with code 0" % child in d.log()
+    assert "[engine 1]: engine 1 stopped" in d.log() and f"(pid {child}) exited with code 0" in d.log()
     assert d.proc.poll() is None
     child = _loaded(d)
 
@@ -146,7 +146,7 @@ def test_a_reload_reaches_the_child_and_a_child_dies_with_its_daemon(two_engines
     wait_until(lambda: _engine(d, 1).get("pid", child) != child, "a new engine 1", log=d.log)
     _loaded(d)
     status = d.queue.meta()
-    assert set(k for k in status if k.startswith("engine.")) == {"engine.0", "engine.1"}
+    assert {k for k in status if k.startswith("engine.")} == {"engine.0", "engine.1"}
     shown = run_vlwatch("status", "--config", d.config, env=d.env)
     assert shown.returncode == 0, shown.stderr
     assert f"engine 0 on cpu (pid {d.proc.pid}): not loaded, 0 files done" in shown.stdout, shown.stdout
@@ -188,3 +188,14 @@ def test_status_says_when_an_engine_is_down() -> None:
                          "error": "engine 1 on cuda:1 was killed by signal 9 while this file was in hand"})
     assert line.startswith("engine 1 on cuda:1: not running (engine 1 on cuda:1 was killed by signal 9")
     assert "; starting again at " in line and "(restart 2)" in line
+
+
+def test_a_child_sees_only_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 12.5: cuda:N in a child is the Nth GPU the daemon sees, and the only one the child sees.
+    from daemon.engine_process import pin_device
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert pin_device("cpu") == "cpu" and "CUDA_VISIBLE_DEVICES" not in os.environ
+    assert pin_device("cuda:1") == "cuda:0" and os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4, 6")  # the daemon itself was given two cards
+    assert pin_device("cuda:1") == "cuda:0" and os.environ["CUDA_VISIBLE_DEVICES"] == "6"
