@@ -212,10 +212,12 @@ def child_main(spec: EngineSpec, conn: Connection) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the daemon reloads and sends us the config
 
     from daemon.backends import create_backend
+    from daemon.config import load_plugins
     from daemon.engine import Processor, WorkerLoop
     from daemon.queue import Queue
     from daemon.worker import Worker
 
+    load_plugins()  # a backend a plugin registers ($VLWATCH_PLUGINS), as the daemon's config loading did
     link = _Link(conn)
     queue = Queue(config.state)
     queue.owner = owner(spec.index, os.getpid())

@@ -199,3 +199,40 @@ def test_a_child_sees_only_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert pin_device("cuda:1") == "cuda:0" and os.environ["CUDA_VISIBLE_DEVICES"] == "1"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4, 6")  # the daemon itself was given two cards
     assert pin_device("cuda:1") == "cuda:0" and os.environ["CUDA_VISIBLE_DEVICES"] == "6"
+
+
+def test_a_child_that_loses_its_gpu_is_restarted_and_a_poison_file_fails(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    # issue 12.5 (with 12.3): a sticky CUDA error in engine 1's process puts its job back with the
+    # attempt spent and ends that process (exit 3); it is started again, and the file that crashes
+    # it every time fails after jobs.attempts instead of looping.  The daemon's side runs here.
+    from daemon.config import parse_config
+    from daemon.engine_process import DEVICE_LOST_EXIT, ChildEngines
+    from daemon.queue import Candidate, content_hash
+
+    monkeypatch.setenv("VLWATCH_PLUGINS", "tests.device_lost_backend")  # the child imports it as the daemon would
+    import tests.device_lost_backend  # noqa: F401
+
+    config = parse_config("model: {backend: devicelost, name: any}\nstate: ./state.db\nwatch: [{path: ./inbox}]\n"
+                          "rules: [{name: describe, match: ['*.png'], task: describe, output: md}]\n"
+                          "jobs: {attempts: 2}\n", tmp_path / "config.yaml")
+    image = put(tmp_path / "inbox" / "poison.png", png_bytes(7))
+    st = image.stat()
+    queue = Queue(config.state)
+    queue.enqueue([Candidate(image.absolute(), "describe", content_hash(image), st.st_size, st.st_mtime_ns)])
+    children = ChildEngines(queue, config, [(1, "cpu")], lambda path: None, engines=2, stop_grace=10.0)
+    caplog.set_level("INFO", logger="daemon.engine_process")
+    children.start()
+    try:
+        wait_until(lambda: queue.history()[0].state == "failed", "the poison file to fail")
+        wait_until(lambda: caplog.text.count("lost its GPU") == 2, "two deaths noticed")
+        job = queue.history()[0]
+        assert job.attempts == 2 and "GPU failed" in (job.error or ""), job
+        assert f"exit code {DEVICE_LOST_EXIT}" not in caplog.text  # said in words, not as a number
+        wait_until(lambda: children.pids(), "engine 1 started a third time")
+    finally:
+        children.stop(0.0)
+        children.join(30)
+        queue.close()
+    assert not children.is_alive() and not children.pids()
