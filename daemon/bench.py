@@ -10,7 +10,9 @@ same synthetic images, side by side:
 3. the batching worker at each ``--batch-sizes`` entry (``auto`` and numbers);
 4. with ``--max-gpu-memory``, the worker under that cap, ``batch_size: auto``;
 5. with ``--devices``, one engine per device (``batch_size: auto`` each),
-   the images split between them and run at once (issue 12.5).
+   the images split between them and run at once (issue 12.5): engine 0 in
+   this process, each other one in a process of its own, as the daemon
+   runs them (``daemon.engine_process``).
 
 Every request gets exactly ``--new-tokens`` tokens (end-of-sequence is ignored:
 random weights would stop at arbitrary points), so the setups do the same
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import re
 import shlex
@@ -282,13 +285,19 @@ def _backend(model: Any, load_format: str) -> Any:
     return create_backend(model)
 
 
-def synthetic_images(n: int, width: int, height: int) -> list[Any]:
-    """``n`` different noise images: flat colour would make every patch alike."""
+def synthetic_images(n: int, width: int, height: int, *, start: int = 0, step: int = 1) -> list[Any]:
+    """``n`` different noise images (flat colour would make every patch alike), or every ``step``-th
+    of them from ``start``: the same ones in every process."""
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)) for _ in range(n)]
+    out = []
+    for i in range(n):
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        if i >= start and (i - start) % step == 0:
+            out.append(Image.fromarray(pixels))
+    return out
 
 
 # ------------------------------------------------------------------ running
@@ -325,56 +334,140 @@ def run_setup(backend: Any, model: Any, setup: Setup, images: list[Any], args: a
 
 
 def run_engines(first: Any, model: Any, images: list[Any], args: argparse.Namespace) -> SetupResult:
-    """One engine per device, the images split evenly, all running at once (threads, as in the daemon)."""
+    """One engine per device, the images split evenly, all running at once, as the daemon runs them.
+
+    Engine 0 runs here (on the backend the other setups loaded); every other
+    device gets a process of its own (``daemon.engine_process``), which
+    loads, warms up and then waits for the common start.  The time is from
+    that start until the last engine is done.
+    """
     import threading
 
-    from daemon.backends import Request
-    from daemon.backends import engine_devices
+    from daemon.backends import Request, engine_devices
+    from daemon.engine_process import spawn_context
 
     wanted = ("auto",) if args.devices.strip() == "auto" else tuple(d.strip() for d in args.devices.split(",") if d.strip())
     devices = [d or model.device for d in engine_devices(replace(model, devices=wanted))]
     if len(devices) < 2:
         log.warning("bench: --devices %s gives %d device(s)", args.devices, len(devices))
     config = replace(model, batch_size=None)
-    backends = [first] + [_backend(replace(config, device=d), args.load_format) for d in devices[1:]]
     setup = Setup(f"batched worker, {len(devices)} engines ({', '.join(devices)})", len(images), None)
-    workers, shares = [], []
-    for i, (backend, device) in enumerate(zip(backends, devices)):
-        _configure(backend, replace(config, device=device), setup)
-        share = [Request((img,), args.prompt, args.new_tokens) for img in images[i::len(devices)]]
-        worker = _worker(replace(config, device=device), backend)
-        log.info("bench: engine %d on %s, %d images: warming up", i, device, len(share))
-        _warm_up(backend, share, worker.batch_size())
-        workers.append(worker)
-        shares.append(share)
-    for backend in backends:
-        _reset_peak_memory(backend)
-    batches = ", ".join(str(w.batch_size()) for w in workers)
-    done: list[list[Any]] = [[] for _ in workers]
-
-    def run(i: int) -> None:
-        done[i] = workers[i].infer([_prepared(r, k) for k, r in enumerate(shares[i])])
-
-    threads = [threading.Thread(target=run, args=(i,), name=f"bench-engine-{i}") for i in range(len(workers))]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - t0
-    for w in workers:
-        w.close()
-    failed = [a for answers in done for a in answers if isinstance(a, str)]
-    if failed or sum(len(d) for d in done) != len(images):
+    context = spawn_context()
+    children = []
+    for i, device in enumerate(devices[1:], start=1):
+        ours, theirs = context.Pipe()
+        job = _EngineJob(i, len(devices), replace(config, device=device), args.load_format, args.prompt,
+                         args.new_tokens, len(images), parse_size(args.size), os.getpid(),
+                         logging.getLogger().getEffectiveLevel())
+        process = context.Process(target=_engine_child, args=(job, theirs), name=f"vlwatch-bench-engine-{i}")
+        process.start()
+        theirs.close()
+        children.append((process, ours))
+    try:
+        _configure(first, replace(config, device=devices[0]), setup)
+        share = [Request((img,), args.prompt, args.new_tokens) for img in images[0::len(devices)]]
+        worker = _worker(replace(config, device=devices[0]), first)
+        log.info("bench: engine 0 on %s, %d images: warming up", devices[0], len(share))
+        _warm_up(first, share, worker.batch_size())
+        _reset_peak_memory(first)
+        batches = [worker.batch_size()] + [_expect(p, c, "ready")[1] for p, c in children]
+        done: list[Any] = []
+        own = threading.Thread(target=lambda: done.extend(worker.infer([_prepared(r, k) for k, r in enumerate(share)])),
+                               name="bench-engine-0")
+        t0 = time.perf_counter()
+        for _, conn in children:
+            conn.send("go")
+        own.start()
+        reports = [_expect(p, c, "done") for p, c in children]
+        own.join()
+        seconds = time.perf_counter() - t0
+        worker.close()
+    finally:
+        for process, conn in children:
+            conn.close()
+            process.join(30)
+            if process.exitcode is None:
+                process.kill()
+                process.join()
+    failed = [a for a in done if isinstance(a, str)] + [f for r in reports for f in r[3]]
+    finished = len(done) + sum(r[2] for r in reports)
+    if failed or finished != len(images):
         raise VlwatchError(f"bench: {setup.name}: {failed[0] if failed else 'an engine did not finish'}")
-    peaks = [p for p in (_peak_memory(b) for b in backends) if p is not None]
+    peaks = [p for p in [_peak_memory(first)] + [r[4] for r in reports] if p is not None]
     n = len(images)
-    result = SetupResult(setup=setup.name, batch=f"auto ({batches})", images=n, seconds=round(seconds, 3),
-                         images_per_min=round(60 * n / seconds, 2), s_per_image=round(seconds / n, 3), ttft_s=None,
-                         decode_tok_s=None, peak_gpu_gib=round(max(peaks) / GiB, 2) if peaks else None,
-                         new_tokens=n * args.new_tokens)
-    log.info("bench: %s: %.1f images/min", setup.name, result.images_per_min)
+    result = SetupResult(setup=setup.name, batch=f"auto ({', '.join(str(b) for b in batches)})", images=n,
+                         seconds=round(seconds, 3), images_per_min=round(60 * n / seconds, 2),
+                         s_per_image=round(seconds / n, 3), ttft_s=None, decode_tok_s=None,
+                         peak_gpu_gib=round(max(peaks) / GiB, 2) if peaks else None, new_tokens=n * args.new_tokens)
+    log.info("bench: %s: %.1f images/min (engines: %s s)", setup.name, result.images_per_min,
+             ", ".join(f"{r[1]:.1f}" for r in reports))
     return result
+
+
+@dataclass(frozen=True)
+class _EngineJob:
+    """What a bench engine process needs (pickled to it)."""
+
+    index: int
+    engines: int
+    model: Any  # ModelConfig on its device
+    load_format: str
+    prompt: str
+    new_tokens: int
+    images: int
+    size: tuple[int, int]
+    parent_pid: int
+    log_level: int
+
+
+def _expect(process: Any, conn: Any, what: str) -> tuple[Any, ...]:
+    """The next message of a bench engine process, which must be ``what``; its failure otherwise."""
+    try:
+        message = conn.recv()
+    except (EOFError, OSError):
+        process.join(5)
+        raise VlwatchError(f"bench: an engine process ended (exit code {process.exitcode})") from None
+    if message[0] == "error":
+        raise VlwatchError(f"bench: engine {message[1]}: {message[2]}")
+    if message[0] != what:
+        raise VlwatchError(f"bench: an engine process said {message[0]!r}, expected {what!r}")
+    return message
+
+
+def _engine_child(job: _EngineJob, conn: Any) -> None:
+    """A bench engine process: load, warm up, say ready, run its share at "go", report."""
+    from daemon.engine_process import child_logging, die_with_parent, pin_device
+
+    named = job.model.device
+    job = replace(job, model=replace(job.model, device=pin_device(named)))  # before torch loads
+    die_with_parent(job.parent_pid)
+    child_logging(job.log_level, f"engine {job.index}")
+    try:
+        from daemon.backends import Request
+
+        backend = _backend(job.model, job.load_format)
+        setup = Setup("engine", job.images, None)
+        _configure(backend, job.model, setup)
+        images = synthetic_images(job.images, *job.size, start=job.index, step=job.engines)
+        share = [Request((img,), job.prompt, job.new_tokens) for img in images]
+        worker = _worker(job.model, backend)
+        log.info("bench: engine %d on %s, %d images: warming up", job.index, named, len(share))
+        _warm_up(backend, share, worker.batch_size())
+        _reset_peak_memory(backend)
+        conn.send(("ready", worker.batch_size()))
+        if conn.recv() != "go":
+            return
+        t0 = time.perf_counter()
+        answers = worker.infer([_prepared(r, k) for k, r in enumerate(share)])
+        seconds = time.perf_counter() - t0
+        worker.close()
+        failed = [a for a in answers if isinstance(a, str)]
+        conn.send(("done", seconds, len(answers) - len(failed), failed[:1], _peak_memory(backend)))
+    except Exception as exc:  # reported to the bench, which stops with it
+        log.exception("bench: engine %d failed", job.index)
+        conn.send(("error", job.index, f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
 
 
 def _configure(backend: Any, config: Any, setup: Setup) -> None:

@@ -216,6 +216,21 @@ def status_info(config: Config, failures: int = 10) -> dict[str, object]:
     return info
 
 
+def _engine_line(engine: dict) -> str:
+    """One engine of several (issue 12.5): where, which process, loaded, files done; or why it is down."""
+    where = f"engine {engine['engine']} on {engine.get('device')}"
+    if engine.get("running") is False:
+        line = f"{where}: not running"
+        if engine.get("error"):
+            line += f" ({engine['error']})"
+        if engine.get("restart_at"):
+            line += f"; starting again at {_when(engine['restart_at'])} (restart {engine.get('restarts', 1)})"
+        return line
+    pid = f" (pid {engine['pid']})" if engine.get("pid") else ""
+    state = "loaded" if engine.get("loaded") else "not loaded"
+    return f"{where}{pid}: {state}, {engine.get('done', 0)} files done"
+
+
 def format_status(info: dict) -> str:
     c = info["counts"]
     daemon = info["daemon"]
@@ -232,8 +247,7 @@ def format_status(info: dict) -> str:
         since = f" since {_when(model['since'])}" if model.get("since") else ""
         lines.append(f"model    {model.get('model')} ({model.get('backend')}): {state}{since}")
     for engine in info.get("engines") or []:
-        state = "loaded" if engine.get("loaded") else "not loaded"
-        lines.append(f"engine {engine['engine']} on {engine.get('device')}: {state}, {engine.get('done', 0)} files done")
+        lines.append(_engine_line(engine))
     backend = info.get("backend")
     if backend and not backend.get("available", True):
         lines.append(f"backend  unavailable since {_when(backend.get('since'))}: {backend.get('error')}; "

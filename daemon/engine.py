@@ -55,6 +55,7 @@ from typing import Any, Callable, Hashable, Sequence
 from daemon import hooks
 from daemon.backends import Answer, DeviceLostError, Item, Request, engine_devices
 from daemon.config import Config, local_model_path
+from daemon.engine_process import ChildEngines, engine_config, owner
 from daemon.errors import (
     BackendUnavailableError,
     ModelMissingError,
@@ -322,14 +323,15 @@ class WorkerLoop(threading.Thread):
     """
 
     def __init__(self, queue: Queue, worker: Worker, processor: Processor,
-                 backlog: Callable[[], int] = lambda: 0, *, index: int = 0, device: str | None = None) -> None:
+                 backlog: Callable[[], int] = lambda: 0, *, index: int = 0, device: str | None = None,
+                 engines: int = 1) -> None:
         super().__init__(name="vlwatch-worker" + (f"-{index}" if index else ""), daemon=True)
         self.queue = queue
         self.worker = worker
-        self.index = index  # which engine of an EngineGroup (0 when there is one)
-        self.device = device  # its device, when the group placed it (model.devices)
+        self.index = index  # which engine of the daemon's (0 when there is one)
+        self.device = device  # its device, when the daemon placed it (model.devices)
+        self.engines = engines  # how many the daemon runs: each notes its state for status when several
         self.done = 0  # files finished by this engine (for status)
-        self._siblings: list[WorkerLoop] = [self]  # loops sharing the interactive requests
         self.processor = processor
         self._backlog = backlog
         self._yielding_since: float | None = None
@@ -364,8 +366,7 @@ class WorkerLoop(threading.Thread):
         """
         future: Future[Answer] = Future()
         self._interactive.append((request, future))
-        for loop in self._siblings:  # whichever engine has a free slot first takes it
-            loop._wake.set()
+        self._wake.set()
         return future
 
     def wake(self) -> None:
@@ -601,13 +602,14 @@ class WorkerLoop(threading.Thread):
 
     def _note_engine(self, state: dict[str, object] | None = None) -> None:
         """Per-engine status (issue 12.5): ``engine.<index>`` in the state database's meta."""
-        if len(self._siblings) < 2:
+        if self.engines < 2:
             return
         if state is None:
             loaded, down = self._model_loaded or (False, False)
             state = {"backend": self.worker.backend.name, "model": self.worker.backend.model, "loaded": loaded}
-        self.queue.set_meta(f"engine.{self.index}", {**state, "device": self.device or self.worker.config.model.device,
-                                                     "done": self.done, "updated": time.time()})
+        self._set_meta(f"engine.{self.index}", {**state, "device": self.device or self.worker.config.model.device,
+                                                "pid": os.getpid(), "running": True, "done": self.done,
+                                                "updated": time.time()})
 
     def unload_if_idle(self, idle_unload: float) -> None:
         """Free the model's memory after ``idle_unload`` seconds without a batch."""
@@ -655,108 +657,115 @@ class WorkerLoop(threading.Thread):
 
 
 def start_engines(queue: Queue, config: Config, processor: Processor, *, backlog: Callable[[], int] = lambda: 0,
-                  make_backend: Callable[[Any], Any] | None = None) -> WorkerLoop | EngineGroup:
-    """The daemon's engine(s) for ``config``: a WorkerLoop, or an EngineGroup of one per device."""
+                  make_backend: Callable[[Any], Any] | None = None,
+                  stop_grace: float = 20.0) -> WorkerLoop | EngineGroup:
+    """The daemon's engine(s) for ``config``: a WorkerLoop, or an EngineGroup of one per device.
+
+    With one device (``model.devices`` unset, or one entry) this is the
+    WorkerLoop it always was, in this process.  With several, engine 0 is a
+    WorkerLoop here and every other device gets its own process
+    (``daemon.engine_process``): engines as threads of one process take turns
+    on the interpreter during prefill (1.54x on two H100s, NOTES.md call E3).
+    """
     if make_backend is None:
         from daemon.backends import create_backend
 
         make_backend = create_backend
     devices = engine_devices(config.model)
-    loops = []
-    for index, device in enumerate(devices):
-        model = config.model if device is None else replace(config.model, device=device, devices=())
-        worker = Worker(replace(config, model=model), make_backend(model))
-        loops.append(WorkerLoop(queue, worker, processor, backlog, index=index, device=device))
-    if len(loops) == 1:
-        return loops[0]
-    return EngineGroup(loops, make_backend)
+    first = engine_config(config, devices[0])
+    loop = WorkerLoop(queue, Worker(first, make_backend(first.model)), processor, backlog, index=0,
+                      device=devices[0], engines=len(devices))
+    if len(devices) == 1:
+        return loop
+    queue.owner = owner(0, os.getpid())
+    children = ChildEngines(queue, config, [(i, str(d)) for i, d in enumerate(devices) if i > 0],
+                            processor.on_changed, engines=len(devices), stop_grace=max(1.0, stop_grace - 2.0))
+    return EngineGroup(loop, children, make_backend, stop_grace=stop_grace)
 
 
 class EngineGroup:
-    """Several WorkerLoops, one per device, fed from the same queue; looks like one WorkerLoop to the service.
+    """Engine 0 (a WorkerLoop here) and the child engine processes; looks like one WorkerLoop to the service.
 
-    Each claims jobs as its own slots free up (claims are transactions on the
-    shared queue) and they share one list of interactive requests, so an
-    ``ask`` goes to whichever engine has a free slot first.
+    Each engine claims jobs as its own slots free up (claims are
+    transactions on the shared queue).  Interactive requests (the API,
+    ``ask``) go to engine 0, the one in this process.  A child that dies is
+    the supervisor's business (its jobs back, a restart): the group stays
+    alive while engine 0 and the supervisor are.
     """
 
-    def __init__(self, loops: list[WorkerLoop], make_backend: Callable[[Any], Any]) -> None:
-        self.loops = loops
+    def __init__(self, first: WorkerLoop, children: ChildEngines, make_backend: Callable[[Any], Any], *,
+                 stop_grace: float = 20.0) -> None:
+        self.first = first
+        self.children = children
         self._make_backend = make_backend
-        shared = loops[0]._interactive
-        for loop in loops:
-            loop._interactive = shared
-            loop._siblings = loops
+        self._stop_grace = stop_grace
 
     # -- what the service and the API use of a WorkerLoop
     @property
     def worker(self) -> Worker:
-        return self.loops[0].worker
+        return self.first.worker
+
+    @property
+    def processor(self) -> Processor:
+        return self.first.processor
 
     @property
     def busy_since(self) -> float | None:
-        busy = [loop.busy_since for loop in self.loops if loop.busy_since is not None]
-        return min(busy) if busy else None
+        return self.first.busy_since
 
     @property
     def paused_until(self) -> float:
-        return max(loop.paused_until for loop in self.loops)
+        return self.first.paused_until
 
     @property
     def in_hand(self) -> list[int]:
-        return [job for loop in self.loops for job in loop.in_hand]
+        return self.first.in_hand
 
     @property
     def fatal(self) -> DeviceLostError | None:
-        return next((loop.fatal for loop in self.loops if loop.fatal is not None), None)
+        return self.first.fatal
 
     def submit(self, request: Request) -> Future[Answer]:
-        return self.loops[0].submit(request)
+        return self.first.submit(request)
 
     def start(self) -> None:
-        for loop in self.loops:
-            loop.start()
+        self.first.start()
+        self.children.start()
 
     def is_alive(self) -> bool:
-        return all(loop.is_alive() for loop in self.loops)
+        return self.first.is_alive() and self.children.is_alive()
 
     def stop(self) -> None:
-        for loop in self.loops:
-            loop.stop()
+        self.first.stop()
+        self.children.stop(time.monotonic() + self._stop_grace)
 
     def join(self, timeout: float | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
-        for loop in self.loops:
-            loop.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        for loop in self.loops[1:]:  # the service closes the first one's worker
-            if not loop.is_alive():
-                loop.worker.close()
+        self.first.join(timeout)
+        # The supervisor ends once its children have (it kills any past the stop's deadline).
+        self.children.join(None if deadline is None else max(0.0, deadline - time.monotonic()) + 5.0)
 
     def wake(self) -> None:
-        for loop in self.loops:
-            loop.wake()
+        self.first.wake()  # the children look at the queue every second (ChildEngines)
 
     def unload_if_idle(self, idle_unload: float) -> None:
-        for loop in self.loops:
-            loop.unload_if_idle(idle_unload)
+        self.first.unload_if_idle(idle_unload)  # each child looks after its own
 
     def _note_model_state(self) -> None:
-        for loop in self.loops:
-            loop._note_model_state()
+        self.first._note_model_state()
 
     def replace_worker(self, worker: Worker) -> None:
-        """After a reload: the first engine takes ``worker``; each other one the same config on its device."""
-        first = self.loops[0]
-        same_backend = worker.backend is first.worker.backend
-        if not same_backend and first.device is not None:  # a new model: on the first engine's device too
-            model = replace(worker.config.model, device=first.device, devices=())
-            worker = Worker(replace(worker.config, model=model), self._make_backend(model))
-        first.replace_worker(worker)
-        for loop in self.loops[1:]:
-            model = worker.config.model if loop.device is None else replace(worker.config.model, device=loop.device,
-                                                                             devices=())
-            backend = loop.worker.backend if same_backend else self._make_backend(model)
-            loop.replace_worker(Worker(replace(worker.config, model=model), backend))
+        """After a reload: engine 0 takes ``worker`` (on its device); each child gets the new config."""
+        full = worker.config
+        config = engine_config(full, self.first.device)
+        # The service made a new backend only for a new model; engine 0's goes on its own device.
+        same = worker.backend is self.first.worker.backend
+        self.first.replace_worker(Worker(config, worker.backend if same else self._make_backend(config.model)))
+        self.children.reload(full)
+
+    def pids(self) -> list[int]:
+        """The child engines' process ids (tests: none survives a stop)."""
+        return self.children.pids()
 
 
 @dataclass

@@ -367,6 +367,13 @@ def m040_priority(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX jobs_claim ON jobs (state, priority DESC, id)")
 
 
+@migration
+def m041_claimed_by(db: sqlite3.Connection) -> None:
+    # Which engine process claimed a running job (issue 12.5): when one of the
+    # daemon's engine processes dies, its jobs (and only its) go back on the queue.
+    db.execute("ALTER TABLE jobs ADD COLUMN claimed_by TEXT")
+
+
 def migrate(db: sqlite3.Connection) -> list[str]:
     """Apply the migrations this database lacks; return their names."""
     db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
@@ -402,6 +409,8 @@ class Queue:
         self.path = Path(path)
         make_state_folder(self.path)
         self._lock = threading.RLock()
+        #: recorded with each job ``claim`` takes (``claimed_by``): which process, which engine
+        self.owner = f"pid {os.getpid()}"
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE),
         # so a read never holds a lock that blocks the daemon's writes.
         try:
@@ -552,8 +561,8 @@ class Queue:
                 "SELECT id FROM jobs INDEXED BY jobs_claim WHERE state = 'queued' AND not_before <= ?"
                 " ORDER BY priority DESC, id LIMIT ?", (now, limit))]
             db.executemany(
-                "UPDATE jobs SET state = 'running', started_at = ?, attempts = attempts + 1 WHERE id = ?",
-                [(now, i) for i in ids])
+                "UPDATE jobs SET state = 'running', started_at = ?, attempts = attempts + 1, claimed_by = ?"
+                " WHERE id = ?", [(now, self.owner, i) for i in ids])
         return self._jobs_by_id(ids)
 
     def due_count(self, now: float | None = None) -> int:
@@ -602,6 +611,32 @@ class Queue:
                 "UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0), not_before = ?"
                 " WHERE id = ? AND state = 'running'",
                 [(not_before, i) for i in job_ids])
+
+    def release_claimed_by(self, owner: str, *, max_attempts: int | None, error: str | None = None) -> dict[str, int]:
+        """Put back the running jobs ``owner`` claimed: an engine process that died or hung (issue 12.5).
+
+        With ``max_attempts`` (it crashed) the attempt stays spent, as for a
+        daemon crash, and a job out of attempts fails: a file that kills its
+        engine each time cannot loop forever.  Without (it was stopped), the
+        attempt is given back, as ``release`` does, and ``error`` is not recorded.
+        """
+        counts = {"queued": 0, "failed": 0}
+        now = time.time()
+        error = safe_text(error) if error is not None and max_attempts is not None else None
+        with self._tx() as db:
+            rows = db.execute("SELECT id, attempts FROM jobs WHERE state = 'running' AND claimed_by = ?",
+                              (owner,)).fetchall()
+            spent = [r["id"] for r in rows if max_attempts is not None and r["attempts"] >= max_attempts]
+            again = [r["id"] for r in rows if r["id"] not in spent]
+            db.executemany("UPDATE jobs SET state = 'failed', finished_at = ?, error = ? WHERE id = ?",
+                           [(now, error, i) for i in spent])
+            self._drop_if_superseded(db, again)
+            refund = 0 if max_attempts is not None else 1
+            db.executemany("UPDATE jobs SET state = 'queued', not_before = 0, error = COALESCE(?, error),"
+                           " attempts = MAX(attempts - ?, 0) WHERE id = ? AND state = 'running'",
+                           [(error, refund, i) for i in again])
+        counts["queued"], counts["failed"] = len(again), len(spent)
+        return counts
 
     def touch(self, job_id: int, size: int, mtime_ns: int) -> None:
         """Record a job's file's new size and mtime after a touch that left its bytes alone."""

@@ -158,9 +158,13 @@ class Daemon:
         if any(recovered.values()):
             log.info("recovered interrupted jobs: %(queued)d queued again, %(done)d done, %(failed)d failed", recovered)
         self.queue.set_meta("daemon", {"pid": os.getpid(), "started": time.time(), "config": str(self.config_path)})
-        # One engine, or one per device (model.devices); the group looks like one WorkerLoop.
+        for key in self.queue.meta():  # a previous run's engines (it may have had more devices)
+            if key.startswith("engine."):
+                self.queue.set_meta(key, None)
+        # One engine, or one per device (model.devices): engine 0 here, the others in processes
+        # of their own (daemon.engine_process); the group looks like one WorkerLoop.
         self.loop = start_engines(self.queue, self.config, Processor(self.queue, self._requeue_changed),
-                                  backlog=self._intake_load)
+                                  backlog=self._intake_load, stop_grace=STOP_GRACE)
         self.loop._note_model_state()
         self.settler.start()
         self.watcher.start(self.config.watch)
@@ -293,7 +297,8 @@ class Daemon:
         for thread in list(self._threads):
             thread.join(max(0.0, deadline - time.monotonic()))
         self.loop.join(max(0.0, deadline - time.monotonic()))
-        hung = self.loop.is_alive()
+        # Engine 0, the one in this process; child engines were waited for (or killed) by the join.
+        hung = (self.loop.first if isinstance(self.loop, EngineGroup) else self.loop).is_alive()
         if hung:
             in_hand = list(self.loop.in_hand)
             self.queue.release(in_hand)
@@ -341,6 +346,10 @@ class Daemon:
         if new.api != old.api:
             log.warning("api: a change of api.listen or api.token_env needs a restart; still serving the old one")
             new = replace(new, api=old.api)
+        if new.model.devices != old.model.devices:
+            log.warning("model.devices: a change of the engines' devices needs a restart; still running %s",
+                        ", ".join(old.model.devices) or old.model.device)
+            new = replace(new, model=replace(new.model, devices=old.model.devices))
         backend: Backend = self.loop.worker.backend
         if new.model != old.model:
             backend = create_backend(new.model)

@@ -150,9 +150,11 @@ def test_bench_verify_exits_1_on_a_mismatch(tiny_model: Path, monkeypatch: pytes
 
 
 def test_bench_one_engine_per_device(tiny_model: Path) -> None:
-    # issue 12.5: the images split between engines running at once (two CPU "devices" here).
-    done = run_vlwatch("bench", "--model", tiny_model, *SMALL, "--devices", "cpu,cpu", "--json")
+    # issue 12.5: the images split between engines running at once (two CPU "devices" here),
+    # engine 1 in a process of its own as in the daemon (its log lines are tagged by that process).
+    done = run_vlwatch("-v", "bench", "--model", tiny_model, *SMALL, "--devices", "cpu,cpu", "--json")
     assert done.returncode == 0, done.stderr
+    assert "[engine 1]: bench: engine 1 on cpu, 1 images: warming up" in done.stderr, done.stderr
     report = json.loads(done.stdout)
     last = report["results"][-1]
     assert last["setup"] == "batched worker, 2 engines (cpu, cpu)" and last["batch"] == "auto (4, 4)"

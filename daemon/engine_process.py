@@ -1,0 +1,516 @@
+"""Engines in their own processes: one per GPU beyond the first (issue 12.5).
+
+Two engines as threads of one process measured 1.54x one engine on two
+H100s (``benchmarks/NOTES.md``, call E3): the prefill's host work (the
+vision tower and the stock text forward, thousands of kernel launches per
+image) needs the Python interpreter, and two engines take turns on its lock.
+So with ``model.devices`` naming several, engine 0 stays in the daemon
+(interactive requests and queue jobs, as with one device) and every further
+device gets a **child process** ("spawn": a fresh interpreter, no copy of
+the daemon's threads or CUDA state) running a ``WorkerLoop`` over the same
+state file, queue jobs only.  The engines share nothing but the SQLite
+queue, whose claims are transactions; each claim records its claimer
+(``claimed_by``: ``engine N pid P``).
+
+The daemon's side (``ChildEngines``, one supervisor thread):
+
+- starts the children and watches them (their exit sentinels and pipes);
+- a child that dies (``kill -9``, a segfault, the OOM killer, a sticky CUDA
+  error) has its claimed jobs put back on the queue with the attempt spent,
+  as a daemon crash would (a file that kills its engine each time ends
+  ``failed`` after ``jobs.attempts``), and is started again after a backoff
+  (1 s, doubling up to ``MAX_RESTART_DELAY``; reset once a child has run
+  ``HEALTHY_AFTER`` seconds).  A child that lost its GPU (sticky CUDA error)
+  is restarted too, rather than the whole daemon: the error poisons that
+  process's CUDA context only, a new process gets a fresh one, and engine 0
+  and the intake go on undisturbed.  Engine 0 losing its GPU still ends the
+  daemon non-zero (systemd restarts it), children included;
+- a child sees only its own GPU (``CUDA_VISIBLE_DEVICES``, set before torch
+  loads), so nothing in it can touch another engine's card;
+- a child loads its model as it starts (engine 0 loads on its first job,
+  as with one device): it exists only to run that GPU, and a backlog at
+  start or after a restart finds it ready;
+- SIGHUP: the new config goes to each child over its pipe; the child swaps
+  its worker between admission sessions as engine 0 does (reusing the loaded
+  model when ``model`` did not change);
+- stop: each child is told to stop (the jobs in hand go back, no attempt
+  spent) and is waited for until the daemon's stop grace ends; one still
+  running then is killed and its jobs put back the same way.
+
+A child never outlives the daemon: it asks Linux for SIGKILL when the thread
+that started it ends (``PR_SET_PDEATHSIG``; that thread is the supervisor,
+which ends only after its children), and, as a fallback elsewhere or for a
+race at start, a thread of its own exits when the daemon's end of the
+multiprocessing pipe closes.  Jobs it held then are ``running`` in the state
+file and the next daemon start recovers them, as after any crash.
+
+Deliberately not here: what a loop does with a job (``daemon.engine``).
+The child is also told nothing about the intake's bursts (``BURST``): only
+engine 0 yields to the intake; and a hung child (a batch running past
+``STALL``) is not detected, only a dead one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:  # the child imports the engine only once it runs (see child_main)
+    from daemon.config import Config
+    from daemon.queue import Queue
+
+log = logging.getLogger(__name__)
+
+#: Exit code of a child whose GPU is lost (a sticky CUDA error): restarted like any other death.
+DEVICE_LOST_EXIT = 3
+#: Exit code of a child that found its daemon gone.
+ORPHANED_EXIT = 4
+#: Longest wait before starting a child that keeps dying.
+MAX_RESTART_DELAY = 60.0
+#: A child that ran this long before dying is restarted after the shortest delay again.
+HEALTHY_AFTER = 60.0
+#: How often a child looks whether its model has been idle long enough to unload.
+IDLE_CHECK = 5.0
+#: A child that exits cleanly unasked was most likely signalled with its daemon (systemd's
+#: KillMode=control-group, Ctrl-C): wait this long for the daemon's own stop before restarting it.
+CLEAN_EXIT_GRACE = 2.0
+#: prctl(2) option: the signal sent to this process when its parent thread ends.
+PR_SET_PDEATHSIG = 1
+
+
+def spawn_context() -> Any:
+    """A fresh interpreter per child: fork would copy the daemon's threads, locks and CUDA state."""
+    return multiprocessing.get_context("spawn")
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Make sure this child process ends when the process that started it does.
+
+    Linux: ``PR_SET_PDEATHSIG`` SIGKILL, effective at once even if the parent
+    is wedged.  Then, for a parent that died before the call and for other
+    systems, a thread exits the process when the parent's end of the pipe
+    multiprocessing keeps for it closes.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError) as exc:  # no libc prctl: the pipe below still works
+            log.debug("prctl(PR_SET_PDEATHSIG) unavailable: %s", exc)
+    if os.getppid() != parent_pid:  # the parent died before prctl could watch it
+        os._exit(ORPHANED_EXIT)
+    parent = multiprocessing.parent_process()
+    if parent is not None and parent.sentinel is not None:
+        threading.Thread(target=_exit_when_gone, args=(parent.sentinel,), name="vlwatch-parent-watch",
+                         daemon=True).start()
+
+
+def _exit_when_gone(sentinel: int) -> None:
+    wait([sentinel])
+    os._exit(ORPHANED_EXIT)
+
+
+def pin_device(device: str) -> str:
+    """In a child, before torch loads: let it see only its own GPU; the name to use for it then.
+
+    ``cuda:N`` becomes ``CUDA_VISIBLE_DEVICES`` = the Nth of the GPUs the daemon sees (its own
+    ``CUDA_VISIBLE_DEVICES`` honoured) and ``cuda:0`` inside the child, so nothing in the
+    process (a default stream, a stray context, a default-device tensor) can touch another
+    engine's card.  Other devices (``cpu``) are left as they are.
+    """
+    prefix, _, number = device.partition(":")
+    if prefix != "cuda" or not number.isdigit():
+        return device
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [v.strip() for v in visible.split(",")] if visible else []
+    os.environ["CUDA_VISIBLE_DEVICES"] = ids[int(number)] if int(number) < len(ids) else number
+    return "cuda:0"
+
+
+def child_logging(level: int, name: str) -> None:
+    """The daemon's log format in a child (spawn starts without it), each line naming the engine."""
+    from daemon.cli import setup_logging  # light (config and errors); the one place to set the format
+
+    setup_logging(0)
+    root = logging.getLogger()
+    root.setLevel(level)
+
+    def tag(record: logging.LogRecord) -> bool:
+        record.name = f"{record.name} [{name}]"
+        return True
+
+    for handler in root.handlers:
+        handler.addFilter(tag)
+
+
+def owner(index: int, pid: int) -> str:
+    """What ``claimed_by`` records for the jobs an engine claims."""
+    return f"engine {index} pid {pid}"
+
+
+def engine_config(config: Config, device: str | None) -> Config:
+    """``config`` for the engine on ``device``: one device, no ``devices`` list."""
+    if device is None:
+        return config
+    return replace(config, model=replace(config.model, device=device, devices=()))
+
+
+# ------------------------------------------------------------------ the child
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What a child needs to run an engine (pickled to it by spawn)."""
+
+    index: int
+    device: str
+    config: Config  # already for this device (``engine_config``)
+    engines: int  # how many the daemon runs (for status)
+    parent_pid: int
+    log_level: int
+    stop_grace: float
+
+
+class _Link:
+    """The child's end of its pipe, used by several threads."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        with self._lock:
+            try:
+                self.conn.send(message)
+            except (OSError, ValueError):  # the daemon is gone: the parent watch ends us
+                pass
+
+
+def child_main(spec: EngineSpec, conn: Connection) -> None:
+    """The child process: a WorkerLoop on ``spec.device`` over the shared state file, until told to stop."""
+    config = engine_config(spec.config, pin_device(spec.device))  # before anything imports torch
+    die_with_parent(spec.parent_pid)
+    name = f"engine {spec.index}"
+    child_logging(spec.log_level, name)
+    # SIGTERM (systemd signals the whole cgroup at stop) and SIGINT (Ctrl-C signals the
+    # terminal's process group) mean stop, like the daemon's message: jobs in hand go back.
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    stop_signal = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop_signal.set())
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the daemon reloads and sends us the config
+
+    from daemon.backends import create_backend
+    from daemon.config import load_plugins
+    from daemon.engine import Processor, WorkerLoop
+    from daemon.queue import Queue
+    from daemon.worker import Worker
+
+    load_plugins()  # a backend a plugin registers ($VLWATCH_PLUGINS), as the daemon's config loading did
+    link = _Link(conn)
+    queue = Queue(config.state)
+    queue.owner = owner(spec.index, os.getpid())
+    processor = Processor(queue, lambda path: link.send(("changed", os.fsencode(path))))
+    loop = WorkerLoop(queue, Worker(config, create_backend(config.model)), processor, index=spec.index,
+                      device=spec.device, engines=spec.engines)
+    loop._note_model_state()
+    log.info("%s on %s started (pid %d)", name, spec.device, os.getpid())
+    _load(loop)
+    loop.start()
+    last_idle_check = time.monotonic()
+    while loop.is_alive() and not stop_signal.is_set():
+        ready = wait([conn, wake_r], timeout=min(1.0, IDLE_CHECK))
+        if wake_r in ready:
+            _drain(wake_r)
+        if conn in ready:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                break  # the daemon is gone
+            if message[0] == "stop":
+                break
+            if message[0] == "config":
+                config = _swap_config(loop, config, engine_config(message[1], config.model.device))
+        if time.monotonic() - last_idle_check >= IDLE_CHECK:
+            last_idle_check = time.monotonic()
+            loop.unload_if_idle(config.model.idle_unload)
+    code = _stop_child(loop, queue, spec.stop_grace)
+    logging.shutdown()
+    # os._exit: the model's threads (torch, the worker's pools) must not hold up the
+    # exit; everything that matters is committed in the state file by now.
+    os._exit(code)
+
+
+def _load(loop: Any) -> None:
+    """Load the model now, not on the first job: this process exists only to run it on its GPU,
+    and a backlog at start (or after a restart) then finds every engine ready.  A load that
+    fails is tried again on the first job, where the loop handles it (the queue pauses)."""
+    load = getattr(loop.worker.backend, "load", None)
+    if not callable(load):
+        return
+    try:
+        load()
+    except Exception as exc:
+        log.warning("engine %d: the model did not load at start (%s); trying again on the first job", loop.index, exc)
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 64):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def _swap_config(loop: Any, old: Config, new: Config) -> Config:
+    """After the daemon's reload: the same model stays loaded; a changed one is made anew."""
+    from daemon.backends import create_backend
+    from daemon.worker import Worker
+
+    same = new.model == old.model
+    loop.replace_worker(Worker(new, loop.worker.backend if same else create_backend(new.model)))
+    log.info("engine %d: config reloaded: %d rules%s", loop.index, len(new.rules), "" if same else ", a new model")
+    return new
+
+
+def _stop_child(loop: Any, queue: Queue, grace: float) -> int:
+    loop.stop()
+    loop.join(grace)
+    if loop.is_alive():  # stuck in the model: what it holds goes back; the process ends anyway
+        queue.release(list(loop.in_hand))
+        log.warning("engine %d: the batch in hand did not finish within %gs; put back on the queue",
+                    loop.index, grace)
+    else:
+        loop.worker.close()
+    loop.processor.flush()
+    fatal = loop.fatal is not None
+    queue.close()
+    log.info("engine %d stopped%s", loop.index, " (GPU lost)" if fatal else "")
+    return DEVICE_LOST_EXIT if fatal else 0
+
+
+# ------------------------------------------------------------------ the daemon's side
+
+
+class _Child:
+    """The daemon's handle on one engine process."""
+
+    def __init__(self, index: int, device: str) -> None:
+        self.index = index
+        self.device = device
+        self.process: Any = None
+        self.conn: Connection | None = None
+        self.owner = ""
+        self.started = 0.0
+        self.restart_at: float | None = 0.0  # monotonic; None while running
+        self.delay = 0.0
+        self.restarts = 0
+        self._send_lock = threading.Lock()
+
+    def send(self, message: tuple[Any, ...]) -> bool:
+        with self._send_lock:
+            if self.conn is None:
+                return False
+            try:
+                self.conn.send(message)
+                return True
+            except (OSError, ValueError):  # it died; the supervisor hears it from the sentinel
+                return False
+
+
+class ChildEngines(threading.Thread):
+    """The supervisor thread: engines 1..n-1 as child processes, kept running until ``stop``.
+
+    Args:
+        queue: the daemon's state database (to put back a dead child's jobs and note its state).
+        config: the daemon's config; each child gets it for its device.
+        devices: (index, device) of each child engine.
+        on_changed: a file a child found changed while it ran (the daemon settles it again).
+        stop_grace: what a child gets to finish the jobs in hand when stopped.
+    """
+
+    def __init__(self, queue: Queue, config: Config, devices: list[tuple[int, str]],
+                 on_changed: Callable[[Path], None], *, engines: int, stop_grace: float) -> None:
+        super().__init__(name="vlwatch-engines", daemon=True)
+        self.queue = queue
+        self.config = config
+        self.children = [_Child(i, d) for i, d in devices]
+        self.on_changed = on_changed
+        self.engines = engines
+        self.stop_grace = stop_grace
+        self._stopping = threading.Event()
+        self._stop_deadline = 0.0
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._context = spawn_context()
+        self._lock = threading.Lock()
+
+    # -- what the engine group calls (any thread)
+    # No "wake" on new jobs: a child looks at the queue at least every second anyway
+    # (``WorkerLoop._idle_timeout``), engine 0 is woken at once, and a message per arrival
+    # could fill the pipe of a wedged child and block the intake thread that sent it.
+
+    def reload(self, config: Config) -> None:
+        with self._lock:
+            self.config = config
+        for child in self.children:
+            child.send(("config", config))  # the child puts it on its device (``pin_device``)
+
+    def stop(self, deadline: float) -> None:
+        """Ask every child to stop; by ``deadline`` (monotonic) the supervisor kills what is left."""
+        self._stop_deadline = deadline
+        self._stopping.set()
+        for child in self.children:
+            child.send(("stop",))
+        self._poke()
+
+    def pids(self) -> list[int]:
+        return [c.process.pid for c in self.children if c.process is not None and c.process.is_alive()]
+
+    # -- the supervisor thread
+    def run(self) -> None:
+        try:
+            self._supervise()
+        except Exception:  # a bug: the children die with this thread (PR_SET_PDEATHSIG); say why
+            log.exception("engine supervisor failed; its engine processes end")
+            raise
+        finally:
+            self._end_all()
+
+    def _supervise(self) -> None:
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            for child in self.children:
+                if child.restart_at is not None and child.restart_at <= now:
+                    self._start(child)
+            waits: list[Any] = [self._wake_r]
+            for child in self.children:
+                if child.process is not None:
+                    waits.append(child.process.sentinel)
+                    if child.conn is not None:
+                        waits.append(child.conn)
+            due = [c.restart_at for c in self.children if c.restart_at is not None]
+            timeout = max(0.05, min(due) - time.monotonic()) if due else None
+            ready = wait(waits, timeout=timeout)
+            if self._wake_r in ready:
+                _drain(self._wake_r)
+            for child in self.children:
+                if child.conn is not None and child.conn in ready:
+                    self._read(child)
+                if child.process is not None and child.process.sentinel in ready and not self._stopping.is_set():
+                    self._died(child)
+
+    def _start(self, child: _Child) -> None:
+        with self._lock:
+            config = engine_config(self.config, child.device)
+        spec = EngineSpec(child.index, child.device, config, self.engines, os.getpid(),
+                          logging.getLogger().getEffectiveLevel(), self.stop_grace)
+        ours, theirs = self._context.Pipe(duplex=True)
+        process = self._context.Process(target=child_main, args=(spec, theirs), name=f"vlwatch-engine-{child.index}",
+                                        daemon=False)
+        try:
+            process.start()
+        except Exception as exc:  # cannot even start (no memory, too many processes): try again later
+            ours.close()
+            theirs.close()
+            self._schedule(child, f"could not be started: {exc}")
+            return
+        theirs.close()
+        child.process, child.conn, child.owner = process, ours, owner(child.index, process.pid)
+        child.started, child.restart_at = time.monotonic(), None
+        log.info("engine %d on %s: process %d started", child.index, child.device, process.pid)
+
+    def _read(self, child: _Child) -> None:
+        assert child.conn is not None
+        try:
+            while child.conn.poll():
+                message = child.conn.recv()
+                if message[0] == "changed":
+                    self.on_changed(Path(os.fsdecode(message[1])))
+        except (EOFError, OSError):
+            with child._send_lock:
+                child.conn.close()
+                child.conn = None  # it is ending; the sentinel says when
+
+    def _died(self, child: _Child) -> None:
+        process = child.process
+        process.join()
+        code = process.exitcode
+        if code == 0 and self._stopping.wait(CLEAN_EXIT_GRACE):
+            return  # systemd (or Ctrl-C) signalled the whole service: the daemon's stop is under way
+        if self._stopping.is_set():
+            return
+        ran = time.monotonic() - child.started
+        how = {DEVICE_LOST_EXIT: "lost its GPU", ORPHANED_EXIT: "lost its daemon"}.get(
+            code, f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}")
+        error = f"engine {child.index} on {child.device} {how} while this file was in hand"
+        counts = self.queue.release_claimed_by(child.owner, max_attempts=self.config.jobs.attempts, error=error)
+        # Exit 0 unasked: a SIGTERM that reached it alone (it put its jobs back itself).
+        log.log(logging.WARNING if code == 0 else logging.ERROR,
+                "engine %d on %s (pid %d) %s; %d of its jobs back on the queue, %d failed (out of attempts)",
+                child.index, child.device, process.pid, how, counts["queued"], counts["failed"])
+        self._forget(child)
+        if ran >= HEALTHY_AFTER:
+            child.delay = 0.0
+        self._schedule(child, how)
+
+    def _schedule(self, child: _Child, why: str) -> None:
+        child.delay = min(MAX_RESTART_DELAY, max(1.0, child.delay * 2))
+        child.restart_at = time.monotonic() + child.delay
+        child.restarts += 1
+        log.warning("engine %d on %s: starting it again in %gs", child.index, child.device, child.delay)
+        self._note(child, {"running": False, "error": why, "restart_at": time.time() + child.delay,
+                           "restarts": child.restarts})
+
+    def _forget(self, child: _Child) -> None:
+        with child._send_lock:
+            if child.conn is not None:
+                child.conn.close()
+            child.conn = None
+        child.process.close()
+        child.process = None
+
+    def _note(self, child: _Child, state: dict[str, object]) -> None:
+        try:
+            self.queue.set_meta(f"engine.{child.index}", {"device": child.device, "loaded": False, "done": 0,
+                                                          **state, "updated": time.time()})
+        except Exception as exc:  # the state disk is full: status shows less, nothing else suffers
+            log.debug("cannot record engine %d's state: %s", child.index, exc)
+
+    def _end_all(self) -> None:
+        """Wait for the children (told to stop) until the deadline; kill and put back what is left."""
+        for child in self.children:
+            process = child.process
+            if process is None:
+                continue
+            process.join(max(0.0, self._stop_deadline - time.monotonic()))
+            if process.exitcode is None:
+                log.warning("engine %d on %s (pid %d) did not stop in time; killed, its jobs put back",
+                            child.index, child.device, process.pid)
+                process.kill()
+                process.join()
+            try:
+                counts = self.queue.release_claimed_by(child.owner, max_attempts=None)
+            except Exception as exc:  # the queue is being closed under a hung stop
+                log.debug("engine %d: cannot put its jobs back: %s", child.index, exc)
+                counts = {"queued": 0}
+            if counts["queued"]:
+                log.info("engine %d: %d jobs it held put back on the queue", child.index, counts["queued"])
+            self._note(child, {"running": False})
+            self._forget(child)
+
+    def _poke(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass
