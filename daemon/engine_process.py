@@ -139,7 +139,7 @@ def pin_device(device: str) -> str:
 
 def child_logging(level: int, name: str) -> None:
     """The daemon's log format in a child (spawn starts without it), each line naming the engine."""
-    from daemon.cli import setup_logging  # light (config and errors); the one place to set the format
+    from daemon.logs import setup_logging  # the one place that sets the format
 
     setup_logging(0)
     root = logging.getLogger()
