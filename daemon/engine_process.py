@@ -1,4 +1,7 @@
-"""Engines in their own processes: one per GPU beyond the first (issue 12.5).
+"""The daemon's engines: ``start_engines`` makes one per device, beyond the first in their own processes.
+
+With one device (``model.devices`` unset) that is a plain ``WorkerLoop``
+(``daemon.engine``) in the daemon; with several, an ``EngineGroup`` (issue 12.5).
 
 Two engines as threads of one process measured 1.54x one engine on two
 H100s (``benchmarks/NOTES.md``, call E3): the prefill's host work (the
@@ -66,8 +69,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:  # the child imports the engine only once it runs (see child_main)
+    from concurrent.futures import Future
+
+    from daemon.backends import Answer, DeviceLostError, Request
     from daemon.config import Config
+    from daemon.engine import Processor, WorkerLoop
     from daemon.queue import Queue
+    from daemon.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -514,3 +522,121 @@ class ChildEngines(threading.Thread):
             os.write(self._wake_w, b"x")
         except BlockingIOError:
             pass
+
+
+# ---------------------------------------------------------------- the daemon's engines
+
+
+def start_engines(queue: Queue, config: Config, processor: Processor, *, backlog: Callable[[], int] = lambda: 0,
+                  make_backend: Callable[[Any], Any] | None = None,
+                  stop_grace: float = 20.0) -> WorkerLoop | EngineGroup:
+    """The daemon's engine(s) for ``config``: a WorkerLoop, or an EngineGroup of one per device.
+
+    With one device (``model.devices`` unset, or one entry) this is the
+    WorkerLoop it always was, in this process.  With several, engine 0 is a
+    WorkerLoop here and every other device gets its own process
+    (``daemon.engine_process``): engines as threads of one process take turns
+    on the interpreter during prefill (1.54x on two H100s, NOTES.md call E3).
+    """
+    from daemon.backends import create_backend, engine_devices
+    from daemon.engine import WorkerLoop
+    from daemon.worker import Worker
+
+    make_backend = make_backend or create_backend
+    devices = engine_devices(config.model)
+    first = engine_config(config, devices[0])
+    loop = WorkerLoop(queue, Worker(first, make_backend(first.model)), processor, backlog, index=0,
+                      device=devices[0], engines=len(devices))
+    if len(devices) == 1:
+        return loop
+    queue.owner = owner(0, os.getpid())
+    children = ChildEngines(queue, config, [(i, str(d)) for i, d in enumerate(devices) if i > 0],
+                            processor.on_changed, engines=len(devices), stop_grace=max(1.0, stop_grace - 2.0))
+    return EngineGroup(loop, children, make_backend, stop_grace=stop_grace)
+
+
+class EngineGroup:
+    """Engine 0 (a WorkerLoop here) and the child engine processes; looks like one WorkerLoop to the service.
+
+    Each engine claims jobs as its own slots free up (claims are
+    transactions on the shared queue).  Interactive requests (the API,
+    ``ask``) go to engine 0, the one in this process.  A child that dies is
+    the supervisor's business (its jobs back, a restart): the group stays
+    alive while engine 0 and the supervisor are.
+    """
+
+    def __init__(self, first: WorkerLoop, children: ChildEngines, make_backend: Callable[[Any], Any], *,
+                 stop_grace: float = 20.0) -> None:
+        self.first = first
+        self.children = children
+        self._make_backend = make_backend
+        self._stop_grace = stop_grace
+
+    # -- what the service and the API use of a WorkerLoop
+    @property
+    def worker(self) -> Worker:
+        return self.first.worker
+
+    @property
+    def processor(self) -> Processor:
+        return self.first.processor
+
+    @property
+    def busy_since(self) -> float | None:
+        return self.first.busy_since
+
+    @property
+    def paused_until(self) -> float:
+        return self.first.paused_until
+
+    @property
+    def in_hand(self) -> list[int]:
+        return self.first.in_hand
+
+    @property
+    def fatal(self) -> DeviceLostError | None:
+        return self.first.fatal
+
+    def submit(self, request: Request) -> Future[Answer]:
+        return self.first.submit(request)
+
+    def start(self) -> None:
+        self.first.start()
+        self.children.start()
+
+    def is_alive(self) -> bool:
+        return self.first.is_alive() and self.children.is_alive()
+
+    def stop(self) -> None:
+        self.first.stop()
+        self.children.stop(time.monotonic() + self._stop_grace)
+
+    def join(self, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.first.join(timeout)
+        # The supervisor ends once its children have (it kills any past the stop's deadline).
+        self.children.join(None if deadline is None else max(0.0, deadline - time.monotonic()) + 5.0)
+
+    def wake(self) -> None:
+        self.first.wake()  # the children look at the queue every second (ChildEngines)
+
+    def unload_if_idle(self, idle_unload: float) -> None:
+        self.first.unload_if_idle(idle_unload)  # each child looks after its own
+
+    def _note_model_state(self) -> None:
+        self.first._note_model_state()
+
+    def replace_worker(self, worker: Worker) -> None:
+        """After a reload: engine 0 takes ``worker`` (on its device); each child gets the new config."""
+        from daemon.worker import Worker
+
+        full = worker.config
+        config = engine_config(full, self.first.device)
+        # The service made a new backend only for a new model; engine 0's goes on its own device.
+        same = worker.backend is self.first.worker.backend
+        self.first.replace_worker(Worker(config, worker.backend if same else self._make_backend(config.model)))
+        self.children.reload(full)
+
+    def pids(self) -> list[int]:
+        """The child engines' process ids (tests: none survives a stop)."""
+        return self.children.pids()

@@ -41,7 +41,8 @@ from typing import Callable, Iterator
 
 from daemon.backends import Backend, create_backend
 from daemon.config import Config, Snapshot, load_config
-from daemon.engine import EngineGroup, Processor, WorkerLoop, check_model, start_engines
+from daemon.engine import Processor, WorkerLoop, check_model
+from daemon.engine_process import EngineGroup, start_engines
 from daemon.errors import (
     ConfigError,
     ExitCode,

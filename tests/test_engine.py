@@ -694,7 +694,8 @@ def test_one_engine_per_device_fed_from_one_queue(tmp_path: Path, tiny_model: Pa
     # issue 12.5: engine 0 here, engine 1 in a process of its own, one queue; both claim, status shows both.
     import sqlite3
 
-    from daemon.engine import EngineGroup, engine_devices, start_engines
+    from daemon.backends import engine_devices
+    from daemon.engine_process import EngineGroup, start_engines
 
     config = config_for(tmp_path, tiny_model)
     config = replace(config, model=replace(config.model, devices=("cpu", "cpu")))
