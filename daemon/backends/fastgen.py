@@ -502,7 +502,8 @@ class SlotEngine:
 
     # ------------------------------------------------------------ the loop
 
-    def run(self, source: Source, *, slots: int, cache_length: int, max_new: int, shrink: bool = False) -> None:
+    def run(self, source: Source, *, slots: int, cache_length: int, max_new: int, shrink: bool = False,
+            reserve: bool = False) -> None:
         """Generate for what ``source`` gives until it has nothing more: continuous admission.
 
         A free slot takes the next prompt at once (between two host syncs,
@@ -512,6 +513,11 @@ class SlotEngine:
         comes and goes) over the first power of two of slots covering the
         busy ones: a lone request then decodes at batch-1 speed in a cache
         sized for many (each size is compiled and captured once per process).
+        With ``reserve`` (a source that may bring interactive requests: the
+        daemon) queued prompts leave ``RESERVED_SLOTS`` free for them; a fixed
+        list (the bench, ``process --local``) uses every slot, else its last
+        few prompts would decode alone after the rest, at the full batch's
+        step cost.
 
         Failures stay with their request: a prompt whose prefill raises (or
         whose logits are not finite) is finished with the exception and the
@@ -534,6 +540,7 @@ class SlotEngine:
         self._ttft: dict[int, float] = {}
         self._carry: list[tuple[Prompt, Any]] = []  # prompts with image features, prefilled next
         self._shrink = shrink
+        self._reserve = RESERVED_SLOTS if reserve and self._slots >= RESERVE_FROM else 0
         admitting = True
         while True:
             if source.stopping():
@@ -563,7 +570,7 @@ class SlotEngine:
         the vision tower are kept (``_carry``) for the next round.
         """
         started = time.perf_counter()
-        reserve = RESERVED_SLOTS if self._slots >= RESERVE_FROM else 0
+        reserve = self._reserve
         while True:
             free = [i for i in range(self._slots) if i not in self._owner]
             urgent = _urgent(source)

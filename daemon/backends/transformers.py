@@ -366,7 +366,7 @@ class TransformersBackend:
                     self._tried_slots = slots
                     try:
                         fast.run(live, slots=slots, cache_length=cache_length, max_new=max_new,
-                                 shrink=not isinstance(feed, ListFeed))
+                                 shrink=not isinstance(feed, ListFeed), reserve=not isinstance(feed, ListFeed))
                     except Exception as exc:
                         if is_sticky_cuda_error(exc):
                             lost = True  # the feed records what was in hand, with the attempt spent
