@@ -193,6 +193,11 @@ def content_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+def bytes_hash(data: bytes) -> str:
+    """``content_hash`` of bytes already read (the settler reads a small file once: issue 10.21)."""
+    return hashlib.blake2b(data, digest_size=20).hexdigest()
+
+
 # -------------------------------------------------------------- migrations
 
 Migration = Callable[[sqlite3.Connection], None]

@@ -48,7 +48,7 @@ from daemon.errors import (
     VlwatchError,
     plural,
 )
-from daemon.queue import Candidate, Queue, StateLock, content_hash, unreadable_hash
+from daemon.queue import Candidate, Queue, StateLock, bytes_hash, content_hash, unreadable_hash
 from daemon.recipes import recipe_of
 from daemon.rules import Match, match_file
 from daemon.scanning import (
@@ -134,7 +134,7 @@ class Daemon:
         self.config_path = config.source
         self.lock = StateLock(config.state)
         self.queue: Queue | None = None
-        self.settler = Settler(self._deliver)
+        self.settler = Settler(self._deliver, digest=bytes_hash)  # hashed from the bytes it checked
         self.watcher = self._new_watcher()
         self.loop: WorkerLoop | EngineGroup | None = None
         self.api = None  # daemon.server.serve.ApiServer once started
@@ -394,7 +394,7 @@ class Daemon:
             if not matches:
                 continue
             try:
-                digest = content_hash(arrival.path)
+                digest = arrival.digest or content_hash(arrival.path)
             except PermissionError:
                 # Recorded as a failed job saying so (issue 10.3), retried once readable.
                 digest = unreadable_hash(arrival.size, arrival.mtime_ns)
