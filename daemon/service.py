@@ -37,7 +37,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from daemon.backends import Backend, create_backend
 from daemon.config import Config, Snapshot, load_config
@@ -48,11 +48,11 @@ from daemon.errors import (
     VlwatchError,
     plural,
 )
-from daemon.queue import Candidate, Queue, StateLock, bytes_hash, content_hash, unreadable_hash
-from daemon.recipes import recipe_of
+from daemon.queue import Candidate, Queue, Queued, StateLock, bytes_hash, content_hash, unreadable_hash
 from daemon.rules import Match, match_file
 from daemon.scanning import (
     Progress,
+    Recipes,
     Work,
     enqueue_in_chunks,
     find_work,
@@ -82,6 +82,28 @@ STATUS_EVERY = 5.0
 
 
 # ------------------------------------------------------------------ systemd
+
+
+#: A batch of more jobs than this is logged as one line at INFO, its files each at
+#: DEBUG: a burst of 100,000 files is not 100,000 lines in the journal, nor
+#: their cost in the burst (issue 10.21).
+LOG_EACH = 10
+
+
+def log_queued(jobs: Sequence[Queued], why: Callable[[Queued], str] | None = None) -> None:
+    """A line per job queued, or for a batch of more than ``LOG_EACH`` one summary line (each job at DEBUG)."""
+    each = log.info if len(jobs) <= LOG_EACH else log.debug
+    if each is log.info or log.isEnabledFor(logging.DEBUG):
+        for job in jobs:
+            if why is None:
+                each("%s: queued for %s", job.path, job.rule)
+            else:
+                each("%s: queued for %s (%s)", job.path, job.rule, why(job))
+    if len(jobs) > LOG_EACH:
+        folders = {job.path.parent for job in jobs}
+        where = str(next(iter(folders))) if len(folders) == 1 else f"{len(folders)} folders"
+        log.info("queued %d jobs for %s in %s (%s ... %s; each at DEBUG)", len(jobs),
+                 ", ".join(sorted({job.rule for job in jobs})), where, jobs[0].path.name, jobs[-1].path.name)
 
 
 def sd_notify(message: str) -> bool:
@@ -388,6 +410,7 @@ class Daemon:
         """Ready files from the settler: hash once, queue a job per matching rule, one commit."""
         assert self.queue is not None and self.loop is not None
         snapshot = self.snapshot
+        recipes = Recipes(snapshot.config)
         batch: list[Candidate] = []
         for arrival in arrivals:
             matches = self._matches_now(snapshot, arrival)
@@ -406,11 +429,10 @@ class Daemon:
                     continue
                 batch.append(Candidate(arrival.path, m.rule.name, digest, arrival.size, arrival.mtime_ns,
                                        redo=functools.partial(sidecar_missing, m), seen_at=seen_at,
-                                       recipe=recipe_of(snapshot.config, m)))
+                                       recipe=recipes(m)))
         jobs = self.queue.enqueue(batch)
         self._arrived.append((time.monotonic(), len(arrivals)))
-        for job in jobs:
-            log.info("%s: queued for %s", job.path, job.rule)
+        log_queued(jobs)
         if jobs:
             self.loop.wake()
 
@@ -508,8 +530,7 @@ class Daemon:
         assert self.queue is not None and self.loop is not None
         jobs = enqueue_in_chunks(self.queue, works)
         reasons = {(str(w.match.path), w.match.rule.name): w.reason for w in works}
-        for job in jobs:
-            log.info("%s: queued for %s (sidecar %s)", job.path, job.rule, reasons.get((str(job.path), job.rule), "missing"))
+        log_queued(jobs, lambda job: f"sidecar {reasons.get((str(job.path), job.rule), 'missing')}")
         if jobs:
             self.loop.wake()
         return len(jobs)
