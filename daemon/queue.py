@@ -569,9 +569,18 @@ class Queue:
                 [(now, i) for i in ids])
         return self._jobs_by_id(ids)
 
-    def due_count(self, now: float | None = None) -> int:
+    def due_count(self, now: float | None = None, *, limit: int | None = None) -> int:
+        """How many queued jobs may run now; counting stops at ``limit`` if given.
+
+        The worker asks "none?" and "a batch yet?" each time a batch is
+        queued: counting 100,000 queued jobs each time, under the lock that
+        the intake needs to queue more, slowed a burst (issue 10.21).
+        """
         now = time.time() if now is None else now
-        return int(self._query("SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND not_before <= ?", (now,))[0][0])
+        if limit is None:
+            return int(self._query("SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND not_before <= ?", (now,))[0][0])
+        return int(self._query("SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE state = 'queued' AND not_before <= ?"
+                               " LIMIT ?)", (now, limit))[0][0])
 
     def next_due(self) -> float | None:
         """When the earliest queued job may run (wall clock), or None if none is queued."""
