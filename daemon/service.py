@@ -100,8 +100,8 @@ def log_queued(jobs: Sequence[Queued], why: Callable[[Queued], str] | None = Non
             else:
                 each("%s: queued for %s (%s)", job.path, job.rule, why(job))
     if len(jobs) > LOG_EACH:
-        folders = {job.path.parent for job in jobs}
-        where = str(next(iter(folders))) if len(folders) == 1 else f"{len(folders)} folders"
+        folders = {os.path.dirname(job.path) for job in jobs}
+        where = next(iter(folders)) if len(folders) == 1 else f"{len(folders)} folders"
         log.info("queued %d jobs for %s in %s (%s ... %s; each at DEBUG)", len(jobs),
                  ", ".join(sorted({job.rule for job in jobs})), where, jobs[0].path.name, jobs[-1].path.name)
 
@@ -167,6 +167,7 @@ class Daemon:
         self._scanning = False  # a catch-up or rescan is walking the folders
         self._scan_again: str | None = None  # asked for while one ran: run another after it
         self._arrived: collections.deque[tuple[float, int]] = collections.deque()
+        self._shared_data: dict[tuple[object, ...], tuple[object, ...]] = {}  # see _travels
         self._threads: list[threading.Thread] = []  # catch-up and rescans: joined before the queue closes
 
     # -- start
@@ -386,9 +387,24 @@ class Daemon:
         snapshot = self.snapshot
         accepted = self._accept(snapshot, Path(path))
         if accepted is not None:
-            # Only the shared snapshot and rules travel with the file, not Match
-            # objects: memory per file in flight stays small (issue 10.21).
-            self.settler.note(path, kind, accepted[0], data=(snapshot, tuple(m.rule for m in accepted[1])))
+            self.settler.note(path, kind, accepted[0], data=self._travels(snapshot, accepted[1]))
+
+    def _travels(self, snapshot: Snapshot, matches: list[Match]) -> tuple[object, ...]:
+        """What travels with an accepted file: the snapshot, its rules and where it is watched.
+
+        Not Match objects: one tuple shared by every file of the same rules
+        and folder, so memory per file in flight stays small and the ready
+        file needs no second look-up of its folder (issue 10.21).
+        """
+        root, output_dir = matches[0].root, matches[0].output_dir
+        # By identity (a snapshot does not hash); the entry holds them, so no id is reused meanwhile.
+        key = (id(snapshot), *(id(m.rule) for m in matches), root, output_dir)
+        shared = self._shared_data.get(key)
+        if shared is None:
+            if len(self._shared_data) > 1024:  # many reloads or rule sets: start again
+                self._shared_data.clear()
+            shared = self._shared_data.setdefault(key, (snapshot, tuple(m.rule for m in matches), root, output_dir))
+        return shared
 
     @staticmethod
     def _accept(snapshot: Snapshot, path: Path) -> tuple[float, list[Match]] | None:
@@ -462,10 +478,8 @@ class Daemon:
         reloaded since (the filter passed then); judged again in full otherwise.
         """
         if isinstance(arrival.data, tuple) and arrival.data[0] is snapshot:
-            found = snapshot.find(arrival.path)
-            if found is not None:
-                watch = found[0]
-                return [Match(arrival.path, rule, watch.path, watch.output_dir) for rule in arrival.data[1]]
+            _, rules, root, output_dir = arrival.data
+            return [Match(arrival.path, rule, root, output_dir) for rule in rules]
         accepted = Daemon._accept(snapshot, arrival.path)
         return accepted[1] if accepted is not None else []
 
@@ -473,7 +487,7 @@ class Daemon:
         snapshot = self.snapshot
         accepted = self._accept(snapshot, path)
         if accepted is not None:
-            self.settler.note(path, "changed", accepted[0], data=(snapshot, tuple(m.rule for m in accepted[1])))
+            self.settler.note(path, "changed", accepted[0], data=self._travels(snapshot, accepted[1]))
 
     # -- chores
     def catch_up(self, why: str) -> None:
