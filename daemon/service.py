@@ -92,14 +92,15 @@ LOG_EACH = 10
 
 def log_queued(jobs: Sequence[Queued], why: Callable[[Queued], str] | None = None) -> None:
     """A line per job queued, or for a batch of more than ``LOG_EACH`` one summary line (each job at DEBUG)."""
-    each = log.info if len(jobs) <= LOG_EACH else log.debug
-    if each is log.info or log.isEnabledFor(logging.DEBUG):
+    few = len(jobs) <= LOG_EACH
+    each = log.info if few else log.debug
+    if few or log.isEnabledFor(logging.DEBUG):
         for job in jobs:
             if why is None:
                 each("%s: queued for %s", job.path, job.rule)
             else:
                 each("%s: queued for %s (%s)", job.path, job.rule, why(job))
-    if len(jobs) > LOG_EACH:
+    if not few:
         folders = {os.path.dirname(job.path) for job in jobs}
         where = next(iter(folders)) if len(folders) == 1 else f"{len(folders)} folders"
         log.info("queued %d jobs for %s in %s (%s ... %s; each at DEBUG)", len(jobs),
