@@ -13,7 +13,9 @@ Three parts, each usable alone:
   (watchdog #586, #787), so a file is only handed over once it is complete:
   closed after writing (inotify ``IN_CLOSE_WRITE``), moved in whole, or
   unchanged in size and mtime for ``settle`` seconds, restarting on any new
-  event as paperless-ngx's consumer does.  Then it is decoded for real; one
+  event as paperless-ngx's consumer does.  Then it is read once (``look_at``:
+  size, completeness and, for the queue, the hash of the very bytes checked)
+  and, where its end is not conclusive, decoded for real; one
   that still reads as truncated (a copy that closes and re-opens the file,
   OCRmyPDF #552) is re-checked after settling again, not dropped, and only
   handed over as it is after a few tries (the worker then records why it
@@ -26,7 +28,11 @@ Three parts, each usable alone:
   retried by ``ensure``, which the periodic rescan calls.  An overflowed
   inotify queue is reported by watchdog's reader itself (``on_overflow``),
   and while the caller is far behind the reader pauses, so a burst waits in
-  the kernel's queue rather than in memory (backpressure).
+  the kernel's queue rather than in memory (backpressure).  The reader also
+  hands file events to the caller itself, in the kernel's order, skipping
+  a file's create and write events when its close follows in the same read:
+  watchdog's own path (two more threads, two objects per event) cost more
+  per file in a burst than everything else (issue 10.21).
 
 Deliberately not here: which rule applies (the caller's ``accept`` decides),
 hashing and queueing (``queue``), and finding files that arrived while
