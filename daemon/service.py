@@ -81,7 +81,7 @@ STALL = 1800.0
 STATUS_EVERY = 5.0
 
 
-# ------------------------------------------------------------------ systemd
+# -------------------------------------------------------------- intake log
 
 
 #: A batch of more jobs than this is logged as one line at INFO, its files each at
@@ -105,6 +105,9 @@ def log_queued(jobs: Sequence[Queued], why: Callable[[Queued], str] | None = Non
         where = next(iter(folders)) if len(folders) == 1 else f"{len(folders)} folders"
         log.info("queued %d jobs for %s in %s (%s ... %s; each at DEBUG)", len(jobs),
                  ", ".join(sorted({job.rule for job in jobs})), where, jobs[0].path.name, jobs[-1].path.name)
+
+
+# ------------------------------------------------------------------ systemd
 
 
 def sd_notify(message: str) -> bool:
