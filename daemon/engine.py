@@ -415,7 +415,7 @@ class WorkerLoop(threading.Thread):
         if self._outage_key == "state":
             self._backend_back()
         size = max(1, self.worker.batch_size())
-        if self.queue.due_count() == 0:
+        if self.queue.due_count(limit=1) == 0:
             self._sleep(self._idle_timeout())
             return
         self._fill(size)
@@ -444,7 +444,7 @@ class WorkerLoop(threading.Thread):
             if paused:
                 self._sleep(self.paused_until - now)
                 return
-            if self.queue.due_count() == 0:
+            if self.queue.due_count(limit=1) == 0:
                 self._sleep(self._idle_timeout())
                 return
             if self._yield_to_intake():
@@ -527,7 +527,7 @@ class WorkerLoop(threading.Thread):
     def _fill(self, size: int) -> None:
         """Wait up to ``jobs.batch_wait`` for a full batch, so files arriving together share one."""
         deadline = time.monotonic() + self.worker.config.jobs.batch_wait
-        while not self.stopping.is_set() and self.queue.due_count() < size:
+        while not self.stopping.is_set() and self.queue.due_count(limit=size) < size:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break

@@ -22,7 +22,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from daemon.config import Config
+from daemon.config import Config, Rule
 from daemon.queue import Job, Queue
 from daemon.rules import Match, match_file, render_prompt
 
@@ -32,21 +32,50 @@ VERSION = "r1"
 
 def recipe_of(config: Config, match: Match) -> str:
     """The recipe hash of ``match`` under ``config``: ``r1:`` and 16 hex digits."""
-    rule, model = match.rule, config.model
-    parts = {
+    head, tail = _frame(config, match.rule)
+    text = head + json.dumps(render_prompt(match.rule, match.path)) + tail
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+    return f"{VERSION}:{digest}"
+
+
+def _parts(config: Config, rule: Rule, prompt: str) -> dict[str, object]:
+    model = config.model
+    return {
         "model": model.name,
         "task": rule.task,
         "output": rule.output,
-        "prompt": render_prompt(rule, match.path),
+        "prompt": prompt,
         "min_pixels": rule.min_pixels or model.min_pixels,
         "max_pixels": rule.max_pixels or model.max_pixels,
         "max_new_tokens": rule.max_new_tokens or model.max_new_tokens,
         "pages": rule.pages,
         "csp": rule.csp if rule.task == "code" else None,
     }
-    digest = hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode("utf-8", "surrogatepass"),
-                             digest_size=8).hexdigest()
-    return f"{VERSION}:{digest}"
+
+
+_MARK = "\x00vlwatch-prompt\x00"
+_frames: dict[tuple[int, int], tuple[object, Rule, str, str]] = {}
+
+
+def _frame(config: Config, rule: Rule) -> tuple[str, str]:
+    """The JSON of a recipe's parts before and after the prompt, once per (model, rule).
+
+    ``json.dumps`` of the parts with ``sort_keys`` is that text around the
+    prompt's own JSON, so a file's recipe costs its prompt, not the whole
+    dictionary (every queued file has one: issue 10.21).
+    """
+    key = (id(config.model), id(rule))
+    hit = _frames.get(key)
+    if hit is not None and hit[0] is config.model and hit[1] is rule:
+        return hit[2], hit[3]
+    text = json.dumps(_parts(config, rule, _MARK), sort_keys=True, default=str)
+    mark = json.dumps(_MARK)
+    head, _, tail = text.partition(mark)
+    assert text.count(mark) == 1, "the prompt's mark appears elsewhere in a recipe"
+    if len(_frames) > 256:  # configs reloaded many times: keep only the current ones
+        _frames.clear()
+    _frames[key] = (config.model, rule, head, tail)
+    return head, tail
 
 
 @dataclass(frozen=True)

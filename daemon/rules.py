@@ -20,6 +20,7 @@ opened, so the check cannot be raced).
 
 from __future__ import annotations
 
+import functools
 import os
 import string
 from dataclasses import dataclass
@@ -127,8 +128,21 @@ def render_prompt(rule: Rule, path: Path) -> str:
         "rule": rule.name,
         "objects": rule.objects,
     }
-    safe = {k: neutralise(v) for k, v in values.items()}
-    return string.Template(rule.prompt).safe_substitute(safe).strip()
+    template = _template(rule.prompt)
+    # Only the names the prompt uses: every queued file is rendered (its recipe: issue 10.21).
+    safe = {k: neutralise(v) for k, v in values.items() if k in template.names}
+    return template.safe_substitute(safe).strip()
+
+
+class _Template(string.Template):
+    names: frozenset[str]
+
+
+@functools.lru_cache(maxsize=256)
+def _template(prompt: str) -> _Template:
+    template = _Template(prompt)
+    template.names = frozenset(template.get_identifiers())
+    return template
 
 
 #: ``<`` and ``>`` in text from outside become these lookalikes (U+2039,

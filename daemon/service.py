@@ -37,7 +37,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from daemon.backends import Backend, create_backend
 from daemon.config import Config, Snapshot, load_config
@@ -49,11 +49,11 @@ from daemon.errors import (
     VlwatchError,
     plural,
 )
-from daemon.queue import Candidate, Queue, StateLock, content_hash, unreadable_hash
-from daemon.recipes import recipe_of
+from daemon.queue import Candidate, Queue, Queued, StateLock, bytes_hash, content_hash, unreadable_hash
 from daemon.rules import Match, match_file
 from daemon.scanning import (
     Progress,
+    Recipes,
     Work,
     enqueue_in_chunks,
     find_work,
@@ -80,6 +80,32 @@ STOP_GRACE = 20.0
 STALL = 1800.0
 #: How often STATUS= is refreshed.
 STATUS_EVERY = 5.0
+
+
+# -------------------------------------------------------------- intake log
+
+
+#: A batch of more jobs than this is logged as one line at INFO, its files each at
+#: DEBUG: a burst of 100,000 files is not 100,000 lines in the journal, nor
+#: their cost in the burst (issue 10.21).
+LOG_EACH = 10
+
+
+def log_queued(jobs: Sequence[Queued], why: Callable[[Queued], str] | None = None) -> None:
+    """A line per job queued, or for a batch of more than ``LOG_EACH`` one summary line (each job at DEBUG)."""
+    few = len(jobs) <= LOG_EACH
+    each = log.info if few else log.debug
+    if few or log.isEnabledFor(logging.DEBUG):
+        for job in jobs:
+            if why is None:
+                each("%s: queued for %s", job.path, job.rule)
+            else:
+                each("%s: queued for %s (%s)", job.path, job.rule, why(job))
+    if not few:
+        folders = {os.path.dirname(job.path) for job in jobs}
+        where = next(iter(folders)) if len(folders) == 1 else f"{len(folders)} folders"
+        log.info("queued %d jobs for %s in %s (%s ... %s; each at DEBUG)", len(jobs),
+                 ", ".join(sorted({job.rule for job in jobs})), where, jobs[0].path.name, jobs[-1].path.name)
 
 
 # ------------------------------------------------------------------ systemd
@@ -135,7 +161,7 @@ class Daemon:
         self.config_path = config.source
         self.lock = StateLock(config.state)
         self.queue: Queue | None = None
-        self.settler = Settler(self._deliver)
+        self.settler = Settler(self._deliver, digest=bytes_hash)  # hashed from the bytes it checked
         self.watcher = self._new_watcher()
         self.loop: WorkerLoop | EngineGroup | None = None
         self.api = None  # daemon.server.serve.ApiServer once started
@@ -146,6 +172,7 @@ class Daemon:
         self._scanning = False  # a catch-up or rescan is walking the folders
         self._scan_again: str | None = None  # asked for while one ran: run another after it
         self._arrived: collections.deque[tuple[float, int]] = collections.deque()
+        self._shared_data: dict[tuple[object, ...], tuple[object, ...]] = {}  # see _travels
         self._threads: list[threading.Thread] = []  # catch-up and rescans: joined before the queue closes
 
     # -- start
@@ -374,9 +401,24 @@ class Daemon:
         snapshot = self.snapshot
         accepted = self._accept(snapshot, Path(path))
         if accepted is not None:
-            # Only the shared snapshot and rules travel with the file, not Match
-            # objects: memory per file in flight stays small (issue 10.21).
-            self.settler.note(path, kind, accepted[0], data=(snapshot, tuple(m.rule for m in accepted[1])))
+            self.settler.note(path, kind, accepted[0], data=self._travels(snapshot, accepted[1]))
+
+    def _travels(self, snapshot: Snapshot, matches: list[Match]) -> tuple[object, ...]:
+        """What travels with an accepted file: the snapshot, its rules and where it is watched.
+
+        Not Match objects: one tuple shared by every file of the same rules
+        and folder, so memory per file in flight stays small and the ready
+        file needs no second look-up of its folder (issue 10.21).
+        """
+        root, output_dir = matches[0].root, matches[0].output_dir
+        # By identity (a snapshot does not hash); the entry holds them, so no id is reused meanwhile.
+        key = (id(snapshot), *(id(m.rule) for m in matches), root, output_dir)
+        shared = self._shared_data.get(key)
+        if shared is None:
+            if len(self._shared_data) > 1024:  # many reloads or rule sets: start again
+                self._shared_data.clear()
+            shared = self._shared_data.setdefault(key, (snapshot, tuple(m.rule for m in matches), root, output_dir))
+        return shared
 
     @staticmethod
     def _accept(snapshot: Snapshot, path: Path) -> tuple[float, list[Match]] | None:
@@ -398,13 +440,14 @@ class Daemon:
         """Ready files from the settler: hash once, queue a job per matching rule, one commit."""
         assert self.queue is not None and self.loop is not None
         snapshot = self.snapshot
+        recipes = Recipes(snapshot.config)
         batch: list[Candidate] = []
         for arrival in arrivals:
             matches = self._matches_now(snapshot, arrival)
             if not matches:
                 continue
             try:
-                digest = content_hash(arrival.path)
+                digest = arrival.digest or content_hash(arrival.path)
             except PermissionError:
                 # Recorded as a failed job saying so (issue 10.3), retried once readable.
                 digest = unreadable_hash(arrival.size, arrival.mtime_ns)
@@ -416,11 +459,10 @@ class Daemon:
                     continue
                 batch.append(Candidate(arrival.path, m.rule.name, digest, arrival.size, arrival.mtime_ns,
                                        redo=functools.partial(sidecar_missing, m), seen_at=seen_at,
-                                       recipe=recipe_of(snapshot.config, m)))
+                                       recipe=recipes(m)))
         jobs = self.queue.enqueue(batch)
         self._arrived.append((time.monotonic(), len(arrivals)))
-        for job in jobs:
-            log.info("%s: queued for %s", job.path, job.rule)
+        log_queued(jobs)
         if jobs:
             self.loop.wake()
 
@@ -450,10 +492,8 @@ class Daemon:
         reloaded since (the filter passed then); judged again in full otherwise.
         """
         if isinstance(arrival.data, tuple) and arrival.data[0] is snapshot:
-            found = snapshot.find(arrival.path)
-            if found is not None:
-                watch = found[0]
-                return [Match(arrival.path, rule, watch.path, watch.output_dir) for rule in arrival.data[1]]
+            _, rules, root, output_dir = arrival.data
+            return [Match(arrival.path, rule, root, output_dir) for rule in rules]
         accepted = Daemon._accept(snapshot, arrival.path)
         return accepted[1] if accepted is not None else []
 
@@ -461,7 +501,7 @@ class Daemon:
         snapshot = self.snapshot
         accepted = self._accept(snapshot, path)
         if accepted is not None:
-            self.settler.note(path, "changed", accepted[0], data=(snapshot, tuple(m.rule for m in accepted[1])))
+            self.settler.note(path, "changed", accepted[0], data=self._travels(snapshot, accepted[1]))
 
     # -- chores
     def catch_up(self, why: str) -> None:
@@ -518,8 +558,7 @@ class Daemon:
         assert self.queue is not None and self.loop is not None
         jobs = enqueue_in_chunks(self.queue, works)
         reasons = {(str(w.match.path), w.match.rule.name): w.reason for w in works}
-        for job in jobs:
-            log.info("%s: queued for %s (sidecar %s)", job.path, job.rule, reasons.get((str(job.path), job.rule), "missing"))
+        log_queued(jobs, lambda job: f"sidecar {reasons.get((str(job.path), job.rule), 'missing')}")
         if jobs:
             self.loop.wake()
         return len(jobs)

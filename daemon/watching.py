@@ -13,7 +13,9 @@ Three parts, each usable alone:
   (watchdog #586, #787), so a file is only handed over once it is complete:
   closed after writing (inotify ``IN_CLOSE_WRITE``), moved in whole, or
   unchanged in size and mtime for ``settle`` seconds, restarting on any new
-  event as paperless-ngx's consumer does.  Then it is decoded for real; one
+  event as paperless-ngx's consumer does.  Then it is read once (``look_at``:
+  size, completeness and, for the queue, the hash of the very bytes checked)
+  and, where its end is not conclusive, decoded for real; one
   that still reads as truncated (a copy that closes and re-opens the file,
   OCRmyPDF #552) is re-checked after settling again, not dropped, and only
   handed over as it is after a few tries (the worker then records why it
@@ -26,7 +28,11 @@ Three parts, each usable alone:
   retried by ``ensure``, which the periodic rescan calls.  An overflowed
   inotify queue is reported by watchdog's reader itself (``on_overflow``),
   and while the caller is far behind the reader pauses, so a burst waits in
-  the kernel's queue rather than in memory (backpressure).
+  the kernel's queue rather than in memory (backpressure).  The reader also
+  hands file events to the caller itself, in the kernel's order, skipping
+  a file's create and write events when its close follows in the same read:
+  watchdog's own path (two more threads, two objects per event) cost more
+  per file in a burst than everything else (issue 10.21).
 
 Deliberately not here: which rule applies (the caller's ``accept`` decides),
 hashing and queueing (``queue``), and finding files that arrived while
@@ -37,10 +43,12 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import io
 import logging
 import mmap
 import os
 import stat
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -182,9 +190,14 @@ class Arrival:
     mtime_ns: int
     #: what the caller attached when it first offered the path (the rules it matched)
     data: object = None
+    #: the content hash of the bytes found complete, when the settler was given ``digest`` and read them whole
+    digest: str | None = None
 
 
-Kind = Literal["changed", "closed", "moved"]
+#: What happened to a file: ``changed`` (created or written), ``closed`` (closed
+#: after writing), ``moved`` (renamed into place, so whole), or ``found`` (it
+#: exists, but no event of its own said so: watchdog walked a new folder).
+Kind = Literal["changed", "closed", "moved", "found"]
 
 
 @dataclass(slots=True)  # one per file in flight (issue 10.21): small, no per-instance dict
@@ -250,20 +263,26 @@ def _complete_by_structure(path: Path) -> bool | None:
             size = f.seek(0, os.SEEK_END)
             f.seek(max(0, size - 12))
             tail = f.read(12)
-            if head.startswith(b"\x89PNG\r\n\x1a\n"):
-                if tail == _PNG_END:
-                    return True
-                return None if _find(f, size, b"IEND") >= 0 else False
-            if head.startswith(b"\xff\xd8"):
-                if tail.endswith(b"\xff\xd9"):
-                    return True
-                # Byte stuffing keeps FF D9 out of scan data: an EOI after the
-                # last start-of-scan means data follows a complete image.
-                return None if _find(f, size, b"\xff\xd9") > _find(f, size, b"\xff\xda") else False
+            return _structure_verdict(head, tail, size, lambda needle: _find(f, size, needle))
     except PermissionError:
         return True
     except OSError:
         return False
+
+
+def _structure_verdict(head: bytes, tail: bytes, size: int, rfind: Callable[[bytes], int]) -> bool | None:
+    """``_complete_by_structure`` from a file's first 16 and last 12 bytes; ``rfind`` finds the last
+    offset of a marker in the file (-1 if absent)."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        if tail == _PNG_END:
+            return True
+        return None if rfind(b"IEND") >= 0 else False
+    if head.startswith(b"\xff\xd8"):
+        if tail.endswith(b"\xff\xd9"):
+            return True
+        # Byte stuffing keeps FF D9 out of scan data: an EOI after the
+        # last start-of-scan means data follows a complete image.
+        return None if rfind(b"\xff\xd9") > rfind(b"\xff\xda") else False
     if head.startswith((b"GIF87a", b"GIF89a")):
         return True if tail.endswith(b";") else None
     if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
@@ -281,11 +300,11 @@ def _find(f: BinaryIO, size: int, needle: bytes) -> int:
         return m.rfind(needle)
 
 
-def _decodes(path: Path) -> bool:
+def _decodes(source: Path | BinaryIO) -> bool:
     from PIL import Image
 
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             if image.format == "JPEG":
                 image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
             image.load()
@@ -296,24 +315,103 @@ def _decodes(path: Path) -> bool:
     return True
 
 
+#: A file up to this size is read whole, once, when it looks ready: the
+#: completeness check and the content hash then share that one read
+#: (``look_at``).  A bigger one is checked at its end and hashed as it streams.
+READ_WHOLE = 8 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Look:
+    """What one look at a file that seems ready found (``look_at``)."""
+
+    #: (size, mtime_ns); None when it is gone or not a regular file
+    signature: tuple[int, int] | None
+    #: whether its bytes are whole (``probe_image``)
+    complete: bool = False
+    #: the digest of exactly the bytes judged whole, when one was asked for and the file was read whole
+    digest: str | None = None
+
+
+def look_at(path: str, digest: Callable[[bytes], str] | None = None) -> Look:
+    """Size, mtime, completeness and (optionally) the content digest of ``path``, from one read.
+
+    In a burst of small files this is most of the daemon's work per file
+    (issue 10.21): one ``open``, ``fstat`` and ``read`` here replace a
+    ``stat``, an ``open`` to look at the file's end and another to hash it.
+    The bytes hashed are the bytes judged complete; if the file changed
+    while it was read, it is not complete (yet): the caller looks again.
+
+    Args:
+        path: the file.
+        digest: makes the content hash from the bytes (``daemon.queue.bytes_hash``).
+    """
+    try:
+        # O_NONBLOCK: a FIFO named x.png must not hang the settler (fstat then says what it is).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except PermissionError:  # waiting cannot help; the intake records why it fails (issue 10.3)
+        return Look(file_signature(path), True)
+    except OSError:
+        return Look(None)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return Look(None)
+        sig = (st.st_size, st.st_mtime_ns)
+        if st.st_size > READ_WHOLE:
+            return Look(sig, probe_image(Path(path)))
+        try:
+            data = _read(fd, st.st_size + 1)
+            after = os.fstat(fd)
+        except OSError:
+            return Look(sig, False)
+    finally:
+        os.close(fd)
+    if len(data) != sig[0] or (after.st_size, after.st_mtime_ns) != sig:
+        return Look((after.st_size, after.st_mtime_ns), False)  # written to while we read
+    complete = _whole(Path(path).suffix.lower(), data)
+    return Look(sig, complete, digest(data) if complete and digest is not None else None)
+
+
+def _read(fd: int, limit: int) -> bytes:
+    """Up to ``limit`` bytes of ``fd``, fewer only at its end."""
+    parts = []
+    while limit > 0 and (part := os.read(fd, limit)):
+        parts.append(part)
+        limit -= len(part)
+    return b"".join(parts) if len(parts) != 1 else parts[0]
+
+
+def _whole(suffix: str, data: bytes) -> bool:
+    """``probe_image`` on a file's bytes in memory."""
+    if suffix not in _PROBED:
+        return True
+    verdict = _structure_verdict(data[:16], data[-12:], len(data), data.rfind)
+    if verdict is not None:
+        return verdict
+    return _decodes(io.BytesIO(data))
+
+
 class Settler:
     """Tracks files until they are complete, then hands them over in batches.
 
     ``note`` is called from observer threads and only updates a table; the
-    checking (stat, decode) runs on the settler's own thread.
+    checking (stat, read, decode) runs on the settler's own thread.
 
     Args:
         deliver: called on the settler thread with each batch of ready files.
-        probe: whether a stable file decodes completely (``probe_image``).
+        digest: makes the content hash of a file's bytes; given, a file that
+            is read whole to check it arrives with the hash of what was checked
+            (``Arrival.digest``), so the queue need not read it again.
         max_probes: hand a file over after this many failed decodes anyway.
         batch: most files checked and handed over per round.
     """
 
-    def __init__(self, deliver: Callable[[list[Arrival]], None], *, probe: Callable[[Path], bool] = probe_image,
+    def __init__(self, deliver: Callable[[list[Arrival]], None], *, digest: Callable[[bytes], str] | None = None,
                  max_probes: int = 3, batch: int = 2000, gather: float = 0.02,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._deliver = deliver
-        self._probe = probe
+        self._digest = digest
         self._max_probes = max_probes
         self._batch = batch
         self._gather = gather  # once a file is due, wait this long for others: one commit for a burst
@@ -335,7 +433,10 @@ class Settler:
 
         Args:
             kind: ``changed`` (created or written), ``closed`` (closed after
-                writing) or ``moved`` (renamed into place, so already whole).
+                writing), ``moved`` (renamed into place, so already whole) or
+                ``found`` (seen in a folder walk: like ``changed`` for a new
+                path, and no news for a tracked one, whose own events came
+                later than the walk and say more).
             settle: the quiet time for a path not yet tracked; None means
                 "only if already tracked".
             data: kept with a newly tracked path and handed back in its ``Arrival``.
@@ -346,14 +447,17 @@ class Settler:
         if settle is None and key not in self._pending:  # a dict lookup is atomic: no lock, no stat
             return False
         now = self._clock()
-        sig = file_signature(key) if kind == "changed" else None
+        changed = kind == "changed" or kind == "found"
+        sig = file_signature(key) if changed else None
         with self._cond:
             entry = self._pending.get(key)
             if entry is None:
                 if settle is None:
                     return False
                 entry = self._pending[key] = _Pending(settle=settle, signature=sig, data=data)
-            if kind == "changed":
+            elif kind == "found":
+                return True
+            if changed:
                 self._set_complete(entry, False)
                 entry.signature = sig
                 self._schedule(key, entry, now + entry.settle)
@@ -484,20 +588,25 @@ class Settler:
             if entry is None:
                 return None
             complete, before, settle = entry.complete, entry.signature, entry.settle
-        sig = file_signature(key)
-        now = self._clock()
+        if not complete:  # ready by settling: first, has it held still?
+            sig = file_signature(key)
+            if sig is None:
+                self.forget(key)
+                return None
+            if sig != before:
+                with self._cond:  # still changing (or changed behind the events' back): wait again
+                    if self._pending.get(key) is entry:
+                        entry.signature = sig
+                        self._schedule(key, entry, self._clock() + settle)
+                return None
+        seen = look_at(key, self._digest)
+        now, sig = self._clock(), seen.signature
         if sig is None:
             self.forget(key)
             return None
-        if not complete and sig != before:
-            with self._cond:  # still changing (or changed behind the events' back): wait again
-                if self._pending.get(key) is entry:
-                    entry.signature = sig
-                    self._schedule(key, entry, now + settle)
-            return None
         path = Path(key)
-        if sig[0] > 0 and self._probe(path):
-            return self._take(key, path, entry, sig)
+        if sig[0] > 0 and seen.complete:
+            return self._take(key, path, entry, sig, seen.digest)
         with self._cond:
             if self._pending.get(key) is not entry:
                 return None
@@ -512,12 +621,13 @@ class Settler:
                 return None
         return self._take(key, path, entry, sig)
 
-    def _take(self, key: str, path: Path, entry: _Pending, sig: tuple[int, int]) -> Arrival | None:
+    def _take(self, key: str, path: Path, entry: _Pending, sig: tuple[int, int],
+              digest: str | None = None) -> Arrival | None:
         with self._cond:
             if self._pending.get(key) is not entry or entry.due > self._clock():
                 return None  # a new event arrived while we checked: it reschedules
             self._drop(key)
-        return Arrival(path, sig[0], sig[1], entry.data)
+        return Arrival(path, sig[0], sig[1], entry.data, digest)
 
 
 # --------------------------------------------------------------- observers
@@ -543,32 +653,66 @@ class _Handler(FileSystemEventHandler):
     Paths are handed on as text: most events are for a file already tracked,
     and a ``Path`` made for each of them was most of a burst's CPU time
     (issue 10.21).  Whoever needs a ``Path`` makes one, once per file.
+
+    Args:
+        direct: the inotify reader hands this handler every file event itself
+            (``on_inotify``), in the kernel's order, and forgets a folder
+            moved away the moment it goes.  What still comes through
+            watchdog's queue is what watchdog makes up: files found in a
+            new folder, files of a folder moved within the tree.  Those only
+            offer (a late forget could drop a newer file of the same name).
     """
 
     def __init__(self, offer: Callable[[str, Kind], None], forget: Callable[[str], None],
-                 forget_under: Callable[[str], None]) -> None:
+                 forget_under: Callable[[str], None], *, direct: bool = False) -> None:
         self._offer = offer
         self._forget = forget
         self._forget_under = forget_under
+        self.direct = direct
 
     def dispatch(self, event: FileSystemEvent) -> None:
         src = os.fsdecode(event.src_path)
         if event.is_directory:
-            if isinstance(event, DirMovedEvent) and src:
+            if isinstance(event, DirMovedEvent) and src and not self.direct:
                 self._forget_under(src)
             return  # new folders' files arrive as their own events (watchdog simulates them)
         if isinstance(event, FileClosedEvent):
             self._offer(src, "closed")
         elif isinstance(event, FileMovedEvent):
-            if src:
+            if src and not self.direct:
                 self._forget(src)
             dest = os.fsdecode(event.dest_path)
             if dest:
                 self._offer(dest, "moved")
         elif isinstance(event, FileDeletedEvent):
-            self._forget(src)
+            if not self.direct:
+                self._forget(src)
+        elif self.direct and isinstance(event, FileCreatedEvent):
+            self._offer(src, "found")  # watchdog walked a new folder: the file's own events say more
         elif isinstance(event, (FileCreatedEvent, FileModifiedEvent, FileAttribEvent)):
             self._offer(src, "changed")
+
+    def on_inotify(self, mask: int, path: bytes) -> None:
+        """One inotify event of a file (not a folder), on the reader's thread (``direct``)."""
+        if mask & _IN_CLOSE_WRITE:
+            self._offer(os.fsdecode(path), "closed")
+        elif mask & _IN_MOVED_TO:
+            self._offer(os.fsdecode(path), "moved")
+        elif mask & _IN_GONE:
+            self._forget(os.fsdecode(path))
+        elif mask & _IN_CHANGED:
+            self._offer(os.fsdecode(path), "changed")
+
+    def on_folder_moved_away(self, path: bytes) -> None:
+        """A folder was renamed (within the tree or out of it): what settled under its old name is gone."""
+        self._forget_under(os.fsdecode(path))
+
+
+# inotify(7) event bits, as the kernel defines them (watchdog's InotifyConstants, where present).
+_IN_MODIFY, _IN_ATTRIB, _IN_CLOSE_WRITE = 0x2, 0x4, 0x8
+_IN_MOVED_FROM, _IN_MOVED_TO, _IN_CREATE, _IN_DELETE = 0x40, 0x80, 0x100, 0x200
+_IN_GONE = _IN_MOVED_FROM | _IN_DELETE
+_IN_CHANGED = _IN_CREATE | _IN_MODIFY | _IN_ATTRIB
 
 
 class _ParentHandler(FileSystemEventHandler):
@@ -590,10 +734,52 @@ MAX_EVENT_BACKLOG = 20_000
 MAX_SETTLING = 20_000
 
 
+#: The inotify bits a file event of ours may carry (the rest is watchdog's business).
+_IN_FILE_EVENTS = _IN_CLOSE_WRITE | _IN_MOVED_TO | _IN_GONE | _IN_CHANGED
+
+
+def _superseded_dropped(events: list) -> list:  # type: ignore[type-arg]
+    """The events of one read from inotify, less each file's create or modify event whose
+    next event in the same read is another modify or its close-after-write.
+
+    Handled one by one, those would only be overtaken by that next event (a
+    file written and closed is ready, whatever came before); in a burst of
+    small files the kernel hands them over together, and skipping them
+    skips two thirds of the work per file (issue 10.21).  Everything else
+    stays, in order: deletes, moves, attribute changes, folders.
+    """
+    if len(events) < 2:
+        return events
+    kept = []
+    later: dict[tuple[int, bytes], int] = {}  # (watch, name) -> the mask of its next event kept
+    for event in reversed(events):
+        key, mask = (event.wd, event.name), event.mask
+        after = later.get(key)
+        if (after is not None and mask & _SUPERSEDED and after & _SUPERSEDING
+                and not (mask | after) & _IN_ISDIR):
+            continue
+        later[key] = mask
+        kept.append(event)
+    kept.reverse()
+    return kept
+
+
+_IN_ISDIR = 0x40000000
+_IN_Q_OVERFLOW = 0x4000
+_SUPERSEDED = _IN_CREATE | _IN_MODIFY
+_SUPERSEDING = _IN_MODIFY | _IN_CLOSE_WRITE
+
+
+def _direct_possible(fd_class: type, group_class: type) -> bool:
+    """Whether this watchdog's reader and watch groups are the ones ``_FD`` knows how to read."""
+    return (all(hasattr(fd_class, a) for a in ("handle_event", "_read_event_buffer", "should_keep_running"))
+            and all(hasattr(group_class, a) for a in ("_build_event_source_path", "is_active", "on_event")))
+
+
 def _native_observer(on_overflow: Callable[[], None], backlog: Callable[[], int]) -> BaseObserver:
     try:
-        from watchdog.observers.inotify import InotifyFullEmitter, InotifyObserver
-        from watchdog.observers.inotify_c import InotifyFD
+        from watchdog.observers.inotify import InotifyFullEmitter, InotifyObserver, InotifyWatchGroup
+        from watchdog.observers.inotify_c import DEFAULT_EVENT_BUFFER_SIZE, InotifyEvent, InotifyFD
     except ImportError:  # not Linux: the platform's observer, readiness by settling
         from watchdog.observers import Observer
 
@@ -602,21 +788,85 @@ def _native_observer(on_overflow: Callable[[], None], backlog: Callable[[], int]
     if not hasattr(InotifyFD, "handle_event"):  # another watchdog: its log line is the signal
         return InotifyObserver(generate_full_events=True)
 
+    header = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then the name
+
+    def _parsed(buffer: bytes) -> list[InotifyEvent]:
+        """InotifyFD.read_events's parsing, in one loop (it runs for every event of a burst)."""
+        events, i, end, unpack = [], 0, len(buffer), header.unpack_from
+        while i + 16 <= end:
+            wd, mask, cookie, length = unpack(buffer, i)
+            if wd != -1 or mask & _IN_Q_OVERFLOW:  # the only global event watchdog keeps
+                events.append(InotifyEvent(wd, mask, cookie, buffer[i + 16:i + 16 + length].rstrip(b"\0")))
+            i += 16 + length
+        return events
+
     class _FD(InotifyFD):  # type: ignore[misc, valid-type]
-        """watchdog's inotify reader, telling us about IN_Q_OVERFLOW itself (issue 10.18).
+        """watchdog's inotify reader, telling us about IN_Q_OVERFLOW itself (issue 10.18),
+        and handing our watches' file events on itself (issue 10.21).
 
         watchdog reconciles its watches after an overflow but reports the lost
         events only in a WARNING log line, which a log level can silence.
+
+        Every event watchdog reads travels through two more threads (its move
+        grouper's delayed queue, the emitter, the observer's queue) as two or
+        three objects before a handler sees it: in a burst of small files that
+        was more CPU than everything else the daemon does per file.  So the
+        file events of our own watches are handed to the handler here, on the
+        reader's thread, in the kernel's order; folder events still go
+        watchdog's way, which keeps its watches right (new folders watched,
+        watches moved with their folder) and walks new folders for files.
         """
 
         observer: BaseObserver | None = None
+
+        def __init__(self) -> None:
+            super().__init__()
+            #: id(watch group) -> (the group, its handler): watches whose file events this thread hands on
+            self.direct: dict[int, tuple[object, _Handler]] = {}
+
+        def run(self) -> None:  # InotifyFD.run, with a burst's events thinned first
+            while self.should_keep_running():
+                if self.direct:
+                    events = _superseded_dropped(_parsed(self._read_event_buffer(DEFAULT_EVENT_BUFFER_SIZE)))
+                else:
+                    events = self.read_events()
+                for event in events:
+                    self.handle_event(event)
 
         def handle_event(self, event):  # type: ignore[no-untyped-def]
             if event.is_queue_overflow:
                 on_overflow()
             else:
                 self._wait_for_room()
+                if self.direct and self._handle_directly(event):
+                    return
             super().handle_event(event)
+
+        def _handle_directly(self, event) -> bool:  # type: ignore[no-untyped-def]
+            """Hand a file event of our watches on; False to leave (the rest of) it to watchdog."""
+            mask = event.mask
+            if not mask & _IN_FILE_EVENTS:
+                return False
+            with self._lock:
+                watch = self._watch_for_wd.get(event.wd)
+                groups = list(watch.callbacks.values()) if watch is not None else []
+            mine = [(g, entry[1]) for g in groups
+                    if (entry := self.direct.get(id(g))) is not None and entry[0] is g]
+            if not mine:
+                return False
+            if event.is_directory:
+                if mask & _IN_MOVED_FROM:  # now, in order: a later folder of that name is another one
+                    for group, handler in mine:
+                        if (path := group._build_event_source_path(event)) is not None:
+                            handler.on_folder_moved_away(path)
+                return False
+            for group, handler in mine:
+                if group.is_active and (path := group._build_event_source_path(event)) is not None:
+                    handler.on_inotify(mask, path)
+            for group in groups:  # another observer's watch of the same folder (a missing folder's parent)
+                if not any(group is g for g, _ in mine):
+                    group.on_event(event)
+            return True
 
         def _wait_for_room(self) -> None:
             """Backpressure: while those downstream are behind, leave events in the kernel."""
@@ -637,6 +887,17 @@ def _native_observer(on_overflow: Callable[[], None], backlog: Callable[[], int]
             fd.start()
             BaseObserver.__init__(self, InotifyFullEmitter, inotify_fd=fd)
             fd.observer = self
+            #: whether file events can be handed on by the reader (``feed_directly``)
+            self.direct = (_direct_possible(InotifyFD, InotifyWatchGroup) and hasattr(fd, "_watch_for_wd")
+                           and hasattr(fd, "_lock") and hasattr(self, "_emitter_for_watch"))
+
+        def feed_directly(self, watch: ObservedWatch, handler: _Handler) -> bool:
+            """Have the reader hand ``watch``'s file events to ``handler`` itself."""
+            group = getattr(self._emitter_for_watch.get(watch), "_inotify", None)
+            if group is None:  # the emitter starts with the observer: it has
+                return False
+            self._inotify_fd.direct[id(group)] = (group, handler)
+            return True
 
     return _Observer()
 
@@ -671,6 +932,7 @@ class Watcher:
                  on_overflow: Callable[[], None] | None = None,
                  backlog: Callable[[], int] | None = None) -> None:
         self._handler = _Handler(offer, forget, forget_under)
+        self._direct_handler = _Handler(offer, forget, forget_under, direct=True)  # fed by the inotify reader
         self._parent_handler = _ParentHandler(self._appeared)
         self._on_watched = on_watched
         self._on_overflow = on_overflow or _OverflowAlarm.raised.set
@@ -758,7 +1020,7 @@ class Watcher:
             return False
         if not watch.polling and self._native is not None:
             try:
-                self._native.schedule(self._handler, str(path), recursive=watch.recursive, event_filter=_EVENTS)
+                self._schedule_native(path, watch.recursive)
                 log.info("%s: watching (inotify%s, settle %gs)", path, ", recursive" if watch.recursive else "", watch.settle)
                 return True
             except OSError as exc:
@@ -774,6 +1036,28 @@ class Watcher:
         self._polling[path] = observer
         log.info("%s: watching (polling every %gs, settle %gs)", path, poll_interval(watch.settle), watch.settle)
         return True
+
+    def _schedule_native(self, path: Path, recursive: bool) -> None:
+        """Watch ``path`` with inotify; its file events straight from the reader where watchdog allows."""
+        assert self._native is not None
+        if not getattr(self._native, "direct", False):
+            self._native.schedule(self._handler, str(path), recursive=recursive, event_filter=_EVENTS)
+            return
+        observed = self._native.schedule(self._direct_handler, str(path), recursive=recursive, event_filter=_EVENTS)
+        if not self._native.feed_directly(observed, self._direct_handler):  # type: ignore[attr-defined]
+            # Still correct through watchdog's queue, only slower: that handler only offers.
+            log.debug("%s: file events go through watchdog's queue", path)
+
+    def _schedule_native(self, path: Path, recursive: bool) -> None:
+        """Watch ``path`` with inotify; its file events straight from the reader where watchdog allows."""
+        assert self._native is not None
+        if not getattr(self._native, "direct", False):
+            self._native.schedule(self._handler, str(path), recursive=recursive, event_filter=_EVENTS)
+            return
+        observed = self._native.schedule(self._direct_handler, str(path), recursive=recursive, event_filter=_EVENTS)
+        if not self._native.feed_directly(observed, self._direct_handler):  # type: ignore[attr-defined]
+            # Still correct through watchdog's queue, only slower: that handler only offers.
+            log.debug("%s: file events go through watchdog's queue", path)
 
     def alive(self) -> bool:
         with self._lock:

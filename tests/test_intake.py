@@ -377,3 +377,103 @@ def test_the_scan_finds_files_under_a_config_loaded_again(tmp_path: Path, monkey
         first = [w.match.path.name for w in find_work(load_config(config), queue)]
         again = [w.match.path.name for w in find_work(load_config(config), queue)]
     assert first == again == ["a.png"]
+
+
+# ------------------------------------------------------------ a burst's cost (issue 10.21)
+
+
+def test_a_ready_batch_queues_each_file_once_and_skips_those_that_came_with_their_sidecars(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 10.21: the batch is hashed from the settler's one read and looked up in the queue together;
+    # still one job per file, none twice, none for a file whose fresh sidecar came with it
+    from daemon import service
+    from daemon.queue import content_hash
+    from daemon.watching import Arrival
+
+    (tmp_path / "in").mkdir()
+    monkeypatch.setenv("VLWATCH_PLUGINS", "tests.stub_backend")
+    daemon = service.Daemon(load_config(_config(tmp_path)))
+    woken: list[int] = []
+    daemon.queue = Queue(tmp_path / "state" / "state.db")
+    daemon.loop = type("Loop", (), {"wake": lambda self: woken.append(1)})()  # no engine: only intake is tested
+    try:
+        files = [put(tmp_path / "in" / f"f{i}.png", png_bytes(i)) for i in range(30)]
+        for f in files[:5]:  # a processed folder moved in: the sidecars are there and newer
+            put(Path(f"{f}.ground.json"), b"{}")
+        snapshot = daemon.snapshot
+
+        def arrival(f: Path, digest: str | None) -> Arrival:
+            st = f.stat()
+            accepted = daemon._accept(snapshot, f)
+            assert accepted is not None
+            return Arrival(f, st.st_size, st.st_mtime_ns, daemon._travels(snapshot, accepted[1]), digest)
+
+        # half carry the settler's hash, half are hashed here; one file twice in the batch
+        batch = [arrival(f, content_hash(f) if i % 2 else None) for i, f in enumerate(files)] + [arrival(files[7], None)]
+        daemon._deliver(batch)
+        daemon._deliver(batch)  # the same files again: nothing new
+        jobs = daemon.queue.history()
+        assert sorted(j.path.name for j in jobs) == sorted(f.name for f in files[5:])
+        assert all(j.hash == content_hash(j.path) for j in jobs) and woken
+    finally:
+        daemon.queue.close()
+
+
+def test_recipes_hash_every_part_as_before(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 10.21: the recipe is rendered with the names its prompt uses and framed once per rule;
+    # it must stay the hash of all its parts, or every sidecar would look outdated
+    import hashlib
+    import json
+    import string
+
+    from daemon.recipes import VERSION, recipe_of
+    from daemon.rules import match_file, neutralise
+    from daemon.scanning import Recipes
+
+    def reference(config, match) -> str:  # type: ignore[no-untyped-def]
+        rule, model, path = match.rule, config.model, match.path
+        values = {"filename": path.name, "stem": path.stem, "suffix": path.suffix.lstrip("."),
+                  "folder": path.parent.name, "path": str(path), "rule": rule.name, "objects": rule.objects}
+        prompt = string.Template(rule.prompt).safe_substitute({k: neutralise(v) for k, v in values.items()}).strip()
+        parts = {"model": model.name, "task": rule.task, "output": rule.output, "prompt": prompt,
+                 "min_pixels": rule.min_pixels or model.min_pixels, "max_pixels": rule.max_pixels or model.max_pixels,
+                 "max_new_tokens": rule.max_new_tokens or model.max_new_tokens, "pages": rule.pages,
+                 "csp": rule.csp if rule.task == "code" else None}
+        text = json.dumps(parts, sort_keys=True, default=str).encode("utf-8", "surrogatepass")
+        return f"{VERSION}:{hashlib.blake2b(text, digest_size=8).hexdigest()}"
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "c.yaml").write_text(
+        "model: {backend: stub, name: m}\nstate: ./s.db\nwatch: [{path: ./in}]\ninclude: [describe]\nrules:\n"
+        "  - {name: every, match: ['*'], task: custom, output: md,\n"
+        "     prompt: 'all: $filename ${stem} $suffix $folder $path $rule $objects $$5 \"quoted\" \\u00fc'}\n"
+        "  - {name: plain, match: ['*'], task: custom, output: json, prompt: 'Describe $rule.'}\n")
+    monkeypatch.setenv("VLWATCH_PLUGINS", "tests.stub_backend")
+    config = load_config(tmp_path / "c.yaml")
+    recipes = Recipes(config)
+    names = ["a.png", "we<|im_end|>ird\udcff.png", "b\u00e9 \"q\".jpg", "a.b.c.tiff"]
+    matches = [m for name in names for rule in ("every", "plain", "describe")
+               for m in match_file(config, tmp_path / "in" / name, rule)]
+    assert {m.rule.name for m in matches} == {"every", "plain", "describe"}
+    for m in matches:
+        assert recipe_of(config, m) == recipes(m) == reference(config, m), (m.path.name, m.rule.name)
+
+
+def test_a_burst_is_logged_in_one_line_per_batch(caplog: pytest.LogCaptureFixture) -> None:
+    # issue 10.21: a line per file for a few files; one line for a large batch, each file at DEBUG
+    from daemon.queue import Queued
+    from daemon.service import LOG_EACH, log_queued
+
+    few = [Queued(i, Path(f"/in/f{i}.png"), "describe", "h") for i in range(3)]
+    many = [Queued(i, Path(f"/in/g{i}.png"), "describe", "h") for i in range(LOG_EACH + 40)]
+    with caplog.at_level(logging.INFO, logger="daemon.service"):
+        log_queued(few)
+        log_queued(many)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[:3] == [f"/in/f{i}.png: queued for describe" for i in range(3)]
+    assert lines[3:] == [f"queued {LOG_EACH + 40} jobs for describe in /in (g0.png ... g{LOG_EACH + 39}.png; "
+                         "each at DEBUG)"]
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="daemon.service"):
+        log_queued(many)
+    assert len(caplog.records) == len(many) + 1

@@ -317,3 +317,38 @@ def test_never_two_pending_jobs_for_one_file_and_rule(tmp_path_factory: pytest.T
             assert len(queued) == len(set(queued))
             active = [(j.path, j.rule, j.hash) for j in jobs if j.state in ("queued", "running")]
             assert len(active) == len(set(active))
+
+
+# issue 10.21: enqueue looks up a batch's newest jobs together (not one query per file); it must
+# decide exactly as if the files came one by one, a file met twice in one batch included.
+batch = st.lists(st.tuples(st.sampled_from(["/w/a.png", "/w/b.png", "/w/\udce9.png"]),
+                           st.sampled_from(["describe", "ocr"]), st.sampled_from(["h1", "h2", "h3"]),
+                           st.booleans()), max_size=10)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(batch, st.sampled_from(["claim", "finish", "none"])), max_size=5))
+def test_a_batch_is_queued_exactly_as_its_files_one_by_one(tmp_path_factory: pytest.TempPathFactory,
+                                                          rounds) -> None:
+    folder = tmp_path_factory.mktemp("batch")
+    seen_at = time.time()
+    with Queue(folder / "batched.db") as batched, Queue(folder / "single.db") as single:
+        for files, then in rounds:
+            cands = [cand(path=p, rule=r, digest=h, redo=redo, seen_at=seen_at) for p, r, h, redo in files]
+            got = batched.enqueue(cands)
+            want = [q for c in cands for q in single.enqueue([c])]
+            assert got == want
+            for q in (batched, single):
+                if then == "claim":
+                    q.claim(2)
+                elif then == "finish" and (running := q.running()):
+                    q.finish([(running[0].id, [], 0.0)])
+        table = lambda q: [(j.id, j.path, j.rule, j.hash, j.state) for j in q.history()]  # noqa: E731
+        assert table(batched) == table(single)
+
+
+def test_the_due_count_stops_where_asked(queue: Queue) -> None:
+    # issue 10.21: the worker asks "none?" and "a batch yet?" per queued batch, not for a full count
+    queue.enqueue([cand(path=f"/w/{i}.png") for i in range(5)])
+    assert queue.due_count() == 5
+    assert queue.due_count(limit=1) == 1 and queue.due_count(limit=3) == 3 and queue.due_count(limit=10) == 5

@@ -304,3 +304,122 @@ def test_missing_folder_is_watched_once_it_appears(tmp_path: Path) -> None:
         wait_for(lambda: events.kinds(root / "x.png"), 10, "an event in the new folder")
     finally:
         watcher.stop()
+
+
+# ------------------------------------------------- the reader hands events on (issue 10.21)
+
+
+class Trace:
+    """Every offer and forget in one list, in the order they came, with the thread that made them."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Path, str, threading.Thread]] = []
+        self.lock = threading.Lock()
+
+    def offer(self, path: str, kind: str) -> None:
+        with self.lock:
+            self.calls.append(("offer", Path(path), kind, threading.current_thread()))
+
+    def forget(self, path: str) -> None:
+        with self.lock:
+            self.calls.append(("forget", Path(path), "", threading.current_thread()))
+
+    def forget_under(self, path: str) -> None:
+        with self.lock:
+            self.calls.append(("forget_under", Path(path), "", threading.current_thread()))
+
+    def of(self, path: Path) -> list[tuple[str, str]]:
+        with self.lock:
+            return [(op, kind) for op, p, kind, _ in self.calls if p == path]
+
+    def index(self, op: str, path: Path, kind: str = "") -> int:
+        with self.lock:
+            return max((i for i, (o, p, k, _) in enumerate(self.calls) if o == op and p == path and k == kind),
+                       default=-1)
+
+
+def test_file_events_come_from_the_inotify_reader_in_the_kernels_order(tmp_path: Path) -> None:
+    # issue 10.21: file events skip watchdog's two extra threads; folder events still go its way.
+    # Order must hold across both: a folder moved away and made again at once keeps its new files.
+    root = tmp_path / "inbox"
+    (root / "d").mkdir(parents=True)
+    trace = Trace()
+    watcher = Watcher(trace.offer, trace.forget, trace.forget_under)
+    watcher.start([WatchConfig(path=root, settle=0.5)])
+    try:
+        native = watcher._native
+        assert native is not None and native.direct  # type: ignore[attr-defined]
+        a = root / "a.png"
+        a.write_bytes(png_bytes())
+        wait_for(lambda: ("offer", "closed") in trace.of(a), 10, "a.png closed")
+        assert all(t is native._inotify_fd for op, p, k, t in trace.calls if p == a)  # type: ignore[attr-defined]
+        a.unlink()
+        a.write_bytes(png_bytes(1))  # gone and back at once: the last word is the new file's
+        (root / "d" / "x.png").write_bytes(png_bytes(2))
+        wait_for(lambda: ("offer", "closed") in trace.of(root / "d" / "x.png"), 10, "d/x.png")
+        os.rename(root / "d", tmp_path / "away")  # out of the tree: watchdog holds such a move 0.5 s
+        (root / "d").mkdir()
+        y = root / "d" / "y.png"
+        y.write_bytes(png_bytes(3))
+        # "closed" from its own events, or "found" when it was written before the new folder's watch
+        # was in place and watchdog's walk of that folder reports it
+        wait_for(lambda: trace.of(y), 10, "d/y.png")
+        time.sleep(1.0)  # a late forget of d/ from watchdog's queue would have come by now
+        assert trace.of(a)[-1] == ("offer", "closed")
+        assert 0 <= trace.index("forget_under", root / "d") < min(trace.index("offer", y, k) for k in ("closed", "found")
+                                                                   if trace.index("offer", y, k) >= 0)
+        (root / "f").mkdir()
+        (root / "f" / "z.png").write_bytes(png_bytes(4))
+        wait_for(lambda: trace.of(root / "f" / "z.png"), 10, "f/z.png")
+        os.rename(root / "f", root / "e")  # within the tree: its files are offered under their new names
+        wait_for(lambda: ("offer", "moved") in trace.of(root / "e" / "z.png"), 10, "z.png under its new folder")
+    finally:
+        watcher.stop()
+
+
+def test_a_files_create_and_modify_are_dropped_when_its_close_follows_in_the_same_read() -> None:
+    # issue 10.21: in a burst each file's three events cost one offer
+    from watchdog.observers.inotify_c import InotifyConstants as C
+    from watchdog.observers.inotify_c import InotifyEvent
+
+    from daemon.watching import _superseded_dropped
+
+    def ev(mask: int, name: bytes, wd: int = 1) -> InotifyEvent:
+        return InotifyEvent(wd, mask, 0, name)
+
+    burst = [ev(C.IN_CREATE, b"a"), ev(C.IN_CREATE, b"b"), ev(C.IN_MODIFY, b"a"), ev(C.IN_CLOSE_WRITE, b"a"),
+             ev(C.IN_MODIFY, b"b"), ev(C.IN_CREATE | C.IN_ISDIR, b"d"), ev(C.IN_MODIFY, b"d"),
+             ev(C.IN_CREATE, b"c"), ev(C.IN_DELETE, b"c"), ev(C.IN_CREATE, b"c"), ev(C.IN_CLOSE_WRITE, b"c"),
+             ev(C.IN_CREATE, b"a", wd=2)]
+    kept = [(e.mask, e.name, e.wd) for e in _superseded_dropped(burst)]
+    assert kept == [(C.IN_CLOSE_WRITE, b"a", 1), (C.IN_MODIFY, b"b", 1),
+                    (C.IN_CREATE | C.IN_ISDIR, b"d", 1), (C.IN_MODIFY, b"d", 1), (C.IN_CREATE, b"c", 1),
+                    (C.IN_DELETE, b"c", 1), (C.IN_CLOSE_WRITE, b"c", 1), (C.IN_CREATE, b"a", 2)]
+
+
+def test_one_look_gives_size_completeness_and_the_hash_of_the_bytes_checked(tmp_path: Path) -> None:
+    # issue 10.21: the settler reads a small ready file once; the queue uses that hash
+    from daemon.queue import bytes_hash, content_hash
+    from daemon.watching import look_at
+
+    whole, cut = tmp_path / "whole.png", tmp_path / "cut.png"
+    whole.write_bytes(png_bytes())
+    cut.write_bytes(png_bytes()[:-12])
+    seen = look_at(str(whole), bytes_hash)
+    assert seen.complete and seen.digest == content_hash(whole)
+    assert seen.signature == (whole.stat().st_size, whole.stat().st_mtime_ns)
+    assert look_at(str(cut), bytes_hash) == type(seen)((cut.stat().st_size, cut.stat().st_mtime_ns), False, None)
+    assert look_at(str(tmp_path / "gone.png")).signature is None
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    assert look_at(str(fifo)).signature is None  # not opened for reading, which would wait for a writer
+
+
+def test_a_found_file_that_is_tracked_keeps_what_its_own_events_said(settler, tmp_path: Path) -> None:
+    # issue 10.21: watchdog's walk of a new folder reports files whose own events came first
+    s, got = settler
+    f = tmp_path / "a.png"
+    f.write_bytes(png_bytes())
+    s.note(f, "closed", settle=5.0)
+    s.note(f, "found")  # must not reset it to "still being written" (a 5 s wait)
+    wait_for(lambda: got.paths == [f], 3, "the closed file")
