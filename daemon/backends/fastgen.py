@@ -548,15 +548,15 @@ class SlotEngine:
             if admitting:
                 admitting = self._admit(source, max_new, eos)
             if not self._owner:
-                if self._carry:
-                    continue
+                if self._carry and not _urgent(source):
+                    continue  # admitted next round (while an interactive prompt is being made: wait below)
                 if not admitting or not source.busy():
                     break
                 source.wait(0.02)
                 continue
             self._decode(source, eos)
         s["active"].zero_()
-        for prompt, _ in self._carry:  # stopping: they were taken, so the source hears back
+        for prompt, _ in reversed(self._carry):  # stopping: they were taken, so the source hears back, in order
             source.defer(prompt)
         self._carry = []
         stats.ttft = list(self._ttft.values())

@@ -796,8 +796,7 @@ class _Live:
         if any(f.prompt.urgent for f in self.front):
             return True
         while (item := self.feed.next(urgent_only=True)) is not None:
-            index = next(self._seq)
-            self.making.append((item, index, self.pool.submit(self.backend._prompt, index, item)))
+            self._make(item)
         return any(item.urgent for item, _, _ in self.making)
 
     def defer(self, prompt: Any) -> None:
@@ -881,8 +880,12 @@ class _Live:
             item = self.feed.next(urgent_only=urgent_only)
             if item is None:
                 return
-            index = next(self._seq)
-            self.making.append((item, index, self.pool.submit(self.backend._prompt, index, item)))
+            self._make(item)
+
+    def _make(self, item: Item) -> None:
+        """Start turning ``item`` into a prompt on a processor thread."""
+        index = next(self._seq)
+        self.making.append((item, index, self.pool.submit(self.backend._prompt, index, item)))
 
     def _ready(self) -> tuple[Item, int, Future[Any]] | None:
         """The prompt to admit next: an urgent one first (waited for while it is being made), else the oldest."""
