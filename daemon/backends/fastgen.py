@@ -621,8 +621,6 @@ class SlotEngine:
             patches += prompt.patches
             if prompt.urgent:
                 break  # its own vision call: nothing queued delays its first token
-        if not group and self._carry and not urgent:
-            return [self._carry.pop(0)], admitting
         return [(p, f) for p, f in zip(group, self._features_each(group, source)) if f is not _FAILED], admitting
 
     def _start(self, source: Source, prompt: Prompt, free: list[int], image_features: Any, eos: set[int]) -> bool:
