@@ -1048,17 +1048,6 @@ class Watcher:
             # Still correct through watchdog's queue, only slower: that handler only offers.
             log.debug("%s: file events go through watchdog's queue", path)
 
-    def _schedule_native(self, path: Path, recursive: bool) -> None:
-        """Watch ``path`` with inotify; its file events straight from the reader where watchdog allows."""
-        assert self._native is not None
-        if not getattr(self._native, "direct", False):
-            self._native.schedule(self._handler, str(path), recursive=recursive, event_filter=_EVENTS)
-            return
-        observed = self._native.schedule(self._direct_handler, str(path), recursive=recursive, event_filter=_EVENTS)
-        if not self._native.feed_directly(observed, self._direct_handler):  # type: ignore[attr-defined]
-            # Still correct through watchdog's queue, only slower: that handler only offers.
-            log.debug("%s: file events go through watchdog's queue", path)
-
     def alive(self) -> bool:
         with self._lock:
             observers = [o for o in [self._native, *self._polling.values()] if o is not None]
