@@ -548,7 +548,7 @@ class SlotEngine:
             if admitting:
                 admitting = self._admit(source, max_new, eos)
             if not self._owner:
-                if self._carry and not _urgent(source):
+                if self._carry and not source.urgent():
                     continue  # admitted next round (while an interactive prompt is being made: wait below)
                 if not admitting or not source.busy():
                     break
@@ -573,7 +573,7 @@ class SlotEngine:
         reserve = self._reserve
         while True:
             free = [i for i in range(self._slots) if i not in self._owner]
-            urgent = _urgent(source)
+            urgent = source.urgent()
             if not free or (len(free) <= reserve and not urgent):
                 return True
             group, admitting = self._group(source, len(free) - (0 if urgent else reserve), max_new)
@@ -584,7 +584,7 @@ class SlotEngine:
                 prompt, image_features = group.pop(0)
                 if not self._start(source, prompt, free, image_features, eos):
                     continue
-                if group and not prompt.urgent and _urgent(source):
+                if group and not prompt.urgent and source.urgent():
                     self._carry = group + self._carry  # an interactive prompt goes first
                     break
             self.stats.prefill_s += time.perf_counter() - t0
@@ -600,7 +600,7 @@ class SlotEngine:
         VISION_BATCH_PATCHES).  An interactive prompt is taken ahead of any
         carried-over one.  The flag is False once a prompt was deferred.
         """
-        urgent = _urgent(source)
+        urgent = source.urgent()
         if self._carry and not urgent:
             return [self._carry.pop(0)], True
         group: list[Prompt] = []
@@ -734,11 +734,6 @@ class SlotEngine:
 
 
 _FAILED = object()  # _features_each: this prompt was finished with its error
-
-
-def _urgent(source: Source) -> bool:
-    urgent = getattr(source, "urgent", None)  # optional for sources without interactive prompts
-    return bool(urgent()) if urgent is not None else False
 _NON_FINITE = ("the model produced non-finite logits (NaN or infinity) for this request; with "
                "model.dtype float16 that is an overflow: use bfloat16 (what Qwen2.5-VL was trained in)")
 

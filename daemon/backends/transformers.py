@@ -357,6 +357,7 @@ class TransformersBackend:
         fast = self._fast
         fast.ignore_eos = self.ignore_eos
         live = _Live(self, feed)
+        live_feed = not isinstance(feed, ListFeed)  # the daemon: load comes and goes, interactive requests may come
         totals: dict[str, Any] = {}
         lost = False
         try:
@@ -366,7 +367,7 @@ class TransformersBackend:
                     self._tried_slots = slots
                     try:
                         fast.run(live, slots=slots, cache_length=cache_length, max_new=max_new,
-                                 shrink=not isinstance(feed, ListFeed), reserve=not isinstance(feed, ListFeed))
+                                 shrink=live_feed, reserve=live_feed)
                     except Exception as exc:
                         if is_sticky_cuda_error(exc):
                             lost = True  # the feed records what was in hand, with the attempt spent
