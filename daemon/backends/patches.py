@@ -81,14 +81,7 @@ class VisionAttentionPatch:
                     module.forward = types.MethodType(self._switch(fn, module.forward), module)
 
     def _switch(self, compiled: Callable[..., Any], stock: Callable[..., Any]) -> Callable[..., Any]:
-        patch = self
-
-        def forward(module: Any, *args: Any) -> Any:
-            if patch.enabled and patch.use_compiled:
-                return compiled(module, *args)
-            return stock(*args)
-
-        return forward
+        return _switched(compiled, stock, lambda args: self.enabled and self.use_compiled)
 
     def _forward_for(self, stock: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         patch = self
@@ -210,14 +203,20 @@ class TextPrefillPatch:
                 module.forward = types.MethodType(self._switch(fn, module.forward), module)
 
     def _switch(self, compiled: Callable[..., Any], stock: Callable[..., Any]) -> Callable[..., Any]:
-        patch = self
+        return _switched(compiled, stock,
+                         lambda args: self.enabled and not (args[0].is_cuda and torch.cuda.is_current_stream_capturing()))
 
-        def forward(module: Any, *args: Any) -> Any:
-            if patch.enabled and not (args[0].is_cuda and torch.cuda.is_current_stream_capturing()):
-                return compiled(module, *args)
-            return stock(*args)
 
-        return forward
+def _switched(compiled: Callable[..., Any], stock: Callable[..., Any],
+              use_compiled: Callable[[tuple[Any, ...]], bool]) -> Callable[..., Any]:
+    """A module forward that runs ``compiled`` while ``use_compiled(args)`` holds, else the stock bound forward."""
+
+    def forward(module: Any, *args: Any) -> Any:
+        if use_compiled(args):
+            return compiled(module, *args)
+        return stock(*args)
+
+    return forward
 
 
 class Compiled:
