@@ -41,7 +41,7 @@ from daemon.config import Config
 from daemon.engine import check_model
 from daemon.errors import ExitCode, VlwatchError, plural
 from daemon.images import printable
-from daemon.queue import HANDED_OVER, Candidate, Queue, StateLock, content_hash, safe_text
+from daemon.queue import HANDED_OVER, Candidate, Job, Queue, StateLock, content_hash, safe_text
 from daemon.recipes import recipe_of
 from daemon.rules import match_file, normalised, watch_for
 from daemon.sidecars import sidecar_fresh, sidecar_missing
@@ -166,8 +166,9 @@ def _stale(match: "Match", mtime_ns: int) -> bool:
 # ------------------------------------------------------------------ waiting
 
 
-class JobLike(Protocol):
-    """What waiting and reporting read of a job: ``daemon.queue.Job``, or ``ApiJob`` from the API."""
+@dataclass(frozen=True)
+class ApiJob:
+    """What waiting and reporting read of a job, as the daemon's API shows it (the fields of ``Job`` they use)."""
 
     id: int
     path: Path
@@ -175,6 +176,10 @@ class JobLike(Protocol):
     state: str
     error: str | None
     sidecars: tuple[Path, ...]
+
+
+#: A job as ``wait_for`` and ``_report`` see it: from the state file, or from the API.
+JobLike = Job | ApiJob
 
 
 class JobSource(Protocol):
@@ -184,16 +189,6 @@ class JobSource(Protocol):
 
 class DaemonGone(Exception):
     """The daemon's API stopped answering while a job was awaited."""
-
-
-@dataclass(frozen=True)
-class ApiJob:
-    id: int
-    path: Path
-    rule: str
-    state: str
-    error: str | None
-    sidecars: tuple[Path, ...]
 
 
 class ApiJobs:
