@@ -168,6 +168,7 @@ def main() -> int:
             kv = slots * fill * fast.kv_bytes_per_token()
             case: dict[str, Any] = {
                 "slots": slots, "cache_length": fast._length, "filled": fill,
+                "attention": "one" if slots == 1 else fast.attention,
                 "step_ms": round(step_ms, 3),
                 "floor_ms": round((weight_bytes + kv) / bandwidth * 1e3, 3),
                 "weights_GB": round(weight_bytes / 1e9, 2), "kv_GB": round(kv / 1e9, 2),
@@ -175,7 +176,7 @@ def main() -> int:
             for k, v in saved.items():
                 fast._state[k].copy_(v)
             case["kernels_ms"] = kernels(lambda slots=slots: fast._step(slots))
-            case["attention"] = attention_variants(slots, fast._length, fill, fast.n_heads, fast.n_kv,
+            case["attention_kernels"] = attention_variants(slots, fast._length, fill, fast.n_heads, fast.n_kv,
                                                    fast.head_dim, fast.layers[0].self_attn.scaling)
             results["cases"].append(case)
             print(json.dumps(case, indent=1), flush=True)

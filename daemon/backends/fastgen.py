@@ -14,9 +14,10 @@ and replaces the generation loop (measurements: ``benchmarks/NOTES.md``):
   cache (``slots`` rows of ``length`` tokens per layer);
 - **decode** runs all slots together in a step written against the model's
   own modules and weights (q/k/v and gate/up fused into one GEMV each), with
-  grouped-query attention done as ``(kv_heads, group)`` query rows against the
-  un-expanded cache; on CUDA the step is one CUDA graph replay, and each layer
-  runs as a function compiled with ``torch.compile``;
+  grouped-query attention against the un-expanded cache: on CUDA in half
+  precision through FlashAttention-2's varlen kernel, each row reading only
+  the columns it has filled (``_attend``); on CUDA the step is one CUDA graph
+  replay, and each layer runs as a function compiled with ``torch.compile``;
 - a slot whose sequence ends (EOS or budget) is **refilled** with the next
   request at once, so a long answer does not hold up short ones; requests
   come from a live ``Source`` (continuous admission) and each result goes
@@ -44,7 +45,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -228,6 +229,7 @@ class SlotEngine:
         self.detect_loops = True  # stop sequences stuck repeating (LOOP_WINDOW)
         self.eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
         self.fused = _fuse_projections(self.layers)
+        self.attention = _attention_kind(self.device, self.dtype)
         # On CUDA one decoder layer's step runs through torch.compile (one
         # compiled function for all layers): it fuses the norms, the rotary
         # embedding and the residual adds, ~30 small kernels per layer.
@@ -268,7 +270,9 @@ class SlotEngine:
         if fits and self._state["out"].shape[1] >= cols and ("seen" in self._state) == (self.penalty is not None):
             return
         self.release()
-        shape = (slots, self.n_kv, length, self.head_dim)
+        # Token-major (slot, column, kv head, dim): one column is one token's
+        # keys for every head, the layout FlashAttention's varlen entry reads.
+        shape = (slots, length, self.n_kv, self.head_dim)
         self._kv = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                      torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in self.layers]
         dev, vocab = self.device, self.lm_head.weight.shape[0]
@@ -282,6 +286,9 @@ class SlotEngine:
             "out": torch.zeros(slots, cols, dtype=torch.long, device=dev),
             "cols": torch.arange(length, device=dev),
             "rows": torch.arange(slots, device=dev),
+            # FlashAttention's varlen bounds: row i's query is token i, its keys start at column i * length.
+            "cu_q": torch.arange(slots + 1, device=dev, dtype=torch.int32),
+            "cu_k": torch.arange(slots + 1, device=dev, dtype=torch.int32) * length,
             "ignore_eos": torch.zeros((), dtype=torch.bool, device=dev),
             "temp": torch.zeros(slots, dtype=torch.float32, device=dev),  # 0: greedy
             "bad": torch.zeros(slots, dtype=torch.bool, device=dev),  # stopped on non-finite logits
@@ -300,7 +307,8 @@ class SlotEngine:
     # ------------------------------------------------------------ decode step
 
     def _view(self, n: int) -> tuple[dict[str, torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
-        state = {k: (v[:n] if v.dim() and k not in ("cols",) else v) for k, v in self._state.items()}
+        state = {k: (v[:n] if v.dim() and k not in ("cols", "cu_q", "cu_k") else v) for k, v in self._state.items()}
+        state["cu_q"], state["cu_k"] = self._state["cu_q"][:n + 1], self._state["cu_k"][:n + 1]
         return state, [(k[:n], v[:n]) for k, v in self._kv]
 
     def _step(self, n: int, sample: bool = False) -> None:
@@ -315,18 +323,22 @@ class SlotEngine:
         rows, wpos = s["rows"], s["wpos"]
         x = self.embed(s["tok"])
         cos, sin = self._rope(s["pos"])
-        # Additive mask over cache columns: what this row has written, the current token included.
-        visible = s["cols"][None, :] <= wpos[:, None]
-        bias = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
-        bias = bias.masked_fill(~visible, float("-inf"))[:, None, None, :]
+        kind = "one" if n == 1 else self.attention
+        if kind == "flash":  # each row's filled columns, the current token included
+            bias, used = None, (wpos + 1).to(torch.int32)
+        else:  # an additive mask over the cache columns
+            visible = s["cols"][None, :] <= wpos[:, None]
+            bias = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+            bias, used = bias.masked_fill(~visible, float("-inf"))[:, None, None, :], None
+        where = _Where(rows, wpos, bias, used, s["cu_q"], s["cu_k"])
         group = self.n_heads // self.n_kv
         for layer, (k_cache, v_cache) in zip(self.layers, kv):
             attn = layer.self_attn
             if self._layer_fn is not None:
-                x = self._layer_fn(x, cos, sin, bias, k_cache, v_cache, rows, wpos, *self.fused[id(layer)],
+                x = self._layer_fn(x, cos, sin, k_cache, v_cache, *where, *self.fused[id(layer)],
                                    layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
                                    attn.o_proj.weight, layer.mlp.down_proj.weight, self.eps, attn.scaling,
-                                   self.n_kv, group)
+                                   self.n_kv, group, kind)
                 continue
             h = layer.input_layernorm(x)
             if self.fused:  # one GEMV for q, k and v (their weights are views of one tensor)
@@ -340,13 +352,10 @@ class SlotEngine:
                 k = attn.k_proj(h).view(n, self.n_kv, self.head_dim)
                 v = attn.v_proj(h).view(n, self.n_kv, self.head_dim)
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            k_cache[rows, :, wpos] = k
-            v_cache[rows, :, wpos] = v
-            # Query head j uses KV head j // group (HF's repeat_kv): the group's
-            # queries are rows against one un-expanded KV head.
-            o = F.scaled_dot_product_attention(q.view(n, self.n_kv, group, self.head_dim), k_cache, v_cache,
-                                               attn_mask=bias, scale=attn.scaling)
-            x = x + attn.o_proj(o.reshape(n, self.n_heads * self.head_dim))
+            k_cache[rows, wpos] = k
+            v_cache[rows, wpos] = v
+            o = _attend(q, k_cache, v_cache, where, attn.scaling, group, kind)
+            x = x + attn.o_proj(o)
             h = layer.post_attention_layernorm(x)
             if self.fused:  # gate and up in one GEMV
                 gate, up = F.linear(h, self.fused[id(layer)][2]).chunk(2, dim=-1)
@@ -477,8 +486,8 @@ class SlotEngine:
         out = model.model.language_model(input_ids=None, inputs_embeds=embeds, position_ids=positions, use_cache=True)
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         for layer, (k_cache, v_cache) in zip(cache.layers, self._kv):
-            k_cache[slot, :, :length] = layer.keys[0]
-            v_cache[slot, :, :length] = layer.values[0]
+            k_cache[slot, :length] = layer.keys[0].transpose(0, 1)
+            v_cache[slot, :length] = layer.values[0].transpose(0, 1)
         s = self._state
         logits = self.lm_head(out.last_hidden_state[:, -1]).float()
         if "seen" in s:
@@ -814,20 +823,82 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
-def _layer_step(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, rows: torch.Tensor, wpos: torch.Tensor, qkv_w: torch.Tensor,
+class _Where(NamedTuple):
+    """Where each row of a decode step writes its token and which columns it reads (see ``_attend``)."""
+
+    rows: torch.Tensor
+    wpos: torch.Tensor  # the column this step writes
+    bias: torch.Tensor | None  # additive mask over the columns (``sdpa`` and ``one``)
+    used: torch.Tensor | None  # filled columns per row, int32 (``flash``)
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+
+
+def _attention_kind(device: torch.device, dtype: torch.dtype) -> str:
+    """``flash`` where FlashAttention-2's varlen kernel takes per-row key lengths, else ``sdpa``.
+
+    On an H100 the SDPA call with a mask (the memory-efficient kernel) was
+    12 of a 19.6 ms step at 256 slots; the flash kernel read the same cache
+    at 1.3-1.4x its bandwidth (benchmarks/NOTES.md, call D1).
+    ``VLWATCH_DECODE_FLASH=0`` turns it off.
+    """
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return "sdpa"
+    if os.environ.get("VLWATCH_DECODE_FLASH", "1") == "0":
+        return "sdpa"
+    op = getattr(torch.ops.aten, "_flash_attention_forward", None)
+    if op is None or "seqused_k" not in str(op.default._schema):
+        return "sdpa"
+    return "flash"
+
+
+def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, where: _Where, scale: float,
+            group: int, kind: str) -> torch.Tensor:
+    """Attention of each row's one new query against its cache row: ``(rows, heads * dim)``.
+
+    Query head j uses KV head j // group (HF's repeat_kv), against the
+    un-expanded cache ``(slots, columns, kv heads, dim)``:
+
+    - ``flash``: FlashAttention-2's varlen entry, rows packed as sequences of
+      ``length`` columns of which the first ``used`` are read;
+    - ``one``: a single row as two small matrix products, the query heads of a
+      group as rows against their KV head (the fused kernels give one row too
+      little parallelism: 2.1 of an 8 ms batch-1 step on an H100, call D1);
+    - ``sdpa``: the group's queries as rows against one KV head, with the mask.
+    """
+    n, n_kv, dim = q.shape[0], k_cache.shape[2], q.shape[-1]
+    if kind == "flash":
+        length = k_cache.shape[1]
+        o = torch.ops.aten._flash_attention_forward(
+            q.reshape(n, n_kv * group, dim), k_cache.view(n * length, n_kv, dim), v_cache.view(n * length, n_kv, dim),
+            where.cu_q, where.cu_k, 1, length, 0.0, False, False, scale=scale, seqused_k=where.used)[0]
+        return o.reshape(n, n_kv * group * dim)
+    assert where.bias is not None
+    if kind == "one":
+        keys, values = k_cache[0].transpose(0, 1), v_cache[0].transpose(0, 1)  # (kv heads, columns, dim)
+        scores = torch.matmul(q.reshape(n_kv, group, dim), keys.transpose(1, 2)).float() * scale
+        probs = (scores + where.bias[0, 0].float()).softmax(-1).to(q.dtype)
+        return torch.matmul(probs, values).reshape(1, n_kv * group * dim)
+    o = F.scaled_dot_product_attention(q.reshape(n, n_kv, group, dim), k_cache.transpose(1, 2),
+                                       v_cache.transpose(1, 2), attn_mask=where.bias, scale=scale)
+    return o.reshape(n, n_kv * group * dim)
+
+
+def _layer_step(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, rows: torch.Tensor, wpos: torch.Tensor, bias: torch.Tensor | None,
+                used: torch.Tensor | None, cu_q: torch.Tensor, cu_k: torch.Tensor, qkv_w: torch.Tensor,
                 qkv_b: torch.Tensor, gate_up: torch.Tensor, ln1: torch.Tensor, ln2: torch.Tensor, o_w: torch.Tensor,
-                down_w: torch.Tensor, eps: float, scale: float, n_kv: int, group: int) -> torch.Tensor:
+                down_w: torch.Tensor, eps: float, scale: float, n_kv: int, group: int, kind: str) -> torch.Tensor:
     """One decoder layer for one new token per row (the compiled variant of SlotEngine._step's loop body)."""
     n, dim = x.shape[0], k_cache.shape[-1]
     qkv = F.linear(_rms(x, ln1, eps), qkv_w, qkv_b)
     q, k, v = qkv.split([n_kv * group * dim, n_kv * dim, n_kv * dim], dim=-1)
     q = _rotate(q.reshape(n, n_kv * group, dim), cos, sin)
     k = _rotate(k.reshape(n, n_kv, dim), cos, sin)
-    k_cache[rows, :, wpos] = k
-    v_cache[rows, :, wpos] = v.reshape(n, n_kv, dim)
-    o = F.scaled_dot_product_attention(q.view(n, n_kv, group, dim), k_cache, v_cache, attn_mask=bias, scale=scale)
-    x = x + F.linear(o.reshape(n, -1), o_w)
+    k_cache[rows, wpos] = k
+    v_cache[rows, wpos] = v.reshape(n, n_kv, dim)
+    o = _attend(q, k_cache, v_cache, _Where(rows, wpos, bias, used, cu_q, cu_k), scale, group, kind)
+    x = x + F.linear(o, o_w)
     gate, up = F.linear(_rms(x, ln2, eps), gate_up).chunk(2, dim=-1)
     return x + F.linear(F.silu(gate) * up, down_w)
 
