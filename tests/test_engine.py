@@ -249,10 +249,10 @@ def test_queued_work_leaves_a_slot_for_an_interactive_request(backend: Transform
     asked = _prompts(backend, 1, 4, first=100, urgent=True)
     source = UrgentSource(folder, asked)
     prefill, decode = fast._prefill, fast._decode
-    busy_at_prefill: dict[int, int] = {}
+    slot_at_prefill: dict[int, int] = {}
 
     def recording_prefill(prompt, slot, features):
-        busy_at_prefill[prompt.index] = len(fast._owner)
+        slot_at_prefill[prompt.index] = slot
         source.events.append(("prefill", prompt.index))
         return prefill(prompt, slot, features)
 
@@ -270,11 +270,11 @@ def test_queued_work_leaves_a_slot_for_an_interactive_request(backend: Transform
         fast.ignore_eos = False
     slots = fastgen.RESERVE_FROM
     # Queued work filled all but the reserved slot(s) ...
-    assert max(busy_at_prefill[i] for i in range(12)) <= slots - fastgen.RESERVED_SLOTS - 1
+    assert max(slot_at_prefill[i] for i in range(12)) <= slots - fastgen.RESERVED_SLOTS - 1
     # ... and the request started right after the first decode run, before any queued sequence ended.
     events = source.events
     assert events.index(("prefill", 100)) < events.index(next(e for e in events if e[0] == "finished" and e[1] < 100))
-    assert busy_at_prefill[100] == slots - fastgen.RESERVED_SLOTS
+    assert slot_at_prefill[100] == slots - fastgen.RESERVED_SLOTS  # the reserved slot: all below it were busy
     assert all(isinstance(source.results[i], fastgen.Generated) for i in [*range(12), 100])
 
 
@@ -286,7 +286,7 @@ def test_a_fixed_list_uses_every_slot(backend: TransformersBackend, monkeypatch:
     prefill = fast._prefill
 
     def recording_prefill(prompt, slot, features):
-        busy.append(len(fast._owner))
+        busy.append(slot)
         return prefill(prompt, slot, features)
 
     monkeypatch.setattr(fast, "_prefill", recording_prefill)
@@ -294,6 +294,75 @@ def test_a_fixed_list_uses_every_slot(backend: TransformersBackend, monkeypatch:
     with torch.inference_mode():
         fast.run(fastgen.ListSource(_prompts(backend, slots, 3)), slots=slots, cache_length=256, max_new=3)
     assert max(busy) == slots - 1  # the last prompt went into the last free slot, in the same round
+
+
+def test_a_round_of_prefills_is_read_with_one_host_sync(backend: TransformersBackend,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 12 (throughput): a prefill hands back its first token as a device tensor, and a round's first tokens
+    # are read together; a host sync per prompt left an H100 idle ~11 of each 70 ms prefill.
+    fast = backend._fast
+    heads: list = []
+    rounds: list[int] = []
+    prefill, settle = fast._prefill, fast._settle
+
+    def recording_prefill(prompt, slot, features):
+        heads.append(prefill(prompt, slot, features))
+        return heads[-1]
+
+    def recording_settle(source, launched, eos):
+        rounds.append(len(launched))
+        settle(source, launched, eos)
+
+    monkeypatch.setattr(fast, "_prefill", recording_prefill)
+    monkeypatch.setattr(fast, "_settle", recording_settle)
+    source = fastgen.ListSource(_prompts(backend, 4, 3))
+    with torch.inference_mode():
+        fast.run(source, slots=4, cache_length=256, max_new=3)
+    assert all(isinstance(h, torch.Tensor) and h.shape == (2,) for h in heads)
+    assert rounds[0] == 4, rounds  # four small images: one vision group, one read
+    assert all(isinstance(source.results[i], fastgen.Generated) for i in range(4))
+
+
+def test_the_lone_row_attention_equals_the_masked_sdpa() -> None:
+    # issue 12 (batch-1 latency): one row decodes through two small matmuls instead of SDPA with a mask (the
+    # fused kernel used 4 thread blocks for it on an H100); the result must be the same attention.
+    torch.manual_seed(0)
+    slots, length, n_kv, group, dim = 3, 40, 2, 3, 16
+    q = torch.randn(1, n_kv * group, dim)
+    k_cache, v_cache = torch.randn(slots, length, n_kv, dim), torch.randn(slots, length, n_kv, dim)
+    wpos = torch.tensor([17])
+    bias = torch.zeros(1, length).masked_fill(torch.arange(length)[None, :] > wpos[:, None], float("-inf"))
+    where = fastgen._Where(torch.tensor([0]), wpos, bias[:, None, None, :], None, torch.arange(2), torch.arange(2))
+    one = fastgen._attend(q, k_cache, v_cache, where, 0.25, group, "one")
+    sdpa = fastgen._attend(q, k_cache[:1], v_cache[:1], where, 0.25, group, "sdpa")
+    assert one.shape == sdpa.shape == (1, n_kv * group * dim)
+    torch.testing.assert_close(one, sdpa)
+    # Columns past the row's own are never read: changing them changes nothing.
+    k_cache[0, 18:] = 1e4
+    torch.testing.assert_close(fastgen._attend(q, k_cache, v_cache, where, 0.25, group, "one"), one)
+    assert fastgen._attention_kind(torch.device("cpu"), torch.bfloat16) == "sdpa"  # flash: CUDA half precision only
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention's kernel runs on CUDA only")
+def test_the_flash_decode_attention_equals_the_masked_sdpa_on_cuda() -> None:
+    # issue 12 (throughput): on CUDA in half precision decode attention goes through FlashAttention-2's varlen
+    # entry, each row reading only its filled columns (run on the GPU machine with the rest of the engine checks).
+    torch.manual_seed(0)
+    slots, length, n_kv, group, dim = 5, 192, 4, 7, 128
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    assert fastgen._attention_kind(dev, dt) == "flash"
+    q = torch.randn(slots, n_kv * group, dim, device=dev, dtype=dt)
+    k_cache = torch.randn(slots, length, n_kv, dim, device=dev, dtype=dt)
+    v_cache = torch.randn(slots, length, n_kv, dim, device=dev, dtype=dt)
+    wpos = torch.tensor([0, 5, 63, 64, 191], device=dev)
+    cols = torch.arange(length, device=dev)
+    bias = torch.zeros(slots, length, device=dev, dtype=dt).masked_fill(cols[None, :] > wpos[:, None], float("-inf"))
+    cu_q = torch.arange(slots + 1, device=dev, dtype=torch.int32)
+    where = fastgen._Where(torch.arange(slots, device=dev), wpos, bias[:, None, None, :], (wpos + 1).int(), cu_q,
+                           cu_q * length)
+    flash = fastgen._attend(q, k_cache, v_cache, where, 0.088, group, "flash")
+    sdpa = fastgen._attend(q, k_cache, v_cache, where, 0.088, group, "sdpa")
+    torch.testing.assert_close(flash.float(), sdpa.float(), atol=2e-2, rtol=2e-2)
 
 
 def test_an_interactive_request_cuts_into_a_round_of_queued_prefills(backend: TransformersBackend,

@@ -450,15 +450,25 @@ class SlotEngine:
         if not with_images:
             return [None] * len(prompts)
         visual = self.model.model.visual
-        pixels = torch.cat([p.inputs["pixel_values"] for p in with_images]).to(self.device, visual.dtype)
+        # Each prompt's pixels go over as they are (pinned by the processor
+        # thread on CUDA: an asynchronous copy); a concatenation on the host
+        # would make one more, pageable, copy, which waits for the GPU.
+        pixels = torch.cat([p.inputs["pixel_values"].to(self.device, visual.dtype, non_blocking=True)
+                            for p in with_images])
         grids = torch.cat([p.inputs["image_grid_thw"] for p in with_images])
         merged = visual(pixels, grid_thw=grids.to(self.device)).pooler_output
         per_prompt = [int(p.inputs["image_grid_thw"].prod(-1).sum()) // visual.spatial_merge_size**2 for p in with_images]
         parts = iter(torch.split(merged, per_prompt))
         return [next(parts) if "pixel_values" in p.inputs else None for p in prompts]
 
-    def _prefill(self, prompt: Prompt, slot: int, image_features: torch.Tensor | None) -> int:
-        """Run the prompt through the text model, move its cache into ``slot``; return the first token.
+    def _prefill(self, prompt: Prompt, slot: int, image_features: torch.Tensor | None) -> torch.Tensor:
+        """Run the prompt through the text model, move its cache into ``slot``; the first token, on the device.
+
+        Returns ``[first token, 1 if its logits were not finite]`` without
+        waiting for the GPU: a round's prefills are queued back to back and
+        read with one host sync (``_settle``).  A sync per prompt left the GPU
+        idle while the host prepared the next prompt (~11 ms of a 70 ms
+        prefill on an H100, benchmarks/NOTES.md call P1).
 
         Qwen2_5_VLModel.forward does the same (image features into the
         image-token positions, 3D rotary positions from get_rope_index);
@@ -496,9 +506,7 @@ class SlotEngine:
             logits = _penalize(logits, s["seen"][slot:slot + 1], self.penalty)
         s["temp"][slot] = prompt.temperature
         first, bad = _choose(logits, s["temp"][slot:slot + 1] if prompt.temperature > 0 else None)
-        if bool(bad[0]):
-            raise NonFiniteLogitsError(_NON_FINITE)
-        s["bad"][slot] = False
+        s["bad"][slot] = bad[0]
         s["tok"][slot] = first[0]
         s["pos"][slot] = length + deltas.reshape(-1)[0]
         s["wpos"][slot] = length
@@ -507,7 +515,7 @@ class SlotEngine:
         s["budget"][slot] = prompt.max_new_tokens
         if "seen" in s:
             s["seen"][slot, first[0]] = True
-        return int(first.item())
+        return torch.stack((first[0], bad[0].long()))
 
     # ------------------------------------------------------------ the loop
 
@@ -589,13 +597,19 @@ class SlotEngine:
             if not group:
                 return admitting
             t0 = time.perf_counter()
+            launched: list[tuple[Prompt, int, torch.Tensor]] = []
             while group:
                 prompt, image_features = group.pop(0)
-                if not self._start(source, prompt, free, image_features, eos):
-                    continue
+                head = self._launch(source, prompt, free[0], image_features)
+                if head is None:
+                    continue  # failed alone; the slot stays free
+                launched.append((prompt, free.pop(0), head))
                 if group and not prompt.urgent and source.urgent():
-                    self._carry = group + self._carry  # an interactive prompt goes first
+                    # An interactive prompt goes first; it waits for at most
+                    # the prefills already queued on the GPU (one vision group).
+                    self._carry = group + self._carry
                     break
+            self._settle(source, launched, eos)
             self.stats.prefill_s += time.perf_counter() - t0
             if not admitting:
                 return False
@@ -632,25 +646,34 @@ class SlotEngine:
                 break  # its own vision call: nothing queued delays its first token
         return [(p, f) for p, f in zip(group, self._features_each(group, source)) if f is not _FAILED], admitting
 
-    def _start(self, source: Source, prompt: Prompt, free: list[int], image_features: Any, eos: set[int]) -> bool:
-        """Prefill ``prompt`` into the first free slot; whether it now holds the slot."""
-        slot = free[0]
+    def _launch(self, source: Source, prompt: Prompt, slot: int, image_features: Any) -> torch.Tensor | None:
+        """Queue ``prompt``'s prefill into ``slot``; its first-token tensor, or None if it failed (alone)."""
         try:
-            first = self._prefill(prompt, slot, image_features)
+            return self._prefill(prompt, slot, image_features)
         except Exception as exc:
             _reraise_fatal(exc)
             source.finished(prompt, exc)  # this prompt alone; the slot stays free
-            return False
-        ttft = self._ttft[prompt.index] = time.perf_counter() - self._free_since[slot]
-        self.stats.requests += 1
-        if (first in eos and not self.ignore_eos) or prompt.max_new_tokens <= 1:
-            source.finished(prompt, _result([first], eos, ttft))
-            return False
-        if prompt.stream and not source.partial(prompt, [first]):
-            return False  # its client went away already; the slot stays free
-        self._state["active"][slot] = True
-        self._owner[free.pop(0)] = prompt
-        return True
+            return None
+
+    def _settle(self, source: Source, launched: list[tuple[Prompt, int, torch.Tensor]], eos: set[int]) -> None:
+        """Read a round's first tokens with one host sync; the sequences that go on take their slots."""
+        if not launched:
+            return
+        heads = torch.stack([head for _, _, head in launched]).tolist()
+        now = time.perf_counter()
+        for (prompt, slot, _), (first, bad) in zip(launched, heads):
+            if bad:
+                source.finished(prompt, NonFiniteLogitsError(_NON_FINITE))
+                continue
+            ttft = self._ttft[prompt.index] = now - self._free_since[slot]
+            self.stats.requests += 1
+            if (first in eos and not self.ignore_eos) or prompt.max_new_tokens <= 1:
+                source.finished(prompt, _result([first], eos, ttft))
+                continue
+            if prompt.stream and not source.partial(prompt, [first]):
+                continue  # its client went away already; the slot stays free
+            self._state["active"][slot] = True
+            self._owner[slot] = prompt
 
     def _features_each(self, group: list[Prompt], source: Source) -> list[Any]:
         """Vision features per prompt; a prompt whose images fail is finished with the error."""
