@@ -365,6 +365,23 @@ def test_the_flash_decode_attention_equals_the_masked_sdpa_on_cuda() -> None:
     torch.testing.assert_close(flash.float(), sdpa.float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked staging is for CUDA copies")
+def test_the_staging_buffer_copies_exactly_across_growth_and_rounds() -> None:
+    # issue 12 (throughput): prefill's inputs reach the GPU through one page-locked buffer, filled front to back
+    # and reused each round; what arrives must be what was sent, whatever the sizes, dtypes and growth.
+    staging = fastgen._Staging(torch.device("cuda"))
+    for round_ in range(3):
+        staging.reset()
+        sent = [torch.randn(1000 * (i + 1), 7).to(dt) for i, dt in enumerate((torch.bfloat16, torch.float32))]
+        sent += [torch.arange(5)[None, :], torch.zeros(0, 3), torch.randn(4200, 4200).t()]  # last: non-contiguous, grows the buffer
+        got = [staging.to_device(t) for t in sent]
+        sent[0].fill_(0)  # the host side may change once the copy is queued
+        for a, b in zip(sent[1:], got[1:]):
+            assert b.device.type == "cuda" and b.dtype == a.dtype
+            torch.testing.assert_close(b.cpu(), a)
+        assert got[0].abs().sum().item() > 0
+
+
 def test_an_interactive_request_cuts_into_a_round_of_queued_prefills(backend: TransformersBackend,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     # issue 13: a request arriving while a vision group of queued prompts is being prefilled goes next; the rest

@@ -243,6 +243,7 @@ class SlotEngine:
         self._step_s: dict[int, float] = {}  # last measured seconds per decode step, by slots stepped
         self._state: dict[str, torch.Tensor] = {}
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._staging = _Staging(self.device)
         self.stats = RunStats()
 
     # ------------------------------------------------------------ memory
@@ -450,11 +451,8 @@ class SlotEngine:
         if not with_images:
             return [None] * len(prompts)
         visual = self.model.model.visual
-        # Each prompt's pixels go over as they are (pinned by the processor
-        # thread on CUDA: an asynchronous copy); a concatenation on the host
-        # would make one more, pageable, copy, which waits for the GPU.
-        pixels = torch.cat([p.inputs["pixel_values"].to(self.device, visual.dtype, non_blocking=True)
-                            for p in with_images])
+        self._staging.reset()  # a new round: the last round's copies are done
+        pixels = torch.cat([self._staging.to_device(p.inputs["pixel_values"]) for p in with_images]).to(visual.dtype)
         grids = torch.cat([p.inputs["image_grid_thw"] for p in with_images])
         merged = visual(pixels, grid_thw=grids.to(self.device)).pooler_output
         per_prompt = [int(p.inputs["image_grid_thw"].prod(-1).sum()) // visual.spatial_merge_size**2 for p in with_images]
@@ -478,7 +476,7 @@ class SlotEngine:
         model, dev = self.model, self.device
         if "position_ids" not in prompt.inputs:
             prompt.inputs.update(rope_positions(model, prompt.inputs))
-        inputs = {k: v.to(dev, non_blocking=True) for k, v in prompt.inputs.items() if k != "pixel_values"}
+        inputs = {k: self._staging.to_device(v) for k, v in prompt.inputs.items() if k != "pixel_values"}
         ids, positions, deltas = inputs["input_ids"], inputs["position_ids"], inputs["rope_deltas"]
         length = ids.shape[1]
         embeds = self.embed(ids)
@@ -844,6 +842,51 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
+
+
+class _Staging:
+    """Page-locked host memory through which prefill's inputs go to the GPU without waiting for it.
+
+    A copy from ordinary (pageable) memory first waits for all the work
+    queued on the GPU, so each prompt's inputs drained the queue.  Pinning
+    each tensor instead (``pin_memory()``) cost more than it saved on an
+    H100: page-locking ~25 MB of pixels per image, with the interpreter lock
+    held, took ~8 ms per image (benchmarks/NOTES.md, call D3).  So one buffer
+    is pinned once (grown when a round needs more) and filled front to back;
+    ``reset`` starts over at the next round, once the copies from it are done.
+    """
+
+    ALIGN = 512
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._buffer: torch.Tensor | None = None
+        self._used = 0
+        self._done: Any = None  # CUDA event after the last copy out of the buffer
+        self._retired: list[torch.Tensor] = []  # outgrown buffers, until their copies are done
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda" or tensor.device.type != "cpu":
+            return tensor.to(self.device)
+        size = tensor.numel() * tensor.element_size()
+        if self._buffer is None or self._used + size > self._buffer.numel():
+            if self._buffer is not None:
+                self._retired.append(self._buffer)
+            self._buffer = torch.empty(max(2 * size, 64 << 20), dtype=torch.uint8, pin_memory=True)
+            self._used = 0
+        staged = self._buffer[self._used:self._used + size].view(tensor.dtype).view(tensor.shape)
+        staged.copy_(tensor)
+        self._used += -(-size // self.ALIGN) * self.ALIGN
+        out = staged.to(self.device, non_blocking=True)
+        self._done = torch.cuda.Event()
+        self._done.record(torch.cuda.current_stream(self.device))
+        return out
+
+    def reset(self) -> None:
+        if self._done is not None:
+            self._done.synchronize()  # normally long done: a round ends with a host sync
+        self._used = 0
+        self._retired.clear()
 
 
 class _Where(NamedTuple):

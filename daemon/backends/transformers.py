@@ -530,12 +530,6 @@ class TransformersBackend:
         from daemon.backends.fastgen import rope_positions
 
         inputs.update(rope_positions(self._model, inputs))  # here, on the CPU thread
-        if self._model.device.type == "cuda":
-            import torch
-
-            # Page-locked: prefill's copies to the GPU are then asynchronous; from
-            # pageable memory each copy first waits for the GPU's queued work.
-            inputs = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         return inputs
 
     def _prompt_length(self, request: Request) -> int:
