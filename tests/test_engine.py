@@ -373,7 +373,7 @@ def test_the_staging_buffer_copies_exactly_across_growth_and_rounds() -> None:
     for round_ in range(3):
         staging.reset()
         sent = [torch.randn(1000 * (i + 1), 7).to(dt) for i, dt in enumerate((torch.bfloat16, torch.float32))]
-        sent += [torch.arange(5)[None, :], torch.zeros(0, 3), torch.randn(4200, 4200).t()]  # last: non-contiguous, grows the buffer
+        sent += [torch.arange(5)[None, :], torch.zeros(0, 3), torch.randn(4200, 4200).t()]  # non-contiguous; grows
         got = [staging.to_device(t) for t in sent]
         sent[0].fill_(0)  # the host side may change once the copy is queued
         for a, b in zip(sent[1:], got[1:]):
