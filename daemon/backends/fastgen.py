@@ -9,7 +9,9 @@ and replaces the generation loop (measurements: ``benchmarks/NOTES.md``):
 - **prefill** without padding: the vision tower runs on the images of a few
   prompts at once (its cost per call is mostly fixed), then the text model on
   each prompt alone, with Qwen's 3D rotary positions (computed on the CPU, by
-  the processor thread);
+  the processor thread); a round's prefills are queued on the GPU back to
+  back, their inputs through a page-locked buffer (``_Staging``), and their
+  first tokens read with one host sync (``_settle``);
 - each prompt's KV cache is copied into a **slot** of a preallocated static
   cache (``slots`` rows of ``length`` tokens per layer);
 - **decode** runs all slots together in a step written against the model's
@@ -35,7 +37,7 @@ The stock modules prefill still runs (the vision tower, the text layers) are
 sped up in place by ``daemon.backends.patches``.
 
 Environment switches (all default on where they apply): ``VLWATCH_CUDA_GRAPHS``,
-``VLWATCH_COMPILE`` (``_DECODE``, ``_VISION``, ``_PREFILL``);
+``VLWATCH_COMPILE`` (``_DECODE``, ``_VISION``, ``_PREFILL``), ``VLWATCH_DECODE_FLASH``;
 ``VLWATCH_VISION_VARLEN=1`` opts into varlen attention.
 """
 
