@@ -7,8 +7,8 @@ back to stock (``enabled``: the bench's baseline and ``bench --verify``):
 - ``VisionAttentionPatch``: the vision tower's windowed attention in a few
   calls instead of one per window, its norms and MLPs compiled;
 - ``TextPrefillPatch``: the text layers' RMSNorms and MLPs compiled for
-  prefill (off by default since prefill rounds run without host syncs: it
-  now costs the host more than it saves the GPU, benchmarks/NOTES.md P2);
+  prefill (one prompt of ~1400 tokens: the element-wise work between the
+  GEMMs, 8% of a prefill on an H100, benchmarks/NOTES.md);
 - ``pad_vision_mlp``: the vision MLP width padded for the Hopper GEMM kernels;
 - ``Compiled``, ``compile_enabled``: torch.compile with a fallback to eager,
   and the switches that turn it off.
@@ -238,25 +238,15 @@ class Compiled:
         return self.eager(*args, **kwargs)
 
 
-#: Parts compiled unless switched on explicitly.  ``prefill`` (TextPrefillPatch):
-#: once a round's prefills were queued without host syncs, the host became the
-#: limit there, and the compiled calls' dispatch (84 per prompt) cost more than
-#: their fused kernels saved: 65.2 ms per 1036 px image stock, 71.2 compiled
-#: (benchmarks/NOTES.md, call P2).
-_OFF_BY_DEFAULT = {"prefill"}
-
-
 def compile_enabled(device: torch.device, part: str = "") -> bool:
     """torch.compile the hot paths on CUDA (CPUs gain little, and CI stays simple).
 
     ``VLWATCH_COMPILE=0`` turns all of it off; ``VLWATCH_COMPILE_<PART>=0``
-    one part (``DECODE``, ``VISION``), ``VLWATCH_COMPILE_PREFILL=1`` turns the
-    text prefill's on.
+    one part (``DECODE``, ``VISION``).
     """
     if device.type != "cuda" or os.environ.get("VLWATCH_COMPILE", "1") == "0":
         return False
-    default = "0" if part in _OFF_BY_DEFAULT else "1"
-    return not part or os.environ.get(f"VLWATCH_COMPILE_{part.upper()}", default) != "0"
+    return not part or os.environ.get(f"VLWATCH_COMPILE_{part.upper()}", "1") != "0"
 
 
 def _allow_shared_compiles() -> None:
