@@ -26,6 +26,7 @@ from daemon.backends import (
     DeviceLostError,
     Message,
     Request,
+    decode_step,
     fastgen,
     is_sticky_cuda_error,
     register,
@@ -332,15 +333,15 @@ def test_the_lone_row_attention_equals_the_masked_sdpa() -> None:
     k_cache, v_cache = torch.randn(slots, length, n_kv, dim), torch.randn(slots, length, n_kv, dim)
     wpos = torch.tensor([17])
     bias = torch.zeros(1, length).masked_fill(torch.arange(length)[None, :] > wpos[:, None], float("-inf"))
-    where = fastgen._Where(torch.tensor([0]), wpos, bias[:, None, None, :], None, torch.arange(2), torch.arange(2))
-    one = fastgen._attend(q, k_cache, v_cache, where, 0.25, group, "one")
-    sdpa = fastgen._attend(q, k_cache[:1], v_cache[:1], where, 0.25, group, "sdpa")
+    where = decode_step.Where(torch.tensor([0]), wpos, bias[:, None, None, :], None, torch.arange(2), torch.arange(2))
+    one = decode_step.attend(q, k_cache, v_cache, where, 0.25, group, "one")
+    sdpa = decode_step.attend(q, k_cache[:1], v_cache[:1], where, 0.25, group, "sdpa")
     assert one.shape == sdpa.shape == (1, n_kv * group * dim)
     torch.testing.assert_close(one, sdpa)
     # Columns past the row's own are never read: changing them changes nothing.
     k_cache[0, 18:] = 1e4
-    torch.testing.assert_close(fastgen._attend(q, k_cache, v_cache, where, 0.25, group, "one"), one)
-    assert fastgen._attention_kind(torch.device("cpu"), torch.bfloat16) == "sdpa"  # flash: CUDA half precision only
+    torch.testing.assert_close(decode_step.attend(q, k_cache, v_cache, where, 0.25, group, "one"), one)
+    assert decode_step.attention_kind(torch.device("cpu"), torch.bfloat16) == "sdpa"  # flash: CUDA half precision only
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention's kernel runs on CUDA only")
@@ -350,7 +351,7 @@ def test_the_flash_decode_attention_equals_the_masked_sdpa_on_cuda() -> None:
     torch.manual_seed(0)
     slots, length, n_kv, group, dim = 5, 192, 4, 7, 128
     dev, dt = torch.device("cuda"), torch.bfloat16
-    assert fastgen._attention_kind(dev, dt) == "flash"
+    assert decode_step.attention_kind(dev, dt) == "flash"
     q = torch.randn(slots, n_kv * group, dim, device=dev, dtype=dt)
     k_cache = torch.randn(slots, length, n_kv, dim, device=dev, dtype=dt)
     v_cache = torch.randn(slots, length, n_kv, dim, device=dev, dtype=dt)
@@ -358,10 +359,10 @@ def test_the_flash_decode_attention_equals_the_masked_sdpa_on_cuda() -> None:
     cols = torch.arange(length, device=dev)
     bias = torch.zeros(slots, length, device=dev, dtype=dt).masked_fill(cols[None, :] > wpos[:, None], float("-inf"))
     cu_q = torch.arange(slots + 1, device=dev, dtype=torch.int32)
-    where = fastgen._Where(torch.arange(slots, device=dev), wpos, bias[:, None, None, :], (wpos + 1).int(), cu_q,
+    where = decode_step.Where(torch.arange(slots, device=dev), wpos, bias[:, None, None, :], (wpos + 1).int(), cu_q,
                            cu_q * length)
-    flash = fastgen._attend(q, k_cache, v_cache, where, 0.088, group, "flash")
-    sdpa = fastgen._attend(q, k_cache, v_cache, where, 0.088, group, "sdpa")
+    flash = decode_step.attend(q, k_cache, v_cache, where, 0.088, group, "flash")
+    sdpa = decode_step.attend(q, k_cache, v_cache, where, 0.088, group, "sdpa")
     torch.testing.assert_close(flash.float(), sdpa.float(), atol=2e-2, rtol=2e-2)
 
 
@@ -545,7 +546,7 @@ def test_non_finite_logits_fail_the_request_clearly(backend: TransformersBackend
     # issue 12.3: NaN/inf logits stop that sequence with an error instead of emitting token 0.
     logits = torch.tensor([[0.0, 1.0, 2.0], [float("nan"), 1.0, 0.0], [0.0, float("inf"), 1.0],
                            [-float("inf")] * 3])
-    tokens, bad = fastgen._choose(logits, None)
+    tokens, bad = decode_step.choose(logits, None)
     assert tokens[0] == 2 and bad.tolist() == [False, True, True, True]
     fast = backend._fast
     advance = fast._advance

@@ -1,0 +1,176 @@
+"""The arithmetic of one decode step over the slot cache (what ``fastgen.SlotEngine`` runs per layer).
+
+Pure tensor functions, graph-safe (no host syncs), so that the step can be
+captured as one CUDA graph and each layer compiled with ``torch.compile``:
+
+- ``fuse_projections``: q/k/v and gate/up weights in one tensor each;
+- ``layer_step``: one decoder layer for one new token per row;
+- ``attend``: the attention of each row's new query against its own cache
+  row, through the kernel ``attention_kind`` picks (FlashAttention-2's varlen
+  entry on CUDA in half precision, two small matmuls for a lone row, SDPA
+  with a mask otherwise);
+- ``choose``, ``penalize``: the next token (greedy or sampled) and the
+  repetition penalty, as transformers computes them.
+
+The cache is token-major: ``(slot, column, kv head, dim)``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+def fuse_projections(layers: list[Any]) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Put q/k/v and gate/up weights of each layer into one tensor each, the modules keeping views.
+
+    Decoding reads every weight once per step; one GEMV over a fused matrix
+    runs closer to memory bandwidth than three small ones (k and v are 3.5 MB
+    each), and launches fewer kernels.  The HF modules' parameters become
+    views into the fused tensors, so prefill (the stock forward) computes the
+    same thing and no memory is duplicated.  Returns {} when the layout is
+    not the expected one (then the modules are used as they are).
+    """
+    fused: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    for layer in layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        projections = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
+        gates = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj")]
+        if any(p is None or p.bias is None for p in projections) or any(g is None or g.bias is not None for g in gates):
+            return {}
+        with torch.no_grad():
+            qkv_w = torch.cat([p.weight for p in projections])
+            qkv_b = torch.cat([p.bias for p in projections])
+            gate_up = torch.cat([g.weight for g in gates])
+            _repoint([p.weight for p in projections], qkv_w)
+            _repoint([p.bias for p in projections], qkv_b)
+            _repoint([g.weight for g in gates], gate_up)
+        fused[id(layer)] = (qkv_w, qkv_b, gate_up)
+    return fused
+
+
+def _repoint(params: list[torch.Tensor], whole: torch.Tensor) -> None:
+    start = 0
+    for p in params:
+        p.data = whole[start:start + p.shape[0]]
+        start += p.shape[0]
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Qwen2.5-VL's RMSNorm, same operation order (normalise in fp32, cast, scale).
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Where(NamedTuple):
+    """Where each row of a decode step writes its token and which columns it reads (see ``attend``)."""
+
+    rows: torch.Tensor
+    wpos: torch.Tensor  # the column this step writes
+    bias: torch.Tensor | None  # additive mask over the columns (``sdpa`` and ``one``)
+    used: torch.Tensor | None  # filled columns per row, int32 (``flash``)
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+
+
+def attention_kind(device: torch.device, dtype: torch.dtype) -> str:
+    """``flash`` where FlashAttention-2's varlen kernel takes per-row key lengths, else ``sdpa``.
+
+    On an H100 the SDPA call with a mask (the memory-efficient kernel) was
+    12 of a 19.6 ms step at 256 slots; the flash kernel read the same cache
+    at 1.3-1.4x its bandwidth (benchmarks/NOTES.md, call D1).
+    ``VLWATCH_DECODE_FLASH=0`` turns it off.
+    """
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return "sdpa"
+    if os.environ.get("VLWATCH_DECODE_FLASH", "1") == "0":
+        return "sdpa"
+    op = getattr(torch.ops.aten, "_flash_attention_forward", None)
+    if op is None or "seqused_k" not in str(op.default._schema):
+        return "sdpa"
+    return "flash"
+
+
+def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, where: Where, scale: float,
+            group: int, kind: str) -> torch.Tensor:
+    """Attention of each row's one new query against its cache row: ``(rows, heads * dim)``.
+
+    Query head j uses KV head j // group (HF's repeat_kv), against the
+    un-expanded cache ``(slots, columns, kv heads, dim)``:
+
+    - ``flash``: FlashAttention-2's varlen entry, rows packed as sequences of
+      ``length`` columns of which the first ``used`` are read;
+    - ``one``: a single row as two small matrix products, the query heads of a
+      group as rows against their KV head (the fused kernels give one row too
+      little parallelism: 2.1 of an 8 ms batch-1 step on an H100, call D1);
+    - ``sdpa``: the group's queries as rows against one KV head, with the mask.
+    """
+    n, n_kv, dim = q.shape[0], k_cache.shape[2], q.shape[-1]
+    if kind == "flash":
+        length = k_cache.shape[1]
+        o = torch.ops.aten._flash_attention_forward(
+            q.reshape(n, n_kv * group, dim), k_cache.view(n * length, n_kv, dim), v_cache.view(n * length, n_kv, dim),
+            where.cu_q, where.cu_k, 1, length, 0.0, False, False, scale=scale, seqused_k=where.used)[0]
+        return o.reshape(n, n_kv * group * dim)
+    assert where.bias is not None
+    if kind == "one":
+        keys, values = k_cache[0].transpose(0, 1), v_cache[0].transpose(0, 1)  # (kv heads, columns, dim)
+        scores = torch.matmul(q.reshape(n_kv, group, dim), keys.transpose(1, 2)).float() * scale
+        probs = (scores + where.bias[0, 0].float()).softmax(-1).to(q.dtype)
+        return torch.matmul(probs, values).reshape(1, n_kv * group * dim)
+    o = F.scaled_dot_product_attention(q.reshape(n, n_kv, group, dim), k_cache.transpose(1, 2),
+                                       v_cache.transpose(1, 2), attn_mask=where.bias, scale=scale)
+    return o.reshape(n, n_kv * group * dim)
+
+
+def layer_step(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, rows: torch.Tensor, wpos: torch.Tensor, bias: torch.Tensor | None,
+                used: torch.Tensor | None, cu_q: torch.Tensor, cu_k: torch.Tensor, qkv_w: torch.Tensor,
+                qkv_b: torch.Tensor, gate_up: torch.Tensor, ln1: torch.Tensor, ln2: torch.Tensor, o_w: torch.Tensor,
+                down_w: torch.Tensor, eps: float, scale: float, n_kv: int, group: int, kind: str) -> torch.Tensor:
+    """One decoder layer for one new token per row (the compiled form of fastgen.SlotEngine._step's loop body)."""
+    n, dim = x.shape[0], k_cache.shape[-1]
+    qkv = F.linear(_rms(x, ln1, eps), qkv_w, qkv_b)
+    q, k, v = qkv.split([n_kv * group * dim, n_kv * dim, n_kv * dim], dim=-1)
+    q = rotate(q.reshape(n, n_kv * group, dim), cos, sin)
+    k = rotate(k.reshape(n, n_kv, dim), cos, sin)
+    k_cache[rows, wpos] = k
+    v_cache[rows, wpos] = v.reshape(n, n_kv, dim)
+    o = attend(q, k_cache, v_cache, Where(rows, wpos, bias, used, cu_q, cu_k), scale, group, kind)
+    x = x + F.linear(o, o_w)
+    gate, up = F.linear(_rms(x, ln2, eps), gate_up).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, down_w)
+
+
+def choose(logits: torch.Tensor, temp: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next token per row (greedy, or sampled where ``temp`` > 0) and whether the row's logits were not finite.
+
+    The check is on the greedy pick's logit: NaN wins argmax, +inf is the max,
+    and a row of -inf has -inf there, so one gathered value per row tells.
+    Graph-safe (no host sync); the random draw uses the CUDA generator, which
+    graph replays advance.
+    """
+    greedy = logits.argmax(-1)
+    bad = ~torch.isfinite(logits.gather(-1, greedy[:, None]))[:, 0]
+    if temp is None:
+        return greedy, bad
+    u = torch.rand_like(logits).clamp_(min=1e-20, max=1.0 - 1e-7)
+    gumbel = -torch.log(-torch.log(u))
+    sampled = (logits / temp.clamp(min=1e-4)[:, None] + gumbel).argmax(-1)
+    return torch.where(temp > 0, sampled, greedy), bad
+
+
+def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor, over a seen-token mask instead of the ids."""
+    scaled = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, scaled, logits)
