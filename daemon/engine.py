@@ -77,6 +77,10 @@ MAX_OUTAGE_PAUSE = BackendUnavailableError.max_pause
 BURST = 200
 #: ...but never waits longer than this before running a batch anyway.
 MAX_YIELD = 10.0
+#: An engine that made no progress (no request taken or answered) for this long
+#: while busy is hung: engine 0 stops feeding the systemd watchdog (the service
+#: restarts), a child engine is killed and started again (``engine_process``).
+STALL = 1800.0
 
 
 def check_model(config: Config) -> None:

@@ -47,10 +47,17 @@ race at start, a thread of its own exits when the daemon's end of the
 multiprocessing pipe closes.  Jobs it held then are ``running`` in the state
 file and the next daemon start recovers them, as after any crash.
 
+- a child that **hangs** rather than dies is treated as dead: it sends a
+  heartbeat every ``BEAT`` seconds from a thread of its own, with how long
+  its engine has gone without progress while busy.  No heartbeat for
+  ``LOST_AFTER`` (its process stopped, or a call that holds the interpreter
+  never returns: a GPU kernel that never ends), or no progress for
+  ``daemon.engine.STALL``, and the supervisor kills it: its jobs go back
+  with the attempt spent, and it starts again, as after a crash.
+
 Deliberately not here: what a loop does with a job (``daemon.engine``).
 The child is also told nothing about the intake's bursts (``BURST``): only
-engine 0 yields to the intake; and a hung child (a batch running past
-``STALL``) is not detected, only a dead one.
+engine 0 yields to the intake.
 """
 
 from __future__ import annotations
@@ -94,6 +101,12 @@ IDLE_CHECK = 5.0
 CLEAN_EXIT_GRACE = 2.0
 #: prctl(2) option: the signal sent to this process when its parent thread ends.
 PR_SET_PDEATHSIG = 1
+#: Seconds between a child's heartbeats.
+BEAT = 5.0
+#: A child not heard from for this long is hung: killed and started again.  Well
+#: above the longest a healthy child holds the interpreter (loading weights,
+#: compiling); ``VLWATCH_ENGINE_LOST_AFTER`` sets it (seconds).
+LOST_AFTER = float(os.environ.get("VLWATCH_ENGINE_LOST_AFTER", "120"))
 
 
 def spawn_context() -> Any:
@@ -234,6 +247,8 @@ def child_main(spec: EngineSpec, conn: Connection) -> None:
                       device=spec.device, engines=spec.engines)
     loop._note_model_state()
     log.info("%s on %s started (pid %d)", name, spec.device, os.getpid())
+    threading.Thread(target=_heartbeat, args=(link, loop, min(BEAT, LOST_AFTER / 4)), name="vlwatch-heartbeat",
+                     daemon=True).start()
     _load(loop)
     loop.start()
     last_idle_check = time.monotonic()
@@ -258,6 +273,14 @@ def child_main(spec: EngineSpec, conn: Connection) -> None:
     # os._exit: the model's threads (torch, the worker's pools) must not hold up the
     # exit; everything that matters is committed in the state file by now.
     os._exit(code)
+
+
+def _heartbeat(link: _Link, loop: Any, every: float) -> None:
+    """Tell the daemon this process is alive, and how long its engine has been busy without progress."""
+    while True:
+        busy = loop.busy_since
+        link.send(("beat", 0.0 if busy is None else time.monotonic() - busy))
+        time.sleep(every)
 
 
 def _load(loop: Any) -> None:
@@ -321,6 +344,9 @@ class _Child:
         self.conn: Connection | None = None
         self.owner = ""
         self.started = 0.0
+        self.heard = 0.0  # monotonic: its last message
+        self.stuck_for = 0.0  # its engine's time busy without progress, as its last heartbeat said
+        self.hung = ""  # why the supervisor killed it, if it did
         self.restart_at: float | None = 0.0  # monotonic; None while running
         self.delay = 0.0
         self.restarts = 0
@@ -408,6 +434,8 @@ class ChildEngines(threading.Thread):
                     if child.conn is not None:
                         waits.append(child.conn)
             due = [c.restart_at for c in self.children if c.restart_at is not None]
+            if any(c.process is not None for c in self.children):
+                due.append(time.monotonic() + 1.0)  # look for a hung child every second
             timeout = max(0.05, min(due) - time.monotonic()) if due else None
             ready = wait(waits, timeout=timeout)
             if self._wake_r in ready:
@@ -417,6 +445,23 @@ class ChildEngines(threading.Thread):
                     self._read(child)
                 if child.process is not None and child.process.sentinel in ready and not self._stopping.is_set():
                     self._died(child)
+                elif child.process is not None and not self._stopping.is_set():
+                    self._kill_if_hung(child)
+
+    def _kill_if_hung(self, child: _Child) -> None:
+        """Kill a child that stopped answering or stopped making progress; ``_died`` does the rest."""
+        from daemon.engine import STALL
+
+        silent = time.monotonic() - child.heard
+        if silent > LOST_AFTER:
+            child.hung = f"stopped answering (no heartbeat for {silent:.0f}s)"
+        elif child.stuck_for > STALL:
+            child.hung = f"made no progress for {child.stuck_for:.0f}s"
+        else:
+            return
+        log.error("engine %d on %s (pid %d) %s: killing it", child.index, child.device, child.process.pid,
+                  child.hung)
+        child.process.kill()
 
     def _start(self, child: _Child) -> None:
         with self._lock:
@@ -435,7 +480,8 @@ class ChildEngines(threading.Thread):
             return
         theirs.close()
         child.process, child.conn, child.owner = process, ours, owner(child.index, process.pid)
-        child.started, child.restart_at = time.monotonic(), None
+        child.started = child.heard = time.monotonic()
+        child.restart_at, child.stuck_for, child.hung = None, 0.0, ""
         log.info("engine %d on %s: process %d started", child.index, child.device, process.pid)
 
     def _read(self, child: _Child) -> None:
@@ -443,7 +489,10 @@ class ChildEngines(threading.Thread):
         try:
             while child.conn.poll():
                 message = child.conn.recv()
-                if message[0] == "changed":
+                child.heard = time.monotonic()
+                if message[0] == "beat":
+                    child.stuck_for = float(message[1])
+                elif message[0] == "changed":
                     self.on_changed(Path(os.fsdecode(message[1])))
         except (EOFError, OSError):
             with child._send_lock:
@@ -459,8 +508,11 @@ class ChildEngines(threading.Thread):
         if self._stopping.is_set():
             return
         ran = time.monotonic() - child.started
-        how = {DEVICE_LOST_EXIT: "lost its GPU", ORPHANED_EXIT: "lost its daemon"}.get(
-            code, f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}")
+        if child.hung:
+            how = f"{child.hung} and was killed"
+        else:
+            how = {DEVICE_LOST_EXIT: "lost its GPU", ORPHANED_EXIT: "lost its daemon"}.get(
+                code, f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}")
         error = f"engine {child.index} on {child.device} {how} while this file was in hand"
         counts = self.queue.release_claimed_by(child.owner, max_attempts=self.config.jobs.attempts, error=error)
         # Exit 0 unasked: a SIGTERM that reached it alone (it put its jobs back itself).

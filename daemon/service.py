@@ -41,7 +41,7 @@ from typing import Callable, Iterator, Sequence
 
 from daemon.backends import Backend, create_backend
 from daemon.config import Config, Snapshot, load_config
-from daemon.engine import Processor, WorkerLoop, check_model
+from daemon.engine import STALL, Processor, WorkerLoop, check_model
 from daemon.engine_process import EngineGroup, start_engines
 from daemon.errors import (
     ConfigError,
@@ -76,8 +76,6 @@ log = logging.getLogger(__name__)
 
 #: Longest a stop waits for the batch in hand before putting it back on the queue.
 STOP_GRACE = 20.0
-#: A batch running longer than this is a hang: the systemd watchdog stops being fed.
-STALL = 1800.0
 #: How often STATUS= is refreshed.
 STATUS_EVERY = 5.0
 

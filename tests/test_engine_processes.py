@@ -155,6 +155,44 @@ def test_a_reload_reaches_the_child_and_a_child_dies_with_its_daemon(two_engines
     assert rc == 0
 
 
+def test_a_hung_child_is_killed_and_replaced_and_its_jobs_are_done(tmp_path: Path, tiny_model: Path) -> None:
+    # issue 12.3 (a failure fails alone), for the engine processes of 12.5: a child that hangs rather than dies
+    # (here stopped with SIGSTOP while holding jobs: no heartbeat) is killed after LOST_AFTER, its jobs go back
+    # with the attempt spent, a new child starts, and every file is done once. Before, it held its jobs forever.
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    config = tmp_path / "config.yaml"
+    config.write_text(config_text(tiny_model, model_extra="  batch_size: 2\n  devices: [cpu, cpu]\n",
+                                  jobs="{batch_wait: 0.2s, backoff: 1s, attempts: 3}", settle="0.3s")
+                      .replace("max_new_tokens: 8", "max_new_tokens: 256"))
+    d = Daemon(tmp_path, config, verbose=1, VLWATCH_ENGINE_LOST_AFTER="4")
+    try:
+        d.start()
+        child = _loaded(d)
+        images = [put(inbox / f"{i:02d}.png", png_bytes(300 + i)) for i in range(12)]
+        theirs = f"engine 1 pid {child}"
+        wait_until(lambda: any(c[1] == "running" and c[2] == theirs for c in _claims(d.state)),
+                   "engine 1 to hold jobs", log=d.log)
+        os.kill(child, signal.SIGSTOP)
+        held = {c[0] for c in _claims(d.state) if c[1] == "running" and c[2] == theirs}
+        wait_until(lambda: "stopped answering (no heartbeat for" in d.log(), "the daemon to notice the hang",
+                   log=d.log)
+        wait_until(lambda: not _alive(child), "the hung child to be killed", log=d.log)
+        for image in images:
+            d.wait_done(image)
+        claims = {c[0]: c for c in _claims(d.state)}
+        assert all(c[1] == "done" for c in claims.values()) and len(claims) == 12
+        assert held and all(claims[i][3] == 2 for i in held), (held, claims)  # the hang spent an attempt
+        wait_until(lambda: _engine(d, 1).get("pid") not in (None, child), "a new engine 1", log=d.log)
+        assert d.proc.poll() is None
+    finally:
+        try:
+            os.kill(child, signal.SIGCONT)
+        except (ProcessLookupError, UnboundLocalError):
+            pass
+        d.close()
+
+
 def test_release_claimed_by_counts_a_crash_and_refunds_a_stop(tmp_path: Path) -> None:
     # issue 12.5: only the dead engine's jobs go back; a crash spends the attempt (a poison file
     # fails once out of attempts), a stop does not.
