@@ -55,9 +55,12 @@ file and the next daemon start recovers them, as after any crash.
   ``daemon.engine.STALL``, and the supervisor kills it: its jobs go back
   with the attempt spent, and it starts again, as after a crash.
 
+- a burst of arrivals (``daemon.engine.BURST`` files waiting for the
+  intake) is passed on to the children as it starts and ends, so that they
+  too let the files reach the durable queue first (for at most
+  ``MAX_YIELD``), as engine 0 does.
+
 Deliberately not here: what a loop does with a job (``daemon.engine``).
-The child is also told nothing about the intake's bursts (``BURST``): only
-engine 0 yields to the intake.
 """
 
 from __future__ import annotations
@@ -265,6 +268,8 @@ def child_main(spec: EngineSpec, conn: Connection) -> None:
                 break
             if message[0] == "config":
                 config = _swap_config(loop, config, engine_config(message[1], config.model.device))
+            if message[0] == "burst":
+                _follow_burst(loop, message[1])
         if time.monotonic() - last_idle_check >= IDLE_CHECK:
             last_idle_check = time.monotonic()
             loop.unload_if_idle(config.model.idle_unload)
@@ -273,6 +278,13 @@ def child_main(spec: EngineSpec, conn: Connection) -> None:
     # os._exit: the model's threads (torch, the worker's pools) must not hold up the
     # exit; everything that matters is committed in the state file by now.
     os._exit(code)
+
+
+def _follow_burst(loop: Any, burst: bool) -> None:
+    """The daemon's intake has a burst of arrivals (or no more): yield to it as engine 0 does."""
+    from daemon.engine import BURST
+
+    loop._backlog = (lambda: BURST) if burst else (lambda: 0)
 
 
 def _heartbeat(link: _Link, loop: Any, every: float) -> None:
@@ -375,7 +387,8 @@ class ChildEngines(threading.Thread):
     """
 
     def __init__(self, queue: Queue, config: Config, devices: list[tuple[int, str]],
-                 on_changed: Callable[[Path], None], *, engines: int, stop_grace: float) -> None:
+                 on_changed: Callable[[Path], None], *, engines: int, stop_grace: float,
+                 backlog: Callable[[], int] = lambda: 0) -> None:
         super().__init__(name="vlwatch-engines", daemon=True)
         self.queue = queue
         self.config = config
@@ -383,6 +396,8 @@ class ChildEngines(threading.Thread):
         self.on_changed = on_changed
         self.engines = engines
         self.stop_grace = stop_grace
+        self.backlog = backlog
+        self._burst = False
         self._stopping = threading.Event()
         self._stop_deadline = 0.0
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -440,6 +455,7 @@ class ChildEngines(threading.Thread):
             ready = wait(waits, timeout=timeout)
             if self._wake_r in ready:
                 _drain(self._wake_r)
+            self._tell_burst()
             for child in self.children:
                 if child.conn is not None and child.conn in ready:
                     self._read(child)
@@ -447,6 +463,16 @@ class ChildEngines(threading.Thread):
                     self._died(child)
                 elif child.process is not None and not self._stopping.is_set():
                     self._kill_if_hung(child)
+
+    def _tell_burst(self) -> None:
+        """Pass the intake's burst on to the children when it starts or ends (one message each time)."""
+        from daemon.engine import BURST
+
+        burst = self.backlog() >= BURST
+        if burst != self._burst:
+            self._burst = burst
+            for child in self.children:
+                child.send(("burst", burst))
 
     def _kill_if_hung(self, child: _Child) -> None:
         """Kill a child that stopped answering or stopped making progress; ``_died`` does the rest."""
@@ -479,6 +505,8 @@ class ChildEngines(threading.Thread):
             self._schedule(child, f"could not be started: {exc}")
             return
         theirs.close()
+        if self._burst:
+            ours.send(("burst", True))
         child.process, child.conn, child.owner = process, ours, owner(child.index, process.pid)
         child.started = child.heard = time.monotonic()
         child.restart_at, child.stuck_for, child.hung = None, 0.0, ""
@@ -603,7 +631,8 @@ def start_engines(queue: Queue, config: Config, processor: Processor, *, backlog
         return loop
     queue.owner = owner(0, os.getpid())
     children = ChildEngines(queue, config, [(i, str(d)) for i, d in enumerate(devices) if i > 0],
-                            processor.on_changed, engines=len(devices), stop_grace=max(1.0, stop_grace - 2.0))
+                            processor.on_changed, engines=len(devices), stop_grace=max(1.0, stop_grace - 2.0),
+                            backlog=backlog)
     return EngineGroup(loop, children, make_backend, stop_grace=stop_grace)
 
 

@@ -274,3 +274,30 @@ def test_a_child_that_loses_its_gpu_is_restarted_and_a_poison_file_fails(tmp_pat
         children.join(30)
         queue.close()
     assert not children.is_alive() and not children.pids()
+
+
+def test_a_burst_of_arrivals_reaches_the_child_engines_as_it_starts_and_ends() -> None:
+    # Engine 0 lets a burst of arrivals reach the durable queue before it takes more work (issue 10.21); the
+    # child engines were told nothing about it and went on claiming. Now the supervisor passes the burst on, one
+    # message when it starts and one when it ends, and the child's loop yields the same way.
+    import types
+
+    from daemon.engine import BURST
+    from daemon.engine_process import ChildEngines, _follow_burst
+
+    waiting = [0]
+    engines = ChildEngines(None, None, [(1, "cpu"), (2, "cpu")], lambda path: None, engines=3, stop_grace=1.0,
+                           backlog=lambda: waiting[0])
+    sent: list[tuple[int, tuple]] = []
+    for child in engines.children:
+        child.send = lambda message, i=child.index: sent.append((i, message)) or True
+    for n in (0, 10, BURST, BURST + 500, BURST + 1, 3, 0):
+        waiting[0] = n
+        engines._tell_burst()
+    assert sent == [(1, ("burst", True)), (2, ("burst", True)), (1, ("burst", False)), (2, ("burst", False))]
+
+    loop = types.SimpleNamespace(_backlog=lambda: 0)
+    _follow_burst(loop, True)
+    assert loop._backlog() >= BURST  # what WorkerLoop._yield_to_intake compares
+    _follow_burst(loop, False)
+    assert loop._backlog() < BURST
