@@ -423,12 +423,13 @@ def retry_job(config: Config, job_id: int) -> "Job | None":
     return jobs[0] if jobs else None
 
 
-def jobs_info(config: Config, state: str | None = None, limit: int = 50) -> list[dict[str, object]]:
-    """The newest jobs, newest first (``GET /api/v1/jobs``)."""
+def jobs_info(config: Config, state: str | None = None, limit: int = 50, *, path: Path | None = None,
+              rule: str | None = None) -> list[dict[str, object]]:
+    """The newest jobs (of a state, a file, a rule), newest first (``GET /api/v1/jobs``)."""
     if not config.state.exists():
         return []
     with Queue(config.state) as queue:
-        return [j.as_dict() for j in queue.recent(state, limit)]
+        return [j.as_dict() for j in queue.recent(state, limit, path=path, rule=rule)]
 
 
 def job_info(config: Config, job_id: int) -> dict[str, object] | None:

@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 from daemon.backends import create_backend
 from daemon.config import Config
@@ -208,14 +208,29 @@ class ApiJobs:
             return None
         if response.status_code != 200:
             raise DaemonGone(f"HTTP {response.status_code}")
-        doc = response.json()
-        return ApiJob(int(doc["id"]), Path(doc["path"]), str(doc["rule"]), str(doc["state"]), doc.get("error"),
-                      tuple(Path(s) for s in doc.get("sidecars") or ()))
+        return _api_job(response.json())
 
     def latest(self, path: Path, rule: str) -> ApiJob | None:
-        # The API looks jobs up by id only: a job the daemon dropped (its file
-        # changed or went away) is reported as dropped, not followed.
-        return None
+        """The newest job of this file and rule (``GET /api/v1/jobs?path=&rule=``): one that replaced ours."""
+        import httpx
+
+        try:
+            text = str(path).encode("utf-8").decode("utf-8")  # a name that is not UTF-8 cannot be asked for
+        except UnicodeError:
+            return None
+        try:
+            response = self.client.get("/api/v1/jobs", params={"path": text, "rule": rule, "limit": 1})
+        except httpx.HTTPError as exc:
+            raise DaemonGone(str(exc)) from exc
+        if response.status_code != 200:
+            return None  # an older daemon, without the filter: the job counts as dropped
+        jobs = response.json().get("jobs") or []
+        return _api_job(jobs[0]) if jobs else None
+
+
+def _api_job(doc: dict[str, Any]) -> ApiJob:
+    return ApiJob(int(doc["id"]), Path(doc["path"]), str(doc["rule"]), str(doc["state"]), doc.get("error"),
+                  tuple(Path(s) for s in doc.get("sidecars") or ()))
 
 
 def wait_for(source: JobSource, submitted: Sequence[Submitted], *, timeout: float | None = None,

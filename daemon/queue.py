@@ -804,11 +804,13 @@ class Queue:
         return self._jobs(f"SELECT * FROM jobs WHERE state = 'failed' AND {CURRENT}"
                           " ORDER BY finished_at DESC, id DESC LIMIT ?", (limit,))
 
-    def recent(self, state: str | None = None, limit: int = 50) -> list[Job]:
-        """The newest jobs (of one state, or all), newest first (``GET /api/v1/jobs``)."""
-        if state is None:
-            return self._jobs("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
-        return self._jobs("SELECT * FROM jobs WHERE state = ? ORDER BY id DESC LIMIT ?", (state, limit))
+    def recent(self, state: str | None = None, limit: int = 50, *, path: Path | None = None,
+               rule: str | None = None) -> list[Job]:
+        """The newest jobs (of one state, file or rule, or all), newest first (``GET /api/v1/jobs``)."""
+        where = [(c, v) for c, v in (("state = ?", state), ("path = ?", path and path_key(path)), ("rule = ?", rule))
+                 if v is not None]
+        sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(c for c, _ in where) if where else "")
+        return self._jobs(sql + " ORDER BY id DESC LIMIT ?", (*[v for _, v in where], limit))
 
     def last_event(self) -> int:
         """The sequence number of the latest job state change (0 if none)."""

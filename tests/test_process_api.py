@@ -245,3 +245,37 @@ def test_a_job_retried_by_id_goes_ahead_of_the_backlog(tmp_path: Path) -> None: 
         q.release([j.id for j in backlog])
         assert commands.retry_job(config, job.id) is not None  # as the API and the web page's button do
         assert [j.id for j in q.claim(1)] == [job.id]
+
+
+def test_process_follows_a_job_the_daemon_replaced_through_the_api(tmp_path: Path) -> None:
+    # `vlwatch process` waits on job ids; the daemon replaces a job when the file got new bytes while it was in
+    # hand (the old job is dropped when it would go back on the queue: Queue._drop_if_superseded). Through the
+    # state file `process` followed it to the new job; through the API it reported the file as dropped, because
+    # the API looked jobs up by id only. Now GET /api/v1/jobs takes path= and rule=, and process follows.
+    from daemon.process import ApiJobs, Submitted, wait_for
+
+    port = free_port()
+    config = api_config(tmp_path, port)
+    env = {"VLWATCH_PLUGINS": "tests.stub_backend", "VLWATCH_STUB_LOG": str(tmp_path / "stub.log")}
+    d = Daemon(tmp_path, config, **env).start()
+    try:
+        wait_until(lambda: _up(port), "the API to answer", log=d.log)
+        image = put(tmp_path / "inbox" / "page.png", png_bytes(1, (40, 30)))
+        first = d.wait_done(image)
+        put(image, png_bytes(2, (40, 30)))  # new bytes: a new job
+        wait_until(lambda: (j := d.latest(image)) is not None and j.id > first.id and j.state == "done",
+                   "the new bytes done", log=d.log)
+        second = d.latest(image)
+        with Queue(d.state) as queue, queue._tx() as db:  # the old job replaced, as when its retry came due
+            db.execute("UPDATE jobs SET state = 'queued' WHERE id = ?", (first.id,))
+            Queue._drop_if_superseded(db, [first.id])
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+            listed = client.get("/api/v1/jobs", params={"path": str(image), "rule": "describe"}).json()["jobs"]
+            assert [j["id"] for j in listed] == [second.id]
+            assert client.get("/api/v1/jobs", params={"path": "inbox/page.png"}).status_code == 400
+            assert client.get(f"/api/v1/jobs/{first.id}").status_code == 404
+            got = wait_for(ApiJobs(client), [Submitted(image, "describe", job_id=first.id)], timeout=10)
+        assert got[first.id] is not None and got[first.id].id == second.id and got[first.id].state == "done"
+    finally:
+        d.stop()
+        d.close()

@@ -179,11 +179,14 @@ def status(ctx: ServerContext = Depends(context)) -> dict[str, Any]:
 
 @router.get("/api/v1/jobs")
 def list_jobs(ctx: ServerContext = Depends(context), state: str | None = None,
-              limit: int = Query(50, ge=1, le=1000)) -> dict[str, Any]:
+              limit: int = Query(50, ge=1, le=1000), path: str | None = None, rule: str | None = None) -> dict[str, Any]:
     if state is not None and state not in STATES:
         raise ApiError(400, f"state: {state!r} is not one of {', '.join(STATES)}", param="state",
                        code="invalid_request")
-    return {"jobs": commands.jobs_info(ctx.config(), state, limit)}
+    if path is not None and not os.path.isabs(path):
+        raise ApiError(400, "path: expected an absolute path", param="path", code="invalid_request")
+    return {"jobs": commands.jobs_info(ctx.config(), state, limit, path=None if path is None else Path(path),
+                                       rule=rule)}
 
 
 @router.get("/api/v1/jobs/{job_id}")
