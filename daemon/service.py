@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from daemon.backends import Backend, create_backend
-from daemon.config import Config, Snapshot, load_config
+from daemon.config import Config, Rule, Snapshot, WatchConfig, load_config
 from daemon.engine import Processor, WorkerLoop, check_model
 from daemon.engine_process import EngineGroup, start_engines
 from daemon.errors import (
@@ -50,7 +50,7 @@ from daemon.errors import (
     plural,
 )
 from daemon.queue import Candidate, Queue, Queued, StateLock, bytes_hash, content_hash, unreadable_hash
-from daemon.rules import Match, match_file
+from daemon.rules import Match, forget_real_roots, normalised, watched_rules
 from daemon.scanning import (
     Progress,
     Recipes,
@@ -399,42 +399,60 @@ class Daemon:
         if self.settler.note(path, kind):
             return  # already tracked: only its timing changes
         snapshot = self.snapshot
-        accepted = self._accept(snapshot, Path(path))
-        if accepted is not None:
-            self.settler.note(path, kind, accepted[0], data=self._travels(snapshot, accepted[1]))
+        admitted = self._admit(snapshot, path)
+        if admitted is not None:
+            watch, rules = admitted
+            self.settler.note(path, kind, watch.settle, data=self._travels(snapshot, rules, watch))
 
-    def _travels(self, snapshot: Snapshot, matches: list[Match]) -> tuple[object, ...]:
+    def _travels(self, snapshot: Snapshot, rules: Sequence[Rule], watch: WatchConfig) -> tuple[object, ...]:
         """What travels with an accepted file: the snapshot, its rules and where it is watched.
 
         Not Match objects: one tuple shared by every file of the same rules
         and folder, so memory per file in flight stays small and the ready
         file needs no second look-up of its folder (issue 10.21).
         """
-        root, output_dir = matches[0].root, matches[0].output_dir
+        root, output_dir = watch.path, watch.output_dir
         # By identity (a snapshot does not hash); the entry holds them, so no id is reused meanwhile.
-        key = (id(snapshot), *(id(m.rule) for m in matches), root, output_dir)
+        key = (id(snapshot), *(id(rule) for rule in rules), root, output_dir)
         shared = self._shared_data.get(key)
         if shared is None:
             if len(self._shared_data) > 1024:  # many reloads or rule sets: start again
                 self._shared_data.clear()
-            shared = self._shared_data.setdefault(key, (snapshot, tuple(m.rule for m in matches), root, output_dir))
+            shared = self._shared_data.setdefault(key, (snapshot, tuple(rules), root, output_dir))
         return shared
+
+    @staticmethod
+    def _admit(snapshot: Snapshot, path: str | Path) -> tuple[WatchConfig, list[Rule]] | None:
+        """(its watch, the rules that match) for a new path that may become a job, else None.
+
+        Text in, no ``Path`` or ``Match`` made: this runs for every new file
+        of a burst (issue 10.21).  The same answers as ``match_file``.
+        """
+        text = os.fspath(path)
+        if not os.path.isabs(text) or os.path.normpath(text) != text:
+            text = os.path.normpath(os.path.abspath(text))  # rules.normalised, as text
+        found = snapshot.find(text)
+        if found is None:
+            return None
+        watch, root, skip = found
+        if is_ignored(text, root, snapshot.rule_names, skip):
+            log.debug("%s: ignored", text)
+            return None
+        rules = watched_rules(snapshot.config, text, watch)
+        if not rules:
+            log.debug("%s: no rule matches", text)
+            return None
+        return watch, rules
 
     @staticmethod
     def _accept(snapshot: Snapshot, path: Path) -> tuple[float, list[Match]] | None:
         """(settle time, matching rules) for a new path that may become a job, else None."""
-        found = snapshot.find(path)
-        if found is None:
+        admitted = Daemon._admit(snapshot, path)
+        if admitted is None:
             return None
-        watch, root, skip = found
-        if is_ignored(path, root, snapshot.rule_names, skip):
-            log.debug("%s: ignored", path)
-            return None
-        matches = match_file(snapshot.config, path)
-        if not matches:
-            log.debug("%s: no rule matches", path)
-            return None
-        return watch.settle, matches
+        watch, rules = admitted
+        path = normalised(path)
+        return watch.settle, [Match(path, rule, watch.path, watch.output_dir) for rule in rules]
 
     def _deliver(self, arrivals: list[Arrival]) -> None:
         """Ready files from the settler: hash once, queue a job per matching rule, one commit."""
@@ -499,9 +517,10 @@ class Daemon:
 
     def _requeue_changed(self, path: Path) -> None:
         snapshot = self.snapshot
-        accepted = self._accept(snapshot, path)
-        if accepted is not None:
-            self.settler.note(path, "changed", accepted[0], data=self._travels(snapshot, accepted[1]))
+        admitted = self._admit(snapshot, path)
+        if admitted is not None:
+            watch, rules = admitted
+            self.settler.note(path, "changed", watch.settle, data=self._travels(snapshot, rules, watch))
 
     # -- chores
     def catch_up(self, why: str) -> None:
@@ -533,6 +552,7 @@ class Daemon:
         assert self.queue is not None and self.loop is not None
         if why == "rescan":
             self.watcher.ensure()
+        forget_real_roots()  # a root that is a symlink may point elsewhere now (rules.real_roots)
         snapshot = self.snapshot
         config = snapshot.config
         progress = Progress(why, tty=False)

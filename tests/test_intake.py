@@ -404,9 +404,9 @@ def test_a_ready_batch_queues_each_file_once_and_skips_those_that_came_with_thei
 
         def arrival(f: Path, digest: str | None) -> Arrival:
             st = f.stat()
-            accepted = daemon._accept(snapshot, f)
-            assert accepted is not None
-            return Arrival(f, st.st_size, st.st_mtime_ns, daemon._travels(snapshot, accepted[1]), digest)
+            admitted = daemon._admit(snapshot, f)
+            assert admitted is not None
+            return Arrival(f, st.st_size, st.st_mtime_ns, daemon._travels(snapshot, admitted[1], admitted[0]), digest)
 
         # half carry the settler's hash, half are hashed here; one file twice in the batch
         batch = [arrival(f, content_hash(f) if i % 2 else None) for i, f in enumerate(files)] + [arrival(files[7], None)]
