@@ -110,8 +110,10 @@ def log_queued(jobs: Sequence[Queued], why: Callable[[Queued], str] | None = Non
 
 
 #: A ready batch of at least this many files has its sidecars looked for on
-#: ``LOOKUP_THREADS`` threads (``Daemon._sidecars_fresh``).
-PARALLEL_LOOKUPS = 64
+#: ``LOOKUP_THREADS`` threads (``Daemon._sidecars_fresh``).  Low: while a slow
+#: writer fills a folder, ready batches are small, and their lookups one at a
+#: time were still most of the settler's busy time (py-spy, 100,000 files).
+PARALLEL_LOOKUPS = 16
 LOOKUP_THREADS = 4
 
 
