@@ -382,7 +382,7 @@ def test_the_scan_finds_files_under_a_config_loaded_again(tmp_path: Path, monkey
 # ------------------------------------------------------------ a burst's cost (issue 10.21)
 
 
-@pytest.mark.parametrize("n", [10, 200])
+@pytest.mark.parametrize("n", [30, 200])
 def test_a_ready_batch_queues_each_file_once_and_skips_those_that_came_with_their_sidecars(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n: int) -> None:
     # issue 10.21: the batch is hashed from the settler's one read and looked up in the queue together;
