@@ -205,6 +205,8 @@ def daemon_run(work: Path, payloads: list[bytes], *, wait_done: bool = True,
         if proc.poll() is None:
             proc.kill()
         log.close()
+        sock.close()
+        shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 def _start_py_spy(pid: int, out: Path, flags: tuple[str, ...]) -> subprocess.Popen[bytes]:
