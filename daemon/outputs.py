@@ -121,19 +121,54 @@ def _make_folder(folder: Path) -> None:
 # ----------------------------------------------------------------- writing
 
 
-def write_result(result: Result) -> list[Path]:
-    """Write every sidecar of ``result``; return their paths."""
+class FolderSyncs:
+    """Folders whose renames are still to be made durable: one ``fsync`` each for a whole batch.
+
+    ``atomic_write`` fsyncs the folder after each rename so that the rename
+    survives a power cut.  A batch of sidecars in one folder needs that only
+    once, after the last rename and before any of their jobs is recorded as
+    done: the folder's fsync makes every rename in it durable (issue 10.21:
+    during a burst, each fsync of ours also forced the journal commit of the
+    files still being written into that folder).  The worker's batch path
+    (``Worker.process``) gathers its renames here and syncs them before it
+    returns, and the engine records the outcomes only after that.
+    """
+
+    def __init__(self) -> None:
+        self._folders: dict[Path, None] = {}  # insertion-ordered set
+
+    def add(self, folder: Path) -> None:
+        self._folders[folder] = None
+
+    def __len__(self) -> int:
+        return len(self._folders)
+
+    def sync(self) -> None:
+        """fsync every folder gathered so far (at most once each), and forget them."""
+        folders, self._folders = list(self._folders), {}
+        for folder in folders:
+            _fsync_dir(folder)
+
+
+def write_result(result: Result, folders: FolderSyncs | None = None) -> list[Path]:
+    """Write every sidecar of ``result``; return their paths.
+
+    Args:
+        folders: given, the folders of the renames are left for the caller to
+            fsync (``FolderSyncs.sync``) before the job is recorded as done;
+            otherwise each is fsynced here.
+    """
     rule = result.match.rule
     if rule.task == "ground":
-        return _write_ground(result)
+        return _write_ground(result, folders)
     if rule.output == "html":
-        return [_write_html(result)]
+        return [_write_html(result, folders)]
     if rule.output == "json":
-        return [_write_json(result)]
-    return [_write_markdown(result)]
+        return [_write_json(result, folders)]
+    return [_write_markdown(result, folders)]
 
 
-def _write_markdown(result: Result) -> Path:
+def _write_markdown(result: Result, folders: FolderSyncs | None = None) -> Path:
     parts = []
     multi = _paged(result)
     for page in result.pages:
@@ -146,7 +181,7 @@ def _write_markdown(result: Result) -> Path:
         parts.append(f"## Page {page.number}\n\n{text}" if multi else text)
     parts.append(provenance_comment(result))
     path = checked_sidecar_path(result.match, "md")
-    atomic_write(path, _utf8("\n".join(parts)), like=result.match.path)
+    atomic_write(path, _utf8("\n".join(parts)), like=result.match.path, folders=folders)
     return path
 
 
@@ -172,7 +207,7 @@ def _comment_safe(text: str) -> str:
     return _text(text).replace("--", "- -").replace(">", ")").replace("\n", " ")
 
 
-def _write_html(result: Result) -> Path:
+def _write_html(result: Result, folders: FolderSyncs | None = None) -> Path:
     rule, match = result.match.rule, result.match
     bodies = []
     for page in result.pages:
@@ -188,7 +223,7 @@ def _write_html(result: Result) -> Path:
     # Multi-page inputs are rare for screenshot->code; the first page's page is the sidecar.
     document = bodies[0]
     path = checked_sidecar_path(match, "html")
-    atomic_write(path, _utf8(document), like=match.path)
+    atomic_write(path, _utf8(document), like=match.path, folders=folders)
     return path
 
 
@@ -226,7 +261,7 @@ def _header(result: Result) -> dict[str, object]:
     }
 
 
-def _write_json(result: Result) -> Path:
+def _write_json(result: Result, folders: FolderSyncs | None = None) -> Path:
     doc = _header(result)
     pages = []
     for page in result.pages:
@@ -237,11 +272,11 @@ def _write_json(result: Result) -> Path:
     else:
         doc["pages"] = pages
     path = checked_sidecar_path(result.match, "json")
-    atomic_write(path, _dump(doc), like=result.match.path)
+    atomic_write(path, _dump(doc), like=result.match.path, folders=folders)
     return path
 
 
-def _write_ground(result: Result) -> list[Path]:
+def _write_ground(result: Result, folders: FolderSyncs | None = None) -> list[Path]:
     match = result.match
     doc = _header(result)
     doc["objects"] = match.rule.objects
@@ -262,13 +297,14 @@ def _write_ground(result: Result) -> list[Path]:
     first_boxes = pages[0]["boxes"]
     written = [path]
     if first_boxes:
-        # Before the JSON: the JSON sidecar is what says the job is complete.
+        # Before the JSON: the JSON sidecar is what says the job is complete.  Its
+        # folder is synced at once (not deferred), so it is durable before the JSON's rename.
         atomic_write(overlay, draw_overlay(match.path, first_boxes), like=match.path)
         written.append(overlay)
     else:
         # Nothing to draw: no overlay (issue 11.10), nor one left from an earlier answer.
         overlay.unlink(missing_ok=True)
-    atomic_write(path, _dump(doc), like=match.path)
+    atomic_write(path, _dump(doc), like=match.path, folders=folders)
     return written
 
 
@@ -374,7 +410,7 @@ def _utf8(text: str) -> bytes:
     return _text(text).encode("utf-8")
 
 
-def atomic_write(path: Path, data: bytes, *, like: Path | None = None) -> None:
+def atomic_write(path: Path, data: bytes, *, like: Path | None = None, folders: FolderSyncs | None = None) -> None:
     """Write ``data`` to ``path`` so that no reader ever sees a partial file.
 
     The temporary file is created with mode 0664 minus the umask (mkstemp's
@@ -382,7 +418,8 @@ def atomic_write(path: Path, data: bytes, *, like: Path | None = None) -> None:
     0 make it world-writable) and, given ``like`` (the source image), no
     more readable than that file; it is written, fsynced and renamed over
     ``path`` (replacing a symlink there, never following it); then the folder
-    is fsynced so the rename survives a power cut.
+    is fsynced so the rename survives a power cut, or, given ``folders``,
+    left there for the caller to fsync once for a whole batch.
     """
     _make_folder(path.parent)
     tmp = path.parent / f"{TEMP_PREFIX}{secrets.token_hex(6)}{TEMP_SUFFIX}"
@@ -398,7 +435,10 @@ def atomic_write(path: Path, data: bytes, *, like: Path | None = None) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    if folders is not None:
+        folders.add(path.parent)
+    else:
+        _fsync_dir(path.parent)
 
 
 def _no_wider_than(fd: int, source: Path) -> None:

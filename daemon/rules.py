@@ -25,6 +25,7 @@ import os
 import string
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from daemon.config import Config, Rule, WatchConfig, owning_watch
 
@@ -43,13 +44,13 @@ class Match:
         return relative_to_root(self.path, self.root)
 
 
-def relative_to_root(path: Path, root: Path) -> str:
+def relative_to_root(path: Path | str, root: Path) -> str:
     # String work: this runs for every file of a burst.
-    text, base = str(path), str(root).rstrip(os.sep) + os.sep
+    text, base = os.fspath(path), str(root).rstrip(os.sep) + os.sep
     if text.startswith(base):
         rel = text[len(base):]
         return rel if os.sep == "/" else rel.replace(os.sep, "/")
-    return path.name
+    return path.name if isinstance(path, Path) else os.path.basename(text)
 
 
 def watch_for(config: Config, path: Path) -> WatchConfig | None:
@@ -83,11 +84,23 @@ def match_file(config: Config, path: Path, rule_name: str | None = None) -> list
     if rule_name is not None:
         rule = config.rule(rule_name)
         return [Match(path, rule, root, output_dir)] if rule else []
-    rel = relative_to_root(path, root)
-    out: list[Match] = []
+    return [Match(path, rule, root, output_dir) for rule in _matching(config, watch, relative_to_root(path, root))]
+
+
+def watched_rules(config: Config, text: str, watch: WatchConfig) -> list[Rule]:
+    """The rules of ``match_file`` for a file under ``watch``, from its normalised absolute path as text.
+
+    What the watcher needs for each new file of a burst (issue 10.21): the
+    rules only, with no ``Path`` and no ``Match`` made for them.
+    """
+    return _matching(config, watch, relative_to_root(text, watch.path))
+
+
+def _matching(config: Config, watch: WatchConfig | None, rel: str) -> list[Rule]:
+    out: list[Rule] = []
     for rule in candidate_rules(config, watch):
         if rule.matches(rel):
-            out.append(Match(path, rule, root, output_dir))
+            out.append(rule)
             if not rule.also:
                 break
     return out
@@ -114,35 +127,99 @@ def allowed_roots(config: Config, match: Match) -> tuple[Path, ...] | None:
     watch = watch_for(config, match.path)
     if watch is None or watch.follow_symlinks_out:
         return None
-    return tuple(Path(os.path.realpath(w.path)) for w in config.watch)
+    return real_roots(config)
+
+
+#: id(config) -> (the config, its watch roots resolved).  See ``real_roots``.
+_real_roots: dict[int, tuple[Config, tuple[Path, ...]]] = {}
+
+
+def real_roots(config: Config) -> tuple[Path, ...]:
+    """Every watch root of ``config`` with symlinks resolved, once per config (and per rescan).
+
+    ``os.path.realpath`` of every root for every file read was ~17% of
+    preparing a file in a burst (issue 10.21).  A root's real location
+    changes only when it, or a folder above it, is a symlink given a new
+    target (or a folder swapped for one).  Resolving once per config is safe
+    for three reasons: a reload brings a new config, resolved afresh; every
+    catch-up and rescan forgets the cache (``forget_real_roots``) before it
+    walks the roots, so a file found through a root's new target is judged
+    by the new target; and the check on the file itself is still made on the
+    file actually opened (``daemon.images``), so it cannot be raced.  What a
+    stale entry can do until then is refuse a file under the root's new
+    target (it fails, with the reason, and is retried) or accept one under
+    its old target: a folder the user had configured to be read, and which
+    the watcher's inotify watch still follows itself until then.
+    """
+    hit = _real_roots.get(id(config))
+    if hit is not None and hit[0] is config:
+        return hit[1]
+    roots = tuple(Path(os.path.realpath(w.path)) for w in config.watch)
+    if len(_real_roots) > 16:  # many reloads: keep only what is asked for now
+        _real_roots.clear()
+    _real_roots[id(config)] = (config, roots)  # the entry holds the config: its id is not reused meanwhile
+    return roots
+
+
+def forget_real_roots() -> None:
+    """Resolve the watch roots again next time (a catch-up or rescan is about to walk them)."""
+    _real_roots.clear()
 
 
 def render_prompt(rule: Rule, path: Path) -> str:
-    """The prompt for ``path`` under ``rule``: ``$name`` substitution only, never code."""
-    values = {
-        "filename": path.name,
-        "stem": path.stem,
-        "suffix": path.suffix.lstrip("."),
-        "folder": path.parent.name,
-        "path": str(path),
-        "rule": rule.name,
-        "objects": rule.objects,
-    }
-    template = _template(rule.prompt)
-    # Only the names the prompt uses: every queued file is rendered (its recipe: issue 10.21).
-    safe = {k: neutralise(v) for k, v in values.items() if k in template.names}
-    return template.safe_substitute(safe).strip()
+    """The prompt for ``path`` under ``rule``: ``$name`` substitution only, never code.
+
+    ``string.Template.safe_substitute``'s result, from a template taken
+    apart once (``_pieces``) and only the values it names worked out: every
+    queued file is rendered for its recipe (issue 10.21), and building all
+    seven values and running the template's regular expression over the
+    whole prompt per file was most of what queueing a file cost.
+    """
+    pieces = _pieces(rule.prompt)
+    values = {name: neutralise(_VALUES[name](rule, path)) for name in pieces.names}
+    return "".join(values[part] if named else part for named, part in pieces.parts).strip()
 
 
-class _Template(string.Template):
+#: How each template variable is worked out, by name (each only when a prompt uses it).
+_VALUES: dict[str, Callable[[Rule, Path], str]] = {
+    "filename": lambda rule, path: path.name,
+    "stem": lambda rule, path: path.stem,
+    "suffix": lambda rule, path: path.suffix.lstrip("."),
+    "folder": lambda rule, path: path.parent.name,
+    "path": lambda rule, path: str(path),
+    "rule": lambda rule, path: rule.name,
+    "objects": lambda rule, path: rule.objects,
+}
+
+
+@dataclass(frozen=True)
+class _Pieces:
+    #: (True, variable name) or (False, literal text), in order
+    parts: tuple[tuple[bool, str], ...]
+    #: the variables used (only names ``_VALUES`` knows: any other ``$name`` stays as written)
     names: frozenset[str]
 
 
 @functools.lru_cache(maxsize=256)
-def _template(prompt: str) -> _Template:
-    template = _Template(prompt)
-    template.names = frozenset(template.get_identifiers())
-    return template
+def _pieces(prompt: str) -> _Pieces:
+    """``prompt`` split as ``string.Template.safe_substitute`` reads it: ``$$`` is ``$``, a
+    known ``$name``/``${name}`` a variable, anything else literal text."""
+    parts: list[tuple[bool, str]] = []
+    at = 0
+    for mo in string.Template.pattern.finditer(prompt):
+        if mo.start() > at:
+            parts.append((False, prompt[at:mo.start()]))
+        named = mo.group("named") or mo.group("braced")
+        if named is not None and named in _VALUES:
+            parts.append((True, named))
+        elif mo.group("escaped") is not None:
+            parts.append((False, string.Template.delimiter))
+        else:  # an unknown name or an invalid "$": safe_substitute leaves it as it is
+            parts.append((False, mo.group()))
+        at = mo.end()
+    if at < len(prompt):
+        parts.append((False, prompt[at:]))
+    return _Pieces(tuple(parts), frozenset(name for named, name in parts if named))
 
 
 #: ``<`` and ``>`` in text from outside become these lookalikes (U+2039,

@@ -143,7 +143,7 @@ def ignored_dir(name: str) -> bool:
     return name.startswith(".") or name in IGNORED_DIRS
 
 
-def ignore_reason(path: Path, root: Path, rule_names: AbstractSet[str],
+def ignore_reason(path: Path | str, root: Path, rule_names: AbstractSet[str],
                   skip_dirs: Sequence[Path] = ()) -> str | None:
     """Why ``path`` under watch ``root`` must never become a job, or None if it may.
 
@@ -152,17 +152,18 @@ def ignore_reason(path: Path, root: Path, rule_names: AbstractSet[str],
     litter, and anything inside an ignored folder or an output folder.
 
     Args:
-        path: the file (absolute).
+        path: the file (absolute), as a ``Path`` or as text.
         root: the watched folder it was seen under.
         rule_names: the rules of the running config (their sidecars are ours).
         skip_dirs: output folders inside the watched tree; nothing under them is input.
     """
-    name = path.name
+    # String work, not pathlib: this runs for every event of a burst.
+    text = os.fspath(path)
+    name = path.name if isinstance(path, Path) else os.path.basename(text)
     reason = own_name_reason(name, rule_names) or litter_reason(name)
     if reason is not None:
         return reason
-    # String work, not pathlib: this runs for every event of a burst.
-    text, base = str(path), str(root).rstrip(os.sep) + os.sep
+    base = str(root).rstrip(os.sep) + os.sep
     folders = text[len(base):].split(os.sep)[:-1] if text.startswith(base) else []
     for folder in folders:
         if ignored_dir(folder):
@@ -173,7 +174,7 @@ def ignore_reason(path: Path, root: Path, rule_names: AbstractSet[str],
     return None
 
 
-def is_ignored(path: Path, root: Path, rule_names: AbstractSet[str], skip_dirs: Sequence[Path] = ()) -> bool:
+def is_ignored(path: Path | str, root: Path, rule_names: AbstractSet[str], skip_dirs: Sequence[Path] = ()) -> bool:
     """Whether ``path`` under watch ``root`` must never become a job (``ignore_reason`` as a yes/no)."""
     return ignore_reason(path, root, rule_names, skip_dirs) is not None
 
@@ -369,8 +370,15 @@ def look_at(path: str, digest: Callable[[bytes], str] | None = None) -> Look:
         os.close(fd)
     if len(data) != sig[0] or (after.st_size, after.st_mtime_ns) != sig:
         return Look((after.st_size, after.st_mtime_ns), False)  # written to while we read
-    complete = _whole(Path(path).suffix.lower(), data)
+    complete = _whole(_suffix(path).lower(), data)
     return Look(sig, complete, digest(data) if complete and digest is not None else None)
+
+
+def _suffix(path: str) -> str:
+    """``Path(path).suffix``, without making a ``Path`` (once per file of a burst)."""
+    name = path.rpartition(os.sep)[2]
+    i = name.rfind(".")
+    return name[i:] if 0 < i < len(name) - 1 else ""
 
 
 def _read(fd: int, limit: int) -> bytes:

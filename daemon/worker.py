@@ -38,7 +38,7 @@ from daemon.backends import Answer, Backend, DeviceLostError, Request
 from daemon.config import Config
 from daemon.errors import BackendUnavailableError, VlwatchError
 from daemon.images import Page, load_pages, printable
-from daemon.outputs import PageResult, Result, write_result
+from daemon.outputs import FolderSyncs, PageResult, Result, write_result
 from daemon.rules import Match, allowed_roots, render_prompt
 
 if TYPE_CHECKING:
@@ -133,22 +133,31 @@ class Worker:
     # ------------------------------------------------------------ stages 2+3
 
     def process(self, matches: Sequence[Match]) -> list[Outcome]:
-        """Run every match to its sidecars; return one outcome per match, in order."""
+        """Run every match to its sidecars; return one outcome per match, in order.
+
+        The sidecars' folders are fsynced once for the whole batch, before
+        this returns (``FolderSyncs``): the caller records the jobs as done
+        only after that, so a recorded job's sidecars survive a power cut.
+        """
         outcomes: dict[int, Outcome] = {}
         chunk = max(1, self.batch_size()) * 4
         parts = [list(enumerate(matches[start:start + chunk], start)) for start in range(0, len(matches), chunk)]
-        # The next chunk's files are decoded on the CPU threads while this
-        # chunk is on the GPU, so the GPU does not wait for image decoding.
-        ahead = self._map(self._safe_prepare, [m for _, m in parts[0]]) if parts else None
-        for n, part in enumerate(parts):
-            current = ahead
-            ahead = self._map(self._safe_prepare, [m for _, m in parts[n + 1]]) if n + 1 < len(parts) else None
-            for i, outcome in self._process_chunk(part, current):
-                outcomes[i] = outcome
+        folders = FolderSyncs()
+        try:
+            # The next chunk's files are decoded on the CPU threads while this
+            # chunk is on the GPU, so the GPU does not wait for image decoding.
+            ahead = self._map(self._safe_prepare, [m for _, m in parts[0]]) if parts else None
+            for n, part in enumerate(parts):
+                current = ahead
+                ahead = self._map(self._safe_prepare, [m for _, m in parts[n + 1]]) if n + 1 < len(parts) else None
+                for i, outcome in self._process_chunk(part, current, folders):
+                    outcomes[i] = outcome
+        finally:
+            folders.sync()
         return [outcomes[i] for i in range(len(matches))]
 
-    def _process_chunk(self, part: list[tuple[int, Match]],
-                       results: Iterator[Prepared | Outcome]) -> Iterator[tuple[int, Outcome]]:
+    def _process_chunk(self, part: list[tuple[int, Match]], results: Iterator[Prepared | Outcome],
+                       folders: FolderSyncs | None = None) -> Iterator[tuple[int, Outcome]]:
         started = time.monotonic()
         prepared: list[tuple[int, Prepared]] = []
         for (i, match), result in zip(part, results):
@@ -158,7 +167,7 @@ class Worker:
                 prepared.append((i, result))
         answers = self.infer([p for _, p in prepared])
         for (i, prep), got in zip(prepared, answers):
-            yield i, self._finish(prep, got, started)
+            yield i, self._finish(prep, got, started, folders)
 
     def _safe_prepare(self, match: Match) -> Prepared | Outcome:
         try:
@@ -222,7 +231,8 @@ class Worker:
         """Write ``prep``'s sidecars from its pages' answers (or record the error); never raises."""
         return self._finish(prep, got, started)
 
-    def _finish(self, prep: Prepared, got: list[Answer] | str, started: float) -> Outcome:
+    def _finish(self, prep: Prepared, got: list[Answer] | str, started: float,
+                folders: FolderSyncs | None = None) -> Outcome:
         match = prep.match
         if isinstance(got, str):
             return Outcome(match, error=got, seconds=time.monotonic() - started)
@@ -232,7 +242,7 @@ class Worker:
         )
         result = Result(match=match, pages=pages, backend=self.backend.name, model=self.backend.model)
         try:
-            sidecars = write_result(result)
+            sidecars = write_result(result, folders)
         except VlwatchError as exc:  # a sidecar path that would leave the allowed folders
             return Outcome(match, error=str(exc), seconds=time.monotonic() - started)
         except OSError as exc:

@@ -159,3 +159,48 @@ def test_csp_can_be_switched_off_by_a_rule(tmp_path: Path) -> None:
     answer = Answer("```html\n<html><head></head><body>hi</body></html>\n```")
     (path,) = write_result(Result(Match(source, open_rule, tmp_path), (PageResult(1, answer, (10, 10), (28, 28)),), "t", "m"))
     assert "Content-Security-Policy" not in path.read_text()
+
+
+def test_a_batch_fsyncs_each_sidecar_folder_once_after_its_renames(tmp_path: Path, monkeypatch) -> None:
+    # issue 10.21: one folder fsync per batch, not one per sidecar (during a burst each of ours also
+    # forced the journal commit of the files still being written there); still after every rename of
+    # that folder and before the worker hands the outcomes back to be recorded as done
+    import tests.stub_backend  # noqa: F401  registers the "stub" backend
+    from daemon import outputs
+    from daemon.config import parse_config
+    from daemon.rules import match_file
+    from daemon.worker import Worker
+    from tests.stub_backend import StubBackend
+
+    inbox = tmp_path / "inbox"
+    (inbox / "sub").mkdir(parents=True)
+    config = parse_config(f"model: {{backend: stub, name: stub-model}}\nstate: {tmp_path}/state.db\n"
+                          f"watch: [{{path: {inbox}}}]\n"
+                          "rules: [{name: desc, task: custom, prompt: 'Describe $filename', output: md}]\n",
+                          tmp_path / "config.yaml")
+    files = [inbox / f"a{i}.png" for i in range(6)] + [inbox / "sub" / f"b{i}.png" for i in range(4)]
+    for i, f in enumerate(files):
+        Image.new("RGB", (40 + i, 30), "white").save(f)
+    events: list[tuple[str, str]] = []
+    replace, fsync_dir, fsync = os.replace, outputs._fsync_dir, os.fsync
+    monkeypatch.setattr(outputs.os, "replace", lambda a, b: (events.append(("rename", str(Path(b).parent))),
+                                                             replace(a, b))[1])
+    monkeypatch.setattr(outputs, "_fsync_dir", lambda d: (events.append(("sync folder", str(d))), fsync_dir(d))[1])
+    monkeypatch.setattr(outputs.os, "fsync", lambda fd: (events.append(("fsync", "")), fsync(fd))[1])
+    worker = Worker(config, StubBackend(config.model), threads=1)
+    try:
+        outcomes = worker.process([m for f in files for m in match_file(config, f)])
+        assert all(o.ok for o in outcomes) and len(outcomes) == len(files)
+        synced = [d for what, d in events if what == "sync folder"]
+        assert sorted(synced) == sorted([str(inbox), str(inbox / "sub")])  # once each, not once per sidecar
+        last_rename = max(i for i, (what, _) in enumerate(events) if what == "rename")
+        assert all(i > last_rename for i, (what, _) in enumerate(events) if what == "sync folder")
+        # every sidecar's own bytes, as before (plus the two folders': _fsync_dir calls os.fsync too)
+        assert sum(what == "fsync" for what, _ in events) == len(files) + 2
+        # one file at a time (the live engine's path) still syncs its folder itself
+        events.clear()
+        prep = worker.prepare(match_file(config, files[0])[0])
+        assert worker.finish(prep, worker.infer([prep])[0], 0.0).ok
+        assert [what for what, _ in events] == ["fsync", "rename", "sync folder", "fsync"]
+    finally:
+        worker.close()
