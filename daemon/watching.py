@@ -886,6 +886,24 @@ def _native_observer(on_overflow: Callable[[], None], backlog: Callable[[], int]
                    and self.should_keep_running()):
                 time.sleep(0.005)
 
+    class _Emitter(InotifyFullEmitter):  # type: ignore[misc, valid-type]
+        def on_thread_stop(self) -> None:
+            # A watched folder moved out, another made under its name and that
+            # one renamed: watchdog's path-to-watch map loses the name, and
+            # deactivate() raises KeyError halfway (watchdog 6-7).  Its watches
+            # end with the observer's inotify descriptor, closed next; what
+            # deactivate() skipped is only its move-pairing queue.  Uncaught,
+            # the observer's stop ended there and the descriptor and its reader
+            # thread leaked (a reload that changed `watch:` failed).
+            group = self._inotify
+            try:
+                super().on_thread_stop()
+            except KeyError as exc:
+                log.debug("watchdog lost track of a renamed folder (%s); its watches end with the observer", exc)
+                grouper = getattr(group, "_move_event_grouper", None)
+                if grouper is not None:
+                    grouper.close()
+
     class _Observer(InotifyObserver):  # type: ignore[misc, valid-type]
         # InotifyObserver.__init__ with our reader.  Full events: a file renamed
         # in from outside the tree arrives as a move with no source, so it is
@@ -893,7 +911,7 @@ def _native_observer(on_overflow: Callable[[], None], backlog: Callable[[], int]
         def __init__(self) -> None:
             fd = self._inotify_fd = _FD()
             fd.start()
-            BaseObserver.__init__(self, InotifyFullEmitter, inotify_fd=fd)
+            BaseObserver.__init__(self, _Emitter, inotify_fd=fd)
             fd.observer = self
             #: whether file events can be handed on by the reader (``feed_directly``)
             self.direct = (_direct_possible(InotifyFD, InotifyWatchGroup) and hasattr(fd, "_watch_for_wd")

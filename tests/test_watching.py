@@ -423,3 +423,35 @@ def test_a_found_file_that_is_tracked_keeps_what_its_own_events_said(settler, tm
     s.note(f, "closed", settle=5.0)
     s.note(f, "found")  # must not reset it to "still being written" (a 5 s wait)
     wait_for(lambda: got.paths == [f], 3, "the closed file")
+
+
+def _inotify_fds() -> int:
+    return sum(1 for fd in os.listdir("/proc/self/fd")
+               if os.path.exists(f"/proc/self/fd/{fd}") and "inotify" in os.readlink(f"/proc/self/fd/{fd}"))
+
+
+def test_stop_after_a_watched_folder_was_moved_out_recreated_and_renamed(tmp_path: Path) -> None:
+    # A watched subfolder moved out, a new one made under the same name and then renamed: watchdog's bookkeeping
+    # loses the folder's path, and its stop raised KeyError halfway. Watcher.stop() (a reload that changes
+    # `watch:`, the daemon's shutdown) then failed, and the inotify descriptor and reader thread leaked.
+    root, away = tmp_path / "inbox", tmp_path / "away"
+    (root / "sub").mkdir(parents=True)
+    away.mkdir()
+    events = Events()
+    fds, before = _inotify_fds(), set(threading.enumerate())
+    watcher = Watcher(events.offer, events.forget, lambda folder: None)
+    watcher.start([WatchConfig(path=root)])
+    os.rename(root / "sub", away / "sub")
+    (root / "sub").mkdir()
+    probe = root / "sub" / "probe.png"
+    probe.write_bytes(png_bytes(3))
+    wait_for(lambda: events.kinds(probe), 10, "the new folder to be watched")
+    os.rename(root / "sub", root / "renamed")
+    moved = root / "renamed" / "probe.png"
+    (root / "renamed" / "late.png").write_bytes(png_bytes(4))
+    wait_for(lambda: events.kinds(root / "renamed" / "late.png"), 10, "the renamed folder's file")
+    watcher.stop()
+    assert moved.exists()
+    assert _inotify_fds() == fds, "the inotify descriptor was left open"
+    leaked = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
+    assert not leaked, f"observer threads still running after stop: {leaked}"
