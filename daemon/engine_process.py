@@ -478,6 +478,8 @@ class ChildEngines(threading.Thread):
         """Kill a child that stopped answering or stopped making progress; ``_died`` does the rest."""
         from daemon.engine import STALL
 
+        if child.hung:
+            return  # killed already; its sentinel is due
         silent = time.monotonic() - child.heard
         if silent > LOST_AFTER:
             child.hung = f"stopped answering (no heartbeat for {silent:.0f}s)"

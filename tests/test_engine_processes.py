@@ -41,8 +41,8 @@ def _engine(d: Daemon, index: int) -> dict:
     return d.queue.meta().get(f"engine.{index}", {})
 
 
-@pytest.fixture
-def two_engines(tmp_path: Path, tiny_model: Path):
+def _two_engine_daemon(tmp_path: Path, tiny_model: Path, **env: str) -> tuple[Daemon, Path]:
+    """A daemon (not started) with ``devices: [cpu, cpu]``, and its inbox."""
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     config = tmp_path / "config.yaml"
@@ -50,7 +50,12 @@ def two_engines(tmp_path: Path, tiny_model: Path):
     config.write_text(config_text(tiny_model, model_extra="  batch_size: 2\n  devices: [cpu, cpu]\n",
                                   jobs="{batch_wait: 0.2s, backoff: 1s, attempts: 3}", settle="0.3s")
                       .replace("max_new_tokens: 8", "max_new_tokens: 256"))
-    d = Daemon(tmp_path, config, verbose=1)
+    return Daemon(tmp_path, config, verbose=1, **env), inbox
+
+
+@pytest.fixture
+def two_engines(tmp_path: Path, tiny_model: Path):
+    d, inbox = _two_engine_daemon(tmp_path, tiny_model)
     yield d, inbox
     d.close()  # a child engine dies with its daemon (test_a_child_engine_dies_with_its_daemon)
 
@@ -159,13 +164,7 @@ def test_a_hung_child_is_killed_and_replaced_and_its_jobs_are_done(tmp_path: Pat
     # issue 12.3 (a failure fails alone), for the engine processes of 12.5: a child that hangs rather than dies
     # (here stopped with SIGSTOP while holding jobs: no heartbeat) is killed after LOST_AFTER, its jobs go back
     # with the attempt spent, a new child starts, and every file is done once. Before, it held its jobs forever.
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    config = tmp_path / "config.yaml"
-    config.write_text(config_text(tiny_model, model_extra="  batch_size: 2\n  devices: [cpu, cpu]\n",
-                                  jobs="{batch_wait: 0.2s, backoff: 1s, attempts: 3}", settle="0.3s")
-                      .replace("max_new_tokens: 8", "max_new_tokens: 256"))
-    d = Daemon(tmp_path, config, verbose=1, VLWATCH_ENGINE_LOST_AFTER="4")
+    d, inbox = _two_engine_daemon(tmp_path, tiny_model, VLWATCH_ENGINE_LOST_AFTER="4")
     try:
         d.start()
         child = _loaded(d)
