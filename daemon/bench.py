@@ -436,7 +436,7 @@ def _expect(process: Any, conn: Any, what: str) -> tuple[Any, ...]:
 
 def _engine_child(job: _EngineJob, conn: Any) -> None:
     """A bench engine process: load, warm up, say ready, run its share at "go", report."""
-    from daemon.engine_process import child_logging, die_with_parent, pin_device
+    from daemon.engine_child import child_logging, die_with_parent, pin_device
 
     named = job.model.device
     job = replace(job, model=replace(job.model, device=pin_device(named)))  # before torch loads

@@ -229,7 +229,7 @@ def test_status_says_when_an_engine_is_down() -> None:
 
 def test_a_child_sees_only_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     # issue 12.5: cuda:N in a child is the Nth GPU the daemon sees, and the only one the child sees.
-    from daemon.engine_process import pin_device
+    from daemon.engine_child import pin_device
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert pin_device("cpu") == "cpu" and "CUDA_VISIBLE_DEVICES" not in os.environ
@@ -245,7 +245,8 @@ def test_a_child_that_loses_its_gpu_is_restarted_and_a_poison_file_fails(tmp_pat
     # attempt spent and ends that process (exit 3); it is started again, and the file that crashes
     # it every time fails after jobs.attempts instead of looping.  The daemon's side runs here.
     from daemon.config import parse_config
-    from daemon.engine_process import DEVICE_LOST_EXIT, ChildEngines
+    from daemon.engine_child import DEVICE_LOST_EXIT
+    from daemon.engine_process import ChildEngines
     from daemon.queue import Candidate, content_hash
 
     monkeypatch.setenv("VLWATCH_PLUGINS", "tests.device_lost_backend")  # the child imports it as the daemon would
@@ -282,7 +283,8 @@ def test_a_burst_of_arrivals_reaches_the_child_engines_as_it_starts_and_ends() -
     import types
 
     from daemon.engine import BURST
-    from daemon.engine_process import ChildEngines, _follow_burst
+    from daemon.engine_child import _follow_burst
+    from daemon.engine_process import ChildEngines
 
     waiting = [0]
     engines = ChildEngines(None, None, [(1, "cpu"), (2, "cpu")], lambda path: None, engines=3, stop_grace=1.0,
