@@ -21,6 +21,7 @@ from daemon.config import Config
 from daemon.engine import BatchResult, Processor, check_model
 from daemon.errors import BackendUnavailableError, ExitCode, VlwatchError, plural
 from daemon.queue import HANDED_OVER, Job, Queue, StateLock, safe_text
+from daemon.readiness import file_signature
 from daemon.recipes import Outdated, outdated, recipe_of
 from daemon.rules import watch_for
 from daemon.scanning import (
@@ -30,7 +31,6 @@ from daemon.scanning import (
     find_work,
     sidecars_written,
 )
-from daemon.watching import file_signature
 from daemon.worker import Worker
 
 if TYPE_CHECKING:

@@ -63,9 +63,9 @@ from daemon.errors import (
 )
 from daemon.images import printable
 from daemon.queue import Job, Queue, content_hash
+from daemon.readiness import file_signature
 from daemon.rules import Match, match_file
 from daemon.sidecars import TEMP_PREFIX, TEMP_SUFFIX
-from daemon.watching import file_signature
 from daemon.worker import STORAGE_ERRNOS, Outcome, Prepared, Worker, error_text
 
 log = logging.getLogger(__name__)

@@ -42,10 +42,10 @@ from daemon.engine import check_model
 from daemon.errors import ExitCode, VlwatchError, plural
 from daemon.images import printable
 from daemon.queue import HANDED_OVER, Candidate, Job, Queue, StateLock, content_hash, safe_text
+from daemon.readiness import file_signature
 from daemon.recipes import recipe_of
 from daemon.rules import match_file, normalised, watch_for
 from daemon.sidecars import sidecar_fresh, sidecar_missing
-from daemon.watching import file_signature
 from daemon.worker import Worker
 
 if TYPE_CHECKING:

@@ -43,10 +43,11 @@ from daemon.queue import (
     content_hash,
     unreadable_hash,
 )
+from daemon.readiness import file_signature
 from daemon.recipes import recipe_of
 from daemon.rules import Match, match_file
 from daemon.sidecars import is_temp_name, planned_sidecars, sidecar_fresh, sidecar_missing  # noqa: F401
-from daemon.watching import file_signature, is_ignored, walk_files
+from daemon.watching import is_ignored, walk_files
 
 log = logging.getLogger(__name__)
 

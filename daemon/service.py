@@ -51,6 +51,7 @@ from daemon.errors import (
     plural,
 )
 from daemon.queue import Candidate, Queue, Queued, StateLock, bytes_hash, content_hash, unreadable_hash
+from daemon.readiness import Arrival, Kind, Settler
 from daemon.rules import Match, forget_real_roots, normalised, watched_rules
 from daemon.scanning import (
     Progress,
@@ -63,14 +64,7 @@ from daemon.scanning import (
 )
 from daemon.sidecars import sidecar_fresh, sidecar_missing
 from daemon.scheduler import Scheduler
-from daemon.watching import (
-    Arrival,
-    Kind,
-    Settler,
-    Watcher,
-    is_ignored,
-    overflowed,
-)
+from daemon.watching import Watcher, is_ignored, overflowed
 from daemon.worker import Worker
 
 log = logging.getLogger(__name__)

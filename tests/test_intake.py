@@ -21,7 +21,8 @@ from PIL import Image
 
 from daemon.config import Snapshot, load_config
 from daemon.queue import PERMISSION_DENIED, Queue
-from daemon.watching import Watcher, ignore_reason, is_ignored, probe_image
+from daemon.readiness import probe_image
+from daemon.watching import Watcher, ignore_reason, is_ignored
 from tests.conftest import Daemon, png_bytes, put, run_vlwatch, wait_until
 
 RULES = frozenset({"ground", "desc"})
@@ -346,7 +347,7 @@ def test_the_inotify_reader_waits_while_the_settler_is_behind(tmp_path: Path, mo
 
 
 def test_the_settlers_ready_count_follows_its_files(tmp_path: Path) -> None:
-    from daemon.watching import Settler
+    from daemon.readiness import Settler
 
     settler = Settler(lambda batch: None)  # not started: nothing leaves
     a, b = tmp_path / "a.png", tmp_path / "b.png"
@@ -393,7 +394,7 @@ def test_a_ready_batch_queues_each_file_once_and_skips_those_that_came_with_thei
 
     from daemon import service
     from daemon.queue import content_hash
-    from daemon.watching import Arrival
+    from daemon.readiness import Arrival
 
     (tmp_path / "in").mkdir()
     monkeypatch.setenv("VLWATCH_PLUGINS", "tests.stub_backend")

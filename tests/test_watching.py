@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from daemon.config import WatchConfig
-from daemon.watching import Arrival, Settler, Watcher, is_ignored, walk_files
+from daemon.readiness import Arrival, Settler
+from daemon.watching import Watcher, is_ignored, walk_files
 from tests.conftest import wait_until
 
 RULES = frozenset({"describe", "ground"})
@@ -400,7 +401,7 @@ def test_a_files_create_and_modify_are_dropped_when_its_close_follows_in_the_sam
 def test_one_look_gives_size_completeness_and_the_hash_of_the_bytes_checked(tmp_path: Path) -> None:
     # issue 10.21: the settler reads a small ready file once; the queue uses that hash
     from daemon.queue import bytes_hash, content_hash
-    from daemon.watching import look_at
+    from daemon.readiness import look_at
 
     whole, cut = tmp_path / "whole.png", tmp_path / "cut.png"
     whole.write_bytes(png_bytes())
