@@ -214,8 +214,9 @@ class ApiJobs:
         """The newest job of this file and rule (``GET /api/v1/jobs?path=&rule=``): one that replaced ours."""
         import httpx
 
+        text = str(path)
         try:
-            text = str(path).encode("utf-8").decode("utf-8")  # a name that is not UTF-8 cannot be asked for
+            text.encode("utf-8")  # a name that is not UTF-8 cannot be asked for
         except UnicodeError:
             return None
         try:

@@ -102,7 +102,7 @@ def attention_kind(device: torch.device, dtype: torch.dtype) -> str:
 
 
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, where: Where, scale: float,
-            group: int, kind: str) -> torch.Tensor:
+           group: int, kind: str) -> torch.Tensor:
     """Attention of each row's one new query against its cache row: ``(rows, heads * dim)``.
 
     Query head j uses KV head j // group (HF's repeat_kv), against the
@@ -134,10 +134,10 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, where:
 
 
 def layer_step(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, rows: torch.Tensor, wpos: torch.Tensor, bias: torch.Tensor | None,
-                used: torch.Tensor | None, cu_q: torch.Tensor, cu_k: torch.Tensor, qkv_w: torch.Tensor,
-                qkv_b: torch.Tensor, gate_up: torch.Tensor, ln1: torch.Tensor, ln2: torch.Tensor, o_w: torch.Tensor,
-                down_w: torch.Tensor, eps: float, scale: float, n_kv: int, group: int, kind: str) -> torch.Tensor:
+               v_cache: torch.Tensor, rows: torch.Tensor, wpos: torch.Tensor, bias: torch.Tensor | None,
+               used: torch.Tensor | None, cu_q: torch.Tensor, cu_k: torch.Tensor, qkv_w: torch.Tensor,
+               qkv_b: torch.Tensor, gate_up: torch.Tensor, ln1: torch.Tensor, ln2: torch.Tensor, o_w: torch.Tensor,
+               down_w: torch.Tensor, eps: float, scale: float, n_kv: int, group: int, kind: str) -> torch.Tensor:
     """One decoder layer for one new token per row (the compiled form of fastgen.SlotEngine._step's loop body)."""
     n, dim = x.shape[0], k_cache.shape[-1]
     qkv = F.linear(_rms(x, ln1, eps), qkv_w, qkv_b)
