@@ -1,22 +1,21 @@
-"""Where a prefill's time goes, and what two candidate changes buy (issue 12, throughput).
+"""Where a prefill's time goes: the stock text model per prompt against the packed prefill (issue 12).
 
 Run on the GPU machine from the repository root:
 
-    PYTHONPATH=. python3 benchmarks/profile_prefill.py [--out DIR]
+    PYTHONPATH=. python3 benchmarks/profile_prefill.py [--out DIR] [--size WxH]
 
-Full-size Qwen2.5-VL-7B architecture, random bf16 weights.  At 256 slots
-the 1036x1036/256-token workload spends ~80% of its time in prefill
-(benchmarks/NOTES.md), ~78 ms per image against a ~35 ms FLOP floor.  This
-prefills groups of three 1036x1036 images as the engine does (one vision
-call, then each prompt's text forward) and reports, per image:
+Full-size Qwen2.5-VL-7B architecture, random bf16 weights.  Prefills groups
+of three images as the engine does (one vision call, then the text layers)
+and reports, per image, for the stock text model one prompt at a time
+(``SlotEngine.packed`` off, its norms/MLPs compiled by TextPrefillPatch) and
+for the packed prefill (``prefill_step``: the three prompts as one sequence,
+one compiled function per layer):
 
 - wall time, and the GPU's busy time inside it (kernel time summed from a
   profile): the difference is the GPU waiting for the host;
 - the 20 kernels taking the most time;
-- the same wall time after each candidate, cumulatively:
-  ``patch_linear`` (the patch embedding's Conv3d, whose stride equals its
-  kernel, as one GEMM) and ``text_compiled`` (the text layers' RMSNorms and
-  MLPs through torch.compile with dynamic shapes, as the vision tower's).
+- whether the two paths put the same first tokens out (bf16: near-ties may
+  differ) and how far apart their caches are.
 """
 
 from __future__ import annotations
@@ -26,18 +25,15 @@ import json
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daemon.backends import Request  # noqa: E402
 from daemon.backends.fastgen import Prompt  # noqa: E402
-from daemon.backends.patches import TextPrefillPatch  # noqa: E402
 from daemon.backends.transformers import TransformersBackend  # noqa: E402
 from daemon.bench import synthetic_images  # noqa: E402
 from daemon.config import ModelConfig  # noqa: E402
@@ -74,61 +70,48 @@ def profile(fn: Callable[[], Any], images: int) -> dict[str, Any]:
                                          for e in top]}
 
 
-def patch_linear(model: Any) -> None:
-    embed = model.model.visual.patch_embed
-    weight = embed.proj.weight.reshape(embed.proj.weight.shape[0], -1)
-    assert embed.proj.bias is None
-
-    def forward(module: Any, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden.to(weight.dtype), weight)
-
-    embed.forward = types.MethodType(forward, embed)
-
-
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, default=Path("/tmp/profile-prefill"))
+    p.add_argument("--size", default="1036x1036")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name()}
+    width, height = (int(v) for v in args.size.split("x"))
+    results: dict[str, Any] = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "size": args.size}
     backend = TransformersBackend(ModelConfig(), load_format="dummy")
     backend.load()
-    fast, model = backend._fast, backend._model
-    # The backend compiles the text layers for prefill on CUDA (patches.TextPrefillPatch, adopted from this
-    # script's first run): off for the base, on again as the last candidate.
-    text = backend._text or TextPrefillPatch(model)
-    text.enabled = False
-
-    def text_compiled(model: Any) -> None:
-        text.enabled = True
+    fast = backend._fast
     prompts = [Prompt(i, backend._inputs(Request((img,), "Describe this image in detail.", 256)), 256)
-               for i, img in enumerate(synthetic_images(3, 1036, 1036))]
+               for i, img in enumerate(synthetic_images(3, width, height))]
     results["prompt_tokens"] = prompts[0].length
+    slots = [0, 1, 2]
 
-    def group() -> None:
-        features = fast._image_features(prompts)
-        for slot, (prompt, feats) in enumerate(zip(prompts, features)):
-            fast._prefill(prompt, slot, feats)
+    def group() -> torch.Tensor:
+        return fast._prefill(list(zip(prompts, fast._image_features(prompts))), slots)
 
     def vision() -> None:
         fast._image_features(prompts)
 
+    def caches() -> list[torch.Tensor]:
+        return [k[:3, :prompts[0].length].float().clone() for k, _ in fast._kv[::7]]
+
     with torch.inference_mode():
         fast.prepare(4, 2048, 256)
-        results["base"] = {"prefill_ms_per_image": round(per_image(group, 3) * 1e3, 2),
-                           "vision_ms_per_image": round(per_image(vision, 3) * 1e3, 2), **profile(group, 3)}
-        print(json.dumps(results, indent=1), flush=True)
-        for name, change in (("patch_linear", patch_linear), ("text_compiled", text_compiled)):
-            before = fast._image_features(prompts[:1])[0].float()
-            change(model)
-            after = fast._image_features(prompts[:1])[0].float()
-            results[name] = {"prefill_ms_per_image": round(per_image(group, 3) * 1e3, 2),
-                             "vision_ms_per_image": round(per_image(vision, 3) * 1e3, 2),
-                             "vision_rel_err": f"{((after - before).norm() / before.norm()).item():.2e}"}
-            print(name, results[name], flush=True)
-        results["final"] = profile(group, 3)
-    (args.out / "profile_prefill.json").write_text(json.dumps(results, indent=1))
-    print(json.dumps(results["final"], indent=1))
+        results["vision_ms_per_image"] = round(per_image(vision, 3) * 1e3, 2)
+        heads = {}
+        for name, packed in (("stock", False), ("packed", True), ("stock_again", False)):
+            fast.packed = packed
+            results[name] = {"prefill_ms_per_image": round(per_image(group, 3) * 1e3, 2), **profile(group, 3)}
+            heads[name] = (group().tolist(), caches())
+            print(name, json.dumps(results[name], indent=1), flush=True)
+        fast.packed = True
+        compiled = fast._prefill_fn
+        results["packed_compiled"] = compiled is not None and compiled.compiled is not None
+        results["same_first_tokens"] = heads["packed"][0] == heads["stock"][0]
+        results["cache_rel_err"] = max(f"{((a - b).norm() / b.norm()).item():.2e}"
+                                       for a, b in zip(heads["packed"][1], heads["stock"][1]))
+    (args.out / f"profile_prefill_{args.size}.json").write_text(json.dumps(results, indent=1))
+    print({k: v for k, v in results.items() if not isinstance(v, dict)})
     return 0
 
 

@@ -121,7 +121,7 @@ def test_out_of_memory_shrinks_the_slots(backend: TransformersBackend, one_at_a_
 
 def test_out_of_memory_on_one_image_is_a_backend_error(backend: TransformersBackend,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    def oom(prompt, slot, features):
+    def oom(items, slots):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(backend._fast, "_prefill", oom)

@@ -145,11 +145,11 @@ def test_interactive_request_is_admitted_before_the_rest_of_the_backlog(tmp_path
         queue_files(tmp_path, r.queue, [f"{i:02d}.png" for i in range(8)])
         ask: list = []
 
-        def recording_prefill(prompt, slot, features):
-            admitted.append(prompt.max_new_tokens)
+        def recording_prefill(items, slots):
+            admitted.extend(prompt.max_new_tokens for prompt, _ in items)
             if len(admitted) == 2:  # the backlog is running: now the API asks something
                 ask.append(r.loop.submit(Request((image(99, 56, 56),), "What is this?", 3)))
-            return prefill(prompt, slot, features)
+            return prefill(items, slots)
 
         monkeypatch.setattr(fast, "_prefill", recording_prefill)
         r.start()
@@ -252,10 +252,11 @@ def test_queued_work_leaves_a_slot_for_an_interactive_request(backend: Transform
     prefill, decode = fast._prefill, fast._decode
     slot_at_prefill: dict[int, int] = {}
 
-    def recording_prefill(prompt, slot, features):
-        slot_at_prefill[prompt.index] = slot
-        source.events.append(("prefill", prompt.index))
-        return prefill(prompt, slot, features)
+    def recording_prefill(items, slots):
+        for (prompt, _), slot in zip(items, slots):
+            slot_at_prefill[prompt.index] = slot
+            source.events.append(("prefill", prompt.index))
+        return prefill(items, slots)
 
     def decode_then_ask(src, eos):
         decode(src, eos)
@@ -286,9 +287,9 @@ def test_a_fixed_list_uses_every_slot(backend: TransformersBackend, monkeypatch:
     busy: list[int] = []
     prefill = fast._prefill
 
-    def recording_prefill(prompt, slot, features):
-        busy.append(slot)
-        return prefill(prompt, slot, features)
+    def recording_prefill(items, slots):
+        busy.extend(slots)
+        return prefill(items, slots)
 
     monkeypatch.setattr(fast, "_prefill", recording_prefill)
     slots = fastgen.RESERVE_FROM
@@ -306,8 +307,8 @@ def test_a_round_of_prefills_is_read_with_one_host_sync(backend: TransformersBac
     rounds: list[int] = []
     prefill, settle = fast._prefill, fast._settle
 
-    def recording_prefill(prompt, slot, features):
-        heads.append(prefill(prompt, slot, features))
+    def recording_prefill(items, slots):
+        heads.append(prefill(items, slots))
         return heads[-1]
 
     def recording_settle(source, launched, eos):
@@ -319,9 +320,59 @@ def test_a_round_of_prefills_is_read_with_one_host_sync(backend: TransformersBac
     source = fastgen.ListSource(_prompts(backend, 4, 3))
     with torch.inference_mode():
         fast.run(source, slots=4, cache_length=256, max_new=3)
-    assert all(isinstance(h, torch.Tensor) and h.shape == (2,) for h in heads)
+    assert all(isinstance(h, torch.Tensor) and h.shape == (len(h), 2) for h in heads)
     assert rounds[0] == 4, rounds  # four small images: one vision group, one read
     assert all(isinstance(source.results[i], fastgen.Generated) for i in range(4))
+
+
+def test_a_packed_prefill_fills_the_slots_as_the_stock_text_model_does(backend: TransformersBackend) -> None:
+    # issue 12 (throughput): a round's prompts go through the text layers as one packed sequence, keys written
+    # straight into their slots; what lands in the cache and the first tokens must be the stock model's, for
+    # prompts of different lengths (different image sizes) in slots out of order.
+    fast = backend._fast
+    sizes = ((56, 56), (112, 84), (168, 112))
+    prompts = [fastgen.Prompt(i, backend._inputs(Request((image(i, w, h),), f"Describe {i}.", 5)), 5)
+               for i, (w, h) in enumerate(sizes)]
+    slots = [2, 0, 3]
+    lengths = [p.length for p in prompts]
+    assert len(set(lengths)) == 3
+    with torch.inference_mode():
+        fast._ensure(4, 256, 8)
+        items = list(zip(prompts, fast._image_features(prompts)))
+
+        def prefill(packed: bool) -> tuple[list, list]:
+            for k, v in fast._kv:
+                k.zero_(), v.zero_()
+            fast.packed = packed
+            try:
+                heads = fast._prefill(items, slots)
+            finally:
+                fast.packed = True
+            caches = [(k[slot, :n].clone(), v[slot, :n].clone()) for slot, n in zip(slots, lengths) for k, v in fast._kv]
+            state = [fast._state[name][slots].tolist() for name in ("tok", "pos", "wpos", "budget", "n_gen")]
+            return heads.tolist() + state, caches
+
+        packed_state, packed_cache = prefill(True)
+        stock_state, stock_cache = prefill(False)
+    assert packed_state == stock_state
+    for (k, v), (k0, v0) in zip(packed_cache, stock_cache):
+        assert k.abs().sum() > 0
+        torch.testing.assert_close(k, k0, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v, v0, rtol=1e-5, atol=1e-5)
+
+
+def test_a_pack_takes_whole_prompts_up_to_its_token_bound(backend: TransformersBackend,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    prompts = _prompts(backend, 5, 3)
+    n = prompts[0].length
+    monkeypatch.setattr(fastgen, "PREFILL_TOKENS", 2 * n + 1)
+    group = [(p, None) for p in prompts]
+    sizes = []
+    while group:
+        sizes.append(len(fastgen._take_pack(group)))
+    assert sizes == [2, 2, 1]
+    monkeypatch.setattr(fastgen, "PREFILL_TOKENS", 1)  # a prompt longer than the bound goes alone
+    assert len(fastgen._take_pack([(p, None) for p in prompts])) == 1
 
 
 def test_the_lone_row_attention_equals_the_masked_sdpa() -> None:
@@ -386,7 +437,9 @@ def test_the_staging_buffer_copies_exactly_across_growth_and_rounds() -> None:
 def test_an_interactive_request_cuts_into_a_round_of_queued_prefills(backend: TransformersBackend,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     # issue 13: a request arriving while a vision group of queued prompts is being prefilled goes next; the rest
-    # of the group keeps its image features (the vision tower does not run for them again).
+    # of the group keeps its image features (the vision tower does not run for them again).  It waits for the
+    # pack being prefilled: packs of one prompt here, so that the group is several packs.
+    monkeypatch.setattr(fastgen, "PREFILL_TOKENS", 1)
     fast = backend._fast
     folder = _prompts(backend, 4, 3)
     asked = _prompts(backend, 1, 3, first=100, urgent=True)
@@ -394,9 +447,9 @@ def test_an_interactive_request_cuts_into_a_round_of_queued_prefills(backend: Tr
     prefill, features = fast._prefill, fast._image_features
     vision_calls: list[list[int]] = []
 
-    def recording_prefill(prompt, slot, image_features):
-        source.events.append(("prefill", prompt.index))
-        got = prefill(prompt, slot, image_features)
+    def recording_prefill(items, slots):
+        source.events.extend(("prefill", prompt.index) for prompt, _ in items)
+        got = prefill(items, slots)
         source.arrive()  # the request arrives during the first prefill of the round
         return got
 
@@ -515,10 +568,10 @@ def test_a_failing_prefill_fails_that_request_alone(backend: TransformersBackend
     fast = backend._fast
     prefill = fast._prefill
 
-    def failing(prompt, slot, features):
-        if "Describe 2." in backend._processor.tokenizer.decode(prompt.inputs["input_ids"][0]):
+    def failing(items, slots):  # a pack with request 2 in it fails as a whole; it alone may fail
+        if any("Describe 2." in backend._processor.tokenizer.decode(p.inputs["input_ids"][0]) for p, _ in items):
             raise ValueError("cache planner says no (injected)")
-        return prefill(prompt, slot, features)
+        return prefill(items, slots)
 
     monkeypatch.setattr(fast, "_prefill", failing)
     got = backend.generate_each(requests)
@@ -640,11 +693,11 @@ def test_out_of_memory_mid_run_runs_the_requests_in_hand_again(backend: Transfor
     prefill = fast._prefill
     calls = []
 
-    def oom_once(prompt, slot, features):
-        calls.append(slot)
-        if len(calls) == 5:  # slots busy, one refill under way
+    def oom_once(items, slots):
+        calls.append(slots)
+        if len(calls) == 2:  # slots busy, a refill under way
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        return prefill(prompt, slot, features)
+        return prefill(items, slots)
 
     monkeypatch.setattr(fast, "_prefill", oom_once)
     monkeypatch.setattr(backend, "_oom_slots", None)

@@ -63,6 +63,7 @@ from daemon.backends.decode_step import (
     rotate,
 )
 from daemon.backends.patches import Compiled, _allow_shared_compiles, compile_enabled
+from daemon.backends.prefill_step import pack, prefill_layer
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,10 @@ log = logging.getLogger(__name__)
 #: (16384: three 1036x1036 images, or sixteen 512x512): amortises the tower's
 #: fixed per-call CPU work, bounds its activation memory (~1 GiB).
 VISION_BATCH_PATCHES = 16384
+#: Most tokens one packed text prefill takes (several prompts laid end to end,
+#: ``prefill_step``): three 1036x1036 images or three document pages; bounds
+#: the activations (~140 KB per token in bf16 for the 7B: prefill_reserve).
+PREFILL_TOKENS = 6144
 #: Longest a round of admission (vision + prefill of new prompts) may run while
 #: a streaming (interactive) sequence waits for its tokens: without it a backlog
 #: arriving at once filled every free slot first (~20 s for 256 images on an
@@ -249,6 +254,15 @@ class SlotEngine:
         if self.fused and compile_enabled(self.device, "decode") and getattr(cfg, "hidden_act", "") == "silu":
             _allow_shared_compiles()
             self._layer_fn = Compiled(layer_step, fullgraph=True)
+        # Prefill packs a round's prompts into one pass of our own layer
+        # function (prefill_step); VLWATCH_PACKED_PREFILL=0 runs the stock
+        # text model per prompt instead (the A/B of benchmarks/NOTES.md).
+        self.packed = (bool(self.fused) and getattr(cfg, "hidden_act", "") == "silu"
+                       and os.environ.get("VLWATCH_PACKED_PREFILL", "1") != "0")
+        self._prefill_fn: Callable[..., torch.Tensor] | None = None
+        if self.packed and self.attention == "flash" and compile_enabled(self.device, "prefill"):
+            _allow_shared_compiles()
+            self._prefill_fn = Compiled(prefill_layer, dynamic=True)
         self._slots = 0
         self._length = 0
         self._graphs: dict[tuple[int, bool], Any] = {}
@@ -471,34 +485,96 @@ class SlotEngine:
         parts = iter(torch.split(merged, per_prompt))
         return [next(parts) if "pixel_values" in p.inputs else None for p in prompts]
 
-    def _prefill(self, prompt: Prompt, slot: int, image_features: torch.Tensor | None) -> torch.Tensor:
-        """Run the prompt through the text model, move its cache into ``slot``; the first token, on the device.
+    def _prefill(self, items: list[tuple[Prompt, torch.Tensor | None]], slots: list[int]) -> torch.Tensor:
+        """Prefill prompts (with their image features) into ``slots``; per prompt ``[first token, 1 if not finite]``.
 
-        Returns ``[first token, 1 if its logits were not finite]`` without
-        waiting for the GPU: a round's prefills are queued back to back and
-        read with one host sync (``_settle``).  A sync per prompt left the GPU
-        idle while the host prepared the next prompt (~11 ms of a 70 ms
-        prefill on an H100, benchmarks/NOTES.md call P1).
-
-        Qwen2_5_VLModel.forward does the same (image features into the
-        image-token positions, 3D rotary positions from get_rope_index);
-        it is spelled out so that the vision tower can run for several
-        prompts at once, before.
+        Returns without waiting for the GPU: a round's prefills are queued
+        back to back and read with one host sync (``_settle``).  A sync per
+        prompt left the GPU idle while the host prepared the next prompt
+        (~11 ms of a 70 ms prefill on an H100, benchmarks/NOTES.md call P1).
         """
-        model = self.model
+        for prompt, features in items:
+            self._check(prompt, features)
+        if self.packed:
+            return self._prefill_packed(items, slots)
+        return torch.stack([self._prefill_stock(p, slot, f) for (p, f), slot in zip(items, slots)])
+
+    def _check(self, prompt: Prompt, image_features: torch.Tensor | None) -> None:
         if "position_ids" not in prompt.inputs:
-            prompt.inputs.update(rope_positions(model, prompt.inputs))
-        inputs = {k: self._staging.to_device(v) for k, v in prompt.inputs.items() if k != "pixel_values"}
-        ids, positions, deltas = inputs["input_ids"], inputs["position_ids"], inputs["rope_deltas"]
-        length = ids.shape[1]
-        embeds = self.embed(ids)
-        placeholders = int(prompt.inputs["input_ids"].eq(model.config.image_token_id).sum())
+            prompt.inputs.update(rope_positions(self.model, prompt.inputs))
+        placeholders = int(prompt.inputs["input_ids"].eq(self.model.config.image_token_id).sum())
         features = 0 if image_features is None else int(image_features.shape[0])
         if placeholders != features:
             # What stock transformers checks too (get_placeholder_mask): text
             # that turned into image tokens must not shift the image features.
             raise ValueError(f"the prompt has {placeholders} image placeholder tokens for {features} image "
                              "features (text that tokenized as an image token?); request refused")
+
+    def _prefill_packed(self, items: list[tuple[Prompt, torch.Tensor | None]], slots: list[int]) -> torch.Tensor:
+        """The text layers once over the prompts laid end to end (``prefill_step``), keys straight into slots.
+
+        The image features go into the image-token positions and the 3D
+        rotary positions come from get_rope_index, as Qwen2_5_VLModel.forward
+        does; it is spelled out so that the vision tower runs for several
+        prompts at once, before.
+        """
+        prompts = [p for p, _ in items]
+        lengths = [p.length for p in prompts]
+        layout = pack(lengths, slots)
+        put = self._staging.to_device
+        ids = put(torch.cat([p.inputs["input_ids"][0] for p in prompts]))
+        positions = put(torch.cat([p.inputs["position_ids"] for p in prompts], dim=-1))
+        slot_of, col_of, cu, last = put(layout.slot_of), put(layout.col_of), put(layout.cu), put(layout.last)
+        rows = put(torch.tensor(slots))
+        per_row = put(torch.tensor([[n, n + int(p.inputs["rope_deltas"].reshape(-1)[0]), p.max_new_tokens]
+                                    for n, p in zip(lengths, prompts)]))
+        temps = put(torch.tensor([p.temperature for p in prompts], dtype=torch.float32))
+        x = self.embed(ids)
+        features = [f for _, f in items if f is not None]
+        if features:
+            is_image = (ids == self.model.config.image_token_id)[:, None].expand_as(x)
+            x = x.masked_scatter(is_image, torch.cat(features).to(x.dtype))
+        cos, sin = self.model.model.language_model.rotary_emb(x[None], positions)
+        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # (tokens, 1, head dim): every head alike
+        kind = "flash" if self.attention == "flash" else "sdpa"
+        layer_fn = self._prefill_fn if kind == "flash" and self._prefill_fn is not None else prefill_layer
+        group = self.n_heads // self.n_kv
+        for layer, (k_cache, v_cache) in zip(self.layers, self._kv):
+            attn = layer.self_attn
+            x = layer_fn(x, cos, sin, k_cache, v_cache, slot_of, col_of, cu, layout.spans if kind == "sdpa" else (),
+                         *self.fused[id(layer)], layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                         attn.o_proj.weight, layer.mlp.down_proj.weight, self.eps, attn.scaling, self.n_kv, group, kind)
+        logits = self.lm_head(self.norm(x[last])).float()
+        return self._first_tokens(logits, rows, ids, slot_of, per_row, temps, any(p.temperature > 0 for p in prompts))
+
+    def _first_tokens(self, logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, slot_of: torch.Tensor,
+                      per_row: torch.Tensor, temps: torch.Tensor, sample: bool) -> torch.Tensor:
+        """Choose each prompt's first token and set up its slot for decoding (no host sync)."""
+        s = self._state
+        if "seen" in s:
+            s["seen"][rows] = False
+            s["seen"][slot_of, ids] = True
+            logits = penalize(logits, s["seen"][rows], self.penalty)
+        s["temp"][rows] = temps
+        first, bad = choose(logits, temps if sample else None)
+        s["bad"][rows] = bad
+        s["tok"][rows] = first
+        s["wpos"][rows] = per_row[:, 0]
+        s["pos"][rows] = per_row[:, 1]
+        s["budget"][rows] = per_row[:, 2]
+        s["out"][rows, 0] = first
+        s["n_gen"][rows] = 1
+        if "seen" in s:
+            s["seen"][rows, first] = True
+        return torch.stack((first, bad.long()), dim=1)
+
+    def _prefill_stock(self, prompt: Prompt, slot: int, image_features: torch.Tensor | None) -> torch.Tensor:
+        """One prompt through the stock text model, its cache then copied into ``slot`` (``VLWATCH_PACKED_PREFILL=0``)."""
+        model = self.model
+        inputs = {k: self._staging.to_device(v) for k, v in prompt.inputs.items() if k != "pixel_values"}
+        ids, positions = inputs["input_ids"], inputs["position_ids"]
+        length = ids.shape[1]
+        embeds = self.embed(ids)
         if image_features is not None:
             slots_for_image = (ids == model.config.image_token_id)[..., None].expand_as(embeds)
             embeds = embeds.masked_scatter(slots_for_image, image_features.to(embeds.dtype))
@@ -508,24 +584,13 @@ class SlotEngine:
         for layer, (k_cache, v_cache) in zip(cache.layers, self._kv):
             k_cache[slot, :length] = layer.keys[0].transpose(0, 1)
             v_cache[slot, :length] = layer.values[0].transpose(0, 1)
-        s = self._state
         logits = self.lm_head(out.last_hidden_state[:, -1]).float()
-        if "seen" in s:
-            s["seen"][slot].zero_()
-            s["seen"][slot, ids[0]] = True
-            logits = penalize(logits, s["seen"][slot:slot + 1], self.penalty)
-        s["temp"][slot] = prompt.temperature
-        first, bad = choose(logits, s["temp"][slot:slot + 1] if prompt.temperature > 0 else None)
-        s["bad"][slot] = bad[0]
-        s["tok"][slot] = first[0]
-        s["pos"][slot] = length + deltas.reshape(-1)[0]
-        s["wpos"][slot] = length
-        s["out"][slot, 0] = first[0]
-        s["n_gen"][slot] = 1
-        s["budget"][slot] = prompt.max_new_tokens
-        if "seen" in s:
-            s["seen"][slot, first[0]] = True
-        return torch.stack((first[0], bad[0].long()))
+        put = self._staging.to_device
+        rows = put(torch.tensor([slot]))
+        delta = int(prompt.inputs["rope_deltas"].reshape(-1)[0])
+        per_row = put(torch.tensor([[length, length + delta, prompt.max_new_tokens]]))
+        temps = put(torch.tensor([prompt.temperature], dtype=torch.float32))
+        return self._first_tokens(logits, rows, ids[0], rows.expand(length), per_row, temps, prompt.temperature > 0)[0]
 
     # ------------------------------------------------------------ the loop
 
@@ -609,14 +674,11 @@ class SlotEngine:
             t0 = time.perf_counter()
             launched: list[tuple[Prompt, int, torch.Tensor]] = []
             while group:
-                prompt, image_features = group.pop(0)
-                head = self._launch(source, prompt, free[0], image_features)
-                if head is None:
-                    continue  # failed alone; the slot stays free
-                launched.append((prompt, free.pop(0), head))
-                if group and not prompt.urgent and source.urgent():
+                batch = _take_pack(group)
+                launched += self._launch(source, batch, free)
+                if group and not batch[-1][0].urgent and source.urgent():
                     # An interactive prompt goes first; it waits for at most
-                    # the prefills already queued on the GPU (one vision group).
+                    # the prefills already queued on the GPU (one pack).
                     self._carry = group + self._carry
                     break
             self._settle(source, launched, eos)
@@ -656,14 +718,28 @@ class SlotEngine:
                 break  # its own vision call: nothing queued delays its first token
         return [(p, f) for p, f in zip(group, self._features_each(group, source)) if f is not _FAILED], admitting
 
-    def _launch(self, source: Source, prompt: Prompt, slot: int, image_features: Any) -> torch.Tensor | None:
-        """Queue ``prompt``'s prefill into ``slot``; its first-token tensor, or None if it failed (alone)."""
+    def _launch(self, source: Source, pack: list[tuple[Prompt, Any]],
+                free: list[int]) -> list[tuple[Prompt, int, torch.Tensor]]:
+        """Queue a pack's prefill into the first ``free`` slots (taken from the list); what was launched.
+
+        A prompt that fails is finished with its error alone and its slot
+        stays free: a pack that fails is prefilled again a prompt at a time
+        to find the culprit.
+        """
+        slots = free[:len(pack)]
         try:
-            return self._prefill(prompt, slot, image_features)
+            heads = self._prefill(pack, slots)
         except Exception as exc:
             _reraise_fatal(exc)
-            source.finished(prompt, exc)  # this prompt alone; the slot stays free
-            return None
+            if len(pack) == 1:
+                source.finished(pack[0][0], exc)
+                return []
+            launched: list[tuple[Prompt, int, torch.Tensor]] = []
+            for item in pack:
+                launched += self._launch(source, [item], free)
+            return launched
+        del free[:len(pack)]
+        return [(prompt, slot, heads[i]) for i, ((prompt, _), slot) in enumerate(zip(pack, slots))]
 
     def _settle(self, source: Source, launched: list[tuple[Prompt, int, torch.Tensor]], eos: set[int]) -> None:
         """Read a round's first tokens with one host sync; the sequences that go on take their slots."""
@@ -856,6 +932,16 @@ def rope_positions(model: Any, inputs: dict[str, torch.Tensor]) -> dict[str, tor
         ids, inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
         attention_mask=inputs.get("attention_mask"))
     return {"position_ids": positions, "rope_deltas": deltas.reshape(1, 1).to(torch.long)}
+
+
+def _take_pack(group: list[tuple[Prompt, Any]]) -> list[tuple[Prompt, Any]]:
+    """Pop the prompts of the next packed prefill off ``group``: up to PREFILL_TOKENS tokens, at least one."""
+    pack = [group.pop(0)]
+    tokens = pack[0][0].length
+    while group and tokens + group[0][0].length <= PREFILL_TOKENS:
+        tokens += group[0][0].length
+        pack.append(group.pop(0))
+    return pack
 
 
 def bucket(n: int, most: int) -> int:

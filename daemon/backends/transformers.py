@@ -652,19 +652,20 @@ def available_gpu_memory(device: Any, cap: int | None) -> int:
 def prefill_reserve(model: Any, tokens: int) -> int:
     """Peak working memory of one prefill of ``tokens`` tokens, with a margin.
 
-    The prefill's own KV cache (copied into a slot afterwards), the widest
-    activations of a text layer (the MLP's gate and up projections) and of the
-    vision tower, plus 1 GiB for the allocator's fragmentation, cuBLAS
+    The prefill's own KV cache (copied into a slot afterwards, where the stock
+    text model prefills), the widest activations of a text layer (the MLP's
+    gate and up projections) and of the vision tower, plus 1 GiB for the allocator's fragmentation, cuBLAS
     workspaces and the decode graph's pool.
     """
+    from daemon.backends.fastgen import PREFILL_TOKENS, VISION_BATCH_PATCHES
+
     cfg = model.config.get_text_config()
     width = model.dtype.itemsize
-    text = tokens * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * width
+    # Several prompts are prefilled as one sequence (up to PREFILL_TOKENS).
+    text = max(tokens, PREFILL_TOKENS) * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * width
     vision_cfg = getattr(model.config, "vision_config", None)
     vision = 0
     if vision_cfg is not None:
-        from daemon.backends.fastgen import VISION_BATCH_PATCHES
-
         # Several images go through the tower together (up to about this many patches).
         patches = max(4 * tokens, VISION_BATCH_PATCHES)  # 2x2 patches merge into one token
         vision = patches * (6 * vision_cfg.hidden_size + 3 * vision_cfg.intermediate_size) * width
