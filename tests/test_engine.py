@@ -129,6 +129,18 @@ def backend(tiny_model: Path):
     b.unload()
 
 
+@pytest.fixture(scope="module")
+def backend_cuda(tiny_model: Path):
+    """The tiny checkpoint in bf16 on a GPU (the fast paths: flash attention, compiles, staging)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    b = TransformersBackend(ModelConfig(name=str(tiny_model), device="cuda", dtype="bfloat16", batch_size=4,
+                                        max_new_tokens=8, max_pixels=50000))
+    b.load()
+    yield b
+    b.unload()
+
+
 # ------------------------------------------------------------------ admission
 
 
@@ -311,9 +323,9 @@ def test_a_round_of_prefills_is_read_with_one_host_sync(backend: TransformersBac
         heads.append(prefill(items, slots))
         return heads[-1]
 
-    def recording_settle(source, launched, eos):
-        rounds.append(len(launched))
-        settle(source, launched, eos)
+    def recording_settle(source, shipped, eos):
+        rounds.append(len(shipped.launched))
+        settle(source, shipped, eos)
 
     monkeypatch.setattr(fast, "_prefill", recording_prefill)
     monkeypatch.setattr(fast, "_settle", recording_settle)
@@ -359,6 +371,58 @@ def test_a_packed_prefill_fills_the_slots_as_the_stock_text_model_does(backend: 
         assert k.abs().sum() > 0
         torch.testing.assert_close(k, k0, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(v, v0, rtol=1e-5, atol=1e-5)
+
+
+def test_rounds_overlap_a_rounds_first_tokens_are_read_after_the_next_is_queued(
+        backend: TransformersBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 12 (throughput): the host prepares round k+1 (its vision tower launches take longer than its GPU
+    # work) while round k still runs on the GPU: round k's first tokens are read only once k+1 is queued.
+    # A round with an interactive prompt is read at once (its first token should not wait for another round).
+    monkeypatch.setattr(fastgen, "VISION_BATCH_PATCHES", 1)  # a round per prompt
+    fast = backend._fast
+    events: list[tuple[str, list[int]]] = []
+    prefill, settle = fast._prefill, fast._settle
+
+    def recording_prefill(items, slots):
+        events.append(("prefill", [p.index for p, _ in items]))
+        return prefill(items, slots)
+
+    def recording_settle(source, shipped, eos):
+        events.append(("settle", [p.index for p, _, _ in shipped.launched]))
+        settle(source, shipped, eos)
+
+    monkeypatch.setattr(fast, "_prefill", recording_prefill)
+    monkeypatch.setattr(fast, "_settle", recording_settle)
+    prompts = _prompts(backend, 3, 3)
+    prompts[2].urgent = True
+    source = fastgen.ListSource(prompts + _prompts(backend, 1, 3, first=3))
+    with torch.inference_mode():
+        fast.run(source, slots=4, cache_length=256, max_new=3)
+    assert events[:6] == [("prefill", [0]), ("prefill", [1]), ("settle", [0]),
+                          ("prefill", [2]), ("settle", [1]), ("settle", [2])], events
+    assert events[6:] == [("prefill", [3]), ("settle", [3])], events  # the last round: read before decoding
+    assert all(isinstance(source.results[i], fastgen.Generated) for i in range(4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are a CUDA matter")
+def test_a_prefill_round_never_waits_for_the_gpu(backend_cuda: TransformersBackend) -> None:
+    # issue 12 (throughput): the vision tower and the packed prefill are queued without one host sync (the grid,
+    # the window spans and the image-token rows are worked out on the CPU), so rounds can overlap.
+    fast = backend_cuda._fast
+    prompts = _prompts(backend_cuda, 3, 3)
+    with torch.inference_mode():
+        fast._ensure(4, 256, 8)
+        for _ in range(2):  # the second round with everything warm (compiles, allocator)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                features = fast._image_features(prompts)
+                shipped = fastgen._Shipped.start(
+                    [(p, slot, head) for (p, slot), head in
+                     zip(zip(prompts, range(3)), fast._prefill(list(zip(prompts, features)), [0, 1, 2]))])
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            assert len(shipped.read()) == 3
 
 
 def test_a_pack_takes_whole_prompts_up_to_its_token_bound(backend: TransformersBackend,
@@ -419,19 +483,24 @@ def test_the_flash_decode_attention_equals_the_masked_sdpa_on_cuda() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked staging is for CUDA copies")
 def test_the_staging_buffer_copies_exactly_across_growth_and_rounds() -> None:
-    # issue 12 (throughput): prefill's inputs reach the GPU through one page-locked buffer, filled front to back
-    # and reused each round; what arrives must be what was sent, whatever the sizes, dtypes and growth.
+    # issue 12 (throughput): prefill's inputs reach the GPU through two page-locked buffers, a round each in turn,
+    # filled front to back; what arrives must be what was sent, whatever the sizes, dtypes and growth, even while
+    # the GPU is still busy with earlier rounds (no host sync between rounds: the host runs a round ahead).
     staging = fastgen._Staging(torch.device("cuda"))
-    for round_ in range(3):
+    rounds = []
+    for round_ in range(4):
         staging.reset()
+        torch.cuda._sleep(20_000_000)  # the GPU is behind: the copies below wait in its queue
         sent = [torch.randn(1000 * (i + 1), 7).to(dt) for i, dt in enumerate((torch.bfloat16, torch.float32))]
-        sent += [torch.arange(5)[None, :], torch.zeros(0, 3), torch.randn(4200, 4200).t()]  # non-contiguous; grows
+        sent += [torch.arange(5)[None, :] + round_, torch.zeros(0, 3), torch.randn(4200, 4200).t()]  # grows
         got = [staging.to_device(t) for t in sent]
-        sent[0].fill_(0)  # the host side may change once the copy is queued
-        for a, b in zip(sent[1:], got[1:]):
+        rounds.append(([t.clone() for t in sent], got))
+        for t in sent:
+            t.zero_()  # the host side may change once the copy is queued
+    for sent, got in rounds:
+        for a, b in zip(sent, got):
             assert b.device.type == "cuda" and b.dtype == a.dtype
             torch.testing.assert_close(b.cpu(), a)
-        assert got[0].abs().sum().item() > 0
 
 
 def test_an_interactive_request_cuts_into_a_round_of_queued_prefills(backend: TransformersBackend,

@@ -7,13 +7,14 @@ batching does not carry images.  This module keeps the model and its weights
 and replaces the generation loop (measurements: ``benchmarks/NOTES.md``):
 
 - **prefill** without padding: the vision tower runs on the images of a few
-  prompts at once (its cost per call is mostly fixed), then the text model on
-  each prompt alone, with Qwen's 3D rotary positions (computed on the CPU, by
-  the processor thread); a round's prefills are queued on the GPU back to
-  back, their inputs through a page-locked buffer (``_Staging``), and their
-  first tokens read with one host sync (``_settle``);
-- each prompt's KV cache is copied into a **slot** of a preallocated static
-  cache (``slots`` rows of ``length`` tokens per layer);
+  prompts at once (its cost per call is mostly fixed; its window layout is
+  worked out on the CPU), then the text layers once over those prompts laid
+  end to end (``prefill_step``), each prompt's keys written straight into its
+  **slot** of a preallocated static cache (``slots`` rows of ``length``
+  tokens per layer), with Qwen's 3D rotary positions (computed on the CPU, by
+  the processor thread); inputs go through page-locked buffers
+  (``_Staging``), nothing in a round waits for the GPU, and a round's first
+  tokens are read (``_settle``) once the next round is queued behind it;
 - **decode** runs all slots together in a step written against the model's
   own modules and weights (q/k/v and gate/up fused into one GEMV each), with
   grouped-query attention against the un-expanded cache: on CUDA in half
@@ -37,7 +38,8 @@ The stock modules prefill still runs (the vision tower, the text layers) are
 sped up in place by ``daemon.backends.patches``.
 
 Environment switches (all default on where they apply): ``VLWATCH_CUDA_GRAPHS``,
-``VLWATCH_COMPILE`` (``_DECODE``, ``_VISION``, ``_PREFILL``), ``VLWATCH_DECODE_FLASH``;
+``VLWATCH_COMPILE`` (``_DECODE``, ``_VISION``, ``_PREFILL``), ``VLWATCH_DECODE_FLASH``,
+``VLWATCH_PACKED_PREFILL``, ``VLWATCH_OVERLAP_ROUNDS``;
 ``VLWATCH_VISION_VARLEN=1`` opts into varlen attention.
 """
 
@@ -260,6 +262,9 @@ class SlotEngine:
         self.packed = (bool(self.fused) and getattr(cfg, "hidden_act", "") == "silu"
                        and os.environ.get("VLWATCH_PACKED_PREFILL", "1") != "0")
         self._prefill_fn: Callable[..., torch.Tensor] | None = None
+        # A round's first tokens are read once the next round is queued (_admit);
+        # VLWATCH_OVERLAP_ROUNDS=0 reads each round at once (the A/B).
+        self.overlap_rounds = os.environ.get("VLWATCH_OVERLAP_ROUNDS", "1") != "0"
         if self.packed and self.attention == "flash" and compile_enabled(self.device, "prefill"):
             _allow_shared_compiles()
             self._prefill_fn = Compiled(prefill_layer, dynamic=True)
@@ -270,6 +275,7 @@ class SlotEngine:
         self._state: dict[str, torch.Tensor] = {}
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._staging = _Staging(self.device)
+        self.vision: Any = None  # patches.VisionAttentionPatch, told the window bounds ahead (_vision_layout)
         self.stats = RunStats()
 
     # ------------------------------------------------------------ memory
@@ -477,13 +483,48 @@ class SlotEngine:
         if not with_images:
             return [None] * len(prompts)
         visual = self.model.model.visual
-        self._staging.reset()  # a new round: the last round's copies are done
-        pixels = torch.cat([self._staging.to_device(p.inputs["pixel_values"]) for p in with_images]).to(visual.dtype)
+        self._staging.reset()  # a new round
+        put = self._staging.to_device
+        pixels = torch.cat([put(p.inputs["pixel_values"]) for p in with_images]).to(visual.dtype)
         grids = torch.cat([p.inputs["image_grid_thw"] for p in with_images])
-        merged = visual(pixels, grid_thw=grids.to(self.device)).pooler_output
+        merged = visual(pixels, grid_thw=put(grids), **self._vision_layout(grids)).pooler_output
         per_prompt = [int(p.inputs["image_grid_thw"].prod(-1).sum()) // visual.spatial_merge_size**2 for p in with_images]
         parts = iter(torch.split(merged, per_prompt))
         return [next(parts) if "pixel_values" in p.inputs else None for p in prompts]
+
+    def _vision_layout(self, grids: torch.Tensor) -> dict[str, Any]:
+        """The vision tower's rotary positions, windows and spans, worked out on the CPU from ``grids``.
+
+        Left to itself the tower reads the image grid from the GPU, a host
+        sync that waits for all the work queued there: the next round could
+        not be launched while this one runs.  These are transformers' own
+        helpers (``vision_utils``), given to the tower as the precomputed
+        values it accepts, and sent through the staging buffer.
+        """
+        try:
+            from transformers.vision_utils import (
+                get_vision_cu_seqlens,
+                get_vision_position_ids,
+                get_vision_window_index,
+            )
+        except ImportError:  # an older transformers: the tower works them out itself
+            return {}
+        visual = self.model.model.visual
+        cu = get_vision_cu_seqlens(grids)
+        window_index, cu_window = get_vision_window_index(
+            grids, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
+            patch_size=visual.patch_size)
+        put = self._staging.to_device
+        layout: dict[str, Any] = {"position_ids": put(get_vision_position_ids(grids, visual.spatial_merge_size)),
+                                  "window_index": put(window_index)}
+        for name, longest, spans in (("cu_seqlens", "max_seqlen", cu),
+                                     ("cu_window_seqlens", "max_window_seqlen", cu_window)):
+            bounds = spans.tolist()
+            layout[name] = put(spans)
+            layout[longest] = max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
+            if self.vision is not None:
+                self.vision.plan_for(layout[name], bounds, put)
+        return layout
 
     def _prefill(self, items: list[tuple[Prompt, torch.Tensor | None]], slots: list[int]) -> torch.Tensor:
         """Prefill prompts (with their image features) into ``slots``; per prompt ``[first token, 1 if not finite]``.
@@ -522,7 +563,8 @@ class SlotEngine:
         lengths = [p.length for p in prompts]
         layout = pack(lengths, slots)
         put = self._staging.to_device
-        ids = put(torch.cat([p.inputs["input_ids"][0] for p in prompts]))
+        host_ids = torch.cat([p.inputs["input_ids"][0] for p in prompts])
+        ids = put(host_ids)
         positions = put(torch.cat([p.inputs["position_ids"] for p in prompts], dim=-1))
         slot_of, col_of, cu, last = put(layout.slot_of), put(layout.col_of), put(layout.cu), put(layout.last)
         rows = put(torch.tensor(slots))
@@ -532,8 +574,9 @@ class SlotEngine:
         x = self.embed(ids)
         features = [f for _, f in items if f is not None]
         if features:
-            is_image = (ids == self.model.config.image_token_id)[:, None].expand_as(x)
-            x = x.masked_scatter(is_image, torch.cat(features).to(x.dtype))
+            # The image-token rows, found on the CPU: masked_scatter's own search would cost a sync.
+            image_rows = (host_ids == self.model.config.image_token_id).nonzero()[:, 0]
+            x = x.index_copy(0, put(image_rows), torch.cat(features).to(x.dtype))
         cos, sin = self.model.model.language_model.rotary_emb(x[None], positions)
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # (tokens, 1, head dim): every head alike
         kind = "flash" if self.attention == "flash" else "sdpa"
@@ -660,33 +703,55 @@ class SlotEngine:
         and a round of queued work ends as soon as an interactive prompt is
         waiting: the prompts of the round whose images already went through
         the vision tower are kept (``_carry``) for the next round.
+
+        Rounds overlap: a round's first tokens are read (``_settle``) once
+        the next round is queued behind it, so the GPU is not left idle while
+        the host prepares that round (the vision tower's launches take the
+        host longer than its GPU work).  A round with an interactive prompt
+        is read at once: its first token should not wait for another round.
         """
         started = time.perf_counter()
         reserve = self._reserve
-        while True:
-            free = [i for i in range(self._slots) if i not in self._owner]
-            urgent = source.urgent()
-            if not free or (len(free) <= reserve and not urgent):
-                return True
-            group, admitting = self._group(source, len(free) - (0 if urgent else reserve), max_new)
-            if not group:
-                return admitting
-            t0 = time.perf_counter()
-            launched: list[tuple[Prompt, int, torch.Tensor]] = []
-            while group:
-                batch = _take_pack(group)
-                launched += self._launch(source, batch, free)
-                if group and not batch[-1][0].urgent and source.urgent():
-                    # An interactive prompt goes first; it waits for at most
-                    # the prefills already queued on the GPU (one pack).
-                    self._carry = group + self._carry
-                    break
-            self._settle(source, launched, eos)
-            self.stats.prefill_s += time.perf_counter() - t0
-            if not admitting:
-                return False
-            if time.perf_counter() - started > ADMIT_BUDGET and any(p.stream for p in self._owner.values()):
-                return True  # a streaming (interactive) sequence is waiting for its tokens: step first
+        pending: _Shipped | None = None
+        try:
+            while True:
+                held = set(self._owner) | (pending.slots() if pending else set())
+                free = [i for i in range(self._slots) if i not in held]
+                urgent = source.urgent()
+                if not free or (len(free) <= reserve and not urgent):
+                    return True
+                group, admitting = self._group(source, len(free) - (0 if urgent else reserve), max_new)
+                if not group:
+                    return admitting
+                t0 = time.perf_counter()
+                launched: list[tuple[Prompt, int, torch.Tensor]] = []
+                while group:
+                    batch = _take_pack(group)
+                    launched += self._launch(source, batch, free)
+                    if group and not batch[-1][0].urgent and source.urgent():
+                        # An interactive prompt goes first; it waits for at most
+                        # the prefills already queued on the GPU (one pack).
+                        self._carry = group + self._carry
+                        break
+                shipped = _Shipped.start(launched)
+                if pending is not None:
+                    self._settle(source, pending, eos)
+                pending = None
+                if not self.overlap_rounds or any(p.urgent or p.stream for p, _, _ in launched):
+                    self._settle(source, shipped, eos)
+                else:
+                    pending = shipped
+                self.stats.prefill_s += time.perf_counter() - t0
+                if not admitting:
+                    return False
+                if time.perf_counter() - started > ADMIT_BUDGET and any(p.stream for p in self._owner.values()):
+                    return True  # a streaming (interactive) sequence is waiting for its tokens: step first
+        except BaseException:
+            pending = None  # out of memory or a lost device: the caller takes back what is in hand
+            raise
+        finally:
+            if pending is not None:
+                self._settle(source, pending, eos)
 
     def _group(self, source: Source, room: int, max_new: int) -> tuple[list[tuple[Prompt, Any]], bool]:
         """Prompts to prefill next, with their image features: carried-over ones, or a new group.
@@ -741,11 +806,9 @@ class SlotEngine:
         del free[:len(pack)]
         return [(prompt, slot, heads[i]) for i, ((prompt, _), slot) in enumerate(zip(pack, slots))]
 
-    def _settle(self, source: Source, launched: list[tuple[Prompt, int, torch.Tensor]], eos: set[int]) -> None:
-        """Read a round's first tokens with one host sync; the sequences that go on take their slots."""
-        if not launched:
-            return
-        heads = torch.stack([head for _, _, head in launched]).tolist()
+    def _settle(self, source: Source, shipped: "_Shipped", eos: set[int]) -> None:
+        """Read a round's first tokens (one wait, for that round alone); the sequences that go on take their slots."""
+        launched, heads = shipped.launched, shipped.read()
         now = time.perf_counter()
         for (prompt, slot, _), (first, bad) in zip(launched, heads):
             if bad:
@@ -879,42 +942,84 @@ class _Staging:
     queued on the GPU, so each prompt's inputs drained the queue.  Pinning
     each tensor instead (``pin_memory()``) cost more than it saved on an
     H100: page-locking ~25 MB of pixels per image, with the interpreter lock
-    held, took ~8 ms per image (benchmarks/NOTES.md, call D3).  So one buffer
-    is pinned once (grown when a round needs more) and filled front to back;
-    ``reset`` starts over at the next round, once the copies from it are done.
+    held, took ~8 ms per image (benchmarks/NOTES.md, call D3).  So two
+    buffers are pinned once (grown when a round needs more) and filled front
+    to back, a round each in turn: ``reset`` starts the next round on the
+    other buffer, once the copies out of it (two rounds back) are done, so
+    the host can prepare a round while the one before still runs.
     """
 
     ALIGN = 512
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._buffer: torch.Tensor | None = None
-        self._used = 0
-        self._done: Any = None  # CUDA event after the last copy out of the buffer
-        self._retired: list[torch.Tensor] = []  # outgrown buffers, until their copies are done
+        self._sides = [_Buffer(), _Buffer()]
+        self._side = self._sides[0]
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.device.type != "cuda" or tensor.device.type != "cpu":
             return tensor.to(self.device)
+        side = self._side
         size = tensor.numel() * tensor.element_size()
-        if self._buffer is None or self._used + size > self._buffer.numel():
-            if self._buffer is not None:
-                self._retired.append(self._buffer)
-            self._buffer = torch.empty(max(2 * size, 64 << 20), dtype=torch.uint8, pin_memory=True)
-            self._used = 0
-        staged = self._buffer[self._used:self._used + size].view(tensor.dtype).view(tensor.shape)
+        if side.buffer is None or side.used + size > side.buffer.numel():
+            if side.buffer is not None:
+                side.retired.append(side.buffer)
+            side.buffer = torch.empty(max(2 * size, 64 << 20), dtype=torch.uint8, pin_memory=True)
+            side.used = 0
+        staged = side.buffer[side.used:side.used + size].view(tensor.dtype).view(tensor.shape)
         staged.copy_(tensor)
-        self._used += -(-size // self.ALIGN) * self.ALIGN
+        side.used += -(-size // self.ALIGN) * self.ALIGN
         out = staged.to(self.device, non_blocking=True)
-        self._done = torch.cuda.Event()
-        self._done.record(torch.cuda.current_stream(self.device))
+        side.done = torch.cuda.Event()
+        side.done.record(torch.cuda.current_stream(self.device))
         return out
 
     def reset(self) -> None:
-        if self._done is not None:
-            self._done.synchronize()  # normally long done: a round ends with a host sync
-        self._used = 0
-        self._retired.clear()
+        self._side = side = self._sides[1] if self._side is self._sides[0] else self._sides[0]
+        if side.done is not None:
+            side.done.synchronize()  # its round's copies: normally long done
+        side.used = 0
+        side.retired.clear()
+
+
+@dataclass
+class _Shipped:
+    """A round's first tokens on their way to the host: copied as soon as the round is queued, read later."""
+
+    launched: list[tuple[Prompt, int, torch.Tensor]]
+    heads: torch.Tensor | None  # (prompts, 2) on the host once ``done`` has passed
+    done: Any = None  # CUDA event after the copy
+
+    @classmethod
+    def start(cls, launched: list[tuple[Prompt, int, torch.Tensor]]) -> "_Shipped":
+        if not launched:
+            return cls(launched, None)
+        heads = torch.stack([head for _, _, head in launched])
+        if heads.device.type != "cuda":
+            return cls(launched, heads)
+        host = torch.empty(heads.shape, dtype=heads.dtype, pin_memory=True)
+        host.copy_(heads, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(heads.device))
+        return cls(launched, host, done)
+
+    def slots(self) -> set[int]:
+        return {slot for _, slot, _ in self.launched}
+
+    def read(self) -> list[list[int]]:
+        if self.heads is None:
+            return []
+        if self.done is not None:
+            self.done.synchronize()  # this round's work only, not what was queued after it
+        return self.heads.tolist()
+
+
+@dataclass
+class _Buffer:
+    buffer: torch.Tensor | None = None
+    used: int = 0
+    done: Any = None  # CUDA event after the last copy out of the buffer
+    retired: list[torch.Tensor] = field(default_factory=list)  # outgrown buffers, until their copies are done
 
 
 def rope_positions(model: Any, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

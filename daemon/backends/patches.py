@@ -130,20 +130,29 @@ class VisionAttentionPatch:
 
     def _plan(self, cu: torch.Tensor) -> dict[str, Any]:
         # The same cu_seqlens tensor is passed to every block of one forward:
-        # work out its grouping once (one device sync) rather than per block.
+        # work out its grouping once (one device sync) rather than per block,
+        # or not at all where the caller gave the bounds with it (plan_for).
         hit = self._plans.get(id(cu))
         if hit is not None and hit[0] is cu:
             return hit[1]
-        bounds = cu.tolist()
+        return self.plan_for(cu, cu.tolist(), lambda t: t.to(cu.device))
+
+    def plan_for(self, cu: torch.Tensor, bounds: list[int],
+                 to_device: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
+        """Group the spans of ``cu`` (on the GPU), whose values ``bounds`` the caller has on the host.
+
+        The index tensors are built on the CPU and sent with ``to_device``
+        (the engine's page-locked staging): neither reading ``cu`` nor a
+        copy from pageable memory waits for the work queued on the GPU.
+        """
         by_length: dict[int, list[int]] = {}
         for start, end in zip(bounds[:-1], bounds[1:]):
             if end > start:
                 by_length.setdefault(end - start, []).append(start)
-        groups = []
-        for length, starts in by_length.items():
-            base = torch.tensor(starts, device=cu.device)[:, None]
-            groups.append(base + torch.arange(length, device=cu.device)[None, :])
-        plan = {"groups": groups, "cu32": cu.to(torch.int32), "longest": max(by_length, default=0)}
+        groups = [to_device(torch.tensor(starts)[:, None] + torch.arange(length)[None, :])
+                  for length, starts in by_length.items()]
+        plan = {"groups": groups, "cu32": cu if cu.dtype == torch.int32 else cu.to(torch.int32),
+                "longest": max(by_length, default=0)}
         if len(self._plans) > 8:
             self._plans.clear()
         self._plans[id(cu)] = (cu, plan)

@@ -191,6 +191,7 @@ class TransformersBackend:
             self._text = patches.TextPrefillPatch(model)
         if self.engine != "hf":
             self._fast = fastgen.SlotEngine(model, eos_ids=_eos_ids(model, self._processor))
+            self._fast.vision = self._vision
             log.info("generation: fastgen (static cache, continuous batching%s)",
                      ", CUDA graphs" if self._fast.use_cuda_graphs else "")
         self._choose_sdpa_kernels()
