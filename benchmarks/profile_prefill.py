@@ -75,6 +75,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("/tmp/profile-prefill"))
     p.add_argument("--size", default="1036x1036")
     p.add_argument("--trace", action="store_true", help="also write a Chrome trace of one group per path")
+    p.add_argument("--syncs", action="store_true", help="list the operations of a round that wait for the GPU")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     width, height = (int(v) for v in args.size.split("x"))
@@ -120,6 +121,32 @@ def main() -> int:
         results["same_first_tokens"] = heads["packed"][0] == heads["stock"][0]
         results["cache_rel_err"] = max(f"{((a - b).norm() / b.norm()).item():.2e}"
                                        for a, b in zip(heads["packed"][1], heads["stock"][1]))
+        if args.syncs:  # every operation in a warm round that waits for the GPU, with where it was called
+            import traceback
+            import warnings
+
+            found: list[str] = []
+
+            def record(message: Any, *rest: Any, **kw: Any) -> None:
+                stack = [f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}"
+                         for f in traceback.extract_stack()[:-1] if "warnings" not in f.filename][-6:]
+                found.append(f"{str(message)[:80]} <- " + " <- ".join(reversed(stack)))
+
+            group()
+            torch.cuda.synchronize()
+            shown = warnings.showwarning
+            warnings.showwarning = record
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("always")
+                    warnings.showwarning = record
+                    group()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                warnings.showwarning = shown
+            results["syncs"] = found
+            print("\n".join(found) or "no syncs", flush=True)
         if args.trace:
             from torch.profiler import ProfilerActivity, profile as torch_profile
 

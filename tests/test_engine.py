@@ -410,11 +410,13 @@ def test_a_prefill_round_never_waits_for_the_gpu(backend_cuda: TransformersBacke
     # the window spans and the image-token rows are worked out on the CPU), so rounds can overlap.
     fast = backend_cuda._fast
     prompts = _prompts(backend_cuda, 3, 3)
+    fast.release()
+    fast.penalty = 1.05  # Qwen's generation config has one: the seen-token mask is set up in prefill too
     with torch.inference_mode():
         fast._ensure(4, 256, 8)
-        for _ in range(2):  # the second round with everything warm (compiles, allocator)
+        for watched in (False, True):  # the first round warms up (compiling syncs), the second is watched
             torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
+            torch.cuda.set_sync_debug_mode("error" if watched else "default")
             try:
                 features = fast._image_features(prompts)
                 shipped = fastgen._Shipped.start(
@@ -423,6 +425,8 @@ def test_a_prefill_round_never_waits_for_the_gpu(backend_cuda: TransformersBacke
             finally:
                 torch.cuda.set_sync_debug_mode("default")
             assert len(shipped.read()) == 3
+    fast.penalty = None
+    fast.release()
 
 
 def test_a_pack_takes_whole_prompts_up_to_its_token_bound(backend: TransformersBackend,

@@ -275,6 +275,7 @@ class SlotEngine:
         self._state: dict[str, torch.Tensor] = {}
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._staging = _Staging(self.device)
+        self._true = torch.ones((), dtype=torch.bool, device=self.device)
         self.vision: Any = None  # patches.VisionAttentionPatch, told the window bounds ahead (_vision_layout)
         self.stats = RunStats()
 
@@ -593,10 +594,13 @@ class SlotEngine:
     def _first_tokens(self, logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, slot_of: torch.Tensor,
                       per_row: torch.Tensor, temps: torch.Tensor, sample: bool) -> torch.Tensor:
         """Choose each prompt's first token and set up its slot for decoding (no host sync)."""
-        s = self._state
+        # Index assignments take device tensors or go through index_fill_: a
+        # Python number as the value is a copy from the host, which waits for
+        # the GPU (and this must not: _admit overlaps the rounds).
+        s, true = self._state, self._true
         if "seen" in s:
-            s["seen"][rows] = False
-            s["seen"][slot_of, ids] = True
+            s["seen"].index_fill_(0, rows, False)
+            s["seen"].index_put_((slot_of, ids), true)
             logits = penalize(logits, s["seen"][rows], self.penalty)
         s["temp"][rows] = temps
         first, bad = choose(logits, temps if sample else None)
@@ -606,9 +610,9 @@ class SlotEngine:
         s["pos"][rows] = per_row[:, 1]
         s["budget"][rows] = per_row[:, 2]
         s["out"][rows, 0] = first
-        s["n_gen"][rows] = 1
+        s["n_gen"].index_fill_(0, rows, 1)
         if "seen" in s:
-            s["seen"][rows, first] = True
+            s["seen"].index_put_((rows, first), true)
         return torch.stack((first, bad.long()), dim=1)
 
     def _prefill_stock(self, prompt: Prompt, slot: int, image_features: torch.Tensor | None) -> torch.Tensor:
