@@ -429,6 +429,24 @@ def test_a_prefill_round_never_waits_for_the_gpu(backend_cuda: TransformersBacke
     fast.release()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused vision blocks are for CUDA in half precision")
+def test_the_fused_vision_blocks_compute_what_the_stock_tower_does(backend_cuda: TransformersBackend) -> None:
+    # issue 12 (throughput): each vision block as one compiled call with one varlen attention (the tower's
+    # launches were its host cost); in bf16 the features must match the stock tower's within rounding.
+    fast, patch = backend_cuda._fast, backend_cuda._vision
+    prompts = [fastgen.Prompt(i, backend_cuda._inputs(Request((image(i, w, h),), "Describe.", 3)), 3)
+               for i, (w, h) in enumerate(((224, 168), (56, 112), (140, 140)))]
+    with torch.inference_mode():
+        fused = torch.cat(fast._image_features(prompts)).float()
+        assert patch.last_path.startswith("fused blocks")
+        patch.enabled = False
+        try:
+            stock = torch.cat(fast._image_features(prompts)).float()
+        finally:
+            patch.enabled = True
+    assert ((fused - stock).norm() / stock.norm()).item() < 2e-2
+
+
 def test_a_pack_takes_whole_prompts_up_to_its_token_bound(backend: TransformersBackend,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     prompts = _prompts(backend, 5, 3)

@@ -24,6 +24,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from daemon.backends.prefill_step import flash_varlen, vision_block
+
 log = logging.getLogger(__name__)
 
 
@@ -71,6 +73,15 @@ class VisionAttentionPatch:
         for module in self.modules:
             stock = module.forward
             module.forward = types.MethodType(self._forward_for(stock), module)
+        self._block: Compiled | None = None
+        if compile and _fused_blocks(model):
+            # Each block as one compiled call (prefill_step.vision_block): the
+            # tower's ~30 launches per block were its host cost, larger than
+            # its GPU time on an H100 (benchmarks/NOTES.md, call D12).
+            _allow_shared_compiles()
+            self._block = Compiled(vision_block, dynamic=True)
+            for blk in blocks:
+                blk.forward = types.MethodType(self._block_forward(blk.forward), blk)
         if compile:
             _allow_shared_compiles()
             self._rotary = Compiled(self._stock_rotary, dynamic=True)
@@ -93,6 +104,27 @@ class VisionAttentionPatch:
                 return stock(hidden_states, cu_seqlens, position_embeddings=position_embeddings,
                              max_seqlen=max_seqlen, **kwargs)
             return patch.attention(module, hidden_states, cu_seqlens, position_embeddings)
+
+        return forward
+
+    def _block_forward(self, stock: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        patch = self
+
+        def forward(blk: Any, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
+                    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    **kwargs: Any) -> torch.Tensor:
+            if (patch._block is None or not patch.enabled or not patch.use_compiled or position_embeddings is None
+                    or not hidden_states.is_cuda):
+                return stock(hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
+            plan = patch._plan(cu_seqlens)
+            attn, mlp = blk.attn, blk.mlp
+            cos, sin = position_embeddings
+            patch.last_path = "fused blocks, varlen flash"
+            return patch._block(hidden_states, cos, sin, plan["cu32"], plan["longest"], blk.norm1.weight,
+                                blk.norm2.weight, attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias,
+                                mlp.gate_proj.weight, mlp.gate_proj.bias, mlp.up_proj.weight, mlp.up_proj.bias,
+                                mlp.down_proj.weight, mlp.down_proj.bias, attn.num_heads, attn.scaling,
+                                blk.norm1.variance_epsilon)
 
         return forward
 
@@ -268,6 +300,16 @@ def _allow_shared_compiles() -> None:
     for name in ("cache_size_limit", "recompile_limit"):
         if hasattr(config, name):
             setattr(config, name, max(getattr(config, name), 64))
+
+
+def _fused_blocks(model: Any) -> bool:
+    """The vision blocks can run as ``vision_block``: flash varlen here, the stock layout, SiLU; ``VLWATCH_VISION_BLOCKS=0`` no."""
+    if os.environ.get("VLWATCH_VISION_BLOCKS", "1") == "0" or not flash_varlen(model.device, model.dtype):
+        return False
+    cfg = model.model.visual.config
+    blk = model.model.visual.blocks[0]
+    return (getattr(cfg, "hidden_act", "") == "silu" and hasattr(blk.attn, "qkv") and blk.attn.qkv.bias is not None
+            and blk.mlp.gate_proj.bias is not None and hasattr(blk.norm1, "variance_epsilon"))
 
 
 def _varlen_attn() -> Callable[..., torch.Tensor] | None:

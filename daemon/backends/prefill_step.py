@@ -12,7 +12,10 @@ decoder layer once over all of them:
 - ``causal``: that attention, through FlashAttention-2's varlen entry on CUDA
   in half precision (one call per layer for the whole round), else SDPA per
   prompt exactly as transformers calls it (the CPU, and fp32 for ``bench
-  --verify``).
+  --verify``);
+- ``vision_block``: one block of the vision tower, its windowed (or full)
+  attention through the same varlen entry, for CUDA in half precision
+  (``patches.VisionAttentionPatch`` runs it as one compiled call per block).
 
 Why by hand: the stock text model prefills one prompt per call, and each
 call is ~40 small kernels per layer around the GEMMs (the rotary embedding,
@@ -108,3 +111,32 @@ def prefill_layer(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache
     x = x + F.linear(causal(q, k, v, cu, spans, scale, kind), o_w)
     gate, up = F.linear(_rms(x, ln2, eps), gate_up).chunk(2, dim=-1)
     return x + F.linear(F.silu(gate) * up, down_w)
+
+
+def vision_block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu: torch.Tensor, longest: int,
+                 ln1: torch.Tensor, ln2: torch.Tensor, qkv_w: torch.Tensor, qkv_b: torch.Tensor, proj_w: torch.Tensor,
+                 proj_b: torch.Tensor, gate_w: torch.Tensor, gate_b: torch.Tensor, up_w: torch.Tensor,
+                 up_b: torch.Tensor, down_w: torch.Tensor, down_b: torch.Tensor, heads: int, scale: float,
+                 eps: float) -> torch.Tensor:
+    """One Qwen2.5-VL vision block over ``x`` (patches, hidden), attention within each span of ``cu``.
+
+    The stock block's arithmetic (Qwen2_5_VLVisionBlock: RMSNorm, the rotary
+    embedding in fp32, attention, the SiLU-gated MLP), with the attention as
+    one varlen call instead of one per window: ``longest`` (the longest span,
+    known on the host) sizes its grid.  CUDA, half precision only.
+    """
+    t = x.shape[0]
+    q, k, v = F.linear(_rms(x, ln1, eps), qkv_w, qkv_b).reshape(t, 3, heads, -1).unbind(1)
+    c, s = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()  # apply_rotary_pos_emb_vision: in fp32
+    q, k = rotate(q.float(), c, s).to(x.dtype), rotate(k.float(), c, s).to(x.dtype)
+    o = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, longest, longest, 0.0, False, False, scale=scale)[0]
+    x = x + F.linear(o.reshape(t, -1), proj_w, proj_b)
+    h = _rms(x, ln2, eps)
+    return x + F.linear(F.silu(F.linear(h, gate_w, gate_b)) * F.linear(h, up_w, up_b), down_w, down_b)
+
+
+
+def flash_varlen(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether FlashAttention-2's varlen entry runs here (CUDA, half precision, a torch that has it)."""
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and getattr(torch.ops.aten, "_flash_attention_forward", None) is not None)
