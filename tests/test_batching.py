@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from daemon.backends import Answer, Request
-from daemon.backends.fastgen import Generated, _result, bucket
+from daemon.backends.fastgen import _result, bucket
+from daemon.backends.prompts import Generated
 from daemon.backends.transformers import TransformersBackend
 from daemon.config import Config, ModelConfig, Rule
 from daemon.errors import BackendError

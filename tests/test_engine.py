@@ -31,6 +31,8 @@ from daemon.backends import (
     is_sticky_cuda_error,
     register,
 )
+from daemon.backends import prefill as prefill_rounds
+from daemon.backends.prompts import Generated, ListSource, NonFiniteLogitsError, Prompt
 from daemon.backends.transformers import TransformersBackend, _messages
 from daemon.config import ModelConfig, parse_config
 from daemon.engine import Processor, WorkerLoop
@@ -216,7 +218,7 @@ def test_each_sidecar_is_written_when_its_request_finishes(tmp_path: Path, tiny_
     assert seen_while_decoding and seen_while_decoding[-1], seen_while_decoding
 
 
-class UrgentSource(fastgen.ListSource):
+class UrgentSource(ListSource):
     """A ListSource whose interactive prompts appear when ``arrive`` is called (by a patched engine step)."""
 
     def __init__(self, prompts, urgent) -> None:
@@ -248,8 +250,8 @@ class UrgentSource(fastgen.ListSource):
         return True
 
 
-def _prompts(backend: TransformersBackend, n: int, budget: int, first: int = 0, **kw) -> list[fastgen.Prompt]:
-    return [fastgen.Prompt(first + i, backend._inputs(Request((image(first + i, 56, 56),), "Describe.", budget)),
+def _prompts(backend: TransformersBackend, n: int, budget: int, first: int = 0, **kw) -> list[Prompt]:
+    return [Prompt(first + i, backend._inputs(Request((image(first + i, 56, 56),), "Describe.", budget)),
                            budget, **kw) for i in range(n)]
 
 
@@ -289,7 +291,7 @@ def test_queued_work_leaves_a_slot_for_an_interactive_request(backend: Transform
     events = source.events
     assert events.index(("prefill", 100)) < events.index(next(e for e in events if e[0] == "finished" and e[1] < 100))
     assert slot_at_prefill[100] == slots - fastgen.RESERVED_SLOTS  # the reserved slot: all below it were busy
-    assert all(isinstance(source.results[i], fastgen.Generated) for i in [*range(12), 100])
+    assert all(isinstance(source.results[i], Generated) for i in [*range(12), 100])
 
 
 def test_a_fixed_list_uses_every_slot(backend: TransformersBackend, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -306,7 +308,7 @@ def test_a_fixed_list_uses_every_slot(backend: TransformersBackend, monkeypatch:
     monkeypatch.setattr(fast, "_prefill", recording_prefill)
     slots = fastgen.RESERVE_FROM
     with torch.inference_mode():
-        fast.run(fastgen.ListSource(_prompts(backend, slots, 3)), slots=slots, cache_length=256, max_new=3)
+        fast.run(ListSource(_prompts(backend, slots, 3)), slots=slots, cache_length=256, max_new=3)
     assert max(busy) == slots - 1  # the last prompt went into the last free slot, in the same round
 
 
@@ -329,12 +331,12 @@ def test_a_round_of_prefills_is_read_with_one_host_sync(backend: TransformersBac
 
     monkeypatch.setattr(fast, "_prefill", recording_prefill)
     monkeypatch.setattr(fast, "_settle", recording_settle)
-    source = fastgen.ListSource(_prompts(backend, 4, 3))
+    source = ListSource(_prompts(backend, 4, 3))
     with torch.inference_mode():
         fast.run(source, slots=4, cache_length=256, max_new=3)
     assert all(isinstance(h, torch.Tensor) and h.shape == (len(h), 2) for h in heads)
     assert rounds[0] == 4, rounds  # four small images: one vision group, one read
-    assert all(isinstance(source.results[i], fastgen.Generated) for i in range(4))
+    assert all(isinstance(source.results[i], Generated) for i in range(4))
 
 
 def test_a_packed_prefill_fills_the_slots_as_the_stock_text_model_does(backend: TransformersBackend) -> None:
@@ -343,7 +345,7 @@ def test_a_packed_prefill_fills_the_slots_as_the_stock_text_model_does(backend: 
     # prompts of different lengths (different image sizes) in slots out of order.
     fast = backend._fast
     sizes = ((56, 56), (112, 84), (168, 112))
-    prompts = [fastgen.Prompt(i, backend._inputs(Request((image(i, w, h),), f"Describe {i}.", 5)), 5)
+    prompts = [Prompt(i, backend._inputs(Request((image(i, w, h),), f"Describe {i}.", 5)), 5)
                for i, (w, h) in enumerate(sizes)]
     slots = [2, 0, 3]
     lengths = [p.length for p in prompts]
@@ -378,7 +380,7 @@ def test_rounds_overlap_a_rounds_first_tokens_are_read_after_the_next_is_queued(
     # issue 12 (throughput): the host prepares round k+1 (its vision tower launches take longer than its GPU
     # work) while round k still runs on the GPU: round k's first tokens are read only once k+1 is queued.
     # A round with an interactive prompt is read at once (its first token should not wait for another round).
-    monkeypatch.setattr(fastgen, "VISION_BATCH_PATCHES", 1)  # a round per prompt
+    monkeypatch.setattr(prefill_rounds, "VISION_BATCH_PATCHES", 1)  # a round per prompt
     fast = backend._fast
     events: list[tuple[str, list[int]]] = []
     prefill, settle = fast._prefill, fast._settle
@@ -395,13 +397,13 @@ def test_rounds_overlap_a_rounds_first_tokens_are_read_after_the_next_is_queued(
     monkeypatch.setattr(fast, "_settle", recording_settle)
     prompts = _prompts(backend, 3, 3)
     prompts[2].urgent = True
-    source = fastgen.ListSource(prompts + _prompts(backend, 1, 3, first=3))
+    source = ListSource(prompts + _prompts(backend, 1, 3, first=3))
     with torch.inference_mode():
         fast.run(source, slots=4, cache_length=256, max_new=3)
     assert events[:6] == [("prefill", [0]), ("prefill", [1]), ("settle", [0]),
                           ("prefill", [2]), ("settle", [1]), ("settle", [2])], events
     assert events[6:] == [("prefill", [3]), ("settle", [3])], events  # the last round: read before decoding
-    assert all(isinstance(source.results[i], fastgen.Generated) for i in range(4))
+    assert all(isinstance(source.results[i], Generated) for i in range(4))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are a CUDA matter")
@@ -419,7 +421,7 @@ def test_a_prefill_round_never_waits_for_the_gpu(backend_cuda: TransformersBacke
             torch.cuda.set_sync_debug_mode("error" if watched else "default")
             try:
                 features = fast._image_features(prompts)
-                shipped = fastgen._Shipped.start(
+                shipped = prefill_rounds._Shipped.start(
                     [(p, slot, head) for (p, slot), head in
                      zip(zip(prompts, range(3)), fast._prefill(list(zip(prompts, features)), [0, 1, 2]))])
             finally:
@@ -434,7 +436,7 @@ def test_the_fused_vision_blocks_compute_what_the_stock_tower_does(backend_cuda:
     # issue 12 (throughput): each vision block as one compiled call with one varlen attention (the tower's
     # launches were its host cost); in bf16 the features must match the stock tower's within rounding.
     fast, patch = backend_cuda._fast, backend_cuda._vision
-    prompts = [fastgen.Prompt(i, backend_cuda._inputs(Request((image(i, w, h),), "Describe.", 3)), 3)
+    prompts = [Prompt(i, backend_cuda._inputs(Request((image(i, w, h),), "Describe.", 3)), 3)
                for i, (w, h) in enumerate(((224, 168), (56, 112), (140, 140)))]
     with torch.inference_mode():
         fused = torch.cat(fast._image_features(prompts)).float()
@@ -451,14 +453,14 @@ def test_a_pack_takes_whole_prompts_up_to_its_token_bound(backend: TransformersB
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     prompts = _prompts(backend, 5, 3)
     n = prompts[0].length
-    monkeypatch.setattr(fastgen, "PREFILL_TOKENS", 2 * n + 1)
+    monkeypatch.setattr(prefill_rounds, "PREFILL_TOKENS", 2 * n + 1)
     group = [(p, None) for p in prompts]
     sizes = []
     while group:
-        sizes.append(len(fastgen._take_pack(group)))
+        sizes.append(len(prefill_rounds.take_pack(group)))
     assert sizes == [2, 2, 1]
-    monkeypatch.setattr(fastgen, "PREFILL_TOKENS", 1)  # a prompt longer than the bound goes alone
-    assert len(fastgen._take_pack([(p, None) for p in prompts])) == 1
+    monkeypatch.setattr(prefill_rounds, "PREFILL_TOKENS", 1)  # a prompt longer than the bound goes alone
+    assert len(prefill_rounds.take_pack([(p, None) for p in prompts])) == 1
 
 
 def test_the_lone_row_attention_equals_the_masked_sdpa() -> None:
@@ -508,7 +510,7 @@ def test_the_staging_buffer_copies_exactly_across_growth_and_rounds() -> None:
     # issue 12 (throughput): prefill's inputs reach the GPU through two page-locked buffers, a round each in turn,
     # filled front to back; what arrives must be what was sent, whatever the sizes, dtypes and growth, even while
     # the GPU is still busy with earlier rounds (no host sync between rounds: the host runs a round ahead).
-    staging = fastgen._Staging(torch.device("cuda"))
+    staging = prefill_rounds._Staging(torch.device("cuda"))
     rounds = []
     for round_ in range(4):
         staging.reset()
@@ -530,7 +532,7 @@ def test_an_interactive_request_cuts_into_a_round_of_queued_prefills(backend: Tr
     # issue 13: a request arriving while a vision group of queued prompts is being prefilled goes next; the rest
     # of the group keeps its image features (the vision tower does not run for them again).  It waits for the
     # pack being prefilled: packs of one prompt here, so that the group is several packs.
-    monkeypatch.setattr(fastgen, "PREFILL_TOKENS", 1)
+    monkeypatch.setattr(prefill_rounds, "PREFILL_TOKENS", 1)
     fast = backend._fast
     folder = _prompts(backend, 4, 3)
     asked = _prompts(backend, 1, 3, first=100, urgent=True)
@@ -556,7 +558,7 @@ def test_an_interactive_request_cuts_into_a_round_of_queued_prefills(backend: Tr
     assert order[:2] == [0, 100], order
     assert vision_calls[:2] == [[0, 1, 2, 3], [100]], vision_calls  # 1-3 were not sent through the tower again
     assert sorted(order) == [0, 1, 2, 3, 100]
-    assert all(isinstance(source.results[i], fastgen.Generated) for i in (0, 1, 2, 3, 100))
+    assert all(isinstance(source.results[i], Generated) for i in (0, 1, 2, 3, 100))
 
 
 def test_a_streamed_request_gets_its_first_token_before_any_decode_step(backend: TransformersBackend,
@@ -604,7 +606,7 @@ def test_decode_runs_are_bounded_in_time(backend: TransformersBackend, monkeypat
     fast.ignore_eos = True
     try:
         with torch.inference_mode():
-            fast.run(fastgen.ListSource(_prompts(backend, 1, 24)), slots=1, cache_length=256, max_new=24)
+            fast.run(ListSource(_prompts(backend, 1, 24)), slots=1, cache_length=256, max_new=24)
     finally:
         fast.ignore_eos = False
     assert runs[0] > 1  # nothing measured yet: up to SYNC_EVERY
@@ -673,16 +675,16 @@ def test_a_failing_prefill_fails_that_request_alone(backend: TransformersBackend
 def test_image_placeholders_must_match_the_image_features(backend: TransformersBackend) -> None:
     # issue 10.11: text that became an image token must not shift the image features; that request fails alone.
     requests = [Request((image(i, 56, 56),), "Describe.", 3) for i in range(3)]
-    prompts = [fastgen.Prompt(i, backend._inputs(r), 3) for i, r in enumerate(requests)]
+    prompts = [Prompt(i, backend._inputs(r), 3) for i, r in enumerate(requests)]
     forged = prompts[1].inputs["input_ids"].clone()
     forged[0, -3] = backend._model.config.image_token_id  # a text token turned into <|image_pad|>
     prompts[1].inputs["input_ids"] = forged
-    source = fastgen.ListSource(prompts)
+    source = ListSource(prompts)
     with torch.inference_mode():
         backend._fast.run(source, slots=2, cache_length=128, max_new=3)
     assert isinstance(source.results[1], ValueError)
     assert "image placeholder tokens" in str(source.results[1])
-    assert isinstance(source.results[0], fastgen.Generated) and isinstance(source.results[2], fastgen.Generated)
+    assert isinstance(source.results[0], Generated) and isinstance(source.results[2], Generated)
 
 
 def test_non_finite_logits_fail_the_request_clearly(backend: TransformersBackend,
@@ -701,7 +703,7 @@ def test_non_finite_logits_fail_the_request_clearly(backend: TransformersBackend
     monkeypatch.setattr(fast, "_advance", poisoned)
     requests = [Request((image(i, 56, 56),), "Describe.", n) for i, n in enumerate((6, 13, 7))]
     got = backend.generate_each(requests)
-    assert isinstance(got[1], fastgen.NonFiniteLogitsError) and "non-finite logits" in str(got[1])
+    assert isinstance(got[1], NonFiniteLogitsError) and "non-finite logits" in str(got[1])
     assert isinstance(got[0], Answer) and isinstance(got[2], Answer)
 
 

@@ -101,6 +101,14 @@ def is_sticky_cuda_error(exc: BaseException) -> bool:
     return False
 
 
+def reraise_if_fatal(exc: BaseException) -> None:
+    """Out of memory and sticky CUDA errors are not one request's fault: let the caller handle them."""
+    from daemon.backends.oom import is_out_of_memory
+
+    if is_out_of_memory(exc) or is_sticky_cuda_error(exc):
+        raise exc
+
+
 @dataclass(frozen=True)
 class Item:
     """One request a ``Feed`` hands to a backend's admission loop.

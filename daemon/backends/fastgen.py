@@ -6,15 +6,13 @@ head), runs a batch until its longest member is done, and its continuous
 batching does not carry images.  This module keeps the model and its weights
 and replaces the generation loop (measurements: ``benchmarks/NOTES.md``):
 
-- **prefill** without padding: the vision tower runs on the images of a few
-  prompts at once (its cost per call is mostly fixed; its window layout is
-  worked out on the CPU), then the text layers once over those prompts laid
-  end to end (``prefill_step``), each prompt's keys written straight into its
-  **slot** of a preallocated static cache (``slots`` rows of ``length``
-  tokens per layer), with Qwen's 3D rotary positions (computed on the CPU, by
-  the processor thread); inputs go through page-locked buffers
-  (``_Staging``), nothing in a round waits for the GPU, and a round's first
-  tokens are read (``_settle``) once the next round is queued behind it;
+- **prefill** (``prefill.PrefillRounds``, mixed in) without padding: the
+  vision tower on the images of a few prompts at once, then the text layers
+  once over those prompts laid end to end, each prompt's keys written
+  straight into its **slot** of a preallocated static cache (``slots`` rows
+  of ``length`` tokens per layer); nothing in a round waits for the GPU, and
+  a round's first tokens are read (``_settle``) once the next round is
+  queued behind it;
 - **decode** runs all slots together in a step written against the model's
   own modules and weights (q/k/v and gate/up fused into one GEMV each), with
   grouped-query attention against the un-expanded cache: on CUDA in half
@@ -34,8 +32,8 @@ repetition penalty of the model's generation config (tests compare them on
 the CPU, where the arithmetic is the stock one; on a GPU, bf16 kernels that
 differ from the stock ones can flip near-ties after a while).
 
-The stock modules prefill still runs (the vision tower, the text layers) are
-sped up in place by ``daemon.backends.patches``.
+The vision tower's stock modules are sped up in place by
+``daemon.backends.patches``.
 
 Environment switches (all default on where they apply): ``VLWATCH_CUDA_GRAPHS``,
 ``VLWATCH_COMPILE`` (``_DECODE``, ``_VISION``, ``_PREFILL``), ``VLWATCH_DECODE_FLASH``,
@@ -48,12 +46,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
+from daemon.backends import is_sticky_cuda_error, prefill, reraise_if_fatal
 from daemon.backends.decode_step import (
     Where,
     attend,
@@ -64,19 +62,14 @@ from daemon.backends.decode_step import (
     penalize,
     rotate,
 )
+from daemon.backends.oom import is_out_of_memory
 from daemon.backends.patches import Compiled, _allow_shared_compiles, compile_enabled
-from daemon.backends.prefill_step import pack, prefill_layer
+from daemon.backends.prefill import FAILED, PrefillRounds, _Shipped, _Staging, take_pack
+from daemon.backends.prefill_step import prefill_layer
+from daemon.backends.prompts import Generated, NonFiniteLogitsError, Prompt, RunStats, Source
 
 log = logging.getLogger(__name__)
 
-#: Vision patches per vision-tower call when several prompts are prefilled
-#: (16384: three 1036x1036 images, or sixteen 512x512): amortises the tower's
-#: fixed per-call CPU work, bounds its activation memory (~1 GiB).
-VISION_BATCH_PATCHES = 16384
-#: Most tokens one packed text prefill takes (several prompts laid end to end,
-#: ``prefill_step``): three 1036x1036 images or three document pages; bounds
-#: the activations (~140 KB per token in bf16 for the 7B: prefill_reserve).
-PREFILL_TOKENS = 6144
 #: Longest a round of admission (vision + prefill of new prompts) may run while
 #: a streaming (interactive) sequence waits for its tokens: without it a backlog
 #: arriving at once filled every free slot first (~20 s for 256 images on an
@@ -106,119 +99,7 @@ LOOP_WINDOW = 96
 LOOP_MAX_PERIOD = 48
 
 
-@dataclass
-class Prompt:
-    """One request after the processor: what prefill needs (tensors on the CPU)."""
-
-    index: int
-    inputs: dict[str, torch.Tensor]
-    max_new_tokens: int
-    temperature: float = 0.0  # 0: greedy; > 0: sampled at this temperature (Gumbel-max)
-    stream: bool = False  # the source wants partial tokens at every host sync
-    urgent: bool = False  # interactive: admitted before queued work, may use the reserved slots
-    retried: bool = False  # already a retry after a repetition loop
-
-    @property
-    def length(self) -> int:
-        return int(self.inputs["input_ids"].shape[1])
-
-    @property
-    def patches(self) -> int:
-        pixels = self.inputs.get("pixel_values")
-        return 0 if pixels is None else int(pixels.shape[0])
-
-
-@dataclass
-class Generated:
-    tokens: list[int]  # up to, not including, the first end-of-sequence token
-    finished: bool  # True: stopped at end-of-sequence; False: ran out of budget
-    ttft: float  # seconds from a free slot to this request's first token (see SlotEngine.run)
-    generated: int  # tokens produced, an end-of-sequence token included
-    looped: bool = False  # stopped early: the tokens had started repeating (see LOOP_WINDOW)
-
-
-class NonFiniteLogitsError(ValueError):
-    """The model's logits for a request were NaN or infinite (fp16 overflow, broken weights)."""
-
-
-class Source(Protocol):
-    """Where ``SlotEngine.run`` takes prompts from and gives results to (polled between steps).
-
-    ``take`` never blocks; ``busy`` says whether more may come, so the engine
-    waits (``wait``) instead of returning while a prompt is still being made.
-    """
-
-    def take(self) -> Prompt | None: ...
-
-    def busy(self) -> bool: ...
-
-    def wait(self, timeout: float) -> None: ...
-
-    def stopping(self) -> bool: ...
-
-    def urgent(self) -> bool:
-        """An interactive prompt is waiting (or being made): admission and decode runs stay short."""
-        ...
-
-    def defer(self, prompt: Prompt) -> None:
-        """``prompt`` does not fit this run's cache: hold it for the next run (admission stops)."""
-        ...
-
-    def finished(self, prompt: Prompt, result: "Generated | BaseException") -> None: ...
-
-    def partial(self, prompt: Prompt, tokens: list[int]) -> bool:
-        """Tokens so far of a streaming prompt; False cancels it (the slot is freed, nothing more sent)."""
-        ...
-
-
-class ListSource:
-    """A ``Source`` over a list of prompts, results collected by index (tests, the bench's probe)."""
-
-    def __init__(self, prompts: Iterable[Prompt]) -> None:
-        self._prompts = iter(prompts)
-        self.results: dict[int, Generated | BaseException] = {}
-        self.deferred: list[Prompt] = []
-
-    def take(self) -> Prompt | None:
-        return next(self._prompts, None)
-
-    def busy(self) -> bool:
-        return False
-
-    def wait(self, timeout: float) -> None:
-        return None
-
-    def stopping(self) -> bool:
-        return False
-
-    def urgent(self) -> bool:
-        return False
-
-    def defer(self, prompt: Prompt) -> None:
-        self.deferred.append(prompt)
-
-    def finished(self, prompt: Prompt, result: "Generated | BaseException") -> None:
-        self.results[prompt.index] = result
-
-    def partial(self, prompt: Prompt, tokens: list[int]) -> bool:
-        return True
-
-
-@dataclass
-class RunStats:
-    requests: int = 0
-    slots: int = 0
-    cache_length: int = 0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    decode_steps: int = 0
-    new_tokens: int = 0
-    ttft: list[float] = field(default_factory=list)
-    cuda_graphs: bool = False
-    loops: int = 0  # sequences stopped for repeating themselves
-
-
-class SlotEngine:
+class SlotEngine(PrefillRounds):
     """Static-cache greedy decoding over ``slots`` sequences of a Qwen2.5-VL model."""
 
     def __init__(self, model: Any, *, eos_ids: set[int], use_cuda_graphs: bool | None = None) -> None:
@@ -437,12 +318,12 @@ class SlotEngine:
             try:
                 graph = self._capture(n, sample)
             except RuntimeError as exc:
-                if _is_oom(exc):
+                if is_out_of_memory(exc):
                     # Out of memory while capturing: the caller shrinks the
                     # slots and tries again; the fast path stays on.
                     self._graphs.clear()
                     raise torch.cuda.OutOfMemoryError(f"CUDA out of memory while capturing the decode step: {exc}") from exc
-                if _is_sticky(exc):
+                if is_sticky_cuda_error(exc):
                     raise
                 # A kernel that cannot be captured: correct, only slower.
                 log.warning("CUDA graph capture failed (%s); decoding without graphs", exc)
@@ -471,173 +352,6 @@ class SlotEngine:
         log.debug("captured the decode step for %d slots%s in %.2fs", n, " (sampling)" if sample else "",
                   time.perf_counter() - started)
         return graph
-
-    # ------------------------------------------------------------ prefill
-
-    def _image_features(self, prompts: list[Prompt]) -> list[torch.Tensor | None]:
-        """The vision tower's output for each prompt's images, all images in one call.
-
-        The tower's cost per call is mostly fixed CPU work (a few thousand
-        small launches), so several images per call cost little more than one.
-        """
-        with_images = [p for p in prompts if "pixel_values" in p.inputs]
-        if not with_images:
-            return [None] * len(prompts)
-        visual = self.model.model.visual
-        self._staging.reset()  # a new round
-        put = self._staging.to_device
-        pixels = torch.cat([put(p.inputs["pixel_values"]) for p in with_images]).to(visual.dtype)
-        grids = torch.cat([p.inputs["image_grid_thw"] for p in with_images])
-        merged = visual(pixels, grid_thw=put(grids), **self._vision_layout(grids)).pooler_output
-        per_prompt = [int(p.inputs["image_grid_thw"].prod(-1).sum()) // visual.spatial_merge_size**2 for p in with_images]
-        parts = iter(torch.split(merged, per_prompt))
-        return [next(parts) if "pixel_values" in p.inputs else None for p in prompts]
-
-    def _vision_layout(self, grids: torch.Tensor) -> dict[str, Any]:
-        """The vision tower's rotary positions, windows and spans, worked out on the CPU from ``grids``.
-
-        Left to itself the tower reads the image grid from the GPU, a host
-        sync that waits for all the work queued there: the next round could
-        not be launched while this one runs.  These are transformers' own
-        helpers (``vision_utils``), given to the tower as the precomputed
-        values it accepts, and sent through the staging buffer.
-        """
-        try:
-            from transformers.vision_utils import (
-                get_vision_cu_seqlens,
-                get_vision_position_ids,
-                get_vision_window_index,
-            )
-        except ImportError:  # an older transformers: the tower works them out itself
-            return {}
-        visual = self.model.model.visual
-        cu = get_vision_cu_seqlens(grids)
-        window_index, cu_window = get_vision_window_index(
-            grids, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
-            patch_size=visual.patch_size)
-        put = self._staging.to_device
-        layout: dict[str, Any] = {"position_ids": put(get_vision_position_ids(grids, visual.spatial_merge_size)),
-                                  "window_index": put(window_index)}
-        for name, longest, spans in (("cu_seqlens", "max_seqlen", cu),
-                                     ("cu_window_seqlens", "max_window_seqlen", cu_window)):
-            bounds = spans.tolist()
-            layout[name] = put(spans)
-            layout[longest] = max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
-            if self.vision is not None:
-                self.vision.plan_for(layout[name], bounds, put)
-        return layout
-
-    def _prefill(self, items: list[tuple[Prompt, torch.Tensor | None]], slots: list[int]) -> torch.Tensor:
-        """Prefill prompts (with their image features) into ``slots``; per prompt ``[first token, 1 if not finite]``.
-
-        Returns without waiting for the GPU: a round's prefills are queued
-        back to back and read with one host sync (``_settle``).  A sync per
-        prompt left the GPU idle while the host prepared the next prompt
-        (~11 ms of a 70 ms prefill on an H100, benchmarks/NOTES.md call P1).
-        """
-        for prompt, features in items:
-            self._check(prompt, features)
-        if self.packed:
-            return self._prefill_packed(items, slots)
-        return torch.stack([self._prefill_stock(p, slot, f) for (p, f), slot in zip(items, slots)])
-
-    def _check(self, prompt: Prompt, image_features: torch.Tensor | None) -> None:
-        if "position_ids" not in prompt.inputs:
-            prompt.inputs.update(rope_positions(self.model, prompt.inputs))
-        placeholders = int(prompt.inputs["input_ids"].eq(self.model.config.image_token_id).sum())
-        features = 0 if image_features is None else int(image_features.shape[0])
-        if placeholders != features:
-            # What stock transformers checks too (get_placeholder_mask): text
-            # that turned into image tokens must not shift the image features.
-            raise ValueError(f"the prompt has {placeholders} image placeholder tokens for {features} image "
-                             "features (text that tokenized as an image token?); request refused")
-
-    def _prefill_packed(self, items: list[tuple[Prompt, torch.Tensor | None]], slots: list[int]) -> torch.Tensor:
-        """The text layers once over the prompts laid end to end (``prefill_step``), keys straight into slots.
-
-        The image features go into the image-token positions and the 3D
-        rotary positions come from get_rope_index, as Qwen2_5_VLModel.forward
-        does; it is spelled out so that the vision tower runs for several
-        prompts at once, before.
-        """
-        prompts = [p for p, _ in items]
-        lengths = [p.length for p in prompts]
-        layout = pack(lengths, slots)
-        put = self._staging.to_device
-        host_ids = torch.cat([p.inputs["input_ids"][0] for p in prompts])
-        ids = put(host_ids)
-        positions = put(torch.cat([p.inputs["position_ids"] for p in prompts], dim=-1))
-        slot_of, col_of, cu, last = put(layout.slot_of), put(layout.col_of), put(layout.cu), put(layout.last)
-        rows = put(torch.tensor(slots))
-        per_row = put(torch.tensor([[n, n + int(p.inputs["rope_deltas"].reshape(-1)[0]), p.max_new_tokens]
-                                    for n, p in zip(lengths, prompts)]))
-        temps = put(torch.tensor([p.temperature for p in prompts], dtype=torch.float32))
-        x = self.embed(ids)
-        features = [f for _, f in items if f is not None]
-        if features:
-            # The image-token rows, found on the CPU: masked_scatter's own search would cost a sync.
-            image_rows = (host_ids == self.model.config.image_token_id).nonzero()[:, 0]
-            x = x.index_copy(0, put(image_rows), torch.cat(features).to(x.dtype))
-        cos, sin = self.model.model.language_model.rotary_emb(x[None], positions)
-        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # (tokens, 1, head dim): every head alike
-        kind = "flash" if self.attention == "flash" else "sdpa"
-        layer_fn = self._prefill_fn if kind == "flash" and self._prefill_fn is not None else prefill_layer
-        group = self.n_heads // self.n_kv
-        for layer, (k_cache, v_cache) in zip(self.layers, self._kv):
-            attn = layer.self_attn
-            x = layer_fn(x, cos, sin, k_cache, v_cache, slot_of, col_of, cu, layout.spans if kind == "sdpa" else (),
-                         *self.fused[id(layer)], layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
-                         attn.o_proj.weight, layer.mlp.down_proj.weight, self.eps, attn.scaling, self.n_kv, group, kind)
-        logits = self.lm_head(self.norm(x[last])).float()
-        return self._first_tokens(logits, rows, ids, slot_of, per_row, temps, any(p.temperature > 0 for p in prompts))
-
-    def _first_tokens(self, logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, slot_of: torch.Tensor,
-                      per_row: torch.Tensor, temps: torch.Tensor, sample: bool) -> torch.Tensor:
-        """Choose each prompt's first token and set up its slot for decoding (no host sync)."""
-        # Index assignments take device tensors or go through index_fill_: a
-        # Python number as the value is a copy from the host, which waits for
-        # the GPU (and this must not: _admit overlaps the rounds).
-        s, true = self._state, self._true
-        if "seen" in s:
-            s["seen"].index_fill_(0, rows, False)
-            s["seen"].index_put_((slot_of, ids), true)
-            logits = penalize(logits, s["seen"][rows], self.penalty)
-        s["temp"][rows] = temps
-        first, bad = choose(logits, temps if sample else None)
-        s["bad"][rows] = bad
-        s["tok"][rows] = first
-        s["wpos"][rows] = per_row[:, 0]
-        s["pos"][rows] = per_row[:, 1]
-        s["budget"][rows] = per_row[:, 2]
-        s["out"][rows, 0] = first
-        s["n_gen"].index_fill_(0, rows, 1)
-        if "seen" in s:
-            s["seen"].index_put_((rows, first), true)
-        return torch.stack((first, bad.long()), dim=1)
-
-    def _prefill_stock(self, prompt: Prompt, slot: int, image_features: torch.Tensor | None) -> torch.Tensor:
-        """One prompt through the stock text model, its cache then copied into ``slot`` (``VLWATCH_PACKED_PREFILL=0``)."""
-        model = self.model
-        inputs = {k: self._staging.to_device(v) for k, v in prompt.inputs.items() if k != "pixel_values"}
-        ids, positions = inputs["input_ids"], inputs["position_ids"]
-        length = ids.shape[1]
-        embeds = self.embed(ids)
-        if image_features is not None:
-            slots_for_image = (ids == model.config.image_token_id)[..., None].expand_as(embeds)
-            embeds = embeds.masked_scatter(slots_for_image, image_features.to(embeds.dtype))
-        # One unpadded sequence: no attention mask, so the text model takes the plain causal path.
-        out = model.model.language_model(input_ids=None, inputs_embeds=embeds, position_ids=positions, use_cache=True)
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        for layer, (k_cache, v_cache) in zip(cache.layers, self._kv):
-            k_cache[slot, :length] = layer.keys[0].transpose(0, 1)
-            v_cache[slot, :length] = layer.values[0].transpose(0, 1)
-        logits = self.lm_head(out.last_hidden_state[:, -1]).float()
-        put = self._staging.to_device
-        rows = put(torch.tensor([slot]))
-        delta = int(prompt.inputs["rope_deltas"].reshape(-1)[0])
-        per_row = put(torch.tensor([[length, length + delta, prompt.max_new_tokens]]))
-        temps = put(torch.tensor([prompt.temperature], dtype=torch.float32))
-        return self._first_tokens(logits, rows, ids[0], rows.expand(length), per_row, temps, prompt.temperature > 0)[0]
 
     # ------------------------------------------------------------ the loop
 
@@ -730,7 +444,7 @@ class SlotEngine:
                 t0 = time.perf_counter()
                 launched: list[tuple[Prompt, int, torch.Tensor]] = []
                 while group:
-                    batch = _take_pack(group)
+                    batch = take_pack(group)
                     launched += self._launch(source, batch, free)
                     if group and not batch[-1][0].urgent and source.urgent():
                         # An interactive prompt goes first; it waits for at most
@@ -770,7 +484,7 @@ class SlotEngine:
         group: list[Prompt] = []
         patches = 0
         admitting = True
-        while len(group) < room and (not group or patches < VISION_BATCH_PATCHES):
+        while len(group) < room and (not group or patches < prefill.VISION_BATCH_PATCHES):
             prompt = source.take()
             if prompt is None:
                 break
@@ -785,7 +499,7 @@ class SlotEngine:
             patches += prompt.patches
             if prompt.urgent:
                 break  # its own vision call: nothing queued delays its first token
-        return [(p, f) for p, f in zip(group, self._features_each(group, source)) if f is not _FAILED], admitting
+        return [(p, f) for p, f in zip(group, self._features_each(group, source)) if f is not FAILED], admitting
 
     def _launch(self, source: Source, pack: list[tuple[Prompt, Any]],
                 free: list[int]) -> list[tuple[Prompt, int, torch.Tensor]]:
@@ -799,7 +513,7 @@ class SlotEngine:
         try:
             heads = self._prefill(pack, slots)
         except Exception as exc:
-            _reraise_fatal(exc)
+            reraise_if_fatal(exc)
             if len(pack) == 1:
                 source.finished(pack[0][0], exc)
                 return []
@@ -810,7 +524,7 @@ class SlotEngine:
         del free[:len(pack)]
         return [(prompt, slot, heads[i]) for i, ((prompt, _), slot) in enumerate(zip(pack, slots))]
 
-    def _settle(self, source: Source, shipped: "_Shipped", eos: set[int]) -> None:
+    def _settle(self, source: Source, shipped: _Shipped, eos: set[int]) -> None:
         """Read a round's first tokens (one wait, for that round alone); the sequences that go on take their slots."""
         launched, heads = shipped.launched, shipped.read()
         now = time.perf_counter()
@@ -827,20 +541,6 @@ class SlotEngine:
                 continue  # its client went away already; the slot stays free
             self._state["active"][slot] = True
             self._owner[slot] = prompt
-
-    def _features_each(self, group: list[Prompt], source: Source) -> list[Any]:
-        """Vision features per prompt; a prompt whose images fail is finished with the error."""
-        try:
-            return self._image_features(group)
-        except Exception as exc:
-            _reraise_fatal(exc)
-            if len(group) == 1:
-                source.finished(group[0], exc)
-                return [_FAILED]
-        out: list[Any] = []
-        for prompt in group:  # one at a time, to find the culprit
-            out.extend(self._features_each([prompt], source))
-        return out
 
     def _decode(self, source: Source, eos: set[int]) -> None:
         """Run decode steps up to the next host sync, then hand over what ended or streamed."""
@@ -918,139 +618,8 @@ class SlotEngine:
         return periodic & (n_gen >= span) & s["active"][:n]
 
 
-_FAILED = object()  # _features_each: this prompt was finished with its error
 _NON_FINITE = ("the model produced non-finite logits (NaN or infinity) for this request; with "
                "model.dtype float16 that is an overflow: use bfloat16 (what Qwen2.5-VL was trained in)")
-
-
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc)
-
-
-def _is_sticky(exc: BaseException) -> bool:
-    from daemon.backends import is_sticky_cuda_error
-
-    return is_sticky_cuda_error(exc)
-
-
-def _reraise_fatal(exc: BaseException) -> None:
-    """Out of memory and sticky CUDA errors are not one request's fault: let the caller handle them."""
-    if _is_oom(exc) or _is_sticky(exc):
-        raise exc
-
-
-class _Staging:
-    """Page-locked host memory through which prefill's inputs go to the GPU without waiting for it.
-
-    A copy from ordinary (pageable) memory first waits for all the work
-    queued on the GPU, so each prompt's inputs drained the queue.  Pinning
-    each tensor instead (``pin_memory()``) cost more than it saved on an
-    H100: page-locking ~25 MB of pixels per image, with the interpreter lock
-    held, took ~8 ms per image (benchmarks/NOTES.md, call D3).  So two
-    buffers are pinned once (grown when a round needs more) and filled front
-    to back, a round each in turn: ``reset`` starts the next round on the
-    other buffer, once the copies out of it (two rounds back) are done, so
-    the host can prepare a round while the one before still runs.
-    """
-
-    ALIGN = 512
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._sides = [_Buffer(), _Buffer()]
-        self._side = self._sides[0]
-
-    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.device.type != "cuda" or tensor.device.type != "cpu":
-            return tensor.to(self.device)
-        side = self._side
-        size = tensor.numel() * tensor.element_size()
-        if side.buffer is None or side.used + size > side.buffer.numel():
-            if side.buffer is not None:
-                side.retired.append(side.buffer)
-            side.buffer = torch.empty(max(2 * size, 64 << 20), dtype=torch.uint8, pin_memory=True)
-            side.used = 0
-        staged = side.buffer[side.used:side.used + size].view(tensor.dtype).view(tensor.shape)
-        staged.copy_(tensor)
-        side.used += -(-size // self.ALIGN) * self.ALIGN
-        out = staged.to(self.device, non_blocking=True)
-        side.done = torch.cuda.Event()
-        side.done.record(torch.cuda.current_stream(self.device))
-        return out
-
-    def reset(self) -> None:
-        self._side = side = self._sides[1] if self._side is self._sides[0] else self._sides[0]
-        if side.done is not None:
-            side.done.synchronize()  # its round's copies: normally long done
-        side.used = 0
-        side.retired.clear()
-
-
-@dataclass
-class _Shipped:
-    """A round's first tokens on their way to the host: copied as soon as the round is queued, read later."""
-
-    launched: list[tuple[Prompt, int, torch.Tensor]]
-    heads: torch.Tensor | None  # (prompts, 2) on the host once ``done`` has passed
-    done: Any = None  # CUDA event after the copy
-
-    @classmethod
-    def start(cls, launched: list[tuple[Prompt, int, torch.Tensor]]) -> "_Shipped":
-        if not launched:
-            return cls(launched, None)
-        heads = torch.stack([head for _, _, head in launched])
-        if heads.device.type != "cuda":
-            return cls(launched, heads)
-        host = torch.empty(heads.shape, dtype=heads.dtype, pin_memory=True)
-        host.copy_(heads, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(heads.device))
-        return cls(launched, host, done)
-
-    def slots(self) -> set[int]:
-        return {slot for _, slot, _ in self.launched}
-
-    def read(self) -> list[list[int]]:
-        if self.heads is None:
-            return []
-        if self.done is not None:
-            self.done.synchronize()  # this round's work only, not what was queued after it
-        return self.heads.tolist()
-
-
-@dataclass
-class _Buffer:
-    buffer: torch.Tensor | None = None
-    used: int = 0
-    done: Any = None  # CUDA event after the last copy out of the buffer
-    retired: list[torch.Tensor] = field(default_factory=list)  # outgrown buffers, until their copies are done
-
-
-def rope_positions(model: Any, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """3D (M-RoPE) positions of one prompt and its decode offset, on the inputs' device.
-
-    Qwen's get_rope_index walks the tokens in Python; run on the CPU tensors
-    (the processor thread calls this) it costs the GPU nothing and no syncs.
-    """
-    ids = inputs["input_ids"]
-    if "image_grid_thw" not in inputs:  # text only: the plain positions
-        length = ids.shape[1]
-        positions = torch.arange(length, device=ids.device).view(1, 1, -1).expand(3, 1, -1).contiguous()
-        return {"position_ids": positions, "rope_deltas": torch.zeros(1, 1, dtype=torch.long, device=ids.device)}
-    positions, deltas = model.model.get_rope_index(
-        ids, inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
-        attention_mask=inputs.get("attention_mask"))
-    return {"position_ids": positions, "rope_deltas": deltas.reshape(1, 1).to(torch.long)}
-
-
-def _take_pack(group: list[tuple[Prompt, Any]]) -> list[tuple[Prompt, Any]]:
-    """Pop the prompts of the next packed prefill off ``group``: up to PREFILL_TOKENS tokens, at least one."""
-    pack = [group.pop(0)]
-    tokens = pack[0][0].length
-    while group and tokens + group[0][0].length <= PREFILL_TOKENS:
-        tokens += group[0][0].length
-        pack.append(group.pop(0))
-    return pack
 
 
 def bucket(n: int, most: int) -> int:

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from daemon.backends import reraise_if_fatal
 from daemon.backends.prefill_step import flash_varlen, vision_block
 
 log = logging.getLogger(__name__)
@@ -272,7 +273,7 @@ class Compiled:
             try:
                 return self.compiled(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - inductor/Triton problems of any kind
-                _reraise_fatal(exc)  # out of memory: fewer slots, not eager for good
+                reraise_if_fatal(exc)  # out of memory: fewer slots, not eager for good
                 log.warning("torch.compile failed for %s (%s); running it uncompiled",
                             getattr(self.eager, "__qualname__", self.eager), str(exc).splitlines()[0][:200])
                 self.compiled = None
@@ -318,11 +319,3 @@ def _varlen_attn() -> Callable[..., torch.Tensor] | None:
     except ImportError:  # torch < 2.10
         return None
     return varlen_attn
-
-
-def _reraise_fatal(exc: BaseException) -> None:
-    """Out of memory and sticky CUDA errors are not a compile problem: let the caller handle them."""
-    from daemon.backends import is_sticky_cuda_error
-
-    if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc) or is_sticky_cuda_error(exc):
-        raise exc

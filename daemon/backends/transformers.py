@@ -353,8 +353,6 @@ class TransformersBackend:
     def _serve_fast(self, feed: Feed, tokens: dict[Hashable, list[int]] | None = None) -> None:
         import torch
 
-        from daemon.backends.fastgen import _is_oom
-
         fast = self._fast
         fast.ignore_eos = self.ignore_eos
         live = _Live(self, feed)
@@ -373,7 +371,7 @@ class TransformersBackend:
                         if is_sticky_cuda_error(exc):
                             lost = True  # the feed records what was in hand, with the attempt spent
                             raise DeviceLostError(f"the GPU is in an unrecoverable state: {_describe(exc)}") from exc
-                        if not _is_oom(exc):
+                        if not is_out_of_memory(exc):
                             # A fault of the decode step itself, not of one prompt
                             # (those fail alone inside run): the requests in slots fail.
                             log.exception("the decode loop failed; failing the %d requests in slots", len(live.taken))
@@ -433,7 +431,7 @@ class TransformersBackend:
         return slots, tokens + max_new, max_new
 
     def _prompt(self, index: int, item: Item) -> Any:
-        from daemon.backends.fastgen import Prompt
+        from daemon.backends.prompts import Prompt
 
         r = item.request
         return Prompt(index, self._inputs(r), r.max_new_tokens, temperature=max(0.0, r.temperature),
@@ -528,7 +526,7 @@ class TransformersBackend:
             inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
         if "mm_token_type_ids" not in inputs:  # what get_rope_index reads to find the images
             inputs["mm_token_type_ids"] = (inputs["input_ids"] == self._model.config.image_token_id).int()
-        from daemon.backends.fastgen import rope_positions
+        from daemon.backends.prefill import rope_positions
 
         inputs.update(rope_positions(self._model, inputs))  # here, on the CPU thread
         return inputs
@@ -655,10 +653,10 @@ def prefill_reserve(model: Any, tokens: int) -> int:
 
     The prefill's own KV cache (copied into a slot afterwards, where the stock
     text model prefills), the widest activations of a text layer (the MLP's
-    gate and up projections) and of the vision tower, plus 1 GiB for the allocator's fragmentation, cuBLAS
-    workspaces and the decode graph's pool.
+    gate and up projections) and of the vision tower, plus 1 GiB for the
+    allocator's fragmentation, cuBLAS workspaces and the decode graph's pool.
     """
-    from daemon.backends.fastgen import PREFILL_TOKENS, VISION_BATCH_PATCHES
+    from daemon.backends.prefill import PREFILL_TOKENS, VISION_BATCH_PATCHES
 
     cfg = model.config.get_text_config()
     width = model.dtype.itemsize
@@ -729,7 +727,7 @@ class _TextStream:
 @dataclass
 class _Flight:
     item: Item
-    prompt: Any  # fastgen.Prompt
+    prompt: Any  # prompts.Prompt
     stream: _TextStream | None
 
 
