@@ -820,12 +820,12 @@ def test_stream_pieces_join_to_the_answer(backend: TransformersBackend) -> None:
 
 
 def test_stream_holds_back_an_incomplete_utf8_character(backend: TransformersBackend) -> None:
-    from daemon.backends.transformers import _TextStream
+    from daemon.backends.live import TextStream
 
     tok = backend._processor.tokenizer
     ids = tok("é€ ok", add_special_tokens=False)["input_ids"]
     sent: list[str] = []
-    stream = _TextStream(tok, sent.append)
+    stream = TextStream(tok, sent.append)
     for n in range(1, len(ids) + 1):
         stream.update(ids[:n])
         assert "\ufffd" not in "".join(sent)
