@@ -235,7 +235,10 @@ class TransformersBackend:
         if self._vision is not None:
             info["vision_attention"] = self._vision.last_path or "stock"
             info["vision_compiled"] = self._vision.use_compiled
-        info["prefill_compiled"] = self._text is not None
+        if self._fast is not None and self._fast.packed:
+            info["prefill"] = "packed" + (", compiled" if self._fast._prefill_fn is not None else "")
+        else:
+            info["prefill"] = "stock text model" + (", norms/MLPs compiled" if self._text is not None else "")
         return info
 
     def _limit_memory(self, device: Any) -> None:
