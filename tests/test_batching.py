@@ -64,6 +64,15 @@ def test_batched_equals_one_at_a_time(backend: TransformersBackend, one_at_a_tim
     assert [backend.generate([r])[0] for r in requests] == one_at_a_time  # the engine, one at a time
 
 
+def test_without_fused_weights_the_models_own_modules_decode_like_generate(
+        backend: TransformersBackend, one_at_a_time: list[Answer], monkeypatch: pytest.MonkeyPatch) -> None:
+    # A layout decode_step.fuse_projections does not know leaves no fused weights: decode then runs the model's
+    # own modules and prefill the stock text model, and the tokens are still stock generate's.
+    monkeypatch.setattr(backend._fast, "fused", {})
+    monkeypatch.setattr(backend._fast, "packed", False)
+    assert backend.generate(_requests()) == one_at_a_time
+
+
 def test_batched_equals_stock_batched_generate(backend: TransformersBackend, one_at_a_time: list[Answer]) -> None:
     backend.set_engine("hf")
     try:

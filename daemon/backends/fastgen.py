@@ -49,7 +49,6 @@ import time
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from daemon.backends import is_sticky_cuda_error, prefill, reraise_if_fatal
 from daemon.backends.decode_step import (
@@ -134,14 +133,14 @@ class SlotEngine(PrefillRounds):
         # compiled function for all layers): it fuses the norms, the rotary
         # embedding and the residual adds, ~30 small kernels per layer.
         self._layer_fn: Callable[..., torch.Tensor] | None = None
-        if self.fused and compile_enabled(self.device, "decode") and getattr(cfg, "hidden_act", "") == "silu":
+        self._silu = getattr(cfg, "hidden_act", "") == "silu"  # what layer_step and prefill_layer compute
+        if self.fused and compile_enabled(self.device, "decode") and self._silu:
             _allow_shared_compiles()
             self._layer_fn = Compiled(layer_step, fullgraph=True)
         # Prefill packs a round's prompts into one pass of our own layer
         # function (prefill_step); VLWATCH_PACKED_PREFILL=0 runs the stock
         # text model per prompt instead (the A/B of benchmarks/NOTES.md).
-        self.packed = (bool(self.fused) and getattr(cfg, "hidden_act", "") == "silu"
-                       and os.environ.get("VLWATCH_PACKED_PREFILL", "1") != "0")
+        self.packed = bool(self.fused) and self._silu and os.environ.get("VLWATCH_PACKED_PREFILL", "1") != "0"
         self._prefill_fn: Callable[..., torch.Tensor] | None = None
         # A round's first tokens are read once the next round is queued (_admit);
         # VLWATCH_OVERLAP_ROUNDS=0 reads each round at once (the A/B).
@@ -247,36 +246,28 @@ class SlotEngine(PrefillRounds):
             bias, used = bias.masked_fill(~visible, float("-inf"))[:, None, None, :], None
         where = Where(rows, wpos, bias, used, s["cu_q"], s["cu_k"])
         group = self.n_heads // self.n_kv
+        # The fused weights' layer function: compiled on CUDA, else as it is
+        # (on the CPU the tests hold it to stock generate token for token).
+        layer_fn = self._layer_fn or (layer_step if self.fused and self._silu else None)
         for layer, (k_cache, v_cache) in zip(self.layers, kv):
             attn = layer.self_attn
-            if self._layer_fn is not None:
-                x = self._layer_fn(x, cos, sin, k_cache, v_cache, *where, *self.fused[id(layer)],
-                                   layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
-                                   attn.o_proj.weight, layer.mlp.down_proj.weight, self.eps, attn.scaling,
-                                   self.n_kv, group, kind)
+            if layer_fn is not None:
+                x = layer_fn(x, cos, sin, k_cache, v_cache, *where, *self.fused[id(layer)],
+                             layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                             attn.o_proj.weight, layer.mlp.down_proj.weight, self.eps, attn.scaling,
+                             self.n_kv, group, kind)
                 continue
+            # A layout fuse_projections does not know: the model's own modules.
             h = layer.input_layernorm(x)
-            if self.fused:  # one GEMV for q, k and v (their weights are views of one tensor)
-                q, k, v = F.linear(h, *self.fused[id(layer)][:2]).split(
-                    [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], dim=-1)
-                q = q.reshape(n, self.n_heads, self.head_dim)
-                k = k.reshape(n, self.n_kv, self.head_dim)
-                v = v.reshape(n, self.n_kv, self.head_dim)
-            else:
-                q = attn.q_proj(h).view(n, self.n_heads, self.head_dim)
-                k = attn.k_proj(h).view(n, self.n_kv, self.head_dim)
-                v = attn.v_proj(h).view(n, self.n_kv, self.head_dim)
+            q = attn.q_proj(h).view(n, self.n_heads, self.head_dim)
+            k = attn.k_proj(h).view(n, self.n_kv, self.head_dim)
+            v = attn.v_proj(h).view(n, self.n_kv, self.head_dim)
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
             k_cache[rows, wpos] = k
             v_cache[rows, wpos] = v
             o = attend(q, k_cache, v_cache, where, attn.scaling, group, kind)
             x = x + attn.o_proj(o)
-            h = layer.post_attention_layernorm(x)
-            if self.fused:  # gate and up in one GEMV
-                gate, up = F.linear(h, self.fused[id(layer)][2]).chunk(2, dim=-1)
-                x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
-            else:
-                x = x + layer.mlp(h)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
         logits = self.lm_head(self.norm(x)).float()
         if "seen" in s:
             logits = penalize(logits, s["seen"], self.penalty)
