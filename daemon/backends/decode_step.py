@@ -91,14 +91,17 @@ def attention_kind(device: torch.device, dtype: torch.dtype) -> str:
     at 1.3-1.4x its bandwidth (benchmarks/NOTES.md, call D1).
     ``VLWATCH_DECODE_FLASH=0`` turns it off.
     """
-    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+    if not flash_varlen(device, dtype) or os.environ.get("VLWATCH_DECODE_FLASH", "1") == "0":
         return "sdpa"
-    if os.environ.get("VLWATCH_DECODE_FLASH", "1") == "0":
-        return "sdpa"
-    op = getattr(torch.ops.aten, "_flash_attention_forward", None)
-    if op is None or "seqused_k" not in str(op.default._schema):
+    if "seqused_k" not in str(torch.ops.aten._flash_attention_forward.default._schema):
         return "sdpa"
     return "flash"
+
+
+def flash_varlen(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether FlashAttention-2's varlen entry runs here (CUDA, half precision, a torch that has it)."""
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and getattr(torch.ops.aten, "_flash_attention_forward", None) is not None)
 
 
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, where: Where, scale: float,

@@ -55,6 +55,7 @@ from daemon.backends.decode_step import (
     Where,
     attend,
     attention_kind,
+    flash_varlen,
     choose,
     fuse_projections,
     layer_step,
@@ -145,7 +146,10 @@ class SlotEngine(PrefillRounds):
         # A round's first tokens are read once the next round is queued (_admit);
         # VLWATCH_OVERLAP_ROUNDS=0 reads each round at once (the A/B).
         self.overlap_rounds = os.environ.get("VLWATCH_OVERLAP_ROUNDS", "1") != "0"
-        if self.packed and self.attention == "flash" and compile_enabled(self.device, "prefill"):
+        # Prefill's attention: FlashAttention-2's varlen entry wherever it runs
+        # (VLWATCH_DECODE_FLASH is about the decode step only), else SDPA per prompt.
+        self.prefill_kind = "flash" if flash_varlen(self.device, self.dtype) else "sdpa"
+        if self.packed and self.prefill_kind == "flash" and compile_enabled(self.device, "prefill"):
             _allow_shared_compiles()
             self._prefill_fn = Compiled(prefill_layer, dynamic=True)
         self._slots = 0

@@ -55,7 +55,7 @@ class PrefillRounds:
     norm: Any
     lm_head: Any
     device: torch.device
-    attention: str  # decode_step.attention_kind
+    prefill_kind: str  # "flash" (FlashAttention-2's varlen entry) or "sdpa" (per prompt)
     n_heads: int
     n_kv: int
     eps: float
@@ -174,7 +174,7 @@ class PrefillRounds:
             x = x.index_copy(0, put(image_rows), torch.cat(features).to(x.dtype))
         cos, sin = self.model.model.language_model.rotary_emb(x[None], positions)
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # (tokens, 1, head dim): every head alike
-        kind = "flash" if self.attention == "flash" else "sdpa"
+        kind = self.prefill_kind
         layer_fn = self._prefill_fn if kind == "flash" and self._prefill_fn is not None else prefill_layer
         group = self.n_heads // self.n_kv
         for layer, (k_cache, v_cache) in zip(self.layers, self._kv):

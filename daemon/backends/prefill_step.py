@@ -133,10 +133,3 @@ def vision_block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu: torc
     x = x + F.linear(o.reshape(t, -1), proj_w, proj_b)
     h = _rms(x, ln2, eps)
     return x + F.linear(F.silu(F.linear(h, gate_w, gate_b)) * F.linear(h, up_w, up_b), down_w, down_b)
-
-
-
-def flash_varlen(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether FlashAttention-2's varlen entry runs here (CUDA, half precision, a torch that has it)."""
-    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-            and getattr(torch.ops.aten, "_flash_attention_forward", None) is not None)
