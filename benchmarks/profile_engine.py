@@ -47,6 +47,7 @@ class Window:
         self.armed = False
         self.prof: Any = None
         self.steps = 0  # decode steps (or prompts, for prefill) inside the window
+        self.host: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])  # name -> [seconds, calls]
         self.wall = 0.0
         self._t0 = 0.0
 
@@ -75,6 +76,28 @@ class Window:
         self.prof.stop()
 
 
+    @property
+    def open(self) -> bool:
+        return self.prof is not None and not self.wall
+
+    def time(self, cls: Any, name: str) -> None:
+        """Add up the host seconds spent in ``cls.name`` (any thread) while the window is open."""
+        inner = getattr(cls, name)
+
+        def wrapper(*a: Any, **kw: Any) -> Any:
+            if not self.open:
+                return inner(*a, **kw)
+            t0 = time.perf_counter()
+            try:
+                return inner(*a, **kw)
+            finally:
+                cell = self.host[f"{cls.__name__}.{name}"]
+                cell[0] += time.perf_counter() - t0
+                cell[1] += 1
+
+        setattr(cls, name, wrapper)
+
+
 def summarise(window: Window) -> dict[str, Any]:
     if window.prof is None or not window.wall:
         return {"window": window.name, "error": "the window was not reached"}
@@ -100,6 +123,8 @@ def summarise(window: Window) -> dict[str, Any]:
     gaps.sort(reverse=True)
     return {
         "window": window.name, "units": window.steps, "wall_ms": round(window.wall * 1e3, 1),
+        "host_ms_per_unit (seconds in each, any thread; calls)": {
+            k: (round(v[0] * 1e3 / per, 2), v[1]) for k, v in sorted(window.host.items(), key=lambda kv: -kv[1][0])},
         "gpu_span_ms_per_unit": round(span / 1e3 / per, 3),
         "gpu_busy_ms_per_unit": round(busy / 1e3 / per, 3),
         "gpu_idle_ms_per_unit": round((span - busy) / 1e3 / per, 3),
@@ -145,6 +170,17 @@ def main() -> int:
         decode.after(self.stats.decode_steps - before)
 
     fastgen.SlotEngine._launch, fastgen.SlotEngine._decode = launched, decoded  # type: ignore[method-assign]
+    from daemon.backends import live, prefill as prefill_module, transformers as hf
+
+    # Where the host's time goes while the prefill window is open: the
+    # processor threads (_inputs), waiting for them (take), and the engine
+    # thread's parts of a round.
+    for cls, name in ((hf.TransformersBackend, "_inputs"), (live.LiveSource, "take"),
+                      (fastgen.SlotEngine, "_group"), (fastgen.SlotEngine, "_settle"),
+                      (prefill_module.PrefillRounds, "_image_features"), (prefill_module.PrefillRounds, "_vision_layout"),
+                      (prefill_module.PrefillRounds, "_prefill"), (prefill_module._Staging, "to_device"),
+                      (prefill_module._Staging, "reset")):
+        prefill.time(cls, name)
     images = synthetic_images(args.images, width, height)
     from daemon import worker
 
@@ -160,7 +196,9 @@ def main() -> int:
     worker.Worker.infer = timed  # type: ignore[method-assign]
     result = run_setup(backend, model, Setup("batched worker", args.images, None), images, args)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    report = {"torch": torch.__version__, "gpu": gpu, "size": args.size,
+    import os
+
+    report = {"torch": torch.__version__, "gpu": gpu, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "size": args.size,
               "new_tokens": args.new_tokens, "images_per_min (profiled run)": round(result.images_per_min, 1),
               "decode_tok_s": result.decode_tok_s, "ttft_s": result.ttft_s,
               "prefill (per prompt)": summarise(prefill), "decode (per step)": summarise(decode)}
