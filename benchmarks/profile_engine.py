@@ -121,6 +121,15 @@ def summarise(window: Window) -> dict[str, Any]:
         counts[key] += 1
     per = max(1, window.steps)
     gaps.sort(reverse=True)
+    # The CUDA runtime calls the host made (launches, copies, and anything that waits or allocates).
+    calls: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
+    for e in window.prof.events():
+        if e.device_type.name == "CPU" and e.name.startswith("cuda"):
+            cell = calls[e.name]
+            us = e.time_range.elapsed_us()
+            cell[0] += 1
+            cell[1] += us / 1e3
+            cell[2] = max(cell[2], us / 1e3)
     return {
         "window": window.name, "units": window.steps, "wall_ms": round(window.wall * 1e3, 1),
         "host_ms_per_unit (seconds in each, any thread; calls)": {
@@ -131,6 +140,8 @@ def summarise(window: Window) -> dict[str, Any]:
         "gaps_over_50us": sum(1 for g, _ in gaps if g > 50),
         "idle_in_gaps_over_50us_ms": round(sum(g for g, _ in gaps if g > 50) / 1e3, 2),
         "largest_gaps_us_before": [(round(g), n[:60]) for g, n in gaps[:12]],
+        "runtime_calls (count, total ms, longest ms)": {
+            k: (int(v[0]), round(v[1], 2), round(v[2], 2)) for k, v in sorted(calls.items(), key=lambda kv: -kv[1][1])},
         "kernels_ms_per_unit": sorted(((k[:90], round(v / 1e3 / per, 3), counts[k]) for k, v in groups.items()),
                                       key=lambda kv: -kv[1])[:25],
     }
@@ -202,6 +213,9 @@ def main() -> int:
               "new_tokens": args.new_tokens, "images_per_min (profiled run)": round(result.images_per_min, 1),
               "decode_tok_s": result.decode_tok_s, "ttft_s": result.ttft_s,
               "prefill (per prompt)": summarise(prefill), "decode (per step)": summarise(decode)}
+    for window in (prefill, decode):
+        if window.prof is not None and window.wall:
+            window.prof.export_chrome_trace(str(args.out / f"trace-{window.name}-{args.size}.json"))
     text = json.dumps(report, indent=1)
     (args.out / f"profile_engine_{args.size}_{args.new_tokens}.json").write_text(text)
     print(text)

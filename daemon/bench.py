@@ -79,9 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-gpu-memory", metavar="SIZE",
                         help="add a setup capped at this much GPU memory, e.g. 22GiB")
     parser.add_argument("--baseline-images", type=int, default=2, metavar="N",
-                        help="images for the one-at-a-time baseline (default 2)")
+                        help="images for the one-at-a-time baseline (default 2; 0 skips it)")
     parser.add_argument("--latency-images", type=int, default=3, metavar="N",
-                        help="images for the batch-1 latency setup (default 3)")
+                        help="images for the batch-1 latency setup (default 3; 0 skips it)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt sent with each image")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     parser.add_argument("--devices", metavar="LIST",
@@ -255,9 +255,14 @@ def plan(args: argparse.Namespace, model: Any) -> list[Setup]:
     if args.images < 1 or args.new_tokens < 1:
         raise VlwatchError("--images and --new-tokens must be at least 1", ExitCode.USAGE)
     local = model.backend == "transformers"
-    setups = [Setup("one at a time (baseline)" + (": stock model.generate" if local else ""),
-                    max(1, args.baseline_images), 1, engine="hf" if local else "auto"),
-              Setup("batch 1 (latency, warm)", max(1, args.latency_images), 1)]
+    if args.baseline_images < 0 or args.latency_images < 0:
+        raise VlwatchError("--baseline-images and --latency-images must be 0 (skip that setup) or more", ExitCode.USAGE)
+    setups = []
+    if args.baseline_images:
+        setups.append(Setup("one at a time (baseline)" + (": stock model.generate" if local else ""),
+                            args.baseline_images, 1, engine="hf" if local else "auto"))
+    if args.latency_images:
+        setups.append(Setup("batch 1 (latency, warm)", args.latency_images, 1))
     for item in filter(None, (p.strip() for p in args.batch_sizes.split(","))):
         if item == "auto":
             setups.append(Setup("batched worker", args.images, None))
@@ -268,6 +273,8 @@ def plan(args: argparse.Namespace, model: Any) -> list[Setup]:
     if args.max_gpu_memory:
         cap = parse_bytes(args.max_gpu_memory)
         setups.append(Setup(f"batched worker, max_gpu_memory {args.max_gpu_memory}", args.images, None, cap=cap))
+    if not setups:
+        raise VlwatchError("bench: every setup was skipped; nothing to run", ExitCode.USAGE)
     return setups
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from daemon import backends
 from daemon.backends import Answer
-from daemon.bench import parse_bytes, parse_size, run_bench
+from daemon.bench import parse_bytes, parse_size, plan, run_bench
 from daemon.cli import build_parser
 from tests.conftest import run_vlwatch
 
@@ -85,6 +85,23 @@ def test_bench_usage_errors(tiny_model: Path) -> None:
     assert done.returncode == 2 and "WIDTHxHEIGHT" in done.stderr
     done = run_vlwatch("bench", "--model", tiny_model, "--batch-sizes", "auto,lots")
     assert done.returncode == 2 and "lots" in done.stderr
+
+
+def test_the_baseline_and_latency_setups_can_be_skipped() -> None:
+    # On a GPU the stock one-at-a-time baseline of a 768-token page takes a minute; an A/B of the batched
+    # setup does not need it.
+    from daemon.config import ModelConfig
+
+    args = build_parser().parse_args(["bench", "--baseline-images", "0", "--latency-images", "0"])
+    assert [s.name for s in plan(args, ModelConfig())] == ["batched worker"]
+    args = build_parser().parse_args(["bench", "--latency-images", "0"])
+    assert [s.name for s in plan(args, ModelConfig())] == ["one at a time (baseline): stock model.generate",
+                                                          "batched worker"]
+    done = run_vlwatch("bench", "--model", "unused", "--baseline-images", "0", "--latency-images", "0",
+                       "--batch-sizes", "")
+    assert done.returncode == 2 and "every setup was skipped" in done.stderr
+    done = run_vlwatch("bench", "--model", "unused", "--baseline-images", "-1")
+    assert done.returncode == 2 and "--baseline-images" in done.stderr
 
 
 def test_sizes() -> None:

@@ -407,28 +407,78 @@ def test_rounds_overlap_a_rounds_first_tokens_are_read_after_the_next_is_queued(
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are a CUDA matter")
-def test_a_prefill_round_never_waits_for_the_gpu(backend_cuda: TransformersBackend) -> None:
-    # issue 12 (throughput): the vision tower and the packed prefill are queued without one host sync (the grid,
-    # the window spans and the image-token rows are worked out on the CPU), so rounds can overlap.
+def test_admission_never_waits_for_the_gpu_but_for_a_rounds_first_tokens(backend_cuda: TransformersBackend,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 12 (throughput): rounds are queued without a host sync (the vision grid, the window spans and the
+    # image-token rows are worked out on the CPU; the slots are switched on by the GPU), so that they overlap.
+    # The whole admission is watched, reading the first tokens included: an assignment of a Python value
+    # there (`active[slot] = True`) was a copy that waited for the round queued behind (call P3).
     fast = backend_cuda._fast
-    prompts = _prompts(backend_cuda, 3, 3)
-    fast.release()
+    monkeypatch.setattr(prefill_rounds, "VISION_BATCH_PATCHES", 1)  # a round per prompt: they overlap
+    admit, read = fast._admit, prefill_rounds._Shipped.read
+
+    def watched_admit(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return admit(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    def allowed_read(self):  # the one wait admission makes: for a round's own first tokens, on its event
+        torch.cuda.set_sync_debug_mode("default")
+        try:
+            return read(self)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
     fast.penalty = 1.05  # Qwen's generation config has one: the seen-token mask is set up in prefill too
+    fast.ignore_eos = True
+    try:
+        with torch.inference_mode():
+            for watched in (False, True):  # the first run warms up (compiling syncs), the second is watched
+                fast.release()
+                if watched:
+                    monkeypatch.setattr(fast, "_admit", watched_admit)
+                    monkeypatch.setattr(prefill_rounds._Shipped, "read", allowed_read)
+                source = ListSource(_prompts(backend_cuda, 6, 3))
+                fast.run(source, slots=4, cache_length=256, max_new=3)
+                assert [len(source.results[i].tokens) for i in range(6)] == [3] * 6, source.results
+    finally:
+        fast.penalty = None
+        fast.ignore_eos = False
+        fast.release()
+
+
+def test_the_gpu_decodes_exactly_the_slots_the_host_hands_out(backend: TransformersBackend,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # The GPU switches a slot on when it chooses the first token (no host copy), on the conditions the host
+    # applies when it reads that token: a prompt ending at its first token (EOS, or a budget of one) must
+    # leave its slot off, one going on must have it on.
+    fast = backend._fast
     with torch.inference_mode():
-        fast._ensure(4, 256, 8)
-        for watched in (False, True):  # the first round warms up (compiling syncs), the second is watched
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error" if watched else "default")
-            try:
-                features = fast._image_features(prompts)
-                shipped = prefill_rounds._Shipped.start(
-                    [(p, slot, head) for (p, slot), head in
-                     zip(zip(prompts, range(3)), fast._prefill(list(zip(prompts, features)), [0, 1, 2]))])
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-            assert len(shipped.read()) == 3
-    fast.penalty = None
-    fast.release()
+        lone = ListSource(_prompts(backend, 1, 4))
+        fast.run(lone, slots=4, cache_length=256, max_new=4)
+    first, later = lone.results[0].tokens[0], lone.results[0].tokens[-1]
+    assert first != later  # (the tiny model's first token is the same for every prompt: the end is told by EOS)
+    rounds = []
+    settle = fast._settle
+
+    def checking_settle(source, shipped, eos):
+        settle(source, shipped, eos)
+        on = fast._state["active"].tolist()
+        rounds.extend((slot, on[slot], slot in fast._owner) for _, slot, _ in shipped.launched)
+
+    monkeypatch.setattr(fast, "_settle", checking_settle)
+    for eos, budgets, going_on in ((first, (4, 1), 0), (later, (4, 1, 4), 2)):
+        monkeypatch.setattr(fast, "eos", torch.tensor([eos]))
+        rounds.clear()
+        source = ListSource([_prompts(backend, 1, budget, first=i)[0] for i, budget in enumerate(budgets)])
+        with torch.inference_mode():
+            fast.run(source, slots=4, cache_length=256, max_new=4)
+        assert len(rounds) == len(budgets)
+        assert all(active == owned for _, active, owned in rounds), rounds
+        assert sum(owned for _, _, owned in rounds) == going_on, rounds
+        assert [len(source.results[i].tokens) < budget for i, budget in enumerate(budgets)].count(True) >= 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused vision blocks are for CUDA in half precision")

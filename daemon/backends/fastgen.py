@@ -520,7 +520,11 @@ class SlotEngine(PrefillRounds):
         return [(prompt, slot, heads[i]) for i, ((prompt, _), slot) in enumerate(zip(pack, slots))]
 
     def _settle(self, source: Source, shipped: _Shipped, eos: set[int]) -> None:
-        """Read a round's first tokens (one wait, for that round alone); the sequences that go on take their slots."""
+        """Read a round's first tokens (one wait, for that round alone); the sequences that go on take their slots.
+
+        The GPU already marked those slots active (``_first_tokens``, on the
+        same conditions); only a stream whose client left is turned off here.
+        """
         launched, heads = shipped.launched, shipped.read()
         now = time.perf_counter()
         for (prompt, slot, _), (first, bad) in zip(launched, heads):
@@ -533,8 +537,8 @@ class SlotEngine(PrefillRounds):
                 source.finished(prompt, _result([first], eos, ttft))
                 continue
             if prompt.stream and not source.partial(prompt, [first]):
-                continue  # its client went away already; the slot stays free
-            self._state["active"][slot] = True
+                self._state["active"][slot] = False  # its client went away already (rare: a sync is fine)
+                continue
             self._owner[slot] = prompt
 
     def _decode(self, source: Source, eos: set[int]) -> None:

@@ -65,6 +65,7 @@ class PrefillRounds:
     _prefill_fn: Any  # prefill_layer, compiled (CUDA)
     _staging: "_Staging"
     _true: torch.Tensor
+    eos: torch.Tensor  # end-of-sequence ids (a -1 when there are none)
     _state: dict[str, torch.Tensor]
     _kv: list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -205,6 +206,13 @@ class PrefillRounds:
         s["budget"][rows] = per_row[:, 2]
         s["out"][rows, 0] = first
         s["n_gen"].index_fill_(0, rows, 1)
+        # Which rows go on decoding, decided here rather than by the host when
+        # it reads the first tokens (_settle): an assignment there was a copy
+        # from pageable memory, a sync that waited for the round queued behind
+        # (8 ms of GPU idle per page on an H100, benchmarks/NOTES.md call P3).
+        # The same conditions as _settle's: finite, budget left, not at EOS.
+        at_eos = (first[:, None] == self.eos[None, :]).any(-1) & ~s["ignore_eos"]
+        s["active"][rows] = ~bad & (per_row[:, 2] > 1) & ~at_eos
         if "seen" in s:
             s["seen"].index_put_((rows, first), true)
         return torch.stack((first, bad.long()), dim=1)
