@@ -12,6 +12,7 @@ import io
 import os
 import signal
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
@@ -442,7 +443,8 @@ def test_admission_never_waits_for_the_gpu_but_for_a_rounds_first_tokens(backend
                     monkeypatch.setattr(prefill_rounds._Shipped, "read", allowed_read)
                 source = ListSource(_prompts(backend_cuda, 6, 3))
                 fast.run(source, slots=4, cache_length=256, max_new=3)
-                failed = [repr(r) for r in source.results.values() if isinstance(r, BaseException)]
+                failed = ["".join(traceback.format_exception(r)[-8:]) for i, r in source.results.items()
+                          if isinstance(r, BaseException)]
                 assert not failed, f"watched={watched}: {failed}"
                 assert [len(source.results[i].tokens) for i in range(6)] == [3] * 6, source.results
     finally:
