@@ -64,3 +64,20 @@ def test_compiled_text_prefill_computes_what_stock_does(loaded: TransformersBack
             for m in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
                 if saved[id(m)] is None:
                     m.__dict__.pop("forward", None)
+
+
+def test_the_vision_plans_told_ahead_outlive_later_rounds(loaded: TransformersBackend,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # The engine tells the vision patch each round's spans on the host (plan_for), so the tower never reads
+    # them from the GPU. A full plan cache used to be cleared whole: the round's first plan, told a moment
+    # before its second, was gone, and the tower read its spans back (a sync that drained the GPU's queue).
+    patch = loaded._vision
+    patch._plans.clear()
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: pytest.fail("a told plan was worked out again"))
+    for r in range(12):  # rounds of two plans each (cu_seqlens, cu_window_seqlens), more than the cache holds
+        told = []
+        for bounds in ([0, 16 * (r + 1)], [0, 4, 8 * (r + 1)]):
+            cu = torch.tensor(bounds, dtype=torch.int32)
+            told.append((cu, patch.plan_for(cu, bounds, lambda t: t)))
+        for cu, plan in told:  # the tower's blocks then look both up
+            assert patch._plan(cu) is plan, f"round {r}"

@@ -187,8 +187,12 @@ class VisionAttentionPatch:
                   for length, starts in by_length.items()]
         plan = {"groups": groups, "cu32": cu if cu.dtype == torch.int32 else cu.to(torch.int32),
                 "longest": max(by_length, default=0)}
-        if len(self._plans) > 8:
-            self._plans.clear()
+        # The oldest goes (dicts keep insertion order): clearing them all when
+        # full once dropped the plan of the round's other cu_seqlens, told a
+        # moment before, and the tower then read it from the GPU, a sync
+        # (benchmarks/NOTES.md, call D15).
+        while len(self._plans) >= 8:
+            del self._plans[next(iter(self._plans))]
         self._plans[id(cu)] = (cu, plan)
         return plan
 
