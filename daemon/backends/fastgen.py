@@ -151,7 +151,7 @@ class SlotEngine(PrefillRounds):
         self.prefill_kind = "flash" if flash_varlen(self.device, self.dtype) else "sdpa"
         if self.packed and self.prefill_kind == "flash" and compile_enabled(self.device, "prefill"):
             _allow_shared_compiles()
-            self._prefill_fn = Compiled(prefill_layer, dynamic=True)
+            self._prefill_fn = Compiled(prefill_layer, dynamic=None)  # the tokens' count only: patches.rows_vary
         self._slots = 0
         self._length = 0
         self._graphs: dict[tuple[int, bool], Any] = {}

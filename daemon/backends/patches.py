@@ -81,7 +81,7 @@ class VisionAttentionPatch:
             # tower's ~30 launches per block were its host cost, larger than
             # its GPU time on an H100 (benchmarks/NOTES.md, call D12).
             _allow_shared_compiles()
-            self._block = Compiled(vision_block, dynamic=True)
+            self._block = Compiled(vision_block, dynamic=None)  # the patches' count only: see rows_vary
             for blk in blocks:
                 blk.forward = types.MethodType(self._block_forward(blk.forward), blk)
         if compile:
@@ -121,6 +121,7 @@ class VisionAttentionPatch:
             plan = patch._plan(cu_seqlens)
             attn, mlp = blk.attn, blk.mlp
             cos, sin = position_embeddings
+            rows_vary(hidden_states, cos, sin, plan["cu32"])
             patch.last_path = "fused blocks, varlen flash"
             return patch._block(hidden_states, cos, sin, plan["cu32"], plan["longest"], blk.norm1.weight,
                                 blk.norm2.weight, attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias,
@@ -283,6 +284,22 @@ class Compiled:
                             getattr(self.eager, "__qualname__", self.eager), str(exc).splitlines()[0][:200])
                 self.compiled = None
         return self.eager(*args, **kwargs)
+
+
+def rows_vary(*tensors: torch.Tensor) -> None:
+    """Tell torch.compile that these tensors' first dimension (tokens, patches, spans) changes from call to call.
+
+    The prefill and vision functions were compiled with every dimension
+    symbolic (``dynamic=True``): then the hidden widths (3584, 18944, 1280)
+    are runtime values too, and each fused element-wise kernel works out its
+    indices with runtime divisions; the SiLU of the text MLP ran at half the
+    card's bandwidth (benchmarks/NOTES.md, call D17).  Only the row count
+    varies, so only it is left symbolic.
+    """
+    import torch._dynamo
+
+    for tensor in tensors:
+        torch._dynamo.maybe_mark_dynamic(tensor, 0)
 
 
 def compile_enabled(device: torch.device, part: str = "") -> bool:

@@ -26,6 +26,7 @@ import torch
 
 from daemon.backends import reraise_if_fatal
 from daemon.backends.decode_step import choose, penalize
+from daemon.backends.patches import rows_vary
 from daemon.backends.prefill_step import pack, prefill_layer
 from daemon.backends.prompts import Prompt, Source
 
@@ -177,6 +178,8 @@ class PrefillRounds:
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # (tokens, 1, head dim): every head alike
         kind = self.prefill_kind
         layer_fn = self._prefill_fn if kind == "flash" and self._prefill_fn is not None else prefill_layer
+        if layer_fn is self._prefill_fn:
+            rows_vary(x, cos, sin, slot_of, col_of, cu)
         group = self.n_heads // self.n_kv
         for layer, (k_cache, v_cache) in zip(self.layers, self._kv):
             attn = layer.self_attn
