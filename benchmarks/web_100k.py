@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from daemon.config import parse_config  # noqa: E402
+from daemon.config_reader import parse_config  # noqa: E402
 from daemon.queue import Queue  # noqa: E402
 from daemon.search import SearchIndex  # noqa: E402
 from daemon.server.app import ServerContext, create_app  # noqa: E402

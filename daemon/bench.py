@@ -230,7 +230,8 @@ def parse_bytes(text: str) -> int:
 
 
 def _model_config(args: argparse.Namespace, pixels: int) -> Any:
-    from daemon.config import ModelConfig, find_config, load_config
+    from daemon.config import ModelConfig, find_config
+    from daemon.config_reader import load_config
 
     model = ModelConfig()
     path = args.config

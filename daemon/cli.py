@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from daemon import __version__
-from daemon.config import Config, load_config
+from daemon.config import Config
+from daemon.config_reader import load_config
 from daemon.errors import ConfigError, ExitCode, VlwatchError, plural
 from daemon.logs import setup_logging
 

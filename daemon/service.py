@@ -41,7 +41,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from daemon.backends import Backend, create_backend
-from daemon.config import Config, Rule, Snapshot, WatchConfig, load_config
+from daemon.config import Config, Rule, Snapshot, WatchConfig
+from daemon.config_reader import load_config
 from daemon.engine import STALL, Processor, WorkerLoop, check_model
 from daemon.engine_process import EngineGroup, start_engines
 from daemon.errors import (

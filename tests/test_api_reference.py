@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from daemon.backends import create_backend
-from daemon.config import load_config
+from daemon.config_reader import load_config
 from daemon.images import shown_size
 from daemon.rules import match_file
 from daemon.worker import Worker

@@ -35,7 +35,7 @@ def test_every_option_in_help_is_in_the_readme() -> None:
 
 
 def test_every_config_key_is_in_the_readme() -> None:
-    from daemon import config
+    from daemon import config_reader as config
 
     for keys in (config._TOP_KEYS, config._MODEL_KEYS, config._WATCH_KEYS, config._RULE_KEYS, config._JOBS_KEYS,
                  config._API_KEYS, config._HOOKS_KEYS):
@@ -44,7 +44,7 @@ def test_every_config_key_is_in_the_readme() -> None:
 
 
 def test_the_readme_config_reference_is_a_valid_config(tmp_path) -> None:
-    from daemon.config import parse_config
+    from daemon.config_reader import parse_config
 
     block = re.search(r"## Configuration.*?```yaml\n(.*?)```", README, re.DOTALL).group(1)
     config = parse_config(block, tmp_path / "config.yaml")

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import config_candidates, find_config, load_config, parse_config
+from daemon.config import config_candidates, find_config
+
+from daemon.config_reader import load_config, parse_config
 from daemon.errors import ConfigError, ExitCode, VlwatchError
 from tests.conftest import run_vlwatch, write_config
 

@@ -355,7 +355,7 @@ def test_kill_9_mid_batch_then_restart(tmp_path: Path, tiny_model: Path) -> None
 def test_recovery_trusts_only_sidecars_written_after_the_job_started(tmp_path: Path) -> None:
     """After a crash, a running job counts as done only if all its sidecars
     are newer than its start and the source still has the job's bytes."""
-    from daemon.config import parse_config
+    from daemon.config_reader import parse_config
     from daemon.scanning import sidecars_written
 
     inbox = tmp_path / "inbox"

@@ -35,7 +35,8 @@ from daemon.backends import (
 from daemon.backends import prefill as prefill_rounds
 from daemon.backends.prompts import Generated, ListSource, NonFiniteLogitsError, Prompt
 from daemon.backends.transformers import TransformersBackend, _messages
-from daemon.config import ModelConfig, parse_config
+from daemon.config import ModelConfig
+from daemon.config_reader import parse_config
 from daemon.engine import Processor, WorkerLoop
 from daemon.errors import BackendError
 from daemon.queue import Candidate, Queue, content_hash

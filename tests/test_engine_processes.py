@@ -244,7 +244,7 @@ def test_a_child_that_loses_its_gpu_is_restarted_and_a_poison_file_fails(tmp_pat
     # issue 12.5 (with 12.3): a sticky CUDA error in engine 1's process puts its job back with the
     # attempt spent and ends that process (exit 3); it is started again, and the file that crashes
     # it every time fails after jobs.attempts instead of looping.  The daemon's side runs here.
-    from daemon.config import parse_config
+    from daemon.config_reader import parse_config
     from daemon.engine_child import DEVICE_LOST_EXIT
     from daemon.engine_process import ChildEngines
     from daemon.queue import Candidate, content_hash

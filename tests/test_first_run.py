@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from daemon.config import parse_config
+from daemon.config_reader import parse_config
 from daemon.errors import BackendError, ConfigError
 from tests.conftest import REPO, run_vlwatch, write_config
 

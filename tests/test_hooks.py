@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from daemon import hooks
-from daemon.config import parse_config
+from daemon.config_reader import parse_config
 from daemon.errors import ConfigError
 from tests.conftest import run_vlwatch, write_config
 from tests.test_daemon import Daemon, png_bytes, put, wait_until

@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from daemon.backends import Answer, Request
-from daemon.config import Rule, parse_config
+from daemon.config import Rule
+from daemon.config_reader import parse_config
 from daemon.errors import VlwatchError
 from daemon.images import printable
 from daemon.outputs import PageResult, Result, checked_sidecar_path, write_result

@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from daemon.config import Snapshot, load_config
+from daemon.config import Snapshot
+
+from daemon.config_reader import load_config
 from daemon.queue import PERMISSION_DENIED, Queue
 from daemon.readiness import probe_image
 from daemon.watching import Watcher, ignore_reason, is_ignored

@@ -23,7 +23,7 @@ from PIL import Image
 import tests.stub_backend  # noqa: F401  registers the "stub" backend
 from daemon import outputs
 from daemon.backends import create_backend
-from daemon.config import parse_config
+from daemon.config_reader import parse_config
 from daemon.engine import Processor, WorkerLoop
 from daemon.queue import Candidate, Queue, content_hash
 from daemon.worker import Worker

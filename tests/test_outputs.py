@@ -167,7 +167,7 @@ def test_a_batch_fsyncs_each_sidecar_folder_once_after_its_renames(tmp_path: Pat
     # that folder and before the worker hands the outcomes back to be recorded as done
     import tests.stub_backend  # noqa: F401  registers the "stub" backend
     from daemon import outputs
-    from daemon.config import parse_config
+    from daemon.config_reader import parse_config
     from daemon.rules import match_file
     from daemon.worker import Worker
     from tests.stub_backend import StubBackend

@@ -128,7 +128,7 @@ def test_outside_files_need_a_writable_state_file(busy: tuple[Daemon, Path, Path
     # file (root may write any file, so chmod cannot show it here).
     import tests.stub_backend  # noqa: F401  (registers the stub, as VLWATCH_PLUGINS does in a subprocess)
     from daemon import process as proc
-    from daemon.config import load_config
+    from daemon.config_reader import load_config
 
     d, config, inbox, env = busy
     for key, value in env.items():
@@ -234,7 +234,7 @@ def test_process_with_a_token_and_without_one(tmp_path: Path) -> None:  # issue 
 
 def test_a_job_retried_by_id_goes_ahead_of_the_backlog(tmp_path: Path) -> None:  # issue 13.4
     from daemon import commands
-    from daemon.config import parse_config
+    from daemon.config_reader import parse_config
 
     config = parse_config(f"state: {tmp_path / 'state.db'}\ninclude: [describe]\n", tmp_path / "config.yaml")
     with Queue(config.state) as q:

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from daemon.bench_model import QWEN_SPECIAL_TOKENS
-from daemon.config import parse_config
+from daemon.config_reader import parse_config
 from daemon.rules import render_prompt
 
 PROMPT = "Describe $filename in $folder ($stem, $suffix) at $path."

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from daemon.config import load_config
+from daemon.config_reader import load_config
 from daemon.rules import match_file, render_prompt
 from tests.conftest import write_config
 

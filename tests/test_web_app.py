@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from daemon.config import parse_config
+from daemon.config_reader import parse_config
 from daemon.queue import Queue
 from daemon.server import web
 from daemon.server.app import create_app
