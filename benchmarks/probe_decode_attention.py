@@ -11,7 +11,8 @@ new tokens) or ragged (1690-2458).  FlashAttention-2's varlen entry (the
 engine's ``decode_step.attend``) swaps the 7 query heads of a group into
 rows but still computes on a 128-row tile; FlexAttention's decoding kernel
 (``torch.compile``) splits the keys and packs a group's heads into a small
-tile.  For each: the time per call (CUDA events, median of 5 x 50), the
+tile.  For each: the time per call (``profile_decode.cuda_ms``: CUDA events,
+median of 3 x 40; call D17 ran 5 x 50), the
 cache bandwidth it reaches, and its largest difference from the first.
 The cache is token-major (slot, column, KV head, dim) as the engine keeps
 it; flex also runs on a head-major copy, to see what the layout costs.
@@ -21,35 +22,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.profile_decode import cuda_ms  # noqa: E402
 from daemon.backends.decode_step import Where, attend  # noqa: E402
 
 HEADS, KV, DIM = 28, 4, 128
 BLOCK = 128
-
-
-def cuda_ms(fn: Callable[[], Any], reps: int = 50) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / reps)
-    return statistics.median(times)
 
 
 def flex_block_mask(used: torch.Tensor, cache: int) -> Any:

@@ -173,6 +173,11 @@ def choose(logits: torch.Tensor, temp: torch.Tensor | None) -> tuple[torch.Tenso
     return torch.where(temp > 0, sampled, greedy), bad
 
 
+def at_eos(tokens: torch.Tensor, eos: torch.Tensor, ignore_eos: torch.Tensor) -> torch.Tensor:
+    """Which ``tokens`` end their sequence: one of the ``eos`` ids, unless ``ignore_eos`` (a GPU bool: the bench)."""
+    return (tokens[:, None] == eos[None, :]).any(-1) & ~ignore_eos
+
+
 def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """transformers' RepetitionPenaltyLogitsProcessor, over a seen-token mask instead of the ids."""
     scaled = torch.where(logits < 0, logits * penalty, logits / penalty)

@@ -53,6 +53,7 @@ import torch
 from daemon.backends import is_sticky_cuda_error, prefill, reraise_if_fatal
 from daemon.backends.decode_step import (
     Where,
+    at_eos,
     attend,
     attention_kind,
     flash_varlen,
@@ -290,8 +291,7 @@ class SlotEngine(PrefillRounds):
         n_gen += active.long()
         if "seen" in s:
             s["seen"][rows, nxt] |= active
-        is_eos = (nxt[:, None] == self.eos[None, :]).any(-1) & ~s["ignore_eos"]
-        active &= ~((n_gen >= s["budget"]) | is_eos)
+        active &= ~((n_gen >= s["budget"]) | at_eos(nxt, self.eos, s["ignore_eos"]))
         s["tok"].copy_(nxt)
         s["pos"] += 1
         s["wpos"].copy_(torch.clamp(s["wpos"] + 1, max=self._length - 1))

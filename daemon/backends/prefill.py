@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from daemon.backends import reraise_if_fatal
-from daemon.backends.decode_step import choose, penalize
+from daemon.backends.decode_step import at_eos, choose, penalize
 from daemon.backends.patches import rows_vary
 from daemon.backends.prefill_step import pack, prefill_layer
 from daemon.backends.prompts import Prompt, Source
@@ -214,8 +214,7 @@ class PrefillRounds:
         # from pageable memory, a sync that waited for the round queued behind
         # (8 ms of GPU idle per page on an H100, benchmarks/NOTES.md call P3).
         # The same conditions as _settle's: finite, budget left, not at EOS.
-        at_eos = (first[:, None] == self.eos[None, :]).any(-1) & ~s["ignore_eos"]
-        s["active"][rows] = ~bad & (per_row[:, 2] > 1) & ~at_eos
+        s["active"][rows] = ~bad & (per_row[:, 2] > 1) & ~at_eos(first, self.eos, s["ignore_eos"])
         if "seen" in s:
             s["seen"].index_put_((rows, first), true)
         return torch.stack((first, bad.long()), dim=1)
