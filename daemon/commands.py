@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Sequence
 
 from daemon.backends import create_backend
 from daemon.config import Config
-from daemon.engine import BatchResult, Processor, check_model
+from daemon.engine import check_model
+from daemon.outcomes import BatchResult, Processor
 from daemon.errors import BackendUnavailableError, ExitCode, VlwatchError, plural
 from daemon.queue import HANDED_OVER, Job, Queue, StateLock, safe_text
 from daemon.readiness import file_signature

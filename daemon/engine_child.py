@@ -169,7 +169,8 @@ def child_main(spec: EngineSpec, conn: Connection) -> None:
 
     from daemon.backends import create_backend
     from daemon.config import load_plugins
-    from daemon.engine import Processor, WorkerLoop
+    from daemon.engine import WorkerLoop
+    from daemon.outcomes import Processor
     from daemon.queue import Queue
     from daemon.worker import Worker
 

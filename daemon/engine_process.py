@@ -80,7 +80,8 @@ if TYPE_CHECKING:  # the child imports the engine only once it runs (see child_m
 
     from daemon.backends import Answer, DeviceLostError, Request
     from daemon.config import Config
-    from daemon.engine import Processor, WorkerLoop
+    from daemon.engine import WorkerLoop
+    from daemon.outcomes import Processor
     from daemon.queue import Queue
     from daemon.worker import Worker
 

@@ -43,7 +43,8 @@ from typing import Callable, Iterator, Sequence
 from daemon.backends import Backend, create_backend
 from daemon.config import Config, Rule, Snapshot, WatchConfig
 from daemon.config_reader import load_config
-from daemon.engine import STALL, Processor, WorkerLoop, check_model
+from daemon.engine import STALL, WorkerLoop, check_model
+from daemon.outcomes import Processor
 from daemon.engine_process import EngineGroup, start_engines
 from daemon.errors import (
     ConfigError,

@@ -37,7 +37,8 @@ from daemon.backends.prompts import Generated, ListSource, NonFiniteLogitsError,
 from daemon.backends.transformers import TransformersBackend, _messages
 from daemon.config import ModelConfig
 from daemon.config_reader import parse_config
-from daemon.engine import Processor, WorkerLoop
+from daemon.engine import WorkerLoop
+from daemon.outcomes import Processor
 from daemon.errors import BackendError
 from daemon.queue import Candidate, Queue, content_hash
 from daemon.worker import Worker
