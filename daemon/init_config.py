@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from daemon.config import DEFAULT_MODEL, default_state_path
-
 from daemon.config_reader import parse_config
 from daemon.errors import ExitCode, VlwatchError
 

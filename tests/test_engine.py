@@ -337,7 +337,7 @@ def test_a_round_of_prefills_is_read_with_one_host_sync(backend: TransformersBac
     source = ListSource(_prompts(backend, 4, 3))
     with torch.inference_mode():
         fast.run(source, slots=4, cache_length=256, max_new=3)
-    assert all(isinstance(h, torch.Tensor) and h.shape == (len(h), 2) for h in heads)
+    assert all(isinstance(h, torch.Tensor) and h.shape == (len(h), 3) for h in heads)
     assert rounds[0] == 4, rounds  # four small images: one vision group, one read
     assert all(isinstance(source.results[i], Generated) for i in range(4))
 

@@ -522,18 +522,19 @@ class SlotEngine(PrefillRounds):
     def _settle(self, source: Source, shipped: _Shipped, eos: set[int]) -> None:
         """Read a round's first tokens (one wait, for that round alone); the sequences that go on take their slots.
 
-        The GPU already marked those slots active (``_first_tokens``, on the
-        same conditions); only a stream whose client left is turned off here.
+        The GPU already decided which go on (finite, budget left, not at EOS)
+        and marked their slots active (``_first_tokens``); only a stream whose
+        client left is turned off here.
         """
         launched, heads = shipped.launched, shipped.read()
         now = time.perf_counter()
-        for (prompt, slot, _), (first, bad) in zip(launched, heads):
+        for (prompt, slot, _), (first, bad, going_on) in zip(launched, heads):
             if bad:
                 source.finished(prompt, NonFiniteLogitsError(_NON_FINITE))
                 continue
             ttft = self._ttft[prompt.index] = now - self._free_since[slot]
             self.stats.requests += 1
-            if (first in eos and not self.ignore_eos) or prompt.max_new_tokens <= 1:
+            if not going_on:
                 source.finished(prompt, _result([first], eos, ttft))
                 continue
             if prompt.stream and not source.partial(prompt, [first]):

@@ -124,7 +124,7 @@ class PrefillRounds:
         return layout
 
     def _prefill(self, items: list[tuple[Prompt, torch.Tensor | None]], slots: list[int]) -> torch.Tensor:
-        """Prefill prompts (with their image features) into ``slots``; per prompt ``[first token, 1 if not finite]``.
+        """Prefill prompts (with their image features) into ``slots``; per prompt ``[first token, not finite, going on]``.
 
         Returns without waiting for the GPU: a round's first tokens are read
         together (``_settle``), once the next round is queued.  A sync per
@@ -213,11 +213,12 @@ class PrefillRounds:
         # it reads the first tokens (_settle): an assignment there was a copy
         # from pageable memory, a sync that waited for the round queued behind
         # (8 ms of GPU idle per page on an H100, benchmarks/NOTES.md call P3).
-        # The same conditions as _settle's: finite, budget left, not at EOS.
-        s["active"][rows] = ~bad & (per_row[:, 2] > 1) & ~at_eos(first, self.eos, s["ignore_eos"])
+        # _settle reads the decision with the first token instead of deciding again.
+        going_on = ~bad & (per_row[:, 2] > 1) & ~at_eos(first, self.eos, s["ignore_eos"])
+        s["active"][rows] = going_on
         if "seen" in s:
             s["seen"].index_put_((rows, first), true)
-        return torch.stack((first, bad.long()), dim=1)
+        return torch.stack((first, bad.long(), going_on.long()), dim=1)
 
     def _prefill_stock(self, prompt: Prompt, slot: int, image_features: torch.Tensor | None) -> torch.Tensor:
         """One prompt through the stock text model, its cache then copied into ``slot`` (``VLWATCH_PACKED_PREFILL=0``)."""
@@ -310,7 +311,7 @@ class _Shipped:
     """A round's first tokens on their way to the host: copied as soon as the round is queued, read later."""
 
     launched: list[tuple[Prompt, int, torch.Tensor]]
-    heads: torch.Tensor | None  # (prompts, 2) on the host once ``done`` has passed
+    heads: torch.Tensor | None  # (prompts, 3): first token, not finite, going on; on the host once ``done`` has passed
     done: Any = None  # CUDA event after the copy
 
     @classmethod
