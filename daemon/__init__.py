@@ -6,7 +6,7 @@ way through them:
     config -> watching -> rules -> queue -> worker -> backends -> outputs
 
 with ``images`` (decoding and sizing) feeding the worker, and ``cli``,
-``service`` and ``scheduler`` on top.  Nothing imports ``cli``.
+``service`` and ``periodic`` on top.  Nothing imports ``cli``.
 """
 
 __version__ = "0.1.0"

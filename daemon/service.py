@@ -65,7 +65,7 @@ from daemon.scanning import (
     sidecars_written,
 )
 from daemon.sidecars import sidecar_fresh, sidecar_missing
-from daemon.scheduler import Scheduler
+from daemon.periodic import Periodic
 from daemon.watching import Watcher, is_ignored, overflowed
 from daemon.worker import Worker
 
@@ -174,7 +174,7 @@ class Daemon:
         self.watcher = self._new_watcher()
         self.loop: WorkerLoop | EngineGroup | None = None
         self.api = None  # daemon.server.serve.ApiServer once started
-        self.scheduler = Scheduler(rescan=lambda: self.catch_up("rescan"), idle_check=self._idle_check,
+        self.periodic = Periodic(rescan=lambda: self.catch_up("rescan"), idle_check=self._idle_check,
                                    prune=self._prune)
         self._stopping = threading.Event()
         self._scan_lock = threading.Lock()
@@ -208,7 +208,7 @@ class Daemon:
         self.settler.start()
         self.watcher.start(self.config.watch)
         self.loop.start()
-        self.scheduler.start(self.config)
+        self.periodic.start(self.config)
         self._start_api()
         log.info("watching %d folders with %d rules; state %s", len(self.watcher.roots), len(self.config.rules),
                  self.config.state)
@@ -326,7 +326,7 @@ class Daemon:
         if self.api is not None:
             self.api.stop()  # no new requests; those in flight get GRACE seconds
         self.watcher.stop()
-        self.scheduler.shutdown()
+        self.periodic.shutdown()
         self.settler.stop()
         if self._lookups is not None:  # the settler's helpers: idle once it has stopped
             self._lookups.shutdown(wait=True)
@@ -404,7 +404,7 @@ class Daemon:
             self.watcher.start(new.watch)
             watcher.stop()
             self._background(lambda: self.catch_up("catch-up"), "vlwatch-catchup")
-        self.scheduler.apply(new)
+        self.periodic.apply(new)
         log.info("%s: reloaded: %d rules, %d watched folders", self.config_path, len(new.rules), len(new.watch))
 
     # -- intake: watcher events -> settler -> queue

@@ -36,7 +36,7 @@ def idle_check_interval(idle_unload: float) -> float:
     return max(1.0, min(60.0, idle_unload / 10))
 
 
-class Scheduler:
+class Periodic:
     """Runs the service's chores on a schedule taken from the config.
 
     Args:
