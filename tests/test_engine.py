@@ -34,6 +34,7 @@ from daemon.backends import (
 )
 from daemon.backends import prefill as prefill_rounds
 from daemon.backends.prompts import Generated, ListSource, NonFiniteLogitsError, Prompt
+from daemon.backends.scheduler import Scheduler
 from daemon.backends.transformers import TransformersBackend, _messages
 from daemon.config import ModelConfig
 from daemon.config_reader import parse_config
@@ -284,16 +285,17 @@ def test_queued_work_leaves_a_slot_for_an_interactive_request(backend: Transform
     fast.ignore_eos = True
     try:
         with torch.inference_mode():
-            fast.run(source, slots=fastgen.RESERVE_FROM, cache_length=256, max_new=24, shrink=True, reserve=True)
+            fast.run(source, slots=8, cache_length=256, max_new=24, shrink=True, reserve=True)
     finally:
         fast.ignore_eos = False
-    slots = fastgen.RESERVE_FROM
-    # Queued work filled all but the reserved slot(s) ...
-    assert max(slot_at_prefill[i] for i in range(12)) <= slots - fastgen.RESERVED_SLOTS - 1
+    reserved = Scheduler(8, reserve=True).reserved
+    assert reserved >= 1
+    # Queued work stayed out of the lowest (interactive) slots ...
+    assert min(slot_at_prefill[i] for i in range(12)) == reserved
     # ... and the request started right after the first decode run, before any queued sequence ended.
     events = source.events
     assert events.index(("prefill", 100)) < events.index(next(e for e in events if e[0] == "finished" and e[1] < 100))
-    assert slot_at_prefill[100] == slots - fastgen.RESERVED_SLOTS  # the reserved slot: all below it were busy
+    assert slot_at_prefill[100] == 0  # the lowest interactive slot
     assert all(isinstance(source.results[i], Generated) for i in [*range(12), 100])
 
 
@@ -309,7 +311,7 @@ def test_a_fixed_list_uses_every_slot(backend: TransformersBackend, monkeypatch:
         return prefill(items, slots)
 
     monkeypatch.setattr(fast, "_prefill", recording_prefill)
-    slots = fastgen.RESERVE_FROM
+    slots = 8
     with torch.inference_mode():
         fast.run(ListSource(_prompts(backend, slots, 3)), slots=slots, cache_length=256, max_new=3)
     assert max(busy) == slots - 1  # the last prompt went into the last free slot, in the same round

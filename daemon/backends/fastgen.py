@@ -68,16 +68,10 @@ from daemon.backends.patches import Compiled, _allow_shared_compiles, compile_en
 from daemon.backends.prefill import FAILED, PrefillRounds, _Shipped, _Staging, take_pack
 from daemon.backends.prefill_step import prefill_layer
 from daemon.backends.prompts import Generated, NonFiniteLogitsError, Prompt, RunStats, Source
+from daemon.backends.scheduler import Scheduler, SchedulerOptions
 
 log = logging.getLogger(__name__)
 
-#: Longest a round of admission (vision + prefill of new prompts) may run while
-#: a streaming (interactive) sequence waits for its tokens: without it a backlog
-#: arriving at once filled every free slot first (~20 s for 256 images on an
-#: H100) and a chat request admitted meanwhile saw its first token only after
-#: all of them (benchmarks/NOTES.md, API TTFT).  Folder work alone is admitted
-#: in full rounds (what throughput wants).
-ADMIT_BUDGET = 0.3
 #: Most decode steps between two looks at which sequences ended (each look is
 #: a device-to-host sync); capped by the smallest remaining budget and by
 #: SYNC_SECONDS.
@@ -87,11 +81,6 @@ SYNC_EVERY = 16
 #: for the run to end before its prefill (16 steps of 256 slots took ~0.3 s
 #: on an H100).  A sync costs the GPU well under a millisecond.
 SYNC_SECONDS = 0.08
-#: Slots that queued (folder) work leaves free for interactive requests, once
-#: the engine has at least RESERVE_FROM slots: a backlog admitted at once
-#: otherwise holds every slot until its sequences end together (seconds).
-RESERVED_SLOTS = 1
-RESERVE_FROM = 8
 #: Repetition loops (issue 12.4; Qwen2.5-VL loops on long tables and OCR): a
 #: sequence whose last LOOP_WINDOW tokens repeat with a period of at most
 #: LOOP_MAX_PERIOD tokens (so at least three copies of a 48-token phrase, or
@@ -351,7 +340,7 @@ class SlotEngine(PrefillRounds):
     # ------------------------------------------------------------ the loop
 
     def run(self, source: Source, *, slots: int, cache_length: int, max_new: int, shrink: bool = False,
-            reserve: bool = False) -> None:
+            reserve: bool = False, options: SchedulerOptions = SchedulerOptions()) -> None:
         """Generate for what ``source`` gives until it has nothing more: continuous admission.
 
         A free slot takes the next prompt at once (between two host syncs,
@@ -362,10 +351,11 @@ class SlotEngine(PrefillRounds):
         busy ones: a lone request then decodes at batch-1 speed in a cache
         sized for many (each size is compiled and captured once per process).
         With ``reserve`` (a source that may bring interactive requests: the
-        daemon) queued prompts leave ``RESERVED_SLOTS`` free for them; a fixed
-        list (the bench, ``process --local``) uses every slot, else its last
-        few prompts would decode alone after the rest, at the full batch's
-        step cost.
+        daemon) the lowest slots are kept for them; a fixed list (the bench,
+        ``process --local``) uses every slot, else its last few prompts would
+        decode alone after the rest, at the full batch's step cost.  Which
+        prompts are admitted and which slots decode, turn by turn, is the
+        ``scheduler.Scheduler``'s decision (``options``).
 
         Failures stay with their request: a prompt whose prefill raises (or
         whose logits are not finite) is finished with the exception and the
@@ -388,11 +378,13 @@ class SlotEngine(PrefillRounds):
         self._ttft: dict[int, float] = {}
         self._carry: list[tuple[Prompt, Any]] = []  # prompts with image features, prefilled next
         self._shrink = shrink
-        self._reserve = RESERVED_SLOTS if reserve and self._slots >= RESERVE_FROM else 0
+        self._sched = Scheduler(slots, options, reserve=reserve)
         admitting = True
         while True:
+            self._sched.end()
             if source.stopping():
                 break
+            self._sched.begin(interactive_running=bool(self._interactive_slots()))
             if admitting:
                 admitting = self._admit(source, max_new, eos)
             if not self._owner:
@@ -403,6 +395,7 @@ class SlotEngine(PrefillRounds):
                 source.wait(0.02)
                 continue
             self._decode(source, eos)
+        self._sched.end()
         s["active"].zero_()
         for prompt, _ in reversed(self._carry):  # stopping: they were taken, so the source hears back, in order
             source.defer(prompt)
@@ -412,10 +405,11 @@ class SlotEngine(PrefillRounds):
     def _admit(self, source: Source, max_new: int, eos: set[int]) -> bool:
         """Fill free slots from ``source``; False once a prompt had to be deferred (admission stops).
 
-        Queued work leaves ``RESERVED_SLOTS`` free for interactive prompts,
-        and a round of queued work ends as soon as an interactive prompt is
-        waiting: the prompts of the round whose images already went through
-        the vision tower are kept (``_carry``) for the next round.
+        How many prompts, and how many prompt tokens, a turn may admit is the
+        scheduler's decision (``Scheduler.admission``); a round of queued
+        work ends as soon as an interactive prompt is waiting: the prompts of
+        the round whose images already went through the vision tower are kept
+        (``_carry``) for the next round.
 
         Rounds overlap: a round's first tokens are read (``_settle``) once
         the next round is queued behind it, so the GPU is not left idle while
@@ -423,17 +417,22 @@ class SlotEngine(PrefillRounds):
         host longer than its GPU work).  A round with an interactive prompt
         is read at once: its first token should not wait for another round.
         """
-        started = time.perf_counter()
-        reserve = self._reserve
         pending: _Shipped | None = None
+        spent = 0  # prompt tokens admitted in this turn
         try:
             while True:
                 held = set(self._owner) | (pending.slots() if pending else set())
                 free = [i for i in range(self._slots) if i not in held]
                 urgent = source.urgent()
-                if not free or (len(free) <= reserve and not urgent):
+                allowed = self._sched.admission(free, urgent_waiting=urgent,
+                                                interactive_running=bool(self._interactive_slots()))
+                room = allowed.urgent_room if urgent else allowed.queued_room
+                if allowed.tokens is not None and spent >= allowed.tokens and not urgent:
+                    return True  # this turn's prefill budget is spent: decode first
+                if room <= 0:
                     return True
-                group, admitting = self._group(source, len(free) - (0 if urgent else reserve), max_new)
+                left = None if allowed.tokens is None else allowed.tokens - spent
+                group, admitting = self._group(source, room, max_new, left)
                 if not group:
                     return admitting
                 t0 = time.perf_counter()
@@ -446,6 +445,7 @@ class SlotEngine(PrefillRounds):
                         # the prefills already queued on the GPU (one pack).
                         self._carry = group + self._carry
                         break
+                spent += sum(p.length for p, _, _ in launched)
                 shipped = _Shipped.start(launched)
                 if pending is not None:
                     self._settle(source, pending, eos)
@@ -457,8 +457,6 @@ class SlotEngine(PrefillRounds):
                 self.stats.prefill_s += time.perf_counter() - t0
                 if not admitting:
                     return False
-                if time.perf_counter() - started > ADMIT_BUDGET and any(p.stream for p in self._owner.values()):
-                    return True  # a streaming (interactive) sequence is waiting for its tokens: step first
         except BaseException:
             pending = None  # out of memory or a lost device: the caller takes back what is in hand
             raise
@@ -466,20 +464,24 @@ class SlotEngine(PrefillRounds):
             if pending is not None:
                 self._settle(source, pending, eos)
 
-    def _group(self, source: Source, room: int, max_new: int) -> tuple[list[tuple[Prompt, Any]], bool]:
+    def _group(self, source: Source, room: int, max_new: int,
+               tokens: int | None = None) -> tuple[list[tuple[Prompt, Any]], bool]:
         """Prompts to prefill next, with their image features: carried-over ones, or a new group.
 
         A new group's images go through the vision tower together (up to
-        VISION_BATCH_PATCHES).  An interactive prompt is taken ahead of any
-        carried-over one.  The flag is False once a prompt was deferred.
+        VISION_BATCH_PATCHES), and its prompts until they hold ``tokens``
+        prompt tokens (the turn's budget; at least one prompt).  An
+        interactive prompt is taken ahead of any carried-over one.  The flag
+        is False once a prompt was deferred.
         """
         urgent = source.urgent()
         if self._carry and not urgent:
             return [self._carry.pop(0)], True
         group: list[Prompt] = []
-        patches = 0
+        patches = length = 0
         admitting = True
-        while len(group) < room and (not group or patches < prefill.VISION_BATCH_PATCHES):
+        while len(group) < room and (not group or (patches < prefill.VISION_BATCH_PATCHES
+                                                   and (tokens is None or length < tokens))):
             prompt = source.take()
             if prompt is None:
                 break
@@ -492,6 +494,7 @@ class SlotEngine(PrefillRounds):
                 break
             group.append(prompt)
             patches += prompt.patches
+            length += prompt.length
             if prompt.urgent:
                 break  # its own vision call: nothing queued delays its first token
         return [(p, f) for p, f in zip(group, self._features_each(group, source)) if f is not FAILED], admitting
@@ -504,10 +507,12 @@ class SlotEngine(PrefillRounds):
         stays free: a pack that fails is prefilled again a prompt at a time
         to find the culprit.
         """
-        slots = free[:len(pack)]
+        slots = self._sched.place([prompt.urgent for prompt, _ in pack], free)
         try:
             heads = self._prefill(pack, slots)
         except Exception as exc:
+            free.extend(slots)  # not taken after all
+            free.sort()
             reraise_if_fatal(exc)
             if len(pack) == 1:
                 source.finished(pack[0][0], exc)
@@ -516,7 +521,6 @@ class SlotEngine(PrefillRounds):
             for item in pack:
                 launched += self._launch(source, [item], free)
             return launched
-        del free[:len(pack)]
         return [(prompt, slot, heads[i]) for i, ((prompt, _), slot) in enumerate(zip(pack, slots))]
 
     def _settle(self, source: Source, shipped: _Shipped, eos: set[int]) -> None:
@@ -545,15 +549,16 @@ class SlotEngine(PrefillRounds):
     def _decode(self, source: Source, eos: set[int]) -> None:
         """Run decode steps up to the next host sync, then hand over what ended or streamed."""
         s, owner, stats = self._state, self._owner, self.stats
-        n = self._slots
-        if self._shrink:
-            n = min(n, 1 << max(owner).bit_length())  # the power of two above the highest busy slot
-        sample = any(p.temperature > 0 for p in owner.values())
+        # All slots, the power of two covering the busy ones, or (an interactive turn) those covering the
+        # interactive ones: the scheduler's choice.  Slots above n wait, untouched.
+        n = self._sched.decode_width(owner, self._interactive_slots(), shrink=self._shrink)
+        stepped = [i for i in owner if i < n]
+        sample = any(owner[i].temperature > 0 for i in stepped)
         step = self._graph(n, sample)
         # Run until the first sequence can have reached its budget, at most
         # SYNC_EVERY steps: an end of sequence is noticed within that many.
         n_gen = s["n_gen"].tolist()
-        left = min(owner[i].max_new_tokens - n_gen[i] for i in owner)
+        left = min(owner[i].max_new_tokens - n_gen[i] for i in stepped)
         steps = min(SYNC_EVERY, left)
         if n in self._step_s:
             steps = min(steps, int(SYNC_SECONDS / self._step_s[n]))
@@ -573,8 +578,8 @@ class SlotEngine(PrefillRounds):
             for i in looped:
                 s["active"][i] = False
                 active[i] = False
-        done = [i for i in owner if not active[i]]
-        streaming = [i for i in owner if active[i] and owner[i].stream]
+        done = [i for i in stepped if not active[i]]
+        streaming = [i for i in stepped if active[i] and owner[i].stream]
         if not done and not streaming:
             return
         rows = done + streaming
@@ -602,6 +607,10 @@ class SlotEngine(PrefillRounds):
                 stats.loops += 1
             stats.new_tokens += result.generated
             source.finished(prompt, result)
+
+    def _interactive_slots(self) -> list[int]:
+        """Slots generating for interactive requests (the API, ``vlwatch ask``)."""
+        return [i for i, p in self._owner.items() if p.urgent or p.stream]
 
     def _looping(self, n: int) -> torch.Tensor:
         """Which of the first ``n`` slots are stuck repeating: the last LOOP_WINDOW tokens have a period
