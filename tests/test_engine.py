@@ -34,7 +34,7 @@ from daemon.backends import (
 )
 from daemon.backends import prefill as prefill_rounds
 from daemon.backends.prompts import Generated, ListSource, NonFiniteLogitsError, Prompt
-from daemon.backends.scheduler import Scheduler
+from daemon.backends.scheduler import Scheduler, SchedulerOptions
 from daemon.backends.transformers import TransformersBackend, _messages
 from daemon.config import ModelConfig
 from daemon.config_reader import parse_config
@@ -1109,3 +1109,69 @@ def test_the_daemon_exits_non_zero_on_a_lost_gpu_and_the_attempt_counts(tmp_path
         assert job.state == "failed" and job.attempts == 2, job  # a poison file cannot loop forever
     finally:
         d.close()
+
+
+def _run_with_an_answer_streaming(backend: TransformersBackend, monkeypatch: pytest.MonkeyPatch,
+                                  options: SchedulerOptions) -> list[tuple[str, int]]:
+    """24 queued prompts and, after the first decode stretch, one streamed interactive request (index 100);
+    the events of the run: prefills, decode stretches (with the slots they stepped) and finishes."""
+    fast = backend._fast
+    source = UrgentSource(_prompts(backend, 24, 6), _prompts(backend, 1, 40, first=100, urgent=True, stream=True))
+    prefill, decode, graph = fast._prefill, fast._decode, fast._graph
+
+    def recording_prefill(items, slots):
+        source.events.extend(("prefill", prompt.index) for prompt, _ in items)
+        return prefill(items, slots)
+
+    def decode_then_ask(src, eos):
+        decode(src, eos)
+        source.arrive()
+
+    def recording_graph(n, sample):
+        source.events.append(("decode", n))
+        return graph(n, sample)
+
+    monkeypatch.setattr(fast, "_prefill", recording_prefill)
+    monkeypatch.setattr(fast, "_decode", decode_then_ask)
+    monkeypatch.setattr(fast, "_graph", recording_graph)
+    fast.ignore_eos = True
+    try:
+        with torch.inference_mode():
+            fast.run(source, slots=16, cache_length=256, max_new=40, shrink=True, reserve=True, options=options)
+    finally:
+        fast.ignore_eos = False
+    assert all(isinstance(source.results[i], Generated) for i in [*range(24), 100])
+    events = source.events
+    return events[events.index(("prefill", 100)):events.index(("finished", 100))]
+
+
+def _queued_prefills_per_turn(live: list[tuple[str, int]]) -> list[int]:
+    counts = [0]
+    for kind, index in live:
+        if kind == "decode":
+            counts.append(0)
+        elif kind == "prefill" and index < 100:
+            counts[-1] += 1
+    return counts
+
+
+def test_while_an_answer_streams_queued_prefills_stay_within_the_step_budget(
+        backend: TransformersBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 22.1: each round of folder prefills stopped every decoding slot, so a 32-token answer came in bursts
+    # over 3-10 s under a backlog. With a budget of one prompt's tokens, no stretch of the stream's decoding is
+    # separated from the next by more than one queued prefill.
+    length = _prompts(backend, 1, 6)[0].length
+    live = _run_with_an_answer_streaming(backend, monkeypatch, SchedulerOptions(step_tokens=length, backlog_share=0.5))
+    counts = _queued_prefills_per_turn(live)
+    assert max(counts) == 1, counts  # the backlog moved, one prompt at a time
+    # Part of the time the interactive sequence (slot 0) decoded alone, part of it with the backlog.
+    widths = {n for kind, n in live if kind == "decode"}
+    assert 1 in widths and max(widths) > 1, widths
+
+
+def test_without_interactive_work_a_turn_prefills_every_free_slot(
+        backend: TransformersBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The bound applies only while a person waits: with a budget larger than the backlog, the same run admits
+    # several queued prompts in one turn (what throughput wants), so the test above can fail.
+    live = _run_with_an_answer_streaming(backend, monkeypatch, SchedulerOptions(step_tokens=10**6, backlog_share=1.0))
+    assert max(_queued_prefills_per_turn(live)) > 1

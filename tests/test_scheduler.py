@@ -1,0 +1,72 @@
+"""The slot engine's scheduler (issue 22.1) on its own: admission, placement, decode width, turns.
+
+Plain numbers in, decisions out; the engine-level behaviour (a stream's decoding never separated by more
+than the step budget of queued prefills) is in tests/test_engine.py.
+"""
+
+from __future__ import annotations
+
+from daemon.backends.scheduler import Scheduler, SchedulerOptions
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_interactive_requests_take_the_lowest_slots_and_queued_ones_the_rest() -> None:
+    sched = Scheduler(16, SchedulerOptions(interactive_slots=4), reserve=True)
+    free = list(range(16))
+    assert sched.place([False, False], free) == [4, 5]
+    assert sched.place([True], free) == [0]
+    allowed = sched.admission(free, urgent_waiting=False, interactive_running=False)
+    assert allowed.queued_room == 10 and allowed.urgent_room == 0 and allowed.tokens is None
+    assert sched.admission(free, urgent_waiting=True, interactive_running=False).urgent_room == 13
+
+
+def test_a_fixed_list_keeps_no_slot_back() -> None:
+    sched = Scheduler(8, reserve=False)
+    assert sched.place([False] * 8, list(range(8))) == list(range(8))
+
+
+def test_small_engines_keep_a_quarter_at_most() -> None:
+    assert Scheduler(4, SchedulerOptions(interactive_slots=4), reserve=True).reserved == 1
+    assert Scheduler(2, SchedulerOptions(interactive_slots=4), reserve=True).reserved == 0
+
+
+def test_turns_share_time_between_the_backlog_and_interactive_work() -> None:
+    clock = Clock()
+    sched = Scheduler(256, SchedulerOptions(step_tokens=2048, backlog_share=0.25), reserve=True, clock=clock)
+    turns = []
+    for _ in range(40):
+        turn = sched.begin(interactive_running=True)
+        turns.append(turn)
+        clock.now += 0.1
+        sched.end()
+    backlog = turns.count("backlog") / len(turns)
+    assert 0.2 <= backlog <= 0.3, turns
+    # In the interactive turn no queued prompt is admitted and only the interactive slots decode.
+    while sched.begin(interactive_running=True) != "interactive":
+        clock.now += 0.1
+        sched.end()
+    assert sched.admission(range(4, 256), urgent_waiting=False, interactive_running=True).queued_room == 0
+    assert sched.decode_width(busy=[0, 1, 9, 200], interactive=[0, 1], shrink=True) == 2
+    clock.now += 0.1
+    sched.end()
+    while sched.begin(interactive_running=True) != "backlog":
+        clock.now += 0.1
+        sched.end()
+    allowed = sched.admission(range(4, 256), urgent_waiting=False, interactive_running=True)
+    assert allowed.queued_room == 252 and allowed.tokens == 2048
+    assert sched.decode_width(busy=[0, 1, 9, 200], interactive=[0, 1], shrink=True) == 256
+
+
+def test_without_interactive_work_everything_runs_unbounded() -> None:
+    sched = Scheduler(64, reserve=True)
+    assert sched.begin(interactive_running=False) is None
+    assert sched.admission(range(4, 64), urgent_waiting=False, interactive_running=False).tokens is None
+    assert sched.decode_width(busy=[4, 5, 6], interactive=[], shrink=True) == 8
+    assert sched.decode_width(busy=[4], interactive=[], shrink=False) == 64
