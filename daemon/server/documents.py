@@ -172,11 +172,12 @@ class Conversion:
                                    component="document_backend"))
 
     def cancel(self, why: str = "cancelled") -> None:
+        """End now as a failure saying ``why``; pages not started yet never reach the model."""
         with self._lock:
             parts = list(self._parts)
+        self._end(self._failed(f"{self.name}: {why}", component="pipeline"))  # first: the pages' ends are moot
         for f in parts:
-            f.cancel()
-        self._end(self._failed(f"{self.name}: {why}", component="pipeline"))
+            f.cancel()  # the engine skips a cancelled request (WorkerLoop.submit)
 
     # ------------------------------------------------------------ steps
 
@@ -270,12 +271,13 @@ class Conversion:
                          input_error=input_error)
 
     def _end(self, result: Converted) -> None:
-        if not self.future.done():
-            try:
-                self.future.set_result(result)
-            except Exception:  # noqa: BLE001 - set by another thread a moment ago
-                pass
-        self._pages = self._pages if result.status != "failure" else []
+        with self._lock:
+            if self.future.done():
+                return
+            self.future.set_result(result)
+            # The task is kept a while for its result: not its pages or bytes.
+            self._pages = []
+            self.upload = Upload(self.upload.name, b"")
 
     def _elapsed(self) -> float:
         return round(time.monotonic() - self._started, 3)
