@@ -377,3 +377,49 @@ def test_token_off_loopback_and_the_olmocr_rule(tmp_path: Path) -> None:  # issu
 def test_redacted_drops_user_info_query_and_fragment() -> None:  # issue 25.3
     assert redacted("https://user:pw@hooks.example.org:8443/a/b?token=x#frag") == "https://hooks.example.org:8443/a/b"
     assert redacted("http://[::1]/h?k=v") == "http://[::1]/h"
+
+
+def test_a_pdf_through_the_tiny_checkpoint(tmp_path: Path, tiny_model: Path) -> None:  # issue 25.1
+    """The real model path (processor, generate) behind /v1/convert/file: random weights, real shapes."""
+    (tmp_path / "inbox").mkdir()
+    port = free_port()
+    config = write_config(tmp_path, f"""
+        model:
+          name: {tiny_model}
+          device: cpu
+          max_new_tokens: 8
+          max_pixels: 50000
+        state: ./state/state.db
+        include: [ocr]
+        watch:
+          - path: ./inbox
+        api:
+          listen: 127.0.0.1:{port}
+        """)
+    d = Daemon(tmp_path, config).start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _health(base) == 200, "the API", log=d.log)
+        r = httpx.post(base + "/v1/convert/file", files={"files": ("two.pdf", _pages_pdf(2), "application/pdf")},
+                       data={"to_formats": ["md", "text"]}, timeout=300)
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        assert doc["status"] == "success", doc
+        assert isinstance(doc["document"]["md_content"], str) and isinstance(doc["document"]["text_content"], str)
+        assert "convert " in d.log() and "success (ocr, 2 pages" in d.log()
+    finally:
+        d.stop()
+        d.close()
+
+
+def test_check_names_a_bad_webhook_with_its_line(tmp_path: Path) -> None:  # issue 25.3
+    from tests.conftest import run_vlwatch
+
+    config = convert_config(tmp_path, "127.0.0.1:8765", rules="""rules:
+          - name: scan
+            task: ocr
+            webhook: ftp://example.org/hook""")
+    done = run_vlwatch("check", "--config", config, env={"VLWATCH_PLUGINS": PLUGIN})
+    line = next(n for n, text in enumerate(config.read_text().splitlines(), 1) if "webhook:" in text)
+    assert done.returncode == 1
+    assert f"config.yaml:{line}: rules[0].webhook: expected an http:// or https:// URL" in done.stdout, done.stdout

@@ -33,6 +33,10 @@ synchronous conversion whose client leaves or times out is cancelled, so
 it holds the model no longer.  ``kind: http`` sources are refused unless
 ``api.http_sources: true`` (nothing is fetched from the network otherwise).
 Errors carry docling's ``detail`` beside vlwatch's usual ``error`` object.
+
+Accepted risk: a caller of the API (who holds the token, off loopback) can
+make the daemon POST to any http(s) URL it names in ``callbacks``; what is
+sent is only the task's id and status, never the document or its text.
 """
 
 from __future__ import annotations
