@@ -167,8 +167,9 @@ class TaskStore:
         task.finished_at = time.monotonic()
         result = task.result
         assert result is not None
-        log.info("convert %s: %s (%s, %d pages, %.1fs)", task.id, result.status, result.rule, result.pages,
-                 result.seconds)
+        why = f": {result.errors[-1]['error_message']}" if result.errors else ""  # names are printable (safe_name)
+        log.info("convert %s: %s (%s, %d pages, %.1fs)%s", task.id, result.status, result.rule, result.pages,
+                 result.seconds, why)
         for cb in task.callbacks:
             ended = "failure" if result.status == "failure" else "success"
             webhooks.send(cb.url, callback_payload(task.id, result.status, ended), headers=dict(cb.headers),
