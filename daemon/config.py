@@ -122,6 +122,8 @@ class Rule:
     #: good; None = the top-level ``hooks:`` (``daemon.hooks``)
     on_done: tuple[str, ...] | None = None
     on_failed: tuple[str, ...] | None = None
+    #: an http(s) URL POSTed JSON after each job of this rule (``daemon.webhooks``)
+    webhook: str | None = None
     source: str = ""  # "file:line" where the rule was defined
 
     def matches(self, relative: str) -> bool:
@@ -184,6 +186,13 @@ class ApiConfig:
 
     listen: str | None = DEFAULT_LISTEN
     token_env: str | None = None
+    #: seconds a synchronous conversion (``/v1/convert/file``, ``/process``)
+    #: waits before answering 504 "use the async endpoint" (docling-serve's
+    #: ``DOCLING_SERVE_MAX_SYNC_WAIT``, 120 s there too)
+    sync_wait: float = 120.0
+    #: ``/v1/convert/source`` may fetch ``kind: http`` sources from the network
+    #: (off: nothing enters this machine that way unless the user says so)
+    http_sources: bool = False
 
     @property
     def unix_socket(self) -> Path | None:

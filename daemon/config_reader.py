@@ -32,6 +32,7 @@ from daemon.config import (ATTENTIONS, BACKENDS, DEFAULT_LISTEN, DEFAULT_OUTPUT,
                            ModelConfig, PageRanges, Rule, WatchConfig, bundled_packs, canonical, default_state_path,
                            find_config, is_loopback_host, load_plugins, local_model_path, parse_pages, split_host_port)
 from daemon.errors import ConfigError, ExitCode, Problem, VlwatchError
+from daemon.webhooks import url_problem
 
 
 def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
@@ -259,9 +260,10 @@ _MODEL_KEYS = ("backend", "name", "attention", "dtype", "device", "devices", "mi
                "max_concurrency", "timeout")
 _WATCH_KEYS = ("path", "rules", "recursive", "polling", "settle", "output_dir", "follow_symlinks_out")
 _RULE_KEYS = ("name", "match", "task", "prompt", "output", "also", "csp", "raw_html", "objects", "max_new_tokens",
-              "min_pixels", "max_pixels", "formats", "pages", "reference", "on_done", "on_failed")
+              "min_pixels", "max_pixels", "formats", "pages", "reference", "on_done", "on_failed",
+              "webhook")
 _JOBS_KEYS = ("attempts", "backoff", "rescan", "keep_history", "batch_wait", "redo_outdated")
-_API_KEYS = ("listen", "token_env")
+_API_KEYS = ("listen", "token_env", "sync_wait", "http_sources")
 _HOOKS_KEYS = ("on_done", "on_failed", "timeout")
 
 
@@ -458,6 +460,12 @@ def _read_api(r: _Reader, node: yaml.Node) -> ApiConfig:
             r.problem(keys["token_env"], "api.token_env",
                       "must be the NAME of an environment variable holding the token, not the token")
             token_env = None
+    extra: dict[str, Any] = {}
+    if "sync_wait" in keys:
+        extra["sync_wait"] = r.duration(keys["sync_wait"], "api.sync_wait")
+    if "http_sources" in keys:
+        extra["http_sources"] = r.boolean(keys["http_sources"], "api.http_sources")
+    extra = {k: v for k, v in extra.items() if v is not None}
     where = keys.get("listen", node)
     if listen is not None and listen.startswith("unix:"):
         socket_path = Path(os.path.expandvars(listen[5:])).expanduser()
@@ -469,14 +477,14 @@ def _read_api(r: _Reader, node: yaml.Node) -> ApiConfig:
             host, _ = split_host_port(listen)
         except ValueError as exc:
             r.problem(where, "api.listen", str(exc))
-            return ApiConfig(listen=None, token_env=token_env)
+            return ApiConfig(listen=None, token_env=token_env, **extra)
         if not is_loopback_host(host) and token_env is None:
             # Loopback is reachable by every local user already; anything
             # wider reaches the network, where the API must not be open.
             r.problem(where, "api.listen", f"{listen!r} is reachable from other machines: set api.token_env "
                                            "to the name of a variable holding a bearer token (or listen on "
                                            "127.0.0.1 or a unix: socket)")
-    return ApiConfig(listen=listen, token_env=token_env)
+    return ApiConfig(listen=listen, token_env=token_env, **extra)
 
 
 def _read_argv(r: _Reader, node: yaml.Node, where: str) -> tuple[str, ...] | None:
@@ -492,6 +500,16 @@ def _read_argv(r: _Reader, node: yaml.Node, where: str) -> tuple[str, ...] | Non
         r.problem(node, where, "must name a command")
         return None
     return tuple(argv)
+
+
+def _read_webhook(r: _Reader, node: yaml.Node, where: str) -> str | None:
+    url = r.string(node, where)
+    if url is None:
+        return None
+    if (problem := url_problem(url)) is not None:
+        r.problem(node, where, problem)
+        return None
+    return url.strip()
 
 
 def _read_hooks(r: _Reader, node: yaml.Node) -> HooksConfig:
@@ -643,6 +661,8 @@ def _read_rule(r: _Reader, node: yaml.Node, where: str) -> Rule | None:
     for k in ("on_done", "on_failed"):
         if k in keys:
             kw[k] = _read_argv(r, keys[k], f"{where}.{k}")
+    if "webhook" in keys and not r.is_null(keys["webhook"]):
+        kw["webhook"] = _read_webhook(r, keys["webhook"], f"{where}.webhook")
     if name is None or task is None or output is None or (prompt is None and ("prompt" in keys or task == "custom")):
         return None
     line = node.start_mark.line + 1

@@ -9,7 +9,9 @@ shell syntax), with what it is about in its environment:
 - ``VLWATCH_ERROR``: why it failed (empty when done).
 
 A rule's own ``on_done``/``on_failed`` replace the top-level ``hooks:``
-ones for that rule.  Hooks run on a small pool of background threads, never
+ones for that rule.  A rule's ``webhook:`` URL is POSTed a JSON summary of
+the same two events (``daemon.webhooks``: retried with backoff, on its own
+thread).  Hooks run on a small pool of background threads, never
 on the engine's: a slow hook holds up no model call.  Each gets
 ``hooks.timeout`` seconds, after which its whole process group is killed;
 a hook that cannot start, exits non-zero or times out is logged (with the
@@ -38,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from daemon import webhooks
 from daemon.config import Config, Rule
 from daemon.images import printable
 
@@ -64,19 +67,31 @@ class Hook:
 
 
 def done(config: Config, rule_name: str, source: Path, sidecars: Sequence[Path]) -> None:
-    """Run the ``on_done`` hook (if any) for a job whose sidecars were just written."""
+    """Run the ``on_done`` hook (if any) for a job whose sidecars were just written; POST its webhook."""
     rule = config.rule(rule_name)
     argv = config.hooks.on_done if rule is None or rule.on_done is None else rule.on_done
     if argv and rule is not None:
         _submit(_hook("on_done", argv, config, rule, source, sidecars, ""))
+    if rule is not None and rule.webhook:
+        _webhook("done", rule, source, sidecars, None)
 
 
 def failed(config: Config, rule_name: str, source: Path, error: str) -> None:
-    """Run the ``on_failed`` hook (if any) for a job that failed for good."""
+    """Run the ``on_failed`` hook (if any) for a job that failed for good; POST its webhook."""
     rule = config.rule(rule_name)
     argv = config.hooks.on_failed if rule is None or rule.on_failed is None else rule.on_failed
     if argv and rule is not None:
         _submit(_hook("on_failed", argv, config, rule, source, (), error))
+    if rule is not None and rule.webhook:
+        _webhook("failed", rule, source, (), error)
+
+
+def _webhook(event: str, rule: Rule, source: Path, sidecars: Sequence[Path], error: str | None) -> None:
+    # Queued for the webhook thread (daemon.webhooks): never waits for the receiver.
+    assert rule.webhook is not None
+    webhooks.send(rule.webhook, webhooks.job_payload(event=event, source=source, rule=rule.name, task=rule.task,
+                                                     sidecars=sidecars, error=error),
+                  what=f"{event} of {printable(source)} [{rule.name}]")
 
 
 def _hook(kind: str, argv: Sequence[str], config: Config, rule: Rule, source: Path,

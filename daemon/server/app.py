@@ -6,8 +6,9 @@ for the routes.  In front of every route, static file and 404 alike, a
 small ASGI middleware (``Guard``) enforces, in order:
 
 1. the bearer token, when one is configured (``Authorization: Bearer``,
-   compared in constant time; the web page may send it as the
-   ``vlwatch_token`` cookie instead, which it sets ``SameSite=Strict``);
+   or ``X-Api-Key`` as docling-serve's clients send it; compared in
+   constant time; the web page may send it as the ``vlwatch_token`` cookie
+   instead, which it sets ``SameSite=Strict``);
 2. on loopback TCP, a ``Host`` header naming the loopback address: a web
    site the user visits cannot rebind its own name to 127.0.0.1 and read
    the API (DNS rebinding);
@@ -53,12 +54,16 @@ TOKEN_COOKIE = "vlwatch_token"
 
 
 def create_app(ctx: ServerContext) -> FastAPI:
-    """The application: ``daemon.server.api``'s routes, the web page if installed, the guard."""
-    from daemon.server import api
+    """The application: ``daemon.server.api``'s routes, the document converters, the web page if installed, the guard."""
+    from daemon.server import api, convert, extract
+    from daemon.server.tasks import TaskStore
 
     app = FastAPI(title="vlwatch", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ctx = ctx
+    app.state.tasks = TaskStore()
     app.include_router(api.router)
+    app.include_router(convert.router)
+    app.include_router(extract.router)
     web = _optional("daemon.server.web")
     if web is not None and hasattr(web, "router"):
         app.include_router(web.router)
@@ -87,7 +92,7 @@ def _optional(module: str) -> Any:
 
 async def _api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    return error_response(exc.status, exc.message, code=exc.code, type=exc.type, param=exc.param)
+    return error_response(exc.status, exc.message, code=exc.code, type=exc.type, param=exc.param, detail=exc.detail)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -173,9 +178,10 @@ class Guard:
     def _refusal(self, headers: dict[str, str]) -> JSONResponse | None:
         token = self.ctx.token
         if token is not None and not _token_ok(token, headers):
-            return error_response(401, "a bearer token is required (Authorization: Bearer <token>; "
-                                       "the daemon reads it from the variable named by api.token_env)",
-                                  code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            return error_response(401, "a bearer token is required (Authorization: Bearer <token>, or "
+                                       "X-Api-Key: <token>; the daemon reads it from the variable named by "
+                                       "api.token_env)",
+                                  code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}, detail=True)
         host = headers.get("host", "")
         if self.loopback_hosts is not None and host.lower() not in self.loopback_hosts:
             return error_response(403, f"Host {host!r} is not this loopback address (DNS rebinding?)",
@@ -215,6 +221,10 @@ def _token_ok(token: str, headers: dict[str, str]) -> bool:
     auth = headers.get("authorization", "")
     scheme, _, given = auth.partition(" ")
     if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected):
+        return True
+    # docling-serve's clients (Open WebUI's Docling loader...) send their key here.
+    api_key = headers.get("x-api-key")
+    if api_key is not None and hmac.compare_digest(api_key.strip().encode(), expected):
         return True
     cookie = headers.get("cookie")
     if cookie:

@@ -206,7 +206,7 @@ def _data_image(url: str, where: str, config: Config) -> list[Image.Image]:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(400, f"{where}: the data: URL is not valid base64", param=where, code="invalid_image") from None
-    with _in_memory(data) as path:
+    with in_memory(data) as path:
         return _pages(path, where, config, shown=where, allowed_roots=None)
 
 
@@ -251,7 +251,7 @@ def _pages(path: Path, where: str, config: Config, *, shown: str,
 
 
 @contextmanager
-def _in_memory(data: bytes) -> Iterator[Path]:
+def in_memory(data: bytes) -> Iterator[Path]:
     """``data`` as a readable path: an anonymous memfd (Linux), else a private temp file."""
     memfd = getattr(os, "memfd_create", None)
     if memfd is not None:

@@ -45,23 +45,31 @@ class ApiError(Exception):
     """An error answer in the OpenAI shape."""
 
     def __init__(self, status: int, message: str, *, code: str | None = None,
-                 type: str | None = None, param: str | None = None) -> None:
+                 type: str | None = None, param: str | None = None, detail: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.type = type or _error_type(status)
         self.param = param
+        #: also give the message as a top-level ``detail``, where FastAPI-based
+        #: servers put it (docling-serve's clients read that)
+        self.detail = detail
 
 
 def error_body(message: str, *, status: int, code: str | None = None, type: str | None = None,
-               param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type or _error_type(status), "param": param, "code": code}}
+               param: str | None = None, detail: bool = False) -> dict[str, Any]:
+    body: dict[str, Any] = {"error": {"message": message, "type": type or _error_type(status), "param": param,
+                                      "code": code}}
+    if detail:
+        body["detail"] = message
+    return body
 
 
 def error_response(status: int, message: str, *, code: str | None = None, type: str | None = None,
-                   param: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, status=status, code=code, type=type, param=param),
+                   param: str | None = None, headers: dict[str, str] | None = None,
+                   detail: bool = False) -> JSONResponse:
+    return JSONResponse(error_body(message, status=status, code=code, type=type, param=param, detail=detail),
                         status_code=status, headers=headers)
 
 
