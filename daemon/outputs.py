@@ -67,6 +67,8 @@ class Result:
     pages: tuple[PageResult, ...]
     backend: str
     model: str
+    #: where the source may really be (``rules.allowed_roots``) when a writer reads it again
+    roots: tuple[Path, ...] | None = None
 
 
 # ------------------------------------------------------------------ naming
@@ -159,6 +161,8 @@ def write_result(result: Result, folders: FolderSyncs | None = None) -> list[Pat
             otherwise each is fsynced here.
     """
     rule = result.match.rule
+    if rule.answers == "olmocr":
+        return [_write_document(result, folders)]
     if rule.task == "ground":
         return _write_ground(result, folders)
     if rule.output == "html":
@@ -182,6 +186,17 @@ def _write_markdown(result: Result, folders: FolderSyncs | None = None) -> Path:
     parts.append(provenance_comment(result))
     path = checked_sidecar_path(result.match, "md")
     atomic_write(path, _utf8("\n".join(parts)), like=result.match.path, folders=folders)
+    return path
+
+
+def _write_document(result: Result, folders: FolderSyncs | None = None) -> Path:
+    """A whole document read with olmOCR-2 answers: one front matter, the pages' text (issue 24)."""
+    # Imported here: documents builds on this module's Result.
+    from daemon.documents import document_markdown
+
+    text = document_markdown(result, result.roots) + "\n" + provenance_comment(result)
+    path = checked_sidecar_path(result.match, "md")
+    atomic_write(path, _utf8(text), like=result.match.path, folders=folders)
     return path
 
 
