@@ -106,8 +106,9 @@ def document_note(result: "Result") -> str | None:
            if isinstance(p.answer, PageAnswer) and not p.answer.valid]
     if not bad:
         return None
-    return "; ".join(f"page {n}: {problem}" for n, problem in bad)[:2000] + \
-        " (the sidecar has the PDF's text layer for these pages where there is one)"
+    where = " (the sidecar has the PDF's text layer for these pages where there is one)" \
+        if result.match.rule.answers == "olmocr" else " (the sidecar marks these pages as missing)"
+    return "; ".join(f"page {n}: {problem}" for n, problem in bad)[:2000] + where
 
 
 def _fallback(result: "Result", number: int, problem: str,

@@ -101,11 +101,49 @@ class PageAnswer(Answer):
         return self.problem is None
 
 
-def policy_for(rule: Rule) -> AnswerPolicy | None:
-    """A new policy for one document of ``rule`` (None: answers are taken as they come)."""
+#: Tries of a page of a multi-page document whose request fails, under a rule without ``answers:``.
+PAGE_TRIES = 2
+
+
+def policy_for(rule: Rule, pages: int = 1) -> AnswerPolicy | None:
+    """A new policy for one document of ``rule`` with ``pages`` pages (None: answers are taken as they come).
+
+    A rule without ``answers:`` gets a policy only for a document of several
+    pages (``PagedPolicy``): a page whose request fails is tried again, then
+    left out, so it does not lose the others (issue 24).  A one-page file
+    that fails fails as a job, retried with the queue's backoff.
+    """
     if rule.answers == "olmocr":
         return OlmocrPolicy(rule.temperatures or OLMOCR_TEMPERATURES)
+    if pages > 1:
+        return PagedPolicy(PAGE_TRIES)
     return None
+
+
+class PagedPolicy:
+    """Pages of a document under a plain rule: every answer kept; a failed request tried again, then left out."""
+
+    def __init__(self, tries: int) -> None:
+        self.tries = max(1, tries)
+        self._requests: dict[int, Request] = {}
+        self._failures: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def first(self, index: int, request: Request) -> Request:
+        with self._lock:
+            self._requests[index] = request
+        return request
+
+    def settle(self, index: int, got: Answer | BaseException) -> Request | Answer | BaseException:
+        if not isinstance(got, BaseException) or _not_the_page(got):
+            return got
+        with self._lock:
+            failures = self._failures[index] = self._failures.get(index, 0) + 1
+            if failures < self.tries:
+                return self._requests[index]
+        problem = f"the request failed {failures} time{'s' if failures > 1 else ''}: {_error_text(got)}"
+        return PageAnswer(text="", finished=False, problem=problem,
+                          tries=tuple(Try(self._requests[index].temperature, 0, problem) for _ in range(failures)))
 
 
 @dataclass

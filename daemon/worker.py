@@ -39,7 +39,7 @@ from daemon.config import Config
 from daemon.documents import document_note
 from daemon.errors import BackendUnavailableError, VlwatchError
 from daemon.images import Page, load_pages, printable
-from daemon.outputs import FolderSyncs, PageResult, Result, write_result
+from daemon.outputs import FolderSyncs, PageResult, Result, missing, write_result
 from daemon.policies import AnswerPolicy, policy_for
 from daemon.rules import Match, allowed_roots, render_prompt
 
@@ -135,7 +135,7 @@ class Worker:
                      for img in reference_images(ref, rule.min_pixels or model.min_pixels,
                                                  rule.max_pixels or model.max_pixels))
         requests = tuple(Request(images=(*refs, p.image), prompt=prompt, max_new_tokens=max_new) for p in pages)
-        policy = policy_for(rule)
+        policy = policy_for(rule, len(pages))
         if policy is not None:
             requests = tuple(policy.first(i, r) for i, r in enumerate(requests))
         return Prepared(match, tuple(pages), requests, policy)
@@ -257,6 +257,10 @@ class Worker:
             PageResult(number=page.number, answer=answer, original=page.original, shown=page.shown)
             for page, answer in zip(prep.pages, got)
         )
+        if match.rule.answers is None and pages and all(missing(p) for p in pages):
+            # Not one page answered: the file fails as a whole and is retried (issue 24 keeps
+            # the pages that did answer; there are none).
+            return Outcome(match, error=missing(pages[0]), seconds=time.monotonic() - started)
         roots = allowed_roots(self.config, match)
         result = Result(match=match, pages=pages, backend=self.backend.name, model=self.backend.model,
                         roots=tuple(roots) if roots is not None else None)
@@ -277,7 +281,7 @@ class Worker:
             return Outcome(match, error=f"{printable(match.path)}: unexpected error while writing sidecars: "
                                         f"{printable(exc)}", seconds=time.monotonic() - started)
         return Outcome(match, sidecars=tuple(sidecars), seconds=time.monotonic() - started,
-                       note=document_note(result) if match.rule.answers else None)
+                       note=document_note(result))
 
     # ------------------------------------------------------------ plumbing
 

@@ -172,6 +172,45 @@ def test_an_image_with_no_valid_answer_is_missing_not_failed(tmp_path: Path, mon
     assert meta["missing_pages"][0]["page"] == 1 and "no text layer" in meta["missing_pages"][0]["reason"]
 
 
+def test_a_failing_page_does_not_lose_the_others_under_any_rule(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "doc.pdf").write_bytes(page_pdf([("red", None), ("yellow", None), ("blue", None)]))
+    (inbox / "one.pdf").write_bytes(page_pdf([("yellow", None)]))
+    log = tmp_path / "requests.jsonl"
+    monkeypatch.setenv("VLWATCH_OLMOCR_LOG", str(log))
+    config = load_config(write_config(tmp_path, """
+        model: {backend: olmocr-stub, name: stub-olmocr}
+        state: ./state.db
+        watch: [{path: ./inbox}]
+        rules:
+          - {name: text, task: ocr, prompt: "Read it.", also: true}
+          - {name: data, task: custom, output: json, prompt: "Read it."}
+    """))
+    worker = Worker(config, OlmocrStub(config.model), threads=1)
+    try:
+        outcomes = worker.process(match_file(config, inbox / "doc.pdf") + match_file(config, inbox / "one.pdf"))
+    finally:
+        worker.close()
+    doc_md, doc_json, one_md, one_json = outcomes
+    assert doc_md.ok and doc_json.ok
+    md = (inbox / "doc.pdf.text.md").read_text()
+    assert md.index("## Page 1") < md.index("Text of the red page") < md.index("## Page 2") \
+        < md.index("*[vlwatch: this page is missing: the request failed 2 times: the model rejected") \
+        < md.index("## Page 3") < md.index("I think this page says: blue")
+    pages = json.loads((inbox / "doc.pdf.data.json").read_text())["pages"]
+    assert [p["page"] for p in pages] == [1, 2, 3] and pages[1]["answer"] is None
+    assert "the model rejected the request" in pages[1]["missing"] and "blue" in pages[2]["answer"]
+    assert "page 2: the request failed 2 times" in doc_md.note
+    # each failing page was tried twice (both rules), the others once each
+    tried = [json.loads(line)["colour"] for line in log.read_text().splitlines()]
+    assert tried.count("yellow") == 2 * 2 + 1 * 2 and tried.count("red") == 2
+    # a file with no page answered fails as a whole (and is retried by the queue), as before
+    assert not one_md.ok and "the model rejected the request" in one_md.error
+    assert not (inbox / "one.pdf.text.md").exists()
+
+
 def test_config_checks_the_answer_keys(tmp_path: Path) -> None:
     path = write_config(tmp_path, """
         model: {backend: olmocr-stub, name: x}
