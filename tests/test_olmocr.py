@@ -230,6 +230,24 @@ def test_config_checks_the_answer_keys(tmp_path: Path) -> None:
     assert "rules[3].answers" in text
 
 
+def test_the_retry_keys_are_part_of_the_recipe_and_change_no_other_rule(tmp_path: Path) -> None:
+    from daemon.recipes import recipe_of
+
+    def recipe(rule: str) -> str:
+        config = load_config(write_config(tmp_path, f"""
+            model: {{backend: olmocr-stub, name: m}}
+            rules: [{rule}]
+        """))
+        return recipe_of(config, match_file(config, tmp_path / "a.pdf")[0])
+
+    base = "{name: r, task: ocr, prompt: 'Read.'"
+    olmocr = base + ", answers: olmocr"
+    assert recipe(olmocr + "}") != recipe(olmocr + ", temperatures: [0.1, 0.2]}") != recipe(base + "}")
+    assert recipe(olmocr + "}") != recipe(olmocr + ", longest_side: 1000}")
+    # a rule without them keeps the recipe it had before they existed (its sidecars stay current)
+    assert recipe(base + "}") == "r1:29c079e314d1c84d"
+
+
 def test_the_pack_and_its_model_are_known(tmp_path: Path) -> None:
     prompt = yaml.safe_load((REPO / "rules" / "olmocr.yaml").read_text())["rules"][0]["prompt"]
     assert prompt.startswith("Attached is one page of a document that you must process. Just return the plain")
