@@ -28,8 +28,8 @@ import yaml
 from wcmatch import glob as wcglob
 
 from daemon.config import (ANSWER_FORMATS, ATTENTIONS, BACKENDS, DEFAULT_LISTEN, DEFAULT_OUTPUT, FORMAT_ALIASES,
-                           FORMATS, GLOB_FLAGS, IMAGE_GLOBS, OUTPUTS, TASKS, TEMPLATE_VARIABLES, ApiConfig, Config, HooksConfig, JobsConfig,
-                           ModelConfig, PageRanges, Rule, WatchConfig, bundled_packs, canonical, default_state_path,
+                           FORMATS, GLOB_FLAGS, IMAGE_GLOBS, OUTPUTS, TASKS, TEMPLATE_VARIABLES, ApiConfig, Config,
+                           HooksConfig, JobsConfig, ModelConfig, PageRanges, Rule, WatchConfig, bundled_packs, canonical, default_state_path,
                            find_config, is_loopback_host, load_plugins, local_model_path, parse_pages, split_host_port)
 from daemon.errors import ConfigError, ExitCode, Problem, VlwatchError
 

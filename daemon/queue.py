@@ -619,8 +619,8 @@ class Queue:
 
     # ------------------------------------------------------------ results
 
-    def finish(self, results: Iterable[tuple[int, Sequence[Path], float] | tuple[int, Sequence[Path], float, str | None]]
-               ) -> None:
+    def finish(self, results: Iterable[tuple[int, Sequence[Path], float]
+                                      | tuple[int, Sequence[Path], float, str | None]]) -> None:
         """Mark jobs done: (job id, sidecars written, seconds spent[, note]) each.
 
         A note (a document's pages left without an answer: issue 24) is kept
