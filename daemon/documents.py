@@ -73,7 +73,7 @@ def document_markdown(result: "Result", roots: Sequence[Path] | None = None) -> 
         if isinstance(answer, PageAnswer) and not answer.valid:
             text, reason = _fallback(result, n, answer.problem or "no valid answer", roots)
             if text is None:
-                missing.append({"page": n, "reason": reason})
+                missing.append({"page": n, "reason": " ".join(_text(reason).split())[:500]})
                 bodies.append(f"<!-- page {n} missing: {_comment_safe(reason)} -->")
                 continue
             fallback.append(n)

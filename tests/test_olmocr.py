@@ -89,6 +89,7 @@ def test_front_matter_is_parsed_and_checked_as_olmocr_does() -> None:
         front().replace("---\n", "---\nconfidence: 0.9\n", 1): "unexpected fields: confidence",
         front(rotation=45): "rotation_correction is not 0, 90, 180 or 270",
         front().replace("is_diagram: False", "is_diagram: maybe"): "is_diagram not true or false",
+        front(language='"en\\n---\\nx: 1"'): "primary_language is not a language code",
         "---\n" + "a: b\n" * 1000 + "---\n": "longer than",
     }
     for answer, why in bad.items():

@@ -20,9 +20,11 @@ missing, none extra), ``"true"``/``"false"`` strings count as booleans, a
 numeric string as a number, and ``rotation_correction`` is 0, 90, 180 or
 270.  Anything else is not a valid answer: the caller retries the page.
 
-One deliberate difference: YAML 1.1 reads the language code ``no``
-(Norwegian) as the boolean False; olmOCR turns that into "no language", we
-give it back as ``"no"``.
+Two deliberate differences: ``primary_language`` must be one word like a
+language code or name (olmOCR's own guided decoding allows ``[a-z]{2}`` or
+null; nothing else from the model reaches the document's front matter), and
+YAML 1.1 reads Norwegian's code ``no`` as the boolean False: olmOCR turns
+that into "no language", we give it back as ``"no"``.
 
 Pure and never raising on model text (it is hostile input): a front matter
 longer than ``MAX_FRONT_MATTER`` characters is refused before YAML sees it.
@@ -31,6 +33,7 @@ Whether generation stopped by itself is the caller's check (``Answer.finished``)
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import yaml
@@ -40,6 +43,8 @@ from daemon.answers.fences import _normalise
 #: The fields of olmOCR's ``PageResponse`` front matter, in the order the model writes them.
 FIELDS = ("primary_language", "is_rotation_valid", "rotation_correction", "is_table", "is_diagram")
 ROTATIONS = (0, 90, 180, 270)
+#: A language code as olmOCR-2 writes them ("en", "de"), a BCP 47-like tag ("zh-Hant") or a name.
+_LANGUAGE = re.compile(r"[A-Za-z]{2,8}(?:[-_][A-Za-z0-9]{1,8}){0,3}\Z")
 #: The five fields take ~120 characters; anything much longer is not a front matter.
 MAX_FRONT_MATTER = 2000
 
@@ -127,7 +132,10 @@ def _language(value: object) -> str | None | bool:
     if value is False:
         return "no"  # YAML 1.1 reads Norwegian's code as a boolean
     if isinstance(value, str):
-        return value.strip()[:32] or None
+        code = value.strip()
+        if not code or code.lower() in ("null", "none"):
+            return None
+        return code if _LANGUAGE.match(code) else False
     return False
 
 
