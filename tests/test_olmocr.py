@@ -254,6 +254,18 @@ def test_the_pack_and_its_model_are_known(tmp_path: Path) -> None:
     assert prompt.startswith("Attached is one page of a document that you must process. Just return the plain")
     assert prompt.endswith("primary_language, is_rotation_valid, rotation_correction, is_table, and is_diagram "
                            "parameters.")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "scan.pdf").write_bytes(page_pdf([("red", None)]))
+    config = write_config(tmp_path, """
+        model: {backend: openai, name: allenai/olmOCR-2-7B-1025, base_url: "http://127.0.0.1:9/v1"}
+        include: [olmocr]
+        watch: [{path: ./in}]
+    """)
+    done = run_vlwatch("explain", "--config", config, tmp_path / "in" / "scan.pdf")
+    assert done.returncode == 0, done.stderr
+    assert "answers: olmocr (the prompt before the page; each page tried at temperatures 0.1, 0.1, 0.2, 0.3, " \
+           "0.5, 0.8, 0.9, 1 until valid; pages at longest side 1288px)" in done.stdout
+    assert f"writes: {tmp_path / 'in' / 'scan.pdf.olmocr.md'}" in done.stdout
     done = run_vlwatch("pull", "allenai/olmOCR-2-7B-1025", env={"HF_HUB_OFFLINE": "1"})
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "cannot reach the Hugging Face hub to download 'allenai/olmOCR-2-7B-1025'" in done.stderr
