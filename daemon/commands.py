@@ -350,6 +350,13 @@ def explain(config: Config, path: Path) -> int:
             print(f"    takes: formats {', '.join(r.formats or ('any',))}; pages {pages or 'all'}")
         for ref in r.reference:
             print(f"    reference: {safe_text(str(ref))}")
+        if r.answers is not None:
+            from daemon.policies import OLMOCR_TEMPERATURES
+
+            ladder = ", ".join(f"{t:g}" for t in r.temperatures or OLMOCR_TEMPERATURES)
+            size = f"; pages at longest side {r.longest_side}px" if r.longest_side else ""
+            print(f"    answers: {r.answers} (the prompt before the page; each page tried at temperatures "
+                  f"{ladder} until valid{size})")
         print("    prompt:")
         for line in render_prompt(r, path).splitlines():
             print(f"      {line}")

@@ -25,6 +25,9 @@ TASKS = ("ocr", "describe", "ground", "code", "custom")
 OUTPUTS = ("md", "html", "json")
 DEFAULT_OUTPUT = {"ocr": "md", "describe": "md", "ground": "json", "code": "html"}
 BACKENDS = ("transformers", "openai")
+#: How a rule's answers are read and retried (``daemon.policies``): ``olmocr`` is
+#: olmOCR-2's per-page YAML front matter, checked, retried, merged per document.
+ANSWER_FORMATS = ("olmocr",)
 ATTENTIONS = ("auto", "flash_attention_2", "sdpa", "eager")
 #: What a prompt template may name.  Anything else is a config error, so a
 #: typo is caught by `check` rather than sent to the model verbatim.
@@ -124,6 +127,13 @@ class Rule:
     on_failed: tuple[str, ...] | None = None
     #: an http(s) URL POSTed JSON after each job of this rule (``daemon.webhooks``)
     webhook: str | None = None
+    #: how answers are read and retried (one of ANSWER_FORMATS); None = taken as they come
+    answers: str | None = None
+    #: the temperature of each try of a page whose answer is not valid (its length is the
+    #: number of tries); None = the answer format's own ladder
+    temperatures: tuple[float, ...] | None = None
+    #: scale each page so its longer side has this many pixels before sizing (olmOCR: 1288)
+    longest_side: int | None = None
     source: str = ""  # "file:line" where the rule was defined
 
     def matches(self, relative: str) -> bool:

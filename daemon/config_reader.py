@@ -27,9 +27,9 @@ from typing import Any
 import yaml
 from wcmatch import glob as wcglob
 
-from daemon.config import (ATTENTIONS, BACKENDS, DEFAULT_LISTEN, DEFAULT_OUTPUT, FORMAT_ALIASES, FORMATS, GLOB_FLAGS,
-                           IMAGE_GLOBS, OUTPUTS, TASKS, TEMPLATE_VARIABLES, ApiConfig, Config, HooksConfig, JobsConfig,
-                           ModelConfig, PageRanges, Rule, WatchConfig, bundled_packs, canonical, default_state_path,
+from daemon.config import (ANSWER_FORMATS, ATTENTIONS, BACKENDS, DEFAULT_LISTEN, DEFAULT_OUTPUT, FORMAT_ALIASES,
+                           FORMATS, GLOB_FLAGS, IMAGE_GLOBS, OUTPUTS, TASKS, TEMPLATE_VARIABLES, ApiConfig, Config,
+                           HooksConfig, JobsConfig, ModelConfig, PageRanges, Rule, WatchConfig, bundled_packs, canonical, default_state_path,
                            find_config, is_loopback_host, load_plugins, local_model_path, parse_pages, split_host_port)
 from daemon.errors import ConfigError, ExitCode, Problem, VlwatchError
 from daemon.webhooks import url_problem
@@ -261,7 +261,7 @@ _MODEL_KEYS = ("backend", "name", "attention", "dtype", "device", "devices", "mi
 _WATCH_KEYS = ("path", "rules", "recursive", "polling", "settle", "output_dir", "follow_symlinks_out")
 _RULE_KEYS = ("name", "match", "task", "prompt", "output", "also", "csp", "raw_html", "objects", "max_new_tokens",
               "min_pixels", "max_pixels", "formats", "pages", "reference", "on_done", "on_failed",
-              "webhook")
+              "webhook", "answers", "temperatures", "longest_side")
 _JOBS_KEYS = ("attempts", "backoff", "rescan", "keep_history", "batch_wait", "redo_outdated")
 _API_KEYS = ("listen", "token_env", "sync_wait", "http_sources")
 _HOOKS_KEYS = ("on_done", "on_failed", "timeout")
@@ -649,9 +649,19 @@ def _read_rule(r: _Reader, node: yaml.Node, where: str) -> Rule | None:
             kw[k] = r.boolean(keys[k], f"{where}.{k}")
     if "objects" in keys:
         kw["objects"] = r.string(keys["objects"], f"{where}.objects")
-    for k in ("max_new_tokens", "min_pixels", "max_pixels"):
+    for k in ("max_new_tokens", "min_pixels", "max_pixels", "longest_side"):
         if k in keys:
             kw[k] = r.integer(keys[k], f"{where}.{k}", minimum=1)
+    if "answers" in keys:
+        kw["answers"] = r.choice(keys["answers"], f"{where}.answers", ANSWER_FORMATS)
+        if kw["answers"] == "olmocr" and output not in (None, "md"):
+            r.problem(keys["answers"], f"{where}.answers", "olmocr answers make one Markdown document: output md")
+    if "temperatures" in keys:
+        kw["temperatures"] = _read_temperatures(r, keys["temperatures"], f"{where}.temperatures")
+        if "answers" not in keys:
+            r.problem(keys["temperatures"], f"{where}.temperatures",
+                      "retries need a way to tell a bad answer: set answers (one of "
+                      f"{', '.join(ANSWER_FORMATS)}) too")
     if "formats" in keys:
         kw["formats"] = _read_formats(r, keys["formats"], f"{where}.formats")
     if "pages" in keys:
@@ -668,6 +678,28 @@ def _read_rule(r: _Reader, node: yaml.Node, where: str) -> Rule | None:
     line = node.start_mark.line + 1
     return Rule(name=name, match=match, task=task, prompt=prompt or "", output=output,
                 source=f"{r.file}:{line}", **{k: v for k, v in kw.items() if v is not None})
+
+
+#: Tries of one page at most: each is a whole generation.
+MAX_TRIES = 16
+
+
+def _read_temperatures(r: _Reader, node: yaml.Node, where: str) -> tuple[float, ...] | None:
+    """``temperatures: [0.1, 0.1, 0.2, 0.3]``: one per try of a page, 0 (greedy) to 2."""
+    out: list[float] = []
+    items = r.sequence(node, where)
+    for n in items:
+        value = r._scalar(n, where, "a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 2:
+            if value is not None:
+                r.problem(n, where, f"expected a temperature from 0 to 2, got {value!r}")
+            continue
+        out.append(float(value))
+    if isinstance(node, yaml.SequenceNode) and not items:
+        r.problem(node, where, "must list at least one temperature (one per try)")
+    if len(items) > MAX_TRIES:
+        r.problem(node, where, f"at most {MAX_TRIES} tries (each is a whole generation)")
+    return tuple(out) or None
 
 
 def _read_formats(r: _Reader, node: yaml.Node, where: str) -> tuple[str, ...] | None:

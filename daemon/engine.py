@@ -531,6 +531,11 @@ class JobFeed:
             opened = self.open.get(job_id)
             if opened is None:
                 return
+            if opened.prep.policy is not None:  # the rule's answer policy may ask again (issue 24)
+                result = opened.prep.policy.settle(page, result)
+                if isinstance(result, Request):
+                    self.ready.appendleft(Item(key, result))  # first in line: the document finishes sooner
+                    return
             opened.answers[page] = result
             if len(opened.answers) < len(opened.prep.requests):
                 return  # a multi-page file is done when its last page is

@@ -144,7 +144,8 @@ def printable(path: object) -> str:
 
 
 def load_pages(path: Path, *, min_pixels: int, max_pixels: int, formats: Sequence[str] | None = None,
-               pages: PageRanges | None = None, allowed_roots: Sequence[Path] | None = None) -> list[Page]:
+               pages: PageRanges | None = None, allowed_roots: Sequence[Path] | None = None,
+               longest_side: int | None = None) -> list[Page]:
     """Decode ``path`` and size each selected page for the model.
 
     Args:
@@ -155,6 +156,9 @@ def load_pages(path: Path, *, min_pixels: int, max_pixels: int, formats: Sequenc
         pages: the pages of a multi-page file to keep; None = all.
         allowed_roots: resolved folders the file actually read must lie in
             (the symlink policy of ``rules.allowed_roots``); None = anywhere.
+        longest_side: scale each page so that its longer side has this many
+            pixels first (up or down), then size it as above: what olmOCR
+            renders its pages at (1288).
 
     Raises:
         InputError: the file is missing, unreadable, empty, not a supported
@@ -166,12 +170,14 @@ def load_pages(path: Path, *, min_pixels: int, max_pixels: int, formats: Sequenc
     with open_source(path, allowed_roots) as f:
         if _is_pdf(path, f):
             _check_format(path, "pdf", formats)
-            out = _pdf_pages(path, f, min_pixels=min_pixels, max_pixels=max_pixels, pages=pages)
+            out = _pdf_pages(path, f, min_pixels=min_pixels, max_pixels=max_pixels, pages=pages,
+                             longest_side=longest_side)
         else:
             image = _open_pillow(path, f)
             try:
                 _check_format(path, _format_of(image), formats)
-                out = _image_pages(path, image, min_pixels=min_pixels, max_pixels=max_pixels, pages=pages)
+                out = _image_pages(path, image, min_pixels=min_pixels, max_pixels=max_pixels, pages=pages,
+                                   longest_side=longest_side)
             finally:
                 image.close()
     for page in out:
@@ -198,6 +204,41 @@ def open_image(path: Path, number: int = 1) -> Image.Image:
             image.close()
 
 
+#: Characters of one page's text layer kept at most (a hostile PDF can claim any amount).
+MAX_PAGE_TEXT = 200_000
+
+
+def pdf_page_text(path: Path, number: int, allowed_roots: Sequence[Path] | None = None) -> str | None:
+    """The text layer of page ``number`` of a PDF (what a text-selecting viewer copies), or None.
+
+    None when ``path`` is not a PDF (a TIFF or an image has no text layer) or
+    the page has none; "" never comes back, an empty layer is None too.  The
+    text is PDFium's, in the order the PDF stores it (usually reading order,
+    not always): a fallback for a page the model could not read, never a
+    replacement for it.
+
+    Raises:
+        InputError: the file cannot be read (as ``load_pages``).
+    """
+    with open_source(path, allowed_roots) as f:
+        if not _is_pdf(path, f):
+            return None
+        with _PDFIUM_LOCK, _pdf_document(path, f) as doc:
+            if not 1 <= number <= len(doc):
+                raise NoPagesError(f"{printable(path)}: has no page {number}")
+            page = _pdf_load_page(path, doc, number)
+            try:
+                textpage = _pdf_guarded(path, number, "read as text", page.get_textpage)
+                try:
+                    text = _pdf_guarded(path, number, "read as text", textpage.get_text_range)
+                finally:
+                    textpage.close()
+            finally:
+                page.close()
+    text = text.replace("\r\n", "\n").replace("\r", "\n")[:MAX_PAGE_TEXT].strip()
+    return text or None
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB with any transparency flattened on white; 16/32-bit and float scaled to 8 bits."""
     image = _to_eight_bit(_without_palette(image))
@@ -211,8 +252,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def shown_size(width: int, height: int, *, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """(width, height) the model sees for an image of this size."""
+def shown_size(width: int, height: int, *, min_pixels: int, max_pixels: int,
+               longest_side: int | None = None) -> tuple[int, int]:
+    """(width, height) the model sees for an image of this size.
+
+    With ``longest_side``, the image is first scaled (up or down, aspect kept)
+    so that its longer side is that long, as olmOCR renders a page; the
+    result is then sized within ``min_pixels``/``max_pixels`` as any image.
+    """
+    if longest_side is not None and max(width, height) > 0:
+        scale = longest_side / max(width, height)
+        width, height = max(1, round(width * scale)), max(1, round(height * scale))
     try:
         h, w = smart_resize(height, width, factor=FACTOR, min_pixels=min_pixels, max_pixels=max_pixels)
     except ValueError as exc:  # qwen-vl-utils refuses aspect ratios over 200:1
@@ -413,13 +463,14 @@ def _reason(exc: BaseException) -> str:
 
 
 def _image_pages(path: Path, image: Image.Image, *, min_pixels: int, max_pixels: int,
-                 pages: PageRanges | None) -> list[Page]:
+                 pages: PageRanges | None, longest_side: int | None = None) -> list[Page]:
     out: list[Page] = []
     for number in _frames(path, image, _format_of(image), pages):
         if len(out) == MAX_PAGES:
             raise ImageTooLargeError(f"{printable(path)}: has more than {MAX_PAGES} pages; "
                              "give the rule a `pages:` range to take part of it")
-        out.append(_frame_page(path, image, number, min_pixels=min_pixels, max_pixels=max_pixels))
+        out.append(_frame_page(path, image, number, min_pixels=min_pixels, max_pixels=max_pixels,
+                               longest_side=longest_side))
     if not out:
         raise NoPagesError(f"{printable(path)}: none of the rule's pages ({_ranges(pages)}) exist in this file")
     return out
@@ -461,7 +512,8 @@ def _seek(path: Path, image: Image.Image, frame: int) -> None:
         raise InputError(f"{printable(path)}: page {frame + 1} cannot be read: {_reason(exc)}") from exc
 
 
-def _frame_page(path: Path, image: Image.Image, number: int, *, min_pixels: int, max_pixels: int) -> Page:
+def _frame_page(path: Path, image: Image.Image, number: int, *, min_pixels: int, max_pixels: int,
+                longest_side: int | None = None) -> Page:
     """Decode the current frame of ``image`` straight to the size the model sees."""
     p = printable(path)
     _check_bomb(path, image.size)
@@ -470,7 +522,7 @@ def _frame_page(path: Path, image: Image.Image, number: int, *, min_pixels: int,
     width, height = image.size
     original = (height, width) if turned else (width, height)
     try:
-        shown = shown_size(*original, min_pixels=min_pixels, max_pixels=max_pixels)
+        shown = shown_size(*original, min_pixels=min_pixels, max_pixels=max_pixels, longest_side=longest_side)
     except InputError as exc:
         raise type(exc)(f"{p}: {exc}") from None  # keep the kind: permanent or not
     target = (shown[1], shown[0]) if turned else shown  # in the stored (unrotated) orientation
@@ -604,7 +656,8 @@ def _ranges(pages: PageRanges | None) -> str:
 # ------------------------------------------------------------------- PDF
 
 
-def _pdf_pages(path: Path, f: BinaryIO, *, min_pixels: int, max_pixels: int, pages: PageRanges | None) -> list[Page]:
+def _pdf_pages(path: Path, f: BinaryIO, *, min_pixels: int, max_pixels: int, pages: PageRanges | None,
+               longest_side: int | None = None) -> list[Page]:
     with _PDFIUM_LOCK, _pdf_document(path, f) as doc:
         count = len(doc)
         if count == 0:
@@ -616,7 +669,8 @@ def _pdf_pages(path: Path, f: BinaryIO, *, min_pixels: int, max_pixels: int, pag
         if not numbers:
             raise NoPagesError(f"{printable(path)}: has {count} page{'s' if count != 1 else ''}; "
                              f"none of the rule's pages ({_ranges(pages)}) exist")
-        return [_pdf_page(path, doc, n, min_pixels=min_pixels, max_pixels=max_pixels) for n in numbers]
+        return [_pdf_page(path, doc, n, min_pixels=min_pixels, max_pixels=max_pixels, longest_side=longest_side)
+                for n in numbers]
 
 
 def _pdf_guarded(path: Path, number: int, what: str, fn, *args):
@@ -677,13 +731,14 @@ def _has_encrypt_entry(f: BinaryIO) -> bool:
     return False
 
 
-def _pdf_page(path: Path, doc: object, number: int, *, min_pixels: int, max_pixels: int) -> Page:
+def _pdf_page(path: Path, doc: object, number: int, *, min_pixels: int, max_pixels: int,
+              longest_side: int | None = None) -> Page:
     p = printable(path)
     page = _pdf_load_page(path, doc, number)
     try:
         original = _pdf_nominal(path, page, number)
         try:
-            shown = shown_size(*original, min_pixels=min_pixels, max_pixels=max_pixels)
+            shown = shown_size(*original, min_pixels=min_pixels, max_pixels=max_pixels, longest_side=longest_side)
         except InputError as exc:
             raise type(exc)(f"{p}: page {number}: {exc}") from None  # keep the kind: permanent or not
         image = _pdf_render(path, page, number, shown)

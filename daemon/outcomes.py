@@ -153,9 +153,11 @@ class Processor:
         outage: tuple[Path, str] | None = None
         for (job, _), outcome in zip(ready, outcomes, strict=True):
             if outcome.ok:
-                finished.append((job.id, outcome.sidecars, outcome.seconds))
+                finished.append((job.id, outcome.sidecars, outcome.seconds, outcome.note))
                 names = ", ".join(s.name for s in outcome.sidecars)
                 log.info("%s: %s done in %.1fs -> %s", job.path, job.rule, outcome.seconds, names)
+                if outcome.note:
+                    log.warning("%s: %s: %s", job.path, job.rule, outcome.note)
                 result.done += 1
                 if file_signature(job.path) != job.signature:
                     self.on_changed(job.path)  # changed while it ran: its new bytes get their turn

@@ -46,6 +46,7 @@ from daemon import answers
 from daemon.backends import Answer
 from daemon.errors import VlwatchError
 from daemon.images import printable
+from daemon.policies import PageAnswer
 from daemon.rules import Match
 
 # Naming (what a sidecar is called, whether a name is ours) lives in daemon.sidecars.
@@ -67,6 +68,8 @@ class Result:
     pages: tuple[PageResult, ...]
     backend: str
     model: str
+    #: where the source may really be (``rules.allowed_roots``) when a writer reads it again
+    roots: tuple[Path, ...] | None = None
 
 
 # ------------------------------------------------------------------ naming
@@ -159,6 +162,8 @@ def write_result(result: Result, folders: FolderSyncs | None = None) -> list[Pat
             otherwise each is fsynced here.
     """
     rule = result.match.rule
+    if rule.answers == "olmocr":
+        return [_write_document(result, folders)]
     if rule.task == "ground":
         return _write_ground(result, folders)
     if rule.output == "html":
@@ -172,6 +177,10 @@ def _write_markdown(result: Result, folders: FolderSyncs | None = None) -> Path:
     parts = []
     multi = _paged(result)
     for page in result.pages:
+        if (why := missing(page)) is not None:  # the page's request failed: the others are kept (issue 24)
+            parts.append(f"## Page {page.number}\n\n*[vlwatch: this page is missing: "
+                         f"{_inert_markdown(_one_line(why), False)}]*\n")
+            continue
         text = _inert_markdown(answers.clean_markdown(page.answer.text), result.match.rule.raw_html)
         if not page.answer.finished:
             _warn_truncated(result, page)
@@ -183,6 +192,32 @@ def _write_markdown(result: Result, folders: FolderSyncs | None = None) -> Path:
     path = checked_sidecar_path(result.match, "md")
     atomic_write(path, _utf8("\n".join(parts)), like=result.match.path, folders=folders)
     return path
+
+
+def _write_document(result: Result, folders: FolderSyncs | None = None) -> Path:
+    """A whole document read with olmOCR-2 answers: one front matter, the pages' text (issue 24)."""
+    # Imported here: documents builds on this module's Result.
+    from daemon.documents import document_markdown
+
+    text = document_markdown(result, result.roots) + "\n" + provenance_comment(result)
+    path = checked_sidecar_path(result.match, "md")
+    atomic_write(path, _utf8(text), like=result.match.path, folders=folders)
+    return path
+
+
+def missing(page: PageResult) -> str | None:
+    """Why ``page`` has no answer (its requests failed; issue 24), or None when it has one.
+
+    Only a page of a document under a plain rule (``policies.PagedPolicy``):
+    an ``olmocr`` page with no valid answer has the text layer to fall back
+    on and is judged by ``daemon.documents``.
+    """
+    answer = page.answer
+    return answer.problem if isinstance(answer, PageAnswer) and answer.problem else None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(_text(text).split())[:500]
 
 
 def _inert_markdown(text: str, raw_html: bool) -> str:
@@ -211,6 +246,8 @@ def _write_html(result: Result, folders: FolderSyncs | None = None) -> Path:
     rule, match = result.match.rule, result.match
     bodies = []
     for page in result.pages:
+        if missing(page) is not None:
+            continue
         html = answers.extract_html(page.answer.text, title=_text(match.path.name),
                                      csp=answers.CSP if rule.csp else None)
         for w in html.warnings:
@@ -220,7 +257,9 @@ def _write_html(result: Result, folders: FolderSyncs | None = None) -> Path:
             _warn_truncated(result, page)
             document = mark_cut_off(document, visible=not html.found_html)
         bodies.append(document)
-    # Multi-page inputs are rare for screenshot->code; the first page's page is the sidecar.
+    # Multi-page inputs are rare for screenshot->code; the first page answered is the sidecar.
+    if not bodies:
+        raise VlwatchError(f"{printable(match.path)}: no page has an answer")
     document = bodies[0]
     path = checked_sidecar_path(match, "html")
     atomic_write(path, _utf8(document), like=match.path, folders=folders)
@@ -265,6 +304,9 @@ def _write_json(result: Result, folders: FolderSyncs | None = None) -> Path:
     doc = _header(result)
     pages = []
     for page in result.pages:
+        if (why := missing(page)) is not None:
+            pages.append({"page": page.number, "answer": None, "data": None, "missing": _one_line(why)})
+            continue
         pages.append({"page": page.number, "answer": page.answer.text, "data": _json_or_none(page.answer.text),
                       "truncated": not page.answer.finished, "looped": bool(getattr(page.answer, "looped", False))})
     if not _paged(result):
@@ -282,6 +324,10 @@ def _write_ground(result: Result, folders: FolderSyncs | None = None) -> list[Pa
     doc["objects"] = match.rule.objects
     pages = []
     for page in result.pages:
+        if (why := missing(page)) is not None:
+            pages.append({"page": page.number, "size": list(page.original), "shown_size": list(page.shown),
+                          "boxes": [], "missing": _one_line(why)})
+            continue
         boxes = ground_boxes(page)
         for w in boxes["warnings"]:
             log.warning("%s: %s: %s", match.path, match.rule.name, w)

@@ -619,14 +619,22 @@ class Queue:
 
     # ------------------------------------------------------------ results
 
-    def finish(self, results: Iterable[tuple[int, Sequence[Path], float]]) -> None:
-        """Mark jobs done: (job id, sidecars written, seconds spent) each."""
+    def finish(self, results: Iterable[tuple[int, Sequence[Path], float]
+                                      | tuple[int, Sequence[Path], float, str | None]]) -> None:
+        """Mark jobs done: (job id, sidecars written, seconds spent[, note]) each.
+
+        A note (a document's pages left without an answer: issue 24) is kept
+        in the job's ``error``, so ``status`` and the jobs API show it.
+        """
         now = time.time()
+        rows = []
+        for job_id, sidecars, seconds, *note in results:
+            text = safe_text(note[0]) if note and note[0] else None
+            rows.append((now, seconds, text, json.dumps([str(s) for s in sidecars]), job_id))
         with self._tx() as db:
             db.executemany(
-                "UPDATE jobs SET state = 'done', finished_at = ?, seconds = ?, error = NULL, sidecars = ?"
-                " WHERE id = ?",
-                [(now, seconds, json.dumps([str(s) for s in sidecars]), job_id) for job_id, sidecars, seconds in results])
+                "UPDATE jobs SET state = 'done', finished_at = ?, seconds = ?, error = ?, sidecars = ?"
+                " WHERE id = ?", rows)
 
     def fail(self, job_id: int, error: str, *, retry_at: float | None, seconds: float | None = None) -> None:
         """Record a failure: back on the queue from ``retry_at``, or ``failed`` for good if None."""

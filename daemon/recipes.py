@@ -2,7 +2,9 @@
 
 A recipe is a short hash of everything that shapes an answer besides the
 image's bytes: the model, the rule's task and output, the prompt as rendered
-for this file, and the sizing (min/max pixels, max_new_tokens, pages).  Each
+for this file, and the sizing (min/max pixels, max_new_tokens, pages), and
+for a rule that sets them, how answers are read and retried (``answers``,
+``temperatures``) and ``longest_side``.  Each
 job records the recipe it was queued under (the ``recipe`` column, migration
 ``m010_recipe``), so when a rule's prompt or the model changes, the sidecars
 made before can be counted (``vlwatch status``, ``scan --dry-run``) and redone
@@ -40,7 +42,11 @@ def recipe_of(config: Config, match: Match) -> str:
 
 def _parts(config: Config, rule: Rule, prompt: str) -> dict[str, object]:
     model = config.model
+    # Issue 24's keys only when a rule sets them: a key added for every rule would change every recipe.
+    extra = {k: v for k, v in (("answers", rule.answers), ("temperatures", rule.temperatures),
+                                ("longest_side", rule.longest_side)) if v is not None}
     return {
+        **extra,
         "model": model.name,
         "task": rule.task,
         "output": rule.output,

@@ -36,9 +36,11 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 from daemon.backends import Answer, Backend, DeviceLostError, Request
 from daemon.config import Config
+from daemon.documents import document_note
 from daemon.errors import BackendUnavailableError, VlwatchError
 from daemon.images import Page, load_pages, printable
-from daemon.outputs import FolderSyncs, PageResult, Result, write_result
+from daemon.outputs import FolderSyncs, PageResult, Result, missing, write_result
+from daemon.policies import AnswerPolicy, policy_for
 from daemon.rules import Match, allowed_roots, render_prompt
 
 if TYPE_CHECKING:
@@ -56,6 +58,8 @@ class Prepared:
     match: Match
     pages: tuple[Page, ...]
     requests: tuple[Request, ...]
+    #: what becomes of each page's answer (retries: issue 24); None = taken as it comes
+    policy: AnswerPolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,8 @@ class Outcome:
     #: the folder whose disk refused the write (full, quota, read-only): not
     #: the file's fault; the queue pauses instead of spending attempts (issue 10.8)
     outage: Path | None = None
+    #: done, but with something to record: the pages of a document left without an answer (issue 24)
+    note: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -119,6 +125,7 @@ class Worker:
             formats=rule.formats,
             pages=rule.pages,  # each selected page becomes its own request, batched like separate images
             allowed_roots=allowed_roots(self.config, match),
+            longest_side=rule.longest_side,
         )
         prompt = render_prompt(rule, match.path)
         max_new = rule.max_new_tokens or model.max_new_tokens
@@ -128,7 +135,10 @@ class Worker:
                      for img in reference_images(ref, rule.min_pixels or model.min_pixels,
                                                  rule.max_pixels or model.max_pixels))
         requests = tuple(Request(images=(*refs, p.image), prompt=prompt, max_new_tokens=max_new) for p in pages)
-        return Prepared(match, tuple(pages), requests)
+        policy = policy_for(rule, len(pages))
+        if policy is not None:
+            requests = tuple(policy.first(i, r) for i, r in enumerate(requests))
+        return Prepared(match, tuple(pages), requests, policy)
 
     # ------------------------------------------------------------ stages 2+3
 
@@ -182,9 +192,16 @@ class Worker:
         """Answers for each prepared file (one per page), or an error message."""
         flat = [(fi, pi, req) for fi, prep in enumerate(prepared) for pi, req in enumerate(prep.requests)]
         got: dict[tuple[int, int], Answer | str] = {}
-        for batch in self._batches(flat):
-            for key, answer in self._infer_batch(batch):
-                got[key] = answer
+        while flat:  # a policy may ask again for some pages: they make the next round
+            again: list[tuple[int, int, Request]] = []
+            for batch in self._batches(flat):
+                for key, answer in self._infer_batch(batch):
+                    settled = settle(prepared[key[0]], key[1], answer)
+                    if isinstance(settled, Request):
+                        again.append((*key, settled))
+                    else:
+                        got[key] = settled
+            flat = again
         out: list[list[Answer] | str] = []
         for fi, prep in enumerate(prepared):
             page_answers = [got[(fi, pi)] for pi in range(len(prep.requests))]
@@ -240,7 +257,13 @@ class Worker:
             PageResult(number=page.number, answer=answer, original=page.original, shown=page.shown)
             for page, answer in zip(prep.pages, got)
         )
-        result = Result(match=match, pages=pages, backend=self.backend.name, model=self.backend.model)
+        if match.rule.answers is None and pages and all(missing(p) for p in pages):
+            # Not one page answered: the file fails as a whole and is retried (issue 24 keeps
+            # the pages that did answer; there are none).
+            return Outcome(match, error=missing(pages[0]), seconds=time.monotonic() - started)
+        roots = allowed_roots(self.config, match)
+        result = Result(match=match, pages=pages, backend=self.backend.name, model=self.backend.model,
+                        roots=tuple(roots) if roots is not None else None)
         try:
             sidecars = write_result(result, folders)
         except VlwatchError as exc:  # a sidecar path that would leave the allowed folders
@@ -257,7 +280,8 @@ class Worker:
             log.exception("%s: unexpected error while writing sidecars", printable(match.path))
             return Outcome(match, error=f"{printable(match.path)}: unexpected error while writing sidecars: "
                                         f"{printable(exc)}", seconds=time.monotonic() - started)
-        return Outcome(match, sidecars=tuple(sidecars), seconds=time.monotonic() - started)
+        return Outcome(match, sidecars=tuple(sidecars), seconds=time.monotonic() - started,
+                       note=document_note(result))
 
     # ------------------------------------------------------------ plumbing
 
@@ -279,6 +303,14 @@ class Worker:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+
+def settle(prep: Prepared, index: int, answer: Answer | str) -> Answer | str | Request:
+    """Page ``index``'s answer (or error text) after ``prep``'s answer policy: final, or the next request."""
+    if prep.policy is None:
+        return answer
+    got = prep.policy.settle(index, VlwatchError(answer) if isinstance(answer, str) else answer)
+    return error_text(got) if isinstance(got, BaseException) else got
 
 
 def error_text(exc: BaseException) -> str:

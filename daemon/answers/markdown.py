@@ -33,7 +33,7 @@ def clean_markdown(text: str) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
-def escape_raw_html(markdown: str) -> str:
+def escape_raw_html(markdown: str, *, keep_tables: bool = False) -> str:
     """``markdown`` with its raw HTML made inert: ``<`` outside code becomes ``&lt;`` (issue 10.14).
 
     The model reads attacker-controlled pixels; a Markdown viewer that renders
@@ -44,6 +44,10 @@ def escape_raw_html(markdown: str) -> str:
     spans are left as they are: renderers show their content literally
     already, and ``&lt;`` there would be shown as ``&lt;``.  ``>`` stays (a
     quote marker; harmless without its ``<``).
+
+    ``keep_tables`` keeps the bare tags of an HTML table (``<table>``,
+    ``<tr>``, ``<td colspan="2">``, ``<br>``...: no other attribute, so no
+    script, style or URL can ride along), which is how olmOCR-2 writes tables.
     """
     out: list[str] = []
     fence: tuple[str, int] | None = None
@@ -58,23 +62,33 @@ def escape_raw_html(markdown: str) -> str:
             fence = (opened[0], opened[1])
             out.append(line)
             continue
-        out.append(_escape_outside_code_spans(line))
+        out.append(_escape_outside_code_spans(line, keep_tables))
     return "\n".join(out)
 
 
 _CODE_SPAN = re.compile(r"(`+)(.+?)(?<!`)\1(?!`)")
 
 
-def _escape_outside_code_spans(line: str) -> str:
+#: A table tag as escaped: only these names, only numeric spans as attributes.
+_TABLE_TAG = re.compile(r'&lt;(/?(?:table|thead|tbody|tfoot|tr|th|td|caption)(?: (?:colspan|rowspan)="\d{1,3}")*'
+                        r'|br ?/?)>', re.IGNORECASE)
+
+
+def _escape_outside_code_spans(line: str, keep_tables: bool = False) -> str:
     if "<" not in line:
         return line
     parts, last = [], 0
     for m in _CODE_SPAN.finditer(line):
-        parts.append(line[last:m.start()].replace("<", "&lt;"))
+        parts.append(_escaped(line[last:m.start()], keep_tables))
         parts.append(m.group(0))
         last = m.end()
-    parts.append(line[last:].replace("<", "&lt;"))
+    parts.append(_escaped(line[last:], keep_tables))
     return "".join(parts)
+
+
+def _escaped(text: str, keep_tables: bool) -> str:
+    text = text.replace("<", "&lt;")
+    return _TABLE_TAG.sub(r"<\1>", text) if keep_tables else text
 
 
 def _trim_blank(lines: list[str]) -> list[str]:
