@@ -123,13 +123,15 @@ api:
     return path
 
 
-def stream_once(client: Any, image_url: str, max_tokens: int) -> tuple[float, float, int]:
-    """(seconds to the first content chunk, seconds to the end, chunks) of one streamed request."""
+def stream_once(client: Any, image_url: str, max_tokens: int) -> tuple[float, float, int, float]:
+    """(seconds to the first content chunk, seconds to the end, chunks, longest gap between two content
+    chunks) of one streamed request."""
     body = {"model": "bench", "stream": True, "max_tokens": max_tokens, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": "Describe this image."}]}]}
     started = time.perf_counter()
     first = None
     chunks = 0
+    last = gap = 0.0
     with client.stream("POST", "/v1/chat/completions", json=body) as response:
         if response.status_code != 200:
             response.read()
@@ -142,10 +144,14 @@ def stream_once(client: Any, image_url: str, max_tokens: int) -> tuple[float, fl
                 raise RuntimeError(chunk["error"]["message"])
             if any((c.get("delta") or {}).get("content") for c in chunk.get("choices", ())):
                 chunks += 1
+                now = time.perf_counter() - started
                 if first is None:
-                    first = time.perf_counter() - started
+                    first = now
+                else:
+                    gap = max(gap, now - last)
+                last = now
     total = time.perf_counter() - started
-    return (first if first is not None else total), total, chunks
+    return (first if first is not None else total), total, chunks, gap
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -194,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             stream_once(client, request_image, args.max_tokens)
 
         idle = [stream_once(client, request_image, args.max_tokens) for _ in range(args.requests)]
-        print(f"idle: TTFT median {summary([t for t, _, _ in idle])['median']:.3f}s", file=sys.stderr)
+        print(f"idle: TTFT median {summary([r[0] for r in idle])['median']:.3f}s", file=sys.stderr)
 
         # Written outside the inbox first and then renamed in at once, so the whole
         # backlog is queued before the measured requests (writing 400 noise PNGs
@@ -220,20 +226,23 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(args.gap)
         counts = client.get("/api/v1/status").json()["counts"]
         still = counts["queued"] + counts["running"]
-        ti, ts = summary([t for t, _, _ in idle]), summary([t for t, _, _ in saturated])
+        ti, ts = summary([r[0] for r in idle]), summary([r[0] for r in saturated])
         result.update({
-            "idle": {"ttft": ti, "total": summary([t for _, t, _ in idle]), "chunks": [c for _, _, c in idle]},
-            "saturated": {"ttft": ts, "total": summary([t for _, t, _ in saturated]),
-                          "chunks": [c for _, _, c in saturated]},
+            "idle": {"ttft": ti, "total": summary([r[1] for r in idle]), "chunks": [r[2] for r in idle],
+                     "longest_gap": summary([r[3] for r in idle])},
+            "saturated": {"ttft": ts, "total": summary([r[1] for r in saturated]),
+                          "chunks": [r[2] for r in saturated], "longest_gap": summary([r[3] for r in saturated])},
             "ttft_median_difference_s": ts["median"] - ti["median"],
             "backlog_left_at_end": still,
             "still_saturated": still > 0,
             "raw": {"idle": idle, "saturated": saturated},
         })
-        print(f"{'':10} {'TTFT median':>12} {'TTFT p90':>10} {'total median':>13}")
+        print(f"{'':10} {'TTFT median':>12} {'TTFT max':>9} {'answer median':>14} {'p90':>7} {'max':>7}"
+              f" {'longest gap':>12}")
         for name in ("idle", "saturated"):
             r = result[name]
-            print(f"{name:10} {r['ttft']['median']:11.3f}s {r['ttft']['p90']:9.3f}s {r['total']['median']:12.3f}s")
+            print(f"{name:10} {r['ttft']['median']:11.3f}s {r['ttft']['max']:8.3f}s {r['total']['median']:13.3f}s"
+                  f" {r['total']['p90']:6.3f}s {r['total']['max']:6.3f}s {r['longest_gap']['max']:11.3f}s")
         print(f"difference of TTFT medians: {result['ttft_median_difference_s']:+.3f}s (goal: <= +0.5s); "
               f"{still} folder jobs were still queued or running at the end"
               + ("" if still else " -- NOT saturated to the end: raise --backlog"))
