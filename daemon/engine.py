@@ -89,6 +89,23 @@ def check_model(config: Config) -> None:
 # ---------------------------------------------------------------- the worker
 
 
+class Ask(Future[Answer]):
+    """An interactive request's future: ``cancel()`` works while it runs too.
+
+    A plain future cannot be cancelled once running; this one remembers that
+    its caller (an HTTP client that hung up) gave up, and the engine drops
+    the request at its next step (``JobFeed.abandoned``), freeing its slot.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.abandoned = threading.Event()
+
+    def cancel(self) -> bool:
+        self.abandoned.set()
+        return super().cancel()
+
+
 class WorkerLoop(threading.Thread):
     """Claims batches from the queue and runs them, until told to stop.
 
@@ -138,9 +155,10 @@ class WorkerLoop(threading.Thread):
         """Answer ``request`` ahead of the folder backlog (the API, ``vlwatch ask``).
 
         The future fails with the backend's exception (``BackendUnavailableError``
-        when it cannot be reached); ``future.cancel()`` before it starts drops it.
+        when it cannot be reached); ``future.cancel()`` drops it, before it
+        starts or (on the slot engine) at the next engine step.
         """
-        future: Future[Answer] = Future()
+        future = Ask()
         self._interactive.append((request, future))
         self._wake.set()
         return future
@@ -516,6 +534,10 @@ class JobFeed:
 
     def stopping(self) -> bool:
         return self.loop.stopping.is_set() or self.loop._next_worker is not None
+
+    def abandoned(self, key: Hashable) -> bool:
+        future = self.asks.get(key)
+        return isinstance(future, Ask) and future.abandoned.is_set()
 
     def deliver(self, key: Hashable, result: Answer | BaseException) -> None:
         self.loop.busy_since = time.monotonic()

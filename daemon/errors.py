@@ -113,6 +113,10 @@ class BackendError(VlwatchError):
     """The model backend failed on a request."""
 
 
+class AbandonedError(BackendError):
+    """An interactive request whose client went away: the engine dropped it at its next step."""
+
+
 class BackendUnavailableError(BackendError):
     """The backend cannot be reached at all (server down, connection refused).
 

@@ -152,6 +152,10 @@ class Feed(Protocol):
         """Whether the loop should stop admitting and return (daemon stop, config reload)."""
         ...
 
+    def abandoned(self, key: Hashable) -> bool:
+        """Whether the client of this (interactive) request went away: the engine drops it at its next step."""
+        ...
+
 
 class ListFeed:
     """A ``Feed`` over a fixed list: what ``generate`` runs through ``serve``."""
@@ -178,6 +182,9 @@ class ListFeed:
             self.results.setdefault(key, VlwatchError("the request was not run (stopped)"))  # type: ignore[index]
 
     def stopping(self) -> bool:
+        return False
+
+    def abandoned(self, key: Hashable) -> bool:
         return False
 
     def answers(self) -> "list[Answer | BaseException]":

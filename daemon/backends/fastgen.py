@@ -541,7 +541,8 @@ class SlotEngine(PrefillRounds):
             if not going_on:
                 source.finished(prompt, _result([first], eos, ttft))
                 continue
-            if prompt.stream and not source.partial(prompt, [first]):
+            gone = not source.partial(prompt, [first]) if prompt.stream else prompt.urgent and source.abandoned(prompt)
+            if gone:
                 self._state["active"][slot] = False  # its client went away already (rare: a sync is fine)
                 continue
             self._owner[slot] = prompt
@@ -578,6 +579,14 @@ class SlotEngine(PrefillRounds):
             for i in looped:
                 s["active"][i] = False
                 active[i] = False
+        # An interactive request whose client went away stops here (a non-streaming one; a stream
+        # learns it from ``partial`` below): its slot is free for the next prompt.
+        for i in [i for i in stepped if active[i] and owner[i].urgent and not owner[i].stream]:
+            if source.abandoned(owner[i]):
+                s["active"][i] = False  # rare: the host copy's sync is fine
+                del owner[i]
+                self._free_since[i] = time.perf_counter()
+        stepped = [i for i in stepped if i in owner]
         done = [i for i in stepped if not active[i]]
         streaming = [i for i in stepped if active[i] and owner[i].stream]
         if not done and not streaming:

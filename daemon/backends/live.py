@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
 from daemon.backends import Answer, Feed, Item
-from daemon.errors import BackendError
+from daemon.errors import AbandonedError, BackendError
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,10 @@ class LiveSource:
                 return None
             item, index, future = chosen
             self.making.remove(chosen)
+            if item.urgent and self.feed.abandoned(item.key):  # its client left while it waited
+                future.cancel()
+                self._deliver(item, AbandonedError("the client went away"))
+                continue
             try:
                 prompt = future.result()
             except Exception as exc:  # this request's images or text: it fails alone
@@ -160,7 +164,18 @@ class LiveSource:
         self._deliver(flight.item, Answer(text=text, new_tokens=len(result.tokens), finished=result.finished or
                                           result.looped, looped=result.looped))
 
+    def abandoned(self, prompt: Any) -> bool:
+        flight = self.taken[prompt.index]
+        if not self.feed.abandoned(flight.item.key):
+            return False
+        del self.taken[prompt.index]
+        log.info("an interactive request's client went away; its slot is free")
+        self._deliver(flight.item, AbandonedError("the client went away"))
+        return True
+
     def partial(self, prompt: Any, tokens: list[int]) -> bool:
+        if self.abandoned(prompt):
+            return False
         flight = self.taken[prompt.index]
         try:
             flight.stream.update(tokens)  # type: ignore[union-attr]

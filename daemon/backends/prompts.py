@@ -79,6 +79,11 @@ class Source(Protocol):
         """Tokens so far of a streaming prompt; False cancels it (the slot is freed, nothing more sent)."""
         ...
 
+    def abandoned(self, prompt: Prompt) -> bool:
+        """True once the client of an interactive prompt went away (the prompt is then finished with that
+        error by the source); the engine frees its slot."""
+        ...
+
 
 class ListSource:
     """A ``Source`` over a list of prompts, results collected by index (tests, the bench's probe)."""
@@ -111,6 +116,9 @@ class ListSource:
 
     def partial(self, prompt: Prompt, tokens: list[int]) -> bool:
         return True
+
+    def abandoned(self, prompt: Prompt) -> bool:
+        return False
 
 
 @dataclass

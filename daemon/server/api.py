@@ -24,10 +24,10 @@ import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Awaitable, Iterator
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from daemon import commands
@@ -90,13 +90,38 @@ async def chat_completions(request: Request, ctx: ServerContext = Depends(contex
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     future = ctx.loop.submit(call.request)
     try:
-        answer = await asyncio.wrap_future(future)
+        answer = await _unless_client_leaves(request, asyncio.wrap_future(future))
     except asyncio.CancelledError:
-        future.cancel()  # the client went away: drop the request if it has not started
+        future.cancel()  # the server is stopping: drop the request
         raise
     except Exception as exc:
         raise _engine_error(exc) from None
+    if answer is None:
+        future.cancel()  # the client went away: the engine drops the request at its next step
+        log.info("a chat request's client went away before its answer; the request is dropped")
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
     return _completion(answer, served)
+
+
+async def _unless_client_leaves(request: Request, answer: Awaitable[Answer]) -> Answer | None:
+    """``answer``'s result, or None as soon as the HTTP client disconnects (vLLM's ``with_cancellation``).
+
+    The body has been read, so the next ASGI message is the disconnect: a
+    non-streaming handler is otherwise never told that nobody waits any more.
+    """
+    async def client_left() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    waiting, listening = asyncio.ensure_future(answer), asyncio.ensure_future(client_left())
+    try:
+        await asyncio.wait((waiting, listening), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        listening.cancel()
+    if waiting.done():
+        return waiting.result()
+    waiting.cancel()
+    return None
 
 
 def _engine_error(exc: BaseException) -> ApiError:
