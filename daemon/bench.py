@@ -12,7 +12,9 @@ same synthetic images, side by side:
 5. with ``--devices``, one engine per device (``batch_size: auto`` each),
    the images split between them and run at once (issue 12.5): engine 0 in
    this process, each other one in a process of its own, as the daemon
-   runs them (``daemon.engine_process``).
+   runs them (``daemon.engine_process``);
+6. with ``--end-to-end``, the real daemon on a temp watched folder, files in,
+   sidecars out, compared with the batched setup (``daemon.bench_e2e``).
 
 Requests are generated as the daemon generates them: the model's generation
 config applies (its repetition penalty and end-of-sequence ids), and the
