@@ -217,6 +217,7 @@ def run_verify(args: argparse.Namespace) -> int:
     same = sum(r.same for r in rows)
     header = describe(backend, model, args, *sizes[0])
     header.pop("image", None), header.pop("image_tokens", None)
+    header.pop("eos", None)  # both sides stop at end-of-sequence; neither has the loop stop
     header.update(dtype="float32", slots=slots, requests=len(rows))
     table = format_verify(header, rows, same)
     report = {"command": command_line(), "header": header, "rows": [asdict(r) for r in rows], "same": same,
@@ -437,11 +438,12 @@ def run_engines(first: Any, model: Any, images: list[Any], args: argparse.Namesp
     if failed or finished != len(images):
         raise VlwatchError(f"bench: {setup.name}: {failed[0] if failed else 'an engine did not finish'}")
     peaks = [p for p in [_peak_memory(first)] + [r[4] for r in reports] if p is not None]
+    produced = sum(a.new_tokens for got in done for a in got) + sum(r[5] for r in reports)  # type: ignore[union-attr]
     n = len(images)
     result = SetupResult(setup=setup.name, batch=f"auto ({', '.join(str(b) for b in batches)})", images=n,
                          seconds=round(seconds, 3), images_per_min=round(60 * n / seconds, 2),
                          s_per_image=round(seconds / n, 3), ttft_s=None, decode_tok_s=None,
-                         peak_gpu_gib=round(max(peaks) / GiB, 2) if peaks else None, new_tokens=n * args.new_tokens)
+                         peak_gpu_gib=round(max(peaks) / GiB, 2) if peaks else None, new_tokens=produced)
     log.info("bench: %s: %.1f images/min (engines: %s s)", setup.name, result.images_per_min,
              ", ".join(f"{r[1]:.1f}" for r in reports))
     return result
@@ -506,7 +508,8 @@ def _engine_child(job: _EngineJob, conn: Any) -> None:
         seconds = time.perf_counter() - t0
         worker.close()
         failed = [a for a in answers if isinstance(a, str)]
-        conn.send(("done", seconds, len(answers) - len(failed), failed[:1], _peak_memory(backend)))
+        produced = sum(a.new_tokens for got in answers if not isinstance(got, str) for a in got)
+        conn.send(("done", seconds, len(answers) - len(failed), failed[:1], _peak_memory(backend), produced))
     except Exception as exc:  # reported to the bench, which stops with it
         log.exception("bench: engine %d failed", job.index)
         conn.send(("error", job.index, f"{type(exc).__name__}: {exc}"))
