@@ -11,6 +11,6 @@ mkdir -p "$OUT"
 for run in ${ORDER:-default switched}; do
     log="$OUT/ab-${NAME:-x}-$run.log"
     if [[ $run == switched ]]; then env=("$SWITCH"); else env=(); fi
-    echo "+ ${env[*]} vlwatch bench --load-format dummy $*" | tee "$log"
-    env "${env[@]}" timeout "${LIMIT:-220}" python3 -m daemon bench --load-format dummy "$@" 2>&1 | grep -v "tokenizer you are loading" | tee -a "$log"
+    echo "+ ${env[*]} vlwatch bench --load-format dummy --ignore-eos $*" | tee "$log"
+    env "${env[@]}" timeout "${LIMIT:-220}" python3 -m daemon bench --load-format dummy --ignore-eos "$@" 2>&1 | tee -a "$log"
 done

@@ -13,5 +13,5 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=c
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$OUT/nvidia-smi.txt"
 step() { local name=$1 limit=$2; shift 2; echo "+ vlwatch $*" | tee "$OUT/$name.log"; timeout "$limit" python3 -m daemon -v "$@" 2>&1 | tee -a "$OUT/$name.log"; echo "exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"; }
 [[ ${SKIP_VERIFY:-} ]] || step verify 180 bench --verify --load-format dummy --new-tokens 128
-step bench-1036 200 bench --load-format dummy --images 256 --batch-sizes ${BATCHES:-auto} --baseline-images 1 --latency-images 3
-step bench-page 230 bench --load-format dummy --size 1008x1288 --new-tokens 768 --images 256 --batch-sizes ${BATCHES:-auto} --baseline-images 1 --latency-images 1
+step bench-1036 200 bench --load-format dummy --ignore-eos --images 256 --batch-sizes ${BATCHES:-auto} --baseline-images 1 --latency-images 3
+step bench-page 230 bench --load-format dummy --ignore-eos --size 1008x1288 --new-tokens 768 --images 256 --batch-sizes ${BATCHES:-auto} --baseline-images 1 --latency-images 1

@@ -8,7 +8,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD NCCL_NVLS_ENABLE=0 TORCH_SYM
 OUT=${OUT:-/tmp/vlwatch-out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=index,name,memory.total --format=csv > "$OUT/nvidia-smi.txt"
-cmd=(bench --load-format dummy --images 512 --batch-sizes auto --baseline-images 1 --latency-images 1 --devices auto)
+cmd=(bench --load-format dummy --ignore-eos --images 512 --batch-sizes auto --baseline-images 1 --latency-images 1 --devices auto)
 echo "+ vlwatch ${cmd[*]}" | tee "$OUT/bench-x2.log"
 timeout 500 python3 -m daemon -v "${cmd[@]}" 2>&1 | tee -a "$OUT/bench-x2.log"
 echo "exit ${PIPESTATUS[0]}" | tee -a "$OUT/bench-x2.log"

@@ -1,27 +1,7 @@
-"""The real transformers backend on random weights, for daemon benchmarks: ``VLWATCH_PLUGINS=benchmarks.dummy_backend``.
+"""Kept for old command lines: the plugin now lives in the package, ``daemon.bench_dummy``.
 
-Registers ``transformers-dummy``: ``TransformersBackend`` with
-``load_format="dummy"`` (the real Qwen2.5-VL architecture built from its
-config, random weights, as ``vlwatch bench --load-format dummy``), so a
-whole daemon can be measured on a GPU host without the weights.  Random
-weights stop at arbitrary end-of-sequence tokens; ``VLWATCH_DUMMY_IGNORE_EOS=1``
-(the default) makes every request generate its full budget, so the work
-per job is fixed.
+``VLWATCH_PLUGINS=benchmarks.dummy_backend`` registers ``transformers-dummy``
+exactly as ``VLWATCH_PLUGINS=daemon.bench_dummy`` does (see that module).
 """
 
-from __future__ import annotations
-
-import os
-
-from daemon.backends import register
-from daemon.backends.transformers import TransformersBackend
-from daemon.config import ModelConfig
-
-
-def _dummy(config: ModelConfig) -> TransformersBackend:
-    backend = TransformersBackend(config, load_format="dummy")
-    backend.ignore_eos = os.environ.get("VLWATCH_DUMMY_IGNORE_EOS", "1") == "1"
-    return backend
-
-
-register("transformers-dummy", _dummy)
+from daemon.bench_dummy import dummy_backend  # noqa: F401  (importing registers the backend)

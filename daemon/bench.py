@@ -12,11 +12,17 @@ same synthetic images, side by side:
 5. with ``--devices``, one engine per device (``batch_size: auto`` each),
    the images split between them and run at once (issue 12.5): engine 0 in
    this process, each other one in a process of its own, as the daemon
-   runs them (``daemon.engine_process``).
+   runs them (``daemon.engine_process``);
+6. with ``--end-to-end``, the real daemon on a temp watched folder, files in,
+   sidecars out, compared with the batched setup (``daemon.bench_e2e``).
 
-Every request gets exactly ``--new-tokens`` tokens (end-of-sequence is ignored:
-random weights would stop at arbitrary points), so the setups do the same
-work.  The table gives images/min, seconds per image, time to first token,
+Requests are generated as the daemon generates them: the model's generation
+config applies (its repetition penalty and end-of-sequence ids), and the
+engine's stop for sequences stuck in a loop, so a request may end before
+``--new-tokens``; the ``tokens`` column says how many came.  ``--ignore-eos``
+instead makes every request generate exactly ``--new-tokens`` (random weights
+stop at arbitrary points): a fixed amount of work per image, for comparing
+engines.  The header says which (``eos``).  The table gives images/min, seconds per image, time to first token,
 decode tokens/s and peak GPU memory (the CUDA allocator's reserved bytes,
 which the cap bounds; the CUDA context's few hundred MiB come on top).
 
@@ -73,7 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", default="1036x1036", metavar="WxH",
                         help="synthetic image size, rounded to multiples of 28 (default 1036x1036)")
     parser.add_argument("--new-tokens", type=int, default=256, metavar="N",
-                        help="tokens generated per image, forced (default 256)")
+                        help="most tokens generated per image (default 256)")
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="generate exactly --new-tokens per image, past end-of-sequence (fixed work per image); "
+                             "default: stop where the daemon would")
     parser.add_argument("--batch-sizes", default="auto", metavar="LIST",
                         help="batched setups, comma-separated: auto and/or numbers (default auto)")
     parser.add_argument("--max-gpu-memory", metavar="SIZE",
@@ -92,6 +101,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--verify: image sizes, comma-separated WxH")
     parser.add_argument("--verify-slots", type=int, default=4, metavar="N",
                         help="--verify: engine slots, fewer than the sizes (default 4)")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="add the end-to-end setup: the real daemon on a temp watched folder, --images files in, "
+                             "sidecars out, beside the engine-only figure")
+    parser.add_argument("--end-to-end-timeout", type=float, default=1800.0, metavar="SECONDS",
+                        help="--end-to-end: give up after this long, model load and warm-up included (default 1800)")
     parser.add_argument("--save", metavar="DIR", type=Path,
                         help="also write the table (.md) and the JSON, with the command line, into DIR")
 
@@ -107,7 +121,7 @@ class SetupResult:
     ttft_s: float | None
     decode_tok_s: float | None
     peak_gpu_gib: float | None
-    new_tokens: int
+    new_tokens: int | None  # None: not known (the end-to-end setup without --ignore-eos)
 
 
 @dataclass
@@ -127,14 +141,28 @@ def run_bench(args: argparse.Namespace) -> int:
     setups = plan(args, model)
     backend = _backend(model, args.load_format)
     started = time.perf_counter()
-    images = synthetic_images(max(s.images for s in setups), width, height)
+    # --end-to-end warms the daemon up on as many other images as it times.
+    images = synthetic_images(max([s.images for s in setups] + [2 * args.images] * args.end_to_end), width, height)
     results = [run_setup(backend, model, setup, images, args) for setup in setups]
     if getattr(args, "devices", None):
         results.append(run_engines(backend, model, images[:args.images], args))
     header = describe(backend, model, args, width, height)
-    report = {"command": command_line(), "header": header, "results": [asdict(r) for r in results],
-              "seconds": time.perf_counter() - started}
+    report: dict[str, Any] = {"command": command_line(), "header": header}
+    if args.end_to_end:
+        reference = next(r for s, r in zip(setups, results) if s.name == "batched worker")
+        batch = next(s.batch_size for s in setups if s.name == "batched worker")
+        if callable(getattr(backend, "unload", None)):
+            backend.unload()  # the daemon loads its own copy: the card is its alone, as in use
+        from daemon.bench_e2e import compare, end_to_end_setup
+
+        results.append(end_to_end_setup(model, args, images[:2 * args.images], batch))
+        report["end_to_end"] = compare(results[-1], reference)
+    report.update(results=[asdict(r) for r in results], seconds=time.perf_counter() - started)
     table = format_table(header, results)
+    if args.end_to_end:
+        from daemon.bench_e2e import format_comparison
+
+        table += "\n\n" + format_comparison(report["end_to_end"])
     print(json.dumps(report, indent=2) if args.json else table)
     if args.save:
         save(args.save, report, table)
@@ -189,6 +217,7 @@ def run_verify(args: argparse.Namespace) -> int:
     same = sum(r.same for r in rows)
     header = describe(backend, model, args, *sizes[0])
     header.pop("image", None), header.pop("image_tokens", None)
+    header.pop("eos", None)  # both sides stop at end-of-sequence; neither has the loop stop
     header.update(dtype="float32", slots=slots, requests=len(rows))
     table = format_verify(header, rows, same)
     report = {"command": command_line(), "header": header, "rows": [asdict(r) for r in rows], "same": same,
@@ -276,6 +305,12 @@ def plan(args: argparse.Namespace, model: Any) -> list[Setup]:
         setups.append(Setup(f"batched worker, max_gpu_memory {args.max_gpu_memory}", args.images, None, cap=cap))
     if not setups:
         raise VlwatchError("bench: every setup was skipped; nothing to run", ExitCode.USAGE)
+    if getattr(args, "end_to_end", False):
+        if not any(s.name == "batched worker" for s in setups):
+            raise VlwatchError("--end-to-end is compared with a batched setup: give --batch-sizes", ExitCode.USAGE)
+        if args.ignore_eos and args.load_format != "dummy":
+            raise VlwatchError("--end-to-end --ignore-eos needs --load-format dummy: on real weights the daemon "
+                               "always stops at end-of-sequence", ExitCode.USAGE)
     return setups
 
 
@@ -317,7 +352,7 @@ def run_setup(backend: Any, model: Any, setup: Setup, images: list[Any], args: a
     config = replace(model, batch_size=setup.batch_size)
     if setup.cap is not None:
         config = replace(config, max_gpu_memory=setup.cap, batch_size=None)
-    _configure(backend, config, setup)
+    _configure(backend, config, setup, args.ignore_eos)
     requests = [Request((img,), args.prompt, args.new_tokens) for img in images[:setup.images]]
     worker = _worker(config, backend)
     try:
@@ -336,7 +371,8 @@ def run_setup(backend: Any, model: Any, setup: Setup, images: list[Any], args: a
     failed = [a for a in answers if isinstance(a, str)]
     if failed:
         raise VlwatchError(f"bench: {setup.name}: {failed[0]}")
-    result = _summarise(setup, batch, seconds, stats, first_token, _peak_memory(backend), args.new_tokens)
+    produced = sum(a.new_tokens for got in answers for a in got)  # type: ignore[union-attr]
+    result = _summarise(setup, batch, seconds, stats, first_token, _peak_memory(backend), produced)
     log.info("bench: %s: %.1f images/min", setup.name, result.images_per_min)
     return result
 
@@ -366,13 +402,13 @@ def run_engines(first: Any, model: Any, images: list[Any], args: argparse.Namesp
         ours, theirs = context.Pipe()
         job = _EngineJob(i, len(devices), replace(config, device=device), args.load_format, args.prompt,
                          args.new_tokens, len(images), parse_size(args.size), os.getpid(),
-                         logging.getLogger().getEffectiveLevel())
+                         logging.getLogger().getEffectiveLevel(), args.ignore_eos)
         process = context.Process(target=_engine_child, args=(job, theirs), name=f"vlwatch-bench-engine-{i}")
         process.start()
         theirs.close()
         children.append((process, ours))
     try:
-        _configure(first, replace(config, device=devices[0]), setup)
+        _configure(first, replace(config, device=devices[0]), setup, args.ignore_eos)
         share = [Request((img,), args.prompt, args.new_tokens) for img in images[0::len(devices)]]
         worker = _worker(replace(config, device=devices[0]), first)
         log.info("bench: engine 0 on %s, %d images: warming up", devices[0], len(share))
@@ -402,11 +438,12 @@ def run_engines(first: Any, model: Any, images: list[Any], args: argparse.Namesp
     if failed or finished != len(images):
         raise VlwatchError(f"bench: {setup.name}: {failed[0] if failed else 'an engine did not finish'}")
     peaks = [p for p in [_peak_memory(first)] + [r[4] for r in reports] if p is not None]
+    produced = sum(a.new_tokens for got in done for a in got) + sum(r[5] for r in reports)  # type: ignore[union-attr]
     n = len(images)
     result = SetupResult(setup=setup.name, batch=f"auto ({', '.join(str(b) for b in batches)})", images=n,
                          seconds=round(seconds, 3), images_per_min=round(60 * n / seconds, 2),
                          s_per_image=round(seconds / n, 3), ttft_s=None, decode_tok_s=None,
-                         peak_gpu_gib=round(max(peaks) / GiB, 2) if peaks else None, new_tokens=n * args.new_tokens)
+                         peak_gpu_gib=round(max(peaks) / GiB, 2) if peaks else None, new_tokens=produced)
     log.info("bench: %s: %.1f images/min (engines: %s s)", setup.name, result.images_per_min,
              ", ".join(f"{r[1]:.1f}" for r in reports))
     return result
@@ -426,6 +463,7 @@ class _EngineJob:
     size: tuple[int, int]
     parent_pid: int
     log_level: int
+    ignore_eos: bool
 
 
 def _expect(process: Any, conn: Any, what: str) -> tuple[Any, ...]:
@@ -455,7 +493,7 @@ def _engine_child(job: _EngineJob, conn: Any) -> None:
 
         backend = _backend(job.model, job.load_format)
         setup = Setup("engine", job.images, None)
-        _configure(backend, job.model, setup)
+        _configure(backend, job.model, setup, job.ignore_eos)
         images = synthetic_images(job.images, *job.size, start=job.index, step=job.engines)
         share = [Request((img,), job.prompt, job.new_tokens) for img in images]
         worker = _worker(job.model, backend)
@@ -470,7 +508,8 @@ def _engine_child(job: _EngineJob, conn: Any) -> None:
         seconds = time.perf_counter() - t0
         worker.close()
         failed = [a for a in answers if isinstance(a, str)]
-        conn.send(("done", seconds, len(answers) - len(failed), failed[:1], _peak_memory(backend)))
+        produced = sum(a.new_tokens for got in answers if not isinstance(got, str) for a in got)
+        conn.send(("done", seconds, len(answers) - len(failed), failed[:1], _peak_memory(backend), produced))
     except Exception as exc:  # reported to the bench, which stops with it
         log.exception("bench: engine %d failed", job.index)
         conn.send(("error", job.index, f"{type(exc).__name__}: {exc}"))
@@ -478,13 +517,13 @@ def _engine_child(job: _EngineJob, conn: Any) -> None:
         conn.close()
 
 
-def _configure(backend: Any, config: Any, setup: Setup) -> None:
+def _configure(backend: Any, config: Any, setup: Setup, ignore_eos: bool) -> None:
     if callable(getattr(backend, "reconfigure", None)):
         backend.reconfigure(config)  # batch size, memory cap; each setup sizes its own cache
     else:
         backend.config = config
     if hasattr(backend, "ignore_eos"):
-        backend.ignore_eos = True
+        backend.ignore_eos = ignore_eos
     if hasattr(backend, "set_engine"):
         backend.set_engine(setup.engine)
 
@@ -547,10 +586,10 @@ def _recording(backend: Any, stock: Any, sink: list[dict[str, Any]]) -> Any:
 
 
 def _summarise(setup: Setup, batch: str, seconds: float, stats: list[dict[str, Any]],
-               first_token: float | None, peak: float | None, budget: int) -> SetupResult:
+               first_token: float | None, peak: float | None, produced: int) -> SetupResult:
     n = setup.images
-    # A backend that reports nothing (a server) is taken to have produced the forced budget.
-    new_tokens = sum(int(s.get("new_tokens", 0)) for s in stats) or n * budget
+    # A backend that reports no stats (a server) is taken at its answers' word.
+    new_tokens = sum(int(s.get("new_tokens", 0)) for s in stats) or produced
     ttfts = [t for s in stats for t in s.get("ttft", [])]
     decode_s = sum(float(s.get("decode_s", 0.0)) for s in stats)
     if decode_s <= 0 and first_token is not None:
@@ -601,6 +640,9 @@ def describe(backend: Any, model: Any, args: argparse.Namespace, width: int, hei
     info: dict[str, Any] = {
         "model": model.name, "backend": model.backend, "weights": "random (dummy)" if args.load_format == "dummy" else "real",
         "image": f"{width}x{height}", "image_tokens": (width // 28) * (height // 28), "new_tokens": args.new_tokens,
+        # What ends a request: as in the daemon, or never before --new-tokens (a fixed amount of work).
+        "eos": f"ignored (exactly {args.new_tokens} tokens per image)" if getattr(args, "ignore_eos", False)
+        else "as the daemon (generation config, loop stop)",
         "python": platform.python_version(),
     }
     try:
@@ -620,9 +662,12 @@ def describe(backend: Any, model: Any, args: argparse.Namespace, width: int, hei
 
 def format_table(header: dict[str, Any], results: list[SetupResult]) -> str:
     first = ", ".join(f"{k} {v}" for k, v in header.items())
-    rows = [["setup", "batch", "images", "images/min", "s/image", "TTFT s", "decode tok/s", "peak GPU GiB"]]
+    rows = [["setup", "batch", "images", "tokens/image", "images/min", "s/image", "TTFT s", "decode tok/s",
+             "peak GPU GiB"]]
     for r in results:
-        rows.append([r.setup, r.batch, str(r.images), f"{r.images_per_min:.1f}", f"{r.s_per_image:.3f}",
+        per_image = None if r.new_tokens is None else r.new_tokens / r.images
+        rows.append([r.setup, r.batch, str(r.images), _num(per_image, "{:.1f}"), f"{r.images_per_min:.1f}",
+                     f"{r.s_per_image:.3f}",
                      _num(r.ttft_s, "{:.3f}"), _num(r.decode_tok_s, "{:.0f}"), _num(r.peak_gpu_gib, "{:.2f}")])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]

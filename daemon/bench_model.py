@@ -26,7 +26,7 @@ from daemon.config import local_model_path
 log = logging.getLogger(__name__)
 
 #: Bump when the written files change, so a stale cached copy is rebuilt.
-_LAYOUT_VERSION = "1"
+_LAYOUT_VERSION = "2"  # 2: config.json names the transformers version it was written for
 
 #: Qwen/Qwen2.5-VL-7B-Instruct config.json, as published (legacy flat layout:
 #: every transformers 5.x reads it into text_config / vision_config).
@@ -55,6 +55,11 @@ QWEN2_5_VL_7B_CONFIG: dict[str, Any] = {
     "sliding_window": 32768,
     "tie_word_embeddings": False,
     "torch_dtype": "bfloat16",
+    # As published.  Without it transformers 5.0-5.17 takes the folder for a
+    # Mistral tokenizer saved before 5.0 and warns of an "incorrect regex
+    # pattern" at every load (tokenization_utils_tokenizers: a config.json
+    # without transformers_version is not proof of a non-Mistral model).
+    "transformers_version": "4.41.2",
     "use_cache": True,
     "use_sliding_window": False,
     "vision_config": {
@@ -77,8 +82,9 @@ QWEN2_5_VL_7B_CONFIG: dict[str, Any] = {
     "vocab_size": 152064,
 }
 
-#: generation_config.json of the same model: greedy decoding in vlwatch
-#: ignores the sampling keys, but the repetition penalty still costs work.
+#: generation_config.json of the same model, as published: greedy decoding in
+#: vlwatch ignores the sampling keys, but the repetition penalty and the two
+#: end-of-sequence ids are applied as on the real weights (``dummy_model``).
 QWEN2_5_VL_7B_GENERATION: dict[str, Any] = {
     "bos_token_id": 151643,
     "pad_token_id": 151643,
@@ -142,6 +148,35 @@ def dummy_source(name: str) -> Path:
     if not _is_qwen2_5_vl_7b(name):
         log.warning("dummy weights: %s is not on this machine; using the built-in Qwen2.5-VL-7B-Instruct config", name)
     return builtin_qwen2_5_vl_7b()
+
+
+#: Seed of the random weights: the bench and a daemon it starts (``--end-to-end``)
+#: build the same model, so with end-of-sequence honoured they stop alike.
+DUMMY_SEED = 0
+
+
+def dummy_model(source: Path | str, *, dtype: Any, attention: str, device: Any) -> Any:
+    """``source``'s architecture with random weights and its generation config, built on ``device``.
+
+    ``from_config`` gives the model a generation config derived from
+    config.json alone (one end-of-sequence id, no repetition penalty); the
+    real weights come with generation_config.json, which the engine reads
+    for its stop ids and penalty.  So it is read here too, or the bench
+    would run a lighter decode than users get.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
+
+    config = AutoConfig.from_pretrained(source, local_files_only=True)
+    config._attn_implementation = attention  # honoured by from_config below
+    # Build on the target device: initialising 8B random weights on the CPU
+    # and copying them over takes minutes, on a GPU seconds.
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []), torch.device(device):
+        torch.manual_seed(DUMMY_SEED)
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=attention)
+    if (Path(source) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(source, local_files_only=True)
+    return model
 
 
 def _is_qwen2_5_vl_7b(name: str) -> bool:

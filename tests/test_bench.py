@@ -13,15 +13,16 @@ from daemon.bench import parse_bytes, parse_size, plan, run_bench
 from daemon.cli import build_parser
 from tests.conftest import run_vlwatch
 
-COLUMNS = ("setup", "batch", "images", "images/min", "s/image", "TTFT s", "decode tok/s", "peak GPU GiB")
+COLUMNS = ("setup", "batch", "images", "tokens/image", "images/min", "s/image", "TTFT s", "decode tok/s", "peak GPU GiB")
 SMALL = ("--images", "3", "--size", "84x56", "--new-tokens", "4", "--baseline-images", "1", "--latency-images", "2")
 
 
 def test_bench_json_on_the_tiny_checkpoint(tiny_model: Path) -> None:
-    done = run_vlwatch("bench", "--model", tiny_model, *SMALL, "--batch-sizes", "auto,2", "--json")
+    done = run_vlwatch("bench", "--model", tiny_model, *SMALL, "--batch-sizes", "auto,2", "--ignore-eos", "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["header"]["image_tokens"] == 6 and report["header"]["new_tokens"] == 4
+    assert report["header"]["eos"] == "ignored (exactly 4 tokens per image)"
     assert report["header"]["device"] and report["header"]["engine"] == "fastgen"
     setups = [(r["setup"], r["batch"], r["images"]) for r in report["results"]]
     assert setups == [
@@ -32,7 +33,7 @@ def test_bench_json_on_the_tiny_checkpoint(tiny_model: Path) -> None:
     ]
     for r in report["results"]:
         assert r["images_per_min"] > 0 and r["s_per_image"] > 0 and r["seconds"] > 0
-        assert r["new_tokens"] == 4 * r["images"]  # the budget is forced: random weights stop anywhere
+        assert r["new_tokens"] == 4 * r["images"]  # --ignore-eos: random weights stop anywhere
         assert r["ttft_s"] is not None and r["ttft_s"] > 0
         assert r["peak_gpu_gib"] is None  # no GPU here
     assert report["command"].startswith("vlwatch bench")
@@ -110,7 +111,7 @@ def test_sizes() -> None:
     assert parse_bytes("22GiB") == 22 * 2**30 and parse_bytes("1.5 GB") == 1_500_000_000
 
 
-def test_builtin_dummy_config_is_qwen2_5_vl_7b(tmp_path: Path) -> None:
+def test_builtin_dummy_config_is_qwen2_5_vl_7b(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     from transformers import AutoConfig, AutoProcessor
 
     from daemon.bench_model import builtin_qwen2_5_vl_7b, dummy_source
@@ -123,7 +124,13 @@ def test_builtin_dummy_config_is_qwen2_5_vl_7b(tmp_path: Path) -> None:
     assert text.rope_parameters["mrope_section"] == [16, 24, 24] and text.rope_parameters["rope_theta"] == 1e6
     assert (vision.depth, vision.hidden_size, vision.out_hidden_size, vision.window_size) == (32, 1280, 3584, 112)
     assert vision.fullatt_block_indexes == [7, 15, 23, 31]
+    # transformers 5.0-5.17 read a config.json without transformers_version as a Mistral tokenizer's and
+    # warned of an "incorrect regex pattern" at every bench run (issue 22.6); the real file names 4.41.2.
+    assert json.loads((folder / "config.json").read_text())["transformers_version"] == "4.41.2"
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [151645, 151643] and generation["repetition_penalty"] == 1.05
     processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+    assert "incorrect regex" not in capfd.readouterr().err
     tok = processor.tokenizer
     assert tok.convert_tokens_to_ids("<|image_pad|>") == config.image_token_id == 151655
     assert tok.convert_tokens_to_ids("<|im_end|>") == 151645
@@ -176,3 +183,91 @@ def test_bench_one_engine_per_device(tiny_model: Path) -> None:
     last = report["results"][-1]
     assert last["setup"] == "batched worker, 2 engines (cpu, cpu)" and last["batch"] == "auto (4, 4)"
     assert last["images"] == 3 and last["images_per_min"] > 0
+
+
+# ------------------------------------------------------------------ what users get (issue 22.6)
+
+
+def _with_generation_config(tiny: Path, folder: Path, **changes: object) -> Path:
+    """A copy of the tiny checkpoint (its files linked) whose generation_config.json has ``changes``."""
+    folder.mkdir(exist_ok=True)
+    for item in tiny.iterdir():
+        if item.name != "generation_config.json" and not (folder / item.name).exists():
+            (folder / item.name).symlink_to(item)
+    generation = json.loads((tiny / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**generation, **changes}))
+    return folder
+
+
+def test_the_bench_generates_as_the_daemon_does(tiny_model: Path, tmp_path: Path) -> None:
+    """The model's generation config (stop ids, repetition penalty) applies in the bench, dummy weights included:
+    the bench's tokens are the daemon backend's, not a forced budget."""
+    from daemon.backends import Request
+    from daemon.backends.transformers import TransformersBackend
+    from daemon.bench import DEFAULT_PROMPT, synthetic_images
+    from daemon.config import ModelConfig
+
+    model = _with_generation_config(tiny_model, tmp_path / "tiny", repetition_penalty=1.05)
+    requests = [Request((image,), DEFAULT_PROMPT, 4) for image in synthetic_images(3, 84, 56)]
+    daemon = TransformersBackend(ModelConfig(name=str(model)))  # what the daemon builds from model.name
+    stop = daemon.token_ids(requests, engine="auto")[0][1]  # the tiny model never stops by itself: make it
+    daemon.unload()
+    eos = json.loads((model / "generation_config.json").read_text())["eos_token_id"]
+    _with_generation_config(tiny_model, model, repetition_penalty=1.05, eos_token_id=[*eos, stop])
+    daemon = TransformersBackend(ModelConfig(name=str(model)))
+    assert [a.finished for a in daemon.generate(requests)][0]  # stopped by the model, not the budget
+    expected = daemon.last_stats["new_tokens"]  # the tokens generated, as the bench counts them
+    assert expected < 4 * len(requests)
+    info = daemon.describe()
+    daemon.unload()
+    assert info["repetition_penalty"] == 1.05 and stop in info["eos_ids"]
+
+    one = ("--images", "3", "--size", "84x56", "--new-tokens", "4", "--baseline-images", "0", "--latency-images", "0")
+    done = run_vlwatch("bench", "--model", model, *one, "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["header"]["eos"] == "as the daemon (generation config, loop stop)"
+    assert report["results"][0]["new_tokens"] == expected
+    assert (report["header"]["eos_ids"], report["header"]["repetition_penalty"]) == (info["eos_ids"], 1.05)
+    # Random weights of the same architecture carry the same generation config.
+    done = run_vlwatch("bench", "--model", model, *one, "--load-format", "dummy", "--json")
+    assert done.returncode == 0, done.stderr
+    header = json.loads(done.stdout)["header"]
+    assert (header["eos_ids"], header["repetition_penalty"]) == (info["eos_ids"], 1.05)
+
+
+def test_bench_end_to_end_on_the_tiny_checkpoint(tiny_model: Path) -> None:
+    """The real daemon, files in and sidecars out, on the dummy path the GPU run takes, beside the engine-only row."""
+    done = run_vlwatch("bench", "--model", tiny_model, "--load-format", "dummy", "--ignore-eos", "--end-to-end",
+                       "--images", "3", "--size", "84x56", "--new-tokens", "4", "--baseline-images", "0",
+                       "--latency-images", "0", "--json", "--end-to-end-timeout", "120")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    engine, e2e = report["results"]
+    assert engine["setup"] == "batched worker" and e2e["setup"] == "end to end (daemon: files in, sidecars out)"
+    assert e2e["images"] == 3 and e2e["batch"] == "auto" and e2e["new_tokens"] == 12
+    assert e2e["images_per_min"] > 0 and e2e["seconds"] > 0
+    c = report["end_to_end"]
+    assert c["engine_only_images_per_min"] == engine["images_per_min"] and c["images_per_min"] == e2e["images_per_min"]
+    assert c["ratio"] == round(e2e["images_per_min"] / engine["images_per_min"], 3) and c["target"] == 0.9
+    assert "incorrect regex" not in done.stderr
+
+
+def test_end_to_end_usage_errors() -> None:
+    done = run_vlwatch("bench", "--model", "unused", "--end-to-end", "--ignore-eos")
+    assert done.returncode == 2 and "--load-format dummy" in done.stderr
+    done = run_vlwatch("bench", "--model", "unused", "--end-to-end", "--batch-sizes", "")
+    assert done.returncode == 2 and "--batch-sizes" in done.stderr
+
+
+def test_the_comparison_line() -> None:
+    from daemon.bench import SetupResult
+    from daemon.bench_e2e import compare, format_comparison
+
+    def row(name: str, per_min: float) -> SetupResult:
+        return SetupResult(name, "auto (256)", 128, 10.0, per_min, 0.1, None, None, None, None)
+
+    c = compare(row("end to end", 760.0), row("batched worker", 868.8))
+    assert c["ratio"] == 0.875 and not c["met"]
+    assert format_comparison(c) == ("end to end 760.0 images/min = 87.5% of engine-only 868.8 (batched worker, "
+                                    "batch auto (256)); target >= 90%: BELOW TARGET")

@@ -229,6 +229,9 @@ class TransformersBackend:
     def describe(self) -> dict[str, Any]:
         """What runs the model, for the bench's header."""
         info: dict[str, Any] = {"attention": self.attention}
+        if self._model is not None:  # what ends a sequence and the penalty, as the engine applies them
+            info["eos_ids"] = sorted(_eos_ids(self._model, self._processor))
+            info["repetition_penalty"] = getattr(self._model.generation_config, "repetition_penalty", None) or 1.0
         if self._fast is not None:
             info["engine"] = "fastgen" + (" + CUDA graphs" if self._fast.use_cuda_graphs else "")
             info["decode_compiled"] = self._fast._layer_fn is not None
@@ -278,17 +281,12 @@ class TransformersBackend:
         raise BackendError(f"no attention implementation could be loaded (tried {', '.join(failures)})")
 
     def _instantiate(self, source: str, dtype: Any, attention: str) -> Any:
-        from transformers import AutoConfig, AutoModelForImageTextToText
+        from transformers import AutoModelForImageTextToText
 
-        if self.load_format == "dummy":
-            import torch
+        if self.load_format == "dummy":  # random weights, with the model's generation config (issue 22.6)
+            from daemon.bench_model import dummy_model
 
-            config = AutoConfig.from_pretrained(source, local_files_only=True)
-            config._attn_implementation = attention  # honoured by from_config below
-            # Build on the target device: initialising 8B random weights on
-            # the CPU and copying them over takes minutes, on a GPU seconds.
-            with torch.device(_pick_device(self.config.device)):
-                return AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=attention)
+            return dummy_model(source, dtype=dtype, attention=attention, device=_pick_device(self.config.device))
         return AutoModelForImageTextToText.from_pretrained(
             source, local_files_only=True, dtype=dtype, attn_implementation=attention
         )

@@ -1,0 +1,32 @@
+"""The ``transformers-dummy`` backend: the real transformers backend on random weights.
+
+Loaded as a plugin (``VLWATCH_PLUGINS=daemon.bench_dummy``, then ``model:
+backend: transformers-dummy``), so a whole daemon runs the real Qwen2.5-VL
+architecture without its weights, as ``vlwatch bench --load-format dummy``
+does: ``bench --end-to-end`` and ``benchmarks/api_ttft.py`` start daemons
+this way.  Random weights stop at arbitrary end-of-sequence tokens;
+``VLWATCH_DUMMY_IGNORE_EOS=1`` (the default, what api_ttft.py wants) makes
+every request generate its full budget, ``0`` stops where the daemon on real
+weights would (the model's generation config, the loop stop).  Not a backend
+for users: the answers are noise.
+"""
+
+from __future__ import annotations
+
+import os
+
+from daemon.backends import register
+from daemon.backends.transformers import TransformersBackend
+from daemon.config import ModelConfig
+
+#: The environment variable that sets ``ignore_eos`` (``1``, the default, or ``0``).
+IGNORE_EOS_ENV = "VLWATCH_DUMMY_IGNORE_EOS"
+
+
+def dummy_backend(config: ModelConfig) -> TransformersBackend:
+    backend = TransformersBackend(config, load_format="dummy")
+    backend.ignore_eos = os.environ.get(IGNORE_EOS_ENV, "1") == "1"
+    return backend
+
+
+register("transformers-dummy", dummy_backend)
