@@ -60,18 +60,14 @@ from daemon.backends import (Answer, DeviceLostError, Feed, Item, ListFeed, Requ
                              is_sticky_cuda_error)
 from daemon.backends.live import LiveSource
 from daemon.backends.oom import is_out_of_memory, load_oom_message
+from daemon import plan
 from daemon.config import ModelConfig, local_model_path
 from daemon.errors import BackendError, ModelMissingError, VlwatchError
 
 log = logging.getLogger(__name__)
 
-#: Most slots ``batch_size: auto`` picks (memory permitting).  On the H100
-#: (issue 12) 256 slots gave +20% images/min over 64 for 1036 px images and
-#: +57% for document pages; past that the KV reads dominate the step.
-MAX_AUTO_SLOTS = 256
-#: Text tokens around an image in a typical prompt (system prompt, chat
-#: markup, the rule's prompt), for sizing the cache before tokenizing.
-TEXT_TOKENS_ALLOWANCE = 128
+# The memory arithmetic is daemon.plan's, shared with `vlwatch plan` (issue 23).
+from daemon.plan import MAX_AUTO_SLOTS, TEXT_TOKENS_ALLOWANCE  # noqa: E402  (re-exported)
 GiB = 2**30
 
 T = TypeVar("T")
@@ -424,7 +420,7 @@ class TransformersBackend:
         # The daemon: any request may come; size for the configured largest
         # image and budget (a larger one is deferred to a run sized for it).
         longest, budget = live.largest()
-        tokens = max(self.config.max_pixels // (28 * 28) + TEXT_TOKENS_ALLOWANCE, longest)
+        tokens = max(plan.prompt_tokens(self.config.max_pixels), longest)
         max_new = max(self.config.max_new_tokens, budget)
         slots = self.slots_for(1 << 20, max_new_tokens=max_new, tokens=tokens)
         return slots, tokens + max_new, max_new
@@ -552,28 +548,21 @@ class TransformersBackend:
             tokens: prompt tokens per request (default: an image of
                 ``max_pixels`` plus a typical prompt).
         """
-        import torch
-
         if self._model is None:  # generate() calls this holding the lock, with the model loaded
             self.load()
         if self._model.device.type != "cuda":
             return 4  # CPU: batching barely helps and latency grows with it
-        per_token = self._fast.kv_bytes_per_token() if self._fast is not None else _kv_bytes_per_token(self._model)
         if tokens is None:
-            tokens = self.config.max_pixels // (28 * 28) + TEXT_TOKENS_ALLOWANCE
-        length = tokens + (max_new_tokens or self.config.max_new_tokens)
-        vocab = self._model.lm_head.weight.shape[0]
-        per_slot = length * per_token + 3 * vocab * 4  # the cache, logits and the penalty's mask
+            tokens = plan.prompt_tokens(self.config.max_pixels)
+        max_new = max_new_tokens or self.config.max_new_tokens
         budget = available_gpu_memory(self._model.device, self.config.max_gpu_memory)
         if self._fast is not None:
             budget += self._fast.held_bytes()  # the cache in hand is reused or replaced, not added to
-        budget -= prefill_reserve(self._model, tokens)
-        slots = max(1, min(MAX_AUTO_SLOTS, int(budget // per_slot)))
-        if slots >= 8:
-            slots -= slots % 8  # shapes the kernels like
-        log.debug("auto batch size: %d slots of %d tokens (%.2f GiB available after the prefill reserve)",
-                  slots, length, budget / GiB)
-        del torch
+        shape = model_shape(self._model)
+        slots = max(1, plan.slots_for_budget(shape, budget, tokens=tokens, max_new=max_new,
+                                             itemsize=self._model.dtype.itemsize))
+        log.debug("auto batch size: %d slots of %d tokens (%.2f GiB available)",
+                  slots, plan.cache_length(tokens + max_new), budget / GiB)
         return slots
 
     # ------------------------------------------------------------ model.generate
@@ -628,10 +617,13 @@ def image_tokens(width: int, height: int) -> int:
     return max(1, (width // 28) * (height // 28))
 
 
+def model_shape(model: Any) -> "plan.ModelShape":
+    """The loaded model's sizes, for daemon.plan's arithmetic."""
+    return plan.shape_from_config(model.config.to_dict(), str(getattr(model, "name_or_path", "")))
+
+
 def _kv_bytes_per_token(model: Any) -> int:
-    cfg = model.config.get_text_config()
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * model.dtype.itemsize
+    return plan.kv_bytes_per_token(model_shape(model), model.dtype.itemsize)
 
 
 def available_gpu_memory(device: Any, cap: int | None) -> int:
@@ -648,26 +640,8 @@ def available_gpu_memory(device: Any, cap: int | None) -> int:
 
 
 def prefill_reserve(model: Any, tokens: int) -> int:
-    """Peak working memory of one prefill of ``tokens`` tokens, with a margin.
-
-    The prefill's own KV cache (copied into a slot afterwards, where the stock
-    text model prefills), the widest activations of a text layer (the MLP's
-    gate and up projections) and of the vision tower, plus 1 GiB for the
-    allocator's fragmentation, cuBLAS workspaces and the decode graph's pool.
-    """
-    from daemon.backends.prefill import PREFILL_TOKENS, VISION_BATCH_PATCHES
-
-    cfg = model.config.get_text_config()
-    width = model.dtype.itemsize
-    # Several prompts are prefilled as one sequence (up to PREFILL_TOKENS).
-    text = max(tokens, PREFILL_TOKENS) * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * width
-    vision_cfg = getattr(model.config, "vision_config", None)
-    vision = 0
-    if vision_cfg is not None:
-        # Several images go through the tower together (up to about this many patches).
-        patches = max(4 * tokens, VISION_BATCH_PATCHES)  # 2x2 patches merge into one token
-        vision = patches * (6 * vision_cfg.hidden_size + 3 * vision_cfg.intermediate_size) * width
-    return tokens * _kv_bytes_per_token(model) + 2 * max(text, vision) + GiB
+    """Peak working memory of one prefill of ``tokens`` tokens (daemon.plan.prefill_reserve)."""
+    return plan.prefill_reserve(model_shape(model), tokens, model.dtype.itemsize)
 
 
 def _prefetch(pool: ThreadPoolExecutor, fn: Callable[[T], U], items: Iterable[T], *, ahead: int) -> Iterator[U]:
