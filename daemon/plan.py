@@ -363,13 +363,13 @@ def choose_precision(shape: ModelShape, memory: int, *, quantization: str, max_p
 
 def plan_with_advice(shape: ModelShape, memory: int, *, quantization: str = "auto", max_pixels: int,
                      max_new_tokens: int, capped: bool = False, fp8_capable: bool | None = None,
-                     prequantized: bool = False) -> Plan:
+                     prequantized: bool = False, itemsize: int = 2) -> Plan:
     """The plan for the configured setup; where nothing fits, what would (3B, fp8, lower max_pixels)."""
     precision, why = choose_precision(shape, memory, quantization=quantization, max_pixels=max_pixels,
                                       max_new_tokens=max_new_tokens, capped=capped, fp8_capable=fp8_capable,
                                       prequantized=prequantized)
     plan = make_plan(shape, memory, precision=precision, max_pixels=max_pixels, max_new_tokens=max_new_tokens,
-                     capped=capped)
+                     capped=capped, itemsize=itemsize)
     notes = [f"precision {precision}: {why}"]
     if precision == "fp8" and fp8_capable is None:
         notes.append("fp8 needs a card with compute capability 8.9 or later (RTX 40xx, L4, L40S, H100, ...)")
@@ -411,3 +411,26 @@ def _advice(shape: ModelShape, memory: int, plan: Plan, *, capped: bool, fp8_cap
         need = weight_bytes(shape, plan.precision) + prefill_reserve(shape, prompt_tokens(plan.max_pixels))
         out.append(f"more GPU memory: the weights and one prefill alone need {need / GiB:.1f} GiB")
     return out
+
+
+def nothing_fits_message(plan: Plan) -> str:
+    """The engine's refusal and the command's verdict when not one slot fits."""
+    need = plan.weights_gib + plan.reserve_gib
+    text = (f"{plan.summary()}: the weights ({plan.weights_gib:.1f} GiB) and one prefill "
+            f"({plan.reserve_gib:.1f} GiB) need {need:.1f} GiB before the first slot "
+            f"({plan.kv_per_slot_mib:.0f} MiB)")
+    if plan.advice:
+        text += ". What would fit: " + "; ".join(plan.advice)
+    return text + " (`vlwatch plan --help` tries other setups offline)"
+
+
+def fp8_unsupported_message(capability: str, bf16: Plan | None) -> str:
+    """``quantization: fp8`` on a card without FP8 tensor cores: why not, and the smallest setup that fits."""
+    text = (f"model.quantization: fp8 needs a GPU with FP8 tensor cores (compute capability 8.9 or later: "
+            f"RTX 40xx, L4, L40S, H100); this one has {capability}. Set model.quantization: auto or none")
+    if bf16 is not None:
+        text += f" ({bf16.summary()})" if bf16.fits else ""
+        smaller = [a for a in bf16.advice if "fp8" not in a]
+        if smaller:
+            text += "; what fits in bf16: " + "; ".join(smaller)
+    return text

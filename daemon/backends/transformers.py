@@ -117,6 +117,10 @@ class TransformersBackend:
         self._oom_slots: int | None = None  # slot limit learnt from an out-of-memory error
         self._tried_slots = 0  # slots of the fastgen run in progress (halved after an OOM)
         self._lock = threading.Lock()
+        #: bf16 | fp8: the text model's linear weights as loaded (model.quantization resolved)
+        self.precision: str | None = None
+        #: what daemon.plan said before loading (CUDA only): logged, and shown by `status`
+        self.plan: plan.Plan | None = None
         #: called after the model is loaded or unloaded (the daemon records it for `status`)
         self.on_state_change: Callable[[], None] | None = None
 
@@ -161,8 +165,17 @@ class TransformersBackend:
         processor = AutoProcessor.from_pretrained(source, local_files_only=True)
         # Batched generation of a decoder-only model needs the padding on the left.
         processor.tokenizer.padding_side = "left"
-        self._limit_memory(device)
+        self.plan = self._plan_memory(source, device, dtype)  # refuses a setup that cannot fit, with advice
+        self.precision = self._precision(source, device)
+        # Dummy weights are built on the GPU in bf16 and quantized there: the
+        # cap (a smaller card simulated) applies once they are FP8.  A real
+        # checkpoint is quantized one linear at a time on its way to the GPU.
+        late_cap = self.load_format == "dummy" and self.precision == "fp8"
+        if not late_cap:
+            self._limit_memory(device)
         model, attention = self._load_model(source, device, dtype)
+        if late_cap:
+            self._limit_memory(device)
         model.eval()
         self._processor, self._model, self.attention = processor, model, attention
         log.info("loaded %s on %s (%s, attention=%s)", self.model, device, str(dtype).removeprefix("torch."), attention)
@@ -250,6 +263,98 @@ class TransformersBackend:
         if cap:
             log.info("GPU memory capped at %.1f GiB of %.1f GiB", cap / GiB, total / GiB)
 
+    @property
+    def plan_summary(self) -> str | None:
+        """"7B fp8 on 23.6 GiB: 96 slots of 1664 tokens" (``status``), once the model was planned."""
+        return self.plan.summary() if self.plan is not None else None
+
+    def _plan_memory(self, source: str, device: Any, dtype: Any) -> plan.Plan | None:
+        """The plan for this model on this card, logged; a clear error when nothing fits.
+
+        The same arithmetic as ``vlwatch plan`` and ``auto_batch_size``
+        (daemon.plan), on the memory the card has free now (under
+        ``max_gpu_memory``), so a setup that cannot hold one slot beside the
+        weights stops here with what would fit, not later with an
+        out-of-memory traceback while capturing the decode graph (issue 23).
+        """
+        import torch
+
+        if device.type != "cuda":
+            return None
+        try:
+            checkpoint = plan.read_config(Path(source))
+            shape = plan.shape_from_config(checkpoint, self.config.name)
+        except ValueError as exc:
+            log.info("no memory plan: %s", exc)
+            return None
+        free, total = torch.cuda.mem_get_info(device)
+        cap = self.config.max_gpu_memory
+        memory = min(free, cap) if cap else free
+        capability = tuple(torch.cuda.get_device_capability(device))
+        capable = capability >= plan.FP8_MIN_CAPABILITY
+        prequantized = plan.checkpoint_precision(checkpoint) == "fp8"
+        quantization = self.config.quantization
+        if quantization == "fp8" and not capable and not prequantized:
+            quantization = "none"  # refused below, with what fits in bf16
+        planned = plan.plan_with_advice(
+            shape, memory, quantization=quantization, max_pixels=self.config.max_pixels,
+            max_new_tokens=self.config.max_new_tokens, capped=True,  # free memory: the context is counted already
+            fp8_capable=capable, prequantized=prequantized, itemsize=dtype.itemsize)
+        if quantization != self.config.quantization:
+            raise BackendError(plan.fp8_unsupported_message(".".join(map(str, capability)), planned))
+        log.info("memory plan: %s (weights %.1f GiB, prefill reserve %.1f GiB, %.0f MiB per slot; %s)",
+                 planned.summary(), planned.weights_gib, planned.reserve_gib, planned.kv_per_slot_mib,
+                 "; ".join(planned.notes))
+        if not planned.fits:
+            raise BackendError(plan.nothing_fits_message(planned))
+        if planned.advice:
+            log.info("memory plan: more slots with %s", " or ".join(planned.advice))
+        return planned
+
+    def _precision(self, source: str, device: Any) -> str:
+        """What ``model.quantization`` comes to here: the plan's choice on CUDA, bf16 elsewhere unless asked.
+
+        On a CPU (or a card without FP8 tensor cores, for a pre-quantized
+        checkpoint) FP8 weights run through the dequantizing reference path:
+        correct, slower; ``auto`` never picks it there.
+        """
+        import torch
+
+        from daemon.backends import fp8
+
+        try:
+            checkpoint = plan.read_config(Path(source))
+        except ValueError:
+            checkpoint = {}
+        prequantized = fp8.compressed_tensors_fp8(checkpoint)
+        if self.plan is not None:
+            precision = self.plan.precision
+        else:
+            precision = "fp8" if self.config.quantization == "fp8" or prequantized else "bf16"
+        if device.type == "cuda" and precision == "fp8" and not fp8.fast_fp8(device) and not prequantized:
+            capability = ".".join(map(str, torch.cuda.get_device_capability(device)))
+            raise BackendError(plan.fp8_unsupported_message(capability, self.plan))
+        if precision == "fp8" and not fp8.fast_fp8(device):
+            log.warning("FP8 weights on %s run through the dequantizing reference path (slow): "
+                        "FP8 tensor cores need CUDA compute capability 8.9+", device)
+        return precision
+
+    def _quantize(self, model: Any, source: str, device: Any) -> Any:
+        """The text model's linears in FP8 when ``self.precision`` says so (``daemon.backends.fp8``)."""
+        if self.precision != "fp8":
+            return model
+        from daemon.backends import fp8
+
+        checkpoint = plan.read_config(Path(source)) if self.load_format != "dummy" else {}
+        if fp8.compressed_tensors_fp8(checkpoint):
+            count = fp8.load_compressed_tensors(model, Path(source), device)
+            log.info("FP8: %d text linears loaded as they are from the compressed-tensors checkpoint", count)
+        else:
+            count = fp8.quantize_text_linears(model, device)
+            log.info("FP8: %d text linears quantized at load (row-wise e4m3; vision tower and lm_head in %s)",
+                     count, str(model.dtype).removeprefix("torch."))
+        return model
+
     def _source(self) -> str:
         if self.load_format == "dummy":
             from daemon.bench_model import dummy_source
@@ -261,7 +366,7 @@ class TransformersBackend:
         failures: list[str] = []
         for attention in attention_candidates(self.config.attention, device):
             try:
-                model = self._instantiate(source, dtype, attention).to(device)
+                model = self._quantize(self._instantiate(source, dtype, attention), source, device).to(device)
             except (ImportError, ValueError, RuntimeError) as exc:
                 if is_out_of_memory(exc):  # not an attention problem: say so, with numbers (issue 11.5)
                     raise BackendError(load_oom_message(self.model, source, dtype, device, self.config)) from exc
@@ -285,8 +390,16 @@ class TransformersBackend:
             # the CPU and copying them over takes minutes, on a GPU seconds.
             with torch.device(_pick_device(self.config.device)):
                 return AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=attention)
+        extra: dict[str, Any] = {}
+        if self.precision == "fp8":
+            config = AutoConfig.from_pretrained(source, local_files_only=True)
+            if getattr(config, "quantization_config", None) is not None:
+                # backends.fp8 puts the checkpoint's FP8 weights in as they are;
+                # transformers' compressed-tensors path would decompress them.
+                del config.quantization_config
+                extra["config"] = config
         return AutoModelForImageTextToText.from_pretrained(
-            source, local_files_only=True, dtype=dtype, attn_implementation=attention
+            source, local_files_only=True, dtype=dtype, attn_implementation=attention, **extra
         )
 
     def unload(self) -> None:
