@@ -208,8 +208,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     for warning in (*config.warnings, *filter(None, [config.model_warning])):
         print(f"warning: {warning}")
     print(f"{config.source}: OK ({plural(len(config.rules), 'rule')}, {plural(len(config.watch), 'watched folder')}, "
-          f"backend {config.model.backend})")
+          f"backend {config.model.backend}" + _quantization_note(config) + ")")
     return ExitCode.OK
+
+
+def _quantization_note(config: Config) -> str:
+    """``, quantization fp8`` where the local backend runs the model (issue 23)."""
+    return f", quantization {config.model.quantization}" if config.model.backend == "transformers" else ""
 
 
 def cmd_init(args: argparse.Namespace) -> int:

@@ -237,7 +237,9 @@ class TransformersBackend:
 
     def describe(self) -> dict[str, Any]:
         """What runs the model, for the bench's header."""
-        info: dict[str, Any] = {"attention": self.attention}
+        info: dict[str, Any] = {"attention": self.attention, "precision": self.precision}
+        if self.plan is not None:
+            info["plan"] = self.plan.summary()
         if self._fast is not None:
             info["engine"] = "fastgen" + (" + CUDA graphs" if self._fast.use_cuda_graphs else "")
             info["decode_compiled"] = self._fast._layer_fn is not None
