@@ -130,14 +130,13 @@ class Fp8Linear(torch.nn.Module):
         return cls(q, scale, bias)
 
     def _apply(self, fn: Any, recurse: bool = True) -> "Fp8Linear":
-        # model.to(dtype) must not turn the FP8 weight or its float32 scales into bf16.
-        weight, scale = self.weight, self.weight_scale
+        # model.to(dtype) must not turn the FP8 weight or its float32 scales
+        # into bf16: keep their data, and take only the device from ``fn``.
+        weight, scale = self.weight.data, self.weight_scale.data
         super()._apply(fn, recurse)
-        if self.weight.dtype != FP8:
-            self.weight = torch.nn.Parameter(weight.to(self.weight.device), requires_grad=False)
-        if self.weight_scale.dtype != torch.float32:
-            self.weight_scale = torch.nn.Parameter(scale.to(self.weight_scale.device), requires_grad=False)
-        self.fast = fast_fp8(self.weight.device)
+        device = self.weight.device
+        self.weight.data, self.weight_scale.data = weight.to(device), scale.to(device)
+        self.fast = fast_fp8(device)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
