@@ -32,6 +32,7 @@ from daemon.config import (ANSWER_FORMATS, ATTENTIONS, BACKENDS, DEFAULT_LISTEN,
                            HooksConfig, JobsConfig, ModelConfig, PageRanges, Rule, WatchConfig, bundled_packs, canonical, default_state_path,
                            find_config, is_loopback_host, load_plugins, local_model_path, parse_pages, split_host_port)
 from daemon.config import QUANTIZATIONS  # model.quantization (issue 23)
+from daemon.plan import canonical_name
 from daemon.errors import ConfigError, ExitCode, Problem, VlwatchError
 from daemon.webhooks import url_problem
 
@@ -325,6 +326,8 @@ def _read_model(r: _Reader, node: yaml.Node) -> ModelConfig:
         kw["name"] = r.string(keys["name"], w + "name")
         if kw["name"] and kw["name"].startswith(("~", "$")):
             kw["name"] = os.path.expandvars(str(Path(kw["name"]).expanduser()))
+        elif kw["name"] and not Path(kw["name"]).is_dir():
+            kw["name"] = canonical_name(kw["name"])  # `name: 3b` -> Qwen/Qwen2.5-VL-3B-Instruct (issue 23)
     if "attention" in keys:
         kw["attention"] = r.choice(keys["attention"], w + "attention", ATTENTIONS)
     if "dtype" in keys:

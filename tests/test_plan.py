@@ -138,3 +138,23 @@ def test_fp8_unsupported_message_names_what_fits() -> None:
 
 def test_model_config_default_is_auto() -> None:
     assert ModelConfig().quantization == "auto"
+
+
+def test_the_3b_model_is_a_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from daemon.bench_model import BUILTIN_CONFIGS, dummy_source
+    from daemon.config_reader import load_config
+
+    # The bench's built-in configs and the plan's bundled shapes are the same published values.
+    for key, config in BUILTIN_CONFIGS.items():
+        known = next(k for k in plan.KNOWN_MODELS if k.lower().endswith(key))
+        assert plan.shape_from_config(config, known) == plan.known_shape(known)
+    # `bench --load-format dummy --model 3b` builds the 3B from its published config.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    folder = dummy_source("3b")
+    config = plan.read_config(folder)
+    assert (config["hidden_size"], config["num_hidden_layers"], config["num_key_value_heads"],
+            config["tie_word_embeddings"]) == (2048, 36, 2, True)
+    # config: `name: 3b` is the model id
+    path = write_config(tmp_path, "model: {name: 3b}\ninclude: [ocr]\n")
+    assert load_config(path).model.name == "Qwen/Qwen2.5-VL-3B-Instruct"
