@@ -113,3 +113,13 @@ def test_a_compressed_tensors_checkpoint_loads_as_it_is(tiny_model: Path, tmp_pa
     # compare the tokens, which a decompression without the scales would change beyond recognition).
     assert backend.token_ids(requests, engine="auto") == expected
     backend.unload()
+
+
+def test_emulated_reference_rounds_the_activations_per_row() -> None:
+    gen = torch.Generator().manual_seed(2)
+    w, s = fp8.quantize_rows(torch.randn(16, 32, generator=gen))
+    x = torch.randn(4, 32, generator=gen) * torch.tensor([1e-3, 1.0, 30.0, 0.2])[:, None]
+    xq, xs = fp8.quantize_activations(x)
+    want = torch.nn.functional.linear(xq.float() * xs, fp8.dequantize(w, s, torch.float32))
+    torch.testing.assert_close(fp8.fp8_linear(x, w, s, None, fast=False, emulate=True), want)
+    assert not torch.equal(fp8.fp8_linear(x, w, s, None, fast=False), want)  # the plain reference does not round x

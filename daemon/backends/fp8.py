@@ -68,11 +68,16 @@ TEXT_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-def fast_fp8(device: torch.device) -> bool:
-    """Whether ``device`` multiplies FP8 on tensor cores (CUDA, compute capability 8.9+)."""
+def fp8_capable(device: torch.device) -> bool:
+    """Whether ``device`` has FP8 tensor cores (CUDA, compute capability 8.9+)."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
     return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fast_fp8(device: torch.device) -> bool:
+    """Whether FP8 linears on ``device`` take the ``_scaled_mm`` path (capable, and it runs)."""
+    return fp8_capable(device) and scaled_mm_works(device)
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,23 +92,55 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return (weight.float() * scale.float()).to(dtype)
 
 
+def quantize_activations(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ("per token") dynamic scales: ``rows`` [m, k] -> (e4m3 rows, float32 scales [m, 1])."""
+    scale = (rows.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
+    return (rows.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-               *, fast: bool) -> torch.Tensor:
+               *, fast: bool, emulate: bool = False) -> torch.Tensor:
     """``x @ (weight * scale).T + bias`` for an FP8 ``weight`` [out, in] and row scales ``scale`` [out, 1].
 
-    ``fast``: dynamic per-row activation scales and ``torch._scaled_mm``
-    (CUDA, cc 8.9+); otherwise the dequantized reference.
+    The functional form a fused layer function calls with its own
+    (concatenated) weight and scales.  ``fast``: dynamic per-row activation
+    scales and ``torch._scaled_mm`` (CUDA, cc 8.9+, bf16 activations).
+    Otherwise the dequantized weight through ``F.linear``; ``emulate`` also
+    rounds the activations through FP8 as the fast path does, in the input's
+    dtype (fp32 for the GPU check's reference: the same arithmetic, exact
+    products).
     """
-    if not fast:
-        return F.linear(x, dequantize(weight, scale, x.dtype), bias)
     shape = x.shape
-    rows = x.reshape(-1, shape[-1])
-    x_scale = (rows.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
-    xq = (rows.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    if not fast or x.dtype != torch.bfloat16:
+        if emulate:
+            xq, x_scale = quantize_activations(x.reshape(-1, shape[-1]))
+            x = (xq.float() * x_scale).to(x.dtype).reshape(shape)
+        return F.linear(x, dequantize(weight, scale, x.dtype), bias)
+    xq, x_scale = quantize_activations(x.reshape(-1, shape[-1]))
     # weight.t() is the column-major [in, out] operand _scaled_mm wants; scales row-wise on both sides.
-    y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=scale.float().t(), bias=bias,
-                         out_dtype=x.dtype)
+    y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=scale.float().t(), out_dtype=x.dtype)
+    if bias is not None:
+        y = y + bias  # added here: not every torch takes a bias with row-wise scales
     return y.reshape(*shape[:-1], y.shape[-1])
+
+
+_probed: dict[torch.device, bool] = {}
+
+
+def scaled_mm_works(device: torch.device) -> bool:
+    """Whether ``_scaled_mm`` with row-wise scales runs on ``device`` (checked once, outside any graph capture)."""
+    if device not in _probed:
+        try:
+            w, s = quantize_rows(torch.randn(32, 64, device=device))
+            x = torch.randn(3, 64, device=device, dtype=torch.bfloat16)
+            got = fp8_linear(x, w, s, None, fast=True)
+            want = fp8_linear(x.float(), w, s, None, fast=False, emulate=True)
+            _probed[device] = bool(((got.float() - want).norm() / want.norm()) < 0.05)
+        except (RuntimeError, TypeError) as exc:
+            log.warning("FP8: torch._scaled_mm with row-wise scales does not run here (%s); "
+                        "using the dequantizing path", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            _probed[device] = False
+    return _probed[device]
 
 
 class Fp8Linear(torch.nn.Module):
@@ -120,6 +157,8 @@ class Fp8Linear(torch.nn.Module):
         self.weight_scale = torch.nn.Parameter(scale.float().reshape(-1, 1), requires_grad=False)
         self.bias = torch.nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.fast = fast_fp8(weight.device)
+        #: reference runs (benchmarks/fp8_check.py): no _scaled_mm, activations rounded through FP8
+        self.emulate = False
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, device: torch.device | None = None) -> "Fp8Linear":
@@ -140,7 +179,8 @@ class Fp8Linear(torch.nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.weight_scale, self.bias, fast=self.fast)
+        return fp8_linear(x, self.weight, self.weight_scale, self.bias, fast=self.fast and not self.emulate,
+                          emulate=self.emulate)
 
     def dequantized(self) -> torch.nn.Linear:
         """The stock bf16 module computing the same weights (the reference for the GPU check)."""
@@ -197,6 +237,17 @@ def dequantize_text_linears(model: Any) -> int:
         for owner, attr, linear in _named_linears(layer):
             if isinstance(linear, Fp8Linear):
                 setattr(owner, attr, linear.dequantized())
+                count += 1
+    return count
+
+
+def set_emulate(model: Any, emulate: bool) -> int:
+    """Switch every FP8 projection to the emulating reference (or back); returns how many."""
+    count = 0
+    for layer in text_layers(model):
+        for _, _, linear in _named_linears(layer):
+            if isinstance(linear, Fp8Linear):
+                linear.emulate = emulate
                 count += 1
     return count
 

@@ -333,7 +333,7 @@ class TransformersBackend:
             precision = self.plan.precision
         else:
             precision = "fp8" if self.config.quantization == "fp8" or prequantized else "bf16"
-        if device.type == "cuda" and precision == "fp8" and not fp8.fast_fp8(device) and not prequantized:
+        if device.type == "cuda" and precision == "fp8" and not fp8.fp8_capable(device) and not prequantized:
             capability = ".".join(map(str, torch.cuda.get_device_capability(device)))
             raise BackendError(plan.fp8_unsupported_message(capability, self.plan))
         if precision == "fp8" and not fp8.fast_fp8(device):
