@@ -123,3 +123,23 @@ def test_emulated_reference_rounds_the_activations_per_row() -> None:
     want = torch.nn.functional.linear(xq.float() * xs, fp8.dequantize(w, s, torch.float32))
     torch.testing.assert_close(fp8.fp8_linear(x, w, s, None, fast=False, emulate=True), want)
     assert not torch.equal(fp8.fp8_linear(x, w, s, None, fast=False), want)  # the plain reference does not round x
+
+
+def test_sidecars_record_fp8(tmp_path: Path, tiny_model: Path) -> None:
+    """Issue 23: FP8 weights change the text, so the sidecar says which precision made it."""
+    from tests.conftest import run_vlwatch, write_config
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    Image.new("RGB", (420, 300), (200, 40, 40)).save(inbox / "shot.png")
+    config = write_config(tmp_path, f"""
+        model: {{name: {tiny_model}, max_new_tokens: 6, max_pixels: 60000, quantization: fp8}}
+        include: [describe, ground]
+        watch: [{{path: ./inbox}}]
+    """)
+    for rule in ("describe", "ground"):
+        done = run_vlwatch("process", "--config", config, "--rule", rule, inbox / "shot.png", "--local")
+        assert done.returncode == 0, done.stderr
+    last = (inbox / "shot.png.describe.md").read_text().splitlines()[-1]
+    assert f"model {tiny_model} (fp8);" in last
+    assert json.loads((inbox / "shot.png.ground.json").read_text())["quantization"] == "fp8"
