@@ -143,3 +143,16 @@ def test_sidecars_record_fp8(tmp_path: Path, tiny_model: Path) -> None:
     last = (inbox / "shot.png.describe.md").read_text().splitlines()[-1]
     assert f"model {tiny_model} (fp8);" in last
     assert json.loads((inbox / "shot.png.ground.json").read_text())["quantization"] == "fp8"
+
+
+def test_fused_projections_stack_by_rows() -> None:
+    gen = torch.Generator().manual_seed(3)
+    parts = []
+    for out in (16, 8, 8):
+        linear = torch.nn.Linear(32, out)
+        with torch.no_grad():
+            linear.weight.copy_(torch.randn(out, 32, generator=gen))
+        parts.append(fp8.Fp8Linear.from_linear(linear))
+    x = torch.randn(3, 32, generator=gen)
+    fused = fp8.fp8_linear(x, *fp8.concat(parts), fast=False)
+    torch.testing.assert_close(fused, torch.cat([p(x) for p in parts], dim=-1))

@@ -158,3 +158,15 @@ def test_the_3b_model_is_a_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     # config: `name: 3b` is the model id
     path = write_config(tmp_path, "model: {name: 3b}\ninclude: [ocr]\n")
     assert load_config(path).model.name == "Qwen/Qwen2.5-VL-3B-Instruct"
+
+
+def test_status_shows_the_plan_of_the_loaded_model() -> None:
+    from daemon.commands import format_status
+
+    info = {"state": "s.db", "daemon": {"running": True, "pid": 1}, "failures": [],
+            "counts": {"queued": 0, "running": 0, "done": 0, "failed": 0},
+            "model": {"model": "Qwen/Qwen2.5-VL-7B-Instruct", "backend": "transformers", "loaded": True,
+                      "plan": "7B fp8 on 23.6 GiB: 120 slots of 1664 tokens"}}
+    assert "memory   7B fp8 on 23.6 GiB: 120 slots of 1664 tokens" in format_status(info)
+    info["model"]["loaded"] = False
+    assert "memory" not in format_status(info)

@@ -42,9 +42,12 @@ Why by hand rather than a library (decided at the start of issue 23):
   a plain tensor the engine can fuse.
 
 The functional form :func:`fp8_linear` is what a fused layer function calls
-with its own (concatenated) FP8 weight and scales; until the slot engine's
-fused/compiled path takes FP8 (``fuse_projections`` declines FP8 layers), the
-engine runs these modules through its module path.
+with its own FP8 weight and scales (:func:`concat` stacks q/k/v or gate/up:
+row-wise scales stack with their rows).  Until the slot engine's fused and
+compiled layer functions take them (``decode_step.fuse_projections``
+declines FP8 layers today), the engine runs these modules through its module
+path: decoding without the compiled layer function, prefill through the
+stock text model (its MLPs and norms still compiled), not packed.
 """
 
 from __future__ import annotations
@@ -195,6 +198,23 @@ class Fp8Linear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 row-wise"
+
+
+def concat(linears: list[Fp8Linear]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One (weight, scale, bias) for several FP8 linears of the same input, stacked by output rows.
+
+    What a fused projection (q/k/v, gate/up) needs: with one scale per
+    output row the rows of different linears stack as they are, and
+    ``fp8_linear(x, *concat([q, k, v]), fast=...)`` equals the three outputs
+    side by side.  Biases are all present or all absent.
+    """
+    weight = torch.cat([m.weight for m in linears])
+    scale = torch.cat([m.weight_scale for m in linears])
+    biases = [m.bias for m in linears]
+    if any(b is None for b in biases) and not all(b is None for b in biases):
+        raise ValueError("some of these linears have a bias and some do not")
+    bias = None if biases[0] is None else torch.cat(biases)
+    return weight, scale, bias
 
 
 def text_layers(model: Any) -> list[Any]:
