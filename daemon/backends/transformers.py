@@ -368,7 +368,7 @@ class TransformersBackend:
         failures: list[str] = []
         for attention in attention_candidates(self.config.attention, device):
             try:
-                model = self._quantize(self._instantiate(source, dtype, attention), source, device).to(device)
+                model = self._instantiate(source, dtype, attention)
             except (ImportError, ValueError, RuntimeError) as exc:
                 if is_out_of_memory(exc):  # not an attention problem: say so, with numbers (issue 11.5)
                     raise BackendError(load_oom_message(self.model, source, dtype, device, self.config)) from exc
@@ -377,8 +377,19 @@ class TransformersBackend:
                 log.warning("attention %s failed to load (%s); falling back", attention, _one_line(exc))
                 failures.append(attention)
                 continue
-            return model, attention
+            return self._place(model, source, device, dtype), attention
         raise BackendError(f"no attention implementation could be loaded (tried {', '.join(failures)})")
+
+    def _place(self, model: Any, source: str, device: Any, dtype: Any) -> Any:
+        """FP8 where asked, then onto the device; not an attention problem when it fails (issue 23)."""
+        try:
+            return self._quantize(model, source, device).to(device)
+        except ValueError as exc:  # a checkpoint that is not the FP8 layout it says
+            raise BackendError(f"FP8 weights of {self.model}: {exc}") from exc
+        except RuntimeError as exc:
+            if is_out_of_memory(exc):
+                raise BackendError(load_oom_message(self.model, source, dtype, device, self.config)) from exc
+            raise
 
     def _instantiate(self, source: str, dtype: Any, attention: str) -> Any:
         from transformers import AutoConfig, AutoModelForImageTextToText
