@@ -170,3 +170,17 @@ def test_status_shows_the_plan_of_the_loaded_model() -> None:
     assert "memory   7B fp8 on 23.6 GiB: 120 slots of 1664 tokens" in format_status(info)
     info["model"]["loaded"] = False
     assert "memory" not in format_status(info)
+
+
+def test_plan_needs_no_torch(tmp_path: Path) -> None:
+    """`vlwatch plan` answers on a machine without torch: it imports none."""
+    import subprocess
+    import sys
+
+    code = ("import sys, daemon.cli as c; rc = c.main(['plan', '--gpu-memory', '12GiB', '--model', '3b']); "
+            "sys.exit(3 if 'torch' in sys.modules else rc)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parent.parent,
+                          env={"PATH": "/usr/bin:/bin", "VLWATCH_CONFIG": str(tmp_path / "none.yaml"),
+                               "XDG_CONFIG_HOME": str(tmp_path), "HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stdout + done.stderr
