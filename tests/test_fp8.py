@@ -156,3 +156,17 @@ def test_fused_projections_stack_by_rows() -> None:
     x = torch.randn(3, 32, generator=gen)
     fused = fp8.fp8_linear(x, *fp8.concat(parts), fast=False)
     torch.testing.assert_close(fused, torch.cat([p(x) for p in parts], dim=-1))
+
+
+def test_a_checkpoint_with_fp8_elsewhere_is_refused(tiny_model: Path, tmp_path: Path) -> None:
+    from daemon.errors import BackendError
+
+    folder = _fake_compressed_tensors(tiny_model, tmp_path / "fp8-all")
+    tensors = load_file(str(folder / "model.safetensors"))
+    name = next(n for n in tensors if "visual" in n and n.endswith("qkv.weight"))
+    q, scale = fp8.quantize_rows(tensors[name])
+    tensors[name], tensors[name.removesuffix("weight") + "weight_scale"] = q, scale
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    backend = TransformersBackend(ModelConfig(name=str(folder)))
+    with pytest.raises(BackendError, match="FP8 weights outside the text model's projections"):
+        backend.load()

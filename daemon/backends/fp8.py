@@ -324,10 +324,19 @@ def load_compressed_tensors(model: Any, folder: Path, device: torch.device | str
 
     device = torch.device(device)
     names = _safetensors_names(folder)
+    layers = text_layers(model)
+    prefix = _checkpoint_prefix(names, 0)
+    ours = {f"{prefix}{i}.{path}.weight_scale" for i in range(len(layers)) for path in TEXT_LINEARS}
+    others = sorted(n for n in names if n.endswith(".weight_scale") and n not in ours)
+    if others:
+        # transformers would load those FP8 weights into bf16 modules without their scales: wrong answers.
+        raise ValueError(f"the checkpoint has FP8 weights outside the text model's projections ({others[0]}"
+                         f"{f' and {len(others) - 1} more' if len(others) > 1 else ''}); vlwatch runs FP8 only "
+                         "there (the vision tower and lm_head stay bf16)")
     handles: dict[Path, Any] = {}
     count = 0
     try:
-        for i, layer in enumerate(text_layers(model)):
+        for i, layer in enumerate(layers):
             prefix = _checkpoint_prefix(names, i)
             for path in TEXT_LINEARS:
                 base = f"{prefix}{i}.{path}"
