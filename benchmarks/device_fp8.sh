@@ -51,3 +51,8 @@ step bench-3b-fp8-1036 65 bench --load-format dummy --model 3b --quantization fp
 # 3. The engine refuses a setup where nothing fits, with the plan's advice, instead of an out-of-memory traceback.
 step refuse-7b-bf16-16g 30 bench --config "$CFG/7b-bf16-16g.yaml" --load-format dummy --quantization none \
   --images 8 --batch-sizes auto --baseline-images 0 --latency-images 1
+
+# Optional (VERIFY_FP8=1, in place of a bench above: it would pass 9 minutes): the slot engine's
+# FP8 module path against stock generate, float32, token for token (the 3B to keep it short).
+[[ ${VERIFY_FP8:-} ]] && step verify-fp8 60 bench --verify --load-format dummy --model 3b --quantization fp8 --new-tokens 64
+exit 0
