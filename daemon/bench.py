@@ -73,6 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dummy: random weights of the real architecture (no download)")
     parser.add_argument("--model", metavar="NAME", help="model id or directory (default: model.name of the config)")
     parser.add_argument("--backend", choices=("transformers", "openai"), help="default: model.backend of the config")
+    parser.add_argument("--quantization", choices=("auto", "none", "fp8"),
+                        help="FP8 text weights or not (default: model.quantization of the config)")
     parser.add_argument("--attention", choices=("auto", "flash_attention_2", "sdpa", "eager"),
                         help="default: model.attention of the config")
     parser.add_argument("--images", type=int, default=128, metavar="N", help="images per batched setup (default 128)")
@@ -261,6 +263,7 @@ def parse_bytes(text: str) -> int:
 def _model_config(args: argparse.Namespace, pixels: int) -> Any:
     from daemon.config import ModelConfig, find_config
     from daemon.config_reader import load_config
+    from daemon.plan import canonical_name
 
     model = ModelConfig()
     path = args.config
@@ -274,10 +277,10 @@ def _model_config(args: argparse.Namespace, pixels: int) -> Any:
     overrides: dict[str, Any] = {"max_new_tokens": args.new_tokens, "batch_size": None,
                                  # the images are shown at exactly --size
                                  "max_pixels": max(model.max_pixels, pixels)}
-    for key in ("model", "backend", "attention"):
+    for key in ("model", "backend", "attention", "quantization"):
         value = getattr(args, key, None)
         if value is not None:
-            overrides["name" if key == "model" else key] = value
+            overrides["name" if key == "model" else key] = canonical_name(value) if key == "model" else value
     return replace(model, **overrides)
 
 

@@ -5,7 +5,8 @@
 machine (a directory, or a snapshot in the Hugging Face cache) that folder is
 used as is: its config gives the architecture and its processor the exact
 tokenization; only the weights are random (``from_config``).  Otherwise a
-built-in copy of Qwen/Qwen2.5-VL-7B-Instruct's ``config.json`` is written,
+built-in copy of Qwen/Qwen2.5-VL-7B-Instruct's ``config.json`` (or the
+3B's, for that model: issue 23) is written,
 with a stand-in tokenizer: a small byte-level BPE whose special tokens sit at
 the real ids (so the model finds its image placeholders) and whose vocabulary
 is padded to the real size.  Random weights make the text meaningless; what
@@ -82,6 +83,26 @@ QWEN2_5_VL_7B_CONFIG: dict[str, Any] = {
     "vocab_size": 152064,
 }
 
+#: Qwen/Qwen2.5-VL-3B-Instruct config.json, as published: where it differs from the 7B's
+#: (a narrower, deeper text model with 2 KV heads and tied embeddings; the same vision tower).
+QWEN2_5_VL_3B_CONFIG: dict[str, Any] = {
+    **QWEN2_5_VL_7B_CONFIG,
+    "hidden_size": 2048,
+    "intermediate_size": 11008,
+    "max_window_layers": 70,
+    "num_attention_heads": 16,
+    "num_hidden_layers": 36,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": True,
+    "vocab_size": 151936,
+    "vision_config": {**QWEN2_5_VL_7B_CONFIG["vision_config"], "out_hidden_size": 2048},
+}
+#: The built-in configs by the model's last name part, lower case.
+BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
+    "qwen2.5-vl-7b-instruct": QWEN2_5_VL_7B_CONFIG,
+    "qwen2.5-vl-3b-instruct": QWEN2_5_VL_3B_CONFIG,
+}
+
 #: generation_config.json of the same model, as published: greedy decoding in
 #: vlwatch ignores the sampling keys, but the repetition penalty and the two
 #: end-of-sequence ids are applied as on the real weights (``dummy_model``).
@@ -145,9 +166,11 @@ def dummy_source(name: str) -> Path:
     if local is not None and (Path(local) / "config.json").is_file():
         log.info("dummy weights: architecture and processor of %s", local)
         return Path(local)
-    if not _is_qwen2_5_vl_7b(name):
+    key = _builtin_key(name)
+    if key is None:
         log.warning("dummy weights: %s is not on this machine; using the built-in Qwen2.5-VL-7B-Instruct config", name)
-    return builtin_qwen2_5_vl_7b()
+        key = "qwen2.5-vl-7b-instruct"
+    return builtin_model(key)
 
 
 #: Seed of the random weights: the bench and a daemon it starts (``--end-to-end``)
@@ -179,22 +202,32 @@ def dummy_model(source: Path | str, *, dtype: Any, attention: str, device: Any) 
     return model
 
 
-def _is_qwen2_5_vl_7b(name: str) -> bool:
-    return name.rstrip("/").split("/")[-1].lower() == "qwen2.5-vl-7b-instruct"
+def _builtin_key(name: str) -> str | None:
+    from daemon.plan import canonical_name
+
+    last = canonical_name(name).rstrip("/").split("/")[-1].lower()
+    return last if last in BUILTIN_CONFIGS else None
 
 
 def builtin_qwen2_5_vl_7b(folder: Path | None = None) -> Path:
     """Write (once) the built-in Qwen2.5-VL-7B-Instruct config and stand-in processor."""
-    folder = folder or _cache_dir() / "dummy" / "Qwen2.5-VL-7B-Instruct"
+    return builtin_model("qwen2.5-vl-7b-instruct", folder)
+
+
+def builtin_model(key: str, folder: Path | None = None) -> Path:
+    """Write (once) a built-in model's published config and the stand-in processor (``BUILTIN_CONFIGS``)."""
+    config = BUILTIN_CONFIGS[key]
+    title = {"qwen2.5-vl-7b-instruct": "Qwen2.5-VL-7B-Instruct", "qwen2.5-vl-3b-instruct": "Qwen2.5-VL-3B-Instruct"}[key]
+    folder = folder or _cache_dir() / "dummy" / title
     stamp = folder / ".vlwatch-dummy"
     if stamp.is_file() and stamp.read_text() == _LAYOUT_VERSION:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(QWEN2_5_VL_7B_CONFIG, indent=2))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "generation_config.json").write_text(json.dumps(QWEN2_5_VL_7B_GENERATION, indent=2))
     _processor().save_pretrained(folder)
     stamp.write_text(_LAYOUT_VERSION)
-    log.info("dummy weights: wrote the built-in Qwen2.5-VL-7B-Instruct config to %s", folder)
+    log.info("dummy weights: wrote the built-in %s config to %s", title, folder)
     return folder
 
 

@@ -115,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("images", nargs="+", metavar="IMAGE", type=Path)
     c.add_argument("--json", action="store_true", help="print one JSON object with the answer at the end")
     c.add_argument("--max-tokens", type=int, metavar="N", help="longest answer in tokens (default: model.max_new_tokens)")
+    c = with_config(command("plan", cmd_plan, "what fits: weights, activation reserve, KV per slot and slots for a "
+                                              "model and precision on a card, offline (no GPU, no weights)"))
+    c.add_argument("--gpu-memory", metavar="SIZE", help="the card's memory, e.g. 12GiB (default: model.max_gpu_memory "
+                                                         "as a cap, else a 24 GiB card)")
+    c.add_argument("--model", metavar="NAME", help="7b, 3b, a model id or a local model folder (default: model.name)")
+    c.add_argument("--quantization", choices=("auto", "none", "fp8"),
+                   help="auto | none | fp8 (default: model.quantization)")
+    c.add_argument("--max-pixels", type=int, metavar="N", help="largest image in pixels (default: model.max_pixels)")
+    c.add_argument("--max-new-tokens", type=int, metavar="N", help="answer budget (default: model.max_new_tokens)")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
     c = with_config(command("bench", cmd_bench, "measure the inference worker on this machine"))
     from daemon.bench import add_arguments
 
@@ -198,8 +208,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     for warning in (*config.warnings, *filter(None, [config.model_warning])):
         print(f"warning: {warning}")
     print(f"{config.source}: OK ({plural(len(config.rules), 'rule')}, {plural(len(config.watch), 'watched folder')}, "
-          f"backend {config.model.backend})")
+          f"backend {config.model.backend}" + _quantization_note(config) + ")")
     return ExitCode.OK
+
+
+def _quantization_note(config: Config) -> str:
+    """``, quantization fp8`` where the local backend runs the model (issue 23)."""
+    return f", quantization {config.model.quantization}" if config.model.backend == "transformers" else ""
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -278,6 +293,17 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return ask(_config(args), args.question, args.images, max_tokens=args.max_tokens, as_json=args.json)
 
 
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from daemon.config import config_candidates
+    from daemon.planning import PlanRequest, run_plan
+
+    # Offline and before any setup: a config only fills in defaults, and none is needed.
+    have = args.config is not None or any(p.is_file() for p in config_candidates())
+    request = PlanRequest(model=args.model, gpu_memory=args.gpu_memory, quantization=args.quantization,
+                          max_pixels=args.max_pixels, max_new_tokens=args.max_new_tokens)
+    return run_plan(request, _config(args) if have else None, as_json=args.json)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -247,6 +247,8 @@ def format_status(info: dict) -> str:
         state = "loaded" if model.get("loaded") else "not loaded"
         since = f" since {_when(model['since'])}" if model.get("since") else ""
         lines.append(f"model    {model.get('model')} ({model.get('backend')}): {state}{since}")
+        if model.get("loaded") and model.get("plan"):
+            lines.append(f"memory   {model['plan']}")
     for engine in info.get("engines") or []:
         lines.append(_engine_line(engine))
     backend = info.get("backend")

@@ -29,6 +29,8 @@ BACKENDS = ("transformers", "openai")
 #: olmOCR-2's per-page YAML front matter, checked, retried, merged per document.
 ANSWER_FORMATS = ("olmocr",)
 ATTENTIONS = ("auto", "flash_attention_2", "sdpa", "eager")
+#: model.quantization (issue 23); vLLM's word and values
+QUANTIZATIONS = ("auto", "none", "fp8")
 #: What a prompt template may name.  Anything else is a config error, so a
 #: typo is caught by `check` rather than sent to the model verbatim.
 TEMPLATE_VARIABLES = frozenset({"filename", "stem", "suffix", "folder", "path", "rule", "objects"})
@@ -68,6 +70,9 @@ class ModelConfig:
     batch_size: int | None = None  # None = auto
     max_gpu_memory: int | None = None  # bytes
     max_new_tokens: int = 2048
+    #: auto | none | fp8 (issue 23): auto takes FP8 weights on a card with FP8
+    #: tensor cores when bf16 leaves no room for a useful batch (daemon.plan)
+    quantization: str = "auto"
     idle_unload: float = 900.0  # seconds; 0 disables
     base_url: tuple[str, ...] = ("http://127.0.0.1:8000/v1",)
     api_key_env: str | None = None

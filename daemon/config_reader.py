@@ -31,6 +31,8 @@ from daemon.config import (ANSWER_FORMATS, ATTENTIONS, BACKENDS, DEFAULT_LISTEN,
                            FORMATS, GLOB_FLAGS, IMAGE_GLOBS, OUTPUTS, TASKS, TEMPLATE_VARIABLES, ApiConfig, Config,
                            HooksConfig, JobsConfig, ModelConfig, PageRanges, Rule, WatchConfig, bundled_packs, canonical, default_state_path,
                            find_config, is_loopback_host, load_plugins, local_model_path, parse_pages, split_host_port)
+from daemon.config import QUANTIZATIONS  # model.quantization (issue 23)
+from daemon.plan import canonical_name
 from daemon.errors import ConfigError, ExitCode, Problem, VlwatchError
 from daemon.webhooks import url_problem
 
@@ -256,7 +258,7 @@ def _did_you_mean(key: str, allowed: tuple[str, ...]) -> str:
 
 _TOP_KEYS = ("model", "state", "include", "watch", "rules", "jobs", "api", "hooks")
 _MODEL_KEYS = ("backend", "name", "attention", "dtype", "device", "devices", "min_pixels", "max_pixels", "batch_size",
-               "max_gpu_memory", "max_new_tokens", "idle_unload", "base_url", "api_key_env",
+               "max_gpu_memory", "max_new_tokens", "quantization", "idle_unload", "base_url", "api_key_env",
                "max_concurrency", "timeout")
 _WATCH_KEYS = ("path", "rules", "recursive", "polling", "settle", "output_dir", "follow_symlinks_out")
 _RULE_KEYS = ("name", "match", "task", "prompt", "output", "also", "csp", "raw_html", "objects", "max_new_tokens",
@@ -324,10 +326,15 @@ def _read_model(r: _Reader, node: yaml.Node) -> ModelConfig:
         kw["name"] = r.string(keys["name"], w + "name")
         if kw["name"] and kw["name"].startswith(("~", "$")):
             kw["name"] = os.path.expandvars(str(Path(kw["name"]).expanduser()))
+        elif kw["name"] and not Path(kw["name"]).is_dir():
+            kw["name"] = canonical_name(kw["name"])  # `name: 3b` -> Qwen/Qwen2.5-VL-3B-Instruct (issue 23)
     if "attention" in keys:
         kw["attention"] = r.choice(keys["attention"], w + "attention", ATTENTIONS)
     if "dtype" in keys:
         kw["dtype"] = r.choice(keys["dtype"], w + "dtype", DTYPES, DTYPE_ALIASES)
+    if "quantization" in keys:
+        kw["quantization"] = r.choice(keys["quantization"], w + "quantization", QUANTIZATIONS,
+                                      {"bf16": "none", "bfloat16": "none", "float8": "fp8", "fp8_e4m3": "fp8"})
     if "device" in keys:
         kw["device"] = _read_device(r, keys["device"], w + "device",
                                     local=kw.get("backend", "transformers") == "transformers")

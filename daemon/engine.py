@@ -388,6 +388,9 @@ class WorkerLoop(threading.Thread):
             self._model_loaded = (loaded, down)
             state: dict[str, object] = {"backend": backend.name, "model": backend.model, "loaded": loaded,
                                         "since": time.time()}
+            plan = getattr(backend, "plan_summary", None)  # issue 23: "7B fp8 on 23.6 GiB: 96 slots of 1664 tokens"
+            if loaded and plan:
+                state["plan"] = plan
             if down:
                 state["unavailable"] = True
             if self.index == 0:

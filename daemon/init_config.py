@@ -36,12 +36,13 @@ _TEMPLATE = """\
 model:
   backend: transformers          # transformers (local GPU/CPU) | openai (an OpenAI-compatible server)
   # A model id in the local Hugging Face cache (`vlwatch pull` fetches it once,
-  # about 16 GB) or a local directory holding the weights.
+  # about 16 GB; `3b` is Qwen/Qwen2.5-VL-3B-Instruct, 7.5 GB) or a local directory holding the weights.
   name: {model}
   device: auto                   # auto = cuda if present, else cpu; or cuda, cuda:1, cpu
   max_pixels: 1003520            # larger images are downscaled before the model sees them
   max_new_tokens: 2048
   # max_gpu_memory: 22GiB        # to fit a 24 GB card or share a GPU (sizes need a unit)
+  # quantization: auto           # auto | none | fp8; `vlwatch plan --gpu-memory 12GiB` says what fits (name: 3b is smaller)
   idle_unload: 15m               # free GPU memory after this long with nothing to do
 
 state: {state}   # the durable queue (SQLite)

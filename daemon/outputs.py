@@ -70,6 +70,8 @@ class Result:
     model: str
     #: where the source may really be (``rules.allowed_roots``) when a writer reads it again
     roots: tuple[Path, ...] | None = None
+    #: "fp8" when the model ran with FP8 weights (issue 23: it changes the text); None for full precision
+    quantization: str | None = None
 
 
 # ------------------------------------------------------------------ naming
@@ -233,8 +235,12 @@ def provenance_comment(result: Result) -> str:
     or ``sed '$d'``, drops it).  Nothing in it can close the comment early.
     """
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    fields = f"rule {result.match.rule.name}; model {result.model}; {when}"
+    fields = f"rule {result.match.rule.name}; model {result.model}{_quantized(result)}; {when}"
     return f"<!-- vlwatch: {_comment_safe(fields)} -->\n"
+
+
+def _quantized(result: Result) -> str:
+    return f" ({result.quantization})" if result.quantization else ""
 
 
 def _comment_safe(text: str) -> str:
@@ -296,6 +302,7 @@ def _header(result: Result) -> dict[str, object]:
         "task": m.rule.task,
         "backend": result.backend,
         "model": result.model,
+        **({"quantization": result.quantization} if result.quantization else {}),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

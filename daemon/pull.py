@@ -25,6 +25,9 @@ def pull(name: str) -> Path:
     if local.is_dir():
         log.warning("%s is a local directory; nothing to download", local)
         return local
+    from daemon.plan import canonical_name
+
+    name = canonical_name(name)  # `vlwatch pull 3b` (issue 23)
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError

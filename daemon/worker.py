@@ -262,8 +262,10 @@ class Worker:
             # the pages that did answer; there are none).
             return Outcome(match, error=missing(pages[0]), seconds=time.monotonic() - started)
         roots = allowed_roots(self.config, match)
+        # FP8 weights change the text: the sidecar says so (issue 23).
+        quantization = "fp8" if getattr(self.backend, "precision", None) == "fp8" else None
         result = Result(match=match, pages=pages, backend=self.backend.name, model=self.backend.model,
-                        roots=tuple(roots) if roots is not None else None)
+                        roots=tuple(roots) if roots is not None else None, quantization=quantization)
         try:
             sidecars = write_result(result, folders)
         except VlwatchError as exc:  # a sidecar path that would leave the allowed folders

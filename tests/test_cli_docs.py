@@ -9,7 +9,7 @@ from daemon.cli import build_parser
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 CONTRACT_COMMANDS = {"init", "run", "process", "scan", "explain", "check", "status", "retry", "pull", "bench", "search",
-                     "ask"}
+                     "ask", "plan"}
 
 
 def _subcommands() -> dict[str, object]:

@@ -41,6 +41,8 @@ def fuse_projections(layers: list[Any]) -> dict[int, tuple[torch.Tensor, torch.T
         gates = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj")]
         if any(p is None or p.bias is None for p in projections) or any(g is None or g.bias is not None for g in gates):
             return {}
+        if not all(type(m) is torch.nn.Linear for m in projections + gates):
+            return {}  # FP8 projections (backends.fp8): the engine runs the modules themselves (issue 23)
         with torch.no_grad():
             qkv_w = torch.cat([p.weight for p in projections])
             qkv_b = torch.cat([p.bias for p in projections])

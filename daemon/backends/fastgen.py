@@ -69,6 +69,7 @@ from daemon.backends.prefill import FAILED, PrefillRounds, _Shipped, _Staging, t
 from daemon.backends.prefill_step import prefill_layer
 from daemon.backends.prompts import Generated, NonFiniteLogitsError, Prompt, RunStats, Source
 from daemon.backends.scheduler import Scheduler, SchedulerOptions
+from daemon.plan import cache_length
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ class SlotEngine(PrefillRounds):
 
     def _ensure(self, slots: int, length: int, max_new: int) -> None:
         """Allocate (or keep) a cache of at least ``slots`` x ``length``."""
-        length = -(-length // 64) * 64  # round up: fewer distinct shapes, aligned masks
+        length = cache_length(length)  # rounded up as daemon.plan counts it: fewer shapes, aligned masks
         fits = slots <= self._slots and length <= self._length <= 2 * length
         cols = max_new + 1  # + a scratch column that idle slots write into
         if fits and self._state["out"].shape[1] >= cols and ("seen" in self._state) == (self.penalty is not None):

@@ -30,14 +30,9 @@ from daemon.backends.patches import rows_vary
 from daemon.backends.prefill_step import pack, prefill_layer
 from daemon.backends.prompts import Prompt, Source
 
-#: Vision patches per vision-tower call when several prompts are prefilled
-#: (16384: three 1036x1036 images, or sixteen 512x512): amortises the tower's
-#: fixed per-call CPU work, bounds its activation memory (~1 GiB).
-VISION_BATCH_PATCHES = 16384
-#: Most tokens one packed text prefill takes (several prompts laid end to end,
-#: ``prefill_step``): three 1036x1036 images or three document pages; bounds
-#: the activations (~140 KB per token in bf16 for the 7B: prefill_reserve).
-PREFILL_TOKENS = 6144
+# The prefill's bounds live with the memory arithmetic that reserves room for
+# them (daemon.plan: one place, so the plan and the engine cannot drift).
+from daemon.plan import PREFILL_TOKENS, VISION_BATCH_PATCHES  # noqa: E402
 
 
 FAILED = object()  # _features_each: this prompt was finished with its error

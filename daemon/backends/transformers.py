@@ -60,18 +60,14 @@ from daemon.backends import (Answer, DeviceLostError, Feed, Item, ListFeed, Requ
                              is_sticky_cuda_error)
 from daemon.backends.live import LiveSource
 from daemon.backends.oom import is_out_of_memory, load_oom_message
+from daemon import plan
 from daemon.config import ModelConfig, local_model_path
 from daemon.errors import BackendError, ModelMissingError, VlwatchError
 
 log = logging.getLogger(__name__)
 
-#: Most slots ``batch_size: auto`` picks (memory permitting).  On the H100
-#: (issue 12) 256 slots gave +20% images/min over 64 for 1036 px images and
-#: +57% for document pages; past that the KV reads dominate the step.
-MAX_AUTO_SLOTS = 256
-#: Text tokens around an image in a typical prompt (system prompt, chat
-#: markup, the rule's prompt), for sizing the cache before tokenizing.
-TEXT_TOKENS_ALLOWANCE = 128
+# The memory arithmetic is daemon.plan's, shared with `vlwatch plan` (issue 23).
+from daemon.plan import MAX_AUTO_SLOTS, TEXT_TOKENS_ALLOWANCE  # noqa: E402  (re-exported)
 GiB = 2**30
 
 T = TypeVar("T")
@@ -121,6 +117,10 @@ class TransformersBackend:
         self._oom_slots: int | None = None  # slot limit learnt from an out-of-memory error
         self._tried_slots = 0  # slots of the fastgen run in progress (halved after an OOM)
         self._lock = threading.Lock()
+        #: bf16 | fp8: the text model's linear weights as loaded (model.quantization resolved)
+        self.precision: str | None = None
+        #: what daemon.plan said before loading (CUDA only): logged, and shown by `status`
+        self.plan: plan.Plan | None = None
         #: called after the model is loaded or unloaded (the daemon records it for `status`)
         self.on_state_change: Callable[[], None] | None = None
 
@@ -165,8 +165,17 @@ class TransformersBackend:
         processor = AutoProcessor.from_pretrained(source, local_files_only=True)
         # Batched generation of a decoder-only model needs the padding on the left.
         processor.tokenizer.padding_side = "left"
-        self._limit_memory(device)
+        self.plan = self._plan_memory(source, device, dtype)  # refuses a setup that cannot fit, with advice
+        self.precision = self._precision(source, device)
+        # Dummy weights are built on the GPU in bf16 and quantized there: the
+        # cap (a smaller card simulated) applies once they are FP8.  A real
+        # checkpoint is quantized one linear at a time on its way to the GPU.
+        late_cap = self.load_format == "dummy" and self.precision == "fp8"
+        if not late_cap:
+            self._limit_memory(device)
         model, attention = self._load_model(source, device, dtype)
+        if late_cap:
+            self._limit_memory(device)
         model.eval()
         self._processor, self._model, self.attention = processor, model, attention
         log.info("loaded %s on %s (%s, attention=%s)", self.model, device, str(dtype).removeprefix("torch."), attention)
@@ -228,7 +237,9 @@ class TransformersBackend:
 
     def describe(self) -> dict[str, Any]:
         """What runs the model, for the bench's header."""
-        info: dict[str, Any] = {"attention": self.attention}
+        info: dict[str, Any] = {"attention": self.attention, "precision": self.precision}
+        if self.plan is not None:
+            info["plan"] = self.plan.summary()
         if self._model is not None:  # what ends a sequence and the penalty, as the engine applies them
             info["eos_ids"] = sorted(_eos_ids(self._model, self._processor))
             info["repetition_penalty"] = getattr(self._model.generation_config, "repetition_penalty", None) or 1.0
@@ -257,6 +268,98 @@ class TransformersBackend:
         if cap:
             log.info("GPU memory capped at %.1f GiB of %.1f GiB", cap / GiB, total / GiB)
 
+    @property
+    def plan_summary(self) -> str | None:
+        """"7B fp8 on 23.6 GiB: 96 slots of 1664 tokens" (``status``), once the model was planned."""
+        return self.plan.summary() if self.plan is not None else None
+
+    def _plan_memory(self, source: str, device: Any, dtype: Any) -> plan.Plan | None:
+        """The plan for this model on this card, logged; a clear error when nothing fits.
+
+        The same arithmetic as ``vlwatch plan`` and ``auto_batch_size``
+        (daemon.plan), on the memory the card has free now (under
+        ``max_gpu_memory``), so a setup that cannot hold one slot beside the
+        weights stops here with what would fit, not later with an
+        out-of-memory traceback while capturing the decode graph (issue 23).
+        """
+        import torch
+
+        if device.type != "cuda":
+            return None
+        try:
+            checkpoint = plan.read_config(Path(source))
+            shape = plan.shape_from_config(checkpoint, self.config.name)
+        except ValueError as exc:
+            log.info("no memory plan: %s", exc)
+            return None
+        free, total = torch.cuda.mem_get_info(device)
+        cap = self.config.max_gpu_memory
+        memory = min(free, cap) if cap else free
+        capability = tuple(torch.cuda.get_device_capability(device))
+        capable = capability >= plan.FP8_MIN_CAPABILITY
+        prequantized = plan.checkpoint_precision(checkpoint) == "fp8"
+        quantization = self.config.quantization
+        if quantization == "fp8" and not capable and not prequantized:
+            quantization = "none"  # refused below, with what fits in bf16
+        planned = plan.plan_with_advice(
+            shape, memory, quantization=quantization, max_pixels=self.config.max_pixels,
+            max_new_tokens=self.config.max_new_tokens, capped=True,  # free memory: the context is counted already
+            fp8_capable=capable, prequantized=prequantized, itemsize=dtype.itemsize)
+        if quantization != self.config.quantization:
+            raise BackendError(plan.fp8_unsupported_message(".".join(map(str, capability)), planned))
+        log.info("memory plan: %s (weights %.1f GiB, prefill reserve %.1f GiB, %.0f MiB per slot; %s)",
+                 planned.summary(), planned.weights_gib, planned.reserve_gib, planned.kv_per_slot_mib,
+                 "; ".join(planned.notes))
+        if not planned.fits:
+            raise BackendError(plan.nothing_fits_message(planned))
+        if planned.advice:
+            log.info("memory plan: more slots with %s", " or ".join(planned.advice))
+        return planned
+
+    def _precision(self, source: str, device: Any) -> str:
+        """What ``model.quantization`` comes to here: the plan's choice on CUDA, bf16 elsewhere unless asked.
+
+        On a CPU (or a card without FP8 tensor cores, for a pre-quantized
+        checkpoint) FP8 weights run through the dequantizing reference path:
+        correct, slower; ``auto`` never picks it there.
+        """
+        import torch
+
+        from daemon.backends import fp8
+
+        try:
+            checkpoint = plan.read_config(Path(source))
+        except ValueError:
+            checkpoint = {}
+        prequantized = fp8.compressed_tensors_fp8(checkpoint)
+        if self.plan is not None:
+            precision = self.plan.precision
+        else:
+            precision = "fp8" if self.config.quantization == "fp8" or prequantized else "bf16"
+        if device.type == "cuda" and precision == "fp8" and not fp8.fp8_capable(device) and not prequantized:
+            capability = ".".join(map(str, torch.cuda.get_device_capability(device)))
+            raise BackendError(plan.fp8_unsupported_message(capability, self.plan))
+        if precision == "fp8" and not fp8.fast_fp8(device):
+            log.warning("FP8 weights on %s run through the dequantizing reference path (slow): "
+                        "FP8 tensor cores need CUDA compute capability 8.9+", device)
+        return precision
+
+    def _quantize(self, model: Any, source: str, device: Any) -> Any:
+        """The text model's linears in FP8 when ``self.precision`` says so (``daemon.backends.fp8``)."""
+        if self.precision != "fp8":
+            return model
+        from daemon.backends import fp8
+
+        checkpoint = plan.read_config(Path(source)) if self.load_format != "dummy" else {}
+        if fp8.compressed_tensors_fp8(checkpoint):
+            count = fp8.load_compressed_tensors(model, Path(source), device)
+            log.info("FP8: %d text linears loaded as they are from the compressed-tensors checkpoint", count)
+        else:
+            count = fp8.quantize_text_linears(model, device)
+            log.info("FP8: %d text linears quantized at load (row-wise e4m3; vision tower and lm_head in %s)",
+                     count, str(model.dtype).removeprefix("torch."))
+        return model
+
     def _source(self) -> str:
         if self.load_format == "dummy":
             from daemon.bench_model import dummy_source
@@ -268,7 +371,7 @@ class TransformersBackend:
         failures: list[str] = []
         for attention in attention_candidates(self.config.attention, device):
             try:
-                model = self._instantiate(source, dtype, attention).to(device)
+                model = self._instantiate(source, dtype, attention)
             except (ImportError, ValueError, RuntimeError) as exc:
                 if is_out_of_memory(exc):  # not an attention problem: say so, with numbers (issue 11.5)
                     raise BackendError(load_oom_message(self.model, source, dtype, device, self.config)) from exc
@@ -277,18 +380,37 @@ class TransformersBackend:
                 log.warning("attention %s failed to load (%s); falling back", attention, _one_line(exc))
                 failures.append(attention)
                 continue
-            return model, attention
+            return self._place(model, source, device, dtype), attention
         raise BackendError(f"no attention implementation could be loaded (tried {', '.join(failures)})")
 
+    def _place(self, model: Any, source: str, device: Any, dtype: Any) -> Any:
+        """FP8 where asked, then onto the device; not an attention problem when it fails (issue 23)."""
+        try:
+            return self._quantize(model, source, device).to(device)
+        except ValueError as exc:  # a checkpoint that is not the FP8 layout it says
+            raise BackendError(f"FP8 weights of {self.model}: {exc}") from exc
+        except RuntimeError as exc:
+            if is_out_of_memory(exc):
+                raise BackendError(load_oom_message(self.model, source, dtype, device, self.config)) from exc
+            raise
+
     def _instantiate(self, source: str, dtype: Any, attention: str) -> Any:
-        from transformers import AutoModelForImageTextToText
+        from transformers import AutoConfig, AutoModelForImageTextToText
 
         if self.load_format == "dummy":  # random weights, with the model's generation config (issue 22.6)
             from daemon.bench_model import dummy_model
 
             return dummy_model(source, dtype=dtype, attention=attention, device=_pick_device(self.config.device))
+        extra: dict[str, Any] = {}
+        if self.precision == "fp8":
+            config = AutoConfig.from_pretrained(source, local_files_only=True)
+            if getattr(config, "quantization_config", None) is not None:
+                # backends.fp8 puts the checkpoint's FP8 weights in as they are;
+                # transformers' compressed-tensors path would decompress them.
+                del config.quantization_config
+                extra["config"] = config
         return AutoModelForImageTextToText.from_pretrained(
-            source, local_files_only=True, dtype=dtype, attn_implementation=attention
+            source, local_files_only=True, dtype=dtype, attn_implementation=attention, **extra
         )
 
     def unload(self) -> None:
@@ -422,7 +544,7 @@ class TransformersBackend:
         # The daemon: any request may come; size for the configured largest
         # image and budget (a larger one is deferred to a run sized for it).
         longest, budget = live.largest()
-        tokens = max(self.config.max_pixels // (28 * 28) + TEXT_TOKENS_ALLOWANCE, longest)
+        tokens = max(plan.prompt_tokens(self.config.max_pixels), longest)
         max_new = max(self.config.max_new_tokens, budget)
         slots = self.slots_for(1 << 20, max_new_tokens=max_new, tokens=tokens)
         return slots, tokens + max_new, max_new
@@ -550,28 +672,21 @@ class TransformersBackend:
             tokens: prompt tokens per request (default: an image of
                 ``max_pixels`` plus a typical prompt).
         """
-        import torch
-
         if self._model is None:  # generate() calls this holding the lock, with the model loaded
             self.load()
         if self._model.device.type != "cuda":
             return 4  # CPU: batching barely helps and latency grows with it
-        per_token = self._fast.kv_bytes_per_token() if self._fast is not None else _kv_bytes_per_token(self._model)
         if tokens is None:
-            tokens = self.config.max_pixels // (28 * 28) + TEXT_TOKENS_ALLOWANCE
-        length = tokens + (max_new_tokens or self.config.max_new_tokens)
-        vocab = self._model.lm_head.weight.shape[0]
-        per_slot = length * per_token + 3 * vocab * 4  # the cache, logits and the penalty's mask
+            tokens = plan.prompt_tokens(self.config.max_pixels)
+        max_new = max_new_tokens or self.config.max_new_tokens
         budget = available_gpu_memory(self._model.device, self.config.max_gpu_memory)
         if self._fast is not None:
             budget += self._fast.held_bytes()  # the cache in hand is reused or replaced, not added to
-        budget -= prefill_reserve(self._model, tokens)
-        slots = max(1, min(MAX_AUTO_SLOTS, int(budget // per_slot)))
-        if slots >= 8:
-            slots -= slots % 8  # shapes the kernels like
-        log.debug("auto batch size: %d slots of %d tokens (%.2f GiB available after the prefill reserve)",
-                  slots, length, budget / GiB)
-        del torch
+        shape = model_shape(self._model)
+        slots = max(1, plan.slots_for_budget(shape, budget, tokens=tokens, max_new=max_new,
+                                             itemsize=self._model.dtype.itemsize))
+        log.debug("auto batch size: %d slots of %d tokens (%.2f GiB available)",
+                  slots, plan.cache_length(tokens + max_new), budget / GiB)
         return slots
 
     # ------------------------------------------------------------ model.generate
@@ -626,10 +741,13 @@ def image_tokens(width: int, height: int) -> int:
     return max(1, (width // 28) * (height // 28))
 
 
+def model_shape(model: Any) -> "plan.ModelShape":
+    """The loaded model's sizes, for daemon.plan's arithmetic."""
+    return plan.shape_from_config(model.config.to_dict(), str(getattr(model, "name_or_path", "")))
+
+
 def _kv_bytes_per_token(model: Any) -> int:
-    cfg = model.config.get_text_config()
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * model.dtype.itemsize
+    return plan.kv_bytes_per_token(model_shape(model), model.dtype.itemsize)
 
 
 def available_gpu_memory(device: Any, cap: int | None) -> int:
@@ -646,26 +764,8 @@ def available_gpu_memory(device: Any, cap: int | None) -> int:
 
 
 def prefill_reserve(model: Any, tokens: int) -> int:
-    """Peak working memory of one prefill of ``tokens`` tokens, with a margin.
-
-    The prefill's own KV cache (copied into a slot afterwards, where the stock
-    text model prefills), the widest activations of a text layer (the MLP's
-    gate and up projections) and of the vision tower, plus 1 GiB for the
-    allocator's fragmentation, cuBLAS workspaces and the decode graph's pool.
-    """
-    from daemon.backends.prefill import PREFILL_TOKENS, VISION_BATCH_PATCHES
-
-    cfg = model.config.get_text_config()
-    width = model.dtype.itemsize
-    # Several prompts are prefilled as one sequence (up to PREFILL_TOKENS).
-    text = max(tokens, PREFILL_TOKENS) * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * width
-    vision_cfg = getattr(model.config, "vision_config", None)
-    vision = 0
-    if vision_cfg is not None:
-        # Several images go through the tower together (up to about this many patches).
-        patches = max(4 * tokens, VISION_BATCH_PATCHES)  # 2x2 patches merge into one token
-        vision = patches * (6 * vision_cfg.hidden_size + 3 * vision_cfg.intermediate_size) * width
-    return tokens * _kv_bytes_per_token(model) + 2 * max(text, vision) + GiB
+    """Peak working memory of one prefill of ``tokens`` tokens (daemon.plan.prefill_reserve)."""
+    return plan.prefill_reserve(model_shape(model), tokens, model.dtype.itemsize)
 
 
 def _prefetch(pool: ThreadPoolExecutor, fn: Callable[[T], U], items: Iterable[T], *, ahead: int) -> Iterator[U]:

@@ -1,0 +1,129 @@
+"""``vlwatch plan``: will it run on this card? Offline, without a GPU or the weights (issue 23).
+
+The arithmetic is daemon.plan's, the same the engine sizes its slots with;
+this module only finds the model's shape (a local folder's config.json, or
+the bundled published configs of the supported models), reads the config's
+``model:`` section for defaults, and prints.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemon import plan
+from daemon.config import Config, ModelConfig, local_model_path
+from daemon.errors import ExitCode, VlwatchError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)\s*$", re.IGNORECASE)
+_UNITS = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+#: What ``plan`` assumes without --gpu-memory or model.max_gpu_memory: the
+#: common consumer card (RTX 3090/4090 report 24 GiB).
+DEFAULT_CARD = 24 * plan.GiB
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    model: str | None = None
+    gpu_memory: str | None = None
+    quantization: str | None = None
+    max_pixels: int | None = None
+    max_new_tokens: int | None = None
+
+
+def parse_size(text: str) -> int:
+    """``24GiB``, ``12GB``, ``8192MiB``; a bare number is refused (GB or GiB differ by 7%)."""
+    m = _SIZE.match(text)
+    if m is None:
+        raise VlwatchError(f"--gpu-memory {text!r}: expected a size with a unit, like 24GiB or 12GB",
+                           ExitCode.USAGE)
+    size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if size <= 0:
+        raise VlwatchError(f"--gpu-memory {text!r}: must be more than 0", ExitCode.USAGE)
+    return size
+
+
+def shape_for(name: str) -> plan.ModelShape:
+    """The shape of ``name``: a model folder's config.json, a model in the HF cache, or a bundled one."""
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        known = plan.known_shape(name)
+        if known is not None:
+            return known
+        folder = local_model_path(plan.canonical_name(name)) or folder
+    if folder.is_dir():
+        try:
+            config = plan.read_config(folder)
+            return plan.shape_from_config(config, name)
+        except ValueError as exc:
+            raise VlwatchError(str(exc), ExitCode.USAGE) from None
+    names = ", ".join([*plan.ALIASES, *plan.KNOWN_MODELS])
+    raise VlwatchError(f"--model {name!r}: not a folder with a config.json, and not one of {names}",
+                       ExitCode.USAGE)
+
+
+def _prequantized(name: str) -> bool:
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        folder = local_model_path(plan.canonical_name(name)) or folder
+    if folder.is_dir():
+        try:
+            return plan.checkpoint_precision(plan.read_config(folder)) == "fp8"
+        except ValueError:
+            return False
+    return "fp8" in name.lower()
+
+
+def make(request: PlanRequest, model: ModelConfig) -> plan.Plan:
+    """The plan for ``request``, its gaps filled from the config's ``model:`` section."""
+    name = plan.canonical_name(request.model or model.name)
+    quantization = request.quantization or model.quantization
+    if request.gpu_memory is not None:
+        memory, capped = parse_size(request.gpu_memory), False
+    elif model.max_gpu_memory:
+        memory, capped = model.max_gpu_memory, True
+    else:
+        memory, capped = DEFAULT_CARD, False
+    for flag, value in (("--max-pixels", request.max_pixels), ("--max-new-tokens", request.max_new_tokens)):
+        if value is not None and value < 1:
+            raise VlwatchError(f"{flag} must be at least 1", ExitCode.USAGE)
+    return plan.plan_with_advice(shape_for(name), memory, quantization=quantization,
+                                 max_pixels=request.max_pixels or model.max_pixels,
+                                 max_new_tokens=request.max_new_tokens or model.max_new_tokens,
+                                 capped=capped, prequantized=_prequantized(name))
+
+
+def format_plan(p: plan.Plan, *, assumed_card: bool) -> str:
+    where = "under a max_gpu_memory cap" if p.capped else "on a whole card"
+    lines = [
+        f"{p.model}, {p.precision}, {p.memory_gib:.1f} GiB {where}"
+        + (" (assumed: pass --gpu-memory SIZE for yours)" if assumed_card else ""),
+        f"  weights          {p.weights_gib:6.1f} GiB" + ("  (text linears FP8; vision tower, embeddings, "
+                                                          "lm_head bf16)" if p.precision == "fp8" else ""),
+        f"  prefill reserve  {p.reserve_gib:6.1f} GiB  (one prefill's activations and KV, working margin)",
+        f"  per slot         {p.kv_per_slot_mib:6.1f} MiB  ({p.tokens} tokens of KV cache: max_pixels "
+        f"{p.max_pixels}, max_new_tokens {p.max_new_tokens})",
+    ]
+    lines += [f"  {n}" for n in p.notes]
+    if p.fits:
+        lines.append(f"fits: {p.slots} slots ({p.summary()})")
+    else:
+        lines.append(plan.nothing_fits_message(p))
+    if p.advice and p.fits:
+        lines.append("more slots with: " + "; ".join(p.advice))
+    return "\n".join(lines)
+
+
+def run_plan(request: PlanRequest, config: Config | None, *, as_json: bool = False) -> int:
+    """``vlwatch plan``: print the plan; exit 1 when not one slot fits."""
+    model = config.model if config is not None else ModelConfig()
+    p = make(request, model)
+    assumed = request.gpu_memory is None and not model.max_gpu_memory
+    if as_json:
+        print(json.dumps({**p.as_json(), "assumed_memory": assumed}, indent=2))
+    else:
+        print(format_plan(p, assumed_card=assumed))
+    return ExitCode.OK if p.fits else ExitCode.FAILED
