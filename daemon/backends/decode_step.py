@@ -23,26 +23,56 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from daemon.backends.fp8 import Fp8Linear, fp8_linear
+from daemon.backends.fp8 import concat as fp8_concat
 
-def fuse_projections(layers: list[Any]) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+
+#: A projection's weight as the fused layer functions take it: a plain tensor, or an FP8 weight
+#: (``backends.fp8``) as (e4m3 weight, float32 row scales, whether ``_scaled_mm`` runs here).
+Weight = torch.Tensor | tuple[torch.Tensor, torch.Tensor, bool]
+
+
+def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, or its FP8 form for an FP8 weight (inside the compiled layer functions too: the
+    activations' per-row quantization then fuses into the kernels around the GEMM)."""
+    if isinstance(w, tuple):
+        weight, scale, fast = w
+        return fp8_linear(x, weight, scale, bias, fast=fast)
+    return F.linear(x, w, bias)
+
+
+def weight_of(module: Any) -> Weight:
+    """A linear module's weight as ``linear`` takes it."""
+    if isinstance(module, Fp8Linear):
+        return (module.weight, module.weight_scale, module.fast)
+    return module.weight
+
+
+def fuse_projections(layers: list[Any]) -> dict[int, tuple[Weight, torch.Tensor, Weight]]:
     """Put q/k/v and gate/up weights of each layer into one tensor each, the modules keeping views.
 
     Decoding reads every weight once per step; one GEMV over a fused matrix
     runs closer to memory bandwidth than three small ones (k and v are 3.5 MB
     each), and launches fewer kernels.  The HF modules' parameters become
     views into the fused tensors, so prefill (the stock forward) computes the
-    same thing and no memory is duplicated.  Returns {} when the layout is
-    not the expected one (then the modules are used as they are).
+    same thing and no memory is duplicated.  FP8 projections (all of a
+    layer's, ``backends.fp8``) fuse the same way, their row scales stacked
+    with their rows.  Returns {} when the layout is not the expected one
+    (then the modules are used as they are).
     """
-    fused: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    fused: dict[int, tuple[Weight, torch.Tensor, Weight]] = {}
     for layer in layers:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         projections = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
         gates = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj")]
         if any(p is None or p.bias is None for p in projections) or any(g is None or g.bias is not None for g in gates):
             return {}
-        if not all(type(m) is torch.nn.Linear for m in projections + gates):
-            return {}  # FP8 projections (backends.fp8): the engine runs the modules themselves (issue 23)
+        kinds = {type(m) for m in projections + gates}
+        if kinds == {Fp8Linear}:
+            fused[id(layer)] = _fuse_fp8(projections, gates)
+            continue
+        if kinds != {torch.nn.Linear}:
+            return {}
         with torch.no_grad():
             qkv_w = torch.cat([p.weight for p in projections])
             qkv_b = torch.cat([p.bias for p in projections])
@@ -52,6 +82,19 @@ def fuse_projections(layers: list[Any]) -> dict[int, tuple[torch.Tensor, torch.T
             _repoint([g.weight for g in gates], gate_up)
         fused[id(layer)] = (qkv_w, qkv_b, gate_up)
     return fused
+
+
+def _fuse_fp8(projections: list[Fp8Linear], gates: list[Fp8Linear]) -> tuple[Weight, torch.Tensor, Weight]:
+    with torch.no_grad():
+        qkv_w, qkv_s, qkv_b = fp8_concat(projections)
+        gate_up, gate_up_s, _ = fp8_concat(gates)
+        for mods, whole, scales in ((projections, qkv_w, qkv_s), (gates, gate_up, gate_up_s)):
+            _repoint([m.weight for m in mods], whole)
+            _repoint([m.weight_scale for m in mods], scales)
+        assert qkv_b is not None
+        _repoint([p.bias for p in projections], qkv_b)
+    fast = projections[0].fast
+    return (qkv_w, qkv_s, fast), qkv_b, (gate_up, gate_up_s, fast)
 
 
 def _repoint(params: list[torch.Tensor], whole: torch.Tensor) -> None:
@@ -140,21 +183,21 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, where:
 
 def layer_step(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, rows: torch.Tensor, wpos: torch.Tensor, bias: torch.Tensor | None,
-               used: torch.Tensor | None, cu_q: torch.Tensor, cu_k: torch.Tensor, qkv_w: torch.Tensor,
-               qkv_b: torch.Tensor, gate_up: torch.Tensor, ln1: torch.Tensor, ln2: torch.Tensor, o_w: torch.Tensor,
-               down_w: torch.Tensor, eps: float, scale: float, n_kv: int, group: int, kind: str) -> torch.Tensor:
+               used: torch.Tensor | None, cu_q: torch.Tensor, cu_k: torch.Tensor, qkv_w: Weight,
+               qkv_b: torch.Tensor, gate_up: Weight, ln1: torch.Tensor, ln2: torch.Tensor, o_w: Weight,
+               down_w: Weight, eps: float, scale: float, n_kv: int, group: int, kind: str) -> torch.Tensor:
     """One decoder layer for one new token per row (the compiled form of fastgen.SlotEngine._step's loop body)."""
     n, dim = x.shape[0], k_cache.shape[-1]
-    qkv = F.linear(_rms(x, ln1, eps), qkv_w, qkv_b)
+    qkv = linear(_rms(x, ln1, eps), qkv_w, qkv_b)
     q, k, v = qkv.split([n_kv * group * dim, n_kv * dim, n_kv * dim], dim=-1)
     q = rotate(q.reshape(n, n_kv * group, dim), cos, sin)
     k = rotate(k.reshape(n, n_kv, dim), cos, sin)
     k_cache[rows, wpos] = k
     v_cache[rows, wpos] = v.reshape(n, n_kv, dim)
     o = attend(q, k_cache, v_cache, Where(rows, wpos, bias, used, cu_q, cu_k), scale, group, kind)
-    x = x + F.linear(o, o_w)
-    gate, up = F.linear(_rms(x, ln2, eps), gate_up).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, down_w)
+    x = x + linear(o, o_w)
+    gate, up = linear(_rms(x, ln2, eps), gate_up).chunk(2, dim=-1)
+    return x + linear(F.silu(gate) * up, down_w)
 
 
 def choose(logits: torch.Tensor, temp: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

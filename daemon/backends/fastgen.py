@@ -62,6 +62,7 @@ from daemon.backends.decode_step import (
     layer_step,
     penalize,
     rotate,
+    weight_of,
 )
 from daemon.backends.oom import is_out_of_memory
 from daemon.backends.patches import Compiled, _allow_shared_compiles, compile_enabled
@@ -249,7 +250,7 @@ class SlotEngine(PrefillRounds):
             if layer_fn is not None:
                 x = layer_fn(x, cos, sin, k_cache, v_cache, *where, *self.fused[id(layer)],
                              layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
-                             attn.o_proj.weight, layer.mlp.down_proj.weight, self.eps, attn.scaling,
+                             weight_of(attn.o_proj), weight_of(layer.mlp.down_proj), self.eps, attn.scaling,
                              self.n_kv, group, kind)
                 continue
             # A layout fuse_projections does not know: the model's own modules.

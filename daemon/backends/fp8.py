@@ -41,13 +41,12 @@ Why by hand rather than a library (decided at the start of issue 23):
   with row-wise scales; calling it directly is ~40 lines and keeps the weight
   a plain tensor the engine can fuse.
 
-The functional form :func:`fp8_linear` is what a fused layer function calls
-with its own FP8 weight and scales (:func:`concat` stacks q/k/v or gate/up:
-row-wise scales stack with their rows).  Until the slot engine's fused and
-compiled layer functions take them (``decode_step.fuse_projections``
-declines FP8 layers today), the engine runs these modules through its module
-path: decoding without the compiled layer function, prefill through the
-stock text model (its MLPs and norms still compiled), not packed.
+The functional form :func:`fp8_linear` is what the slot engine's fused layer
+functions call (``decode_step.linear``) with the stacked FP8 weight and
+scales of q/k/v and of gate/up (:func:`concat`: row-wise scales stack with
+their rows); ``decode_step.fuse_projections`` stacks them as it does bf16
+weights, so FP8 runs the same compiled decode step and packed prefill, the
+activations' per-row quantization compiled into the kernels around each GEMM.
 """
 
 from __future__ import annotations

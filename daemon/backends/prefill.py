@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from daemon.backends import reraise_if_fatal
-from daemon.backends.decode_step import at_eos, choose, penalize
+from daemon.backends.decode_step import at_eos, choose, penalize, weight_of
 from daemon.backends.patches import rows_vary
 from daemon.backends.prefill_step import pack, prefill_layer
 from daemon.backends.prompts import Prompt, Source
@@ -180,7 +180,8 @@ class PrefillRounds:
             attn = layer.self_attn
             x = layer_fn(x, cos, sin, k_cache, v_cache, slot_of, col_of, cu, layout.spans if kind == "sdpa" else (),
                          *self.fused[id(layer)], layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
-                         attn.o_proj.weight, layer.mlp.down_proj.weight, self.eps, attn.scaling, self.n_kv, group, kind)
+                         weight_of(attn.o_proj), weight_of(layer.mlp.down_proj), self.eps, attn.scaling, self.n_kv,
+                         group, kind)
         logits = self.lm_head(self.norm(x[last])).float()
         return self._first_tokens(logits, rows, ids, slot_of, per_row, temps, any(p.temperature > 0 for p in prompts))
 

@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from daemon.backends.decode_step import _rms, rotate
+from daemon.backends.decode_step import Weight, _rms, linear, rotate
 
 
 class Packed(NamedTuple):
@@ -91,8 +91,8 @@ def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, 
 
 def prefill_layer(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, slot_of: torch.Tensor, col_of: torch.Tensor, cu: torch.Tensor,
-                  spans: tuple[tuple[int, int], ...], qkv_w: torch.Tensor, qkv_b: torch.Tensor, gate_up: torch.Tensor,
-                  ln1: torch.Tensor, ln2: torch.Tensor, o_w: torch.Tensor, down_w: torch.Tensor, eps: float,
+                  spans: tuple[tuple[int, int], ...], qkv_w: Weight, qkv_b: torch.Tensor, gate_up: Weight,
+                  ln1: torch.Tensor, ln2: torch.Tensor, o_w: Weight, down_w: Weight, eps: float,
                   scale: float, n_kv: int, group: int, kind: str) -> torch.Tensor:
     """One decoder layer over a round's packed tokens ``x`` (tokens, hidden); keys and values into the cache.
 
@@ -101,16 +101,16 @@ def prefill_layer(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache
     q/k/v through the fused weights of ``decode_step.fuse_projections``.
     """
     t, dim = x.shape[0], k_cache.shape[-1]
-    qkv = F.linear(_rms(x, ln1, eps), qkv_w, qkv_b)
+    qkv = linear(_rms(x, ln1, eps), qkv_w, qkv_b)
     q, k, v = qkv.split([n_kv * group * dim, n_kv * dim, n_kv * dim], dim=-1)
     q = rotate(q.reshape(t, n_kv * group, dim), cos, sin)
     k = rotate(k.reshape(t, n_kv, dim), cos, sin)
     v = v.reshape(t, n_kv, dim).contiguous()
     k_cache[slot_of, col_of] = k
     v_cache[slot_of, col_of] = v
-    x = x + F.linear(causal(q, k, v, cu, spans, scale, kind), o_w)
-    gate, up = F.linear(_rms(x, ln2, eps), gate_up).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, down_w)
+    x = x + linear(causal(q, k, v, cu, spans, scale, kind), o_w)
+    gate, up = linear(_rms(x, ln2, eps), gate_up).chunk(2, dim=-1)
+    return x + linear(F.silu(gate) * up, down_w)
 
 
 def vision_block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu: torch.Tensor, longest: int,
