@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.profile_decode import cuda_ms  # noqa: E402
-from daemon.backends.decode_step import Where, attend  # noqa: E402
+from daemon.backends.transformers.decode_step import Where, attend  # noqa: E402
 
 HEADS, KV, DIM = 28, 4, 128
 BLOCK = 128

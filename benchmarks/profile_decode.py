@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon.backends.transformers import TransformersBackend
+from daemon.backends.transformers.backend import TransformersBackend
 from daemon.config import ModelConfig
 
 CASES = [  # (slots, cache length, tokens filled per row)

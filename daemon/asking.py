@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from daemon.backends import create_backend
 from daemon.config import Config
-from daemon.engine import check_model
+from daemon.engine.loop import check_model
 from daemon.errors import ExitCode, VlwatchError
 from daemon.queue import StateLock, safe_text
 

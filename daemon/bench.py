@@ -12,7 +12,7 @@ same synthetic images, side by side:
 5. with ``--devices``, one engine per device (``batch_size: auto`` each),
    the images split between them and run at once (issue 12.5): engine 0 in
    this process, each other one in a process of its own, as the daemon
-   runs them (``daemon.engine_process``);
+   runs them (``daemon.engine.processes``);
 6. with ``--end-to-end``, the real daemon on a temp watched folder, files in,
    sidecars out, compared with the batched setup (``daemon.bench_e2e``).
 
@@ -319,7 +319,7 @@ def plan(args: argparse.Namespace, model: Any) -> list[Setup]:
 
 def _backend(model: Any, load_format: str) -> Any:
     if model.backend == "transformers":
-        from daemon.backends.transformers import TransformersBackend
+        from daemon.backends.transformers.backend import TransformersBackend
 
         backend = TransformersBackend(model, load_format=load_format)
         backend.load()
@@ -384,14 +384,14 @@ def run_engines(first: Any, model: Any, images: list[Any], args: argparse.Namesp
     """One engine per device, the images split evenly, all running at once, as the daemon runs them.
 
     Engine 0 runs here (on the backend the other setups loaded); every other
-    device gets a process of its own (``daemon.engine_process``), which
+    device gets a process of its own (``daemon.engine.processes``), which
     loads, warms up and then waits for the common start.  The time is from
     that start until the last engine is done.
     """
     import threading
 
     from daemon.backends import Request, engine_devices
-    from daemon.engine_process import spawn_context
+    from daemon.engine.processes import spawn_context
 
     wanted = ("auto",) if args.devices.strip() == "auto" else tuple(d.strip() for d in args.devices.split(",") if d.strip())
     devices = [d or model.device for d in engine_devices(replace(model, devices=wanted))]
@@ -485,7 +485,7 @@ def _expect(process: Any, conn: Any, what: str) -> tuple[Any, ...]:
 
 def _engine_child(job: _EngineJob, conn: Any) -> None:
     """A bench engine process: load, warm up, say ready, run its share at "go", report."""
-    from daemon.engine_child import child_logging, die_with_parent, pin_device
+    from daemon.engine.child import child_logging, die_with_parent, pin_device
 
     named = job.model.device
     job = replace(job, model=replace(job.model, device=pin_device(named)))  # before torch loads
@@ -533,7 +533,7 @@ def _configure(backend: Any, config: Any, setup: Setup, ignore_eos: bool) -> Non
 
 def _worker(config: Any, backend: Any) -> Any:
     from daemon.config import Config
-    from daemon.worker import Worker
+    from daemon.engine.worker import Worker
 
     return Worker(Config(model=config, state=Path("bench-state.db"), include=(), watch=(), rules=()), backend)
 
@@ -541,7 +541,7 @@ def _worker(config: Any, backend: Any) -> Any:
 def _prepared(request: Any, i: int) -> Any:
     from daemon.config import Rule
     from daemon.rules import Match
-    from daemon.worker import Prepared
+    from daemon.engine.worker import Prepared
 
     rule = Rule(name="bench", match=("*",), task="describe", prompt=request.prompt, output="md")
     return Prepared(Match(Path(f"bench-{i}.png"), rule, Path(".")), (), (request,))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 
 from daemon.backends import register
-from daemon.backends.transformers import TransformersBackend
+from daemon.backends.transformers.backend import TransformersBackend
 from daemon.config import ModelConfig
 
 #: The environment variable that sets ``ignore_eos`` (``1``, the default, or ``0``).

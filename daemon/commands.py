@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Sequence
 
 from daemon.backends import create_backend
 from daemon.config import Config
-from daemon.engine import check_model
-from daemon.outcomes import BatchResult, Processor
+from daemon.engine.loop import check_model
+from daemon.engine.outcomes import BatchResult, Processor
 from daemon.errors import BackendUnavailableError, ExitCode, VlwatchError, plural
 from daemon.queue import HANDED_OVER, Job, Queue, StateLock, safe_text
 from daemon.readiness import file_signature
@@ -32,7 +32,7 @@ from daemon.scanning import (
     find_work,
     sidecars_written,
 )
-from daemon.worker import Worker
+from daemon.engine.worker import Worker
 
 if TYPE_CHECKING:
     pass

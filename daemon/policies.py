@@ -245,7 +245,7 @@ def _front_matter(got: Answer | BaseException) -> PageFrontMatter | None:
 
 def _not_the_page(exc: BaseException) -> bool:
     """A failure of the machine, not of this page: no retry, passed on as without a policy."""
-    from daemon.backends.oom import is_out_of_memory
+    from daemon.backends.transformers.oom import is_out_of_memory
 
     return isinstance(exc, (BackendUnavailableError, DeviceLostError)) or is_out_of_memory(exc) \
         or is_sticky_cuda_error(exc)

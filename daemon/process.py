@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 from daemon.backends import create_backend
 from daemon.config import Config
-from daemon.engine import check_model
+from daemon.engine.loop import check_model
 from daemon.errors import ExitCode, VlwatchError, plural
 from daemon.images import printable
 from daemon.queue import HANDED_OVER, Candidate, Job, Queue, StateLock, content_hash, safe_text
@@ -46,7 +46,7 @@ from daemon.readiness import file_signature
 from daemon.recipes import recipe_of
 from daemon.rules import match_file, normalised, watch_for
 from daemon.sidecars import sidecar_fresh, sidecar_missing
-from daemon.worker import Worker
+from daemon.engine.worker import Worker
 
 if TYPE_CHECKING:
     import httpx

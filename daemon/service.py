@@ -16,7 +16,7 @@ main thread only waits for signals and talks to systemd:
   ``STOPPING=1``.
 
 What happens to each job (retries, outages, dropped jobs) is the engine's
-(``daemon.engine``); ``scan``, ``status`` and ``retry`` are ``daemon.commands``.
+(``daemon.engine.loop``); ``scan``, ``status`` and ``retry`` are ``daemon.commands``.
 
 Deliberately not here: the watching, readiness, queue and model code (their
 own modules); this one decides only what happens when.
@@ -43,9 +43,9 @@ from typing import Callable, Iterator, Sequence
 from daemon.backends import Backend, create_backend
 from daemon.config import Config, Rule, Snapshot, WatchConfig
 from daemon.config_reader import load_config
-from daemon.engine import STALL, WorkerLoop, check_model
-from daemon.outcomes import Processor
-from daemon.engine_process import EngineGroup, start_engines
+from daemon.engine.loop import STALL, WorkerLoop, check_model
+from daemon.engine.outcomes import Processor
+from daemon.engine.processes import EngineGroup, start_engines
 from daemon.errors import (
     ConfigError,
     ExitCode,
@@ -67,7 +67,7 @@ from daemon.scanning import (
 from daemon.sidecars import sidecar_fresh, sidecar_missing
 from daemon.periodic import Periodic
 from daemon.watching import Watcher, is_ignored, overflowed
-from daemon.worker import Worker
+from daemon.engine.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ class Daemon:
             if key.startswith("engine."):
                 self.queue.set_meta(key, None)
         # One engine, or one per device (model.devices): engine 0 here, the others in processes
-        # of their own (daemon.engine_process); the group looks like one WorkerLoop.
+        # of their own (daemon.engine.processes); the group looks like one WorkerLoop.
         self.loop = start_engines(self.queue, self.config, Processor(self.queue, self._requeue_changed),
                                   backlog=self._intake_load, stop_grace=STOP_GRACE)
         self.loop._note_model_state()

@@ -16,7 +16,7 @@ from daemon.backends import create_backend
 from daemon.config_reader import load_config
 from daemon.images import shown_size
 from daemon.rules import match_file
-from daemon.worker import Worker
+from daemon.engine.worker import Worker
 from tests.conftest import run_vlwatch, write_config
 from tests.test_daemon import Daemon, png_bytes, put
 

@@ -1,6 +1,6 @@
 """Batched generation on the tiny checkpoint (CPU): same greedy tokens as one at a time, OOM splits.
 
-The transformers backend decodes with ``daemon.backends.fastgen`` (slots
+The transformers backend decodes with ``daemon.backends.transformers.slots`` (slots
 refilled as sequences end); these tests hold it to stock ``model.generate``
 one request at a time, with images of different sizes in one batch, so the
 prompts differ in length and in their rotary positions.
@@ -17,13 +17,13 @@ import torch
 from PIL import Image
 
 from daemon.backends import Answer, Request
-from daemon.backends.fastgen import _result, bucket
-from daemon.backends.prompts import Generated
-from daemon.backends.transformers import TransformersBackend
+from daemon.backends.transformers.slots import _result, bucket
+from daemon.backends.transformers.prompts import Generated
+from daemon.backends.transformers.backend import TransformersBackend
 from daemon.config import Config, ModelConfig, Rule
 from daemon.errors import BackendError
 from daemon.rules import Match
-from daemon.worker import Prepared, Worker
+from daemon.engine.worker import Prepared, Worker
 
 # (width, height), multiples of 28 as daemon.images makes them: 6 to 40
 # image tokens, one image wider than a 112 px attention window.

@@ -154,7 +154,7 @@ def test_bench_verify_engine_equals_stock_generate(tiny_model: Path, tmp_path: P
 
 def test_bench_verify_exits_1_on_a_mismatch(tiny_model: Path, monkeypatch: pytest.MonkeyPatch,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    from daemon.backends.transformers import TransformersBackend
+    from daemon.backends.transformers.backend import TransformersBackend
 
     stock = TransformersBackend.token_ids
 
@@ -203,7 +203,7 @@ def test_the_bench_generates_as_the_daemon_does(tiny_model: Path, tmp_path: Path
     """The model's generation config (stop ids, repetition penalty) applies in the bench, dummy weights included:
     the bench's tokens are the daemon backend's, not a forced budget."""
     from daemon.backends import Request
-    from daemon.backends.transformers import TransformersBackend
+    from daemon.backends.transformers.backend import TransformersBackend
     from daemon.bench import DEFAULT_PROMPT, synthetic_images
     from daemon.config import ModelConfig
 

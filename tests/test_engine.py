@@ -27,22 +27,22 @@ from daemon.backends import (
     DeviceLostError,
     Message,
     Request,
-    decode_step,
-    fastgen,
     is_sticky_cuda_error,
     register,
 )
-from daemon.backends import prefill as prefill_rounds
-from daemon.backends.prompts import Generated, ListSource, NonFiniteLogitsError, Prompt
-from daemon.backends.scheduler import Scheduler, SchedulerOptions
-from daemon.backends.transformers import TransformersBackend, _messages
+from daemon.backends.transformers import decode_step
+from daemon.backends.transformers import prefill as prefill_rounds
+from daemon.backends.transformers import slots as fastgen
+from daemon.backends.transformers.prompts import Generated, ListSource, NonFiniteLogitsError, Prompt
+from daemon.backends.transformers.scheduler import Scheduler, SchedulerOptions
+from daemon.backends.transformers.backend import TransformersBackend, _messages
 from daemon.config import ModelConfig
 from daemon.config_reader import parse_config
-from daemon.engine import WorkerLoop
-from daemon.outcomes import Processor
+from daemon.engine.loop import WorkerLoop
+from daemon.engine.outcomes import Processor
 from daemon.errors import BackendError
 from daemon.queue import Candidate, Queue, content_hash
-from daemon.worker import Worker
+from daemon.engine.worker import Worker
 from tests.conftest import wait_until
 
 DEADLINE = 120.0  # joins and answers; waits use conftest.wait_until (90 s)
@@ -766,7 +766,7 @@ def test_non_finite_logits_fail_the_request_clearly(backend: TransformersBackend
 
 
 def test_fp16_is_refused_unless_insisted(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from daemon.backends.transformers import _refuse_fp16
+    from daemon.backends.transformers.backend import _refuse_fp16
 
     with pytest.raises(BackendError, match="VLWATCH_ALLOW_FP16=1"):
         _refuse_fp16(torch.float16, str(tiny_model))
@@ -878,7 +878,7 @@ def test_stream_pieces_join_to_the_answer(backend: TransformersBackend) -> None:
 
 
 def test_stream_holds_back_an_incomplete_utf8_character(backend: TransformersBackend) -> None:
-    from daemon.backends.live import TextStream
+    from daemon.backends.transformers.live import TextStream
 
     tok = backend._processor.tokenizer
     ids = tok("é€ ok", add_special_tokens=False)["input_ids"]
@@ -1004,7 +1004,7 @@ def test_one_engine_per_device_fed_from_one_queue(tmp_path: Path, tiny_model: Pa
     import sqlite3
 
     from daemon.backends import engine_devices
-    from daemon.engine_process import EngineGroup, start_engines
+    from daemon.engine.processes import EngineGroup, start_engines
 
     config = config_for(tmp_path, tiny_model)
     config = replace(config, model=replace(config.model, devices=("cpu", "cpu")))

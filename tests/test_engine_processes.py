@@ -229,7 +229,7 @@ def test_status_says_when_an_engine_is_down() -> None:
 
 def test_a_child_sees_only_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     # issue 12.5: cuda:N in a child is the Nth GPU the daemon sees, and the only one the child sees.
-    from daemon.engine_child import pin_device
+    from daemon.engine.child import pin_device
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert pin_device("cpu") == "cpu" and "CUDA_VISIBLE_DEVICES" not in os.environ
@@ -245,8 +245,8 @@ def test_a_child_that_loses_its_gpu_is_restarted_and_a_poison_file_fails(tmp_pat
     # attempt spent and ends that process (exit 3); it is started again, and the file that crashes
     # it every time fails after jobs.attempts instead of looping.  The daemon's side runs here.
     from daemon.config_reader import parse_config
-    from daemon.engine_child import DEVICE_LOST_EXIT
-    from daemon.engine_process import ChildEngines
+    from daemon.engine.child import DEVICE_LOST_EXIT
+    from daemon.engine.processes import ChildEngines
     from daemon.queue import Candidate, content_hash
 
     monkeypatch.setenv("VLWATCH_PLUGINS", "tests.device_lost_backend")  # the child imports it as the daemon would
@@ -260,7 +260,7 @@ def test_a_child_that_loses_its_gpu_is_restarted_and_a_poison_file_fails(tmp_pat
     queue = Queue(config.state)
     queue.enqueue([Candidate(image.absolute(), "describe", content_hash(image), st.st_size, st.st_mtime_ns)])
     children = ChildEngines(queue, config, [(1, "cpu")], lambda path: None, engines=2, stop_grace=10.0)
-    caplog.set_level("INFO", logger="daemon.engine_process")
+    caplog.set_level("INFO", logger="daemon.engine.processes")
     children.start()
     try:
         wait_until(lambda: queue.history()[0].state == "failed", "the poison file to fail")
@@ -282,9 +282,9 @@ def test_a_burst_of_arrivals_reaches_the_child_engines_as_it_starts_and_ends() -
     # message when it starts and one when it ends, and the child's loop yields the same way.
     import types
 
-    from daemon.engine import BURST
-    from daemon.engine_child import _follow_burst
-    from daemon.engine_process import ChildEngines
+    from daemon.engine.loop import BURST
+    from daemon.engine.child import _follow_burst
+    from daemon.engine.processes import ChildEngines
 
     waiting = [0]
     engines = ChildEngines(None, None, [(1, "cpu"), (2, "cpu")], lambda path: None, engines=3, stop_grace=1.0,

@@ -44,7 +44,7 @@ def test_out_of_memory_while_loading_says_so_with_numbers(tiny_model: Path, monk
     # issue 11.5: was "no attention implementation could be loaded (tried sdpa, eager)"
     import torch
 
-    from daemon.backends.transformers import TransformersBackend
+    from daemon.backends.transformers.backend import TransformersBackend
     from daemon.config import ModelConfig
 
     def no_room(*args: object, **kwargs: object) -> object:
@@ -59,7 +59,7 @@ def test_out_of_memory_while_loading_says_so_with_numbers(tiny_model: Path, monk
     text = str(info.value)
     assert text.startswith(f"out of memory loading the model {tiny_model} on cpu"), text
     assert "attention" not in text
-    from daemon.backends.oom import parameter_count
+    from daemon.backends.transformers.oom import parameter_count
 
     params = parameter_count(tiny_model)
     assert params and f"({params / 1e9:.2f} B parameters in float32)" in text  # needed: from the checkpoint

@@ -30,7 +30,7 @@ from daemon.images import printable
 from daemon.outputs import PageResult, Result, checked_sidecar_path, write_result
 from daemon.rules import Match, match_file
 from daemon.sidecars import optional_sidecars, planned_sidecars
-from daemon.worker import Worker
+from daemon.engine.worker import Worker
 from tests.conftest import REPO, Daemon, run_vlwatch, wait_until, write_config
 from tests.data.make_hostile import Sample, build
 

@@ -347,7 +347,7 @@ def test_ground_on_a_pdf_maps_boxes_to_200_dpi_pixels_and_draws_the_overlay(tmp_
     from daemon.backends import Answer
     from daemon.config_reader import parse_config
     from daemon.rules import match_file
-    from daemon.worker import Worker
+    from daemon.engine.worker import Worker
 
     class Boxes:
         name = model = "fixed"

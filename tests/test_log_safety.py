@@ -48,7 +48,7 @@ def test_hostile_names_cannot_forge_log_lines_or_reach_the_terminal_raw(tmp_path
     log_path = tmp_path / "stderr.log"
     names = [
         "a\nERROR daemon.service: FORGED LINE.png",           # processed: done
-        "b\r\nCRITICAL daemon.engine: FORGED TOO.png",         # \r too
+        "b\r\nCRITICAL daemon.engine.loop: FORGED TOO.png",         # \r too
         "\x1b[31mred\x1b[0m\x1b]0;title\x07.png",               # ANSI colour and a terminal title
         "bad\nERROR daemon.service: FORGED FAILURE.png",       # the stub rejects "bad": a failure line
     ]

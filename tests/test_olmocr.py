@@ -21,7 +21,7 @@ from daemon.answers.frontmatter import PageFrontMatter, parse_page
 from daemon.config_reader import load_config
 from daemon.errors import ConfigError
 from daemon.rules import match_file
-from daemon.worker import Worker
+from daemon.engine.worker import Worker
 from tests.conftest import Daemon, REPO, run_vlwatch, write_config
 from tests.olmocr_backend import OlmocrStub, front, page_pdf
 

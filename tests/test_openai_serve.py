@@ -36,7 +36,7 @@ from PIL import Image
 
 from daemon.backends import Request
 from daemon.backends.openai import OpenAIBackend, chat_body, image_data_url
-from daemon.backends.transformers import TransformersBackend
+from daemon.backends.transformers.backend import TransformersBackend
 from daemon.config import ModelConfig
 from tests.conftest import run_vlwatch, write_config
 from tests.tiny_model import MAX_PIXELS as TINY_SERVER_MAX_PIXELS

@@ -24,10 +24,10 @@ import tests.stub_backend  # noqa: F401  registers the "stub" backend
 from daemon import outputs
 from daemon.backends import create_backend
 from daemon.config_reader import parse_config
-from daemon.engine import WorkerLoop
-from daemon.outcomes import Processor
+from daemon.engine.loop import WorkerLoop
+from daemon.engine.outcomes import Processor
 from daemon.queue import Candidate, Queue, content_hash
-from daemon.worker import Worker
+from daemon.engine.worker import Worker
 from tests.conftest import wait_until
 from tests.stub_backend import StubBackend
 

@@ -169,7 +169,7 @@ def test_a_batch_fsyncs_each_sidecar_folder_once_after_its_renames(tmp_path: Pat
     from daemon import outputs
     from daemon.config_reader import parse_config
     from daemon.rules import match_file
-    from daemon.worker import Worker
+    from daemon.engine.worker import Worker
     from tests.stub_backend import StubBackend
 
     inbox = tmp_path / "inbox"

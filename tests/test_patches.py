@@ -1,4 +1,4 @@
-"""The stock-module patches prefill uses (daemon.backends.patches), on the tiny checkpoint, CPU.
+"""The stock-module patches prefill uses (daemon.backends.transformers.patches), on the tiny checkpoint, CPU.
 
 On a GPU they are on by default (torch.compile, CUDA only); here they are
 applied by hand, so that the patched forwards are checked against stock.
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from daemon.backends import Request
-from daemon.backends.patches import Compiled, TextPrefillPatch
-from daemon.backends.transformers import TransformersBackend
+from daemon.backends.transformers.patches import Compiled, TextPrefillPatch
+from daemon.backends.transformers.backend import TransformersBackend
 from daemon.bench import synthetic_images
 from daemon.config import ModelConfig
 

@@ -40,7 +40,7 @@ def test_shape_from_a_model_folder_counts_what_transformers_builds(tiny_model: P
 
 def test_the_slot_cache_holds_what_the_plan_counts(tiny_model: Path) -> None:
     """The bytes the slot engine allocates for N slots against plan's KV per slot x N (the tiny checkpoint, fp32)."""
-    from daemon.backends.fastgen import SlotEngine
+    from daemon.backends.transformers.slots import SlotEngine
 
     model = _tiny_model_loaded(tiny_model)
     shape = plan.shape_from_config(plan.read_config(tiny_model))

@@ -6,7 +6,7 @@ than the step budget of queued prefills) is in tests/test_engine.py.
 
 from __future__ import annotations
 
-from daemon.backends.scheduler import Scheduler, SchedulerOptions
+from daemon.backends.transformers.scheduler import Scheduler, SchedulerOptions
 
 
 class Clock:

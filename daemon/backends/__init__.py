@@ -11,7 +11,7 @@ prompts) and after it (parsing, sidecars) is shared, so a backend only turns
 A backend that runs its own admission loop (the transformers backend's slot
 engine) also has ``serve(feed)``: it takes ``Item``s from a live ``Feed`` as
 its slots free up and hands each answer back as soon as it is done
-(``Feed.deliver``); the daemon's engine (``daemon.engine``) feeds it
+(``Feed.deliver``); the daemon's engine (``daemon.engine.loop``) feeds it
 interactive requests first, then the durable queue's jobs.  Other backends
 get batches through ``generate``.
 """
@@ -103,7 +103,7 @@ def is_sticky_cuda_error(exc: BaseException) -> bool:
 
 def reraise_if_fatal(exc: BaseException) -> None:
     """Out of memory and sticky CUDA errors are not one request's fault: let the caller handle them."""
-    from daemon.backends.oom import is_out_of_memory
+    from daemon.backends.transformers.oom import is_out_of_memory
 
     if is_out_of_memory(exc) or is_sticky_cuda_error(exc):
         raise exc
@@ -254,7 +254,7 @@ def _register_builtin(name: str) -> None:
     # Imported lazily: the openai client is not needed to run the local model,
     # and torch is not needed to talk to a server.
     if name == "transformers":
-        from daemon.backends.transformers import TransformersBackend
+        from daemon.backends.transformers.backend import TransformersBackend
 
         register("transformers", TransformersBackend)
     elif name == "openai":

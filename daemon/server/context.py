@@ -17,7 +17,7 @@ from daemon.config import Config
 if TYPE_CHECKING:
     import threading
 
-    from daemon.engine import WorkerLoop
+    from daemon.engine.loop import WorkerLoop
 
 
 @dataclass

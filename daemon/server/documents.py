@@ -47,10 +47,10 @@ from daemon.errors import BackendUnavailableError, InputError, VlwatchError
 from daemon.images import Page, load_pages, printable
 from daemon.rules import render_prompt
 from daemon.server.chat import in_memory
-from daemon.worker import error_text, reference_images
+from daemon.engine.worker import error_text, reference_images
 
 if TYPE_CHECKING:
-    from daemon.engine import WorkerLoop
+    from daemon.engine.loop import WorkerLoop
 
 #: Pages of one document read at most; a longer one is answered for these
 #: and says so (``partial_success``); ``page_range`` picks other pages.

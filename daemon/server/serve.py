@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from daemon.config import Config, split_host_port
-from daemon.engine import WorkerLoop
+from daemon.engine.loop import WorkerLoop
 from daemon.errors import VlwatchError
 from daemon.images import printable
 

@@ -41,7 +41,7 @@ from daemon.server.context import ApiError
 from daemon.server.documents import Conversion, Converted, Options, Upload
 
 if TYPE_CHECKING:
-    from daemon.engine import WorkerLoop
+    from daemon.engine.loop import WorkerLoop
 
 log = logging.getLogger(__name__)
 

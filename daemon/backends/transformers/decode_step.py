@@ -23,8 +23,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from daemon.backends.fp8 import Fp8Linear, fp8_linear
-from daemon.backends.fp8 import concat as fp8_concat
+from daemon.backends.transformers.fp8 import Fp8Linear, fp8_linear
+from daemon.backends.transformers.fp8 import concat as fp8_concat
 
 
 #: A projection's weight as the fused layer functions take it: a plain tensor, or an FP8 weight

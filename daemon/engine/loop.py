@@ -57,11 +57,11 @@ from daemon.errors import (
     ModelMissingError,
     StateUnavailableError,
 )
-from daemon.outcomes import Processor
+from daemon.engine.outcomes import Processor
 from daemon.queue import Job, Queue
 from daemon.readiness import file_signature
 from daemon.rules import Match, match_file
-from daemon.worker import Outcome, Prepared, Worker, error_text
+from daemon.engine.worker import Outcome, Prepared, Worker, error_text
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +74,14 @@ BURST = 200
 MAX_YIELD = 10.0
 #: An engine that made no progress (no request taken or answered) for this long
 #: while busy is hung: engine 0 stops feeding the systemd watchdog (the service
-#: restarts), a child engine is killed and started again (``engine_process``).
+#: restarts), a child engine is killed and started again (``engine.processes``).
 STALL = 1800.0
 
 
 def check_model(config: Config) -> None:
     """Fail at start, with the way out, when the local weights are missing."""
     if config.model.backend == "transformers" and local_model_path(config.model.name) is None:
-        from daemon.backends.transformers import missing_model_message
+        from daemon.backends.transformers.backend import missing_model_message
 
         raise ModelMissingError(missing_model_message(config.model.name))
 

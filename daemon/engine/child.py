@@ -1,6 +1,6 @@
-"""What runs inside an engine process (``daemon.engine_process`` starts and watches them).
+"""What runs inside an engine process (``daemon.engine.processes`` starts and watches them).
 
-A child engine is a ``WorkerLoop`` (``daemon.engine``) on one GPU over the
+A child engine is a ``WorkerLoop`` (``daemon.engine.loop``) on one GPU over the
 daemon's state file, queue jobs only, in a fresh interpreter ("spawn"):
 
 - it sees only its own GPU (``pin_device``: ``CUDA_VISIBLE_DEVICES``, set
@@ -169,10 +169,10 @@ def child_main(spec: EngineSpec, conn: Connection) -> None:
 
     from daemon.backends import create_backend
     from daemon.config import load_plugins
-    from daemon.engine import WorkerLoop
-    from daemon.outcomes import Processor
+    from daemon.engine.loop import WorkerLoop
+    from daemon.engine.outcomes import Processor
     from daemon.queue import Queue
-    from daemon.worker import Worker
+    from daemon.engine.worker import Worker
 
     load_plugins()  # a backend a plugin registers ($VLWATCH_PLUGINS), as the daemon's config loading did
     link = _Link(conn)
@@ -215,7 +215,7 @@ def child_main(spec: EngineSpec, conn: Connection) -> None:
 
 def _follow_burst(loop: Any, burst: bool) -> None:
     """The daemon's intake has a burst of arrivals (or no more): yield to it as engine 0 does."""
-    from daemon.engine import BURST
+    from daemon.engine.loop import BURST
 
     loop._backlog = (lambda: BURST) if burst else (lambda: 0)
 
@@ -252,7 +252,7 @@ def _drain(fd: int) -> None:
 def _swap_config(loop: Any, old: Config, new: Config) -> Config:
     """After the daemon's reload: the same model stays loaded; a changed one is made anew."""
     from daemon.backends import create_backend
-    from daemon.worker import Worker
+    from daemon.engine.worker import Worker
 
     same = new.model == old.model
     loop.replace_worker(Worker(new, loop.worker.backend if same else create_backend(new.model)))

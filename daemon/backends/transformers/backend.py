@@ -11,7 +11,7 @@ both present), then sdpa, then eager, and logs what it got and why it fell
 back.  An explicit choice that cannot be honoured is an error, not a silent
 fallback.
 
-Generation (``engine``): for Qwen2.5-VL, ``daemon.backends.fastgen`` runs
+Generation (``engine``): for Qwen2.5-VL, ``daemon.backends.transformers.slots`` runs
 greedy decoding over a static KV cache of ``batch_size`` slots that are
 refilled as sequences end (continuous batching), with the decode step
 replayed as a CUDA graph on GPUs, and the vision tower's windowed attention
@@ -58,8 +58,8 @@ from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence, TypeVa
 
 from daemon.backends import (Answer, DeviceLostError, Feed, Item, ListFeed, Request,
                              is_sticky_cuda_error)
-from daemon.backends.live import LiveSource
-from daemon.backends.oom import is_out_of_memory, load_oom_message
+from daemon.backends.transformers.live import LiveSource
+from daemon.backends.transformers.oom import is_out_of_memory, load_oom_message
 from daemon import plan
 from daemon.config import ModelConfig, local_model_path
 from daemon.errors import BackendError, ModelMissingError, VlwatchError
@@ -186,7 +186,7 @@ class TransformersBackend:
         if getattr(model.config, "model_type", None) != "qwen2_5_vl":
             log.info("generation: model.generate (fastgen supports qwen2_5_vl only)")
             return
-        from daemon.backends import fastgen, patches
+        from daemon.backends.transformers import patches, slots as fastgen
 
         if model.device.type == "cuda" and patches.pad_vision_mlp(model):
             log.debug("vision MLP width padded for the Hopper/Ampere GEMM kernels")
@@ -325,7 +325,7 @@ class TransformersBackend:
         """
         import torch
 
-        from daemon.backends import fp8
+        from daemon.backends.transformers import fp8
 
         try:
             checkpoint = plan.read_config(Path(source))
@@ -345,10 +345,10 @@ class TransformersBackend:
         return precision
 
     def _quantize(self, model: Any, source: str, device: Any) -> Any:
-        """The text model's linears in FP8 when ``self.precision`` says so (``daemon.backends.fp8``)."""
+        """The text model's linears in FP8 when ``self.precision`` says so (``daemon.backends.transformers.fp8``)."""
         if self.precision != "fp8":
             return model
-        from daemon.backends import fp8
+        from daemon.backends.transformers import fp8
 
         checkpoint = plan.read_config(Path(source)) if self.load_format != "dummy" else {}
         if fp8.compressed_tensors_fp8(checkpoint):
@@ -550,7 +550,7 @@ class TransformersBackend:
         return slots, tokens + max_new, max_new
 
     def _prompt(self, index: int, item: Item) -> Any:
-        from daemon.backends.prompts import Prompt
+        from daemon.backends.transformers.prompts import Prompt
 
         r = item.request
         return Prompt(index, self._inputs(r), r.max_new_tokens, temperature=max(0.0, r.temperature),
@@ -645,7 +645,7 @@ class TransformersBackend:
             inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
         if "mm_token_type_ids" not in inputs:  # what get_rope_index reads to find the images
             inputs["mm_token_type_ids"] = (inputs["input_ids"] == self._model.config.image_token_id).int()
-        from daemon.backends.prefill import rope_positions
+        from daemon.backends.transformers.prefill import rope_positions
 
         inputs.update(rope_positions(self._model, inputs))  # here, on the CPU thread
         return inputs

@@ -36,7 +36,7 @@ from daemon.queue import Job, Queue, content_hash
 from daemon.readiness import file_signature
 from daemon.rules import Match, match_file
 from daemon.sidecars import TEMP_PREFIX, TEMP_SUFFIX
-from daemon.worker import STORAGE_ERRNOS, Worker
+from daemon.engine.worker import STORAGE_ERRNOS, Worker
 
 log = logging.getLogger(__name__)
 

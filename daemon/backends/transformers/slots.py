@@ -33,7 +33,7 @@ the CPU, where the arithmetic is the stock one; on a GPU, bf16 kernels that
 differ from the stock ones can flip near-ties after a while).
 
 The vision tower's stock modules are sped up in place by
-``daemon.backends.patches``.
+``daemon.backends.transformers.patches``.
 
 Environment switches (all default on where they apply): ``VLWATCH_CUDA_GRAPHS``,
 ``VLWATCH_COMPILE`` (``_DECODE``, ``_VISION``, ``_PREFILL``), ``VLWATCH_DECODE_FLASH``,
@@ -50,8 +50,9 @@ from typing import Any, Callable
 
 import torch
 
-from daemon.backends import is_sticky_cuda_error, prefill, reraise_if_fatal
-from daemon.backends.decode_step import (
+from daemon.backends import is_sticky_cuda_error, reraise_if_fatal
+from daemon.backends.transformers import prefill
+from daemon.backends.transformers.decode_step import (
     Where,
     at_eos,
     attend,
@@ -64,12 +65,12 @@ from daemon.backends.decode_step import (
     rotate,
     weight_of,
 )
-from daemon.backends.oom import is_out_of_memory
-from daemon.backends.patches import Compiled, _allow_shared_compiles, compile_enabled
-from daemon.backends.prefill import FAILED, PrefillRounds, _Shipped, _Staging, take_pack
-from daemon.backends.prefill_step import prefill_layer
-from daemon.backends.prompts import Generated, NonFiniteLogitsError, Prompt, RunStats, Source
-from daemon.backends.scheduler import Scheduler, SchedulerOptions
+from daemon.backends.transformers.oom import is_out_of_memory
+from daemon.backends.transformers.patches import Compiled, _allow_shared_compiles, compile_enabled
+from daemon.backends.transformers.prefill import FAILED, PrefillRounds, _Shipped, _Staging, take_pack
+from daemon.backends.transformers.prefill_step import prefill_layer
+from daemon.backends.transformers.prompts import Generated, NonFiniteLogitsError, Prompt, RunStats, Source
+from daemon.backends.transformers.scheduler import Scheduler, SchedulerOptions
 from daemon.plan import cache_length
 
 log = logging.getLogger(__name__)

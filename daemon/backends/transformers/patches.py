@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from daemon.backends import reraise_if_fatal
-from daemon.backends.decode_step import flash_varlen
-from daemon.backends.prefill_step import vision_block
+from daemon.backends.transformers.decode_step import flash_varlen
+from daemon.backends.transformers.prefill_step import vision_block
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ from typing import Any
 import torch
 
 from daemon.backends import reraise_if_fatal
-from daemon.backends.decode_step import at_eos, choose, penalize, weight_of
-from daemon.backends.patches import rows_vary
-from daemon.backends.prefill_step import pack, prefill_layer
-from daemon.backends.prompts import Prompt, Source
+from daemon.backends.transformers.decode_step import at_eos, choose, penalize, weight_of
+from daemon.backends.transformers.patches import rows_vary
+from daemon.backends.transformers.prefill_step import pack, prefill_layer
+from daemon.backends.transformers.prompts import Prompt, Source
 
 # The prefill's bounds live with the memory arithmetic that reserves room for
 # them (daemon.plan: one place, so the plan and the engine cannot drift).

@@ -17,7 +17,7 @@ its sidecars.  Two exceptions are not one file's fault and pass through: the
 backend is unreachable (``BackendUnavailableError``: the queue pauses) and the
 GPU is lost (``DeviceLostError``: the daemon restarts).
 
-The daemon's engine (``daemon.engine``) uses ``prepare`` and ``finish`` one
+The daemon's engine (``daemon.engine.loop``) uses ``prepare`` and ``finish`` one
 file at a time around a backend that admits requests itself (``serve``);
 ``process`` is the batch path (``vlwatch scan``, server backends).
 """

@@ -1,7 +1,7 @@
 """The daemon's engines: ``start_engines`` makes one per device, beyond the first in their own processes.
 
 With one device (``model.devices`` unset) that is a plain ``WorkerLoop``
-(``daemon.engine``) in the daemon; with several, an ``EngineGroup`` (issue 12.5).
+(``daemon.engine.loop``) in the daemon; with several, an ``EngineGroup`` (issue 12.5).
 
 Two engines as threads of one process measured 1.54x one engine on two
 H100s (``benchmarks/NOTES.md``, call E3): the prefill's host work (the
@@ -16,7 +16,7 @@ queue, whose claims are transactions; each claim records its claimer
 (``claimed_by``: ``engine N pid P``).
 
 The daemon's side is here (``ChildEngines``, one supervisor thread); what
-runs inside a child is ``daemon.engine_child``:
+runs inside a child is ``daemon.engine.child``:
 
 - starts the children and watches them (their exit sentinels and pipes);
 - a child that dies (``kill -9``, a segfault, the OOM killer, a sticky CUDA
@@ -61,7 +61,7 @@ file and the next daemon start recovers them, as after any crash.
   too let the files reach the durable queue first (for at most
   ``MAX_YIELD``), as engine 0 does.
 
-Deliberately not here: what a loop does with a job (``daemon.engine``).
+Deliberately not here: what a loop does with a job (``daemon.engine.loop``).
 """
 
 from __future__ import annotations
@@ -80,12 +80,12 @@ if TYPE_CHECKING:  # the child imports the engine only once it runs (see child_m
 
     from daemon.backends import Answer, DeviceLostError, Request
     from daemon.config import Config
-    from daemon.engine import WorkerLoop
-    from daemon.outcomes import Processor
+    from daemon.engine.loop import WorkerLoop
+    from daemon.engine.outcomes import Processor
     from daemon.queue import Queue
-    from daemon.worker import Worker
+    from daemon.engine.worker import Worker
 
-from daemon.engine_child import (
+from daemon.engine.child import (
     DEVICE_LOST_EXIT,
     LOST_AFTER,
     ORPHANED_EXIT,
@@ -233,7 +233,7 @@ class ChildEngines(threading.Thread):
 
     def _tell_burst(self) -> None:
         """Pass the intake's burst on to the children when it starts or ends (one message each time)."""
-        from daemon.engine import BURST
+        from daemon.engine.loop import BURST
 
         burst = self.backlog() >= BURST
         if burst != self._burst:
@@ -243,7 +243,7 @@ class ChildEngines(threading.Thread):
 
     def _kill_if_hung(self, child: _Child) -> None:
         """Kill a child that stopped answering or stopped making progress; ``_died`` does the rest."""
-        from daemon.engine import STALL
+        from daemon.engine.loop import STALL
 
         if child.hung:
             return  # killed already; its sentinel is due
@@ -384,12 +384,12 @@ def start_engines(queue: Queue, config: Config, processor: Processor, *, backlog
     With one device (``model.devices`` unset, or one entry) this is the
     WorkerLoop it always was, in this process.  With several, engine 0 is a
     WorkerLoop here and every other device gets its own process
-    (``daemon.engine_process``): engines as threads of one process take turns
+    (``daemon.engine.processes``): engines as threads of one process take turns
     on the interpreter during prefill (1.54x on two H100s, NOTES.md call E3).
     """
     from daemon.backends import create_backend, engine_devices
-    from daemon.engine import WorkerLoop
-    from daemon.worker import Worker
+    from daemon.engine.loop import WorkerLoop
+    from daemon.engine.worker import Worker
 
     make_backend = make_backend or create_backend
     devices = engine_devices(config.model)
@@ -478,7 +478,7 @@ class EngineGroup:
 
     def replace_worker(self, worker: Worker) -> None:
         """After a reload: engine 0 takes ``worker`` (on its device); each child gets the new config."""
-        from daemon.worker import Worker
+        from daemon.engine.worker import Worker
 
         full = worker.config
         config = engine_config(full, self.first.device)

@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from daemon.backends.decode_step import Weight, _rms, linear, rotate
+from daemon.backends.transformers.decode_step import Weight, _rms, linear, rotate
 
 
 class Packed(NamedTuple):
