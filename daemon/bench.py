@@ -54,6 +54,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from daemon.bench_results import SetupResult
 from daemon.errors import ExitCode, VlwatchError
 
 log = logging.getLogger(__name__)
@@ -110,20 +111,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--end-to-end: give up after this long, model load and warm-up included (default 1800)")
     parser.add_argument("--save", metavar="DIR", type=Path,
                         help="also write the table (.md) and the JSON, with the command line, into DIR")
-
-
-@dataclass
-class SetupResult:
-    setup: str
-    batch: str
-    images: int
-    seconds: float
-    images_per_min: float
-    s_per_image: float
-    ttft_s: float | None
-    decode_tok_s: float | None
-    peak_gpu_gib: float | None
-    new_tokens: int | None  # None: not known (the end-to-end setup without --ignore-eos)
 
 
 @dataclass

@@ -43,7 +43,7 @@ from typing import Any
 
 import yaml
 
-from daemon.bench import SetupResult
+from daemon.bench_results import SetupResult
 from daemon.errors import VlwatchError
 
 log = logging.getLogger(__name__)
