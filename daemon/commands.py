@@ -153,7 +153,7 @@ def _drain(config: Config, queue: Queue, tty: bool) -> int:
     if total == 0:
         print("nothing to process")
         return ExitCode.OK
-    worker = Worker(config, create_backend(config.model))
+    worker = Worker(config, create_backend(config.model, config.engine))
     processor = Processor(queue, on_changed=lambda p: log.warning("%s: changed while queued; run scan again", p))
     summary = BatchResult()
     progress = Progress("processing", total, tty=tty)

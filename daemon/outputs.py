@@ -70,6 +70,9 @@ class Result:
     model: str
     #: where the source may really be (``rules.allowed_roots``) when a writer reads it again
     roots: tuple[Path, ...] | None = None
+    #: the engine choices in effect that can change the text (``TransformersBackend.provenance``:
+    #: precision, kernels, what is compiled); "" for a backend that has none to tell
+    engine: str = ""
 
 
 # ------------------------------------------------------------------ naming
@@ -226,14 +229,15 @@ def _inert_markdown(text: str, raw_html: bool) -> str:
 
 
 def provenance_comment(result: Result) -> str:
-    """The last line of a ``.md`` sidecar: which rule and model made it, and when (issue 11.10).
+    """The last line of a ``.md`` sidecar: which rule, model and engine options made it, and when (issue 11.10).
 
     An HTML comment, so it shows in no rendered view and sits after the
     text, out of the way of anyone who only wants the answer (``head -n -1``,
     or ``sed '$d'``, drops it).  Nothing in it can close the comment early.
     """
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    fields = f"rule {result.match.rule.name}; model {result.model}; {when}"
+    engine = f"{result.engine}; " if result.engine else ""
+    fields = f"rule {result.match.rule.name}; model {result.model}; {engine}{when}"
     return f"<!-- vlwatch: {_comment_safe(fields)} -->\n"
 
 
@@ -261,6 +265,9 @@ def _write_html(result: Result, folders: FolderSyncs | None = None) -> Path:
     if not bodies:
         raise VlwatchError(f"{printable(match.path)}: no page has an answer")
     document = bodies[0]
+    if result.engine:
+        # What made it, after the document (a comment: nothing renders it), as a .md sidecar's last line.
+        document = document.rstrip("\n") + "\n" + provenance_comment(result)
     path = checked_sidecar_path(match, "html")
     atomic_write(path, _utf8(document), like=match.path, folders=folders)
     return path
@@ -296,6 +303,7 @@ def _header(result: Result) -> dict[str, object]:
         "task": m.rule.task,
         "backend": result.backend,
         "model": result.model,
+        **({"engine": result.engine} if result.engine else {}),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

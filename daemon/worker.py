@@ -262,8 +262,10 @@ class Worker:
             # the pages that did answer; there are none).
             return Outcome(match, error=missing(pages[0]), seconds=time.monotonic() - started)
         roots = allowed_roots(self.config, match)
+        # The engine choices that can change the text (a local engine says them; others have none).
+        engine = str(getattr(self.backend, "provenance", "") or "")
         result = Result(match=match, pages=pages, backend=self.backend.name, model=self.backend.model,
-                        roots=tuple(roots) if roots is not None else None)
+                        roots=tuple(roots) if roots is not None else None, engine=engine)
         try:
             sidecars = write_result(result, folders)
         except VlwatchError as exc:  # a sidecar path that would leave the allowed folders

@@ -1012,8 +1012,8 @@ def test_one_engine_per_device_fed_from_one_queue(tmp_path: Path, tiny_model: Pa
     assert engine_devices(replace(config.model, devices=())) == [None]
     made: list[TransformersBackend] = []
 
-    def make(model: ModelConfig) -> TransformersBackend:
-        made.append(TransformersBackend(model))
+    def make(model: ModelConfig, engine: EngineOptions) -> TransformersBackend:
+        made.append(TransformersBackend(model, options=engine))
         return made[-1]
 
     queue = Queue(tmp_path / "state.db")

@@ -22,7 +22,7 @@ import collections
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Protocol, Sequence
 
-from daemon.config import ModelConfig
+from daemon.config import EngineOptions, ModelConfig
 from daemon.errors import VlwatchError
 
 if TYPE_CHECKING:
@@ -225,17 +225,30 @@ class Backend(Protocol):
 
 
 Factory = Callable[[ModelConfig], Backend]
+#: A factory of a backend that runs a local engine: it takes the ``engine:`` options too.
+EngineFactory = Callable[[ModelConfig, EngineOptions], Backend]
 _REGISTRY: dict[str, Factory] = {}
+_ENGINE_REGISTRY: dict[str, EngineFactory] = {}
 
 
 def register(name: str, factory: Factory) -> None:
     """Make a backend available under ``model.backend: name`` (tests register fakes here too)."""
     _REGISTRY[name] = factory
+    _ENGINE_REGISTRY.pop(name, None)
 
 
-def create_backend(model: ModelConfig) -> Backend:
+def register_engine(name: str, factory: EngineFactory) -> None:
+    """As ``register``, for a backend that runs a local engine: ``factory(model, engine_options)``."""
+    _ENGINE_REGISTRY[name] = factory
+    _REGISTRY[name] = lambda model: factory(model, EngineOptions())
+
+
+def create_backend(model: ModelConfig, engine: EngineOptions | None = None) -> Backend:
+    """The backend ``model.backend`` names; one that runs a local engine gets ``engine`` (the config's ``engine:``)."""
     if model.backend not in _REGISTRY:
         _register_builtin(model.backend)
+    if model.backend in _ENGINE_REGISTRY:
+        return _ENGINE_REGISTRY[model.backend](model, engine or EngineOptions())
     try:
         factory = _REGISTRY[model.backend]
     except KeyError:
@@ -249,7 +262,7 @@ def _register_builtin(name: str) -> None:
     if name == "transformers":
         from daemon.backends.transformers import TransformersBackend
 
-        register("transformers", TransformersBackend)
+        register_engine("transformers", lambda model, engine: TransformersBackend(model, options=engine))
     elif name == "openai":
         from daemon.backends.openai import OpenAIBackend
 
