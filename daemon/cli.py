@@ -199,6 +199,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"warning: {warning}")
     print(f"{config.source}: OK ({plural(len(config.rules), 'rule')}, {plural(len(config.watch), 'watched folder')}, "
           f"backend {config.model.backend})")
+    print(f"engine: {config.engine.line()}")
     return ExitCode.OK
 
 

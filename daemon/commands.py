@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from daemon.backends import create_backend
-from daemon.config import Config
+from daemon.config import COMPILE_PARTS, ENGINE_KEYS, Config, EngineOptions
 from daemon.engine import check_model
 from daemon.outcomes import BatchResult, Processor
 from daemon.errors import BackendUnavailableError, ExitCode, VlwatchError, plural
@@ -196,7 +196,8 @@ def status_info(config: Config, failures: int = 10) -> dict[str, object]:
     pid = StateLock(config.state).holder()
     info: dict[str, object] = {"state": str(config.state), "daemon": {"running": pid is not None, "pid": pid},
                                "counts": {"queued": 0, "running": 0, "done": 0, "failed": 0},
-                               "model": None, "backend": None, "storage": None, "failures": [], "outdated": 0}
+                               "model": None, "backend": None, "storage": None, "failures": [], "outdated": 0,
+                               "engine_options": config.engine.shown()}
     if not config.state.exists():
         return info
     with Queue(config.state) as queue:
@@ -208,6 +209,10 @@ def status_info(config: Config, failures: int = 10) -> dict[str, object]:
     if model is not None and pid is None:
         model = {**model, "loaded": False, "since": None}  # nobody holds it any more
     info["model"] = model
+    # The engine options in effect: the running daemon's (recorded when its model
+    # loaded), else what this config would start with (issue 22.3).
+    running = (model or {}).get("engine_options") if pid is not None else None
+    info["engine_options"] = running or config.engine.shown()
     info["backend"] = meta.get("backend") if pid is not None else None
     # An output disk that refuses writes pauses the queue like a backend outage (issue 10.8).
     info["storage"] = meta.get("storage") if pid is not None else None
@@ -247,6 +252,10 @@ def format_status(info: dict) -> str:
         state = "loaded" if model.get("loaded") else "not loaded"
         since = f" since {_when(model['since'])}" if model.get("since") else ""
         lines.append(f"model    {model.get('model')} ({model.get('backend')}): {state}{since}")
+        if model.get("loaded") and model.get("engine"):
+            lines.append(f"         {model['engine']}")  # the choices in effect that can change answers
+    if info.get("engine_options"):
+        lines.append(f"engine   {EngineOptions(**_options(info['engine_options'])).line()}")
     for engine in info.get("engines") or []:
         lines.append(_engine_line(engine))
     backend = info.get("backend")
@@ -264,6 +273,14 @@ def format_status(info: dict) -> str:
                          f"{_when(f['finished_at'])}: {f['error']}")
         lines.append("(`vlwatch retry --all` or `vlwatch retry JOB_ID...` puts them back on the queue)")
     return "\n".join(lines)
+
+
+def _options(shown: dict) -> dict[str, object]:
+    """``EngineOptions.shown()`` (JSON from the state database) back into the dataclass's fields."""
+    out = {k: v for k, v in shown.items() if k in ENGINE_KEYS}
+    compile_ = out.get("compile", True)
+    out["compile"] = COMPILE_PARTS if compile_ is True else tuple(compile_ or ())
+    return out
 
 
 def _when(ts: object) -> str:

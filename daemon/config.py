@@ -122,12 +122,22 @@ class EngineOptions:
         return part in self.compile
 
     def shown(self) -> dict[str, object]:
-        """The options as ``check`` and ``status`` show them (config spelling)."""
+        """The options as the config spells them (``status --json``): ``compile`` true, false or the parts."""
         out: dict[str, object] = {k: getattr(self, k) for k in ENGINE_KEYS}
-        out["compile"] = list(self.compile) if set(self.compile) != set(COMPILE_PARTS) else True
-        if not self.compile:
-            out["compile"] = False
+        out["compile"] = (True if set(self.compile) == set(COMPILE_PARTS) else list(self.compile)) if self.compile \
+            else False
         return out
+
+    def line(self) -> str:
+        """``KEY=VALUE`` pairs as ``vlwatch bench --engine`` takes them (``check``, ``status``)."""
+        def text(key: str, value: object) -> str:
+            if isinstance(value, bool):
+                return "true" if value else "false"
+            if isinstance(value, list):
+                return "[" + ",".join(value) + "]"
+            return f"{value:g}s" if key == "engine_lost_after" else str(value)
+
+        return " ".join(f"{k}={text(k, v)}" for k, v in self.shown().items())
 
 
 #: ``engine:``'s keys, in the order ``check`` shows them.

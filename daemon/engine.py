@@ -369,7 +369,9 @@ class WorkerLoop(threading.Thread):
         if (loaded, down) != self._model_loaded:
             self._model_loaded = (loaded, down)
             state: dict[str, object] = {"backend": backend.name, "model": backend.model, "loaded": loaded,
-                                        "since": time.time()}
+                                        "since": time.time(), "engine_options": self.worker.config.engine.shown()}
+            if loaded and getattr(backend, "provenance", ""):
+                state["engine"] = backend.provenance  # the choices in effect that can change answers
             if down:
                 state["unavailable"] = True
             if self.index == 0:
