@@ -50,7 +50,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Hashable, Sequence
 
-from daemon.backends import Answer, DeviceLostError, Item, Request
+from daemon.backends import Answer, DeviceLostError, Item, Request, as_device_lost
 from daemon.config import Config, local_model_path
 from daemon.errors import (
     BackendUnavailableError,
@@ -247,6 +247,9 @@ class WorkerLoop(threading.Thread):
                 self._backend_down(exc if isinstance(exc, BackendUnavailableError)
                                    else BackendUnavailableError(str(exc)))
             except Exception as exc:  # a bug in the backend's loop: the jobs in hand fail, the daemon goes on
+                if (lost := as_device_lost(exc)) is not None:  # a plugin's sticky CUDA error, untyped
+                    self._device_lost(feed, lost)
+                    return
                 log.exception("the engine failed")
                 feed.fail_everything(f"unexpected error: {type(exc).__name__}: {exc}")
             finally:
@@ -258,14 +261,19 @@ class WorkerLoop(threading.Thread):
         self._note_engine()
 
     def _device_lost(self, feed: JobFeed, exc: DeviceLostError) -> None:
+        jobs = feed.drop_jobs_objects()
+        self._jobs_lost(jobs, exc)
+        feed.fail_asks(BackendUnavailableError("the GPU failed; the daemon restarts"))
+
+    def _jobs_lost(self, jobs: list[Job], exc: DeviceLostError) -> None:
+        """The device is lost: ``jobs`` go back with the attempt spent, and the loop ends (the daemon exits non-zero)."""
         log.critical("%s; the %d jobs in hand go back on the queue (attempt spent); exiting for a restart",
-                     exc, len(feed.job_ids()))
+                     exc, len(jobs))
         error = f"the GPU failed while this file was in hand (the daemon restarted): {exc}"
         attempts = self.worker.config.jobs.attempts
-        for job in feed.drop_jobs_objects():
+        for job in jobs:
             # The attempt stays spent: a file that crashes the GPU each time fails for good.
             self.queue.fail(job.id, error, retry_at=time.time() if job.attempts < attempts else None)
-        feed.fail_asks(BackendUnavailableError("the GPU failed; the daemon restarts"))
         self.fatal = exc
         self.stopping.set()
 
@@ -319,6 +327,8 @@ class WorkerLoop(threading.Thread):
                 self._backend_back()
             except BackendUnavailableError as exc:
                 self._backend_down(exc)
+            except DeviceLostError as exc:  # from generate (``Worker`` classifies any backend's error)
+                self._jobs_lost(jobs, exc)
             finally:
                 self.in_hand = []
                 self.busy_since = None

@@ -1081,12 +1081,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def test_the_daemon_exits_non_zero_on_a_lost_gpu_and_the_attempt_counts(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend_name", ["devicelost", "devicelost-message", "devicelost-message-serve"])
+def test_the_daemon_exits_non_zero_on_a_lost_gpu_and_the_attempt_counts(tmp_path: Path, backend_name: str) -> None:
     # issue 12.3, end to end: `vlwatch run` exits non-zero (systemd restarts it); the file's attempt is spent.
+    # issue 22.5: the same when a plugin lets torch's RuntimeError("CUDA error: an illegal memory access was
+    # encountered") through untyped, from generate or from its own serve loop; before, the batch path failed
+    # the file and went on (every later job on that card would fail), and serve's failed the jobs as a bug.
     from tests.test_daemon import Daemon, put
 
     config = tmp_path / "config.yaml"
-    config.write_text("model: {backend: devicelost, name: any}\nstate: ./state/state.db\n"
+    config.write_text(f"model: {{backend: {backend_name}, name: any}}\nstate: ./state/state.db\n"
                       "watch: [{path: ./inbox, settle: 0.3s}]\n"
                       "rules: [{name: describe, match: ['*.png'], task: describe, output: md}]\n"
                       "jobs: {attempts: 2}\n")

@@ -101,6 +101,25 @@ def is_sticky_cuda_error(exc: BaseException) -> bool:
     return False
 
 
+def as_device_lost(exc: BaseException) -> DeviceLostError | None:
+    """Whether any backend's exception means the device is lost, as the typed error (issue 22.5).
+
+    The one classification the daemon applies to what a backend raises
+    (``Worker`` around ``generate``, ``WorkerLoop`` around ``serve``): the
+    transformers backend raises ``DeviceLostError`` itself, but a plugin may
+    let torch's ``RuntimeError("CUDA error: an illegal memory access was
+    encountered")`` through as it is, and after one every later job on that
+    card would fail.
+    """
+    if isinstance(exc, DeviceLostError):
+        return exc
+    if not is_sticky_cuda_error(exc):
+        return None
+    lost = DeviceLostError(f"the GPU is in an unrecoverable state: {type(exc).__name__}: {exc}")
+    lost.__cause__ = exc
+    return lost
+
+
 def reraise_if_fatal(exc: BaseException) -> None:
     """Out of memory and sticky CUDA errors are not one request's fault: let the caller handle them."""
     from daemon.backends.oom import is_out_of_memory
