@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import os
 
-from daemon.backends import register
+from daemon.backends import register_engine
 from daemon.backends.transformers import TransformersBackend
-from daemon.config import ModelConfig
+from daemon.config import EngineOptions, ModelConfig
 
 
-def _dummy(config: ModelConfig) -> TransformersBackend:
-    backend = TransformersBackend(config, load_format="dummy")
+def _dummy(config: ModelConfig, options: EngineOptions) -> TransformersBackend:
+    # register_engine: the daemon's engine: section reaches it, as it reaches the real backend.
+    backend = TransformersBackend(config, load_format="dummy", options=options)
     backend.ignore_eos = os.environ.get("VLWATCH_DUMMY_IGNORE_EOS", "1") == "1"
     return backend
 
 
-register("transformers-dummy", _dummy)
+register_engine("transformers-dummy", _dummy)

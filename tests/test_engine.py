@@ -36,11 +36,11 @@ from daemon.backends import prefill as prefill_rounds
 from daemon.backends.prompts import Generated, ListSource, NonFiniteLogitsError, Prompt
 from daemon.backends.scheduler import Scheduler, SchedulerOptions
 from daemon.backends.transformers import TransformersBackend, _messages
-from daemon.config import ModelConfig
+from daemon.config import EngineOptions, ModelConfig
 from daemon.config_reader import parse_config
 from daemon.engine import WorkerLoop
 from daemon.outcomes import Processor
-from daemon.errors import BackendError
+from daemon.errors import BackendError, ConfigError
 from daemon.queue import Candidate, Queue, content_hash
 from daemon.worker import Worker
 from tests.conftest import wait_until
@@ -765,14 +765,18 @@ def test_non_finite_logits_fail_the_request_clearly(backend: TransformersBackend
     assert isinstance(got[0], Answer) and isinstance(got[2], Answer)
 
 
-def test_fp16_is_refused_unless_insisted(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fp16_is_refused_unless_insisted(tiny_model: Path, tmp_path: Path) -> None:
     from daemon.backends.transformers import _refuse_fp16
 
-    with pytest.raises(BackendError, match="VLWATCH_ALLOW_FP16=1"):
+    with pytest.raises(BackendError, match="engine.allow_fp16: true"):
         _refuse_fp16(torch.float16, str(tiny_model))
     _refuse_fp16(torch.bfloat16, str(tiny_model))
-    monkeypatch.setenv("VLWATCH_ALLOW_FP16", "1")
-    _refuse_fp16(torch.float16, str(tiny_model))
+    _refuse_fp16(torch.float16, str(tiny_model), allow=True)
+    # issue 22.3: float16 is a model.dtype choice the config checks, with engine.allow_fp16 to insist
+    text = f"model: {{name: {tiny_model}, dtype: float16}}\ninclude: [describe]\n"
+    with pytest.raises(ConfigError, match=r"config.yaml:1: model.dtype: float16 .*engine.allow_fp16: true"):
+        parse_config(text, tmp_path / "config.yaml")
+    assert parse_config(text + "engine: {allow_fp16: true}\n", tmp_path / "config.yaml").engine.allow_fp16
 
 
 def test_sticky_cuda_error_puts_the_jobs_back_and_ends_the_loop(tmp_path: Path, tiny_model: Path,
