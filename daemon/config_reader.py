@@ -565,7 +565,7 @@ def parse_engine_options(pairs: list[str], base: EngineOptions | None = None) ->
         given = [k.value for k, _ in item.value] if isinstance(item, yaml.MappingNode) else []
         kw.update({k: getattr(got, k) for k in given if k in ENGINE_KEYS})
     if r.problems:
-        raise ConfigError(r.problems)
+        raise ConfigError(sorted(r.problems, key=lambda p: p.line or 0))
     return EngineOptions(**{**asdict(base or EngineOptions()), **kw})
 
 

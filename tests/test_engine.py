@@ -61,7 +61,7 @@ def image(seed: int, w: int, h: int) -> Image.Image:
 
 
 def config_for(tmp_path: Path, model: Path | str, *, backend: str = "transformers", batch_size: int = 2,
-               max_new_tokens: int = 8):
+               max_new_tokens: int = 8, engine: str = "{}"):
     text = f"""\
 model:
   backend: {backend}
@@ -79,6 +79,7 @@ rules:
     task: describe
     output: md
 jobs: {{batch_wait: 0s, backoff: 1s, attempts: 3}}
+engine: {engine}
 """
     return parse_config(text, tmp_path / "config.yaml")
 
@@ -975,6 +976,46 @@ def test_a_loop_is_stopped_and_retried_with_sampling(backend: TransformersBacken
     stats = backend.last_stats
     assert stats["loops"] == 2  # each first attempt stopped early...
     assert all(not a.looped and a.new_tokens == 400 for a in got)  # ...and its retry ran to the end
+
+
+def test_engine_options_from_the_config_reach_the_engine_and_the_sidecar(tmp_path: Path, tiny_model: Path,
+                                                                        backend: TransformersBackend,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 22.3: engine switches were environment variables read deep in backends/, shown nowhere. Now the
+    # config's engine: section reaches the slot engine (its scheduler's knobs, packed prefill), and the sidecar
+    # records the choices in effect that can change its text.
+    from daemon.backends import create_backend
+    from daemon.backends.fastgen import SlotEngine
+    from daemon.rules import match_file
+
+    config = config_for(tmp_path, tiny_model, engine="{packed_prefill: false, step_tokens: 333, backlog_share: 0.25, "
+                                                     "interactive_slots: 1}")
+    seen: list[SchedulerOptions] = []
+    run = SlotEngine.run
+
+    def spy(self, source, **kw):
+        seen.append(kw.get("options", SchedulerOptions()))
+        return run(self, source, **kw)
+
+    monkeypatch.setattr(SlotEngine, "run", spy)
+    ours = create_backend(config.model, config.engine)
+    source = tmp_path / "inbox" / "a.png"
+    source.parent.mkdir()
+    source.write_bytes(png(4))
+    worker = Worker(config, ours)
+    try:
+        [outcome] = worker.process(match_file(config, source))
+    finally:
+        worker.close()
+        ours.unload()
+    assert outcome.ok, outcome.error
+    assert seen and all(o == SchedulerOptions(step_tokens=333, backlog_share=0.25, interactive_slots=1) for o in seen)
+    assert ours.describe()["prefill"].startswith("stock text model")
+    assert backend.describe()["prefill"].startswith("packed")  # the default, on the same CPU
+    md = (tmp_path / "inbox" / "a.png.describe.md").read_text()
+    provenance = md.strip().splitlines()[-1]
+    assert "; engine float32, decode sdpa, prefill stock, compiled nothing" in provenance, provenance
+    assert "prefill packed" in backend.provenance
 
 
 def test_a_retry_that_loops_too_marks_the_sidecar(tmp_path: Path, tiny_model: Path, backend: TransformersBackend,
