@@ -13,6 +13,11 @@ only the tests and benchmarks set:
 - ``VLWATCH_FAKE_CUDA_DEVICES``: tests only, a count of GPUs to pretend
   when checking ``model.device`` on a machine without one.
 
+The tests' and benchmarks' own plugin backends read a few more of their
+own (``VLWATCH_STUB_DELAY``, ``VLWATCH_STUB_DOWN``, ``VLWATCH_STUB_LOG``,
+``VLWATCH_OLMOCR_LOG``, ``VLWATCH_DUMMY_IGNORE_EOS``): they are part of
+those plugins, not of vlwatch.
+
 Not read here because vlwatch never reads them: the variables it *sets* for
 hook commands (``VLWATCH_SOURCE``... ``daemon.hooks``), and the variables a
 config *names* for secrets (``api_key_env``, ``token_env``).
