@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from daemon.backends import create_backend
+from daemon.backends import DeviceLostError, create_backend
 from daemon.config import COMPILE_PARTS, ENGINE_KEYS, Config, EngineOptions
 from daemon.engine import check_model
 from daemon.outcomes import BatchResult, Processor
@@ -166,6 +166,12 @@ def _drain(config: Config, queue: Queue, tty: bool) -> int:
                 what = "backend unavailable: " if exc.meta_key == "backend" else ""
                 left = "" if processor.unrecorded() else f"; {plural(queue.due_count(), 'job')} left queued"
                 print(f"vlwatch: {what}{exc}{left}", file=sys.stderr)
+                return ExitCode.FAILED
+            except DeviceLostError as exc:  # any backend's sticky CUDA error: nothing more can run here
+                for job in jobs:  # back on the queue with the attempt spent, as the daemon does
+                    queue.fail(job.id, f"the GPU failed while this file was in hand: {exc}",
+                               retry_at=time.time() if job.attempts < config.jobs.attempts else None)
+                print(f"vlwatch: {exc}; {plural(queue.due_count(), 'job')} left queued", file=sys.stderr)
                 return ExitCode.FAILED
             for k in ("done", "failed", "retrying", "dropped"):
                 setattr(summary, k, getattr(summary, k) + getattr(r, k))
