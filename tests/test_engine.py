@@ -1160,6 +1160,27 @@ def test_the_daemon_exits_non_zero_on_a_lost_gpu_and_the_attempt_counts(tmp_path
         d.close()
 
 
+def test_scan_without_a_daemon_puts_the_file_back_on_a_plugins_sticky_error(tmp_path: Path) -> None:
+    # issue 22.5, the other job loop: `vlwatch scan` (no daemon) with a plugin that lets torch's sticky error
+    # through untyped stops with one line and exit 1, the job queued again with its attempt spent.
+    from tests.conftest import run_vlwatch
+
+    (tmp_path / "inbox").mkdir()
+    image = tmp_path / "inbox" / "poison.png"
+    image.write_bytes(png(7))
+    config = tmp_path / "config.yaml"
+    config.write_text("model: {backend: devicelost-message, name: any}\nstate: ./state/state.db\n"
+                      "watch: [{path: ./inbox, settle: 0s}]\n"
+                      "rules: [{name: describe, match: ['*.png'], task: describe, output: md}]\n")
+    done = run_vlwatch("scan", "--config", config, env={"VLWATCH_PLUGINS": "tests.device_lost_backend"})
+    assert done.returncode == 1, done.stderr
+    assert "unrecoverable state" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    with Queue(tmp_path / "state" / "state.db") as q:
+        job = q.latest(image.absolute(), "describe")
+    assert job is not None and job.state == "queued" and job.attempts == 1, job
+    assert "GPU failed" in (job.error or "")
+
+
 def _run_with_an_answer_streaming(backend: TransformersBackend, monkeypatch: pytest.MonkeyPatch,
                                   options: SchedulerOptions) -> list[tuple[str, int]]:
     """24 queued prompts and, after the first decode stretch, one streamed interactive request (index 100);
