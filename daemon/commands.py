@@ -258,8 +258,8 @@ def format_status(info: dict) -> str:
         state = "loaded" if model.get("loaded") else "not loaded"
         since = f" since {_when(model['since'])}" if model.get("since") else ""
         lines.append(f"model    {model.get('model')} ({model.get('backend')}): {state}{since}")
-        if model.get("loaded") and model.get("engine"):
-            lines.append(f"         {model['engine']}")  # the choices in effect that can change answers
+        if model.get("loaded") and model.get("in_effect"):
+            lines.append(f"         {model['in_effect']}")  # the choices in effect that can change answers
     if info.get("engine_options"):
         lines.append(f"engine   {EngineOptions(**_options(info['engine_options'])).line()}")
     for engine in info.get("engines") or []:

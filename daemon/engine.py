@@ -381,7 +381,7 @@ class WorkerLoop(threading.Thread):
             state: dict[str, object] = {"backend": backend.name, "model": backend.model, "loaded": loaded,
                                         "since": time.time(), "engine_options": self.worker.config.engine.shown()}
             if loaded and getattr(backend, "provenance", ""):
-                state["engine"] = backend.provenance  # the choices in effect that can change answers
+                state["in_effect"] = backend.provenance  # the engine's choices that can change answers
             if down:
                 state["unavailable"] = True
             if self.index == 0:

@@ -1160,6 +1160,36 @@ def test_the_daemon_exits_non_zero_on_a_lost_gpu_and_the_attempt_counts(tmp_path
         d.close()
 
 
+def test_a_running_daemon_shows_its_engine_options_and_records_them_in_sidecars(tmp_path: Path,
+                                                                              tiny_model: Path) -> None:
+    # issue 22.3, end to end: the engine: section of a running daemon's config reaches its engine, `status`
+    # (and --json, and so /api/v1/status) shows the options and, once loaded, the choices in effect, and the
+    # sidecar's provenance line names them.
+    import json
+
+    from tests.conftest import run_vlwatch
+    from tests.test_daemon import Daemon, config_text, put
+
+    config = tmp_path / "config.yaml"
+    config.write_text(config_text(tiny_model, settle="0.3s") + "engine: {packed_prefill: false, step_tokens: 700}\n")
+    (tmp_path / "inbox").mkdir()
+    d = Daemon(tmp_path, config)
+    try:
+        d.start()
+        image = put(tmp_path / "inbox" / "a.png", png(5))
+        d.wait_done(image)
+        info = json.loads(run_vlwatch("status", "--json", "--config", config, env=d.env).stdout)
+        assert info["daemon"]["running"], info
+        assert info["engine_options"]["packed_prefill"] is False and info["engine_options"]["step_tokens"] == 700
+        assert info["model"]["loaded"] and "prefill stock" in info["model"]["in_effect"], info["model"]
+        text = run_vlwatch("status", "--config", config, env=d.env).stdout
+        assert "engine float32, decode sdpa, prefill stock" in text and "step_tokens=700" in text, text
+    finally:
+        d.close()
+    last = (tmp_path / "inbox" / "a.png.describe.md").read_text().strip().splitlines()[-1]
+    assert "; engine float32, decode sdpa, prefill stock, compiled nothing" in last, last
+
+
 def test_scan_without_a_daemon_puts_the_file_back_on_a_plugins_sticky_error(tmp_path: Path) -> None:
     # issue 22.5, the other job loop: `vlwatch scan` (no daemon) with a plugin that lets torch's sticky error
     # through untyped stops with one line and exit 1, the job queued again with its attempt spent.
