@@ -550,6 +550,7 @@ def test_the_flash_decode_attention_equals_the_masked_sdpa_on_cuda() -> None:
     slots, length, n_kv, group, dim = 5, 192, 4, 7, 128
     dev, dt = torch.device("cuda"), torch.bfloat16
     assert decode_step.attention_kind(dev, dt) == "flash"
+    assert decode_step.attention_kind(dev, dt, flash=False) == "sdpa"  # engine: {decode_attention: sdpa}
     q = torch.randn(slots, n_kv * group, dim, device=dev, dtype=dt)
     k_cache = torch.randn(slots, length, n_kv, dim, device=dev, dtype=dt)
     v_cache = torch.randn(slots, length, n_kv, dim, device=dev, dtype=dt)
