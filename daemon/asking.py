@@ -196,7 +196,7 @@ def _ask_here(config: Config, question: str, images: Sequence[Path], max_tokens:
     request = Request(images=tuple(pictures), prompt=question, max_new_tokens=max_new,
                       messages=(Message("user", (*pictures, question)),), stream=None if as_json else stream)
     check_model(config)
-    backend = create_backend(config.model)
+    backend = create_backend(config.model, config.engine)
     try:
         [answer] = backend.generate([request])
     finally:

@@ -109,6 +109,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "sidecars out, beside the engine-only figure")
     parser.add_argument("--end-to-end-timeout", type=float, default=1800.0, metavar="SECONDS",
                         help="--end-to-end: give up after this long, model load and warm-up included (default 1800)")
+    parser.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
+                        help="an engine option over the config's engine: section, for A/Bs (repeatable; "
+                             "e.g. --engine packed_prefill=false --engine compile=[decode])")
     parser.add_argument("--save", metavar="DIR", type=Path,
                         help="also write the table (.md) and the JSON, with the command line, into DIR")
 
@@ -126,9 +129,9 @@ def run_bench(args: argparse.Namespace) -> int:
     if getattr(args, "verify", False):
         return run_verify(args)
     width, height = parse_size(args.size)
-    model = _model_config(args, width * height)
+    model, options = _configs(args, width * height)
     setups = plan(args, model)
-    backend = _backend(model, args.load_format)
+    backend = _backend(model, args.load_format, options)
     started = time.perf_counter()
     # --end-to-end warms the daemon up on as many other images as it times.
     images = synthetic_images(max([s.images for s in setups] + [2 * args.images] * args.end_to_end), width, height)
@@ -184,10 +187,11 @@ def run_verify(args: argparse.Namespace) -> int:
     if len(sizes) <= slots:
         log.warning("--verify: %d sizes through %d slots: no slot is refilled", len(sizes), slots)
     largest = max(w * h for w, h in sizes)
-    model = replace(_model_config(args, largest), dtype="float32", batch_size=slots)
+    model, options = _configs(args, largest)
+    model = replace(model, dtype="float32", batch_size=slots)
     if model.backend != "transformers":
         raise VlwatchError("--verify needs the transformers backend", ExitCode.USAGE)
-    backend = _backend(model, args.load_format)
+    backend = _backend(model, args.load_format, options)
     # Budgets differ, so sequences end at different steps and slots refill mid-run.
     step = max(1, args.new_tokens // (2 * len(sizes)))
     budgets = [max(2, args.new_tokens - step * i) for i in range(len(sizes))]
@@ -248,11 +252,17 @@ def parse_bytes(text: str) -> int:
 
 
 def _model_config(args: argparse.Namespace, pixels: int) -> Any:
-    from daemon.config import ModelConfig, find_config
-    from daemon.config_reader import load_config
+    return _configs(args, pixels)[0]
+
+
+def _configs(args: argparse.Namespace, pixels: int) -> tuple[Any, Any]:
+    """The ``model:`` section for the bench (the config's, with the command line over it) and the
+    ``engine:`` options (the config's, with each ``--engine KEY=VALUE`` over them, read as the config is)."""
+    from daemon.config import EngineOptions, ModelConfig, find_config
+    from daemon.config_reader import load_config, parse_engine_options
     from daemon.plan import canonical_name
 
-    model = ModelConfig()
+    model, options = ModelConfig(), EngineOptions()
     path = args.config
     if path is None:
         try:
@@ -260,7 +270,9 @@ def _model_config(args: argparse.Namespace, pixels: int) -> Any:
         except VlwatchError:
             path = None  # no config anywhere: the bench runs on the defaults
     if path is not None:
-        model = load_config(path).model
+        config = load_config(path)
+        model, options = config.model, config.engine
+    options = parse_engine_options(list(getattr(args, "engine", None) or []), base=options)
     overrides: dict[str, Any] = {"max_new_tokens": args.new_tokens, "batch_size": None,
                                  # the images are shown at exactly --size
                                  "max_pixels": max(model.max_pixels, pixels)}
@@ -268,7 +280,7 @@ def _model_config(args: argparse.Namespace, pixels: int) -> Any:
         value = getattr(args, key, None)
         if value is not None:
             overrides["name" if key == "model" else key] = canonical_name(value) if key == "model" else value
-    return replace(model, **overrides)
+    return replace(model, **overrides), options
 
 
 def plan(args: argparse.Namespace, model: Any) -> list[Setup]:
@@ -304,18 +316,21 @@ def plan(args: argparse.Namespace, model: Any) -> list[Setup]:
     return setups
 
 
-def _backend(model: Any, load_format: str) -> Any:
+def _backend(model: Any, load_format: str, options: Any = None) -> Any:
+    from daemon.config import EngineOptions
+
+    options = options or EngineOptions()
     if model.backend == "transformers":
         from daemon.backends.transformers.backend import TransformersBackend
 
-        backend = TransformersBackend(model, load_format=load_format)
+        backend = TransformersBackend(model, load_format=load_format, options=options)
         backend.load()
         return backend
     if load_format == "dummy":
         raise VlwatchError("--load-format dummy needs the transformers backend", ExitCode.USAGE)
     from daemon.backends import create_backend
 
-    return create_backend(model)
+    return create_backend(model, options)
 
 
 def synthetic_images(n: int, width: int, height: int, *, start: int = 0, step: int = 1) -> list[Any]:
@@ -392,7 +407,7 @@ def run_engines(first: Any, model: Any, images: list[Any], args: argparse.Namesp
         ours, theirs = context.Pipe()
         job = _EngineJob(i, len(devices), replace(config, device=device), args.load_format, args.prompt,
                          args.new_tokens, len(images), parse_size(args.size), os.getpid(),
-                         logging.getLogger().getEffectiveLevel(), args.ignore_eos)
+                         logging.getLogger().getEffectiveLevel(), args.ignore_eos, getattr(first, "options", None))
         process = context.Process(target=_engine_child, args=(job, theirs), name=f"vlwatch-bench-engine-{i}")
         process.start()
         theirs.close()
@@ -454,6 +469,7 @@ class _EngineJob:
     parent_pid: int
     log_level: int
     ignore_eos: bool
+    options: Any = None  # EngineOptions, as engine 0's
 
 
 def _expect(process: Any, conn: Any, what: str) -> tuple[Any, ...]:
@@ -481,7 +497,7 @@ def _engine_child(job: _EngineJob, conn: Any) -> None:
     try:
         from daemon.backends import Request
 
-        backend = _backend(job.model, job.load_format)
+        backend = _backend(job.model, job.load_format, job.options)
         setup = Setup("engine", job.images, None)
         _configure(backend, job.model, setup, job.ignore_eos)
         images = synthetic_images(job.images, *job.size, start=job.index, step=job.engines)
@@ -647,6 +663,8 @@ def describe(backend: Any, model: Any, args: argparse.Namespace, width: int, hei
         pass
     if callable(getattr(backend, "describe", None)):
         info.update(backend.describe())
+    if getattr(backend, "options", None) is not None:
+        info["engine_options"] = backend.options.line()  # what an A/B changed (--engine)
     return info
 
 

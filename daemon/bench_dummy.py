@@ -13,20 +13,20 @@ for users: the answers are noise.
 
 from __future__ import annotations
 
-import os
-
-from daemon.backends import register
+from daemon import env
+from daemon.backends import register_engine
 from daemon.backends.transformers.backend import TransformersBackend
-from daemon.config import ModelConfig
+from daemon.config import EngineOptions, ModelConfig
 
 #: The environment variable that sets ``ignore_eos`` (``1``, the default, or ``0``).
-IGNORE_EOS_ENV = "VLWATCH_DUMMY_IGNORE_EOS"
+IGNORE_EOS_ENV = env.DUMMY_IGNORE_EOS
 
 
-def dummy_backend(config: ModelConfig) -> TransformersBackend:
-    backend = TransformersBackend(config, load_format="dummy")
-    backend.ignore_eos = os.environ.get(IGNORE_EOS_ENV, "1") == "1"
+def dummy_backend(config: ModelConfig, options: EngineOptions) -> TransformersBackend:
+    # register_engine: the daemon's engine: section reaches it, as it reaches the real backend.
+    backend = TransformersBackend(config, load_format="dummy", options=options)
+    backend.ignore_eos = (env.get(IGNORE_EOS_ENV) or "1") == "1"
     return backend
 
 
-register("transformers-dummy", dummy_backend)
+register_engine("transformers-dummy", dummy_backend)

@@ -43,6 +43,7 @@ from typing import Any
 
 import yaml
 
+from daemon import env as vlwatch_env
 from daemon.bench_results import SetupResult
 from daemon.errors import VlwatchError
 
@@ -184,7 +185,7 @@ def _start(work: Path, config: Path, args: argparse.Namespace) -> subprocess.Pop
     if args.load_format == "dummy":
         plugins = [p for p in env.get("VLWATCH_PLUGINS", "").split(",") if p.strip()]
         env["VLWATCH_PLUGINS"] = ",".join(plugins + [PLUGIN])
-        env["VLWATCH_DUMMY_IGNORE_EOS"] = "1" if args.ignore_eos else "0"
+        env[vlwatch_env.DUMMY_IGNORE_EOS] = "1" if args.ignore_eos else "0"
     with open(work / "daemon.log", "wb") as out:
         log.info("bench: end to end: starting the daemon (config %s)", config)
         return subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(config)],

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from daemon import __version__
+from daemon.backends import DeviceLostError
 from daemon.config import Config
 from daemon.config_reader import load_config
 from daemon.errors import ConfigError, ExitCode, VlwatchError, plural
@@ -45,6 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VlwatchError as exc:
         print(f"vlwatch: {exc}", file=sys.stderr)
         return int(exc.code)
+    except DeviceLostError as exc:  # a sticky CUDA error (`process`, `ask` without a daemon): one line, exit 1
+        print(f"vlwatch: {exc}", file=sys.stderr)
+        return ExitCode.FAILED
     except KeyboardInterrupt:
         return 130
 
@@ -209,6 +213,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"warning: {warning}")
     print(f"{config.source}: OK ({plural(len(config.rules), 'rule')}, {plural(len(config.watch), 'watched folder')}, "
           f"backend {config.model.backend}" + _quantization_note(config) + ")")
+    print(f"engine: {config.engine.line()}")
     return ExitCode.OK
 
 

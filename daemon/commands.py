@@ -16,8 +16,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from daemon.backends import create_backend
-from daemon.config import Config
+from daemon.backends import DeviceLostError, create_backend
+from daemon.config import COMPILE_PARTS, ENGINE_KEYS, Config, EngineOptions
 from daemon.engine.loop import check_model
 from daemon.engine.outcomes import BatchResult, Processor
 from daemon.errors import BackendUnavailableError, ExitCode, VlwatchError, plural
@@ -153,7 +153,7 @@ def _drain(config: Config, queue: Queue, tty: bool) -> int:
     if total == 0:
         print("nothing to process")
         return ExitCode.OK
-    worker = Worker(config, create_backend(config.model))
+    worker = Worker(config, create_backend(config.model, config.engine))
     processor = Processor(queue, on_changed=lambda p: log.warning("%s: changed while queued; run scan again", p))
     summary = BatchResult()
     progress = Progress("processing", total, tty=tty)
@@ -166,6 +166,12 @@ def _drain(config: Config, queue: Queue, tty: bool) -> int:
                 what = "backend unavailable: " if exc.meta_key == "backend" else ""
                 left = "" if processor.unrecorded() else f"; {plural(queue.due_count(), 'job')} left queued"
                 print(f"vlwatch: {what}{exc}{left}", file=sys.stderr)
+                return ExitCode.FAILED
+            except DeviceLostError as exc:  # any backend's sticky CUDA error: nothing more can run here
+                for job in jobs:  # back on the queue with the attempt spent, as the daemon does
+                    queue.fail(job.id, f"the GPU failed while this file was in hand: {exc}",
+                               retry_at=time.time() if job.attempts < config.jobs.attempts else None)
+                print(f"vlwatch: {exc}; {plural(queue.due_count(), 'job')} left queued", file=sys.stderr)
                 return ExitCode.FAILED
             for k in ("done", "failed", "retrying", "dropped"):
                 setattr(summary, k, getattr(summary, k) + getattr(r, k))
@@ -196,7 +202,8 @@ def status_info(config: Config, failures: int = 10) -> dict[str, object]:
     pid = StateLock(config.state).holder()
     info: dict[str, object] = {"state": str(config.state), "daemon": {"running": pid is not None, "pid": pid},
                                "counts": {"queued": 0, "running": 0, "done": 0, "failed": 0},
-                               "model": None, "backend": None, "storage": None, "failures": [], "outdated": 0}
+                               "model": None, "backend": None, "storage": None, "failures": [], "outdated": 0,
+                               "engine_options": config.engine.shown()}
     if not config.state.exists():
         return info
     with Queue(config.state) as queue:
@@ -208,6 +215,10 @@ def status_info(config: Config, failures: int = 10) -> dict[str, object]:
     if model is not None and pid is None:
         model = {**model, "loaded": False, "since": None}  # nobody holds it any more
     info["model"] = model
+    # The engine options in effect: the running daemon's (recorded when its model
+    # loaded), else what this config would start with (issue 22.3).
+    running = (model or {}).get("engine_options") if pid is not None else None
+    info["engine_options"] = running or config.engine.shown()
     info["backend"] = meta.get("backend") if pid is not None else None
     # An output disk that refuses writes pauses the queue like a backend outage (issue 10.8).
     info["storage"] = meta.get("storage") if pid is not None else None
@@ -249,6 +260,10 @@ def format_status(info: dict) -> str:
         lines.append(f"model    {model.get('model')} ({model.get('backend')}): {state}{since}")
         if model.get("loaded") and model.get("plan"):
             lines.append(f"memory   {model['plan']}")
+        if model.get("loaded") and model.get("in_effect"):
+            lines.append(f"         {model['in_effect']}")  # the choices in effect that can change answers
+    if info.get("engine_options"):
+        lines.append(f"engine   {EngineOptions(**_options(info['engine_options'])).line()}")
     for engine in info.get("engines") or []:
         lines.append(_engine_line(engine))
     backend = info.get("backend")
@@ -266,6 +281,14 @@ def format_status(info: dict) -> str:
                          f"{_when(f['finished_at'])}: {f['error']}")
         lines.append("(`vlwatch retry --all` or `vlwatch retry JOB_ID...` puts them back on the queue)")
     return "\n".join(lines)
+
+
+def _options(shown: dict) -> dict[str, object]:
+    """``EngineOptions.shown()`` (JSON from the state database) back into the dataclass's fields."""
+    out = {k: v for k, v in shown.items() if k in ENGINE_KEYS}
+    compile_ = out.get("compile", True)
+    out["compile"] = COMPILE_PARTS if compile_ is True else tuple(compile_ or ())
+    return out
 
 
 def _when(ts: object) -> str:

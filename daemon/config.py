@@ -80,6 +80,77 @@ class ModelConfig:
     timeout: float = 120.0
 
 
+#: The parts of the engine ``torch.compile`` may compile (``engine.compile``).
+COMPILE_PARTS = ("decode", "vision", "prefill")
+#: The decode step's attention kernels (``engine.decode_attention``).
+DECODE_ATTENTIONS = ("flash", "sdpa")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """The local engine's switches (``engine:``): typed config, not environment (issue 22.3).
+
+    Each defaults to what the engine does best where it applies; a switch
+    for something this machine cannot do (CUDA graphs, compiling, flash
+    kernels on a CPU) changes nothing there.  The scheduler's knobs are
+    ``daemon.backends.scheduler.SchedulerOptions``'s, passed on as they are.
+    """
+
+    #: the parts that run through torch.compile on CUDA: () compiles nothing
+    compile: tuple[str, ...] = COMPILE_PARTS
+    #: the decode step replayed as one CUDA graph
+    cuda_graphs: bool = True
+    #: the decode step's attention: FlashAttention-2's varlen kernel (CUDA, half
+    #: precision) or PyTorch's SDPA with a mask
+    decode_attention: str = "flash"
+    #: a prefill round's prompts through one packed pass of the text layers
+    #: (off: the stock text model per prompt)
+    packed_prefill: bool = True
+    #: a prefill round's first tokens read once the next round is queued
+    overlap_rounds: bool = True
+    #: the vision tower's blocks as one fused function each (CUDA, half precision)
+    vision_blocks: bool = True
+    #: the vision tower's windows through torch's varlen attention (faster, not bit-equal)
+    vision_varlen: bool = False
+    #: let ``model.dtype: float16`` load Qwen2.5-VL, which overflows float16
+    allow_fp16: bool = False
+    #: seconds without a heartbeat before an engine process counts as hung and is killed
+    engine_lost_after: float = 120.0
+    #: prompt tokens a turn of queued prefills may take while an interactive answer decodes
+    step_tokens: int = 2048
+    #: share of the engine's time the folder backlog keeps while interactive answers run
+    backlog_share: float = 0.5
+    #: slots kept for interactive requests
+    interactive_slots: int = 4
+
+    def compiles(self, part: str) -> bool:
+        return part in self.compile
+
+    def shown(self) -> dict[str, object]:
+        """The options as the config spells them (``status --json``): ``compile`` true, false or the parts."""
+        out: dict[str, object] = {k: getattr(self, k) for k in ENGINE_KEYS}
+        out["compile"] = (True if set(self.compile) == set(COMPILE_PARTS) else list(self.compile)) if self.compile \
+            else False
+        return out
+
+    def line(self) -> str:
+        """``KEY=VALUE`` pairs as ``vlwatch bench --engine`` takes them (``check``, ``status``)."""
+        def text(key: str, value: object) -> str:
+            if isinstance(value, bool):
+                return "true" if value else "false"
+            if isinstance(value, list):
+                return "[" + ",".join(value) + "]"
+            return f"{value:g}s" if key == "engine_lost_after" else str(value)
+
+        return " ".join(f"{k}={text(k, v)}" for k, v in self.shown().items())
+
+
+#: ``engine:``'s keys, in the order ``check`` shows them.
+ENGINE_KEYS = ("compile", "cuda_graphs", "decode_attention", "packed_prefill", "overlap_rounds", "vision_blocks",
+               "vision_varlen", "allow_fp16", "engine_lost_after", "step_tokens", "backlog_share",
+               "interactive_slots")
+
+
 @dataclass(frozen=True)
 class JobsConfig:
     """How the daemon treats its queue (vlwatch's own keys, beyond the contract)."""
@@ -266,6 +337,7 @@ class Config:
     jobs: JobsConfig = field(default_factory=JobsConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     hooks: HooksConfig = field(default_factory=HooksConfig)
+    engine: EngineOptions = field(default_factory=EngineOptions)
     source: Path | None = None
     warnings: tuple[str, ...] = ()
     #: "the weights are not downloaded", kept apart from ``warnings``: the
@@ -341,7 +413,9 @@ def output_dirs_inside(watch: WatchConfig, config: Config) -> list[Path]:
 def config_candidates() -> list[Path]:
     """The places a config is looked for when ``--config`` is not given, in order."""
     out: list[Path] = []
-    if env := os.environ.get("VLWATCH_CONFIG"):
+    from daemon import env as environment
+
+    if env := environment.get(environment.CONFIG):
         out.append(Path(env).expanduser())
     xdg = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     out.append(Path(xdg).expanduser() / "vlwatch" / "config.yaml")
@@ -383,7 +457,7 @@ def bundled_packs() -> dict[str, Path]:
     return packs
 
 
-#: Environment variable naming modules to import before a config is read.
+#: Environment variable naming modules to import before a config is read (``daemon.env``).
 PLUGINS_ENV = "VLWATCH_PLUGINS"
 
 
@@ -396,7 +470,9 @@ def load_plugins() -> None:
     """
     import importlib
 
-    for name in filter(None, (n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(","))):
+    from daemon import env
+
+    for name in filter(None, (n.strip() for n in (env.get(env.PLUGINS) or "").split(","))):
         try:
             importlib.import_module(name)
         except ImportError as exc:

@@ -27,18 +27,20 @@ from typing import Any
 import yaml
 from wcmatch import glob as wcglob
 
-from daemon.config import (ANSWER_FORMATS, ATTENTIONS, BACKENDS, DEFAULT_LISTEN, DEFAULT_OUTPUT, FORMAT_ALIASES,
-                           FORMATS, GLOB_FLAGS, IMAGE_GLOBS, OUTPUTS, TASKS, TEMPLATE_VARIABLES, ApiConfig, Config,
+from daemon.config import (ANSWER_FORMATS, ATTENTIONS, BACKENDS, COMPILE_PARTS, DECODE_ATTENTIONS, DEFAULT_LISTEN,
+                           DEFAULT_OUTPUT, ENGINE_KEYS, FORMAT_ALIASES, FORMATS, GLOB_FLAGS, EngineOptions, IMAGE_GLOBS, OUTPUTS, TASKS, TEMPLATE_VARIABLES, ApiConfig, Config,
                            HooksConfig, JobsConfig, ModelConfig, PageRanges, Rule, WatchConfig, bundled_packs, canonical, default_state_path,
                            find_config, is_loopback_host, load_plugins, local_model_path, parse_pages, split_host_port)
 from daemon.config import QUANTIZATIONS  # model.quantization (issue 23)
 from daemon.plan import canonical_name
+from daemon import env
 from daemon.errors import ConfigError, ExitCode, Problem, VlwatchError
 from daemon.webhooks import url_problem
 
 
 def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
     """Find, read and validate the config; raise ``ConfigError`` listing every problem."""
+    env.warn_removed()  # an engine switch left in a systemd unit from before the engine: section
     load_plugins()
     path = find_config(explicit)
     try:
@@ -256,7 +258,7 @@ def _did_you_mean(key: str, allowed: tuple[str, ...]) -> str:
 
 # --------------------------------------------------------------------- sections
 
-_TOP_KEYS = ("model", "state", "include", "watch", "rules", "jobs", "api", "hooks")
+_TOP_KEYS = ("model", "engine", "state", "include", "watch", "rules", "jobs", "api", "hooks")
 _MODEL_KEYS = ("backend", "name", "attention", "dtype", "device", "devices", "min_pixels", "max_pixels", "batch_size",
                "max_gpu_memory", "max_new_tokens", "quantization", "idle_unload", "base_url", "api_key_env",
                "max_concurrency", "timeout")
@@ -280,6 +282,11 @@ def _read_config(r: _Reader, node: yaml.Node, path: Path) -> Config | None:
     jobs = _read_jobs(r, keys["jobs"]) if "jobs" in keys else JobsConfig()
     api = _read_api(r, keys["api"]) if "api" in keys else ApiConfig()
     hooks = _read_hooks(r, keys["hooks"]) if "hooks" in keys else HooksConfig()
+    engine = _read_engine(r, keys["engine"], "engine") if "engine" in keys else EngineOptions()
+    if model.dtype == "float16" and not engine.allow_fp16:
+        # Qwen2.5-VL was trained in bfloat16: in float16 its activations overflow and the logits turn NaN.
+        r.problem(keys["model"], "model.dtype", "float16 overflows Qwen2.5-VL (NaN logits); use bfloat16 or "
+                                                "float32, or set engine.allow_fp16: true to insist")
 
     own_rules = _read_rules(r, keys["rules"], "rules") if "rules" in keys else []
     include = [(s, n) for s, n in r.string_list(keys["include"], "include")] if "include" in keys else []
@@ -306,7 +313,7 @@ def _read_config(r: _Reader, node: yaml.Node, path: Path) -> Config | None:
         model_warning = _check_model_present(r, keys.get("model"), model.name)
     return Config(
         model=model, state=state, include=tuple(s for s, _ in include), watch=tuple(watch),
-        rules=tuple(rule for rule, _ in rules), jobs=jobs, api=api, hooks=hooks, source=path,
+        rules=tuple(rule for rule, _ in rules), jobs=jobs, api=api, hooks=hooks, engine=engine, source=path,
         warnings=tuple(r.warnings), model_warning=model_warning,
     )
 
@@ -411,7 +418,7 @@ def _cuda_problem(device: str) -> str | None:
     Imports torch only for a config that names a CUDA device; ``$VLWATCH_FAKE_CUDA_DEVICES``
     (a count) stands in for the GPUs in tests that have none.
     """
-    fake = os.environ.get("VLWATCH_FAKE_CUDA_DEVICES")
+    fake = env.get(env.FAKE_CUDA_DEVICES)
     if fake is not None and fake.isdigit():
         count, why = int(fake), "no CUDA GPU"
     else:
@@ -492,6 +499,81 @@ def _read_api(r: _Reader, node: yaml.Node) -> ApiConfig:
                                            "to the name of a variable holding a bearer token (or listen on "
                                            "127.0.0.1 or a unix: socket)")
     return ApiConfig(listen=listen, token_env=token_env, **extra)
+
+
+def _read_engine(r: _Reader, node: yaml.Node, where: str) -> EngineOptions:
+    """The ``engine:`` section; ``{}`` or null is every default (issue 22.3)."""
+    if r.is_null(node):
+        return EngineOptions()
+    keys = r.mapping(node, where, ENGINE_KEYS)
+    kw: dict[str, Any] = {}
+    w = where + "."
+    if "compile" in keys:
+        kw["compile"] = _read_compile(r, keys["compile"], w + "compile")
+    for k in ("cuda_graphs", "packed_prefill", "overlap_rounds", "vision_blocks", "vision_varlen", "allow_fp16"):
+        if k in keys:
+            kw[k] = r.boolean(keys[k], w + k)
+    if "decode_attention" in keys:
+        kw["decode_attention"] = r.choice(keys["decode_attention"], w + "decode_attention", DECODE_ATTENTIONS)
+    if "engine_lost_after" in keys:
+        kw["engine_lost_after"] = r.duration(keys["engine_lost_after"], w + "engine_lost_after")
+        if kw["engine_lost_after"] is not None and kw["engine_lost_after"] < 1:
+            r.problem(keys["engine_lost_after"], w + "engine_lost_after", "must be at least 1s")
+            kw["engine_lost_after"] = None
+    for k in ("step_tokens", "interactive_slots"):
+        if k in keys:
+            kw[k] = r.integer(keys[k], w + k, minimum=1 if k == "step_tokens" else 0)
+    if "backlog_share" in keys:
+        n = keys["backlog_share"]
+        value = r._scalar(n, w + "backlog_share", "a number from 0 to 1")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            if value is not None:
+                r.problem(n, w + "backlog_share", f"expected a number above 0 and at most 1, got {value!r}")
+        else:
+            kw["backlog_share"] = float(value)
+    return EngineOptions(**{k: v for k, v in kw.items() if v is not None})
+
+
+def _read_compile(r: _Reader, node: yaml.Node, where: str) -> tuple[str, ...] | None:
+    """``compile: true`` (every part), ``false`` (none), or the parts: ``[decode, prefill]``."""
+    if isinstance(node, yaml.ScalarNode) and isinstance(r.value(node), bool):
+        return COMPILE_PARTS if r.value(node) else ()
+    if not isinstance(node, yaml.SequenceNode):
+        r.problem(node, where, f"expected true, false or a list of parts ({', '.join(COMPILE_PARTS)})")
+        return None
+    parts = [r.choice(n, where, COMPILE_PARTS) for n in node.value]
+    return tuple(p for p in COMPILE_PARTS if p in parts)
+
+
+def parse_engine_options(pairs: list[str], base: EngineOptions | None = None) -> EngineOptions:
+    """``KEY=VALUE`` strings (``vlwatch bench --engine``) on top of ``base``, read like the config's ``engine:``.
+
+    Each pair is one line of a YAML mapping, so a problem reads ``--engine:2: engine.packed_prefill: ...``
+    for the second ``--engine``.
+
+    Raises:
+        ConfigError: every problem, as the config loader reports them.
+    """
+    from dataclasses import asdict
+
+    r = _Reader("--engine", base=Path.cwd())
+    lines = []
+    for i, pair in enumerate(pairs):
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            r.problems.append(Problem("--engine", i + 1, "", f"{pair!r} is not KEY=VALUE (like packed_prefill=false)"))
+            lines.append("{}")  # keeps the line numbers of the pairs after it
+            continue
+        lines.append(f"{key.strip()}: {value.strip() or 'null'}")
+    node = r.compose("\n".join(f"- {line}" for line in lines)) if lines else None
+    kw: dict[str, Any] = {}
+    for item in (node.value if isinstance(node, yaml.SequenceNode) else []):
+        got = _read_engine(r, item, "engine")
+        given = [k.value for k, _ in item.value] if isinstance(item, yaml.MappingNode) else []
+        kw.update({k: getattr(got, k) for k in given if k in ENGINE_KEYS})
+    if r.problems:
+        raise ConfigError(sorted(r.problems, key=lambda p: p.line or 0))
+    return EngineOptions(**{**asdict(base or EngineOptions()), **kw})
 
 
 def _read_argv(r: _Reader, node: yaml.Node, where: str) -> tuple[str, ...] | None:

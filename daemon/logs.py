@@ -13,8 +13,10 @@ import sys
 
 def setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    if os.environ.get("VLWATCH_LOG_LEVEL"):
-        level = getattr(logging, os.environ["VLWATCH_LOG_LEVEL"].upper(), level)
+    from daemon import env
+
+    if named := env.get(env.LOG_LEVEL):
+        level = getattr(logging, named.upper(), level)
     # journald stamps each line itself; a terminal, or a log file, wants the time (issue 11.8).
     stamp = "" if _stderr_is_journal() else "%(asctime)s "
     # Under systemd, a "<N>" prefix gives each line its syslog priority, so

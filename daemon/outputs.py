@@ -72,6 +72,9 @@ class Result:
     roots: tuple[Path, ...] | None = None
     #: "fp8" when the model ran with FP8 weights (issue 23: it changes the text); None for full precision
     quantization: str | None = None
+    #: the engine choices in effect that can change the text (``TransformersBackend.provenance``:
+    #: precision, kernels, what is compiled); "" for a backend that has none to tell
+    engine: str = ""
 
 
 # ------------------------------------------------------------------ naming
@@ -228,14 +231,15 @@ def _inert_markdown(text: str, raw_html: bool) -> str:
 
 
 def provenance_comment(result: Result) -> str:
-    """The last line of a ``.md`` sidecar: which rule and model made it, and when (issue 11.10).
+    """The last line of a ``.md`` sidecar: which rule, model and engine options made it, and when (issue 11.10).
 
     An HTML comment, so it shows in no rendered view and sits after the
     text, out of the way of anyone who only wants the answer (``head -n -1``,
     or ``sed '$d'``, drops it).  Nothing in it can close the comment early.
     """
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    fields = f"rule {result.match.rule.name}; model {result.model}{_quantized(result)}; {when}"
+    engine = f"{result.engine}; " if result.engine else ""
+    fields = f"rule {result.match.rule.name}; model {result.model}{_quantized(result)}; {engine}{when}"
     return f"<!-- vlwatch: {_comment_safe(fields)} -->\n"
 
 
@@ -267,6 +271,9 @@ def _write_html(result: Result, folders: FolderSyncs | None = None) -> Path:
     if not bodies:
         raise VlwatchError(f"{printable(match.path)}: no page has an answer")
     document = bodies[0]
+    if result.engine:
+        # What made it, after the document (a comment: nothing renders it), as a .md sidecar's last line.
+        document = document.rstrip("\n") + "\n" + provenance_comment(result)
     path = checked_sidecar_path(match, "html")
     atomic_write(path, _utf8(document), like=match.path, folders=folders)
     return path
@@ -303,6 +310,7 @@ def _header(result: Result) -> dict[str, object]:
         "backend": result.backend,
         "model": result.model,
         **({"quantization": result.quantization} if result.quantization else {}),
+        **({"engine": result.engine} if result.engine else {}),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -447,7 +447,7 @@ def process_local(config: Config, paths: Sequence[Path], *, rule: str | None = N
         matches.extend(found)
     if matches:
         check_model(config)
-        worker = Worker(config, create_backend(config.model))
+        worker = Worker(config, create_backend(config.model, config.engine))
         try:
             outcomes = worker.process(matches)
         finally:

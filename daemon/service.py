@@ -392,8 +392,8 @@ class Daemon:
                         ", ".join(old.model.devices) or old.model.device)
             new = replace(new, model=replace(new.model, devices=old.model.devices))
         backend: Backend = self.loop.worker.backend
-        if new.model != old.model:
-            backend = create_backend(new.model)
+        if new.model != old.model or new.engine != old.engine:
+            backend = create_backend(new.model, new.engine)
         self.snapshot = Snapshot.of(new)  # one assignment: every reader sees all old or all new
         self.loop.replace_worker(Worker(new, backend))
         if new.watch != old.watch:

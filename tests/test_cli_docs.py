@@ -38,7 +38,7 @@ def test_every_config_key_is_in_the_readme() -> None:
     from daemon import config_reader as config
 
     for keys in (config._TOP_KEYS, config._MODEL_KEYS, config._WATCH_KEYS, config._RULE_KEYS, config._JOBS_KEYS,
-                 config._API_KEYS, config._HOOKS_KEYS):
+                 config._API_KEYS, config._HOOKS_KEYS, config.ENGINE_KEYS):
         for key in keys:
             assert re.search(rf"^\s*(- )?{key}:", README, re.MULTILINE), f"config key {key!r} is not in README.md"
 

@@ -170,3 +170,120 @@ def test_example_config_is_valid() -> None:
     example = Path(__file__).resolve().parent.parent / "examples" / "config.yaml"
     config = parse_config(example.read_text(), example)
     assert {"invoice-ocr", "ocr", "describe", "ground", "code"} <= {r.name for r in config.rules}
+
+
+# ------------------------------------------------------------- engine: (issue 22.3)
+
+ENGINE_BAD = """\
+include: [ocr]
+engine:
+  compile: sometimes
+  cuda_graph: false
+  decode_attention: flashy
+  packed_prefill: 0
+  engine_lost_after: 30
+  step_tokens: -5
+  backlog_share: 1.5
+"""
+
+
+def test_engine_options_are_typed_config_read_with_their_defaults(tmp_path: Path) -> None:
+    from daemon.config import EngineOptions
+
+    assert parse_config("include: [ocr]\nengine: {}\n", tmp_path / "c.yaml").engine == EngineOptions()
+    got = parse_config("include: [ocr]\nengine:\n  compile: [prefill, decode]\n  cuda_graphs: false\n"
+                       "  decode_attention: sdpa\n  packed_prefill: false\n  overlap_rounds: false\n"
+                       "  vision_blocks: false\n  vision_varlen: true\n  engine_lost_after: 2m\n"
+                       "  step_tokens: 512\n  backlog_share: 0.25\n  interactive_slots: 2\n",
+                       tmp_path / "c.yaml").engine
+    assert got == EngineOptions(compile=("decode", "prefill"), cuda_graphs=False, decode_attention="sdpa",
+                                packed_prefill=False, overlap_rounds=False, vision_blocks=False, vision_varlen=True,
+                                engine_lost_after=120.0, step_tokens=512, backlog_share=0.25, interactive_slots=2)
+    assert parse_config("include: [ocr]\nengine: {compile: false}\n", tmp_path / "c.yaml").engine.compile == ()
+
+
+def test_every_engine_problem_is_reported_with_file_and_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(ENGINE_BAD, tmp_path / "config.yaml")
+    text = str(err.value)
+    for expected in ("config.yaml:3: engine.compile: expected true, false or a list of parts",
+                     "config.yaml:4: engine.cuda_graph: unknown key (did you mean 'cuda_graphs'?)",
+                     "config.yaml:5: engine.decode_attention: 'flashy' is not one of flash, sdpa",
+                     "config.yaml:6: engine.packed_prefill: expected true or false, got 0",
+                     "config.yaml:7: engine.engine_lost_after: 30 needs a unit",
+                     "config.yaml:8: engine.step_tokens: must be at least 1",
+                     "config.yaml:9: engine.backlog_share: expected a number above 0 and at most 1"):
+        assert expected in text, text
+    assert len(err.value.problems) == 7
+
+
+def test_bench_engine_pairs_are_read_like_the_config(tmp_path: Path) -> None:
+    from daemon.config import EngineOptions
+    from daemon.config_reader import parse_engine_options
+
+    base = EngineOptions(step_tokens=100)
+    got = parse_engine_options(["packed_prefill=false", "compile=[decode]"], base=base)
+    assert got == EngineOptions(compile=("decode",), packed_prefill=False, step_tokens=100)
+    with pytest.raises(ConfigError) as err:
+        parse_engine_options(["packed_prefill=maybe", "nonsense", "cuda_graph=false"])
+    assert [str(p) for p in err.value.problems] == [
+        "--engine:1: engine.packed_prefill: expected true or false, got 'maybe'",
+        "--engine:2: 'nonsense' is not KEY=VALUE (like packed_prefill=false)",
+        "--engine:3: engine.cuda_graph: unknown key (did you mean 'cuda_graphs'?); allowed: "
+        + ", ".join(("compile", "cuda_graphs", "decode_attention", "packed_prefill", "overlap_rounds", "vision_blocks",
+                     "vision_varlen", "allow_fp16", "engine_lost_after", "step_tokens", "backlog_share",
+                     "interactive_slots"))]
+    done = run_vlwatch("bench", "--engine", "decode_attention=fast", "--config", write_config(tmp_path, "include: [ocr]\n"))
+    assert done.returncode == ExitCode.USAGE, done.stderr
+    assert "--engine:1: engine.decode_attention: 'fast' is not one of flash, sdpa" in done.stdout + done.stderr
+
+
+def test_check_and_status_show_the_engine_options(tmp_path: Path) -> None:
+    path = write_config(tmp_path, """\
+        include: [ocr]
+        state: ./state.db
+        engine: {packed_prefill: false, step_tokens: 512, compile: [decode]}
+        """)
+    done = run_vlwatch("check", "--config", path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    line = ("engine: compile=[decode] cuda_graphs=true decode_attention=flash packed_prefill=false overlap_rounds=true "
+            "vision_blocks=true vision_varlen=false allow_fp16=false engine_lost_after=120s step_tokens=512 "
+            "backlog_share=0.5 interactive_slots=4")
+    assert line in done.stdout, done.stdout
+    shown = run_vlwatch("status", "--config", path)
+    assert "engine   compile=[decode] " in shown.stdout and "packed_prefill=false" in shown.stdout, shown.stdout
+    import json
+
+    info = json.loads(run_vlwatch("status", "--json", "--config", path).stdout)
+    assert info["engine_options"]["packed_prefill"] is False and info["engine_options"]["compile"] == ["decode"]
+    assert info["engine_options"]["step_tokens"] == 512
+
+
+def test_a_removed_engine_variable_gets_one_warning_naming_its_config_key(tmp_path: Path) -> None:
+    # Users may have VLWATCH_PACKED_PREFILL=0 in a systemd unit from before engine: existed: it no longer
+    # does anything, and says so once, with the key that replaces it.
+    path = write_config(tmp_path, "include: [ocr]\nstate: ./state.db\n")
+    done = run_vlwatch("check", "--config", path, env={"VLWATCH_PACKED_PREFILL": "0", "VLWATCH_ENGINE_LOST_AFTER": "4"})
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if "moved into the config's engine: section" in line]
+    assert len(warnings) == 1, done.stderr
+    assert "VLWATCH_ENGINE_LOST_AFTER -> engine.engine_lost_after" in warnings[0]
+    assert "VLWATCH_PACKED_PREFILL -> engine.packed_prefill" in warnings[0]
+    quiet = run_vlwatch("check", "--config", path)
+    assert "engine: section" not in quiet.stderr
+
+
+def test_no_engine_switch_is_read_from_the_environment() -> None:
+    # issue 22.3: the environment variables vlwatch reads are daemon.env's, and only there.
+    import re
+
+    from daemon import env
+
+    root = Path(__file__).resolve().parent.parent / "daemon"
+    for source in root.rglob("*.py"):
+        if source.name == "env.py":
+            continue
+        text = source.read_text(encoding="utf-8")
+        for name in env.REMOVED:
+            assert not re.search(rf"environ[^\n]*{name}\b", text), f"{source}: reads {name}"
+        assert not re.search(r"environ\.get\(\s*\"VLWATCH_", text), f"{source}: reads a VLWATCH_ variable itself"

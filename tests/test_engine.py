@@ -30,17 +30,17 @@ from daemon.backends import (
     is_sticky_cuda_error,
     register,
 )
-from daemon.backends.transformers import decode_step
-from daemon.backends.transformers import prefill as prefill_rounds
-from daemon.backends.transformers import slots as fastgen
+from daemon.backends.transformers.backend import decode_step
+from daemon.backends.transformers.backend import prefill as prefill_rounds
+from daemon.backends.transformers.backend import slots as fastgen
 from daemon.backends.transformers.prompts import Generated, ListSource, NonFiniteLogitsError, Prompt
 from daemon.backends.transformers.scheduler import Scheduler, SchedulerOptions
 from daemon.backends.transformers.backend import TransformersBackend, _messages
-from daemon.config import ModelConfig
+from daemon.config import EngineOptions, ModelConfig
 from daemon.config_reader import parse_config
 from daemon.engine.loop import WorkerLoop
 from daemon.engine.outcomes import Processor
-from daemon.errors import BackendError
+from daemon.errors import BackendError, ConfigError
 from daemon.queue import Candidate, Queue, content_hash
 from daemon.engine.worker import Worker
 from tests.conftest import wait_until
@@ -61,7 +61,7 @@ def image(seed: int, w: int, h: int) -> Image.Image:
 
 
 def config_for(tmp_path: Path, model: Path | str, *, backend: str = "transformers", batch_size: int = 2,
-               max_new_tokens: int = 8):
+               max_new_tokens: int = 8, engine: str = "{}"):
     text = f"""\
 model:
   backend: {backend}
@@ -79,6 +79,7 @@ rules:
     task: describe
     output: md
 jobs: {{batch_wait: 0s, backoff: 1s, attempts: 3}}
+engine: {engine}
 """
     return parse_config(text, tmp_path / "config.yaml")
 
@@ -549,6 +550,7 @@ def test_the_flash_decode_attention_equals_the_masked_sdpa_on_cuda() -> None:
     slots, length, n_kv, group, dim = 5, 192, 4, 7, 128
     dev, dt = torch.device("cuda"), torch.bfloat16
     assert decode_step.attention_kind(dev, dt) == "flash"
+    assert decode_step.attention_kind(dev, dt, flash=False) == "sdpa"  # engine: {decode_attention: sdpa}
     q = torch.randn(slots, n_kv * group, dim, device=dev, dtype=dt)
     k_cache = torch.randn(slots, length, n_kv, dim, device=dev, dtype=dt)
     v_cache = torch.randn(slots, length, n_kv, dim, device=dev, dtype=dt)
@@ -765,14 +767,18 @@ def test_non_finite_logits_fail_the_request_clearly(backend: TransformersBackend
     assert isinstance(got[0], Answer) and isinstance(got[2], Answer)
 
 
-def test_fp16_is_refused_unless_insisted(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fp16_is_refused_unless_insisted(tiny_model: Path, tmp_path: Path) -> None:
     from daemon.backends.transformers.backend import _refuse_fp16
 
-    with pytest.raises(BackendError, match="VLWATCH_ALLOW_FP16=1"):
+    with pytest.raises(BackendError, match="engine.allow_fp16: true"):
         _refuse_fp16(torch.float16, str(tiny_model))
     _refuse_fp16(torch.bfloat16, str(tiny_model))
-    monkeypatch.setenv("VLWATCH_ALLOW_FP16", "1")
-    _refuse_fp16(torch.float16, str(tiny_model))
+    _refuse_fp16(torch.float16, str(tiny_model), allow=True)
+    # issue 22.3: float16 is a model.dtype choice the config checks, with engine.allow_fp16 to insist
+    text = f"model: {{name: {tiny_model}, dtype: float16}}\ninclude: [describe]\n"
+    with pytest.raises(ConfigError, match=r"config.yaml:1: model.dtype: float16 .*engine.allow_fp16: true"):
+        parse_config(text, tmp_path / "config.yaml")
+    assert parse_config(text + "engine: {allow_fp16: true}\n", tmp_path / "config.yaml").engine.allow_fp16
 
 
 def test_sticky_cuda_error_puts_the_jobs_back_and_ends_the_loop(tmp_path: Path, tiny_model: Path,
@@ -973,6 +979,46 @@ def test_a_loop_is_stopped_and_retried_with_sampling(backend: TransformersBacken
     assert all(not a.looped and a.new_tokens == 400 for a in got)  # ...and its retry ran to the end
 
 
+def test_engine_options_from_the_config_reach_the_engine_and_the_sidecar(tmp_path: Path, tiny_model: Path,
+                                                                        backend: TransformersBackend,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 22.3: engine switches were environment variables read deep in backends/, shown nowhere. Now the
+    # config's engine: section reaches the slot engine (its scheduler's knobs, packed prefill), and the sidecar
+    # records the choices in effect that can change its text.
+    from daemon.backends import create_backend
+    from daemon.backends.transformers.slots import SlotEngine
+    from daemon.rules import match_file
+
+    config = config_for(tmp_path, tiny_model, engine="{packed_prefill: false, step_tokens: 333, backlog_share: 0.25, "
+                                                     "interactive_slots: 1}")
+    seen: list[SchedulerOptions] = []
+    run = SlotEngine.run
+
+    def spy(self, source, **kw):
+        seen.append(kw.get("options", SchedulerOptions()))
+        return run(self, source, **kw)
+
+    monkeypatch.setattr(SlotEngine, "run", spy)
+    ours = create_backend(config.model, config.engine)
+    source = tmp_path / "inbox" / "a.png"
+    source.parent.mkdir()
+    source.write_bytes(png(4))
+    worker = Worker(config, ours)
+    try:
+        [outcome] = worker.process(match_file(config, source))
+    finally:
+        worker.close()
+        ours.unload()
+    assert outcome.ok, outcome.error
+    assert seen and all(o == SchedulerOptions(step_tokens=333, backlog_share=0.25, interactive_slots=1) for o in seen)
+    assert ours.describe()["prefill"].startswith("stock text model")
+    assert backend.describe()["prefill"].startswith("packed")  # the default, on the same CPU
+    md = (tmp_path / "inbox" / "a.png.describe.md").read_text()
+    provenance = md.strip().splitlines()[-1]
+    assert "; engine float32, decode sdpa, prefill stock, compiled nothing" in provenance, provenance
+    assert "prefill packed" in backend.provenance
+
+
 def test_a_retry_that_loops_too_marks_the_sidecar(tmp_path: Path, tiny_model: Path, backend: TransformersBackend,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from daemon.rules import match_file
@@ -1012,8 +1058,8 @@ def test_one_engine_per_device_fed_from_one_queue(tmp_path: Path, tiny_model: Pa
     assert engine_devices(replace(config.model, devices=())) == [None]
     made: list[TransformersBackend] = []
 
-    def make(model: ModelConfig) -> TransformersBackend:
-        made.append(TransformersBackend(model))
+    def make(model: ModelConfig, engine: EngineOptions) -> TransformersBackend:
+        made.append(TransformersBackend(model, options=engine))
         return made[-1]
 
     queue = Queue(tmp_path / "state.db")
@@ -1081,12 +1127,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def test_the_daemon_exits_non_zero_on_a_lost_gpu_and_the_attempt_counts(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend_name", ["devicelost", "devicelost-message", "devicelost-message-serve"])
+def test_the_daemon_exits_non_zero_on_a_lost_gpu_and_the_attempt_counts(tmp_path: Path, backend_name: str) -> None:
     # issue 12.3, end to end: `vlwatch run` exits non-zero (systemd restarts it); the file's attempt is spent.
+    # issue 22.5: the same when a plugin lets torch's RuntimeError("CUDA error: an illegal memory access was
+    # encountered") through untyped, from generate or from its own serve loop; before, the batch path failed
+    # the file and went on (every later job on that card would fail), and serve's failed the jobs as a bug.
     from tests.test_daemon import Daemon, put
 
     config = tmp_path / "config.yaml"
-    config.write_text("model: {backend: devicelost, name: any}\nstate: ./state/state.db\n"
+    config.write_text(f"model: {{backend: {backend_name}, name: any}}\nstate: ./state/state.db\n"
                       "watch: [{path: ./inbox, settle: 0.3s}]\n"
                       "rules: [{name: describe, match: ['*.png'], task: describe, output: md}]\n"
                       "jobs: {attempts: 2}\n")
@@ -1109,6 +1159,57 @@ def test_the_daemon_exits_non_zero_on_a_lost_gpu_and_the_attempt_counts(tmp_path
         assert job.state == "failed" and job.attempts == 2, job  # a poison file cannot loop forever
     finally:
         d.close()
+
+
+def test_a_running_daemon_shows_its_engine_options_and_records_them_in_sidecars(tmp_path: Path,
+                                                                              tiny_model: Path) -> None:
+    # issue 22.3, end to end: the engine: section of a running daemon's config reaches its engine, `status`
+    # (and --json, and so /api/v1/status) shows the options and, once loaded, the choices in effect, and the
+    # sidecar's provenance line names them.
+    import json
+
+    from tests.conftest import run_vlwatch
+    from tests.test_daemon import Daemon, config_text, put
+
+    config = tmp_path / "config.yaml"
+    config.write_text(config_text(tiny_model, settle="0.3s") + "engine: {packed_prefill: false, step_tokens: 700}\n")
+    (tmp_path / "inbox").mkdir()
+    d = Daemon(tmp_path, config)
+    try:
+        d.start()
+        image = put(tmp_path / "inbox" / "a.png", png(5))
+        d.wait_done(image)
+        info = json.loads(run_vlwatch("status", "--json", "--config", config, env=d.env).stdout)
+        assert info["daemon"]["running"], info
+        assert info["engine_options"]["packed_prefill"] is False and info["engine_options"]["step_tokens"] == 700
+        assert info["model"]["loaded"] and "prefill stock" in info["model"]["in_effect"], info["model"]
+        text = run_vlwatch("status", "--config", config, env=d.env).stdout
+        assert "engine float32, decode sdpa, prefill stock" in text and "step_tokens=700" in text, text
+    finally:
+        d.close()
+    last = (tmp_path / "inbox" / "a.png.describe.md").read_text().strip().splitlines()[-1]
+    assert "; engine float32, decode sdpa, prefill stock, compiled nothing" in last, last
+
+
+def test_scan_without_a_daemon_puts_the_file_back_on_a_plugins_sticky_error(tmp_path: Path) -> None:
+    # issue 22.5, the other job loop: `vlwatch scan` (no daemon) with a plugin that lets torch's sticky error
+    # through untyped stops with one line and exit 1, the job queued again with its attempt spent.
+    from tests.conftest import run_vlwatch
+
+    (tmp_path / "inbox").mkdir()
+    image = tmp_path / "inbox" / "poison.png"
+    image.write_bytes(png(7))
+    config = tmp_path / "config.yaml"
+    config.write_text("model: {backend: devicelost-message, name: any}\nstate: ./state/state.db\n"
+                      "watch: [{path: ./inbox, settle: 0s}]\n"
+                      "rules: [{name: describe, match: ['*.png'], task: describe, output: md}]\n")
+    done = run_vlwatch("scan", "--config", config, env={"VLWATCH_PLUGINS": "tests.device_lost_backend"})
+    assert done.returncode == 1, done.stderr
+    assert "unrecoverable state" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    with Queue(tmp_path / "state" / "state.db") as q:
+        job = q.latest(image.absolute(), "describe")
+    assert job is not None and job.state == "queued" and job.attempts == 1, job
+    assert "GPU failed" in (job.error or "")
 
 
 def _run_with_an_answer_streaming(backend: TransformersBackend, monkeypatch: pytest.MonkeyPatch,

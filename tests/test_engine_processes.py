@@ -41,15 +41,16 @@ def _engine(d: Daemon, index: int) -> dict:
     return d.queue.meta().get(f"engine.{index}", {})
 
 
-def _two_engine_daemon(tmp_path: Path, tiny_model: Path, **env: str) -> tuple[Daemon, Path]:
-    """A daemon (not started) with ``devices: [cpu, cpu]``, and its inbox."""
+def _two_engine_daemon(tmp_path: Path, tiny_model: Path, engine: str = "", **env: str) -> tuple[Daemon, Path]:
+    """A daemon (not started) with ``devices: [cpu, cpu]`` (and ``engine``'s YAML options), and its inbox."""
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     config = tmp_path / "config.yaml"
     # 256-token answers through 2 slots: slow enough on the tiny model to kill the child inside its work.
     config.write_text(config_text(tiny_model, model_extra="  batch_size: 2\n  devices: [cpu, cpu]\n",
                                   jobs="{batch_wait: 0.2s, backoff: 1s, attempts: 3}", settle="0.3s")
-                      .replace("max_new_tokens: 8", "max_new_tokens: 256"))
+                      .replace("max_new_tokens: 8", "max_new_tokens: 256")
+                      + (f"engine: {engine}\n" if engine else ""))
     return Daemon(tmp_path, config, verbose=1, **env), inbox
 
 
@@ -164,7 +165,7 @@ def test_a_hung_child_is_killed_and_replaced_and_its_jobs_are_done(tmp_path: Pat
     # issue 12.3 (a failure fails alone), for the engine processes of 12.5: a child that hangs rather than dies
     # (here stopped with SIGSTOP while holding jobs: no heartbeat) is killed after LOST_AFTER, its jobs go back
     # with the attempt spent, a new child starts, and every file is done once. Before, it held its jobs forever.
-    d, inbox = _two_engine_daemon(tmp_path, tiny_model, VLWATCH_ENGINE_LOST_AFTER="4")
+    d, inbox = _two_engine_daemon(tmp_path, tiny_model, engine="{engine_lost_after: 4s}")
     try:
         d.start()
         child = _loaded(d)

@@ -22,7 +22,7 @@ import collections
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Protocol, Sequence
 
-from daemon.config import ModelConfig
+from daemon.config import EngineOptions, ModelConfig
 from daemon.errors import VlwatchError
 
 if TYPE_CHECKING:
@@ -99,6 +99,25 @@ def is_sticky_cuda_error(exc: BaseException) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
     return False
+
+
+def as_device_lost(exc: BaseException) -> DeviceLostError | None:
+    """Whether any backend's exception means the device is lost, as the typed error (issue 22.5).
+
+    The one classification the daemon applies to what a backend raises
+    (``Worker`` around ``generate``, ``WorkerLoop`` around ``serve``): the
+    transformers backend raises ``DeviceLostError`` itself, but a plugin may
+    let torch's ``RuntimeError("CUDA error: an illegal memory access was
+    encountered")`` through as it is, and after one every later job on that
+    card would fail.
+    """
+    if isinstance(exc, DeviceLostError):
+        return exc
+    if not is_sticky_cuda_error(exc):
+        return None
+    lost = DeviceLostError(f"the GPU is in an unrecoverable state: {type(exc).__name__}: {exc}")
+    lost.__cause__ = exc
+    return lost
 
 
 def reraise_if_fatal(exc: BaseException) -> None:
@@ -232,17 +251,30 @@ class Backend(Protocol):
 
 
 Factory = Callable[[ModelConfig], Backend]
+#: A factory of a backend that runs a local engine: it takes the ``engine:`` options too.
+EngineFactory = Callable[[ModelConfig, EngineOptions], Backend]
 _REGISTRY: dict[str, Factory] = {}
+_ENGINE_REGISTRY: dict[str, EngineFactory] = {}
 
 
 def register(name: str, factory: Factory) -> None:
     """Make a backend available under ``model.backend: name`` (tests register fakes here too)."""
     _REGISTRY[name] = factory
+    _ENGINE_REGISTRY.pop(name, None)
 
 
-def create_backend(model: ModelConfig) -> Backend:
+def register_engine(name: str, factory: EngineFactory) -> None:
+    """As ``register``, for a backend that runs a local engine: ``factory(model, engine_options)``."""
+    _ENGINE_REGISTRY[name] = factory
+    _REGISTRY[name] = lambda model: factory(model, EngineOptions())
+
+
+def create_backend(model: ModelConfig, engine: EngineOptions | None = None) -> Backend:
+    """The backend ``model.backend`` names; one that runs a local engine gets ``engine`` (the config's ``engine:``)."""
     if model.backend not in _REGISTRY:
         _register_builtin(model.backend)
+    if model.backend in _ENGINE_REGISTRY:
+        return _ENGINE_REGISTRY[model.backend](model, engine or EngineOptions())
     try:
         factory = _REGISTRY[model.backend]
     except KeyError:
@@ -256,7 +288,7 @@ def _register_builtin(name: str) -> None:
     if name == "transformers":
         from daemon.backends.transformers.backend import TransformersBackend
 
-        register("transformers", TransformersBackend)
+        register_engine("transformers", lambda model, engine: TransformersBackend(model, options=engine))
     elif name == "openai":
         from daemon.backends.openai import OpenAIBackend
 

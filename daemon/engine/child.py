@@ -46,10 +46,6 @@ IDLE_CHECK = 5.0
 PR_SET_PDEATHSIG = 1
 #: Seconds between a child's heartbeats.
 BEAT = 5.0
-#: A child not heard from for this long is hung: killed and started again.  Well
-#: above the longest a healthy child holds the interpreter (loading weights,
-#: compiling); ``VLWATCH_ENGINE_LOST_AFTER`` sets it (seconds).
-LOST_AFTER = float(os.environ.get("VLWATCH_ENGINE_LOST_AFTER", "120"))
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -179,11 +175,11 @@ def child_main(spec: EngineSpec, conn: Connection) -> None:
     queue = Queue(config.state)
     queue.owner = owner(spec.index, os.getpid())
     processor = Processor(queue, lambda path: link.send(("changed", os.fsencode(path))))
-    loop = WorkerLoop(queue, Worker(config, create_backend(config.model)), processor, index=spec.index,
+    loop = WorkerLoop(queue, Worker(config, create_backend(config.model, config.engine)), processor, index=spec.index,
                       device=spec.device, engines=spec.engines)
     loop._note_model_state()
     log.info("%s on %s started (pid %d)", name, spec.device, os.getpid())
-    threading.Thread(target=_heartbeat, args=(link, loop, min(BEAT, LOST_AFTER / 4)), name="vlwatch-heartbeat",
+    threading.Thread(target=_heartbeat, args=(link, loop, min(BEAT, config.engine.engine_lost_after / 4)), name="vlwatch-heartbeat",
                      daemon=True).start()
     _load(loop)
     loop.start()
@@ -254,8 +250,8 @@ def _swap_config(loop: Any, old: Config, new: Config) -> Config:
     from daemon.backends import create_backend
     from daemon.engine.worker import Worker
 
-    same = new.model == old.model
-    loop.replace_worker(Worker(new, loop.worker.backend if same else create_backend(new.model)))
+    same = new.model == old.model and new.engine == old.engine
+    loop.replace_worker(Worker(new, loop.worker.backend if same else create_backend(new.model, new.engine)))
     log.info("engine %d: config reloaded: %d rules%s", loop.index, len(new.rules), "" if same else ", a new model")
     return new
 

@@ -50,7 +50,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Hashable, Sequence
 
-from daemon.backends import Answer, DeviceLostError, Item, Request
+from daemon.backends import Answer, DeviceLostError, Item, Request, as_device_lost
 from daemon.config import Config, local_model_path
 from daemon.errors import (
     BackendUnavailableError,
@@ -265,6 +265,9 @@ class WorkerLoop(threading.Thread):
                 self._backend_down(exc if isinstance(exc, BackendUnavailableError)
                                    else BackendUnavailableError(str(exc)))
             except Exception as exc:  # a bug in the backend's loop: the jobs in hand fail, the daemon goes on
+                if (lost := as_device_lost(exc)) is not None:  # a plugin's sticky CUDA error, untyped
+                    self._device_lost(feed, lost)
+                    return
                 log.exception("the engine failed")
                 feed.fail_everything(f"unexpected error: {type(exc).__name__}: {exc}")
             finally:
@@ -276,14 +279,19 @@ class WorkerLoop(threading.Thread):
         self._note_engine()
 
     def _device_lost(self, feed: JobFeed, exc: DeviceLostError) -> None:
+        jobs = feed.drop_jobs_objects()
+        self._jobs_lost(jobs, exc)
+        feed.fail_asks(BackendUnavailableError("the GPU failed; the daemon restarts"))
+
+    def _jobs_lost(self, jobs: list[Job], exc: DeviceLostError) -> None:
+        """The device is lost: ``jobs`` go back with the attempt spent, and the loop ends (the daemon exits non-zero)."""
         log.critical("%s; the %d jobs in hand go back on the queue (attempt spent); exiting for a restart",
-                     exc, len(feed.job_ids()))
+                     exc, len(jobs))
         error = f"the GPU failed while this file was in hand (the daemon restarted): {exc}"
         attempts = self.worker.config.jobs.attempts
-        for job in feed.drop_jobs_objects():
+        for job in jobs:
             # The attempt stays spent: a file that crashes the GPU each time fails for good.
             self.queue.fail(job.id, error, retry_at=time.time() if job.attempts < attempts else None)
-        feed.fail_asks(BackendUnavailableError("the GPU failed; the daemon restarts"))
         self.fatal = exc
         self.stopping.set()
 
@@ -337,6 +345,8 @@ class WorkerLoop(threading.Thread):
                 self._backend_back()
             except BackendUnavailableError as exc:
                 self._backend_down(exc)
+            except DeviceLostError as exc:  # from generate (``Worker`` classifies any backend's error)
+                self._jobs_lost(jobs, exc)
             finally:
                 self.in_hand = []
                 self.busy_since = None
@@ -387,10 +397,12 @@ class WorkerLoop(threading.Thread):
         if (loaded, down) != self._model_loaded:
             self._model_loaded = (loaded, down)
             state: dict[str, object] = {"backend": backend.name, "model": backend.model, "loaded": loaded,
-                                        "since": time.time()}
+                                        "since": time.time(), "engine_options": self.worker.config.engine.shown()}
             plan = getattr(backend, "plan_summary", None)  # issue 23: "7B fp8 on 23.6 GiB: 96 slots of 1664 tokens"
             if loaded and plan:
                 state["plan"] = plan
+            if loaded and getattr(backend, "provenance", ""):
+                state["in_effect"] = backend.provenance  # the engine's choices that can change answers
             if down:
                 state["unavailable"] = True
             if self.index == 0:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from daemon import hooks
+from daemon.backends import DeviceLostError
 from daemon.config import Config
 from daemon.errors import (
     BackendUnavailableError,
@@ -138,8 +139,8 @@ class Processor:
             return self._checked(result)
         try:
             outcomes = worker.process([m for _, m in ready])
-        except BackendUnavailableError:
-            raise
+        except (BackendUnavailableError, DeviceLostError):
+            raise  # the machine's problem; a lost device ends the engine (``WorkerLoop``)
         except ModelMissingError as exc:
             # The weights went away under a running daemon: the machine's
             # problem, not the files'; pause like an unreachable server.

@@ -51,7 +51,8 @@ file and the next daemon start recovers them, as after any crash.
 - a child that **hangs** rather than dies is treated as dead: it sends a
   heartbeat every ``BEAT`` seconds from a thread of its own, with how long
   its engine has gone without progress while busy.  No heartbeat for
-  ``LOST_AFTER`` (its process stopped, or a call that holds the interpreter
+  ``engine.engine_lost_after`` (120 s: well above the longest a healthy child
+  holds the interpreter, loading weights or compiling; its process stopped, or a call that holds the interpreter
   never returns: a GPU kernel that never ends), or no progress for
   ``daemon.engine.STALL``, and the supervisor kills it: its jobs go back
   with the attempt spent, and it starts again, as after a crash.
@@ -87,7 +88,6 @@ if TYPE_CHECKING:  # the child imports the engine only once it runs (see child_m
 
 from daemon.engine.child import (
     DEVICE_LOST_EXIT,
-    LOST_AFTER,
     ORPHANED_EXIT,
     EngineSpec,
     _drain,
@@ -248,7 +248,7 @@ class ChildEngines(threading.Thread):
         if child.hung:
             return  # killed already; its sentinel is due
         silent = time.monotonic() - child.heard
-        if silent > LOST_AFTER:
+        if silent > self.config.engine.engine_lost_after:
             child.hung = f"stopped answering (no heartbeat for {silent:.0f}s)"
         elif child.stuck_for > STALL:
             child.hung = f"made no progress for {child.stuck_for:.0f}s"
@@ -377,7 +377,7 @@ class ChildEngines(threading.Thread):
 
 
 def start_engines(queue: Queue, config: Config, processor: Processor, *, backlog: Callable[[], int] = lambda: 0,
-                  make_backend: Callable[[Any], Any] | None = None,
+                  make_backend: Callable[[Any, Any], Any] | None = None,
                   stop_grace: float = 20.0) -> WorkerLoop | EngineGroup:
     """The daemon's engine(s) for ``config``: a WorkerLoop, or an EngineGroup of one per device.
 
@@ -394,7 +394,7 @@ def start_engines(queue: Queue, config: Config, processor: Processor, *, backlog
     make_backend = make_backend or create_backend
     devices = engine_devices(config.model)
     first = engine_config(config, devices[0])
-    loop = WorkerLoop(queue, Worker(first, make_backend(first.model)), processor, backlog, index=0,
+    loop = WorkerLoop(queue, Worker(first, make_backend(first.model, first.engine)), processor, backlog, index=0,
                       device=devices[0], engines=len(devices))
     if len(devices) == 1:
         return loop
@@ -415,7 +415,7 @@ class EngineGroup:
     alive while engine 0 and the supervisor are.
     """
 
-    def __init__(self, first: WorkerLoop, children: ChildEngines, make_backend: Callable[[Any], Any], *,
+    def __init__(self, first: WorkerLoop, children: ChildEngines, make_backend: Callable[[Any, Any], Any], *,
                  stop_grace: float = 20.0) -> None:
         self.first = first
         self.children = children
@@ -484,7 +484,8 @@ class EngineGroup:
         config = engine_config(full, self.first.device)
         # The service made a new backend only for a new model; engine 0's goes on its own device.
         same = worker.backend is self.first.worker.backend
-        self.first.replace_worker(Worker(config, worker.backend if same else self._make_backend(config.model)))
+        self.first.replace_worker(Worker(config, worker.backend if same
+                                         else self._make_backend(config.model, config.engine)))
         self.children.reload(full)
 
     def pids(self) -> list[int]:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
-from daemon.backends import Answer, Backend, DeviceLostError, Request
+from daemon.backends import Answer, Backend, DeviceLostError, Request, as_device_lost
 from daemon.config import Config
 from daemon.documents import document_note
 from daemon.errors import BackendUnavailableError, VlwatchError
@@ -231,6 +231,7 @@ class Worker:
             except (BackendUnavailableError, DeviceLostError):
                 raise
             except Exception as exc:  # noqa: BLE001 - a backend bug: every request of the call fails with it
+                _raise_if_device_lost(exc)
                 log.exception("the backend failed on a batch of %d", len(batch))
                 got = [exc] * len(batch)
             return [(k, error_text(a) if isinstance(a, BaseException) else a) for k, a in zip(keys, got)]
@@ -239,6 +240,7 @@ class Worker:
         except (BackendUnavailableError, DeviceLostError):
             raise  # not this batch's fault: the caller pauses (or restarts) instead of failing files
         except Exception as exc:  # noqa: BLE001 - any exception: find the culprit, keep the rest (issue 12.3)
+            _raise_if_device_lost(exc)
             if len(batch) == 1:
                 return [(keys[0], error_text(exc))]
             log.warning("a batch of %d failed (%s); retrying one at a time", len(batch), error_text(exc))
@@ -262,10 +264,12 @@ class Worker:
             # the pages that did answer; there are none).
             return Outcome(match, error=missing(pages[0]), seconds=time.monotonic() - started)
         roots = allowed_roots(self.config, match)
-        # FP8 weights change the text: the sidecar says so (issue 23).
+        # FP8 weights change the text: the sidecar says so (issue 23); so can the engine's other
+        # choices (a local engine says them; others have none).
         quantization = "fp8" if getattr(self.backend, "precision", None) == "fp8" else None
+        engine = str(getattr(self.backend, "provenance", "") or "")
         result = Result(match=match, pages=pages, backend=self.backend.name, model=self.backend.model,
-                        roots=tuple(roots) if roots is not None else None, quantization=quantization)
+                        roots=tuple(roots) if roots is not None else None, quantization=quantization, engine=engine)
         try:
             sidecars = write_result(result, folders)
         except VlwatchError as exc:  # a sidecar path that would leave the allowed folders
@@ -320,3 +324,9 @@ def error_text(exc: BaseException) -> str:
     if isinstance(exc, VlwatchError):
         return str(exc)
     return f"unexpected error: {type(exc).__name__}: {printable(str(exc))}"
+
+
+def _raise_if_device_lost(exc: Exception) -> None:
+    """A sticky CUDA error, typed or only a message (a plugin's), is the device's fault, not the batch's."""
+    if (lost := as_device_lost(exc)) is not None:
+        raise lost from exc

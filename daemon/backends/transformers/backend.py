@@ -31,8 +31,12 @@ template, images in their turns; ``temperature > 0`` samples that request;
 
 Precision: float16 is refused for Qwen2.5-VL (trained in bfloat16, its
 activations overflow fp16 and the logits turn NaN) unless
-``VLWATCH_ALLOW_FP16=1`` is set; ``dtype: auto`` picks bfloat16, or
+``engine.allow_fp16: true``; ``dtype: auto`` picks bfloat16, or
 float32 on a GPU without bfloat16.
+
+Engine options (``engine:``, ``daemon.config.EngineOptions``) arrive as
+``options`` and go down as plain arguments: nothing below reads the
+environment.
 
 Memory: ``max_gpu_memory`` caps this process's CUDA allocator
 (``torch.cuda.set_per_process_memory_fraction``) and ``batch_size: auto``
@@ -47,7 +51,6 @@ from __future__ import annotations
 import gc
 import importlib.util
 import logging
-import os
 import sys
 import threading
 import time
@@ -61,7 +64,7 @@ from daemon.backends import (Answer, DeviceLostError, Feed, Item, ListFeed, Requ
 from daemon.backends.transformers.live import LiveSource
 from daemon.backends.transformers.oom import is_out_of_memory, load_oom_message
 from daemon import plan
-from daemon.config import ModelConfig, local_model_path
+from daemon.config import EngineOptions, ModelConfig, local_model_path
 from daemon.errors import BackendError, ModelMissingError, VlwatchError
 
 log = logging.getLogger(__name__)
@@ -91,9 +94,11 @@ def resolve_model(name: str) -> Path:
 class TransformersBackend:
     name = "transformers"
 
-    def __init__(self, config: ModelConfig, *, load_format: str = "auto", engine: str = "auto") -> None:
+    def __init__(self, config: ModelConfig, *, load_format: str = "auto", engine: str = "auto",
+                 options: EngineOptions = EngineOptions()) -> None:
         """Args:
         config: the ``model:`` section.
+        options: the ``engine:`` section.
         load_format: ``auto`` loads real weights; ``dummy`` builds the same
             architecture from the model's config with random weights (bench only).
         engine: ``auto`` uses ``fastgen`` where the model supports it, ``hf``
@@ -103,6 +108,8 @@ class TransformersBackend:
         self.model = config.name
         self.load_format = load_format
         self.engine = engine
+        self.options = options
+        self.dtype = ""  # what was actually loaded
         self.attention: str | None = None  # what was actually loaded
         #: bench: generate every request to its full budget (random weights
         #: would otherwise stop at an arbitrary early end-of-sequence token)
@@ -136,6 +143,46 @@ class TransformersBackend:
         """Whether generate() refills finished slots itself (the worker then hands it whole chunks)."""
         return self.engine != "hf" and (self._model is None or self._fast is not None)
 
+    @property
+    def scheduler_options(self) -> Any:
+        """The slot engine's scheduler knobs, from ``engine:``."""
+        from daemon.backends.transformers.scheduler import SchedulerOptions
+
+        o = self.options
+        return SchedulerOptions(step_tokens=o.step_tokens, backlog_share=o.backlog_share,
+                                interactive_slots=o.interactive_slots)
+
+    @property
+    def provenance(self) -> str:
+        """The engine choices that can change an answer's text, as they are in effect (sidecars record it).
+
+        Precision, the decode step's attention kernel, packed or stock prefill,
+        what is compiled (fused kernels round differently) and the vision
+        tower's fused blocks and varlen attention all change the arithmetic,
+        so a near-tie between two tokens can go the other way.  CUDA graphs
+        (the same kernels replayed), overlapped rounds (when a result is
+        read) and the scheduler's knobs (who runs when; every slot's row is
+        computed on its own) change no number, so they are not recorded.
+        Empty before the model is loaded.
+        """
+        if self._model is None:
+            return ""
+        parts = [self.dtype]
+        fast, vision = self._fast, self._vision
+        if fast is not None and self.engine != "hf":
+            parts.append(f"decode {fast.attention}")
+            parts.append("prefill " + ("packed" if fast.packed else "stock"))
+            compiled = [p for p, on in (("decode", fast._layer_fn is not None),
+                                        ("vision", vision is not None and vision.use_compiled),
+                                        ("prefill", fast._prefill_fn is not None or self._text is not None)) if on]
+            parts.append("compiled " + ("+".join(compiled) or "nothing"))
+            if vision is not None:
+                parts.append("vision " + ("fused blocks" if vision._block is not None else "stock blocks")
+                             + (", varlen" if vision.varlen is not None else ""))
+        else:
+            parts.append("stock generate")
+        return "engine " + ", ".join(parts)
+
     # ---------------------------------------------------------------- loading
 
     @property
@@ -161,7 +208,8 @@ class TransformersBackend:
         device = _pick_device(self.config.device)
         dtype = _pick_dtype(self.config.dtype, device)
         source = self._source()
-        _refuse_fp16(dtype, source)
+        _refuse_fp16(dtype, source, allow=self.options.allow_fp16)
+        self.dtype = str(dtype).removeprefix("torch.")
         processor = AutoProcessor.from_pretrained(source, local_files_only=True)
         # Batched generation of a decoder-only model needs the padding on the left.
         processor.tokenizer.padding_side = "left"
@@ -186,16 +234,19 @@ class TransformersBackend:
         if getattr(model.config, "model_type", None) != "qwen2_5_vl":
             log.info("generation: model.generate (fastgen supports qwen2_5_vl only)")
             return
-        from daemon.backends.transformers import patches, slots as fastgen
+        from daemon.backends.transformers.backend import patches, slots as fastgen
 
         if model.device.type == "cuda" and patches.pad_vision_mlp(model):
             log.debug("vision MLP width padded for the Hopper/Ampere GEMM kernels")
+        o = self.options
         if attention != "flash_attention_2":  # flash-attn already runs the windows as one varlen call
-            self._vision = patches.VisionAttentionPatch(model, compile=patches.compile_enabled(model.device, "vision"))
-        if patches.compile_enabled(model.device, "prefill"):
+            self._vision = patches.VisionAttentionPatch(
+                model, varlen=o.vision_varlen, compile=patches.compile_enabled(model.device, o.compiles("vision")),
+                fused_blocks=o.vision_blocks)
+        if patches.compile_enabled(model.device, o.compiles("prefill")):
             self._text = patches.TextPrefillPatch(model)
         if self.engine != "hf":
-            self._fast = fastgen.SlotEngine(model, eos_ids=_eos_ids(model, self._processor))
+            self._fast = fastgen.SlotEngine(model, eos_ids=_eos_ids(model, self._processor), options=o)
             self._fast.vision = self._vision
             log.info("generation: fastgen (static cache, continuous batching%s)",
                      ", CUDA graphs" if self._fast.use_cuda_graphs else "")
@@ -325,7 +376,7 @@ class TransformersBackend:
         """
         import torch
 
-        from daemon.backends.transformers import fp8
+        from daemon.backends.transformers.backend import fp8
 
         try:
             checkpoint = plan.read_config(Path(source))
@@ -348,7 +399,7 @@ class TransformersBackend:
         """The text model's linears in FP8 when ``self.precision`` says so (``daemon.backends.transformers.fp8``)."""
         if self.precision != "fp8":
             return model
-        from daemon.backends.transformers import fp8
+        from daemon.backends.transformers.backend import fp8
 
         checkpoint = plan.read_config(Path(source)) if self.load_format != "dummy" else {}
         if fp8.compressed_tensors_fp8(checkpoint):
@@ -485,7 +536,7 @@ class TransformersBackend:
                     self._tried_slots = slots
                     try:
                         fast.run(live, slots=slots, cache_length=cache_length, max_new=max_new,
-                                 shrink=live_feed, reserve=live_feed)
+                                 shrink=live_feed, reserve=live_feed, options=self.scheduler_options)
                     except Exception as exc:
                         if is_sticky_cuda_error(exc):
                             lost = True  # the feed records what was in hand, with the attempt spent
@@ -822,11 +873,11 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {_one_line(exc)}" if not isinstance(exc, VlwatchError) else str(exc)
 
 
-def _refuse_fp16(dtype: Any, source: str) -> None:
-    """float16 for Qwen2.5-VL only when the user insists (``VLWATCH_ALLOW_FP16=1``)."""
+def _refuse_fp16(dtype: Any, source: str, *, allow: bool = False) -> None:
+    """float16 for Qwen2.5-VL only when the user insists (``engine.allow_fp16: true``)."""
     import torch
 
-    if dtype != torch.float16 or os.environ.get("VLWATCH_ALLOW_FP16") == "1":
+    if dtype != torch.float16 or allow:
         return
     try:
         import json
@@ -836,7 +887,7 @@ def _refuse_fp16(dtype: Any, source: str) -> None:
         model_type = None
     if model_type in ("qwen2_5_vl", "qwen2_vl"):
         raise BackendError("model.dtype float16: Qwen2.5-VL was trained in bfloat16 and overflows float16 "
-                           "(NaN logits); use bfloat16 or float32, or set VLWATCH_ALLOW_FP16=1 to insist")
+                           "(NaN logits); use bfloat16 or float32, or set engine.allow_fp16: true to insist")
 
 
 def _eos_ids(model: Any, processor: Any) -> set[int]:

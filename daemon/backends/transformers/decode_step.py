@@ -17,7 +17,6 @@ The cache is token-major: ``(slot, column, kv head, dim)``.
 
 from __future__ import annotations
 
-import os
 from typing import Any, NamedTuple
 
 import torch
@@ -128,15 +127,15 @@ class Where(NamedTuple):
     cu_k: torch.Tensor
 
 
-def attention_kind(device: torch.device, dtype: torch.dtype) -> str:
+def attention_kind(device: torch.device, dtype: torch.dtype, *, flash: bool = True) -> str:
     """``flash`` where FlashAttention-2's varlen kernel takes per-row key lengths, else ``sdpa``.
 
     On an H100 the SDPA call with a mask (the memory-efficient kernel) was
     12 of a 19.6 ms step at 256 slots; the flash kernel read the same cache
     at 1.3-1.4x its bandwidth (benchmarks/NOTES.md, call D1).
-    ``VLWATCH_DECODE_FLASH=0`` turns it off.
+    ``flash=False`` (``engine.decode_attention: sdpa``) turns it off.
     """
-    if not flash_varlen(device, dtype) or os.environ.get("VLWATCH_DECODE_FLASH", "1") == "0":
+    if not flash or not flash_varlen(device, dtype):
         return "sdpa"
     if "seqused_k" not in str(torch.ops.aten._flash_attention_forward.default._schema):
         return "sdpa"

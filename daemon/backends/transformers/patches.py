@@ -11,13 +11,12 @@ back to stock (``enabled``: the bench's baseline and ``bench --verify``):
   GEMMs, 8% of a prefill on an H100, benchmarks/NOTES.md);
 - ``pad_vision_mlp``: the vision MLP width padded for the Hopper GEMM kernels;
 - ``Compiled``, ``compile_enabled``: torch.compile with a fallback to eager,
-  and the switches that turn it off.
+  where the config's ``engine.compile`` wants it.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import types
 from typing import Any, Callable
 
@@ -56,7 +55,7 @@ class VisionAttentionPatch:
     ``enabled`` switches back to the stock forwards (the bench's baseline).
     """
 
-    def __init__(self, model: Any, *, varlen: bool | None = None, compile: bool = False) -> None:
+    def __init__(self, model: Any, *, varlen: bool = False, compile: bool = False, fused_blocks: bool = True) -> None:
         from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
 
         self._stock_rotary: Callable[..., Any] = qwen.apply_rotary_pos_emb_vision
@@ -64,10 +63,8 @@ class VisionAttentionPatch:
         self.enabled = True
         self.use_compiled = compile
         self.last_path = ""  # what the last call used: "varlen_attn" or "grouped sdpa"
-        if varlen is None:
-            # Opt-in: on the H100 it was 4% faster than grouped SDPA but not
-            # bit-equal to the stock tower (benchmarks/NOTES.md).
-            varlen = os.environ.get("VLWATCH_VISION_VARLEN", "0") == "1"
+        # varlen is opt-in (engine.vision_varlen): on the H100 it was 4% faster
+        # than grouped SDPA but not bit-equal to the stock tower (benchmarks/NOTES.md).
         self.varlen = _varlen_attn() if varlen else None
         self._plans: dict[int, tuple[torch.Tensor, Any]] = {}
         blocks = list(model.model.visual.blocks)
@@ -76,7 +73,7 @@ class VisionAttentionPatch:
             stock = module.forward
             module.forward = types.MethodType(self._forward_for(stock), module)
         self._block: Compiled | None = None
-        if compile and _fused_blocks(model):
+        if compile and fused_blocks and _fused_blocks(model):
             # Each block as one compiled call (prefill_step.vision_block): the
             # tower's ~30 launches per block were its host cost, larger than
             # its GPU time on an H100 (benchmarks/NOTES.md, call D12).
@@ -302,15 +299,13 @@ def rows_vary(*tensors: torch.Tensor) -> None:
         torch._dynamo.maybe_mark_dynamic(tensor, 0)
 
 
-def compile_enabled(device: torch.device, part: str = "") -> bool:
-    """torch.compile the hot paths on CUDA (CPUs gain little, and CI stays simple).
+def compile_enabled(device: torch.device, wanted: bool = True) -> bool:
+    """torch.compile a hot path on CUDA (CPUs gain little, and CI stays simple) when ``wanted``.
 
-    ``VLWATCH_COMPILE=0`` turns all of it off; ``VLWATCH_COMPILE_<PART>=0``
-    one part (``DECODE``, ``VISION``).
+    ``wanted`` is the config's say for that part (``engine.compile``: true,
+    false, or the parts: decode, vision, prefill).
     """
-    if device.type != "cuda" or os.environ.get("VLWATCH_COMPILE", "1") == "0":
-        return False
-    return not part or os.environ.get(f"VLWATCH_COMPILE_{part.upper()}", "1") != "0"
+    return wanted and device.type == "cuda"
 
 
 def _allow_shared_compiles() -> None:
@@ -326,8 +321,8 @@ def _allow_shared_compiles() -> None:
 
 
 def _fused_blocks(model: Any) -> bool:
-    """The vision blocks can run as ``vision_block``: flash varlen here, the stock layout, SiLU; ``VLWATCH_VISION_BLOCKS=0`` no."""
-    if os.environ.get("VLWATCH_VISION_BLOCKS", "1") == "0" or not flash_varlen(model.device, model.dtype):
+    """The vision blocks can run as ``vision_block``: flash varlen here, the stock layout, SiLU."""
+    if not flash_varlen(model.device, model.dtype):
         return False
     cfg = model.model.visual.config
     blk = model.model.visual.blocks[0]

@@ -9,7 +9,7 @@ static cache and per-slot state):
   waits for the GPU;
 - ``_prefill``: the text layers once over the round's prompts laid end to
   end (``prefill_step``), keys straight into the slots, the first tokens
-  chosen on the GPU (``_first_tokens``); ``VLWATCH_PACKED_PREFILL=0`` runs
+  chosen on the GPU (``_first_tokens``); ``engine.packed_prefill: false`` runs
   the stock text model per prompt instead (``_prefill_stock``);
 - ``_Staging``: page-locked buffers the inputs go through; ``_Shipped``: a
   round's first tokens on their way to the host, read when the next round
@@ -56,7 +56,7 @@ class PrefillRounds:
     n_kv: int
     eps: float
     penalty: float | None
-    packed: bool  # VLWATCH_PACKED_PREFILL
+    packed: bool  # engine.packed_prefill
     vision: Any  # patches.VisionAttentionPatch, told the window bounds ahead
     _prefill_fn: Any  # prefill_layer, compiled (CUDA)
     _staging: "_Staging"
@@ -217,7 +217,7 @@ class PrefillRounds:
         return torch.stack((first, bad.long(), going_on.long()), dim=1)
 
     def _prefill_stock(self, prompt: Prompt, slot: int, image_features: torch.Tensor | None) -> torch.Tensor:
-        """One prompt through the stock text model, its cache then copied into ``slot`` (``VLWATCH_PACKED_PREFILL=0``)."""
+        """One prompt through the stock text model, its cache then copied into ``slot`` (``engine.packed_prefill: false``)."""
         model = self.model
         inputs = {k: self._staging.to_device(v) for k, v in prompt.inputs.items() if k != "pixel_values"}
         ids, positions = inputs["input_ids"], inputs["position_ids"]

@@ -35,23 +35,22 @@ differ from the stock ones can flip near-ties after a while).
 The vision tower's stock modules are sped up in place by
 ``daemon.backends.transformers.patches``.
 
-Environment switches (all default on where they apply): ``VLWATCH_CUDA_GRAPHS``,
-``VLWATCH_COMPILE`` (``_DECODE``, ``_VISION``, ``_PREFILL``), ``VLWATCH_DECODE_FLASH``,
-``VLWATCH_PACKED_PREFILL``, ``VLWATCH_OVERLAP_ROUNDS``;
-``VLWATCH_VISION_VARLEN=1`` opts into varlen attention.
+Switches (``options``, the config's ``engine:``; all default on where they
+apply): ``cuda_graphs``, ``compile`` (decode, vision, prefill),
+``decode_attention``, ``packed_prefill``, ``overlap_rounds``;
+``vision_varlen: true`` opts into varlen attention.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any, Callable
 
 import torch
 
 from daemon.backends import is_sticky_cuda_error, reraise_if_fatal
-from daemon.backends.transformers import prefill
+from daemon.backends.transformers.backend import prefill
 from daemon.backends.transformers.decode_step import (
     Where,
     at_eos,
@@ -72,6 +71,7 @@ from daemon.backends.transformers.prefill_step import prefill_layer
 from daemon.backends.transformers.prompts import Generated, NonFiniteLogitsError, Prompt, RunStats, Source
 from daemon.backends.transformers.scheduler import Scheduler, SchedulerOptions
 from daemon.plan import cache_length
+from daemon.config import EngineOptions
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,8 @@ LOOP_MAX_PERIOD = 48
 class SlotEngine(PrefillRounds):
     """Static-cache greedy decoding over ``slots`` sequences of a Qwen2.5-VL model."""
 
-    def __init__(self, model: Any, *, eos_ids: set[int], use_cuda_graphs: bool | None = None) -> None:
+    def __init__(self, model: Any, *, eos_ids: set[int], use_cuda_graphs: bool | None = None,
+                 options: EngineOptions = EngineOptions()) -> None:
         self.model = model
         text = model.model.language_model
         self.layers = list(text.layers)
@@ -115,34 +116,34 @@ class SlotEngine(PrefillRounds):
         penalty = getattr(model.generation_config, "repetition_penalty", None)
         self.penalty = float(penalty) if penalty not in (None, 1.0) else None
         if use_cuda_graphs is None:
-            # VLWATCH_CUDA_GRAPHS=0 turns them off (debugging, or a driver that misbehaves).
-            use_cuda_graphs = self.device.type == "cuda" and os.environ.get("VLWATCH_CUDA_GRAPHS", "1") != "0"
+            # engine.cuda_graphs: false turns them off (debugging, or a driver that misbehaves).
+            use_cuda_graphs = self.device.type == "cuda" and options.cuda_graphs
         self.use_cuda_graphs = use_cuda_graphs
         self.ignore_eos = False  # bench: run every sequence to its budget
         self.detect_loops = True  # stop sequences stuck repeating (LOOP_WINDOW)
         self.eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
         self.fused = fuse_projections(self.layers)
-        self.attention = attention_kind(self.device, self.dtype)
+        self.attention = attention_kind(self.device, self.dtype, flash=options.decode_attention == "flash")
         # On CUDA one decoder layer's step runs through torch.compile (one
         # compiled function for all layers): it fuses the norms, the rotary
         # embedding and the residual adds, ~30 small kernels per layer.
         self._layer_fn: Callable[..., torch.Tensor] | None = None
         self._silu = getattr(cfg, "hidden_act", "") == "silu"  # what layer_step and prefill_layer compute
-        if self.fused and compile_enabled(self.device, "decode") and self._silu:
+        if self.fused and compile_enabled(self.device, options.compiles("decode")) and self._silu:
             _allow_shared_compiles()
             self._layer_fn = Compiled(layer_step, fullgraph=True)
         # Prefill packs a round's prompts into one pass of our own layer
-        # function (prefill_step); VLWATCH_PACKED_PREFILL=0 runs the stock
+        # function (prefill_step); engine.packed_prefill: false runs the stock
         # text model per prompt instead (the A/B of benchmarks/NOTES.md).
-        self.packed = bool(self.fused) and self._silu and os.environ.get("VLWATCH_PACKED_PREFILL", "1") != "0"
+        self.packed = bool(self.fused) and self._silu and options.packed_prefill
         self._prefill_fn: Callable[..., torch.Tensor] | None = None
         # A round's first tokens are read once the next round is queued (_admit);
-        # VLWATCH_OVERLAP_ROUNDS=0 reads each round at once (the A/B).
-        self.overlap_rounds = os.environ.get("VLWATCH_OVERLAP_ROUNDS", "1") != "0"
+        # engine.overlap_rounds: false reads each round at once (the A/B).
+        self.overlap_rounds = options.overlap_rounds
         # Prefill's attention: FlashAttention-2's varlen entry wherever it runs
-        # (VLWATCH_DECODE_FLASH is about the decode step only), else SDPA per prompt.
+        # (engine.decode_attention is about the decode step only), else SDPA per prompt.
         self.prefill_kind = "flash" if flash_varlen(self.device, self.dtype) else "sdpa"
-        if self.packed and self.prefill_kind == "flash" and compile_enabled(self.device, "prefill"):
+        if self.packed and self.prefill_kind == "flash" and compile_enabled(self.device, options.compiles("prefill")):
             _allow_shared_compiles()
             self._prefill_fn = Compiled(prefill_layer, dynamic=None)  # the tokens' count only: patches.rows_vary
         self._slots = 0
