@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon.backends.transformers.backend import slots as fastgen  # noqa: E402
+from daemon.backends.transformers import slots as fastgen  # noqa: E402
 from daemon.bench import Setup, _backend, _model_config, add_arguments, run_setup, synthetic_images  # noqa: E402
 
 
@@ -181,7 +181,7 @@ def main() -> int:
         decode.after(self.stats.decode_steps - before)
 
     fastgen.SlotEngine._launch, fastgen.SlotEngine._decode = launched, decoded  # type: ignore[method-assign]
-    from daemon.backends.transformers.backend import backend as hf, live, prefill as prefill_module
+    from daemon.backends.transformers import backend as hf, live, prefill as prefill_module
 
     # Where the host's time goes while the prefill window is open: the
     # processor threads (_inputs), waiting for them (take), and the engine

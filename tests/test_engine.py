@@ -30,9 +30,9 @@ from daemon.backends import (
     is_sticky_cuda_error,
     register,
 )
-from daemon.backends.transformers.backend import decode_step
-from daemon.backends.transformers.backend import prefill as prefill_rounds
-from daemon.backends.transformers.backend import slots as fastgen
+from daemon.backends.transformers import decode_step
+from daemon.backends.transformers import prefill as prefill_rounds
+from daemon.backends.transformers import slots as fastgen
 from daemon.backends.transformers.prompts import Generated, ListSource, NonFiniteLogitsError, Prompt
 from daemon.backends.transformers.scheduler import Scheduler, SchedulerOptions
 from daemon.backends.transformers.backend import TransformersBackend, _messages

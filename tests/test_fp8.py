@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from daemon.backends import Request
-from daemon.backends.transformers.backend import fp8
+from daemon.backends.transformers import fp8
 from daemon.backends.transformers.backend import TransformersBackend
 from daemon.config import ModelConfig
 from daemon.images import size_page

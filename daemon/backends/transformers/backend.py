@@ -234,7 +234,7 @@ class TransformersBackend:
         if getattr(model.config, "model_type", None) != "qwen2_5_vl":
             log.info("generation: model.generate (fastgen supports qwen2_5_vl only)")
             return
-        from daemon.backends.transformers.backend import patches, slots as fastgen
+        from daemon.backends.transformers import patches, slots as fastgen
 
         if model.device.type == "cuda" and patches.pad_vision_mlp(model):
             log.debug("vision MLP width padded for the Hopper/Ampere GEMM kernels")
@@ -376,7 +376,7 @@ class TransformersBackend:
         """
         import torch
 
-        from daemon.backends.transformers.backend import fp8
+        from daemon.backends.transformers import fp8
 
         try:
             checkpoint = plan.read_config(Path(source))
@@ -399,7 +399,7 @@ class TransformersBackend:
         """The text model's linears in FP8 when ``self.precision`` says so (``daemon.backends.transformers.fp8``)."""
         if self.precision != "fp8":
             return model
-        from daemon.backends.transformers.backend import fp8
+        from daemon.backends.transformers import fp8
 
         checkpoint = plan.read_config(Path(source)) if self.load_format != "dummy" else {}
         if fp8.compressed_tensors_fp8(checkpoint):

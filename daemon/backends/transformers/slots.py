@@ -50,7 +50,7 @@ from typing import Any, Callable
 import torch
 
 from daemon.backends import is_sticky_cuda_error, reraise_if_fatal
-from daemon.backends.transformers.backend import prefill
+from daemon.backends.transformers import prefill
 from daemon.backends.transformers.decode_step import (
     Where,
     at_eos,
