@@ -22,6 +22,8 @@ from tests.test_daemon import Daemon, wait_until
 
 LONG = 30000  # tokens: minutes of decoding on a CPU, were it not dropped
 QUICK_DEADLINE = 30.0
+#: What the engine logs when it drops a request whose client went away (the API logs its own line).
+ENGINE_DROPPED = "an interactive request's client went away"
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,9 @@ def one_slot(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iter
 
 
 def _chat(max_tokens: int, stream: bool = False) -> dict:
-    return {"model": "tiny", "max_tokens": max_tokens, "stream": stream,
+    # Sampled at temperature 1: random weights decoded greedily soon repeat themselves, and the engine stops
+    # (and retries) a sequence stuck repeating, which would end the long answer early on its own.
+    return {"model": "tiny", "max_tokens": max_tokens, "stream": stream, "temperature": 1.0,
             "messages": [{"role": "user", "content": "Count on and on."}]}
 
 
@@ -71,24 +75,30 @@ def _quick_answer(base: str) -> float:
     return time.monotonic() - started
 
 
-def test_a_stream_whose_client_hangs_up_frees_its_slot(one_slot: tuple[Daemon, str]) -> None:
-    daemon, base = one_slot
-    _quick_answer(base)  # the model is loaded and warm
-    gone = daemon.log_count("client went away")
+def _hang_up_on_a_stream(base: str) -> None:
     with httpx.Client(base_url=base, timeout=60) as client:
         with client.stream("POST", "/v1/chat/completions", json=_chat(LONG, stream=True)) as response:
             assert response.status_code == 200
             assert any(_content(line) for line in response.iter_lines())  # tokens flow; then it hangs up
-        # leaving the block closes the connection mid-answer
-    assert _quick_answer(base) < QUICK_DEADLINE
-    assert daemon.log_count("client went away") > gone
 
 
-def test_a_plain_request_whose_client_hangs_up_frees_its_slot(one_slot: tuple[Daemon, str]) -> None:
+def _hang_up_on_a_plain_request(base: str) -> None:
+    try:
+        httpx.post(base + "/v1/chat/completions", json=_chat(LONG), timeout=httpx.Timeout(60, read=0.5))
+    except httpx.ReadTimeout:
+        pass  # what is meant: the client gives up and closes the connection
+
+
+@pytest.mark.parametrize("hang_up", [_hang_up_on_a_stream, _hang_up_on_a_plain_request], ids=["stream", "plain"])
+def test_a_client_that_hangs_up_frees_its_slot(one_slot: tuple[Daemon, str], hang_up) -> None:
     daemon, base = one_slot
-    _quick_answer(base)
-    gone = daemon.log_count("client went away")
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(base + "/v1/chat/completions", json=_chat(LONG), timeout=httpx.Timeout(60, read=2.0))
-    assert _quick_answer(base) < QUICK_DEADLINE
-    assert daemon.log_count("client went away") > gone
+    _quick_answer(base)  # the model is loaded and warm
+    # A sampled answer of random weights can end by itself (an end-of-sequence token comes up now and then):
+    # then the client did not hang up mid-answer, and it tries again.
+    for _ in range(10):
+        gone = daemon.log_count(ENGINE_DROPPED)
+        hang_up(base)
+        assert _quick_answer(base) < QUICK_DEADLINE  # the one slot was free again
+        if daemon.log_count(ENGINE_DROPPED) > gone:
+            return
+    raise AssertionError("the engine never dropped an answer whose client hung up\n" + daemon.log()[-3000:])

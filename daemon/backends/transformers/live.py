@@ -94,6 +94,7 @@ class LiveSource:
             self.making.remove(chosen)
             if item.urgent and self.feed.abandoned(item.key):  # its client left while it waited
                 future.cancel()
+                log.info("an interactive request's client went away before it started; it is dropped")
                 self._deliver(item, AbandonedError("the client went away"))
                 continue
             try:
