@@ -261,7 +261,7 @@ _WATCH_KEYS = ("path", "rules", "recursive", "polling", "settle", "output_dir", 
 _RULE_KEYS = ("name", "match", "task", "prompt", "output", "also", "csp", "raw_html", "objects", "max_new_tokens",
               "min_pixels", "max_pixels", "formats", "pages", "reference", "on_done", "on_failed")
 _JOBS_KEYS = ("attempts", "backoff", "rescan", "keep_history", "batch_wait", "redo_outdated")
-_API_KEYS = ("listen", "token_env")
+_API_KEYS = ("listen", "token_env", "max_context", "max_pdf_pages", "max_request_pixels")
 _HOOKS_KEYS = ("on_done", "on_failed", "timeout")
 
 
@@ -458,6 +458,11 @@ def _read_api(r: _Reader, node: yaml.Node) -> ApiConfig:
             r.problem(keys["token_env"], "api.token_env",
                       "must be the NAME of an environment variable holding the token, not the token")
             token_env = None
+    limits: dict[str, int | None] = {}
+    for key in ("max_context", "max_pdf_pages", "max_request_pixels"):
+        if key in keys:
+            limits[key] = r.integer(keys[key], f"api.{key}", minimum=1)
+    limits = {k: v for k, v in limits.items() if v is not None}
     where = keys.get("listen", node)
     if listen is not None and listen.startswith("unix:"):
         socket_path = Path(os.path.expandvars(listen[5:])).expanduser()
@@ -469,14 +474,14 @@ def _read_api(r: _Reader, node: yaml.Node) -> ApiConfig:
             host, _ = split_host_port(listen)
         except ValueError as exc:
             r.problem(where, "api.listen", str(exc))
-            return ApiConfig(listen=None, token_env=token_env)
+            return ApiConfig(listen=None, token_env=token_env, **limits)
         if not is_loopback_host(host) and token_env is None:
             # Loopback is reachable by every local user already; anything
             # wider reaches the network, where the API must not be open.
             r.problem(where, "api.listen", f"{listen!r} is reachable from other machines: set api.token_env "
                                            "to the name of a variable holding a bearer token (or listen on "
                                            "127.0.0.1 or a unix: socket)")
-    return ApiConfig(listen=listen, token_env=token_env)
+    return ApiConfig(listen=listen, token_env=token_env, **limits)
 
 
 def _read_argv(r: _Reader, node: yaml.Node, where: str) -> tuple[str, ...] | None:

@@ -179,6 +179,19 @@ def load_pages(path: Path, *, min_pixels: int, max_pixels: int, formats: Sequenc
     return out
 
 
+def pdf_page_count(path: Path, allowed_roots: Sequence[Path] | None = None) -> int | None:
+    """Pages of ``path`` when it is a PDF, else None; nothing is rendered (the API's page limit).
+
+    Raises:
+        InputError: as ``load_pages`` for a file it could not open.
+    """
+    with open_source(path, allowed_roots) as f:
+        if not _is_pdf(path, f):
+            return None
+        with _PDFIUM_LOCK, _pdf_document(path, f) as doc:
+            return len(doc)
+
+
 def open_image(path: Path, number: int = 1) -> Image.Image:
     """Page ``number`` of ``path`` at its original size, upright and RGB (for overlays).
 

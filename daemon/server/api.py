@@ -38,7 +38,7 @@ from daemon.images import printable
 from daemon.process import Submitted, submit
 from daemon.queue import STATES, Job, Queue
 from daemon.server.chat import ChatCall, parse_chat, served_roots
-from daemon.server.context import ApiError, ServerContext, context, error_body
+from daemon.server.context import ApiError, RowId, ServerContext, context, error_body, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +60,16 @@ FILE_CSP = "sandbox; default-src 'none'; img-src data: 'self'; style-src 'unsafe
 
 
 async def _json_body(request: Request) -> Any:
-    raw = await request.body()
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "the body is not valid JSON", code="invalid_json") from None
+    return parse_json(await request.body())
 
 
 # ---------------------------------------------------------------- /v1
+
+
+@router.api_route("/health", methods=["GET", "HEAD"])
+def health() -> dict[str, str]:
+    """What uptime monitors ask (HEAD too): the API answers; the daemon's state is /api/v1/status."""
+    return {"status": "ok"}
 
 
 @router.get("/v1/models")
@@ -96,7 +98,7 @@ async def chat_completions(request: Request, ctx: ServerContext = Depends(contex
         raise
     except Exception as exc:
         raise _engine_error(exc) from None
-    return _completion(answer, served)
+    return _completion(answer, served, call.prompt_tokens)
 
 
 def _engine_error(exc: BaseException) -> ApiError:
@@ -108,7 +110,7 @@ def _engine_error(exc: BaseException) -> ApiError:
     return ApiError(500, "the model failed (see the daemon's log)", code="model_error")
 
 
-def _completion(answer: Answer, served: str) -> dict[str, Any]:
+def _completion(answer: Answer, served: str, prompt_tokens: int) -> dict[str, Any]:
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
@@ -116,13 +118,14 @@ def _completion(answer: Answer, served: str) -> dict[str, Any]:
         "model": served,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
                      "finish_reason": "stop" if answer.finished else "length", "logprobs": None}],
-        "usage": _usage(answer),
+        "usage": _usage(answer, prompt_tokens),
     }
 
 
-def _usage(answer: Answer) -> dict[str, int]:
-    # The engine does not report prompt tokens; 0 rather than a guess.
-    return {"prompt_tokens": 0, "completion_tokens": answer.new_tokens, "total_tokens": answer.new_tokens}
+def _usage(answer: Answer, prompt_tokens: int) -> dict[str, int]:
+    # The prompt as the API counted it before the engine saw it (daemon.server.budget).
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": answer.new_tokens,
+            "total_tokens": prompt_tokens + answer.new_tokens}
 
 
 def _sse(data: Any) -> bytes:
@@ -163,7 +166,7 @@ async def _chat_stream(ctx: ServerContext, call: ChatCall, served: str) -> Async
             yield chunk({}, "stop" if answer.finished else "length")
             if call.include_usage:
                 yield _sse({"id": ident, "object": "chat.completion.chunk", "created": created, "model": served,
-                            "choices": [], "usage": _usage(answer)})
+                            "choices": [], "usage": _usage(answer, call.prompt_tokens)})
         yield b"data: [DONE]\n\n"
     finally:
         future.cancel()  # a client that left: drop the request if it has not started
@@ -190,7 +193,7 @@ def list_jobs(ctx: ServerContext = Depends(context), state: str | None = None,
 
 
 @router.get("/api/v1/jobs/{job_id}")
-def get_job(job_id: int, ctx: ServerContext = Depends(context)) -> dict[str, Any]:
+def get_job(job_id: RowId, ctx: ServerContext = Depends(context)) -> dict[str, Any]:
     job = commands.job_info(ctx.config(), job_id)
     if job is None:
         raise ApiError(404, f"no job {job_id}", code="job_not_found")
@@ -234,7 +237,7 @@ def _submit(config: Config, paths: list[str], rule: str | None, force: bool, sta
 
 
 @router.post("/api/v1/jobs/{job_id}/retry")
-def retry_job(job_id: int, ctx: ServerContext = Depends(context)) -> dict[str, Any]:
+def retry_job(job_id: RowId, ctx: ServerContext = Depends(context)) -> dict[str, Any]:
     config = ctx.config()
     job = commands.retry_job(config, job_id)
     if job is None:

@@ -61,7 +61,7 @@ from daemon.config import Config
 from daemon.images import printable
 from daemon.queue import key_path, safe_text
 from daemon.search import Filters, SearchIndex, parse_date
-from daemon.server.context import ApiError, ServerContext, context
+from daemon.server.context import MAX_ROW_ID, ApiError, ServerContext, context, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -437,7 +437,8 @@ def _job_row(r: sqlite3.Row) -> dict[str, Any]:
 # ------------------------------------------------------------------ pages
 
 
-@router.get("/", response_class=HTMLResponse)
+# HEAD too: uptime monitors ask with HEAD (issue 27); the server sends the headers only.
+@router.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
 def index_page(request: Request, ctx: ServerContext = Depends(context)) -> HTMLResponse:
     ws = web_state(ctx)
     return _page(request, "overview.html", o=overview(ctx, ws))
@@ -543,7 +544,8 @@ async def retry(request: Request, ctx: ServerContext = Depends(context)) -> dict
     body = await _json(request)
     ids = body.get("ids")
     every = body.get("all") is True
-    if not every and (not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids)):
+    if not every and (not isinstance(ids, list) or not ids
+                      or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= MAX_ROW_ID for i in ids)):
         raise ApiError(400, "expected {\"ids\": [JOB_ID, ...]} or {\"all\": true}", code="invalid_request")
     from daemon.queue import Queue
 
@@ -562,10 +564,7 @@ async def _json(request: Request) -> dict[str, Any]:
     # which this server never grants: one more wall besides Origin and Sec-Fetch-Site.
     if not request.headers.get("content-type", "").lower().startswith("application/json"):
         raise ApiError(415, "expected a JSON body (Content-Type: application/json)", code="invalid_content_type")
-    try:
-        body = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "the body is not valid JSON", code="invalid_json") from None
+    body = parse_json(await request.body())
     if not isinstance(body, dict):
         raise ApiError(400, "expected a JSON object", code="invalid_json")
     return body
