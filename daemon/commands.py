@@ -7,7 +7,6 @@ no daemon holds the state file.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from daemon.backends import create_backend
 from daemon.config import Config
+from daemon.controls import for_terminal, json_text
 from daemon.engine import check_model
 from daemon.outcomes import BatchResult, Processor
 from daemon.errors import BackendUnavailableError, ExitCode, VlwatchError, plural
@@ -186,9 +186,9 @@ def status(config: Config, as_json: bool = False) -> int:
     """``vlwatch status``: queue counts, the daemon, the model, the last failures."""
     info = status_info(config)
     if as_json:
-        print(json.dumps(info, indent=2))
+        print(json_text(info, indent=2))
     else:
-        print(format_status(info))
+        print(for_terminal(format_status(info)))
     return ExitCode.OK
 
 
@@ -371,11 +371,11 @@ def search(config: Config, query: str, *, as_json: bool = False, limit: int = 20
     """
     hits = search_hits(config, query, limit=limit, folder=folder, rule=rule, since=since, until=until)
     if as_json:
-        print(json.dumps({"query": query, "hits": hits}, indent=2, ensure_ascii=False))
+        print(json_text({"query": query, "hits": hits}, indent=2))
         return ExitCode.OK
     bold = sys.stdout.isatty()
-    for h in hits:
-        print(f"{h['path']}\t[{h['rule']}]\t{h['sidecar']}")
+    for h in hits:  # snippets are model text, paths are anyone's: no control character reaches the terminal
+        print(for_terminal(f"{h['path']}\t[{h['rule']}]\t{h['sidecar']}"))
         print(f"    {_marked(h['snippet'], h['highlights'], bold)}")
     if not hits:
         print("no hits", file=sys.stderr)
@@ -408,12 +408,12 @@ def search_hits(config: Config, query: str, *, limit: int = 20, folder: Path | N
 
 def _marked(snippet: str, spans: Sequence[Sequence[int]], bold: bool) -> str:
     if not bold:
-        return snippet
+        return for_terminal(snippet)
     out, pos = [], 0
-    for start, end in spans:
-        out += [snippet[pos:start], "\033[1m", snippet[start:end], "\033[0m"]
+    for start, end in spans:  # escaped piece by piece: the spans index the raw snippet
+        out += [for_terminal(snippet[pos:start]), "\033[1m", for_terminal(snippet[start:end]), "\033[0m"]
         pos = end
-    return "".join(out) + snippet[pos:]
+    return "".join(out) + for_terminal(snippet[pos:])
 
 
 def retry_job(config: Config, job_id: int) -> "Job | None":

@@ -44,6 +44,7 @@ from PIL import ImageDraw, ImageFont
 
 from daemon import answers
 from daemon.backends import Answer
+from daemon.controls import for_file
 from daemon.errors import VlwatchError
 from daemon.images import printable
 from daemon.rules import Match
@@ -407,7 +408,8 @@ def _dump(doc: dict[str, object]) -> bytes:
 def _utf8(text: str) -> bytes:
     # An OpenAI-compatible server may send "\udcff" escapes in its JSON: a lone
     # surrogate cannot be UTF-8, so it is written as U+FFFD, not raised on.
-    return _text(text).encode("utf-8")
+    # Control characters from the model become U+FFFD too (issue 27; daemon.controls).
+    return for_file(_text(text)).encode("utf-8")
 
 
 def atomic_write(path: Path, data: bytes, *, like: Path | None = None, folders: FolderSyncs | None = None) -> None:
