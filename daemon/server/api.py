@@ -37,7 +37,8 @@ from daemon.errors import BackendError, BackendUnavailableError, VlwatchError
 from daemon.images import printable
 from daemon.process import Submitted, submit
 from daemon.queue import STATES, Job, Queue
-from daemon.server.chat import ChatCall, parse_chat, served_roots
+from daemon.rules import links_out, normalised
+from daemon.server.chat import ChatCall, parse_chat, resolves_outside, served_roots
 from daemon.server.context import ApiError, RowId, ServerContext, context, error_body, parse_json
 
 log = logging.getLogger(__name__)
@@ -224,16 +225,41 @@ async def submit_jobs(request: Request, ctx: ServerContext = Depends(context)) -
     return {"jobs": [r.as_dict() for r in results]}
 
 
+#: Why the API refuses a file that is a symbolic link out of the watched folders.
+LINKS_OUT = "resolves outside every watched folder (a symbolic link; the watch has no follow_symlinks_out)"
+
+
 def _submit(config: Config, paths: list[str], rule: str | None, force: bool, stale: bool) -> list[Submitted]:
-    """``process.submit`` as the API may: absolute paths inside a watched folder only (issue 13.4)."""
+    """``process.submit`` as the API may: absolute paths inside a watched folder only (issue 13.4),
+    and not through a symbolic link out of them (issue 27: refused now, not failed three times later)."""
+    refused = {i: Submitted(normalised(Path(p)), rule, error=LINKS_OUT) for i, p in enumerate(paths)
+               if os.path.isabs(p) and links_out(config, normalised(Path(p)))}
+    rest = [p for i, p in enumerate(paths) if i not in refused]
     with Queue(config.state) as queue:
-        results = submit(config, queue, paths, rule, force=force, stale=stale, watched_only=True,
-                         absolute_only=True)
+        results = submit(config, queue, rest, rule, force=force, stale=stale, watched_only=True,
+                         absolute_only=True) if rest else []
+    if refused:
+        results = _in_order(paths, refused, results)
     for r in results:  # one line per file, as the watcher logs its own
         if r.state == "queued":
             how = "queued through the API as" if r.queued else "moved ahead through the API:"
             log.info("%s: %s %s job #%s, ahead of the folder backlog", printable(r.path), r.rule, how, r.job_id)
     return results
+
+
+def _in_order(paths: list[str], refused: dict[int, Submitted], submitted: list[Submitted]) -> list[Submitted]:
+    """``refused`` (by index in ``paths``) and ``submit``'s answers (one or more per path, in order), merged."""
+    out: list[Submitted] = []
+    rest = iter(submitted)
+    pending = next(rest, None)
+    for i, p in enumerate(paths):
+        if i in refused:
+            out.append(refused[i])
+            continue
+        while pending is not None and pending.path in (normalised(Path(p)), Path(p)):
+            out.append(pending)
+            pending = next(rest, None)
+    return out + ([pending] if pending is not None else []) + list(rest)
 
 
 @router.post("/api/v1/jobs/{job_id}/retry")
@@ -334,6 +360,11 @@ def get_file(path: str, ctx: ServerContext = Depends(context)) -> StreamingRespo
 def _open_inside(path: Path, roots: tuple[Path, ...]) -> Any:
     """Open ``path`` and check the file actually opened lies inside ``roots`` (symlinks resolved)."""
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    if resolves_outside(path, roots):
+        # Before the open: a missing file through a symlinked folder answers as an existing one would
+        # (issue 27: 403 for one and 404 for the other told which outside files exist).
+        raise ApiError(403, f"{printable(path)}: resolves to a file outside every watched folder",
+                       param="path", code="path_not_allowed")
     try:
         fd = os.open(path, flags)
     except FileNotFoundError:

@@ -304,10 +304,23 @@ def _file_image(path: Path, where: str, config: Config) -> list[tuple[Image.Imag
     if not any(path == r or r in path.parents for r in roots):
         raise ApiError(403, f"{where}: {printable(path)} is not inside a watched folder or output_dir",
                        param=where, code="path_not_allowed")
+    if resolves_outside(path, roots):  # before the existence check: the same answer for a missing file
+        raise ApiError(403, f"{where}: {printable(path)}: resolves to a file outside every watched folder",
+                       param=where, code="path_not_allowed")
     if not path.exists():
         raise ApiError(404, f"{where}: {printable(path)}: no such file", param=where, code="file_not_found")
     real_roots = tuple(Path(os.path.realpath(r)) for r in roots)
     return _pages(path, where, config, shown=printable(path), allowed_roots=real_roots)
+
+
+def resolves_outside(path: Path, roots: tuple[Path, ...]) -> bool:
+    """Whether ``path`` (existing or not) resolves, symlinks followed, outside every one of ``roots``.
+
+    A first answer, given the same for a file that exists and one that does
+    not; the file actually opened is checked again (``daemon.images``).
+    """
+    real = Path(os.path.realpath(path))
+    return not any(real == r or r in real.parents for r in (Path(os.path.realpath(x)) for x in roots))
 
 
 def served_roots(config: Config) -> tuple[Path, ...]:

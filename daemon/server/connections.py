@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
 import time
 from typing import Any
@@ -141,9 +142,19 @@ def protocol_class(max_connections: int, header_timeout: float = HEADER_TIMEOUT)
                 {"max_connections": max_connections, "header_timeout": header_timeout})
 
 
-def connection_cap(fd_limit: int) -> int:
-    """``MAX_CONNECTIONS``, or half the descriptors there are if that is less (the rest: files, SQLite)."""
-    return max(16, min(MAX_CONNECTIONS, fd_limit // 2))
+def connection_cap(fd_limit: int, in_use: int | None = None) -> int:
+    """``MAX_CONNECTIONS``, or half the descriptors still free if that is less (the rest: files, SQLite).
+
+    Args:
+        fd_limit: the soft limit of open files.
+        in_use: descriptors open now (counted in /proc/self/fd when None).
+    """
+    if in_use is None:
+        try:
+            in_use = len(os.listdir("/proc/self/fd"))
+        except OSError:
+            in_use = 64
+    return max(16, min(MAX_CONNECTIONS, (fd_limit - in_use) // 2))
 
 
 def raise_fd_limit() -> int:
