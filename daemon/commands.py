@@ -260,7 +260,7 @@ def format_status(info: dict) -> str:
     if info["failures"]:
         lines.append("last failures:")
         for f in info["failures"]:
-            lines.append(f"  #{f['id']}  {safe_text(f['path'])} [{f['rule']}] after {f['attempts']} attempts, "
+            lines.append(f"  #{f['id']}  {safe_text(f['path'])} [{f['rule']}] after {plural(f['attempts'], 'attempt')}, "
                          f"{_when(f['finished_at'])}: {f['error']}")
         lines.append("(`vlwatch retry --all` or `vlwatch retry JOB_ID...` puts them back on the queue)")
     return "\n".join(lines)

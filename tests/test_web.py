@@ -434,3 +434,20 @@ def test_search_api_answers_hostile_queries(site: Site) -> None:
     assert [h["rule"] for h in hits] and all(h["rule"] == "ocr" for h in hits)
     assert any(h["path"].endswith("invoice-2031.png") and "quota" in h["snippet"].lower() for h in hits)
     assert site.http.get("/api/v1/search", params={"q": "x", "since": "yesterday"}).status_code == 400
+
+
+def test_result_cards_hide_the_provenance_comment(site: Site) -> None:
+    # issue 27: the sidecar's `<!-- vlwatch: ... -->` line showed as text in the cards
+    invoice = site.inbox / "scans" / "invoice-2031.png"
+    assert "<!-- vlwatch: rule ocr" in (invoice.parent / (invoice.name + ".ocr.md")).read_text()
+    page = site.http.get("/results").text
+    assert "invoice-2031.png" in page
+    assert "vlwatch: rule" not in page and "&lt;!-- vlwatch" not in page
+
+
+def test_failures_count_attempts_in_the_right_number(site: Site) -> None:
+    # issue 27: "1 attempts"
+    job = site.wait_state(site.inbox / "scans" / "bad-scan.png", "ocr", "failed")
+    page = site.http.get("/failures").text
+    n = job["attempts"]
+    assert f"{n} attempt{'s' if n != 1 else ''}</small>" in page and "1 attempts" not in page

@@ -41,6 +41,7 @@ import io
 import json
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -268,6 +269,25 @@ class Result:
         return printable(self.path.name)
 
 
+#: vlwatch's own comment lines in a Markdown sidecar (``outputs.provenance_comment`` and the notes).
+_OWN_NOTE = re.compile(r"^<!-- vlwatch: (.*) -->[ \t]*$", re.MULTILINE)
+
+
+def own_notes(markdown: str) -> str:
+    """A sidecar's Markdown for a result card: vlwatch's comments are not shown as text (issue 27).
+
+    The page renders Markdown with raw HTML escaped, so an HTML comment
+    would show verbatim.  The provenance line (which rule and model, when)
+    is dropped: the card says that already; a note (cut off, kept
+    repeating) stays visible, as an emphasised line.
+    """
+    def shown(m: re.Match[str]) -> str:
+        note = m.group(1)
+        return "" if note.startswith("rule ") else f"*[vlwatch: {note}]*"
+
+    return _OWN_NOTE.sub(shown, markdown).rstrip() + "\n"
+
+
 def _result(row: sqlite3.Row) -> Result:
     sidecars = tuple(Path(s) for s in json.loads(row["sidecars"] or "[]"))
     base = dict(id=row["id"], path=key_path(row["path"]), rule=row["rule"], finished_at=row["finished_at"],
@@ -283,7 +303,7 @@ def _result(row: sqlite3.Row) -> Result:
     except OSError:
         return Result(**base, kind="missing")
     if text_sidecar.suffix == ".md":
-        return Result(**base, kind="md", body_html=render_markdown(text))
+        return Result(**base, kind="md", body_html=render_markdown(own_notes(text)))
     try:
         doc = json.loads(text)
     except ValueError:

@@ -1,0 +1,34 @@
+"""The CLI and the page tell the truth (issue 27): counts in the right number, and the like."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from daemon.queue import Candidate, Queue
+from tests.conftest import run_vlwatch, write_config
+
+
+def _failed_job(state: Path, source: Path) -> int:
+    source.parent.mkdir(parents=True, exist_ok=True)
+    source.write_bytes(b"\x89PNG not really")
+    st = source.stat()
+    with Queue(state) as q:
+        (queued,) = q.enqueue([Candidate(source, "describe", "h1", st.st_size, st.st_mtime_ns, seen_at=time.time() + 1)])
+        (job,) = q.claim(1)
+        q.fail(job.id, "the model refused", retry_at=None)
+    return queued.id
+
+
+def test_status_says_1_attempt(tmp_path: Path) -> None:
+    state = tmp_path / "state" / "state.db"
+    _failed_job(state, tmp_path / "inbox" / "a.png")
+    config = write_config(tmp_path, f"""
+        state: {state}
+        include: [describe]
+        watch:
+          - path: {tmp_path / 'inbox'}
+        """)
+    r = run_vlwatch("status", "--config", config, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "after 1 attempt," in r.stdout and "1 attempts" not in r.stdout, r.stdout
