@@ -800,7 +800,13 @@ def _check_model_present(r: _Reader, node: yaml.Node | None, name: str) -> str |
     """A warning (not a problem) when the weights are not on this machine: `check` must pass without them."""
     if local_model_path(name) is not None:
         return None
+    # The line of `name:` itself (issue 27: the model mapping's first line was cited, often `backend:`);
+    # the mapping's when the name is the default.
     line = node.start_mark.line + 1 if node is not None else None
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value == "name":
+                line = value.start_mark.line + 1
     return str(Problem(r.file, line, "model.name", f"model {name!r} is not downloaded; run `vlwatch pull {name}` "
                                                    "or set model.name to a local directory"))
 

@@ -32,3 +32,14 @@ def test_status_says_1_attempt(tmp_path: Path) -> None:
     r = run_vlwatch("status", "--config", config, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "after 1 attempt," in r.stdout and "1 attempts" not in r.stdout, r.stdout
+
+
+def test_check_cites_the_line_of_model_name(tmp_path: Path) -> None:
+    # issue 27: the warning cited the model mapping's first line (here `backend:`), not `name:`
+    (tmp_path / "inbox").mkdir()
+    config = tmp_path / "config.yaml"
+    config.write_text("state: ./s.db\ninclude: [describe]\nwatch:\n  - path: ./inbox\n\n"
+                      "model:\n  backend: transformers\n  max_pixels: 1003520\n  name: Qwen/Not-Here-7B\n")
+    r = run_vlwatch("check", "--config", config, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"{config}:9: model.name: model 'Qwen/Not-Here-7B' is not downloaded" in r.stdout, r.stdout
