@@ -70,6 +70,7 @@ from daemon.errors import (
     AspectRatioError,
     ImageTooLargeError,
     InputError,
+    LinkOutsideError,
     NoPagesError,
     NotAnImageError,
     UnsupportedFormatError,
@@ -290,8 +291,8 @@ def _check_inside(path: Path, fd: int, roots: Sequence[Path]) -> None:
     real = Path(os.readlink(proc)) if os.path.islink(proc) else Path(os.path.realpath(path))
     if any(real == root or root in real.parents for root in roots):
         return
-    raise InputError(f"{printable(path)}: is a symbolic link to {printable(real)}, outside every watched folder; "
-                     "set follow_symlinks_out: true on the watch to read such files")
+    raise LinkOutsideError(f"{printable(path)}: is a symbolic link to {printable(real)}, outside every watched "
+                           "folder; set follow_symlinks_out: true on the watch to read such files")
 
 
 def _is_pdf(path: Path, f: BinaryIO) -> bool:

@@ -50,7 +50,7 @@ from daemon.images import printable
 from daemon.rules import Match
 
 # Naming (what a sidecar is called, whether a name is ours) lives in daemon.sidecars.
-from daemon.sidecars import OVERLAY, TEMP_PREFIX, TEMP_SUFFIX, _lexical, sidecar_path
+from daemon.sidecars import OVERLAY, _lexical, sidecar_path, temp_name
 
 log = logging.getLogger(__name__)
 
@@ -424,7 +424,7 @@ def atomic_write(path: Path, data: bytes, *, like: Path | None = None, folders: 
     left there for the caller to fsync once for a whole batch.
     """
     _make_folder(path.parent)
-    tmp = path.parent / f"{TEMP_PREFIX}{secrets.token_hex(6)}{TEMP_SUFFIX}"
+    tmp = path.parent / temp_name(secrets.token_hex(6))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o664)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -52,10 +52,9 @@ from daemon.errors import (
     VlwatchError,
     plural,
 )
-from daemon.images import printable
 from daemon.queue import Candidate, Queue, Queued, StateLock, bytes_hash, content_hash, unreadable_hash
 from daemon.readiness import Arrival, Kind, Settler
-from daemon.rules import Match, forget_real_roots, links_out, normalised, watched_rules
+from daemon.rules import Match, forget_real_roots, normalised, watched_rules
 from daemon.scanning import (
     Progress,
     Recipes,
@@ -159,20 +158,6 @@ def watchdog_interval() -> float | None:
 
 
 # ---------------------------------------------------------------- the daemon
-
-
-#: Links out already refused, so a rescan does not log each again (bounded: a flood of links forgets).
-_refused_links: set[str] = set()
-
-
-def _refuse_link_once(text: str) -> None:
-    if text in _refused_links:
-        return
-    if len(_refused_links) > 10_000:
-        _refused_links.clear()
-    _refused_links.add(text)
-    log.warning("%s: refused: a symbolic link to %s, outside every watched folder (set follow_symlinks_out: "
-                "true on its watch to allow that)", printable(text), printable(os.path.realpath(text)))
 
 
 class Daemon:
@@ -469,11 +454,6 @@ class Daemon:
         rules = watched_rules(snapshot.config, text, watch)
         if not rules:
             log.debug("%s: no rule matches", text)
-            return None
-        # One lstat per new file; only a symbolic link pays for resolving (issue 27: a link out was
-        # probed as "incomplete", queued, and failed three times instead of refused once).
-        if os.path.islink(text) and links_out(snapshot.config, Path(text)):
-            _refuse_link_once(text)
             return None
         return watch, rules
 

@@ -277,10 +277,12 @@ def test_a_symlink_out_is_refused_at_once_everywhere(served, tmp_path: Path) -> 
     first, second = r.json()["jobs"]
     assert first["job"] is None and "symbolic link" in first["error"] and first["path"] == str(link)
     assert second["path"] == str(inbox / "nothing.png") and second["error"]
-    wait_until(lambda: "link-out.png: refused: a symbolic link" in d.log(), "the watcher's refusal", log=d.log)
-    jobs = httpx.get(base + "/api/v1/jobs", params={"path": str(link)}).json()["jobs"]
-    assert jobs == []
-    assert d.log().count("link-out.png: refused") == 1
+    # The watcher's job fails at once, with the reason, and is not retried.
+    def failed() -> list[dict]:
+        return httpx.get(base + "/api/v1/jobs", params={"path": str(link), "state": "failed"}).json()["jobs"]
+    wait_until(failed, "the watcher's job to fail", log=d.log)
+    (job,) = failed()
+    assert job["attempts"] == 1 and "symbolic link" in job["error"] and "follow_symlinks_out" in job["error"]
 
 
 def test_outside_files_through_a_symlinked_folder_answer_alike(served, tmp_path: Path) -> None:
