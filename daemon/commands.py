@@ -204,6 +204,12 @@ def status_info(config: Config, failures: int = 10) -> dict[str, object]:
         info["counts"] = queue.counts()
         info["failures"] = [j.as_dict() for j in queue.failures(failures)]
         info["outdated"] = len(outdated(config, queue))
+    if pid is None and info["counts"].get("running"):  # type: ignore[union-attr]
+        # Nobody runs them: a daemon was killed while it did (kill -9, a power cut). Not "running"
+        # beside "not running" (issue 27): interrupted, and the next start redoes them.
+        counts = dict(info["counts"])  # type: ignore[arg-type]
+        counts["interrupted"], counts["running"] = counts["running"], 0
+        info["counts"] = counts
     model = meta.get("model")
     if model is not None and pid is None:
         model = {**model, "loaded": False, "since": None}  # nobody holds it any more
@@ -240,6 +246,9 @@ def format_status(info: dict) -> str:
         f"daemon   {'running (pid %s)' % daemon['pid'] if daemon['running'] else 'not running'}",
         f"queue    {c['queued']} queued, {c['running']} running, {c['done']} done, {c['failed']} failed",
     ]
+    if c.get("interrupted"):
+        lines.append(f"         {c['interrupted']} interrupted: the daemon stopped while running them; "
+                     "its next start redoes them")
     if info.get("outdated"):
         lines.append(f"outdated {_outdated_note(info['outdated'], redo=False)}")
     model = info.get("model")

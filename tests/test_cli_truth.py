@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -43,3 +44,26 @@ def test_check_cites_the_line_of_model_name(tmp_path: Path) -> None:
     r = run_vlwatch("check", "--config", config, timeout=120)
     assert r.returncode == 0, r.stderr
     assert f"{config}:9: model.name: model 'Qwen/Not-Here-7B' is not downloaded" in r.stdout, r.stdout
+
+
+def test_status_after_a_kill_does_not_say_running_jobs(tmp_path: Path) -> None:
+    # issue 27: after kill -9, status said "not running" and "1 running" at once
+    state = tmp_path / "state" / "state.db"
+    source = tmp_path / "inbox" / "b.png"
+    source.parent.mkdir(parents=True)
+    source.write_bytes(b"\x89PNG not really")
+    st = source.stat()
+    with Queue(state) as q:  # claimed by a daemon that then died: the job stays "running" in the file
+        q.enqueue([Candidate(source, "describe", "h2", st.st_size, st.st_mtime_ns, seen_at=time.time() + 1)])
+        q.claim(1)
+    config = write_config(tmp_path, f"""
+        state: {state}
+        include: [describe]
+        watch:
+          - path: {tmp_path / 'inbox'}
+        """)
+    r = run_vlwatch("status", "--config", config, timeout=120)
+    assert "not running" in r.stdout and "0 running" in r.stdout and "1 interrupted" in r.stdout, r.stdout
+    r = run_vlwatch("status", "--json", "--config", config, timeout=120)
+    counts = json.loads(r.stdout)["counts"]
+    assert counts["running"] == 0 and counts["interrupted"] == 1
