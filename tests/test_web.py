@@ -451,3 +451,11 @@ def test_failures_count_attempts_in_the_right_number(site: Site) -> None:
     page = site.http.get("/failures").text
     n = job["attempts"]
     assert f"{n} attempt{'s' if n != 1 else ''}</small>" in page and "1 attempts" not in page
+
+
+def test_the_index_count_is_live(site: Site) -> None:
+    # issue 27: the overview's "sidecars in the search index" only moved when someone searched
+    before = site.http.get("/web/overview.json").json()["indexed"]
+    fresh = picture(site.inbox / "scans" / "count-me.png", (250, 250, 250), "COUNT 1")
+    site.wait_state(fresh, "ocr", "done")
+    assert site.http.get("/web/overview.json").json()["indexed"] == before + 1

@@ -400,9 +400,21 @@ def overview(ctx: ServerContext, ws: WebState) -> dict[str, Any]:
         "daemon": {"pid": daemon.get("pid"), "started": started, "since": _when(started)} if daemon else None,
         "failures": failures,
         "latest": latest,
-        "indexed": ws.index.count(),
+        "indexed": _indexed(ws),
         "at": now,
     }
+
+
+def _indexed(ws: "WebState") -> int:
+    """Sidecars in the search index, counting those finished since the last search (issue 27: the
+    count only moved when someone searched).  At most ``INDEX_PER_REFRESH`` jobs are indexed per call:
+    a burst is caught up over a few refreshes, and no refresh waits long."""
+    ws.index.catch_up(limit=INDEX_PER_REFRESH)
+    return ws.index.count()
+
+
+#: Jobs the overview indexes per refresh (the rest at the next one, or at a search).
+INDEX_PER_REFRESH = 200
 
 
 def _loads(text: str) -> Any:
