@@ -47,7 +47,7 @@ import threading
 import time
 import urllib.parse
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -263,6 +263,9 @@ class Result:
     boxes: tuple[dict, ...] = ()
     size: tuple[int, int] | None = None
     frame: Path | None = None  # the html sidecar shown in the sandboxed iframe
+    #: inside a watched folder or output_dir, so the API serves its files; False for a file
+    #: `vlwatch process` took from elsewhere (shown without image, links or ask: see ``served``)
+    served: bool = True
 
     @property
     def name(self) -> str:
@@ -486,6 +489,8 @@ def results_view(request: Request, before: str | None = None, rule: str | None =
                  ctx: ServerContext = Depends(context)) -> HTMLResponse:
     ws = web_state(ctx)
     results, nxt = results_page(ws, _parse_key(before), rule=rule or None)
+    config = ctx.config()
+    results = [replace(r, served=served(config, r.path)) for r in results]
     return _page(request, "results.html", results=results, next_key=f"{nxt[0]!r}:{nxt[1]}" if nxt else None,
                  rule=rule or "", rules=[r.name for r in ctx.config().rules], first=before is None)
 
@@ -501,6 +506,7 @@ def search_view(request: Request, q: str = "", folder: str = "", rule: str = "",
         except ApiError as exc:
             error = exc.message
     config = ctx.config()
+    hits = [{**h, "served": served(config, Path(str(h["path"])))} for h in hits]
     folders = [printable(w.path) for w in config.watch]
     return _page(request, "search.html", q=q, folder=folder, rule=rule, since=since, until=until, hits=hits,
                  error=error, rules=[r.name for r in config.rules], folders=folders)
@@ -518,12 +524,29 @@ def failures_view(request: Request, ctx: ServerContext = Depends(context)) -> HT
 @router.get("/ask", response_class=HTMLResponse)
 def ask_view(request: Request, path: list[str] = Query(default=[]), ctx: ServerContext = Depends(context)) -> HTMLResponse:
     ws = web_state(ctx)
+    config = ctx.config()
+    # Only files the API will read for the chat: one `vlwatch process` took from elsewhere is not offered.
     recent = [{"path": safe_text(str(key_path(r["path"]))), "name": printable(key_path(r["path"]).name)}
               for r in ws.rows("SELECT DISTINCT path FROM jobs WHERE state = 'done'"
-                               " ORDER BY finished_at DESC LIMIT 12")
-              if not isinstance(r["path"], bytes)]
-    return _page(request, "ask.html", recent=recent, preset=[p for p in path if p.startswith("/")][:8],
-                 examples=EXAMPLES)
+                               " ORDER BY finished_at DESC LIMIT 50")
+              if not isinstance(r["path"], bytes) and served(config, key_path(r["path"]))][:12]
+    preset = [p for p in path if p.startswith("/") and served(config, Path(p))][:8]
+    return _page(request, "ask.html", recent=recent, preset=preset, examples=EXAMPLES)
+
+
+def served(config: Config, path: Path) -> bool:
+    """Whether the API serves ``path`` (issue 27): inside a watched folder or output_dir, symlinks resolved.
+
+    A file ``vlwatch process`` took from anywhere else was named by whoever
+    ran it, with their rights; the daemon's API does not serve it (its
+    rights may be wider), so the page shows its result without the image,
+    the file links or "ask about it", and says why.
+    """
+    from daemon.server.chat import resolves_outside, served_roots
+
+    roots = served_roots(config)
+    wanted = Path(os.path.normpath(path))
+    return any(r in wanted.parents for r in roots) and not resolves_outside(wanted, roots)
 
 
 EXAMPLES = (
