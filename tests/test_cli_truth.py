@@ -67,3 +67,31 @@ def test_status_after_a_kill_does_not_say_running_jobs(tmp_path: Path) -> None:
     r = run_vlwatch("status", "--json", "--config", config, timeout=120)
     counts = json.loads(r.stdout)["counts"]
     assert counts["running"] == 0 and counts["interrupted"] == 1
+
+
+def test_a_reload_keeps_the_models_since(tmp_path: Path) -> None:
+    # issue 27: "loaded since" reset on every SIGHUP, though the same model stayed loaded
+    import signal
+
+    from tests.conftest import Daemon, png_bytes, put, wait_until
+    from tests.test_api import api_config, free_port
+
+    config = api_config(tmp_path, free_port())
+    d = Daemon(tmp_path, config, VLWATCH_PLUGINS="tests.stub_backend").start()
+    try:
+        put(tmp_path / "inbox" / "a.png", png_bytes(1))  # a job loads the model
+
+        def model() -> dict:
+            r = run_vlwatch("status", "--json", "--config", config, timeout=120,
+                            env={"VLWATCH_PLUGINS": "tests.stub_backend"})
+            return json.loads(r.stdout)["model"] or {}
+        wait_until(lambda: model().get("loaded"), "the model to load", log=d.log)
+        since = model()["since"]
+        d.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "reloaded" in d.log(), "the reload", log=d.log)
+        put(tmp_path / "inbox" / "b.png", png_bytes(2))  # a batch after it: the new worker runs
+        wait_until(lambda: (tmp_path / "inbox" / "b.png.describe.md").exists(), "the second sidecar", log=d.log)
+        assert model()["loaded"] and model()["since"] == since
+    finally:
+        d.stop()
+        d.close()
