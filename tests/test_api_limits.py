@@ -300,3 +300,19 @@ def test_outside_files_through_a_symlinked_folder_answer_alike(served, tmp_path:
         answers.append((file.status_code, error(file)["message"].replace(name, "NAME"),
                         chat_r.status_code, error(chat_r)["message"].replace(name, "NAME")))
     assert answers[0] == answers[1] and answers[0][0] == answers[0][2] == 403, answers
+
+
+@pytest.mark.parametrize("method,path,body", [
+    ("POST", "/api/v1/jobs", b'{"paths": ["/tmp/a\\ud800.png"]}'),
+    ("POST", "/api/v1/jobs", b'{"paths": ["/tmp/a.png"], "rule": "x\\udc80"}'),
+    ("POST", "/web/retry", b'{"ids": [9223372036854775808]}'),
+    ("POST", "/web/conversations/99999999999999999999/messages", b'{"messages": []}'),
+    ("GET", "/api/v1/file?path=/tmp/%ED%A0%80.png", None),
+    ("GET", "/api/v1/jobs?path=/tmp/%ED%A0%80.png", None),
+    ("GET", "/api/v1/search?q=%ED%A0%80", None),
+])
+def test_odd_text_and_numbers_are_never_a_500(served, method, path, body) -> None:
+    # issue 27: 500s where the docs promise 4xx
+    _, base, _ = served
+    r = httpx.request(method, base + path, content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code < 500, (r.status_code, r.text)
