@@ -136,17 +136,17 @@ def budget(config: Config, counter: Counter) -> Budget:
 
 
 def counter_for(config: Config) -> Counter:
-    """The counter of the served model (loaded once per model name and backend)."""
-    return _counter(config.model.name, config.model.backend)
+    """The counter of the served model (its tokenizer loaded once per model name)."""
+    return _counter(config.model.name)
 
 
 _lock = threading.Lock()
 
 
 @functools.lru_cache(maxsize=4)
-def _counter_cached(name: str, backend: str) -> Counter:
+def _counter_cached(name: str) -> Counter:
     folder = local_model_path(name)
-    if folder is None or not (folder / "tokenizer.json").exists() and not (folder / "tokenizer_config.json").exists():
+    if folder is None or not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
         return Counter(None, None, CHARS_PER_TOKEN)
     try:
         from transformers import AutoTokenizer
@@ -159,9 +159,9 @@ def _counter_cached(name: str, backend: str) -> Counter:
     return Counter(tokenizer, _context_of(folder), max(1, longest))
 
 
-def _counter(name: str, backend: str) -> Counter:
+def _counter(name: str) -> Counter:
     with _lock:  # one load per model, even when the first requests come together
-        return _counter_cached(name, backend)
+        return _counter_cached(name)
 
 
 def _context_of(folder: Any) -> int | None:
