@@ -52,6 +52,7 @@ from daemon.backends import Message, Request
 from daemon.config import Config
 from daemon.errors import InputError
 from daemon.images import load_pages, pdf_page_count, printable
+from daemon.memory import TRIM_AFTER_PIXELS, give_back
 from daemon.server import budget
 from daemon.server.context import ApiError
 
@@ -128,8 +129,12 @@ def parse_chat(body: Any, config: Config, counter: budget.Counter | None = None)
     budget.refuse_long_text(_text_length(messages), max_new, config, counter)
     turns: list[Message] = []
     images = _Images(config)
-    for i, message in enumerate(messages):
-        turns.append(_turn(message, f"messages[{i}]", config, images))
+    try:
+        for i, message in enumerate(messages):
+            turns.append(_turn(message, f"messages[{i}]", config, images))
+    finally:
+        if images.pixels >= TRIM_AFTER_PIXELS:  # the decode buffers are freed: hand them back (issue 27)
+            give_back()
     if not any(t.role == "user" for t in turns):
         raise ApiError(400, "messages: at least one user message is needed", param="messages", code="invalid_request")
     prompt_tokens = budget.check_prompt(turns, max_new, config, counter)
