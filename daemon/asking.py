@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from daemon.backends import create_backend
 from daemon.config import Config
+from daemon.controls import for_terminal, json_text
 from daemon.engine.loop import check_model
 from daemon.errors import ExitCode, VlwatchError
 from daemon.queue import StateLock, safe_text
@@ -147,10 +148,10 @@ def _ask_daemon(client: "httpx.Client", config: Config, question: str, images: S
             raise VlwatchError(f"the daemon refused: {_api_error(response)}", ExitCode.FAILED)
         doc = response.json()
         choice = doc["choices"][0]
-        print(json.dumps({"answer": choice["message"]["content"], "model": doc.get("model"),
-                          "finish_reason": choice.get("finish_reason"),
-                          "new_tokens": (doc.get("usage") or {}).get("completion_tokens"),
-                          "images": [str(p) for p in images], "via": "daemon"}, ensure_ascii=False, indent=2))
+        print(json_text({"answer": choice["message"]["content"], "model": doc.get("model"),
+                         "finish_reason": choice.get("finish_reason"),
+                         "new_tokens": (doc.get("usage") or {}).get("completion_tokens"),
+                         "images": [str(p) for p in images], "via": "daemon"}, indent=2))
         return ExitCode.OK
     with client.stream("POST", "/v1/chat/completions", json=body) as response:
         if response.status_code != 200:
@@ -166,7 +167,7 @@ def _ask_daemon(client: "httpx.Client", config: Config, question: str, images: S
             for choice in chunk.get("choices", ()):
                 piece = (choice.get("delta") or {}).get("content")
                 if piece:
-                    sys.stdout.write(piece)
+                    sys.stdout.write(for_terminal(piece))  # model text is hostile (issue 27)
                     sys.stdout.flush()
     print()
     return ExitCode.OK
@@ -189,7 +190,7 @@ def _ask_here(config: Config, question: str, images: Sequence[Path], max_tokens:
 
     def stream(piece: str) -> None:
         printed.append(piece)
-        sys.stdout.write(piece)
+        sys.stdout.write(for_terminal(piece))  # model text is hostile (issue 27)
         sys.stdout.flush()
 
     max_new = min(max_tokens or config.model.max_new_tokens, config.model.max_new_tokens)
@@ -204,11 +205,11 @@ def _ask_here(config: Config, question: str, images: Sequence[Path], max_tokens:
         if callable(unload):
             unload()
     if as_json:
-        print(json.dumps({"answer": answer.text, "model": backend.model,
-                          "finish_reason": "stop" if answer.finished else "length", "new_tokens": answer.new_tokens,
-                          "images": [str(p) for p in images], "via": "local"}, ensure_ascii=False, indent=2))
+        print(json_text({"answer": answer.text, "model": backend.model,
+                         "finish_reason": "stop" if answer.finished else "length", "new_tokens": answer.new_tokens,
+                         "images": [str(p) for p in images], "via": "local"}, indent=2))
         return ExitCode.OK
     rest = answer.text[len("".join(printed)):]  # a backend that does not stream sends it all here
-    sys.stdout.write(rest + "\n")
+    sys.stdout.write(for_terminal(rest) + "\n")
     sys.stdout.flush()
     return ExitCode.OK

@@ -26,6 +26,26 @@ log = logging.getLogger("vlwatch")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``vlwatch``; a reader that goes away (``vlwatch search x | head``) ends it quietly, status 0 (issue 27)."""
+    try:
+        try:
+            code = _main(argv)
+        except SystemExit:  # --help, --version, a usage error: printed too
+            sys.stdout.flush()
+            raise
+        sys.stdout.flush()  # here, where a closed pipe can still be caught, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # Python's own advice (the signal docs, "Note on SIGPIPE"): point stdout at /dev/null so the
+        # interpreter's last flush cannot fail again and print "Exception ignored".  The command did
+        # its work; the reader chose to stop reading: nothing failed.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return ExitCode.OK
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     if argv is None and "_ARGCOMPLETE" in os.environ:  # the shell asks for completions (issue 11.12)
         import argcomplete

@@ -7,7 +7,6 @@ no daemon holds the state file.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from daemon.backends import DeviceLostError, create_backend
 from daemon.config import COMPILE_PARTS, ENGINE_KEYS, Config, EngineOptions
+from daemon.controls import for_terminal, json_text
 from daemon.engine.loop import check_model
 from daemon.engine.outcomes import BatchResult, Processor
 from daemon.errors import BackendUnavailableError, ExitCode, VlwatchError, plural
@@ -192,9 +192,9 @@ def status(config: Config, as_json: bool = False) -> int:
     """``vlwatch status``: queue counts, the daemon, the model, the last failures."""
     info = status_info(config)
     if as_json:
-        print(json.dumps(info, indent=2))
+        print(json_text(info, indent=2))
     else:
-        print(format_status(info))
+        print(for_terminal(format_status(info)))
     return ExitCode.OK
 
 
@@ -211,6 +211,12 @@ def status_info(config: Config, failures: int = 10) -> dict[str, object]:
         info["counts"] = queue.counts()
         info["failures"] = [j.as_dict() for j in queue.failures(failures)]
         info["outdated"] = len(outdated(config, queue))
+    if pid is None and info["counts"].get("running"):  # type: ignore[union-attr]
+        # Nobody runs them: a daemon was killed while it did (kill -9, a power cut). Not "running"
+        # beside "not running" (issue 27): interrupted, and the next start redoes them.
+        counts = dict(info["counts"])  # type: ignore[arg-type]
+        counts["interrupted"], counts["running"] = counts["running"], 0
+        info["counts"] = counts
     model = meta.get("model")
     if model is not None and pid is None:
         model = {**model, "loaded": False, "since": None}  # nobody holds it any more
@@ -251,6 +257,9 @@ def format_status(info: dict) -> str:
         f"daemon   {'running (pid %s)' % daemon['pid'] if daemon['running'] else 'not running'}",
         f"queue    {c['queued']} queued, {c['running']} running, {c['done']} done, {c['failed']} failed",
     ]
+    if c.get("interrupted"):
+        lines.append(f"         {c['interrupted']} interrupted: the daemon stopped while running them; "
+                     "its next start redoes them")
     if info.get("outdated"):
         lines.append(f"outdated {_outdated_note(info['outdated'], redo=False)}")
     model = info.get("model")
@@ -277,7 +286,7 @@ def format_status(info: dict) -> str:
     if info["failures"]:
         lines.append("last failures:")
         for f in info["failures"]:
-            lines.append(f"  #{f['id']}  {safe_text(f['path'])} [{f['rule']}] after {f['attempts']} attempts, "
+            lines.append(f"  #{f['id']}  {safe_text(f['path'])} [{f['rule']}] after {plural(f['attempts'], 'attempt')}, "
                          f"{_when(f['finished_at'])}: {f['error']}")
         lines.append("(`vlwatch retry --all` or `vlwatch retry JOB_ID...` puts them back on the queue)")
     return "\n".join(lines)
@@ -403,11 +412,11 @@ def search(config: Config, query: str, *, as_json: bool = False, limit: int = 20
     """
     hits = search_hits(config, query, limit=limit, folder=folder, rule=rule, since=since, until=until)
     if as_json:
-        print(json.dumps({"query": query, "hits": hits}, indent=2, ensure_ascii=False))
+        print(json_text({"query": query, "hits": hits}, indent=2))
         return ExitCode.OK
     bold = sys.stdout.isatty()
-    for h in hits:
-        print(f"{h['path']}\t[{h['rule']}]\t{h['sidecar']}")
+    for h in hits:  # snippets are model text, paths are anyone's: no control character reaches the terminal
+        print(for_terminal(f"{h['path']}\t[{h['rule']}]\t{h['sidecar']}"))
         print(f"    {_marked(h['snippet'], h['highlights'], bold)}")
     if not hits:
         print("no hits", file=sys.stderr)
@@ -440,12 +449,12 @@ def search_hits(config: Config, query: str, *, limit: int = 20, folder: Path | N
 
 def _marked(snippet: str, spans: Sequence[Sequence[int]], bold: bool) -> str:
     if not bold:
-        return snippet
+        return for_terminal(snippet)
     out, pos = [], 0
-    for start, end in spans:
-        out += [snippet[pos:start], "\033[1m", snippet[start:end], "\033[0m"]
+    for start, end in spans:  # escaped piece by piece: the spans index the raw snippet
+        out += [for_terminal(snippet[pos:start]), "\033[1m", for_terminal(snippet[start:end]), "\033[0m"]
         pos = end
-    return "".join(out) + snippet[pos:]
+    return "".join(out) + for_terminal(snippet[pos:])
 
 
 def retry_job(config: Config, job_id: int) -> "Job | None":

@@ -279,6 +279,12 @@ class ApiConfig:
     #: ``/v1/convert/source`` may fetch ``kind: http`` sources from the network
     #: (off: nothing enters this machine that way unless the user says so)
     http_sources: bool = False
+    #: Tokens one chat request may use, prompt plus max_tokens (the model's own context when smaller).
+    max_context: int = 32768
+    #: Pages of one PDF a chat request may send; a longer PDF is refused, not cut.
+    max_pdf_pages: int = 64
+    #: Pixels decoded for one chat request, all images and pages together, before any downscaling.
+    max_request_pixels: int = 256_000_000
 
     @property
     def unix_socket(self) -> Path | None:

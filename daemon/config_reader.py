@@ -267,7 +267,8 @@ _RULE_KEYS = ("name", "match", "task", "prompt", "output", "also", "csp", "raw_h
               "min_pixels", "max_pixels", "formats", "pages", "reference", "on_done", "on_failed",
               "webhook", "answers", "temperatures", "longest_side")
 _JOBS_KEYS = ("attempts", "backoff", "rescan", "keep_history", "batch_wait", "redo_outdated")
-_API_KEYS = ("listen", "token_env", "sync_wait", "http_sources")
+_API_KEYS = ("listen", "token_env", "sync_wait", "http_sources", "max_context", "max_pdf_pages",
+             "max_request_pixels")
 _HOOKS_KEYS = ("on_done", "on_failed", "timeout")
 
 
@@ -479,6 +480,10 @@ def _read_api(r: _Reader, node: yaml.Node) -> ApiConfig:
         extra["sync_wait"] = r.duration(keys["sync_wait"], "api.sync_wait")
     if "http_sources" in keys:
         extra["http_sources"] = r.boolean(keys["http_sources"], "api.http_sources")
+    extra = {k: v for k, v in extra.items() if v is not None}
+    for key in ("max_context", "max_pdf_pages", "max_request_pixels"):
+        if key in keys:
+            extra[key] = r.integer(keys[key], f"api.{key}", minimum=1)
     extra = {k: v for k, v in extra.items() if v is not None}
     where = keys.get("listen", node)
     if listen is not None and listen.startswith("unix:"):
@@ -936,7 +941,13 @@ def _check_model_present(r: _Reader, node: yaml.Node | None, name: str) -> str |
     """A warning (not a problem) when the weights are not on this machine: `check` must pass without them."""
     if local_model_path(name) is not None:
         return None
+    # The line of `name:` itself (issue 27: the model mapping's first line was cited, often `backend:`);
+    # the mapping's when the name is the default.
     line = node.start_mark.line + 1 if node is not None else None
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value == "name":
+                line = value.start_mark.line + 1
     return str(Problem(r.file, line, "model.name", f"model {name!r} is not downloaded; run `vlwatch pull {name}` "
                                                    "or set model.name to a local directory"))
 

@@ -89,6 +89,15 @@ class UnusableInputError(InputError):
     permanent = True
 
 
+class LinkOutsideError(UnusableInputError):
+    """A symbolic link out of every watched folder, and its watch does not follow such links.
+
+    Failed at once with the reason (issue 27: it was retried three times):
+    only a change of the link or of ``follow_symlinks_out`` can help, and
+    ``vlwatch retry`` takes it again then.
+    """
+
+
 class NotAnImageError(UnusableInputError):
     """Not an image or PDF vlwatch can read (text, an unknown format, empty)."""
 

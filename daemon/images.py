@@ -70,6 +70,7 @@ from daemon.errors import (
     AspectRatioError,
     ImageTooLargeError,
     InputError,
+    LinkOutsideError,
     NoPagesError,
     NotAnImageError,
     UnsupportedFormatError,
@@ -183,6 +184,19 @@ def load_pages(path: Path, *, min_pixels: int, max_pixels: int, formats: Sequenc
     for page in out:
         log.debug("%s: page %d: %dx%d shown as %dx%d", printable(path), page.number, *page.original, *page.shown)
     return out
+
+
+def pdf_page_count(path: Path, allowed_roots: Sequence[Path] | None = None) -> int | None:
+    """Pages of ``path`` when it is a PDF, else None; nothing is rendered (the API's page limit).
+
+    Raises:
+        InputError: as ``load_pages`` for a file it could not open.
+    """
+    with open_source(path, allowed_roots) as f:
+        if not _is_pdf(path, f):
+            return None
+        with _PDFIUM_LOCK, _pdf_document(path, f) as doc:
+            return len(doc)
 
 
 def open_image(path: Path, number: int = 1) -> Image.Image:
@@ -327,8 +341,8 @@ def _check_inside(path: Path, fd: int, roots: Sequence[Path]) -> None:
     real = Path(os.readlink(proc)) if os.path.islink(proc) else Path(os.path.realpath(path))
     if any(real == root or root in real.parents for root in roots):
         return
-    raise InputError(f"{printable(path)}: is a symbolic link to {printable(real)}, outside every watched folder; "
-                     "set follow_symlinks_out: true on the watch to read such files")
+    raise LinkOutsideError(f"{printable(path)}: is a symbolic link to {printable(real)}, outside every watched "
+                           "folder; set follow_symlinks_out: true on the watch to read such files")
 
 
 def _is_pdf(path: Path, f: BinaryIO) -> bool:

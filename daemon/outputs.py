@@ -44,13 +44,14 @@ from PIL import ImageDraw, ImageFont
 
 from daemon import answers
 from daemon.backends import Answer
+from daemon.controls import for_file
 from daemon.errors import VlwatchError
 from daemon.images import printable
 from daemon.policies import PageAnswer
 from daemon.rules import Match
 
 # Naming (what a sidecar is called, whether a name is ours) lives in daemon.sidecars.
-from daemon.sidecars import OVERLAY, TEMP_PREFIX, TEMP_SUFFIX, _lexical, sidecar_path
+from daemon.sidecars import OVERLAY, _lexical, sidecar_path, temp_name
 
 log = logging.getLogger(__name__)
 
@@ -468,7 +469,8 @@ def _dump(doc: dict[str, object]) -> bytes:
 def _utf8(text: str) -> bytes:
     # An OpenAI-compatible server may send "\udcff" escapes in its JSON: a lone
     # surrogate cannot be UTF-8, so it is written as U+FFFD, not raised on.
-    return _text(text).encode("utf-8")
+    # Control characters from the model become U+FFFD too (issue 27; daemon.controls).
+    return for_file(_text(text)).encode("utf-8")
 
 
 def atomic_write(path: Path, data: bytes, *, like: Path | None = None, folders: FolderSyncs | None = None) -> None:
@@ -483,7 +485,7 @@ def atomic_write(path: Path, data: bytes, *, like: Path | None = None, folders: 
     left there for the caller to fsync once for a whole batch.
     """
     _make_folder(path.parent)
-    tmp = path.parent / f"{TEMP_PREFIX}{secrets.token_hex(6)}{TEMP_SUFFIX}"
+    tmp = path.parent / temp_name(secrets.token_hex(6))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o664)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -316,8 +316,9 @@ def process(config: Config, paths: Sequence[Path], *, rule: str | None = None, f
             failed += _print_refused(submitted)
             if ids := [s.job_id for s in submitted if s.job_id is not None]:
                 how = " through its API" if isinstance(source, ApiJobs) else ""
-                log.warning("handed %s to the running daemon (pid %d)%s; waiting for %s", plural(len(ids), "job"),
-                            holder, how, "it" if len(ids) == 1 else "them")
+                # A normal hand-off, not a warning (issue 27): a note on stderr, where the results are not.
+                print(f"vlwatch: handed {plural(len(ids), 'job')} to the running daemon (pid {holder}){how}; "
+                      f"waiting for {'it' if len(ids) == 1 else 'them'}", file=sys.stderr, flush=True)
         deadline = None if timeout is None else time.monotonic() + timeout
         outcomes: list[tuple[int, int, JobLike | None | str]] = []  # (place, job id, the job or why it is not done)
         for source, submitted in waits:

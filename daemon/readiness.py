@@ -18,6 +18,7 @@ for the queue beyond the digest function the caller passes.
 
 from __future__ import annotations
 
+import errno
 import heapq
 import io
 import logging
@@ -118,7 +119,9 @@ def _complete_by_structure(path: Path) -> bool | None:
             return _structure_verdict(head, tail, size, lambda needle: _find(f, size, needle))
     except PermissionError:
         return True
-    except OSError:
+    except OSError as exc:
+        if exc.errno in OUT_OF_RESOURCES:
+            raise  # says nothing of the file: the caller looks again
         return False
 
 
@@ -162,6 +165,10 @@ def _decodes(source: Path | BinaryIO) -> bool:
             image.load()
     except Image.DecompressionBombError:
         return True  # complete, just refused: the worker says so
+    except OSError as exc:
+        if exc.errno in OUT_OF_RESOURCES:
+            raise
+        return False  # truncated ("image file is truncated" has no errno)
     except Exception:  # truncated, or not even a header yet
         return False
     return True
@@ -183,6 +190,15 @@ class Look:
     complete: bool = False
     #: the digest of exactly the bytes judged whole, when one was asked for and the file was read whole
     digest: str | None = None
+    #: the process could not open it for want of descriptors or memory: look again, it says nothing of the file
+    busy: bool = False
+
+
+#: errno values that say the process, not the file, is at a limit (issue 27: a flood of sockets
+#: used every descriptor, and a file arriving then was dropped as "gone").
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+#: Seconds before a file that could not be opened for want of descriptors is looked at again.
+BUSY_RETRY = 1.0
 
 
 def look_at(path: str, digest: Callable[[bytes], str] | None = None) -> Look:
@@ -203,7 +219,9 @@ def look_at(path: str, digest: Callable[[bytes], str] | None = None) -> Look:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except PermissionError:  # waiting cannot help; the intake records why it fails (issue 10.3)
         return Look(file_signature(path), True)
-    except OSError:
+    except OSError as exc:
+        if exc.errno in OUT_OF_RESOURCES:
+            return Look(file_signature(path), busy=True)
         return Look(None)
     try:
         st = os.fstat(fd)
@@ -211,7 +229,10 @@ def look_at(path: str, digest: Callable[[bytes], str] | None = None) -> Look:
             return Look(None)
         sig = (st.st_size, st.st_mtime_ns)
         if st.st_size > READ_WHOLE:
-            return Look(sig, probe_image(Path(path)))
+            try:
+                return Look(sig, probe_image(Path(path)))
+            except OSError as exc:  # only OUT_OF_RESOURCES leaves probe_image
+                return Look(sig, busy=exc.errno in OUT_OF_RESOURCES)
         try:
             data = _read(fd, st.st_size + 1)
             after = os.fstat(fd)
@@ -249,6 +270,25 @@ def _whole(suffix: str, data: bytes) -> bool:
     if verdict is not None:
         return verdict
     return _decodes(io.BytesIO(data))
+
+
+class _Busy:
+    """One warning per ``every`` seconds while files cannot be opened for want of descriptors."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every, self.logged, self.count = every, float("-inf"), 0
+
+    def note(self, key: str) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.logged >= self.every:
+            # %r, not images.printable: nothing may be imported here (an import opens files).
+            log.warning("%r: cannot be opened now (the process is out of file descriptors); %d file(s) "
+                        "wait and are looked at again every %gs", key, self.count, BUSY_RETRY)
+            self.logged, self.count = now, 0
+
+
+_out_of_descriptors = _Busy()
 
 
 class Settler:
@@ -460,6 +500,12 @@ class Settler:
                 return None
         seen = look_at(key, self._digest)
         now, sig = self._clock(), seen.signature
+        if seen.busy:
+            _out_of_descriptors.note(key)
+            with self._cond:  # not the file's fault: no probe counted, look again soon
+                if self._pending.get(key) is entry:
+                    self._schedule(key, entry, now + BUSY_RETRY)
+            return None
         if sig is None:
             self.forget(key)
             return None

@@ -130,6 +130,21 @@ def allowed_roots(config: Config, match: Match) -> tuple[Path, ...] | None:
     return real_roots(config)
 
 
+def links_out(config: Config, path: Path) -> bool:
+    """Whether ``path``, in a watched folder, resolves outside every one while its watch forbids that.
+
+    The check ``daemon.images`` makes on the file it opens, made before a job
+    exists, so such a file is refused once with the reason (issue 27) rather
+    than queued, failed and retried.  The open-time check stays: this one
+    can be raced, that one cannot.
+    """
+    watch = watch_for(config, path)
+    if watch is None or watch.follow_symlinks_out:  # as allowed_roots decides
+        return False
+    real = Path(os.path.realpath(path))
+    return not any(real == r or r in real.parents for r in real_roots(config))
+
+
 #: id(config) -> (the config, its watch roots resolved).  See ``real_roots``.
 _real_roots: dict[int, tuple[Config, tuple[Path, ...]]] = {}
 

@@ -43,10 +43,17 @@ from daemon.queue import (
     content_hash,
     unreadable_hash,
 )
+from daemon.images import printable
 from daemon.readiness import file_signature
 from daemon.recipes import recipe_of
 from daemon.rules import Match, match_file
-from daemon.sidecars import is_temp_name, planned_sidecars, sidecar_fresh, sidecar_missing  # noqa: F401
+from daemon.sidecars import (  # noqa: F401
+    is_temp_name,
+    planned_sidecars,
+    sidecar_fresh,
+    sidecar_missing,
+    temp_writer_gone,
+)
 from daemon.watching import is_ignored, walk_files
 
 log = logging.getLogger(__name__)
@@ -255,15 +262,17 @@ def enqueue_in_chunks(queue: Queue, works: Iterable[Work], chunk: int = 500) -> 
 def remove_stale_temp(path: Path) -> None:
     """Delete a sidecar temp file (``.vlwatch-*.tmp``) a killed process left behind.
 
-    Only after ``STALE_TEMP`` seconds: a live writer renames its temp file
-    within milliseconds, so an old one has no owner any more.
+    At once when its name says its writer, a process of this host, is gone
+    (issue 27: one stayed after a ``kill -9`` and a restart); otherwise only
+    after ``STALE_TEMP`` seconds: a live writer renames its temp file within
+    milliseconds, so an old one has no owner any more.
     """
     if not is_temp_name(path.name):
         return
     sig = file_signature(path)
-    if sig is not None and time.time() - sig[1] / 1e9 > STALE_TEMP:
+    if sig is not None and (temp_writer_gone(path.name) or time.time() - sig[1] / 1e9 > STALE_TEMP):
         path.unlink(missing_ok=True)
-        log.info("%s: removed a stale temporary file", path)
+        log.info("%s: removed a temporary file its writer left behind", printable(path))
 
 
 def sidecars_written(job: Job, config: Config) -> bool:

@@ -91,7 +91,9 @@ class Hit:
 # ------------------------------------------------------------------ queries
 
 
-_WORD = re.compile(r'[^\s"]+')
+# Control characters part words too: SQLite ends a query string at a NUL (issue 27: "a\x00b" made
+# FTS5 fail with "unterminated string" and the search answered nothing, silently).
+_WORD = re.compile(r'[^\s"\x00-\x1f\x7f]+')
 
 
 def fts_query(text: str) -> str | None:

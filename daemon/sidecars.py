@@ -89,6 +89,41 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)
 
 
+def temp_name(token: str) -> str:
+    """A temporary file's name that says who writes it: ``.vlwatch-HOST-PID-TOKEN.tmp``.
+
+    So a sweep can tell a file whose writer is gone (a ``kill -9``) from one
+    being written now, at once, without waiting for it to grow old (issue 27).
+    """
+    return f"{TEMP_PREFIX}{_host()}-{os.getpid()}-{token}{TEMP_SUFFIX}"
+
+
+def temp_writer_gone(name: str) -> bool:
+    """Whether the temporary file ``name`` was written by a process of this host that no longer runs.
+
+    False when it cannot tell: a name of the old form (no writer in it),
+    another host's (a shared folder: its pids mean nothing here), a live pid.
+    """
+    parts = name[len(TEMP_PREFIX):-len(TEMP_SUFFIX)].rsplit("-", 2)
+    if len(parts) != 3 or parts[0] != _host() or not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, ValueError):
+        return False
+    return False
+
+
+def _host() -> str:
+    # Dashes would blur the name's fields; a host name is not secret but need not be long.
+    return "".join(c for c in os.uname().nodename if c.isalnum())[:32] or "host"
+
+
 def sidecar_rule(name: str, rule_names: AbstractSet[str]) -> str | None:
     """The rule whose sidecar (or overlay) ``name`` is, if any of ``rule_names``."""
     for ending in SIDECAR_ENDINGS:

@@ -54,6 +54,9 @@ def test_plain_and_streamed(tiny_served: tuple[openai.OpenAI, Path]) -> None:  #
                                            messages=[{"role": "user", "content": "Say hi."}])
     assert isinstance(reply.choices[0].message.content, str)
     assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens <= 4
+    # issue 27: counted with the checkpoint's tokenizer (the default system prompt, the template, 3 words)
+    assert 10 < reply.usage.prompt_tokens < 60
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
     text = ""
     for chunk in client.chat.completions.create(model="tiny", max_tokens=4, stream=True,
                                                 messages=[{"role": "user", "content": "Say hi."}]):

@@ -89,3 +89,27 @@ def _up(port: int) -> bool:
         return httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_ask_never_prints_model_text_raw(tmp_path: Path) -> None:
+    # issue 27: model text is hostile; the stub echoes the question, so an escape sequence in it
+    # comes back as model text, through the daemon and without one
+    hostile = "clear \x1b[2J title \x1b]0;pwned\x07 csi \x9b1m"
+    port = free_port()
+    config = api_config(tmp_path, port)
+    env = {"VLWATCH_PLUGINS": "tests.stub_backend"}
+    a = put(tmp_path / "a.png", png_bytes(5, (64, 48)))
+    done = run_vlwatch("ask", hostile, a, "--config", config, env=env)  # no daemon: loaded here
+    assert done.returncode == 0, done.stderr
+    assert not any(c in done.stdout for c in "\x1b\x07\x9b") and "\\x1b[2J" in done.stdout, repr(done.stdout)
+    d = Daemon(tmp_path, config, **env).start()
+    try:
+        wait_until(lambda: _up(port), "the API", log=d.log)
+        for args in ((), ("--json",)):
+            done = run_vlwatch("ask", hostile, a, *args, "--config", config, env=env)
+            assert done.returncode == 0, done.stderr
+            assert not any(c in done.stdout for c in "\x1b\x07\x9b"), repr(done.stdout)
+        assert json.loads(done.stdout)["answer"].endswith("last: " + hostile)  # the JSON keeps it, escaped
+    finally:
+        d.stop()
+        d.close()

@@ -315,8 +315,11 @@ def test_file_deleted_or_replaced_while_waiting(tmp_path: Path) -> None:
 # ----------------------------------------------------------- model output
 
 
-def test_model_output_is_only_ever_data(tmp_path: Path) -> None:
+def test_model_output_is_only_ever_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A prompt-injected image makes the model say anything: it is written as data, nothing more."""
+    # issue 27: the worker runs in this process, so a command the text smuggled in would run in
+    # its working directory: make that tmp_path, and look there (Path("pwned") looked elsewhere).
+    monkeypatch.chdir(tmp_path)
     watched = tmp_path / "w"
     watched.mkdir()
     Image.new("RGB", (32, 32)).save(watched / "a.png")
@@ -330,7 +333,7 @@ def test_model_output_is_only_ever_data(tmp_path: Path) -> None:
     assert "../../../../etc/passwd" in (watched / "a.png.describe.md").read_text()  # kept as text, not used
     html = (watched / "a.png.code.html").read_text()
     assert "default-src 'none'" in html and "script-src 'none'" in html
-    assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]  # no pwned, no pwned2, nothing else
 
 
 def test_chat_tokens_and_bad_bytes_in_names_never_reach_the_prompt_raw(tmp_path: Path) -> None:

@@ -204,3 +204,29 @@ def test_a_batch_fsyncs_each_sidecar_folder_once_after_its_renames(tmp_path: Pat
         assert [what for what, _ in events] == ["fsync", "rename", "sync folder", "fsync"]
     finally:
         worker.close()
+
+
+HOSTILE = "red \x1b[31malert\x07 \x1b]0;pwned\x07 csi\x9b2J del\x7f ok\ttab\r\nnext\x00line\x06\x11"
+
+
+def _controls(data: bytes) -> set[int]:
+    text = data.decode("utf-8")
+    return {ord(c) for c in text if (ord(c) < 0x20 and c not in "\t\n") or 0x7F <= ord(c) < 0xA0}
+
+
+def test_no_sidecar_carries_control_characters(tmp_path: Path) -> None:
+    # issue 27: model text is hostile; sidecars are read with cat
+    source = tmp_path / "a.png"
+    Image.new("RGB", (10, 10)).save(source)
+    rules = [Rule("notes", ("*.png",), "describe", "p", "md"), CODE,
+             Rule("data", ("*.png",), "custom", "p", "json"), GROUND]
+    for rule in rules:
+        page = PageResult(1, Answer(HOSTILE), (10, 10), (28, 28))
+        for path in write_result(Result(Match(source, rule, tmp_path), (page,), "transformers", "m")):
+            if path.suffix == ".png":
+                continue
+            data = path.read_bytes()
+            assert _controls(data) == set(), (path.name, _controls(data))
+            if rule.output == "md":
+                text = data.decode()
+                assert "red \ufffd[31malert\ufffd" in text and "ok\ttab\nnext\ufffdline" in text

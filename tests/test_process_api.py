@@ -93,6 +93,7 @@ def test_process_goes_through_the_api_ahead_of_the_backlog(busy: tuple[Daemon, P
     pid = d.proc.pid
     assert f"handed 2 jobs to the running daemon (pid {pid}) through its API" in done.stderr, done.stderr
     assert re.search(rf"handed 1 job to the running daemon \(pid {pid}\); waiting", done.stderr), done.stderr
+    assert "WARNING" not in done.stderr, done.stderr  # issue 27: a normal hand-off is no warning
     log = d.log()
     assert f"{last}: describe moved ahead through the API: job #{d.latest(last).id}" in log, log[-3000:]
     assert re.search(rf"{re.escape(str(fresh))}: describe (queued through the API as|moved ahead through the API:) "

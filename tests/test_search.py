@@ -128,18 +128,25 @@ def test_sweep_fixes_entries_without_a_query(tmp_path: Path, state: Path) -> Non
         assert index.count() == 1
 
 
-HOSTILE = ['"', '""', "'", "*", "**", "a*b", "NEAR(", "NEAR(a b", "a AND", "OR", "NOT x", "(", ")", "^",
-           "name:plum", "body:", "{name body}: plum", "-plum", "+", "a\x00b", "\ue000plum\ue001", "\\", "%", "_",
-           "plum\" OR \"x", "'; DROP TABLE jobs; --", "\u202e", "ünïcödé", "日本語", " " * 50, "x" * 5000]
+# (query, hits) against a sidecar reading "plum NEAR and OR name body": FTS5's syntax is
+# searched for as words, every word is required, punctuation only parts words.
+HOSTILE = [('"', 0), ('""', 0), ("'", 0), ("*", 0), ("**", 0), ("a*b", 0), ("NEAR(", 1), ("NEAR(a b", 0),
+           ("a AND", 0), ("OR", 1), ("NOT x", 0), ("(", 0), (")", 0), ("^", 0), ("name:plum", 0), ("body:", 1),
+           ("{name body}: plum", 1), ("-plum", 1), ("+", 0), ("a\x00b", 0), ("plum\x00body", 1), ("NEAR\x1b", 1),
+           ("\ue000plum\ue001", 1), ("\\", 0), ("%", 0), ("_", 0), ('plum" OR "x', 0), ('plum" OR "body', 1),
+           ("'; DROP TABLE jobs; --", 0), ("\u202e", 0), ("ünïcödé", 0), ("日本語", 0), (" " * 50, 0), ("x" * 5000, 0),
+           ("pl*", 1), ("BODY name PLUM", 1)]
 
 
-@pytest.mark.parametrize("query", HOSTILE)
-def test_hostile_queries_never_raise(tmp_path: Path, state: Path, query: str) -> None:
-    # issue 14: user query text made safe for FTS5 syntax
+@pytest.mark.parametrize("query,expected", HOSTILE)
+def test_hostile_queries_are_searched_as_words(tmp_path: Path, state: Path, query: str, expected: int,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    # issue 14: user query text made safe for FTS5 syntax; issue 27: assert what comes back, not only its type
     with Queue(state) as q:
         finish_job(q, tmp_path / "h.png", "ocr", {"md": "plum NEAR and OR name body"})
     hits = search(state, query)
-    assert isinstance(hits, list)
+    assert paths(hits) == [str(tmp_path / "h.png")] * expected
+    assert "failed" not in caplog.text  # a query FTS5 could not parse answers nothing, silently
 
 
 def test_fts_query_quotes_every_word() -> None:
@@ -203,3 +210,22 @@ def test_cli_search_json_and_text(tmp_path: Path, state: Path) -> None:
     assert r.returncode == 0 and "no hits" in r.stderr
     r = run_vlwatch("search", "quota", "--since", "yesterday", "--config", config, timeout=120)
     assert r.returncode == 2 and "YYYY-MM-DD" in r.stderr
+
+
+def test_cli_search_shows_model_text_escaped(tmp_path: Path, state: Path) -> None:
+    # issue 27: a sidecar's text comes from the model; no escape sequence of it reaches the terminal
+    with Queue(state) as q:
+        finish_job(q, tmp_path / "inbox" / "evil.png", "ocr", {"md": "quota \x1b]0;pwned\x07 \x1b[2J\x9b1m done"})
+    config = write_config(tmp_path, f"""
+        state: {state}
+        include: [ocr]
+        watch:
+          - path: {tmp_path / 'inbox'}
+        """)
+    for args in ((), ("--json",)):
+        r = run_vlwatch("search", "quota", *args, "--config", config, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert not any(c in r.stdout for c in "\x1b\x07\x9b"), repr(r.stdout)
+        assert "pwned" in r.stdout
+    r = run_vlwatch("search", "quota", "--config", config, timeout=120)
+    assert "\\x1b]0;pwned\\x07" in r.stdout

@@ -434,3 +434,66 @@ def test_search_api_answers_hostile_queries(site: Site) -> None:
     assert [h["rule"] for h in hits] and all(h["rule"] == "ocr" for h in hits)
     assert any(h["path"].endswith("invoice-2031.png") and "quota" in h["snippet"].lower() for h in hits)
     assert site.http.get("/api/v1/search", params={"q": "x", "since": "yesterday"}).status_code == 400
+
+
+def test_result_cards_hide_the_provenance_comment(site: Site) -> None:
+    # issue 27: the sidecar's `<!-- vlwatch: ... -->` line showed as text in the cards
+    invoice = site.inbox / "scans" / "invoice-2031.png"
+    assert "<!-- vlwatch: rule ocr" in (invoice.parent / (invoice.name + ".ocr.md")).read_text()
+    page = site.http.get("/results").text
+    assert "invoice-2031.png" in page
+    assert "vlwatch: rule" not in page and "&lt;!-- vlwatch" not in page
+
+
+def test_failures_count_attempts_in_the_right_number(site: Site) -> None:
+    # issue 27: "1 attempts"
+    job = site.wait_state(site.inbox / "scans" / "bad-scan.png", "ocr", "failed")
+    page = site.http.get("/failures").text
+    n = job["attempts"]
+    assert f"{n} attempt{'s' if n != 1 else ''}</small>" in page and "1 attempts" not in page
+
+
+def test_the_index_count_is_live(site: Site) -> None:
+    # issue 27: the overview's "sidecars in the search index" only moved when someone searched
+    before = site.http.get("/web/overview.json").json()["indexed"]
+    fresh = picture(site.inbox / "scans" / "count-me.png", (250, 250, 250), "COUNT 1")
+    site.wait_state(fresh, "ocr", "done")
+    assert site.http.get("/web/overview.json").json()["indexed"] == before + 1
+
+
+def test_a_file_from_elsewhere_is_shown_but_not_served(site: Site) -> None:
+    # issue 27: `vlwatch process` on a file outside every watched folder: the page showed a broken
+    # thumbnail, a sidecar link answering 403 and an ask link that failed.  Now the page, the API
+    # and the ask picker agree: its result is shown, its files are not served, and it says why.
+    from tests.conftest import run_vlwatch
+
+    outside = picture(site.root / "elsewhere" / "outside-scan.png", (240, 240, 250), "ELSEWHERE")
+    done = run_vlwatch("process", "--rule", "ocr", "--config", site.root / "config.yaml", outside, timeout=120,
+                       env={"VLWATCH_PLUGINS": "tests.web_backend"})
+    assert done.returncode == 0, done.stderr
+    sidecar = outside.parent / (outside.name + ".ocr.md")
+    assert sidecar.is_file()
+    quoted = urllib.parse.quote(str(outside), safe="")
+    page = site.http.get("/results").text
+    at = page.index("outside-scan.png")
+    card = page[page.rindex("<article", 0, at):page.index("</article>", at)]
+    assert "not served here" in card
+    assert f"/web/thumb?path={quoted}" not in page and f"/ask?path={quoted}" not in page
+    assert "/api/v1/file?path=" + urllib.parse.quote(str(sidecar), safe="") not in page
+    assert site.http.get("/api/v1/file", params={"path": str(sidecar)}).status_code == 403
+    ask = site.http.get("/ask", params={"path": str(outside)}).text
+    assert "outside-scan.png" not in ask  # neither offered in the picker nor preset
+
+
+@needs_browser
+def test_a_failed_ask_says_so_and_gives_the_question_back(site: Site, browser: Browser) -> None:
+    # issue 27: a failed turn stayed "…"
+    page = browser.page
+    page.goto(site.base + "/ask")
+    question = "x " * 120_000  # over api.max_context: the API refuses it with a 400
+    page.locator("#question").fill(question)
+    page.locator("#send").click()
+    failed = page.locator(".msg.assistant.failed")
+    failed.wait_for(timeout=30_000)
+    assert failed.inner_text().startswith("failed: ") and "max_context" in failed.inner_text()
+    assert page.locator("#question").input_value() == question.strip()

@@ -11,7 +11,7 @@ daemon's state file, queue jobs only, in a fresh interpreter ("spawn"):
   pipe: a new config (SIGHUP), the intake's bursts, stop;
 - it sends a heartbeat every ``BEAT`` seconds from a thread of its own, with
   how long its engine has been busy without progress (the daemon kills a
-  child it stops hearing from, or one stuck past ``daemon.engine.STALL``);
+  child it stops hearing from, or one stuck past ``daemon.engine.loop.STALL``);
 - on stop (a message, SIGTERM or SIGINT) the jobs in hand go back on the
   queue without an attempt spent; losing its GPU exits ``DEVICE_LOST_EXIT``.
 """

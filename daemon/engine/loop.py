@@ -448,7 +448,7 @@ class WorkerLoop(threading.Thread):
             unload = getattr(old.backend, "unload", None)
             if callable(unload):
                 unload()
-        self._model_loaded = None
+            self._model_loaded = None  # a new model: its own "since" (a reload that keeps it keeps its since)
         self._note_model_state()
 
     def _idle_timeout(self) -> float:

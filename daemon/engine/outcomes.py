@@ -31,6 +31,7 @@ from daemon.errors import (
     ModelMissingError,
     StateUnavailableError,
     StorageUnavailableError,
+    plural,
 )
 from daemon.images import printable
 from daemon.queue import Job, Queue, content_hash
@@ -259,6 +260,6 @@ class Processor:
             result.retrying += 1
         else:
             self.record(partial(self.queue.fail, job.id, error, retry_at=None, seconds=seconds))
-            log.error("%s: %s failed after %d attempts: %s", job.path, job.rule, job.attempts, error)
+            log.error("%s: %s failed after %s: %s", job.path, job.rule, plural(job.attempts, "attempt"), error)
             hooks.failed(config, job.rule, job.path, error)
             result.failed += 1

@@ -54,10 +54,10 @@ file and the next daemon start recovers them, as after any crash.
   ``engine.engine_lost_after`` (120 s: well above the longest a healthy child
   holds the interpreter, loading weights or compiling; its process stopped, or a call that holds the interpreter
   never returns: a GPU kernel that never ends), or no progress for
-  ``daemon.engine.STALL``, and the supervisor kills it: its jobs go back
+  ``daemon.engine.loop.STALL``, and the supervisor kills it: its jobs go back
   with the attempt spent, and it starts again, as after a crash.
 
-- a burst of arrivals (``daemon.engine.BURST`` files waiting for the
+- a burst of arrivals (``daemon.engine.loop.BURST`` files waiting for the
   intake) is passed on to the children as it starts and ends, so that they
   too let the files reach the durable queue first (for at most
   ``MAX_YIELD``), as engine 0 does.

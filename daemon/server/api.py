@@ -37,8 +37,9 @@ from daemon.errors import BackendError, BackendUnavailableError, VlwatchError
 from daemon.images import printable
 from daemon.process import Submitted, submit
 from daemon.queue import STATES, Job, Queue
-from daemon.server.chat import ChatCall, parse_chat, served_roots
-from daemon.server.context import ApiError, ServerContext, context, error_body
+from daemon.rules import links_out, normalised
+from daemon.server.chat import ChatCall, parse_chat, resolves_outside, served_roots
+from daemon.server.context import ApiError, RowId, ServerContext, context, error_body, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +61,16 @@ FILE_CSP = "sandbox; default-src 'none'; img-src data: 'self'; style-src 'unsafe
 
 
 async def _json_body(request: Request) -> Any:
-    raw = await request.body()
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "the body is not valid JSON", code="invalid_json") from None
+    return parse_json(await request.body())
 
 
 # ---------------------------------------------------------------- /v1
+
+
+@router.api_route("/health", methods=["GET", "HEAD"])
+def health() -> dict[str, str]:
+    """What uptime monitors ask (HEAD too): the API answers; the daemon's state is /api/v1/status."""
+    return {"status": "ok"}
 
 
 @router.get("/v1/models")
@@ -100,7 +103,7 @@ async def chat_completions(request: Request, ctx: ServerContext = Depends(contex
         future.cancel()  # the client went away: the engine drops the request at its next step
         log.info("a chat request's client went away before its answer; the request is dropped")
         return Response(status_code=499)  # nginx's "client closed request": nobody reads it
-    return _completion(answer, served)
+    return _completion(answer, served, call.prompt_tokens)
 
 
 async def _unless_client_leaves(request: Request, answer: Awaitable[Answer]) -> Answer | None:
@@ -133,7 +136,7 @@ def _engine_error(exc: BaseException) -> ApiError:
     return ApiError(500, "the model failed (see the daemon's log)", code="model_error")
 
 
-def _completion(answer: Answer, served: str) -> dict[str, Any]:
+def _completion(answer: Answer, served: str, prompt_tokens: int) -> dict[str, Any]:
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
@@ -141,13 +144,14 @@ def _completion(answer: Answer, served: str) -> dict[str, Any]:
         "model": served,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
                      "finish_reason": "stop" if answer.finished else "length", "logprobs": None}],
-        "usage": _usage(answer),
+        "usage": _usage(answer, prompt_tokens),
     }
 
 
-def _usage(answer: Answer) -> dict[str, int]:
-    # The engine does not report prompt tokens; 0 rather than a guess.
-    return {"prompt_tokens": 0, "completion_tokens": answer.new_tokens, "total_tokens": answer.new_tokens}
+def _usage(answer: Answer, prompt_tokens: int) -> dict[str, int]:
+    # The prompt as the API counted it before the engine saw it (daemon.server.budget).
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": answer.new_tokens,
+            "total_tokens": prompt_tokens + answer.new_tokens}
 
 
 def _sse(data: Any) -> bytes:
@@ -188,7 +192,7 @@ async def _chat_stream(ctx: ServerContext, call: ChatCall, served: str) -> Async
             yield chunk({}, "stop" if answer.finished else "length")
             if call.include_usage:
                 yield _sse({"id": ident, "object": "chat.completion.chunk", "created": created, "model": served,
-                            "choices": [], "usage": _usage(answer)})
+                            "choices": [], "usage": _usage(answer, call.prompt_tokens)})
         yield b"data: [DONE]\n\n"
     finally:
         future.cancel()  # a client that left: drop the request if it has not started
@@ -215,7 +219,7 @@ def list_jobs(ctx: ServerContext = Depends(context), state: str | None = None,
 
 
 @router.get("/api/v1/jobs/{job_id}")
-def get_job(job_id: int, ctx: ServerContext = Depends(context)) -> dict[str, Any]:
+def get_job(job_id: RowId, ctx: ServerContext = Depends(context)) -> dict[str, Any]:
     job = commands.job_info(ctx.config(), job_id)
     if job is None:
         raise ApiError(404, f"no job {job_id}", code="job_not_found")
@@ -246,11 +250,21 @@ async def submit_jobs(request: Request, ctx: ServerContext = Depends(context)) -
     return {"jobs": [r.as_dict() for r in results]}
 
 
+#: Why the API refuses a file that is a symbolic link out of the watched folders.
+LINKS_OUT = "resolves outside every watched folder (a symbolic link; the watch has no follow_symlinks_out)"
+
+
 def _submit(config: Config, paths: list[str], rule: str | None, force: bool, stale: bool) -> list[Submitted]:
-    """``process.submit`` as the API may: absolute paths inside a watched folder only (issue 13.4)."""
+    """``process.submit`` as the API may: absolute paths inside a watched folder only (issue 13.4),
+    and not through a symbolic link out of them (issue 27: refused now, not failed three times later)."""
+    refused = {i: Submitted(normalised(Path(p)), rule, error=LINKS_OUT) for i, p in enumerate(paths)
+               if os.path.isabs(p) and links_out(config, normalised(Path(p)))}
+    rest = [p for i, p in enumerate(paths) if i not in refused]
     with Queue(config.state) as queue:
-        results = submit(config, queue, paths, rule, force=force, stale=stale, watched_only=True,
-                         absolute_only=True)
+        results = submit(config, queue, rest, rule, force=force, stale=stale, watched_only=True,
+                         absolute_only=True) if rest else []
+    if refused:
+        results = _in_order(paths, refused, results)
     for r in results:  # one line per file, as the watcher logs its own
         if r.state == "queued":
             how = "queued through the API as" if r.queued else "moved ahead through the API:"
@@ -258,8 +272,23 @@ def _submit(config: Config, paths: list[str], rule: str | None, force: bool, sta
     return results
 
 
+def _in_order(paths: list[str], refused: dict[int, Submitted], submitted: list[Submitted]) -> list[Submitted]:
+    """``refused`` (by index in ``paths``) and ``submit``'s answers (one or more per path, in order), merged."""
+    out: list[Submitted] = []
+    rest = iter(submitted)
+    pending = next(rest, None)
+    for i, p in enumerate(paths):
+        if i in refused:
+            out.append(refused[i])
+            continue
+        while pending is not None and pending.path in (normalised(Path(p)), Path(p)):
+            out.append(pending)
+            pending = next(rest, None)
+    return out + ([pending] if pending is not None else []) + list(rest)
+
+
 @router.post("/api/v1/jobs/{job_id}/retry")
-def retry_job(job_id: int, ctx: ServerContext = Depends(context)) -> dict[str, Any]:
+def retry_job(job_id: RowId, ctx: ServerContext = Depends(context)) -> dict[str, Any]:
     config = ctx.config()
     job = commands.retry_job(config, job_id)
     if job is None:
@@ -356,6 +385,11 @@ def get_file(path: str, ctx: ServerContext = Depends(context)) -> StreamingRespo
 def _open_inside(path: Path, roots: tuple[Path, ...]) -> Any:
     """Open ``path`` and check the file actually opened lies inside ``roots`` (symlinks resolved)."""
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    if resolves_outside(path, roots):
+        # Before the open: a missing file through a symlinked folder answers as an existing one would
+        # (issue 27: 403 for one and 404 for the other told which outside files exist).
+        raise ApiError(403, f"{printable(path)}: resolves to a file outside every watched folder",
+                       param="path", code="path_not_allowed")
     try:
         fd = os.open(path, flags)
     except FileNotFoundError:

@@ -14,7 +14,13 @@ small ASGI middleware (``Guard``) enforces, in order:
    the API (DNS rebinding);
 3. an ``Origin`` header, when a browser sends one, equal to the API's own:
    another site's page cannot post jobs or chats (CSRF);
-4. the request body size (``MAX_BODY``), by ``Content-Length`` and by
+4. on every state-changing method (anything but GET, HEAD, OPTIONS), a
+   browser's ``Sec-Fetch-Site`` of ``same-origin`` or ``none`` (typed in,
+   a bookmark): a browser that names another site is refused even without
+   an ``Origin``, on ``/v1/chat/completions``, ``/api/v1/jobs`` and retry as
+   on ``/web/*`` (issue 27: one rule for every route); programs that send no
+   such header (curl, the SDKs) are not concerned;
+5. the request body size (``MAX_BODY``), by ``Content-Length`` and by
    counting what actually arrives.
 
 Errors leave in the OpenAI shape ``{"error": {"message", "type", "code"}}``,
@@ -141,7 +147,7 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers = _headers(scope)
-        refusal = self._refusal(headers)
+        refusal = self._refusal(headers, scope.get("method", "GET"))
         if refusal is not None:
             await refusal(scope, receive, send)
             return
@@ -175,7 +181,7 @@ class Guard:
                 await _drain(receive, MAX_DRAIN)
                 await _too_large()(scope, receive, send)
 
-    def _refusal(self, headers: dict[str, str]) -> JSONResponse | None:
+    def _refusal(self, headers: dict[str, str], method: str) -> JSONResponse | None:
         token = self.ctx.token
         if token is not None and not _token_ok(token, headers):
             return error_response(401, "a bearer token is required (Authorization: Bearer <token>, or "
@@ -189,7 +195,15 @@ class Guard:
         origin = headers.get("origin")
         if origin is not None and origin.lower() not in (f"http://{host.lower()}", f"https://{host.lower()}"):
             return error_response(403, f"cross-origin request from {origin!r} refused", code="bad_origin")
+        site = headers.get("sec-fetch-site")
+        if method not in SAFE_METHODS and site is not None and site not in ("same-origin", "none"):
+            return error_response(403, f"cross-site request refused (Sec-Fetch-Site: {site[:40]})",
+                                  code="cross_site")
         return None
+
+
+#: Methods that change nothing (RFC 9110, 9.2.1): the Sec-Fetch-Site rule spares them.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 #: An oversized body is read and thrown away up to this much before the 413

@@ -11,6 +11,16 @@ naming the part, never a 500):
   watched folder or an ``output_dir`` (also after resolving symlinks:
   checked on the file actually opened).  ``http(s)://`` and everything else
   is refused: nothing is ever fetched from the network.
+- ``file`` parts (OpenAI's shape, what ``llm`` sends for a PDF attachment):
+  ``{"type": "file", "file": {"file_data": "data:application/pdf;base64,...",
+  "filename": ...}}``, taken as a ``data:`` image is; ``file_id`` is refused
+  (there is no file store).
+- limits, each a 400 naming it: the prompt's tokens plus ``max_tokens``
+  within ``api.max_context`` or the model's context (``budget.py``; counted
+  before the engine sees anything), a PDF of at most ``api.max_pdf_pages``
+  pages (refused whole, never cut), ``api.max_request_pixels`` decoded
+  pixels for all images of the request together, text that is valid
+  Unicode (no lone surrogates: the tokenizer cannot take them).
 - ``max_tokens`` / ``max_completion_tokens`` (capped at ``model.max_new_tokens``),
   ``temperature`` (0..2), ``stream``; ``n`` must be 1.  Other OpenAI fields
   are accepted and ignored, so ordinary clients work unchanged.
@@ -41,15 +51,17 @@ from PIL import Image
 from daemon.backends import Message, Request
 from daemon.config import Config
 from daemon.errors import InputError
-from daemon.images import load_pages, printable
+from daemon.images import load_pages, pdf_page_count, printable
+from daemon.memory import TRIM_AFTER_PIXELS, give_back
+from daemon.server import budget
 from daemon.server.context import ApiError
 
 #: Largest decoded ``data:`` image.
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
-#: Most images (PDF pages included) in one conversation.
+#: Most images (PDF pages included) in one conversation, unless ``api.max_pdf_pages`` is more.
 MAX_IMAGES = 16
-#: Pages of one PDF taken at most (the rest are refused with a 400).
-MAX_PDF_PAGES = 8
+#: A lone UTF-16 surrogate: JSON lets ``"\\ud800"`` through, no tokenizer takes it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -61,14 +73,41 @@ class ChatCall:
     stream: bool
     include_usage: bool
     model: str | None
+    prompt_tokens: int = 0  # as the served model's tokenizer counts them (an estimate without one)
 
 
-def parse_chat(body: Any, config: Config) -> ChatCall:
+class _Images:
+    """The images of one request so far, within its limits (count, decoded pixels)."""
+
+    def __init__(self, config: Config) -> None:
+        self.pages: list[Image.Image] = []
+        self.pixels = 0
+        self.most = max(MAX_IMAGES, config.api.max_pdf_pages)
+        self.max_pixels = config.api.max_request_pixels
+
+    def add(self, pages: list[tuple[Image.Image, tuple[int, int]]], where: str) -> None:
+        for image, (w, h) in pages:
+            if len(self.pages) >= self.most:
+                raise ApiError(400, f"{where}: more than {self.most} images (PDF pages count) in one request",
+                               param=where, code="too_many_images")
+            self.pixels += w * h
+            if self.pixels > self.max_pixels:
+                raise ApiError(400, f"{where}: the images of this request decode to over {self.max_pixels:,} "
+                                    "pixels together (api.max_request_pixels); send fewer or smaller images",
+                               param=where, code="too_many_pixels")
+            self.pages.append(image)
+
+
+def parse_chat(body: Any, config: Config, counter: budget.Counter | None = None) -> ChatCall:
     """Validate ``body`` and build the engine request (decodes the images: call off the event loop).
 
+    Args:
+        counter: counts the prompt's tokens (``budget.counter_for(config)`` when None).
+
     Raises:
-        ApiError: 400 for a malformed body or image, 403 for a path outside
-            the watched folders, 404 for a missing file there.
+        ApiError: 400 for a malformed body or image or a prompt over the
+            context, 403 for a path outside the watched folders, 404 for a
+            missing file there.
     """
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object", code="invalid_request")
@@ -85,17 +124,48 @@ def parse_chat(body: Any, config: Config) -> ChatCall:
         raise ApiError(400, "stream: expected true or false", param="stream", code="invalid_request")
     options = body.get("stream_options") or {}
     include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+    counter = counter or budget.counter_for(config)
+    # Before any image is decoded or any text tokenised: text no tokenisation could fit.
+    budget.refuse_long_text(_text_length(messages), max_new, config, counter)
     turns: list[Message] = []
-    images: list[Image.Image] = []
-    for i, message in enumerate(messages):
-        turns.append(_turn(message, f"messages[{i}]", config, images))
+    images = _Images(config)
+    try:
+        for i, message in enumerate(messages):
+            turns.append(_turn(message, f"messages[{i}]", config, images))
+    finally:
+        if images.pixels >= TRIM_AFTER_PIXELS:  # the decode buffers are freed: hand them back (issue 27)
+            give_back()
     if not any(t.role == "user" for t in turns):
         raise ApiError(400, "messages: at least one user message is needed", param="messages", code="invalid_request")
+    prompt_tokens = budget.check_prompt(turns, max_new, config, counter)
     prompt = next((p for t in reversed(turns) if t.role == "user" for p in reversed(t.parts) if isinstance(p, str)), "")
     model = body.get("model") if isinstance(body.get("model"), str) else None
-    request = Request(images=tuple(images), prompt=prompt, max_new_tokens=max_new, messages=tuple(turns),
+    request = Request(images=tuple(images.pages), prompt=prompt, max_new_tokens=max_new, messages=tuple(turns),
                       temperature=temperature)
-    return ChatCall(request=request, stream=stream, include_usage=include_usage, model=model)
+    return ChatCall(request=request, stream=stream, include_usage=include_usage, model=model,
+                    prompt_tokens=prompt_tokens)
+
+
+def _text_length(messages: list[Any]) -> int:
+    """Characters of every text in ``messages``, whatever else is wrong with them (checked later)."""
+    total = 0
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return total
+
+
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise ApiError(400, f"{where}: expected a string", param=where, code="invalid_request")
+    bad = _SURROGATE.search(value)
+    if bad is not None:
+        raise ApiError(400, f"{where}: holds a lone surrogate (\\u{ord(bad.group()):04x}, at character "
+                            f"{bad.start()}), which is not valid Unicode text", param=where, code="invalid_text")
+    return value
 
 
 def _max_tokens(body: dict[str, Any], config: Config) -> int:
@@ -119,16 +189,18 @@ def _temperature(body: dict[str, Any]) -> float:
     return float(value)
 
 
-def _turn(message: Any, where: str, config: Config, images: list[Image.Image]) -> Message:
+def _turn(message: Any, where: str, config: Config, images: _Images) -> Message:
     if not isinstance(message, dict):
         raise ApiError(400, f"{where}: expected an object with role and content", param=where, code="invalid_request")
-    role = ROLES.get(message.get("role"))  # type: ignore[arg-type]
+    name = message.get("role")
+    role = ROLES.get(name) if isinstance(name, str) else None  # a list or object is no role (and unhashable)
     if role is None:
-        raise ApiError(400, f"{where}.role: {message.get('role')!r} is not one of system, user, assistant",
+        shown = repr(name)[:40] if isinstance(name, (str, type(None))) else f"a JSON {_json_type(name)}"
+        raise ApiError(400, f"{where}.role: {shown} is not one of system, developer, user, assistant",
                        param=f"{where}.role", code="invalid_request")
     content = message.get("content")
     if isinstance(content, str):
-        return Message(role, (content,))
+        return Message(role, (_text(content, f"{where}.content"),))
     if content is None and role == "assistant":
         return Message(role, ("",))
     if not isinstance(content, list):
@@ -139,26 +211,47 @@ def _turn(message: Any, where: str, config: Config, images: list[Image.Image]) -
         at = f"{where}.content[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind in ("text", "input_text"):
-            text = part.get("text")
-            if not isinstance(text, str):
-                raise ApiError(400, f"{at}.text: expected a string", param=at, code="invalid_request")
-            parts.append(text)
-        elif kind in ("image_url", "input_image"):
+            parts.append(_text(part.get("text"), f"{at}.text"))
+        elif kind in ("image_url", "input_image", "file"):
             if role != "user":
-                raise ApiError(400, f"{at}: images are taken in user messages only", param=at, code="invalid_request")
-            url = part.get("image_url")
-            url = url.get("url") if isinstance(url, dict) else url
-            if not isinstance(url, str) or not url:
-                raise ApiError(400, f"{at}.image_url.url: expected a string", param=at, code="invalid_request")
-            for page in load_image(url, at, config):
-                if len(images) >= MAX_IMAGES:
-                    raise ApiError(400, f"{at}: more than {MAX_IMAGES} images (PDF pages count) in one request",
-                                   param=at, code="too_many_images")
-                images.append(page)
-                parts.append(page)
+                raise ApiError(400, f"{at}: images and files are taken in user messages only", param=at,
+                               code="invalid_request")
+            url = _file_data(part, at) if kind == "file" else _image_url(part, at)
+            before = len(images.pages)
+            images.add(load_image(url, at, config), at)
+            parts.extend(images.pages[before:])
         else:
-            raise ApiError(400, f"{at}: part type {kind!r} is not text or image_url", param=at, code="invalid_request")
+            shown = repr(kind)[:40] if isinstance(kind, (str, type(None))) else f"a JSON {_json_type(kind)}"
+            raise ApiError(400, f"{at}: part type {shown} is not text, image_url or file", param=at,
+                           code="invalid_request")
     return Message(role, tuple(parts))
+
+
+def _image_url(part: dict[str, Any], at: str) -> str:
+    url = part.get("image_url")
+    url = url.get("url") if isinstance(url, dict) else url
+    if not isinstance(url, str) or not url:
+        raise ApiError(400, f"{at}.image_url.url: expected a string", param=at, code="invalid_request")
+    return url
+
+
+def _file_data(part: dict[str, Any], at: str) -> str:
+    """A ``file`` part's ``file_data`` as a ``data:`` URL (OpenAI sends one; bare base64 is taken as PDF)."""
+    file = part.get("file")
+    if not isinstance(file, dict):
+        raise ApiError(400, f"{at}.file: expected an object with file_data", param=at, code="invalid_request")
+    if file.get("file_id") is not None and file.get("file_data") is None:
+        raise ApiError(400, f"{at}.file.file_id: uploaded files are not kept here; send the file inline as "
+                            "file_data (data:application/pdf;base64,...)", param=at, code="invalid_request")
+    data = file.get("file_data")
+    if not isinstance(data, str) or not data:
+        raise ApiError(400, f"{at}.file.file_data: expected a data: URL (data:application/pdf;base64,...)",
+                       param=at, code="invalid_request")
+    return data if data[:5].lower() == "data:" else "data:application/pdf;base64," + data
+
+
+def _json_type(value: Any) -> str:
+    return {list: "array", dict: "object", bool: "boolean", int: "number", float: "number"}.get(type(value), "value")
 
 
 # ------------------------------------------------------------------ images
@@ -166,8 +259,8 @@ def _turn(message: Any, where: str, config: Config, images: list[Image.Image]) -
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,", re.I)
 
 
-def load_image(url: str, where: str, config: Config) -> list[Image.Image]:
-    """The pages of one ``image_url``, sized for the model."""
+def load_image(url: str, where: str, config: Config) -> list[tuple[Image.Image, tuple[int, int]]]:
+    """The pages of one ``image_url``, sized for the model, each with the size it was decoded at."""
     if url[:5].lower() == "data:":
         return _data_image(url, where, config)
     lowered = url[:8].lower()
@@ -193,7 +286,7 @@ def _sizes(config: Config) -> dict[str, int]:
     return {"min_pixels": config.model.min_pixels, "max_pixels": config.model.max_pixels}
 
 
-def _data_image(url: str, where: str, config: Config) -> list[Image.Image]:
+def _data_image(url: str, where: str, config: Config) -> list[tuple[Image.Image, tuple[int, int]]]:
     m = _DATA_URL.match(url[:256])
     if m is None or not m.group("b64"):
         raise ApiError(400, f"{where}: a data: URL must be base64 (data:image/png;base64,...)", param=where,
@@ -210,16 +303,29 @@ def _data_image(url: str, where: str, config: Config) -> list[Image.Image]:
         return _pages(path, where, config, shown=where, allowed_roots=None)
 
 
-def _file_image(path: Path, where: str, config: Config) -> list[Image.Image]:
+def _file_image(path: Path, where: str, config: Config) -> list[tuple[Image.Image, tuple[int, int]]]:
     roots = served_roots(config)
     path = Path(os.path.normpath(path))
     if not any(path == r or r in path.parents for r in roots):
         raise ApiError(403, f"{where}: {printable(path)} is not inside a watched folder or output_dir",
                        param=where, code="path_not_allowed")
+    if resolves_outside(path, roots):  # before the existence check: the same answer for a missing file
+        raise ApiError(403, f"{where}: {printable(path)}: resolves to a file outside every watched folder",
+                       param=where, code="path_not_allowed")
     if not path.exists():
         raise ApiError(404, f"{where}: {printable(path)}: no such file", param=where, code="file_not_found")
     real_roots = tuple(Path(os.path.realpath(r)) for r in roots)
     return _pages(path, where, config, shown=printable(path), allowed_roots=real_roots)
+
+
+def resolves_outside(path: Path, roots: tuple[Path, ...]) -> bool:
+    """Whether ``path`` (existing or not) resolves, symlinks followed, outside every one of ``roots``.
+
+    A first answer, given the same for a file that exists and one that does
+    not; the file actually opened is checked again (``daemon.images``).
+    """
+    real = Path(os.path.realpath(path))
+    return not any(real == r or r in real.parents for r in (Path(os.path.realpath(x)) for x in roots))
 
 
 def served_roots(config: Config) -> tuple[Path, ...]:
@@ -233,9 +339,15 @@ def served_roots(config: Config) -> tuple[Path, ...]:
 
 
 def _pages(path: Path, where: str, config: Config, *, shown: str,
-           allowed_roots: tuple[Path, ...] | None) -> list[Image.Image]:
+           allowed_roots: tuple[Path, ...] | None) -> list[tuple[Image.Image, tuple[int, int]]]:
+    most = config.api.max_pdf_pages
     try:
-        pages = load_pages(path, pages=((1, MAX_PDF_PAGES),), allowed_roots=allowed_roots, **_sizes(config))
+        count = pdf_page_count(path, allowed_roots)
+        if count is not None and count > most:
+            raise ApiError(400, f"{where}: the PDF has {count} pages, more than the {most} a chat request takes "
+                                "(api.max_pdf_pages); send the pages you mean, or raise api.max_pdf_pages",
+                           param=where, code="too_many_pages")
+        pages = load_pages(path, pages=((1, most),), allowed_roots=allowed_roots, **_sizes(config))
     except InputError as exc:
         message = str(exc)
         prefix = printable(path)
@@ -247,7 +359,7 @@ def _pages(path: Path, where: str, config: Config, *, shown: str,
         if status == 403:
             message = f"{shown}: resolves to a file outside every watched folder"
         raise ApiError(status, message, param=where, code=code) from None
-    return [p.image for p in pages]
+    return [(p.image, p.original) for p in pages]
 
 
 @contextmanager

@@ -6,9 +6,11 @@ import this and the app imports them, with no circle between them.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Annotated, Any, Callable
 
+from fastapi import Path as PathParam
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
@@ -92,3 +94,24 @@ def _error_type(status: int) -> str:
 def context(request: Request) -> ServerContext:
     """The ``ServerContext`` of the app serving ``request`` (for routes: ``Depends(context)``)."""
     return request.app.state.ctx
+
+
+#: SQLite's largest integer: a row id past it cannot exist, and binding one raises OverflowError.
+MAX_ROW_ID = 2**63 - 1
+#: A row id in a route's path (a job, a conversation): a larger number is a 400, not a 500.
+RowId = Annotated[int, PathParam(ge=0, le=MAX_ROW_ID)]
+
+
+def parse_json(raw: bytes) -> Any:
+    """The JSON document in ``raw``; a 400 for anything that is not one (issue 27: never a 500).
+
+    Python's parser recurses once per nesting level: a body of 100,000
+    ``[`` raises ``RecursionError``, which is the client's error like any
+    other malformed body.
+    """
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, "the body's JSON is nested too deeply", code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "the body is not valid JSON", code="invalid_json") from None

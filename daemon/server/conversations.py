@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from daemon import answers
 from daemon.config import Config
 from daemon.images import shown_size
-from daemon.server.context import ApiError, ServerContext, context
+from daemon.server.context import ApiError, RowId, ServerContext, context
 
 # The page's shared helpers (state, CSRF check, body and time formats, file checks).
 from daemon.server.web import (
@@ -77,7 +77,7 @@ async def new_conversation(request: Request, ctx: ServerContext = Depends(contex
 
 
 @router.get("/web/conversations/{cid}")
-def get_conversation(cid: int, ctx: ServerContext = Depends(context)) -> dict[str, Any]:
+def get_conversation(cid: RowId, ctx: ServerContext = Depends(context)) -> dict[str, Any]:
     ws = web_state(ctx)
     conv = _conversation(ws, cid)
     messages = []
@@ -92,7 +92,7 @@ def get_conversation(cid: int, ctx: ServerContext = Depends(context)) -> dict[st
 
 
 @router.post("/web/conversations/{cid}/messages")
-async def add_messages(cid: int, request: Request, ctx: ServerContext = Depends(context)) -> dict[str, Any]:
+async def add_messages(cid: RowId, request: Request, ctx: ServerContext = Depends(context)) -> dict[str, Any]:
     """Body ``{"messages": [{"role", "content"}, ...]}``: a finished turn (question and answer) to keep."""
     same_site(request)
     body = await _json(request)
@@ -221,7 +221,7 @@ def _image_size(config: Config, ws: WebState, cid: int, url: str) -> tuple[int, 
 
 
 @router.post("/web/conversations/{cid}/images")
-async def upload_image(cid: int, request: Request, ctx: ServerContext = Depends(context)) -> dict[str, Any]:
+async def upload_image(cid: RowId, request: Request, ctx: ServerContext = Depends(context)) -> dict[str, Any]:
     """The raw image bytes as the body; kept only for this conversation (cleared with it)."""
     same_site(request)
     data = await request.body()
@@ -254,7 +254,7 @@ def _image_type(data: bytes) -> str | None:
 
 
 @router.get("/web/conversations/{cid}/images/{image_id}")
-def get_image(cid: int, image_id: int, ctx: ServerContext = Depends(context)) -> Response:
+def get_image(cid: RowId, image_id: RowId, ctx: ServerContext = Depends(context)) -> Response:
     ws = web_state(ctx)
     rows = ws.rows("SELECT mime, data FROM conversation_images WHERE id = ? AND conversation_id = ?", (image_id, cid))
     if not rows:

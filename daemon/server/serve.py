@@ -138,6 +138,7 @@ class ApiServer:
         import uvicorn
 
         from daemon.server.app import create_app
+        from daemon.server.connections import connection_cap, protocol_class, raise_fd_limit
         from daemon.server.context import ServerContext
 
         config = self._config()
@@ -155,8 +156,11 @@ class ApiServer:
         ctx = ServerContext(config=self._config, loop=self._loop, token=token, listen=listen,
                             stopping=self._stopping)
         app = create_app(ctx)
+        # Bounded connections, a header timeout, a short keep-alive (issue 27; daemon.server.connections).
+        cap = connection_cap(raise_fd_limit())
         uv_config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                   timeout_graceful_shutdown=GRACE, server_header=False, ws="none")
+                                   timeout_graceful_shutdown=GRACE, server_header=False, ws="none",
+                                   http=protocol_class(cap), limit_concurrency=cap, timeout_keep_alive=5)
         self._server = uvicorn.Server(uv_config)
         self._thread = threading.Thread(target=self._serve, name="vlwatch-api", daemon=True)
         self._thread.start()
@@ -170,9 +174,16 @@ class ApiServer:
     def _serve(self) -> None:
         assert self._server is not None and self._socket is not None
         try:
-            asyncio.run(self._server.serve(sockets=[self._socket]))
+            asyncio.run(self._serve_quietly())
         except Exception:
             log.exception("api: the server failed")
+
+    async def _serve_quietly(self) -> None:
+        assert self._server is not None and self._socket is not None
+        from daemon.server.connections import quiet_accept_errors
+
+        asyncio.get_running_loop().set_exception_handler(quiet_accept_errors())
+        await self._server.serve(sockets=[self._socket])
 
     @property
     def alive(self) -> bool:

@@ -41,12 +41,13 @@ import io
 import json
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
 import urllib.parse
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ from daemon.config import Config
 from daemon.images import printable
 from daemon.queue import key_path, safe_text
 from daemon.search import Filters, SearchIndex, parse_date
-from daemon.server.context import ApiError, ServerContext, context
+from daemon.server.context import MAX_ROW_ID, ApiError, ServerContext, context, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -262,10 +263,32 @@ class Result:
     boxes: tuple[dict, ...] = ()
     size: tuple[int, int] | None = None
     frame: Path | None = None  # the html sidecar shown in the sandboxed iframe
+    #: inside a watched folder or output_dir, so the API serves its files; False for a file
+    #: `vlwatch process` took from elsewhere (shown without image, links or ask: see ``served``)
+    served: bool = True
 
     @property
     def name(self) -> str:
         return printable(self.path.name)
+
+
+#: vlwatch's own comment lines in a Markdown sidecar (``outputs.provenance_comment`` and the notes).
+_OWN_NOTE = re.compile(r"^<!-- vlwatch: (.*) -->[ \t]*$", re.MULTILINE)
+
+
+def own_notes(markdown: str) -> str:
+    """A sidecar's Markdown for a result card: vlwatch's comments are not shown as text (issue 27).
+
+    The page renders Markdown with raw HTML escaped, so an HTML comment
+    would show verbatim.  The provenance line (which rule and model, when)
+    is dropped: the card says that already; a note (cut off, kept
+    repeating) stays visible, as an emphasised line.
+    """
+    def shown(m: re.Match[str]) -> str:
+        note = m.group(1)
+        return "" if note.startswith("rule ") else f"*[vlwatch: {note}]*"
+
+    return _OWN_NOTE.sub(shown, markdown).rstrip() + "\n"
 
 
 def _result(row: sqlite3.Row) -> Result:
@@ -283,7 +306,7 @@ def _result(row: sqlite3.Row) -> Result:
     except OSError:
         return Result(**base, kind="missing")
     if text_sidecar.suffix == ".md":
-        return Result(**base, kind="md", body_html=render_markdown(text))
+        return Result(**base, kind="md", body_html=render_markdown(own_notes(text)))
     try:
         doc = json.loads(text)
     except ValueError:
@@ -380,9 +403,21 @@ def overview(ctx: ServerContext, ws: WebState) -> dict[str, Any]:
         "daemon": {"pid": daemon.get("pid"), "started": started, "since": _when(started)} if daemon else None,
         "failures": failures,
         "latest": latest,
-        "indexed": ws.index.count(),
+        "indexed": _indexed(ws),
         "at": now,
     }
+
+
+def _indexed(ws: "WebState") -> int:
+    """Sidecars in the search index, counting those finished since the last search (issue 27: the
+    count only moved when someone searched).  At most ``INDEX_PER_REFRESH`` jobs are indexed per call:
+    a burst is caught up over a few refreshes, and no refresh waits long."""
+    ws.index.catch_up(limit=INDEX_PER_REFRESH)
+    return ws.index.count()
+
+
+#: Jobs the overview indexes per refresh (the rest at the next one, or at a search).
+INDEX_PER_REFRESH = 200
 
 
 def _loads(text: str) -> Any:
@@ -437,7 +472,8 @@ def _job_row(r: sqlite3.Row) -> dict[str, Any]:
 # ------------------------------------------------------------------ pages
 
 
-@router.get("/", response_class=HTMLResponse)
+# HEAD too: uptime monitors ask with HEAD (issue 27); the server sends the headers only.
+@router.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
 def index_page(request: Request, ctx: ServerContext = Depends(context)) -> HTMLResponse:
     ws = web_state(ctx)
     return _page(request, "overview.html", o=overview(ctx, ws))
@@ -453,6 +489,8 @@ def results_view(request: Request, before: str | None = None, rule: str | None =
                  ctx: ServerContext = Depends(context)) -> HTMLResponse:
     ws = web_state(ctx)
     results, nxt = results_page(ws, _parse_key(before), rule=rule or None)
+    config = ctx.config()
+    results = [replace(r, served=served(config, r.path)) for r in results]
     return _page(request, "results.html", results=results, next_key=f"{nxt[0]!r}:{nxt[1]}" if nxt else None,
                  rule=rule or "", rules=[r.name for r in ctx.config().rules], first=before is None)
 
@@ -468,6 +506,7 @@ def search_view(request: Request, q: str = "", folder: str = "", rule: str = "",
         except ApiError as exc:
             error = exc.message
     config = ctx.config()
+    hits = [{**h, "served": served(config, Path(str(h["path"])))} for h in hits]
     folders = [printable(w.path) for w in config.watch]
     return _page(request, "search.html", q=q, folder=folder, rule=rule, since=since, until=until, hits=hits,
                  error=error, rules=[r.name for r in config.rules], folders=folders)
@@ -485,12 +524,29 @@ def failures_view(request: Request, ctx: ServerContext = Depends(context)) -> HT
 @router.get("/ask", response_class=HTMLResponse)
 def ask_view(request: Request, path: list[str] = Query(default=[]), ctx: ServerContext = Depends(context)) -> HTMLResponse:
     ws = web_state(ctx)
+    config = ctx.config()
+    # Only files the API will read for the chat: one `vlwatch process` took from elsewhere is not offered.
     recent = [{"path": safe_text(str(key_path(r["path"]))), "name": printable(key_path(r["path"]).name)}
               for r in ws.rows("SELECT DISTINCT path FROM jobs WHERE state = 'done'"
-                               " ORDER BY finished_at DESC LIMIT 12")
-              if not isinstance(r["path"], bytes)]
-    return _page(request, "ask.html", recent=recent, preset=[p for p in path if p.startswith("/")][:8],
-                 examples=EXAMPLES)
+                               " ORDER BY finished_at DESC LIMIT 50")
+              if not isinstance(r["path"], bytes) and served(config, key_path(r["path"]))][:12]
+    preset = [p for p in path if p.startswith("/") and served(config, Path(p))][:8]
+    return _page(request, "ask.html", recent=recent, preset=preset, examples=EXAMPLES)
+
+
+def served(config: Config, path: Path) -> bool:
+    """Whether the API serves ``path`` (issue 27): inside a watched folder or output_dir, symlinks resolved.
+
+    A file ``vlwatch process`` took from anywhere else was named by whoever
+    ran it, with their rights; the daemon's API does not serve it (its
+    rights may be wider), so the page shows its result without the image,
+    the file links or "ask about it", and says why.
+    """
+    from daemon.server.chat import resolves_outside, served_roots
+
+    roots = served_roots(config)
+    wanted = Path(os.path.normpath(path))
+    return any(r in wanted.parents for r in roots) and not resolves_outside(wanted, roots)
 
 
 EXAMPLES = (
@@ -543,7 +599,8 @@ async def retry(request: Request, ctx: ServerContext = Depends(context)) -> dict
     body = await _json(request)
     ids = body.get("ids")
     every = body.get("all") is True
-    if not every and (not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids)):
+    if not every and (not isinstance(ids, list) or not ids
+                      or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= MAX_ROW_ID for i in ids)):
         raise ApiError(400, "expected {\"ids\": [JOB_ID, ...]} or {\"all\": true}", code="invalid_request")
     from daemon.queue import Queue
 
@@ -562,10 +619,7 @@ async def _json(request: Request) -> dict[str, Any]:
     # which this server never grants: one more wall besides Origin and Sec-Fetch-Site.
     if not request.headers.get("content-type", "").lower().startswith("application/json"):
         raise ApiError(415, "expected a JSON body (Content-Type: application/json)", code="invalid_content_type")
-    try:
-        body = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "the body is not valid JSON", code="invalid_json") from None
+    body = parse_json(await request.body())
     if not isinstance(body, dict):
         raise ApiError(400, "expected a JSON object", code="invalid_json")
     return body

@@ -368,7 +368,12 @@
       } catch (e) {
         showError(e.message);
         const streaming = $(".msg.streaming", messagesBox);
-        if (streaming) streaming.classList.replace("streaming", "failed");
+        if (streaming) {
+          // Not a "…" left hanging (issue 27): the turn says it failed, and the question comes back to resend.
+          streaming.classList.replace("streaming", "failed");
+          $(".text", streaming).textContent = "failed: " + e.message;
+          if (!$("#question").value) $("#question").value = question;
+        }
       } finally {
         state.busy = false;
         $("#send").disabled = false;
