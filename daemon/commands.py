@@ -265,6 +265,8 @@ def format_status(info: dict) -> str:
     model = info.get("model")
     if model:
         state = "loaded" if model.get("loaded") else "not loaded"
+        if model.get("loaded") and model.get("device"):
+            state += f" on {model['device']}"
         since = f" since {_when(model['since'])}" if model.get("since") else ""
         lines.append(f"model    {model.get('model')} ({model.get('backend')}): {state}{since}")
         if model.get("loaded") and model.get("plan"):

@@ -95,3 +95,34 @@ def test_a_reload_keeps_the_models_since(tmp_path: Path) -> None:
     finally:
         d.stop()
         d.close()
+
+
+def test_status_shows_the_device_in_use_not_the_configured_auto(tmp_path: Path, tiny_model: Path) -> None:
+    # issue 27: status and the overview showed `auto` (the config) rather than where the model runs.
+    from tests.conftest import Daemon, png_bytes, put, wait_until
+
+    (tmp_path / "inbox").mkdir()
+    config = write_config(tmp_path, f"""
+        model:
+          name: {tiny_model}
+          device: auto
+          max_new_tokens: 4
+          max_pixels: 50000
+        state: ./state/state.db
+        include: [describe]
+        watch:
+          - path: ./inbox
+            settle: 0.3s
+        """)
+    d = Daemon(tmp_path, config).start()
+    try:
+        put(tmp_path / "inbox" / "a.png", png_bytes(1))  # a job loads the model
+        wait_until(lambda: (tmp_path / "inbox" / "a.png.describe.md").exists(), "the sidecar", log=d.log)
+        wait_until(lambda: json.loads(run_vlwatch("status", "--json", "--config", config).stdout)["model"]
+                   .get("device"), "the device in the status", log=d.log)
+        info = json.loads(run_vlwatch("status", "--json", "--config", config).stdout)
+        assert info["model"]["device"] == "cpu"  # this machine has no GPU: auto came to the CPU
+        assert "loaded on cpu" in run_vlwatch("status", "--config", config).stdout
+    finally:
+        d.stop()
+        d.close()

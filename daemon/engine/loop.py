@@ -398,6 +398,9 @@ class WorkerLoop(threading.Thread):
             self._model_loaded = (loaded, down)
             state: dict[str, object] = {"backend": backend.name, "model": backend.model, "loaded": loaded,
                                         "since": time.time(), "engine_options": self.worker.config.engine.shown()}
+            device = getattr(backend, "device_in_use", None)  # issue 27: the device in use, not the configured "auto"
+            if loaded and device:
+                state["device"] = device
             plan = getattr(backend, "plan_summary", None)  # issue 23: "7B fp8 on 23.6 GiB: 96 slots of 1664 tokens"
             if loaded and plan:
                 state["plan"] = plan

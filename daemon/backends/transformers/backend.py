@@ -320,6 +320,20 @@ class TransformersBackend:
             log.info("GPU memory capped at %.1f GiB of %.1f GiB", cap / GiB, total / GiB)
 
     @property
+    def device_in_use(self) -> str | None:
+        """Where the loaded model runs, e.g. "cuda:0 (NVIDIA H100 80GB HBM3)" or "cpu" (``status``: not the
+        configured ``auto``, issue 27); None while not loaded."""
+        model = self._model
+        if model is None:
+            return None
+        device = model.device
+        if device.type == "cuda":
+            import torch
+
+            return f"{device} ({torch.cuda.get_device_name(device)})"
+        return str(device)
+
+    @property
     def plan_summary(self) -> str | None:
         """"7B fp8 on 23.6 GiB: 96 slots of 1664 tokens" (``status``), once the model was planned."""
         return self.plan.summary() if self.plan is not None else None
