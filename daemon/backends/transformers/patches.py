@@ -112,8 +112,10 @@ class VisionAttentionPatch:
         def forward(blk: Any, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
                     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
                     **kwargs: Any) -> torch.Tensor:
+            # FlashAttention's varlen kernel takes half precision only: a model moved to float32 after
+            # loading (benchmarks/fp8_check.py's reference) runs the stock block.
             if (patch._block is None or not patch.enabled or not patch.use_compiled or position_embeddings is None
-                    or not hidden_states.is_cuda):
+                    or not hidden_states.is_cuda or hidden_states.dtype not in (torch.float16, torch.bfloat16)):
                 return stock(hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
             plan = patch._plan(cu_seqlens)
             attn, mlp = blk.attn, blk.mlp
