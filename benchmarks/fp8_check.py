@@ -61,10 +61,13 @@ def main() -> int:
     p.add_argument("--load-format", default="dummy", choices=("auto", "dummy"))
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--hidden-tolerance", type=float, default=0.05)
+    p.add_argument("--quantization", default="fp8", choices=("fp8", "none"),
+                   help="none: the control: the same comparison for bf16 weights (bf16 arithmetic against fp32), "
+                        "to tell FP8's error from what bf16 alone does to these (random) weights")
     p.add_argument("--out", type=Path, default=Path("."))
     args = p.parse_args()
     started = time.perf_counter()
-    config = ModelConfig(name=args.model, quantization="fp8", max_pixels=max(w * h for w, h in SIZES),
+    config = ModelConfig(name=args.model, quantization=args.quantization, max_pixels=max(w * h for w, h in SIZES),
                          max_new_tokens=args.new_tokens)
     backend = TransformersBackend(config, load_format=args.load_format)
     backend.ignore_eos = True  # random weights: run every answer to its budget
