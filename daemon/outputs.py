@@ -273,11 +273,19 @@ def _write_html(result: Result, folders: FolderSyncs | None = None) -> Path:
         raise VlwatchError(f"{printable(match.path)}: no page has an answer")
     document = bodies[0]
     if result.engine:
-        # What made it, after the document (a comment: nothing renders it), as a .md sidecar's last line.
-        document = document.rstrip("\n") + "\n" + provenance_comment(result)
+        # What made it, as a .md sidecar's last line: a comment (nothing renders it) just inside the
+        # closing </html>, so the file stays one complete document.
+        document = _before_closing_html(document.rstrip("\n"), provenance_comment(result))
     path = checked_sidecar_path(match, "html")
     atomic_write(path, _utf8(document), like=match.path, folders=folders)
     return path
+
+
+def _before_closing_html(document: str, comment: str) -> str:
+    end = document.lower().rfind("</html>")
+    if end < 0:
+        return document + "\n" + comment
+    return document[:end].rstrip("\n") + "\n" + comment + "\n" + document[end:]
 
 
 CUT_OFF_COMMENT = "<!-- vlwatch: the answer was cut off at max_new_tokens -->"
