@@ -27,6 +27,14 @@ def test_interactive_requests_take_the_lowest_slots_and_queued_ones_the_rest() -
     assert sched.admission(free, urgent_waiting=True, interactive_running=False).urgent_room == 13
 
 
+def test_a_queued_prompt_in_an_interactive_pack_takes_an_interactive_slot_when_none_above_is_free() -> None:
+    # A queued retry waiting in front can share a pack with an interactive prompt while only the interactive
+    # slots are free: it must still get a slot (it raised StopIteration and failed the slots' requests).
+    sched = Scheduler(16, SchedulerOptions(interactive_slots=4), reserve=True)
+    free = [0, 1, 2]
+    assert sched.place([False, True], free) == [0, 1] and free == [2]
+
+
 def test_a_fixed_list_keeps_no_slot_back() -> None:
     sched = Scheduler(8, reserve=False)
     assert sched.place([False] * 8, list(range(8))) == list(range(8))

@@ -109,11 +109,14 @@ class Scheduler:
         """Slots for a pack of prompts (``urgent`` flags, in order), taken out of ``free`` (ascending).
 
         Interactive prompts take the lowest free slot; queued prompts the
-        lowest free slot above the interactive ones (or any, if no reserve).
+        lowest free slot above the interactive ones (or any, if no reserve,
+        or if none above is free).
         """
         chosen: list[int] = []
         for is_urgent in urgent:
-            pick = next(i for i in free if is_urgent or i >= self.reserved)
+            # A queued prompt that rides along an interactive one (a retry waiting in front) takes an
+            # interactive slot when none above is free: rare, and better than holding the pack back.
+            pick = next((i for i in free if is_urgent or i >= self.reserved), free[0])
             free.remove(pick)
             chosen.append(pick)
         return chosen
