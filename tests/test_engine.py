@@ -30,6 +30,8 @@ from daemon.backends import (
     is_sticky_cuda_error,
     register,
 )
+from daemon.backends import ListFeed
+from daemon.backends.transformers import backend as backend_module
 from daemon.backends.transformers import decode_step
 from daemon.backends.transformers import prefill as prefill_rounds
 from daemon.backends.transformers import slots as fastgen
@@ -1276,3 +1278,41 @@ def test_without_interactive_work_a_turn_prefills_every_free_slot(
     # several queued prompts in one turn (what throughput wants), so the test above can fail.
     live = _run_with_an_answer_streaming(backend, monkeypatch, SchedulerOptions(step_tokens=10**6, backlog_share=1.0))
     assert max(_queued_prefills_per_turn(live)) > 1
+
+
+class _EngineFeed(ListFeed):
+    """A ListFeed that stands in for the daemon's ``JobFeed`` (not a fixed list: the engine sizes for the daemon),
+    declaring whether interactive requests may come through it."""
+
+    def __init__(self, requests, interactive: bool) -> None:
+        super().__init__(requests)
+        self._interactive = interactive
+        self._count = len(self.requests)
+        del self.requests  # no fixed list to size the cache for: the daemon's sizing
+
+    def interactive(self) -> bool:
+        return self._interactive
+
+    def answers(self):
+        return [self.results.get(i) for i in range(self._count)]
+
+
+@pytest.mark.parametrize("interactive", [True, False], ids=["engine 0", "child engine"])
+def test_only_an_engine_that_takes_interactive_requests_keeps_slots_for_them(tiny_model: Path, interactive: bool,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # The child engines of further GPUs (model.devices) run queued jobs only: keeping the lowest slots for asks
+    # that never come there left them idle.
+    b = TransformersBackend(ModelConfig(name=str(tiny_model), device="cpu", batch_size=16, max_new_tokens=4,
+                                        max_pixels=50000))
+    b.load()
+    try:
+        monkeypatch.setattr(backend_module, "ListFeed", type("NotAListFeed", (), {}))  # the daemon's sizing path
+        slots: list[int] = []
+        prefill = b._fast._prefill
+        monkeypatch.setattr(b._fast, "_prefill", lambda items, at: (slots.extend(at), prefill(items, at))[1])
+        feed = _EngineFeed([Request((image(i, 56, 56),), "Describe.", 4) for i in range(3)], interactive)
+        b.serve(feed)
+        assert all(isinstance(a, Answer) for a in feed.answers())
+        assert (min(slots) > 0) == interactive, slots
+    finally:
+        b.unload()

@@ -175,6 +175,10 @@ class Feed(Protocol):
         """Whether the client of this (interactive) request went away: the engine drops it at its next step."""
         ...
 
+    def interactive(self) -> bool:
+        """Whether interactive requests may come through this feed (the engine keeps slots for them)."""
+        ...
+
 
 class ListFeed:
     """A ``Feed`` over a fixed list: what ``generate`` runs through ``serve``."""
@@ -204,6 +208,9 @@ class ListFeed:
         return False
 
     def abandoned(self, key: Hashable) -> bool:
+        return False
+
+    def interactive(self) -> bool:
         return False
 
     def answers(self) -> "list[Answer | BaseException]":

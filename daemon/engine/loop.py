@@ -553,6 +553,11 @@ class JobFeed:
     def stopping(self) -> bool:
         return self.loop.stopping.is_set() or self.loop._next_worker is not None
 
+    def interactive(self) -> bool:
+        # Engine 0 (in the daemon's process) answers the API and `ask`; the child engines of further
+        # GPUs run queued jobs only, so they keep no slots back for interactive requests.
+        return self.loop.index == 0
+
     def abandoned(self, key: Hashable) -> bool:
         future = self.asks.get(key)
         return isinstance(future, Ask) and future.abandoned.is_set()

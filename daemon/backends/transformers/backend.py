@@ -550,7 +550,8 @@ class TransformersBackend:
                     self._tried_slots = slots
                     try:
                         fast.run(live, slots=slots, cache_length=cache_length, max_new=max_new,
-                                 shrink=live_feed, reserve=live_feed, options=self.scheduler_options)
+                                 shrink=live_feed, reserve=live_feed and feed.interactive(),
+                                 options=self.scheduler_options)
                     except Exception as exc:
                         if is_sticky_cuda_error(exc):
                             lost = True  # the feed records what was in hand, with the attempt spent
