@@ -118,7 +118,7 @@ class TransformersBackend:
         self.last_stats: dict[str, Any] | None = None
         self._model: Any = None
         self._processor: Any = None
-        self._fast: Any = None  # fastgen.SlotEngine
+        self._fast: Any = None  # slots.SlotEngine
         self._vision: Any = None  # patches.VisionAttentionPatch
         self._text: Any = None  # patches.TextPrefillPatch (CUDA)
         self._oom_slots: int | None = None  # slot limit learnt from an out-of-memory error
@@ -234,7 +234,7 @@ class TransformersBackend:
         if getattr(model.config, "model_type", None) != "qwen2_5_vl":
             log.info("generation: model.generate (fastgen supports qwen2_5_vl only)")
             return
-        from daemon.backends.transformers import patches, slots as fastgen
+        from daemon.backends.transformers import patches, slots
 
         if model.device.type == "cuda" and patches.pad_vision_mlp(model):
             log.debug("vision MLP width padded for the Hopper/Ampere GEMM kernels")
@@ -246,7 +246,7 @@ class TransformersBackend:
         if patches.compile_enabled(model.device, o.compiles("prefill")):
             self._text = patches.TextPrefillPatch(model)
         if self.engine != "hf":
-            self._fast = fastgen.SlotEngine(model, eos_ids=_eos_ids(model, self._processor), options=o)
+            self._fast = slots.SlotEngine(model, eos_ids=_eos_ids(model, self._processor), options=o)
             self._fast.vision = self._vision
             log.info("generation: fastgen (static cache, continuous batching%s)",
                      ", CUDA graphs" if self._fast.use_cuda_graphs else "")

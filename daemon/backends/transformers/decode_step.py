@@ -1,4 +1,4 @@
-"""The arithmetic of one decode step over the slot cache (what ``fastgen.SlotEngine`` runs per layer).
+"""The arithmetic of one decode step over the slot cache (what ``slots.SlotEngine`` runs per layer).
 
 Pure tensor functions, graph-safe (no host syncs), so that the step can be
 captured as one CUDA graph and each layer compiled with ``torch.compile``:
@@ -185,7 +185,7 @@ def layer_step(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: t
                used: torch.Tensor | None, cu_q: torch.Tensor, cu_k: torch.Tensor, qkv_w: Weight,
                qkv_b: torch.Tensor, gate_up: Weight, ln1: torch.Tensor, ln2: torch.Tensor, o_w: Weight,
                down_w: Weight, eps: float, scale: float, n_kv: int, group: int, kind: str) -> torch.Tensor:
-    """One decoder layer for one new token per row (the compiled form of fastgen.SlotEngine._step's loop body)."""
+    """One decoder layer for one new token per row (the compiled form of slots.SlotEngine._step's loop body)."""
     n, dim = x.shape[0], k_cache.shape[-1]
     qkv = linear(_rms(x, ln1, eps), qkv_w, qkv_b)
     q, k, v = qkv.split([n_kv * group * dim, n_kv * dim, n_kv * dim], dim=-1)

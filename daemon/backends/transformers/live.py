@@ -1,6 +1,6 @@
 """The slot engine's live ``Source`` over a backend ``Feed``: requests made into prompts ahead of the GPU.
 
-``LiveSource`` is what ``TransformersBackend`` hands ``fastgen.SlotEngine.run``:
+``LiveSource`` is what ``TransformersBackend`` hands ``slots.SlotEngine.run``:
 it turns the feed's requests into prompts on two processor threads, a few
 ahead of the engine, puts interactive requests first, streams text
 (``TextStream``), retries a request that got stuck repeating itself once
@@ -94,8 +94,7 @@ class LiveSource:
             self.making.remove(chosen)
             if item.urgent and self.feed.abandoned(item.key):  # its client left while it waited
                 future.cancel()
-                log.info("an interactive request's client went away before it started; it is dropped")
-                self._deliver(item, AbandonedError("the client went away"))
+                self._drop(item, " before it started; it is dropped")
                 continue
             try:
                 prompt = future.result()
@@ -170,8 +169,7 @@ class LiveSource:
         if not self.feed.abandoned(flight.item.key):
             return False
         del self.taken[prompt.index]
-        log.info("an interactive request's client went away; its slot is free")
-        self._deliver(flight.item, AbandonedError("the client went away"))
+        self._drop(flight.item, "; its slot is free")
         return True
 
     def partial(self, prompt: Any, tokens: list[int]) -> bool:
@@ -241,6 +239,11 @@ class LiveSource:
                 if first is not None or candidates is urgent:
                     return first
         return None
+
+    def _drop(self, item: Item, when: str) -> None:
+        """An interactive request whose client went away: it ends with that (the engine frees its slot)."""
+        log.info("an interactive request's client went away%s", when)
+        self._deliver(item, AbandonedError("the client went away"))
 
     def _deliver(self, item: Item, result: Answer | BaseException) -> None:
         self.feed.deliver(item.key, result)

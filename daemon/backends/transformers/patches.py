@@ -1,6 +1,6 @@
 """Faster forwards for stock transformers modules, used by prefill (and the compile helpers).
 
-The slot engine (``fastgen``) replaces the generation loop; this module
+The slot engine (``slots``) replaces the generation loop; this module
 speeds up the stock modules that prefill still runs, in place, switchable
 back to stock (``enabled``: the bench's baseline and ``bench --verify``):
 

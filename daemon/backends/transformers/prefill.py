@@ -1,6 +1,6 @@
 """Prefill for the slot engine: a round's prompts from pixels to their first tokens, in their slots.
 
-``PrefillRounds`` is the half of ``fastgen.SlotEngine`` that brings prompts
+``PrefillRounds`` is the half of ``slots.SlotEngine`` that brings prompts
 in (the engine mixes it in; it works on the engine's model, fused weights,
 static cache and per-slot state):
 
@@ -39,7 +39,7 @@ FAILED = object()  # _features_each: this prompt was finished with its error
 
 
 class PrefillRounds:
-    """Prefill methods of ``fastgen.SlotEngine`` (see the module's docstring); not used on its own.
+    """Prefill methods of ``slots.SlotEngine`` (see the module's docstring); not used on its own.
 
     What they work on, set up by ``SlotEngine.__init__`` and ``_ensure``:
     """

@@ -1,6 +1,6 @@
 """The arithmetic of a packed prefill: several prompts' text layers as one sequence, keys straight into slots.
 
-``fastgen.SlotEngine`` prefills a round of prompts (their images already
+``slots.SlotEngine`` prefills a round of prompts (their images already
 through the vision tower) by laying their tokens end to end and running each
 decoder layer once over all of them:
 

@@ -1,4 +1,4 @@
-"""What the slot engine (``fastgen.SlotEngine``) takes and gives: prompts in, generated tokens out.
+"""What the slot engine (``slots.SlotEngine``) takes and gives: prompts in, generated tokens out.
 
 - ``Prompt``: one request after the processor (tensors on the CPU);
 - ``Source``: where ``SlotEngine.run`` takes prompts from and hands results

@@ -1,6 +1,6 @@
 """The slot engine's scheduler: which sequences run next, and which prompts may be prefilled.
 
-The slot engine (``fastgen.SlotEngine``) alternates two kinds of GPU work:
+The slot engine (``slots.SlotEngine``) alternates two kinds of GPU work:
 prefill rounds (new prompts' images and text into free slots) and decode
 stretches (one token for every busy slot, a few steps between two host
 syncs).  Both kinds stop every other sequence while they run, so *what runs
