@@ -173,3 +173,42 @@ def test_a_checkpoint_with_fp8_elsewhere_is_refused(tiny_model: Path, tmp_path: 
     backend = TransformersBackend(ModelConfig(name=str(folder)))
     with pytest.raises(BackendError, match="FP8 weights outside the text model's projections"):
         backend.load()
+
+
+def _scaled_mm_runs_on_the_cpu() -> bool:
+    try:
+        return fp8.scaled_mm_works(torch.device("cpu"))
+    except Exception:  # noqa: BLE001 - any torch without a CPU kernel
+        return False
+
+
+def _run_check(tiny_model: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[int, dict]:
+    import runpy
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "fp8_check.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--model", str(tiny_model), "--load-format", "auto",
+                                      "--force-fast", "--sizes", "224x224,448x336", "--new-tokens", "12",
+                                      "--out", str(out)])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(script), run_name="__main__")
+    return int(exit_.value.code), json.loads((out / "fp8_check.json").read_text())
+
+
+@pytest.mark.skipif(not _scaled_mm_runs_on_the_cpu(), reason="this torch has no CPU _scaled_mm")
+def test_fp8_check_passes_the_kernel_and_fails_a_wrong_scale(tiny_model: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # benchmarks/fp8_check.py is the GPU's verdict on FP8; torch 2.14 runs _scaled_mm on a CPU too, so
+    # the check itself is held here to pass the real kernel and to catch one whose scales are off by 3%.
+    code, report = _run_check(tiny_model, tmp_path / "good", monkeypatch)
+    assert code == 0 and report["pass"] == {"kernel": True, "forward": True}
+    assert report["kernel"]["max_rel_error"] < 0.005
+    real = torch._scaled_mm
+
+    def skewed(a: torch.Tensor, b: torch.Tensor, *, scale_b: torch.Tensor, **kw: object) -> torch.Tensor:
+        jitter = 1 + 0.03 * torch.randn(scale_b.shape, generator=torch.Generator().manual_seed(0))
+        return real(a, b, scale_b=scale_b * jitter.to(scale_b.device), **kw)
+
+    monkeypatch.setattr(torch, "_scaled_mm", skewed)
+    code, report = _run_check(tiny_model, tmp_path / "bad", monkeypatch)
+    assert code == 1 and report["pass"]["kernel"] is False

@@ -7,7 +7,9 @@ CUDA card with FP8 tensor cores (compute capability 8.9+) the forward
 quantizes the activations per row on the fly ("dynamic") and multiplies with
 ``torch._scaled_mm``; anywhere else it dequantizes the weight and calls
 ``F.linear`` — the reference path the CPU tests and the GPU check compare
-against (``_scaled_mm`` does not run on a CPU).
+against (torch 2.14 runs ``_scaled_mm`` on a CPU too, but a CPU has no FP8
+units to gain from; ``benchmarks/fp8_check.py --force-fast`` uses it there
+to test the check itself).
 
 Two ways in:
 
