@@ -121,6 +121,8 @@ class TransformersBackend:
         self._fast: Any = None  # slots.SlotEngine
         self._vision: Any = None  # patches.VisionAttentionPatch
         self._text: Any = None  # patches.TextPrefillPatch (CUDA)
+        #: qwen2_5_vl.Checked: the model's private touchpoints that failed their check at load (none, normally)
+        self.touchpoints: Any = None
         self._oom_slots: int | None = None  # slot limit learnt from an out-of-memory error
         self._tried_slots = 0  # slots of the fastgen run in progress (halved after an OOM)
         self._lock = threading.Lock()
@@ -232,9 +234,9 @@ class TransformersBackend:
 
     def _speed_up(self, model: Any, attention: str) -> None:
         if getattr(model.config, "model_type", None) != "qwen2_5_vl":
-            log.info("generation: model.generate (fastgen supports qwen2_5_vl only)")
+            log.info("generation: model.generate (the slot engine supports qwen2_5_vl only)")
             return
-        from daemon.backends.transformers import patches, slots
+        from daemon.backends.transformers import patches, qwen2_5_vl, slots
 
         if model.device.type == "cuda" and patches.pad_vision_mlp(model):
             log.debug("vision MLP width padded for the Hopper/Ampere GEMM kernels")
@@ -245,12 +247,44 @@ class TransformersBackend:
                 fused_blocks=o.vision_blocks)
         if patches.compile_enabled(model.device, o.compiles("prefill")):
             self._text = patches.TextPrefillPatch(model)
-        if self.engine != "hf":
-            self._fast = slots.SlotEngine(model, eos_ids=_eos_ids(model, self._processor), options=o)
+        # Each of Qwen2.5-VL's private touchpoints once, on a tiny input, against the stock path: a
+        # transformers or torch that changed one turns its fast path off (qwen2_5_vl's docstring).
+        started = time.perf_counter()
+        checked = qwen2_5_vl.check_rope_index(model)
+        if self.engine != "hf" and checked.ok("rope_index"):
+            fast = slots.SlotEngine(model, eos_ids=_eos_ids(model, self._processor), options=o)
+            checked += self._check_engine(fast)
+            self._fast = fast if checked.ok("text_layers") else None
+        if not checked.ok("flash_attention") and self._vision is not None:
+            self._vision.without_flash()
+        checked += qwen2_5_vl.check_vision(model, self._vision)
+        if not checked.ok("vision_attention"):
+            self._vision = None  # left disabled: the stock forwards run
+        if self._fast is not None:
             self._fast.vision = self._vision
-            log.info("generation: fastgen (static cache, continuous batching%s)",
+            self._fast.vision_layout = checked.ok("vision_layout")
+            log.info("generation: the slot engine (static cache, continuous batching%s)",
                      ", CUDA graphs" if self._fast.use_cuda_graphs else "")
+        self.touchpoints = checked
+        log.info("Qwen2.5-VL touchpoints checked in %.1f s: %s", time.perf_counter() - started, checked.summary())
         self._choose_sdpa_kernels()
+
+    @staticmethod
+    def _check_engine(fast: Any) -> Any:
+        """The engine's layer functions against the stock decoder layer; FlashAttention's kinds on their own."""
+        from daemon.backends.transformers import qwen2_5_vl
+
+        if not fast.fused or not fast.layer_functions:
+            return qwen2_5_vl.Checked()  # the engine runs the model's own modules: nothing of ours to check
+        checked = qwen2_5_vl.check_text_layers(fast)
+        flash = ("flash",) if fast.attention == "flash" else ()
+        if checked.ok("text_layers") and (flash or fast.prefill_kind == "flash"):
+            checked += qwen2_5_vl.check_text_layers(
+                fast, kinds=flash, prefill_kind=fast.prefill_kind, touchpoint="flash_attention",
+                fallback="SDPA runs instead of FlashAttention's varlen entry (decode, prefill, vision blocks)")
+            if not checked.ok("flash_attention"):
+                fast.without_flash()
+        return checked
 
     def set_engine(self, engine: str) -> None:
         """Switch between ``auto`` (fastgen and the vision patch) and ``hf`` (stock transformers)."""
@@ -300,6 +334,8 @@ class TransformersBackend:
         if self._vision is not None:
             info["vision_attention"] = self._vision.last_path or "stock"
             info["vision_compiled"] = self._vision.use_compiled
+        if self.touchpoints is not None:  # qwen2_5_vl's check at load: which fast paths it turned off
+            info["touchpoints"] = self.touchpoints.summary()
         if self._fast is not None and self._fast.packed:
             info["prefill"] = "packed" + (", compiled" if self._fast._prefill_fn is not None else "")
         else:

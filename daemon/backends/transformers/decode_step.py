@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from daemon.backends.transformers.fp8 import Fp8Linear, fp8_linear
 from daemon.backends.transformers.fp8 import concat as fp8_concat
+from daemon.backends.transformers.qwen2_5_vl import flash_attention, flash_takes_seqused_k, flash_varlen
 
 
 #: A projection's weight as the fused layer functions take it: a plain tensor, or an FP8 weight
@@ -135,17 +136,9 @@ def attention_kind(device: torch.device, dtype: torch.dtype, *, flash: bool = Tr
     at 1.3-1.4x its bandwidth (benchmarks/NOTES.md, call D1).
     ``flash=False`` (``engine.decode_attention: sdpa``) turns it off.
     """
-    if not flash or not flash_varlen(device, dtype):
-        return "sdpa"
-    if "seqused_k" not in str(torch.ops.aten._flash_attention_forward.default._schema):
+    if not flash or not flash_varlen(device, dtype) or not flash_takes_seqused_k():
         return "sdpa"
     return "flash"
-
-
-def flash_varlen(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether FlashAttention-2's varlen entry runs here (CUDA, half precision, a torch that has it)."""
-    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-            and getattr(torch.ops.aten, "_flash_attention_forward", None) is not None)
 
 
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, where: Where, scale: float,
@@ -165,9 +158,9 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, where:
     n, n_kv, dim = q.shape[0], k_cache.shape[2], q.shape[-1]
     if kind == "flash":
         length = k_cache.shape[1]
-        o = torch.ops.aten._flash_attention_forward(
+        o = flash_attention(
             q.reshape(n, n_kv * group, dim), k_cache.view(n * length, n_kv, dim), v_cache.view(n * length, n_kv, dim),
-            where.cu_q, where.cu_k, 1, length, 0.0, False, False, scale=scale, seqused_k=where.used)[0]
+            where.cu_q, where.cu_k, 1, length, False, scale, seqused_k=where.used)
         return o.reshape(n, n_kv * group * dim)
     assert where.bias is not None
     if kind == "one":

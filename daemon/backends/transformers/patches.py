@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from daemon.backends import reraise_if_fatal
-from daemon.backends.transformers.decode_step import flash_varlen
+from daemon.backends.transformers.qwen2_5_vl import allow_shared_compiles, flash_varlen, stock_vision_rotary
 from daemon.backends.transformers.prefill_step import vision_block
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,7 @@ class VisionAttentionPatch:
     """
 
     def __init__(self, model: Any, *, varlen: bool = False, compile: bool = False, fused_blocks: bool = True) -> None:
-        from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
-
-        self._stock_rotary: Callable[..., Any] = qwen.apply_rotary_pos_emb_vision
+        self._stock_rotary: Callable[..., Any] = stock_vision_rotary()
         self._rotary = self._stock_rotary
         self.enabled = True
         self.use_compiled = compile
@@ -77,12 +75,12 @@ class VisionAttentionPatch:
             # Each block as one compiled call (prefill_step.vision_block): the
             # tower's ~30 launches per block were its host cost, larger than
             # its GPU time on an H100 (benchmarks/NOTES.md, call D12).
-            _allow_shared_compiles()
+            allow_shared_compiles()
             self._block = Compiled(vision_block, dynamic=None)  # the patches' count only: see rows_vary
             for blk in blocks:
                 blk.forward = types.MethodType(self._block_forward(blk.forward), blk)
         if compile:
-            _allow_shared_compiles()
+            allow_shared_compiles()
             self._rotary = Compiled(self._stock_rotary, dynamic=True)
             norm = Compiled(type(blocks[0].norm1).forward, dynamic=True)
             mlp = Compiled(type(blocks[0].mlp).forward, dynamic=True)
@@ -92,6 +90,10 @@ class VisionAttentionPatch:
 
     def _switch(self, compiled: Callable[..., Any], stock: Callable[..., Any]) -> Callable[..., Any]:
         return _switched(compiled, stock, lambda args: self.enabled and self.use_compiled)
+
+    def without_flash(self) -> None:
+        """The blocks' stock forwards instead of ``vision_block`` (FlashAttention's check at load failed)."""
+        self._block = None
 
     def _forward_for(self, stock: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         patch = self
@@ -239,7 +241,7 @@ class TextPrefillPatch:
     """
 
     def __init__(self, model: Any) -> None:
-        _allow_shared_compiles()
+        allow_shared_compiles()
         self.enabled = True
         layers = list(model.model.language_model.layers)
         norm = Compiled(type(layers[0].input_layernorm).forward, dynamic=True)
@@ -308,18 +310,6 @@ def compile_enabled(device: torch.device, wanted: bool = True) -> bool:
     false, or the parts: decode, vision, prefill).
     """
     return wanted and device.type == "cuda"
-
-
-def _allow_shared_compiles() -> None:
-    # One compiled function serves every layer's module (their weights are
-    # inputs), but dynamo keeps a small cache per code object: raise it so
-    # 64 norms, 32 MLPs and a few slot counts never push it into eager.
-    import torch._dynamo
-
-    config = torch._dynamo.config
-    for name in ("cache_size_limit", "recompile_limit"):
-        if hasattr(config, name):
-            setattr(config, name, max(getattr(config, name), 64))
 
 
 def _fused_blocks(model: Any) -> bool:

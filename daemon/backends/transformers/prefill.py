@@ -28,6 +28,7 @@ from daemon.backends import reraise_if_fatal
 from daemon.backends.transformers.decode_step import at_eos, choose, penalize, weight_of
 from daemon.backends.transformers.patches import rows_vary
 from daemon.backends.transformers.prefill_step import pack, prefill_layer
+from daemon.backends.transformers import qwen2_5_vl
 from daemon.backends.transformers.prompts import Prompt, Source
 
 # The prefill's bounds live with the memory arithmetic that reserves room for
@@ -58,6 +59,7 @@ class PrefillRounds:
     penalty: float | None
     packed: bool  # engine.packed_prefill
     vision: Any  # patches.VisionAttentionPatch, told the window bounds ahead
+    vision_layout: bool  # the tower's layout precomputed on the CPU (qwen2_5_vl's check passed it)
     _prefill_fn: Any  # prefill_layer, compiled (CUDA)
     _staging: "_Staging"
     _true: torch.Tensor
@@ -74,7 +76,7 @@ class PrefillRounds:
         with_images = [p for p in prompts if "pixel_values" in p.inputs]
         if not with_images:
             return [None] * len(prompts)
-        visual = self.model.model.visual
+        visual = qwen2_5_vl.vision_tower(self.model)
         self._staging.reset()  # a new round
         put = self._staging.to_device
         pixels = torch.cat([put(p.inputs["pixel_values"]) for p in with_images]).to(visual.dtype)
@@ -93,26 +95,15 @@ class PrefillRounds:
         helpers (``vision_utils``), given to the tower as the precomputed
         values it accepts, and sent through the staging buffer.
         """
-        try:
-            from transformers.vision_utils import (
-                get_vision_cu_seqlens,
-                get_vision_position_ids,
-                get_vision_window_index,
-            )
-        except ImportError:  # an older transformers: the tower works them out itself
+        if not self.vision_layout:
             return {}
-        visual = self.model.model.visual
-        cu = get_vision_cu_seqlens(grids)
-        window_index, cu_window = get_vision_window_index(
-            grids, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
-            patch_size=visual.patch_size)
         put = self._staging.to_device
-        layout: dict[str, Any] = {"position_ids": put(get_vision_position_ids(grids, visual.spatial_merge_size)),
-                                  "window_index": put(window_index)}
-        for name, longest, spans in (("cu_seqlens", "max_seqlen", cu),
-                                     ("cu_window_seqlens", "max_window_seqlen", cu_window)):
-            bounds = spans.tolist()
-            layout[name] = put(spans)
+        host = qwen2_5_vl.vision_layout(self.model, grids)
+        layout: dict[str, Any] = {k: put(v) for k, v in host.items()}
+        for name, longest in (("cu_seqlens", "max_seqlen"), ("cu_window_seqlens", "max_window_seqlen")):
+            if name not in layout:
+                continue
+            bounds = host[name].tolist()
             layout[longest] = max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
             if self.vision is not None:
                 self.vision.plan_for(layout[name], bounds, put)
@@ -169,8 +160,7 @@ class PrefillRounds:
             # The image-token rows, found on the CPU: masked_scatter's own search would cost a sync.
             image_rows = (host_ids == self.model.config.image_token_id).nonzero()[:, 0]
             x = x.index_copy(0, put(image_rows), torch.cat(features).to(x.dtype))
-        cos, sin = self.model.model.language_model.rotary_emb(x[None], positions)
-        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # (tokens, 1, head dim): every head alike
+        cos, sin = qwen2_5_vl.text_rotary(self.model, x, positions)  # (tokens, 1, head dim): every head alike
         kind = self.prefill_kind
         layer_fn = self._prefill_fn if kind == "flash" and self._prefill_fn is not None else prefill_layer
         if layer_fn is self._prefill_fn:
@@ -227,7 +217,7 @@ class PrefillRounds:
             slots_for_image = (ids == model.config.image_token_id)[..., None].expand_as(embeds)
             embeds = embeds.masked_scatter(slots_for_image, image_features.to(embeds.dtype))
         # One unpadded sequence: no attention mask, so the text model takes the plain causal path.
-        out = model.model.language_model(input_ids=None, inputs_embeds=embeds, position_ids=positions, use_cache=True)
+        out = qwen2_5_vl.text_model(model)(input_ids=None, inputs_embeds=embeds, position_ids=positions, use_cache=True)
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         for layer, (k_cache, v_cache) in zip(cache.layers, self._kv):
             k_cache[slot, :length] = layer.keys[0].transpose(0, 1)
@@ -353,9 +343,7 @@ def rope_positions(model: Any, inputs: dict[str, torch.Tensor]) -> dict[str, tor
         length = ids.shape[1]
         positions = torch.arange(length, device=ids.device).view(1, 1, -1).expand(3, 1, -1).contiguous()
         return {"position_ids": positions, "rope_deltas": torch.zeros(1, 1, dtype=torch.long, device=ids.device)}
-    positions, deltas = model.model.get_rope_index(
-        ids, inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
-        attention_mask=inputs.get("attention_mask"))
+    positions, deltas = qwen2_5_vl.rope_index(model, inputs)
     return {"position_ids": positions, "rope_deltas": deltas.reshape(1, 1).to(torch.long)}
 
 

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from daemon.backends.transformers.decode_step import Weight, _rms, linear, rotate
+from daemon.backends.transformers.qwen2_5_vl import flash_attention
 
 
 class Packed(NamedTuple):
@@ -77,7 +78,7 @@ def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, 
     """
     t, heads, dim = q.shape
     if kind == "flash":
-        o = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, t, t, 0.0, True, False, scale=scale)[0]
+        o = flash_attention(q, k, v, cu, cu, t, t, True, scale)
         return o.reshape(t, heads * dim)
     out = []
     for start, end in spans:
@@ -129,7 +130,7 @@ def vision_block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu: torc
     q, k, v = F.linear(_rms(x, ln1, eps), qkv_w, qkv_b).reshape(t, 3, heads, -1).unbind(1)
     c, s = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()  # apply_rotary_pos_emb_vision: in fp32
     q, k = rotate(q.float(), c, s).to(x.dtype), rotate(k.float(), c, s).to(x.dtype)
-    o = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, longest, longest, 0.0, False, False, scale=scale)[0]
+    o = flash_attention(q, k, v, cu, cu, longest, longest, False, scale)
     x = x + F.linear(o.reshape(t, -1), proj_w, proj_b)
     h = _rms(x, ln2, eps)
     return x + F.linear(F.silu(F.linear(h, gate_w, gate_b)) * F.linear(h, up_w, up_b), down_w, down_b)

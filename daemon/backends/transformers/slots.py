@@ -56,7 +56,6 @@ from daemon.backends.transformers.decode_step import (
     at_eos,
     attend,
     attention_kind,
-    flash_varlen,
     choose,
     fuse_projections,
     layer_step,
@@ -65,9 +64,10 @@ from daemon.backends.transformers.decode_step import (
     weight_of,
 )
 from daemon.backends.transformers.oom import is_out_of_memory
-from daemon.backends.transformers.patches import Compiled, _allow_shared_compiles, compile_enabled
+from daemon.backends.transformers.patches import Compiled, compile_enabled
 from daemon.backends.transformers.prefill import FAILED, PrefillRounds, _Shipped, _Staging, take_pack
 from daemon.backends.transformers.prefill_step import prefill_layer
+from daemon.backends.transformers.qwen2_5_vl import allow_shared_compiles, flash_varlen, text_model
 from daemon.backends.transformers.prompts import Generated, NonFiniteLogitsError, Prompt, RunStats, Source
 from daemon.backends.transformers.scheduler import Scheduler, SchedulerOptions
 from daemon.plan import cache_length
@@ -98,7 +98,7 @@ class SlotEngine(PrefillRounds):
     def __init__(self, model: Any, *, eos_ids: set[int], use_cuda_graphs: bool | None = None,
                  options: EngineOptions = EngineOptions()) -> None:
         self.model = model
-        text = model.model.language_model
+        text = text_model(model)
         self.layers = list(text.layers)
         self.norm = text.norm
         self.embed = text.embed_tokens
@@ -130,7 +130,7 @@ class SlotEngine(PrefillRounds):
         self._layer_fn: Callable[..., torch.Tensor] | None = None
         self._silu = getattr(cfg, "hidden_act", "") == "silu"  # what layer_step and prefill_layer compute
         if self.fused and compile_enabled(self.device, options.compiles("decode")) and self._silu:
-            _allow_shared_compiles()
+            allow_shared_compiles()
             self._layer_fn = Compiled(layer_step, fullgraph=True)
         # Prefill packs a round's prompts into one pass of our own layer
         # function (prefill_step); engine.packed_prefill: false runs the stock
@@ -144,7 +144,7 @@ class SlotEngine(PrefillRounds):
         # (engine.decode_attention is about the decode step only), else SDPA per prompt.
         self.prefill_kind = "flash" if flash_varlen(self.device, self.dtype) else "sdpa"
         if self.packed and self.prefill_kind == "flash" and compile_enabled(self.device, options.compiles("prefill")):
-            _allow_shared_compiles()
+            allow_shared_compiles()
             self._prefill_fn = Compiled(prefill_layer, dynamic=None)  # the tokens' count only: patches.rows_vary
         self._slots = 0
         self._length = 0
@@ -155,7 +155,21 @@ class SlotEngine(PrefillRounds):
         self._staging = _Staging(self.device)
         self._true = torch.ones((), dtype=torch.bool, device=self.device)
         self.vision: Any = None  # patches.VisionAttentionPatch, told the window bounds ahead (_vision_layout)
+        self.vision_layout = True  # the tower's layout worked out on the CPU (off where qwen2_5_vl's check says)
         self.stats = RunStats()
+
+    @property
+    def layer_functions(self) -> bool:
+        """Whether decode and packed prefill run the fused layer functions (``decode_step``, ``prefill_step``)."""
+        return bool(self.fused) and self._silu
+
+    def without_flash(self) -> None:
+        """SDPA for decode and prefill instead of FlashAttention's varlen entry (its check at load failed)."""
+        if self.attention == "flash":
+            self.attention = "sdpa"
+        self.prefill_kind = "sdpa"
+        self._prefill_fn = None
+        self._graphs.clear()
 
     # ------------------------------------------------------------ memory
 
