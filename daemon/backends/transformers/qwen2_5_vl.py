@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 #: show on the tiny input: float32 agrees to rounding; half precision rounds
 #: each kernel's output (one decoder layer: ~0.3% measured on the CPU).
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.03, torch.float16: 0.03}
+#: The vision tower is compared whole (32 blocks in the 7B, the fused blocks
+#: rounding differently from stock's): more room in half precision.
+VISION_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.05, torch.float16: 0.05}
 
 
 # ------------------------------------------------------------------ accessors
@@ -197,10 +200,11 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float() - want.float()).norm() / want.float().norm().clamp(min=1e-12))
 
 
-def _within(touchpoint: str, what: str, got: torch.Tensor, want: torch.Tensor, fallback: str) -> Checked:
+def _within(touchpoint: str, what: str, got: torch.Tensor, want: torch.Tensor, fallback: str,
+            tolerance: dict[torch.dtype, float] = TOLERANCE) -> Checked:
     if got.shape != want.shape:
         return _failed(touchpoint, f"{what}: shape {tuple(got.shape)}, stock {tuple(want.shape)}", fallback)
-    error, limit = _rel(got, want), TOLERANCE.get(want.dtype, 0.03)
+    error, limit = _rel(got, want), tolerance.get(want.dtype, 0.03)
     if not error <= limit:  # NaN fails too
         return _failed(touchpoint, f"{what}: {error:.3g} from stock (at most {limit:g})", fallback)
     return Checked(measured=((f"{touchpoint} {what}", error),))
@@ -378,7 +382,7 @@ def check_vision(model: Any, patch: Any) -> Checked:
             with torch.inference_mode():
                 patch.enabled = True
                 got = visual(pixels, grid_thw=grid_d).pooler_output
-            found += _within("vision_attention", "tower output", got, stock, fallback)
+            found += _within("vision_attention", "tower output", got, stock, fallback, VISION_TOLERANCE)
         except Exception as exc:  # noqa: BLE001
             found += _failed("vision_attention", _problem(exc), fallback)
         patch.enabled = found.ok("vision_attention")
@@ -415,7 +419,7 @@ def _check_vision_layout(model: Any, visual: Any, pixels: torch.Tensor, grid: to
             if patch is not None:
                 patch.enabled = False  # the stock tower, given the layout
             got = visual(pixels, grid_thw=grid.to(model.device), **layout).pooler_output
-        return _within("vision_layout", "tower output", got, stock, fallback)
+        return _within("vision_layout", "tower output", got, stock, fallback, VISION_TOLERANCE)
     except Exception as exc:  # noqa: BLE001
         return _failed("vision_layout", _problem(exc), fallback)
     finally:
