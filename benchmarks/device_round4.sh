@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Call G1 (issue 23): FP8 shown correct (the kernel call by call, the forward against its bf16 floor,
 # the fused engine token for token in fp32) and the capped targets: 7B fp8 under 22 GiB, 3B fp8
-# under 12 and 8 GiB, 3B fp8 batch 1. Then bf16 fp32 verify (nothing in the bf16 path changed).
+# under 12 and 8 GiB, 3B fp8 batch 1, 7B fp8 under 12 GiB (one prompt per prefill round). Then bf16 fp32 verify (nothing in the bf16 path changed).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
@@ -16,6 +16,7 @@ timeout ${CHECK_LIMIT:-110} python3 benchmarks/fp8_check.py --load-format dummy 
 step verify-fp32-fp8 ${VERIFY_LIMIT:-120} bench --verify --load-format dummy --new-tokens 128 --quantization fp8
 capped=(bench --load-format dummy --ignore-eos --images ${IMAGES:-256} --batch-sizes '' --baseline-images 0 --latency-images 0)
 step bench-7b-fp8-22g ${BENCH_LIMIT:-100} "${capped[@]}" --quantization fp8 --max-gpu-memory 22GiB
+step bench-7b-fp8-12g ${BENCH_LIMIT:-100} "${capped[@]}" --quantization fp8 --max-gpu-memory 12GiB
 step bench-3b-fp8-12g ${BENCH_LIMIT:-90} "${capped[@]}" --latency-images 3 --model Qwen/Qwen2.5-VL-3B-Instruct --quantization fp8 --max-gpu-memory 12GiB
 step bench-3b-fp8-8g ${BENCH_LIMIT:-90} "${capped[@]}" --model Qwen/Qwen2.5-VL-3B-Instruct --quantization fp8 --max-gpu-memory 8GiB
 [[ -n ${SKIP_VERIFY:-} ]] || step verify-fp32 ${VERIFY_LIMIT:-120} bench --verify --load-format dummy --new-tokens 128

@@ -240,18 +240,48 @@ def slot_bytes(shape: ModelShape, length: int, itemsize: int = 2) -> int:
     return cache_length(length) * kv_bytes_per_token(shape, itemsize) + 3 * shape.vocab * 4
 
 
-def prefill_reserve(shape: ModelShape, tokens: int, itemsize: int = 2) -> int:
-    """Peak working memory of one prefill of ``tokens`` tokens, with a margin.
+@dataclass(frozen=True)
+class Packing:
+    """The most one prefill round takes: prompt tokens in one packed text pass, patches in one vision call.
+
+    Packing several prompts per round is what makes prefill fast, and what
+    its activations cost: on a card where that leaves no room for a single
+    slot, :func:`fit` takes one prompt (and its image) per round instead,
+    ``LEAN``: prefill runs at one image's pace, and the model runs at all.
+    """
+
+    tokens: int = PREFILL_TOKENS
+    patches: int = VISION_BATCH_PATCHES
+
+    @property
+    def lean(self) -> bool:
+        return self.tokens == 0
+
+    def take_tokens(self, tokens: int) -> int:
+        """Prompt tokens a round may pack, for prompts of ``tokens``: one prompt when lean."""
+        return tokens if self.lean else max(tokens, self.tokens)
+
+    def take_patches(self, tokens: int) -> int:
+        return 4 * tokens if self.lean else max(4 * tokens, self.patches)  # 2x2 patches merge into one token
+
+
+PACKED = Packing()
+#: One prompt per prefill round, its images in one tower call.
+LEAN = Packing(tokens=0, patches=0)
+
+
+def prefill_reserve(shape: ModelShape, tokens: int, itemsize: int = 2, packing: Packing = PACKED) -> int:
+    """Peak working memory of one prefill round for prompts of ``tokens`` tokens, with a margin.
 
     The prefill's own KV cache (copied into a slot afterwards, where the stock
     text model prefills), the widest activations of a text layer (the MLP's
     gate and up projections) and of the vision tower, plus ``WORKING_MARGIN``.
     Activations stay in the model's dtype under FP8 weights too.
     """
-    # Several prompts are prefilled as one sequence (up to PREFILL_TOKENS).
-    text = max(tokens, PREFILL_TOKENS) * (4 * shape.hidden + 3 * shape.intermediate) * itemsize
-    # Several images go through the tower together (up to about this many patches).
-    patches = max(4 * tokens, VISION_BATCH_PATCHES)  # 2x2 patches merge into one token
+    # Several prompts are prefilled as one sequence (up to PREFILL_TOKENS), unless lean.
+    text = packing.take_tokens(tokens) * (4 * shape.hidden + 3 * shape.intermediate) * itemsize
+    # Several images go through the tower together (up to about this many patches), unless lean.
+    patches = packing.take_patches(tokens)
     vision = patches * (6 * shape.vision_hidden + 3 * shape.vision_intermediate) * itemsize
     return tokens * kv_bytes_per_token(shape, itemsize) + 2 * max(text, vision) + WORKING_MARGIN
 
@@ -271,14 +301,23 @@ def round_slots(slots: int) -> int:
     return slots
 
 
-def slots_for_budget(shape: ModelShape, budget: int, *, tokens: int, max_new: int, itemsize: int = 2) -> int:
+def slots_for_budget(shape: ModelShape, budget: int, *, tokens: int, max_new: int, itemsize: int = 2,
+                     packing: Packing = PACKED) -> int:
     """Slots of ``tokens + max_new`` that fit ``budget`` bytes (free after the weights) beside one prefill.
 
     0 when not even one fits (the engine then refuses to start rather than
     run out of memory capturing its decode graph).
     """
-    room = budget - prefill_reserve(shape, tokens, itemsize)
+    room = budget - prefill_reserve(shape, tokens, itemsize, packing)
     return max(0, round_slots(int(room // slot_bytes(shape, tokens + max_new, itemsize))))
+
+
+def fit(shape: ModelShape, budget: int, *, tokens: int, max_new: int, itemsize: int = 2) -> tuple[int, Packing]:
+    """Slots and the prefill packing for ``budget``: packed rounds, or one prompt a round where only that fits."""
+    slots = slots_for_budget(shape, budget, tokens=tokens, max_new=max_new, itemsize=itemsize)
+    if slots >= 1:
+        return slots, PACKED
+    return slots_for_budget(shape, budget, tokens=tokens, max_new=max_new, itemsize=itemsize, packing=LEAN), LEAN
 
 
 # ------------------------------------------------------------------ the plan
@@ -300,6 +339,7 @@ class Plan:
     kv_per_slot_mib: float
     slots: int
     fits: bool
+    lean: bool = False  # one prompt per prefill round (Packing): what lets it fit at all
     advice: tuple[str, ...] = field(default=())
     notes: tuple[str, ...] = field(default=())
 
@@ -308,7 +348,8 @@ class Plan:
         label = short_label(self.model)
         if not self.fits:
             return f"{label} {self.precision} on {self.memory_gib:.1f} GiB: does not fit"
-        return f"{label} {self.precision} on {self.memory_gib:.1f} GiB: {self.slots} slots of {self.tokens} tokens"
+        return (f"{label} {self.precision} on {self.memory_gib:.1f} GiB: {self.slots} slots of {self.tokens} tokens"
+                + (", one prompt per prefill" if self.lean else ""))
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -330,13 +371,13 @@ def make_plan(shape: ModelShape, memory: int, *, precision: str, max_pixels: int
     tokens = prompt_tokens(max_pixels)
     weights = weight_bytes(shape, precision, itemsize)
     budget = memory - weights - (0 if capped else CUDA_CONTEXT)
-    slots = slots_for_budget(shape, budget, tokens=tokens, max_new=max_new_tokens, itemsize=itemsize)
+    slots, packing = fit(shape, budget, tokens=tokens, max_new=max_new_tokens, itemsize=itemsize)
     return Plan(model=shape.name, precision=precision, memory_gib=round(memory / GiB, 2), capped=capped,
                 max_pixels=max_pixels, max_new_tokens=max_new_tokens,
                 tokens=cache_length(tokens + max_new_tokens), weights_gib=round(weights / GiB, 2),
-                reserve_gib=round(prefill_reserve(shape, tokens, itemsize) / GiB, 2),
+                reserve_gib=round(prefill_reserve(shape, tokens, itemsize, packing) / GiB, 2),
                 kv_per_slot_mib=round(slot_bytes(shape, tokens + max_new_tokens, itemsize) / 2**20, 2),
-                slots=slots, fits=slots >= 1)
+                slots=slots, fits=slots >= 1, lean=packing.lean and slots >= 1)
 
 
 def choose_precision(shape: ModelShape, memory: int, *, quantization: str, max_pixels: int, max_new_tokens: int,
@@ -412,7 +453,7 @@ def _advice(shape: ModelShape, memory: int, plan: Plan, *, capped: bool, fp8_cap
         if alt.slots > plan.slots:
             out.append(f"model.max_new_tokens: 512 ({alt.slots} slots)")
     if not out and not plan.fits:
-        need = weight_bytes(shape, plan.precision) + prefill_reserve(shape, prompt_tokens(plan.max_pixels))
+        need = weight_bytes(shape, plan.precision) + prefill_reserve(shape, prompt_tokens(plan.max_pixels), packing=LEAN)
         out.append(f"more GPU memory: the weights and one prefill alone need {need / GiB:.1f} GiB")
     return out
 

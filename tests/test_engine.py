@@ -38,6 +38,7 @@ from daemon.backends.transformers import slots as fastgen
 from daemon.backends.transformers.prompts import Generated, ListSource, NonFiniteLogitsError, Prompt
 from daemon.backends.transformers.scheduler import Scheduler, SchedulerOptions
 from daemon.backends.transformers.backend import TransformersBackend, _messages
+from daemon import plan
 from daemon.config import EngineOptions, ModelConfig
 from daemon.config_reader import parse_config
 from daemon.engine.loop import WorkerLoop
@@ -388,7 +389,7 @@ def test_rounds_overlap_a_rounds_first_tokens_are_read_after_the_next_is_queued(
     # issue 12 (throughput): the host prepares round k+1 (its vision tower launches take longer than its GPU
     # work) while round k still runs on the GPU: round k's first tokens are read only once k+1 is queued.
     # A round with an interactive prompt is read at once (its first token should not wait for another round).
-    monkeypatch.setattr(prefill_rounds, "VISION_BATCH_PATCHES", 1)  # a round per prompt
+    monkeypatch.setattr(backend._fast, "packing", plan.LEAN)  # a round per prompt
     fast = backend._fast
     events: list[tuple[str, list[int]]] = []
     prefill, settle = fast._prefill, fast._settle
@@ -422,7 +423,7 @@ def test_admission_never_waits_for_the_gpu_but_for_a_rounds_first_tokens(backend
     # The whole admission is watched, reading the first tokens included: an assignment of a Python value
     # there (`active[slot] = True`) was a copy that waited for the round queued behind (call P3).
     fast = backend_cuda._fast
-    monkeypatch.setattr(prefill_rounds, "VISION_BATCH_PATCHES", 1)  # a round per prompt: they overlap
+    monkeypatch.setattr(fast, "packing", plan.LEAN)  # a round per prompt: they overlap
     admit, read = fast._admit, prefill_rounds._Shipped.read
 
     def watched_admit(*args, **kwargs):

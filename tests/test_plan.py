@@ -184,3 +184,22 @@ def test_plan_needs_no_torch(tmp_path: Path) -> None:
                           env={"PATH": "/usr/bin:/bin", "VLWATCH_CONFIG": str(tmp_path / "none.yaml"),
                                "XDG_CONFIG_HOME": str(tmp_path), "HOME": str(tmp_path)})
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_where_packed_prefill_leaves_no_slot_one_prompt_a_round_fits() -> None:
+    # issue 23: 7B fp8 on a 12 GiB card. Packed prefill rounds (6144 tokens, 16384 vision patches) need
+    # 2.7 GiB beside 9.4 GiB of weights: nothing fits. One prompt a round needs 1.4 GiB: a few slots run.
+    shape = plan.known_shape("7b")
+    assert shape is not None
+    tokens = plan.prompt_tokens(1003520)
+    packed = plan.prefill_reserve(shape, tokens)
+    lean = plan.prefill_reserve(shape, tokens, packing=plan.LEAN)
+    assert lean < packed - GiB
+    budget = lean + 3 * plan.slot_bytes(shape, tokens + 2048)
+    assert plan.slots_for_budget(shape, budget, tokens=tokens, max_new=2048) == 0
+    assert plan.fit(shape, budget, tokens=tokens, max_new=2048) == (3, plan.LEAN)
+    roomy = packed + 40 * plan.slot_bytes(shape, tokens + 2048)
+    assert plan.fit(shape, roomy, tokens=tokens, max_new=2048) == (40, plan.PACKED)  # packed wherever it fits
+    p = plan.make_plan(shape, 12 * GiB, precision="fp8", max_pixels=1003520, max_new_tokens=2048)
+    assert p.fits and p.lean and p.summary().endswith("one prompt per prefill")
+    assert not plan.make_plan(shape, 11 * GiB, precision="fp8", max_pixels=1003520, max_new_tokens=2048).fits

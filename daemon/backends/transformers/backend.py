@@ -785,8 +785,12 @@ class TransformersBackend:
         if self._fast is not None:
             budget += self._fast.held_bytes()  # the cache in hand is reused or replaced, not added to
         shape = model_shape(self._model)
-        slots = max(1, plan.slots_for_budget(shape, budget, tokens=tokens, max_new=max_new,
-                                             itemsize=self._model.dtype.itemsize))
+        slots, packing = plan.fit(shape, budget, tokens=tokens, max_new=max_new, itemsize=self._model.dtype.itemsize)
+        if self._fast is not None and packing != self._fast.packing:
+            self._fast.packing = packing
+            log.info("prefill: %s", "one prompt per round (packed rounds leave no room for a slot here)"
+                     if packing.lean else "prompts packed per round")
+        slots = max(1, slots)
         log.debug("auto batch size: %d slots of %d tokens (%.2f GiB available)",
                   slots, plan.cache_length(tokens + max_new), budget / GiB)
         return slots

@@ -33,7 +33,7 @@ from daemon.backends.transformers.prompts import Prompt, Source
 
 # The prefill's bounds live with the memory arithmetic that reserves room for
 # them (daemon.plan: one place, so the plan and the engine cannot drift).
-from daemon.plan import PREFILL_TOKENS, VISION_BATCH_PATCHES  # noqa: E402
+from daemon.plan import PACKED, Packing  # noqa: E402
 
 
 FAILED = object()  # _features_each: this prompt was finished with its error
@@ -347,11 +347,11 @@ def rope_positions(model: Any, inputs: dict[str, torch.Tensor]) -> dict[str, tor
     return {"position_ids": positions, "rope_deltas": deltas.reshape(1, 1).to(torch.long)}
 
 
-def take_pack(group: list[tuple[Prompt, Any]]) -> list[tuple[Prompt, Any]]:
-    """Pop the prompts of the next packed prefill off ``group``: up to PREFILL_TOKENS tokens, at least one."""
+def take_pack(group: list[tuple[Prompt, Any]], packing: Packing = PACKED) -> list[tuple[Prompt, Any]]:
+    """Pop the prompts of the next packed prefill off ``group``: up to ``packing.tokens`` tokens, at least one."""
     pack = [group.pop(0)]
     tokens = pack[0][0].length
-    while group and tokens + group[0][0].length <= PREFILL_TOKENS:
+    while group and tokens + group[0][0].length <= packing.tokens:
         tokens += group[0][0].length
         pack.append(group.pop(0))
     return pack

@@ -50,7 +50,6 @@ from typing import Any, Callable
 import torch
 
 from daemon.backends import is_sticky_cuda_error, reraise_if_fatal
-from daemon.backends.transformers import prefill
 from daemon.backends.transformers.decode_step import (
     Where,
     at_eos,
@@ -70,7 +69,7 @@ from daemon.backends.transformers.prefill_step import prefill_layer
 from daemon.backends.transformers.qwen2_5_vl import allow_shared_compiles, flash_varlen, text_model
 from daemon.backends.transformers.prompts import Generated, NonFiniteLogitsError, Prompt, RunStats, Source
 from daemon.backends.transformers.scheduler import Scheduler, SchedulerOptions
-from daemon.plan import cache_length
+from daemon.plan import PACKED, cache_length
 from daemon.config import EngineOptions
 
 log = logging.getLogger(__name__)
@@ -156,6 +155,8 @@ class SlotEngine(PrefillRounds):
         self._true = torch.ones((), dtype=torch.bool, device=self.device)
         self.vision: Any = None  # patches.VisionAttentionPatch, told the window bounds ahead (_vision_layout)
         self.vision_layout = True  # the tower's layout worked out on the CPU (off where qwen2_5_vl's check says)
+        #: how much a prefill round packs (daemon.plan.fit: one prompt a round where only that fits the card)
+        self.packing = PACKED
         self.stats = RunStats()
 
     @property
@@ -456,7 +457,7 @@ class SlotEngine(PrefillRounds):
                 t0 = time.perf_counter()
                 launched: list[tuple[Prompt, int, torch.Tensor]] = []
                 while group:
-                    batch = take_pack(group)
+                    batch = take_pack(group, self.packing)
                     launched += self._launch(source, batch, free)
                     if group and not batch[-1][0].urgent and source.urgent():
                         # An interactive prompt goes first; it waits for at most
@@ -487,7 +488,7 @@ class SlotEngine(PrefillRounds):
         """Prompts to prefill next, with their image features: carried-over ones, or a new group.
 
         A new group's images go through the vision tower together (up to
-        VISION_BATCH_PATCHES), and its prompts until they hold ``tokens``
+        ``packing.patches``; one prompt's when lean), and its prompts until they hold ``tokens``
         prompt tokens (the turn's budget; at least one prompt).  An
         interactive prompt is taken ahead of any carried-over one.  The flag
         is False once a prompt was deferred.
@@ -498,7 +499,7 @@ class SlotEngine(PrefillRounds):
         group: list[Prompt] = []
         patches = length = 0
         admitting = True
-        while len(group) < room and (not group or (patches < prefill.VISION_BATCH_PATCHES
+        while len(group) < room and (not group or (patches < self.packing.patches
                                                    and (tokens is None or length < tokens))):
             prompt = source.take()
             if prompt is None:
