@@ -515,14 +515,14 @@ def test_a_pack_takes_whole_prompts_up_to_its_token_bound(backend: TransformersB
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     prompts = _prompts(backend, 5, 3)
     n = prompts[0].length
-    monkeypatch.setattr(prefill_rounds, "PREFILL_TOKENS", 2 * n + 1)
     group = [(p, None) for p in prompts]
     sizes = []
     while group:
-        sizes.append(len(prefill_rounds.take_pack(group)))
+        sizes.append(len(prefill_rounds.take_pack(group, plan.Packing(tokens=2 * n + 1))))
     assert sizes == [2, 2, 1]
-    monkeypatch.setattr(prefill_rounds, "PREFILL_TOKENS", 1)  # a prompt longer than the bound goes alone
-    assert len(prefill_rounds.take_pack([(p, None) for p in prompts])) == 1
+    # a prompt longer than the bound goes alone, and so does each prompt when lean
+    assert len(prefill_rounds.take_pack([(p, None) for p in prompts], plan.Packing(tokens=1))) == 1
+    assert len(prefill_rounds.take_pack([(p, None) for p in prompts], plan.LEAN)) == 1
 
 
 def test_the_lone_row_attention_equals_the_masked_sdpa() -> None:
