@@ -595,8 +595,8 @@ def test_an_interactive_request_cuts_into_a_round_of_queued_prefills(backend: Tr
     # issue 13: a request arriving while a vision group of queued prompts is being prefilled goes next; the rest
     # of the group keeps its image features (the vision tower does not run for them again).  It waits for the
     # pack being prefilled: packs of one prompt here, so that the group is several packs.
-    monkeypatch.setattr(prefill_rounds, "PREFILL_TOKENS", 1)
     fast = backend._fast
+    monkeypatch.setattr(fast, "packing", plan.Packing(tokens=1))  # one vision group, packs of one prompt
     folder = _prompts(backend, 4, 3)
     asked = _prompts(backend, 1, 3, first=100, urgent=True)
     source = UrgentSource(folder, asked)
