@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Sequence
 from daemon.backends import DeviceLostError, create_backend
 from daemon.config import COMPILE_PARTS, ENGINE_KEYS, Config, EngineOptions
 from daemon.controls import for_terminal, json_text
-from daemon.engine.loop import check_model
+from daemon.engine.loop import WorkerLoop, check_model
 from daemon.engine.outcomes import BatchResult, Processor
 from daemon.errors import BackendUnavailableError, ExitCode, VlwatchError, plural
 from daemon.queue import HANDED_OVER, Job, Queue, StateLock, safe_text
@@ -147,38 +147,37 @@ def _settle_of(config: Config, path: Path) -> float:
 
 
 def _drain(config: Config, queue: Queue, tty: bool) -> int:
-    """Process every due job now, with progress; exit 1 if any failed."""
+    """Process every due job now, through the daemon's own loop, with progress; exit 1 if any failed."""
     queue.recover(config.jobs.attempts, written=lambda j: sidecars_written(j, config))
     total = queue.due_count()
     if total == 0:
         print("nothing to process")
         return ExitCode.OK
-    worker = Worker(config, create_backend(config.model, config.engine))
-    processor = Processor(queue, on_changed=lambda p: log.warning("%s: changed while queued; run scan again", p))
     summary = BatchResult()
     progress = Progress("processing", total, tty=tty)
+
+    def counted(result: BatchResult) -> None:
+        for k in ("done", "failed", "retrying", "dropped"):
+            setattr(summary, k, getattr(summary, k) + getattr(result, k))
+        progress.update(result.done + result.failed + result.retrying + result.dropped)
+
+    worker = Worker(config, create_backend(config.model, config.engine))
+    processor = Processor(queue, on_changed=lambda p: log.warning("%s: changed while queued; run scan again", p),
+                          on_result=counted)
+    loop = WorkerLoop(queue, worker, processor)
     try:
-        while jobs := queue.claim(max(1, worker.batch_size())):
-            try:
-                r = processor.process(worker, jobs)
-            except BackendUnavailableError as exc:  # the server, the output disk or the state database
-                processor.release([j.id for j in jobs])  # recorded now, or kept until the state disk takes it
-                what = "backend unavailable: " if exc.meta_key == "backend" else ""
-                left = "" if processor.unrecorded() else f"; {plural(queue.due_count(), 'job')} left queued"
-                print(f"vlwatch: {what}{exc}{left}", file=sys.stderr)
-                return ExitCode.FAILED
-            except DeviceLostError as exc:  # any backend's sticky CUDA error: nothing more can run here
-                for job in jobs:  # back on the queue with the attempt spent, as the daemon does
-                    queue.fail(job.id, f"the GPU failed while this file was in hand: {exc}",
-                               retry_at=time.time() if job.attempts < config.jobs.attempts else None)
-                print(f"vlwatch: {exc}; {plural(queue.due_count(), 'job')} left queued", file=sys.stderr)
-                return ExitCode.FAILED
-            for k in ("done", "failed", "retrying", "dropped"):
-                setattr(summary, k, getattr(summary, k) + getattr(r, k))
-            progress.update(len(jobs))
+        loop.drain()
     finally:
         progress.close()
         worker.close()
+    if loop.outage is not None:  # the server, the output disk or the state database
+        what = "backend unavailable: " if loop.outage.meta_key == "backend" else ""
+        left = "" if processor.unrecorded() else f"; {plural(queue.due_count(), 'job')} left queued"
+        print(f"vlwatch: {what}{loop.outage}{left}", file=sys.stderr)
+        return ExitCode.FAILED
+    if loop.fatal is not None:  # any backend's sticky CUDA error: the jobs went back with the attempt spent
+        print(f"vlwatch: {loop.fatal}; {plural(queue.due_count(), 'job')} left queued", file=sys.stderr)
+        return ExitCode.FAILED
     print(f"processed {plural(summary.done + summary.failed + summary.retrying, 'file')}: {summary.done} done, "
           f"{summary.failed + summary.retrying} failed ({summary.retrying} will be retried)"
           + (f", {summary.dropped} dropped" if summary.dropped else ""))

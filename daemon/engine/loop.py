@@ -2,7 +2,8 @@
 
 ``WorkerLoop`` is the thread that owns the backend; ``outcomes.Processor``
 records each job's outcome (done, retried with backoff, failed, dropped).
-``vlwatch scan`` uses ``Processor`` too, without the thread.
+``vlwatch scan`` runs the same loop in its own thread until the queue is
+drained (``WorkerLoop.drain``): one job loop for the daemon and the scan.
 
 Continuous admission: with a backend that admits requests itself
 (``serve``: the transformers backend's slot engine), the loop hands it a
@@ -144,6 +145,9 @@ class WorkerLoop(threading.Thread):
         self._in_hand_lock = threading.Lock()
         #: the sticky device error that ended the loop (the daemon then exits non-zero)
         self.fatal: DeviceLostError | None = None
+        #: ``drain``: run until nothing is due, and end at an outage (kept here) instead of pausing
+        self._draining = False
+        self.outage: BackendUnavailableError | None = None
         self._watch_backend(worker.backend)
 
     def _watch_backend(self, backend: Any) -> None:
@@ -174,6 +178,17 @@ class WorkerLoop(threading.Thread):
         """Use ``worker`` from the next batch on (after a reload)."""
         self._next_worker = worker
         self._wake.set()
+
+    def drain(self) -> None:
+        """Run in this thread until no job is due and none is in hand (``vlwatch scan``), then return.
+
+        The daemon's loop, continuous admission included; where the daemon
+        would pause for an outage (backend, output disk, state database) it
+        stops instead, with the jobs in hand released and ``outage`` set; a
+        lost device ends it with ``fatal`` set, as in the daemon.
+        """
+        self._draining = True
+        self.run()
 
     def run(self) -> None:
         while not self.stopping.is_set():
@@ -211,9 +226,10 @@ class WorkerLoop(threading.Thread):
             self._backend_back()
         size = max(1, self.worker.batch_size())
         if self.queue.due_count(limit=1) == 0:
-            self._sleep(self._idle_timeout())
+            self._idle()
             return
-        self._fill(size)
+        if not self._draining:  # a scan's jobs are all queued already
+            self._fill(size)
         if self.stopping.is_set():
             return
         if self._yield_to_intake():
@@ -240,7 +256,7 @@ class WorkerLoop(threading.Thread):
                 self._sleep(self.paused_until - now)
                 return
             if self.queue.due_count(limit=1) == 0:
-                self._sleep(self._idle_timeout())
+                self._idle()
                 return
             if self._yield_to_intake():
                 self._sleep(0.05)
@@ -362,6 +378,11 @@ class WorkerLoop(threading.Thread):
         self._outage_pause = min(exc.max_pause, max(exc.first_pause, self._outage_pause * 2))
         self._outage_since = self._outage_since or time.time()
         until = time.time() + self._outage_pause
+        if self._draining:  # a scan reports the outage and ends; the jobs stay queued, attempts kept
+            self.processor.release(self.in_hand)
+            self.outage = exc
+            self.stopping.set()
+            return
         self.processor.release(self.in_hand, not_before=until)
         self.paused_until = until
         what = {"backend": "backend unavailable", "storage": "output disk refuses writes",
@@ -391,6 +412,8 @@ class WorkerLoop(threading.Thread):
         With the backend unreachable (a server down) the model is not usable,
         whatever connections the client keeps: not "loaded" (issue 11.6).
         """
+        if self._draining:
+            return  # a scan's model ends with it: status tells the daemon's
         backend = self.worker.backend
         down = self._outage_since is not None
         loaded = bool(getattr(backend, "loaded", False)) and not down
@@ -453,6 +476,12 @@ class WorkerLoop(threading.Thread):
                 unload()
             self._model_loaded = None  # a new model: its own "since" (a reload that keeps it keeps its since)
         self._note_model_state()
+
+    def _idle(self) -> None:
+        if self._draining:
+            self.stopping.set()  # the scan's work is done
+        else:
+            self._sleep(self._idle_timeout())
 
     def _idle_timeout(self) -> float:
         # Other processes (`vlwatch retry`, `scan`) add jobs without waking

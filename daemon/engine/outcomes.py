@@ -73,9 +73,12 @@ class Processor:
         on_changed: told about a source whose bytes changed since it was queued.
     """
 
-    def __init__(self, queue: Queue, on_changed: Callable[[Path], None]) -> None:
+    def __init__(self, queue: Queue, on_changed: Callable[[Path], None],
+                 on_result: Callable[[BatchResult], None] | None = None) -> None:
         self.queue = queue
         self.on_changed = on_changed
+        #: told what became of each batch's jobs (``vlwatch scan``'s progress and summary)
+        self.on_result = on_result
         self._unrecorded: list[Callable[[], object]] = []
         self._record_lock = threading.Lock()
         self.state_error: str | None = None
@@ -180,6 +183,8 @@ class Processor:
         return self._checked(result)
 
     def _checked(self, result: BatchResult) -> BatchResult:
+        if self.on_result is not None:
+            self.on_result(result)
         if self.unrecorded():
             raise self.state_down()
         return result
