@@ -12,12 +12,12 @@ mkdir -p "$OUT"
 step() { local name=$1 limit=$2; shift 2; echo "+ vlwatch $*" | tee "$OUT/$name.log"
          timeout "$limit" python3 -m daemon "$@" 2>&1 | tee -a "$OUT/$name.log"; echo "exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"; }
 echo "+ benchmarks/fp8_check.py" | tee "$OUT/fp8-check.log"
-timeout ${CHECK_LIMIT:-110} python3 benchmarks/fp8_check.py --load-format dummy --new-tokens 48 --out "$OUT" 2>&1 | tee -a "$OUT/fp8-check.log"
-step verify-fp32-fp8 ${VERIFY_LIMIT:-120} bench --verify --load-format dummy --new-tokens 128 --quantization fp8
+timeout ${CHECK_LIMIT:-100} python3 benchmarks/fp8_check.py --load-format dummy --new-tokens 48 --out "$OUT" 2>&1 | tee -a "$OUT/fp8-check.log"
+step verify-fp32-fp8 ${VERIFY_LIMIT:-110} bench --verify --load-format dummy --new-tokens 128 --quantization fp8
+step verify-fp32 ${VERIFY_LIMIT:-110} bench --verify --load-format dummy --new-tokens 128
 capped=(bench --load-format dummy --ignore-eos --images ${IMAGES:-256} --batch-sizes '' --baseline-images 0 --latency-images 0)
-step bench-7b-fp8-22g ${BENCH_LIMIT:-100} "${capped[@]}" --quantization fp8 --max-gpu-memory 22GiB
-step bench-7b-fp8-12g ${BENCH_LIMIT:-100} "${capped[@]}" --quantization fp8 --max-gpu-memory 12GiB
-step bench-3b-fp8-12g ${BENCH_LIMIT:-90} "${capped[@]}" --latency-images 3 --model Qwen/Qwen2.5-VL-3B-Instruct --quantization fp8 --max-gpu-memory 12GiB
-step bench-3b-fp8-8g ${BENCH_LIMIT:-90} "${capped[@]}" --model Qwen/Qwen2.5-VL-3B-Instruct --quantization fp8 --max-gpu-memory 8GiB
-[[ -n ${SKIP_VERIFY:-} ]] || step verify-fp32 ${VERIFY_LIMIT:-120} bench --verify --load-format dummy --new-tokens 128
+step bench-7b-fp8-22g ${BENCH_LIMIT:-95} "${capped[@]}" --quantization fp8 --max-gpu-memory 22GiB
+step bench-7b-fp8-12g ${BENCH_LIMIT:-95} "${capped[@]}" --quantization fp8 --max-gpu-memory 12GiB
+step bench-3b-fp8-12g ${BENCH_LIMIT:-80} "${capped[@]}" --latency-images 3 --model Qwen/Qwen2.5-VL-3B-Instruct --quantization fp8 --max-gpu-memory 12GiB
+step bench-3b-fp8-8g ${BENCH_LIMIT:-80} "${capped[@]}" --model Qwen/Qwen2.5-VL-3B-Instruct --quantization fp8 --max-gpu-memory 8GiB
 exit 0
