@@ -202,3 +202,70 @@ def test_the_live_feed_renders_a_long_document_as_slots_free_up(tmp_path: Path) 
     assert backend.served == PAGES
     assert max(backend.alive) <= BOUND, backend.alive
     assert pages_of((path.parent / "long.pdf.text.md").read_text()) == list(enumerate(colours, 1))
+
+
+class Replacing(Slots):
+    """Replaces the document with another one at its first answer: its later chunks must not be read."""
+
+    def __init__(self, path: Path, slots: int) -> None:
+        super().__init__(slots)
+        self.path = path
+        self.replaced = False
+
+    def _replace(self) -> None:
+        if not self.replaced:  # before the first answer
+            self.path.write_bytes(page_pdf([("red", None)] * (PAGES + 1)))
+            self.replaced = True
+
+    def generate(self, requests: Sequence[Request]) -> list[Answer]:
+        self._replace()
+        return super().generate(requests)
+
+    def serve(self, feed: Feed) -> None:
+        original = feed.deliver
+
+        def deliver(key, result) -> None:  # type: ignore[no-untyped-def]
+            self._replace()
+            original(key, result)
+
+        feed.deliver = deliver  # type: ignore[method-assign]
+        super().serve(feed)
+
+
+def test_a_document_replaced_between_chunks_fails_in_the_batch_path(tmp_path: Path) -> None:
+    # the pages of two different files are never mixed in one sidecar; the job is retried, as any
+    # file that changed while being read
+    path = long_pdf(tmp_path, page_colours(PAGES))
+    config = config_for(tmp_path)
+    worker = Worker(config, Replacing(path, slots=1), threads=1)  # type: ignore[arg-type]
+    try:
+        [outcome] = worker.process(match_file(config, path))
+    finally:
+        worker.close()
+    assert not outcome.ok and not outcome.permanent
+    assert "long.pdf: changed while its pages were being read" in outcome.error
+    assert not (path.parent / "long.pdf.text.md").exists()
+
+
+def test_a_document_replaced_between_chunks_ends_in_the_live_feed(tmp_path: Path) -> None:
+    path = long_pdf(tmp_path, page_colours(PAGES))
+    config = config_for(tmp_path)
+    backend = Replacing(path, slots=6)
+    queue = Queue(tmp_path / "state.db")
+    st = path.stat()
+    queue.enqueue([Candidate(path.absolute(), "text", content_hash(path), st.st_size, st.st_mtime_ns)])
+    changed: list[Path] = []
+    worker = Worker(config, backend, threads=2)  # type: ignore[arg-type]
+    loop = WorkerLoop(queue, worker, Processor(queue, changed.append))
+    loop.start()
+    try:
+        wait_until(lambda: changed, "the changed file to be handed back")
+        wait_until(lambda: not loop.in_hand, "the job to leave the engine")
+    finally:
+        loop.stop()
+        loop.join(60)
+        worker.close()
+        queue.close()
+    assert changed == [path.absolute()]
+    assert backend.served < PAGES  # the pages after the failed chunk never reached the model
+    assert not (path.parent / "long.pdf.text.md").exists()
