@@ -23,7 +23,10 @@ decoded.  JPEGs are decoded straight at a reduced scale (``Image.draft``: a
 12000x9000 scan decodes as 1500x1125); PDF pages are rendered at the size
 the model will see, never at full resolution; everything else is decoded
 once at full size, then shrunk with ``reduce`` before any colour conversion,
-so no second full-size copy is made.
+so no second full-size copy is made.  A multi-page file need not be decoded
+whole: ``open_pages`` measures every selected page from the headers and
+decodes the first few, and ``PageSource.render`` the others later, a few at a
+time (issue 24: the worker renders a long document as the model reads it).
 
 Every failure is an ``InputError`` whose message starts with the file's path
 (control characters escaped, see ``printable``).  What can never succeed for
@@ -560,7 +563,7 @@ def _image_pages(path: Path, image: Image.Image, *, min_pixels: int, max_pixels:
 def _frame_pages(path: Path, image: Image.Image, sizes: Sequence[PageSize]) -> list[Page]:
     out = []
     for size in sizes:
-        if image.tell() != size.number - 1:  # a TIFF page: one picture never leaves its first frame
+        if image.tell() != size.number - 1:  # only a TIFF has pages past its first frame
             _seek(path, image, size.number - 1)
         out.append(_frame_page(path, image, size))
     return out

@@ -655,11 +655,15 @@ class JobFeed:
             return any(o.prep.left() for o in self.open.values())
 
     def _render_more(self) -> None:
-        """Have the next chunk of each open document that may take one rendered (issue 24)."""
+        """Have the next chunk of open documents that may take one rendered, within the lookahead (issue 24)."""
         busy = {job_id for job_id, _, _ in self.rendering}
         with self._lock:
             due = [(job_id, o.prep) for job_id, o in self.open.items() if job_id not in busy and o.prep.due()]
+        room = self.lookahead - len(self.ready) - self._preparing_pages()
         for job_id, prep in due:
+            if room <= 0:
+                break
+            room -= min(prep.chunk, prep.count)
             future = self.worker.submit_render(prep)
             future.add_done_callback(lambda _: self.loop._wake.set())
             self.rendering.append((job_id, prep, future))
