@@ -5,31 +5,31 @@ model: every page image in memory at once.  These tests run a real 40-page
 PDF through the worker's batch path (``vlwatch process --local``, ``scan``,
 server backends) and the daemon's live feed (``JobFeed``, the slot engine's
 way in), with plugin backends that count, at each call, the rendered page
-images still alive (every PIL image of a page's exact size, found by the
-garbage collector: whoever holds one, a request, a policy or the worker, is
-caught).  The bound is two chunks of ``page_chunk(batch_size)`` pages; the
-sidecar must still list every page, in order, with its own answer.
+images still alive: a weak reference to each image PDFium's page renderer
+(``images._pdf_page``) returns, so whoever holds one (a request, a policy,
+the worker) is caught.  (Not ``gc.get_objects()``: it takes references to
+tuples other threads are still building, which CPython then refuses to
+resize: SystemError.)  The bound is two chunks of ``page_chunk(batch_size)``
+pages; the sidecar must still list every page, in order, with its own answer.
 """
 
 from __future__ import annotations
 
 import gc
 import re
-import threading
-import time
+import weakref
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from daemon.backends import Answer, Feed, Request
 from daemon.config_reader import load_config
 from daemon.engine.loop import WorkerLoop
 from daemon.engine.outcomes import Processor
 from daemon.engine.worker import Worker, page_chunk
-from daemon.images import shown_size
+from daemon import images
 from daemon.queue import Candidate, Queue, content_hash
 from daemon.rules import match_file
 from tests.conftest import wait_until, write_config
@@ -39,9 +39,21 @@ PAGES = 40
 BATCH = 4
 #: Pages of one document held at most: the chunk in the engine and the next one being rendered.
 BOUND = 2 * page_chunk(BATCH)
-#: page_pdf's 300x200 pt pages at 200 dpi as the model sees them: the default sizes, and the olmocr pack's.
-SHOWN = {shown_size(833, 556, min_pixels=3136, max_pixels=1003520),
-         shown_size(833, 556, min_pixels=3136, max_pixels=1658944, longest_side=1288)}
+#: Weak references to every page image rendered in the test.
+RENDERED: list[weakref.ref] = []
+
+
+@pytest.fixture(autouse=True)
+def track_pages(monkeypatch: pytest.MonkeyPatch) -> None:
+    render = images._pdf_page
+
+    def tracked(*args, **kwargs):  # type: ignore[no-untyped-def]
+        page = render(*args, **kwargs)
+        RENDERED.append(weakref.ref(page.image))
+        return page
+
+    RENDERED.clear()
+    monkeypatch.setattr(images, "_pdf_page", tracked)
 
 
 def page_colours(n: int, names: Sequence[str] = ("red", "green", "blue", "grey")) -> list[str]:
@@ -51,9 +63,9 @@ def page_colours(n: int, names: Sequence[str] = ("red", "green", "blue", "grey")
 
 
 def alive_pages() -> int:
-    """Rendered page images alive now, whoever holds them (turned copies have other sizes)."""
-    gc.collect()
-    return sum(1 for o in gc.get_objects() if isinstance(o, Image.Image) and o.size in SHOWN)
+    """Rendered page images alive now, whoever holds them (a turned copy is another image, not counted)."""
+    gc.collect()  # anything held only by a reference cycle is gone
+    return sum(1 for ref in list(RENDERED) if ref() is not None)
 
 
 class Counting:
