@@ -23,7 +23,10 @@ decoded.  JPEGs are decoded straight at a reduced scale (``Image.draft``: a
 12000x9000 scan decodes as 1500x1125); PDF pages are rendered at the size
 the model will see, never at full resolution; everything else is decoded
 once at full size, then shrunk with ``reduce`` before any colour conversion,
-so no second full-size copy is made.
+so no second full-size copy is made.  A multi-page file need not be decoded
+whole: ``open_pages`` measures every selected page from the headers and
+decodes the first few, and ``PageSource.render`` the others later, a few at a
+time (issue 24: the worker renders a long document as the model reads it).
 
 Every failure is an ``InputError`` whose message starts with the file's path
 (control characters escaped, see ``printable``).  What can never succeed for
@@ -128,6 +131,48 @@ class Page:
         return self.image.size
 
 
+@dataclass(frozen=True)
+class PageSize:
+    """One selected page as the model will see it, known before any of its pixels is decoded."""
+
+    number: int
+    original: tuple[int, int]  # as ``Page.original``
+    shown: tuple[int, int]  # as ``Page.shown``
+
+
+@dataclass(frozen=True)
+class PageSource:
+    """The selected pages of one file, measured when it was opened; ``render`` draws some of them.
+
+    What lets a long document be read a few pages at a time (issue 24): the
+    worker renders a chunk of pages as the engine takes them, not all of
+    them before the first reaches the model.  Each ``render`` opens the file
+    again (the same symlink policy applies) and refuses it if it is no longer
+    the file measured: another inode, size or modification time.
+    """
+
+    path: Path
+    pages: tuple[PageSize, ...]
+    allowed_roots: tuple[Path, ...] | None
+    pdf: bool
+    identity: tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns of the file measured
+
+    def render(self, start: int = 0, stop: int | None = None) -> list[Page]:
+        """Pages ``start`` to ``stop`` (indices into ``pages``), decoded and sized for the model.
+
+        Raises:
+            InputError: the file changed or went away since it was measured,
+                or a page cannot be decoded.
+        """
+        sizes = self.pages[start:stop]
+        if not sizes:
+            return []
+        with open_source(self.path, self.allowed_roots) as f:
+            if _identity(f) != self.identity:
+                raise InputError(f"{printable(self.path)}: changed while its pages were being read")
+            return _render(self.path, f, self.pdf, sizes)
+
+
 def printable(path: object) -> str:
     """``path`` for a message or a log line: control characters escaped.
 
@@ -168,22 +213,46 @@ def load_pages(path: Path, *, min_pixels: int, max_pixels: int, formats: Sequenc
             model cannot take, password-protected, or has none of the
             selected pages.
     """
+    return open_pages(path, min_pixels=min_pixels, max_pixels=max_pixels, formats=formats, pages=pages,
+                      allowed_roots=allowed_roots, longest_side=longest_side)[1]
+
+
+def open_pages(path: Path, *, min_pixels: int, max_pixels: int, formats: Sequence[str] | None = None,
+               pages: PageRanges | None = None, allowed_roots: Sequence[Path] | None = None,
+               longest_side: int | None = None, render: int | None = None) -> tuple[PageSource, list[Page]]:
+    """Measure every selected page of ``path``, and decode the first ``render`` of them now.
+
+    Everything ``load_pages`` checks is checked here, for every selected
+    page (its size, aspect ratio and pixel count come from the headers); only
+    the decoding of the pages after the first ``render`` is left to
+    ``PageSource.render``.
+
+    Args:
+        render: pages decoded while the file is open (the first ones); None = all.
+        others: as ``load_pages``.
+
+    Raises:
+        InputError: as ``load_pages``.
+    """
     with open_source(path, allowed_roots) as f:
-        if _is_pdf(path, f):
+        identity = _identity(f)
+        pdf = _is_pdf(path, f)
+        if pdf:
             _check_format(path, "pdf", formats)
-            out = _pdf_pages(path, f, min_pixels=min_pixels, max_pixels=max_pixels, pages=pages,
-                             longest_side=longest_side)
+            sizes, out = _pdf_pages(path, f, min_pixels=min_pixels, max_pixels=max_pixels, pages=pages,
+                                    longest_side=longest_side, render=render)
         else:
             image = _open_pillow(path, f)
             try:
                 _check_format(path, _format_of(image), formats)
-                out = _image_pages(path, image, min_pixels=min_pixels, max_pixels=max_pixels, pages=pages,
-                                   longest_side=longest_side)
+                sizes, out = _image_pages(path, image, min_pixels=min_pixels, max_pixels=max_pixels, pages=pages,
+                                          longest_side=longest_side, render=render)
             finally:
                 image.close()
-    for page in out:
-        log.debug("%s: page %d: %dx%d shown as %dx%d", printable(path), page.number, *page.original, *page.shown)
-    return out
+    for size in sizes:
+        log.debug("%s: page %d: %dx%d shown as %dx%d", printable(path), size.number, *size.original, *size.shown)
+    roots = tuple(allowed_roots) if allowed_roots is not None else None
+    return PageSource(path, tuple(sizes), roots, pdf, identity), out
 
 
 def pdf_page_count(path: Path, allowed_roots: Sequence[Path] | None = None) -> int | None:
@@ -477,16 +546,26 @@ def _reason(exc: BaseException) -> str:
 
 
 def _image_pages(path: Path, image: Image.Image, *, min_pixels: int, max_pixels: int,
-                 pages: PageRanges | None, longest_side: int | None = None) -> list[Page]:
-    out: list[Page] = []
+                 pages: PageRanges | None, longest_side: int | None = None,
+                 render: int | None = None) -> tuple[list[PageSize], list[Page]]:
+    sizes: list[PageSize] = []
     for number in _frames(path, image, _format_of(image), pages):
-        if len(out) == MAX_PAGES:
+        if len(sizes) == MAX_PAGES:
             raise ImageTooLargeError(f"{printable(path)}: has more than {MAX_PAGES} pages; "
                              "give the rule a `pages:` range to take part of it")
-        out.append(_frame_page(path, image, number, min_pixels=min_pixels, max_pixels=max_pixels,
-                               longest_side=longest_side))
-    if not out:
+        sizes.append(_frame_size(path, image, number, min_pixels=min_pixels, max_pixels=max_pixels,
+                                 longest_side=longest_side))
+    if not sizes:
         raise NoPagesError(f"{printable(path)}: none of the rule's pages ({_ranges(pages)}) exist in this file")
+    return sizes, _frame_pages(path, image, sizes[:render])
+
+
+def _frame_pages(path: Path, image: Image.Image, sizes: Sequence[PageSize]) -> list[Page]:
+    out = []
+    for size in sizes:
+        if image.tell() != size.number - 1:  # only a TIFF has pages past its first frame
+            _seek(path, image, size.number - 1)
+        out.append(_frame_page(path, image, size))
     return out
 
 
@@ -526,21 +605,28 @@ def _seek(path: Path, image: Image.Image, frame: int) -> None:
         raise InputError(f"{printable(path)}: page {frame + 1} cannot be read: {_reason(exc)}") from exc
 
 
-def _frame_page(path: Path, image: Image.Image, number: int, *, min_pixels: int, max_pixels: int,
-                longest_side: int | None = None) -> Page:
-    """Decode the current frame of ``image`` straight to the size the model sees."""
-    p = printable(path)
+def _frame_size(path: Path, image: Image.Image, number: int, *, min_pixels: int, max_pixels: int,
+                longest_side: int | None = None) -> PageSize:
+    """The sizes of the current frame of ``image``, from its header alone."""
     _check_bomb(path, image.size)
-    orientation = _orientation(image)
-    turned = orientation in (5, 6, 7, 8)
+    turned = _orientation(image) in (5, 6, 7, 8)
     width, height = image.size
     original = (height, width) if turned else (width, height)
     try:
         shown = shown_size(*original, min_pixels=min_pixels, max_pixels=max_pixels, longest_side=longest_side)
     except InputError as exc:
-        raise type(exc)(f"{p}: {exc}") from None  # keep the kind: permanent or not
-    target = (shown[1], shown[0]) if turned else shown  # in the stored (unrotated) orientation
-    if image.format in ("JPEG", "MPO") and number == 1:
+        raise type(exc)(f"{printable(path)}: {exc}") from None  # keep the kind: permanent or not
+    return PageSize(number, original, shown)
+
+
+def _frame_page(path: Path, image: Image.Image, size: PageSize) -> Page:
+    """Decode the current frame of ``image`` straight to the size the model sees."""
+    p = printable(path)
+    _check_bomb(path, image.size)
+    orientation = _orientation(image)
+    shown = size.shown
+    target = (shown[1], shown[0]) if orientation in (5, 6, 7, 8) else shown  # in the stored (unrotated) orientation
+    if image.format in ("JPEG", "MPO") and size.number == 1:
         # libjpeg decodes at 1/2, 1/4 or 1/8 scale for free, never below target.
         image.draft(None, target)
     _decode(path, image)
@@ -551,7 +637,7 @@ def _frame_page(path: Path, image: Image.Image, number: int, *, min_pixels: int,
         raise
     except Exception as exc:  # an exotic mode Pillow cannot convert
         raise InputError(f"{p}: cannot convert {image.mode} pixels to RGB: {_reason(exc)}") from exc
-    return Page(image=rgb, original=original, number=number)
+    return Page(image=rgb, original=size.original, number=size.number)
 
 
 def _decode(path: Path, image: Image.Image) -> None:
@@ -671,7 +757,8 @@ def _ranges(pages: PageRanges | None) -> str:
 
 
 def _pdf_pages(path: Path, f: BinaryIO, *, min_pixels: int, max_pixels: int, pages: PageRanges | None,
-               longest_side: int | None = None) -> list[Page]:
+               longest_side: int | None = None,
+               render: int | None = None) -> tuple[list[PageSize], list[Page]]:
     with _PDFIUM_LOCK, _pdf_document(path, f) as doc:
         count = len(doc)
         if count == 0:
@@ -683,8 +770,26 @@ def _pdf_pages(path: Path, f: BinaryIO, *, min_pixels: int, max_pixels: int, pag
         if not numbers:
             raise NoPagesError(f"{printable(path)}: has {count} page{'s' if count != 1 else ''}; "
                              f"none of the rule's pages ({_ranges(pages)}) exist")
-        return [_pdf_page(path, doc, n, min_pixels=min_pixels, max_pixels=max_pixels, longest_side=longest_side)
-                for n in numbers]
+        sizes = [_pdf_size(path, doc, n, min_pixels=min_pixels, max_pixels=max_pixels, longest_side=longest_side)
+                 for n in numbers]
+        return sizes, [_pdf_page(path, doc, size) for size in sizes[:render]]
+
+
+def _render(path: Path, f: BinaryIO, pdf: bool, sizes: Sequence[PageSize]) -> list[Page]:
+    """``sizes``' pages of the file open as ``f`` (measured by ``open_pages``)."""
+    if pdf:
+        with _PDFIUM_LOCK, _pdf_document(path, f) as doc:
+            return [_pdf_page(path, doc, size) for size in sizes]
+    image = _open_pillow(path, f)
+    try:
+        return _frame_pages(path, image, sizes)
+    finally:
+        image.close()
+
+
+def _identity(f: BinaryIO) -> tuple[int, int, int, int]:
+    st = os.fstat(f.fileno())
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _pdf_guarded(path: Path, number: int, what: str, fn, *args):
@@ -745,20 +850,26 @@ def _has_encrypt_entry(f: BinaryIO) -> bool:
     return False
 
 
-def _pdf_page(path: Path, doc: object, number: int, *, min_pixels: int, max_pixels: int,
-              longest_side: int | None = None) -> Page:
-    p = printable(path)
-    page = _pdf_load_page(path, doc, number)
+def _pdf_size(path: Path, doc: object, number: int, *, min_pixels: int, max_pixels: int,
+              longest_side: int | None = None) -> PageSize:
+    """The sizes of page ``number``, from the page tree alone (nothing is parsed or drawn)."""
+    # FPDF_GetPageSizeByIndexF: the size ``PdfPage.get_size`` gives, rotation applied, without loading the page.
+    points = _pdf_guarded(path, number, "read", doc.get_page_size, number - 1)  # type: ignore[attr-defined]
+    original = _pdf_nominal(path, points, number)
     try:
-        original = _pdf_nominal(path, page, number)
-        try:
-            shown = shown_size(*original, min_pixels=min_pixels, max_pixels=max_pixels, longest_side=longest_side)
-        except InputError as exc:
-            raise type(exc)(f"{p}: page {number}: {exc}") from None  # keep the kind: permanent or not
-        image = _pdf_render(path, page, number, shown)
+        shown = shown_size(*original, min_pixels=min_pixels, max_pixels=max_pixels, longest_side=longest_side)
+    except InputError as exc:
+        raise type(exc)(f"{printable(path)}: page {number}: {exc}") from None  # keep the kind: permanent or not
+    return PageSize(number, original, shown)
+
+
+def _pdf_page(path: Path, doc: object, size: PageSize) -> Page:
+    page = _pdf_load_page(path, doc, size.number)
+    try:
+        image = _pdf_render(path, page, size.number, size.shown)
     finally:
         page.close()
-    return Page(image=_resize(image, shown), original=original, number=number)
+    return Page(image=_resize(image, size.shown), original=size.original, number=size.number)
 
 
 def _pdf_original(path: Path, f: BinaryIO, number: int) -> Image.Image:
@@ -767,7 +878,7 @@ def _pdf_original(path: Path, f: BinaryIO, number: int) -> Image.Image:
             raise NoPagesError(f"{printable(path)}: has no page {number}")
         page = _pdf_load_page(path, doc, number)
         try:
-            size = _pdf_nominal(path, page, number)
+            size = _pdf_nominal(path, _pdf_guarded(path, number, "measured", page.get_size), number)
             return _resize(_pdf_render(path, page, number, size), size)
         finally:
             page.close()
@@ -780,9 +891,10 @@ def _pdf_load_page(path: Path, doc: object, number: int):  # -> pypdfium2.PdfPag
         raise InputError(f"{printable(path)}: page {number} of the PDF cannot be read: {_reason(exc)}") from exc
 
 
-def _pdf_nominal(path: Path, page, number: int) -> tuple[int, int]:
-    """A page's size in pixels at PDF_DPI, shrunk to Pillow's pixel limit if it is enormous."""
-    w_pt, h_pt = _pdf_guarded(path, number, "measured", page.get_size)  # points, rotation applied
+def _pdf_nominal(path: Path, points: tuple[float, float], number: int) -> tuple[int, int]:
+    """A page's size in pixels at PDF_DPI (from its size in points, rotation applied), shrunk to
+    Pillow's pixel limit if it is enormous."""
+    w_pt, h_pt = points
     if not (math.isfinite(w_pt) and math.isfinite(h_pt)) or w_pt <= 0 or h_pt <= 0:
         raise InputError(f"{printable(path)}: page {number} of the PDF has no size")
     dpi = float(PDF_DPI)

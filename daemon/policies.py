@@ -29,8 +29,9 @@ worker's batch path (``Worker.infer``) and the daemon's live feed
 (``engine.JobFeed.deliver``) hand each page's answer to its document's
 policy (``settle``) and send the ``Request`` it returns, if any, through the
 same path as the first.  A policy is made per document (``policy_for``) and
-keeps its pages' state; it is called from one thread at a time, but locks
-anyway as it is cheap.
+keeps its pages' state until a page's answer is final, and then lets go of
+it (and so of the page's image: a long document is not held whole, issue
+24); it is called from one thread at a time, but locks anyway as it is cheap.
 
 Deliberately not here: the text-layer fallback itself and the merged front
 matter (``daemon.documents`` writes the sidecar), and olmOCR's parallel
@@ -136,14 +137,17 @@ class PagedPolicy:
 
     def settle(self, index: int, got: Answer | BaseException) -> Request | Answer | BaseException:
         if not isinstance(got, BaseException) or _not_the_page(got):
+            with self._lock:
+                self._requests.pop(index, None)  # final: the page's image may go
             return got
         with self._lock:
             failures = self._failures[index] = self._failures.get(index, 0) + 1
             if failures < self.tries:
                 return self._requests[index]
+            request = self._requests.pop(index)
         problem = f"the request failed {failures} time{'s' if failures > 1 else ''}: {_error_text(got)}"
         return PageAnswer(text="", finished=False, problem=problem,
-                          tries=tuple(Try(self._requests[index].temperature, 0, problem) for _ in range(failures)))
+                          tries=tuple(Try(request.temperature, 0, problem) for _ in range(failures)))
 
 
 @dataclass
@@ -171,12 +175,15 @@ class OlmocrPolicy:
 
     def settle(self, index: int, got: Answer | BaseException) -> Request | Answer | BaseException:
         if isinstance(got, BaseException) and _not_the_page(got):
+            with self._lock:
+                self._pages.pop(index, None)  # final: the page's image may go
             return got
         with self._lock:
             page = self._pages[index]
             temperature = self.temperatures[min(len(page.tries), len(self.temperatures) - 1)]
             answer = self._judge(page, got, temperature)
             if answer is not None and answer.front_matter is not None and answer.front_matter.is_rotation_valid:
+                del self._pages[index]
                 return answer  # valid and upright: done
             if answer is not None:
                 page.kept = answer  # valid, but the model wants the page turned
@@ -185,6 +192,7 @@ class OlmocrPolicy:
                 page.rotation = (page.rotation + parsed.rotation_correction) % 360
             if len(page.tries) < len(self.temperatures):
                 return self._again(page)
+            del self._pages[index]
             return page.kept or self._gave_up(page, got)
 
     def _judge(self, page: _Page, got: Answer | BaseException, temperature: float) -> PageAnswer | None:

@@ -52,7 +52,7 @@ def test_prepare_puts_reference_images_first(tmp_path: Path) -> None:  # issue 1
     [match] = match_file(config, image)
     worker = Worker(config, create_backend(config.model))
     prepared = worker.prepare(match)
-    [request] = prepared.requests
+    [(_, request)] = prepared.take()
     sizes = [img.size for img in request.images]
     expect = [shown_size(w, h, min_pixels=config.model.min_pixels, max_pixels=50000)
               for w, h in ((300, 200), (64, 64), (120, 90))]

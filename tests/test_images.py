@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from daemon.config import parse_pages
 from daemon.errors import InputError
-from daemon.images import MAX_PAGES, load_pages, open_image, open_source, printable, shown_size
+from daemon.images import MAX_PAGES, load_pages, open_image, open_pages, open_source, printable, shown_size
 from tests.conftest import REPO, run_vlwatch, write_config
 from tests.data.make_hostile import _heic, _pages_pdf, _picture, _tiff_pages, pdf
 
@@ -139,6 +139,27 @@ def test_page_ranges(tmp_path: Path) -> None:
             load_pages(tmp_path / name, pages=parse_pages("9-"), **SMALL)
     _save(tmp_path / "one.png", _picture())
     assert [p.number for p in load_pages(tmp_path / "one.png", pages=parse_pages("1-2"), **SMALL)] == [1]
+
+
+def test_pages_rendered_later_are_the_pages_rendered_at_once(tmp_path: Path) -> None:
+    # issue 24: a long document is measured whole and rendered a chunk at a time (``PageSource``)
+    frames = [Image.new("RGB", (120 + 10 * i, 160), (40 * i, 255 - 40 * i, 90)) for i in range(5)]
+    _save(tmp_path / "t.tif", frames[0], save_all=True, append_images=frames[1:])
+    (tmp_path / "d.pdf").write_bytes(_pages_pdf(5))
+    for name in ("t.tif", "d.pdf"):
+        whole = load_pages(tmp_path / name, pages=parse_pages("1-2,4-5"), **SMALL)
+        source, first = open_pages(tmp_path / name, pages=parse_pages("1-2,4-5"), render=1, **SMALL)
+        assert [(s.number, s.original, s.shown) for s in source.pages] == \
+            [(p.number, p.original, p.shown) for p in whole], name
+        later = source.render(3, 4) + source.render(1, 3)  # out of order: a TIFF seeks back
+        got = first + later[1:] + later[:1]
+        assert [p.number for p in got] == [1, 2, 4, 5], name
+        for a, b in zip(got, whole):
+            assert (a.original, a.shown) == (b.original, b.shown) and a.image.tobytes() == b.image.tobytes(), name
+    source, _ = open_pages(tmp_path / "d.pdf", render=0, **SMALL)
+    (tmp_path / "d.pdf").write_bytes(_pages_pdf(6))  # replaced while being read: never mixed with the first
+    with pytest.raises(InputError, match=r"d\.pdf: changed while its pages were being read"):
+        source.render(1, 2)
 
 
 def test_too_many_pages_is_refused_unless_a_range_picks_some(tmp_path: Path) -> None:

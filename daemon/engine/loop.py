@@ -9,8 +9,10 @@ Continuous admission: with a backend that admits requests itself
 (``serve``: the transformers backend's slot engine), the loop hands it a
 ``JobFeed``: interactive requests (``submit``: the API, ``vlwatch ask``)
 first, then the pages of queued jobs, claimed a few at a time as slots free
-up and decoded on the worker's threads ahead of the GPU.  Each answer comes
-back as soon as its sequence ends; a file's sidecars are written (on a
+up and decoded on the worker's threads ahead of the GPU; a long document's
+later pages are rendered a chunk at a time as its earlier ones are answered,
+before any new job is claimed (issue 24: ``worker.Prepared``).  Each answer
+comes back as soon as its sequence ends; a file's sidecars are written (on a
 writer thread, off the GPU's path) and its job recorded when its last page
 is done.  Other backends (a server, plugins) get batches as before, with
 interactive requests between batches.
@@ -62,7 +64,7 @@ from daemon.engine.outcomes import Processor
 from daemon.queue import Job, Queue
 from daemon.readiness import file_signature
 from daemon.rules import Match, match_file
-from daemon.engine.worker import Outcome, Prepared, Worker, error_text
+from daemon.engine.worker import Outcome, Prepared, Worker, error_text, page_chunk
 
 log = logging.getLogger(__name__)
 
@@ -536,11 +538,15 @@ class JobFeed:
         self.loop = loop
         self.worker = loop.worker
         self.queue = loop.queue
-        self.lookahead = lookahead or min(64, max(1, self.worker.batch_size())) + 4
+        size = max(1, self.worker.batch_size())
+        self.lookahead = lookahead or min(64, size) + 4
+        self.chunk = page_chunk(size)  # pages of one document rendered together
         self.asks: dict[Hashable, Future[Answer]] = {}
         self.open: dict[int, _OpenJob] = {}
         self.ready: collections.deque[Item] = collections.deque()
         self.preparing: list[tuple[Job, Future[Prepared | Outcome]]] = []
+        #: open documents whose next chunk is being rendered
+        self.rendering: list[tuple[int, Prepared, Future[int]]] = []
         self.claimed = 0
         self._may_have_more = True
         self._last_empty_claim = 0.0
@@ -565,6 +571,7 @@ class JobFeed:
             return None
         self._collect()
         if len(self.ready) + self._preparing_pages() < self.lookahead:
+            self._render_more()  # the documents in hand first: a document's pages stay together
             self._top_up()
             self._collect()
         return self.ready.popleft() if self.ready else None
@@ -572,7 +579,8 @@ class JobFeed:
     def more(self) -> bool:
         if self.stopping():
             return False
-        return bool(self.loop._interactive or self.ready or self.preparing) or (
+        return bool(self.loop._interactive or self.ready or self.preparing or self.rendering
+                    or self._pages_left()) or (
             self._may_have_more and self.loop.paused_until <= time.time() and self.outage is None)
 
     def wait(self, timeout: float) -> None:
@@ -611,7 +619,8 @@ class JobFeed:
                     self.ready.appendleft(Item(key, result))  # first in line: the document finishes sooner
                     return
             opened.answers[page] = result
-            if len(opened.answers) < len(opened.prep.requests):
+            opened.prep.done()  # the page's image is let go; its document's next chunk may come
+            if len(opened.answers) < opened.prep.count:
                 return  # a multi-page file is done when its last page is
             del self.open[job_id]
         self._writer.submit(self._finish, opened)
@@ -639,6 +648,7 @@ class JobFeed:
         for _, future in self.preparing:
             future.cancel()
         self.preparing.clear()
+        self.rendering.clear()
         self.ready.clear()
         with self.loop._in_hand_lock:
             self.loop.in_hand = []
@@ -666,7 +676,26 @@ class JobFeed:
 
     # -- inside
     def _preparing_pages(self) -> int:
-        return len(self.preparing)  # one page per file until it is read (most files have one)
+        # one page per file until it is read (most files have one), a chunk per document rendering
+        return len(self.preparing) + sum(min(prep.chunk, prep.count) for _, prep, _ in self.rendering)
+
+    def _pages_left(self) -> bool:
+        with self._lock:
+            return any(o.prep.left() for o in self.open.values())
+
+    def _render_more(self) -> None:
+        """Have the next chunk of open documents that may take one rendered, within the lookahead (issue 24)."""
+        busy = {job_id for job_id, _, _ in self.rendering}
+        with self._lock:
+            due = [(job_id, o.prep) for job_id, o in self.open.items() if job_id not in busy and o.prep.due()]
+        room = self.lookahead - len(self.ready) - self._preparing_pages()
+        for job_id, prep in due:
+            if room <= 0:
+                break
+            room -= min(prep.chunk, prep.count)
+            future = self.worker.submit_render(prep)
+            future.add_done_callback(lambda _: self.loop._wake.set())
+            self.rendering.append((job_id, prep, future))
 
     def _top_up(self) -> None:
         if self.loop.paused_until > time.time() or self.outage is not None:
@@ -706,17 +735,34 @@ class JobFeed:
             if isinstance(got, Outcome):
                 self._writer.submit(self._record, job, got, None)
                 continue
-            if not got.requests:
+            if not got.count:
                 self._writer.submit(self._finish, _OpenJob(job, got, time.monotonic()))
                 continue
             with self._lock:
                 self.open[job.id] = _OpenJob(job, got, time.monotonic())
-            self.ready.extend(Item((job.id, i), r) for i, r in enumerate(got.requests))
+            self.ready.extend(Item((job.id, i), r) for i, r in got.take())
         self.preparing = still
+        rendering = []
+        for job_id, prep, future in self.rendering:
+            if not future.done():
+                rendering.append((job_id, prep, future))
+                continue
+            with self._lock:
+                opened = self.open.get(job_id)
+                if opened is None or opened.prep is not prep:
+                    continue  # put back or failed meanwhile
+                if prep.failed is not None:  # a later page cannot be read: the file fails, as at prepare
+                    del self.open[job_id]
+            if prep.failed is not None:
+                self.ready = collections.deque(i for i in self.ready if i.key[0] != job_id)  # type: ignore[index]
+                self._writer.submit(self._finish, opened)
+                continue
+            self.ready.extend(Item((job_id, i), r) for i, r in prep.take())
+        self.rendering = rendering
 
     def _finish(self, opened: _OpenJob) -> None:
         """Writer thread: sidecars for a file whose pages are all answered, then its record."""
-        pages = [opened.answers.get(i) for i in range(len(opened.prep.requests))]
+        pages = [opened.answers.get(i) for i in range(opened.prep.count)]
         errors = [a for a in pages if isinstance(a, BaseException) or a is None]
         got: list[Answer] | str = error_text(errors[0]) if errors and errors[0] is not None else \
             ("no answer" if errors else pages)  # type: ignore[assignment]
@@ -753,6 +799,7 @@ class JobFeed:
             for job_id in job_ids:
                 self.open.pop(job_id, None)
         self.preparing = [(j, f) for j, f in self.preparing if j.id not in job_ids]
+        self.rendering = [(j, p, f) for j, p, f in self.rendering if j not in job_ids]
         self.ready = collections.deque(i for i in self.ready if i.key[0] not in job_ids)  # type: ignore[index]
         self.queue.release(job_ids)
         with self.loop._in_hand_lock:

@@ -9,6 +9,11 @@ The worker is the one place where files meet the backend:
 3. *write*: give each file its pages' answers back and write its sidecars
    (``daemon.outputs``).
 
+A long document is not decoded whole in step 1 (issue 24): its pages are
+measured, its first chunk rendered, and each later chunk rendered (on the
+CPU threads) as the engine takes the document's pages, so at most two
+chunks of one document are in memory at once (``Prepared``, ``page_chunk``).
+
 A failure is confined to its file: a file that cannot be decoded, a request
 the backend fails on (whatever the exception: a batch that raises is retried
 one request at a time to find the culprit), or a sidecar that cannot be
@@ -28,17 +33,18 @@ import errno
 import functools
 import logging
 import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 from daemon.backends import Answer, Backend, DeviceLostError, Request, as_device_lost
 from daemon.config import Config
 from daemon.documents import document_note
 from daemon.errors import BackendUnavailableError, VlwatchError
-from daemon.images import Page, load_pages, printable
+from daemon.images import Page, PageSize, load_pages, open_pages, printable
 from daemon.outputs import FolderSyncs, PageResult, Result, missing, write_result
 from daemon.policies import AnswerPolicy, policy_for
 from daemon.rules import Match, allowed_roots, render_prompt
@@ -53,13 +59,102 @@ STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 _STORAGE_WORDS = {errno.ENOSPC: "full", errno.EDQUOT: "over quota", errno.EROFS: "read-only"}
 
 
-@dataclass(frozen=True)
+#: Pages of one document rendered together, at most (issue 24): see ``page_chunk``.
+MAX_CHUNK = 32
+
+
+def page_chunk(batch_size: int) -> int:
+    """Pages of one document rendered together: a batch's worth, at most ``MAX_CHUNK``.
+
+    A document holds at most two chunks in memory, one in the engine and the
+    next being rendered: a 300-page scan at 1.3 megapixels a page (olmOCR's
+    1288-pixel pages) is about 1.2 GB of images, two chunks of 32 pages 250 MB.
+    """
+    return max(1, min(MAX_CHUNK, batch_size))
+
+
 class Prepared:
-    match: Match
-    pages: tuple[Page, ...]
-    requests: tuple[Request, ...]
-    #: what becomes of each page's answer (retries: issue 24); None = taken as it comes
-    policy: AnswerPolicy | None = None
+    """A file ready for the model: its pages' sizes, and their requests made a chunk at a time.
+
+    A long document is not rendered whole (issue 24): ``prepare`` renders its
+    first ``chunk`` pages; the engine takes the requests made (``take``), has
+    the next chunk rendered (``render``, on a CPU thread) once at most
+    ``chunk`` of the document's pages are still unanswered (``due``), and says
+    when a page's answer is final (``done``), after which nothing here holds
+    the page's image.  So at most ``2 * chunk`` pages of one document are in
+    memory at once, however long it is; only the answers are kept.  A file of
+    one chunk or less (nearly every file) is rendered whole by ``prepare``.
+
+    Args:
+        match: the file and its rule.
+        pages: every page's number and sizes, for the sidecar.
+        requests: the requests made at once, for the first pages (every page's without ``rest``).
+        policy: what becomes of each page's answer (retries: issue 24); None = taken as it comes.
+        rest: makes the requests of pages ``start`` to ``stop`` (indices), rendering them.
+        chunk: pages rendered together.
+    """
+
+    def __init__(self, match: Match, pages: Sequence[PageSize], requests: Sequence[Request],
+                 policy: AnswerPolicy | None = None, *,
+                 rest: Callable[[int, int], list[Request]] | None = None, chunk: int = MAX_CHUNK) -> None:
+        self.match = match
+        self.pages = tuple(pages)
+        self.policy = policy
+        #: requests to answer: one per page
+        self.count = len(self.pages) if rest is not None else len(requests)
+        self.chunk = max(1, chunk)
+        #: why a later chunk could not be rendered: the file fails with it, as if it had at ``prepare``
+        self.failed: VlwatchError | None = None
+        self._rest = rest
+        self._made = list(enumerate(requests))
+        self._next = len(self._made)  # the first page not rendered yet
+        self._open = len(self._made)  # pages rendered (or being rendered) whose answer is not final
+        self._lock = threading.Lock()
+
+    def take(self) -> list[tuple[int, Request]]:
+        """The requests made and not taken yet, with their pages' indices; renders nothing."""
+        with self._lock:
+            made, self._made = self._made, []
+        return made
+
+    def left(self) -> bool:
+        """Whether pages are still to be rendered."""
+        with self._lock:
+            return self.failed is None and self._next < self.count
+
+    def due(self) -> bool:
+        """Whether the next chunk may be rendered now."""
+        with self._lock:
+            return self._due()
+
+    def render(self) -> int:
+        """Render the next chunk, if due, and make its requests (for ``take``); how many were made.
+
+        Never raises: a page that cannot be read sets ``failed`` (and so fails the file).
+        """
+        with self._lock:
+            if not self._due() or self._rest is None:
+                return 0
+            start, stop = self._next, min(self.count, self._next + self.chunk)
+            self._next = stop
+            self._open += stop - start
+        try:
+            made = self._rest(start, stop)
+        except Exception as exc:  # noqa: BLE001 - the file's error, as ``prepare``'s would be
+            with self._lock:
+                self.failed = reading_error(self.match, exc)
+            return 0
+        with self._lock:
+            self._made.extend(zip(range(start, stop), made))
+        return len(made)
+
+    def done(self) -> None:
+        """One page's answer is final (no retry follows): it no longer counts against the chunk."""
+        with self._lock:
+            self._open -= 1
+
+    def _due(self) -> bool:
+        return self.failed is None and self._next < self.count and self._open <= self.chunk
 
 
 @dataclass(frozen=True)
@@ -115,10 +210,16 @@ class Worker:
 
     # ------------------------------------------------------------ stage 1
 
-    def prepare(self, match: Match) -> Prepared:
-        """Decode and size ``match``'s file, and build one request per page."""
+    def prepare(self, match: Match, *, chunk: int | None = None) -> Prepared:
+        """Measure ``match``'s file, and decode, size and make the requests of its first ``chunk`` pages.
+
+        Args:
+            chunk: pages of a document rendered together (``page_chunk``);
+                default: from the configured batch size.
+        """
         rule, model = match.rule, self.config.model
-        pages = load_pages(
+        chunk = chunk or page_chunk(model.batch_size or 4)  # 4: the batch of a backend without an automatic one
+        source, first = open_pages(
             match.path,
             min_pixels=rule.min_pixels or model.min_pixels,
             max_pixels=rule.max_pixels or model.max_pixels,
@@ -126,6 +227,7 @@ class Worker:
             pages=rule.pages,  # each selected page becomes its own request, batched like separate images
             allowed_roots=allowed_roots(self.config, match),
             longest_side=rule.longest_side,
+            render=chunk,
         )
         prompt = render_prompt(rule, match.path)
         max_new = rule.max_new_tokens or model.max_new_tokens
@@ -134,11 +236,17 @@ class Worker:
         refs = tuple(img for ref in rule.reference
                      for img in reference_images(ref, rule.min_pixels or model.min_pixels,
                                                  rule.max_pixels or model.max_pixels))
-        requests = tuple(Request(images=(*refs, p.image), prompt=prompt, max_new_tokens=max_new) for p in pages)
-        policy = policy_for(rule, len(pages))
-        if policy is not None:
-            requests = tuple(policy.first(i, r) for i, r in enumerate(requests))
-        return Prepared(match, tuple(pages), requests, policy)
+        policy = policy_for(rule, len(source.pages))
+
+        def request(index: int, page: Page) -> Request:
+            made = Request(images=(*refs, page.image), prompt=prompt, max_new_tokens=max_new)
+            return policy.first(index, made) if policy is not None else made
+
+        def rest(start: int, stop: int) -> list[Request]:
+            return [request(i, page) for i, page in enumerate(source.render(start, stop), start)]
+
+        return Prepared(match, source.pages, [request(i, page) for i, page in enumerate(first)], policy,
+                        rest=rest, chunk=chunk)
 
     # ------------------------------------------------------------ stages 2+3
 
@@ -150,16 +258,18 @@ class Worker:
         only after that, so a recorded job's sidecars survive a power cut.
         """
         outcomes: dict[int, Outcome] = {}
-        chunk = max(1, self.batch_size()) * 4
+        size = max(1, self.batch_size())
+        chunk = size * 4
         parts = [list(enumerate(matches[start:start + chunk], start)) for start in range(0, len(matches), chunk)]
+        prepare = functools.partial(self._safe_prepare, chunk=page_chunk(size))
         folders = FolderSyncs()
         try:
             # The next chunk's files are decoded on the CPU threads while this
             # chunk is on the GPU, so the GPU does not wait for image decoding.
-            ahead = self._map(self._safe_prepare, [m for _, m in parts[0]]) if parts else None
+            ahead = self._map(prepare, [m for _, m in parts[0]]) if parts else None
             for n, part in enumerate(parts):
                 current = ahead
-                ahead = self._map(self._safe_prepare, [m for _, m in parts[n + 1]]) if n + 1 < len(parts) else None
+                ahead = self._map(prepare, [m for _, m in parts[n + 1]]) if n + 1 < len(parts) else None
                 for i, outcome in self._process_chunk(part, current, folders):
                     outcomes[i] = outcome
         finally:
@@ -179,32 +289,52 @@ class Worker:
         for (i, prep), got in zip(prepared, answers):
             yield i, self._finish(prep, got, started, folders)
 
-    def _safe_prepare(self, match: Match) -> Prepared | Outcome:
+    def _safe_prepare(self, match: Match, chunk: int | None = None) -> Prepared | Outcome:
         try:
-            return self.prepare(match)
-        except VlwatchError as exc:
-            return Outcome(match, error=str(exc), permanent=bool(getattr(exc, "permanent", False)))
-        except Exception as exc:  # a decoder bug must not take the daemon down
-            log.exception("%s: unexpected error while reading", printable(match.path))
-            return Outcome(match, error=f"{printable(match.path)}: unexpected error while reading: {printable(exc)}")
+            return self.prepare(match, chunk=chunk)
+        except Exception as exc:  # noqa: BLE001 - a decoder bug must not take the daemon down
+            error = reading_error(match, exc)
+            return Outcome(match, error=str(error), permanent=bool(getattr(error, "permanent", False)))
 
     def infer(self, prepared: Sequence[Prepared]) -> list[list[Answer] | str]:
-        """Answers for each prepared file (one per page), or an error message."""
-        flat = [(fi, pi, req) for fi, prep in enumerate(prepared) for pi, req in enumerate(prep.requests)]
+        """Answers for each prepared file (one per page), or an error message.
+
+        Rounds: each sends the pages a policy asks again for and the pages
+        rendered since the last; while a round is in the backend, the next
+        chunk of each long document is rendered on the CPU threads (``Prepared``).
+        """
         got: dict[tuple[int, int], Answer | str] = {}
-        while flat:  # a policy may ask again for some pages: they make the next round
-            again: list[tuple[int, int, Request]] = []
+        again: list[tuple[int, int, Request]] = []
+        ahead: list[Future[int]] = []
+        while True:
+            for future in ahead:
+                future.result()  # never raises: a page that cannot be read fails its file (``failed``)
+            flat = [item for item in again if prepared[item[0]].failed is None]
+            for fi, prep in enumerate(prepared):
+                made = prep.take()
+                if not made and prep.render():  # nothing rendered ahead (no CPU threads, or retries held it back)
+                    made = prep.take()
+                flat += [(fi, pi, req) for pi, req in made]
+            if not flat:
+                break
+            ahead = [self._threads().submit(prep.render) for prep in prepared if prep.due()] \
+                if self.threads > 1 else []
+            again = []  # a policy may ask again for some pages: they make the next round
             for batch in self._batches(flat):
                 for key, answer in self._infer_batch(batch):
-                    settled = settle(prepared[key[0]], key[1], answer)
+                    prep = prepared[key[0]]
+                    settled = settle(prep, key[1], answer)
                     if isinstance(settled, Request):
                         again.append((*key, settled))
                     else:
                         got[key] = settled
-            flat = again
+                        prep.done()
         out: list[list[Answer] | str] = []
         for fi, prep in enumerate(prepared):
-            page_answers = [got[(fi, pi)] for pi in range(len(prep.requests))]
+            if prep.failed is not None:
+                out.append(str(prep.failed))
+                continue
+            page_answers = [got[(fi, pi)] for pi in range(prep.count)]
             errors = [a for a in page_answers if isinstance(a, str)]
             out.append(errors[0] if errors else page_answers)  # type: ignore[arg-type]
         return out
@@ -253,6 +383,9 @@ class Worker:
     def _finish(self, prep: Prepared, got: list[Answer] | str, started: float,
                 folders: FolderSyncs | None = None) -> Outcome:
         match = prep.match
+        if prep.failed is not None:  # a later chunk of the document could not be read
+            return Outcome(match, error=str(prep.failed), permanent=bool(getattr(prep.failed, "permanent", False)),
+                           seconds=time.monotonic() - started)
         if isinstance(got, str):
             return Outcome(match, error=got, seconds=time.monotonic() - started)
         pages = tuple(
@@ -291,19 +424,24 @@ class Worker:
 
     # ------------------------------------------------------------ plumbing
 
-    def submit_prepare(self, match: Match) -> "Future[Prepared | Outcome]":
+    def submit_prepare(self, match: Match, chunk: int | None = None) -> "Future[Prepared | Outcome]":
         """``prepare`` on the worker's threads (continuous admission reads files ahead of the GPU)."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max(1, self.threads), thread_name_prefix="vlwatch-prepare")
-        return self._pool.submit(self._safe_prepare, match)
+        return self._threads().submit(self._safe_prepare, match, chunk)
+
+    def submit_render(self, prep: Prepared) -> "Future[int]":
+        """``prep.render`` on the worker's threads: a document's next chunk, ahead of the GPU."""
+        return self._threads().submit(prep.render)
 
     def _map(self, fn, items: Iterable[Match]) -> Iterator[Prepared | Outcome]:
         items = list(items)
         if len(items) <= 1 or self.threads <= 1:
             return map(fn, items)
+        return self._threads().map(fn, items)
+
+    def _threads(self) -> ThreadPoolExecutor:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="vlwatch-prepare")
-        return self._pool.map(fn, items)
+            self._pool = ThreadPoolExecutor(max(1, self.threads), thread_name_prefix="vlwatch-prepare")
+        return self._pool
 
     def close(self) -> None:
         if self._pool is not None:
@@ -317,6 +455,14 @@ def settle(prep: Prepared, index: int, answer: Answer | str) -> Answer | str | R
         return answer
     got = prep.policy.settle(index, VlwatchError(answer) if isinstance(answer, str) else answer)
     return error_text(got) if isinstance(got, BaseException) else got
+
+
+def reading_error(match: Match, exc: Exception) -> VlwatchError:
+    """What reading ``match``'s file failed with, as the file's error; a decoder bug is logged with its traceback."""
+    if isinstance(exc, VlwatchError):
+        return exc
+    log.error("%s: unexpected error while reading", printable(match.path), exc_info=exc)
+    return VlwatchError(f"{printable(match.path)}: unexpected error while reading: {printable(exc)}")
 
 
 def error_text(exc: BaseException) -> str:
