@@ -3,14 +3,7 @@
 # engine: the fp32 exactness check, the FP8 reference check, then 7B fp8 against 7B bf16 on the whole
 # card (1036x1036/256, same call) and 7B fp8 under max_gpu_memory 16GiB (bf16 does not fit there).
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
-OUT=${OUT:-/tmp/vlwatch-out}
-mkdir -p "$OUT"
-{ nvidia-smi --query-gpu=name,memory.total,compute_cap --format=csv,noheader
-  python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'; } | tee "$OUT/machine.txt"
-step() { local name=$1 limit=$2; shift 2; echo "+ vlwatch $*" | tee "$OUT/$name.log"
-         timeout "$limit" python3 -m daemon "$@" 2>&1 | tee -a "$OUT/$name.log"; echo "exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"; }
+source "$(dirname "$0")/device_env.sh"
 step verify-fp32 ${VERIFY_LIMIT:-130} bench --verify --load-format dummy --new-tokens 128
 echo "+ benchmarks/fp8_check.py" | tee "$OUT/fp8-check.log"
 timeout ${CHECK_LIMIT:-100} python3 benchmarks/fp8_check.py --load-format dummy --new-tokens 48 --out "$OUT" 2>&1 | tee -a "$OUT/fp8-check.log"

@@ -3,14 +3,7 @@
 # the fused engine token for token in fp32) and the capped targets: 7B fp8 under 22 GiB, 3B fp8
 # under 12 and 8 GiB, 3B fp8 batch 1, 7B fp8 under 12 GiB (one prompt per prefill round). Then bf16 fp32 verify (nothing in the bf16 path changed).
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
-OUT=${OUT:-/tmp/vlwatch-out}
-mkdir -p "$OUT"
-{ nvidia-smi --query-gpu=name,memory.total,compute_cap --format=csv,noheader
-  python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'; } | tee "$OUT/machine.txt"
-step() { local name=$1 limit=$2; shift 2; echo "+ vlwatch $*" | tee "$OUT/$name.log"
-         timeout "$limit" python3 -m daemon "$@" 2>&1 | tee -a "$OUT/$name.log"; echo "exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"; }
+source "$(dirname "$0")/device_env.sh"
 echo "+ benchmarks/fp8_check.py" | tee "$OUT/fp8-check.log"
 timeout ${CHECK_LIMIT:-100} python3 benchmarks/fp8_check.py --load-format dummy --new-tokens 48 --out "$OUT" 2>&1 | tee -a "$OUT/fp8-check.log"
 step verify-fp32-fp8 ${VERIFY_LIMIT:-110} bench --verify --load-format dummy --new-tokens 128 --quantization fp8

@@ -253,3 +253,23 @@ class Daemon:
         job = self.latest(image, rule)
         assert job is not None
         return job
+
+
+def tiny_daemon_config(folder: Path, model: Path, *, include: str = "describe", port: int | None = None,
+                       settle: str | None = None, **model_keys: object) -> Path:
+    """A daemon config for the tiny checkpoint on the CPU: ``folder``/inbox watched, the state beside it.
+
+    ``model_keys`` go into ``model:`` (max_new_tokens, batch_size, ...); ``port`` adds the API.
+    """
+    keys = {"device": "cpu", "max_new_tokens": 8, "max_pixels": 50000, **model_keys}
+    model_lines = "".join(f"\n          {k}: {v}" for k, v in keys.items())
+    api = f"\n        api:\n          listen: 127.0.0.1:{port}" if port is not None else ""
+    settle_line = f"\n            settle: {settle}" if settle else ""
+    return write_config(folder, f"""
+        model:
+          name: {model}{model_lines}
+        state: ./state/state.db
+        include: [{include}]
+        watch:
+          - path: ./inbox{settle_line}{api}
+        """)

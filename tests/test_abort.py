@@ -16,7 +16,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from tests.conftest import write_config
+from tests.conftest import tiny_daemon_config
 from tests.test_api import _answers, free_port
 from tests.test_daemon import Daemon, wait_until
 
@@ -31,20 +31,7 @@ def one_slot(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iter
     workdir = tmp_path_factory.mktemp("abort")
     (workdir / "inbox").mkdir()
     port = free_port()
-    config = write_config(workdir, f"""
-        model:
-          name: {tiny_model}
-          device: cpu
-          batch_size: 1
-          max_new_tokens: {LONG}
-          max_pixels: 50000
-        state: ./state/state.db
-        include: [describe]
-        watch:
-          - path: ./inbox
-        api:
-          listen: 127.0.0.1:{port}
-        """)
+    config = tiny_daemon_config(workdir, tiny_model, port=port, batch_size=1, max_new_tokens=LONG)
     d = Daemon(workdir, config).start()
     base = f"http://127.0.0.1:{port}"
     wait_until(lambda: _answers(base), "the API", log=d.log)

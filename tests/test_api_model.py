@@ -13,7 +13,7 @@ from typing import Iterator
 import openai
 import pytest
 
-from tests.conftest import write_config
+from tests.conftest import tiny_daemon_config
 from tests.test_api import data_url, free_port, image_part, _answers
 from tests.test_daemon import Daemon, png_bytes, put, wait_until
 
@@ -23,20 +23,7 @@ def tiny_served(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> I
     workdir = tmp_path_factory.mktemp("api-tiny")
     (workdir / "inbox").mkdir()
     port = free_port()
-    config = write_config(workdir, f"""
-        model:
-          name: {tiny_model}
-          device: cpu
-          max_new_tokens: 8
-          max_pixels: 50000
-        state: ./state/state.db
-        include: [describe]
-        watch:
-          - path: ./inbox
-            settle: 0.3s
-        api:
-          listen: 127.0.0.1:{port}
-        """)
+    config = tiny_daemon_config(workdir, tiny_model, port=port, settle="0.3s")
     d = Daemon(workdir, config).start()
     base = f"http://127.0.0.1:{port}"
     wait_until(lambda: _answers(base), "the API", log=d.log)

@@ -39,7 +39,7 @@ import httpx
 import pytest
 
 from daemon.webhooks import redacted
-from tests.conftest import Daemon, png_bytes, put, wait_until, write_config
+from tests.conftest import Daemon, png_bytes, put, tiny_daemon_config, wait_until, write_config
 from tests.data.make_hostile import _pages_pdf
 from tests.test_api import free_port
 
@@ -383,19 +383,7 @@ def test_a_pdf_through_the_tiny_checkpoint(tmp_path: Path, tiny_model: Path) -> 
     """The real model path (processor, generate) behind /v1/convert/file: random weights, real shapes."""
     (tmp_path / "inbox").mkdir()
     port = free_port()
-    config = write_config(tmp_path, f"""
-        model:
-          name: {tiny_model}
-          device: cpu
-          max_new_tokens: 8
-          max_pixels: 50000
-        state: ./state/state.db
-        include: [ocr]
-        watch:
-          - path: ./inbox
-        api:
-          listen: 127.0.0.1:{port}
-        """)
+    config = tiny_daemon_config(tmp_path, tiny_model, port=port, include="ocr")
     d = Daemon(tmp_path, config).start()
     base = f"http://127.0.0.1:{port}"
     try:
