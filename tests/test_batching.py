@@ -45,6 +45,15 @@ def backend(tiny_model: Path):
     b.unload()
 
 
+@pytest.fixture
+def fresh_backend(tiny_model: Path):
+    """A backend of its own, for a test that leaves a slot limit learnt from an out-of-memory error on it."""
+    b = TransformersBackend(ModelConfig(name=str(tiny_model), batch_size=4))
+    b.load()
+    yield b
+    b.unload()
+
+
 @pytest.fixture(scope="module")
 def one_at_a_time(backend: TransformersBackend) -> list[Answer]:
     """The reference: stock model.generate, one request per call."""
@@ -68,8 +77,8 @@ def test_without_fused_weights_the_models_own_modules_decode_like_generate(
         backend: TransformersBackend, one_at_a_time: list[Answer], monkeypatch: pytest.MonkeyPatch) -> None:
     # A layout decode_step.fuse_projections does not know leaves no fused weights: decode then runs the model's
     # own modules and prefill the stock text model, and the tokens are still stock generate's.
-    monkeypatch.setattr(backend._fast, "fused", {})
-    monkeypatch.setattr(backend._fast, "packed", False)
+    monkeypatch.setattr(backend.slot_engine, "fused", {})
+    monkeypatch.setattr(backend.slot_engine, "packed", False)
     assert backend.generate(_requests()) == one_at_a_time
 
 
@@ -83,7 +92,8 @@ def test_batched_equals_stock_batched_generate(backend: TransformersBackend, one
 
 
 def test_repetition_penalty_is_applied_like_generate(backend: TransformersBackend) -> None:
-    config, fast = backend._model.generation_config, backend._fast
+    fast = backend.slot_engine
+    config = fast.model.generation_config
     requests = [replace(r, max_new_tokens=24) for r in _requests()[:3]]
     plain = backend.generate(requests)
     config.repetition_penalty, fast.penalty = 1.3, 1.3
@@ -108,10 +118,11 @@ def test_ignore_eos_generates_the_whole_budget(backend: TransformersBackend) -> 
     assert backend.last_stats["new_tokens"] == sum(r.max_new_tokens for r in requests)
 
 
-def test_out_of_memory_shrinks_the_slots(backend: TransformersBackend, one_at_a_time: list[Answer],
+def test_out_of_memory_shrinks_the_slots(fresh_backend: TransformersBackend, one_at_a_time: list[Answer],
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A CUDA OOM (simulated on the CPU) halves the slots and later runs keep the lower count."""
-    fast = backend._fast
+    backend = fresh_backend
+    fast = backend.slot_engine
     run = fast.run
     calls: list[int] = []
 
@@ -122,37 +133,37 @@ def test_out_of_memory_shrinks_the_slots(backend: TransformersBackend, one_at_a_
         return run(source, slots=slots, **kwargs)
 
     monkeypatch.setattr(fast, "run", run_or_oom)
-    monkeypatch.setattr(backend, "_oom_slots", None)
     assert backend.generate(_requests()) == one_at_a_time
     assert calls == [4, 2]  # the run that did not fit, then every request with fewer slots
-    assert backend._oom_slots == 2
-    monkeypatch.setattr(backend, "_oom_slots", None)
+    assert backend.oom_slot_limit == 2
+    assert backend.generate(_requests()[:3]) == one_at_a_time[:3] and calls[2:] == [2]  # and it stays so
 
 
-def test_out_of_memory_on_one_image_is_a_backend_error(backend: TransformersBackend,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    def oom(items, slots):
+def test_out_of_memory_on_one_image_is_a_backend_error(fresh_backend: TransformersBackend) -> None:
+    def oom(module, args):  # the prefill's first layer: the text model's embedding
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(backend._fast, "_prefill", oom)
-    monkeypatch.setattr(backend, "_oom_slots", None)
-    with pytest.raises(BackendError, match="out of GPU memory on a single image"):
-        backend.generate(_requests()[:1])
-    monkeypatch.setattr(backend, "_oom_slots", None)
+    handle = fresh_backend.slot_engine.embed.register_forward_pre_hook(oom)
+    try:
+        with pytest.raises(BackendError, match="out of GPU memory on a single image"):
+            fresh_backend.generate(_requests()[:1])
+    finally:
+        handle.remove()
 
 
 def test_stock_path_splits_too(backend: TransformersBackend, one_at_a_time: list[Answer],
                                monkeypatch: pytest.MonkeyPatch) -> None:
-    stock = backend._generate_hf
+    model = backend.slot_engine.model
+    stock = model.generate
     sizes: list[int] = []
 
-    def generate_or_oom(requests):
-        sizes.append(len(requests))
-        if len(requests) > 1:
+    def generate_or_oom(**inputs):  # the model's own generate, as the stock path calls it
+        sizes.append(len(inputs["input_ids"]))
+        if sizes[-1] > 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return stock(requests)
+        return stock(**inputs)
 
-    monkeypatch.setattr(backend, "_generate_hf", generate_or_oom)
+    monkeypatch.setattr(model, "generate", generate_or_oom)
     backend.set_engine("hf")
     try:
         assert backend.generate(_requests()[:4]) == one_at_a_time[:4]
