@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,8 +18,8 @@ import torch
 from PIL import Image
 
 from daemon.backends import Answer, Request
-from daemon.backends.transformers.slots import _result, bucket
-from daemon.backends.transformers.prompts import Generated
+from daemon.backends.transformers.slots import bucket
+from daemon.backends.transformers.prompts import ListSource, Prompt
 from daemon.backends.transformers.backend import TransformersBackend
 from daemon.config import Config, ModelConfig, Rule
 from daemon.errors import BackendError
@@ -181,9 +182,23 @@ def test_slot_buckets() -> None:
     assert bucket(3, 3) == 3 and bucket(20, 24) == 24
 
 
-def test_result_stops_at_end_of_sequence() -> None:
-    assert _result([5, 6, 9, 7], {9}, 0.1) == Generated([5, 6], True, 0.1, 4)
-    assert _result([5, 6], {9}, 0.1) == Generated([5, 6], False, 0.1, 2)
+def test_result_stops_at_end_of_sequence(backend: TransformersBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = backend.slot_engine
+
+    def run() -> Any:
+        source = ListSource([Prompt(0, backend.prompt_inputs(_requests()[0]), 6)])
+        with torch.inference_mode():
+            engine.run(source, slots=1, cache_length=256, max_new=6)
+        return source.results[0]
+
+    monkeypatch.setattr(engine, "eos", torch.tensor([-1]))  # no end-of-sequence token: the whole budget
+    whole = run()
+    assert (len(whole.tokens), whole.finished, whole.generated) == (6, False, 6)
+    end = whole.tokens[3]
+    monkeypatch.setattr(engine, "eos", torch.tensor([end]))  # the fourth token ends the sequence
+    ended = run()
+    at = whole.tokens.index(end)
+    assert (ended.tokens, ended.finished, ended.generated) == (whole.tokens[:at], True, at + 1)  # counted, not kept
 
 
 # ------------------------------------------------------------------ worker
