@@ -44,7 +44,7 @@ class Prefill:
 
     @property
     def tokens(self) -> int:
-        """Prompt tokens in the pack (what ``engine.step_tokens`` bounds while an interactive request runs)."""
+        """Prompt tokens in the pack (``engine.step_tokens`` bounds a turn's while an interactive request runs)."""
         return sum(p.length for p in self.prompts)
 
 
