@@ -191,6 +191,7 @@ def test_result_stops_at_end_of_sequence(backend: TransformersBackend, monkeypat
             engine.run(source, slots=1, cache_length=256, max_new=6)
         return source.results[0]
 
+    monkeypatch.setattr(engine, "ignore_eos", False)  # (the bench's switch, left as the last generate set it)
     monkeypatch.setattr(engine, "eos", torch.tensor([-1]))  # no end-of-sequence token: the whole budget
     whole = run()
     assert (len(whole.tokens), whole.finished, whole.generated) == (6, False, 6)

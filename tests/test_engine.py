@@ -484,6 +484,7 @@ def test_the_gpu_decodes_exactly_the_slots_the_host_hands_out(backend: Transform
     # applies when it reads that token: a prompt ending at its first token (EOS, or a budget of one) must
     # leave its slot off, one going on must have it on.
     engine = backend.slot_engine
+    monkeypatch.setattr(engine, "ignore_eos", False)  # (the bench's switch, left as the last generate set it)
     with torch.inference_mode():
         lone = ListSource(_prompts(backend, 1, 4))
         engine.run(lone, slots=4, cache_length=256, max_new=4)
