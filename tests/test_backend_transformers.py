@@ -44,7 +44,7 @@ def test_generate_matches_the_reference_pipeline(tiny_model: Path, caplog: pytes
     assert backend.attention == "sdpa"
     assert "flash_attention_2 not used (no CUDA device)" in caplog.text
     assert "attention=sdpa" in caplog.text
-    tok = backend._processor.tokenizer
+    tok = backend.processor.tokenizer
     for image, answer in zip(images, answers):
         ref = _reference(tiny_model, image, "Read the text.", 10)
         eos = {tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")}

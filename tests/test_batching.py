@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,8 +18,8 @@ import torch
 from PIL import Image
 
 from daemon.backends import Answer, Request
-from daemon.backends.transformers.slots import _result, bucket
-from daemon.backends.transformers.prompts import Generated
+from daemon.backends.transformers.slots import bucket
+from daemon.backends.transformers.prompts import ListSource, Prompt
 from daemon.backends.transformers.backend import TransformersBackend
 from daemon.config import Config, ModelConfig, Rule
 from daemon.errors import BackendError
@@ -39,6 +40,15 @@ def _requests() -> list[Request]:
 
 @pytest.fixture(scope="module")
 def backend(tiny_model: Path):
+    b = TransformersBackend(ModelConfig(name=str(tiny_model), batch_size=4))
+    b.load()
+    yield b
+    b.unload()
+
+
+@pytest.fixture
+def fresh_backend(tiny_model: Path):
+    """A backend of its own, for a test that leaves a slot limit learnt from an out-of-memory error on it."""
     b = TransformersBackend(ModelConfig(name=str(tiny_model), batch_size=4))
     b.load()
     yield b
@@ -68,8 +78,8 @@ def test_without_fused_weights_the_models_own_modules_decode_like_generate(
         backend: TransformersBackend, one_at_a_time: list[Answer], monkeypatch: pytest.MonkeyPatch) -> None:
     # A layout decode_step.fuse_projections does not know leaves no fused weights: decode then runs the model's
     # own modules and prefill the stock text model, and the tokens are still stock generate's.
-    monkeypatch.setattr(backend._fast, "fused", {})
-    monkeypatch.setattr(backend._fast, "packed", False)
+    monkeypatch.setattr(backend.slot_engine, "fused", {})
+    monkeypatch.setattr(backend.slot_engine, "packed", False)
     assert backend.generate(_requests()) == one_at_a_time
 
 
@@ -83,7 +93,8 @@ def test_batched_equals_stock_batched_generate(backend: TransformersBackend, one
 
 
 def test_repetition_penalty_is_applied_like_generate(backend: TransformersBackend) -> None:
-    config, fast = backend._model.generation_config, backend._fast
+    fast = backend.slot_engine
+    config = fast.model.generation_config
     requests = [replace(r, max_new_tokens=24) for r in _requests()[:3]]
     plain = backend.generate(requests)
     config.repetition_penalty, fast.penalty = 1.3, 1.3
@@ -108,10 +119,11 @@ def test_ignore_eos_generates_the_whole_budget(backend: TransformersBackend) -> 
     assert backend.last_stats["new_tokens"] == sum(r.max_new_tokens for r in requests)
 
 
-def test_out_of_memory_shrinks_the_slots(backend: TransformersBackend, one_at_a_time: list[Answer],
+def test_out_of_memory_shrinks_the_slots(fresh_backend: TransformersBackend, one_at_a_time: list[Answer],
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A CUDA OOM (simulated on the CPU) halves the slots and later runs keep the lower count."""
-    fast = backend._fast
+    backend = fresh_backend
+    fast = backend.slot_engine
     run = fast.run
     calls: list[int] = []
 
@@ -122,37 +134,37 @@ def test_out_of_memory_shrinks_the_slots(backend: TransformersBackend, one_at_a_
         return run(source, slots=slots, **kwargs)
 
     monkeypatch.setattr(fast, "run", run_or_oom)
-    monkeypatch.setattr(backend, "_oom_slots", None)
     assert backend.generate(_requests()) == one_at_a_time
     assert calls == [4, 2]  # the run that did not fit, then every request with fewer slots
-    assert backend._oom_slots == 2
-    monkeypatch.setattr(backend, "_oom_slots", None)
+    assert backend.oom_slot_limit == 2
+    assert backend.generate(_requests()[:3]) == one_at_a_time[:3] and calls[2:] == [2]  # and it stays so
 
 
-def test_out_of_memory_on_one_image_is_a_backend_error(backend: TransformersBackend,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    def oom(items, slots):
+def test_out_of_memory_on_one_image_is_a_backend_error(fresh_backend: TransformersBackend) -> None:
+    def oom(module, args):  # the prefill's first layer: the text model's embedding
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(backend._fast, "_prefill", oom)
-    monkeypatch.setattr(backend, "_oom_slots", None)
-    with pytest.raises(BackendError, match="out of GPU memory on a single image"):
-        backend.generate(_requests()[:1])
-    monkeypatch.setattr(backend, "_oom_slots", None)
+    handle = fresh_backend.slot_engine.embed.register_forward_pre_hook(oom)
+    try:
+        with pytest.raises(BackendError, match="out of GPU memory on a single image"):
+            fresh_backend.generate(_requests()[:1])
+    finally:
+        handle.remove()
 
 
 def test_stock_path_splits_too(backend: TransformersBackend, one_at_a_time: list[Answer],
                                monkeypatch: pytest.MonkeyPatch) -> None:
-    stock = backend._generate_hf
+    model = backend.slot_engine.model
+    stock = model.generate
     sizes: list[int] = []
 
-    def generate_or_oom(requests):
-        sizes.append(len(requests))
-        if len(requests) > 1:
+    def generate_or_oom(**inputs):  # the model's own generate, as the stock path calls it
+        sizes.append(len(inputs["input_ids"]))
+        if sizes[-1] > 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return stock(requests)
+        return stock(**inputs)
 
-    monkeypatch.setattr(backend, "_generate_hf", generate_or_oom)
+    monkeypatch.setattr(model, "generate", generate_or_oom)
     backend.set_engine("hf")
     try:
         assert backend.generate(_requests()[:4]) == one_at_a_time[:4]
@@ -170,9 +182,24 @@ def test_slot_buckets() -> None:
     assert bucket(3, 3) == 3 and bucket(20, 24) == 24
 
 
-def test_result_stops_at_end_of_sequence() -> None:
-    assert _result([5, 6, 9, 7], {9}, 0.1) == Generated([5, 6], True, 0.1, 4)
-    assert _result([5, 6], {9}, 0.1) == Generated([5, 6], False, 0.1, 2)
+def test_result_stops_at_end_of_sequence(backend: TransformersBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = backend.slot_engine
+
+    def run() -> Any:
+        source = ListSource([Prompt(0, backend.prompt_inputs(_requests()[0]), 6)])
+        with torch.inference_mode():
+            engine.run(source, slots=1, cache_length=256, max_new=6)
+        return source.results[0]
+
+    monkeypatch.setattr(engine, "ignore_eos", False)  # (the bench's switch, left as the last generate set it)
+    monkeypatch.setattr(engine, "eos", torch.tensor([-1]))  # no end-of-sequence token: the whole budget
+    whole = run()
+    assert (len(whole.tokens), whole.finished, whole.generated) == (6, False, 6)
+    end = whole.tokens[3]
+    monkeypatch.setattr(engine, "eos", torch.tensor([end]))  # the fourth token ends the sequence
+    ended = run()
+    at = whole.tokens.index(end)
+    assert (ended.tokens, ended.finished, ended.generated) == (whole.tokens[:at], True, at + 1)  # counted, not kept
 
 
 # ------------------------------------------------------------------ worker

@@ -8,14 +8,16 @@ non-finite logits) are injected at the one call where they would arise.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import re
 import signal
 import time
 import traceback
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pytest
@@ -35,9 +37,10 @@ from daemon.backends.transformers import backend as backend_module
 from daemon.backends.transformers import decode_step
 from daemon.backends.transformers import prefill as prefill_rounds
 from daemon.backends.transformers import slots as fastgen
+from daemon.backends.transformers.events import Decode, Event, Prefill, Settled
 from daemon.backends.transformers.prompts import Generated, ListSource, NonFiniteLogitsError, Prompt
 from daemon.backends.transformers.scheduler import Scheduler, SchedulerOptions
-from daemon.backends.transformers.backend import TransformersBackend, _messages
+from daemon.backends.transformers.backend import TransformersBackend
 from daemon import plan
 from daemon.config import EngineOptions, ModelConfig
 from daemon.config_reader import parse_config
@@ -63,8 +66,17 @@ def image(seed: int, w: int, h: int) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
+RULES = """\
+rules:
+  - name: describe
+    match: ["*.png"]
+    task: describe
+    output: md
+"""
+
+
 def config_for(tmp_path: Path, model: Path | str, *, backend: str = "transformers", batch_size: int = 2,
-               max_new_tokens: int = 8, engine: str = "{}"):
+               max_new_tokens: int = 8, engine: str = "{}", rules: str = RULES):
     text = f"""\
 model:
   backend: {backend}
@@ -76,19 +88,15 @@ model:
 state: ./state.db
 watch:
   - path: ./inbox
-rules:
-  - name: describe
-    match: ["*.png"]
-    task: describe
-    output: md
-jobs: {{batch_wait: 0s, backoff: 1s, attempts: 3}}
+{rules}jobs: {{batch_wait: 0s, backoff: 1s, attempts: 3}}
 engine: {engine}
 """
     return parse_config(text, tmp_path / "config.yaml")
 
 
-def queue_files(tmp_path: Path, queue: Queue, names: Sequence[str], *, together: bool = False) -> list[Path]:
-    """Write and queue ``names``: one by one, or (``together``) in one transaction."""
+def queue_files(tmp_path: Path, queue: Queue, names: Sequence[str], *, together: bool = False,
+                rule: Callable[[str], str] = lambda name: "describe") -> list[Path]:
+    """Write and queue ``names`` (under ``rule(name)``): one by one, or (``together``) in one transaction."""
     inbox = tmp_path / "inbox"
     inbox.mkdir(exist_ok=True)
     paths, candidates = [], []
@@ -96,7 +104,7 @@ def queue_files(tmp_path: Path, queue: Queue, names: Sequence[str], *, together:
         path = inbox / name
         path.write_bytes(png(i))
         st = path.stat()
-        candidates.append(Candidate(path.absolute(), "describe", content_hash(path), st.st_size, st.st_mtime_ns))
+        candidates.append(Candidate(path.absolute(), rule(name), content_hash(path), st.st_size, st.st_mtime_ns))
         if not together:
             queue.enqueue(candidates[-1:])
         paths.append(path)
@@ -151,6 +159,62 @@ def backend_cuda(tiny_model: Path):
     b.unload()
 
 
+@pytest.fixture
+def fresh_backend(tiny_model: Path):
+    """A backend of its own, for a test that leaves marks on one: a slot limit learnt from an out-of-memory
+    error, decode step times already measured, a device error."""
+    b = TransformersBackend(ModelConfig(name=str(tiny_model), device="cpu", batch_size=4, max_new_tokens=8,
+                                        max_pixels=50000))
+    b.load()
+    yield b
+    b.unload()
+
+
+class Watch:
+    """The slot engine's events (``SlotEngine.trace``) in order, and where the engine is at mid-run.
+
+    ``phase`` is "prefill" from a ``Prefill`` event on, "decode" from a ``Decode`` event on, when ``rows``
+    maps each slot the stretch steps to its prompt: what a fault put into the model's own modules (a forward
+    hook: where a real one arises) needs to hit one request in one phase.  ``then`` sees each event too.
+    """
+
+    def __init__(self, then: Callable[[Event], None] | None = None) -> None:
+        self.events: list[Event] = []
+        self.phase = ""
+        self.rows: dict[int, Prompt] = {}
+        self.then = then
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+        if isinstance(event, Prefill):
+            self.phase = "prefill"
+        elif isinstance(event, Decode):
+            self.phase, self.rows = "decode", dict(zip(event.slots, event.prompts))
+        if self.then is not None:
+            self.then(event)
+
+    def of(self, kind: type) -> list[Any]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+
+def watch(monkeypatch: pytest.MonkeyPatch, engine: fastgen.SlotEngine,
+          then: Callable[[Event], None] | None = None) -> Watch:
+    """Observe ``engine`` for the rest of the test."""
+    watching = Watch(then)
+    monkeypatch.setattr(engine, "trace", watching)
+    return watching
+
+
+@contextlib.contextmanager
+def hooked(module: torch.nn.Module, hook: Callable[..., Any], *, pre: bool = False, **kwargs: Any):
+    """``hook`` on one of the model's modules (after its forward, or with ``pre`` before it) while inside."""
+    handle = module.register_forward_pre_hook(hook, **kwargs) if pre else module.register_forward_hook(hook, **kwargs)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 # ------------------------------------------------------------------ admission
 
 
@@ -161,19 +225,17 @@ def test_interactive_request_is_admitted_before_the_rest_of_the_backlog(tmp_path
     config = config_for(tmp_path, tiny_model)
     backend.reconfigure(config.model)
     admitted: list[int] = []  # max_new_tokens of each prefill: 8 = a queued job, 3 = the interactive request
-    fast = backend._fast
-    prefill = fast._prefill
     with Running(tmp_path, config, backend) as r:
         queue_files(tmp_path, r.queue, [f"{i:02d}.png" for i in range(8)])
         ask: list = []
 
-        def recording_prefill(items, slots):
-            admitted.extend(prompt.max_new_tokens for prompt, _ in items)
-            if len(admitted) == 2:  # the backlog is running: now the API asks something
-                ask.append(r.loop.submit(Request((image(99, 56, 56),), "What is this?", 3)))
-            return prefill(items, slots)
+        def on_prefill(event: Event) -> None:
+            if isinstance(event, Prefill):
+                admitted.extend(prompt.max_new_tokens for prompt in event.prompts)
+                if len(admitted) == 2:  # the backlog is running: now the API asks something
+                    ask.append(r.loop.submit(Request((image(99, 56, 56),), "What is this?", 3)))
 
-        monkeypatch.setattr(fast, "_prefill", recording_prefill)
+        monkeypatch.setattr(backend.slot_engine, "trace", on_prefill)
         r.start()
         wait_until(lambda: ask and ask[0].done(), "the interactive answer")
         answer = ask[0].result(timeout=1)
@@ -190,39 +252,31 @@ def test_each_sidecar_is_written_when_its_request_finishes(tmp_path: Path, tiny_
                                                            backend: TransformersBackend,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     # issue 12.2: no chunk boundary: a short answer's sidecar exists while a long one is still decoding.
-    config = config_for(tmp_path, tiny_model, max_new_tokens=40)
+    rules = """\
+rules:
+  - {name: long, match: ["long.png"], task: describe, output: md, max_new_tokens: 40}
+  - {name: short, match: ["short.png"], task: describe, output: md, max_new_tokens: 2}
+"""
+    config = config_for(tmp_path, tiny_model, max_new_tokens=40, rules=rules)
     backend.reconfigure(config.model)
-    fast = backend._fast
     seen_while_decoding: list[bool] = []
-    decode = fast._decode
+    short_sidecar = tmp_path / "inbox" / "short.png.short.md"
+
+    def while_long_decodes(event: Event) -> None:
+        # A stretch of the long answer alone: the short one ended, and its sidecar is written meanwhile.
+        if isinstance(event, Decode) and [p.max_new_tokens for p in event.prompts] == [40]:
+            deadline = time.monotonic() + 10
+            while not short_sidecar.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen_while_decoding.append(short_sidecar.exists())
+
+    monkeypatch.setattr(backend.slot_engine, "trace", while_long_decodes)
+    for runs_to_its_budget in (backend, backend.slot_engine):  # the long answer runs to its 40 tokens
+        monkeypatch.setattr(runs_to_its_budget, "ignore_eos", True)
     with Running(tmp_path, config, backend) as r:
-        paths = queue_files(tmp_path, r.queue, ["long.png", "short.png"])
-        long_id = r.queue.latest(paths[0].absolute(), "describe").id
-        prompt = backend._prompt
-
-        def with_budgets(index, item):
-            got = prompt(index, item)
-            got.max_new_tokens = 40 if item.key[0] == long_id else 2
-            return got
-
-        short_sidecar = paths[1].parent / "short.png.describe.md"
-
-        def watching_decode(source, eos):
-            decode(source, eos)
-            if fast._owner and not fast._owner[min(fast._owner)].max_new_tokens == 2:  # "long" still decoding
-                deadline = time.monotonic() + 10
-                while not short_sidecar.exists() and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                seen_while_decoding.append(short_sidecar.exists())
-
-        monkeypatch.setattr(backend, "_prompt", with_budgets)
-        monkeypatch.setattr(fast, "_decode", watching_decode)
-        fast.ignore_eos = backend.ignore_eos = True
-        try:
-            r.start()
-            wait_until(lambda: list(r.states().values()) == ["done", "done"], "both done")
-        finally:
-            fast.ignore_eos = backend.ignore_eos = False
+        queue_files(tmp_path, r.queue, ["long.png", "short.png"], rule=lambda name: name.removesuffix(".png"))
+        r.start()
+        wait_until(lambda: list(r.states().values()) == ["done", "done"], "both done")
     assert seen_while_decoding and seen_while_decoding[-1], seen_while_decoding
 
 
@@ -259,39 +313,32 @@ class UrgentSource(ListSource):
 
 
 def _prompts(backend: TransformersBackend, n: int, budget: int, first: int = 0, **kw) -> list[Prompt]:
-    return [Prompt(first + i, backend._inputs(Request((image(first + i, 56, 56),), "Describe.", budget)),
-                           budget, **kw) for i in range(n)]
+    return [Prompt(first + i, backend.prompt_inputs(Request((image(first + i, 56, 56),), "Describe.", budget)),
+                   budget, **kw) for i in range(n)]
 
 
 def test_queued_work_leaves_a_slot_for_an_interactive_request(backend: TransformersBackend,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     # issue 13 (time to first token under load): a backlog admitted at once must not hold every slot until its
     # sequences end together; the interactive request takes the reserved slot at the next admission.
-    fast = backend._fast
+    engine = backend.slot_engine
     folder = _prompts(backend, 12, 24)
     asked = _prompts(backend, 1, 4, first=100, urgent=True)
     source = UrgentSource(folder, asked)
-    prefill, decode = fast._prefill, fast._decode
     slot_at_prefill: dict[int, int] = {}
 
-    def recording_prefill(items, slots):
-        for (prompt, _), slot in zip(items, slots):
-            slot_at_prefill[prompt.index] = slot
-            source.events.append(("prefill", prompt.index))
-        return prefill(items, slots)
+    def record(event: Event) -> None:
+        if isinstance(event, Prefill):
+            for prompt, slot in zip(event.prompts, event.slots):
+                slot_at_prefill[prompt.index] = slot
+                source.events.append(("prefill", prompt.index))
+        elif isinstance(event, Decode):
+            source.arrive()  # the request arrives while the first decode stretch runs
 
-    def decode_then_ask(src, eos):
-        decode(src, eos)
-        source.arrive()
-
-    monkeypatch.setattr(fast, "_prefill", recording_prefill)
-    monkeypatch.setattr(fast, "_decode", decode_then_ask)
-    fast.ignore_eos = True
-    try:
-        with torch.inference_mode():
-            fast.run(source, slots=8, cache_length=256, max_new=24, shrink=True, reserve=True)
-    finally:
-        fast.ignore_eos = False
+    monkeypatch.setattr(engine, "trace", record)
+    monkeypatch.setattr(engine, "ignore_eos", True)
+    with torch.inference_mode():
+        engine.run(source, slots=8, cache_length=256, max_new=24, shrink=True, reserve=True)
     reserved = Scheduler(8, reserve=True).reserved
     assert reserved >= 1
     # Queued work stayed out of the lowest (interactive) slots ...
@@ -306,82 +353,73 @@ def test_queued_work_leaves_a_slot_for_an_interactive_request(backend: Transform
 def test_a_fixed_list_uses_every_slot(backend: TransformersBackend, monkeypatch: pytest.MonkeyPatch) -> None:
     # The bench and `process --local` bring no interactive requests: no slot is held back for them (a held-back
     # slot left 2 of 512 bench images to decode alone after the rest, at the full batch's step cost: -35% decode).
-    fast = backend._fast
-    busy: list[int] = []
-    prefill = fast._prefill
-
-    def recording_prefill(items, slots):
-        busy.extend(slots)
-        return prefill(items, slots)
-
-    monkeypatch.setattr(fast, "_prefill", recording_prefill)
+    engine = backend.slot_engine
+    watching = watch(monkeypatch, engine)
     slots = 8
     with torch.inference_mode():
-        fast.run(ListSource(_prompts(backend, slots, 3)), slots=slots, cache_length=256, max_new=3)
+        engine.run(ListSource(_prompts(backend, slots, 3)), slots=slots, cache_length=256, max_new=3)
+    busy = [slot for event in watching.of(Prefill) for slot in event.slots]
     assert max(busy) == slots - 1  # the last prompt went into the last free slot, in the same round
+    assert len(watching.of(Settled)) == 1  # (one round)
 
 
 def test_a_round_of_prefills_is_read_with_one_host_sync(backend: TransformersBackend,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    # issue 12 (throughput): a prefill hands back its first token as a device tensor, and a round's first tokens
-    # are read together; a host sync per prompt left an H100 idle ~11 of each 70 ms prefill.
-    fast = backend._fast
-    heads: list = []
-    rounds: list[int] = []
-    prefill, settle = fast._prefill, fast._settle
-
-    def recording_prefill(items, slots):
-        heads.append(prefill(items, slots))
-        return heads[-1]
-
-    def recording_settle(source, shipped, eos):
-        rounds.append(len(shipped.launched))
-        settle(source, shipped, eos)
-
-    monkeypatch.setattr(fast, "_prefill", recording_prefill)
-    monkeypatch.setattr(fast, "_settle", recording_settle)
+    # issue 12 (throughput): a round's first tokens are read together, once its prefills are all queued; a host
+    # sync per prompt left an H100 idle ~11 of each 70 ms prefill.  (That nothing else in admission waits for the
+    # GPU is watched on CUDA: test_admission_never_waits_for_the_gpu_but_for_a_rounds_first_tokens.)
+    engine = backend.slot_engine
+    watching = watch(monkeypatch, engine)
     source = ListSource(_prompts(backend, 4, 3))
     with torch.inference_mode():
-        fast.run(source, slots=4, cache_length=256, max_new=3)
-    assert all(isinstance(h, torch.Tensor) and h.shape == (len(h), 3) for h in heads)
-    assert rounds[0] == 4, rounds  # four small images: one vision group, one read
+        engine.run(source, slots=4, cache_length=256, max_new=3)
+    first_read = next(i for i, e in enumerate(watching.events) if isinstance(e, Settled))
+    prefilled = [p.index for e in watching.events[:first_read] if isinstance(e, Prefill) for p in e.prompts]
+    assert prefilled == [0, 1, 2, 3], watching.events  # four small images: one vision group ...
+    assert [p.index for p in watching.events[first_read].prompts] == [0, 1, 2, 3]  # ... one read
     assert all(isinstance(source.results[i], Generated) for i in range(4))
 
 
-def test_a_packed_prefill_fills_the_slots_as_the_stock_text_model_does(backend: TransformersBackend) -> None:
+def test_a_packed_prefill_fills_the_slots_as_the_stock_text_model_does(backend: TransformersBackend,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     # issue 12 (throughput): a round's prompts go through the text layers as one packed sequence, keys written
-    # straight into their slots; what lands in the cache and the first tokens must be the stock model's, for
-    # prompts of different lengths (different image sizes) in slots out of order.
-    fast = backend._fast
+    # straight into their slots; what lands in the cache and the tokens must be the stock model's, for prompts of
+    # different lengths (different image sizes) in slots out of order.
+    engine = backend.slot_engine
     sizes = ((56, 56), (112, 84), (168, 112))
-    prompts = [Prompt(i, backend._inputs(Request((image(i, w, h),), f"Describe {i}.", 5)), 5)
-               for i, (w, h) in enumerate(sizes)]
-    slots = [2, 0, 3]
-    lengths = [p.length for p in prompts]
+    budget = 5
+
+    def run(packed: bool) -> tuple[list[Prefill], dict[int, Any], dict[int, list]]:
+        # The middle prompt is interactive: with slots kept for such (reserve) it takes slot 0 and the queued
+        # prompt packed with it slot 2, so a pack's prompts are out of slot order.
+        prompts = [Prompt(i, backend.prompt_inputs(Request((image(i, w, h),), f"Describe {i}.", budget)), budget,
+                          urgent=i == 1) for i, (w, h) in enumerate(sizes)]
+        monkeypatch.setattr(engine, "packed", packed)
+        watching = watch(monkeypatch, engine)
+        source = ListSource(prompts)
+        engine.release()  # a new, zeroed cache
+        with torch.inference_mode():
+            engine.run(source, slots=8, cache_length=256, max_new=8, reserve=True)
+        # Each slot's columns: the prompt's keys, then those of the tokens fed back while decoding.
+        caches = {slot: engine.cached(slot, prompt.length + budget - 1)
+                  for event in watching.of(Prefill) for prompt, slot in zip(event.prompts, event.slots)}
+        return watching.of(Prefill), source.results, caches
+
+    monkeypatch.setattr(engine, "ignore_eos", True)
+    packed_prefills, packed_results, packed_cache = run(True)
+    stock_prefills, stock_results, stock_cache = run(False)
+    lengths = [p.length for event in packed_prefills for p in event.prompts]
     assert len(set(lengths)) == 3
-    with torch.inference_mode():
-        fast._ensure(4, 256, 8)
-        items = list(zip(prompts, fast._image_features(prompts)))
-
-        def prefill(packed: bool) -> tuple[list, list]:
-            for k, v in fast._kv:
-                k.zero_(), v.zero_()
-            fast.packed = packed
-            try:
-                heads = fast._prefill(items, slots)
-            finally:
-                fast.packed = True
-            caches = [(k[slot, :n].clone(), v[slot, :n].clone()) for slot, n in zip(slots, lengths) for k, v in fast._kv]
-            state = [fast._state[name][slots].tolist() for name in ("tok", "pos", "wpos", "budget", "n_gen")]
-            return heads.tolist() + state, caches
-
-        packed_state, packed_cache = prefill(True)
-        stock_state, stock_cache = prefill(False)
-    assert packed_state == stock_state
-    for (k, v), (k0, v0) in zip(packed_cache, stock_cache):
-        assert k.abs().sum() > 0
-        torch.testing.assert_close(k, k0, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(v, v0, rtol=1e-5, atol=1e-5)
+    assert [e.slots for e in packed_prefills] == [(2, 0), (3,)], packed_prefills
+    assert [e.slots for e in stock_prefills] == [(2, 0), (3,)], stock_prefills
+    tokens = {i: r.tokens for i, r in packed_results.items()}
+    assert tokens == {i: r.tokens for i, r in stock_results.items()}
+    assert sorted(tokens) == [0, 1, 2] and all(len(t) == budget for t in tokens.values())
+    for slot, layers in packed_cache.items():
+        for (k, v), (k0, v0) in zip(layers, stock_cache[slot]):
+            assert k.abs().sum() > 0
+            torch.testing.assert_close(k, k0, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(v, v0, rtol=1e-5, atol=1e-5)
 
 
 def test_rounds_overlap_a_rounds_first_tokens_are_read_after_the_next_is_queued(
@@ -389,26 +427,16 @@ def test_rounds_overlap_a_rounds_first_tokens_are_read_after_the_next_is_queued(
     # issue 12 (throughput): the host prepares round k+1 (its vision tower launches take longer than its GPU
     # work) while round k still runs on the GPU: round k's first tokens are read only once k+1 is queued.
     # A round with an interactive prompt is read at once (its first token should not wait for another round).
-    monkeypatch.setattr(backend._fast, "packing", plan.LEAN)  # a round per prompt
-    fast = backend._fast
-    events: list[tuple[str, list[int]]] = []
-    prefill, settle = fast._prefill, fast._settle
-
-    def recording_prefill(items, slots):
-        events.append(("prefill", [p.index for p, _ in items]))
-        return prefill(items, slots)
-
-    def recording_settle(source, shipped, eos):
-        events.append(("settle", [p.index for p, _, _ in shipped.launched]))
-        settle(source, shipped, eos)
-
-    monkeypatch.setattr(fast, "_prefill", recording_prefill)
-    monkeypatch.setattr(fast, "_settle", recording_settle)
+    engine = backend.slot_engine
+    monkeypatch.setattr(engine, "packing", plan.LEAN)  # a round per prompt
+    watching = watch(monkeypatch, engine)
     prompts = _prompts(backend, 3, 3)
     prompts[2].urgent = True
     source = ListSource(prompts + _prompts(backend, 1, 3, first=3))
     with torch.inference_mode():
-        fast.run(source, slots=4, cache_length=256, max_new=3)
+        engine.run(source, slots=4, cache_length=256, max_new=3)
+    events = [("prefill" if isinstance(e, Prefill) else "settle", [p.index for p in e.prompts])
+              for e in watching.events if isinstance(e, (Prefill, Settled))]
     assert events[:6] == [("prefill", [0]), ("prefill", [1]), ("settle", [0]),
                           ("prefill", [2]), ("settle", [1]), ("settle", [2])], events
     assert events[6:] == [("prefill", [3]), ("settle", [3])], events  # the last round: read before decoding
@@ -420,45 +448,35 @@ def test_admission_never_waits_for_the_gpu_but_for_a_rounds_first_tokens(backend
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     # issue 12 (throughput): rounds are queued without a host sync (the vision grid, the window spans and the
     # image-token rows are worked out on the CPU; the slots are switched on by the GPU), so that they overlap.
-    # The whole admission is watched, reading the first tokens included: an assignment of a Python value
-    # there (`active[slot] = True`) was a copy that waited for the round queued behind (call P3).
-    fast = backend_cuda._fast
-    monkeypatch.setattr(fast, "packing", plan.LEAN)  # a round per prompt: they overlap
-    admit, read = fast._admit, prefill_rounds._Shipped.read
+    # Admission is watched from a turn's first prefill to its decode stretch: the vision tower of every later
+    # round, the launches, and reading the first tokens (an event's wait, which torch's sync check does not
+    # count); an assignment of a Python value there (`active[slot] = True`) was a copy that waited for the
+    # round queued behind (call P3).  Decode stretches sync on purpose (they read which sequences ended).
+    engine = backend_cuda.slot_engine
+    monkeypatch.setattr(engine, "packing", plan.LEAN)  # a round per prompt: they overlap
 
-    def watched_admit(*args, **kwargs):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return admit(*args, **kwargs)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    def syncs_fail_while_admitting(event: Event) -> None:
+        torch.cuda.set_sync_debug_mode("default" if isinstance(event, Decode) else "error")
 
-    def allowed_read(self):  # the one wait admission makes: for a round's own first tokens, on its event
-        torch.cuda.set_sync_debug_mode("default")
-        try:
-            return read(self)
-        finally:
-            torch.cuda.set_sync_debug_mode("error")
-
-    fast.penalty = 1.05  # Qwen's generation config has one: the seen-token mask is set up in prefill too
-    fast.ignore_eos = True
+    monkeypatch.setattr(engine, "penalty", 1.05)  # Qwen's generation config has one: the seen-token mask too
+    monkeypatch.setattr(engine, "ignore_eos", True)
     try:
         with torch.inference_mode():
             for watched in (False, True):  # the first run warms up (compiling syncs), the second is watched
-                fast.release()
+                engine.release()
                 if watched:
-                    monkeypatch.setattr(fast, "_admit", watched_admit)
-                    monkeypatch.setattr(prefill_rounds._Shipped, "read", allowed_read)
+                    monkeypatch.setattr(engine, "trace", syncs_fail_while_admitting)
                 source = ListSource(_prompts(backend_cuda, 6, 3))
-                fast.run(source, slots=4, cache_length=256, max_new=3)
+                try:
+                    engine.run(source, slots=4, cache_length=256, max_new=3)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
                 failed = ["".join(traceback.format_exception(r)[-8:]) for i, r in source.results.items()
                           if isinstance(r, BaseException)]
                 assert not failed, f"watched={watched}: {failed}"
                 assert [len(source.results[i].tokens) for i in range(6)] == [3] * 6, source.results
     finally:
-        fast.penalty = None
-        fast.ignore_eos = False
-        fast.release()
+        engine.release()
 
 
 def test_the_gpu_decodes_exactly_the_slots_the_host_hands_out(backend: TransformersBackend,
@@ -466,27 +484,27 @@ def test_the_gpu_decodes_exactly_the_slots_the_host_hands_out(backend: Transform
     # The GPU switches a slot on when it chooses the first token (no host copy), on the conditions the host
     # applies when it reads that token: a prompt ending at its first token (EOS, or a budget of one) must
     # leave its slot off, one going on must have it on.
-    fast = backend._fast
+    engine = backend.slot_engine
+    monkeypatch.setattr(engine, "ignore_eos", False)  # (the bench's switch, left as the last generate set it)
     with torch.inference_mode():
         lone = ListSource(_prompts(backend, 1, 4))
-        fast.run(lone, slots=4, cache_length=256, max_new=4)
+        engine.run(lone, slots=4, cache_length=256, max_new=4)
     first, later = lone.results[0].tokens[0], lone.results[0].tokens[-1]
     assert first != later  # (the tiny model's first token is the same for every prompt: the end is told by EOS)
     rounds = []
-    settle = fast._settle
 
-    def checking_settle(source, shipped, eos):
-        settle(source, shipped, eos)
-        on = fast._state["active"].tolist()
-        rounds.extend((slot, on[slot], slot in fast._owner) for _, slot, _ in shipped.launched)
+    def compare(event: Event) -> None:  # once a round is read: the device's flags against the host's
+        if isinstance(event, Settled):
+            on = engine.device_active()
+            rounds.extend((slot, slot in on, decoding) for slot, decoding in zip(event.slots, event.decoding))
 
-    monkeypatch.setattr(fast, "_settle", checking_settle)
+    monkeypatch.setattr(engine, "trace", compare)
     for eos, budgets, going_on in ((first, (4, 1), 0), (later, (4, 1, 4), 2)):
-        monkeypatch.setattr(fast, "eos", torch.tensor([eos]))
+        monkeypatch.setattr(engine, "eos", torch.tensor([eos]))
         rounds.clear()
         source = ListSource([_prompts(backend, 1, budget, first=i)[0] for i, budget in enumerate(budgets)])
         with torch.inference_mode():
-            fast.run(source, slots=4, cache_length=256, max_new=4)
+            engine.run(source, slots=4, cache_length=256, max_new=4)
         assert len(rounds) == len(budgets)
         assert all(active == owned for _, active, owned in rounds), rounds
         assert sum(owned for _, _, owned in rounds) == going_on, rounds
@@ -497,17 +515,28 @@ def test_the_gpu_decodes_exactly_the_slots_the_host_hands_out(backend: Transform
 def test_the_fused_vision_blocks_compute_what_the_stock_tower_does(backend_cuda: TransformersBackend) -> None:
     # issue 12 (throughput): each vision block as one compiled call with one varlen attention (the tower's
     # launches were its host cost); in bf16 the features must match the stock tower's within rounding.
-    fast, patch = backend_cuda._fast, backend_cuda._vision
-    prompts = [Prompt(i, backend_cuda._inputs(Request((image(i, w, h),), "Describe.", 3)), 3)
-               for i, (w, h) in enumerate(((224, 168), (56, 112), (140, 140)))]
-    with torch.inference_mode():
-        fused = torch.cat(fast._image_features(prompts)).float()
+    engine = backend_cuda.slot_engine
+    patch = engine.vision
+    features: list[torch.Tensor] = []
+
+    def keep(module, args, out) -> None:
+        features.append(out.pooler_output.float().clone())
+
+    def run() -> None:
+        prompts = [Prompt(i, backend_cuda.prompt_inputs(Request((image(i, w, h),), "Describe.", 1)), 1)
+                   for i, (w, h) in enumerate(((224, 168), (56, 112), (140, 140)))]
+        with torch.inference_mode():
+            engine.run(ListSource(prompts), slots=4, cache_length=256, max_new=1)
+
+    with hooked(engine.model.model.visual, keep):
+        run()
         assert patch.last_path.startswith("fused blocks")
         patch.enabled = False
         try:
-            stock = torch.cat(fast._image_features(prompts)).float()
+            run()
         finally:
             patch.enabled = True
+    fused, stock = features  # three images, one vision call a run
     assert ((fused - stock).norm() / stock.norm()).item() < 2e-2
 
 
@@ -573,11 +602,13 @@ def test_the_staging_buffer_copies_exactly_across_growth_and_rounds() -> None:
     # issue 12 (throughput): prefill's inputs reach the GPU through two page-locked buffers, a round each in turn,
     # filled front to back; what arrives must be what was sent, whatever the sizes, dtypes and growth, even while
     # the GPU is still busy with earlier rounds (no host sync between rounds: the host runs a round ahead).
-    staging = prefill_rounds._Staging(torch.device("cuda"))
+    staging = prefill_rounds.Staging(torch.device("cuda"))
+    busy = torch.randn(4096, 4096, device="cuda")
     rounds = []
     for round_ in range(4):
         staging.reset()
-        torch.cuda._sleep(20_000_000)  # the GPU is behind: the copies below wait in its queue
+        for _ in range(8):  # the GPU is behind (~20 ms of matrix products): the copies below wait in its queue
+            busy = torch.nn.functional.normalize(busy @ busy)
         sent = [torch.randn(1000 * (i + 1), 7).to(dt) for i, dt in enumerate((torch.bfloat16, torch.float32))]
         sent += [torch.arange(5)[None, :] + round_, torch.zeros(0, 3), torch.randn(4200, 4200).t()]  # grows
         got = [staging.to_device(t) for t in sent]
@@ -595,31 +626,27 @@ def test_an_interactive_request_cuts_into_a_round_of_queued_prefills(backend: Tr
     # issue 13: a request arriving while a vision group of queued prompts is being prefilled goes next; the rest
     # of the group keeps its image features (the vision tower does not run for them again).  It waits for the
     # pack being prefilled: packs of one prompt here, so that the group is several packs.
-    fast = backend._fast
-    monkeypatch.setattr(fast, "packing", plan.Packing(tokens=1))  # one vision group, packs of one prompt
+    engine = backend.slot_engine
+    monkeypatch.setattr(engine, "packing", plan.Packing(tokens=1))  # one vision group, packs of one prompt
     folder = _prompts(backend, 4, 3)
     asked = _prompts(backend, 1, 3, first=100, urgent=True)
     source = UrgentSource(folder, asked)
-    prefill, features = fast._prefill, fast._image_features
-    vision_calls: list[list[int]] = []
+    vision_calls: list[int] = []  # images per call of the vision tower
 
-    def recording_prefill(items, slots):
-        source.events.extend(("prefill", prompt.index) for prompt, _ in items)
-        got = prefill(items, slots)
-        source.arrive()  # the request arrives during the first prefill of the round
-        return got
+    def record(event: Event) -> None:
+        if isinstance(event, Prefill):
+            source.events.extend(("prefill", prompt.index) for prompt in event.prompts)
+            source.arrive()  # the request arrives during the first prefill of the round
 
-    def recording_features(prompts):
-        vision_calls.append([p.index for p in prompts])
-        return features(prompts)
+    def count_images(module, args, kwargs) -> None:
+        vision_calls.append(int(kwargs["grid_thw"].shape[0]))
 
-    monkeypatch.setattr(fast, "_prefill", recording_prefill)
-    monkeypatch.setattr(fast, "_image_features", recording_features)
-    with torch.inference_mode():
-        fast.run(source, slots=4, cache_length=256, max_new=3)
+    monkeypatch.setattr(engine, "trace", record)
+    with hooked(engine.model.model.visual, count_images, pre=True, with_kwargs=True), torch.inference_mode():
+        engine.run(source, slots=4, cache_length=256, max_new=3)
     order = [i for kind, i in source.events if kind == "prefill"]
     assert order[:2] == [0, 100], order
-    assert vision_calls[:2] == [[0, 1, 2, 3], [100]], vision_calls  # 1-3 were not sent through the tower again
+    assert vision_calls == [4, 1], vision_calls  # prompts 1-3 were not sent through the tower again
     assert sorted(order) == [0, 1, 2, 3, 100]
     assert all(isinstance(source.results[i], Generated) for i in (0, 1, 2, 3, 100))
 
@@ -627,7 +654,7 @@ def test_an_interactive_request_cuts_into_a_round_of_queued_prefills(backend: Tr
 def test_a_streamed_request_gets_its_first_token_before_any_decode_step(backend: TransformersBackend,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     # issue 13: the first token comes out of the prefill; it is sent then, not after the next run of decode steps.
-    fast = backend._fast
+    engine = backend.slot_engine
     asked = _prompts(backend, 1, 6, first=100, urgent=True, stream=True)
     source = UrgentSource([], asked)
     source.arrive()
@@ -636,47 +663,37 @@ def test_a_streamed_request_gets_its_first_token_before_any_decode_step(backend:
 
     def watching_partial(prompt, tokens):
         if not steps_at_first_partial:
-            steps_at_first_partial.append(fast.stats.decode_steps)
+            steps_at_first_partial.append(engine.stats.decode_steps)
         return partial(prompt, tokens)
 
     monkeypatch.setattr(source, "partial", watching_partial)
-    fast.ignore_eos = True
-    try:
-        with torch.inference_mode():
-            fast.run(source, slots=2, cache_length=256, max_new=6)
-    finally:
-        fast.ignore_eos = False
+    monkeypatch.setattr(engine, "ignore_eos", True)
+    with torch.inference_mode():
+        engine.run(source, slots=2, cache_length=256, max_new=6)
     assert steps_at_first_partial == [0]
     assert len(source.partials[100][0]) == 1
     assert source.results[100].tokens[:1] == source.partials[100][0]
 
 
-def test_decode_runs_are_bounded_in_time(backend: TransformersBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_decode_runs_are_bounded_in_time(fresh_backend: TransformersBackend, monkeypatch: pytest.MonkeyPatch) -> None:
     # issue 13: between two host syncs the engine runs only as many decode steps as fit SYNC_SECONDS (measured
     # step time), so a request arriving meanwhile waits for a short run, not 16 steps of a full batch.
-    fast = backend._fast
-    runs: list[int] = []
-    decode = fast._decode
+    engine = fresh_backend.slot_engine  # an engine of its own: no decode step measured yet
+    at_start: list[int] = []  # decode steps done when each stretch started
 
-    def counting(src, eos):
-        before = fast.stats.decode_steps
-        decode(src, eos)
-        runs.append(fast.stats.decode_steps - before)
+    def record(event: Event) -> None:
+        if isinstance(event, Decode):
+            at_start.append(engine.stats.decode_steps)
 
-    monkeypatch.setattr(fast, "_decode", counting)
+    monkeypatch.setattr(engine, "trace", record)
     monkeypatch.setattr(fastgen, "SYNC_SECONDS", 0.0)  # any measured step is too long: one step per run
-    monkeypatch.setattr(fast, "_step_s", {})  # no step measured yet
-    fast.ignore_eos = True
-    try:
-        with torch.inference_mode():
-            fast.run(ListSource(_prompts(backend, 1, 24)), slots=1, cache_length=256, max_new=24)
-    finally:
-        fast.ignore_eos = False
+    monkeypatch.setattr(engine, "ignore_eos", True)
+    with torch.inference_mode():
+        engine.run(ListSource(_prompts(fresh_backend, 1, 24)), slots=1, cache_length=256, max_new=24)
+    runs = [b - a for a, b in zip(at_start, at_start[1:] + [engine.stats.decode_steps])]
+    assert sum(runs) == 23, runs  # (the first token comes out of the prefill)
     assert runs[0] > 1  # nothing measured yet: up to SYNC_EVERY
     assert set(runs[1:]) == {1}, runs
-
-
-# ------------------------------------------------------------------ isolation
 
 
 class RaisingBackend:
@@ -717,20 +734,17 @@ def test_a_raising_request_fails_alone_in_a_plugin_backend(tmp_path: Path) -> No
         assert (tmp_path / "inbox" / f"{name}.describe.md").exists() == ("bad" not in name)
 
 
-def test_a_failing_prefill_fails_that_request_alone(backend: TransformersBackend,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_prefill_fails_that_request_alone(backend: TransformersBackend) -> None:
     backend.reconfigure(replace(backend.config, batch_size=2))
     requests = [Request((image(i, 56, 56),), f"Describe {i}.", 4) for i in range(5)]
-    fast = backend._fast
-    prefill = fast._prefill
+    tokenizer = backend.processor.tokenizer
 
-    def failing(items, slots):  # a pack with request 2 in it fails as a whole; it alone may fail
-        if any("Describe 2." in backend._processor.tokenizer.decode(p.inputs["input_ids"][0]) for p, _ in items):
+    def failing(module, args) -> None:  # a prefill with request 2 in it fails as a whole; it alone may fail
+        if "Describe 2." in tokenizer.decode(args[0].reshape(-1).tolist()):
             raise ValueError("cache planner says no (injected)")
-        return prefill(items, slots)
 
-    monkeypatch.setattr(fast, "_prefill", failing)
-    got = backend.generate_each(requests)
+    with hooked(backend.slot_engine.embed, failing, pre=True):
+        got = backend.generate_each(requests)
     assert isinstance(got[2], ValueError)
     assert all(isinstance(a, Answer) for i, a in enumerate(got) if i != 2)
 
@@ -738,13 +752,14 @@ def test_a_failing_prefill_fails_that_request_alone(backend: TransformersBackend
 def test_image_placeholders_must_match_the_image_features(backend: TransformersBackend) -> None:
     # issue 10.11: text that became an image token must not shift the image features; that request fails alone.
     requests = [Request((image(i, 56, 56),), "Describe.", 3) for i in range(3)]
-    prompts = [Prompt(i, backend._inputs(r), 3) for i, r in enumerate(requests)]
+    prompts = [Prompt(i, backend.prompt_inputs(r), 3) for i, r in enumerate(requests)]
+    engine = backend.slot_engine
     forged = prompts[1].inputs["input_ids"].clone()
-    forged[0, -3] = backend._model.config.image_token_id  # a text token turned into <|image_pad|>
+    forged[0, -3] = engine.model.config.image_token_id  # a text token turned into <|image_pad|>
     prompts[1].inputs["input_ids"] = forged
     source = ListSource(prompts)
     with torch.inference_mode():
-        backend._fast.run(source, slots=2, cache_length=128, max_new=3)
+        engine.run(source, slots=2, cache_length=128, max_new=3)
     assert isinstance(source.results[1], ValueError)
     assert "image placeholder tokens" in str(source.results[1])
     assert isinstance(source.results[0], Generated) and isinstance(source.results[2], Generated)
@@ -757,26 +772,39 @@ def test_non_finite_logits_fail_the_request_clearly(backend: TransformersBackend
                            [-float("inf")] * 3])
     tokens, bad = decode_step.choose(logits, None)
     assert tokens[0] == 2 and bad.tolist() == [False, True, True, True]
-    fast = backend._fast
-    advance = fast._advance
+    engine = backend.slot_engine
+    watching = watch(monkeypatch, engine)
 
-    def poisoned(s, nxt, bad):  # the request with budget 13 gets non-finite logits on its decode steps
-        return advance(s, nxt, bad | (s["budget"] == 13))
+    def poisoned(module, args, logits):  # the request with budget 13 gets non-finite logits on its decode steps
+        if watching.phase != "decode":
+            return None
+        logits = logits.clone()
+        for slot, prompt in watching.rows.items():
+            if prompt.max_new_tokens == 13:
+                logits[slot] = float("nan")
+        return logits
 
-    monkeypatch.setattr(fast, "_advance", poisoned)
     requests = [Request((image(i, 56, 56),), "Describe.", n) for i, n in enumerate((6, 13, 7))]
-    got = backend.generate_each(requests)
+    with hooked(engine.lm_head, poisoned):
+        got = backend.generate_each(requests)
     assert isinstance(got[1], NonFiniteLogitsError) and "non-finite logits" in str(got[1])
     assert isinstance(got[0], Answer) and isinstance(got[2], Answer)
+    assert any(p.max_new_tokens == 13 for event in watching.of(Decode) for p in event.prompts)  # hit decoding
 
 
 def test_fp16_is_refused_unless_insisted(tiny_model: Path, tmp_path: Path) -> None:
-    from daemon.backends.transformers.backend import _refuse_fp16
+    def load(**options: Any) -> TransformersBackend:
+        b = TransformersBackend(ModelConfig(name=str(tiny_model), device="cpu", dtype="float16"),
+                                options=EngineOptions(**options))
+        try:
+            b.load()
+        finally:
+            b.unload()
+        return b
 
     with pytest.raises(BackendError, match="engine.allow_fp16: true"):
-        _refuse_fp16(torch.float16, str(tiny_model))
-    _refuse_fp16(torch.bfloat16, str(tiny_model))
-    _refuse_fp16(torch.float16, str(tiny_model), allow=True)
+        load()
+    assert load(allow_fp16=True).dtype == "float16"
     # issue 22.3: float16 is a model.dtype choice the config checks, with engine.allow_fp16 to insist
     text = f"model: {{name: {tiny_model}, dtype: float16}}\ninclude: [describe]\n"
     with pytest.raises(ConfigError, match=r"config.yaml:1: model.dtype: float16 .*engine.allow_fp16: true"):
@@ -785,20 +813,18 @@ def test_fp16_is_refused_unless_insisted(tiny_model: Path, tmp_path: Path) -> No
 
 
 def test_sticky_cuda_error_puts_the_jobs_back_and_ends_the_loop(tmp_path: Path, tiny_model: Path,
-                                                                backend: TransformersBackend,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                fresh_backend: TransformersBackend) -> None:
     # issue 12.3: an illegal memory access cannot be recovered in-process: jobs back (attempt spent), loop ends.
     assert is_sticky_cuda_error(RuntimeError("CUDA error: an illegal memory access was encountered"))
     assert not is_sticky_cuda_error(RuntimeError("CUDA out of memory"))
     config = config_for(tmp_path, tiny_model)
+    backend = fresh_backend
     backend.reconfigure(config.model)
 
-    def crash(source, **kwargs):
-        source.take()  # a prompt is in a slot when it happens
+    def crash(module, args) -> None:  # in the first prefill: prompts are in slots when it happens
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    monkeypatch.setattr(backend._fast, "run", crash)
-    with Running(tmp_path, config, backend) as r:
+    with hooked(backend.slot_engine.embed, crash, pre=True), Running(tmp_path, config, backend) as r:
         queue_files(tmp_path, r.queue, ["a.png", "b.png", "c.png"])
         r.start()
         r.loop.join(DEADLINE)
@@ -810,65 +836,51 @@ def test_sticky_cuda_error_puts_the_jobs_back_and_ends_the_loop(tmp_path: Path, 
     assert all(j.state == "queued" for j in jobs)
 
 
-# ------------------------------------------------------------------ out of memory
-
-
-def test_out_of_memory_while_capturing_shrinks_the_slots(backend: TransformersBackend,
+def test_out_of_memory_while_capturing_shrinks_the_slots(fresh_backend: TransformersBackend,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    # issue 12.3: OOM while capturing the CUDA graph halves the slots; the graphs stay on.
+    # issue 12.3: OOM while capturing the CUDA graph halves the slots; the graphs stay on: the capture is tried
+    # again at each smaller size.  On a CPU the capture fails at its first CUDA call, made to raise here: out of
+    # memory while the run has more than one slot, and at one slot an error saying the step cannot be captured
+    # (the engine then decodes without graphs, as on any card where capturing fails).
+    backend = fresh_backend
     backend.reconfigure(replace(backend.config, batch_size=4))
     requests = [Request((image(i, 56 + 28 * (i % 3), 56),), "Describe.", 6) for i in range(6)]
     expected = backend.generate(requests)
-    fast = backend._fast
-    captured: list[int] = []
+    engine = backend.slot_engine
+    captured: list[int] = []  # the run's slots at each capture
 
-    class FakeGraph:
-        def __init__(self, n: int, sample: bool) -> None:
-            self.replay = lambda: fast._step(n, sample)
-
-    def capture(n: int, sample: bool):
-        captured.append(n)
-        if n > 1:
+    def capture_stream(*args: Any, **kwargs: Any) -> None:
+        captured.append(engine.stats.slots)
+        if engine.stats.slots > 1:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
-        return FakeGraph(n, sample)
+        raise RuntimeError("operation not supported while capturing (injected)")
 
-    monkeypatch.setattr(fast, "_capture", capture)
-    monkeypatch.setattr(fast, "use_cuda_graphs", True)
-    monkeypatch.setattr(backend, "_oom_slots", None)
-    try:
-        assert backend.generate(requests) == expected
-        assert fast.use_cuda_graphs  # not switched off for the life of the process
-        assert backend._oom_slots == 1 and captured[0] == 4 and captured[-1] == 1
-    finally:
-        fast.release()
-        backend._oom_slots = None
+    monkeypatch.setattr(torch.cuda, "Stream", capture_stream)
+    monkeypatch.setattr(engine, "use_cuda_graphs", True)
+    assert backend.generate(requests) == expected
+    assert captured == [4, 2, 1], captured  # not switched off by an out-of-memory error
+    assert backend.oom_slot_limit == 1
 
 
-def test_out_of_memory_mid_run_runs_the_requests_in_hand_again(backend: TransformersBackend,
+def test_out_of_memory_mid_run_runs_the_requests_in_hand_again(fresh_backend: TransformersBackend,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = fresh_backend
     backend.reconfigure(replace(backend.config, batch_size=4))
     requests = [Request((image(i, 56, 84),), "Describe.", 9) for i in range(6)]
     expected = backend.generate(requests)
-    fast = backend._fast
-    prefill = fast._prefill
-    calls = []
+    engine = backend.slot_engine
+    watching = watch(monkeypatch, engine)
+    failed: list[Prefill] = []
 
-    def oom_once(items, slots):
-        calls.append(slots)
-        if len(calls) == 2:  # slots busy, a refill under way
+    def oom_once(module, args) -> None:  # in the second prefill: slots busy, a refill under way
+        prefills = watching.of(Prefill)
+        if watching.phase == "prefill" and len(prefills) == 2 and not failed:
+            failed.append(prefills[-1])
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        return prefill(items, slots)
 
-    monkeypatch.setattr(fast, "_prefill", oom_once)
-    monkeypatch.setattr(backend, "_oom_slots", None)
-    try:
+    with hooked(engine.embed, oom_once, pre=True):
         assert backend.generate(requests) == expected
-        assert backend._oom_slots == 2
-    finally:
-        backend._oom_slots = None
-
-
-# ------------------------------------------------------------------ streaming, chat, sampling
+    assert failed and backend.oom_slot_limit == 2
 
 
 def test_stream_pieces_join_to_the_answer(backend: TransformersBackend) -> None:
@@ -889,7 +901,7 @@ def test_stream_pieces_join_to_the_answer(backend: TransformersBackend) -> None:
 def test_stream_holds_back_an_incomplete_utf8_character(backend: TransformersBackend) -> None:
     from daemon.backends.transformers.live import TextStream
 
-    tok = backend._processor.tokenizer
+    tok = backend.processor.tokenizer
     ids = tok("é€ ok", add_special_tokens=False)["input_ids"]
     sent: list[str] = []
     stream = TextStream(tok, sent.append)
@@ -906,7 +918,9 @@ def test_chat_messages_with_two_images(backend: TransformersBackend) -> None:
         Message("system", ("You compare pictures.",)),
         Message("user", ("First:", a, "second:", b, "Which is wider?")),
     ))
-    text = backend._processor.apply_chat_template(_messages(request), tokenize=False, add_generation_prompt=True)
+    # The prompt the engine gets, each image's placeholder run shown as one
+    prompt = backend.processor.tokenizer.decode(backend.prompt_inputs(request)["input_ids"][0])
+    text = re.sub(r"(<\|image_pad\|>)+", "<|image_pad|>", prompt)
     assert text.index("You compare pictures.") < text.index("First:") < text.index("<|vision_start|>")
     assert text.count("<|vision_start|><|image_pad|><|vision_end|>") == 2
     assert text.index("second:") < text.rindex("<|vision_start|>") < text.index("Which is wider?")
@@ -936,47 +950,66 @@ def test_sampling_leaves_greedy_neighbours_alone(backend: TransformersBackend) -
 # ------------------------------------------------------------------ model state (issue 11.6)
 
 
-def test_model_state_is_recorded_when_it_loads(tmp_path: Path, tiny_model: Path) -> None:
+def test_model_state_is_recorded_when_it_loads(tmp_path: Path, tiny_model: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from daemon.errors import BackendUnavailableError
+
     config = config_for(tmp_path, tiny_model)
     backend = TransformersBackend(config.model)
     with Running(tmp_path, config, backend) as r:
-        r.loop._note_model_state()
-        assert r.queue.meta()["model"]["loaded"] is False
+        assert not r.queue.meta().get("model", {}).get("loaded")
         backend.load()  # no batch has run: status must already say loaded
         assert r.queue.meta()["model"]["loaded"] is True
-        from daemon.errors import BackendUnavailableError
+        # The backend cannot be reached (a server backend's connection refused): its model is not usable,
+        # whatever the client holds.
 
-        r.loop._backend_down(BackendUnavailableError("connection refused"))
+        def unreachable(feed) -> None:
+            raise BackendUnavailableError("connection refused")
+
+        monkeypatch.setattr(backend, "serve", unreachable)
+        queue_files(tmp_path, r.queue, ["a.png"])
+        r.start()
+        wait_until(lambda: r.queue.meta()["model"].get("unavailable"), "the outage recorded")
         model = r.queue.meta()["model"]
         assert model["loaded"] is False and model["unavailable"] is True
         backend.unload()
 
 
-# ------------------------------------------------------------------ repetition loops (issue 12.4)
+@contextlib.contextmanager
+def forced_tokens(backend: TransformersBackend, monkeypatch: pytest.MonkeyPatch, *, greedy_loops: bool,
+                  sampled_loops: bool):
+    """Make greedy and/or sampled rows emit a 7-token cycle (a stuck sequence) or ever-new tokens, while inside:
+    each decode step's logits, out of the model's lm_head, put all the weight on that row's next token."""
+    engine = backend.slot_engine
+    made: dict[int, int] = {}  # slot -> tokens forced since its prompt came in
 
+    def new_prompts(event: Event) -> None:
+        if isinstance(event, Prefill):
+            made.update(dict.fromkeys(event.slots, 0))
 
-def _force_tokens(backend: TransformersBackend, monkeypatch: pytest.MonkeyPatch, *, greedy_loops: bool,
-                  sampled_loops: bool) -> None:
-    """Make greedy and/or sampled rows emit a 7-token cycle (a stuck sequence) or ever-new tokens."""
-    fast = backend._fast
-    advance = fast._advance
+    watching = watch(monkeypatch, engine, new_prompts)
 
-    def forced(s, nxt, bad):
-        cycle = 100 + s["n_gen"] % 7
-        fresh = 100 + s["n_gen"] % 300  # no period within the loop window
-        greedy = cycle if greedy_loops else fresh
-        sampled = cycle if sampled_loops else fresh
-        return advance(s, torch.where(s["temp"] > 0, sampled, greedy), bad)
+    def forced(module, args, logits):
+        if watching.phase != "decode":
+            return None
+        out = torch.full_like(logits, -3e4)
+        for slot, prompt in watching.rows.items():
+            k = made[slot]
+            made[slot] = k + 1
+            looping = sampled_loops if prompt.temperature > 0 else greedy_loops
+            out[slot, 100 + (k % 7 if looping else k % 300)] = 3e4  # 300: no period within the loop window
+        return out
 
-    monkeypatch.setattr(fast, "_advance", forced)
+    with hooked(engine.lm_head, forced):
+        yield
 
 
 def test_a_loop_is_stopped_and_retried_with_sampling(backend: TransformersBackend,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     backend.reconfigure(replace(backend.config, batch_size=2))
-    _force_tokens(backend, monkeypatch, greedy_loops=True, sampled_loops=False)
     requests = [Request((image(i, 56, 56),), "Transcribe the table.", 400) for i in range(2)]
-    got = backend.generate(requests)
+    with forced_tokens(backend, monkeypatch, greedy_loops=True, sampled_loops=False):
+        got = backend.generate(requests)
     stats = backend.last_stats
     assert stats["loops"] == 2  # each first attempt stopped early...
     assert all(not a.looped and a.new_tokens == 400 for a in got)  # ...and its retry ran to the end
@@ -1028,24 +1061,21 @@ def test_a_retry_that_loops_too_marks_the_sidecar(tmp_path: Path, tiny_model: Pa
 
     config = config_for(tmp_path, tiny_model, max_new_tokens=400)
     backend.reconfigure(config.model)
-    _force_tokens(backend, monkeypatch, greedy_loops=True, sampled_loops=True)
     source = tmp_path / "inbox" / "table.png"
     source.parent.mkdir()
     source.write_bytes(png(3))
     worker = Worker(config, backend)
-    try:
-        [outcome] = worker.process(match_file(config, source))
-    finally:
-        worker.close()
-    assert outcome.ok, outcome.error
-    assert backend.last_stats["loops"] == 2  # the first attempt and the retry
-    md = (tmp_path / "inbox" / "table.png.describe.md").read_text()
-    assert "kept repeating itself" in md
-    [answer] = backend.generate([Request((image(3, 56, 56),), "Transcribe.", 400)])
+    with forced_tokens(backend, monkeypatch, greedy_loops=True, sampled_loops=True):
+        try:
+            [outcome] = worker.process(match_file(config, source))
+        finally:
+            worker.close()
+        assert outcome.ok, outcome.error
+        assert backend.last_stats["loops"] == 2  # the first attempt and the retry
+        md = (tmp_path / "inbox" / "table.png.describe.md").read_text()
+        assert "kept repeating itself" in md
+        [answer] = backend.generate([Request((image(3, 56, 56),), "Transcribe.", 400)])
     assert answer.looped and answer.new_tokens < 400 - 100  # stopped early, not at the budget
-
-
-# ------------------------------------------------------------------ one engine per device (issue 12.5)
 
 
 def test_one_engine_per_device_fed_from_one_queue(tmp_path: Path, tiny_model: Path) -> None:
@@ -1219,31 +1249,20 @@ def _run_with_an_answer_streaming(backend: TransformersBackend, monkeypatch: pyt
                                   options: SchedulerOptions) -> list[tuple[str, int]]:
     """24 queued prompts and, after the first decode stretch, one streamed interactive request (index 100);
     the events of the run: prefills, decode stretches (with the slots they stepped) and finishes."""
-    fast = backend._fast
+    engine = backend.slot_engine
     source = UrgentSource(_prompts(backend, 24, 6), _prompts(backend, 1, 40, first=100, urgent=True, stream=True))
-    prefill, decode, graph = fast._prefill, fast._decode, fast._graph
 
-    def recording_prefill(items, slots):
-        source.events.extend(("prefill", prompt.index) for prompt, _ in items)
-        return prefill(items, slots)
+    def record(event: Event) -> None:
+        if isinstance(event, Prefill):
+            source.events.extend(("prefill", prompt.index) for prompt in event.prompts)
+        elif isinstance(event, Decode):
+            source.events.append(("decode", event.width))
+            source.arrive()  # the request arrives while the first decode stretch runs
 
-    def decode_then_ask(src, eos):
-        decode(src, eos)
-        source.arrive()
-
-    def recording_graph(n, sample):
-        source.events.append(("decode", n))
-        return graph(n, sample)
-
-    monkeypatch.setattr(fast, "_prefill", recording_prefill)
-    monkeypatch.setattr(fast, "_decode", decode_then_ask)
-    monkeypatch.setattr(fast, "_graph", recording_graph)
-    fast.ignore_eos = True
-    try:
-        with torch.inference_mode():
-            fast.run(source, slots=16, cache_length=256, max_new=40, shrink=True, reserve=True, options=options)
-    finally:
-        fast.ignore_eos = False
+    monkeypatch.setattr(engine, "trace", record)
+    monkeypatch.setattr(engine, "ignore_eos", True)
+    with torch.inference_mode():
+        engine.run(source, slots=16, cache_length=256, max_new=40, shrink=True, reserve=True, options=options)
     assert all(isinstance(source.results[i], Generated) for i in [*range(24), 100])
     events = source.events
     return events[events.index(("prefill", 100)):events.index(("finished", 100))]
@@ -1287,15 +1306,15 @@ class _EngineFeed(ListFeed):
 
     def __init__(self, requests, interactive: bool) -> None:
         super().__init__(requests)
-        self._interactive = interactive
-        self._count = len(self.requests)
+        self.takes_interactive = interactive
+        self.count = len(self.requests)
         del self.requests  # no fixed list to size the cache for: the daemon's sizing
 
     def interactive(self) -> bool:
-        return self._interactive
+        return self.takes_interactive
 
     def answers(self):
-        return [self.results.get(i) for i in range(self._count)]
+        return [self.results.get(i) for i in range(self.count)]
 
 
 @pytest.mark.parametrize("interactive", [True, False], ids=["engine 0", "child engine"])
@@ -1309,8 +1328,8 @@ def test_only_an_engine_that_takes_interactive_requests_keeps_slots_for_them(tin
     try:
         monkeypatch.setattr(backend_module, "ListFeed", type("NotAListFeed", (), {}))  # the daemon's sizing path
         slots: list[int] = []
-        prefill = b._fast._prefill
-        monkeypatch.setattr(b._fast, "_prefill", lambda items, at: (slots.extend(at), prefill(items, at))[1])
+        monkeypatch.setattr(b.slot_engine, "trace",
+                            lambda event: slots.extend(event.slots) if isinstance(event, Prefill) else None)
         feed = _EngineFeed([Request((image(i, 56, 56),), "Describe.", 4) for i in range(3)], interactive)
         b.serve(feed)
         assert all(isinstance(a, Answer) for a in feed.answers())

@@ -27,7 +27,7 @@ def loaded(tiny_model: Path):
 
 
 def _text_out(backend: TransformersBackend, inputs: dict) -> torch.Tensor:
-    model = backend._model
+    model = backend.slot_engine.model
     embeds = model.model.language_model.embed_tokens(inputs["input_ids"])
     with torch.inference_mode():
         return model.model.language_model(inputs_embeds=embeds).last_hidden_state
@@ -36,8 +36,9 @@ def _text_out(backend: TransformersBackend, inputs: dict) -> torch.Tensor:
 def test_compiled_text_prefill_computes_what_stock_does(loaded: TransformersBackend,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     # issue 12.1 (prefill speed): the fused norms and MLPs are the same function; switched off, stock runs.
-    inputs = loaded._inputs(Request(tuple(synthetic_images(1, 112, 112)), "Describe this.", 8))
-    layers = list(loaded._model.model.language_model.layers)
+    inputs = loaded.prompt_inputs(Request(tuple(synthetic_images(1, 112, 112)), "Describe this.", 8))
+    model = loaded.slot_engine.model
+    layers = list(model.model.language_model.layers)
     saved = {id(m): m.__dict__.get("forward") for layer in layers
              for m in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp)}
     stock = _text_out(loaded, inputs)
@@ -49,7 +50,7 @@ def test_compiled_text_prefill_computes_what_stock_does(loaded: TransformersBack
         return compiled_call(self, *args, **kwargs)
 
     monkeypatch.setattr(Compiled, "__call__", counting)
-    patch = TextPrefillPatch(loaded._model)
+    patch = TextPrefillPatch(model)
     try:
         patched = _text_out(loaded, inputs)
         assert len(calls) == 3 * len(layers)  # two norms and the MLP of each layer went through the compiled path
@@ -71,7 +72,7 @@ def test_the_vision_plans_told_ahead_outlive_later_rounds(loaded: TransformersBa
     # The engine tells the vision patch each round's spans on the host (plan_for), so the tower never reads
     # them from the GPU. A full plan cache used to be cleared whole: the round's first plan, told a moment
     # before its second, was gone, and the tower read its spans back (a sync that drained the GPU's queue).
-    patch = loaded._vision
+    patch = loaded.slot_engine.vision
     patch._plans.clear()
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: pytest.fail("a told plan was worked out again"))
     for r in range(12):  # rounds of two plans each (cu_seqlens, cu_window_seqlens), more than the cache holds

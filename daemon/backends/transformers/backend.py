@@ -57,7 +57,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Iterator, Sequence, TypeVar
 
 from daemon.backends import (Answer, DeviceLostError, Feed, Item, ListFeed, Request,
                              is_sticky_cuda_error)
@@ -66,6 +66,9 @@ from daemon.backends.transformers.oom import is_out_of_memory, load_oom_message
 from daemon import plan
 from daemon.config import EngineOptions, ModelConfig, local_model_path
 from daemon.errors import BackendError, ModelMissingError, VlwatchError
+
+if TYPE_CHECKING:
+    from daemon.backends.transformers.slots import SlotEngine
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +142,25 @@ class TransformersBackend:
                 self.on_state_change()
             except Exception:  # a status write must not break loading
                 log.exception("recording the model state failed")
+
+    @property
+    def slot_engine(self) -> "SlotEngine | None":
+        """The loaded model's slot engine, or None (not loaded yet, or a model it does not run).
+
+        Public for watching it (``SlotEngine.trace``, ``events``) and for
+        tests; requests go through ``serve`` and ``generate``.
+        """
+        return self._fast
+
+    @property
+    def processor(self) -> Any:
+        """The loaded model's Hugging Face processor (its ``tokenizer`` decodes answers); None until loaded."""
+        return self._processor
+
+    @property
+    def oom_slot_limit(self) -> int | None:
+        """The most slots runs use from now on, learnt from a CUDA out-of-memory error; None: none met."""
+        return self._oom_slots
 
     @property
     def continuous_batching(self) -> bool:
@@ -736,6 +758,11 @@ class TransformersBackend:
             return
         with self._lock:
             self._generate_split(short)
+
+    def prompt_inputs(self, request: Request) -> dict[str, Any]:
+        """What a slot engine ``Prompt`` carries for ``request`` (``Prompt.inputs``): the processor's tensors
+        on the CPU, pixels in the model's dtype, rotary positions added, as the processor threads make them."""
+        return self._inputs(request)
 
     def _inputs(self, request: Request) -> dict[str, Any]:
         """The processor's tensors for one request (CPU), pixels already in the model's dtype."""

@@ -11,7 +11,7 @@ static cache and per-slot state):
   end (``prefill_step``), keys straight into the slots, the first tokens
   chosen on the GPU (``_first_tokens``); ``engine.packed_prefill: false`` runs
   the stock text model per prompt instead (``_prefill_stock``);
-- ``_Staging``: page-locked buffers the inputs go through; ``_Shipped``: a
+- ``Staging``: page-locked buffers the inputs go through; ``_Shipped``: a
   round's first tokens on their way to the host, read when the next round
   is queued (``SlotEngine._admit``);
 - ``rope_positions``: Qwen's 3D rotary positions, on the processor thread.
@@ -61,7 +61,7 @@ class PrefillRounds:
     vision: Any  # patches.VisionAttentionPatch, told the window bounds ahead
     vision_layout: bool  # the tower's layout precomputed on the CPU (qwen2_5_vl's check passed it)
     _prefill_fn: Any  # prefill_layer, compiled (CUDA)
-    _staging: "_Staging"
+    _staging: "Staging"
     _true: torch.Tensor
     eos: torch.Tensor  # end-of-sequence ids (a -1 when there are none)
     _state: dict[str, torch.Tensor]
@@ -245,7 +245,7 @@ class PrefillRounds:
         return out
 
 
-class _Staging:
+class Staging:
     """Page-locked host memory through which prefill's inputs go to the GPU without waiting for it.
 
     A copy from ordinary (pageable) memory first waits for all the work

@@ -39,6 +39,10 @@ Switches (``options``, the config's ``engine:``; all default on where they
 apply): ``cuda_graphs``, ``compile`` (decode, vision, prefill),
 ``decode_attention``, ``packed_prefill``, ``overlap_rounds``;
 ``vision_varlen: true`` opts into varlen attention.
+
+Observing it (tests, the bench, an operator): ``trace`` receives an event
+per pack prefilled, round read and decode stretch (``events``);
+``device_active`` and ``cached`` read the device's slot flags and cache.
 """
 
 from __future__ import annotations
@@ -62,9 +66,10 @@ from daemon.backends.transformers.decode_step import (
     rotate,
     weight_of,
 )
+from daemon.backends.transformers.events import Decode, Prefill, Settled, Trace
 from daemon.backends.transformers.oom import is_out_of_memory
 from daemon.backends.transformers.patches import Compiled, compile_enabled
-from daemon.backends.transformers.prefill import FAILED, PrefillRounds, _Shipped, _Staging, take_pack
+from daemon.backends.transformers.prefill import FAILED, PrefillRounds, Staging, _Shipped, take_pack
 from daemon.backends.transformers.prefill_step import prefill_layer
 from daemon.backends.transformers.qwen2_5_vl import allow_shared_compiles, flash_varlen, text_model
 from daemon.backends.transformers.prompts import Generated, NonFiniteLogitsError, Prompt, RunStats, Source
@@ -151,13 +156,16 @@ class SlotEngine(PrefillRounds):
         self._step_s: dict[int, float] = {}  # last measured seconds per decode step, by slots stepped
         self._state: dict[str, torch.Tensor] = {}
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._staging = _Staging(self.device)
+        self._staging = Staging(self.device)
         self._true = torch.ones((), dtype=torch.bool, device=self.device)
         self.vision: Any = None  # patches.VisionAttentionPatch, told the window bounds ahead (_vision_layout)
         self.vision_layout = True  # the tower's layout worked out on the CPU (off where qwen2_5_vl's check says)
         #: how much a prefill round packs (daemon.plan.fit: one prompt a round where only that fits the card)
         self.packing = PACKED
         self.stats = RunStats()
+        #: Called with each ``events`` event (a pack prefilled, a round read, a decode stretch), on the
+        #: engine's thread: tests, the bench, an operator.  None: no event is built (``events``' docstring).
+        self.trace: Trace | None = None
 
     @property
     def layer_functions(self) -> bool:
@@ -225,6 +233,28 @@ class SlotEngine(PrefillRounds):
         self._slots, self._length = slots, length
         log.debug("static cache: %d slots x %d tokens (%.2f GiB)", slots, length,
                   slots * length * self.kv_bytes_per_token() / 2**30)
+
+    def device_active(self) -> list[int]:
+        """The slots the device is decoding, by its own flags (set on the GPU as it chooses a first token).
+
+        Reads the device (a host sync): for tests and debugging, not for the
+        loop.  The host's side of the same is ``events.Settled.decoding``;
+        the two must agree (a slot the device decodes and the host does not
+        know is work wasted, one the host waits on and the device does not
+        decode ends early).
+        """
+        active = self._state.get("active")
+        return [] if active is None else [i for i, on in enumerate(active.tolist()) if on]
+
+    def cached(self, slot: int, columns: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of the keys and values in the first ``columns`` columns of ``slot``'s cache row, per layer.
+
+        Each ``(columns, kv heads, head dim)``: what prefill and decoding
+        wrote there (a prompt's tokens, then the generated ones).  For tests
+        and debugging: whether a packed prefill leaves what the stock text
+        model would, for instance.
+        """
+        return [(k[slot, :columns].clone(), v[slot, :columns].clone()) for k, v in self._kv]
 
     def prepare(self, slots: int, cache_length: int, max_new: int) -> None:
         """Allocate the cache and capture the decode step for ``slots`` ahead of a run."""
@@ -527,6 +557,8 @@ class SlotEngine(PrefillRounds):
         to find the culprit.
         """
         slots = self._sched.place([prompt.urgent for prompt, _ in pack], free)
+        if self.trace is not None:
+            self.trace(Prefill(tuple(prompt for prompt, _ in pack), tuple(slots)))
         try:
             heads = self._prefill(pack, slots)
         except Exception as exc:
@@ -565,6 +597,9 @@ class SlotEngine(PrefillRounds):
                 self._state["active"][slot] = False  # its client went away already (rare: a sync is fine)
                 continue
             self._owner[slot] = prompt
+        if self.trace is not None and launched:
+            self.trace(Settled(tuple(p for p, _, _ in launched), tuple(slot for _, slot, _ in launched),
+                               tuple(self._owner.get(slot) is p for p, slot, _ in launched)))
 
     def _decode(self, source: Source, eos: set[int]) -> None:
         """Run decode steps up to the next host sync, then hand over what ended or streamed."""
@@ -573,6 +608,9 @@ class SlotEngine(PrefillRounds):
         # interactive ones: the scheduler's choice.  Slots above n wait, untouched.
         n = self._sched.decode_width(owner, self._interactive_slots(), shrink=self._shrink)
         stepped = [i for i in owner if i < n]
+        if self.trace is not None:
+            busy = sorted(stepped)
+            self.trace(Decode(n, tuple(busy), tuple(owner[i] for i in busy)))
         sample = any(owner[i].temperature > 0 for i in stepped)
         step = self._graph(n, sample)
         # Run until the first sequence can have reached its budget, at most
