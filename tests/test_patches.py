@@ -73,7 +73,6 @@ def test_the_vision_plans_told_ahead_outlive_later_rounds(loaded: TransformersBa
     # them from the GPU. A full plan cache used to be cleared whole: the round's first plan, told a moment
     # before its second, was gone, and the tower read its spans back (a sync that drained the GPU's queue).
     patch = loaded.slot_engine.vision
-    patch._plans.clear()
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: pytest.fail("a told plan was worked out again"))
     for r in range(12):  # rounds of two plans each (cu_seqlens, cu_window_seqlens), more than the cache holds
         told = []
@@ -81,4 +80,4 @@ def test_the_vision_plans_told_ahead_outlive_later_rounds(loaded: TransformersBa
             cu = torch.tensor(bounds, dtype=torch.int32)
             told.append((cu, patch.plan_for(cu, bounds, lambda t: t)))
         for cu, plan in told:  # the tower's blocks then look both up
-            assert patch._plan(cu) is plan, f"round {r}"
+            assert patch.plan(cu) is plan, f"round {r}"

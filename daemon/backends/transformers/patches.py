@@ -119,7 +119,7 @@ class VisionAttentionPatch:
             if (patch._block is None or not patch.enabled or not patch.use_compiled or position_embeddings is None
                     or not hidden_states.is_cuda or hidden_states.dtype not in (torch.float16, torch.bfloat16)):
                 return stock(hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
-            plan = patch._plan(cu_seqlens)
+            plan = patch.plan(cu_seqlens)
             attn, mlp = blk.attn, blk.mlp
             cos, sin = position_embeddings
             rows_vary(hidden_states, cos, sin, plan["cu32"])
@@ -144,7 +144,7 @@ class VisionAttentionPatch:
     def _packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
                 scale: float) -> torch.Tensor:
         """Attention within each [cu[i], cu[i+1]) span of (seq, heads, dim) tensors."""
-        plan = self._plan(cu)
+        plan = self.plan(cu)
         if self.varlen is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             try:
                 cu32, longest = plan["cu32"], plan["longest"]
@@ -164,7 +164,8 @@ class VisionAttentionPatch:
             out.index_copy_(0, take, og.transpose(1, 2).reshape(m * n, q.shape[1], q.shape[2]))
         return out
 
-    def _plan(self, cu: torch.Tensor) -> dict[str, Any]:
+    def plan(self, cu: torch.Tensor) -> dict[str, Any]:
+        """The grouping of ``cu``'s spans: the one told ahead (``plan_for``), else worked out (a host read)."""
         # The same cu_seqlens tensor is passed to every block of one forward:
         # work out its grouping once (one device sync) rather than per block,
         # or not at all where the caller gave the bounds with it (plan_for).
