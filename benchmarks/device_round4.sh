@@ -6,8 +6,8 @@ set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 echo "+ benchmarks/fp8_check.py" | tee "$OUT/fp8-check.log"
 timeout ${CHECK_LIMIT:-100} python3 benchmarks/fp8_check.py --load-format dummy --new-tokens 48 --out "$OUT" 2>&1 | tee -a "$OUT/fp8-check.log"
-step verify-fp32-fp8 ${VERIFY_LIMIT:-110} bench --verify --load-format dummy --new-tokens 128 --quantization fp8
 step verify-fp32 ${VERIFY_LIMIT:-110} bench --verify --load-format dummy --new-tokens 128
+step verify-fp32-fp8 ${VERIFY_LIMIT:-110} bench --verify --load-format dummy --new-tokens 128 --quantization fp8
 capped=(bench --load-format dummy --ignore-eos --images ${IMAGES:-256} --batch-sizes '' --baseline-images 0 --latency-images 0)
 step bench-7b-fp8-22g ${BENCH_LIMIT:-95} "${capped[@]}" --quantization fp8 --max-gpu-memory 22GiB
 step bench-7b-fp8-12g ${BENCH_LIMIT:-95} "${capped[@]}" --quantization fp8 --max-gpu-memory 12GiB
