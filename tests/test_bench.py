@@ -23,7 +23,7 @@ def test_bench_json_on_the_tiny_checkpoint(tiny_model: Path) -> None:
     report = json.loads(done.stdout)
     assert report["header"]["image_tokens"] == 6 and report["header"]["new_tokens"] == 4
     assert report["header"]["eos"] == "ignored (exactly 4 tokens per image)"
-    assert report["header"]["device"] and report["header"]["engine"] == "fastgen"
+    assert report["header"]["device"] and report["header"]["engine"] == "slot engine"
     setups = [(r["setup"], r["batch"], r["images"]) for r in report["results"]]
     assert setups == [
         ("one at a time (baseline): stock model.generate", "1", 1),

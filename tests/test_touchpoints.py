@@ -49,7 +49,7 @@ def test_every_touchpoint_agrees_with_stock_on_the_tiny_checkpoint(tiny_model: P
     backend = _loaded(tiny_model)
     summary = backend.describe()["touchpoints"]
     assert "agree" in summary and "failed" not in summary
-    assert backend.describe()["engine"].startswith("fastgen")
+    assert backend.describe()["engine"].startswith("slot engine")
     assert _answers(backend, "auto") == _answers(backend, "hf")
 
 
@@ -96,7 +96,7 @@ def test_a_vision_attention_that_disagrees_is_left_off(
     assert "touchpoint 'vision_attention' failed" in caplog.text
     info = backend.describe()
     assert "failed: vision_attention" in info["touchpoints"] and "vision_attention" not in info
-    assert info["engine"].startswith("fastgen")  # the text side keeps its engine
+    assert info["engine"].startswith("slot engine")  # the text side keeps its engine
     assert _answers(backend, "auto") == _answers(backend, "hf")
 
 

@@ -104,7 +104,7 @@ class TransformersBackend:
         options: the ``engine:`` section.
         load_format: ``auto`` loads real weights; ``dummy`` builds the same
             architecture from the model's config with random weights (bench only).
-        engine: ``auto`` uses ``fastgen`` where the model supports it, ``hf``
+        engine: ``auto`` uses the slot engine (``slots``) where the model supports it, ``hf``
             always ``model.generate`` (the bench's baseline).
         """
         self.config = config
@@ -117,7 +117,7 @@ class TransformersBackend:
         #: bench: generate every request to its full budget (random weights
         #: would otherwise stop at an arbitrary early end-of-sequence token)
         self.ignore_eos = False
-        #: what the last generate() measured (fastgen only), for the bench
+        #: what the last generate() measured (the slot engine only), for the bench
         self.last_stats: dict[str, Any] | None = None
         self._model: Any = None
         self._processor: Any = None
@@ -127,7 +127,7 @@ class TransformersBackend:
         #: qwen2_5_vl.Checked: the model's private touchpoints that failed their check at load (none, normally)
         self.touchpoints: Any = None
         self._oom_slots: int | None = None  # slot limit learnt from an out-of-memory error
-        self._tried_slots = 0  # slots of the fastgen run in progress (halved after an OOM)
+        self._tried_slots = 0  # slots of the slot engine's run in progress (halved after an OOM)
         self._lock = threading.Lock()
         #: bf16 | fp8: the text model's linear weights as loaded (model.quantization resolved)
         self.precision: str | None = None
@@ -309,7 +309,7 @@ class TransformersBackend:
         return checked
 
     def set_engine(self, engine: str) -> None:
-        """Switch between ``auto`` (fastgen and the vision patch) and ``hf`` (stock transformers)."""
+        """Switch between ``auto`` (the slot engine and the vision patch) and ``hf`` (stock transformers)."""
         self.engine = engine
         if self._vision is not None:
             self._vision.enabled = engine != "hf"
@@ -318,7 +318,7 @@ class TransformersBackend:
         self._choose_sdpa_kernels()
 
     def _choose_sdpa_kernels(self) -> None:
-        """fastgen: no cuDNN attention (it plans anew for every sequence length); stock: torch's default.
+        """The slot engine: no cuDNN attention (it plans anew for every sequence length); stock: torch's default.
 
         On the H100 with torch 2.11, SDPA picks cuDNN's kernel, which builds an
         execution plan for each new shape: a prefill of an unseen length took
@@ -351,7 +351,7 @@ class TransformersBackend:
             info["eos_ids"] = sorted(_eos_ids(self._model, self._processor))
             info["repetition_penalty"] = getattr(self._model.generation_config, "repetition_penalty", None) or 1.0
         if self._fast is not None:
-            info["engine"] = "fastgen" + (" + CUDA graphs" if self._fast.use_cuda_graphs else "")
+            info["engine"] = "slot engine" + (" + CUDA graphs" if self._fast.use_cuda_graphs else "")
             info["decode_compiled"] = self._fast._layer_fn is not None
         if self._vision is not None:
             info["vision_attention"] = self._vision.last_path or "stock"
@@ -590,7 +590,7 @@ class TransformersBackend:
         if self.last_stats is not None:
             self.last_stats["wall_s"] = time.perf_counter() - started
 
-    # ------------------------------------------------------------ fastgen
+    # ------------------------------------------------------------ the slot engine
 
     def _serve_fast(self, feed: Feed, tokens: dict[Hashable, list[int]] | None = None) -> None:
         import torch
@@ -644,7 +644,7 @@ class TransformersBackend:
             if engine == "hf":
                 return [self._generate_hf_tokens([r])[0] for r in requests]
             if self._fast is None:
-                raise BackendError("this model has no slot engine (fastgen supports qwen2_5_vl only)")
+                raise BackendError("this model has no slot engine (it supports qwen2_5_vl only)")
             got: dict[Hashable, list[int]] = {}
             feed = ListFeed(requests)
             # Stock generate has no loop stop: compare like with like.
@@ -683,7 +683,7 @@ class TransformersBackend:
     # ------------------------------------------------------------ model.generate
 
     def _serve_batches(self, feed: Feed) -> None:
-        """``model.generate`` (engine hf, or a model fastgen does not know): batches of what is there."""
+        """``model.generate`` (engine hf, or a model the slot engine does not know): batches of what is there."""
         size = max(1, self.config.batch_size or 4)
         while not feed.stopping():
             items: list[Item] = []
@@ -850,7 +850,7 @@ class TransformersBackend:
         # Forced length (bench): the same work whatever random weights say.
         forced: dict[str, Any] = {"min_new_tokens": max_new} if self.ignore_eos else {}
         temperature = requests[0].temperature  # callers group requests by temperature
-        # Plain temperature sampling, as fastgen does (no top-k/top-p from the generation config).
+        # Plain temperature sampling, as the slot engine does (no top-k/top-p from the generation config).
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 \
             else {"do_sample": False}
         started = time.perf_counter()
