@@ -272,6 +272,8 @@ def format_status(info: dict) -> str:
             lines.append(f"memory   {model['plan']}")
         if model.get("loaded") and model.get("in_effect"):
             lines.append(f"         {model['in_effect']}")  # the choices in effect that can change answers
+        if model.get("loaded") and model.get("touchpoints"):
+            lines.append(f"checked  Qwen2.5-VL touchpoints: {model['touchpoints']}")
     if info.get("engine_options"):
         lines.append(f"engine   {EngineOptions(**_options(info['engine_options'])).line()}")
     for engine in info.get("engines") or []:

@@ -122,7 +122,11 @@ def test_status_shows_the_device_in_use_not_the_configured_auto(tmp_path: Path, 
                    .get("device"), "the device in the status", log=d.log)
         info = json.loads(run_vlwatch("status", "--json", "--config", config).stdout)
         assert info["model"]["device"] == "cpu"  # this machine has no GPU: auto came to the CPU
-        assert "loaded on cpu" in run_vlwatch("status", "--config", config).stdout
+        shown = run_vlwatch("status", "--config", config).stdout
+        assert "loaded on cpu" in shown
+        # issue 22.4: what the load-time check of the model's private touchpoints found
+        assert "comparisons with the stock path agree" in info["model"]["touchpoints"]
+        assert "checked  Qwen2.5-VL touchpoints: " in shown
     finally:
         d.stop()
         d.close()

@@ -429,6 +429,9 @@ class WorkerLoop(threading.Thread):
             plan = getattr(backend, "plan_summary", None)  # issue 23: "7B fp8 on 23.6 GiB: 96 slots of 1664 tokens"
             if loaded and plan:
                 state["plan"] = plan
+            checked = getattr(backend, "touchpoints_summary", None)  # issue 22.4: the model's private touchpoints
+            if loaded and checked:
+                state["touchpoints"] = checked
             if loaded and getattr(backend, "provenance", ""):
                 state["in_effect"] = backend.provenance  # the engine's choices that can change answers
             if down:

@@ -392,6 +392,11 @@ class TransformersBackend:
         return str(device)
 
     @property
+    def touchpoints_summary(self) -> str | None:
+        """What the load-time check of Qwen2.5-VL's touchpoints found (``status``), once loaded."""
+        return self.touchpoints.summary() if self.touchpoints is not None else None
+
+    @property
     def plan_summary(self) -> str | None:
         """"7B fp8 on 23.6 GiB: 96 slots of 1664 tokens" (``status``), once the model was planned."""
         return self.plan.summary() if self.plan is not None else None
