@@ -15,12 +15,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from daemon.backends import DeviceLostError, create_backend
+from daemon.backends import create_backend
 from daemon.config import COMPILE_PARTS, ENGINE_KEYS, Config, EngineOptions
 from daemon.controls import for_terminal, json_text
 from daemon.engine.loop import WorkerLoop, check_model
 from daemon.engine.outcomes import BatchResult, Processor
-from daemon.errors import BackendUnavailableError, ExitCode, VlwatchError, plural
+from daemon.errors import ExitCode, VlwatchError, plural
 from daemon.queue import HANDED_OVER, Job, Queue, StateLock, safe_text
 from daemon.readiness import file_signature
 from daemon.recipes import Outdated, outdated, recipe_of

@@ -1,0 +1,65 @@
+"""`vlwatch scan` processes the queue through the daemon's own job loop (issue 22.1: one job loop).
+
+Without a daemon the scan drains the queue itself (``WorkerLoop.drain``):
+what the daemon would pause for (a backend down) ends the scan with exit 1,
+the jobs left queued with no attempt spent; a file the model rejects is
+retried as the daemon retries it.  The stub backend injects the faults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from daemon.queue import Queue
+from tests.conftest import run_vlwatch
+from tests.test_daemon import png_bytes, put
+
+STUB = {"VLWATCH_PLUGINS": "tests.stub_backend"}
+
+
+def _setup(tmp_path: Path, files: int = 3) -> Path:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for i in range(files):
+        put(inbox / f"f{i}.png", png_bytes(80 + i))
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "model: {backend: stub, name: stub-model}\n"
+        "state: ./state/state.db\n"
+        "watch: [{path: ./inbox, settle: 0s}]\n"
+        "rules: [{name: desc, task: custom, prompt: 'Describe $filename', output: md}]\n"
+        "jobs: {attempts: 3, backoff: 1h}\n")
+    return config
+
+
+def _jobs(tmp_path: Path) -> list:
+    queue = Queue(tmp_path / "state" / "state.db")
+    try:
+        return sorted(queue.history(), key=lambda j: j.id)
+    finally:
+        queue.close()
+
+
+def test_a_scan_drains_the_queue_and_says_what_became_of_each_file(tmp_path: Path) -> None:
+    config = _setup(tmp_path)
+    put(tmp_path / "inbox" / "bad.png", png_bytes(90))  # the stub model rejects it: retried later (backoff 1h)
+    done = run_vlwatch("scan", "--config", config, env=STUB)
+    assert done.returncode == 1, done.stderr
+    assert "processed 4 files: 3 done, 1 failed (1 will be retried)" in done.stdout
+    assert sorted(p.name for p in (tmp_path / "inbox").glob("*.md")) == [f"f{i}.png.desc.md" for i in range(3)]
+    states = {Path(j.path).name: (j.state, j.attempts) for j in _jobs(tmp_path)}
+    assert states["bad.png"] == ("queued", 1) and all(states[f"f{i}.png"][0] == "done" for i in range(3))
+
+
+def test_a_backend_down_ends_the_scan_with_the_jobs_left_queued_and_no_attempt_spent(tmp_path: Path) -> None:
+    config = _setup(tmp_path)
+    down = tmp_path / "backend-down"
+    down.touch()
+    done = run_vlwatch("scan", "--config", config, env={**STUB, "VLWATCH_STUB_DOWN": str(down)}, timeout=120)
+    assert done.returncode == 1
+    assert "backend unavailable: connection refused (stub server down); 3 jobs left queued" in done.stderr
+    assert [(j.state, j.attempts) for j in _jobs(tmp_path)] == [("queued", 0)] * 3
+    assert not list((tmp_path / "inbox").glob("*.md"))
+    down.unlink()  # back up: the next scan does them
+    again = run_vlwatch("scan", "--config", config, env=STUB)
+    assert again.returncode == 0 and "3 done" in again.stdout
