@@ -99,14 +99,11 @@ class PrefillRounds:
             return {}
         put = self._staging.to_device
         host = qwen2_5_vl.vision_layout(self.model, grids)
-        layout: dict[str, Any] = {k: put(v) for k, v in host.items()}
-        for name, longest in (("cu_seqlens", "max_seqlen"), ("cu_window_seqlens", "max_window_seqlen")):
-            if name not in layout:
-                continue
-            bounds = host[name].tolist()
-            layout[longest] = max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
-            if self.vision is not None:
-                self.vision.plan_for(layout[name], bounds, put)
+        layout: dict[str, Any] = {k: put(v) if isinstance(v, torch.Tensor) else v for k, v in host.items()}
+        if self.vision is not None:  # told the spans ahead: the patched attention reads nothing back
+            for name in ("cu_seqlens", "cu_window_seqlens"):
+                if name in layout:
+                    self.vision.plan_for(layout[name], host[name].tolist(), put)
         return layout
 
     def _prefill(self, items: list[tuple[Prompt, torch.Tensor | None]], slots: list[int]) -> torch.Tensor:

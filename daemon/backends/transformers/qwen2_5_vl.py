@@ -391,7 +391,8 @@ def check_vision(model: Any, patch: Any) -> Checked:
 
 
 def vision_layout(model: Any, grids: torch.Tensor) -> dict[str, Any]:
-    """The tower's rotary positions, windows and spans for ``grids``, on the CPU (values it accepts precomputed)."""
+    """The tower's rotary positions, windows, spans and longest spans for ``grids``, on the CPU (values it
+    accepts precomputed); {} before transformers had the helpers."""
     helpers = vision_layout_helpers()
     if helpers is None:
         return {}
@@ -400,8 +401,12 @@ def vision_layout(model: Any, grids: torch.Tensor) -> dict[str, Any]:
     cu = cu_seqlens(grids)
     index, cu_window = window_index(grids, spatial_merge_size=visual.spatial_merge_size,
                                     window_size=visual.window_size, patch_size=visual.patch_size)
-    return {"position_ids": position_ids(grids, visual.spatial_merge_size), "window_index": index,
-            "cu_seqlens": cu, "cu_window_seqlens": cu_window}
+    layout: dict[str, Any] = {"position_ids": position_ids(grids, visual.spatial_merge_size),
+                              "window_index": index, "cu_seqlens": cu, "cu_window_seqlens": cu_window}
+    for name, longest in (("cu_seqlens", "max_seqlen"), ("cu_window_seqlens", "max_window_seqlen")):
+        bounds = layout[name].tolist()
+        layout[longest] = max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
+    return layout
 
 
 def _check_vision_layout(model: Any, visual: Any, pixels: torch.Tensor, grid: torch.Tensor, stock: torch.Tensor,
@@ -411,10 +416,8 @@ def _check_vision_layout(model: Any, visual: Any, pixels: torch.Tensor, grid: to
     fallback = "the tower works its layout out itself (a host sync per prefill round)"
     enabled = patch.enabled if patch is not None else None
     try:
-        layout = {k: v.to(model.device) for k, v in vision_layout(model, grid).items()}
-        for name, longest in (("cu_seqlens", "max_seqlen"), ("cu_window_seqlens", "max_window_seqlen")):
-            bounds = layout[name].tolist()
-            layout[longest] = max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
+        layout = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v
+                  for k, v in vision_layout(model, grid).items()}
         with torch.inference_mode():
             if patch is not None:
                 patch.enabled = False  # the stock tower, given the layout
