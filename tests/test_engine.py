@@ -32,8 +32,8 @@ from daemon.backends import (
     is_sticky_cuda_error,
     register,
 )
-from daemon.backends import ListFeed
-from daemon.backends.transformers import backend as backend_module
+from daemon import plan
+from daemon.backends import Expected, ListFeed, Sizing
 from daemon.backends.transformers import decode_step
 from daemon.backends.transformers import prefill as prefill_rounds
 from daemon.backends.transformers import slots as fastgen
@@ -1304,11 +1304,14 @@ class _EngineFeed(ListFeed):
     """A ListFeed that stands in for the daemon's ``JobFeed`` (not a fixed list: the engine sizes for the daemon),
     declaring whether interactive requests may come through it."""
 
-    def __init__(self, requests, interactive: bool) -> None:
+    def __init__(self, requests, interactive: bool, expected: tuple[Expected, ...] = ()) -> None:
         super().__init__(requests)
         self.takes_interactive = interactive
         self.count = len(self.requests)
-        del self.requests  # no fixed list to size the cache for: the daemon's sizing
+        self.expected = expected
+
+    def sizing(self) -> Sizing:
+        return Sizing(expected=self.expected)  # no fixed list to size the cache for: the daemon's sizing
 
     def interactive(self) -> bool:
         return self.takes_interactive
@@ -1326,7 +1329,6 @@ def test_only_an_engine_that_takes_interactive_requests_keeps_slots_for_them(tin
                                         max_pixels=50000))
     b.load()
     try:
-        monkeypatch.setattr(backend_module, "ListFeed", type("NotAListFeed", (), {}))  # the daemon's sizing path
         slots: list[int] = []
         monkeypatch.setattr(b.slot_engine, "trace",
                             lambda event: slots.extend(event.slots) if isinstance(event, Prefill) else None)
@@ -1334,5 +1336,28 @@ def test_only_an_engine_that_takes_interactive_requests_keeps_slots_for_them(tin
         b.serve(feed)
         assert all(isinstance(a, Answer) for a in feed.answers())
         assert (min(slots) > 0) == interactive, slots
+    finally:
+        b.unload()
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["rules declared", "rules not declared"])
+def test_a_live_feed_that_declares_its_rules_prompts_gets_a_cache_that_fits_them_from_the_start(
+        tiny_model: Path, declared: bool) -> None:
+    # Call S1 (issue 22): the first ask under a backlog waited 2.9 s.  The daemon sized its cache for an image and
+    # 128 text tokens, the folder rule's prompt was longer, so the backlog's first prompt waited for a second run
+    # whose cache fitted it, and every decode graph was captured again while the ask waited.  The feed declares its
+    # rules (Sizing.expected): one allocation.  Undeclared, the same requests need two (what the test guards).
+    b = TransformersBackend(ModelConfig(name=str(tiny_model), device="cpu", batch_size=2, max_new_tokens=4,
+                                        max_pixels=50000))
+    b.load()
+    try:
+        rule_prompt = "Transcribe every word on this page in reading order, keeping headings and tables. " * 8
+        requests = [Request((image(0, 56, 56),), "What is this?", 4)]
+        requests += [Request((image(i, 56, 56),), rule_prompt, 4) for i in range(1, 4)]
+        expected = (Expected(rule_prompt, image_tokens=plan.image_tokens_for(50000), max_new_tokens=4),)
+        feed = _EngineFeed(requests, interactive=True, expected=expected if declared else ())
+        b.serve(feed)
+        assert all(isinstance(a, Answer) for a in feed.answers())
+        assert b.last_stats["cache_allocations"] == (1 if declared else 2)
     finally:
         b.unload()

@@ -141,8 +141,38 @@ class Item:
     urgent: bool = False
 
 
+@dataclass(frozen=True)
+class Expected:
+    """One kind of request a feed will bring (a rule's): what the engine sizes its cache for ahead.
+
+    The slot engine's cache rows are fixed for a run; a prompt longer than
+    its row waits for a run sized for it, and re-sizing drops every captured
+    decode graph (seconds, while a person's answer waits: issue 22's first
+    ask under a backlog).  Declared by the feed, so the first run already
+    fits every rule's prompts.
+    """
+
+    prompt: str  # the prompt text, variables filled with a typical file name
+    image_tokens: int  # its images' tokens at most (the rule's max_pixels / 28², reference images included)
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """What a ``Feed`` tells the engine to size for before its requests arrive."""
+
+    #: a fixed list (``generate``, the bench): sized for exactly these; empty for a live feed
+    requests: tuple[Request, ...] = ()
+    #: a live feed's kinds of request (the daemon's rules); interactive ones are sized as they come
+    expected: tuple[Expected, ...] = ()
+
+
 class Feed(Protocol):
     """A live source of requests for ``serve``: polled, never blocking the GPU loop."""
+
+    def sizing(self) -> Sizing:
+        """What the engine should size its cache for ahead of the requests (``Sizing``)."""
+        ...
 
     def next(self, urgent_only: bool = False) -> Item | None:
         """The next request to admit, interactive ones first; None when nothing is ready now.
@@ -187,6 +217,9 @@ class ListFeed:
         self.requests = list(requests)
         self._pending = collections.deque(Item(i, r) for i, r in enumerate(self.requests))
         self.results: dict[int, Answer | BaseException] = {}
+
+    def sizing(self) -> Sizing:
+        return Sizing(requests=tuple(self.requests))
 
     def next(self, urgent_only: bool = False) -> Item | None:
         return self._pending.popleft() if self._pending and not urgent_only else None

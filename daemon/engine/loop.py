@@ -53,7 +53,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Hashable, Sequence
 
-from daemon.backends import Answer, DeviceLostError, Item, Request, as_device_lost
+from daemon.backends import Answer, DeviceLostError, Item, Request, Sizing, as_device_lost
 from daemon.config import Config, local_model_path
 from daemon.errors import (
     BackendUnavailableError,
@@ -561,6 +561,9 @@ class JobFeed:
         self.outage: BackendUnavailableError | None = None
 
     # -- the Feed protocol (GPU thread)
+    def sizing(self) -> Sizing:
+        return Sizing(expected=self.worker.expected())
+
     def next(self, urgent_only: bool = False) -> Item | None:
         self.loop.busy_since = time.monotonic()
         while self.loop._interactive:

@@ -127,6 +127,7 @@ class TransformersBackend:
         #: qwen2_5_vl.Checked: the model's private touchpoints that failed their check at load (none, normally)
         self.touchpoints: Any = None
         self._oom_slots: int | None = None  # slot limit learnt from an out-of-memory error
+        self._text_counts: dict[str, int] = {}  # a rule prompt's text tokens (_text_tokens)
         self._tried_slots = 0  # slots of the slot engine's run in progress (halved after an OOM)
         self._lock = threading.Lock()
         #: bf16 | fp8: the text model's linear weights as loaded (model.quantization resolved)
@@ -603,7 +604,7 @@ class TransformersBackend:
         fast = self._fast
         fast.ignore_eos = self.ignore_eos
         live = LiveSource(feed, self._prompt, self._processor.tokenizer)
-        live_feed = not isinstance(feed, ListFeed)  # the daemon: load comes and goes, interactive requests may come
+        live_feed = not feed.sizing().requests  # the daemon: load comes and goes, interactive requests may come
         totals: dict[str, Any] = {}
         lost = False
         try:
@@ -665,18 +666,28 @@ class TransformersBackend:
 
     def _live_plan(self, live: LiveSource) -> tuple[int, int, int]:
         """Slots, cache length and the largest budget for the next run."""
-        known = getattr(live.feed, "requests", None)
-        if known is not None:  # a fixed list (generate): sized for exactly these requests
-            _, slots, cache_length, max_new = self._plan(known)
-            longest, budget = live.largest()
-            return slots, max(cache_length, longest + budget), max(max_new, budget)
-        # The daemon: any request may come; size for the configured largest
-        # image and budget (a larger one is deferred to a run sized for it).
+        sizing = live.feed.sizing()
         longest, budget = live.largest()
-        tokens = max(plan.prompt_tokens(self.config.max_pixels), longest)
-        max_new = max(self.config.max_new_tokens, budget)
+        if sizing.requests:  # a fixed list (generate): sized for exactly these requests
+            _, slots, cache_length, max_new = self._plan(sizing.requests)
+            return slots, max(cache_length, longest + budget), max(max_new, budget)
+        # The daemon: sized for the configured largest image and budget, and
+        # for every rule's prompt as the tokenizer counts it (a larger request,
+        # a long question, waits for a run sized for it).
+        tokens = max(plan.prompt_tokens(self.config.max_pixels), longest,
+                     *(e.image_tokens + self._text_tokens(e.prompt) for e in sizing.expected))
+        max_new = max(self.config.max_new_tokens, budget, *(e.max_new_tokens for e in sizing.expected))
         slots = self.slots_for(1 << 20, max_new_tokens=max_new, tokens=tokens)
         return slots, tokens + max_new, max_new
+
+    def _text_tokens(self, prompt: str) -> int:
+        """Tokens of a one-image prompt's text: the chat template and ``prompt``, the image placeholder
+        counted once (its expansion is the image's tokens).  Cached: each rule's prompt is counted once."""
+        counted = self._text_counts.get(prompt)
+        if counted is None:
+            request = Request(images=(), prompt=prompt, max_new_tokens=1)
+            counted = self._text_counts[prompt] = self._prompt_length(request) + 3  # + vision start, pad, end
+        return counted
 
     def _prompt(self, index: int, item: Item) -> Any:
         from daemon.backends.transformers.prompts import Prompt

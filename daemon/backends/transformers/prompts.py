@@ -133,3 +133,4 @@ class RunStats:
     ttft: list[float] = field(default_factory=list)
     cuda_graphs: bool = False
     loops: int = 0  # sequences stopped for repeating themselves
+    cache_allocations: int = 0  # runs that (re)allocated the static cache (each drops the captured graphs)

@@ -197,13 +197,18 @@ class SlotEngine(PrefillRounds):
         self._state = {}
         self._slots = self._length = 0
 
-    def _ensure(self, slots: int, length: int, max_new: int) -> None:
-        """Allocate (or keep) a cache of at least ``slots`` x ``length``."""
+    def _ensure(self, slots: int, length: int, max_new: int) -> bool:
+        """Allocate (or keep) a cache of at least ``slots`` x ``length``; whether it was (re)allocated."""
         length = cache_length(length)  # rounded up as daemon.plan counts it: fewer shapes, aligned masks
         fits = slots <= self._slots and length <= self._length <= 2 * length
         cols = max_new + 1  # + a scratch column that idle slots write into
         if fits and self._state["out"].shape[1] >= cols and ("seen" in self._state) == (self.penalty is not None):
-            return
+            return False
+        if self._length:
+            # Every captured decode graph goes with the old cache: seconds of captures follow (issue 22's
+            # first ask under a backlog waited for them).  A live feed's Sizing is meant to make this rare.
+            log.info("static cache re-sized: %d x %d -> %d x %d tokens (the decode graphs are captured again)",
+                     self._slots, self._length, slots, length)
         self.release()
         # Token-major (slot, column, kv head, dim): one column is one token's
         # keys for every head, the layout FlashAttention's varlen entry reads.
@@ -233,6 +238,7 @@ class SlotEngine(PrefillRounds):
         self._slots, self._length = slots, length
         log.debug("static cache: %d slots x %d tokens (%.2f GiB)", slots, length,
                   slots * length * self.kv_bytes_per_token() / 2**30)
+        return True
 
     def device_active(self) -> list[int]:
         """The slots the device is decoding, by its own flags (set on the GPU as it chooses a first token).
@@ -412,12 +418,13 @@ class SlotEngine(PrefillRounds):
         caller shrinks the slots, or gives up the device); prompts still in
         slots then have no result, and the source knows which it handed out.
         """
-        self._ensure(slots, cache_length, max_new)
+        allocated = self._ensure(slots, cache_length, max_new)
         s = self._state
         s["ignore_eos"].fill_(self.ignore_eos)
         s["active"].zero_()
         slots = self._slots
-        stats = self.stats = RunStats(slots=slots, cache_length=self._length, cuda_graphs=self.use_cuda_graphs)
+        stats = self.stats = RunStats(slots=slots, cache_length=self._length, cuda_graphs=self.use_cuda_graphs,
+                                      cache_allocations=int(allocated))
         eos = set(self.eos.tolist())
         self._owner: dict[int, Prompt] = {}  # slot -> the prompt it is generating for
         # Time to first token counts from when a slot was free for the request
