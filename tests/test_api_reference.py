@@ -91,3 +91,18 @@ def test_the_daemon_sends_them_with_every_file(tmp_path: Path) -> None:  # issue
         d.close()
     counts = [int(line.split()[1]) for line in log.read_text().splitlines()]
     assert counts == [3, 3, 3]  # two references + the file, per request
+
+
+def test_the_engine_is_told_each_rules_requests_ahead_reference_images_included(tmp_path: Path) -> None:
+    # issue 22 (call S1): the engine sizes its cache for the daemon's rules before the first job comes
+    # (Worker.expected); a rule's reference images make its requests longer, and the sizing must cover them.
+    import tests.stub_backend  # noqa: F401  (registers the stub backend)
+
+    config = load_config(reference_config(tmp_path))
+    [expected] = Worker(config, create_backend(config.model)).expected()
+    image = put(tmp_path / "inbox" / "shot.png", png_bytes(3, (400, 300)))
+    [(_, request)] = Worker(config, create_backend(config.model)).prepare(match_file(config, image)[0]).take()
+    assert len(request.images) == 3
+    assert expected.image_tokens >= sum(w * h // 28 ** 2 for w, h in (img.size for img in request.images))
+    assert expected.prompt.startswith("The first two images are our style guide and logo. Does ")
+    assert expected.max_new_tokens == config.model.max_new_tokens
