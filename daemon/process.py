@@ -31,14 +31,16 @@ import logging
 import os
 import shlex
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 from daemon.backends import create_backend
 from daemon.config import Config
-from daemon.engine.loop import check_model
+from daemon.engine.loop import WorkerLoop, check_model
+from daemon.engine.outcomes import Processor
 from daemon.errors import ExitCode, VlwatchError, plural
 from daemon.images import printable
 from daemon.queue import HANDED_OVER, Candidate, Job, Queue, StateLock, content_hash, safe_text
@@ -430,37 +432,60 @@ def _report(job_id: int, job: JobLike | None | str) -> int:
 
 
 def process_local(config: Config, paths: Sequence[Path], *, rule: str | None = None) -> int:
-    """``vlwatch process --local``: load the model here, write the sidecars, print their paths."""
+    """``vlwatch process --local`` (and without a daemon): the model loaded here, sidecars printed.
+
+    The files run through the daemon's own job loop (``WorkerLoop.drain``,
+    issue 22.1: one loop), so they get its continuous admission, its retries
+    of a page and its hooks, on a queue of their own in a temporary folder:
+    the state file is the daemon's, and these files are not its backlog.  One
+    attempt each: a failure is reported now, not retried in an hour.
+    """
     check_rule(config, rule)
-    failed = 0
-    matches = []
-    for path in paths:
-        if (problem := not_a_file(path)) is not None:
-            print(f"error: {printable(path)}: {problem}", file=sys.stderr)
-            failed += 1
-            continue
-        found = match_file(config, path, rule)
-        if not found:
-            hint = shlex.quote(printable(path))
-            print(f"error: {printable(path)}: no rule matches; skipped (see `vlwatch explain -- {hint}`)",
-                  file=sys.stderr)
-            failed += 1
-        matches.extend(found)
-    if matches:
-        check_model(config)
-        worker = Worker(config, create_backend(config.model, config.engine))
-        try:
-            outcomes = worker.process(matches)
-        finally:
-            worker.close()
-        for outcome in outcomes:
-            if outcome.ok:
-                for sidecar in outcome.sidecars:
-                    print_path(sidecar)
-            else:
-                failed += 1
-                print(f"error: {outcome.error}", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="vlwatch-process-") as folder:
+        here = replace(config, state=Path(folder) / "state.db", jobs=replace(config.jobs, attempts=1))
+        with Queue(here.state) as queue:
+            submitted = submit(here, queue, paths, rule, force=True)
+            failed = _print_refused(submitted)
+            queued = [s for s in submitted if s.job_id is not None]
+            if queued:
+                check_model(config)
+                failed += _run_here(here, queue)
+                for s in queued:
+                    failed += _report_here(s.path, queue.job(s.job_id))
     return ExitCode.FAILED if failed else ExitCode.OK
+
+
+def _run_here(config: Config, queue: Queue) -> int:
+    """Drain ``queue`` through the daemon's loop in this process; 1 when it stopped short (an outage, a lost GPU)."""
+    worker = Worker(config, create_backend(config.model, config.engine))
+    processor = Processor(queue, on_changed=lambda p: log.warning("%s: changed while it was processed; not done",
+                                                                  printable(p)))
+    loop = WorkerLoop(queue, worker, processor)
+    try:
+        loop.drain()
+    finally:
+        worker.close()
+    stopped = loop.outage or loop.fatal
+    if stopped is None:
+        return 0
+    what = "backend unavailable: " if loop.outage is not None and loop.outage.meta_key == "backend" else ""
+    print(f"vlwatch: {what}{stopped}", file=sys.stderr)
+    return 1
+
+
+def _report_here(path: Path, job: Job | None) -> int:
+    """Print a job's sidecars (0), or why it has none (1)."""
+    if job is not None and job.state == "done":
+        for sidecar in job.sidecars:
+            print_path(sidecar)
+        return 0
+    if job is None:  # dropped by the loop
+        print(f"error: {printable(path)}: not processed: the file went away or changed meanwhile", file=sys.stderr)
+    elif job.state == "failed":
+        print(f"error: {safe_text(str(job.path))}: {job.rule}: {job.error}", file=sys.stderr)
+    else:  # still queued: the loop stopped first (its reason is printed above)
+        print(f"error: {safe_text(str(job.path))}: {job.rule}: not processed", file=sys.stderr)
+    return 1
 
 
 def not_a_file(path: Path) -> str | None:

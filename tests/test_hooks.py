@@ -167,3 +167,30 @@ def test_explain_lists_hooks_config_ok(tmp_path: Path) -> None:  # issue 13.6: a
         """)
     done = run_vlwatch("check", "--config", config)
     assert done.returncode == 0, done.stdout
+
+
+def test_process_without_a_daemon_runs_the_hooks_as_the_daemon_would(tmp_path: Path) -> None:  # issue 22.1
+    # `vlwatch process` with no daemon now runs the files through the daemon's own job loop: its hooks run
+    # (they did when a daemon took the files, and did not without one), and the state file is left alone.
+    done_log, failed_log = tmp_path / "done.jsonl", tmp_path / "failed.jsonl"
+    (tmp_path / "inbox").mkdir()
+    config = write_config(tmp_path, f"""
+        model: {{backend: stub, name: stub-model}}
+        state: ./state/state.db
+        include: [describe]
+        watch: [{{path: ./inbox}}]
+        hooks:
+          on_done: ["{sys.executable}", -c, "{RECORD}", "{done_log}"]
+          on_failed: ["{sys.executable}", -c, "{RECORD}", "{failed_log}"]
+        jobs: {{attempts: 3, backoff: 1h}}
+        """)
+    shots = [put(tmp_path / "inbox" / f"shot {i}.png", png_bytes(i)) for i in range(2)]
+    bad = put(tmp_path / "inbox" / "bad one.png", png_bytes(10))  # the stub model rejects it
+    done = run_vlwatch("process", "--config", config, shots[0], bad, shots[1], env={"VLWATCH_PLUGINS": "tests.stub_backend"})
+    assert done.returncode == 1
+    # The sidecars in the order the files were given; the failure now, not retried in an hour.
+    assert done.stdout.splitlines() == [str(p) + ".describe.md" for p in shots]
+    assert f"error: {bad}: describe: " in done.stderr and "rejected" in done.stderr
+    assert sorted(r["VLWATCH_SOURCE"] for r in records(done_log)) == sorted(map(str, shots))
+    assert [r["VLWATCH_SOURCE"] for r in records(failed_log)] == [str(bad)]
+    assert not (tmp_path / "state").exists()
