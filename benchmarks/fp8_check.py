@@ -85,7 +85,7 @@ def main() -> int:
     backend = TransformersBackend(config, load_format=args.load_format)
     backend.ignore_eos = True  # random weights: run every answer to its budget
     backend.load()
-    model = backend._model
+    model = backend.hf_model
     linears = [m for m in model.modules() if isinstance(m, fp8.Fp8Linear)]
     if args.force_fast:
         for m in linears:
@@ -164,7 +164,7 @@ def _kernel_probe(linears: list[fp8.Fp8Linear], errors: list[float]) -> Iterator
 
 def _forward(backend: TransformersBackend, request: Request, answer: list[int]) -> dict[str, Any]:
     """The prompt followed by ``answer``, through the stock forward: last hidden states and logits (CPU, fp32)."""
-    processor, model = backend._processor, backend._model
+    processor, model = backend.processor, backend.hf_model
     text = processor.apply_chat_template(_messages(request), tokenize=False, add_generation_prompt=True)
     inputs = dict(processor(text=[text], images=list(request.images), return_tensors="pt", do_resize=False))
     prompt_len = inputs["input_ids"].shape[1]

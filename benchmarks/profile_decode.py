@@ -148,7 +148,7 @@ def main() -> int:
     results: dict[str, Any] = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "cases": []}
     backend = TransformersBackend(ModelConfig(), load_format="dummy")
     backend.load()
-    fast = backend._fast
+    fast = backend.slot_engine
     weight_bytes = sum(t.numel() * t.element_size() for layer in fast.layers for t in layer.parameters())
     weight_bytes += fast.lm_head.weight.numel() * 2
     bandwidth = 3.35e12  # H100 SXM HBM3, bytes/s

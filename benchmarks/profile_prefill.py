@@ -82,8 +82,8 @@ def main() -> int:
     results: dict[str, Any] = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "size": args.size}
     backend = TransformersBackend(ModelConfig(), load_format="dummy")
     backend.load()
-    fast = backend._fast
-    prompts = [Prompt(i, backend._inputs(Request((img,), "Describe this image in detail.", 256)), 256)
+    fast = backend.slot_engine
+    prompts = [Prompt(i, backend.prompt_inputs(Request((img,), "Describe this image in detail.", 256)), 256)
                for i, img in enumerate(synthetic_images(3, width, height))]
     results["prompt_tokens"] = prompts[0].length
     slots = [0, 1, 2]

@@ -154,6 +154,12 @@ class TransformersBackend:
         return self._fast
 
     @property
+    def hf_model(self) -> Any:
+        """The loaded transformers model, None until loaded: for checks against its stock modules
+        (``benchmarks/fp8_check.py``); requests go through ``serve`` and ``generate``."""
+        return self._model
+
+    @property
     def processor(self) -> Any:
         """The loaded model's Hugging Face processor (its ``tokenizer`` decodes answers); None until loaded."""
         return self._processor
