@@ -6,7 +6,7 @@ than the step budget of queued prefills) is in tests/test_engine.py.
 
 from __future__ import annotations
 
-from daemon.backends.transformers.scheduler import Scheduler, SchedulerOptions
+from daemon.backends.transformers.scheduler import Scheduler, SchedulerOptions, decode_widths
 
 
 class Clock:
@@ -78,3 +78,22 @@ def test_without_interactive_work_everything_runs_unbounded() -> None:
     assert sched.admission(range(4, 64), urgent_waiting=False, interactive_running=False).tokens is None
     assert sched.decode_width(busy=[4, 5, 6], interactive=[], shrink=True) == 8
     assert sched.decode_width(busy=[4], interactive=[], shrink=False) == 64
+
+
+def test_the_widths_warmed_while_idle_are_every_width_a_shrinking_run_decodes_over() -> None:
+    # Call S1: a width was captured the first time a run decoded over it, and a person's first question
+    # waited for six captures as the backlog widened the batch.  The engine now captures
+    # decode_widths(slots) while idle; a width the scheduler can choose and warming misses is a capture
+    # (and a stall) under load again.
+    for slots in (1, 3, 4, 48, 100, 256):
+        clock = Clock()
+        sched = Scheduler(slots, SchedulerOptions(interactive_slots=4), reserve=True, clock=clock)
+        chosen = {sched.decode_width([busy], [], shrink=True) for busy in range(slots)}
+        assert sched.begin(interactive_running=True) == "backlog"
+        clock.now += 1
+        sched.end()
+        assert sched.begin(interactive_running=True) == "interactive"
+        # Without a reserve (few slots) an interactive request may sit in any slot.
+        chosen |= {sched.decode_width([busy], [i], shrink=True) for busy in range(slots) for i in range(slots)}
+        assert chosen <= set(decode_widths(slots)), (slots, chosen - set(decode_widths(slots)))
+        assert decode_widths(slots) == sorted(decode_widths(slots)) and decode_widths(slots)[-1] == slots

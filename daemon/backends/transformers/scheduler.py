@@ -133,7 +133,7 @@ class Scheduler:
         busy = list(busy)
         interactive = list(interactive)
         if interactive and self._turn == "interactive":
-            return _cover(max(interactive))
+            return min(self.slots, _cover(max(interactive)))
         if not shrink:
             return self.slots
         return min(self.slots, _cover(max(busy)))
@@ -172,6 +172,12 @@ class Scheduler:
         else:
             self._interactive_s += spent
         self._turn = None
+
+
+def decode_widths(slots: int) -> list[int]:
+    """Every width ``Scheduler.decode_width`` can choose for a shrinking run of ``slots``, smallest first:
+    the powers of two below ``slots``, and ``slots`` (each is a decode step of its own to capture)."""
+    return sorted({min(slots, 1 << k) for k in range(max(1, slots).bit_length() + 1)})
 
 
 def _cover(highest: int) -> int:

@@ -73,7 +73,7 @@ from daemon.backends.transformers.prefill import FAILED, PrefillRounds, Staging,
 from daemon.backends.transformers.prefill_step import prefill_layer
 from daemon.backends.transformers.qwen2_5_vl import allow_shared_compiles, flash_varlen, text_model
 from daemon.backends.transformers.prompts import Generated, NonFiniteLogitsError, Prompt, RunStats, Source
-from daemon.backends.transformers.scheduler import Scheduler, SchedulerOptions
+from daemon.backends.transformers.scheduler import Scheduler, SchedulerOptions, decode_widths
 from daemon.plan import PACKED, cache_length
 from daemon.config import EngineOptions
 
@@ -261,6 +261,33 @@ class SlotEngine(PrefillRounds):
         model would, for instance.
         """
         return [(k[slot, :columns].clone(), v[slot, :columns].clone()) for k, v in self._kv]
+
+    def warm(self, busy: Callable[[], bool]) -> list[int]:
+        """Capture the decode step for each width a shrinking run may use and has not yet, until ``busy()``.
+
+        A width is otherwise captured (and compiled) the first time a run
+        decodes over it: 0.1-1.75 s each on an H100, and in call S1 a person's
+        first question waited for six of them as the backlog widened the
+        batch.  Called while the engine has nothing to do (the daemon, between
+        runs); work that arrives waits for the one capture in progress at
+        most.  Returns the widths captured.  Out of GPU memory stops it (the
+        next run captures what it needs, as before).
+        """
+        done: list[int] = []
+        if not (self.use_cuda_graphs and self._slots):
+            return done
+        for n in decode_widths(self._slots):
+            if busy() or not self.use_cuda_graphs:
+                break
+            if (n, False) in self._graphs:
+                continue
+            try:
+                self._graph(n, False)
+            except torch.cuda.OutOfMemoryError:
+                log.info("warming the decode step: out of GPU memory at %d slots; the rest are captured when used", n)
+                break
+            done.append(n)
+        return done
 
     def prepare(self, slots: int, cache_length: int, max_new: int) -> None:
         """Allocate the cache and capture the decode step for ``slots`` ahead of a run."""
