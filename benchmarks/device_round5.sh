@@ -11,7 +11,7 @@ tree() {  # tree NAME DIR LOG ARGS...: vlwatch ARGS from the tree in DIR
     local name=$1 dir=$2 log=$3; shift 3
     echo "+ ($name) vlwatch $*" | tee "$OUT/$log.log"
     (cd "$dir" && PYTHONPATH=/tmp/site:$dir timeout ${BENCH_LIMIT:-130} python3 -m daemon "$@" 2>&1 \
-        | grep -v "tokenizer you are loading" | tee -a "$OUT/$log.log"; echo "exit ${PIPESTATUS[0]}" | tee -a "$OUT/$log.log")
+        | tee -a "$OUT/$log.log"; echo "exit ${PIPESTATUS[0]}" | tee -a "$OUT/$log.log")
 }
 for what in img page; do
     for name in new base; do
