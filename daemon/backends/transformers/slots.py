@@ -236,7 +236,9 @@ class SlotEngine(PrefillRounds):
         if self.penalty is not None:
             self._state["seen"] = torch.zeros(slots, vocab, dtype=torch.bool, device=dev)
         self._slots, self._length = slots, length
-        log.debug("static cache: %d slots x %d tokens (%.2f GiB)", slots, length,
+        # INFO: what the daemon's runs really hold, where the rules' prompts and budgets (backends.Sizing)
+        # make the rows longer than the plan at load assumed (the olmocr pack's 8000-token budget, say).
+        log.info("static cache: %d slots x %d tokens (%.2f GiB)", slots, length,
                   slots * length * self.kv_bytes_per_token() / 2**30)
         return True
 
