@@ -63,3 +63,32 @@ def test_a_backend_down_ends_the_scan_with_the_jobs_left_queued_and_no_attempt_s
     down.unlink()  # back up: the next scan does them
     again = run_vlwatch("scan", "--config", config, env=STUB)
     assert again.returncode == 0 and "3 done" in again.stdout
+
+
+def test_a_drain_uses_every_slot_where_the_daemon_keeps_some_for_questions(tmp_path: Path, tiny_model: Path) -> None:
+    # A scan or `process` without a daemon drains through the daemon's loop, and no question comes through
+    # it: keeping the lowest slots for questions (the daemon's engine 0) left a quarter of them idle, and
+    # warming the decode steps for a question's sake held up the scan's end.
+    from daemon.backends import create_backend
+    from daemon.backends.transformers.events import Prefill
+    from daemon.config_reader import load_config
+    from daemon.engine.loop import WorkerLoop
+    from daemon.engine.outcomes import Processor
+    from daemon.engine.worker import Worker
+    from daemon.process import submit
+    from tests.conftest import tiny_daemon_config
+
+    (tmp_path / "inbox").mkdir()
+    config = load_config(tiny_daemon_config(tmp_path, tiny_model, batch_size=8, max_new_tokens=2))
+    files = [put(tmp_path / "inbox" / f"f{i}.png", png_bytes(i)) for i in range(6)]
+    backend = create_backend(config.model, config.engine)
+    backend.load()
+    slots: list[int] = []
+    backend.slot_engine.trace = lambda event: slots.extend(event.slots) if isinstance(event, Prefill) else None
+    with Queue(config.state) as queue:
+        submit(config, queue, files)
+        loop = WorkerLoop(queue, Worker(config, backend), Processor(queue, on_changed=lambda p: None))
+        loop.drain()
+        assert sorted(j.state for j in queue.history()) == ["done"] * 6
+    backend.unload()
+    assert 0 in slots, slots  # the daemon's engine 0 would have kept slots 0-1 for questions

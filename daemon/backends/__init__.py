@@ -206,7 +206,8 @@ class Feed(Protocol):
         ...
 
     def interactive(self) -> bool:
-        """Whether interactive requests may come through this feed (the engine keeps slots for them)."""
+        """Whether interactive requests may come through this feed: the engine keeps slots for them, and
+        prepares its decode steps while idle so that a question does not wait for them."""
         ...
 
 

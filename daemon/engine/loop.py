@@ -181,6 +181,11 @@ class WorkerLoop(threading.Thread):
         self._next_worker = worker
         self._wake.set()
 
+    @property
+    def draining(self) -> bool:
+        """Whether this loop ends once the queue is done (``drain``: scan, process) rather than serving on."""
+        return self._draining
+
     def drain(self) -> None:
         """Run in this thread until no job is due and none is in hand (``vlwatch scan``), then return.
 
@@ -598,8 +603,9 @@ class JobFeed:
 
     def interactive(self) -> bool:
         # Engine 0 (in the daemon's process) answers the API and `ask`; the child engines of further
-        # GPUs run queued jobs only, so they keep no slots back for interactive requests.
-        return self.loop.index == 0
+        # GPUs run queued jobs only, so they keep no slots back for interactive requests, and neither
+        # does a drain (`scan`, `process` without a daemon): no question comes through it.
+        return self.loop.index == 0 and not self.loop.draining
 
     def abandoned(self, key: Hashable) -> bool:
         future = self.asks.get(key)

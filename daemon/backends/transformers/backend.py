@@ -622,7 +622,9 @@ class TransformersBackend:
                         fast.run(live, slots=slots, cache_length=cache_length, max_new=max_new,
                                  shrink=live_feed, reserve=live_feed and feed.interactive(),
                                  options=self.scheduler_options)
-                        if live_feed:  # idle now: the widths the next backlog will want, ready before it comes
+                        if live_feed and feed.interactive():
+                            # Idle now, and a person may ask next: the widths the next backlog will want,
+                            # captured before it comes (not where nothing waits on latency: a scan's end).
                             fast.warm(busy=lambda: live.busy() or feed.stopping())
                     except Exception as exc:
                         if is_sticky_cuda_error(exc):
