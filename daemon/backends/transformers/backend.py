@@ -74,6 +74,10 @@ log = logging.getLogger(__name__)
 
 # The memory arithmetic is daemon.plan's, shared with `vlwatch plan` (issue 23).
 from daemon.plan import MAX_AUTO_SLOTS, TEXT_TOKENS_ALLOWANCE  # noqa: E402  (re-exported)
+
+#: Idle time after a run before the daemon's engine captures the decode widths it has not yet
+#: (``SlotEngine.warm``): longer than the gap between two questions asked back to back.
+WARM_AFTER_S = 0.5
 GiB = 2**30
 
 T = TypeVar("T")
@@ -622,9 +626,10 @@ class TransformersBackend:
                         fast.run(live, slots=slots, cache_length=cache_length, max_new=max_new,
                                  shrink=live_feed, reserve=live_feed and feed.interactive(),
                                  options=self.scheduler_options)
-                        if live_feed and feed.interactive():
+                        if live_feed and feed.interactive() and fast.unwarmed() and _quiet(live, WARM_AFTER_S):
                             # Idle now, and a person may ask next: the widths the next backlog will want,
-                            # captured before it comes (not where nothing waits on latency: a scan's end).
+                            # captured before it comes (not where nothing waits on latency: a scan's end;
+                            # not between two questions asked back to back: each would wait for a capture).
                             fast.warm(busy=lambda: live.busy() or feed.stopping())
                     except Exception as exc:
                         if is_sticky_cuda_error(exc):
@@ -941,6 +946,16 @@ def _prefetch(pool: ThreadPoolExecutor, fn: Callable[[T], U], items: Iterable[T]
     finally:
         for future in queue:
             future.cancel()
+
+
+def _quiet(live: LiveSource, seconds: float) -> bool:
+    """Whether no work comes for ``seconds`` (waiting on the feed, so work that comes ends the wait at once)."""
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        if live.busy():
+            return False
+        live.wait(min(left, 0.05))
+    return not live.busy()
 
 
 def _messages(request: Request) -> list[dict[str, Any]]:

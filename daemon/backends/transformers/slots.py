@@ -276,20 +276,26 @@ class SlotEngine(PrefillRounds):
         next run captures what it needs, as before).
         """
         done: list[int] = []
-        if not (self.use_cuda_graphs and self._slots):
-            return done
-        for n in decode_widths(self._slots):
+        started = time.perf_counter()
+        for n in self.unwarmed():
             if busy() or not self.use_cuda_graphs:
                 break
-            if (n, False) in self._graphs:
-                continue
             try:
                 self._graph(n, False)
             except torch.cuda.OutOfMemoryError:
                 log.info("warming the decode step: out of GPU memory at %d slots; the rest are captured when used", n)
                 break
             done.append(n)
+        if done:
+            log.info("decode step captured ahead for %s slots in %.1fs%s", ", ".join(map(str, done)),
+                     time.perf_counter() - started, "" if not self.unwarmed() else " (work came: the rest later)")
         return done
+
+    def unwarmed(self) -> list[int]:
+        """The decode widths of the cache in hand not captured yet, smallest first ([] without CUDA graphs)."""
+        if not (self.use_cuda_graphs and self._slots):
+            return []
+        return [n for n in decode_widths(self._slots) if (n, False) not in self._graphs]
 
     def prepare(self, slots: int, cache_length: int, max_new: int) -> None:
         """Allocate the cache and capture the decode step for ``slots`` ahead of a run."""
