@@ -230,6 +230,22 @@ def prompt_tokens(max_pixels: int) -> int:
     return image_tokens_for(max_pixels) + TEXT_TOKENS_ALLOWANCE
 
 
+@dataclass(frozen=True)
+class Demand:
+    """What the config's rules need of a slot, beyond the model's ``max_pixels`` and ``max_new_tokens``.
+
+    The daemon's engine sizes its rows for every rule's requests before the
+    first comes (``backends.Sizing``); the plan counts the same, so that what
+    it says is what the engine then allocates.
+    """
+
+    text_tokens: int  # the longest text beside an image of the model's max_pixels (the rules that use it)
+    tokens: int  # the longest prompt of a rule with its own max_pixels or reference images (0: none)
+    max_new_tokens: int  # the largest budget a rule sets itself (0: every rule takes the model's)
+    rule: str = ""  # the rule that needs the most (its name), or ""
+    why: str = ""  # for the plan's notes: "rule olmocr (2116 image tokens, 8000 new tokens)"
+
+
 def kv_bytes_per_token(shape: ModelShape, itemsize: int = 2) -> int:
     """Keys and values of one token in every layer."""
     return 2 * shape.layers * shape.kv_heads * shape.head_dim * itemsize
@@ -366,9 +382,13 @@ def short_label(name: str) -> str:
 
 
 def make_plan(shape: ModelShape, memory: int, *, precision: str, max_pixels: int, max_new_tokens: int,
-              capped: bool = False, itemsize: int = 2) -> Plan:
-    """Slots for ``shape`` in ``precision`` in ``memory`` bytes (a whole card, or a cap when ``capped``)."""
-    tokens = prompt_tokens(max_pixels)
+              capped: bool = False, itemsize: int = 2, tokens: int | None = None) -> Plan:
+    """Slots for ``shape`` in ``precision`` in ``memory`` bytes (a whole card, or a cap when ``capped``).
+
+    ``tokens``: the longest prompt a slot must hold (default: an image of
+    ``max_pixels`` and a typical text; the config's rules can need more).
+    """
+    tokens = prompt_tokens(max_pixels) if tokens is None else tokens
     weights = weight_bytes(shape, precision, itemsize)
     budget = memory - weights - (0 if capped else CUDA_CONTEXT)
     slots, packing = fit(shape, budget, tokens=tokens, max_new=max_new_tokens, itemsize=itemsize)
@@ -382,7 +402,7 @@ def make_plan(shape: ModelShape, memory: int, *, precision: str, max_pixels: int
 
 def choose_precision(shape: ModelShape, memory: int, *, quantization: str, max_pixels: int, max_new_tokens: int,
                      capped: bool = False, fp8_capable: bool | None = None,
-                     prequantized: bool = False) -> tuple[str, str]:
+                     prequantized: bool = False, tokens: int | None = None) -> tuple[str, str]:
     """The precision ``quantization`` (auto | none | fp8) comes to, and why.
 
     ``fp8_capable`` None means "unknown card" (the offline command): FP8 is
@@ -397,7 +417,7 @@ def choose_precision(shape: ModelShape, memory: int, *, quantization: str, max_p
     if fp8_capable is False:
         return "bf16", "this card has no FP8 tensor cores (compute capability below 8.9)"
     bf16 = make_plan(shape, memory, precision="bf16", max_pixels=max_pixels, max_new_tokens=max_new_tokens,
-                     capped=capped)
+                     capped=capped, tokens=tokens)
     # Only where bf16 fits nothing: FP8's check against its reference has not passed yet on the GPU
     # (benchmarks/NOTES.md, call F1), so auto does not trade a working bf16 setup for it. Where bf16
     # leaves fewer than USEFUL_SLOTS, the plan's advice names fp8 and its slots instead.
@@ -408,25 +428,39 @@ def choose_precision(shape: ModelShape, memory: int, *, quantization: str, max_p
 
 def plan_with_advice(shape: ModelShape, memory: int, *, quantization: str = "auto", max_pixels: int,
                      max_new_tokens: int, capped: bool = False, fp8_capable: bool | None = None,
-                     prequantized: bool = False, itemsize: int = 2) -> Plan:
-    """The plan for the configured setup; where nothing fits, what would (3B, fp8, lower max_pixels)."""
+                     prequantized: bool = False, itemsize: int = 2, demand: "Demand | None" = None) -> Plan:
+    """The plan for the configured setup; where nothing fits, what would (3B, fp8, lower max_pixels).
+
+    ``demand``: what the config's rules need of a slot, where that is more
+    than ``max_pixels`` and ``max_new_tokens`` give (``Demand``).
+    """
+    tokens = None
+    if demand is not None and (_demanded(demand, max_pixels) > prompt_tokens(max_pixels)
+                               or demand.max_new_tokens > max_new_tokens):
+        tokens = _demanded(demand, max_pixels)
+        max_new_tokens = max(max_new_tokens, demand.max_new_tokens)
+    else:
+        demand = None
     precision, why = choose_precision(shape, memory, quantization=quantization, max_pixels=max_pixels,
                                       max_new_tokens=max_new_tokens, capped=capped, fp8_capable=fp8_capable,
-                                      prequantized=prequantized)
+                                      prequantized=prequantized, tokens=tokens)
     plan = make_plan(shape, memory, precision=precision, max_pixels=max_pixels, max_new_tokens=max_new_tokens,
-                     capped=capped, itemsize=itemsize)
+                     capped=capped, itemsize=itemsize, tokens=tokens)
     notes = [f"precision {precision}: {why}"]
+    if demand is not None and demand.why:
+        notes.append(f"slots sized for {demand.why}")
     if precision == "fp8" and fp8_capable is None:
         notes.append("fp8 needs a card with compute capability 8.9 or later (RTX 40xx, L4, L40S, H100, ...)")
     if plan.fits and plan.slots >= USEFUL_SLOTS:
         return replace(plan, notes=tuple(notes))
-    advice = _advice(shape, memory, plan, capped=capped, fp8_capable=fp8_capable)
+    advice = _advice(shape, memory, plan, capped=capped, fp8_capable=fp8_capable, tokens=tokens, demand=demand)
     return replace(plan, advice=tuple(advice), notes=tuple(notes))
 
 
-def _advice(shape: ModelShape, memory: int, plan: Plan, *, capped: bool, fp8_capable: bool | None) -> list[str]:
+def _advice(shape: ModelShape, memory: int, plan: Plan, *, capped: bool, fp8_capable: bool | None,
+            tokens: int | None = None, demand: "Demand | None" = None) -> list[str]:
     """Setups that would fit (or fit more), the smallest change first."""
-    kw = {"max_new_tokens": plan.max_new_tokens, "capped": capped}
+    kw: dict[str, Any] = {"max_new_tokens": plan.max_new_tokens, "capped": capped, "tokens": tokens}
     out: list[str] = []
     if plan.precision == "bf16" and fp8_capable is not False:
         fp8 = make_plan(shape, memory, precision="fp8", max_pixels=plan.max_pixels, **kw)
@@ -440,22 +474,37 @@ def _advice(shape: ModelShape, memory: int, plan: Plan, *, capped: bool, fp8_cap
                 q = "" if precision == "bf16" else ", model.quantization: fp8"
                 out.append(f"model.name: Qwen/Qwen2.5-VL-3B-Instruct{q} ({alt.slots} slots)")
                 break
-    pixels = plan.max_pixels
-    while pixels > 200_704:  # 256 image tokens: below that documents stop being legible
-        pixels = pixels // 2 // 784 * 784
-        alt = make_plan(shape, memory, precision=plan.precision, max_pixels=pixels, **kw)
-        if alt.slots >= max(1, min(USEFUL_SLOTS, 2 * plan.slots)):
-            out.append(f"model.max_pixels: {pixels} ({alt.slots} slots)")
-            break
-    if plan.max_new_tokens > 512:
+    if demand is not None and demand.rule and plan.max_new_tokens == demand.max_new_tokens > 2048:
+        # A rule's budget makes every row long (the olmocr pack's 8000 tokens): the rule is what to change.
         alt = make_plan(shape, memory, precision=plan.precision, max_pixels=plan.max_pixels,
-                        max_new_tokens=512, capped=capped)
+                        **{**kw, "max_new_tokens": 2048})
+        if alt.slots > plan.slots:
+            out.append(f"rule {demand.rule}: max_new_tokens: 2048 ({alt.slots} slots; a longer answer stops there)")
+    if demand is None or demand.tokens < _demanded(demand, plan.max_pixels):
+        # the model's max_pixels sizes the longest prompt (no rule with pixels of its own needs more)
+        pixels = plan.max_pixels
+        while pixels > 200_704:  # 256 image tokens: below that documents stop being legible
+            pixels = pixels // 2 // 784 * 784
+            need = None if demand is None else _demanded(demand, pixels)
+            alt = make_plan(shape, memory, precision=plan.precision, max_pixels=pixels, **{**kw, "tokens": need})
+            if alt.slots >= max(1, min(USEFUL_SLOTS, 2 * plan.slots)):
+                out.append(f"model.max_pixels: {pixels} ({alt.slots} slots)")
+                break
+    if plan.max_new_tokens > 512 and (demand is None or plan.max_new_tokens > demand.max_new_tokens):
+        alt = make_plan(shape, memory, precision=plan.precision, max_pixels=plan.max_pixels,
+                        max_new_tokens=512, capped=capped, tokens=tokens)
         if alt.slots > plan.slots:
             out.append(f"model.max_new_tokens: 512 ({alt.slots} slots)")
     if not out and not plan.fits:
-        need = weight_bytes(shape, plan.precision) + prefill_reserve(shape, prompt_tokens(plan.max_pixels), packing=LEAN)
+        need = weight_bytes(shape, plan.precision) + prefill_reserve(
+            shape, prompt_tokens(plan.max_pixels) if tokens is None else tokens, packing=LEAN)
         out.append(f"more GPU memory: the weights and one prefill alone need {need / GiB:.1f} GiB")
     return out
+
+
+def _demanded(demand: Demand, max_pixels: int) -> int:
+    """The longest prompt the rules make when the model's images are ``max_pixels``."""
+    return max(prompt_tokens(max_pixels), image_tokens_for(max_pixels) + demand.text_tokens, demand.tokens)
 
 
 def nothing_fits_message(plan: Plan) -> str:

@@ -9,13 +9,17 @@ the bundled published configs of the supported models), reads the config's
 from __future__ import annotations
 
 import json
+import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 from daemon import plan
 from daemon.config import Config, ModelConfig, local_model_path
 from daemon.errors import ExitCode, VlwatchError
+
+log = logging.getLogger(__name__)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)\s*$", re.IGNORECASE)
 _UNITS = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -77,8 +81,59 @@ def _prequantized(name: str) -> bool:
     return "fp8" in name.lower()
 
 
-def make(request: PlanRequest, model: ModelConfig) -> plan.Plan:
-    """The plan for ``request``, its gaps filled from the config's ``model:`` section."""
+#: Bytes of prompt text per token where the tokenizer is not at hand: Qwen's BPE averages about 4 on
+#: English; 3 errs towards longer prompts (a plan that counts a few more tokens than the engine will).
+BYTES_PER_TEXT_TOKEN = 3
+#: The chat template's tokens around a one-image prompt (Qwen2.5-VL's: the default system turn, role and
+#: vision markers come to ~25), rounded up: the plan should count no fewer tokens than the engine.
+TEMPLATE_TOKENS = 32
+
+
+def text_counter(name: str) -> Callable[[str], int]:
+    """Tokens of a prompt's text: by the model's own tokenizer.json where the model is on this machine
+    (the ``tokenizers`` library: no torch, no transformers), else estimated from its bytes."""
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        folder = local_model_path(plan.canonical_name(name)) or folder
+    if (folder / "tokenizer.json").is_file():
+        try:
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            return lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids)
+        except Exception as exc:  # noqa: BLE001 - an unreadable tokenizer: the estimate still plans
+            log.debug("%s: tokenizer.json not read (%s); estimating prompt lengths", folder, exc)
+    return lambda text: -(-len(text.encode()) // BYTES_PER_TEXT_TOKEN)
+
+
+def demand_of(config: Config, count: Callable[[str], int] | None = None) -> plan.Demand | None:
+    """What the config's rules need of a slot, as the daemon's engine sizes for them (``plan.Demand``).
+
+    A rule that shows the model's ``max_pixels`` images counts by its text
+    (so that another ``max_pixels`` can be tried); one with pixels of its own
+    or reference images by its whole prompt.  The longest prompt and the
+    largest budget may come from different rules: a slot holds both.  The
+    rule named is the one that needs the most.
+    """
+    from daemon.backends import expected_requests
+
+    count = count or text_counter(config.model.name)
+    texts, whole, needs = [0], [0], []
+    for rule, e in zip(config.rules, expected_requests(config)):
+        text = TEMPLATE_TOKENS + count(e.prompt)
+        (whole.append(e.image_tokens + text) if rule.max_pixels or rule.reference else texts.append(text))
+        needs.append((e.image_tokens + text + e.max_new_tokens, rule.name, e, text))
+    if not needs:
+        return None
+    _, name, e, text = max(needs, key=lambda n: n[0])
+    why = f"rule {name} ({e.image_tokens} image tokens, ~{text} of text, {e.max_new_tokens} new tokens)"
+    own_budgets = [r.max_new_tokens for r in config.rules if r.max_new_tokens]  # the others take the model's
+    return plan.Demand(text_tokens=max(texts), tokens=max(whole), max_new_tokens=max(own_budgets, default=0),
+                       rule=name, why=why)
+
+
+def make(request: PlanRequest, model: ModelConfig, config: Config | None = None) -> plan.Plan:
+    """The plan for ``request``, its gaps filled from the config's ``model:`` section (and its rules)."""
     name = plan.canonical_name(request.model or model.name)
     quantization = request.quantization or model.quantization
     if request.gpu_memory is not None:
@@ -90,10 +145,15 @@ def make(request: PlanRequest, model: ModelConfig) -> plan.Plan:
     for flag, value in (("--max-pixels", request.max_pixels), ("--max-new-tokens", request.max_new_tokens)):
         if value is not None and value < 1:
             raise VlwatchError(f"{flag} must be at least 1", ExitCode.USAGE)
-    return plan.plan_with_advice(shape_for(name), memory, quantization=quantization,
-                                 max_pixels=request.max_pixels or model.max_pixels,
-                                 max_new_tokens=request.max_new_tokens or model.max_new_tokens,
-                                 capped=capped, prequantized=_prequantized(name))
+    max_pixels = request.max_pixels or model.max_pixels
+    max_new_tokens = request.max_new_tokens or model.max_new_tokens
+    demand = None
+    if config is not None:  # the rules as they would run with the asked-for model settings
+        sized = replace(model, max_pixels=max_pixels, max_new_tokens=max_new_tokens)
+        demand = demand_of(replace(config, model=sized), text_counter(request.model or model.name))
+    return plan.plan_with_advice(shape_for(name), memory, quantization=quantization, max_pixels=max_pixels,
+                                 max_new_tokens=max_new_tokens, capped=capped, prequantized=_prequantized(name),
+                                 demand=demand)
 
 
 def format_plan(p: plan.Plan, *, assumed_card: bool) -> str:
@@ -120,7 +180,7 @@ def format_plan(p: plan.Plan, *, assumed_card: bool) -> str:
 def run_plan(request: PlanRequest, config: Config | None, *, as_json: bool = False) -> int:
     """``vlwatch plan``: print the plan; exit 1 when not one slot fits."""
     model = config.model if config is not None else ModelConfig()
-    p = make(request, model)
+    p = make(request, model, config)
     assumed = request.gpu_memory is None and not model.max_gpu_memory
     if as_json:
         print(json.dumps({**p.as_json(), "assumed_memory": assumed}, indent=2))

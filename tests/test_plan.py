@@ -203,3 +203,60 @@ def test_where_packed_prefill_leaves_no_slot_one_prompt_a_round_fits() -> None:
     p = plan.make_plan(shape, 12 * GiB, precision="fp8", max_pixels=1003520, max_new_tokens=2048)
     assert p.fits and p.lean and p.summary().endswith("one prompt per prefill")
     assert not plan.make_plan(shape, 11 * GiB, precision="fp8", max_pixels=1003520, max_new_tokens=2048).fits
+
+
+def test_the_plan_counts_the_rules_as_the_engine_sizes_them(tiny_model: Path, tmp_path: Path) -> None:
+    # The daemon's engine sizes its rows for every rule before the first job (backends.Sizing): the olmocr
+    # pack's 1288 px pages and 8000-token budget make each row ~10k tokens.  The plan counted an image of
+    # model.max_pixels and 128 text tokens, and so promised slots the engine then did not allocate.
+    from PIL import Image
+
+    from daemon.backends import Answer, ListFeed, Request, Sizing, expected_requests
+    from daemon.backends.transformers.backend import TransformersBackend
+    from daemon.config_reader import load_config
+
+    path = write_config(tmp_path, f"""
+        model: {{name: {tiny_model}, device: cpu, batch_size: 2, max_pixels: 50000, max_new_tokens: 8}}
+        include: [describe, olmocr]
+    """)
+    done = run_vlwatch("plan", "--config", path, "--json", "--gpu-memory", "24GiB", timeout=60)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    assert got["max_new_tokens"] == 8000 and any("rule olmocr" in n for n in got["notes"])
+    # The 7B on a 24 GiB card: the rule is what to change for more slots.
+    seven = run_vlwatch("plan", "--config", path, "--json", "--gpu-memory", "24GiB", "--model", "7b", timeout=60)
+    advice = json.loads(seven.stdout)["advice"]
+    assert json.loads(seven.stdout)["slots"] == 8 and any(a.startswith("rule olmocr: max_new_tokens: 2048") for a in advice)
+
+    config = load_config(path)
+
+    class DaemonFeed(ListFeed):  # what the daemon's JobFeed declares
+        def sizing(self) -> Sizing:
+            return Sizing(expected=expected_requests(config))
+
+    backend = TransformersBackend(config.model)
+    backend.load()
+    try:
+        feed = DaemonFeed([Request((Image.new("RGB", (56, 56)),), "What is this?", 4)])
+        backend.serve(feed)
+        assert isinstance(feed.answers()[0], Answer)
+        allocated = backend.last_stats["cache_length"]
+    finally:
+        backend.unload()
+    # The plan counts no fewer columns than the engine allocates, and at most one 64-column block more
+    # (its template allowance is rounded up).
+    assert allocated <= got["tokens"] <= allocated + 64, (allocated, got["tokens"])
+
+
+def test_plan_with_rules_needs_no_torch_either(tiny_model: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = write_config(tmp_path, f"model: {{name: {tiny_model}}}\ninclude: [olmocr]\n")
+    code = (f"import sys, daemon.cli as c; rc = c.main(['plan', '--config', {str(path)!r}]); "
+            "sys.exit(3 if 'torch' in sys.modules else rc)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parent.parent,
+                          env={"PATH": "/usr/bin:/bin", "XDG_CONFIG_HOME": str(tmp_path), "HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "slots sized for rule olmocr" in done.stdout

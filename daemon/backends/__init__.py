@@ -22,7 +22,7 @@ import collections
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Protocol, Sequence
 
-from daemon.config import EngineOptions, ModelConfig
+from daemon.config import Config, EngineOptions, ModelConfig
 from daemon.errors import VlwatchError
 
 if TYPE_CHECKING:
@@ -155,6 +155,29 @@ class Expected:
     prompt: str  # the prompt text, variables filled with a typical file name
     image_tokens: int  # its images' tokens at most (the rule's max_pixels / 28², reference images included)
     max_new_tokens: int
+
+
+#: The file name a rule's prompt is rendered for when only its length matters (``expected_requests``).
+TYPICAL_FILE = "/srv/scans/inbox/scan_2026-01-01_000001.pdf"
+
+
+def expected_requests(config: Config) -> tuple[Expected, ...]:
+    """Each rule's requests as the engine sizes for them ahead (the daemon's ``Sizing``; ``vlwatch plan``).
+
+    The prompt is rendered for a typical file name (``$filename`` and the
+    like are a few tokens); the images are the page at the rule's largest
+    size plus one per reference image.
+    """
+    from pathlib import Path
+
+    from daemon.plan import image_tokens_for
+    from daemon.rules import render_prompt
+
+    model = config.model
+    return tuple(Expected(prompt=render_prompt(rule, Path(TYPICAL_FILE)),
+                          image_tokens=(1 + len(rule.reference)) * image_tokens_for(rule.max_pixels or model.max_pixels),
+                          max_new_tokens=rule.max_new_tokens or model.max_new_tokens)
+                 for rule in config.rules)
 
 
 @dataclass(frozen=True)

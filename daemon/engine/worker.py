@@ -40,12 +40,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
-from daemon.backends import Answer, Backend, DeviceLostError, Expected, Request, as_device_lost
+from daemon.backends import Answer, Backend, DeviceLostError, Expected, Request, as_device_lost, expected_requests
 from daemon.config import Config
 from daemon.documents import document_note
 from daemon.errors import BackendUnavailableError, VlwatchError
 from daemon.images import Page, PageSize, load_pages, open_pages, printable
-from daemon.plan import image_tokens_for
 from daemon.outputs import FolderSyncs, PageResult, Result, missing, write_result
 from daemon.policies import AnswerPolicy, policy_for
 from daemon.rules import Match, allowed_roots, render_prompt
@@ -195,10 +194,6 @@ def _reference_images(path: Path, size: int, mtime_ns: int, min_pixels: int, max
     return tuple(p.image for p in pages)
 
 
-#: The file name a rule's prompt is rendered for when only its length matters (``Worker.expected``).
-_TYPICAL_FILE = Path("/srv/scans/inbox/scan_2026-01-01_000001.pdf")
-
-
 @dataclass
 class Worker:
     config: Config
@@ -214,17 +209,8 @@ class Worker:
         return auto() if callable(auto) else 4
 
     def expected(self) -> tuple[Expected, ...]:
-        """Each rule's requests as the engine should size for them ahead (``backends.Expected``).
-
-        The prompt is rendered for a typical file name (``$filename`` and the
-        like are a few tokens); the images are the page at the rule's largest
-        size plus one per reference image.
-        """
-        model = self.config.model
-        return tuple(Expected(prompt=render_prompt(rule, _TYPICAL_FILE),
-                              image_tokens=(1 + len(rule.reference)) * image_tokens_for(rule.max_pixels or model.max_pixels),
-                              max_new_tokens=rule.max_new_tokens or model.max_new_tokens)
-                     for rule in self.config.rules)
+        """Each rule's requests as the engine should size for them ahead (``backends.expected_requests``)."""
+        return expected_requests(self.config)
 
     # ------------------------------------------------------------ stage 1
 
