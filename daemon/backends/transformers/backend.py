@@ -59,7 +59,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Iterator, Sequence, TypeVar
 
-from daemon.backends import (Answer, DeviceLostError, Feed, Item, ListFeed, Request,
+from daemon.backends import (Answer, DeviceLostError, Feed, Item, ListFeed, Request, Sizing,
                              is_sticky_cuda_error)
 from daemon.backends.transformers.live import LiveSource
 from daemon.backends.transformers.oom import is_out_of_memory, load_oom_message
@@ -131,7 +131,7 @@ class TransformersBackend:
         #: qwen2_5_vl.Checked: the model's private touchpoints that failed their check at load (none, normally)
         self.touchpoints: Any = None
         self._oom_slots: int | None = None  # slot limit learnt from an out-of-memory error
-        self._text_counts: dict[str, int] = {}  # a rule prompt's text tokens (_text_tokens)
+        self._text_counts: dict[str, int] = {}  # a rule prompt's text tokens (_counted_text)
         self._tried_slots = 0  # slots of the slot engine's run in progress (halved after an OOM)
         self._lock = threading.Lock()
         #: bf16 | fp8: the text model's linear weights as loaded (model.quantization resolved)
@@ -224,14 +224,16 @@ class TransformersBackend:
     def loaded(self) -> bool:
         return self._model is not None
 
-    def load(self) -> None:
+    def load(self, sizing: Sizing | None = None) -> None:
+        """Load the model (once).  ``sizing``: what the feed that asked declares (the daemon's rules): the
+        memory plan at load counts it, as the runs will (``status`` and the log then say what they get)."""
         with self._lock:
             if self._model is not None:
                 return
-            self._load()
+            self._load(sizing or Sizing())
         self._state_changed()
 
-    def _load(self) -> None:
+    def _load(self, sizing: Sizing) -> None:
         import torch
         from transformers import AutoProcessor
 
@@ -248,7 +250,8 @@ class TransformersBackend:
         processor = AutoProcessor.from_pretrained(source, local_files_only=True)
         # Batched generation of a decoder-only model needs the padding on the left.
         processor.tokenizer.padding_side = "left"
-        self.plan = self._plan_memory(source, device, dtype)  # refuses a setup that cannot fit, with advice
+        # Refuses a setup that cannot fit, with advice.
+        self.plan = self._plan_memory(source, device, dtype, _demand(processor, sizing))
         self.precision = self._precision(source, device)
         # Dummy weights are built on the GPU in bf16 and quantized there: the
         # cap (a smaller card simulated) applies once they are FP8.  A real
@@ -412,7 +415,7 @@ class TransformersBackend:
         """"7B fp8 on 23.6 GiB: 96 slots of 1664 tokens" (``status``), once the model was planned."""
         return self.plan.summary() if self.plan is not None else None
 
-    def _plan_memory(self, source: str, device: Any, dtype: Any) -> plan.Plan | None:
+    def _plan_memory(self, source: str, device: Any, dtype: Any, demand: plan.Demand | None) -> plan.Plan | None:
         """The plan for this model on this card, logged; a clear error when nothing fits.
 
         The same arithmetic as ``vlwatch plan`` and ``auto_batch_size``
@@ -443,7 +446,7 @@ class TransformersBackend:
         planned = plan.plan_with_advice(
             shape, memory, quantization=quantization, max_pixels=self.config.max_pixels,
             max_new_tokens=self.config.max_new_tokens, capped=True,  # free memory: the context is counted already
-            fp8_capable=capable, prequantized=prequantized, itemsize=dtype.itemsize)
+            fp8_capable=capable, prequantized=prequantized, itemsize=dtype.itemsize, demand=demand)
         if quantization != self.config.quantization:
             raise BackendError(plan.fp8_unsupported_message(".".join(map(str, capability)), planned))
         log.info("memory plan: %s (weights %.1f GiB, prefill reserve %.1f GiB, %.0f MiB per slot; %s)",
@@ -596,7 +599,7 @@ class TransformersBackend:
         Raises ``DeviceLostError`` on a sticky CUDA error (after putting
         back what was in hand), and the loading errors (model missing...).
         """
-        self.load()
+        self.load(feed.sizing())
         started = time.perf_counter()
         with self._lock, _on_device(self._model.device):
             if self._fast is not None and self.engine != "hf":
@@ -690,18 +693,17 @@ class TransformersBackend:
         # for every rule's prompt as the tokenizer counts it (a larger request,
         # a long question, waits for a run sized for it).
         tokens = max(plan.prompt_tokens(self.config.max_pixels), longest,
-                     *(e.image_tokens + self._text_tokens(e.prompt) for e in sizing.expected))
+                     *(e.image_tokens + self._counted_text(e.prompt) for e in sizing.expected))
         max_new = max(self.config.max_new_tokens, budget, *(e.max_new_tokens for e in sizing.expected))
         slots = self.slots_for(1 << 20, max_new_tokens=max_new, tokens=tokens)
         return slots, tokens + max_new, max_new
 
-    def _text_tokens(self, prompt: str) -> int:
+    def _counted_text(self, prompt: str) -> int:
         """Tokens of a one-image prompt's text: the chat template and ``prompt``, the image placeholder
         counted once (its expansion is the image's tokens).  Cached: each rule's prompt is counted once."""
         counted = self._text_counts.get(prompt)
         if counted is None:
-            request = Request(images=(), prompt=prompt, max_new_tokens=1)
-            counted = self._text_counts[prompt] = self._prompt_length(request) + 3  # + vision start, pad, end
+            counted = self._text_counts[prompt] = _text_tokens(self._processor, prompt)
         return counted
 
     def _prompt(self, index: int, item: Item) -> Any:
@@ -946,6 +948,24 @@ def _prefetch(pool: ThreadPoolExecutor, fn: Callable[[T], U], items: Iterable[T]
     finally:
         for future in queue:
             future.cancel()
+
+
+def _text_tokens(processor: Any, prompt: str) -> int:
+    """Tokens of a one-image prompt's text: the chat template and ``prompt``, the image placeholder's
+    three tokens (vision start, pad, end) counted once (the pad's expansion is the image's tokens)."""
+    text = processor.apply_chat_template(_messages(Request((), prompt, 1)), tokenize=False, add_generation_prompt=True)
+    return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) + 3
+
+
+def _demand(processor: Any, sizing: Sizing) -> plan.Demand | None:
+    """What a live feed's declared requests need of a slot (``plan.Demand``), their text counted by
+    ``processor``'s chat template and tokenizer as ``_text_tokens`` counts it; None for none."""
+    if not sizing.expected:
+        return None
+    lengths = [e.image_tokens + _text_tokens(processor, e.prompt) for e in sizing.expected]
+    budget = max(e.max_new_tokens for e in sizing.expected)
+    return plan.Demand(text_tokens=0, tokens=max(lengths), max_new_tokens=budget,
+                       why=f"the rules' requests (up to {max(lengths)} prompt tokens, {budget} new tokens)")
 
 
 def _quiet(live: LiveSource, seconds: float) -> bool:
