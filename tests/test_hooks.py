@@ -26,6 +26,11 @@ RECORD = ("import json, os, sys; open(sys.argv[1], 'a').write(json.dumps("
           "{k: v for k, v in os.environ.items() if k.startswith('VLWATCH_')}) + chr(10))")
 
 
+def _recorder(log: Path) -> str:
+    """A hook argv (YAML flow list) that appends its VLWATCH_ environment to ``log``."""
+    return f'["{sys.executable}", -c, "{RECORD}", "{log}"]'
+
+
 def records(path: Path) -> list[dict[str, str]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
@@ -174,16 +179,9 @@ def test_process_without_a_daemon_runs_the_hooks_as_the_daemon_would(tmp_path: P
     # (they did when a daemon took the files, and did not without one), and the state file is left alone.
     done_log, failed_log = tmp_path / "done.jsonl", tmp_path / "failed.jsonl"
     (tmp_path / "inbox").mkdir()
-    config = write_config(tmp_path, f"""
-        model: {{backend: stub, name: stub-model}}
-        state: ./state/state.db
-        include: [describe]
-        watch: [{{path: ./inbox}}]
-        hooks:
-          on_done: ["{sys.executable}", -c, "{RECORD}", "{done_log}"]
-          on_failed: ["{sys.executable}", -c, "{RECORD}", "{failed_log}"]
-        jobs: {{attempts: 3, backoff: 1h}}
-        """)
+    config = write_config(tmp_path, "model: {backend: stub, name: stub-model}\nstate: ./state/state.db\n"
+                          "include: [describe]\nwatch: [{path: ./inbox}]\njobs: {attempts: 3, backoff: 1h}\n"
+                          f"hooks: {{on_done: {_recorder(done_log)}, on_failed: {_recorder(failed_log)}}}\n")
     shots = [put(tmp_path / "inbox" / f"shot {i}.png", png_bytes(i)) for i in range(2)]
     bad = put(tmp_path / "inbox" / "bad one.png", png_bytes(10))  # the stub model rejects it
     done = run_vlwatch("process", "--config", config, shots[0], bad, shots[1], env={"VLWATCH_PLUGINS": "tests.stub_backend"})
