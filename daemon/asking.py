@@ -201,9 +201,7 @@ def _ask_here(config: Config, question: str, images: Sequence[Path], max_tokens:
     try:
         [answer] = backend.generate([request])
     finally:
-        unload = getattr(backend, "unload", None)
-        if callable(unload):
-            unload()
+        backend.unload()
     if as_json:
         print(json_text({"answer": answer.text, "model": backend.model,
                          "finish_reason": "stop" if answer.finished else "length", "new_tokens": answer.new_tokens,

@@ -143,8 +143,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.end_to_end:
         reference = next(r for s, r in zip(setups, results) if s.name == "batched worker")
         batch = next(s.batch_size for s in setups if s.name == "batched worker")
-        if callable(getattr(backend, "unload", None)):
-            backend.unload()  # the daemon loads its own copy: the card is its alone, as in use
+        backend.unload()  # the daemon loads its own copy: the card is its alone, as in use
         from daemon.bench_e2e import compare, end_to_end_setup
 
         results.append(end_to_end_setup(model, args, images[:2 * args.images], batch))

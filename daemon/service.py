@@ -314,7 +314,7 @@ class Daemon:
         c = self.queue.counts()
         line = f"queued {c['queued']}, running {c['running']}, done {c['done']}, failed {c['failed']}"
         if self.loop is not None:
-            line += "; model loaded" if getattr(self.loop.worker.backend, "loaded", False) else "; model not loaded"
+            line += "; model loaded" if self.loop.worker.backend.loaded else "; model not loaded"
             if self.loop.paused_until > time.time():
                 line += "; backend unavailable"
         return line

@@ -237,3 +237,49 @@ def test_worker_hands_a_continuous_backend_the_whole_chunk(continuous: bool, exp
         worker.close()
     assert backend.calls == expected
     assert [a[0].text for a in answers] == [f"p{i}" for i in range(7)]  # back in the files' order
+
+
+class _MinimalPlugin:
+    """A plugin of the earliest protocol: name, model, generate; a prompt "bad" fails its whole call."""
+
+    name, model = "minimal", "m"
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def generate(self, requests):
+        self.calls.append([r.prompt for r in requests])
+        if any(r.prompt == "p1" for r in requests):
+            raise RuntimeError("cannot read p1")
+        return [Answer(text=r.prompt.upper()) for r in requests]
+
+
+def test_a_minimal_plugin_gets_the_declared_defaults_and_its_failing_request_is_found() -> None:
+    # ARCHITECTURE: capabilities declared, not probed.  Every backend the daemon holds is a BaseBackend; a
+    # plugin of the minimal protocol is wrapped once, and the culprit of a failed batch is found by the base's
+    # generate_each (the worker used to do it behind a getattr probe), the other requests kept.
+    from daemon.backends import BaseBackend, as_backend
+
+    plugin = _MinimalPlugin()
+    backend = as_backend(plugin)
+    assert isinstance(backend, BaseBackend) and as_backend(backend) is backend
+    assert not backend.capabilities.serve and not backend.loaded and backend.auto_batch_size() == 4
+    assert backend.precision == "" and backend.provenance == "" and backend.plan_summary is None
+    backend.load()
+    backend.unload()  # nothing to do, and no AttributeError
+    config = Config(model=ModelConfig(batch_size=3), state=Path("s.db"), include=(), watch=(), rules=())
+    worker = Worker(config, plugin)
+    try:
+        got = worker.infer(_prepared(3))
+    finally:
+        worker.close()
+    failed = "unexpected error: RuntimeError: cannot read p1"
+    assert [g if isinstance(g, str) else g[0].text for g in got] == ["P0", failed, "P2"]
+    assert plugin.calls[0] == ["p0", "p1", "p2"] and sorted(map(tuple, plugin.calls[1:])) == [("p0",), ("p1",), ("p2",)]
+
+
+def test_the_transformers_backend_declares_its_admission_loop(tiny_model: Path) -> None:
+    from daemon.backends import create_backend
+
+    backend = create_backend(ModelConfig(name=str(tiny_model), device="cpu"))
+    assert isinstance(backend, TransformersBackend) and backend.capabilities.serve

@@ -184,7 +184,8 @@ def test_process_without_a_daemon_runs_the_hooks_as_the_daemon_would(tmp_path: P
                           f"hooks: {{on_done: {_recorder(done_log)}, on_failed: {_recorder(failed_log)}}}\n")
     shots = [put(tmp_path / "inbox" / f"shot {i}.png", png_bytes(i)) for i in range(2)]
     bad = put(tmp_path / "inbox" / "bad one.png", png_bytes(10))  # the stub model rejects it
-    done = run_vlwatch("process", "--config", config, shots[0], bad, shots[1], env={"VLWATCH_PLUGINS": "tests.stub_backend"})
+    done = run_vlwatch("process", "--config", config, shots[0], bad, shots[1],
+                       env={"VLWATCH_PLUGINS": "tests.stub_backend"})
     assert done.returncode == 1
     # The sidecars in the order the files were given; the failure now, not retried in an hour.
     assert done.stdout.splitlines() == [str(p) + ".describe.md" for p in shots]

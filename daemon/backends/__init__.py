@@ -1,6 +1,7 @@
 """Model backends: images and a prompt in, text out, batches allowed.
 
-A backend meets the small ``Backend`` protocol and is found by the name in
+A backend is a ``base.BaseBackend`` (declared ``Capabilities``, typed
+defaults for everything optional) and is found by the name in
 ``model.backend``.  Everything before the model call (decoding, sizing,
 prompts) and after it (parsing, sidecars) is shared, so a backend only turns
 ``Request``s into ``Answer``s.
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Protocol, Sequence
 
 from daemon.config import Config, EngineOptions, ModelConfig
 from daemon.errors import VlwatchError
+from daemon.backends.base import BaseBackend, Capabilities, PluginBackend, as_backend  # noqa: F401  (the interface)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -294,24 +296,8 @@ def engine_devices(model: Any) -> list[str | None]:
     return list(devices)
 
 
-class Backend(Protocol):
-    #: what produced the answers, recorded in sidecars, e.g. "transformers"
-    name: str
-    #: the model id or path, recorded in sidecars
-    model: str
-
-    def generate(self, requests: Sequence[Request]) -> list[Answer]:
-        """Answer each request, in order.  May batch; raises ``BackendError``."""
-        ...
-
-    @property
-    def loaded(self) -> bool:
-        """Whether model memory is held right now (for status and idle unload)."""
-        ...
-
-    def unload(self) -> None:
-        """Free the model's memory; the next ``generate`` loads it again."""
-        ...
+#: Every backend the daemon holds (``base.BaseBackend``: typed defaults, declared ``Capabilities``).
+Backend = BaseBackend
 
 
 Factory = Callable[[ModelConfig], Backend]
@@ -338,12 +324,12 @@ def create_backend(model: ModelConfig, engine: EngineOptions | None = None) -> B
     if model.backend not in _REGISTRY:
         _register_builtin(model.backend)
     if model.backend in _ENGINE_REGISTRY:
-        return _ENGINE_REGISTRY[model.backend](model, engine or EngineOptions())
+        return as_backend(_ENGINE_REGISTRY[model.backend](model, engine or EngineOptions()))
     try:
         factory = _REGISTRY[model.backend]
     except KeyError:
         raise VlwatchError(f"unknown model backend {model.backend!r}") from None
-    return factory(model)
+    return as_backend(factory(model))
 
 
 def _register_builtin(name: str) -> None:

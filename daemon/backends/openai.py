@@ -87,7 +87,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpcore
 import httpx
 
-from daemon.backends import Answer, Request
+from daemon.backends import Answer, BaseBackend, Request
 from daemon.config import ModelConfig, is_loopback_host
 from daemon.errors import BackendError, BackendUnavailableError, ExitCode, VlwatchError
 
@@ -181,7 +181,7 @@ class _Server:
         self.refused: set[str] = set()  # OPTIONAL_FIELDS it answered a 4xx about
 
 
-class OpenAIBackend:
+class OpenAIBackend(BaseBackend):
     """``model.backend: openai``: see the module docstring."""
 
     name = "openai"

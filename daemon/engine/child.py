@@ -228,11 +228,8 @@ def _load(loop: Any) -> None:
     """Load the model now, not on the first job: this process exists only to run it on its GPU,
     and a backlog at start (or after a restart) then finds every engine ready.  A load that
     fails is tried again on the first job, where the loop handles it (the queue pauses)."""
-    load = getattr(loop.worker.backend, "load", None)
-    if not callable(load):
-        return
     try:
-        load()
+        loop.worker.backend.load()
     except Exception as exc:
         log.warning("engine %d: the model did not load at start (%s); trying again on the first job", loop.index, exc)
 

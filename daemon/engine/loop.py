@@ -51,9 +51,9 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Hashable, Sequence
+from typing import Callable, Hashable, Sequence
 
-from daemon.backends import Answer, DeviceLostError, Item, Request, Sizing, as_device_lost
+from daemon.backends import Answer, Backend, DeviceLostError, Item, Request, Sizing, as_device_lost
 from daemon.config import Config, local_model_path
 from daemon.errors import (
     BackendUnavailableError,
@@ -152,10 +152,9 @@ class WorkerLoop(threading.Thread):
         self.outage: BackendUnavailableError | None = None
         self._watch_backend(worker.backend)
 
-    def _watch_backend(self, backend: Any) -> None:
+    def _watch_backend(self, backend: Backend) -> None:
         # Record the model's state the moment it loads or unloads, not after the next batch (issue 11.6).
-        if hasattr(backend, "on_state_change"):
-            backend.on_state_change = self._note_model_state
+        backend.on_state_change = self._note_model_state
 
     def submit(self, request: Request) -> Future[Answer]:
         """Answer ``request`` ahead of the folder backlog (the API, ``vlwatch ask``).
@@ -211,12 +210,12 @@ class WorkerLoop(threading.Thread):
             _, future = self._interactive.popleft()
             if future.set_running_or_notify_cancel():
                 future.set_exception(BackendUnavailableError("the daemon is stopping"))
-        if getattr(self.worker.backend, "on_state_change", None) == self._note_model_state:
+        if self.worker.backend.on_state_change == self._note_model_state:
             self.worker.backend.on_state_change = None  # the queue it writes to may close now
 
     def _step(self) -> None:
         self._swap_worker()
-        if callable(getattr(self.worker.backend, "serve", None)):
+        if self.worker.backend.capabilities.serve:
             self._step_live()
             return
         if self._interactive:
@@ -423,21 +422,21 @@ class WorkerLoop(threading.Thread):
             return  # a scan's model ends with it: status tells the daemon's
         backend = self.worker.backend
         down = self._outage_since is not None
-        loaded = bool(getattr(backend, "loaded", False)) and not down
+        loaded = backend.loaded and not down
         if (loaded, down) != self._model_loaded:
             self._model_loaded = (loaded, down)
             state: dict[str, object] = {"backend": backend.name, "model": backend.model, "loaded": loaded,
                                         "since": time.time(), "engine_options": self.worker.config.engine.shown()}
-            device = getattr(backend, "device_in_use", None)  # issue 27: the device in use, not the configured "auto"
+            device = backend.device_in_use  # issue 27: the device in use, not the configured "auto"
             if loaded and device:
                 state["device"] = device
-            plan = getattr(backend, "plan_summary", None)  # issue 23: "7B fp8 on 23.6 GiB: 96 slots of 1664 tokens"
+            plan = backend.plan_summary  # issue 23: "7B fp8 on 23.6 GiB: 96 slots of 1664 tokens"
             if loaded and plan:
                 state["plan"] = plan
-            checked = getattr(backend, "touchpoints_summary", None)  # issue 22.4: the model's private touchpoints
+            checked = backend.touchpoints_summary  # issue 22.4: the model's private touchpoints
             if loaded and checked:
                 state["touchpoints"] = checked
-            if loaded and getattr(backend, "provenance", ""):
+            if loaded and backend.provenance:
                 state["in_effect"] = backend.provenance  # the engine's choices that can change answers
             if down:
                 state["unavailable"] = True
@@ -459,7 +458,7 @@ class WorkerLoop(threading.Thread):
     def unload_if_idle(self, idle_unload: float) -> None:
         """Free the model's memory after ``idle_unload`` seconds without a batch."""
         backend = self.worker.backend
-        if idle_unload <= 0 or not getattr(backend, "loaded", False):
+        if idle_unload <= 0 or not backend.loaded:
             return
         if time.monotonic() - self.last_work < idle_unload or not self.batch_lock.acquire(blocking=False):
             return
@@ -479,11 +478,8 @@ class WorkerLoop(threading.Thread):
         self._watch_backend(new.backend)
         old.close()
         if old.backend is not new.backend:
-            if getattr(old.backend, "on_state_change", None) is not None:
-                old.backend.on_state_change = None
-            unload = getattr(old.backend, "unload", None)
-            if callable(unload):
-                unload()
+            old.backend.on_state_change = None
+            old.backend.unload()
             self._model_loaded = None  # a new model: its own "since" (a reload that keeps it keeps its since)
         self._note_model_state()
 

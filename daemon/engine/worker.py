@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
-from daemon.backends import Answer, Backend, DeviceLostError, Expected, Request, as_device_lost, expected_requests
+from daemon.backends import (Answer, Backend, DeviceLostError, Expected, Request, as_backend, as_device_lost,
+                             expected_requests)
 from daemon.config import Config
 from daemon.documents import document_note
 from daemon.errors import BackendUnavailableError, VlwatchError
@@ -201,12 +202,14 @@ class Worker:
     threads: int = 4
     _pool: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
 
+    def __post_init__(self) -> None:
+        self.backend = as_backend(self.backend)  # a plugin of the minimal protocol gets the typed defaults
+
     def batch_size(self) -> int:
         """Requests per model call: the configured number, or an automatic one."""
         if self.config.model.batch_size is not None:
             return self.config.model.batch_size
-        auto = getattr(self.backend, "auto_batch_size", None)
-        return auto() if callable(auto) else 4
+        return self.backend.auto_batch_size()
 
     def expected(self) -> tuple[Expected, ...]:
         """Each rule's requests as the engine should size for them ahead (``backends.expected_requests``)."""
@@ -348,7 +351,7 @@ class Worker:
         # together, so left-padding wastes little of each batch.
         size = max(1, self.batch_size())
         ordered = sorted(flat, key=lambda x: (x[2].max_new_tokens, sum(i.width * i.height for i in x[2].images)))
-        if getattr(self.backend, "continuous_batching", False):
+        if self.backend.continuous_batching:
             # The backend refills a slot as soon as its sequence ends: give it
             # the whole chunk, so one long answer holds up no batch of short ones.
             size = max(1, len(ordered))
@@ -358,27 +361,17 @@ class Worker:
     def _infer_batch(self, batch: list[tuple[int, int, Request]]) -> list[tuple[tuple[int, int], Answer | str]]:
         keys = [(fi, pi) for fi, pi, _ in batch]
         requests = [r for _, _, r in batch]
-        each = getattr(self.backend, "generate_each", None)
-        if callable(each):  # the backend isolates failing requests itself
-            try:
-                got = each(requests)
-            except (BackendUnavailableError, DeviceLostError):
-                raise
-            except Exception as exc:  # noqa: BLE001 - a backend bug: every request of the call fails with it
-                _raise_if_device_lost(exc)
-                log.exception("the backend failed on a batch of %d", len(batch))
-                got = [exc] * len(batch)
-            return [(k, error_text(a) if isinstance(a, BaseException) else a) for k, a in zip(keys, got)]
-        try:
-            return list(zip(keys, self.backend.generate(requests), strict=True))
+        try:  # the backend isolates failing requests itself (BaseBackend.generate_each)
+            got = list(self.backend.generate_each(requests))
+            if len(got) != len(requests):
+                raise ValueError(f"the backend gave {len(got)} answers for {len(requests)} requests")
         except (BackendUnavailableError, DeviceLostError):
             raise  # not this batch's fault: the caller pauses (or restarts) instead of failing files
-        except Exception as exc:  # noqa: BLE001 - any exception: find the culprit, keep the rest (issue 12.3)
+        except Exception as exc:  # noqa: BLE001 - a backend bug: every request of the call fails with it
             _raise_if_device_lost(exc)
-            if len(batch) == 1:
-                return [(keys[0], error_text(exc))]
-            log.warning("a batch of %d failed (%s); retrying one at a time", len(batch), error_text(exc))
-            return [pair for item in batch for pair in self._infer_batch([item])]
+            log.exception("the backend failed on a batch of %d", len(batch))
+            got = [exc] * len(batch)
+        return [(k, error_text(a) if isinstance(a, BaseException) else a) for k, a in zip(keys, got)]
 
     def finish(self, prep: Prepared, got: list[Answer] | str, started: float) -> Outcome:
         """Write ``prep``'s sidecars from its pages' answers (or record the error); never raises."""
@@ -403,8 +396,8 @@ class Worker:
         roots = allowed_roots(self.config, match)
         # FP8 weights change the text: the sidecar says so (issue 23); so can the engine's other
         # choices (a local engine says them; others have none).
-        quantization = "fp8" if getattr(self.backend, "precision", None) == "fp8" else None
-        engine = str(getattr(self.backend, "provenance", "") or "")
+        quantization = "fp8" if self.backend.precision == "fp8" else None
+        engine = self.backend.provenance
         result = Result(match=match, pages=pages, backend=self.backend.name, model=self.backend.model,
                         roots=tuple(roots) if roots is not None else None, quantization=quantization, engine=engine)
         try:

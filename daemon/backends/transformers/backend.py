@@ -59,8 +59,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Iterator, Sequence, TypeVar
 
-from daemon.backends import (Answer, DeviceLostError, Feed, Item, ListFeed, Request, Sizing,
-                             is_sticky_cuda_error)
+from daemon.backends import (Answer, BaseBackend, Capabilities, DeviceLostError, Feed, Item, ListFeed, Request,
+                             Sizing, is_sticky_cuda_error)
 from daemon.backends.transformers.live import LiveSource
 from daemon.backends.transformers.oom import is_out_of_memory, load_oom_message
 from daemon import plan
@@ -98,8 +98,9 @@ def resolve_model(name: str) -> Path:
     return path
 
 
-class TransformersBackend:
+class TransformersBackend(BaseBackend):
     name = "transformers"
+    capabilities = Capabilities(serve=True)
 
     def __init__(self, config: ModelConfig, *, load_format: str = "auto", engine: str = "auto",
                  options: EngineOptions = EngineOptions()) -> None:
