@@ -963,7 +963,11 @@ def _demand(processor: Any, sizing: Sizing) -> plan.Demand | None:
     ``processor``'s chat template and tokenizer as ``_text_tokens`` counts it; None for none."""
     if not sizing.expected:
         return None
-    lengths = [e.image_tokens + _text_tokens(processor, e.prompt) for e in sizing.expected]
+    try:
+        lengths = [e.image_tokens + _text_tokens(processor, e.prompt) for e in sizing.expected]
+    except Exception as exc:  # noqa: BLE001 - a processor that cannot count them: the plan without the rules
+        log.info("memory plan: the rules' prompts not counted (%s)", exc)
+        return None
     budget = max(e.max_new_tokens for e in sizing.expected)
     return plan.Demand(text_tokens=0, tokens=max(lengths), max_new_tokens=budget,
                        why=f"the rules' requests (up to {max(lengths)} prompt tokens, {budget} new tokens)")
