@@ -226,15 +226,20 @@ def _prepared(n: int) -> list[Prepared]:
     return [Prepared(Match(Path(f"{i}.png"), rule, Path(".")), (), (Request((image,), f"p{i}", 8),)) for i in range(n)]
 
 
+def _infer(backend: object, files: int) -> list:
+    """``files`` one-page files through a Worker over ``backend`` (batches of 3)."""
+    config = Config(model=ModelConfig(batch_size=3), state=Path("s.db"), include=(), watch=(), rules=())
+    worker = Worker(config, backend)  # type: ignore[arg-type]
+    try:
+        return worker.infer(_prepared(files))
+    finally:
+        worker.close()
+
+
 @pytest.mark.parametrize("continuous, expected", [(False, [3, 3, 1]), (True, [7])])
 def test_worker_hands_a_continuous_backend_the_whole_chunk(continuous: bool, expected: list[int]) -> None:
     backend = _Recorder(continuous)
-    config = Config(model=ModelConfig(batch_size=3), state=Path("s.db"), include=(), watch=(), rules=())
-    worker = Worker(config, backend)
-    try:
-        answers = worker.infer(_prepared(7))
-    finally:
-        worker.close()
+    answers = _infer(backend, 7)
     assert backend.calls == expected
     assert [a[0].text for a in answers] == [f"p{i}" for i in range(7)]  # back in the files' order
 
@@ -267,12 +272,7 @@ def test_a_minimal_plugin_gets_the_declared_defaults_and_its_failing_request_is_
     assert backend.precision == "" and backend.provenance == "" and backend.plan_summary is None
     backend.load()
     backend.unload()  # nothing to do, and no AttributeError
-    config = Config(model=ModelConfig(batch_size=3), state=Path("s.db"), include=(), watch=(), rules=())
-    worker = Worker(config, plugin)
-    try:
-        got = worker.infer(_prepared(3))
-    finally:
-        worker.close()
+    got = _infer(plugin, 3)
     failed = "unexpected error: RuntimeError: cannot read p1"
     assert [g if isinstance(g, str) else g[0].text for g in got] == ["P0", failed, "P2"]
     assert plugin.calls[0] == ["p0", "p1", "p2"] and sorted(map(tuple, plugin.calls[1:])) == [("p0",), ("p1",), ("p2",)]
