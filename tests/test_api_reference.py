@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from daemon.backends import create_backend
+from daemon.backends import create_backend, expected_requests
 from daemon.config_reader import load_config
 from daemon.images import shown_size
 from daemon.rules import match_file
@@ -95,11 +95,11 @@ def test_the_daemon_sends_them_with_every_file(tmp_path: Path) -> None:  # issue
 
 def test_the_engine_is_told_each_rules_requests_ahead_reference_images_included(tmp_path: Path) -> None:
     # issue 22 (call S1): the engine sizes its cache for the daemon's rules before the first job comes
-    # (Worker.expected); a rule's reference images make its requests longer, and the sizing must cover them.
+    # (backends.expected_requests); a rule's reference images make its requests longer, and the sizing must cover them.
     import tests.stub_backend  # noqa: F401  (registers the stub backend)
 
     config = load_config(reference_config(tmp_path))
-    [expected] = Worker(config, create_backend(config.model)).expected()
+    [expected] = expected_requests(config)
     image = put(tmp_path / "inbox" / "shot.png", png_bytes(3, (400, 300)))
     [(_, request)] = Worker(config, create_backend(config.model)).prepare(match_file(config, image)[0]).take()
     assert len(request.images) == 3

@@ -53,7 +53,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Callable, Hashable, Sequence
 
-from daemon.backends import Answer, Backend, DeviceLostError, Item, Request, Sizing, as_device_lost
+from daemon.backends import Answer, Backend, DeviceLostError, Item, Request, Sizing, as_device_lost, expected_requests
 from daemon.config import Config, local_model_path
 from daemon.errors import (
     BackendUnavailableError,
@@ -563,7 +563,7 @@ class JobFeed:
 
     # -- the Feed protocol (GPU thread)
     def sizing(self) -> Sizing:
-        return Sizing(expected=self.worker.expected())
+        return Sizing(expected=expected_requests(self.worker.config))
 
     def next(self, urgent_only: bool = False) -> Item | None:
         self.loop.busy_since = time.monotonic()

@@ -40,8 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
-from daemon.backends import (Answer, Backend, DeviceLostError, Expected, Request, as_backend, as_device_lost,
-                             expected_requests)
+from daemon.backends import Answer, Backend, DeviceLostError, Request, as_backend, as_device_lost
 from daemon.config import Config
 from daemon.documents import document_note
 from daemon.errors import BackendUnavailableError, VlwatchError
@@ -210,10 +209,6 @@ class Worker:
         if self.config.model.batch_size is not None:
             return self.config.model.batch_size
         return self.backend.auto_batch_size()
-
-    def expected(self) -> tuple[Expected, ...]:
-        """Each rule's requests as the engine should size for them ahead (``backends.expected_requests``)."""
-        return expected_requests(self.config)
 
     # ------------------------------------------------------------ stage 1
 

@@ -815,9 +815,7 @@ class TransformersBackend(BaseBackend):
 
     def _prompt_length(self, request: Request) -> int:
         """Tokens the prompt will take, image placeholders expanded, without processing pixels."""
-        processor = self._processor
-        text = processor.apply_chat_template(_messages(request), tokenize=False, add_generation_prompt=True)
-        n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+        n = _template_tokens(self._processor, request)
         return n + sum(image_tokens(img.width, img.height) - 1 for img in request.images)
 
     def slots_for(self, n: int, *, max_new_tokens: int | None = None, tokens: int | None = None) -> int:
@@ -951,11 +949,16 @@ def _prefetch(pool: ThreadPoolExecutor, fn: Callable[[T], U], items: Iterable[T]
             future.cancel()
 
 
+def _template_tokens(processor: Any, request: Request) -> int:
+    """Tokens of ``request`` through the chat template, each image placeholder one token."""
+    text = processor.apply_chat_template(_messages(request), tokenize=False, add_generation_prompt=True)
+    return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def _text_tokens(processor: Any, prompt: str) -> int:
     """Tokens of a one-image prompt's text: the chat template and ``prompt``, the image placeholder's
     three tokens (vision start, pad, end) counted once (the pad's expansion is the image's tokens)."""
-    text = processor.apply_chat_template(_messages(Request((), prompt, 1)), tokenize=False, add_generation_prompt=True)
-    return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) + 3
+    return _template_tokens(processor, Request((), prompt, 1)) + 3
 
 
 def _demand(processor: Any, sizing: Sizing) -> plan.Demand | None:
