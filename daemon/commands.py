@@ -13,7 +13,7 @@ import time
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from daemon.backends import create_backend
 from daemon.config import COMPILE_PARTS, ENGINE_KEYS, Config, EngineOptions
@@ -33,9 +33,6 @@ from daemon.scanning import (
     sidecars_written,
 )
 from daemon.engine.worker import Worker
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 

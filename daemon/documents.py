@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import yaml
 
@@ -45,15 +45,13 @@ from daemon import answers
 from daemon.errors import VlwatchError
 from daemon.images import pdf_page_text, printable
 from daemon.policies import PageAnswer
-
-if TYPE_CHECKING:  # outputs imports this module (lazily): no import of it at run time
-    from daemon.outputs import Result
+from daemon.results import Result
 
 log = logging.getLogger(__name__)
 
 
-def document_markdown(result: "Result", roots: Sequence[Path] | None = None) -> str:
-    """The whole sidecar text of ``result`` (an ``outputs.Result``), provenance comment excluded.
+def document_markdown(result: Result, roots: Sequence[Path] | None = None) -> str:
+    """The whole sidecar text of ``result`` (a ``results.Result``), provenance comment excluded.
 
     Args:
         roots: where the source may really be (``rules.allowed_roots``), for
@@ -100,7 +98,7 @@ def document_markdown(result: "Result", roots: Sequence[Path] | None = None) -> 
     return f"---\n{front_matter}---\n\n" + "\n\n".join(b for b in bodies if b) + "\n"
 
 
-def document_note(result: "Result") -> str | None:
+def document_note(result: Result) -> str | None:
     """One line for the job's record: the pages that have no answer of the model, and why (None: all have)."""
     bad = [(p.number, p.answer.problem) for p in result.pages
            if isinstance(p.answer, PageAnswer) and not p.answer.valid]
@@ -111,7 +109,7 @@ def document_note(result: "Result") -> str | None:
     return "; ".join(f"page {n}: {problem}" for n, problem in bad)[:2000] + where
 
 
-def _fallback(result: "Result", number: int, problem: str,
+def _fallback(result: Result, number: int, problem: str,
               roots: Sequence[Path] | None) -> tuple[str | None, str]:
     """The text layer of page ``number`` (or None) and the reason to show for it."""
     try:

@@ -36,47 +36,23 @@ import os
 import re
 import secrets
 import stat
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from PIL import ImageDraw, ImageFont
 
 from daemon import answers
-from daemon.backends import Answer
 from daemon.controls import for_file
+from daemon.documents import document_markdown
 from daemon.errors import VlwatchError
 from daemon.images import printable
-from daemon.policies import PageAnswer
+from daemon.results import PageResult, Result, missing
 from daemon.rules import Match
 
 # Naming (what a sidecar is called, whether a name is ours) lives in daemon.sidecars.
 from daemon.sidecars import OVERLAY, _lexical, sidecar_path, temp_name
 
 log = logging.getLogger(__name__)
-
-@dataclass(frozen=True)
-class PageResult:
-    number: int
-    answer: Answer
-    original: tuple[int, int]  # (width, height) of the page as decoded
-    shown: tuple[int, int]  # (width, height) the model saw
-
-
-@dataclass(frozen=True)
-class Result:
-    match: Match
-    pages: tuple[PageResult, ...]
-    backend: str
-    model: str
-    #: where the source may really be (``rules.allowed_roots``) when a writer reads it again
-    roots: tuple[Path, ...] | None = None
-    #: "fp8" when the model ran with FP8 weights (issue 23: it changes the text); None for full precision
-    quantization: str | None = None
-    #: the engine choices in effect that can change the text (``TransformersBackend.provenance``:
-    #: precision, kernels, what is compiled); "" for a backend that has none to tell
-    engine: str = ""
-
 
 # ------------------------------------------------------------------ naming
 
@@ -202,24 +178,10 @@ def _write_markdown(result: Result, folders: FolderSyncs | None = None) -> Path:
 
 def _write_document(result: Result, folders: FolderSyncs | None = None) -> Path:
     """A whole document read with olmOCR-2 answers: one front matter, the pages' text (issue 24)."""
-    # Imported here: documents builds on this module's Result.
-    from daemon.documents import document_markdown
-
     text = document_markdown(result, result.roots) + "\n" + provenance_comment(result)
     path = checked_sidecar_path(result.match, "md")
     atomic_write(path, _utf8(text), like=result.match.path, folders=folders)
     return path
-
-
-def missing(page: PageResult) -> str | None:
-    """Why ``page`` has no answer (its requests failed; issue 24), or None when it has one.
-
-    Only a page of a document under a plain rule (``policies.PagedPolicy``):
-    an ``olmocr`` page with no valid answer has the text layer to fall back
-    on and is judged by ``daemon.documents``.
-    """
-    answer = page.answer
-    return answer.problem if isinstance(answer, PageAnswer) and answer.problem else None
 
 
 def _one_line(text: str) -> str:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from daemon.config import Config, Snapshot, WatchConfig, bundled_packs, output_dirs_inside  # noqa: F401 (re-exported)
+from daemon.config import Config, Snapshot
 from daemon.queue import (
     ACTIVE,
     MTIME_SLACK_NS,
@@ -47,13 +47,7 @@ from daemon.images import printable
 from daemon.readiness import file_signature
 from daemon.recipes import recipe_of
 from daemon.rules import Match, match_file
-from daemon.sidecars import (  # noqa: F401
-    is_temp_name,
-    planned_sidecars,
-    sidecar_fresh,
-    sidecar_missing,
-    temp_writer_gone,
-)
+from daemon.sidecars import is_temp_name, planned_sidecars, temp_writer_gone
 from daemon.watching import is_ignored, walk_files
 
 log = logging.getLogger(__name__)

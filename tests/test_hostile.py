@@ -27,7 +27,8 @@ from daemon.config import Rule
 from daemon.config_reader import parse_config
 from daemon.errors import VlwatchError
 from daemon.images import printable
-from daemon.outputs import PageResult, Result, checked_sidecar_path, write_result
+from daemon.outputs import checked_sidecar_path, write_result
+from daemon.results import PageResult, Result
 from daemon.rules import Match, match_file
 from daemon.sidecars import optional_sidecars, planned_sidecars
 from daemon.engine.worker import Worker

@@ -14,7 +14,8 @@ from PIL import Image
 from daemon.backends import Answer
 from daemon.config import Rule
 from daemon.images import shown_size
-from daemon.outputs import PageResult, Result, write_result
+from daemon.outputs import write_result
+from daemon.results import PageResult, Result
 from daemon.rules import Match
 from daemon.sidecars import (
     is_output_name,

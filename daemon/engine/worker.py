@@ -45,7 +45,8 @@ from daemon.config import Config
 from daemon.documents import document_note
 from daemon.errors import BackendUnavailableError, VlwatchError
 from daemon.images import Page, PageSize, load_pages, open_pages, printable
-from daemon.outputs import FolderSyncs, PageResult, Result, missing, write_result
+from daemon.outputs import FolderSyncs, write_result
+from daemon.results import PageResult, Result, missing
 from daemon.policies import AnswerPolicy, policy_for
 from daemon.rules import Match, allowed_roots, render_prompt
 

@@ -72,9 +72,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The memory arithmetic is daemon.plan's, shared with `vlwatch plan` (issue 23).
-from daemon.plan import MAX_AUTO_SLOTS, TEXT_TOKENS_ALLOWANCE  # noqa: E402  (re-exported)
-
 #: Idle time after a run before the daemon's engine captures the decode widths it has not yet
 #: (``SlotEngine.warm``): longer than the gap between two questions asked back to back.
 WARM_AFTER_S = 0.5
