@@ -31,6 +31,7 @@ import secrets
 import threading
 import time
 import urllib.parse
+from concurrent.futures import Future, ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
@@ -38,9 +39,12 @@ from typing import Iterator
 import httpx
 import pytest
 
+from daemon.backends import Answer, Request
+from daemon.config_reader import load_config
 from daemon.webhooks import redacted
 from tests.conftest import Daemon, png_bytes, put, tiny_daemon_config, wait_until, write_config
 from tests.data.make_hostile import _pages_pdf
+from tests.olmocr_backend import page_pdf
 from tests.test_api import free_port
 
 TOKEN = "vlw-convert-token-9f3a"
@@ -372,6 +376,92 @@ def test_token_off_loopback_and_the_olmocr_rule(tmp_path: Path) -> None:  # issu
         d.stop()
         d.close()
     assert TOKEN not in d.log()
+
+
+def test_an_olmocr_document_is_asked_as_a_folder_page_is(tmp_path: Path) -> None:  # issue 24 through the API
+    """The ``olmocr`` rule's policy behind /v1/convert/file: prompt first at 1288 pixels, up the temperature
+    ladder while invalid, the page turned when the model says so, the PDF's text layer when nothing was valid."""
+    port = free_port()
+    (tmp_path / "inbox").mkdir()
+    requests_log = tmp_path / "requests.jsonl"
+    config = write_config(tmp_path, f"""
+        model: {{backend: olmocr-stub, name: stub-olmocr, batch_size: 2}}
+        state: ./state/state.db
+        include: [olmocr]
+        watch: [{{path: ./inbox}}]
+        api: {{listen: "127.0.0.1:{port}", sync_wait: 60s}}
+        """)
+    d = Daemon(tmp_path, config, VLWATCH_PLUGINS="tests.olmocr_backend", VLWATCH_OLMOCR_LOG=str(requests_log)).start()
+    base = f"http://127.0.0.1:{port}"
+    pdf = page_pdf([("red", None), ("green", None), ("blue", None), ("grey", "Grey page from its text layer")])
+    try:
+        wait_until(lambda: _health(base) == 200, "the API", log=d.log)
+        r = httpx.post(base + "/v1/convert/file", files={"files": ("scan.pdf", pdf, "application/pdf")}, timeout=90)
+    finally:
+        d.stop()
+        d.close()
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    md = doc["document"]["md_content"]
+    for page in ("red", "green", "blue"):
+        assert f"Text of the {page} page" in md, md
+    assert "Grey page from its text layer" in md and "sideways gibberish" not in md and "primary_language" not in md
+    assert md.index("red") < md.index("green") < md.index("blue") < md.index("Grey")
+    [error] = doc["errors"]
+    assert error["error_message"].startswith("page 4: no valid answer in 8 tries") and "text layer" in error[
+        "error_message"]
+    assert doc["status"] == "partial_success"
+    asked = [json.loads(line) for line in requests_log.read_text().splitlines()]
+    assert all(a["prompt_first"] for a in asked) and asked[0]["max_new_tokens"] == 8000
+    assert [a["temperature"] for a in asked if a["colour"] == "blue"] == [0.1, 0.1, 0.2, 0.3]
+    assert [(a["size"], a["marker"]) for a in asked if a["colour"] == "green"] == [
+        ([1288, 868], "top-left"), ([868, 1288], "bottom-left")]
+    assert len([a for a in asked if a["colour"] == "grey"]) == 8
+
+
+class _Engine:
+    """The engine as a conversion sees it (``WorkerLoop.submit``): each request waits for the test to answer it."""
+
+    def __init__(self) -> None:
+        self.asked: list[Future[Answer]] = []
+        self.lock = threading.Lock()
+
+    def submit(self, request: Request) -> Future[Answer]:
+        f: Future[Answer] = Future()
+        f.set_running_or_notify_cancel()
+        with self.lock:
+            self.asked.append(f)
+        return f
+
+    def open(self) -> list[Future[Answer]]:
+        with self.lock:
+            return [f for f in self.asked if not f.done()]
+
+
+def test_a_long_document_is_decoded_a_few_pages_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 12-page PDF with ``IN_FLIGHT`` 3: three pages asked at first; each answer lets one more in, in order."""
+    import tests.convert_backend  # noqa: F401  (registers the backend the config names)
+    from daemon.server import documents
+
+    monkeypatch.setattr(documents, "IN_FLIGHT", 3)
+    config = load_config(convert_config(tmp_path, f"127.0.0.1:{free_port()}"))
+    engine, renderer = _Engine(), ThreadPoolExecutor(1)
+    conversion = documents.Conversion(engine, config, documents.Upload("long.pdf", _pages_pdf(12)),
+                                      documents.Options(), renderer=renderer)
+    try:
+        conversion.start()
+        assert len(engine.asked) == 3 and len(engine.open()) == 3
+        for n in range(1, 13):
+            [oldest, *_] = engine.open()
+            oldest.set_result(Answer(f"text of page {n}"))
+            wait_until(lambda: len(engine.open()) == min(3, 12 - n) or conversion.future.done(),
+                       f"page {n + 3} to be asked")
+            assert len(engine.open()) <= 3 and len(engine.asked) == min(12, n + 3)
+        done = conversion.future.result(timeout=10)
+    finally:
+        renderer.shutdown()
+    assert done.status == "success" and done.pages == 12
+    assert [line for line in done.md.splitlines() if line] == [f"text of page {n}" for n in range(1, 13)]
 
 
 def test_redacted_drops_user_info_query_and_fragment() -> None:  # issue 25.3

@@ -3,19 +3,24 @@
 What the docling-compatible routes (``convert``) and Open WebUI's external
 loader (``extract``) have in common: bytes in, Markdown out.
 
-- The type is told by the bytes (``daemon.images.load_pages``, the decoder
+- The type is told by the bytes (``daemon.images.open_pages``, the decoder
   folder files go through: same allow-list, bomb limit, EXIF rotation, PDF
   pages), never by the file name or the ``Content-Type`` a client sends;
   the bytes are decoded from an anonymous in-memory file (``memfd``).
 - The rule is the document rule: ``olmocr`` when the config includes it,
   else ``ocr``, else the bundled ``ocr`` pack's rule as it ships.  Its
-  prompt, sizes, formats, reference images and ``max_new_tokens`` apply as
-  they do to a folder file.  The client's file name is only ever a
+  prompt, sizes (``longest_side`` too), formats, reference images,
+  ``max_new_tokens`` and answer policy apply as they do to a folder file:
+  an ``olmocr`` page is asked prompt-first, again up its temperature ladder
+  while its answer is not valid, turned when the model says so, and falls
+  back to the PDF's text layer when no try was valid (named in ``errors``).  The client's file name is only ever a
   ``$filename`` in the prompt, passed through ``render_prompt`` (which
   neutralises it) and shown back in the answer.
 - Each page becomes one request to the engine through ``WorkerLoop.submit``,
   the path the chat API takes: interactive, ahead of the folder backlog,
-  dropped if cancelled before it starts.  No second engine path exists.
+  dropped if cancelled.  No second engine path exists.  At most
+  ``IN_FLIGHT`` pages of a document are decoded at a time; each page done
+  lets the next one be decoded.
 - The answers are cleaned as a ``.md`` sidecar's are (``clean_markdown``,
   raw HTML escaped unless the rule says ``raw_html``), a leading YAML front
   matter (olmOCR's per-page metadata) dropped, and the pages joined.
@@ -25,36 +30,45 @@ loader (``extract``) have in common: bytes in, Markdown out.
 Nothing is written to disk here and no sidecar is made: the answer goes
 back to the client only.  Accepted limits: ``MAX_PAGES`` pages of one
 document (the rest are reported, a ``page_range`` picks others); the
-decoded pages of a document sit in memory until its answers are in.
+document's bytes stay in memory until its answers are in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import re
 import threading
 import time
-from concurrent.futures import Future
-from dataclasses import dataclass
+from concurrent.futures import CancelledError, Executor, Future
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
 from daemon.backends import Answer, Request
 from daemon.config import Config, Rule, bundled_packs
 from daemon.errors import BackendUnavailableError, InputError, VlwatchError
-from daemon.images import Page, load_pages, printable
+from daemon.images import Page, PageSource, open_pages, pdf_page_text, printable
+from daemon.policies import AnswerPolicy, PageAnswer, policy_for
 from daemon.rules import render_prompt
 from daemon.server.chat import in_memory
-from daemon.engine.worker import error_text, reference_images
+from daemon.engine.worker import MAX_CHUNK, error_text, reference_images
 
 if TYPE_CHECKING:
     from daemon.engine.loop import WorkerLoop
 
+log = logging.getLogger(__name__)
+
 #: Pages of one document read at most; a longer one is answered for these
 #: and says so (``partial_success``); ``page_range`` picks other pages.
 MAX_PAGES = 100
+#: Pages of one document in the engine at once (asked, or asked again by the rule's policy): the
+#: next page is decoded when one is done, so a long PDF holds at most this many decoded pages
+#: (~4 MB each at olmOCR's 1288 pixels), as a folder document holds two chunks of ``MAX_CHUNK``.
+IN_FLIGHT = MAX_CHUNK
 #: The rules tried for documents, in order (``olmocr`` comes from its pack when included).
 DOCUMENT_RULES = ("olmocr", "ocr")
 #: The output formats made; docling's others (json, doctags) are answered "not supported".
@@ -139,13 +153,20 @@ def _bundled_ocr() -> Rule:
 class Conversion:
     """One document on its way through the engine; ``future`` gives its ``Converted``.
 
-    ``start`` decodes (CPU: call it off the event loop) and submits one
-    request per page; the answers are gathered on whichever thread finishes
-    the last page.  ``cancel`` drops the pages not started yet and ends the
-    conversion as a failure.
+    ``start`` measures the document (CPU: call it off the event loop),
+    decodes its first ``IN_FLIGHT`` pages and submits them; each page whose
+    answer is final lets the next one be decoded and submitted, on
+    ``renderer``'s threads, never on the engine's.  Each page's answer goes
+    through the rule's answer policy as a folder file's does
+    (``policies.policy_for``: olmOCR's prompt, temperature ladder and
+    rotation for an ``olmocr`` rule; one retry of a failed page of a longer
+    document otherwise); an ``olmocr`` page that never gives a valid answer
+    takes the PDF's own text layer, as its sidecar would.  ``cancel`` drops
+    the pages not answered yet and ends the conversion as a failure.
     """
 
-    def __init__(self, loop: "WorkerLoop", config: Config, upload: Upload, options: Options) -> None:
+    def __init__(self, loop: "WorkerLoop", config: Config, upload: Upload, options: Options, *,
+                 renderer: Executor) -> None:
         self.loop = loop
         self.config = config
         self.upload = upload
@@ -154,17 +175,23 @@ class Conversion:
         self.rule = document_rule(config)
         self.future: Future[Converted] = Future()
         self.pages_total = 0
-        self.pages_done = 0
+        self._renderer = renderer
         self._started = time.monotonic()
         self._lock = threading.Lock()
-        self._parts: list[Future[Answer]] = []
         self._errors: list[dict[str, str]] = []
-        self._pages: list[Page] = []
+        self._file = contextlib.ExitStack()  # the document as a path (memfd), until the conversion ends
+        self._path: Path | None = None
+        self._source: PageSource | None = None
+        self._policy: AnswerPolicy | None = None
+        self._make: Callable[[int, Page], Request] | None = None
+        self._next = 0  # the next page (index into the source's pages) to decode
+        self._asking: dict[int, Future[Answer]] = {}  # pages in the engine: their current request
+        self._final: dict[int, Answer | BaseException] = {}
 
     # ----------------------------------------------------------- public
 
     def start(self) -> None:
-        """Decode the document and hand its pages to the engine (never raises: failures end ``future``)."""
+        """Measure the document and hand its first pages to the engine (never raises: failures end ``future``)."""
         try:
             self._start()
         except Exception as exc:  # noqa: BLE001 - a decoder bug fails this document, not the server
@@ -172,12 +199,12 @@ class Conversion:
                                    component="document_backend"))
 
     def cancel(self, why: str = "cancelled") -> None:
-        """End now as a failure saying ``why``; pages not started yet never reach the model."""
+        """End now as a failure saying ``why``; pages not answered yet never reach the model (again)."""
         with self._lock:
-            parts = list(self._parts)
+            asking = list(self._asking.values())
         self._end(self._failed(f"{self.name}: {why}", component="pipeline"))  # first: the pages' ends are moot
-        for f in parts:
-            f.cancel()  # the engine skips a cancelled request (WorkerLoop.submit)
+        for f in asking:
+            f.cancel()  # the engine drops a cancelled request, before it starts or at its next step
 
     # ------------------------------------------------------------ steps
 
@@ -187,65 +214,150 @@ class Conversion:
         first, last = self.options.page_range or (1, None)
         wanted_last = first + MAX_PAGES if last is None else min(last, first + MAX_PAGES)  # one more: is there more?
         try:
-            with in_memory(self.upload.data) as path:
-                try:
-                    pages = load_pages(path, min_pixels=min_px, max_pixels=max_px, formats=rule.formats,
-                                       pages=((first, wanted_last),))
-                except InputError as exc:
-                    self._end(self._failed(_named(str(exc), path, self.name), input_error=True))
-                    return
+            path = self._path = self._file.enter_context(in_memory(self.upload.data))
+            self.upload = Upload(self.upload.name, b"")  # the memfd holds the bytes now
+            try:
+                source, pages = open_pages(path, min_pixels=min_px, max_pixels=max_px, formats=rule.formats,
+                                           pages=((first, wanted_last),), longest_side=rule.longest_side,
+                                           render=IN_FLIGHT)
+            except InputError as exc:
+                self._end(self._failed(_named(str(exc), path, self.name), input_error=True))
+                return
             refs = tuple(img for ref in rule.reference for img in reference_images(ref, min_px, max_px))
         except VlwatchError as exc:  # a reference image of the rule is missing
             self._end(self._failed(str(exc), component="pipeline"))
             return
-        if len(pages) > MAX_PAGES:
-            pages = pages[:MAX_PAGES]
+        if len(source.pages) > MAX_PAGES:
+            source = replace(source, pages=source.pages[:MAX_PAGES])
             self._errors.append(error_item(
                 f"{self.name}: only pages {first}-{first + MAX_PAGES - 1} were read (at most {MAX_PAGES} per "
                 "request); send page_range for the others"))
         prompt = render_prompt(rule, Path(self.name))
         max_new = rule.max_new_tokens or model.max_new_tokens
-        self._pages = pages
-        self.pages_total = len(pages)
+        policy = policy_for(rule, len(source.pages))
+
+        def make(index: int, page: Page) -> Request:
+            request = Request(images=(*refs, page.image), prompt=prompt, max_new_tokens=max_new)
+            return policy.first(index, request) if policy is not None else request
+
+        self._source, self._policy, self._make = source, policy, make
+        self.pages_total = len(source.pages)
         with self._lock:
             if self.future.done():  # cancelled while decoding
                 return
-            for page in pages:
-                f = self.loop.submit(Request(images=(*refs, page.image), prompt=prompt, max_new_tokens=max_new))
-                self._parts.append(f)
-        for f in list(self._parts):
-            f.add_done_callback(self._page_done)
+            for index, page in enumerate(pages):
+                self._ask(index, make(index, page))
+            self._next = len(pages)
 
-    def _page_done(self, _: Future[Answer]) -> None:
-        with self._lock:
-            self.pages_done += 1
-            if self.pages_done < len(self._parts) or self.future.done():
-                return
-        self._end(self._gather())
+    def _ask(self, index: int, request: Request) -> None:
+        """Send page ``index``'s next request (the lock held)."""
+        f = self.loop.submit(request)
+        self._asking[index] = f
+        f.add_done_callback(functools.partial(self._answered, index))
 
-    def _gather(self) -> Converted:
+    def _answered(self, index: int, f: Future[Answer]) -> None:
+        # On the engine's thread: what follows (a policy's rotated page, the next page's
+        # decoding, the whole document's Markdown) is CPU work for the renderer's threads.
+        if not self.future.done():
+            try:
+                self._renderer.submit(self._settle, index, f)
+            except RuntimeError:  # the renderer is shut down: the server is stopping
+                self.cancel("the server is stopping")
+
+    def _settle(self, index: int, f: Future[Answer]) -> None:
+        try:
+            got: Answer | BaseException = CancelledError() if f.cancelled() else (f.exception() or f.result())
+            out = self._policy.settle(index, got) if self._policy is not None else got
+            with self._lock:
+                if self.future.done():
+                    return
+                if isinstance(out, Request):
+                    self._ask(index, out)  # asked again: a retry, or the page turned
+                    return
+                del self._asking[index]
+                self._final[index] = out
+            self._refill()
+            with self._lock:
+                if self.future.done() or len(self._final) < self.pages_total or self._source is None:
+                    return
+                source, final = self._source, dict(self._final)
+            self._end(self._gather(source, final))
+        except Exception as exc:  # noqa: BLE001 - a bug here fails this document, not the server
+            log.exception("convert %s: page %d", self.name, index + 1)
+            self._end(self._failed(f"{self.name}: unexpected error: {printable(exc)}", component="pipeline"))
+
+    def _refill(self) -> None:
+        """Decode and send the next page while fewer than ``IN_FLIGHT`` are in the engine."""
+        while True:
+            with self._lock:
+                source, make = self._source, self._make
+                if source is None or make is None or self.future.done() or self._next >= self.pages_total \
+                        or len(self._asking) >= IN_FLIGHT:
+                    return
+                index = self._next
+                self._next += 1
+            try:
+                # Outside the lock (it may take a while): a document closed meanwhile by ``cancel``
+                # is refused here, as another file (``PageSource.render`` checks its identity).
+                (page,) = source.render(index, index + 1)
+            except InputError as exc:  # this page will not decode: the others still may
+                with self._lock:
+                    self._final[index] = exc
+                continue
+            with self._lock:
+                if self.future.done():
+                    return
+                self._ask(index, make(index, page))
+
+    def _gather(self, source: PageSource, final: dict[int, Answer | BaseException]) -> Converted:
         texts: list[str] = []
         errors = list(self._errors)
         ok = 0
         unavailable = False
-        for page, f in zip(self._pages, self._parts):
-            if f.cancelled():
-                errors.append(error_item(f"page {page.number}: cancelled", "pipeline"))
-                continue
-            exc = f.exception()
-            if exc is not None:
-                unavailable = unavailable or isinstance(exc, BackendUnavailableError)
-                errors.append(error_item(f"page {page.number}: the model failed: {error_text(exc)}", "model"))
-                continue
-            texts.append(page_markdown(self.rule, f.result()))
-            ok += 1
+        for index, size in enumerate(source.pages):
+            got, n = final[index], size.number
+            if isinstance(got, CancelledError):
+                errors.append(error_item(f"page {n}: cancelled", "pipeline"))
+            elif isinstance(got, InputError):
+                errors.append(error_item(f"page {n}: {_named(str(got), self._path, self.name)}"))
+            elif isinstance(got, BaseException):
+                unavailable = unavailable or isinstance(got, BackendUnavailableError)
+                errors.append(error_item(f"page {n}: the model failed: {error_text(got)}", "model"))
+            elif isinstance(got, PageAnswer) and not got.valid:
+                text = self._text_layer(source, n) if self.rule.answers == "olmocr" else None
+                if text is None:
+                    errors.append(error_item(f"page {n}: {got.problem}", "model"))
+                    continue
+                errors.append(error_item(f"page {n}: {got.problem}; its text is the PDF's own text layer", "model"))
+                texts.append(_escaped(self.rule, text))
+                ok += 1
+            else:
+                texts.append(page_markdown(self.rule, got))
+                ok += 1
+        pages = len(source.pages)
         if ok == 0:
-            return Converted(self.name, "failure", errors=tuple(errors), pages=len(self._pages),
+            return Converted(self.name, "failure", errors=tuple(errors), pages=pages,
                              seconds=self._elapsed(), rule=self.rule.name, unavailable=unavailable)
         md = "\n\n".join(t.strip("\n") for t in texts if t.strip()) + "\n"
-        status = "success" if ok == len(self._pages) and not errors else "partial_success"
-        return self._formats(Converted(self.name, status, md=md, errors=tuple(errors), pages=len(self._pages),
+        status = "success" if ok == pages and not errors else "partial_success"
+        return self._formats(Converted(self.name, status, md=md, errors=tuple(errors), pages=pages,
                                        seconds=self._elapsed(), rule=self.rule.name))
+
+    def _text_layer(self, source: PageSource, number: int) -> str | None:
+        """Page ``number``'s text from the PDF itself (None: not a PDF, no text there, or unreadable)."""
+        if not source.pdf or self._path is None:
+            return None
+        with self._lock:  # the memfd stays open meanwhile: ``_end`` closes it under this lock
+            if self.future.done():
+                return None
+            try:
+                text = pdf_page_text(self._path, number)
+            except VlwatchError as exc:
+                log.warning("convert %s: page %d: no text layer to fall back on: %s", self.name, number, exc)
+                return None
+        if text is not None:
+            log.warning("convert %s: page %d: no valid answer; took the PDF's text layer", self.name, number)
+        return text
 
     def _formats(self, done: Converted) -> Converted:
         """Keep the formats asked for; name the ones vlwatch does not make."""
@@ -275,17 +387,26 @@ class Conversion:
             if self.future.done():
                 return
             self.future.set_result(result)
-            # The task is kept a while for its result: not its pages or bytes.
-            self._pages = []
-            self.upload = Upload(self.upload.name, b"")
+            # The task is kept a while for its result: not its pages, policy or bytes.
+            self._source = self._policy = self._make = None
+            self._final.clear()
+            self._file.close()
 
     def _elapsed(self) -> float:
         return round(time.monotonic() - self._started, 3)
 
 
-def _named(message: str, path: Path, name: str) -> str:
+def _escaped(rule: Rule, text: str) -> str:
+    """A page's text layer as Markdown a client can take: raw HTML escaped unless the rule says ``raw_html``."""
+    from daemon import answers
+
+    body = answers.clean_markdown(text)
+    return body if rule.raw_html else answers.escape_raw_html(body)
+
+
+def _named(message: str, path: Path | None, name: str) -> str:
     """A decoder message about the memfd path, told about the client's file name instead."""
-    return message.replace(printable(path), name, 1)
+    return message if path is None else message.replace(printable(path), name, 1)
 
 
 # ----------------------------------------------------------------- answers

@@ -17,7 +17,9 @@ Redis).  Keeping them out of SQLite also keeps document text out of the
 state file, which lives longer than any client cares.
 
 Decoding runs on ``DECODERS`` threads of this store (never on the event
-loop); the pages then wait in the engine's interactive queue
+loop): a document's start on one pool, its pages' answers (a retry, the
+next page decoded) on another, so one document's start does not hold up
+the pages of those already in the engine's interactive queue
 (``documents.Conversion``).  When a task ends, its ``callbacks`` are POSTed
 its status by ``daemon.webhooks`` (docling-serve's shape: ``task_id`` and a
 ``task_completed`` progress), never from the engine's thread.
@@ -103,6 +105,8 @@ class TaskStore:
         self._tasks: collections.OrderedDict[str, Task] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(DECODERS, thread_name_prefix="vlwatch-convert")
+        # A page's answer, its retry and the next page's decoding: not behind whole documents' starts.
+        self._pages = ThreadPoolExecutor(DECODERS, thread_name_prefix="vlwatch-pages")
 
     def start(self, loop: "WorkerLoop", config: Config, upload: Upload, options: Options, *,
               callbacks: tuple[Callback, ...] = (), fetch: Callable[[], bytes] | None = None) -> Task:
@@ -116,7 +120,7 @@ class TaskStore:
             ApiError: 503 when ``MAX_RUNNING`` documents are in flight or
                 ``MAX_TASKS`` are held and none has finished.
         """
-        conversion = Conversion(loop, config, upload, options)
+        conversion = Conversion(loop, config, upload, options, renderer=self._pages)
         task = Task(conversion, callbacks)
         with self._lock:
             self._sweep()
