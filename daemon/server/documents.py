@@ -13,7 +13,8 @@ loader (``extract``) have in common: bytes in, Markdown out.
   ``max_new_tokens`` and answer policy apply as they do to a folder file:
   an ``olmocr`` page is asked prompt-first, again up its temperature ladder
   while its answer is not valid, turned when the model says so, and falls
-  back to the PDF's text layer when no try was valid (named in ``errors``).  The client's file name is only ever a
+  back to the PDF's text layer (else its last answer) when no try was
+  valid, named in ``errors``.  The client's file name is only ever a
   ``$filename`` in the prompt, passed through ``render_prompt`` (which
   neutralises it) and shown back in the answer.
 - Each page becomes one request to the engine through ``WorkerLoop.submit``,
@@ -312,6 +313,7 @@ class Conversion:
     def _gather(self, source: PageSource, final: dict[int, Answer | BaseException]) -> Converted:
         texts: list[str] = []
         errors = list(self._errors)
+        notes: list[dict[str, str]] = []  # pages read another way: said, but the document is whole
         ok = 0
         unavailable = False
         for index, size in enumerate(source.pages):
@@ -324,24 +326,40 @@ class Conversion:
                 unavailable = unavailable or isinstance(got, BackendUnavailableError)
                 errors.append(error_item(f"page {n}: the model failed: {error_text(got)}", "model"))
             elif isinstance(got, PageAnswer) and not got.valid:
-                text = self._text_layer(source, n) if self.rule.answers == "olmocr" else None
+                text, whose = self._stand_in(source, n, got)
                 if text is None:
                     errors.append(error_item(f"page {n}: {got.problem}", "model"))
                     continue
-                errors.append(error_item(f"page {n}: {got.problem}; its text is the PDF's own text layer", "model"))
-                texts.append(_escaped(self.rule, text))
+                notes.append(error_item(f"page {n}: {got.problem}; its text is {whose}", "model"))
+                texts.append(text)
                 ok += 1
             else:
                 texts.append(page_markdown(self.rule, got))
                 ok += 1
         pages = len(source.pages)
         if ok == 0:
-            return Converted(self.name, "failure", errors=tuple(errors), pages=pages,
+            return Converted(self.name, "failure", errors=(*errors, *notes), pages=pages,
                              seconds=self._elapsed(), rule=self.rule.name, unavailable=unavailable)
         md = "\n\n".join(t.strip("\n") for t in texts if t.strip()) + "\n"
         status = "success" if ok == pages and not errors else "partial_success"
-        return self._formats(Converted(self.name, status, md=md, errors=tuple(errors), pages=pages,
+        return self._formats(Converted(self.name, status, md=md, errors=(*errors, *notes), pages=pages,
                                        seconds=self._elapsed(), rule=self.rule.name))
+
+    def _stand_in(self, source: PageSource, number: int, got: PageAnswer) -> tuple[str | None, str]:
+        """The text of a page that gave no valid answer, and whose it is (None: it has none).
+
+        An ``olmocr`` page takes the PDF's text layer, as olmOCR does and as
+        its sidecar would.  Without one, a client still wants the page read:
+        the model's last answer (a stock model often writes good text with no
+        front matter) rather than a hole; a ``.md`` sidecar would mark the page
+        missing, but an API answer has no front matter to say so in.
+        """
+        text = self._text_layer(source, number) if self.rule.answers == "olmocr" else None
+        if text is not None:
+            return _escaped(self.rule, text), "the PDF's own text layer"
+        if got.text.strip():
+            return page_markdown(self.rule, got), "the model's last answer, not a valid one"
+        return None, ""
 
     def _text_layer(self, source: PageSource, number: int) -> str | None:
         """Page ``number``'s text from the PDF itself (None: not a PDF, no text there, or unreadable)."""
