@@ -167,13 +167,11 @@ def _drain(config: Config, queue: Queue, tty: bool) -> int:
     finally:
         progress.close()
         worker.close()
-    if loop.outage is not None:  # the server, the output disk or the state database
-        what = "backend unavailable: " if loop.outage.meta_key == "backend" else ""
-        left = "" if processor.unrecorded() else f"; {plural(queue.due_count(), 'job')} left queued"
-        print(f"vlwatch: {what}{loop.outage}{left}", file=sys.stderr)
-        return ExitCode.FAILED
-    if loop.fatal is not None:  # any backend's sticky CUDA error: the jobs went back with the attempt spent
-        print(f"vlwatch: {loop.fatal}; {plural(queue.due_count(), 'job')} left queued", file=sys.stderr)
+    if (why := loop.stopped_by) is not None:  # an outage, or a lost GPU (the jobs went back, attempt spent)
+        # Outcomes the state database refused are still in memory: no count of the queue to trust.
+        left = "" if loop.outage is not None and processor.unrecorded() else \
+            f"; {plural(queue.due_count(), 'job')} left queued"
+        print(f"vlwatch: {why}{left}", file=sys.stderr)
         return ExitCode.FAILED
     print(f"processed {plural(summary.done + summary.failed + summary.retrying, 'file')}: {summary.done} done, "
           f"{summary.failed + summary.retrying} failed ({summary.retrying} will be retried)"

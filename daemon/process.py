@@ -465,11 +465,9 @@ def _run_here(config: Config, queue: Queue) -> int:
         loop.drain()
     finally:
         worker.close()
-    stopped = loop.outage or loop.fatal
-    if stopped is None:
+    if loop.stopped_by is None:
         return 0
-    what = "backend unavailable: " if loop.outage is not None and loop.outage.meta_key == "backend" else ""
-    print(f"vlwatch: {what}{stopped}", file=sys.stderr)
+    print(f"vlwatch: {loop.stopped_by}", file=sys.stderr)
     return 1
 
 

@@ -185,6 +185,13 @@ class WorkerLoop(threading.Thread):
         """Whether this loop ends once the queue is done (``drain``: scan, process) rather than serving on."""
         return self._draining
 
+    @property
+    def stopped_by(self) -> str | None:
+        """Why ``drain`` ended with work left, in a line for a person (None: it ran to the end)."""
+        if self.outage is not None:  # the server, the output disk or the state database
+            return ("backend unavailable: " if self.outage.meta_key == "backend" else "") + str(self.outage)
+        return None if self.fatal is None else str(self.fatal)
+
     def drain(self) -> None:
         """Run in this thread until no job is due and none is in hand (``vlwatch scan``), then return.
 
