@@ -51,6 +51,19 @@ def test_a_scan_drains_the_queue_and_says_what_became_of_each_file(tmp_path: Pat
     assert states["bad.png"] == ("queued", 1) and all(states[f"f{i}.png"][0] == "done" for i in range(3))
 
 
+def test_process_here_with_the_backend_down_says_so_and_writes_nothing(tmp_path: Path) -> None:
+    config = _setup(tmp_path)
+    down = tmp_path / "backend-down"
+    down.touch()
+    image = tmp_path / "elsewhere.png"
+    image.write_bytes(png_bytes(91))
+    done = run_vlwatch("process", "--local", "--config", config, str(image), env={**STUB, "VLWATCH_STUB_DOWN": str(down)},
+                       timeout=120)
+    assert done.returncode == 1
+    assert "vlwatch: backend unavailable: connection refused (stub server down)" in done.stderr
+    assert f"error: {image}: desc: not processed" in done.stderr
+    assert not list(tmp_path.glob("elsewhere.png.*")) and _jobs(tmp_path) == []  # the daemon's state untouched
+
 def test_a_backend_down_ends_the_scan_with_the_jobs_left_queued_and_no_attempt_spent(tmp_path: Path) -> None:
     config = _setup(tmp_path)
     down = tmp_path / "backend-down"
