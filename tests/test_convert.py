@@ -407,6 +407,7 @@ def test_an_olmocr_document_is_asked_as_a_folder_page_is(tmp_path: Path) -> None
         assert f"Text of the {page} page" in md, md
     assert "Grey page from its text layer" in md and "sideways gibberish" not in md and "primary_language" not in md
     assert md.index("red") < md.index("green") < md.index("blue") < md.index("Grey")
+    assert "<table><tr><td>1</td></tr></table>" in md  # olmOCR-2's HTML table kept, as in its sidecar
     # Pages 4 and 5 never gave a valid answer: the text layer, else the model's last answer; both said,
     # and the document is whole (paperless-gpt takes nothing but "success").
     four, five = (e["error_message"] for e in doc["errors"])

@@ -439,7 +439,8 @@ def page_markdown(rule: Rule, answer: Answer) -> str:
     text = answers.clean_markdown(answer.text)
     text = _FRONT_MATTER.sub("", text, count=1).lstrip("\n")
     if not rule.raw_html:
-        text = answers.escape_raw_html(text)
+        # olmOCR-2 writes tables as HTML: their bare tags stay, as in the rule's sidecar (``daemon.documents``).
+        text = answers.escape_raw_html(text, keep_tables=rule.answers == "olmocr")
     if not answer.finished:
         text += "\n<!-- vlwatch: the answer was cut off at max_new_tokens -->\n"
     return text
