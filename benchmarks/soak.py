@@ -49,7 +49,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from daemon.queue import content_hash  # noqa: E402
+from daemon.store.keys import content_hash  # noqa: E402
 
 
 def png_bytes(seed: int, size: tuple[int, int]) -> bytes:

@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fastapi.testclient import TestClient  # noqa: E402
 
 from daemon.config_reader import parse_config  # noqa: E402
-from daemon.queue import Queue  # noqa: E402
-from daemon.search import SearchIndex  # noqa: E402
 from daemon.server.app import ServerContext, create_app  # noqa: E402
+from daemon.store.queue import Queue  # noqa: E402
+from daemon.store.search import SearchIndex  # noqa: E402
 
 RARE = "quasquicentennial"
 

@@ -19,7 +19,8 @@ from daemon.config import Config
 from daemon.controls import for_terminal, json_text
 from daemon.engine.loop import check_model
 from daemon.errors import ExitCode, VlwatchError
-from daemon.queue import StateLock, safe_text
+from daemon.store.keys import safe_text
+from daemon.store.state import StateLock
 
 if TYPE_CHECKING:
     import httpx

@@ -21,10 +21,12 @@ from daemon.controls import for_terminal, json_text
 from daemon.engine.loop import WorkerLoop, check_model
 from daemon.engine.outcomes import BatchResult, Processor
 from daemon.errors import ExitCode, VlwatchError, plural
-from daemon.queue import HANDED_OVER, Job, Queue, StateLock, safe_text
 from daemon.readiness import file_signature
 from daemon.recipes import Outdated, outdated, recipe_of
 from daemon.rules import watch_for
+from daemon.store.keys import safe_text
+from daemon.store.queue import HANDED_OVER, Job, Queue
+from daemon.store.state import StateLock
 from daemon.scanning import (
     Progress,
     Work,
@@ -429,8 +431,8 @@ def search_hits(config: Config, query: str, *, limit: int = 20, folder: Path | N
         VlwatchError: a date is not ``YYYY-MM-DD`` or ``limit`` is out of range (exit 2).
     """
     from daemon.errors import VlwatchError
-    from daemon.search import Filters, parse_date
-    from daemon.search import search as run_search
+    from daemon.store.search import Filters, parse_date
+    from daemon.store.search import search as run_search
 
     if not 1 <= limit <= 1000:
         raise VlwatchError(f"--limit must be between 1 and 1000, not {limit}", ExitCode.USAGE)

@@ -43,12 +43,14 @@ from daemon.engine.loop import WorkerLoop, check_model
 from daemon.engine.outcomes import Processor
 from daemon.errors import ExitCode, VlwatchError, plural
 from daemon.images import printable
-from daemon.queue import HANDED_OVER, Candidate, Job, Queue, StateLock, content_hash, safe_text
 from daemon.readiness import file_signature
 from daemon.recipes import recipe_of
 from daemon.rules import match_file, normalised, watch_for
 from daemon.sidecars import sidecar_fresh, sidecar_missing
 from daemon.engine.worker import Worker
+from daemon.store.keys import content_hash, safe_text
+from daemon.store.queue import HANDED_OVER, Candidate, Job, Queue
+from daemon.store.state import StateLock
 
 if TYPE_CHECKING:
     import httpx

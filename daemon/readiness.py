@@ -212,7 +212,7 @@ def look_at(path: str, digest: Callable[[bytes], str] | None = None) -> Look:
 
     Args:
         path: the file.
-        digest: makes the content hash from the bytes (``daemon.queue.bytes_hash``).
+        digest: makes the content hash from the bytes (``daemon.store.keys.bytes_hash``).
     """
     try:
         # O_NONBLOCK: a FIFO named x.png must not hang the settler (fstat then says what it is).

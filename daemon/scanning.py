@@ -32,22 +32,13 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from daemon.config import Config, Snapshot
-from daemon.queue import (
-    ACTIVE,
-    MTIME_SLACK_NS,
-    UNREADABLE,
-    Candidate,
-    Job,
-    Queue,
-    Queued,
-    content_hash,
-    unreadable_hash,
-)
 from daemon.images import printable
 from daemon.readiness import file_signature
 from daemon.recipes import recipe_of
 from daemon.rules import Match, match_file
 from daemon.sidecars import is_temp_name, planned_sidecars, temp_writer_gone
+from daemon.store.keys import UNREADABLE, content_hash, unreadable_hash
+from daemon.store.queue import ACTIVE, MTIME_SLACK_NS, Candidate, Job, Queue, Queued
 from daemon.watching import is_ignored, walk_files
 
 log = logging.getLogger(__name__)

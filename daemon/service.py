@@ -52,9 +52,11 @@ from daemon.errors import (
     VlwatchError,
     plural,
 )
-from daemon.queue import Candidate, Queue, Queued, StateLock, bytes_hash, content_hash, unreadable_hash
 from daemon.readiness import Arrival, Kind, Settler
 from daemon.rules import Match, forget_real_roots, normalised, watched_rules
+from daemon.store.keys import bytes_hash, content_hash, unreadable_hash
+from daemon.store.queue import Candidate, Queue, Queued
+from daemon.store.state import StateLock
 from daemon.scanning import (
     Progress,
     Recipes,

@@ -25,7 +25,7 @@ Two parts, each usable alone:
 
 Deliberately not here: when a file is complete (``daemon.readiness``),
 which rule applies (the caller's ``accept`` decides), hashing and queueing
-(``queue``), and finding files that arrived while nobody watched (the
+(``daemon.store``), and finding files that arrived while nobody watched (the
 catch-up scan in ``service``).
 """
 

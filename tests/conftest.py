@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from daemon.queue import Job, Queue, content_hash
+from daemon.store.keys import content_hash
+from daemon.store.queue import Job, Queue
 
 REPO = Path(__file__).resolve().parent.parent
 #: Generous: the CI machine has two cores shared with other work.

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.queue import Queue
+from daemon.store.queue import Queue
 from tests.conftest import REPO, write_config
 from tests.test_search import finish_job
 

@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from daemon.queue import Candidate, Queue
+from daemon.store.queue import Candidate, Queue
 from tests.conftest import run_vlwatch, write_config
 
 

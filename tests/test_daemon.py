@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from daemon.queue import Queue, content_hash
+from daemon.store.keys import content_hash
+from daemon.store.queue import Queue
 from tests.conftest import (  # noqa: F401
     DEADLINE,
     REPO,
@@ -362,7 +363,7 @@ def test_recovery_trusts_only_sidecars_written_after_the_job_started(tmp_path: P
     image = put(inbox / "boxes" / "a.png", png_bytes(80))
     config = parse_config(config_text("/nonexistent-model"), tmp_path / "config.yaml")
     with Queue(tmp_path / "state.db") as q:
-        from daemon.queue import Candidate
+        from daemon.store.queue import Candidate
 
         st = image.stat()
         q.enqueue([Candidate(image.absolute(), "boxes", content_hash(image), st.st_size, st.st_mtime_ns)])

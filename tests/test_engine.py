@@ -47,8 +47,9 @@ from daemon.config_reader import parse_config
 from daemon.engine.loop import WorkerLoop
 from daemon.engine.outcomes import Processor
 from daemon.errors import BackendError, ConfigError
-from daemon.queue import Candidate, Queue, content_hash
 from daemon.engine.worker import Worker
+from daemon.store.keys import content_hash
+from daemon.store.queue import Candidate, Queue
 from tests.conftest import wait_until
 
 DEADLINE = 120.0  # joins and answers; waits use conftest.wait_until (90 s)
@@ -1130,7 +1131,7 @@ def test_one_engine_per_device_fed_from_one_queue(tmp_path: Path, tiny_model: Pa
         assert [e["pid"] for e in engines] == [os.getpid(), pids[0]]
         assert engines[1]["done"] == 6
         from daemon.commands import format_status, status_info
-        from daemon.queue import StateLock
+        from daemon.store.state import StateLock
 
         lock = StateLock(config.state)
         assert lock.acquire()  # `status` shows engines of a running daemon only

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.queue import Queue
+from daemon.store.queue import Queue
 from tests.conftest import Daemon, png_bytes, put, run_vlwatch, wait_until
 from tests.test_daemon import config_text
 
@@ -196,7 +196,7 @@ def test_a_hung_child_is_killed_and_replaced_and_its_jobs_are_done(tmp_path: Pat
 def test_release_claimed_by_counts_a_crash_and_refunds_a_stop(tmp_path: Path) -> None:
     # issue 12.5: only the dead engine's jobs go back; a crash spends the attempt (a poison file
     # fails once out of attempts), a stop does not.
-    from daemon.queue import Candidate
+    from daemon.store.queue import Candidate
 
     with Queue(tmp_path / "state.db") as q:
         q.enqueue([Candidate(Path(f"/x/{i}.png"), "r", f"h{i}", 1, 1) for i in range(4)])
@@ -248,7 +248,8 @@ def test_a_child_that_loses_its_gpu_is_restarted_and_a_poison_file_fails(tmp_pat
     from daemon.config_reader import parse_config
     from daemon.engine.child import DEVICE_LOST_EXIT
     from daemon.engine.processes import ChildEngines
-    from daemon.queue import Candidate, content_hash
+    from daemon.store.keys import content_hash
+    from daemon.store.queue import Candidate
 
     monkeypatch.setenv("VLWATCH_PLUGINS", "tests.device_lost_backend")  # the child imports it as the daemon would
     import tests.device_lost_backend  # noqa: F401

@@ -348,10 +348,11 @@ def test_process_hands_files_to_the_running_daemon_and_redo_follows_the_recipe(t
 
 def test_the_daemon_redoes_outdated_sidecars_only_when_the_config_asks(tmp_path: Path) -> None:
     # issue 11.13: `jobs.redo_outdated` (default false)
-    from daemon.queue import Candidate, Queue, content_hash
     from daemon.recipes import recipe_of
     from daemon.rules import match_file
     from daemon.scanning import find_work
+    from daemon.store.keys import content_hash
+    from daemon.store.queue import Candidate, Queue
 
     inbox = tmp_path / "inbox"
     image = png(inbox / "a.png")
@@ -378,7 +379,8 @@ def test_the_daemon_redoes_outdated_sidecars_only_when_the_config_asks(tmp_path:
 
 def test_scan_right_after_a_copy_waits_for_the_files(tmp_path: Path) -> None:
     # issue 11.7: printed "still being written ...; skipped" per file, then "nothing to process"
-    from daemon.queue import Queue, StateLock
+    from daemon.store.queue import Queue
+    from daemon.store.state import StateLock
 
     config = write_config(tmp_path, """
         include: [ocr]

@@ -133,7 +133,7 @@ def _utf8(name: str) -> bool:
 @pytest.mark.timeout(600)
 def test_corpus_through_the_daemon(tmp_path: Path, tiny_model: Path) -> None:
     pytest.importorskip("daemon.service")
-    from daemon.queue import Queue
+    from daemon.store.queue import Queue
 
     watched, stage = tmp_path / "watched", tmp_path / "stage"
     watched.mkdir()
@@ -174,7 +174,7 @@ def test_corpus_through_the_daemon(tmp_path: Path, tiny_model: Path) -> None:
 
 
 def test_queue_stores_a_name_that_is_not_utf8(tmp_path: Path) -> None:
-    from daemon.queue import Candidate, Queue
+    from daemon.store.queue import Candidate, Queue
 
     path = tmp_path / os.fsdecode(b"latin1-\xe9t\xe9.png")
     with Queue(tmp_path / "state.db") as queue:

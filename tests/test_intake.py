@@ -22,8 +22,8 @@ from PIL import Image
 from daemon.config import Snapshot
 
 from daemon.config_reader import load_config
-from daemon.queue import PERMISSION_DENIED, Queue
 from daemon.readiness import probe_image
+from daemon.store.queue import PERMISSION_DENIED, Queue
 from daemon.watching import Watcher, ignore_reason, is_ignored
 from tests.conftest import Daemon, png_bytes, put, run_vlwatch, wait_until
 
@@ -395,8 +395,8 @@ def test_a_ready_batch_queues_each_file_once_and_skips_those_that_came_with_thei
     import threading
 
     from daemon import service
-    from daemon.queue import content_hash
     from daemon.readiness import Arrival
+    from daemon.store.keys import content_hash
 
     (tmp_path / "in").mkdir()
     monkeypatch.setenv("VLWATCH_PLUGINS", "tests.stub_backend")
@@ -479,8 +479,8 @@ def test_recipes_hash_every_part_as_before(tmp_path: Path, monkeypatch: pytest.M
 
 def test_a_burst_is_logged_in_one_line_per_batch(caplog: pytest.LogCaptureFixture) -> None:
     # issue 10.21: a line per file for a few files; one line for a large batch, each file at DEBUG
-    from daemon.queue import Queued
     from daemon.service import LOG_EACH, log_queued
+    from daemon.store.queue import Queued
 
     few = [Queued(i, Path(f"/in/f{i}.png"), "describe", "h") for i in range(3)]
     many = [Queued(i, Path(f"/in/g{i}.png"), "describe", "h") for i in range(LOG_EACH + 40)]

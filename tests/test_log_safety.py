@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from daemon.queue import Queue
+from daemon.store.queue import Queue
 
 REPO = Path(__file__).resolve().parent.parent
 DEADLINE = 90.0

@@ -26,8 +26,9 @@ from daemon.backends import create_backend
 from daemon.config_reader import parse_config
 from daemon.engine.loop import WorkerLoop
 from daemon.engine.outcomes import Processor
-from daemon.queue import Candidate, Queue, content_hash
 from daemon.engine.worker import Worker
+from daemon.store.keys import content_hash
+from daemon.store.queue import Candidate, Queue
 from tests.conftest import wait_until
 from tests.stub_backend import StubBackend
 

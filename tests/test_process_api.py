@@ -18,7 +18,8 @@ from typing import Iterator
 import httpx
 import pytest
 
-from daemon.queue import Candidate, Queue, migrate
+from daemon.store.migrations import migrate
+from daemon.store.queue import Candidate, Queue
 from tests.conftest import Daemon, png_bytes, put, run_vlwatch, wait_until
 from tests.test_api import api_config, free_port
 from tests.test_ask import stub_lines
@@ -179,7 +180,7 @@ def test_claim_takes_higher_priority_first_and_prioritise_moves_a_queued_job(tmp
 def test_priority_migration_from_the_previous_schema(tmp_path: Path) -> None:  # issue 13.4
     import sqlite3
 
-    from daemon import queue as q
+    from daemon.store import migrations as q
 
     db = sqlite3.connect(tmp_path / "old.db", isolation_level=None)
     db.row_factory = sqlite3.Row

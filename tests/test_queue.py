@@ -13,7 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.queue import MIGRATIONS, Candidate, Queue, StateLock, content_hash, migrate
+from daemon.store.keys import content_hash
+from daemon.store.migrations import MIGRATIONS, migrate
+from daemon.store.queue import Candidate, Queue
+from daemon.store.state import StateLock
 
 
 def cand(path: str = "/w/a.png", rule: str = "describe", digest: str = "h1", **kw: object) -> Candidate:
@@ -45,7 +48,7 @@ def test_migrations_from_blank_database(tmp_path: Path) -> None:
 def test_every_migration_function_is_registered_in_order() -> None:
     # A migration written without its @migration decorator (a merge once lost
     # m020's) silently never runs: every m### function must be in MIGRATIONS, in name order.
-    import daemon.queue as q
+    import daemon.store.migrations as q
 
     defined = sorted(name for name in vars(q) if name[:1] == "m" and name[1:4].isdigit() and name[4:5] == "_")
     assert [m.__name__ for m in MIGRATIONS] == defined

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from daemon.queue import Queue
+from daemon.store.queue import Queue
 from tests.conftest import run_vlwatch
 from tests.test_daemon import png_bytes, put
 

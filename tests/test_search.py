@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.queue import Candidate, Queue
-from daemon.search import Filters, SearchIndex, fts_query, search
+from daemon.store.queue import Candidate, Queue
+from daemon.store.search import Filters, SearchIndex, fts_query, search
 from tests.conftest import run_vlwatch, write_config
 
 

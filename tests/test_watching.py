@@ -445,8 +445,8 @@ def test_a_files_create_and_modify_are_dropped_when_its_close_follows_in_the_sam
 
 def test_one_look_gives_size_completeness_and_the_hash_of_the_bytes_checked(tmp_path: Path) -> None:
     # issue 10.21: the settler reads a small ready file once; the queue uses that hash
-    from daemon.queue import bytes_hash, content_hash
     from daemon.readiness import look_at
+    from daemon.store.keys import bytes_hash, content_hash
 
     whole, cut = tmp_path / "whole.png", tmp_path / "cut.png"
     whole.write_bytes(png_bytes())

@@ -18,10 +18,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from daemon.config_reader import parse_config
-from daemon.queue import Queue
 from daemon.server import web
 from daemon.server.app import create_app
 from daemon.server.context import ServerContext
+from daemon.store.queue import Queue
 from tests.test_search import finish_job
 
 

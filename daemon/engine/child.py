@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the child imports the engine only once it runs (see child_main)
     from daemon.config import Config
-    from daemon.queue import Queue
+    from daemon.store.queue import Queue
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +167,8 @@ def child_main(spec: EngineSpec, conn: Connection) -> None:
     from daemon.config import load_plugins
     from daemon.engine.loop import WorkerLoop
     from daemon.engine.outcomes import Processor
-    from daemon.queue import Queue
     from daemon.engine.worker import Worker
+    from daemon.store.queue import Queue
 
     load_plugins()  # a backend a plugin registers ($VLWATCH_PLUGINS), as the daemon's config loading did
     link = _Link(conn)

@@ -61,10 +61,10 @@ from daemon.errors import (
     StateUnavailableError,
 )
 from daemon.engine.outcomes import Processor
-from daemon.queue import Job, Queue
 from daemon.readiness import file_signature
 from daemon.rules import Match, match_file
 from daemon.engine.worker import Outcome, Prepared, Worker, error_text, page_chunk
+from daemon.store.queue import Job, Queue
 
 log = logging.getLogger(__name__)
 

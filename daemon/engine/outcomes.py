@@ -34,11 +34,12 @@ from daemon.errors import (
     plural,
 )
 from daemon.images import printable
-from daemon.queue import Job, Queue, content_hash
 from daemon.readiness import file_signature
 from daemon.rules import Match, match_file
 from daemon.sidecars import TEMP_PREFIX, TEMP_SUFFIX
 from daemon.engine.worker import STORAGE_ERRNOS, Worker
+from daemon.store.keys import content_hash
+from daemon.store.queue import Job, Queue
 
 log = logging.getLogger(__name__)
 

@@ -83,8 +83,8 @@ if TYPE_CHECKING:  # the child imports the engine only once it runs (see child_m
     from daemon.config import Config
     from daemon.engine.loop import WorkerLoop
     from daemon.engine.outcomes import Processor
-    from daemon.queue import Queue
     from daemon.engine.worker import Worker
+    from daemon.store.queue import Queue
 
 from daemon.engine.child import (
     DEVICE_LOST_EXIT,

@@ -9,7 +9,7 @@ Server-rendered (Jinja2, autoescape on) with one small vendored script
 - ``/results``   every current result, newest first, thumbnail beside its
                  rendered sidecar; keyset-paginated on ``(finished_at, id)``
                  so page 5,000 costs what page 1 does;
-- ``/search``    full-text search (``daemon.search``), with folder, rule and
+- ``/search``    full-text search (``daemon.store.search``), with folder, rule and
                  date filters; ``GET /api/v1/search`` answers from the same function;
 - ``/failures``  reasons, files, retry one or all;
 - ``/ask``       ask and compare: images from the watched folders or
@@ -60,9 +60,9 @@ from starlette.concurrency import run_in_threadpool
 
 from daemon.config import Config
 from daemon.images import printable
-from daemon.queue import key_path, safe_text
-from daemon.search import Filters, SearchIndex, parse_date
 from daemon.server.context import MAX_ROW_ID, ApiError, ServerContext, context, parse_json
+from daemon.store.keys import key_path, safe_text
+from daemon.store.search import Filters, SearchIndex, parse_date
 
 log = logging.getLogger(__name__)
 
@@ -602,7 +602,7 @@ async def retry(request: Request, ctx: ServerContext = Depends(context)) -> dict
     if not every and (not isinstance(ids, list) or not ids
                       or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= MAX_ROW_ID for i in ids)):
         raise ApiError(400, "expected {\"ids\": [JOB_ID, ...]} or {\"all\": true}", code="invalid_request")
-    from daemon.queue import Queue
+    from daemon.store.queue import Queue
 
     def work() -> list[int]:
         with Queue(ctx.config().state) as queue:

@@ -1,7 +1,7 @@
 """Full-text search over every sidecar the daemon has written (SQLite FTS5).
 
 The index lives in the state database (tables ``search_docs`` and the FTS5
-table ``search_fts``, migration ``m030_search_index`` in ``daemon.queue``)
+table ``search_fts``, migration ``m030_search_index`` in ``migrations``)
 and is kept in step WITHOUT hooks in the writers: the jobs table already
 says which sidecars exist, so the index *catches up* from it.
 
@@ -42,7 +42,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from daemon.queue import MIGRATIONS, key_path, migrate, path_key, safe_text
+from daemon.store.keys import key_path, path_key, safe_text
+from daemon.store.migrations import fully_migrated, migrate
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ class SearchIndex:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=30000")
-        if not _migrated(self._db):
+        if not fully_migrated(self._db):
             migrate(self._db)
 
     def close(self) -> None:
@@ -424,15 +425,6 @@ class SearchIndex:
     def count(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM search_docs").fetchone()[0])
-
-
-def _migrated(db: sqlite3.Connection) -> bool:
-    """Whether every migration is applied (one read; ``migrate`` takes a write lock per migration)."""
-    try:
-        done = {r[0] for r in db.execute("SELECT name FROM _migrations")}
-    except sqlite3.OperationalError:  # a blank database
-        return False
-    return all(fn.__name__ in done for fn in MIGRATIONS)
 
 
 class _Tx:

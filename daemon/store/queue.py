@@ -1,5 +1,12 @@
 """The durable job queue and its history, in one SQLite file (``state:``).
 
+Called ``queue``, not ``jobs``: the table is ``jobs``, but what this module
+does is queue them (enqueue, claim, finish, retry) and what callers hold is a
+``Queue``; the history is the queue's finished rows.  The page's own reads of
+that history are in ``history``; the keys a job is stored under (content
+hash, path as text or bytes) in ``keys``; the state file's folder and lock in
+``state``; the schema in ``migrations``.
+
 A *job* is one (source file, rule) pair at one content: the file's path, the
 rule's name and a blake2b hash of the bytes, with its state (``queued``,
 ``running``, ``done``, ``failed``), attempts, the earliest time it may run
@@ -31,12 +38,8 @@ failed, the complete file then got its own job, and ``status``, the
 ``failed`` count and ``retry --all`` show the file's current state, not the
 superseded failure (issue 10.9).  The row stays as history until ``prune``.
 
-A state folder nothing can be written to, or a file that is not an SQLite
-database, is a ``StateError``: one line naming the file, exit 2.
-
-The schema evolves by ordered, named migrations recorded in ``_migrations``
-(simonw/llm's ``migrations.py`` habit), so an old state file is upgraded in
-place and a blank one is built by running them all.
+A state file that cannot be opened is a ``StateError`` (``state.state_problem``);
+opening one applies the migrations it lacks (``migrations.migrate``).
 
 Deliberately not here: deciding *whether* a file needs work (``service``),
 readiness (``watching``) and running jobs (``worker``).  Reusing the answer
@@ -47,13 +50,10 @@ coupling.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import logging
 import os
 import sqlite3
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -62,6 +62,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from daemon.errors import StateError
+from daemon.store.keys import UNREADABLE, key_path, path_key, safe_text
+from daemon.store.migrations import migrate
+from daemon.store.state import make_state_folder, state_problem
 
 log = logging.getLogger(__name__)
 
@@ -78,17 +81,8 @@ CURRENT = ("NOT EXISTS (SELECT 1 FROM jobs newer WHERE newer.path = jobs.path AN
 #: written by that job: file timestamps come from the kernel's coarse clock,
 #: which lags ``time.time()`` by up to a tick.
 MTIME_SLACK_NS = 20_000_000
-#: The hash of a candidate whose bytes may not be read (issue 10.3): it is
-#: recorded as a failed job, not queued; new permissions give a real hash,
-#: which no longer matches, so the file is queued again.
-UNREADABLE = "unreadable:"
 #: What a failed job says when the daemon may not read its file (as ``vlwatch process`` says).
 PERMISSION_DENIED = "permission denied: the daemon's user may not read this file"
-
-
-def unreadable_hash(size: int, mtime_ns: int) -> str:
-    return f"{UNREADABLE}{size}:{mtime_ns}"
-
 
 #: The priority of a file a person handed over (``vlwatch process``, ``POST
 #: /api/v1/jobs``, a retried job): claimed before the folder backlog (0).
@@ -162,244 +156,6 @@ class Job:
             "started_at": self.started_at, "finished_at": self.finished_at, "seconds": self.seconds,
             "error": self.error, "sidecars": [safe_text(str(s)) for s in self.sidecars],
         }
-
-
-def path_key(path: Path | str) -> str | bytes:
-    """How a path is stored: as text, or as its raw bytes when the name is not UTF-8.
-
-    File names are bytes on Linux; Python carries undecodable ones as lone
-    surrogates, which SQLite's text type refuses.  Such a name is stored as a
-    BLOB (compared byte for byte, like the file system does), so one odd name
-    cannot fail the transaction that queues a whole batch.
-    """
-    text = str(path)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return os.fsencode(text)
-    return text
-
-
-def key_path(value: str | bytes) -> Path:
-    return Path(os.fsdecode(value) if isinstance(value, bytes) else value)
-
-
-def safe_text(text: str) -> str:
-    """``text`` with any undecodable bytes of a file name shown as escapes (for error columns)."""
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a lone surrogate that is not an escaped byte
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def content_hash(path: Path) -> str:
-    """The blake2b hex digest of a file's bytes (what a job is keyed on)."""
-    digest = hashlib.blake2b(digest_size=20)
-    with open(path, "rb") as f:
-        # One read for the usual small image; a big scan streams in 1 MiB pieces.
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def bytes_hash(data: bytes) -> str:
-    """``content_hash`` of bytes already read (the settler reads a small file once: issue 10.21)."""
-    return hashlib.blake2b(data, digest_size=20).hexdigest()
-
-
-# -------------------------------------------------------------- migrations
-
-Migration = Callable[[sqlite3.Connection], None]
-MIGRATIONS: list[Migration] = []
-
-
-def migration(fn: Migration) -> Migration:
-    """Register a schema change; they run in definition order, each exactly once."""
-    MIGRATIONS.append(fn)
-    return fn
-
-
-@migration
-def m001_jobs(db: sqlite3.Connection) -> None:
-    db.execute("""
-        CREATE TABLE jobs (
-            id INTEGER PRIMARY KEY,
-            path TEXT NOT NULL,
-            rule TEXT NOT NULL,
-            hash TEXT NOT NULL,
-            size INTEGER NOT NULL,
-            mtime_ns INTEGER NOT NULL,
-            state TEXT NOT NULL,
-            attempts INTEGER NOT NULL DEFAULT 0,
-            not_before REAL NOT NULL DEFAULT 0,
-            queued_at REAL NOT NULL,
-            started_at REAL,
-            finished_at REAL,
-            seconds REAL,
-            error TEXT,
-            sidecars TEXT
-        )""")
-    db.execute("CREATE INDEX jobs_path_rule ON jobs (path, rule, id)")
-    db.execute("CREATE INDEX jobs_due ON jobs (state, not_before, id)")
-
-
-@migration
-def m002_meta(db: sqlite3.Connection) -> None:
-    # Small shared facts for `vlwatch status` in another process: model state,
-    # backend outage, the daemon's pid and start time.
-    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL, updated REAL NOT NULL)")
-
-
-@migration
-def m003_finished_index(db: sqlite3.Connection) -> None:
-    # `status` lists the latest failures and `prune` deletes by age.
-    db.execute("CREATE INDEX jobs_finished ON jobs (state, finished_at)")
-
-
-@migration
-def m004_absolute_paths(db: sqlite3.Connection) -> None:
-    """Rewrite relative job paths (issue 10.1) as the canonical absolute ones the daemon now stores.
-
-    Before 10.1 a relative ``--config`` made the watcher store ``in/x.png``
-    (relative to the daemon's working directory), beside the catch-up's
-    ``/abs/in/x.png``.  That directory was not recorded; the best guess is
-    the working directory of the command opening the state now (users run
-    the same command from the same place), unless the file exists only
-    relative to the state file's folder.
-    """
-    state = next((Path(r[2]) for r in db.execute("PRAGMA database_list") if r[1] == "main" and r[2]), None)
-    bases = [Path.cwd()] + ([state.parent] if state is not None else [])
-    rows = db.execute("SELECT id, path FROM jobs WHERE CAST(path AS TEXT) NOT LIKE '/%'").fetchall()
-    for job_id, value in rows:
-        relative = os.fsdecode(value) if isinstance(value, bytes) else value
-        if os.path.isabs(relative):
-            continue
-        candidates = [os.path.abspath(os.path.join(b, relative)) for b in bases]
-        chosen = next((c for c in candidates if os.path.exists(c)), candidates[0])
-        db.execute("UPDATE jobs SET path = ? WHERE id = ?", (path_key(chosen), job_id))
-
-
-
-@migration
-def m010_recipe(db: sqlite3.Connection) -> None:
-    # What made each sidecar (model, rendered prompt, sizing: daemon.recipes),
-    # so sidecars of an older recipe can be found and redone (issue 11.13).
-    # NULL for jobs from before: they count as current.
-    db.execute("ALTER TABLE jobs ADD COLUMN recipe TEXT")
-
-
-@migration
-def m020_job_events(db: sqlite3.Connection) -> None:
-    # The API's event stream (GET /api/v1/events) follows every job's state
-    # changes, whichever process made them (the daemon, `scan`, `retry`):
-    # triggers log each change with a sequence number a client can resume
-    # from.  Trimmed to the last ~10,000 changes as it grows.
-    db.execute("CREATE TABLE job_events (seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id INTEGER NOT NULL,"
-               " state TEXT NOT NULL, at REAL NOT NULL)")
-    now = "(julianday('now') - 2440587.5) * 86400.0"
-    db.execute(f"CREATE TRIGGER job_events_insert AFTER INSERT ON jobs BEGIN"
-               f" INSERT INTO job_events (job_id, state, at) VALUES (NEW.id, NEW.state, {now}); END")
-    db.execute(f"CREATE TRIGGER job_events_update AFTER UPDATE OF state ON jobs WHEN NEW.state IS NOT OLD.state BEGIN"
-               f" INSERT INTO job_events (job_id, state, at) VALUES (NEW.id, NEW.state, {now}); END")
-    db.execute("CREATE TRIGGER job_events_trim AFTER INSERT ON job_events WHEN NEW.seq % 1000 = 0 BEGIN"
-               " DELETE FROM job_events WHERE seq <= NEW.seq - 10000; END")
-
-
-# Search index (daemon/search.py): one row per text sidecar, and its FTS5 text.
-@migration
-def m030_search_index(db: sqlite3.Connection) -> None:
-    db.execute("""
-        CREATE TABLE search_docs (
-            id INTEGER PRIMARY KEY,
-            path TEXT NOT NULL,
-            rule TEXT NOT NULL,
-            sidecar TEXT NOT NULL,
-            job_id INTEGER NOT NULL,
-            job_finished REAL NOT NULL,
-            folder TEXT NOT NULL,
-            sidecar_mtime_ns INTEGER NOT NULL,
-            sidecar_size INTEGER NOT NULL
-        )""")
-    db.execute("CREATE INDEX search_docs_path_rule ON search_docs (path, rule)")
-    db.execute("CREATE UNIQUE INDEX search_docs_sidecar ON search_docs (sidecar)")
-    db.execute("CREATE INDEX search_docs_job ON search_docs (job_id, job_finished)")
-    db.execute("CREATE INDEX search_docs_folder ON search_docs (folder)")
-    # Jobs looked at that left no text sidecar, so the catch-up does not read them again.
-    db.execute("CREATE TABLE search_skipped (job_id INTEGER PRIMARY KEY, job_finished REAL NOT NULL)")
-    db.execute("CREATE TABLE search_cursor (id INTEGER PRIMARY KEY CHECK (id = 1), finished_at REAL NOT NULL)")
-    db.execute("INSERT INTO search_cursor (id, finished_at) VALUES (1, 0)")
-    db.execute("CREATE VIRTUAL TABLE search_fts USING fts5 (name, body, tokenize = 'unicode61 remove_diacritics 2')")
-
-
-# The web page's ask/compare conversations (daemon/server/web.py), kept until cleared.
-@migration
-def m031_conversations(db: sqlite3.Connection) -> None:
-    db.execute("""
-        CREATE TABLE conversations (
-            id INTEGER PRIMARY KEY,
-            title TEXT NOT NULL,
-            created REAL NOT NULL,
-            updated REAL NOT NULL
-        )""")
-    # content: the OpenAI message content (text and image_url parts), as JSON.
-    db.execute("""
-        CREATE TABLE conversation_messages (
-            id INTEGER PRIMARY KEY,
-            conversation_id INTEGER NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
-            role TEXT NOT NULL,
-            content TEXT NOT NULL,
-            created REAL NOT NULL
-        )""")
-    db.execute("CREATE INDEX conversation_messages_conv ON conversation_messages (conversation_id, id)")
-    # Images uploaded from the browser, kept only for their conversation.
-    db.execute("""
-        CREATE TABLE conversation_images (
-            id INTEGER PRIMARY KEY,
-            conversation_id INTEGER NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
-            name TEXT NOT NULL,
-            mime TEXT NOT NULL,
-            data BLOB NOT NULL,
-            created REAL NOT NULL
-        )""")
-    db.execute("CREATE INDEX conversation_images_conv ON conversation_images (conversation_id)")
-
-@migration
-def m040_priority(db: sqlite3.Connection) -> None:
-    # Files a person hands over (`vlwatch process`, POST /api/v1/jobs) are
-    # claimed before the folder backlog (issue 13.4): higher first, then
-    # oldest.  The index serves claim's ORDER BY without sorting the backlog.
-    db.execute("ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0")
-    db.execute("CREATE INDEX jobs_claim ON jobs (state, priority DESC, id)")
-
-
-@migration
-def m041_claimed_by(db: sqlite3.Connection) -> None:
-    # Which engine process claimed a running job (issue 12.5): when one of the
-    # daemon's engine processes dies, its jobs (and only its) go back on the queue.
-    db.execute("ALTER TABLE jobs ADD COLUMN claimed_by TEXT")
-
-
-def migrate(db: sqlite3.Connection) -> list[str]:
-    """Apply the migrations this database lacks; return their names."""
-    db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
-    applied: list[str] = []
-    for fn in MIGRATIONS:
-        # One transaction per migration, re-checked under the write lock: two
-        # processes opening a new state file at once must not both apply it.
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            done = db.execute("SELECT 1 FROM _migrations WHERE name = ?", (fn.__name__,)).fetchone()
-            if not done:
-                fn(db)
-                db.execute("INSERT INTO _migrations (name, applied_at) VALUES (?, ?)", (fn.__name__, time.time()))
-                applied.append(fn.__name__)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-    return applied
-
-
 # ------------------------------------------------------------------- queue
 
 
@@ -421,7 +177,7 @@ class Queue:
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
         except sqlite3.Error as exc:
-            raise StateError(_state_problem(self.path, exc)) from None
+            raise StateError(state_problem(self.path, exc)) from None
         try:
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -430,7 +186,7 @@ class Queue:
             applied = migrate(self._db)
         except sqlite3.Error as exc:  # a corrupt header, a read-only file or folder (issue 10.16)
             self._db.close()
-            raise StateError(_state_problem(self.path, exc)) from None
+            raise StateError(state_problem(self.path, exc)) from None
         if applied:
             log.debug("%s: applied migrations %s", self.path, ", ".join(applied))
 
@@ -856,40 +612,6 @@ class Queue:
         return {r["key"]: json.loads(r["value"]) for r in self._query("SELECT key, value FROM meta")}
 
 
-def make_state_folder(state: Path) -> None:
-    """Create the state file's folder, or say in one line why it cannot be."""
-    try:
-        state.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StateError(f"{safe_text(str(state.parent))}: cannot create the state folder: "
-                         f"{exc.strerror or exc}; set `state:` in the config to a writable path") from None
-
-
-def _state_problem(path: Path, exc: sqlite3.Error) -> str:
-    """One line for a state database that cannot be opened, naming the file and the way out."""
-    text = safe_text(str(path))
-    reason = str(exc)
-    if isinstance(exc, sqlite3.DatabaseError) and ("not a database" in reason or "malformed" in reason):
-        return (f"{text}: the state database is corrupt ({reason}); move it away (the daemon then starts "
-                "afresh and its catch-up scan queues what has no sidecar) or restore it from a backup")
-    why = _unwritable(path.parent)
-    if why is None and path.exists() and not os.access(path, os.W_OK):
-        why = "the file is read-only"
-    if why is not None:
-        return (f"{text}: the state database cannot be written ({why}; {reason}); fix the permissions "
-                "or set `state:` in the config to a writable path")
-    return f"{text}: cannot open the state database: {reason}"
-
-
-def _unwritable(folder: Path) -> str | None:
-    """Why nothing can be created in ``folder``, or None if something can (tried, not guessed from modes)."""
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            return None
-    except OSError as exc:
-        return f"its folder {safe_text(str(folder))} is not writable: {exc.strerror or exc}"
-
-
 def _job(row: sqlite3.Row) -> Job:
     return Job(
         id=row["id"], path=key_path(row["path"]), rule=row["rule"], hash=row["hash"], size=row["size"],
@@ -899,58 +621,3 @@ def _job(row: sqlite3.Row) -> Job:
         sidecars=tuple(Path(s) for s in json.loads(row["sidecars"])) if row["sidecars"] else (),
         recipe=row["recipe"] if "recipe" in row.keys() else None,
     )
-
-
-# -------------------------------------------------------------- the lock
-
-
-class StateLock:
-    """One process at a time works a state file: the daemon, or a `scan` without one.
-
-    An ``flock`` on ``<state>.lock``, released by the kernel when the holder
-    dies (so a ``kill -9`` never leaves a stale lock).  The holder's pid is
-    written into the file for ``vlwatch status``.
-    """
-
-    def __init__(self, state: Path) -> None:
-        self.path = Path(f"{state}.lock")
-        self._fd: int | None = None
-
-    def acquire(self) -> bool:
-        make_state_folder(self.path)
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise StateError(f"{safe_text(str(self.path))}: cannot create the state lock: {exc.strerror or exc}; "
-                             "fix the folder's permissions or set `state:` in the config to a writable path") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return False
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-        return True
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def holder(self) -> int | None:
-        """The pid of the process holding the lock, or None if nobody does."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError:
-                text = os.read(fd, 32).decode(errors="replace").strip()
-                return int(text) if text.isdigit() else -1
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return None
-        finally:
-            os.close(fd)
