@@ -5,15 +5,14 @@ list, read, append a turn (the answer itself streams from
 ``/v1/chat/completions``; the script posts it back here), upload images
 (kept only for their conversation, migration ``m031_conversations``), and
 clear everything.  Split from ``web.py``, whose page state and CSRF check
-they share.
+they share.  What they keep and read is ``daemon.store.conversations``: no
+SQL here.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
-import sqlite3
 import time
 import urllib.parse
 from typing import Any
@@ -26,6 +25,7 @@ from daemon import answers
 from daemon.config import Config
 from daemon.images import shown_size
 from daemon.server.context import ApiError, RowId, ServerContext, context
+from daemon.store import conversations as stored
 
 # The page's shared helpers (state, CSRF check, body and time formats, file checks).
 from daemon.server.web import (
@@ -34,7 +34,6 @@ from daemon.server.web import (
     WebState,
     _allowed,
     _json,
-    _loads,
     _when,
     render_markdown,
     same_site,
@@ -49,19 +48,18 @@ router = APIRouter()
 ROLES = ("user", "assistant")
 
 
-def _conversation(ws: WebState, cid: int) -> sqlite3.Row:
-    rows = ws.rows("SELECT * FROM conversations WHERE id = ?", (cid,))
-    if not rows:
+def _conversation(ws: WebState, cid: int) -> stored.Conversation:
+    conv = stored.get(ws.store, cid)
+    if conv is None:
         raise ApiError(404, f"no conversation {cid}", code="not_found")
-    return rows[0]
+    return conv
 
 
 @router.get("/web/conversations")
 def list_conversations(ctx: ServerContext = Depends(context)) -> dict[str, Any]:
     ws = web_state(ctx)
-    rows = ws.rows("SELECT * FROM conversations ORDER BY updated DESC LIMIT 200")
-    return {"conversations": [{"id": r["id"], "title": r["title"], "created": r["created"], "updated": r["updated"],
-                               "when": _when(r["updated"])} for r in rows]}
+    return {"conversations": [{"id": c.id, "title": c.title, "created": c.created, "updated": c.updated,
+                               "when": _when(c.updated)} for c in stored.recent(ws.store, 200)]}
 
 
 @router.post("/web/conversations")
@@ -71,9 +69,8 @@ async def new_conversation(request: Request, ctx: ServerContext = Depends(contex
     title = body.get("title") if isinstance(body.get("title"), str) else ""
     now = time.time()
     ws = web_state(ctx)
-    cur = await run_in_threadpool(ws.write, "INSERT INTO conversations (title, created, updated) VALUES (?, ?, ?)",
-                                  ((title or "New conversation")[:120], now, now))
-    return {"id": cur.lastrowid, "created": now}
+    cid = await run_in_threadpool(stored.create, ws.store, title, now)
+    return {"id": cid, "created": now}
 
 
 @router.get("/web/conversations/{cid}")
@@ -81,13 +78,12 @@ def get_conversation(cid: RowId, ctx: ServerContext = Depends(context)) -> dict[
     ws = web_state(ctx)
     conv = _conversation(ws, cid)
     messages = []
-    for r in ws.rows("SELECT * FROM conversation_messages WHERE conversation_id = ? ORDER BY id", (cid,)):
-        content = _loads(r["content"])
-        item: dict[str, Any] = {"role": r["role"], "content": content, "created": r["created"], "when": _when(r["created"])}
-        if r["role"] == "assistant" and isinstance(content, str):
-            item.update(_rendered_answer(ctx.config(), ws, cid, content, r["id"]))
+    for m in stored.messages(ws.store, cid):
+        item: dict[str, Any] = {"role": m.role, "content": m.content, "created": m.created, "when": _when(m.created)}
+        if m.role == "assistant" and isinstance(m.content, str):
+            item.update(_rendered_answer(ctx.config(), ws, cid, m.content, m.id))
         messages.append(item)
-    return {"id": cid, "title": conv["title"], "created": conv["created"], "updated": conv["updated"],
+    return {"id": cid, "title": conv.title, "created": conv.created, "updated": conv.updated,
             "messages": messages}
 
 
@@ -105,24 +101,9 @@ async def add_messages(cid: RowId, request: Request, ctx: ServerContext = Depend
     now = time.time()
 
     def work() -> list[dict[str, Any]]:
-        out = []
-        with ws.lock:
-            ws.db.execute("BEGIN IMMEDIATE")
-            try:
-                for role, content in clean:
-                    cur = ws.db.execute("INSERT INTO conversation_messages (conversation_id, role, content, created)"
-                                        " VALUES (?, ?, ?, ?)", (cid, role, json.dumps(content), now))
-                    out.append((cur.lastrowid, role, content))
-                title = _title(clean)
-                ws.db.execute("UPDATE conversations SET updated = ?,"
-                              " title = CASE WHEN title = 'New conversation' AND ? != '' THEN ? ELSE title END"
-                              " WHERE id = ?", (now, title, title, cid))
-                ws.db.execute("COMMIT")
-            except BaseException:
-                ws.db.execute("ROLLBACK")
-                raise
+        ids = stored.append_turn(ws.store, cid, clean, _title(clean), now)
         rendered = []
-        for mid, role, content in out:
+        for mid, (role, content) in zip(ids, clean):
             item: dict[str, Any] = {"id": mid, "role": role}
             if role == "assistant" and isinstance(content, str):
                 item.update(_rendered_answer(ctx.config(), ws, cid, content, mid))
@@ -188,9 +169,7 @@ def _rendered_answer(config: Config, ws: WebState, cid: int, text: str, before_i
 
 
 def _last_image(ws: WebState, cid: int, before_id: int) -> str | None:
-    for r in ws.rows("SELECT content FROM conversation_messages WHERE conversation_id = ? AND id < ? AND role = 'user'"
-                     " ORDER BY id DESC", (cid, before_id)):
-        content = _loads(r["content"])
+    for content in stored.user_contents_before(ws.store, cid, before_id):
         if isinstance(content, list):
             urls = [p["image_url"]["url"] for p in content if isinstance(p, dict) and p.get("type") == "image_url"]
             if urls:
@@ -209,10 +188,10 @@ def _image_size(config: Config, ws: WebState, cid: int, url: str) -> tuple[int, 
             with open_image(path) as image:
                 return image.size
         image_id = int(url.rsplit("/", 1)[-1])
-        rows = ws.rows("SELECT data FROM conversation_images WHERE id = ? AND conversation_id = ?", (image_id, cid))
-        if not rows:
+        data = stored.image_data(ws.store, cid, image_id)
+        if data is None:
             return None
-        with Image.open(io.BytesIO(rows[0]["data"])) as image:
+        with Image.open(io.BytesIO(data)) as image:
             from PIL import ImageOps
 
             return ImageOps.exif_transpose(image).size
@@ -235,9 +214,8 @@ async def upload_image(cid: RowId, request: Request, ctx: ServerContext = Depend
     name = request.headers.get("x-filename", "image")[:200]
     ws = web_state(ctx)
     await run_in_threadpool(_conversation, ws, cid)
-    cur = await run_in_threadpool(ws.write, "INSERT INTO conversation_images (conversation_id, name, mime, data, created)"
-                                            " VALUES (?, ?, ?, ?, ?)", (cid, name, mime, data, time.time()))
-    return {"id": cur.lastrowid, "url": f"/web/conversations/{cid}/images/{cur.lastrowid}", "name": name}
+    image_id = await run_in_threadpool(stored.add_image, ws.store, cid, name, mime, data, time.time())
+    return {"id": image_id, "url": f"/web/conversations/{cid}/images/{image_id}", "name": name}
 
 
 def _image_type(data: bytes) -> str | None:
@@ -256,10 +234,10 @@ def _image_type(data: bytes) -> str | None:
 @router.get("/web/conversations/{cid}/images/{image_id}")
 def get_image(cid: RowId, image_id: RowId, ctx: ServerContext = Depends(context)) -> Response:
     ws = web_state(ctx)
-    rows = ws.rows("SELECT mime, data FROM conversation_images WHERE id = ? AND conversation_id = ?", (image_id, cid))
-    if not rows:
+    image = stored.image(ws.store, cid, image_id)
+    if image is None:
         raise ApiError(404, f"no image {image_id} in conversation {cid}", code="not_found")
-    return Response(rows[0]["data"], media_type=rows[0]["mime"],
+    return Response(image.data, media_type=image.mime,
                     headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=3600",
                              "Content-Security-Policy": "sandbox; default-src 'none'"})
 
@@ -269,20 +247,5 @@ async def clear_conversations(request: Request, ctx: ServerContext = Depends(con
     """Forget every conversation and the images uploaded for them."""
     same_site(request)
     ws = web_state(ctx)
-
-    def work() -> int:
-        with ws.lock:
-            ws.db.execute("BEGIN IMMEDIATE")
-            try:
-                n = ws.db.execute("SELECT COUNT(*) FROM conversations").fetchone()[0]
-                ws.db.execute("DELETE FROM conversation_images")
-                ws.db.execute("DELETE FROM conversation_messages")
-                ws.db.execute("DELETE FROM conversations")
-                ws.db.execute("COMMIT")
-            except BaseException:
-                ws.db.execute("ROLLBACK")
-                raise
-        return int(n)
-
-    return {"cleared": await run_in_threadpool(work)}
+    return {"cleared": await run_in_threadpool(stored.clear, ws.store)}
 

@@ -62,6 +62,7 @@ from daemon.config import Config
 from daemon.images import printable
 from daemon.server.context import MAX_ROW_ID, ApiError, ServerContext, context, parse_json
 from daemon.store.keys import key_path, safe_text
+from daemon.store.page import PageConnection
 from daemon.store.search import Filters, SearchIndex, parse_date
 
 log = logging.getLogger(__name__)
@@ -188,10 +189,7 @@ class WebState:
 
     def __init__(self, state: Path, stopping: threading.Event | None) -> None:
         self.state = state
-        self.lock = threading.RLock()
-        self.db = sqlite3.connect(state, isolation_level=None, check_same_thread=False, timeout=30.0)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA busy_timeout=30000")
+        self.store = PageConnection(state)
         self.index = SearchIndex(state)  # migrates the database if needed
         self._stopping = stopping or threading.Event()
         self._closed = threading.Event()
@@ -201,9 +199,9 @@ class WebState:
     def close(self) -> None:
         self._closed.set()
         self._indexer.join(30)
-        with self.lock:
+        with self.store.lock:
             self.index.close()
-            self.db.close()
+            self.store.close()
 
     def _index_loop(self) -> None:
         last_sweep = time.monotonic()
@@ -219,19 +217,7 @@ class WebState:
             self._closed.wait(self.CATCH_UP)
 
     def rows(self, sql: str, args: tuple | list = ()) -> list[sqlite3.Row]:
-        with self.lock:
-            return self.db.execute(sql, args).fetchall()
-
-    def write(self, sql: str, args: tuple | list = ()) -> sqlite3.Cursor:
-        with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                cur = self.db.execute(sql, args)
-                self.db.execute("COMMIT")
-                return cur
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        return self.store.rows(sql, args)
 
 
 _states: dict[Path, WebState] = {}

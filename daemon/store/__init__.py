@@ -5,7 +5,9 @@
 - ``keys``: what a job is keyed on: content hashes, paths as stored;
 - ``state``: the state file's folder, its lock (``StateLock``), why it cannot be opened;
 - ``migrations``: the schema, as ordered, named migrations;
-- ``search``: the full-text index of sidecars (FTS5), caught up from the jobs table.
+- ``search``: the full-text index of sidecars (FTS5), caught up from the jobs table;
+- ``page``: the web page's one connection (``PageConnection``), which
+  ``conversations`` (the page's kept ask/compare conversations) runs on.
 
 Nothing here imports the server, the engine or the intake: they import this.
 """
