@@ -2,32 +2,51 @@
 
 What the route tests (``test_web_app``, ``test_web``) do not pin directly:
 a turn kept in one transaction (all or nothing), titles, ordering, an
-image asked for under the wrong conversation, and ``migrate`` /
-``fully_migrated`` on a bare connection (``test_queue`` migrates through
-``Queue``).
+image asked for under the wrong conversation; the page's history reads on
+odd rows (a re-queued file, a name that is not UTF-8, unreadable meta);
+and ``migrate`` / ``fully_migrated`` on a bare connection (``test_queue``
+migrates through ``Queue``).
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
 import pytest
 
 from daemon.store import conversations as stored
+from daemon.store import history
 from daemon.store.migrations import MIGRATIONS, fully_migrated, migrate
 from daemon.store.page import PageConnection
+from daemon.store.queue import Candidate, Queue
 
 
 @pytest.fixture
-def conn(tmp_path: Path):
-    state = tmp_path / "state.db"
+def state(tmp_path: Path) -> Path:
+    return tmp_path / "state.db"
+
+
+@pytest.fixture
+def conn(state: Path):
     db = sqlite3.connect(state, isolation_level=None)
     migrate(db)
     db.close()
     page = PageConnection(state)
     yield page
     page.close()
+
+
+def finished(queue: Queue, path: Path, digest: str, *, fail: str | None = None) -> int:
+    """One job of ``path`` under rule ``r``, claimed and then done (or failed with ``fail``)."""
+    queue.enqueue([Candidate(path, "r", digest, 1, 1)])
+    (job,) = queue.claim(1)
+    if fail is None:
+        queue.finish([(job.id, [Path(f"{path}.r.md")], 0.5)])
+    else:
+        queue.fail(job.id, fail, retry_at=None)
+    return job.id
 
 
 # ------------------------------------------------------------------ migrations
@@ -112,3 +131,47 @@ def test_unreadable_stored_content_reads_as_none(conn: PageConnection) -> None:
                (cid,))
     assert [m.content for m in stored.messages(conn, cid)] == [None]
     assert stored.user_contents_before(conn, cid, 10**9) == [None]
+
+
+# ------------------------------------------------------------------ history
+
+
+def test_a_result_stays_until_a_newer_one_is_done(state: Path, conn: PageConnection) -> None:
+    with Queue(state) as queue:
+        old = finished(queue, Path("/w/a.png"), "h1")
+        queue.enqueue([Candidate(Path("/w/a.png"), "r", "h2", 1, 2)])  # new bytes, not processed yet
+        done, nxt = history.results(conn, None, 10)
+        assert [d.id for d in done] == [old] and nxt is None
+        assert done[0].sidecars == (Path("/w/a.png.r.md"),) and done[0].seconds == 0.5
+        (job,) = queue.claim(1)
+        queue.finish([(job.id, [], 0.1)])
+    assert [d.id for d in history.results(conn, None, 10)[0]] == [job.id]
+
+
+def test_results_pages_follow_their_key(state: Path, conn: PageConnection) -> None:
+    with Queue(state) as queue:
+        ids = [finished(queue, Path(f"/w/{i}.png"), f"h{i}") for i in range(5)]
+    first, key = history.results(conn, None, 2)
+    assert [d.id for d in first] == ids[:-3:-1] and key == (first[-1].finished_at, first[-1].id)
+    rest, end = history.results(conn, key, 10)
+    assert [d.id for d in rest] == ids[-3::-1] and end is None
+    assert history.results(conn, None, 10, rule="other") == ([], None)
+
+
+def test_the_overview_reads(state: Path, conn: PageConnection) -> None:
+    odd = Path(os.fsdecode(b"/w/\xff.png"))  # stored as raw bytes
+    with Queue(state) as queue:
+        a = finished(queue, Path("/w/a.png"), "ha")
+        b = finished(queue, odd, "hb")
+        bad = finished(queue, Path("/w/bad.png"), "hx", fail="broken")
+        queue.enqueue([Candidate(Path("/w/c.png"), "r", "hc", 1, 1)])
+        queue.set_meta("daemon", {"pid": 7})
+    assert history.counts_by_state(conn) == {"queued": 1, "running": 0, "done": 2, "failed": 1}
+    assert [(d.id, d.path, d.seconds) for d in history.latest_done(conn, 8)] == [(b, odd, None), (a, Path("/w/a.png"), None)]
+    assert history.done_paths(conn, 50) == [Path("/w/a.png")]  # the name that is not UTF-8 is not offered
+    (f,) = history.failures(conn, 5)
+    assert (f.id, f.path, f.rule, f.attempts, f.error) == (bad, Path("/w/bad.png"), "r", 1, "broken") and f.finished_at
+    assert history.failed_count(conn) == 1
+    assert history.done_since(conn, 0) == 2 and history.done_since(conn, 2**40) == 0
+    conn.write("INSERT INTO meta (key, value, updated) VALUES ('model', '{', 0)")
+    assert history.meta(conn) == {"daemon": {"pid": 7}, "model": None}

@@ -30,6 +30,9 @@ also refuse a browser's cross-site ``Sec-Fetch-Site``.  The bearer token
 (off loopback) guards every route here too: the guard sits in front of the
 whole app.
 
+What the pages show is read through ``daemon.store.history`` (the
+conversations through ``daemon.store.conversations``): no SQL here.
+
 Deliberately not here: editing sidecars, deleting files, or queueing new
 files (the API's ``POST /api/v1/jobs`` does that).
 """
@@ -42,7 +45,6 @@ import json
 import logging
 import os
 import re
-import sqlite3
 import threading
 import time
 import urllib.parse
@@ -61,7 +63,9 @@ from starlette.concurrency import run_in_threadpool
 from daemon.config import Config
 from daemon.images import printable
 from daemon.server.context import MAX_ROW_ID, ApiError, ServerContext, context, parse_json
-from daemon.store.keys import key_path, safe_text
+from daemon.store import history
+from daemon.store.history import Done, Failed
+from daemon.store.keys import safe_text
 from daemon.store.page import PageConnection
 from daemon.store.search import Filters, SearchIndex, parse_date
 
@@ -176,10 +180,12 @@ def same_site(request: Request) -> None:
 
 
 class WebState:
-    """A read connection to the state database and the search index, per state file.
+    """The page's connection to the state database and the search index, per state file.
 
-    One connection, used under a lock (routes run in the thread pool); reads
-    never take a write lock, so the page never slows the daemon.  The
+    One connection (``daemon.store.page.PageConnection``), used under its
+    lock (routes run in the thread pool); reads never take a write lock, so
+    the page never slows the daemon.  Routes read and write through
+    ``daemon.store.history`` and ``daemon.store.conversations``.  The
     search index is built in a background thread the first time the page
     is used, then kept in step by each search and every ``CATCH_UP`` seconds.
     """
@@ -215,9 +221,6 @@ class WebState:
             except Exception:  # a locked or full disk: log, try again later
                 log.exception("search index: catch-up failed; retrying in %gs", self.CATCH_UP)
             self._closed.wait(self.CATCH_UP)
-
-    def rows(self, sql: str, args: tuple | list = ()) -> list[sqlite3.Row]:
-        return self.store.rows(sql, args)
 
 
 _states: dict[Path, WebState] = {}
@@ -277,11 +280,10 @@ def own_notes(markdown: str) -> str:
     return _OWN_NOTE.sub(shown, markdown).rstrip() + "\n"
 
 
-def _result(row: sqlite3.Row) -> Result:
-    sidecars = tuple(Path(s) for s in json.loads(row["sidecars"] or "[]"))
-    base = dict(id=row["id"], path=key_path(row["path"]), rule=row["rule"], finished_at=row["finished_at"],
-                seconds=row["seconds"], sidecars=sidecars)
-    text_sidecar = next((s for s in sidecars if s.suffix in (".md", ".html", ".json")), None)
+def _result(job: Done) -> Result:
+    base = dict(id=job.id, path=job.path, rule=job.rule, finished_at=job.finished_at,
+                seconds=job.seconds, sidecars=job.sidecars)
+    text_sidecar = next((s for s in job.sidecars if s.suffix in (".md", ".html", ".json")), None)
     if text_sidecar is None:
         return Result(**base, kind="missing")
     if text_sidecar.suffix == ".html":
@@ -316,27 +318,11 @@ def _is_size(s: object) -> bool:
     return isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) and v > 0 for v in s)
 
 
-_CURRENT = ("NOT EXISTS (SELECT 1 FROM jobs k WHERE k.path = j.path AND k.rule = j.rule AND k.id > j.id"
-            " AND k.state = 'done')")
-
-
 def results_page(ws: WebState, before: tuple[float, int] | None, limit: int = PAGE_SIZE,
                  rule: str | None = None) -> tuple[list[Result], tuple[float, int] | None]:
     """Current results newest first, after the keyset ``before``; and the key of the next page."""
-    where, args = ["j.state = 'done'", _CURRENT], []
-    if before is not None:
-        where.append("(j.finished_at < ? OR (j.finished_at = ? AND j.id < ?))")
-        args += [before[0], before[0], before[1]]
-    if rule:
-        where.append("j.rule = ?")
-        args.append(rule)
-    rows = ws.rows(f"SELECT j.id, j.path, j.rule, j.finished_at, j.seconds, j.sidecars FROM jobs j"
-                   f" WHERE {' AND '.join(where)} ORDER BY j.finished_at DESC, j.id DESC LIMIT ?", [*args, limit + 1])
-    more = len(rows) > limit
-    rows = rows[:limit]
-    results = [_result(r) for r in rows]
-    nxt = (rows[-1]["finished_at"], rows[-1]["id"]) if more and rows else None
-    return results, nxt
+    done, nxt = history.results(ws.store, before, limit, rule)
+    return [_result(job) for job in done], nxt
 
 
 def _parse_key(text: str | None) -> tuple[float, int] | None:
@@ -356,28 +342,21 @@ def overview(ctx: ServerContext, ws: WebState) -> dict[str, Any]:
     """Everything the overview shows, as JSON (the page and its live updates use the same)."""
     config = ctx.config()
     now = time.time()
-    counts = {"queued": 0, "running": 0, "done": 0, "failed": 0}
-    for r in ws.rows("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
-        counts[r["state"]] = r["n"]
-    meta = {r["key"]: _loads(r["value"]) for r in ws.rows("SELECT key, value FROM meta")}
+    counts = history.counts_by_state(ws.store)
+    meta = history.meta(ws.store)
     daemon = meta.get("daemon") or {}
     started = daemon.get("started") if isinstance(daemon, dict) else None
-    recent = ws.rows("SELECT COUNT(*) AS n FROM jobs WHERE state = 'done' AND finished_at >= ?",
-                     (now - RATE_WINDOW,))[0]["n"]
+    recent = history.done_since(ws.store, now - RATE_WINDOW)
     rate = recent / (RATE_WINDOW / 60.0)  # per minute
     done_since = counts["done"]
     if isinstance(started, (int, float)):
-        done_since = ws.rows("SELECT COUNT(*) AS n FROM jobs WHERE state = 'done' AND finished_at >= ?",
-                             (started,))[0]["n"]
+        done_since = history.done_since(ws.store, started)
     backlog = counts["queued"] + counts["running"]
     total = done_since + backlog
-    failures = [_job_row(r) for r in ws.rows(
-        "SELECT id, path, rule, attempts, finished_at, error FROM jobs WHERE state = 'failed'"
-        " ORDER BY finished_at DESC, id DESC LIMIT 5")]
-    latest = [{"id": r["id"], "path": safe_text(str(key_path(r["path"]))), "name": printable(key_path(r["path"]).name),
-               "rule": r["rule"], "finished_at": r["finished_at"], "when": _when(r["finished_at"])}
-              for r in ws.rows("SELECT id, path, rule, finished_at FROM jobs WHERE state = 'done'"
-                               " ORDER BY finished_at DESC, id DESC LIMIT 8")]
+    failures = [_job_row(f) for f in history.failures(ws.store, 5)]
+    latest = [{"id": j.id, "path": safe_text(str(j.path)), "name": printable(j.path.name),
+               "rule": j.rule, "finished_at": j.finished_at, "when": _when(j.finished_at)}
+              for j in history.latest_done(ws.store, 8)]
     return {
         "counts": counts,
         "backlog": backlog,
@@ -404,13 +383,6 @@ def _indexed(ws: "WebState") -> int:
 
 #: Jobs the overview indexes per refresh (the rest at the next one, or at a search).
 INDEX_PER_REFRESH = 200
-
-
-def _loads(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return None
 
 
 def _model_info(config: Config, meta: dict[str, Any]) -> dict[str, Any]:
@@ -448,11 +420,10 @@ def _short(v: Any) -> str:
     return text[:200]
 
 
-def _job_row(r: sqlite3.Row) -> dict[str, Any]:
-    path = key_path(r["path"])
-    return {"id": r["id"], "path": safe_text(str(path)), "name": printable(path.name), "rule": r["rule"],
-            "attempts": r["attempts"], "finished_at": r["finished_at"], "when": _when(r["finished_at"]),
-            "error": r["error"] or ""}
+def _job_row(f: Failed) -> dict[str, Any]:
+    return {"id": f.id, "path": safe_text(str(f.path)), "name": printable(f.path.name), "rule": f.rule,
+            "attempts": f.attempts, "finished_at": f.finished_at, "when": _when(f.finished_at),
+            "error": f.error or ""}
 
 
 # ------------------------------------------------------------------ pages
@@ -501,10 +472,9 @@ def search_view(request: Request, q: str = "", folder: str = "", rule: str = "",
 @router.get("/failures", response_class=HTMLResponse)
 def failures_view(request: Request, ctx: ServerContext = Depends(context)) -> HTMLResponse:
     ws = web_state(ctx)
-    rows = ws.rows("SELECT id, path, rule, attempts, finished_at, error FROM jobs WHERE state = 'failed'"
-                   " ORDER BY finished_at DESC, id DESC LIMIT 500")
-    total = ws.rows("SELECT COUNT(*) AS n FROM jobs WHERE state = 'failed'")[0]["n"]
-    return _page(request, "failures.html", failures=[_job_row(r) for r in rows], total=total)
+    failed = history.failures(ws.store, 500)
+    total = history.failed_count(ws.store)
+    return _page(request, "failures.html", failures=[_job_row(f) for f in failed], total=total)
 
 
 @router.get("/ask", response_class=HTMLResponse)
@@ -512,10 +482,8 @@ def ask_view(request: Request, path: list[str] = Query(default=[]), ctx: ServerC
     ws = web_state(ctx)
     config = ctx.config()
     # Only files the API will read for the chat: one `vlwatch process` took from elsewhere is not offered.
-    recent = [{"path": safe_text(str(key_path(r["path"]))), "name": printable(key_path(r["path"]).name)}
-              for r in ws.rows("SELECT DISTINCT path FROM jobs WHERE state = 'done'"
-                               " ORDER BY finished_at DESC LIMIT 50")
-              if not isinstance(r["path"], bytes) and served(config, key_path(r["path"]))][:12]
+    recent = [{"path": safe_text(str(p)), "name": printable(p.name)}
+              for p in history.done_paths(ws.store, 50) if served(config, p)][:12]
     preset = [p for p in path if p.startswith("/") and served(config, Path(p))][:8]
     return _page(request, "ask.html", recent=recent, preset=preset, examples=EXAMPLES)
 

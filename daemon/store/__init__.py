@@ -7,7 +7,8 @@
 - ``migrations``: the schema, as ordered, named migrations;
 - ``search``: the full-text index of sidecars (FTS5), caught up from the jobs table;
 - ``page``: the web page's one connection (``PageConnection``), which
-  ``conversations`` (the page's kept ask/compare conversations) runs on.
+  ``history`` (the page's reads of jobs and meta) and ``conversations``
+  (its kept ask/compare conversations) run on.
 
 Nothing here imports the server, the engine or the intake: they import this.
 """

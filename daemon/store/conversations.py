@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from daemon.store.page import PageConnection
+from daemon.store.page import PageConnection, json_or_none
 
 #: A conversation's title until its first question names it (``append_turn``).
 #: The same text is written into ``append_turn``'s SQL: change both or neither.
@@ -50,13 +50,6 @@ class Image:
     data: bytes
 
 
-def _loads(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return None
-
-
 def _conversation(row: Any) -> Conversation:
     return Conversation(id=row["id"], title=row["title"], created=row["created"], updated=row["updated"])
 
@@ -80,7 +73,7 @@ def recent(conn: PageConnection, limit: int = 200) -> list[Conversation]:
 
 def messages(conn: PageConnection, cid: int) -> list[Message]:
     """Every message of one conversation, oldest first."""
-    return [Message(id=r["id"], role=r["role"], content=_loads(r["content"]), created=r["created"])
+    return [Message(id=r["id"], role=r["role"], content=json_or_none(r["content"]), created=r["created"])
             for r in conn.rows("SELECT * FROM conversation_messages WHERE conversation_id = ? ORDER BY id", (cid,))]
 
 
@@ -104,7 +97,7 @@ def append_turn(conn: PageConnection, cid: int, turn: Sequence[tuple[str, Any]],
 
 def user_contents_before(conn: PageConnection, cid: int, before_id: int) -> list[Any]:
     """The content of each user message before message ``before_id``, newest first (None where unreadable)."""
-    return [_loads(r["content"]) for r in conn.rows(
+    return [json_or_none(r["content"]) for r in conn.rows(
         "SELECT content FROM conversation_messages WHERE conversation_id = ? AND id < ? AND role = 'user'"
         " ORDER BY id DESC", (cid, before_id))]
 

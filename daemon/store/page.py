@@ -15,11 +15,13 @@ it opens the same file) and the job queue's writes (``queue.Queue``).
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 class PageConnection:
@@ -62,3 +64,11 @@ class PageConnection:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+
+def json_or_none(text: str) -> Any:
+    """A stored JSON value, or None if it cannot be read (the page shows what it can, never fails on it)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
