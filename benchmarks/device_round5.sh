@@ -16,7 +16,10 @@ tree() {  # tree NAME DIR LOG ARGS...: vlwatch ARGS from the tree in DIR
 for what in img page; do
     for name in new base; do
         dir=$PWD; [[ $name == base ]] && dir=$PWD/.base
-        if [[ $what == img ]]; then tree $name "$dir" "$what-$name" "${img[@]}"; else tree $name "$dir" "$what-$name" "${page[@]}"; fi
+        if [[ $what == img ]]; then args=("${img[@]}"); else args=("${page[@]}"); fi
+        # The base's bench has no --ignore-eos: it always ran to the token budget (what the flag asks of the new one).
+        [[ $name == base ]] && args=("${args[@]/--ignore-eos}")
+        tree $name "$dir" "$what-$name" ${args[@]}
     done
 done
 exit 0
