@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from daemon.backends import Request
-from daemon.backends.transformers.backend import TransformersBackend, attention_candidates
+from daemon.backends.transformers.backend import TransformersBackend
+from daemon.backends.transformers.loading import attention_candidates
 from daemon.config import ModelConfig
 from daemon.errors import BackendError, ModelMissingError
 from daemon.images import size_page
@@ -38,7 +39,7 @@ def _reference(model_dir: Path, image: Image.Image, prompt: str, n: int) -> list
 def test_generate_matches_the_reference_pipeline(tiny_model: Path, caplog: pytest.LogCaptureFixture) -> None:
     backend = TransformersBackend(ModelConfig(name=str(tiny_model)))
     images = _images()
-    with caplog.at_level(logging.INFO, logger="daemon.backends.transformers.backend"):
+    with caplog.at_level(logging.INFO, logger="daemon.backends.transformers"):
         answers = backend.generate([Request((img,), "Read the text.", 10) for img in images])
     # auto on a CPU: flash-attn skipped with its reason, sdpa chosen, and both logged
     assert backend.attention == "sdpa"

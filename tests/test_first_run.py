@@ -44,6 +44,7 @@ def test_out_of_memory_while_loading_says_so_with_numbers(tiny_model: Path, monk
     # issue 11.5: was "no attention implementation could be loaded (tried sdpa, eager)"
     import torch
 
+    from daemon.backends.transformers import loading
     from daemon.backends.transformers.backend import TransformersBackend
     from daemon.config import ModelConfig
 
@@ -52,7 +53,7 @@ def test_out_of_memory_while_loading_says_so_with_numbers(tiny_model: Path, monk
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         raise RuntimeError("CUDA error: out of memory")
 
-    monkeypatch.setattr(TransformersBackend, "_instantiate", no_room)
+    monkeypatch.setattr(loading, "instantiate", no_room)
     backend = TransformersBackend(ModelConfig(name=str(tiny_model), device="cpu", max_pixels=50000))
     with pytest.raises(BackendError) as info:
         backend.load()

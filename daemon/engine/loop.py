@@ -84,7 +84,7 @@ STALL = 1800.0
 def check_model(config: Config) -> None:
     """Fail at start, with the way out, when the local weights are missing."""
     if config.model.backend == "transformers" and local_model_path(config.model.name) is None:
-        from daemon.backends.transformers.backend import missing_model_message
+        from daemon.backends.transformers.loading import missing_model_message
 
         raise ModelMissingError(missing_model_message(config.model.name))
 

@@ -1,6 +1,8 @@
 """The ``transformers`` backend: Qwen2.5-VL in this process.
 
-- ``backend``: ``TransformersBackend`` (loading, sizing, the admission loop over a feed);
+- ``backend``: ``TransformersBackend`` (sizing, the admission loop over a feed);
+- ``loading``: device, dtype and attention; the weights placed and quantized; the memory
+  cap and plan at load; the fast paths built and their touchpoints checked at load;
 - ``live``: requests made into prompts ahead of the GPU (``LiveSource``);
 - ``scheduler``: which prompts are admitted and which slots decode, turn by turn;
 - ``slots``: the slot engine (static cache, continuous batching, CUDA graphs);

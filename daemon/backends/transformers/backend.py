@@ -1,15 +1,9 @@
-"""Qwen2.5-VL in this process through Hugging Face ``transformers``.
+"""Qwen2.5-VL in this process through Hugging Face ``transformers``: answering requests.
 
-Loading is local-files-only: the weights come from a directory or from the
-local Hugging Face cache, never from the network (``vlwatch pull`` is the one
-command that downloads).  The model loads lazily on the first request and can
-be unloaded when idle, so the daemon holds no GPU memory while nothing
-happens.
-
-``attention: auto`` tries flash_attention_2 (CUDA and the flash-attn package
-both present), then sdpa, then eager, and logs what it got and why it fell
-back.  An explicit choice that cannot be honoured is an error, not a silent
-fallback.
+The model loads lazily on the first request and can be unloaded when idle,
+so the daemon holds no GPU memory while nothing happens.  How it loads
+(device, dtype, attention, weights, the memory cap and plan, the fast paths
+and their checks) is ``daemon.backends.transformers.loading``.
 
 Generation (``engine``): for Qwen2.5-VL, ``daemon.backends.transformers.slots`` runs
 greedy decoding over a static KV cache of ``batch_size`` slots that are
@@ -29,18 +23,12 @@ Chat requests (``Request.messages``) go through the processor's chat
 template, images in their turns; ``temperature > 0`` samples that request;
 ``stream`` gets the text as it is decoded.
 
-Precision: float16 is refused for Qwen2.5-VL (trained in bfloat16, its
-activations overflow fp16 and the logits turn NaN) unless
-``engine.allow_fp16: true``; ``dtype: auto`` picks bfloat16, or
-float32 on a GPU without bfloat16.
-
 Engine options (``engine:``, ``daemon.config.EngineOptions``) arrive as
 ``options`` and go down as plain arguments: nothing below reads the
 environment.
 
-Memory: ``max_gpu_memory`` caps this process's CUDA allocator
-(``torch.cuda.set_per_process_memory_fraction``) and ``batch_size: auto``
-sizes the slots to what is left under the cap after the weights.  A CUDA
+Memory: ``batch_size: auto`` sizes the slots to what is left under
+``max_gpu_memory`` (the cap ``loading`` applies) after the weights.  A CUDA
 out-of-memory error (in prefill, decoding, or while capturing the CUDA graph
 or compiling) halves the slots and runs the requests in hand again, down to
 one slot; on a single image it fails that request.  The fast paths stay on.
@@ -49,23 +37,21 @@ one slot; on a single image it fails that request.  The fast paths stay on.
 from __future__ import annotations
 
 import gc
-import importlib.util
 import logging
-import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Iterator, Sequence, TypeVar
 
 from daemon.backends import (Answer, BaseBackend, Capabilities, DeviceLostError, Feed, Item, ListFeed, Request,
                              Sizing, is_sticky_cuda_error)
+from daemon.backends.transformers import loading
 from daemon.backends.transformers.live import LiveSource
-from daemon.backends.transformers.oom import is_out_of_memory, load_oom_message
+from daemon.backends.transformers.oom import is_out_of_memory
 from daemon import plan
-from daemon.config import EngineOptions, ModelConfig, local_model_path
-from daemon.errors import BackendError, ModelMissingError, VlwatchError
+from daemon.config import EngineOptions, ModelConfig
+from daemon.errors import BackendError, VlwatchError
 
 if TYPE_CHECKING:
     from daemon.backends.transformers.slots import SlotEngine
@@ -79,20 +65,6 @@ GiB = 2**30
 
 T = TypeVar("T")
 U = TypeVar("U")
-
-
-def missing_model_message(name: str) -> str:
-    return (
-        f"model {name!r} is not on this machine: run `vlwatch pull {name}` (the only command that "
-        "downloads), or set model.name to a local directory holding the weights"
-    )
-
-
-def resolve_model(name: str) -> Path:
-    path = local_model_path(name)
-    if path is None:
-        raise ModelMissingError(missing_model_message(name))
-    return path
 
 
 class TransformersBackend(BaseBackend):
@@ -232,93 +204,28 @@ class TransformersBackend(BaseBackend):
         self._state_changed()
 
     def _load(self, sizing: Sizing) -> None:
-        import torch
-        from transformers import AutoProcessor
-
-        if not sys.stderr.isatty():
-            # transformers draws a weight-loading progress bar; in a journal it is noise.
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
-        device = _pick_device(self.config.device)
-        dtype = _pick_dtype(self.config.dtype, device)
-        source = self._source()
-        _refuse_fp16(dtype, source, allow=self.options.allow_fp16)
+        # In this order (loading's docstring); what each step says is kept as soon as it is known.
+        loading.quiet_progress_bar()
+        device = loading.pick_device(self.config.device)
+        dtype = loading.pick_dtype(self.config.dtype, device)
+        source = loading.model_source(self.config.name, self.load_format)
+        loading.refuse_fp16(dtype, source, allow=self.options.allow_fp16)
         self.dtype = str(dtype).removeprefix("torch.")
-        processor = AutoProcessor.from_pretrained(source, local_files_only=True)
-        # Batched generation of a decoder-only model needs the padding on the left.
-        processor.tokenizer.padding_side = "left"
+        processor = loading.load_processor(source)
         # Refuses a setup that cannot fit, with advice.
-        self.plan = self._plan_memory(source, device, dtype, _demand(processor, sizing))
-        self.precision = self._precision(source, device)
-        # Dummy weights are built on the GPU in bf16 and quantized there: the
-        # cap (a smaller card simulated) applies once they are FP8.  A real
-        # checkpoint is quantized one linear at a time on its way to the GPU.
-        late_cap = self.load_format == "dummy" and self.precision == "fp8"
-        if not late_cap:
-            self._limit_memory(device)
-        model, attention = self._load_model(source, device, dtype)
-        if late_cap:
-            self._limit_memory(device)
-        model.eval()
+        demand = loading.demand(sizing, lambda prompt: _text_tokens(processor, prompt))
+        self.plan = loading.plan_memory(self.config, source, device, dtype, demand)
+        self.precision = loading.resolve_precision(self.config, source, device, self.plan)
+        model, attention = loading.load_weights(self.config, source, device, dtype, name=self.model,
+                                                precision=self.precision, load_format=self.load_format)
         self._processor, self._model, self.attention = processor, model, attention
         log.info("loaded %s on %s (%s, attention=%s)", self.model, device, str(dtype).removeprefix("torch."), attention)
-        self._speed_up(model, attention)
-        del torch
-
-    def _speed_up(self, model: Any, attention: str) -> None:
-        if getattr(model.config, "model_type", None) != "qwen2_5_vl":
-            log.info("generation: model.generate (the slot engine supports qwen2_5_vl only)")
+        paths = loading.speed_up(model, processor, attention, engine=self.engine, options=self.options)
+        if paths is None:  # a model the slot engine does not support: model.generate runs it
             return
-        from daemon.backends.transformers import patches, qwen2_5_vl, slots
-
-        if model.device.type == "cuda" and patches.pad_vision_mlp(model):
-            log.debug("vision MLP width padded for the Hopper/Ampere GEMM kernels")
-        o = self.options
-        if attention != "flash_attention_2":  # flash-attn already runs the windows as one varlen call
-            self._vision = patches.VisionAttentionPatch(
-                model, varlen=o.vision_varlen, compile=patches.compile_enabled(model.device, o.compiles("vision")),
-                fused_blocks=o.vision_blocks)
-        if patches.compile_enabled(model.device, o.compiles("prefill")):
-            self._text = patches.TextPrefillPatch(model)
-        # Each of Qwen2.5-VL's private touchpoints once, on a tiny input, against the stock path: a
-        # transformers or torch that changed one turns its fast path off (qwen2_5_vl's docstring).
-        started = time.perf_counter()
-        checked = qwen2_5_vl.check_rope_index(model)
-        if self.engine != "hf" and checked.ok("rope_index"):
-            fast = slots.SlotEngine(model, eos_ids=_eos_ids(model, self._processor), options=o)
-            checked += self._check_engine(fast)
-            self._fast = fast if checked.ok("text_layers") else None
-        if not checked.ok("flash_attention") and self._vision is not None:
-            self._vision.without_flash()
-        checked += qwen2_5_vl.check_vision(model, self._vision)
-        if not checked.ok("vision_attention"):
-            self._vision = None  # left disabled: the stock forwards run
-        if self._fast is not None:
-            self._fast.vision = self._vision
-            self._fast.vision_layout = checked.ok("vision_layout")
-            log.info("generation: the slot engine (static cache, continuous batching%s)",
-                     ", CUDA graphs" if self._fast.use_cuda_graphs else "")
-        self.touchpoints = checked
-        log.info("Qwen2.5-VL touchpoints checked in %.1f s: %s", time.perf_counter() - started, checked.summary())
+        self._fast, self._vision, self._text = paths.fast, paths.vision, paths.text
+        self.touchpoints = paths.touchpoints
         self._choose_sdpa_kernels()
-
-    @staticmethod
-    def _check_engine(fast: Any) -> Any:
-        """The engine's layer functions against the stock decoder layer; FlashAttention's kinds on their own."""
-        from daemon.backends.transformers import qwen2_5_vl
-
-        if not fast.fused or not fast.layer_functions:
-            return qwen2_5_vl.Checked()  # the engine runs the model's own modules: nothing of ours to check
-        checked = qwen2_5_vl.check_text_layers(fast)
-        flash = ("flash",) if fast.attention == "flash" else ()
-        if checked.ok("text_layers") and (flash or fast.prefill_kind == "flash"):
-            checked += qwen2_5_vl.check_text_layers(
-                fast, kinds=flash, prefill_kind=fast.prefill_kind, touchpoint="flash_attention",
-                fallback="SDPA runs instead of FlashAttention's varlen entry (decode, prefill, vision blocks)")
-            if not checked.ok("flash_attention"):
-                fast.without_flash()
-        return checked
 
     def set_engine(self, engine: str) -> None:
         """Switch between ``auto`` (the slot engine and the vision patch) and ``hf`` (stock transformers)."""
@@ -330,19 +237,8 @@ class TransformersBackend(BaseBackend):
         self._choose_sdpa_kernels()
 
     def _choose_sdpa_kernels(self) -> None:
-        """The slot engine: no cuDNN attention (it plans anew for every sequence length); stock: torch's default.
-
-        On the H100 with torch 2.11, SDPA picks cuDNN's kernel, which builds an
-        execution plan for each new shape: a prefill of an unseen length took
-        0.24 s instead of 0.145 s, and stock decoding (a new KV length every
-        step) 72 ms a step instead of 34 (benchmarks/NOTES.md).  Flash and
-        memory-efficient attention run as fast once warm and need no plans.
-        The switch is process-wide; the daemon owns its process.
-        """
-        import torch
-
-        if self._model is not None and self._model.device.type == "cuda":
-            torch.backends.cuda.enable_cudnn_sdp(self.engine == "hf" or self._fast is None)
+        """cuDNN's SDPA kernels for the stock path only (``loading.choose_sdpa_kernels`` says why)."""
+        loading.choose_sdpa_kernels(self._model, stock=self.engine == "hf" or self._fast is None)
 
     def reconfigure(self, config: ModelConfig) -> None:
         """Take a new ``model:`` section without reloading (the bench's setups): batch size, memory cap."""
@@ -352,7 +248,7 @@ class TransformersBackend(BaseBackend):
                 self._fast.release()  # the next batch sizes its own cache
             if self._model is not None:
                 _empty_cuda_cache()
-                self._limit_memory(self._model.device)
+                loading.limit_memory(self._model.device, self.config.max_gpu_memory)
 
     def describe(self) -> dict[str, Any]:
         """What runs the model, for the bench's header."""
@@ -360,7 +256,7 @@ class TransformersBackend(BaseBackend):
         if self.plan is not None:
             info["plan"] = self.plan.summary()
         if self._model is not None:  # what ends a sequence and the penalty, as the engine applies them
-            info["eos_ids"] = sorted(_eos_ids(self._model, self._processor))
+            info["eos_ids"] = sorted(loading.eos_ids(self._model, self._processor))
             info["repetition_penalty"] = getattr(self._model.generation_config, "repetition_penalty", None) or 1.0
         if self._fast is not None:
             info["engine"] = "slot engine" + (" + CUDA graphs" if self._fast.use_cuda_graphs else "")
@@ -375,19 +271,6 @@ class TransformersBackend(BaseBackend):
         else:
             info["prefill"] = "stock text model" + (", norms/MLPs compiled" if self._text is not None else "")
         return info
-
-    def _limit_memory(self, device: Any) -> None:
-        """Apply ``max_gpu_memory`` to this process's CUDA allocator."""
-        import torch
-
-        cap = self.config.max_gpu_memory
-        if device.type != "cuda":
-            return
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        total = torch.cuda.get_device_properties(index).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total) if cap else 1.0, index)
-        if cap:
-            log.info("GPU memory capped at %.1f GiB of %.1f GiB", cap / GiB, total / GiB)
 
     @property
     def device_in_use(self) -> str | None:
@@ -412,146 +295,6 @@ class TransformersBackend(BaseBackend):
     def plan_summary(self) -> str | None:
         """"7B fp8 on 23.6 GiB: 96 slots of 1664 tokens" (``status``), once the model was planned."""
         return self.plan.summary() if self.plan is not None else None
-
-    def _plan_memory(self, source: str, device: Any, dtype: Any, demand: plan.Demand | None) -> plan.Plan | None:
-        """The plan for this model on this card, logged; a clear error when nothing fits.
-
-        The same arithmetic as ``vlwatch plan`` and ``auto_batch_size``
-        (daemon.plan), on the memory the card has free now (under
-        ``max_gpu_memory``), so a setup that cannot hold one slot beside the
-        weights stops here with what would fit, not later with an
-        out-of-memory traceback while capturing the decode graph (issue 23).
-        """
-        import torch
-
-        if device.type != "cuda":
-            return None
-        try:
-            checkpoint = plan.read_config(Path(source))
-            shape = plan.shape_from_config(checkpoint, self.config.name)
-        except ValueError as exc:
-            log.info("no memory plan: %s", exc)
-            return None
-        free, total = torch.cuda.mem_get_info(device)
-        cap = self.config.max_gpu_memory
-        memory = min(free, cap) if cap else free
-        capability = tuple(torch.cuda.get_device_capability(device))
-        capable = capability >= plan.FP8_MIN_CAPABILITY
-        prequantized = plan.checkpoint_precision(checkpoint) == "fp8"
-        quantization = self.config.quantization
-        if quantization == "fp8" and not capable and not prequantized:
-            quantization = "none"  # refused below, with what fits in bf16
-        planned = plan.plan_with_advice(
-            shape, memory, quantization=quantization, max_pixels=self.config.max_pixels,
-            max_new_tokens=self.config.max_new_tokens, capped=True,  # free memory: the context is counted already
-            fp8_capable=capable, prequantized=prequantized, itemsize=dtype.itemsize, demand=demand)
-        if quantization != self.config.quantization:
-            raise BackendError(plan.fp8_unsupported_message(".".join(map(str, capability)), planned))
-        log.info("memory plan: %s (weights %.1f GiB, prefill reserve %.1f GiB, %.0f MiB per slot; %s)",
-                 planned.summary(), planned.weights_gib, planned.reserve_gib, planned.kv_per_slot_mib,
-                 "; ".join(planned.notes))
-        if not planned.fits:
-            raise BackendError(plan.nothing_fits_message(planned))
-        if planned.advice:
-            log.info("memory plan: more slots with %s", " or ".join(planned.advice))
-        return planned
-
-    def _precision(self, source: str, device: Any) -> str:
-        """What ``model.quantization`` comes to here: the plan's choice on CUDA, bf16 elsewhere unless asked.
-
-        On a CPU (or a card without FP8 tensor cores, for a pre-quantized
-        checkpoint) FP8 weights run through the dequantizing reference path:
-        correct, slower; ``auto`` never picks it there.
-        """
-        import torch
-
-        from daemon.backends.transformers import fp8
-
-        try:
-            checkpoint = plan.read_config(Path(source))
-        except ValueError:
-            checkpoint = {}
-        prequantized = fp8.compressed_tensors_fp8(checkpoint)
-        if self.plan is not None:
-            precision = self.plan.precision
-        else:
-            precision = "fp8" if self.config.quantization == "fp8" or prequantized else "bf16"
-        if device.type == "cuda" and precision == "fp8" and not fp8.fp8_capable(device) and not prequantized:
-            capability = ".".join(map(str, torch.cuda.get_device_capability(device)))
-            raise BackendError(plan.fp8_unsupported_message(capability, self.plan))
-        if precision == "fp8" and not fp8.fast_fp8(device):
-            log.warning("FP8 weights on %s run through the dequantizing reference path (slow): "
-                        "FP8 tensor cores need CUDA compute capability 8.9+", device)
-        return precision
-
-    def _quantize(self, model: Any, source: str, device: Any) -> Any:
-        """The text model's linears in FP8 when ``self.precision`` says so (``daemon.backends.transformers.fp8``)."""
-        if self.precision != "fp8":
-            return model
-        from daemon.backends.transformers import fp8
-
-        checkpoint = plan.read_config(Path(source)) if self.load_format != "dummy" else {}
-        if fp8.compressed_tensors_fp8(checkpoint):
-            count = fp8.load_compressed_tensors(model, Path(source), device)
-            log.info("FP8: %d text linears loaded as they are from the compressed-tensors checkpoint", count)
-        else:
-            count = fp8.quantize_text_linears(model, device)
-            log.info("FP8: %d text linears quantized at load (row-wise e4m3; vision tower and lm_head in %s)",
-                     count, str(model.dtype).removeprefix("torch."))
-        return model
-
-    def _source(self) -> str:
-        if self.load_format == "dummy":
-            from daemon.bench_model import dummy_source
-
-            return str(dummy_source(self.config.name))
-        return str(resolve_model(self.config.name))
-
-    def _load_model(self, source: str, device: Any, dtype: Any) -> tuple[Any, str]:
-        failures: list[str] = []
-        for attention in attention_candidates(self.config.attention, device):
-            try:
-                model = self._instantiate(source, dtype, attention)
-            except (ImportError, ValueError, RuntimeError) as exc:
-                if is_out_of_memory(exc):  # not an attention problem: say so, with numbers (issue 11.5)
-                    raise BackendError(load_oom_message(self.model, source, dtype, device, self.config)) from exc
-                if self.config.attention != "auto":
-                    raise BackendError(f"attention {attention!r} is not usable here: {exc}") from exc
-                log.warning("attention %s failed to load (%s); falling back", attention, _one_line(exc))
-                failures.append(attention)
-                continue
-            return self._place(model, source, device, dtype), attention
-        raise BackendError(f"no attention implementation could be loaded (tried {', '.join(failures)})")
-
-    def _place(self, model: Any, source: str, device: Any, dtype: Any) -> Any:
-        """FP8 where asked, then onto the device; not an attention problem when it fails (issue 23)."""
-        try:
-            return self._quantize(model, source, device).to(device)
-        except ValueError as exc:  # a checkpoint that is not the FP8 layout it says
-            raise BackendError(f"FP8 weights of {self.model}: {exc}") from exc
-        except RuntimeError as exc:
-            if is_out_of_memory(exc):
-                raise BackendError(load_oom_message(self.model, source, dtype, device, self.config)) from exc
-            raise
-
-    def _instantiate(self, source: str, dtype: Any, attention: str) -> Any:
-        from transformers import AutoConfig, AutoModelForImageTextToText
-
-        if self.load_format == "dummy":  # random weights, with the model's generation config (issue 22.6)
-            from daemon.bench_model import dummy_model
-
-            return dummy_model(source, dtype=dtype, attention=attention, device=_pick_device(self.config.device))
-        extra: dict[str, Any] = {}
-        if self.precision == "fp8":
-            config = AutoConfig.from_pretrained(source, local_files_only=True)
-            if getattr(config, "quantization_config", None) is not None:
-                # backends.fp8 puts the checkpoint's FP8 weights in as they are;
-                # transformers' compressed-tensors path would decompress them.
-                del config.quantization_config
-                extra["config"] = config
-        return AutoModelForImageTextToText.from_pretrained(
-            source, local_files_only=True, dtype=dtype, attn_implementation=attention, **extra
-        )
 
     def unload(self) -> None:
         with self._lock:
@@ -837,10 +580,10 @@ class TransformersBackend(BaseBackend):
         if tokens is None:
             tokens = plan.prompt_tokens(self.config.max_pixels)
         max_new = max_new_tokens or self.config.max_new_tokens
-        budget = available_gpu_memory(self._model.device, self.config.max_gpu_memory)
+        budget = loading.available_gpu_memory(self._model.device, self.config.max_gpu_memory)
         if self._fast is not None:
             budget += self._fast.held_bytes()  # the cache in hand is reused or replaced, not added to
-        shape = model_shape(self._model)
+        shape = loading.model_shape(self._model)
         slots, packing = plan.fit(shape, budget, tokens=tokens, max_new=max_new, itemsize=self._model.dtype.itemsize)
         if self._fast is not None and packing != self._fast.packing:
             self._fast.packing = packing
@@ -888,7 +631,7 @@ class TransformersBackend(BaseBackend):
         self.last_stats = {"wall_s": time.perf_counter() - started, "requests": len(requests),
                            "new_tokens": int(out.shape[0] * (out.shape[1] - inputs["input_ids"].shape[1]))}
         new = out[:, inputs["input_ids"].shape[1]:]
-        eos = _eos_ids(model, processor)
+        eos = loading.eos_ids(model, processor)
         tokens, ended = [], []
         for row, request in zip(new.tolist(), requests):
             budget = row[: request.max_new_tokens]  # the batch ran to its longest budget
@@ -901,33 +644,6 @@ class TransformersBackend(BaseBackend):
 def image_tokens(width: int, height: int) -> int:
     """Tokens an image of this (already sized, multiple-of-28) size takes: one per 28x28 pixels."""
     return max(1, (width // 28) * (height // 28))
-
-
-def model_shape(model: Any) -> "plan.ModelShape":
-    """The loaded model's sizes, for daemon.plan's arithmetic."""
-    return plan.shape_from_config(model.config.to_dict(), str(getattr(model, "name_or_path", "")))
-
-
-def _kv_bytes_per_token(model: Any) -> int:
-    return plan.kv_bytes_per_token(model_shape(model), model.dtype.itemsize)
-
-
-def available_gpu_memory(device: Any, cap: int | None) -> int:
-    """Bytes this process can still allocate on ``device``: free memory, and room under ``cap``."""
-    import torch
-
-    free, total = torch.cuda.mem_get_info(device)
-    held = torch.cuda.memory_allocated(device)
-    cached = torch.cuda.memory_reserved(device) - held  # reserved by us but unused: ours to reuse
-    room = free + cached
-    if cap:
-        room = min(room, cap - torch.cuda.memory_reserved(device) + cached)
-    return max(0, room)
-
-
-def prefill_reserve(model: Any, tokens: int) -> int:
-    """Peak working memory of one prefill of ``tokens`` tokens (daemon.plan.prefill_reserve)."""
-    return plan.prefill_reserve(model_shape(model), tokens, model.dtype.itemsize)
 
 
 def _prefetch(pool: ThreadPoolExecutor, fn: Callable[[T], U], items: Iterable[T], *, ahead: int) -> Iterator[U]:
@@ -956,21 +672,6 @@ def _text_tokens(processor: Any, prompt: str) -> int:
     """Tokens of a one-image prompt's text: the chat template and ``prompt``, the image placeholder's
     three tokens (vision start, pad, end) counted once (the pad's expansion is the image's tokens)."""
     return _template_tokens(processor, Request((), prompt, 1)) + 3
-
-
-def _demand(processor: Any, sizing: Sizing) -> plan.Demand | None:
-    """What a live feed's declared requests need of a slot (``plan.Demand``), their text counted by
-    ``processor``'s chat template and tokenizer as ``_text_tokens`` counts it; None for none."""
-    if not sizing.expected:
-        return None
-    try:
-        lengths = [e.image_tokens + _text_tokens(processor, e.prompt) for e in sizing.expected]
-    except Exception as exc:  # noqa: BLE001 - a processor that cannot count them: the plan without the rules
-        log.info("memory plan: the rules' prompts not counted (%s)", exc)
-        return None
-    budget = max(e.max_new_tokens for e in sizing.expected)
-    return plan.Demand(text_tokens=0, tokens=max(lengths), max_new_tokens=budget,
-                       why=f"the rules' requests (up to {max(lengths)} prompt tokens, {budget} new tokens)")
 
 
 def _quiet(live: LiveSource, seconds: float) -> bool:
@@ -1018,32 +719,7 @@ def _on_device(device: Any) -> Any:
 
 
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {_one_line(exc)}" if not isinstance(exc, VlwatchError) else str(exc)
-
-
-def _refuse_fp16(dtype: Any, source: str, *, allow: bool = False) -> None:
-    """float16 for Qwen2.5-VL only when the user insists (``engine.allow_fp16: true``)."""
-    import torch
-
-    if dtype != torch.float16 or allow:
-        return
-    try:
-        import json
-
-        model_type = json.loads((Path(source) / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError):
-        model_type = None
-    if model_type in ("qwen2_5_vl", "qwen2_vl"):
-        raise BackendError("model.dtype float16: Qwen2.5-VL was trained in bfloat16 and overflows float16 "
-                           "(NaN logits); use bfloat16 or float32, or set engine.allow_fp16: true to insist")
-
-
-def _eos_ids(model: Any, processor: Any) -> set[int]:
-    ids = model.generation_config.eos_token_id
-    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    if processor.tokenizer.eos_token_id is not None:
-        ids.add(processor.tokenizer.eos_token_id)
-    return ids
+    return f"{type(exc).__name__}: {loading.one_line(exc)}" if not isinstance(exc, VlwatchError) else str(exc)
 
 
 def _until_eos(row: list[int], eos: set[int]) -> list[int]:
@@ -1054,57 +730,8 @@ def _until_eos(row: list[int], eos: set[int]) -> list[int]:
     return row
 
 
-def attention_candidates(requested: str, device: Any) -> list[str]:
-    """The attention implementations to try, best first, logging why any is skipped."""
-    if requested != "auto":
-        return [requested]
-    out = []
-    reason = flash_attention_unusable(device)
-    if reason is None:
-        out.append("flash_attention_2")
-    else:
-        log.info("attention: flash_attention_2 not used (%s); trying sdpa", reason)
-    return out + ["sdpa", "eager"]
-
-
-def flash_attention_unusable(device: Any) -> str | None:
-    """Why flash-attn cannot be used here, or None if it can."""
-    if getattr(device, "type", str(device)) != "cuda":
-        return "no CUDA device"
-    if importlib.util.find_spec("flash_attn") is None:
-        return "the flash-attn package is not installed (pip install 'vlwatch[flash]')"
-    from transformers.utils import is_flash_attn_2_available
-
-    if not is_flash_attn_2_available():
-        return "flash-attn is installed but not usable with this torch/GPU"
-    return None
-
-
-def _pick_device(requested: str) -> Any:
-    import torch
-
-    if requested != "auto":
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _pick_dtype(requested: str, device: Any) -> Any:
-    import torch
-
-    if requested != "auto":
-        return getattr(torch, requested)
-    if device.type == "cuda":
-        # No float16 fallback: Qwen2.5-VL overflows it (see _refuse_fp16).
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.float32  # bf16 matmuls on most CPUs are slow and fp16 is unsupported
-
-
 def _empty_cuda_cache() -> None:
     import torch
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _one_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
