@@ -40,9 +40,8 @@ import gc
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, replace
-from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Iterator, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
 
 from daemon.backends import (Answer, BaseBackend, Capabilities, DeviceLostError, Feed, Item, ListFeed, Request,
                              Sizing, is_sticky_cuda_error)
@@ -62,9 +61,6 @@ log = logging.getLogger(__name__)
 #: (``SlotEngine.warm``): longer than the gap between two questions asked back to back.
 WARM_AFTER_S = 0.5
 GiB = 2**30
-
-T = TypeVar("T")
-U = TypeVar("U")
 
 
 class TransformersBackend(BaseBackend):
@@ -644,22 +640,6 @@ class TransformersBackend(BaseBackend):
 def image_tokens(width: int, height: int) -> int:
     """Tokens an image of this (already sized, multiple-of-28) size takes: one per 28x28 pixels."""
     return max(1, (width // 28) * (height // 28))
-
-
-def _prefetch(pool: ThreadPoolExecutor, fn: Callable[[T], U], items: Iterable[T], *, ahead: int) -> Iterator[U]:
-    """``map(fn, items)`` computed on ``pool``, at most ``ahead`` items in advance."""
-    queue: list[Future[U]] = []
-    source = iter(items)
-    try:
-        for item in source:
-            queue.append(pool.submit(fn, item))
-            if len(queue) > ahead:
-                yield queue.pop(0).result()
-        while queue:
-            yield queue.pop(0).result()
-    finally:
-        for future in queue:
-            future.cancel()
 
 
 def _template_tokens(processor: Any, request: Request) -> int:

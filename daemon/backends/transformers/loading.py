@@ -482,10 +482,6 @@ def model_shape(model: Any) -> "plan.ModelShape":
     return plan.shape_from_config(model.config.to_dict(), str(getattr(model, "name_or_path", "")))
 
 
-def _kv_bytes_per_token(model: Any) -> int:
-    return plan.kv_bytes_per_token(model_shape(model), model.dtype.itemsize)
-
-
 def available_gpu_memory(device: Any, cap: int | None) -> int:
     """Bytes this process can still allocate on ``device``: free memory, and room under ``cap``."""
     import torch
@@ -497,8 +493,3 @@ def available_gpu_memory(device: Any, cap: int | None) -> int:
     if cap:
         room = min(room, cap - torch.cuda.memory_reserved(device) + cached)
     return max(0, room)
-
-
-def prefill_reserve(model: Any, tokens: int) -> int:
-    """Peak working memory of one prefill of ``tokens`` tokens (daemon.plan.prefill_reserve)."""
-    return plan.prefill_reserve(model_shape(model), tokens, model.dtype.itemsize)
