@@ -12,7 +12,7 @@ from pathlib import Path
 
 from daemon.config_reader import parse_config
 from daemon.images import shown_size
-from daemon.rules import render_prompt
+from daemon.intake.rules import render_prompt
 
 
 def main() -> None:

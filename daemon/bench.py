@@ -542,7 +542,7 @@ def _worker(config: Any, backend: Any) -> Any:
 
 def _prepared(request: Any, i: int) -> Any:
     from daemon.config import Rule
-    from daemon.rules import Match
+    from daemon.intake.rules import Match
     from daemon.engine.worker import Prepared
 
     rule = Rule(name="bench", match=("*",), task="describe", prompt=request.prompt, output="md")

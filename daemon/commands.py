@@ -21,13 +21,13 @@ from daemon.controls import for_terminal, json_text
 from daemon.engine.loop import WorkerLoop, check_model
 from daemon.engine.outcomes import BatchResult, Processor
 from daemon.errors import ExitCode, VlwatchError, plural
-from daemon.readiness import file_signature
-from daemon.recipes import Outdated, outdated, recipe_of
-from daemon.rules import watch_for
+from daemon.intake.readiness import file_signature
+from daemon.intake.recipes import Outdated, outdated, recipe_of
+from daemon.intake.rules import watch_for
 from daemon.store.keys import safe_text
 from daemon.store.queue import HANDED_OVER, Job, Queue
 from daemon.store.state import StateLock
-from daemon.scanning import (
+from daemon.intake.scanning import (
     Progress,
     Work,
     enqueue_in_chunks,
@@ -339,9 +339,9 @@ def explain(config: Config, path: Path) -> int:
     rule matches it.
     """
     from daemon.config import Snapshot
-    from daemon.rules import candidate_rules, match_file, normalised, relative_to_root, render_prompt
-    from daemon.sidecars import optional_sidecars, planned_sidecars
-    from daemon.watching import ignore_reason
+    from daemon.intake.rules import candidate_rules, match_file, normalised, relative_to_root, render_prompt
+    from daemon.intake.sidecars import optional_sidecars, planned_sidecars
+    from daemon.intake.watching import ignore_reason
 
     path = normalised(path)
     shown = safe_text(str(path))

@@ -47,10 +47,10 @@ from daemon.documents import document_markdown
 from daemon.errors import VlwatchError
 from daemon.images import printable
 from daemon.results import PageResult, Result, missing
-from daemon.rules import Match
+from daemon.intake.rules import Match
 
 # Naming (what a sidecar is called, whether a name is ours) lives in daemon.sidecars.
-from daemon.sidecars import OVERLAY, _lexical, sidecar_path, temp_name
+from daemon.intake.sidecars import OVERLAY, _lexical, sidecar_path, temp_name
 
 log = logging.getLogger(__name__)
 

@@ -43,10 +43,10 @@ from daemon.engine.loop import WorkerLoop, check_model
 from daemon.engine.outcomes import Processor
 from daemon.errors import ExitCode, VlwatchError, plural
 from daemon.images import printable
-from daemon.readiness import file_signature
-from daemon.recipes import recipe_of
-from daemon.rules import match_file, normalised, watch_for
-from daemon.sidecars import sidecar_fresh, sidecar_missing
+from daemon.intake.readiness import file_signature
+from daemon.intake.recipes import recipe_of
+from daemon.intake.rules import match_file, normalised, watch_for
+from daemon.intake.sidecars import sidecar_fresh, sidecar_missing
 from daemon.engine.worker import Worker
 from daemon.store.keys import content_hash, safe_text
 from daemon.store.queue import HANDED_OVER, Candidate, Job, Queue
@@ -55,7 +55,7 @@ from daemon.store.state import StateLock
 if TYPE_CHECKING:
     import httpx
 
-    from daemon.rules import Match
+    from daemon.intake.rules import Match
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from daemon.backends import Answer
 from daemon.policies import PageAnswer
-from daemon.rules import Match
+from daemon.intake.rules import Match
 
 
 @dataclass(frozen=True)

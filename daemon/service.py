@@ -52,12 +52,12 @@ from daemon.errors import (
     VlwatchError,
     plural,
 )
-from daemon.readiness import Arrival, Kind, Settler
-from daemon.rules import Match, forget_real_roots, normalised, watched_rules
+from daemon.intake.readiness import Arrival, Kind, Settler
+from daemon.intake.rules import Match, forget_real_roots, normalised, watched_rules
 from daemon.store.keys import bytes_hash, content_hash, unreadable_hash
 from daemon.store.queue import Candidate, Queue, Queued
 from daemon.store.state import StateLock
-from daemon.scanning import (
+from daemon.intake.scanning import (
     Progress,
     Recipes,
     Work,
@@ -66,9 +66,9 @@ from daemon.scanning import (
     remove_stale_temp,
     sidecars_written,
 )
-from daemon.sidecars import sidecar_fresh, sidecar_missing
+from daemon.intake.sidecars import sidecar_fresh, sidecar_missing
 from daemon.periodic import Periodic
-from daemon.watching import Watcher, is_ignored, overflowed
+from daemon.intake.watching import Watcher, is_ignored, overflowed
 from daemon.engine.worker import Worker
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from daemon.backends.transformers.prompts import ListSource, Prompt
 from daemon.backends.transformers.backend import TransformersBackend
 from daemon.config import Config, ModelConfig, Rule
 from daemon.errors import BackendError
-from daemon.rules import Match
+from daemon.intake.rules import Match
 from daemon.engine.worker import Prepared, Worker
 
 # (width, height), multiples of 28 as daemon.images makes them: 6 to 40

@@ -357,7 +357,7 @@ def test_recovery_trusts_only_sidecars_written_after_the_job_started(tmp_path: P
     """After a crash, a running job counts as done only if all its sidecars
     are newer than its start and the source still has the job's bytes."""
     from daemon.config_reader import parse_config
-    from daemon.scanning import sidecars_written
+    from daemon.intake.scanning import sidecars_written
 
     inbox = tmp_path / "inbox"
     image = put(inbox / "boxes" / "a.png", png_bytes(80))

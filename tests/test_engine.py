@@ -1024,7 +1024,7 @@ def test_engine_options_from_the_config_reach_the_engine_and_the_sidecar(tmp_pat
     # records the choices in effect that can change its text.
     from daemon.backends import create_backend
     from daemon.backends.transformers.slots import SlotEngine
-    from daemon.rules import match_file
+    from daemon.intake.rules import match_file
 
     config = config_for(tmp_path, tiny_model, engine="{packed_prefill: false, step_tokens: 333, backlog_share: 0.25, "
                                                      "interactive_slots: 1}")
@@ -1058,7 +1058,7 @@ def test_engine_options_from_the_config_reach_the_engine_and_the_sidecar(tmp_pat
 
 def test_a_retry_that_loops_too_marks_the_sidecar(tmp_path: Path, tiny_model: Path, backend: TransformersBackend,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from daemon.rules import match_file
+    from daemon.intake.rules import match_file
 
     config = config_for(tmp_path, tiny_model, max_new_tokens=400)
     backend.reconfigure(config.model)

@@ -349,9 +349,9 @@ def test_process_hands_files_to_the_running_daemon_and_redo_follows_the_recipe(t
 
 def test_the_daemon_redoes_outdated_sidecars_only_when_the_config_asks(tmp_path: Path) -> None:
     # issue 11.13: `jobs.redo_outdated` (default false)
-    from daemon.recipes import recipe_of
-    from daemon.rules import match_file
-    from daemon.scanning import find_work
+    from daemon.intake.recipes import recipe_of
+    from daemon.intake.rules import match_file
+    from daemon.intake.scanning import find_work
     from daemon.store.keys import content_hash
     from daemon.store.queue import Candidate, Queue
 

@@ -29,8 +29,8 @@ from daemon.errors import VlwatchError
 from daemon.images import printable
 from daemon.outputs import checked_sidecar_path, write_result
 from daemon.results import PageResult, Result
-from daemon.rules import Match, match_file
-from daemon.sidecars import optional_sidecars, planned_sidecars
+from daemon.intake.rules import Match, match_file
+from daemon.intake.sidecars import optional_sidecars, planned_sidecars
 from daemon.engine.worker import Worker
 from tests.conftest import REPO, Daemon, run_vlwatch, wait_until, write_config
 from tests.data.make_hostile import Sample, build

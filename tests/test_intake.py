@@ -22,9 +22,9 @@ from PIL import Image
 from daemon.config import Snapshot
 
 from daemon.config_reader import load_config
-from daemon.readiness import probe_image
+from daemon.intake.readiness import probe_image
 from daemon.store.queue import PERMISSION_DENIED, Queue
-from daemon.watching import Watcher, ignore_reason, is_ignored
+from daemon.intake.watching import Watcher, ignore_reason, is_ignored
 from tests.conftest import Daemon, png_bytes, put, run_vlwatch, wait_until
 
 RULES = frozenset({"ground", "desc"})
@@ -349,7 +349,7 @@ def test_the_inotify_reader_waits_while_the_settler_is_behind(tmp_path: Path, mo
 
 
 def test_the_settlers_ready_count_follows_its_files(tmp_path: Path) -> None:
-    from daemon.readiness import Settler
+    from daemon.intake.readiness import Settler
 
     settler = Settler(lambda batch: None)  # not started: nothing leaves
     a, b = tmp_path / "a.png", tmp_path / "b.png"
@@ -370,7 +370,7 @@ def test_the_settlers_ready_count_follows_its_files(tmp_path: Path) -> None:
 def test_the_scan_finds_files_under_a_config_loaded_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # issue 10.6: after a reload back to an equal config, the catch-up found nothing (an identity
     # check against the owner lookup, which is cached per equal watch list)
-    from daemon.scanning import find_work
+    from daemon.intake.scanning import find_work
 
     (tmp_path / "in").mkdir()
     put(tmp_path / "in" / "a.png", png_bytes(1))
@@ -395,7 +395,7 @@ def test_a_ready_batch_queues_each_file_once_and_skips_those_that_came_with_thei
     import threading
 
     from daemon import service
-    from daemon.readiness import Arrival
+    from daemon.intake.readiness import Arrival
     from daemon.store.keys import content_hash
 
     (tmp_path / "in").mkdir()
@@ -444,9 +444,9 @@ def test_recipes_hash_every_part_as_before(tmp_path: Path, monkeypatch: pytest.M
     import json
     import string
 
-    from daemon.recipes import VERSION, recipe_of
-    from daemon.rules import match_file, neutralise
-    from daemon.scanning import Recipes
+    from daemon.intake.recipes import VERSION, recipe_of
+    from daemon.intake.rules import match_file, neutralise
+    from daemon.intake.scanning import Recipes
 
     def reference(config, match) -> str:  # type: ignore[no-untyped-def]
         rule, model, path = match.rule, config.model, match.path

@@ -30,7 +30,7 @@ from daemon.engine.loop import WorkerLoop
 from daemon.engine.outcomes import Processor
 from daemon.engine.worker import Worker, page_chunk
 from daemon import images
-from daemon.rules import match_file
+from daemon.intake.rules import match_file
 from daemon.store.keys import content_hash
 from daemon.store.queue import Candidate, Queue
 from tests.conftest import wait_until, write_config

@@ -16,7 +16,7 @@ from daemon.backends import Answer
 from daemon.config import Rule
 from daemon.outputs import write_result
 from daemon.results import PageResult, Result
-from daemon.rules import Match
+from daemon.intake.rules import Match
 
 markdown_it = pytest.importorskip("markdown_it")
 

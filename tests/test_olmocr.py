@@ -20,7 +20,7 @@ import yaml
 from daemon.answers.frontmatter import PageFrontMatter, parse_page
 from daemon.config_reader import load_config
 from daemon.errors import ConfigError
-from daemon.rules import match_file
+from daemon.intake.rules import match_file
 from daemon.engine.worker import Worker
 from tests.conftest import Daemon, REPO, run_vlwatch, write_config
 from tests.olmocr_backend import OlmocrStub, front, page_pdf
@@ -232,7 +232,7 @@ def test_config_checks_the_answer_keys(tmp_path: Path) -> None:
 
 
 def test_the_retry_keys_are_part_of_the_recipe_and_change_no_other_rule(tmp_path: Path) -> None:
-    from daemon.recipes import recipe_of
+    from daemon.intake.recipes import recipe_of
 
     def recipe(rule: str) -> str:
         config = load_config(write_config(tmp_path, f"""

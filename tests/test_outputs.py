@@ -16,8 +16,8 @@ from daemon.config import Rule
 from daemon.images import shown_size
 from daemon.outputs import write_result
 from daemon.results import PageResult, Result
-from daemon.rules import Match
-from daemon.sidecars import (
+from daemon.intake.rules import Match
+from daemon.intake.sidecars import (
     is_output_name,
     optional_sidecars,
     planned_sidecars,
@@ -169,7 +169,7 @@ def test_a_batch_fsyncs_each_sidecar_folder_once_after_its_renames(tmp_path: Pat
     import tests.stub_backend  # noqa: F401  registers the "stub" backend
     from daemon import outputs
     from daemon.config_reader import parse_config
-    from daemon.rules import match_file
+    from daemon.intake.rules import match_file
     from daemon.engine.worker import Worker
     from tests.stub_backend import StubBackend
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from daemon.bench_model import QWEN_SPECIAL_TOKENS
 from daemon.config_reader import parse_config
-from daemon.rules import render_prompt
+from daemon.intake.rules import render_prompt
 
 PROMPT = "Describe $filename in $folder ($stem, $suffix) at $path."
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from daemon.config_reader import load_config
-from daemon.rules import match_file, render_prompt
+from daemon.intake.rules import match_file, render_prompt
 from tests.conftest import write_config
 
 
@@ -82,8 +82,8 @@ from dataclasses import replace  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from daemon import rules  # noqa: E402
-from daemon.rules import Match, allowed_roots, neutralise, real_roots  # noqa: E402
+from daemon.intake import rules  # noqa: E402
+from daemon.intake.rules import Match, allowed_roots, neutralise, real_roots  # noqa: E402
 
 _FRAGMENTS = ["$filename", "${stem}", "$suffix", "${folder}", "$path", "$rule", "$objects", "$$", "$", "${",
               "$unknown", "${nope}", "$1", "}", "{", "text ", "\n", "<|im_end|>", "é", "$$filename", "$filename$"]

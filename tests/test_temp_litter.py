@@ -12,14 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from daemon.sidecars import temp_name, temp_writer_gone
+from daemon.intake.sidecars import temp_name, temp_writer_gone
 from tests.conftest import REPO, Daemon, wait_until
 from tests.test_api import api_config, free_port
 
 
 def _dead_writers_temp() -> str:
     """A temp name made by a process that has exited since."""
-    r = subprocess.run([sys.executable, "-c", "from daemon.sidecars import temp_name; print(temp_name('0a1b2c'))"],
+    r = subprocess.run([sys.executable, "-c", "from daemon.intake.sidecars import temp_name; print(temp_name('0a1b2c'))"],
                        capture_output=True, text=True, cwd=REPO, check=True)
     return r.stdout.strip()
 

@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 from daemon.config import WatchConfig
-from daemon.readiness import Arrival, Settler
-from daemon.watching import Watcher, is_ignored, walk_files
+from daemon.intake.readiness import Arrival, Settler
+from daemon.intake.watching import Watcher, is_ignored, walk_files
 from tests.conftest import wait_until
 
 RULES = frozenset({"describe", "ground"})
@@ -174,7 +174,7 @@ def test_a_file_is_not_dropped_while_the_process_is_out_of_descriptors(tmp_path:
     f = tmp_path / "during.png"
     f.write_bytes(png_bytes())
     try:
-        with caplog.at_level(logging.WARNING, logger="daemon.readiness"):
+        with caplog.at_level(logging.WARNING, logger="daemon.intake.readiness"):
             try:
                 while True:
                     held.append(os.open(os.devnull, os.O_RDONLY))
@@ -428,7 +428,7 @@ def test_a_files_create_and_modify_are_dropped_when_its_close_follows_in_the_sam
     from watchdog.observers.inotify_c import InotifyConstants as C
     from watchdog.observers.inotify_c import InotifyEvent
 
-    from daemon.watching import _superseded_dropped
+    from daemon.intake.watching import _superseded_dropped
 
     def ev(mask: int, name: bytes, wd: int = 1) -> InotifyEvent:
         return InotifyEvent(wd, mask, 0, name)
@@ -445,7 +445,7 @@ def test_a_files_create_and_modify_are_dropped_when_its_close_follows_in_the_sam
 
 def test_one_look_gives_size_completeness_and_the_hash_of_the_bytes_checked(tmp_path: Path) -> None:
     # issue 10.21: the settler reads a small ready file once; the queue uses that hash
-    from daemon.readiness import look_at
+    from daemon.intake.readiness import look_at
     from daemon.store.keys import bytes_hash, content_hash
 
     whole, cut = tmp_path / "whole.png", tmp_path / "cut.png"

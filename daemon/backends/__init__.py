@@ -173,7 +173,7 @@ def expected_requests(config: Config) -> tuple[Expected, ...]:
     from pathlib import Path
 
     from daemon.plan import image_tokens_for
-    from daemon.rules import render_prompt
+    from daemon.intake.rules import render_prompt
 
     model = config.model
     return tuple(Expected(prompt=render_prompt(rule, Path(TYPICAL_FILE)),

@@ -61,8 +61,8 @@ from daemon.errors import (
     StateUnavailableError,
 )
 from daemon.engine.outcomes import Processor
-from daemon.readiness import file_signature
-from daemon.rules import Match, match_file
+from daemon.intake.readiness import file_signature
+from daemon.intake.rules import Match, match_file
 from daemon.engine.worker import Outcome, Prepared, Worker, error_text, page_chunk
 from daemon.store.queue import Job, Queue
 

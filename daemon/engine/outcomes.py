@@ -34,9 +34,9 @@ from daemon.errors import (
     plural,
 )
 from daemon.images import printable
-from daemon.readiness import file_signature
-from daemon.rules import Match, match_file
-from daemon.sidecars import TEMP_PREFIX, TEMP_SUFFIX
+from daemon.intake.readiness import file_signature
+from daemon.intake.rules import Match, match_file
+from daemon.intake.sidecars import TEMP_PREFIX, TEMP_SUFFIX
 from daemon.engine.worker import STORAGE_ERRNOS, Worker
 from daemon.store.keys import content_hash
 from daemon.store.queue import Job, Queue

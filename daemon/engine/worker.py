@@ -48,7 +48,7 @@ from daemon.images import Page, PageSize, load_pages, open_pages, printable
 from daemon.outputs import FolderSyncs, write_result
 from daemon.results import PageResult, Result, missing
 from daemon.policies import AnswerPolicy, policy_for
-from daemon.rules import Match, allowed_roots, render_prompt
+from daemon.intake.rules import Match, allowed_roots, render_prompt
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -36,7 +36,7 @@ from daemon.config import Config
 from daemon.errors import BackendError, BackendUnavailableError, VlwatchError
 from daemon.images import printable
 from daemon.process import Submitted, submit
-from daemon.rules import links_out, normalised
+from daemon.intake.rules import links_out, normalised
 from daemon.server.chat import ChatCall, parse_chat, resolves_outside, served_roots
 from daemon.server.context import ApiError, RowId, ServerContext, context, error_body, parse_json
 from daemon.store.queue import STATES, Job, Queue
@@ -369,7 +369,7 @@ def get_file(path: str, ctx: ServerContext = Depends(context)) -> StreamingRespo
         raise ApiError(403, f"{printable(wanted)} is not inside a watched folder or output_dir", param="path",
                        code="path_not_allowed")
     names = {r.name for r in config.rules}
-    from daemon.sidecars import is_output_name
+    from daemon.intake.sidecars import is_output_name
 
     if wanted.suffix.lower() not in IMAGE_SUFFIXES and not is_output_name(wanted.name, names):
         raise ApiError(403, f"{printable(wanted.name)} is neither an image nor a sidecar", param="path",

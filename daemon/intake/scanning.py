@@ -33,13 +33,13 @@ from typing import Callable, Iterable, Iterator
 
 from daemon.config import Config, Snapshot
 from daemon.images import printable
-from daemon.readiness import file_signature
-from daemon.recipes import recipe_of
-from daemon.rules import Match, match_file
-from daemon.sidecars import is_temp_name, planned_sidecars, temp_writer_gone
+from daemon.intake.readiness import file_signature
+from daemon.intake.recipes import recipe_of
+from daemon.intake.rules import Match, match_file
+from daemon.intake.sidecars import is_temp_name, planned_sidecars, temp_writer_gone
 from daemon.store.keys import UNREADABLE, content_hash, unreadable_hash
 from daemon.store.queue import ACTIVE, MTIME_SLACK_NS, Candidate, Job, Queue, Queued
-from daemon.watching import is_ignored, walk_files
+from daemon.intake.watching import is_ignored, walk_files
 
 log = logging.getLogger(__name__)
 

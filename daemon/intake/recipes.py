@@ -25,7 +25,7 @@ import json
 from dataclasses import dataclass
 
 from daemon.config import Config, Rule
-from daemon.rules import Match, match_file, render_prompt
+from daemon.intake.rules import Match, match_file, render_prompt
 from daemon.store.queue import Job, Queue
 
 #: Bump when the meaning of the parts below changes (never for a new optional part).

@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import AbstractSet
 
-from daemon.rules import Match
+from daemon.intake.rules import Match
 
 TEMP_PREFIX = ".vlwatch-"
 TEMP_SUFFIX = ".tmp"

@@ -55,8 +55,8 @@ from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
 from daemon.config import WatchConfig
-from daemon.readiness import Kind
-from daemon.sidecars import own_name_reason
+from daemon.intake.readiness import Kind
+from daemon.intake.sidecars import own_name_reason
 
 log = logging.getLogger(__name__)
 
