@@ -542,8 +542,8 @@ def _worker(config: Any, backend: Any) -> Any:
 
 def _prepared(request: Any, i: int) -> Any:
     from daemon.config import Rule
-    from daemon.intake.rules import Match
     from daemon.engine.worker import Prepared
+    from daemon.intake.rules import Match
 
     rule = Rule(name="bench", match=("*",), task="describe", prompt=request.prompt, output="md")
     return Prepared(Match(Path(f"bench-{i}.png"), rule, Path(".")), (), (request,))

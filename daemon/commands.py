@@ -20,13 +20,11 @@ from daemon.config import COMPILE_PARTS, ENGINE_KEYS, Config, EngineOptions
 from daemon.controls import for_terminal, json_text
 from daemon.engine.loop import WorkerLoop, check_model
 from daemon.engine.outcomes import BatchResult, Processor
+from daemon.engine.worker import Worker
 from daemon.errors import ExitCode, VlwatchError, plural
 from daemon.intake.readiness import file_signature
 from daemon.intake.recipes import Outdated, outdated, recipe_of
 from daemon.intake.rules import watch_for
-from daemon.store.keys import safe_text
-from daemon.store.queue import HANDED_OVER, Job, Queue
-from daemon.store.state import StateLock
 from daemon.intake.scanning import (
     Progress,
     Work,
@@ -34,7 +32,9 @@ from daemon.intake.scanning import (
     find_work,
     sidecars_written,
 )
-from daemon.engine.worker import Worker
+from daemon.store.keys import safe_text
+from daemon.store.queue import HANDED_OVER, Job, Queue
+from daemon.store.state import StateLock
 
 log = logging.getLogger(__name__)
 

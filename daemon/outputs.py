@@ -46,8 +46,8 @@ from daemon.controls import for_file
 from daemon.documents import document_markdown
 from daemon.errors import VlwatchError
 from daemon.images import printable
-from daemon.results import PageResult, Result, missing
 from daemon.intake.rules import Match
+from daemon.results import PageResult, Result, missing
 
 # Naming (what a sidecar is called, whether a name is ours) lives in daemon.sidecars.
 from daemon.intake.sidecars import OVERLAY, _lexical, sidecar_path, temp_name

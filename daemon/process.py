@@ -41,13 +41,13 @@ from daemon.backends import create_backend
 from daemon.config import Config
 from daemon.engine.loop import WorkerLoop, check_model
 from daemon.engine.outcomes import Processor
+from daemon.engine.worker import Worker
 from daemon.errors import ExitCode, VlwatchError, plural
 from daemon.images import printable
 from daemon.intake.readiness import file_signature
 from daemon.intake.recipes import recipe_of
 from daemon.intake.rules import match_file, normalised, watch_for
 from daemon.intake.sidecars import sidecar_fresh, sidecar_missing
-from daemon.engine.worker import Worker
 from daemon.store.keys import content_hash, safe_text
 from daemon.store.queue import HANDED_OVER, Candidate, Job, Queue
 from daemon.store.state import StateLock

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from daemon.backends import Answer
-from daemon.policies import PageAnswer
 from daemon.intake.rules import Match
+from daemon.policies import PageAnswer
 
 
 @dataclass(frozen=True)

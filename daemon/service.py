@@ -46,6 +46,7 @@ from daemon.config_reader import load_config
 from daemon.engine.loop import STALL, WorkerLoop, check_model
 from daemon.engine.outcomes import Processor
 from daemon.engine.processes import EngineGroup, start_engines
+from daemon.engine.worker import Worker
 from daemon.errors import (
     ConfigError,
     ExitCode,
@@ -54,9 +55,6 @@ from daemon.errors import (
 )
 from daemon.intake.readiness import Arrival, Kind, Settler
 from daemon.intake.rules import Match, forget_real_roots, normalised, watched_rules
-from daemon.store.keys import bytes_hash, content_hash, unreadable_hash
-from daemon.store.queue import Candidate, Queue, Queued
-from daemon.store.state import StateLock
 from daemon.intake.scanning import (
     Progress,
     Recipes,
@@ -67,9 +65,11 @@ from daemon.intake.scanning import (
     sidecars_written,
 )
 from daemon.intake.sidecars import sidecar_fresh, sidecar_missing
-from daemon.periodic import Periodic
 from daemon.intake.watching import Watcher, is_ignored, overflowed
-from daemon.engine.worker import Worker
+from daemon.periodic import Periodic
+from daemon.store.keys import bytes_hash, content_hash, unreadable_hash
+from daemon.store.queue import Candidate, Queue, Queued
+from daemon.store.state import StateLock
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,13 @@ import torch
 from PIL import Image
 
 from daemon.backends import Answer, Request
-from daemon.backends.transformers.slots import bucket
-from daemon.backends.transformers.prompts import ListSource, Prompt
 from daemon.backends.transformers.backend import TransformersBackend
+from daemon.backends.transformers.prompts import ListSource, Prompt
+from daemon.backends.transformers.slots import bucket
 from daemon.config import Config, ModelConfig, Rule
+from daemon.engine.worker import Prepared, Worker
 from daemon.errors import BackendError
 from daemon.intake.rules import Match
-from daemon.engine.worker import Prepared, Worker
 
 # (width, height), multiples of 28 as daemon.images makes them: 6 to 40
 # image tokens, one image wider than a 112 px attention window.

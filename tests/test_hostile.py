@@ -25,13 +25,13 @@ from PIL import Image
 from daemon.backends import Answer, Request
 from daemon.config import Rule
 from daemon.config_reader import parse_config
+from daemon.engine.worker import Worker
 from daemon.errors import VlwatchError
 from daemon.images import printable
-from daemon.outputs import checked_sidecar_path, write_result
-from daemon.results import PageResult, Result
 from daemon.intake.rules import Match, match_file
 from daemon.intake.sidecars import optional_sidecars, planned_sidecars
-from daemon.engine.worker import Worker
+from daemon.outputs import checked_sidecar_path, write_result
+from daemon.results import PageResult, Result
 from tests.conftest import REPO, Daemon, run_vlwatch, wait_until, write_config
 from tests.data.make_hostile import Sample, build
 

@@ -367,8 +367,8 @@ def test_12000x9000_scan_within_max_pixels_and_bounded_memory(tmp_path: Path, ti
 def test_ground_on_a_pdf_maps_boxes_to_200_dpi_pixels_and_draws_the_overlay(tmp_path: Path) -> None:
     from daemon.backends import Answer
     from daemon.config_reader import parse_config
-    from daemon.intake.rules import match_file
     from daemon.engine.worker import Worker
+    from daemon.intake.rules import match_file
 
     class Boxes:
         name = model = "fixed"

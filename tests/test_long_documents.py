@@ -24,12 +24,12 @@ from typing import Sequence
 import numpy as np
 import pytest
 
+from daemon import images
 from daemon.backends import Answer, Feed, Request
 from daemon.config_reader import load_config
 from daemon.engine.loop import WorkerLoop
 from daemon.engine.outcomes import Processor
 from daemon.engine.worker import Worker, page_chunk
-from daemon import images
 from daemon.intake.rules import match_file
 from daemon.store.keys import content_hash
 from daemon.store.queue import Candidate, Queue

@@ -14,9 +14,9 @@ from PIL import Image
 
 from daemon.backends import Answer
 from daemon.config import Rule
+from daemon.intake.rules import Match
 from daemon.outputs import write_result
 from daemon.results import PageResult, Result
-from daemon.intake.rules import Match
 
 markdown_it = pytest.importorskip("markdown_it")
 

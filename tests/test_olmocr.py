@@ -19,9 +19,9 @@ import yaml
 
 from daemon.answers.frontmatter import PageFrontMatter, parse_page
 from daemon.config_reader import load_config
+from daemon.engine.worker import Worker
 from daemon.errors import ConfigError
 from daemon.intake.rules import match_file
-from daemon.engine.worker import Worker
 from tests.conftest import Daemon, REPO, run_vlwatch, write_config
 from tests.olmocr_backend import OlmocrStub, front, page_pdf
 

@@ -14,8 +14,6 @@ from PIL import Image
 from daemon.backends import Answer
 from daemon.config import Rule
 from daemon.images import shown_size
-from daemon.outputs import write_result
-from daemon.results import PageResult, Result
 from daemon.intake.rules import Match
 from daemon.intake.sidecars import (
     is_output_name,
@@ -23,6 +21,8 @@ from daemon.intake.sidecars import (
     planned_sidecars,
     sidecar_path,
 )
+from daemon.outputs import write_result
+from daemon.results import PageResult, Result
 
 GROUND = Rule(name="ground", match=("*.png",), task="ground", prompt="p", output="json")
 CODE = Rule(name="code", match=("*.png",), task="code", prompt="p", output="html")
@@ -169,8 +169,8 @@ def test_a_batch_fsyncs_each_sidecar_folder_once_after_its_renames(tmp_path: Pat
     import tests.stub_backend  # noqa: F401  registers the "stub" backend
     from daemon import outputs
     from daemon.config_reader import parse_config
-    from daemon.intake.rules import match_file
     from daemon.engine.worker import Worker
+    from daemon.intake.rules import match_file
     from tests.stub_backend import StubBackend
 
     inbox = tmp_path / "inbox"

@@ -172,8 +172,8 @@ def expected_requests(config: Config) -> tuple[Expected, ...]:
     """
     from pathlib import Path
 
-    from daemon.plan import image_tokens_for
     from daemon.intake.rules import render_prompt
+    from daemon.plan import image_tokens_for
 
     model = config.model
     return tuple(Expected(prompt=render_prompt(rule, Path(TYPICAL_FILE)),

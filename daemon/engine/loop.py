@@ -55,15 +55,15 @@ from typing import Callable, Hashable, Sequence
 
 from daemon.backends import Answer, Backend, DeviceLostError, Item, Request, Sizing, as_device_lost, expected_requests
 from daemon.config import Config, local_model_path
+from daemon.engine.outcomes import Processor
+from daemon.engine.worker import Outcome, Prepared, Worker, error_text, page_chunk
 from daemon.errors import (
     BackendUnavailableError,
     ModelMissingError,
     StateUnavailableError,
 )
-from daemon.engine.outcomes import Processor
 from daemon.intake.readiness import file_signature
 from daemon.intake.rules import Match, match_file
-from daemon.engine.worker import Outcome, Prepared, Worker, error_text, page_chunk
 from daemon.store.queue import Job, Queue
 
 log = logging.getLogger(__name__)

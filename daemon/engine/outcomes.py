@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 from daemon import hooks
 from daemon.backends import DeviceLostError
 from daemon.config import Config
+from daemon.engine.worker import STORAGE_ERRNOS, Worker
 from daemon.errors import (
     BackendUnavailableError,
     ModelMissingError,
@@ -37,7 +38,6 @@ from daemon.images import printable
 from daemon.intake.readiness import file_signature
 from daemon.intake.rules import Match, match_file
 from daemon.intake.sidecars import TEMP_PREFIX, TEMP_SUFFIX
-from daemon.engine.worker import STORAGE_ERRNOS, Worker
 from daemon.store.keys import content_hash
 from daemon.store.queue import Job, Queue
 

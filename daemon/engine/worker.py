@@ -45,10 +45,10 @@ from daemon.config import Config
 from daemon.documents import document_note
 from daemon.errors import BackendUnavailableError, VlwatchError
 from daemon.images import Page, PageSize, load_pages, open_pages, printable
-from daemon.outputs import FolderSyncs, write_result
-from daemon.results import PageResult, Result, missing
-from daemon.policies import AnswerPolicy, policy_for
 from daemon.intake.rules import Match, allowed_roots, render_prompt
+from daemon.outputs import FolderSyncs, write_result
+from daemon.policies import AnswerPolicy, policy_for
+from daemon.results import PageResult, Result, missing
 
 if TYPE_CHECKING:
     from PIL import Image

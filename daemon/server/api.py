@@ -35,8 +35,8 @@ from daemon.backends import Answer
 from daemon.config import Config
 from daemon.errors import BackendError, BackendUnavailableError, VlwatchError
 from daemon.images import printable
-from daemon.process import Submitted, submit
 from daemon.intake.rules import links_out, normalised
+from daemon.process import Submitted, submit
 from daemon.server.chat import ChatCall, parse_chat, resolves_outside, served_roots
 from daemon.server.context import ApiError, RowId, ServerContext, context, error_body, parse_json
 from daemon.store.queue import STATES, Job, Queue

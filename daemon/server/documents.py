@@ -51,12 +51,12 @@ import yaml
 
 from daemon.backends import Answer, Request
 from daemon.config import Config, Rule, bundled_packs
+from daemon.engine.worker import MAX_CHUNK, error_text, reference_images
 from daemon.errors import BackendUnavailableError, InputError, VlwatchError
 from daemon.images import Page, PageSource, open_pages, pdf_page_text, printable
-from daemon.policies import AnswerPolicy, PageAnswer, policy_for
 from daemon.intake.rules import render_prompt
+from daemon.policies import AnswerPolicy, PageAnswer, policy_for
 from daemon.server.chat import in_memory
-from daemon.engine.worker import MAX_CHUNK, error_text, reference_images
 
 if TYPE_CHECKING:
     from daemon.engine.loop import WorkerLoop
