@@ -3,7 +3,7 @@
 The package is laid out as one module per pipeline stage, and data flows one
 way through them:
 
-    config -> watching -> rules -> queue -> worker -> backends -> outputs
+    config -> intake (watching, readiness, rules) -> queue -> worker -> backends -> outputs
 
 with ``images`` (decoding and sizing) feeding the worker, and ``cli``,
 ``service`` and ``periodic`` on top.  Nothing imports ``cli``.

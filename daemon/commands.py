@@ -48,7 +48,7 @@ def scan(config: Config, dry_run: bool = False, *, redo: bool = False, rule: str
 
     Args:
         dry_run: only list the files (and create nothing: no state file, issue 11.3).
-        redo: also redo sidecars an older recipe made (``daemon.recipes``, issue 11.13).
+        redo: also redo sidecars an older recipe made (``daemon.intake.recipes``, issue 11.13).
         rule: with ``redo``, only this rule's.
     """
     if rule is not None and config.rule(rule) is None:

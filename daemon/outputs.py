@@ -49,7 +49,7 @@ from daemon.images import printable
 from daemon.intake.rules import Match
 from daemon.results import PageResult, Result, missing
 
-# Naming (what a sidecar is called, whether a name is ours) lives in daemon.sidecars.
+# Naming (what a sidecar is called, whether a name is ours) lives in daemon.intake.sidecars.
 from daemon.intake.sidecars import OVERLAY, _lexical, sidecar_path, temp_name
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 The worker is the one place where files meet the backend:
 
 1. *prepare* (CPU threads): decode each file into pages sized for the model
-   (``daemon.images``) and render its prompt (``daemon.rules``);
+   (``daemon.images``) and render its prompt (``daemon.intake.rules``);
 2. *infer*: group the pages' requests into batches of similar size and send
    them to the backend, pages of many files together;
 3. *write*: give each file its pages' answers back and write its sidecars

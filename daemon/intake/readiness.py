@@ -11,9 +11,10 @@ OCRmyPDF #552) is re-checked after settling again, not dropped, and only
 handed over as it is after a few tries (the worker then records why it
 fails).  Ready files leave in batches, so the queue commits once per batch.
 
-Deliberately not here: which files are watched or ignored (``daemon.watching``
-hands events over as ``offer(path, kind)``), which rule applies, and hashing
-for the queue beyond the digest function the caller passes.
+Deliberately not here: which files are watched or ignored
+(``daemon.intake.watching`` hands events over as ``offer(path, kind)``), which
+rule applies, and hashing for the queue beyond the digest function the caller
+passes.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ class Recipes:
 
 @functools.lru_cache(maxsize=256)
 def _file_free(prompt: str) -> bool:
-    """Whether a prompt template uses only rule-level names (``daemon.rules.render_prompt``)."""
+    """Whether a prompt template uses only rule-level names (``daemon.intake.rules.render_prompt``)."""
     return set(string.Template(prompt).get_identifiers()) <= {"rule", "objects"}
 
 
@@ -116,7 +116,7 @@ class Work:
     match: Match
     size: int
     mtime_ns: int
-    reason: str  # "missing" | "stale" | "outdated" (an older recipe made it: daemon.recipes)
+    reason: str  # "missing" | "stale" | "outdated" (an older recipe made it: daemon.intake.recipes)
     hash: str | None = None
     seen_at: float = 0.0
     recipe: str | None = None

@@ -1,4 +1,4 @@
-"""Watch folders and ignore what is not input; ``daemon.readiness`` says when a file is complete.
+"""Watch folders and ignore what is not input; ``daemon.intake.readiness`` says when a file is complete.
 
 Two parts, each usable alone:
 
@@ -6,9 +6,10 @@ Two parts, each usable alone:
   files and folders, temporary and partial downloads (``.part``,
   ``.crdownload``, ``.tmp``, ``~$*``...), editor swap and autosave files,
   NAS/OS litter (``.DS_Store``, ``@eaDir``, ``Thumbs.db``...) and, above all,
-  vlwatch's own sidecars, overlays and temporary files (``daemon.sidecars``
-  decides those).  It runs before any rule sees a path, so the daemon never
-  feeds on its own output, and ``vlwatch explain`` prints its reason.
+  vlwatch's own sidecars, overlays and temporary files
+  (``daemon.intake.sidecars`` decides those).  It runs before any rule sees a
+  path, so the daemon never feeds on its own output, and ``vlwatch explain``
+  prints its reason.
 - **Observers** (``Watcher``): one inotify observer for all local folders,
   one polling observer per ``polling: true`` folder (NFS/SMB/FUSE, where
   inotify sees nothing: watchdog README, #409; OCRmyPDF #714, #1645).  A
@@ -23,7 +24,7 @@ Two parts, each usable alone:
   watchdog's own path (two more threads, two objects per event) cost more
   per file in a burst than everything else (issue 10.21).
 
-Deliberately not here: when a file is complete (``daemon.readiness``),
+Deliberately not here: when a file is complete (``daemon.intake.readiness``),
 which rule applies (the caller's ``accept`` decides), hashing and queueing
 (``daemon.store``), and finding files that arrived while nobody watched (the
 catch-up scan in ``service``).
@@ -134,8 +135,9 @@ def ignore_reason(path: Path | str, root: Path, rule_names: AbstractSet[str],
     """Why ``path`` under watch ``root`` must never become a job, or None if it may.
 
     The one answer for the daemon, ``scan`` and ``vlwatch explain`` (issues
-    10.2 and 10.5): our own outputs and temporary files (``daemon.sidecars``),
-    litter, and anything inside an ignored folder or an output folder.
+    10.2 and 10.5): our own outputs and temporary files
+    (``daemon.intake.sidecars``), litter, and anything inside an ignored folder
+    or an output folder.
 
     Args:
         path: the file (absolute), as a ``Path`` or as text.

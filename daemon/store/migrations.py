@@ -94,7 +94,7 @@ def m004_absolute_paths(db: sqlite3.Connection) -> None:
 
 @migration
 def m010_recipe(db: sqlite3.Connection) -> None:
-    # What made each sidecar (model, rendered prompt, sizing: daemon.recipes),
+    # What made each sidecar (model, rendered prompt, sizing: daemon.intake.recipes),
     # so sidecars of an older recipe can be found and redone (issue 11.13).
     # NULL for jobs from before: they count as current.
     db.execute("ALTER TABLE jobs ADD COLUMN recipe TEXT")

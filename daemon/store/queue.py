@@ -106,7 +106,7 @@ class Candidate:
     #: A callable is asked only when it matters (a done job with these bytes).
     redo: bool | Callable[[], bool] = False
     seen_at: float = 0.0
-    #: what would make its sidecar (``daemon.recipes``); recorded with the job
+    #: what would make its sidecar (``daemon.intake.recipes``); recorded with the job
     recipe: str | None = None
     #: higher is claimed first: a file a person handed over (``vlwatch
     #: process``, ``POST /api/v1/jobs``) goes ahead of the folder backlog (0)
@@ -142,7 +142,7 @@ class Job:
     seconds: float | None
     error: str | None
     sidecars: tuple[Path, ...]
-    recipe: str | None = None  # daemon.recipes: what made (or will make) its sidecars
+    recipe: str | None = None  # daemon.intake.recipes: what made (or will make) its sidecars
 
     @property
     def signature(self) -> tuple[int, int]:
@@ -548,7 +548,7 @@ class Queue:
         return self._jobs("SELECT * FROM jobs WHERE state = 'running' ORDER BY id")
 
     def latest_done_with_recipe(self, rule: str | None = None) -> list[Job]:
-        """The newest job of each (path, rule), where it is done and recorded its recipe (daemon.recipes)."""
+        """The newest job of each (path, rule), where it is done and recorded its recipe (daemon.intake.recipes)."""
         sql = ("SELECT * FROM jobs j WHERE state = 'done' AND recipe IS NOT NULL"
                + (" AND rule = ?" if rule is not None else "")
                + " AND NOT EXISTS (SELECT 1 FROM jobs k WHERE k.path = j.path AND k.rule = j.rule AND k.id > j.id)"
