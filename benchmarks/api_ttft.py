@@ -8,7 +8,7 @@ What it does, against a real ``python -m daemon run`` subprocess:
 
 1. writes a config in a scratch folder (an empty watched inbox, the API on a
    free loopback port) and starts the daemon; by default its backend is the
-   real transformers one on random weights (``daemon/bench_dummy.py``,
+   real transformers one on random weights (``daemon/bench/dummy_backend.py``,
    ``--load-format dummy`` style: no download, the real architecture);
 2. warms up (model load, first-call compilation), then sends ``--requests``
    streamed chat requests one after another on the idle engine and records,
@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="Qwen/Qwen2.5-VL-7B-Instruct", help="model.name (dummy: only its config is used)")
     p.add_argument("--backend", default="transformers-dummy",
                    help="model.backend: transformers-dummy (random weights, default), transformers (real weights), ...")
-    p.add_argument("--plugin", default="daemon.bench_dummy", help="$VLWATCH_PLUGINS for the daemon")
+    p.add_argument("--plugin", default="daemon.bench.dummy_backend", help="$VLWATCH_PLUGINS for the daemon")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra environment for the daemon")
     p.add_argument("--backlog", type=int, default=300, help="folder images dropped in for the saturated phase")
     p.add_argument("--image-size", default="1036x1036", help="WxH of every image (backlog and requests)")

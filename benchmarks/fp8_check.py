@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from daemon.backends import Request  # noqa: E402
 from daemon.backends.transformers import fp8  # noqa: E402
 from daemon.backends.transformers.backend import TransformersBackend, _messages  # noqa: E402
-from daemon.bench import synthetic_images  # noqa: E402
+from daemon.bench.run import synthetic_images  # noqa: E402
 from daemon.config import ModelConfig  # noqa: E402
 
 SIZES = ((1036, 1036), (644, 980), (812, 476), (448, 448))

@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daemon.backends.transformers import slots as fastgen  # noqa: E402
-from daemon.bench import Setup, _backend, _model_config, add_arguments, run_setup, synthetic_images  # noqa: E402
+from daemon.bench.run import Setup, _backend, _model_config, add_arguments, run_setup, synthetic_images  # noqa: E402
 
 
 class Window:

@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-new-tokens", type=int, metavar="N", help="answer budget (default: model.max_new_tokens)")
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c = with_config(command("bench", cmd_bench, "measure the inference worker on this machine"))
-    from daemon.bench import add_arguments
+    from daemon.bench.run import add_arguments
 
     add_arguments(c)
     return p
@@ -332,6 +332,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from daemon.bench import run_bench
+    from daemon.bench.run import run_bench
 
     return run_bench(args)

@@ -17,7 +17,7 @@ The tests' and benchmarks' own plugin backends read a few more of their
 own (``VLWATCH_STUB_DELAY``, ``VLWATCH_STUB_DOWN``, ``VLWATCH_STUB_LOG``,
 ``VLWATCH_OLMOCR_LOG``): they are part of those plugins, not of vlwatch.
 ``VLWATCH_DUMMY_IGNORE_EOS`` belongs to the bench's ``transformers-dummy``
-backend (``daemon.bench_dummy``), which ships with vlwatch.
+backend (``daemon.bench.dummy_backend``), which ships with vlwatch.
 
 Not read here because vlwatch never reads them: the variables it *sets* for
 hook commands (``VLWATCH_SOURCE``... ``daemon.hooks``), and the variables a

@@ -9,7 +9,7 @@ import pytest
 
 from daemon import backends
 from daemon.backends import Answer
-from daemon.bench import parse_bytes, parse_size, plan, run_bench
+from daemon.bench.run import parse_bytes, parse_size, plan, run_bench
 from daemon.cli import build_parser
 from tests.conftest import run_vlwatch
 
@@ -114,7 +114,7 @@ def test_sizes() -> None:
 def test_builtin_dummy_config_is_qwen2_5_vl_7b(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     from transformers import AutoConfig, AutoProcessor
 
-    from daemon.bench_model import builtin_qwen2_5_vl_7b, dummy_source
+    from daemon.backends.transformers.dummy import builtin_qwen2_5_vl_7b, dummy_source
 
     folder = builtin_qwen2_5_vl_7b(tmp_path / "dummy")
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
@@ -204,7 +204,7 @@ def test_the_bench_generates_as_the_daemon_does(tiny_model: Path, tmp_path: Path
     the bench's tokens are the daemon backend's, not a forced budget."""
     from daemon.backends import Request
     from daemon.backends.transformers.backend import TransformersBackend
-    from daemon.bench import DEFAULT_PROMPT, synthetic_images
+    from daemon.bench.run import DEFAULT_PROMPT, synthetic_images
     from daemon.config import ModelConfig
 
     model = _with_generation_config(tiny_model, tmp_path / "tiny", repetition_penalty=1.05)
@@ -261,8 +261,8 @@ def test_end_to_end_usage_errors() -> None:
 
 
 def test_the_comparison_line() -> None:
-    from daemon.bench import SetupResult
-    from daemon.bench_e2e import compare, format_comparison
+    from daemon.bench.run import SetupResult
+    from daemon.bench.end_to_end import compare, format_comparison
 
     def row(name: str, per_min: float) -> SetupResult:
         return SetupResult(name, "auto (256)", 128, 10.0, per_min, 0.1, None, None, None, None)

@@ -141,7 +141,7 @@ def test_model_config_default_is_auto() -> None:
 
 
 def test_the_3b_model_is_a_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from daemon.bench_model import BUILTIN_CONFIGS, dummy_source
+    from daemon.backends.transformers.dummy import BUILTIN_CONFIGS, dummy_source
     from daemon.config_reader import load_config
 
     # The bench's built-in configs and the plan's bundled shapes are the same published values.

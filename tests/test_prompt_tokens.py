@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from daemon.bench_model import QWEN_SPECIAL_TOKENS
+from daemon.backends.transformers.dummy import QWEN_SPECIAL_TOKENS
 from daemon.config_reader import parse_config
 from daemon.intake.rules import render_prompt
 

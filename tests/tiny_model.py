@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 # The real chat template, Qwen's special tokens and the way a stand-in BPE
 # tokenizer is trained live in the package (the bench builds the same kind of
 # tokenizer for the full-size architecture); the tiny checkpoint reuses them.
-from daemon.bench_model import QWEN2_5_VL_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, stand_in_tokenizer
+from daemon.backends.transformers.dummy import QWEN2_5_VL_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, stand_in_tokenizer
 
 if TYPE_CHECKING:  # torch/transformers load only when a model is built, not on import
     from transformers import Qwen2Tokenizer

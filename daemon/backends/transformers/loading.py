@@ -83,7 +83,7 @@ def resolve_model(name: str) -> Path:
 def model_source(name: str, load_format: str) -> str:
     """The directory to load from: the local model, or (``dummy``) the bench's config-only copy of it."""
     if load_format == "dummy":
-        from daemon.bench_model import dummy_source
+        from daemon.backends.transformers.dummy import dummy_source
 
         return str(dummy_source(name))
     return str(resolve_model(name))
@@ -330,7 +330,7 @@ def instantiate(config: ModelConfig, source: str, dtype: Any, attention: str, *,
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     if load_format == "dummy":  # random weights, with the model's generation config (issue 22.6)
-        from daemon.bench_model import dummy_model
+        from daemon.backends.transformers.dummy import dummy_model
 
         return dummy_model(source, dtype=dtype, attention=attention, device=pick_device(config.device))
     extra: dict[str, Any] = {}

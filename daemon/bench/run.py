@@ -14,7 +14,7 @@ same synthetic images, side by side:
    this process, each other one in a process of its own, as the daemon
    runs them (``daemon.engine.processes``);
 6. with ``--end-to-end``, the real daemon on a temp watched folder, files in,
-   sidecars out, compared with the batched setup (``daemon.bench_e2e``).
+   sidecars out, compared with the batched setup (``daemon.bench.end_to_end``).
 
 Requests are generated as the daemon generates them: the model's generation
 config applies (its repetition penalty and end-of-sequence ids), and the
@@ -54,7 +54,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from daemon.bench_results import SetupResult
+from daemon.bench.results import SetupResult
 from daemon.errors import ExitCode, VlwatchError
 
 log = logging.getLogger(__name__)
@@ -144,14 +144,14 @@ def run_bench(args: argparse.Namespace) -> int:
         reference = next(r for s, r in zip(setups, results) if s.name == "batched worker")
         batch = next(s.batch_size for s in setups if s.name == "batched worker")
         backend.unload()  # the daemon loads its own copy: the card is its alone, as in use
-        from daemon.bench_e2e import compare, end_to_end_setup
+        from daemon.bench.end_to_end import compare, end_to_end_setup
 
         results.append(end_to_end_setup(model, args, images[:2 * args.images], batch))
         report["end_to_end"] = compare(results[-1], reference)
     report.update(results=[asdict(r) for r in results], seconds=time.perf_counter() - started)
     table = format_table(header, results)
     if args.end_to_end:
-        from daemon.bench_e2e import format_comparison
+        from daemon.bench.end_to_end import format_comparison
 
         table += "\n\n" + format_comparison(report["end_to_end"])
     print(json.dumps(report, indent=2) if args.json else table)

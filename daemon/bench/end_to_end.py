@@ -8,7 +8,7 @@ batches.  This setup measures all of it:
 1. writes a config in a temp folder: one watched inbox, one rule (the
    bench's prompt and ``--new-tokens``), the bench's model section (model,
    attention, dtype, device, pixels, batch size); ``--load-format dummy``
-   runs the ``transformers-dummy`` plugin backend (``daemon.bench_dummy``,
+   runs the ``transformers-dummy`` plugin backend (``daemon.bench.dummy_backend``,
    the same random weights: they are seeded);
 2. starts ``python -m daemon run`` on it;
 3. warms it up: as many other images as the timed run, dropped in and
@@ -44,7 +44,7 @@ from typing import Any
 import yaml
 
 from daemon import env as vlwatch_env
-from daemon.bench_results import SetupResult
+from daemon.bench.results import SetupResult
 from daemon.errors import VlwatchError
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 RULE = "bench"
 #: Sidecar of an image under RULE (``output: md``): ``<image>.bench.md``.
 SIDECAR_SUFFIX = f".{RULE}.md"
-PLUGIN = "daemon.bench_dummy"
+PLUGIN = "daemon.bench.dummy_backend"
 
 
 #: Issue 22.6's goal: what users get end to end is at least this share of the engine-only figure.
@@ -111,7 +111,7 @@ def run_end_to_end(model: Any, args: argparse.Namespace, images: list[Any], batc
     deadline = time.monotonic() + args.end_to_end_timeout
     config_path = write_config(work, model, args, batch_size)
     if args.load_format == "dummy":
-        import daemon.bench_dummy  # noqa: F401  (registers the backend the config names, here too)
+        import daemon.bench.dummy_backend  # noqa: F401  (registers the backend the config names, here too)
     from daemon.config_reader import load_config
 
     config = load_config(config_path)  # read here for the queue counts, as `vlwatch status` reads it

@@ -1,6 +1,6 @@
 """The ``transformers-dummy`` backend: the real transformers backend on random weights.
 
-Loaded as a plugin (``VLWATCH_PLUGINS=daemon.bench_dummy``, then ``model:
+Loaded as a plugin (``VLWATCH_PLUGINS=daemon.bench.dummy_backend``, then ``model:
 backend: transformers-dummy``), so a whole daemon runs the real Qwen2.5-VL
 architecture without its weights, as ``vlwatch bench --load-format dummy``
 does: ``bench --end-to-end`` and ``benchmarks/api_ttft.py`` start daemons
