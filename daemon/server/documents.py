@@ -178,7 +178,8 @@ class Conversion:
         self.pages_total = 0
         self._renderer = renderer
         self._started = time.monotonic()
-        self._lock = threading.Lock()
+        # Re-entrant: a future already done when ``_ask`` adds its callback runs it at once, lock held.
+        self._lock = threading.RLock()
         self._errors: list[dict[str, str]] = []
         self._file = contextlib.ExitStack()  # the document as a path (memfd), until the conversion ends
         self._path: Path | None = None
@@ -188,6 +189,7 @@ class Conversion:
         self._next = 0  # the next page (index into the source's pages) to decode
         self._asking: dict[int, Future[Answer]] = {}  # pages in the engine: their current request
         self._final: dict[int, Answer | BaseException] = {}
+        self._gathering = False  # the last page is in: one thread puts the document together
 
     # ----------------------------------------------------------- public
 
@@ -279,8 +281,10 @@ class Conversion:
                 self._final[index] = out
             self._refill()
             with self._lock:
-                if self.future.done() or len(self._final) < self.pages_total or self._source is None:
+                if self.future.done() or self._gathering or len(self._final) < self.pages_total \
+                        or self._source is None:
                     return
+                self._gathering = True
                 source, final = self._source, dict(self._final)
             self._end(self._gather(source, final))
         except Exception as exc:  # noqa: BLE001 - a bug here fails this document, not the server
