@@ -18,10 +18,10 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager
+
+from daemon.store.state import immediate
 
 
 class PageConnection:
@@ -53,17 +53,9 @@ class PageConnection:
         with self.transaction() as db:
             return db.execute(sql, args)
 
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> ContextManager[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` ... ``COMMIT`` under the lock; ``ROLLBACK`` on any exception."""
-        with self.lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        return immediate(self._db, self.lock)
 
 
 def json_or_none(text: str) -> Any:

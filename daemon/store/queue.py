@@ -56,15 +56,14 @@ import os
 import sqlite3
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
+from typing import Callable, ContextManager, Iterable, NamedTuple, Sequence
 
 from daemon.errors import StateError
 from daemon.store.keys import UNREADABLE, key_path, path_key, safe_text
 from daemon.store.migrations import migrate
-from daemon.store.state import make_state_folder, state_problem
+from daemon.store.state import immediate, make_state_folder, state_problem
 
 log = logging.getLogger(__name__)
 
@@ -200,16 +199,8 @@ class Queue:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+    def _tx(self) -> ContextManager[sqlite3.Connection]:
+        return immediate(self._db, self._lock)
 
     @staticmethod
     def _drop_if_superseded(db: sqlite3.Connection, job_ids: Iterable[int]) -> None:

@@ -40,10 +40,11 @@ import threading
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import ContextManager, Iterable, Iterator, Sequence
 
 from daemon.store.keys import key_path, path_key, safe_text
 from daemon.store.migrations import fully_migrated, migrate
+from daemon.store.state import immediate
 
 log = logging.getLogger(__name__)
 
@@ -247,8 +248,8 @@ class SearchIndex:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _tx(self) -> _Tx:
-        return _Tx(self._db, self._lock)
+    def _tx(self) -> ContextManager[sqlite3.Connection]:
+        return immediate(self._db, self._lock)
 
     # ------------------------------------------------------------ catch-up
 
@@ -425,26 +426,6 @@ class SearchIndex:
     def count(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM search_docs").fetchone()[0])
-
-
-class _Tx:
-    def __init__(self, db: sqlite3.Connection, lock: threading.RLock) -> None:
-        self.db, self.lock = db, lock
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.lock.acquire()
-        try:
-            self.db.execute("BEGIN IMMEDIATE")
-        except BaseException:
-            self.lock.release()
-            raise
-        return self.db
-
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        try:
-            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
-        finally:
-            self.lock.release()
 
 
 def _delete(db: sqlite3.Connection, ids: Iterable[int]) -> None:

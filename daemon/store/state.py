@@ -3,6 +3,10 @@
 A state folder nothing can be written to, or a file that is not an SQLite
 database, is a ``StateError``: one line naming the file, exit 2.
 
+``immediate`` is the one shape of a write on it: every writer (the queue,
+the search index, the page's conversations) takes the write lock at
+``BEGIN`` and rolls back on any failure.
+
 Deliberately not here: the tables (``queue``, ``search``, ``conversations``)
 and the schema (``migrations``).
 """
@@ -13,7 +17,10 @@ import fcntl
 import os
 import sqlite3
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from daemon.errors import StateError
 from daemon.store.keys import safe_text
@@ -103,3 +110,23 @@ class StateLock:
             return None
         finally:
             os.close(fd)
+
+
+@contextmanager
+def immediate(db: sqlite3.Connection, lock: threading.Lock | threading.RLock) -> Iterator[sqlite3.Connection]:
+    """One ``BEGIN IMMEDIATE`` ... ``COMMIT`` on ``db`` under ``lock``; ``ROLLBACK`` on any exception.
+
+    IMMEDIATE takes SQLite's write lock at the start, so a second writer
+    waits at ``BEGIN`` (``busy_timeout``) instead of failing halfway through;
+    ``lock`` keeps this process's threads off the one connection meanwhile.
+    A failed ``COMMIT`` (a full disk) is rolled back too, so the connection
+    is never left inside a transaction.
+    """
+    with lock:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
