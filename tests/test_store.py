@@ -175,3 +175,16 @@ def test_the_overview_reads(state: Path, conn: PageConnection) -> None:
     assert history.done_since(conn, 0) == 2 and history.done_since(conn, 2**40) == 0
     conn.write("INSERT INTO meta (key, value, updated) VALUES ('model', '{', 0)")
     assert history.meta(conn) == {"daemon": {"pid": 7}, "model": None}
+
+
+def test_the_page_counts_failures_as_status_does(state: Path, conn: PageConnection) -> None:
+    # A slow writer's truncated version failed, then the complete file got a job of its own (issue 10.9):
+    # the overview, the failures page and `vlwatch status` all show the file's state now, not the old failure.
+    with Queue(state) as queue:
+        finished(queue, Path("/w/scan.pdf"), "truncated", fail="not a PDF")
+        finished(queue, Path("/w/other.png"), "ho", fail="broken")
+        queue.enqueue([Candidate(Path("/w/scan.pdf"), "r", "complete", 2, 2)])
+        status = queue.counts()
+    assert history.counts_by_state(conn) == status == {"queued": 1, "running": 0, "done": 0, "failed": 1}
+    assert [f.path for f in history.failures(conn, 5)] == [Path("/w/other.png")]
+    assert history.failed_count(conn) == 1

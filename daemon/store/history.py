@@ -5,12 +5,12 @@ failures page and the ask page's recent files: each one query on the page's
 connection (``page.PageConnection``), returned as plain values or frozen
 dataclasses with paths already decoded (``keys.key_path``).
 
-Two things differ from ``queue.Queue``'s reads (kept as they were when this
-moved out of the page): a *result* is a done job that no newer **done** job
-of its (path, rule) has replaced (a file re-queued after its result still
-shows that result), while the queue's ``CURRENT`` is about any newer job;
-and the page counts and lists every failed row, where ``Queue.counts`` and
-``Queue.failures`` leave out failures a newer job superseded (issue 10.9).
+Failures are counted and listed as ``Queue.counts`` and ``Queue.failures``
+(and so ``vlwatch status``) count them: only those no newer job of the same
+(path, rule) superseded (``queue.CURRENT``, issue 10.9), which are also the
+only ones the page's retry button can retry.  A *result*, though, is a done
+job that no newer **done** job has replaced: a file re-queued after its
+result still shows that result until the new one is in.
 
 Deliberately not here: writing jobs (``queue.Queue``: the page's retry
 button goes through it) and rendering (``daemon.server.web``).
@@ -25,7 +25,7 @@ from typing import Any
 
 from daemon.store.keys import key_path
 from daemon.store.page import PageConnection, json_or_none
-from daemon.store.queue import STATES
+from daemon.store.queue import CURRENT, STATES
 
 #: SQL: the done job (alias ``j``) is its (path, rule)'s newest done job, i.e. what its sidecar shows.
 _CURRENT_DONE = ("NOT EXISTS (SELECT 1 FROM jobs k WHERE k.path = j.path AND k.rule = j.rule AND k.id > j.id"
@@ -61,9 +61,9 @@ def _failed(row: Any) -> Failed:
 
 
 def counts_by_state(conn: PageConnection) -> dict[str, int]:
-    """Jobs per state, every state present (0 if none)."""
+    """Jobs per state, every state present (0 if none); failures only while current, as ``Queue.counts``."""
     counts = dict.fromkeys(STATES, 0)
-    for r in conn.rows("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
+    for r in conn.rows(f"SELECT state, COUNT(*) AS n FROM jobs WHERE state != 'failed' OR {CURRENT} GROUP BY state"):
         counts[r["state"]] = r["n"]
     return counts
 
@@ -79,14 +79,14 @@ def done_since(conn: PageConnection, since: float) -> int:
 
 
 def failures(conn: PageConnection, limit: int) -> list[Failed]:
-    """The newest failed jobs, newest first."""
+    """The newest current failures, newest first (as ``Queue.failures``)."""
     return [_failed(r) for r in conn.rows(
-        "SELECT id, path, rule, attempts, finished_at, error FROM jobs WHERE state = 'failed'"
+        f"SELECT id, path, rule, attempts, finished_at, error FROM jobs WHERE state = 'failed' AND {CURRENT}"
         " ORDER BY finished_at DESC, id DESC LIMIT ?", (limit,))]
 
 
 def failed_count(conn: PageConnection) -> int:
-    return conn.rows("SELECT COUNT(*) AS n FROM jobs WHERE state = 'failed'")[0]["n"]
+    return conn.rows(f"SELECT COUNT(*) AS n FROM jobs WHERE state = 'failed' AND {CURRENT}")[0]["n"]
 
 
 def latest_done(conn: PageConnection, limit: int) -> list[Done]:
