@@ -22,7 +22,6 @@ from typing import Any
 from daemon.store.page import PageConnection, json_or_none
 
 #: A conversation's title until its first question names it (``append_turn``).
-#: The same text is written into ``append_turn``'s SQL: change both or neither.
 UNTITLED = "New conversation"
 
 
@@ -90,8 +89,8 @@ def append_turn(conn: PageConnection, cid: int, turn: Sequence[tuple[str, Any]],
                              " VALUES (?, ?, ?, ?)", (cid, role, json.dumps(content), now))
             ids.append(int(cur.lastrowid or 0))
         db.execute("UPDATE conversations SET updated = ?,"
-                   " title = CASE WHEN title = 'New conversation' AND ? != '' THEN ? ELSE title END"
-                   " WHERE id = ?", (now, title, title, cid))
+                   " title = CASE WHEN title = ? AND ? != '' THEN ? ELSE title END"
+                   " WHERE id = ?", (now, UNTITLED, title, title, cid))
     return ids
 
 
