@@ -62,6 +62,8 @@ from typing import Any, Iterable
 import torch
 import torch.nn.functional as F
 
+from daemon.backends.transformers import fp8_gemv
+
 log = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
@@ -80,7 +82,11 @@ def fp8_capable(device: torch.device) -> bool:
 
 
 def fast_fp8(device: torch.device) -> bool:
-    """Whether FP8 linears on ``device`` take the ``_scaled_mm`` path (capable, and it runs)."""
+    """Whether FP8 linears on ``device`` take the ``_scaled_mm`` path (capable, and it runs).
+
+    Few rows then take ``fp8_gemv``'s kernel, where Triton runs: asked here, outside any compiled function.
+    """
+    fp8_gemv.enabled()
     return fp8_capable(device) and scaled_mm_works(device)
 
 
@@ -116,10 +122,13 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
     """
     shape = x.shape
     if not fast or x.dtype != torch.bfloat16:
-        if emulate:
+        if emulate and not takes_rows_kernel(x):
             xq, x_scale = quantize_activations(x.reshape(-1, shape[-1]))
             x = (xq.float() * x_scale).to(x.dtype).reshape(shape)
         return F.linear(x, dequantize(weight, scale, x.dtype), bias)
+    if takes_rows_kernel(x):
+        y = fp8_gemv.fp8_rows(x.reshape(-1, shape[-1]), weight, scale, bias)
+        return y.reshape(*shape[:-1], y.shape[-1])
     xq, x_scale = quantize_activations(x.reshape(-1, shape[-1]))
     # weight.t() is the column-major [in, out] operand _scaled_mm wants; scales row-wise on both sides.
     y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=scale.float().t(), out_dtype=x.dtype)
@@ -128,23 +137,57 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
     return y.reshape(*shape[:-1], y.shape[-1])
 
 
+def takes_rows_kernel(x: torch.Tensor) -> bool:
+    """Whether the fast path multiplies ``x`` by the FP8 weight without quantizing it (``fp8_gemv``).
+
+    A few rows on CUDA (a decode step with few slots), where Triton runs: there
+    reading the weight is the whole cost, and ``_scaled_mm`` plus a separate
+    activation quantization is slower than bf16.  The emulating reference asks
+    the same question, so it rounds the activations exactly where the fast path does.
+    """
+    rows = x.numel() // max(1, x.shape[-1])
+    return rows <= fp8_gemv.SMALL_M and x.is_cuda and fp8_gemv.enabled()
+
+
 _probed: dict[torch.device, bool] = {}
 
 
 def scaled_mm_works(device: torch.device) -> bool:
-    """Whether ``_scaled_mm`` with row-wise scales runs on ``device`` (checked once, outside any graph capture)."""
+    """Whether ``_scaled_mm`` with row-wise scales runs on ``device`` (checked once, outside any graph capture).
+
+    The few-rows kernel (``fp8_gemv``) is tried here too, and switched off with a warning if it fails.
+    """
     if device not in _probed:
+        w, s = quantize_rows(torch.randn(64, 320, device=device))
         try:
-            w, s = quantize_rows(torch.randn(32, 64, device=device))
-            x = torch.randn(3, 64, device=device, dtype=torch.bfloat16)
-            got = fp8_linear(x, w, s, None, fast=True)
-            want = fp8_linear(x.float(), w, s, None, fast=False, emulate=True)
-            _probed[device] = bool(((got.float() - want).norm() / want.norm()) < 0.05)
+            x = torch.randn(fp8_gemv.SMALL_M + 8, 320, device=device, dtype=torch.bfloat16)
+            _probed[device] = _close(fp8_linear(x, w, s, None, fast=True),
+                                     fp8_linear(x.float(), w, s, None, fast=False, emulate=True))
         except (RuntimeError, TypeError) as exc:
             log.warning("FP8: torch._scaled_mm with row-wise scales does not run here (%s); "
-                        "using the dequantizing path", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                        "using the dequantizing path", _first_line(exc))
             _probed[device] = False
+        x = torch.randn(3, 320, device=device, dtype=torch.bfloat16)
+        if _probed[device] and takes_rows_kernel(x):
+            try:
+                works = _close(fp8_linear(x, w, s, None, fast=True),
+                               fp8_linear(x.float(), w, s, None, fast=False, emulate=True))
+                problem = "" if works else "wrong results"
+            except Exception as exc:  # a Triton compile error is not a RuntimeError
+                problem = _first_line(exc)
+            if problem:
+                log.warning("FP8: the few-rows kernel does not run here (%s); _scaled_mm takes every row count",
+                            problem)
+                fp8_gemv.disable()
     return _probed[device]
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    return bool(((got.float() - want).norm() / want.norm()) < 0.05)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 class Fp8Linear(torch.nn.Module):

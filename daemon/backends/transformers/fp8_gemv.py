@@ -1,0 +1,136 @@
+"""FP8 weights times a few bf16 rows: the decode of a small batch (issue 23, batch 1).
+
+With one to a few dozen rows a linear layer is bound by reading its weight,
+which FP8 halves.  ``torch._scaled_mm`` does not get there: its row-wise
+CUTLASS kernels are tiled for many rows, and the activations must first be
+quantized by a kernel of their own; session 4 measured FP8 at batch 1 *slower*
+than bf16 (1.358 s against 1.292 s for one image and 256 tokens, H200).
+
+This kernel reads the FP8 weight once, widens it to bf16 in registers and
+multiplies it with the activations as they are (weight-only FP8, "W8A16", as
+vLLM's Marlin FP8 kernel does on cards without FP8 tensor cores): no
+activation quantization, so the result is closer to the bf16 model than the
+many-row path, and the reference for these rows is the dequantized weight
+times the unrounded activations (``fp8.fp8_linear``'s ``emulate`` knows the
+threshold).
+
+Why by hand: no library on the device does this (vLLM's Marlin and
+FBGEMM's FP8 GEMV are not installed there, torchao is not either), and
+Triton is: the kernel is ~30 lines and runs inside the compiled decode step
+and its CUDA graph as an opaque custom op.  ``TRITON_INTERPRET=1`` runs it on
+a CPU (the tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Any
+
+import torch
+
+#: Rows up to which a CUDA FP8 linear takes this kernel instead of ``_scaled_mm`` (decode with few
+#: slots).  Set from the device's per-shape timings: benchmarks/fp8_gemv_probe.py.
+SMALL_M = 16
+BLOCK_M = 16  # tl.dot's smallest M: one to 16 rows share one tile
+BLOCK_N = 32
+BLOCK_K = 256
+
+
+#: Whether Triton runs here, found out once (outside torch.compile's tracing: ``fp8.fast_fp8``).
+_available: bool | None = None
+
+
+def enabled() -> bool:
+    """Whether few-row FP8 linears take this kernel: Triton imports, and ``VLWATCH_FP8_ROWS_KERNEL`` is not 0.
+
+    The variable is for A/B measurements (benchmarks/fp8_gemv_probe.py, the
+    bench with and without); nothing else needs to set it.  After the first
+    call this reads a module global only, which torch.compile traces as a constant.
+    """
+    global _available
+    if _available is None:
+        _available = os.environ.get("VLWATCH_FP8_ROWS_KERNEL", "1") != "0" and _triton_imports()
+    return _available
+
+
+def disable() -> None:
+    """Send every row count to ``_scaled_mm`` (the kernel failed its probe: ``fp8.scaled_mm_works``)."""
+    global _available
+    _available = False
+
+
+def _triton_imports() -> bool:
+    try:
+        importlib.import_module("triton.language")
+    except Exception:  # ImportError, or a Triton that cannot find its driver
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel() -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def fp8_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K,
+                        stride_xm, stride_wn, stride_ym,
+                        HAS_BIAS: tl.constexpr, WIDE: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        pid = tl.program_id(0)
+        rows = tl.arange(0, BM)
+        cols = pid * BN + tl.arange(0, BN)
+        ks = tl.arange(0, BK)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            k = k0 + ks
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :],
+                        mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
+            w = tl.load(w_ptr + cols[:, None] * stride_wn + k[None, :],
+                        mask=(cols[:, None] < N) & (k[None, :] < K), other=0.0)
+            if WIDE:  # the CPU interpreter's bf16 dot is wrong (Triton 3.9): it multiplies in float32
+                acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
+            else:
+                acc += tl.dot(x, tl.trans(w.to(tl.bfloat16)))
+        scale = tl.load(s_ptr + cols, mask=cols < N, other=0.0)
+        acc = acc * scale[None, :]
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+    return fp8_rows_kernel
+
+
+def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x`` [M <= 16, K] bf16 times FP8 ``weight`` [N, K] with row scales [N] (+ bias) -> [M, N] bf16."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if m > BLOCK_M:
+        raise ValueError(f"fp8_gemv takes at most {BLOCK_M} rows, got {m}")
+    x = x.contiguous()
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    scale = scale.reshape(-1).float()
+    grid = (-(-n // BLOCK_N),)
+    _kernel()[grid](x, weight, scale, bias if bias is not None else scale, y, m, n, k,
+                    x.stride(0), weight.stride(0), y.stride(0),
+                    HAS_BIAS=bias is not None, WIDE=interpreted(), BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, num_warps=4, num_stages=4)
+    return y
+
+
+@torch.library.custom_op("vlwatch::fp8_rows", mutates_args=())
+def fp8_rows(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The kernel as an opaque op: torch.compile keeps it whole, CUDA graphs capture its launch."""
+    return launch(x, weight, scale, bias)
+
+
+@fp8_rows.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def interpreted() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``: the tests)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
