@@ -1,0 +1,117 @@
+"""Few-row FP8 linears on the GPU: bf16 ``F.linear`` vs ``_scaled_mm`` (+ compiled quantization) vs ``fp8_gemv``.
+
+Run on the GPU machine from the repository root:
+
+    PYTHONPATH=. python3 benchmarks/fp8_gemv_probe.py [--hidden 3584 --intermediate 18944] [--out DIR]
+
+For each projection of one 7B decoder layer (fused q/k/v, o, fused gate/up,
+down) and each row count: the median time of the three (``triton.testing.
+do_bench``, L2 flushed between calls: the weights come from HBM as in a real
+step), the bandwidth the FP8 kernel reaches on the weight bytes, and its
+error against the dequantized fp32 product.  First it sweeps the kernel's
+tile configurations at one row and keeps the fastest overall; the row counts
+where it beats ``_scaled_mm`` give ``fp8_gemv.SMALL_M``.
+
+Writes ``fp8_gemv_probe.json`` to ``--out``.  Exit 1 if the kernel is wrong
+(relative error above 1%) anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from daemon.backends.transformers import fp8, fp8_gemv  # noqa: E402
+
+ROWS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--hidden", type=int, default=3584)
+    p.add_argument("--intermediate", type=int, default=18944)
+    p.add_argument("--kv", type=int, default=512, help="width of k (and of v): kv heads x head dim")
+    p.add_argument("--out", type=Path, default=Path("."))
+    args = p.parse_args()
+    import triton.testing
+
+    def bench(fn) -> float:
+        return float(triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median"))
+
+    h, i = args.hidden, args.intermediate
+    shapes = {"qkv": (h + 2 * args.kv, h), "o": (h, h), "gate_up": (2 * i, h), "down": (h, i)}
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    weights = {}
+    for name, (n, k) in shapes.items():
+        q, s = fp8.quantize_rows(torch.randn(n, k, device=dev) * 0.02)
+        weights[name] = (q, s, fp8.dequantize(q, s, torch.bfloat16))
+    quantize = torch.compile(fp8.quantize_activations, dynamic=False)
+
+    def scaled(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        xq, xs = quantize(x)
+        return torch._scaled_mm(xq, q.t(), scale_a=xs, scale_b=s.t(), out_dtype=torch.bfloat16)
+
+    # 1. the tile sweep, at one row: the sum over the four projections
+    sweep = []
+    for bn, bk, warps, stages in itertools.product((16, 32, 64), (128, 256, 512), (4, 8), (3, 4)):
+        config = {"BN": bn, "BK": bk, "num_warps": warps, "num_stages": stages}
+        try:
+            total = 0.0
+            for name, (n, k) in shapes.items():
+                q, s, _ = weights[name]
+                x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+                total += bench(lambda: fp8_gemv.launch(x, q, s, None, config))
+            sweep.append({"config": config, "ms_layer": total})
+        except Exception as exc:  # a configuration Triton cannot build (shared memory)
+            sweep.append({"config": config, "error": str(exc).splitlines()[0][:200]})
+    ok = [r for r in sweep if "ms_layer" in r]
+    best = min(ok, key=lambda r: r["ms_layer"])["config"]
+    print(f"sweep: {len(ok)} of {len(sweep)} configurations built; best {best} "
+          f"({min(r['ms_layer'] for r in ok) * 1000:.1f} us a layer at one row; default {fp8_gemv.CONFIG})")
+
+    # 2. the three ways, each shape and row count
+    rows_out, worst = [], 0.0
+    for name, (n, k) in shapes.items():
+        q, s, wb = weights[name]
+        for m in ROWS:
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            t_bf16 = bench(lambda: F.linear(x, wb))
+            t_scaled = bench(lambda: scaled(x, q, s))
+            entry = {"shape": name, "n": n, "k": k, "rows": m, "bf16_us": t_bf16 * 1000, "scaled_mm_us": t_scaled * 1000}
+            if m <= fp8_gemv.BLOCK_M:
+                t_rows = bench(lambda: fp8_gemv.launch(x, q, s, None, best))
+                want = F.linear(x.float(), fp8.dequantize(q, s, torch.float32))
+                err = float((fp8_gemv.launch(x, q, s, None, best).float() - want).norm() / want.norm())
+                worst = max(worst, err)
+                entry |= {"rows_kernel_us": t_rows * 1000, "rows_kernel_gbs": (n * k) / t_rows / 1e6,
+                          "bf16_gbs": (2 * n * k) / t_bf16 / 1e6, "rel_error": err}
+            rows_out.append(entry)
+            print(" ".join(f"{k_}={v:.4g}" if isinstance(v, float) else f"{k_}={v}" for k_, v in entry.items()))
+    per_layer = {}
+    for m in ROWS:
+        sel = [r for r in rows_out if r["rows"] == m]
+        per_layer[m] = {key: sum(r[key] for r in sel) for key in ("bf16_us", "scaled_mm_us", "rows_kernel_us")
+                        if all(key in r for r in sel)}
+        print(f"rows {m}: one layer's four projections, us: " + ", ".join(f"{k_} {v:.1f}" for k_, v in per_layer[m].items()))
+    wins = [m for m in ROWS if per_layer[m].get("rows_kernel_us", 1e9) < per_layer[m]["scaled_mm_us"]]
+    print(f"rows kernel faster than _scaled_mm at rows {wins}; worst relative error {worst:.5f}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "fp8_gemv_probe.json").write_text(json.dumps(
+        {"device": torch.cuda.get_device_name(), "best_config": best, "sweep": sweep, "rows": rows_out,
+         "per_layer_us": per_layer, "rows_kernel_wins_at": wins, "worst_rel_error": worst,
+         "median_error": statistics.median(r["rel_error"] for r in rows_out if "rel_error" in r)}, indent=2))
+    return 0 if worst <= 0.01 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
