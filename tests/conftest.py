@@ -22,8 +22,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-import pytest
+# Triton (the few-row FP8 kernel, tests/test_fp8_gemv.py) runs kernels in its CPU interpreter only when
+# this is set before triton is first imported: its own helpers are built as interpreted functions then.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 from PIL import Image
 
 from daemon.store.keys import content_hash

@@ -34,8 +34,6 @@ import torch
 #: slots).  Set from the device's per-shape timings: benchmarks/fp8_gemv_probe.py.
 SMALL_M = 16
 BLOCK_M = 16  # tl.dot's smallest M: one to 16 rows share one tile
-BLOCK_N = 32
-BLOCK_K = 256
 
 
 #: Whether Triton runs here, found out once (outside torch.compile's tracing: ``fp8.fast_fp8``).
@@ -104,19 +102,27 @@ def _kernel() -> Any:
     return fp8_rows_kernel
 
 
-def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+#: Tile and pipeline: ``BN`` output rows per program (enough programs to fill the card for the narrowest
+#: layer, 3584 rows: 112 of 32), ``BK`` columns per step, loads ``stages`` deep.  From the device's sweep.
+CONFIG = {"BN": 32, "BK": 256, "num_warps": 4, "num_stages": 4}
+
+
+def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+           config: dict[str, int] | None = None) -> torch.Tensor:
     """``x`` [M <= 16, K] bf16 times FP8 ``weight`` [N, K] with row scales [N] (+ bias) -> [M, N] bf16."""
     m, k = x.shape
     n = weight.shape[0]
     if m > BLOCK_M:
         raise ValueError(f"fp8_gemv takes at most {BLOCK_M} rows, got {m}")
+    c = config or CONFIG
     x = x.contiguous()
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     scale = scale.reshape(-1).float()
-    grid = (-(-n // BLOCK_N),)
+    grid = (-(-n // c["BN"]),)
     _kernel()[grid](x, weight, scale, bias if bias is not None else scale, y, m, n, k,
                     x.stride(0), weight.stride(0), y.stride(0),
-                    HAS_BIAS=bias is not None, WIDE=interpreted(), BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, num_warps=4, num_stages=4)
+                    HAS_BIAS=bias is not None, WIDE=interpreted(), BM=BLOCK_M, BN=c["BN"], BK=c["BK"],
+                    num_warps=c["num_warps"], num_stages=c["num_stages"])
     return y
 
 

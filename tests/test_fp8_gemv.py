@@ -1,0 +1,63 @@
+"""Issue 23: the few-row FP8 kernel (``fp8_gemv``), run by Triton's CPU interpreter (the device runs it compiled)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+# conftest.py sets TRITON_INTERPRET=1 before anything imports triton.
+pytest.importorskip("triton", reason="Triton is not installed (the test extra installs it on Linux x86-64)")
+
+from daemon.backends.transformers import fp8, fp8_gemv  # noqa: E402
+
+
+def _reference(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x.float(), fp8.dequantize(q, s, torch.float32), None if bias is None else bias.float())
+
+
+@pytest.mark.parametrize(("rows", "n", "k", "with_bias"), [
+    (1, 96, 320, True),    # one row; columns not a multiple of the tile
+    (3, 64, 512, False),
+    (16, 130, 257, True),  # the most rows; ragged on both sides
+])
+def test_rows_kernel_is_the_dequantized_product(rows: int, n: int, k: int, with_bias: bool) -> None:
+    torch.manual_seed(rows)
+    q, s = fp8.quantize_rows(torch.randn(n, k) * 0.05)
+    x = torch.randn(rows, k).to(torch.bfloat16)
+    bias = torch.randn(n).to(torch.bfloat16) if with_bias else None
+    got = fp8_gemv.launch(x, q, s, bias, {"BN": 32, "BK": 128, "num_warps": 4, "num_stages": 2})
+    want = _reference(x, q, s, bias)
+    assert got.shape == (rows, n) and got.dtype == torch.bfloat16
+    # The activations are not rounded (weight-only FP8): only bf16's output rounding is left.
+    assert float((got.float() - want).norm() / want.norm()) < 0.005
+
+
+def test_more_rows_than_one_tile_are_refused() -> None:
+    q, s = fp8.quantize_rows(torch.randn(32, 64))
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        fp8_gemv.launch(torch.randn(17, 64).to(torch.bfloat16), q, s, None)
+
+
+def test_the_op_compiles_opaque_with_the_right_shape() -> None:
+    """torch.compile traces the custom op through its fake form (what the compiled decode step does on CUDA)."""
+    q, s = fp8.quantize_rows(torch.randn(48, 128))
+    x = torch.randn(2, 128).to(torch.bfloat16)
+    mix = torch.randn(48, 3).to(torch.bfloat16)  # tracing this product needs the op's true output shape
+    compiled = torch.compile(lambda x: fp8_gemv.fp8_rows(x, q, s, None) @ mix, backend="aot_eager", fullgraph=True)
+    got = compiled(x)
+    want = _reference(x, q, s, None) @ mix.float()
+    assert float((got.float() - want).norm() / want.norm()) < 0.01
+
+
+def test_the_variable_switches_it_off() -> None:
+    """``VLWATCH_FP8_ROWS_KERNEL=0`` (A/B runs) sends every row count to ``_scaled_mm``."""
+    code = "from daemon.backends.transformers import fp8_gemv; print(fp8_gemv.enabled())"
+    run = lambda env: subprocess.run([sys.executable, "-c", code], env={**os.environ, **env},  # noqa: E731
+                                     capture_output=True, text=True, check=True).stdout.strip()
+    assert run({"VLWATCH_FP8_ROWS_KERNEL": "0"}) == "False"
+    assert run({}) == "True"
