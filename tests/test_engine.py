@@ -864,7 +864,8 @@ def test_out_of_memory_while_capturing_shrinks_the_slots(fresh_backend: Transfor
 
 
 def test_out_of_memory_mid_run_runs_the_requests_in_hand_again(fresh_backend: TransformersBackend,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
     backend = fresh_backend
     backend.reconfigure(replace(backend.config, batch_size=4))
     requests = [Request((image(i, 56, 84),), "Describe.", 9) for i in range(6)]
@@ -879,9 +880,13 @@ def test_out_of_memory_mid_run_runs_the_requests_in_hand_again(fresh_backend: Tr
             failed.append(prefills[-1])
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
 
-    with hooked(engine.embed, oom_once, pre=True):
+    with hooked(engine.embed, oom_once, pre=True), caplog.at_level("WARNING"):
         assert backend.generate(requests) == expected
     assert failed and backend.oom_slot_limit == 2
+    # the warning says where it ran out and what torch said (how much was asked for, how much held)
+    warning = next(r.getMessage() for r in caplog.records if "out of GPU memory with" in r.getMessage())
+    assert re.search(r"with 4 slots, in prefill\w*\.py:\d+ \(\w+\); going on with 2", warning), warning
+    assert "CUDA out of memory (injected)" in warning
 
 
 def test_stream_pieces_join_to_the_answer(backend: TransformersBackend) -> None:

@@ -38,8 +38,10 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
 import time
+import traceback
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
 
@@ -387,7 +389,10 @@ class TransformersBackend(BaseBackend):
                             live.fail_taken(BackendError("out of GPU memory on a single image; lower model.max_pixels"))
                         else:
                             self._oom_slots = max(1, slots // 2)
-                            log.warning("out of GPU memory with %d slots; going on with %d", slots, self._oom_slots)
+                            # torch's message says how much was asked for and how much was held: what
+                            # tells a plan that over-counts (issue 23) from a prompt that is simply large
+                            log.warning("out of GPU memory with %d slots, in %s; going on with %d (%s)", slots,
+                                        _where(exc), self._oom_slots, _describe(exc)[:400])
                             live.requeue_taken()
                     finally:
                         _add_stats(totals, asdict(fast.stats))
@@ -700,6 +705,15 @@ def _on_device(device: Any) -> Any:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {loading.one_line(exc)}" if not isinstance(exc, VlwatchError) else str(exc)
+
+
+def _where(exc: BaseException) -> str:
+    """The innermost line of vlwatch's own code that ``exc`` passed through: "slots.py:412 (_prefill)"."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f"{os.sep}daemon{os.sep}" in f.filename]
+    if not frames:
+        return "an unknown place"
+    f = frames[-1]
+    return f"{os.path.basename(f.filename)}:{f.lineno} ({f.name})"
 
 
 def _until_eos(row: list[int], eos: set[int]) -> list[int]:
