@@ -59,7 +59,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daemon.backends import Request  # noqa: E402
 from daemon.backends.transformers import fp8  # noqa: E402
-from daemon.backends.transformers.backend import TransformersBackend, _messages  # noqa: E402
+from daemon.backends.transformers.backend import TransformersBackend  # noqa: E402
+from daemon.backends.transformers.stock import messages  # noqa: E402
 from daemon.bench.run import synthetic_images  # noqa: E402
 from daemon.config import ModelConfig  # noqa: E402
 
@@ -172,7 +173,7 @@ def _kernel_probe(linears: list[fp8.Fp8Linear], errors: list[float]) -> Iterator
 def _forward(backend: TransformersBackend, request: Request, answer: list[int]) -> dict[str, Any]:
     """The prompt followed by ``answer``, through the stock forward: last hidden states and logits (CPU, fp32)."""
     processor, model = backend.processor, backend.hf_model
-    text = processor.apply_chat_template(_messages(request), tokenize=False, add_generation_prompt=True)
+    text = processor.apply_chat_template(messages(request), tokenize=False, add_generation_prompt=True)
     inputs = dict(processor(text=[text], images=list(request.images), return_tensors="pt", do_resize=False))
     prompt_len = inputs["input_ids"].shape[1]
     extra = torch.tensor([answer], dtype=inputs["input_ids"].dtype)

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
 
 from daemon.backends import (Answer, BaseBackend, Capabilities, DeviceLostError, Feed, Item, ListFeed, Request,
                              Sizing, is_sticky_cuda_error)
-from daemon.backends.transformers import loading
+from daemon.backends.transformers import loading, stock
 from daemon.backends.transformers.live import LiveSource
 from daemon.backends.transformers.oom import is_out_of_memory
 from daemon import plan
@@ -245,7 +245,7 @@ class TransformersBackend(BaseBackend):
             if self._fast is not None:
                 self._fast.release()  # the next batch sizes its own cache
             if self._model is not None:
-                _empty_cuda_cache()
+                stock.empty_cuda_cache()
                 loading.limit_memory(self._model.device, self.config.max_gpu_memory)
 
     def describe(self) -> dict[str, Any]:
@@ -304,7 +304,7 @@ class TransformersBackend(BaseBackend):
             self._processor = None
             self._fast = self._vision = self._text = None
             gc.collect()
-            _empty_cuda_cache()
+            stock.empty_cuda_cache()
             log.info("unloaded %s (idle)", self.model)
         self._state_changed()
 
@@ -315,7 +315,7 @@ class TransformersBackend(BaseBackend):
         answers = self.generate_each(requests)
         for a in answers:
             if isinstance(a, BaseException):
-                raise a if isinstance(a, VlwatchError) else BackendError(_describe(a)) from a
+                raise a if isinstance(a, VlwatchError) else BackendError(loading.describe(a)) from a
         return answers  # type: ignore[return-value]
 
     def generate_each(self, requests: Sequence[Request]) -> list[Answer | BaseException]:
@@ -376,7 +376,7 @@ class TransformersBackend(BaseBackend):
                     except Exception as exc:
                         if is_sticky_cuda_error(exc):
                             lost = True  # the feed records what was in hand, with the attempt spent
-                            raise DeviceLostError(f"the GPU is in an unrecoverable state: {_describe(exc)}") from exc
+                            raise DeviceLostError(f"the GPU is in an unrecoverable state: {loading.describe(exc)}") from exc
                         if not is_out_of_memory(exc):
                             # A fault of the decode step itself, not of one prompt
                             # (those fail alone inside run): the requests in slots fail.
@@ -384,7 +384,7 @@ class TransformersBackend(BaseBackend):
                             live.fail_taken(exc)
                             continue
                         fast.release()  # its cache was sized for the slots that did not fit
-                        _empty_cuda_cache()
+                        stock.empty_cuda_cache()
                         if slots <= 1:
                             live.fail_taken(BackendError("out of GPU memory on a single image; lower model.max_pixels"))
                         else:
@@ -392,7 +392,7 @@ class TransformersBackend(BaseBackend):
                             # torch's message says how much was asked for and how much was held: what
                             # tells a plan that over-counts (issue 23) from a prompt that is simply large
                             log.warning("out of GPU memory with %d slots, in %s; going on with %d (%s)", slots,
-                                        _where(exc), self._oom_slots, _describe(exc)[:400])
+                                        _where(exc), self._oom_slots, loading.describe(exc)[:400])
                             live.requeue_taken()
                     finally:
                         _add_stats(totals, asdict(fast.stats))
@@ -455,58 +455,17 @@ class TransformersBackend(BaseBackend):
         return Prompt(index, self._inputs(r), r.max_new_tokens, temperature=max(0.0, r.temperature),
                       stream=r.stream is not None, urgent=item.urgent)
 
-    # ------------------------------------------------------------ model.generate
+    # ------------------------------------------------------------ model.generate (stock.py)
 
     def _serve_batches(self, feed: Feed) -> None:
         """``model.generate`` (engine hf, or a model the slot engine does not know): batches of what is there."""
-        size = max(1, self.config.batch_size or 4)
-        while not feed.stopping():
-            items: list[Item] = []
-            while len(items) < size:
-                item = feed.next()
-                if item is None:
-                    break
-                items.append(item)
-            if not items:
-                if not feed.more():
-                    return
-                feed.wait(0.05)
-                continue
-            # One sampling setting per model.generate call.
-            for temperature in sorted({i.request.temperature for i in items}):
-                group = [i for i in items if i.request.temperature == temperature]
-                for item, got in zip(group, self._each_hf([i.request for i in group])):
-                    if isinstance(got, Answer) and item.request.stream is not None and got.text:
-                        try:
-                            item.request.stream(got.text)  # no token stream here: the text at once
-                        except Exception as exc:
-                            got = exc
-                    feed.deliver(item.key, got)
+        stock.serve_batches(feed, max(1, self.config.batch_size or 4), self._each_hf)
 
     def _each_hf(self, requests: list[Request]) -> list[Answer | BaseException]:
-        try:
-            return list(self._generate_split(requests))
-        except Exception as exc:
-            if is_sticky_cuda_error(exc):
-                raise DeviceLostError(f"the GPU is in an unrecoverable state: {_describe(exc)}") from exc
-            if len(requests) == 1:
-                return [exc]
-            log.warning("a batch of %d failed (%s); running it one request at a time", len(requests), _describe(exc))
-            return [a for r in requests for a in self._each_hf([r])]
+        return stock.each(requests, self._generate_hf)
 
     def _generate_split(self, requests: list[Request]) -> list[Answer]:
-        """``model.generate``; a CUDA out-of-memory error halves the batch, down to one request."""
-        import torch
-
-        try:
-            return self._generate_hf(requests)
-        except torch.cuda.OutOfMemoryError:
-            if len(requests) == 1:
-                raise BackendError("out of GPU memory on a single image; lower model.max_pixels") from None
-            half = len(requests) // 2
-            log.warning("out of GPU memory on a batch of %d; retrying as %d + %d", len(requests), half, len(requests) - half)
-            _empty_cuda_cache()
-            return self._generate_split(requests[:half]) + self._generate_split(requests[half:])
+        return stock.split_on_oom(requests, self._generate_hf)
 
     def _plan(self, requests: Sequence[Request]) -> tuple[list[int], int, int, int]:
         """Prompt lengths, slots, cache length and the largest budget for these requests."""
@@ -542,7 +501,7 @@ class TransformersBackend(BaseBackend):
     def _inputs(self, request: Request) -> dict[str, Any]:
         """The processor's tensors for one request (CPU), pixels already in the model's dtype."""
         processor = self._processor
-        text = processor.apply_chat_template(_messages(request), tokenize=False, add_generation_prompt=True)
+        text = processor.apply_chat_template(stock.messages(request), tokenize=False, add_generation_prompt=True)
         # do_resize=False: daemon.images already sized the images (see _generate_hf).
         inputs = dict(processor(text=[text], images=list(request.images) or None, return_tensors="pt", do_resize=False))
         if "pixel_values" in inputs:
@@ -595,52 +554,19 @@ class TransformersBackend(BaseBackend):
                   slots, plan.cache_length(tokens + max_new), budget / GiB)
         return slots
 
-    # ------------------------------------------------------------ model.generate
-
     def _generate_hf(self, requests: list[Request]) -> list[Answer]:
         tokenizer = self._processor.tokenizer
-        answers = []
-        for tokens, full, request in zip(*self._generate_hf_raw(requests), requests):
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
-            answers.append(Answer(text=text, new_tokens=len(tokens), finished=full))
-        return answers
+        tokens, ended = self._generate_hf_raw(requests)
+        return [Answer(text=tokenizer.decode(t, skip_special_tokens=True), new_tokens=len(t), finished=full)
+                for t, full in zip(tokens, ended)]
 
     def _generate_hf_tokens(self, requests: list[Request]) -> list[list[int]]:
         return self._generate_hf_raw(requests)[0]
 
     def _generate_hf_raw(self, requests: list[Request]) -> tuple[list[list[int]], list[bool]]:
-        """Token ids up to end-of-sequence per request, and whether each ended there (not at its budget)."""
-        import torch
-
-        processor, model = self._processor, self._model
-        texts = [processor.apply_chat_template(_messages(r), tokenize=False, add_generation_prompt=True) for r in requests]
-        images = [img for r in requests for img in r.images]
-        # do_resize=False: daemon.images already sized every image to multiples
-        # of 28; resizing again would move the boxes the model answers with.
-        inputs = processor(text=texts, images=images or None, padding=True, return_tensors="pt", do_resize=False)
-        inputs = inputs.to(model.device)
-        max_new = max(r.max_new_tokens for r in requests)
-        # Forced length (bench): the same work whatever random weights say.
-        forced: dict[str, Any] = {"min_new_tokens": max_new} if self.ignore_eos else {}
-        temperature = requests[0].temperature  # callers group requests by temperature
-        # Plain temperature sampling, as the slot engine does (no top-k/top-p from the generation config).
-        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 \
-            else {"do_sample": False}
-        started = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=max_new, **sampling, **forced)
-        self.last_stats = {"wall_s": time.perf_counter() - started, "requests": len(requests),
-                           "new_tokens": int(out.shape[0] * (out.shape[1] - inputs["input_ids"].shape[1]))}
-        new = out[:, inputs["input_ids"].shape[1]:]
-        eos = loading.eos_ids(model, processor)
-        tokens, ended = [], []
-        for row, request in zip(new.tolist(), requests):
-            budget = row[: request.max_new_tokens]  # the batch ran to its longest budget
-            kept = _until_eos(budget, eos)
-            tokens.append(kept)
-            ended.append(len(kept) < len(budget))
+        tokens, ended, self.last_stats = stock.generate(self._model, self._processor, requests,
+                                                         ignore_eos=self.ignore_eos)
         return tokens, ended
-
 
 def image_tokens(width: int, height: int) -> int:
     """Tokens an image of this (already sized, multiple-of-28) size takes: one per 28x28 pixels."""
@@ -649,7 +575,7 @@ def image_tokens(width: int, height: int) -> int:
 
 def _template_tokens(processor: Any, request: Request) -> int:
     """Tokens of ``request`` through the chat template, each image placeholder one token."""
-    text = processor.apply_chat_template(_messages(request), tokenize=False, add_generation_prompt=True)
+    text = processor.apply_chat_template(stock.messages(request), tokenize=False, add_generation_prompt=True)
     return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -667,19 +593,6 @@ def _quiet(live: LiveSource, seconds: float) -> bool:
             return False
         live.wait(min(left, 0.05))
     return not live.busy()
-
-
-def _messages(request: Request) -> list[dict[str, Any]]:
-    """The chat template's messages: a folder job's one user turn, or the request's conversation."""
-    if not request.messages:
-        content: list[dict[str, Any]] = [{"type": "image"} for _ in request.images]
-        content.append({"type": "text", "text": request.prompt})
-        return [{"role": "user", "content": content}]
-    out = []
-    for message in request.messages:
-        parts = [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image"} for p in message.parts]
-        out.append({"role": message.role, "content": parts})
-    return out
 
 
 def _add_stats(totals: dict[str, Any], stats: dict[str, Any]) -> None:
@@ -703,10 +616,6 @@ def _on_device(device: Any) -> Any:
     return torch.cuda.device(device) if getattr(device, "type", "") == "cuda" else contextlib.nullcontext()
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {loading.one_line(exc)}" if not isinstance(exc, VlwatchError) else str(exc)
-
-
 def _where(exc: BaseException) -> str:
     """The innermost line of vlwatch's own code that ``exc`` passed through: "slots.py:412 (_prefill)"."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if f"{os.sep}daemon{os.sep}" in f.filename]
@@ -714,18 +623,3 @@ def _where(exc: BaseException) -> str:
         return "an unknown place"
     f = frames[-1]
     return f"{os.path.basename(f.filename)}:{f.lineno} ({f.name})"
-
-
-def _until_eos(row: list[int], eos: set[int]) -> list[int]:
-    """The generated tokens before the first end-of-sequence token (padding comes after it)."""
-    for i, t in enumerate(row):
-        if t in eos:
-            return row[:i]
-    return row
-
-
-def _empty_cuda_cache() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

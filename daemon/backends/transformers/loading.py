@@ -49,7 +49,7 @@ from daemon import plan
 from daemon.backends import Sizing
 from daemon.backends.transformers.oom import is_out_of_memory, load_oom_message
 from daemon.config import EngineOptions, ModelConfig, local_model_path
-from daemon.errors import BackendError, ModelMissingError
+from daemon.errors import BackendError, ModelMissingError, VlwatchError
 
 log = logging.getLogger(__name__)
 
@@ -467,6 +467,11 @@ def eos_ids(model: Any, processor: Any) -> set[int]:
     if processor.tokenizer.eos_token_id is not None:
         ids.add(processor.tokenizer.eos_token_id)
     return ids
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a log entry or an error: vlwatch's own errors as they are, others with their type's name."""
+    return str(exc) if isinstance(exc, VlwatchError) else f"{type(exc).__name__}: {one_line(exc)}"
 
 
 def one_line(exc: BaseException) -> str:
