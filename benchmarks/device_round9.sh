@@ -7,11 +7,11 @@
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 echo "+ benchmarks/fp8_gemv_probe.py" | tee "$OUT/fp8-gemv-probe.log"
-timeout ${PROBE_LIMIT:-150} python3 benchmarks/fp8_gemv_probe.py --out "$OUT" 2>&1 | tee -a "$OUT/fp8-gemv-probe.log"
+timeout ${PROBE_LIMIT:-120} python3 benchmarks/fp8_gemv_probe.py --out "$OUT" 2>&1 | tee -a "$OUT/fp8-gemv-probe.log"
 echo "+ benchmarks/fp8_check.py" | tee "$OUT/fp8-check.log"
-timeout ${CHECK_LIMIT:-110} python3 benchmarks/fp8_check.py --load-format dummy --new-tokens 48 --out "$OUT" 2>&1 | tee -a "$OUT/fp8-check.log"
-one=(bench --load-format dummy --ignore-eos --images 2 --batch-sizes '' --baseline-images 0 --latency-images 5)
-step batch1-bf16 ${B1_LIMIT:-80} "${one[@]}" --quantization none
-step batch1-fp8 ${B1_LIMIT:-80} "${one[@]}" --quantization fp8
-VLWATCH_FP8_ROWS_KERNEL=0 step batch1-fp8-scaled-mm ${B1_LIMIT:-80} "${one[@]}" --quantization fp8
+timeout ${CHECK_LIMIT:-100} python3 benchmarks/fp8_check.py --load-format dummy --new-tokens 48 --out "$OUT" 2>&1 | tee -a "$OUT/fp8-check.log"
+one=(bench --load-format dummy --ignore-eos --images 2 --batch-sizes '' --baseline-images 0 --latency-images 3)
+step batch1-bf16 ${B1_LIMIT:-75} "${one[@]}" --quantization none
+step batch1-fp8 ${B1_LIMIT:-75} "${one[@]}" --quantization fp8
+VLWATCH_FP8_ROWS_KERNEL=0 step batch1-fp8-scaled-mm ${B1_LIMIT:-75} "${one[@]}" --quantization fp8
 exit 0
