@@ -396,13 +396,17 @@ def test_an_olmocr_document_is_asked_as_a_folder_page_is(tmp_path: Path) -> None
                     ("grey", None)])
     try:
         wait_until(lambda: _health(base) == 200, "the API", log=d.log)
-        r = httpx.post(base + "/v1/convert/file", files={"files": ("scan.pdf", pdf, "application/pdf")}, timeout=90)
+        r = httpx.post(base + "/v1/convert/file", files={"files": ("scan.pdf", pdf, "application/pdf")},
+                       data={"to_formats": ["md", "text", "html"]}, timeout=90)
     finally:
         d.stop()
         d.close()
     assert r.status_code == 200, r.text
     doc = r.json()
     md = doc["document"]["md_content"]
+    # The other formats take the table as a table: rows of cells in text, a real <table> in HTML.
+    assert "<table>" not in doc["document"]["text_content"] and "\n1\n" in doc["document"]["text_content"]
+    assert "<table><tr><td>1</td></tr></table>" in doc["document"]["html_content"]
     for page in ("red", "green", "blue"):
         assert f"Text of the {page} page" in md, md
     assert "Grey page from its text layer" in md and "sideways gibberish" not in md and "primary_language" not in md
@@ -505,3 +509,27 @@ def test_check_names_a_bad_webhook_with_its_line(tmp_path: Path) -> None:  # iss
     line = next(n for n, text in enumerate(config.read_text().splitlines(), 1) if "webhook:" in text)
     assert done.returncode == 1
     assert f"config.yaml:{line}: rules[0].webhook: expected an http:// or https:// URL" in done.stdout, done.stdout
+
+
+def test_text_and_html_take_olmocr_tables_and_nothing_else() -> None:  # docling's text and html outputs
+    from daemon.answers import escape_raw_html
+    from daemon.server.formats import markdown_html, markdown_text
+
+    table = ('<table><tr><th>Item</th><th>Price</th></tr>'
+             '<tr><td>Tea &amp; cake</td><td colspan="2">3<br>EUR</td></tr></table>')
+    written = f"# Bill\n\nSome **tea** and <script>alert(1)</script>.\n\n{table}\n\nPaid.\n"
+    for md in (escape_raw_html(written, keep_tables=True), written):  # the second: a rule with raw_html: true
+        text = markdown_text(md)
+        assert "Item\tPrice\nTea & cake\t3 EUR\n" in text, text
+        assert "<t" not in text and "Some tea and" in text and "Paid." in text
+        page = markdown_html(md, "bill.pdf")
+        assert table in page  # rendered as a table
+        assert "<script>" not in page and "&lt;script&gt;alert(1)" in page
+        assert "<strong>tea</strong>" in page
+
+
+def test_a_table_tag_with_more_than_spans_stays_text() -> None:
+    from daemon.server.formats import markdown_html
+
+    page = markdown_html('<table onmouseover="x()"><tr><td>1</td></tr></table>\n', "t")
+    assert "<table" not in page.split("<body>")[1] and "onmouseover" in page

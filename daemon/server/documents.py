@@ -45,7 +45,7 @@ import time
 from concurrent.futures import CancelledError, Executor, Future
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import yaml
 
@@ -57,6 +57,7 @@ from daemon.images import Page, PageSource, open_pages, pdf_page_text, printable
 from daemon.intake.rules import render_prompt
 from daemon.policies import AnswerPolicy, PageAnswer, policy_for
 from daemon.server.chat import in_memory
+from daemon.server.formats import markdown_html, markdown_text
 
 if TYPE_CHECKING:
     from daemon.engine.loop import WorkerLoop
@@ -448,62 +449,3 @@ def page_markdown(rule: Rule, answer: Answer) -> str:
     if not answer.finished:
         text += "\n<!-- vlwatch: the answer was cut off at max_new_tokens -->\n"
     return text
-
-
-@functools.cache
-def _markdown_it() -> Any:
-    from markdown_it import MarkdownIt
-
-    return MarkdownIt("commonmark", {"html": False}).enable("table")
-
-
-def markdown_html(md: str, title: str) -> str:
-    """A whole HTML document of ``md`` (raw HTML in it stays text)."""
-    import html
-
-    body = _markdown_it().render(md)
-    return (f"<!DOCTYPE html>\n<html>\n<head>\n<meta charset=\"utf-8\">\n<title>{html.escape(title)}</title>\n"
-            f"</head>\n<body>\n{body}</body>\n</html>\n")
-
-
-def markdown_text(md: str) -> str:
-    """``md`` as plain text: the words, lines and table rows (cells tab-separated), without Markdown's markup."""
-    out: list[str] = []
-    row: list[str] | None = None
-    in_cell = False
-    for tok in _markdown_it().parse(md):
-        kind = tok.type
-        if kind == "tr_open":
-            row = []
-        elif kind in ("th_open", "td_open"):
-            in_cell = True
-        elif kind in ("th_close", "td_close"):
-            in_cell = False
-        elif kind == "tr_close" and row is not None:
-            out.append("\t".join(row) + "\n")
-            row = None
-        elif kind == "inline":
-            piece = "".join(_inline_text(c) for c in tok.children or ())
-            if in_cell and row is not None:
-                row.append(piece)
-            else:
-                out.append(piece)
-        elif kind in ("fence", "code_block"):
-            out.append(tok.content.rstrip("\n") + "\n\n")
-        elif kind == "paragraph_close":
-            out.append("\n" if tok.hidden else "\n\n")  # hidden: a tight list's item
-        elif kind in ("heading_close", "table_close", "hr", "bullet_list_close", "ordered_list_close",
-                      "blockquote_close"):
-            out.append("\n\n")
-    text = re.sub(r"\n{3,}", "\n\n", "".join(out)).strip()
-    return text + "\n" if text else ""
-
-
-def _inline_text(tok: Any) -> str:
-    if tok.type in ("text", "code_inline"):
-        return tok.content
-    if tok.type in ("softbreak", "hardbreak"):
-        return "\n"
-    if tok.type == "image":
-        return "".join(_inline_text(c) for c in tok.children or ())
-    return ""
