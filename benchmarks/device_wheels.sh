@@ -13,5 +13,5 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     qwen-vl-utils==0.0.14 pypdfium2 wcmatch bracex watchdog 'apscheduler>=3.11,<4' tzlocal argcomplete \
     fastapi annotated-doc starlette pydantic pydantic-core annotated-types typing-inspection typing-extensions \
     anyio idna h11 'httpx<1' httpcore certifi uvicorn click python-multipart markdown-it-py mdurl \
-    requests urllib3 charset-normalizer
+    requests urllib3 charset-normalizer opentelemetry-api
 du -sh .whl && ls .whl

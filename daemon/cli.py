@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from daemon import __version__
+from daemon import __version__, env
 from daemon.backends import DeviceLostError
 from daemon.config import Config
 from daemon.config_reader import load_config
@@ -46,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    env.cuda_allocator_defaults()  # before anything starts CUDA: the daemon, bench, engine processes
     parser = build_parser()
     if argv is None and "_ARGCOMPLETE" in os.environ:  # the shell asks for completions (issue 11.12)
         import argcomplete

@@ -40,6 +40,9 @@ LOG_LEVEL = "VLWATCH_LOG_LEVEL"
 PLUGINS = "VLWATCH_PLUGINS"
 FAKE_CUDA_DEVICES = "VLWATCH_FAKE_CUDA_DEVICES"
 DUMMY_IGNORE_EOS = "VLWATCH_DUMMY_IGNORE_EOS"
+FP8_ROWS_KERNEL = "VLWATCH_FP8_ROWS_KERNEL"
+#: PyTorch's, set by vlwatch when unset (``cuda_allocator_defaults``).
+CUDA_ALLOC_CONF = "PYTORCH_CUDA_ALLOC_CONF"
 
 #: Every variable vlwatch reads, with what it does (the README lists the same).
 READ = {
@@ -49,6 +52,9 @@ READ = {
     FAKE_CUDA_DEVICES: "tests only: pretend this many CUDA GPUs when checking model.device",
     DUMMY_IGNORE_EOS: "bench only: the transformers-dummy backend (random weights) generates every token of "
                       "its budget (1, the default) or stops at end-of-sequence (0)",
+    FP8_ROWS_KERNEL: "bench only: 0 sends FP8 linears of every row count to torch._scaled_mm instead of "
+                     "the few-row kernel (A/B measurements)",
+    CUDA_ALLOC_CONF: "PyTorch's CUDA allocator settings; vlwatch sets expandable_segments:True when it is unset",
 }
 
 #: The engine switches that moved into the config: variable -> the key that replaces it.
@@ -72,6 +78,19 @@ def get(name: str) -> str | None:
     """The value of one of ``READ``'s variables (None when unset or empty)."""
     assert name in READ, f"{name} is not one of the variables vlwatch reads (daemon.env.READ)"
     return os.environ.get(name) or None
+
+
+def cuda_allocator_defaults() -> None:
+    """Let PyTorch's CUDA allocator grow segments in place, unless the user configured it (before CUDA starts).
+
+    Without it the slot cache's re-size and the prefill's varying shapes
+    leave memory reserved but unusable: under ``max_gpu_memory: 22GiB`` the
+    7B in FP8 ran out of memory with 2.76 GiB "reserved by PyTorch but
+    unallocated" and halved its slots (620 images/min); with it the planned
+    104 slots ran (777 images/min, peak 20.5 GiB), and the whole card was
+    unchanged (868 against 866): benchmarks/NOTES.md, session 5.
+    """
+    os.environ.setdefault(CUDA_ALLOC_CONF, "expandable_segments:True")
 
 
 _warned = False

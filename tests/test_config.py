@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,7 @@ from daemon.config import config_candidates, find_config
 
 from daemon.config_reader import load_config, parse_config
 from daemon.errors import ConfigError, ExitCode, VlwatchError
-from tests.conftest import run_vlwatch, write_config
+from tests.conftest import REPO, run_vlwatch, write_config
 
 BAD = """\
 model:
@@ -287,3 +290,20 @@ def test_no_engine_switch_is_read_from_the_environment() -> None:
         for name in env.REMOVED:
             assert not re.search(rf"environ[^\n]*{name}\b", text), f"{source}: reads {name}"
         assert not re.search(r"environ\.get\(\s*\"VLWATCH_", text), f"{source}: reads a VLWATCH_ variable itself"
+
+
+def test_the_cuda_allocator_grows_segments_unless_configured(tmp_path: Path) -> None:
+    """vlwatch sets PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before CUDA starts; a user's value stays."""
+    (tmp_path / "record_alloc_conf.py").write_text(
+        "import os, pathlib\n"
+        f"pathlib.Path({str(tmp_path / 'seen')!r}).write_text(os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '-'))\n")
+    for preset, expected in ((None, "expandable_segments:True"),
+                             ("garbage_collection_threshold:0.6", "garbage_collection_threshold:0.6")):
+        extra = {"VLWATCH_PLUGINS": "record_alloc_conf", "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+        env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"} | extra
+        if preset:
+            env["PYTORCH_CUDA_ALLOC_CONF"] = preset
+        config = write_config(tmp_path, "model: {name: /nonexistent}\nwatch: [{path: ./in}]\n")
+        subprocess.run([sys.executable, "-m", "daemon", "check", "--config", str(config)], env=env,
+                       capture_output=True, text=True, timeout=60)
+        assert (tmp_path / "seen").read_text() == expected

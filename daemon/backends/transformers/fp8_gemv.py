@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from daemon import env
+
 #: Rows up to which a CUDA FP8 linear takes this kernel instead of ``_scaled_mm`` (decode with few
 #: slots).  Set from the device's per-shape timings: benchmarks/fp8_gemv_probe.py.
 SMALL_M = 16
@@ -49,7 +51,7 @@ def enabled() -> bool:
     """
     global _available
     if _available is None:
-        _available = os.environ.get("VLWATCH_FP8_ROWS_KERNEL", "1") != "0" and _triton_imports()
+        _available = env.get(env.FP8_ROWS_KERNEL) != "0" and _triton_imports()
     return _available
 
 
@@ -103,8 +105,10 @@ def _kernel() -> Any:
 
 
 #: Tile and pipeline: ``BN`` output rows per program (enough programs to fill the card for the narrowest
-#: layer, 3584 rows: 112 of 32), ``BK`` columns per step, loads ``stages`` deep.  From the device's sweep.
-CONFIG = {"BN": 32, "BK": 256, "num_warps": 4, "num_stages": 4}
+#: layer, 3584 rows: 112 of 32), ``BK`` columns per step, loads ``stages`` deep.  The fastest of 18 in the
+#: H100 sweep (benchmarks/results/h100-s5-fp8-gemv-probe.json): 142.8 us for a 7B layer's four projections
+#: at one row, against 150.5 for (32, 256, 4 stages) and 200-220 for 16-row tiles.
+CONFIG = {"BN": 32, "BK": 512, "num_warps": 4, "num_stages": 3}
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from daemon import plan
+from daemon import env, plan
 from daemon.backends import Sizing
 from daemon.backends.transformers.oom import is_out_of_memory, load_oom_message
 from daemon.config import EngineOptions, ModelConfig, local_model_path
@@ -98,6 +98,7 @@ def quiet_progress_bar() -> None:
 
 
 def pick_device(requested: str) -> Any:
+    env.cuda_allocator_defaults()  # for a backend built outside the command line; before CUDA starts
     import torch
 
     if requested != "auto":
