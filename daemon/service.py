@@ -533,11 +533,17 @@ class Daemon:
         return True
 
     def _intake_load(self) -> int:
-        """Files waiting to settle plus the rate of files queued lately (per second): a burst if large."""
+        """Files waiting to settle plus the rate of files queued lately (per second): a burst if large.
+
+        The rate counts only while files are still waiting: it says more are
+        coming, and once every file of a burst is queued the engines have
+        nothing to wait for (a 256-file burst held them 0.5 s longer, idle).
+        """
         horizon = time.monotonic() - 0.5
         while self._arrived and self._arrived[0][0] < horizon:
             self._arrived.popleft()
-        return self.settler.pending() + 2 * sum(n for _, n in self._arrived)
+        pending = self.settler.pending()
+        return pending + 2 * sum(n for _, n in self._arrived) if pending else 0
 
     @staticmethod
     def _matches_now(snapshot: Snapshot, arrival: Arrival) -> list[Match]:
