@@ -1,5 +1,6 @@
 # Sourced by the device scripts: the wheels that travel with the call installed aside, the repository on
-# the path, $OUT made, the machine noted, and step NAME LIMIT ARGS... running `vlwatch ARGS` into $OUT/NAME.log.
+# the path, $OUT made, the machine noted, and step NAME LIMIT ARGS... running `vlwatch ARGS` into $OUT/NAME.log
+# (ttft: api_ttft.py the same way).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-/tmp/vlwatch-out}
@@ -8,3 +9,9 @@ mkdir -p "$OUT"
   python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'; } | tee "$OUT/machine.txt"
 step() { local name=$1 limit=$2; shift 2; echo "+ vlwatch $*" | tee "$OUT/$name.log"
          timeout "$limit" python3 -m daemon "$@" 2>&1 | tee -a "$OUT/$name.log"; echo "exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"; }
+# ttft: benchmarks/api_ttft.py (a 1200-image backlog, 20 asks of 32 tokens) into $OUT/ttft.log and $OUT/ttft/.
+ttft() { echo "+ python benchmarks/api_ttft.py --backlog ${BACKLOG:-1200} --requests 20 --gap 0.25" | tee "$OUT/ttft.log"
+         mkdir -p "$OUT/ttft"
+         timeout ${TTFT_LIMIT:-230} python3 benchmarks/api_ttft.py --backlog ${BACKLOG:-1200} --requests 20 --gap 0.25 \
+             --images /tmp/backlog --out "$OUT/ttft" 2>&1 | tee -a "$OUT/ttft.log"
+         gzip -f "$OUT/ttft/api_ttft-daemon.log" 2>/dev/null; }

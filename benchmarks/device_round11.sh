@@ -4,11 +4,7 @@
 # 3. batch 1 fp8 with the sweep's tiles. Predictions: NOTES "Call J5".
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
-echo "+ python benchmarks/api_ttft.py --backlog 1200 --requests 20 --gap 0.25" | tee "$OUT/ttft.log"
-mkdir -p "$OUT/ttft"
-timeout ${TTFT_LIMIT:-230} python3 benchmarks/api_ttft.py --backlog ${BACKLOG:-1200} --requests 20 --gap 0.25 \
-    --images /tmp/backlog --out "$OUT/ttft" 2>&1 | tee -a "$OUT/ttft.log"
-gzip -f "$OUT/ttft/api_ttft-daemon.log" 2>/dev/null
+ttft
 step pages-7b-fp8-22g ${PAGES_LIMIT:-110} bench --load-format dummy --ignore-eos --size 1008x1288 --new-tokens 768 \
     --images 128 --batch-sizes '' --baseline-images 0 --latency-images 0 --quantization fp8 --max-gpu-memory 22GiB
 step batch1-fp8 ${B1_LIMIT:-75} bench --load-format dummy --ignore-eos --images 2 --batch-sizes '' --baseline-images 0 \

@@ -5,11 +5,7 @@
 # each rule's own prompt and page size, the same bench in the same call.
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
-echo "+ python benchmarks/api_ttft.py --backlog 1200 --requests 20 --gap 0.25" | tee "$OUT/ttft.log"
-mkdir -p "$OUT/ttft"
-timeout ${TTFT_LIMIT:-230} python3 benchmarks/api_ttft.py --backlog ${BACKLOG:-1200} --requests 20 --gap 0.25 \
-    --images /tmp/backlog --out "$OUT/ttft" 2>&1 | tee -a "$OUT/ttft.log"
-gzip -f "$OUT/ttft/api_ttft-daemon.log" 2>/dev/null
+ttft
 for rule in ocr olmocr; do
     read -r size prompt_file < <(python3 benchmarks/rule_page.py "$rule" "$OUT/prompt-$rule.txt")
     step bench-page-$rule ${BENCH_LIMIT:-120} bench --load-format dummy --ignore-eos --size "$size" --new-tokens 768 \

@@ -10,10 +10,6 @@ step verify-fp32 ${VERIFY_LIMIT:-110} bench --verify --load-format dummy --new-t
 step bench-e2e ${E2E_LIMIT:-330} bench --load-format dummy --ignore-eos --images 256 --baseline-images 0 \
     --latency-images 0 --end-to-end --end-to-end-timeout 300
 if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H100; then
-    echo "+ python benchmarks/api_ttft.py --backlog 1200 --requests 20 --gap 0.25" | tee "$OUT/ttft.log"
-    mkdir -p "$OUT/ttft"
-    timeout ${TTFT_LIMIT:-230} python3 benchmarks/api_ttft.py --backlog ${BACKLOG:-1200} --requests 20 --gap 0.25 \
-        --images /tmp/backlog --out "$OUT/ttft" 2>&1 | tee -a "$OUT/ttft.log"
-    gzip -f "$OUT/ttft/api_ttft-daemon.log" 2>/dev/null
+    ttft
 fi
 exit 0
