@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -251,6 +252,11 @@ def test_bench_end_to_end_on_the_tiny_checkpoint(tiny_model: Path) -> None:
     assert c["engine_only_images_per_min"] == engine["images_per_min"] and c["images_per_min"] == e2e["images_per_min"]
     assert c["ratio"] == round(e2e["images_per_min"] / engine["images_per_min"], 3) and c["target"] == 0.9
     assert "incorrect regex" not in done.stderr
+    # the daemon's own account of the timed run: where its engine's time went
+    assert c["daemon_engine_log"] and all(re.fullmatch(
+        r"engine: \d+ requests in [\d.]+s: prefill [\d.]+s, decode [\d.]+s in \d+ steps, of which [\d.]+s "
+        r"with free slots and nothing ready", line) for line in c["daemon_engine_log"]), c["daemon_engine_log"]
+    assert sum(int(line.split()[1]) for line in c["daemon_engine_log"]) >= 3
 
 
 def test_end_to_end_usage_errors() -> None:

@@ -364,6 +364,40 @@ def test_a_fixed_list_uses_every_slot(backend: TransformersBackend, monkeypatch:
     assert len(watching.of(Settled)) == 1  # (one round)
 
 
+class TrickleSource(ListSource):
+    """A feed that lags: one more prompt becomes ready every other turn (counted in ``busy`` calls)."""
+
+    def __init__(self, prompts: list[Prompt]) -> None:
+        super().__init__(prompts)
+        self.left, self.ready, self.turns = len(prompts), 0, 0
+
+    def take(self) -> Prompt | None:
+        if not self.ready:
+            return None
+        self.ready -= 1
+        self.left -= 1
+        return super().take()
+
+    def busy(self) -> bool:
+        self.turns += 1
+        if self.turns % 2 == 0 and self.ready < self.left:
+            self.ready += 1
+        return self.left > 0
+
+
+def test_decoding_while_the_source_lags_is_counted_as_starved(backend: TransformersBackend) -> None:
+    # issue 22.6: the daemon end to end made 80-84% of the engine alone; the engine's own account says how much
+    # of its decode ran with free slots because the feed had nothing ready (the "engine: ..." log line).
+    engine = backend.slot_engine
+    with torch.inference_mode():
+        engine.run(ListSource(_prompts(backend, 4, 6)), slots=4, cache_length=256, max_new=6)
+        assert engine.stats.starved_s == 0.0 and engine.stats.decode_s > 0  # everything ready at once
+        lagging = TrickleSource(_prompts(backend, 4, 6))
+        engine.run(lagging, slots=4, cache_length=256, max_new=6)
+    assert len(lagging.results) == 4
+    assert 0 < engine.stats.starved_s <= engine.stats.decode_s
+
+
 def test_a_round_of_prefills_is_read_with_one_host_sync(backend: TransformersBackend,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     # issue 12 (throughput): a round's first tokens are read together, once its prefills are all queued; a host

@@ -59,8 +59,10 @@ PLUGIN = "daemon.bench.dummy_backend"
 END_TO_END_TARGET = 0.9
 
 
-def end_to_end_setup(model: Any, args: argparse.Namespace, images: list[Any], batch: int | None) -> SetupResult:
-    """The real daemon on a temp watched folder, files in, sidecars out: the setup's table row."""
+def end_to_end_setup(model: Any, args: argparse.Namespace, images: list[Any],
+                     batch: int | None) -> tuple[SetupResult, tuple[str, ...]]:
+    """The real daemon on a temp watched folder, files in, sidecars out: the setup's table row, and the
+    daemon's own account of the timed run (its "engine: ..." log lines: prefill, decode, starved)."""
     got = run_end_to_end(model, args, images, batch)
     n, seconds = got.images, got.seconds
     result = SetupResult(setup="end to end (daemon: files in, sidecars out)",
@@ -69,7 +71,7 @@ def end_to_end_setup(model: Any, args: argparse.Namespace, images: list[Any], ba
                          new_tokens=n * args.new_tokens if args.ignore_eos else None)
     log.info("bench: end to end: %.1f images/min (warm-up, model load included: %.1fs)",
              result.images_per_min, got.warmup_seconds)
-    return result
+    return result, got.engine_log
 
 
 def compare(end_to_end: SetupResult, engine_only: SetupResult) -> dict[str, Any]:
@@ -83,7 +85,8 @@ def compare(end_to_end: SetupResult, engine_only: SetupResult) -> dict[str, Any]
 def format_comparison(c: dict[str, Any]) -> str:
     return (f"end to end {c['images_per_min']:.1f} images/min = {100 * c['ratio']:.1f}% of engine-only "
             f"{c['engine_only_images_per_min']:.1f} ({c['engine_only_setup']}); target >= {100 * c['target']:.0f}%"
-            + ("" if c["met"] else ": BELOW TARGET"))
+            + ("" if c["met"] else ": BELOW TARGET")
+            + "".join(f"\n  daemon: {line}" for line in c.get("daemon_engine_log", ())))
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ class EndToEnd:
     images: int
     seconds: float  # first file renamed in .. last sidecar written
     warmup_seconds: float  # daemon start .. warm-up sidecars (model load included)
+    engine_log: tuple[str, ...] = ()  # the daemon's "engine: ..." lines logged during the timed run
 
 
 def run_end_to_end(model: Any, args: argparse.Namespace, images: list[Any], batch_size: int | None) -> EndToEnd:
@@ -123,18 +127,29 @@ def run_end_to_end(model: Any, args: argparse.Namespace, images: list[Any], batc
         _wait_for_sidecars(work, [f"warmup-{i:05d}.png" for i in range(n)], process, config, deadline)
         warmup = time.monotonic() - started
         log.info("bench: end to end: daemon warm after %.1fs; dropping %d images in", warmup, n)
+        logged = (work / "daemon.log").stat().st_size  # what the daemon says from here on is the timed run's
         first = _drop(work, timed, "image")
         names = [f"image-{i:05d}.png" for i in range(n)]
         _wait_for_sidecars(work, names, process, config, deadline)
         last = max((work / "inbox" / (name + SIDECAR_SUFFIX)).stat().st_mtime for name in names)
+        _stop(process)  # its engine session ends and says where the time went
         ok = True
-        return EndToEnd(images=n, seconds=max(last - first, 1e-6), warmup_seconds=warmup)
+        return EndToEnd(images=n, seconds=max(last - first, 1e-6), warmup_seconds=warmup,
+                        engine_log=_engine_lines(work / "daemon.log", logged))
     finally:
         _stop(process)
         if ok:
             shutil.rmtree(work, ignore_errors=True)
         else:
             log.error("bench: end to end: the daemon's log and files are kept in %s", work)
+
+
+def _engine_lines(daemon_log: Path, offset: int) -> tuple[str, ...]:
+    """The daemon's "engine: N requests in ..." lines after ``offset`` (the backend logs one per session)."""
+    with open(daemon_log, "rb") as f:
+        f.seek(offset)
+        text = f.read().decode("utf-8", "replace")
+    return tuple(line.split(": ", 1)[1] for line in text.splitlines() if ".backend: engine: " in line)
 
 
 def write_config(work: Path, model: Any, args: argparse.Namespace, batch_size: int | None) -> Path:

@@ -146,8 +146,9 @@ def run_bench(args: argparse.Namespace) -> int:
         backend.unload()  # the daemon loads its own copy: the card is its alone, as in use
         from daemon.bench.end_to_end import compare, end_to_end_setup
 
-        results.append(end_to_end_setup(model, args, images[:2 * args.images], batch))
-        report["end_to_end"] = compare(results[-1], reference)
+        row, engine_log = end_to_end_setup(model, args, images[:2 * args.images], batch)
+        results.append(row)
+        report["end_to_end"] = compare(row, reference) | {"daemon_engine_log": list(engine_log)}
     report.update(results=[asdict(r) for r in results], seconds=time.perf_counter() - started)
     table = format_table(header, results)
     if args.end_to_end:

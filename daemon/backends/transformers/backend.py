@@ -358,6 +358,7 @@ class TransformersBackend(BaseBackend):
         live = LiveSource(feed, self._prompt, self._processor.tokenizer)
         live_feed = not feed.sizing().requests  # the daemon: load comes and goes, interactive requests may come
         totals: dict[str, Any] = {}
+        started = time.perf_counter()
         lost = False
         try:
             with torch.inference_mode():
@@ -401,6 +402,12 @@ class TransformersBackend(BaseBackend):
             self.last_stats = totals or None
             if tokens is not None:
                 tokens.update(live.tokens)
+            if live_feed and totals.get("requests"):
+                # where a session's time went: the end-to-end bench reads this line (issue 22.6)
+                log.info("engine: %d requests in %.1fs: prefill %.1fs, decode %.1fs in %d steps, of which %.1fs "
+                         "with free slots and nothing ready", totals["requests"], time.perf_counter() - started,
+                         totals.get("prefill_s", 0.0), totals.get("decode_s", 0.0), totals.get("decode_steps", 0),
+                         totals.get("starved_s", 0.0))
 
     def token_ids(self, requests: Sequence[Request], *, engine: str) -> list[list[int]]:
         """Generated token ids (end-of-sequence excluded) per request: ``auto`` the slot engine, ``hf``

@@ -134,3 +134,6 @@ class RunStats:
     cuda_graphs: bool = False
     loops: int = 0  # sequences stopped for repeating themselves
     cache_allocations: int = 0  # runs that (re)allocated the static cache (each drops the captured graphs)
+    #: decode seconds run with free slots while the source had nothing ready yet (more was coming): the
+    #: feed not keeping up (issue 22.6: the daemon end to end against the engine alone)
+    starved_s: float = 0.0

@@ -468,6 +468,7 @@ class SlotEngine(PrefillRounds):
         self._free_since = dict.fromkeys(range(slots), time.perf_counter())
         self._ttft: dict[int, float] = {}
         self._carry: list[tuple[Prompt, Any]] = []  # prompts with image features, prefilled next
+        self._dry = False
         self._shrink = shrink
         self._sched = Scheduler(slots, options, reserve=reserve)
         admitting = True
@@ -476,6 +477,7 @@ class SlotEngine(PrefillRounds):
             if source.stopping():
                 break
             self._sched.begin(interactive_running=bool(self._interactive_slots()))
+            self._dry = False  # set when the source had no prompt ready for a free slot this turn
             if admitting:
                 admitting = self._admit(source, max_new, eos)
             if not self._owner:
@@ -485,7 +487,11 @@ class SlotEngine(PrefillRounds):
                     break
                 source.wait(0.02)
                 continue
+            starving = self._dry and len(self._owner) < slots and source.busy()
+            decoded = stats.decode_s
             self._decode(source, eos)
+            if starving:
+                stats.starved_s += stats.decode_s - decoded
         self._sched.end()
         s["active"].zero_()
         for prompt, _ in reversed(self._carry):  # stopping: they were taken, so the source hears back, in order
@@ -575,6 +581,7 @@ class SlotEngine(PrefillRounds):
                                                    and (tokens is None or length < tokens))):
             prompt = source.take()
             if prompt is None:
+                self._dry = True
                 break
             if prompt.length + prompt.max_new_tokens > self._length or prompt.max_new_tokens > max_new:
                 source.defer(prompt)  # the next run sizes its cache for it
