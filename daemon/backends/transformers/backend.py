@@ -245,7 +245,7 @@ class TransformersBackend(BaseBackend):
             if self._fast is not None:
                 self._fast.release()  # the next batch sizes its own cache
             if self._model is not None:
-                stock.empty_cuda_cache()
+                loading.empty_cuda_cache()
                 loading.limit_memory(self._model.device, self.config.max_gpu_memory)
 
     def describe(self) -> dict[str, Any]:
@@ -304,7 +304,7 @@ class TransformersBackend(BaseBackend):
             self._processor = None
             self._fast = self._vision = self._text = None
             gc.collect()
-            stock.empty_cuda_cache()
+            loading.empty_cuda_cache()
             log.info("unloaded %s (idle)", self.model)
         self._state_changed()
 
@@ -385,7 +385,7 @@ class TransformersBackend(BaseBackend):
                             live.fail_taken(exc)
                             continue
                         fast.release()  # its cache was sized for the slots that did not fit
-                        stock.empty_cuda_cache()
+                        loading.empty_cuda_cache()
                         if slots <= 1:
                             live.fail_taken(BackendError("out of GPU memory on a single image; lower model.max_pixels"))
                         else:

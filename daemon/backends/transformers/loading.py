@@ -488,6 +488,14 @@ def model_shape(model: Any) -> "plan.ModelShape":
     return plan.shape_from_config(model.config.to_dict(), str(getattr(model, "name_or_path", "")))
 
 
+def empty_cuda_cache() -> None:
+    """Hand the allocator's cached blocks back (after an out-of-memory error, a re-size, an unload)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def available_gpu_memory(device: Any, cap: int | None) -> int:
     """Bytes this process can still allocate on ``device``: free memory, and room under ``cap``."""
     import torch

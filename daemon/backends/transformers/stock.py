@@ -74,7 +74,7 @@ def split_on_oom(requests: list[Request], run: Run) -> list[Answer]:
             raise BackendError("out of GPU memory on a single image; lower model.max_pixels") from None
         half = len(requests) // 2
         log.warning("out of GPU memory on a batch of %d; retrying as %d + %d", len(requests), half, len(requests) - half)
-        empty_cuda_cache()
+        loading.empty_cuda_cache()
         return split_on_oom(requests[:half], run) + split_on_oom(requests[half:], run)
 
 
@@ -132,10 +132,3 @@ def until_eos(row: list[int], eos: set[int]) -> list[int]:
         if t in eos:
             return row[:i]
     return row
-
-
-def empty_cuda_cache() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
