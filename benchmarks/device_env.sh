@@ -15,3 +15,9 @@ ttft() { echo "+ python benchmarks/api_ttft.py --backlog ${BACKLOG:-1200} --requ
          timeout ${TTFT_LIMIT:-230} python3 benchmarks/api_ttft.py --backlog ${BACKLOG:-1200} --requests 20 --gap 0.25 \
              --images /tmp/backlog --out "$OUT/ttft" 2>&1 | tee -a "$OUT/ttft.log"
          gzip -f "$OUT/ttft/api_ttft-daemon.log" 2>/dev/null; }
+# with_transformers_525: the steps after it import transformers 5.25 (carry .whl525 too; device_wheels.sh fills it).
+with_transformers_525() {
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site525 \
+        .whl525/*.whl || return 1
+    export PYTHONPATH=/tmp/site525:$PYTHONPATH
+    python3 -c 'import transformers; print("now transformers", transformers.__version__)' | tee -a "$OUT/machine.txt"; }

@@ -15,3 +15,12 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     anyio idna h11 'httpx<1' httpcore certifi uvicorn click python-multipart markdown-it-py mdurl \
     requests urllib3 charset-normalizer opentelemetry-api
 du -sh .whl && ls .whl
+# .whl525/: transformers 5.25 and what it needs beyond the device's (huggingface_hub 2.4 ...), for issue 22.4's
+# "the engine on the device against 5.17 and 5.25": `with_transformers_525` in device_env.sh installs them.
+grep -qx '/.whl525/' .git/info/exclude || echo /.whl525/ >> .git/info/exclude
+mkdir -p .whl525
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl525 \
+    transformers==5.25.0 huggingface_hub==2.4.0 hf-xet httpx2 httpcore2 kernels==0.19.1 filelock fsspec regex \
+    tomlkit truststore typer rich pygments shellingham
+du -sh .whl525
