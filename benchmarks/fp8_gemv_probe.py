@@ -2,7 +2,7 @@
 
 Run on the GPU machine from the repository root:
 
-    PYTHONPATH=. python3 benchmarks/fp8_gemv_probe.py [--hidden 3584 --intermediate 18944] [--out DIR]
+    PYTHONPATH=. python3 benchmarks/fp8_gemv_probe.py [--model 7b|3b] [--out DIR]
 
 For each projection of one 7B decoder layer (fused q/k/v, o, fused gate/up,
 down) and each row count: the median time of the three (``triton.testing.
@@ -37,9 +37,10 @@ ROWS = (1, 2, 4, 8, 16, 32, 64)
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--hidden", type=int, default=3584)
-    p.add_argument("--intermediate", type=int, default=18944)
-    p.add_argument("--kv", type=int, default=512, help="width of k (and of v): kv heads x head dim")
+    p.add_argument("--model", choices=("7b", "3b"), default="7b", help="the shapes of one decoder layer")
+    p.add_argument("--hidden", type=int, default=None)
+    p.add_argument("--intermediate", type=int, default=None)
+    p.add_argument("--kv", type=int, default=None, help="width of k (and of v): kv heads x head dim")
     p.add_argument("--out", type=Path, default=Path("."))
     args = p.parse_args()
     import triton.testing
@@ -47,8 +48,10 @@ def main() -> int:
     def bench(fn) -> float:
         return float(triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median"))
 
-    h, i = args.hidden, args.intermediate
-    shapes = {"qkv": (h + 2 * args.kv, h), "o": (h, h), "gate_up": (2 * i, h), "down": (h, i)}
+    # Qwen2.5-VL's published configs: 7B hidden 3584, MLP 18944, 4 KV heads of 128; 3B 2048, 11008, 2 of 128.
+    h0, i0, kv0 = {"7b": (3584, 18944, 512), "3b": (2048, 11008, 256)}[args.model]
+    h, i, kv = args.hidden or h0, args.intermediate or i0, args.kv or kv0
+    shapes = {"qkv": (h + 2 * kv, h), "o": (h, h), "gate_up": (2 * i, h), "down": (h, i)}
     dev = torch.device("cuda")
     torch.manual_seed(0)
     weights = {}
@@ -66,18 +69,21 @@ def main() -> int:
     for bn, bk, warps, stages in itertools.product((16, 32, 64), (128, 256, 512), (4,), (3, 4)):
         config = {"BN": bn, "BK": bk, "num_warps": warps, "num_stages": stages}
         try:
-            total = 0.0
+            each = {}
             for name, (n, k) in shapes.items():
                 q, s, _ = weights[name]
                 x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
-                total += bench(lambda: fp8_gemv.launch(x, q, s, None, config))
-            sweep.append({"config": config, "ms_layer": total})
+                each[name] = bench(lambda: fp8_gemv.launch(x, q, s, None, config))
+            sweep.append({"config": config, "ms_layer": sum(each.values()), "ms_each": each})
         except Exception as exc:  # a configuration Triton cannot build (shared memory)
             sweep.append({"config": config, "error": str(exc).splitlines()[0][:200]})
     ok = [r for r in sweep if "ms_layer" in r]
     best = min(ok, key=lambda r: r["ms_layer"])["config"]
     print(f"sweep: {len(ok)} of {len(sweep)} configurations built; best {best} "
           f"({min(r['ms_layer'] for r in ok) * 1000:.1f} us a layer at one row; default {fp8_gemv.CONFIG})")
+    for name in shapes:  # a tile per shape would gain this much (the narrow layers leave SMs idle)
+        fastest = min(ok, key=lambda r: r["ms_each"][name])
+        print(f"  {name}: best alone {fastest['config']} {fastest['ms_each'][name] * 1000:.1f} us")
 
     # 2. the three ways, each shape and row count
     rows_out, worst = [], 0.0
