@@ -112,6 +112,9 @@ class EngineOptions:
     vision_blocks: bool = True
     #: the vision tower's windows through torch's varlen attention (faster, not bit-equal)
     vision_varlen: bool = False
+    #: FP8 weights times up to 16 rows (a decode step with few slots) through vlwatch's weight-only kernel
+    #: (``backends.transformers.fp8_gemv``; CUDA with Triton) instead of ``torch._scaled_mm``
+    fp8_rows_kernel: bool = True
     #: let ``model.dtype: float16`` load Qwen2.5-VL, which overflows float16
     allow_fp16: bool = False
     #: seconds without a heartbeat before an engine process counts as hung and is killed
@@ -147,7 +150,7 @@ class EngineOptions:
 
 #: ``engine:``'s keys, in the order ``check`` shows them.
 ENGINE_KEYS = ("compile", "cuda_graphs", "decode_attention", "packed_prefill", "overlap_rounds", "vision_blocks",
-               "vision_varlen", "allow_fp16", "engine_lost_after", "step_tokens", "backlog_share",
+               "vision_varlen", "fp8_rows_kernel", "allow_fp16", "engine_lost_after", "step_tokens", "backlog_share",
                "interactive_slots")
 
 

@@ -515,7 +515,8 @@ def _read_engine(r: _Reader, node: yaml.Node, where: str) -> EngineOptions:
     w = where + "."
     if "compile" in keys:
         kw["compile"] = _read_compile(r, keys["compile"], w + "compile")
-    for k in ("cuda_graphs", "packed_prefill", "overlap_rounds", "vision_blocks", "vision_varlen", "allow_fp16"):
+    for k in ("cuda_graphs", "packed_prefill", "overlap_rounds", "vision_blocks", "vision_varlen", "fp8_rows_kernel",
+              "allow_fp16"):
         if k in keys:
             kw[k] = r.boolean(keys[k], w + k)
     if "decode_attention" in keys:

@@ -40,7 +40,6 @@ LOG_LEVEL = "VLWATCH_LOG_LEVEL"
 PLUGINS = "VLWATCH_PLUGINS"
 FAKE_CUDA_DEVICES = "VLWATCH_FAKE_CUDA_DEVICES"
 DUMMY_IGNORE_EOS = "VLWATCH_DUMMY_IGNORE_EOS"
-FP8_ROWS_KERNEL = "VLWATCH_FP8_ROWS_KERNEL"
 #: PyTorch's, set by vlwatch when unset (``cuda_allocator_defaults``).
 CUDA_ALLOC_CONF = "PYTORCH_CUDA_ALLOC_CONF"
 
@@ -52,8 +51,6 @@ READ = {
     FAKE_CUDA_DEVICES: "tests only: pretend this many CUDA GPUs when checking model.device",
     DUMMY_IGNORE_EOS: "bench only: the transformers-dummy backend (random weights) generates every token of "
                       "its budget (1, the default) or stops at end-of-sequence (0)",
-    FP8_ROWS_KERNEL: "bench only: 0 sends FP8 linears of every row count to torch._scaled_mm instead of "
-                     "the few-row kernel (A/B measurements)",
     CUDA_ALLOC_CONF: "PyTorch's CUDA allocator settings; vlwatch sets expandable_segments:True when it is unset",
 }
 

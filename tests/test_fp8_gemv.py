@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,10 +52,19 @@ def test_the_op_compiles_opaque_with_the_right_shape() -> None:
     assert float((got.float() - want).norm() / want.norm()) < 0.01
 
 
-def test_the_variable_switches_it_off() -> None:
-    """``VLWATCH_FP8_ROWS_KERNEL=0`` (A/B runs) sends every row count to ``_scaled_mm``."""
-    code = "from daemon.backends.transformers import fp8_gemv; print(fp8_gemv.enabled())"
-    run = lambda env: subprocess.run([sys.executable, "-c", code], env={**os.environ, **env},  # noqa: E731
-                                     capture_output=True, text=True, check=True).stdout.strip()
-    assert run({"VLWATCH_FP8_ROWS_KERNEL": "0"}) == "False"
-    assert run({}) == "True"
+def test_the_engine_option_switches_it_off(tiny_model: Path) -> None:
+    """``engine.fp8_rows_kernel: false`` (``bench --engine fp8_rows_kernel=false`` for an A/B) reaches the kernel's
+    switch when an FP8 model loads; the default turns it on where Triton runs."""
+    from daemon.backends.transformers.backend import TransformersBackend
+    from daemon.config import EngineOptions, ModelConfig
+    from daemon.config_reader import parse_engine_options
+
+    model = ModelConfig(name=str(tiny_model), quantization="fp8")
+    try:
+        for pairs, expected in (([], True), (["fp8_rows_kernel=false"], False)):
+            backend = TransformersBackend(model, options=parse_engine_options(pairs, base=EngineOptions()))
+            backend.load()
+            assert fp8_gemv.enabled() is expected
+            backend.unload()
+    finally:
+        fp8_gemv.configure(True)

@@ -160,8 +160,9 @@ class TransformersBackend(BaseBackend):
         """The engine choices that can change an answer's text, as they are in effect (sidecars record it).
 
         Precision, the decode step's attention kernel, packed or stock prefill,
-        what is compiled (fused kernels round differently) and the vision
-        tower's fused blocks and varlen attention all change the arithmetic,
+        what is compiled (fused kernels round differently), the vision
+        tower's fused blocks and varlen attention, and whether FP8 decodes few
+        rows with activations rounded or not all change the arithmetic,
         so a near-tie between two tokens can go the other way.  CUDA graphs
         (the same kernels replayed), overlapped rounds (when a result is
         read) and the scheduler's knobs (who runs when; every slot's row is
@@ -182,6 +183,11 @@ class TransformersBackend(BaseBackend):
             if vision is not None:
                 parts.append("vision " + ("fused blocks" if vision._block is not None else "stock blocks")
                              + (", varlen" if vision.varlen is not None else ""))
+            if self.precision == "fp8":
+                from daemon.backends.transformers import fp8, fp8_gemv
+
+                if fp8.runs_scaled_mm(self._model):  # few rows: weight-only (activations unrounded) or not
+                    parts.append("fp8 few rows " + ("weight-only kernel" if fp8_gemv.enabled() else "_scaled_mm"))
         else:
             parts.append("stock generate")
         return "engine " + ", ".join(parts)
@@ -214,6 +220,10 @@ class TransformersBackend(BaseBackend):
         demand = loading.demand(sizing, lambda prompt: _text_tokens(processor, prompt))
         self.plan = loading.plan_memory(self.config, source, device, dtype, demand)
         self.precision = loading.resolve_precision(self.config, source, device, self.plan)
+        if self.precision == "fp8":
+            from daemon.backends.transformers import fp8_gemv
+
+            fp8_gemv.configure(self.options.fp8_rows_kernel)  # before the FP8 layers probe their kernels
         model, attention = loading.load_weights(self.config, source, device, dtype, name=self.model,
                                                 precision=self.precision, load_format=self.load_format)
         self._processor, self._model, self.attention = processor, model, attention

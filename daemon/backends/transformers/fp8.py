@@ -84,9 +84,8 @@ def fp8_capable(device: torch.device) -> bool:
 def fast_fp8(device: torch.device) -> bool:
     """Whether FP8 linears on ``device`` take the ``_scaled_mm`` path (capable, and it runs).
 
-    Few rows then take ``fp8_gemv``'s kernel, where Triton runs: asked here, outside any compiled function.
+    Few rows then take ``fp8_gemv``'s kernel where it is configured (``engine.fp8_rows_kernel``).
     """
-    fp8_gemv.enabled()
     return fp8_capable(device) and scaled_mm_works(device)
 
 
@@ -314,6 +313,14 @@ def set_emulate(model: Any, emulate: bool) -> int:
                 linear.emulate = emulate
                 count += 1
     return count
+
+
+def runs_scaled_mm(model: Any) -> bool:
+    """Whether the model's FP8 linears take the fast path (``_scaled_mm``, and ``fp8_gemv`` for few rows)."""
+    try:
+        return any(isinstance(m, Fp8Linear) and m.fast for layer in text_layers(model) for _, _, m in _named_linears(layer))
+    except ValueError:
+        return False
 
 
 def is_fp8(model: Any) -> bool:

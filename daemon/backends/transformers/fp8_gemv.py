@@ -30,37 +30,37 @@ from typing import Any
 
 import torch
 
-from daemon import env
-
 #: Rows up to which a CUDA FP8 linear takes this kernel instead of ``_scaled_mm`` (decode with few
-#: slots).  Set from the device's per-shape timings: benchmarks/fp8_gemv_probe.py.
+#: slots): it was faster at every row count up to 16 on the H100 (benchmarks/fp8_gemv_probe.py).
 SMALL_M = 16
 BLOCK_M = 16  # tl.dot's smallest M: one to 16 rows share one tile
 
 
-#: Whether Triton runs here, found out once (outside torch.compile's tracing: ``fp8.fast_fp8``).
-_available: bool | None = None
+#: Whether few-row FP8 linears take this kernel: asked for (``engine.fp8_rows_kernel``), Triton runs, and
+#: the kernel passed its probe.  A module global that ``configure`` sets outside torch.compile's tracing,
+#: so the compiled decode step reads a constant.
+_enabled = False
+#: the kernel failed its probe on a device (``fp8.scaled_mm_works``): off for the process
+_broken = False
+
+
+def configure(wanted: bool) -> None:
+    """Use the kernel or not (``engine.fp8_rows_kernel``), where Triton runs; the loader calls it before FP8 layers exist."""
+    global _enabled
+    _enabled = wanted and not _broken and _triton_imports()
 
 
 def enabled() -> bool:
-    """Whether few-row FP8 linears take this kernel: Triton imports, and ``VLWATCH_FP8_ROWS_KERNEL`` is not 0.
-
-    The variable is for A/B measurements (benchmarks/fp8_gemv_probe.py, the
-    bench with and without); nothing else needs to set it.  After the first
-    call this reads a module global only, which torch.compile traces as a constant.
-    """
-    global _available
-    if _available is None:
-        _available = env.get(env.FP8_ROWS_KERNEL) != "0" and _triton_imports()
-    return _available
+    return _enabled
 
 
 def disable() -> None:
-    """Send every row count to ``_scaled_mm`` (the kernel failed its probe: ``fp8.scaled_mm_works``)."""
-    global _available
-    _available = False
+    """Send every row count to ``_scaled_mm`` for good (the kernel failed its probe: ``fp8.scaled_mm_works``)."""
+    global _enabled, _broken
+    _enabled, _broken = False, True
 
 
+@functools.lru_cache(maxsize=1)
 def _triton_imports() -> bool:
     try:
         importlib.import_module("triton.language")
