@@ -16,6 +16,12 @@ class ExitCode(IntEnum):
     USAGE = 2  # bad usage, or an unreadable / invalid config
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type's name if it has none): an error in one log line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def plural(n: int, word: str, words: str | None = None) -> str:
     """``"1 file"``, ``"2 files"``: a count with its noun in the right number (issue 11.8)."""
     return f"{n} {word if n == 1 else (words or word + 's')}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from daemon.errors import VlwatchError
+from daemon.errors import VlwatchError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +39,6 @@ def pull(name: str) -> Path:
     except RepositoryNotFoundError as exc:
         raise VlwatchError(f"no model {name!r} on the Hugging Face hub (or it needs a token: set HF_TOKEN)") from exc
     except LocalEntryNotFoundError as exc:
-        raise VlwatchError(f"cannot reach the Hugging Face hub to download {name!r}: no network? ({_short(exc)})") from exc
+        raise VlwatchError(f"cannot reach the Hugging Face hub to download {name!r}: no network? ({first_line(exc)})") from exc
     except (HfHubHTTPError, OSError) as exc:
-        raise VlwatchError(f"download of {name!r} failed: {_short(exc)}; run `vlwatch pull` again to resume") from exc
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        raise VlwatchError(f"download of {name!r} failed: {first_line(exc)}; run `vlwatch pull` again to resume") from exc

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import yaml
 
 from daemon.answers.fences import _normalise
+from daemon.errors import first_line
 
 #: The fields of olmOCR's ``PageResponse`` front matter, in the order the model writes them.
 FIELDS = ("primary_language", "is_rotation_valid", "rotation_correction", "is_table", "is_diagram")
@@ -93,7 +94,7 @@ def parse_page(answer: str) -> ParsedPage:
     try:
         loaded = yaml.safe_load(block)
     except yaml.YAMLError as exc:
-        return ParsedPage(None, text.strip(), f"the front matter is not YAML: {_first_line(exc)}")
+        return ParsedPage(None, text.strip(), f"the front matter is not YAML: {first_line(exc)[:200]}")
     except RecursionError:
         return ParsedPage(None, text.strip(), "the front matter nests too deep")
     if not isinstance(loaded, dict):
@@ -155,8 +156,3 @@ def _integer(value: object) -> int | None:
     if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) < 6:
         return int(value.strip())
     return None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -118,6 +118,10 @@ class _Rows(HTMLParser):
         elif data.strip():
             self.lines.append(data.strip())
 
+    def close(self) -> None:
+        super().close()
+        self._end_row()  # a table cut off before its </tr> keeps its last row
+
     def _end_cell(self) -> None:
         if self.cell is not None:
             if self.row is None:
@@ -137,5 +141,4 @@ def html_table_text(block: str) -> str:
     rows = _Rows()
     rows.feed(block)
     rows.close()
-    rows._end_row()
     return "\n".join(rows.lines)

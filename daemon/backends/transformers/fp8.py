@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from daemon.backends.transformers import fp8_gemv
+from daemon.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ def scaled_mm_works(device: torch.device) -> bool:
                                      fp8_linear(x.float(), w, s, None, fast=False, emulate=True))
         except (RuntimeError, TypeError) as exc:
             log.warning("FP8: torch._scaled_mm with row-wise scales does not run here (%s); "
-                        "using the dequantizing path", _first_line(exc))
+                        "using the dequantizing path", first_line(exc))
             _probed[device] = False
         x = torch.randn(3, 320, device=device, dtype=torch.bfloat16)
         if _probed[device] and takes_rows_kernel(x):
@@ -173,7 +174,7 @@ def scaled_mm_works(device: torch.device) -> bool:
                                fp8_linear(x.float(), w, s, None, fast=False, emulate=True))
                 problem = "" if works else "wrong results"
             except Exception as exc:  # a Triton compile error is not a RuntimeError
-                problem = _first_line(exc)
+                problem = first_line(exc)
             if problem:
                 log.warning("FP8: the few-rows kernel does not run here (%s); _scaled_mm takes every row count",
                             problem)
@@ -183,10 +184,6 @@ def scaled_mm_works(device: torch.device) -> bool:
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
     return bool(((got.float() - want).norm() / want.norm()) < 0.05)
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 class Fp8Linear(torch.nn.Module):

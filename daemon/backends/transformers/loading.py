@@ -49,7 +49,7 @@ from daemon import env, plan
 from daemon.backends import Sizing
 from daemon.backends.transformers.oom import is_out_of_memory, load_oom_message
 from daemon.config import EngineOptions, ModelConfig, local_model_path
-from daemon.errors import BackendError, ModelMissingError, VlwatchError
+from daemon.errors import BackendError, ModelMissingError, VlwatchError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ def load_model(config: ModelConfig, source: str, device: Any, dtype: Any, *, nam
                 raise BackendError(load_oom_message(name, source, dtype, device, config)) from exc
             if config.attention != "auto":
                 raise BackendError(f"attention {attention!r} is not usable here: {exc}") from exc
-            log.warning("attention %s failed to load (%s); falling back", attention, one_line(exc))
+            log.warning("attention %s failed to load (%s); falling back", attention, first_line(exc))
             failures.append(attention)
             continue
         return place(model, config, source, device, dtype, name=name, precision=precision,
@@ -472,12 +472,7 @@ def eos_ids(model: Any, processor: Any) -> set[int]:
 
 def describe(exc: BaseException) -> str:
     """One line for a log entry or an error: vlwatch's own errors as they are, others with their type's name."""
-    return str(exc) if isinstance(exc, VlwatchError) else f"{type(exc).__name__}: {one_line(exc)}"
-
-
-def one_line(exc: BaseException) -> str:
-    """The first line of ``exc``'s message (its type's name if it has none), for a one-line log entry."""
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return str(exc) if isinstance(exc, VlwatchError) else f"{type(exc).__name__}: {first_line(exc)}"
 
 
 # ------------------------------------------------------------ the loaded model's memory

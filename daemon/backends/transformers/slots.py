@@ -468,7 +468,6 @@ class SlotEngine(PrefillRounds):
         self._free_since = dict.fromkeys(range(slots), time.perf_counter())
         self._ttft: dict[int, float] = {}
         self._carry: list[tuple[Prompt, Any]] = []  # prompts with image features, prefilled next
-        self._dry = False
         self._shrink = shrink
         self._sched = Scheduler(slots, options, reserve=reserve)
         admitting = True
