@@ -8,7 +8,7 @@ source "$(dirname "$0")/device_env.sh"
 img=(bench --load-format dummy --ignore-eos --images 256 --batch-sizes auto --baseline-images 0 --latency-images 0)
 page=(bench --load-format dummy --ignore-eos --size 1008x1288 --new-tokens 768 --images 256 --batch-sizes auto
       --baseline-images 0 --latency-images 0)
-step verify-fp32 ${VERIFY_LIMIT:-80} bench --verify --load-format dummy --new-tokens 128
+[ -n "${SKIP_VERIFY:-}" ] || step verify-fp32 ${VERIFY_LIMIT:-80} bench --verify --load-format dummy --new-tokens 128
 step img-7b-fp8 ${BENCH_LIMIT:-75} "${img[@]}" --quantization fp8
 step pages-7b-fp8 ${BENCH_LIMIT:-100} "${page[@]}" --quantization fp8
 step pages-7b-bf16 ${BENCH_LIMIT:-100} "${page[@]}" --quantization none

@@ -98,7 +98,8 @@ def main() -> int:
           + f"; slowest call {max((r['slowest'] for r in runs), key=lambda s: s['seconds'], default={})}"
           + (f"; first prompt admitted {runs[0]['first_item_at'] - first:.2f} s after the first rename, "
              f"serve began {runs[0]['serve_started_at'] - first:+.2f} s; steps where slots were free and "
-             f"nothing was admitted: {sum(r['steps_without_admission'] for r in runs)}" if runs else ""))
+             f"nothing was admitted: {sum(r['steps_without_admission'] for r in runs)}; last answer delivered -> last "
+             f"sidecar written: {last - max(r['last_delivered_at'] or 0 for r in runs):.2f} s" if runs else ""))
     if args.keep:
         print(f"kept: {work}")
     else:

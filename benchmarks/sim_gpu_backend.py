@@ -62,6 +62,7 @@ class SimGpuBackend(BaseBackend):
         steps = answers = 0
         started = time.perf_counter()
         begun, first_item, idle_steps = time.time(), None, 0
+        last_delivered = None
 
         def timed(call: str, fn, *args):  # noqa: ANN001, ANN202
             t = time.perf_counter()
@@ -97,6 +98,7 @@ class SimGpuBackend(BaseBackend):
                     del active[key]
                     timed("deliver", feed.deliver, key, Answer(text="sim answer", new_tokens=self.tokens))
                     answers += 1
+                    last_delivered = time.time()
         report = os.environ.get("SIM_REPORT")
         if report:
             wall = time.perf_counter() - started
@@ -104,7 +106,8 @@ class SimGpuBackend(BaseBackend):
                 f.write(json.dumps({"wall_s": wall, "steps": steps, "answers": answers, "spent_s": spent,
                                     "slowest": slowest, "step_s": self.step, "prefill_s": self.prefill,
                                     "serve_started_at": begun, "first_item_at": first_item,
-                                    "steps_without_admission": idle_steps}) + "\n")
+                                    "steps_without_admission": idle_steps,
+                                    "last_delivered_at": last_delivered}) + "\n")
 
     def unload(self) -> None:
         self._loaded = False

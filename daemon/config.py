@@ -123,7 +123,7 @@ class EngineOptions:
     step_tokens: int = 2048
     #: share of the engine's time the folder backlog keeps while interactive answers run
     backlog_share: float = 0.5
-    #: slots kept for interactive requests
+    #: the lowest slots, which folder work takes last and interactive requests take back (preempting)
     interactive_slots: int = 4
 
     def compiles(self, part: str) -> bool:

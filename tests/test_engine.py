@@ -318,37 +318,54 @@ def _prompts(backend: TransformersBackend, n: int, budget: int, first: int = 0, 
                    budget, **kw) for i in range(n)]
 
 
-def test_queued_work_leaves_a_slot_for_an_interactive_request(backend: TransformersBackend,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_interactive_request_takes_a_slot_back_from_the_queued_sequence_admitted_last(
+        backend: TransformersBackend, monkeypatch: pytest.MonkeyPatch) -> None:
     # issue 13 (time to first token under load): a backlog admitted at once must not hold every slot until its
-    # sequences end together; the interactive request takes the reserved slot at the next admission.
+    # sequences end together.  Issue 22.6: nor may it leave slots empty for questions that may never come (the
+    # daemon's burst then ran its last prompts in a second wave of their own).  Queued work takes the interactive
+    # slots last; a question that finds none free takes back the one a queued sequence took last, which is
+    # generated again afterwards, to the same tokens.
     engine = backend.slot_engine
     folder = _prompts(backend, 12, 24)
     asked = _prompts(backend, 1, 4, first=100, urgent=True)
     source = UrgentSource(folder, asked)
-    slot_at_prefill: dict[int, int] = {}
+    slot_at_prefill: dict[int, list[int]] = {}
+    preempted: list[int] = []
+    source_preempted = source.preempted
 
     def record(event: Event) -> None:
         if isinstance(event, Prefill):
             for prompt, slot in zip(event.prompts, event.slots):
-                slot_at_prefill[prompt.index] = slot
+                slot_at_prefill.setdefault(prompt.index, []).append(slot)
                 source.events.append(("prefill", prompt.index))
         elif isinstance(event, Decode):
             source.arrive()  # the request arrives while the first decode stretch runs
 
+    def note_preempted(prompt: Prompt) -> None:
+        preempted.append(prompt.index)
+        source_preempted(prompt)
+
     monkeypatch.setattr(engine, "trace", record)
     monkeypatch.setattr(engine, "ignore_eos", True)
+    monkeypatch.setattr(source, "preempted", note_preempted)
     with torch.inference_mode():
         engine.run(source, slots=8, cache_length=256, max_new=24, shrink=True, reserve=True)
     reserved = Scheduler(8, reserve=True).reserved
-    assert reserved >= 1
-    # Queued work stayed out of the lowest (interactive) slots ...
-    assert min(slot_at_prefill[i] for i in range(12)) == reserved
-    # ... and the request started right after the first decode run, before any queued sequence ended.
+    assert reserved == 2
+    # Queued work filled every slot, the interactive ones last, from the top down ...
+    assert [slot_at_prefill[i][0] for i in range(8)] == [2, 3, 4, 5, 6, 7, 1, 0]
+    # ... the request took slot 0 back right after the first decode run, before any queued sequence ended ...
     events = source.events
     assert events.index(("prefill", 100)) < events.index(next(e for e in events if e[0] == "finished" and e[1] < 100))
-    assert slot_at_prefill[100] == 0  # the lowest interactive slot
+    assert slot_at_prefill[100] == [0] and preempted == [7] and engine.stats.preempted == 1
+    # ... and the sequence that gave it up was generated again, to the tokens an undisturbed run gives.
+    assert len(slot_at_prefill[7]) == 2
     assert all(isinstance(source.results[i], Generated) for i in [*range(12), 100])
+    undisturbed = ListSource(_prompts(backend, 12, 24))
+    with torch.inference_mode():
+        engine.run(undisturbed, slots=8, cache_length=256, max_new=24, shrink=True, reserve=True)
+    assert {i: source.results[i].tokens for i in range(12)} == {i: r.tokens for i, r in undisturbed.results.items()}
+    assert engine.stats.requests == 12 and engine.stats.preempted == 0
 
 
 def test_a_fixed_list_uses_every_slot(backend: TransformersBackend, monkeypatch: pytest.MonkeyPatch) -> None:

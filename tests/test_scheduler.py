@@ -17,14 +17,17 @@ class Clock:
         return self.now
 
 
-def test_interactive_requests_take_the_lowest_slots_and_queued_ones_the_rest() -> None:
+def test_interactive_requests_take_the_lowest_slots_and_queued_ones_the_rest_first() -> None:
     sched = Scheduler(16, SchedulerOptions(interactive_slots=4), reserve=True)
     free = list(range(16))
     assert sched.place([False, False], free) == [4, 5]
     assert sched.place([True], free) == [0]
     allowed = sched.admission(free, urgent_waiting=False, interactive_running=False)
-    assert allowed.queued_room == 10 and allowed.urgent_room == 0 and allowed.tokens is None
+    # issue 22.6: queued work may use the interactive slots too (kept empty, they left a burst's last prompts to a
+    # second wave of their own); it takes them last, from the top down.
+    assert allowed.queued_room == 13 and allowed.urgent_room == 0 and allowed.tokens is None
     assert sched.admission(free, urgent_waiting=True, interactive_running=False).urgent_room == 13
+    assert sched.place([False] * 13, free) == [*range(6, 16), 3, 2, 1] and free == []
 
 
 def test_a_queued_prompt_in_an_interactive_pack_takes_an_interactive_slot_when_none_above_is_free() -> None:
@@ -32,7 +35,16 @@ def test_a_queued_prompt_in_an_interactive_pack_takes_an_interactive_slot_when_n
     # slots are free: it must still get a slot (it raised StopIteration and failed the slots' requests).
     sched = Scheduler(16, SchedulerOptions(interactive_slots=4), reserve=True)
     free = [0, 1, 2]
-    assert sched.place([False, True], free) == [0, 1] and free == [2]
+    assert sched.place([False, True], free) == [2, 0] and free == [1]
+
+
+def test_an_interactive_prompt_takes_back_the_interactive_slot_a_queued_sequence_took_last() -> None:
+    sched = Scheduler(16, SchedulerOptions(interactive_slots=4), reserve=True)
+    # slot -> when its queued sequence was admitted: slots 3, 2, 1 filled last, in that order
+    assert sched.victim({5: 1, 3: 7, 2: 8, 1: 9, 9: 10}) == 1
+    assert sched.victim({5: 1, 9: 2}) is None  # above the interactive slots nothing is taken back
+    assert sched.victim({}) is None
+    assert Scheduler(16, reserve=False).victim({0: 1}) is None  # a fixed list: nothing to make room for
 
 
 def test_a_fixed_list_keeps_no_slot_back() -> None:

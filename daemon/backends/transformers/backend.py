@@ -415,9 +415,10 @@ class TransformersBackend(BaseBackend):
             if live_feed and totals.get("requests"):
                 # where a session's time went: the end-to-end bench reads this line (issue 22.6)
                 log.info("engine: %d requests in %.1fs: prefill %.1fs, decode %.1fs in %d steps, of which %.1fs "
-                         "with free slots and nothing ready", totals["requests"], time.perf_counter() - started,
-                         totals.get("prefill_s", 0.0), totals.get("decode_s", 0.0), totals.get("decode_steps", 0),
-                         totals.get("starved_s", 0.0))
+                         "with free slots and nothing ready; %d queued sequences gave their slot to a question",
+                         totals["requests"], time.perf_counter() - started, totals.get("prefill_s", 0.0),
+                         totals.get("decode_s", 0.0), totals.get("decode_steps", 0), totals.get("starved_s", 0.0),
+                         totals.get("preempted", 0))
 
     def token_ids(self, requests: Sequence[Request], *, engine: str) -> list[list[int]]:
         """Generated token ids (end-of-sequence excluded) per request: ``auto`` the slot engine, ``hf``

@@ -81,8 +81,8 @@ class LiveSource:
 
     # -- the Source protocol
     def take(self) -> Any:
-        if self.front:
-            flight = self.front.popleft()
+        flight = self._from_front()
+        if flight is not None:
             self.taken[flight.prompt.index] = flight
             return flight.prompt
         self._pull()
@@ -134,6 +134,9 @@ class LiveSource:
 
     def defer(self, prompt: Any) -> None:
         self.front.appendleft(self.taken.pop(prompt.index))
+
+    def preempted(self, prompt: Any) -> None:
+        self.front.appendleft(self.taken.pop(prompt.index))  # first after the interactive one (_from_front)
 
     def finished(self, prompt: Any, result: Any) -> None:
         flight = self.taken.pop(prompt.index)
@@ -217,6 +220,16 @@ class LiveSource:
             self.feed.put_back(keys)
 
     # -- inside
+    def _from_front(self) -> _Flight | None:
+        """The prompt in front to hand out next: an interactive one first; a queued one only while no
+        interactive prompt is being made (a queued sequence that gave its slot up to one waits for it)."""
+        flight = next((f for f in self.front if f.prompt.urgent), None)
+        if flight is None and self.front and not any(item.urgent for item, _, _ in self.making):
+            flight = self.front[0]
+        if flight is not None:
+            self.front.remove(flight)
+        return flight
+
     def _pull(self) -> None:
         while True:
             urgent_only = len(self.making) >= self.ahead

@@ -26,6 +26,7 @@ class Prompt:
     stream: bool = False  # the source wants partial tokens at every host sync
     urgent: bool = False  # interactive: admitted before queued work, may use the reserved slots
     retried: bool = False  # already a retry after a repetition loop
+    preempted: bool = False  # gave its slot up once to an interactive request (not again)
 
     @property
     def length(self) -> int:
@@ -73,6 +74,11 @@ class Source(Protocol):
         """``prompt`` does not fit this run's cache: hold it for the next run (admission stops)."""
         ...
 
+    def preempted(self, prompt: Prompt) -> None:
+        """``prompt``, being generated, gave its slot up to an interactive prompt: give it back from ``take``
+        after the interactive ones (its generation starts over; nothing of it was delivered)."""
+        ...
+
     def finished(self, prompt: Prompt, result: "Generated | BaseException") -> None: ...
 
     def partial(self, prompt: Prompt, tokens: list[int]) -> bool:
@@ -92,8 +98,11 @@ class ListSource:
         self._prompts = iter(prompts)
         self.results: dict[int, Generated | BaseException] = {}
         self.deferred: list[Prompt] = []
+        self.again: list[Prompt] = []  # preempted, taken first
 
     def take(self) -> Prompt | None:
+        if self.again:
+            return self.again.pop(0)
         return next(self._prompts, None)
 
     def busy(self) -> bool:
@@ -110,6 +119,9 @@ class ListSource:
 
     def defer(self, prompt: Prompt) -> None:
         self.deferred.append(prompt)
+
+    def preempted(self, prompt: Prompt) -> None:
+        self.again.append(prompt)
 
     def finished(self, prompt: Prompt, result: "Generated | BaseException") -> None:
         self.results[prompt.index] = result
@@ -137,3 +149,5 @@ class RunStats:
     #: decode seconds run with free slots while the source had nothing ready yet (more was coming): the
     #: feed not keeping up (issue 22.6: the daemon end to end against the engine alone)
     starved_s: float = 0.0
+    #: queued sequences that gave their slot up to an interactive request (and were generated again)
+    preempted: int = 0

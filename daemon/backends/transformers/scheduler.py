@@ -9,9 +9,16 @@ sees the answer arrive.  This module makes that decision, in one place, from
 plain numbers (it imports no torch and is tested on its own):
 
 - **Interactive before queued.**  The lowest ``interactive_slots`` slots
-  are kept for interactive requests (the API, ``vlwatch ask``); queued
-  (folder) prompts take the slots above them.  An interactive prompt takes
-  the lowest free slot, and a round of queued prefills stops for it.
+  are the interactive requests' (the API, ``vlwatch ask``): queued (folder)
+  prompts take the slots above them first and these last, and an
+  interactive prompt that finds no slot free takes one of them back from
+  the queued sequence admitted there last (``victim``): that sequence is
+  dropped and prefilled again later (vLLM's preemption by recomputation).
+  Kept empty instead, they cost every backlog their share of the batch and
+  left the last prompts of a burst to a second wave of their own (issue
+  22.6: the daemon end to end made 80-84% of the engine alone).  An
+  interactive prompt takes the lowest free slot, and a round of queued
+  prefills stops for it.
 - **Decode first, prefill under a budget.**  While an interactive sequence
   is being decoded, queued prompts are admitted at most ``step_tokens``
   prompt tokens per turn (at least one prompt), so no round of folder
@@ -39,7 +46,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 #: Prompt tokens a turn of queued prefills may take while an interactive
 #: sequence is being decoded: one 1036x1036 image (~1,400 tokens) or one
@@ -77,9 +84,10 @@ class Scheduler:
     Args:
         slots: the slot engine's slots.
         options: the knobs.
-        reserve: keep the lowest slots for interactive requests (the daemon);
+        reserve: the lowest slots are the interactive requests' (the daemon):
+            queued prompts take them last and give them back (``victim``);
             False for a fixed list of prompts (the bench, ``process`` without a
-            daemon), which should use every slot.
+            daemon), where nothing preempts.
         clock: seconds, monotonic (tests pass their own).
     """
 
@@ -99,7 +107,7 @@ class Scheduler:
     def admission(self, free: Iterable[int], *, urgent_waiting: bool, interactive_running: bool) -> Admission:
         """How much the next prefill turn may admit into the ``free`` slots."""
         free = list(free)
-        queued = sum(1 for i in free if i >= self.reserved)
+        queued = len(free)  # the interactive slots too, taken last (``place``) and taken back (``victim``)
         tokens = self.options.step_tokens if interactive_running else None
         if self._turn == "interactive":
             queued = 0  # the interactive sequences' own turn: no queued prefills in it
@@ -109,17 +117,32 @@ class Scheduler:
         """Slots for a pack of prompts (``urgent`` flags, in order), taken out of ``free`` (ascending).
 
         Interactive prompts take the lowest free slot; queued prompts the
-        lowest free slot above the interactive ones (or any, if no reserve,
-        or if none above is free).
+        lowest free slot above the interactive ones, or, with none free
+        there, the highest free interactive slot: the interactive slots fill
+        from the top down, so the one a queued sequence took last (the
+        ``victim``) is the lowest, where an interactive sequence decodes in
+        the narrowest stretch.
         """
         chosen: list[int] = []
         for is_urgent in urgent:
-            # A queued prompt that rides along an interactive one (a retry waiting in front) takes an
-            # interactive slot when none above is free: rare, and better than holding the pack back.
-            pick = next((i for i in free if is_urgent or i >= self.reserved), free[0])
+            pick = next((i for i in free if is_urgent or i >= self.reserved), free[-1])
             free.remove(pick)
             chosen.append(pick)
         return chosen
+
+    def victim(self, queued: Mapping[int, int]) -> int | None:
+        """The slot to take back for an interactive prompt that finds none free, or None.
+
+        ``queued`` maps the slots that queued sequences hold (and that may be
+        preempted) to when each was admitted (any increasing count).  The
+        victim is the one admitted last among the interactive slots: the
+        least work lost, and the interactive sequence then sits low, where
+        its own decode stretches stay narrow.  Slots above them are never
+        taken back: at most ``reserved`` interactive requests displace queued
+        work; more wait for a slot as queued prompts do.
+        """
+        held = [(began, slot) for slot, began in queued.items() if slot < self.reserved]
+        return max(held)[1] if held else None
 
     # ------------------------------------------------------------ decode
 

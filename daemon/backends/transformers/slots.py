@@ -441,9 +441,10 @@ class SlotEngine(PrefillRounds):
         busy ones: a lone request then decodes at batch-1 speed in a cache
         sized for many (each size is compiled and captured once per process).
         With ``reserve`` (a source that may bring interactive requests: the
-        daemon) the lowest slots are kept for them; a fixed list (the bench,
-        ``process --local``) uses every slot, else its last few prompts would
-        decode alone after the rest, at the full batch's step cost.  Which
+        daemon) the lowest slots are theirs: queued prompts take them last,
+        and an interactive prompt that finds no slot free takes one back
+        (``_preempt``); a fixed list (the bench, ``process --local``) has no
+        interactive prompts to make room for.  Which
         prompts are admitted and which slots decode, turn by turn, is the
         ``scheduler.Scheduler``'s decision (``options``).
 
@@ -468,6 +469,8 @@ class SlotEngine(PrefillRounds):
         self._free_since = dict.fromkeys(range(slots), time.perf_counter())
         self._ttft: dict[int, float] = {}
         self._carry: list[tuple[Prompt, Any]] = []  # prompts with image features, prefilled next
+        self._admitted = 0  # sequences admitted so far in this run
+        self._began: dict[int, int] = {}  # slot -> its sequence's place in that count (which came last)
         self._shrink = shrink
         self._sched = Scheduler(slots, options, reserve=reserve)
         admitting = True
@@ -523,6 +526,8 @@ class SlotEngine(PrefillRounds):
                 allowed = self._sched.admission(free, urgent_waiting=urgent,
                                                 interactive_running=bool(self._interactive_slots()))
                 room = allowed.urgent_room if urgent else allowed.queued_room
+                if urgent and room <= 0 and self._preempt(source):
+                    continue
                 if allowed.tokens is not None and spent >= allowed.tokens and not urgent:
                     return True  # this turn's prefill budget is spent: decode first
                 if room <= 0:
@@ -559,6 +564,24 @@ class SlotEngine(PrefillRounds):
         finally:
             if pending is not None:
                 self._settle(source, pending, eos)
+
+    def _preempt(self, source: Source) -> bool:
+        """An interactive prompt finds no slot free: take one back from a queued sequence, if the
+        scheduler names one (``Scheduler.victim``); it goes back to the source and is prefilled again
+        from the start later (its tokens so far are dropped: a few hundred at most, of one row)."""
+        queued = {i: self._began[i] for i, p in self._owner.items()
+                  if not (p.urgent or p.stream or p.preempted)}  # each prompt gives its slot up once at most
+        slot = self._sched.victim(queued)
+        if slot is None:
+            return False
+        prompt = self._owner.pop(slot)
+        self._state["active"][slot] = False  # queued on the stream like a step: no host sync
+        self._free_since[slot] = time.perf_counter()
+        prompt.preempted = True
+        self.stats.preempted += 1
+        self.stats.requests -= 1  # counted again when it is admitted again
+        source.preempted(prompt)
+        return True
 
     def _group(self, source: Source, room: int, max_new: int,
                tokens: int | None = None) -> tuple[list[tuple[Prompt, Any]], bool]:
@@ -645,6 +668,8 @@ class SlotEngine(PrefillRounds):
                 self._state["active"][slot] = False  # its client went away already (rare: a sync is fine)
                 continue
             self._owner[slot] = prompt
+            self._admitted += 1
+            self._began[slot] = self._admitted
         if self.trace is not None and launched:
             self.trace(Settled(tuple(p for p, _, _ in launched), tuple(slot for _, slot, _ in launched),
                                tuple(self._owner.get(slot) is p for p, slot, _ in launched)))
