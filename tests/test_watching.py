@@ -269,6 +269,37 @@ def test_many_ready_files_leave_in_few_batches(settler, tmp_path: Path) -> None:
     assert sorted(got.paths) == sorted(files)
 
 
+def test_a_bursts_first_files_are_handed_over_while_the_rest_are_still_read(tmp_path: Path) -> None:
+    # issue 22.6: 256 screenshots of 3 MB were all read and hashed before the first reached the queue (~1 s
+    # of the engine's time at the start of a burst).  A slow digest stands in for hashing big files.
+    hashed: list[int] = []
+    at_handover: list[int] = []
+
+    def digest(data: bytes) -> str:
+        time.sleep(0.02)
+        hashed.append(len(data))
+        return str(len(hashed))
+
+    def got(batch: list[Arrival]) -> None:
+        at_handover.append(len(hashed))
+
+    s = Settler(got, digest=digest, handover=0.05)
+    data = png_bytes()
+    files = []
+    for i in range(20):
+        f = tmp_path / f"{i}.png"
+        f.write_bytes(data)
+        files.append(f)
+    for f in files:
+        s.note(f, "moved", settle=1.0)
+    s.start()
+    try:
+        wait_for(lambda: len(hashed) == 20 and at_handover and at_handover[-1] == 20, 10, "20 files")
+    finally:
+        s.stop()
+    assert at_handover[0] < 20 and len(at_handover) <= 10, at_handover  # the first went early, still in few batches
+
+
 # ------------------------------------------------------------------- observers
 
 
