@@ -249,6 +249,39 @@ def test_interactive_request_is_admitted_before_the_rest_of_the_backlog(tmp_path
         assert (tmp_path / "inbox" / f"{i:02d}.png.describe.md").exists()
 
 
+def test_a_question_asked_while_the_backlog_holds_every_slot_takes_one_back(tmp_path: Path, tiny_model: Path,
+                                                                            backend: TransformersBackend,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 22.6: the backlog fills the interactive slot too; the daemon's question, arriving with every slot
+    # busy, is prefilled next all the same: the file admitted last gives its slot up, starts again later, and
+    # still gets its sidecar.
+    config = config_for(tmp_path, tiny_model, batch_size=4, max_new_tokens=40)
+    backend.reconfigure(config.model)
+    for runs_to_its_budget in (backend, backend.slot_engine):
+        monkeypatch.setattr(runs_to_its_budget, "ignore_eos", True)
+    admitted: list[int] = []  # max_new_tokens of each prefill: 40 = a queued job, 3 = the question
+    with Running(tmp_path, config, backend) as r:
+        queue_files(tmp_path, r.queue, [f"{i:02d}.png" for i in range(8)])
+        ask: list = []
+
+        def on_prefill(event: Event) -> None:
+            if isinstance(event, Prefill):
+                admitted.extend(prompt.max_new_tokens for prompt in event.prompts)
+                if len(admitted) >= 4 and not ask:  # every slot is busy: now the API asks something
+                    ask.append(r.loop.submit(Request((image(99, 56, 56),), "What is this?", 3)))
+
+        monkeypatch.setattr(backend.slot_engine, "trace", on_prefill)
+        r.start()
+        wait_until(lambda: ask and ask[0].done(), "the interactive answer")
+        answer = ask[0].result(timeout=1)
+        wait_until(lambda: set(r.states().values()) == {"done"} and len(r.states()) == 8, "the backlog done")
+    assert isinstance(answer, Answer) and answer.new_tokens == 3
+    assert admitted.index(3) == 4, admitted  # the next prefill after the question came is the question
+    assert len(admitted) == 10 and backend.last_stats["preempted"] == 1, (admitted, backend.last_stats)
+    for i in range(8):
+        assert (tmp_path / "inbox" / f"{i:02d}.png.describe.md").exists()
+
+
 def test_each_sidecar_is_written_when_its_request_finishes(tmp_path: Path, tiny_model: Path,
                                                            backend: TransformersBackend,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
