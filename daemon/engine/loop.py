@@ -71,8 +71,12 @@ log = logging.getLogger(__name__)
 #: Longest pause of the queue while the backend is unreachable (see ``BackendUnavailableError.max_pause``).
 MAX_OUTAGE_PAUSE = BackendUnavailableError.max_pause
 #: Files waiting to settle plus files queued per second that make a burst:
-#: the worker then lets the intake get them onto the durable queue first...
-BURST = 200
+#: the worker then lets the intake get them onto the durable queue first (the
+#: watchers' inotify queue must not overflow while the engine's threads hold
+#: the GIL)...  A few hundred files are queued within a second or two, and the
+#: first ones as soon as they are hashed (``Settler``'s handover): holding the
+#: engine for them cost a 256-file burst a second of an idle GPU (issue 22.6).
+BURST = 1000
 #: ...but never waits longer than this before running a batch anyway.
 MAX_YIELD = 10.0
 #: An engine that made no progress (no request taken or answered) for this long
