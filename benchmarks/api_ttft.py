@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=32, help="max_tokens of an API request")
     p.add_argument("--requests", type=int, default=10, help="API requests per phase")
     p.add_argument("--gap", type=float, default=1.0, help="seconds between requests in the saturated phase")
+    p.add_argument("--ask-after", type=float, default=0.0,
+                   help="seconds to wait once the backlog started before asking: long enough (~12 s for 256 "
+                        "slots on an H100) and every ask finds the slots full and takes one back from the backlog")
     p.add_argument("--batch-size", default="auto", help="model.batch_size")
     p.add_argument("--max-pixels", type=int, default=1003520, help="model.max_pixels")
     p.add_argument("--max-gpu-memory", default=None, help="model.max_gpu_memory, e.g. 60GiB")
@@ -236,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             if time.monotonic() > deadline + args.start_timeout:
                 raise RuntimeError("the backlog never started")
             time.sleep(0.2)
-        time.sleep(args.gap)
+        time.sleep(args.gap + args.ask_after)
         saturated = []
         for _ in range(args.requests):
             saturated.append(stream_once(client, request_image, args.max_tokens))

@@ -135,8 +135,8 @@ class LiveSource:
     def defer(self, prompt: Any) -> None:
         self.front.appendleft(self.taken.pop(prompt.index))
 
-    def preempted(self, prompt: Any) -> None:
-        self.front.appendleft(self.taken.pop(prompt.index))  # first after the interactive one (_from_front)
+    def give_back(self, prompt: Any) -> None:
+        self.front.appendleft(self.taken.pop(prompt.index))  # first after the interactive ones (_from_front)
 
     def finished(self, prompt: Any, result: Any) -> None:
         flight = self.taken.pop(prompt.index)
@@ -222,7 +222,7 @@ class LiveSource:
     # -- inside
     def _from_front(self) -> _Flight | None:
         """The prompt in front to hand out next: an interactive one first; a queued one only while no
-        interactive prompt is being made (a queued sequence that gave its slot up to one waits for it)."""
+        interactive prompt is being made (a queued prompt given back to make room for one waits for it)."""
         flight = next((f for f in self.front if f.prompt.urgent), None)
         if flight is None and self.front and not any(item.urgent for item, _, _ in self.making):
             flight = self.front[0]

@@ -74,9 +74,10 @@ class Source(Protocol):
         """``prompt`` does not fit this run's cache: hold it for the next run (admission stops)."""
         ...
 
-    def preempted(self, prompt: Prompt) -> None:
-        """``prompt``, being generated, gave its slot up to an interactive prompt: give it back from ``take``
-        after the interactive ones (its generation starts over; nothing of it was delivered)."""
+    def give_back(self, prompt: Prompt) -> None:
+        """``prompt`` is handed back unfinished, to come out of ``take`` again first after the interactive
+        ones: it did not fit the turn's prefill budget, or it gave its slot up to an interactive prompt
+        (its generation starts over; nothing of it was delivered)."""
         ...
 
     def finished(self, prompt: Prompt, result: "Generated | BaseException") -> None: ...
@@ -98,7 +99,7 @@ class ListSource:
         self._prompts = iter(prompts)
         self.results: dict[int, Generated | BaseException] = {}
         self.deferred: list[Prompt] = []
-        self.again: list[Prompt] = []  # preempted, taken first
+        self.again: list[Prompt] = []  # given back, taken first
 
     def take(self) -> Prompt | None:
         if self.again:
@@ -120,8 +121,8 @@ class ListSource:
     def defer(self, prompt: Prompt) -> None:
         self.deferred.append(prompt)
 
-    def preempted(self, prompt: Prompt) -> None:
-        self.again.append(prompt)
+    def give_back(self, prompt: Prompt) -> None:
+        self.again.insert(0, prompt)
 
     def finished(self, prompt: Prompt, result: "Generated | BaseException") -> None:
         self.results[prompt.index] = result

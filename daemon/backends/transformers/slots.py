@@ -533,7 +533,7 @@ class SlotEngine(PrefillRounds):
                 if room <= 0:
                     return True
                 left = None if allowed.tokens is None else allowed.tokens - spent
-                group, admitting = self._group(source, room, max_new, left)
+                group, admitting = self._group(source, room, max_new, left, at_least_one=spent == 0)
                 if not group:
                     return admitting
                 t0 = time.perf_counter()
@@ -580,16 +580,17 @@ class SlotEngine(PrefillRounds):
         prompt.preempted = True
         self.stats.preempted += 1
         self.stats.requests -= 1  # counted again when it is admitted again
-        source.preempted(prompt)
+        source.give_back(prompt)
         return True
 
-    def _group(self, source: Source, room: int, max_new: int,
-               tokens: int | None = None) -> tuple[list[tuple[Prompt, Any]], bool]:
+    def _group(self, source: Source, room: int, max_new: int, tokens: int | None = None, *,
+               at_least_one: bool = True) -> tuple[list[tuple[Prompt, Any]], bool]:
         """Prompts to prefill next, with their image features: carried-over ones, or a new group.
 
         A new group's images go through the vision tower together (up to
-        ``packing.patches``; one prompt's when lean), and its prompts until they hold ``tokens``
-        prompt tokens (the turn's budget; at least one prompt).  An
+        ``packing.patches``; one prompt's when lean), and its prompts while they hold at most ``tokens``
+        prompt tokens (what is left of the turn's budget; ``at_least_one``: the turn's first group takes
+        one prompt whatever its length).  An
         interactive prompt is taken ahead of any carried-over one.  The flag
         is False once a prompt was deferred.
         """
@@ -604,6 +605,10 @@ class SlotEngine(PrefillRounds):
             prompt = source.take()
             if prompt is None:
                 self._dry = True
+                break
+            over = tokens is not None and length + prompt.length > tokens and not prompt.urgent
+            if over and (group or not at_least_one):
+                source.give_back(prompt)  # over the turn's budget: the next turn's first
                 break
             if prompt.length + prompt.max_new_tokens > self._length or prompt.max_new_tokens > max_new:
                 source.defer(prompt)  # the next run sizes its cache for it
