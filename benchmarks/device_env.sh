@@ -9,12 +9,14 @@ mkdir -p "$OUT"
   python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'; } | tee "$OUT/machine.txt"
 step() { local name=$1 limit=$2; shift 2; echo "+ vlwatch $*" | tee "$OUT/$name.log"
          timeout "$limit" python3 -m daemon "$@" 2>&1 | tee -a "$OUT/$name.log"; echo "exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"; }
-# ttft: benchmarks/api_ttft.py (a 1200-image backlog, 20 asks of 32 tokens) into $OUT/ttft.log and $OUT/ttft/.
-ttft() { echo "+ python benchmarks/api_ttft.py --backlog ${BACKLOG:-1200} --requests 20 --gap 0.25" | tee "$OUT/ttft.log"
-         mkdir -p "$OUT/ttft"
+# ttft [NAME [ARGS...]]: benchmarks/api_ttft.py (a 1200-image backlog, 20 asks of 32 tokens, then ARGS) into
+# $OUT/NAME.log and $OUT/NAME/ (NAME defaults to ttft).
+ttft() { local name=${1:-ttft}; shift || true
+         echo "+ python benchmarks/api_ttft.py --backlog ${BACKLOG:-1200} --requests 20 --gap 0.25 $*" | tee "$OUT/$name.log"
+         mkdir -p "$OUT/$name"
          timeout ${TTFT_LIMIT:-230} python3 benchmarks/api_ttft.py --backlog ${BACKLOG:-1200} --requests 20 --gap 0.25 \
-             --images /tmp/backlog --out "$OUT/ttft" 2>&1 | tee -a "$OUT/ttft.log"
-         gzip -f "$OUT/ttft/api_ttft-daemon.log" 2>/dev/null; }
+             --images /tmp/backlog --out "$OUT/$name" "$@" 2>&1 | tee -a "$OUT/$name.log"
+         gzip -f "$OUT/$name/api_ttft-daemon.log" 2>/dev/null; }
 # with_transformers_525: the steps after it import transformers 5.25 (carry .whl525 too; device_wheels.sh fills it).
 with_transformers_525() {
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site525 \
