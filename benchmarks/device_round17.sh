@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Call M2 (next session, an H100; carry .whl): issue 23's rows still unmeasured on an H100: whole-card pages
-# 1008x1288/768 in fp8 against bf16 (same call), the 7B fp8 under 16 GiB (pages) and 12 GiB (images: "runs,
+# 1008x1288/768 in fp8 against bf16 (same call), first the few-row kernel's split-K probe, the 7B fp8 under 16 GiB (pages) and 12 GiB (images: "runs,
 # figure reported"), the 3B fp8 under 8 GiB (pages).  Predictions: NOTES "Call M2".
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
+(timeout ${PROBE_LIMIT:-120} python3 benchmarks/fp8_gemv_probe.py --model 7b --out "$OUT" 2>&1 | grep -v -i warn) \
+    | tee "$OUT/fp8-gemv-probe-7b.log"
 page=(bench --load-format dummy --ignore-eos --size 1008x1288 --new-tokens 768 --baseline-images 0 --latency-images 0)
 step pages-7b-fp8 ${BENCH_LIMIT:-100} "${page[@]}" --images 256 --batch-sizes auto --quantization fp8
 step pages-7b-bf16 ${BENCH_LIMIT:-100} "${page[@]}" --images 256 --batch-sizes auto --quantization none

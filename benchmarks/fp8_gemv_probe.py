@@ -9,8 +9,9 @@ down) and each row count: the median time of the three (``triton.testing.
 do_bench``, L2 flushed between calls: the weights come from HBM as in a real
 step), the bandwidth the FP8 kernel reaches on the weight bytes, and its
 error against the dequantized fp32 product.  First it sweeps the kernel's
-tile configurations at one row and keeps the fastest overall; the row counts
-where it beats ``_scaled_mm`` give ``fp8_gemv.SMALL_M``.
+tile configurations at one row and keeps the fastest overall, then times
+split-K at that tile per shape (1, 2, 4, 8 parts and ``split_for``'s choice);
+the row counts where it beats ``_scaled_mm`` give ``fp8_gemv.SMALL_M``.
 
 Writes ``fp8_gemv_probe.json`` to ``--out``.  Exit 1 if the kernel is wrong
 (relative error above 1%) anywhere.
@@ -85,6 +86,24 @@ def main() -> int:
         fastest = min(ok, key=lambda r: r["ms_each"][name])
         print(f"  {name}: best alone {fastest['config']} {fastest['ms_each'][name] * 1000:.1f} us")
 
+    # 1b. split-K at that tile, at one row: each shape's K cut into parts (0: fp8_gemv.split_for's choice)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    splits = []
+    for name, (n, k) in shapes.items():
+        q, s, _ = weights[name]
+        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+        each = {str(part): bench(lambda: fp8_gemv.launch(x, q, s, None, best | {"SPLIT": part})) * 1000
+                for part in (1, 2, 4, 8)}
+        auto = fp8_gemv.split_for(n, k, best["BN"], best["BK"], sms)
+        each["auto"] = bench(lambda: fp8_gemv.launch(x, q, s, None, best | {"SPLIT": 0})) * 1000
+        splits.append({"shape": name, "n": n, "k": k, "auto_split": auto, "us": each,
+                       "auto_gbs": (n * k) / each["auto"] / 1e3})
+        print(f"  split-K {name}: " + ", ".join(f"{p_} {t:.1f} us" for p_, t in each.items())
+              + f" (auto = {auto} parts: {(n * k) / each['auto'] / 1e3:.0f} GB/s)")
+    print(f"split-K, one layer at one row: SPLIT 1 {sum(r['us']['1'] for r in splits):.1f} us, "
+          f"auto {sum(r['us']['auto'] for r in splits):.1f} us, best per shape "
+          f"{sum(min(r['us'].values()) for r in splits):.1f} us")
+
     # 2. the three ways, each shape and row count
     rows_out, worst = [], 0.0
     for name, (n, k) in shapes.items():
@@ -113,7 +132,7 @@ def main() -> int:
     print(f"rows kernel faster than _scaled_mm at rows {wins}; worst relative error {worst:.5f}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fp8_gemv_probe.json").write_text(json.dumps(
-        {"device": torch.cuda.get_device_name(), "best_config": best, "sweep": sweep, "rows": rows_out,
+        {"device": torch.cuda.get_device_name(), "best_config": best, "sweep": sweep, "split_k": splits, "rows": rows_out,
          "per_layer_us": per_layer, "rows_kernel_wins_at": wins, "worst_rel_error": worst,
          "median_error": statistics.median(r["rel_error"] for r in rows_out if "rel_error" in r)}, indent=2))
     return 0 if worst <= 0.01 else 1

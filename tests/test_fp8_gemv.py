@@ -35,6 +35,35 @@ def test_rows_kernel_is_the_dequantized_product(rows: int, n: int, k: int, with_
     assert float((got.float() - want).norm() / want.norm()) < 0.005
 
 
+@pytest.mark.parametrize(("rows", "n", "k", "split", "with_bias"), [
+    (1, 96, 1000, 3, True),    # K not a multiple of the parts or of the step: the last part is short
+    (16, 130, 384, 2, False),  # the most rows, ragged columns
+    (2, 64, 256, 8, True),     # more parts asked than steps: each part one step, none empty
+])
+def test_split_k_adds_its_parts_up_to_the_same_product(rows: int, n: int, k: int, split: int, with_bias: bool) -> None:
+    # Split-K for the narrow layers (session 6, call L4: o, q/k/v and down read their weight at 0.9-1.4 TB/s with
+    # 112-144 programs for 132 SMs): each output tile's K cut into parts, summed in fp32 by a second kernel.
+    torch.manual_seed(k)
+    q, s = fp8.quantize_rows(torch.randn(n, k) * 0.05)
+    x = torch.randn(rows, k).to(torch.bfloat16)
+    bias = torch.randn(n).to(torch.bfloat16) if with_bias else None
+    config = {"BN": 32, "BK": 128, "num_warps": 4, "num_stages": 2}
+    whole = fp8_gemv.launch(x, q, s, bias, config | {"SPLIT": 1})
+    parts = fp8_gemv.launch(x, q, s, bias, config | {"SPLIT": split})
+    want = _reference(x, q, s, bias)
+    assert parts.shape == (rows, n) and parts.dtype == torch.bfloat16
+    assert float((parts.float() - want).norm() / want.norm()) < 0.005
+    assert float((parts.float() - whole.float()).abs().max()) <= 0.02 * float(want.abs().max())
+
+
+def test_split_for_fills_the_card_only_where_the_tiles_do_not() -> None:
+    sms = 132  # an H100
+    assert fp8_gemv.split_for(37888, 3584, 32, 512, sms) == 1  # gate/up: 1,184 programs already
+    assert fp8_gemv.split_for(3584, 3584, 32, 512, sms) == 4  # o: 112 tiles, 7 steps -> 4 parts of 2 steps
+    assert fp8_gemv.split_for(3584, 18944, 32, 512, sms) == 5  # down: 37 steps, 5 parts of 8
+    assert fp8_gemv.split_for(2048, 2048, 32, 512, sms) == 4  # the 3B's o: 4 steps, at most 4 parts
+
+
 def test_more_rows_than_one_tile_are_refused() -> None:
     q, s = fp8.quantize_rows(torch.randn(32, 64))
     with pytest.raises(ValueError, match="at most 16 rows"):

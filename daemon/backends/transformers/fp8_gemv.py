@@ -70,21 +70,23 @@ def _triton_imports() -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def _kernel() -> Any:
+def _kernels() -> tuple[Any, Any]:
     import triton
     import triton.language as tl
 
     @triton.jit
-    def fp8_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K,
+    def fp8_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, K_PER,
                         stride_xm, stride_wn, stride_ym,
-                        HAS_BIAS: tl.constexpr, WIDE: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, WIDE: tl.constexpr, SPLIT: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         pid = tl.program_id(0)
+        part = tl.program_id(1)  # which K_PER columns of K (split-K); 0 when SPLIT is 1
         rows = tl.arange(0, BM)
         cols = pid * BN + tl.arange(0, BN)
         ks = tl.arange(0, BK)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, K, BK):
+        k_lo = part * K_PER
+        for k0 in range(k_lo, tl.minimum(k_lo + K_PER, K), BK):
             k = k0 + ks
             x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :],
                         mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
@@ -94,21 +96,59 @@ def _kernel() -> Any:
                 acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
             else:
                 acc += tl.dot(x, tl.trans(w.to(tl.bfloat16)))
-        scale = tl.load(s_ptr + cols, mask=cols < N, other=0.0)
-        acc = acc * scale[None, :]
+        if SPLIT == 1:
+            scale = tl.load(s_ptr + cols, mask=cols < N, other=0.0)
+            acc = acc * scale[None, :]
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+                     mask=(rows[:, None] < M) & (cols[None, :] < N))
+        else:  # this part's fp32 sums, [SPLIT, M, N]; fp8_rows_reduce adds them up
+            tl.store(y_ptr + part * M * N + rows[:, None] * N + cols[None, :], acc,
+                     mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+    @triton.jit
+    def fp8_rows_reduce(p_ptr, s_ptr, b_ptr, y_ptr, M, N, stride_ym,
+                        HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+        pid = tl.program_id(0)
+        rows = tl.arange(0, BM)
+        cols = pid * BN + tl.arange(0, BN)
+        inside = (rows[:, None] < M) & (cols[None, :] < N)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for part in tl.static_range(SPLIT):
+            acc += tl.load(p_ptr + part * M * N + rows[:, None] * N + cols[None, :], mask=inside, other=0.0)
+        acc = acc * tl.load(s_ptr + cols, mask=cols < N, other=0.0)[None, :]
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=(rows[:, None] < M) & (cols[None, :] < N))
+        tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=inside)
 
-    return fp8_rows_kernel
+    return fp8_rows_kernel, fp8_rows_reduce
 
 
 #: Tile and pipeline: ``BN`` output rows per program (enough programs to fill the card for the narrowest
 #: layer, 3584 rows: 112 of 32), ``BK`` columns per step, loads ``stages`` deep.  The fastest of 18 in the
 #: H100 sweep (benchmarks/results/h100-s5-fp8-gemv-probe.json): 142.8 us for a 7B layer's four projections
-#: at one row, against 150.5 for (32, 256, 4 stages) and 200-220 for 16-row tiles.
-CONFIG = {"BN": 32, "BK": 512, "num_warps": 4, "num_stages": 3}
+#: at one row, against 150.5 for (32, 256, 4 stages) and 200-220 for 16-row tiles.  ``SPLIT``: parts of K
+#: each output tile is cut into (split-K, then one small kernel adds the parts up); 0 chooses by the card's
+#: SMs (``split_for``).  1 until an H100 probe says otherwise: the narrow layers (o, q/k/v, down: 112-144
+#: programs for 132 SMs) read their weight at ~0.9-1.4 TB/s against gate/up's 2.1 (session 6, call L4).
+CONFIG = {"BN": 32, "BK": 512, "num_warps": 4, "num_stages": 3, "SPLIT": 1}
+#: Programs per SM that split-K aims at (gate/up, 1,184 programs, ~9 an SM, reads at 2.1 TB/s).
+PROGRAMS_PER_SM = 4
+
+
+def split_for(n: int, k: int, bn: int, bk: int, sms: int) -> int:
+    """Parts of K for an ``n`` x ``k`` weight so that about PROGRAMS_PER_SM programs run on each of ``sms``
+    SMs (1 where the output tiles alone reach that), at most one part per ``bk`` step and at most 8."""
+    tiles, steps = -(-n // bn), -(-k // bk)
+    want = max(1, min(8, steps, round(PROGRAMS_PER_SM * sms / tiles)))
+    per = -(-steps // want)
+    return -(-steps // per)  # no empty part
+
+
+@functools.lru_cache(maxsize=8)
+def _sms(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
@@ -118,15 +158,23 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: tor
     n = weight.shape[0]
     if m > BLOCK_M:
         raise ValueError(f"fp8_gemv takes at most {BLOCK_M} rows, got {m}")
-    c = config or CONFIG
+    c = CONFIG | (config or {})
+    bn, bk = c["BN"], c["BK"]
+    split = c["SPLIT"] or (split_for(n, k, bn, bk, _sms(x.device.index or 0)) if x.is_cuda else 1)
     x = x.contiguous()
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     scale = scale.reshape(-1).float()
-    grid = (-(-n // c["BN"]),)
-    _kernel()[grid](x, weight, scale, bias if bias is not None else scale, y, m, n, k,
-                    x.stride(0), weight.stride(0), y.stride(0),
-                    HAS_BIAS=bias is not None, WIDE=interpreted(), BM=BLOCK_M, BN=c["BN"], BK=c["BK"],
-                    num_warps=c["num_warps"], num_stages=c["num_stages"])
+    b = bias if bias is not None else scale
+    tiles = -(-n // bn)
+    k_per = -(-(-(-k // bk)) // split) * bk  # whole BK steps per part
+    main, reduce = _kernels()
+    out = y if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
+    main[(tiles, split)](x, weight, scale, b, out, m, n, k, k_per, x.stride(0), weight.stride(0), y.stride(0),
+                         HAS_BIAS=bias is not None, WIDE=interpreted(), SPLIT=split, BM=BLOCK_M, BN=bn, BK=bk,
+                         num_warps=c["num_warps"], num_stages=c["num_stages"])
+    if split > 1:
+        reduce[(tiles,)](out, scale, b, y, m, n, y.stride(0), HAS_BIAS=bias is not None, SPLIT=split,
+                         BM=BLOCK_M, BN=bn, num_warps=4)
     return y
 
 
