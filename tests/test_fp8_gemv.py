@@ -81,19 +81,28 @@ def test_the_op_compiles_opaque_with_the_right_shape() -> None:
     assert float((got.float() - want).norm() / want.norm()) < 0.01
 
 
-def test_the_engine_option_switches_it_off(tiny_model: Path) -> None:
-    """``engine.fp8_rows_kernel: false`` (``bench --engine fp8_rows_kernel=false`` for an A/B) reaches the kernel's
-    switch when an FP8 model loads; the default turns it on where Triton runs."""
+def test_the_engine_options_reach_the_kernel(tiny_model: Path) -> None:
+    """``engine.fp8_rows_kernel: false`` and ``engine.fp8_rows_split`` (``bench --engine ...`` for an A/B) reach the
+    kernel's switches when an FP8 model loads; the defaults turn it on where Triton runs, one part of K."""
     from daemon.backends.transformers.backend import TransformersBackend
     from daemon.config import EngineOptions, ModelConfig
     from daemon.config_reader import parse_engine_options
 
     model = ModelConfig(name=str(tiny_model), quantization="fp8")
     try:
-        for pairs, expected in (([], True), (["fp8_rows_kernel=false"], False)):
+        for pairs, expected in (([], (True, 1)), (["fp8_rows_kernel=false"], (False, 1)),
+                                (["fp8_rows_split=0"], (True, 0))):
             backend = TransformersBackend(model, options=parse_engine_options(pairs, base=EngineOptions()))
             backend.load()
-            assert fp8_gemv.enabled() is expected
+            assert (fp8_gemv.enabled(), fp8_gemv.split()) == expected
             backend.unload()
     finally:
         fp8_gemv.configure(True)
+
+
+def test_the_split_option_is_checked() -> None:
+    from daemon.config_reader import ConfigError, parse_engine_options
+
+    with pytest.raises(ConfigError) as err:
+        parse_engine_options(["fp8_rows_split=9"])
+    assert [str(p) for p in err.value.problems] == ["--engine:1: engine.fp8_rows_split: must be at most 8, got 9"]

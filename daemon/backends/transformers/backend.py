@@ -187,7 +187,8 @@ class TransformersBackend(BaseBackend):
                 from daemon.backends.transformers import fp8, fp8_gemv
 
                 if fp8.runs_scaled_mm(self._model):  # few rows: weight-only (activations unrounded) or not
-                    parts.append("fp8 few rows " + ("weight-only kernel" if fp8_gemv.enabled() else "_scaled_mm"))
+                    parts.append("fp8 few rows " + (f"weight-only kernel (split {fp8_gemv.split() or 'auto'})"
+                                                    if fp8_gemv.enabled() else "_scaled_mm"))
         else:
             parts.append("stock generate")
         return "engine " + ", ".join(parts)
@@ -223,7 +224,8 @@ class TransformersBackend(BaseBackend):
         if self.precision == "fp8":
             from daemon.backends.transformers import fp8_gemv
 
-            fp8_gemv.configure(self.options.fp8_rows_kernel)  # before the FP8 layers probe their kernels
+            # before the FP8 layers probe their kernels
+            fp8_gemv.configure(self.options.fp8_rows_kernel, split=self.options.fp8_rows_split)
         model, attention = loading.load_weights(self.config, source, device, dtype, name=self.model,
                                                 precision=self.precision, load_format=self.load_format)
         self._processor, self._model, self.attention = processor, model, attention

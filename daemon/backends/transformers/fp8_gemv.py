@@ -42,12 +42,21 @@ BLOCK_M = 16  # tl.dot's smallest M: one to 16 rows share one tile
 _enabled = False
 #: the kernel failed its probe on a device (``fp8.scaled_mm_works``): off for the process
 _broken = False
+#: parts of K per output tile when the caller names none (``engine.fp8_rows_split``; 0: ``split_for``)
+_split = 1
 
 
-def configure(wanted: bool) -> None:
-    """Use the kernel or not (``engine.fp8_rows_kernel``), where Triton runs; the loader calls it before FP8 layers exist."""
-    global _enabled
+def configure(wanted: bool, *, split: int = 1) -> None:
+    """Use the kernel or not (``engine.fp8_rows_kernel``), and its split-K (``engine.fp8_rows_split``), where
+    Triton runs; the loader calls it before FP8 layers exist."""
+    global _enabled, _split
     _enabled = wanted and not _broken and _triton_imports()
+    _split = split
+
+
+def split() -> int:
+    """The split-K the engine's launches use (``configure``)."""
+    return _split
 
 
 def enabled() -> bool:
@@ -130,7 +139,7 @@ def _kernels() -> tuple[Any, Any]:
 #: H100 sweep (benchmarks/results/h100-s5-fp8-gemv-probe.json): 142.8 us for a 7B layer's four projections
 #: at one row, against 150.5 for (32, 256, 4 stages) and 200-220 for 16-row tiles.  ``SPLIT``: parts of K
 #: each output tile is cut into (split-K, then one small kernel adds the parts up); 0 chooses by the card's
-#: SMs (``split_for``).  1 until an H100 probe says otherwise: the narrow layers (o, q/k/v, down: 112-144
+#: SMs (``split_for``); ``engine.fp8_rows_split`` sets it for the engine.  1 until an H100 probe says otherwise: the narrow layers (o, q/k/v, down: 112-144
 #: programs for 132 SMs) read their weight at ~0.9-1.4 TB/s against gate/up's 2.1 (session 6, call L4).
 CONFIG = {"BN": 32, "BK": 512, "num_warps": 4, "num_stages": 3, "SPLIT": 1}
 #: Programs per SM that split-K aims at (gate/up, 1,184 programs, ~9 an SM, reads at 2.1 TB/s).
@@ -158,7 +167,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: tor
     n = weight.shape[0]
     if m > BLOCK_M:
         raise ValueError(f"fp8_gemv takes at most {BLOCK_M} rows, got {m}")
-    c = CONFIG | (config or {})
+    c = CONFIG | {"SPLIT": _split} | (config or {})
     bn, bk = c["BN"], c["BK"]
     split = c["SPLIT"] or (split_for(n, k, bn, bk, _sms(x.device.index or 0)) if x.is_cuda else 1)
     x = x.contiguous()
