@@ -1,7 +1,8 @@
 """The engine: what runs the daemon's jobs and interactive requests on a backend.
 
-- ``loop``: the worker loop (one per engine) and its live feed of queued pages and
-  interactive requests (``JobFeed``, ``Ask``);
+- ``loop``: the worker loop (one per engine): claims jobs, runs them, serves interactive requests;
+- ``feed``: its live feed for a backend that admits requests itself: queued pages and interactive
+  requests (``JobFeed``, ``Ask``);
 - ``worker``: a rule's requests for a file, and its answers made into outputs;
 - ``outcomes``: what became of each job (recorded in the queue, hooks, backoff);
 - ``processes`` / ``child``: one engine per further GPU, each in a process of its own.
