@@ -254,16 +254,20 @@ def test_note_without_settle_only_updates_tracked_files(settler, tmp_path: Path)
     assert s.note(tmp_path / "x.png", "changed")
 
 
-def test_many_ready_files_leave_in_few_batches(settler, tmp_path: Path) -> None:
-    s, got = settler
+def _moved_in(s: Settler, folder: Path, count: int) -> list[Path]:
+    """``count`` PNGs written in ``folder`` and noted as moved in whole (a scanner's or ``mv``'s burst)."""
     data = png_bytes()
-    files = []
-    for i in range(300):
-        f = tmp_path / f"{i}.png"
+    files = [folder / f"{i}.png" for i in range(count)]
+    for f in files:
         f.write_bytes(data)
-        files.append(f)
     for f in files:
         s.note(f, "moved", settle=1.0)
+    return files
+
+
+def test_many_ready_files_leave_in_few_batches(settler, tmp_path: Path) -> None:
+    s, got = settler
+    files = _moved_in(s, tmp_path, 300)
     wait_for(lambda: len(got.paths) == 300, 10, "300 files")
     assert len(got.batches) <= 10
     assert sorted(got.paths) == sorted(files)
@@ -284,14 +288,7 @@ def test_a_bursts_first_files_are_handed_over_while_the_rest_are_still_read(tmp_
         at_handover.append(len(hashed))
 
     s = Settler(got, digest=digest, handover=0.05)
-    data = png_bytes()
-    files = []
-    for i in range(20):
-        f = tmp_path / f"{i}.png"
-        f.write_bytes(data)
-        files.append(f)
-    for f in files:
-        s.note(f, "moved", settle=1.0)
+    _moved_in(s, tmp_path, 20)
     s.start()
     try:
         wait_for(lambda: len(hashed) == 20 and at_handover and at_handover[-1] == 20, 10, "20 files")
