@@ -219,13 +219,12 @@ def hooked(module: torch.nn.Module, hook: Callable[..., Any], *, pre: bool = Fal
 # ------------------------------------------------------------------ admission
 
 
-def test_interactive_request_is_admitted_before_the_rest_of_the_backlog(tmp_path: Path, tiny_model: Path,
-                                                                         backend: TransformersBackend,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    # issue 12.2: a request arriving while a backlog runs starts at the next free slot, ahead of queued jobs.
-    config = config_for(tmp_path, tiny_model)
-    backend.reconfigure(config.model)
-    admitted: list[int] = []  # max_new_tokens of each prefill: 8 = a queued job, 3 = the interactive request
+def _ask_during_a_backlog(tmp_path: Path, config, backend: TransformersBackend, monkeypatch: pytest.MonkeyPatch,
+                          ask_after: int) -> tuple[Answer, list[int]]:
+    """Eight files queued, then, once ``ask_after`` prompts were prefilled, a question (3 tokens) through the
+    daemon's loop: its answer, and the ``max_new_tokens`` of every prefill in order (3 = the question).  Every
+    file must end done with its sidecar."""
+    admitted: list[int] = []
     with Running(tmp_path, config, backend) as r:
         queue_files(tmp_path, r.queue, [f"{i:02d}.png" for i in range(8)])
         ask: list = []
@@ -233,7 +232,7 @@ def test_interactive_request_is_admitted_before_the_rest_of_the_backlog(tmp_path
         def on_prefill(event: Event) -> None:
             if isinstance(event, Prefill):
                 admitted.extend(prompt.max_new_tokens for prompt in event.prompts)
-                if len(admitted) == 2:  # the backlog is running: now the API asks something
+                if len(admitted) >= ask_after and not ask:  # the backlog is running: now the API asks something
                     ask.append(r.loop.submit(Request((image(99, 56, 56),), "What is this?", 3)))
 
         monkeypatch.setattr(backend.slot_engine, "trace", on_prefill)
@@ -241,12 +240,22 @@ def test_interactive_request_is_admitted_before_the_rest_of_the_backlog(tmp_path
         wait_until(lambda: ask and ask[0].done(), "the interactive answer")
         answer = ask[0].result(timeout=1)
         wait_until(lambda: set(r.states().values()) == {"done"} and len(r.states()) == 8, "the backlog done")
+    for i in range(8):
+        assert (tmp_path / "inbox" / f"{i:02d}.png.describe.md").exists()
+    return answer, admitted
+
+
+def test_interactive_request_is_admitted_before_the_rest_of_the_backlog(tmp_path: Path, tiny_model: Path,
+                                                                         backend: TransformersBackend,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 12.2: a request arriving while a backlog runs starts at the next free slot, ahead of queued jobs.
+    config = config_for(tmp_path, tiny_model)
+    backend.reconfigure(config.model)
+    answer, admitted = _ask_during_a_backlog(tmp_path, config, backend, monkeypatch, ask_after=2)
     assert isinstance(answer, Answer)
     assert admitted.count(3) == 1 and len(admitted) == 9
     # The next prefill after the request arrived is the request, with six queued jobs still to come.
     assert admitted.index(3) == 2, admitted
-    for i in range(8):
-        assert (tmp_path / "inbox" / f"{i:02d}.png.describe.md").exists()
 
 
 def test_a_question_asked_while_the_backlog_holds_every_slot_takes_one_back(tmp_path: Path, tiny_model: Path,
@@ -259,27 +268,10 @@ def test_a_question_asked_while_the_backlog_holds_every_slot_takes_one_back(tmp_
     backend.reconfigure(config.model)
     for runs_to_its_budget in (backend, backend.slot_engine):
         monkeypatch.setattr(runs_to_its_budget, "ignore_eos", True)
-    admitted: list[int] = []  # max_new_tokens of each prefill: 40 = a queued job, 3 = the question
-    with Running(tmp_path, config, backend) as r:
-        queue_files(tmp_path, r.queue, [f"{i:02d}.png" for i in range(8)])
-        ask: list = []
-
-        def on_prefill(event: Event) -> None:
-            if isinstance(event, Prefill):
-                admitted.extend(prompt.max_new_tokens for prompt in event.prompts)
-                if len(admitted) >= 4 and not ask:  # every slot is busy: now the API asks something
-                    ask.append(r.loop.submit(Request((image(99, 56, 56),), "What is this?", 3)))
-
-        monkeypatch.setattr(backend.slot_engine, "trace", on_prefill)
-        r.start()
-        wait_until(lambda: ask and ask[0].done(), "the interactive answer")
-        answer = ask[0].result(timeout=1)
-        wait_until(lambda: set(r.states().values()) == {"done"} and len(r.states()) == 8, "the backlog done")
+    answer, admitted = _ask_during_a_backlog(tmp_path, config, backend, monkeypatch, ask_after=4)  # every slot busy
     assert isinstance(answer, Answer) and answer.new_tokens == 3
     assert admitted.index(3) == 4, admitted  # the next prefill after the question came is the question
     assert len(admitted) == 10 and backend.last_stats["preempted"] == 1, (admitted, backend.last_stats)
-    for i in range(8):
-        assert (tmp_path / "inbox" / f"{i:02d}.png.describe.md").exists()
 
 
 def test_each_sidecar_is_written_when_its_request_finishes(tmp_path: Path, tiny_model: Path,

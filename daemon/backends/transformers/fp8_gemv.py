@@ -137,11 +137,13 @@ def _kernels() -> tuple[Any, Any]:
 #: Tile and pipeline: ``BN`` output rows per program (enough programs to fill the card for the narrowest
 #: layer, 3584 rows: 112 of 32), ``BK`` columns per step, loads ``stages`` deep.  The fastest of 18 in the
 #: H100 sweep (benchmarks/results/h100-s5-fp8-gemv-probe.json): 142.8 us for a 7B layer's four projections
-#: at one row, against 150.5 for (32, 256, 4 stages) and 200-220 for 16-row tiles.  ``SPLIT``: parts of K
-#: each output tile is cut into (split-K, then one small kernel adds the parts up); 0 chooses by the card's
-#: SMs (``split_for``); ``engine.fp8_rows_split`` sets it for the engine.  1 until an H100 probe says otherwise: the narrow layers (o, q/k/v, down: 112-144
-#: programs for 132 SMs) read their weight at ~0.9-1.4 TB/s against gate/up's 2.1 (session 6, call L4).
-CONFIG = {"BN": 32, "BK": 512, "num_warps": 4, "num_stages": 3, "SPLIT": 1}
+#: at one row, against 150.5 for (32, 256, 4 stages) and 200-220 for 16-row tiles.  A ``config`` given to
+#: ``launch`` may also name ``SPLIT``, the parts of K each output tile is cut into (split-K, then one small
+#: kernel adds the parts up; 0 chooses by the card's SMs, ``split_for``); without it the engine's
+#: ``engine.fp8_rows_split`` applies (``configure``), 1 until an H100 probe says otherwise: the narrow layers
+#: (o, q/k/v, down: 112-144 programs for 132 SMs) read their weight at ~0.9-1.4 TB/s against gate/up's 2.1
+#: (session 6, call L4).
+CONFIG = {"BN": 32, "BK": 512, "num_warps": 4, "num_stages": 3}
 #: Programs per SM that split-K aims at (gate/up, 1,184 programs, ~9 an SM, reads at 2.1 TB/s).
 PROGRAMS_PER_SM = 4
 
