@@ -96,7 +96,7 @@ class TransformersBackend(BaseBackend):
         self._fast: Any = None  # slots.SlotEngine
         self._vision: Any = None  # patches.VisionAttentionPatch
         self._text: Any = None  # patches.TextPrefillPatch (CUDA)
-        #: qwen2_5_vl.Checked: the model's private touchpoints that failed their check at load (none, normally)
+        #: qwen2_5_vl_check.Checked: the model's private touchpoints that failed their check at load (none, normally)
         self.touchpoints: Any = None
         self._oom_slots: int | None = None  # slot limit learnt from an out-of-memory error
         self._text_counts: dict[str, int] = {}  # a rule prompt's text tokens (_counted_text)

@@ -63,7 +63,7 @@ class FastPaths:
     fast: Any  # slots.SlotEngine
     vision: Any  # patches.VisionAttentionPatch
     text: Any  # patches.TextPrefillPatch (CUDA)
-    touchpoints: Any  # qwen2_5_vl.Checked: the model's private touchpoints that failed their check
+    touchpoints: Any  # qwen2_5_vl_check.Checked: the model's private touchpoints that failed their check
 
 
 def missing_model_message(name: str) -> str:
@@ -390,7 +390,7 @@ def speed_up(model: Any, processor: Any, attention: str, *, engine: str, options
     if getattr(model.config, "model_type", None) != "qwen2_5_vl":
         log.info("generation: model.generate (the slot engine supports qwen2_5_vl only)")
         return None
-    from daemon.backends.transformers import patches, qwen2_5_vl, slots
+    from daemon.backends.transformers import patches, qwen2_5_vl_check, slots
 
     if model.device.type == "cuda" and patches.pad_vision_mlp(model):
         log.debug("vision MLP width padded for the Hopper/Ampere GEMM kernels")
@@ -403,16 +403,16 @@ def speed_up(model: Any, processor: Any, attention: str, *, engine: str, options
     if patches.compile_enabled(model.device, o.compiles("prefill")):
         text = patches.TextPrefillPatch(model)
     # Each of Qwen2.5-VL's private touchpoints once, on a tiny input, against the stock path: a
-    # transformers or torch that changed one turns its fast path off (qwen2_5_vl's docstring).
+    # transformers or torch that changed one turns its fast path off (qwen2_5_vl's docstring, qwen2_5_vl_check).
     started = time.perf_counter()
-    checked = qwen2_5_vl.check_rope_index(model)
+    checked = qwen2_5_vl_check.check_rope_index(model)
     if engine != "hf" and checked.ok("rope_index"):
         candidate = slots.SlotEngine(model, eos_ids=eos_ids(model, processor), options=o)
         checked += check_engine(candidate)
         fast = candidate if checked.ok("text_layers") else None
     if not checked.ok("flash_attention") and vision is not None:
         vision.without_flash()
-    checked += qwen2_5_vl.check_vision(model, vision)
+    checked += qwen2_5_vl_check.check_vision(model, vision)
     if not checked.ok("vision_attention"):
         vision = None  # left disabled: the stock forwards run
     if fast is not None:
@@ -426,14 +426,14 @@ def speed_up(model: Any, processor: Any, attention: str, *, engine: str, options
 
 def check_engine(fast: Any) -> Any:
     """The engine's layer functions against the stock decoder layer; FlashAttention's kinds on their own."""
-    from daemon.backends.transformers import qwen2_5_vl
+    from daemon.backends.transformers import qwen2_5_vl_check
 
     if not fast.fused or not fast.layer_functions:
-        return qwen2_5_vl.Checked()  # the engine runs the model's own modules: nothing of ours to check
-    checked = qwen2_5_vl.check_text_layers(fast)
+        return qwen2_5_vl_check.Checked()  # the engine runs the model's own modules: nothing of ours to check
+    checked = qwen2_5_vl_check.check_text_layers(fast)
     flash = ("flash",) if fast.attention == "flash" else ()
     if checked.ok("text_layers") and (flash or fast.prefill_kind == "flash"):
-        checked += qwen2_5_vl.check_text_layers(
+        checked += qwen2_5_vl_check.check_text_layers(
             fast, kinds=flash, prefill_kind=fast.prefill_kind, touchpoint="flash_attention",
             fallback="SDPA runs instead of FlashAttention's varlen entry (decode, prefill, vision blocks)")
         if not checked.ok("flash_attention"):
