@@ -11,7 +11,8 @@ step), the bandwidth the FP8 kernel reaches on the weight bytes, and its
 error against the dequantized fp32 product.  First it sweeps the kernel's
 tile configurations at one row and keeps the fastest overall, then times
 split-K at that tile per shape (1, 2, 4, 8 parts and ``split_for``'s choice);
-the row counts where it beats ``_scaled_mm`` give ``fp8_gemv.SMALL_M``.
+then sweeps the 32- and 64-row tiles at their own row counts; the row counts
+where the kernel beats ``_scaled_mm`` give ``engine.fp8_rows_max``'s default.
 
 Writes ``fp8_gemv_probe.json`` to ``--out``.  Exit 1 if the kernel is wrong
 (relative error above 1%) anywhere.
@@ -104,6 +105,27 @@ def main() -> int:
           f"auto {sum(r['us']['auto'] for r in splits):.1f} us, best per shape "
           f"{sum(min(r['us'].values()) for r in splits):.1f} us")
 
+    # 1c. the wider row tiles (fp8_gemv.block_m: 32 and 64 rows), each swept at its own row count; a
+    # configuration Triton cannot build (shared memory) is skipped
+    tiles = {16: best}
+    for m in (32, 64):
+        tried = []
+        for bn, bk, stages in itertools.product((16, 32, 64), (128, 256, 512), (3, 4)):
+            config = {"BN": bn, "BK": bk, "num_warps": 4, "num_stages": stages}
+            try:
+                total = 0.0
+                for name, (n, k) in shapes.items():
+                    q, s, _ = weights[name]
+                    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+                    total += bench(lambda: fp8_gemv.launch(x, q, s, None, config))
+                tried.append((total, config))
+            except Exception:  # noqa: BLE001
+                continue
+        if tried:
+            tiles[m] = min(tried, key=lambda t: t[0])[1]
+            print(f"rows {m}: {len(tried)} configurations built; best {tiles[m]} "
+                  f"({min(tried, key=lambda t: t[0])[0] * 1000:.1f} us a layer; default {fp8_gemv.CONFIGS[m]})")
+
     # 2. the three ways, each shape and row count
     rows_out, worst = [], 0.0
     for name, (n, k) in shapes.items():
@@ -113,10 +135,11 @@ def main() -> int:
             t_bf16 = bench(lambda: F.linear(x, wb))
             t_scaled = bench(lambda: scaled(x, q, s))
             entry = {"shape": name, "n": n, "k": k, "rows": m, "bf16_us": t_bf16 * 1000, "scaled_mm_us": t_scaled * 1000}
-            if m <= fp8_gemv.BLOCK_M:
-                t_rows = bench(lambda: fp8_gemv.launch(x, q, s, None, best))
+            tile = tiles.get(fp8_gemv.block_m(m)) if m <= fp8_gemv.MAX_ROWS else None
+            if tile is not None:
+                t_rows = bench(lambda: fp8_gemv.launch(x, q, s, None, tile))
                 want = F.linear(x.float(), fp8.dequantize(q, s, torch.float32))
-                err = float((fp8_gemv.launch(x, q, s, None, best).float() - want).norm() / want.norm())
+                err = float((fp8_gemv.launch(x, q, s, None, tile).float() - want).norm() / want.norm())
                 worst = max(worst, err)
                 entry |= {"rows_kernel_us": t_rows * 1000, "rows_kernel_gbs": (n * k) / t_rows / 1e6,
                           "bf16_gbs": (2 * n * k) / t_bf16 / 1e6, "rel_error": err}
@@ -132,7 +155,8 @@ def main() -> int:
     print(f"rows kernel faster than _scaled_mm at rows {wins}; worst relative error {worst:.5f}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fp8_gemv_probe.json").write_text(json.dumps(
-        {"device": torch.cuda.get_device_name(), "best_config": best, "sweep": sweep, "split_k": splits, "rows": rows_out,
+        {"device": torch.cuda.get_device_name(), "best_config": best, "row_tiles": {str(m): c for m, c in tiles.items()},
+         "sweep": sweep, "split_k": splits, "rows": rows_out,
          "per_layer_us": per_layer, "rows_kernel_wins_at": wins, "worst_rel_error": worst,
          "median_error": statistics.median(r["rel_error"] for r in rows_out if "rel_error" in r)}, indent=2))
     return 0 if worst <= 0.01 else 1

@@ -112,13 +112,16 @@ class EngineOptions:
     vision_blocks: bool = True
     #: the vision tower's windows through torch's varlen attention (faster, not bit-equal)
     vision_varlen: bool = False
-    #: FP8 weights times up to 16 rows (a decode step with few slots) through vlwatch's weight-only kernel
+    #: FP8 weights times few rows (a decode step with few slots: ``fp8_rows_max``) through vlwatch's weight-only kernel
     #: (``backends.transformers.fp8_gemv``; CUDA with Triton) instead of ``torch._scaled_mm``
     fp8_rows_kernel: bool = True
     #: parts of K each output tile of that kernel is cut into (split-K: the narrow layers leave SMs idle at
     #: one part); 0 picks by the card's SMs (``fp8_gemv.split_for``).  Not an answer-changing switch: the
     #: sums differ in fp32 rounding only
     fp8_rows_split: int = 1
+    #: rows up to which that kernel runs (1-64; a decode step with more slots takes ``_scaled_mm``).  Rows
+    #: past 16 take its 32- and 64-row tiles, 16 until an H100 measures them
+    fp8_rows_max: int = 16
     #: let ``model.dtype: float16`` load Qwen2.5-VL, which overflows float16
     allow_fp16: bool = False
     #: seconds without a heartbeat before an engine process counts as hung and is killed
@@ -154,7 +157,7 @@ class EngineOptions:
 
 #: ``engine:``'s keys, in the order ``check`` shows them.
 ENGINE_KEYS = ("compile", "cuda_graphs", "decode_attention", "packed_prefill", "overlap_rounds", "vision_blocks",
-               "vision_varlen", "fp8_rows_kernel", "fp8_rows_split", "allow_fp16", "engine_lost_after", "step_tokens", "backlog_share",
+               "vision_varlen", "fp8_rows_kernel", "fp8_rows_split", "fp8_rows_max", "allow_fp16", "engine_lost_after", "step_tokens", "backlog_share",
                "interactive_slots")
 
 

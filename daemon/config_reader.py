@@ -529,11 +529,12 @@ def _read_engine(r: _Reader, node: yaml.Node, where: str) -> EngineOptions:
     for k in ("step_tokens", "interactive_slots"):
         if k in keys:
             kw[k] = r.integer(keys[k], w + k, minimum=1 if k == "step_tokens" else 0)
-    if "fp8_rows_split" in keys:
-        kw["fp8_rows_split"] = r.integer(keys["fp8_rows_split"], w + "fp8_rows_split", minimum=0)
-        if kw["fp8_rows_split"] is not None and kw["fp8_rows_split"] > 8:
-            r.problem(keys["fp8_rows_split"], w + "fp8_rows_split", f"must be at most 8, got {kw['fp8_rows_split']}")
-            kw["fp8_rows_split"] = None
+    for k, lowest, highest in (("fp8_rows_split", 0, 8), ("fp8_rows_max", 1, 64)):  # 64: fp8_gemv.MAX_ROWS
+        if k in keys:
+            kw[k] = r.integer(keys[k], w + k, minimum=lowest)
+            if kw[k] is not None and kw[k] > highest:
+                r.problem(keys[k], w + k, f"must be at most {highest}, got {kw[k]}")
+                kw[k] = None
     if "backlog_share" in keys:
         n = keys["backlog_share"]
         value = r._scalar(n, w + "backlog_share", "a number from 0 to 1")

@@ -21,7 +21,10 @@ def _reference(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, bias: torch.Te
 @pytest.mark.parametrize(("rows", "n", "k", "with_bias"), [
     (1, 96, 320, True),    # one row; columns not a multiple of the tile
     (3, 64, 512, False),
-    (16, 130, 257, True),  # the most rows; ragged on both sides
+    (16, 130, 257, True),  # the most rows of the 16-row tile; ragged on both sides
+    (17, 64, 300, False),  # one past it: the 32-row tile, mostly empty
+    (40, 96, 384, True),   # the 64-row tile (engine.fp8_rows_max past 32)
+    (64, 70, 256, False),  # the most rows one launch takes
 ])
 def test_rows_kernel_is_the_dequantized_product(rows: int, n: int, k: int, with_bias: bool) -> None:
     torch.manual_seed(rows)
@@ -39,6 +42,7 @@ def test_rows_kernel_is_the_dequantized_product(rows: int, n: int, k: int, with_
     (1, 96, 1000, 3, True),    # K not a multiple of the parts or of the step: the last part is short
     (16, 130, 384, 2, False),  # the most rows, ragged columns
     (2, 64, 256, 8, True),     # more parts asked than steps: each part one step, none empty
+    (48, 96, 640, 3, True),    # the 64-row tile, split too
 ])
 def test_split_k_adds_its_parts_up_to_the_same_product(rows: int, n: int, k: int, split: int, with_bias: bool) -> None:
     # Split-K for the narrow layers (session 6, call L4: o, q/k/v and down read their weight at 0.9-1.4 TB/s with
@@ -64,10 +68,34 @@ def test_split_for_fills_the_card_only_where_the_tiles_do_not() -> None:
     assert fp8_gemv.split_for(2048, 2048, 32, 512, sms) == 4  # the 3B's o: 4 steps, at most 4 parts
 
 
-def test_more_rows_than_one_tile_are_refused() -> None:
+def test_more_rows_than_the_widest_tile_are_refused() -> None:
     q, s = fp8.quantize_rows(torch.randn(32, 64))
-    with pytest.raises(ValueError, match="at most 16 rows"):
-        fp8_gemv.launch(torch.randn(17, 64).to(torch.bfloat16), q, s, None)
+    with pytest.raises(ValueError, match="1 to 64 rows, got 65"):
+        fp8_gemv.launch(torch.randn(65, 64).to(torch.bfloat16), q, s, None)
+
+
+def test_rows_up_to_the_configured_count_take_the_kernel() -> None:
+    # engine.fp8_rows_max: the wider tiles only where asked; past it _scaled_mm (activations rounded to FP8),
+    # and the emulating reference asks the same question, so a check rounds exactly where the engine does.
+    class CudaRows(torch.Tensor):  # takes_rows_kernel asks x.is_cuda: the CPU has no CUDA tensor to give it
+        @property
+        def is_cuda(self) -> bool:  # type: ignore[override]
+            return True
+
+    def rows(m: int) -> torch.Tensor:
+        return torch.zeros(m, 8).as_subclass(CudaRows)
+
+    try:
+        fp8_gemv.configure(True)
+        assert fp8_gemv.enabled(), "Triton runs here (the test extra): the switch must turn on"
+        assert [fp8.takes_rows_kernel(rows(m)) for m in (1, 16, 17, 64)] == [True, True, False, False]
+        fp8_gemv.configure(True, rows=48)
+        assert [fp8.takes_rows_kernel(rows(m)) for m in (16, 17, 48, 49)] == [True, True, True, False]
+        assert not fp8.takes_rows_kernel(torch.zeros(1, 8))  # a CPU tensor never does
+        with pytest.raises(ValueError, match="1 to 64 rows, asked for 65"):
+            fp8_gemv.configure(True, rows=65)
+    finally:
+        fp8_gemv.configure(True)
 
 
 def test_the_op_compiles_opaque_with_the_right_shape() -> None:
@@ -82,19 +110,20 @@ def test_the_op_compiles_opaque_with_the_right_shape() -> None:
 
 
 def test_the_engine_options_reach_the_kernel(tiny_model: Path) -> None:
-    """``engine.fp8_rows_kernel: false`` and ``engine.fp8_rows_split`` (``bench --engine ...`` for an A/B) reach the
-    kernel's switches when an FP8 model loads; the defaults turn it on where Triton runs, one part of K."""
+    """``engine.fp8_rows_kernel: false``, ``engine.fp8_rows_split`` and ``engine.fp8_rows_max`` (``bench --engine
+    ...`` for an A/B) reach the kernel's switches when an FP8 model loads; the defaults turn it on where Triton
+    runs, one part of K, up to 16 rows."""
     from daemon.backends.transformers.backend import TransformersBackend
     from daemon.config import EngineOptions, ModelConfig
     from daemon.config_reader import parse_engine_options
 
     model = ModelConfig(name=str(tiny_model), quantization="fp8")
     try:
-        for pairs, expected in (([], (True, 1)), (["fp8_rows_kernel=false"], (False, 1)),
-                                (["fp8_rows_split=0"], (True, 0))):
+        for pairs, expected in (([], (True, 1, 16)), (["fp8_rows_kernel=false"], (False, 1, 16)),
+                                (["fp8_rows_split=0", "fp8_rows_max=64"], (True, 0, 64))):
             backend = TransformersBackend(model, options=parse_engine_options(pairs, base=EngineOptions()))
             backend.load()
-            assert (fp8_gemv.enabled(), fp8_gemv.split()) == expected
+            assert (fp8_gemv.enabled(), fp8_gemv.split(), fp8_gemv.rows()) == expected
             backend.unload()
     finally:
         fp8_gemv.configure(True)
@@ -104,5 +133,6 @@ def test_the_split_option_is_checked() -> None:
     from daemon.config_reader import ConfigError, parse_engine_options
 
     with pytest.raises(ConfigError) as err:
-        parse_engine_options(["fp8_rows_split=9"])
-    assert [str(p) for p in err.value.problems] == ["--engine:1: engine.fp8_rows_split: must be at most 8, got 9"]
+        parse_engine_options(["fp8_rows_split=9", "fp8_rows_max=65"])
+    assert [str(p) for p in err.value.problems] == ["--engine:1: engine.fp8_rows_split: must be at most 8, got 9",
+                                                    "--engine:2: engine.fp8_rows_max: must be at most 64, got 65"]

@@ -187,7 +187,8 @@ class TransformersBackend(BaseBackend):
                 from daemon.backends.transformers import fp8, fp8_gemv
 
                 if fp8.runs_scaled_mm(self._model):  # few rows: weight-only (activations unrounded) or not
-                    parts.append("fp8 few rows " + (f"weight-only kernel (split {fp8_gemv.split() or 'auto'})"
+                    parts.append("fp8 few rows " + (f"weight-only kernel (up to {fp8_gemv.rows()} rows, split "
+                                                    f"{fp8_gemv.split() or 'auto'})"
                                                     if fp8_gemv.enabled() else "_scaled_mm"))
         else:
             parts.append("stock generate")
@@ -225,7 +226,8 @@ class TransformersBackend(BaseBackend):
             from daemon.backends.transformers import fp8_gemv
 
             # before the FP8 layers probe their kernels
-            fp8_gemv.configure(self.options.fp8_rows_kernel, split=self.options.fp8_rows_split)
+            fp8_gemv.configure(self.options.fp8_rows_kernel, split=self.options.fp8_rows_split,
+                               rows=self.options.fp8_rows_max)
         model, attention = loading.load_weights(self.config, source, device, dtype, name=self.model,
                                                 precision=self.precision, load_format=self.load_format)
         self._processor, self._model, self.attention = processor, model, attention

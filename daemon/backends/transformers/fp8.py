@@ -146,7 +146,7 @@ def takes_rows_kernel(x: torch.Tensor) -> bool:
     the same question, so it rounds the activations exactly where the fast path does.
     """
     rows = x.numel() // max(1, x.shape[-1])
-    return rows <= fp8_gemv.SMALL_M and x.is_cuda and fp8_gemv.enabled()
+    return rows <= fp8_gemv.rows() and x.is_cuda and fp8_gemv.enabled()
 
 
 _probed: dict[torch.device, bool] = {}
@@ -160,7 +160,7 @@ def scaled_mm_works(device: torch.device) -> bool:
     if device not in _probed:
         w, s = quantize_rows(torch.randn(64, 320, device=device))
         try:
-            x = torch.randn(fp8_gemv.SMALL_M + 8, 320, device=device, dtype=torch.bfloat16)
+            x = torch.randn(fp8_gemv.MAX_ROWS + 8, 320, device=device, dtype=torch.bfloat16)  # past any kernel
             _probed[device] = _close(fp8_linear(x, w, s, None, fast=True),
                                      fp8_linear(x.float(), w, s, None, fast=False, emulate=True))
         except (RuntimeError, TypeError) as exc:

@@ -4,7 +4,12 @@ With one to a few dozen rows a linear layer is bound by reading its weight,
 which FP8 halves.  ``torch._scaled_mm`` does not get there: its row-wise
 CUTLASS kernels are tiled for many rows, and the activations must first be
 quantized by a kernel of their own; session 4 measured FP8 at batch 1 *slower*
-than bf16 (1.358 s against 1.292 s for one image and 256 tokens, H200).
+than bf16 (1.358 s against 1.292 s for one image and 256 tokens, H200), and
+the H100 probe (session 5) found ``_scaled_mm`` no faster than bf16 at 32 and
+64 rows either (206-208 us a 7B layer against 207-211), where this kernel took
+145 us at 16 rows.  Rows come in tiles of 16, 32 or 64 (``block_m``); how many
+rows take the kernel is ``engine.fp8_rows_max`` (16 until an H100 measures the
+wider tiles).
 
 This kernel reads the FP8 weight once, widens it to bf16 in registers and
 multiplies it with the activations as they are (weight-only FP8, "W8A16", as
@@ -30,10 +35,12 @@ from typing import Any
 
 import torch
 
-#: Rows up to which a CUDA FP8 linear takes this kernel instead of ``_scaled_mm`` (decode with few
-#: slots): it was faster at every row count up to 16 on the H100 (benchmarks/fp8_gemv_probe.py).
+#: Rows up to which a CUDA FP8 linear takes this kernel instead of ``_scaled_mm`` by default (decode with
+#: few slots): it was faster at every row count up to 16 on the H100 (benchmarks/fp8_gemv_probe.py), the
+#: widest it then took.  ``engine.fp8_rows_max`` moves it, up to ``MAX_ROWS``.
 SMALL_M = 16
-BLOCK_M = 16  # tl.dot's smallest M: one to 16 rows share one tile
+#: The most rows one launch takes: one tile of rows, every weight tile read once (``block_m``).
+MAX_ROWS = 64
 
 
 #: Whether few-row FP8 linears take this kernel: asked for (``engine.fp8_rows_kernel``), Triton runs, and
@@ -44,19 +51,36 @@ _enabled = False
 _broken = False
 #: parts of K per output tile when the caller names none (``engine.fp8_rows_split``; 0: ``split_for``)
 _split = 1
+#: rows up to which FP8 linears take the kernel (``engine.fp8_rows_max``)
+_rows = SMALL_M
 
 
-def configure(wanted: bool, *, split: int = 1) -> None:
-    """Use the kernel or not (``engine.fp8_rows_kernel``), and its split-K (``engine.fp8_rows_split``), where
-    Triton runs; the loader calls it before FP8 layers exist."""
-    global _enabled, _split
+def configure(wanted: bool, *, split: int = 1, rows: int = SMALL_M) -> None:
+    """Use the kernel or not (``engine.fp8_rows_kernel``), its split-K (``engine.fp8_rows_split``) and up to
+    how many rows (``engine.fp8_rows_max``), where Triton runs; the loader calls it before FP8 layers exist."""
+    global _enabled, _split, _rows
+    if not 1 <= rows <= MAX_ROWS:
+        raise ValueError(f"fp8_gemv takes 1 to {MAX_ROWS} rows, asked for {rows}")
     _enabled = wanted and not _broken and _triton_imports()
-    _split = split
+    _split, _rows = split, rows
 
 
 def split() -> int:
     """The split-K the engine's launches use (``configure``)."""
     return _split
+
+
+def rows() -> int:
+    """Rows up to which FP8 linears take the kernel (``configure``)."""
+    return _rows
+
+
+def block_m(m: int) -> int:
+    """The row tile for ``m`` rows: 16 (``tl.dot``'s smallest), 32 or 64; every row in one tile, so each
+    weight tile is read from memory once whatever the row count."""
+    if not 1 <= m <= MAX_ROWS:
+        raise ValueError(f"fp8_gemv takes 1 to {MAX_ROWS} rows, got {m}")
+    return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
 def enabled() -> bool:
@@ -144,6 +168,10 @@ def _kernels() -> tuple[Any, Any]:
 #: (o, q/k/v, down: 112-144 programs for 132 SMs) read their weight at ~0.9-1.4 TB/s against gate/up's 2.1
 #: (session 6, call L4).
 CONFIG = {"BN": 32, "BK": 512, "num_warps": 4, "num_stages": 3}
+#: The wider row tiles' defaults, by ``block_m``, until the probe sweeps them on an H100 (``--rows-tiles``):
+#: a 64-row tile of activations at BK 512 would take 64 KiB of shared memory a stage, so BK halves there.
+CONFIGS = {16: CONFIG, 32: {"BN": 32, "BK": 512, "num_warps": 4, "num_stages": 3},
+           64: {"BN": 32, "BK": 256, "num_warps": 4, "num_stages": 3}}
 #: Programs per SM that split-K aims at (gate/up, 1,184 programs, ~9 an SM, reads at 2.1 TB/s).
 PROGRAMS_PER_SM = 4
 
@@ -164,12 +192,11 @@ def _sms(index: int) -> int:
 
 def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
            config: dict[str, int] | None = None) -> torch.Tensor:
-    """``x`` [M <= 16, K] bf16 times FP8 ``weight`` [N, K] with row scales [N] (+ bias) -> [M, N] bf16."""
+    """``x`` [M <= 64, K] bf16 times FP8 ``weight`` [N, K] with row scales [N] (+ bias) -> [M, N] bf16."""
     m, k = x.shape
     n = weight.shape[0]
-    if m > BLOCK_M:
-        raise ValueError(f"fp8_gemv takes at most {BLOCK_M} rows, got {m}")
-    c = CONFIG | {"SPLIT": _split} | (config or {})
+    bm = block_m(m)
+    c = CONFIGS[bm] | {"SPLIT": _split} | (config or {})
     bn, bk = c["BN"], c["BK"]
     split = c["SPLIT"] or (split_for(n, k, bn, bk, _sms(x.device.index or 0)) if x.is_cuda else 1)
     x = x.contiguous()
@@ -181,11 +208,11 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: tor
     main, reduce = _kernels()
     out = y if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
     main[(tiles, split)](x, weight, scale, b, out, m, n, k, k_per, x.stride(0), weight.stride(0), y.stride(0),
-                         HAS_BIAS=bias is not None, WIDE=interpreted(), SPLIT=split, BM=BLOCK_M, BN=bn, BK=bk,
+                         HAS_BIAS=bias is not None, WIDE=interpreted(), SPLIT=split, BM=bm, BN=bn, BK=bk,
                          num_warps=c["num_warps"], num_stages=c["num_stages"])
     if split > 1:
         reduce[(tiles,)](out, scale, b, y, m, n, y.stride(0), HAS_BIAS=bias is not None, SPLIT=split,
-                         BM=BLOCK_M, BN=bn, num_warps=4)
+                         BM=bm, BN=bn, num_warps=4)
     return y
 
 
