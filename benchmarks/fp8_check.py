@@ -61,7 +61,7 @@ from daemon.backends import Request  # noqa: E402
 from daemon.backends.transformers import fp8  # noqa: E402
 from daemon.backends.transformers.backend import TransformersBackend  # noqa: E402
 from daemon.backends.transformers.stock import messages  # noqa: E402
-from daemon.bench.run import synthetic_images  # noqa: E402
+from daemon.bench.setups import synthetic_images  # noqa: E402
 from daemon.config import ModelConfig  # noqa: E402
 
 SIZES = ((1036, 1036), (644, 980), (812, 476), (448, 448))

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from daemon.backends import Request  # noqa: E402
 from daemon.backends.transformers.prompts import Prompt  # noqa: E402
 from daemon.backends.transformers.backend import TransformersBackend  # noqa: E402
-from daemon.bench.run import synthetic_images  # noqa: E402
+from daemon.bench.setups import synthetic_images  # noqa: E402
 from daemon.config import ModelConfig  # noqa: E402
 
 RESULTS: dict[str, Any] = {}

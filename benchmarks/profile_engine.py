@@ -35,7 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daemon.backends.transformers import slots as fastgen  # noqa: E402
-from daemon.bench.run import Setup, _backend, _model_config, add_arguments, run_setup, synthetic_images  # noqa: E402
+from daemon.bench.run import add_arguments  # noqa: E402
+from daemon.bench.setups import Setup, load_backend, model_config, run_setup, synthetic_images  # noqa: E402
 
 
 class Window:
@@ -162,8 +163,8 @@ def main() -> int:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     width, height = (int(v) for v in args.size.split("x"))
-    model = _model_config(args, width * height)
-    backend = _backend(model, args.load_format)
+    model = model_config(args, width * height)
+    backend = load_backend(model, args.load_format)
     prefill, decode = Window("prefill", 20, args.prefill_rounds), Window("decode", 50, args.decode_syncs)
 
     launch, step = fastgen.SlotEngine._launch, fastgen.SlotEngine._decode

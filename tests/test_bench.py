@@ -10,7 +10,8 @@ import pytest
 
 from daemon import backends
 from daemon.backends import Answer
-from daemon.bench.run import parse_bytes, parse_size, plan, run_bench
+from daemon.bench.run import run_bench
+from daemon.bench.setups import parse_bytes, parse_size, plan
 from daemon.cli import build_parser
 from tests.conftest import run_vlwatch
 
@@ -205,7 +206,7 @@ def test_the_bench_generates_as_the_daemon_does(tiny_model: Path, tmp_path: Path
     the bench's tokens are the daemon backend's, not a forced budget."""
     from daemon.backends import Request
     from daemon.backends.transformers.backend import TransformersBackend
-    from daemon.bench.run import DEFAULT_PROMPT, synthetic_images
+    from daemon.bench.setups import DEFAULT_PROMPT, synthetic_images
     from daemon.config import ModelConfig
 
     model = _with_generation_config(tiny_model, tmp_path / "tiny", repetition_penalty=1.05)
@@ -268,7 +269,7 @@ def test_end_to_end_usage_errors() -> None:
 
 
 def test_the_comparison_line() -> None:
-    from daemon.bench.run import SetupResult
+    from daemon.bench.results import SetupResult
     from daemon.bench.end_to_end import compare, format_comparison
 
     def row(name: str, per_min: float) -> SetupResult:

@@ -14,7 +14,7 @@ import torch
 from daemon.backends import Request
 from daemon.backends.transformers.patches import Compiled, TextPrefillPatch
 from daemon.backends.transformers.backend import TransformersBackend
-from daemon.bench.run import synthetic_images
+from daemon.bench.setups import synthetic_images
 from daemon.config import ModelConfig
 
 
