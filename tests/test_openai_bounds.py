@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from daemon.backends import Request
-from daemon.backends.openai import CHARS_PER_TOKEN, OpenAIBackend
+from daemon.backends.openai import OpenAIBackend
+from daemon.backends.openai_wire import CHARS_PER_TOKEN
 from daemon.config import ModelConfig
 from daemon.errors import BackendError
 from tests.fault_server import FaultServer, Reply

@@ -25,7 +25,7 @@ stays full.  What goes over the wire:
 
 Bounds (issue 10.13): ``model.timeout`` bounds each whole exchange, connect
 to last byte; every read and write of the connection waits only for the
-time left (``_DeadlineBackend``), so a server dripping a byte a second
+time left (``openai_wire._DeadlineBackend``), so a server dripping a byte a second
 fails at ``timeout``.  At most ``CHARS_PER_TOKEN`` characters per
 ``max_new_tokens`` of answer are kept (cut and marked unfinished past
 that), and the body is read only that far, so a 200 MB answer costs about
@@ -64,35 +64,31 @@ Deliberately not here:
 - Streaming: the whole answer is needed before a sidecar can be written, and
   a plain reply carries ``finish_reason`` and ``usage`` in one piece.
 - JPEG or any re-encoding that changes pixels, and any resizing.
+
+The body, the bounded HTTP client and the reading of replies and errors are
+``openai_wire``; this module picks servers, retries and keeps their health.
 """
 
 from __future__ import annotations
 
-import base64
-import email.utils
-import io
 import json
 import logging
-import os
 import random
-import re
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Sequence
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, Sequence
 
-import httpcore
 import httpx
 
 from daemon.backends import Answer, BaseBackend, Request
-from daemon.config import ModelConfig, is_loopback_host
+from daemon.backends.openai_wire import (BODY_BYTES_PER_CHAR, BODY_SLACK, EXCHANGE, answer_limit, chat_body,
+                                        image_data_url, new_client, read_key, retry_after, salvage_content,
+                                        server_message, sizes_of, transport_reason, without_userinfo)
+from daemon.config import ModelConfig
 from daemon.errors import BackendError, BackendUnavailableError, ExitCode, VlwatchError
-
-if TYPE_CHECKING:
-    from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -108,19 +104,10 @@ MAX_RETRY_AFTER = 60.0
 COOLDOWN_BASE = 1.0  # an unreachable server rests this long, doubling per failure...
 COOLDOWN_CAP = 30.0  # ...up to this, then is probed again
 PROBE_TIMEOUT = 5.0
-CONNECT_TIMEOUT = 10.0
 #: Extensions to the OpenAI schema that some servers refuse outright
 #: (``transformers serve`` answers 422 "Unexpected fields"): a server whose 4xx
 #: names one is asked again without it, and never sent it again.
 OPTIONAL_FIELDS = ("mm_processor_kwargs", "chat_template_kwargs", "ignore_eos")
-#: An answer is cut (and marked truncated) past this many characters per
-#: ``max_new_tokens``: generous (a token is 3-4 characters of text), yet a
-#: server that sends 200 MB cannot fill the daemon's memory (issue 10.13).
-CHARS_PER_TOKEN = 16
-#: Raw bytes read of a reply, per answer character (JSON escapes such as
-#: ``\u00e9`` take six), plus room for the envelope.
-BODY_BYTES_PER_CHAR = 8
-BODY_SLACK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -169,7 +156,7 @@ class _Server:
 
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
-        self.display = _without_userinfo(self.url)
+        self.display = without_userinfo(self.url)
         self.client: httpx.Client | None = None
         self.probe_lock = threading.Lock()
         self.up = True  # optimistic until the first failure
@@ -208,7 +195,7 @@ class OpenAIBackend(BaseBackend):
         #: and SGLang honour it), and reads ``last_stats`` after each call.
         self.ignore_eos = False
         self.last_stats: dict[str, Any] = {}
-        self._key = _read_key(config.api_key_env)
+        self._key = read_key(config.api_key_env)
         self._servers = [_Server(u) for u in config.base_url]
         self._lock = threading.Lock()
         self._next = 0  # round-robin position
@@ -384,17 +371,17 @@ class OpenAIBackend(BaseBackend):
             response, cut = self._send(server, "POST", "/chat/completions", json_body=body,
                                        limit=chars * BODY_BYTES_PER_CHAR + BODY_SLACK)
         seconds = time.monotonic() - started
-        log.debug("%s: %s -> HTTP %d in %.2fs", server.display, _sizes(request), response.status_code, seconds)
+        log.debug("%s: %s -> HTTP %d in %.2fs", server.display, sizes_of(request), response.status_code, seconds)
         self._mark_up(server)
         if response.status_code == 200:
             return self._parse(server, response, chars, cut)
-        message = self._scrub(_server_message(response))
+        message = self._scrub(server_message(response))
         status = response.status_code
         reason = f"{server.display}: HTTP {status}: {message}"
         if status in (429, 502, 503):  # full, down behind a proxy, or not ready: not the request's fault
-            raise _Retryable(reason, retry_after=_retry_after(response), busy=True)
+            raise _Retryable(reason, retry_after=retry_after(response), busy=True)
         if status >= 500 or status == 408:
-            raise _Retryable(reason, retry_after=_retry_after(response))
+            raise _Retryable(reason, retry_after=retry_after(response))
         refused = {name for name in OPTIONAL_FIELDS if name in body and name in message}
         if refused:
             # Judged by this request's body: a concurrent one may have learnt it first.
@@ -416,7 +403,7 @@ class OpenAIBackend(BaseBackend):
         """
         client = self._client(server)
         seconds = timeout if timeout is not None else self.config.timeout
-        _EXCHANGE.deadline = time.monotonic() + seconds
+        EXCHANGE.deadline = time.monotonic() + seconds
         try:
             with client.stream(method, server.url + path, json=json_body,
                                timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else httpx.Timeout(timeout)) as r:
@@ -432,17 +419,17 @@ class OpenAIBackend(BaseBackend):
                        if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
             return httpx.Response(r.status_code, headers=headers, content=bytes(body), request=r.request), cut
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise _Unreachable(_transport_reason(exc)) from None
+            raise _Unreachable(transport_reason(exc)) from None
         except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout) as exc:
-            reason = f"{server.display}: no answer within {seconds:g}s ({_transport_reason(exc)})"
+            reason = f"{server.display}: no answer within {seconds:g}s ({transport_reason(exc)})"
             raise _Retryable(reason, timeout=True, check_alive=True) from None
         except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-            reason = f"{server.display}: connection dropped ({_transport_reason(exc)})"
+            reason = f"{server.display}: connection dropped ({transport_reason(exc)})"
             raise _Retryable(reason, check_alive=True) from None
         except httpx.TransportError as exc:  # proxy errors, unsupported protocol...
-            raise _Unreachable(_transport_reason(exc)) from None
+            raise _Unreachable(transport_reason(exc)) from None
         finally:
-            _EXCHANGE.deadline = None
+            EXCHANGE.deadline = None
 
     def _parse(self, server: _Server, response: httpx.Response, chars: int, cut: bool = False) -> Answer:
         """The answer in a 200 reply, cut at ``chars`` characters (then marked unfinished).
@@ -453,7 +440,7 @@ class OpenAIBackend(BaseBackend):
         missing, empty) is an error, never an empty sidecar that counts as done.
         """
         if cut:
-            text = _salvage_content(response.content)
+            text = salvage_content(response.content)
             if text is None:
                 raise BackendError(f"{server.display}: an answer over {len(response.content)} bytes without "
                                    "readable content; lower max_new_tokens or check the server")
@@ -516,7 +503,7 @@ class OpenAIBackend(BaseBackend):
             self._mark_down(server, str(exc.args[0]) if exc.args else "does not answer")
             return False
         if response.status_code >= 500:
-            self._mark_down(server, f"HTTP {response.status_code}: {self._scrub(_server_message(response))}")
+            self._mark_down(server, f"HTTP {response.status_code}: {self._scrub(server_message(response))}")
             return False
         # Any other answer (even 401 or 404) means something is listening there.
         self._mark_up(server)
@@ -564,7 +551,7 @@ class OpenAIBackend(BaseBackend):
     def _client(self, server: _Server) -> httpx.Client:
         with self._lock:
             if server.client is None:
-                server.client = _new_client(server.url, self._key, self.max_concurrency, self.config.timeout)
+                server.client = new_client(server.url, self._key, self.max_concurrency, self.config.timeout)
             return server.client
 
     def _backoff(self, attempt: int) -> float:
@@ -579,249 +566,3 @@ class OpenAIBackend(BaseBackend):
     def _scrub(self, text: str) -> str:
         """Never let the key into a message, even if a server echoes it back."""
         return text.replace(self._key, "***") if self._key else text
-
-
-# ---------------------------------------------------------------- the request
-
-
-def chat_body(model: str, request: Request, images: list[str], *, ignore_eos: bool = False) -> dict[str, Any]:
-    """The JSON of one chat completion: the images (as data URLs) then the prompt.
-
-    Args:
-        model: the served model name.
-        request: what to ask.
-        images: ``request.images`` as data URLs (``image_data_url``).
-        ignore_eos: ask the server to generate all ``max_tokens`` (for the bench).
-    """
-    body: dict[str, Any] = {
-        "model": model,
-        "messages": _chat_messages(request, images),
-        "max_tokens": request.max_new_tokens,
-        "temperature": request.temperature,
-        "stream": False,
-    }
-    if request.images:
-        areas = [img.width * img.height for img in request.images]
-        # vLLM hands these to the HF processor: smart_resize within [area,
-        # area] of an image whose sides are multiples of 28 is the identity,
-        # so the server sees exactly our pixels.
-        body["mm_processor_kwargs"] = {"min_pixels": min(areas), "max_pixels": max(areas)}
-        # transformers serve hands chat_template_kwargs to apply_chat_template,
-        # which passes processor_kwargs on to the processor (vLLM and SGLang
-        # ignore keys their chat template does not use).
-        body["chat_template_kwargs"] = {"processor_kwargs": {"do_resize": False}}
-    if ignore_eos:
-        body["ignore_eos"] = True
-    return body
-
-
-def _chat_messages(request: Request, images: list[str]) -> list[dict[str, Any]]:
-    """A folder job as one user turn (images, then the prompt); a chat turn by turn, images where they were given."""
-    if not request.messages:
-        content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": url}} for url in images]
-        content.append({"type": "text", "text": request.prompt})
-        return [{"role": "user", "content": content}]
-    # The turns hold the very image objects of request.images, in order.
-    urls = {id(img): url for img, url in zip(request.images, images)}
-    out: list[dict[str, Any]] = []
-    for message in request.messages:
-        parts: list[dict[str, Any]] = []
-        for part in message.parts:
-            if isinstance(part, str):
-                parts.append({"type": "text", "text": part})
-            else:
-                parts.append({"type": "image_url", "image_url": {"url": urls.get(id(part)) or image_data_url(part)}})
-        if message.role != "user" and all(p["type"] == "text" for p in parts):
-            out.append({"role": message.role, "content": "".join(p["text"] for p in parts)})
-        else:
-            out.append({"role": message.role, "content": parts})
-    return out
-
-
-def image_data_url(image: "Image.Image") -> str:
-    """The image as a lossless PNG ``data:`` URL, pixel for pixel."""
-    buf = io.BytesIO()
-    # PNG keeps every pixel; level 1 because encoding time matters more than
-    # bytes on the wire to a server on the same network.
-    image.save(buf, format="PNG", compress_level=1)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _sizes(request: Request) -> str:
-    return ", ".join(f"{i.width}x{i.height}" for i in request.images) or "text only"
-
-
-# ---------------------------------------------------------------- HTTP helpers
-
-
-def _read_key(env_name: str | None) -> str | None:
-    if env_name is None:
-        return None
-    key = os.environ.get(env_name, "").strip()
-    if not key:
-        raise VlwatchError(f"model.api_key_env names the environment variable {env_name}, but it is not set "
-                           "(or empty); export the key there, or remove api_key_env", ExitCode.USAGE)
-    return key
-
-
-def _new_client(url: str, key: str | None, connections: int, timeout: float) -> httpx.Client:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    client = httpx.Client(
-        headers=headers,
-        timeout=httpx.Timeout(timeout, connect=min(CONNECT_TIMEOUT, timeout)),
-        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
-        follow_redirects=False,
-        # HTTP(S)_PROXY is honoured for remote servers, but a loopback server
-        # is never reached through a proxy.
-        trust_env=not _is_loopback(url),
-    )
-    # httpx bounds each read, not the exchange: give every connection pool
-    # (the direct one and any proxy's) a network backend that bounds each
-    # read and write by the time left to the exchange (issue 10.13).
-    for transport in [client._transport, *client._mounts.values()]:
-        pool = getattr(transport, "_pool", None)
-        if pool is not None and hasattr(pool, "_network_backend"):
-            pool._network_backend = _DeadlineBackend(pool._network_backend)
-    return client
-
-
-#: The deadline (``time.monotonic``) of the exchange this thread is making.
-_EXCHANGE = threading.local()
-
-
-def _time_left(timeout: float | None, error: type[Exception]) -> float | None:
-    deadline = getattr(_EXCHANGE, "deadline", None)
-    if deadline is None:
-        return timeout
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise error("the request's time is up")
-    return left if timeout is None else min(timeout, left)
-
-
-class _DeadlineStream(httpcore.NetworkStream):
-    """A connection whose every read and write waits no longer than the exchange has left."""
-
-    def __init__(self, inner: httpcore.NetworkStream) -> None:
-        self._inner = inner
-
-    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self._inner.read(max_bytes, _time_left(timeout, httpcore.ReadTimeout))
-
-    def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._inner.write(buffer, _time_left(timeout, httpcore.WriteTimeout))
-
-    def close(self) -> None:
-        self._inner.close()
-
-    def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
-                  timeout: float | None = None) -> httpcore.NetworkStream:
-        return _DeadlineStream(self._inner.start_tls(ssl_context, server_hostname,
-                                                     _time_left(timeout, httpcore.ConnectTimeout)))
-
-    def get_extra_info(self, info: str) -> Any:
-        return self._inner.get_extra_info(info)
-
-
-class _DeadlineBackend(httpcore.NetworkBackend):
-    def __init__(self, inner: httpcore.NetworkBackend) -> None:
-        self._inner = inner
-
-    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
-                    socket_options: Any = None) -> httpcore.NetworkStream:
-        stream = self._inner.connect_tcp(host, port, _time_left(timeout, httpcore.ConnectTimeout),
-                                         local_address, socket_options)
-        return _DeadlineStream(stream)
-
-    def connect_unix_socket(self, path: str, timeout: float | None = None,
-                            socket_options: Any = None) -> httpcore.NetworkStream:
-        return _DeadlineStream(self._inner.connect_unix_socket(path, _time_left(timeout, httpcore.ConnectTimeout),
-                                                               socket_options))
-
-    def sleep(self, seconds: float) -> None:
-        self._inner.sleep(seconds)
-
-
-def answer_limit(request: Request) -> int:
-    """Characters of answer kept for ``request``: ``CHARS_PER_TOKEN`` per ``max_new_tokens``."""
-    return max(1, request.max_new_tokens) * CHARS_PER_TOKEN
-
-
-_CONTENT = re.compile(rb'"content"\s*:\s*"')
-_ESCAPE_OR_QUOTE = re.compile(r'\\.|"', re.DOTALL)
-
-
-def _salvage_content(raw: bytes) -> str | None:
-    """The (beginning of the) first ``content`` string of a JSON reply cut short, decoded."""
-    m = _CONTENT.search(raw)
-    if m is None:
-        return None
-    rest = raw[m.end():].decode("utf-8", "ignore")
-    end = len(rest)  # the closing quote, if the cut came after it
-    for token in _ESCAPE_OR_QUOTE.finditer(rest):  # a scan, not a backtracking match over megabytes
-        if token.group() == '"':
-            end = token.start()
-            break
-    text = rest[:end]
-    for back in range(8):  # the cut may fall inside an escape such as \u00e9
-        try:
-            return json.loads(f'"{text[:len(text) - back]}"')
-        except ValueError:
-            continue
-    return None
-
-
-def _is_loopback(url: str) -> bool:
-    return is_loopback_host(urlsplit(url).hostname or "")
-
-
-def _without_userinfo(url: str) -> str:
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-
-
-def _transport_reason(exc: Exception) -> str:
-    text = str(exc).strip()
-    kind = type(exc).__name__
-    if "refused" in text.lower():
-        return "connection refused"
-    return f"{kind}: {text}" if text else kind
-
-
-def _server_message(response: httpx.Response) -> str:
-    """The server's own words about an error, on one line."""
-    try:
-        data = response.json()
-    except ValueError:
-        data = None
-    message: Any = None
-    if isinstance(data, dict):
-        error = data.get("error")
-        message = error.get("message") if isinstance(error, dict) else error
-        message = message or data.get("message") or data.get("detail")  # vLLM/SGLang, FastAPI
-    if message is not None and not isinstance(message, str):
-        message = json.dumps(message)
-    if not message:
-        message = response.text.strip() or response.reason_phrase
-    one_line = " ".join(str(message).split())
-    return one_line[:500]
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
-
