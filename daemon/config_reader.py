@@ -12,30 +12,31 @@ their exit codes differ.
 
 Things that may legitimately be missing on the machine that checks a config
 (the model weights, a watch folder not mounted yet) are warnings, not errors.
+
+The sections (model, engine, jobs, api, hooks, watch) are read here; the
+rules and packs in ``rules_reader``; both read nodes with
+``config_nodes.Reader``.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import string
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import yaml
-from wcmatch import glob as wcglob
 
-from daemon.config import (ANSWER_FORMATS, ATTENTIONS, BACKENDS, COMPILE_PARTS, DECODE_ATTENTIONS, DEFAULT_LISTEN,
-                           DEFAULT_OUTPUT, ENGINE_KEYS, FORMAT_ALIASES, FORMATS, GLOB_FLAGS, EngineOptions, IMAGE_GLOBS, OUTPUTS, TASKS, TEMPLATE_VARIABLES, ApiConfig, Config,
-                           HooksConfig, JobsConfig, ModelConfig, PageRanges, Rule, WatchConfig, bundled_packs, canonical, default_state_path,
-                           find_config, is_loopback_host, load_plugins, local_model_path, parse_pages, split_host_port)
-from daemon.config import QUANTIZATIONS  # model.quantization (issue 23)
-from daemon.plan import canonical_name
 from daemon import env
+from daemon.config import (ATTENTIONS, BACKENDS, COMPILE_PARTS, DECODE_ATTENTIONS, DEFAULT_LISTEN, ENGINE_KEYS,
+                           QUANTIZATIONS, ApiConfig, Config, EngineOptions, HooksConfig, JobsConfig, ModelConfig,
+                           WatchConfig, bundled_packs, canonical, default_state_path, find_config, is_loopback_host,
+                           load_plugins, local_model_path, split_host_port)
+from daemon.config_nodes import Reader, did_you_mean
 from daemon.errors import ConfigError, ExitCode, Problem, VlwatchError
-from daemon.webhooks import url_problem
+from daemon.plan import canonical_name
+from daemon.rules_reader import read_argv, read_packs, read_rules, unique_rules, with_default_prompt
 
 
 def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
@@ -52,7 +53,7 @@ def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
 
 def parse_config(text: str, path: Path) -> Config:
     path = canonical(path)
-    reader = _Reader(str(path), base=path.parent)
+    reader = Reader(str(path), base=path.parent)
     node = reader.compose(text)
     config = _read_config(reader, node, path) if node is not None else None
     if reader.problems or config is None:
@@ -63,219 +64,21 @@ def parse_config(text: str, path: Path) -> Config:
     return config
 
 
-
-# ------------------------------------------------------------------------ reader
-
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-class _Reader:
-    """Turns YAML nodes into typed values, collecting problems with their lines."""
-
-    def __init__(self, file: str, base: Path) -> None:
-        self.file = file
-        self.base = base
-        self.problems: list[Problem] = []
-        self.warnings: list[str] = []
-        self._constructor = yaml.constructor.SafeConstructor()
-
-    # -- plumbing
-    def compose(self, text: str) -> yaml.Node | None:
-        try:
-            return yaml.compose(text, Loader=yaml.SafeLoader)
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            line = mark.line + 1 if mark else None
-            self.problems.append(Problem(self.file, line, "", f"invalid YAML: {exc.problem or exc}"))
-        except yaml.YAMLError as exc:
-            self.problems.append(Problem(self.file, None, "", f"invalid YAML: {exc}"))
-        return None
-
-    def problem(self, node: yaml.Node | None, where: str, message: str) -> None:
-        line = node.start_mark.line + 1 if node is not None else None
-        self.problems.append(Problem(self.file, line, where, message))
-
-    def warn(self, node: yaml.Node | None, where: str, message: str) -> None:
-        line = node.start_mark.line + 1 if node is not None else None
-        self.warnings.append(str(Problem(self.file, line, where, message)))
-
-    def value(self, node: yaml.Node) -> Any:
-        return self._constructor.construct_object(node, deep=True)
-
-    def mapping(self, node: yaml.Node, where: str, allowed: tuple[str, ...]) -> dict[str, yaml.Node]:
-        if not isinstance(node, yaml.MappingNode):
-            self.problem(node, where, "expected a mapping of keys to values")
-            return {}
-        out: dict[str, yaml.Node] = {}
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-            sub = f"{where}.{key}" if where else str(key)
-            if key not in allowed:
-                hint = _did_you_mean(str(key), allowed)
-                self.problem(key_node, sub, f"unknown key{hint}; allowed: {', '.join(allowed)}")
-            elif key in out:
-                self.problem(key_node, sub, "given twice")
-            else:
-                out[key] = value_node
-        return out
-
-    def sequence(self, node: yaml.Node, where: str) -> list[yaml.Node]:
-        if isinstance(node, yaml.SequenceNode):
-            return list(node.value)
-        self.problem(node, where, "expected a list")
-        return []
-
-    # -- typed scalars; each returns None after recording a problem
-    def _scalar(self, node: yaml.Node, where: str, what: str) -> Any:
-        if not isinstance(node, yaml.ScalarNode):
-            self.problem(node, where, f"expected {what}")
-            return None
-        return self.value(node)
-
-    def string(self, node: yaml.Node, where: str, *, nonempty: bool = True) -> str | None:
-        value = self._scalar(node, where, "a string")
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            value = str(value)
-        if nonempty and not value.strip():
-            self.problem(node, where, "must not be empty")
-            return None
-        return value
-
-    def choice(self, node: yaml.Node, where: str, choices: tuple[str, ...],
-               aliases: dict[str, str] | None = None) -> str | None:
-        value = self._scalar(node, where, "a string")
-        if value is None:
-            return None
-        if value not in choices:
-            # `dtype: bf16` gets "did you mean 'bfloat16'?" (issue 11.4): common
-            # spellings first, then whatever is close.
-            alias = (aliases or {}).get(str(value).lower())
-            hint = f" (did you mean {alias!r}?)" if alias else _did_you_mean(str(value), choices)
-            self.problem(node, where, f"{value!r} is not one of {', '.join(choices)}{hint}")
-            return None
-        return value
-
-    def boolean(self, node: yaml.Node, where: str) -> bool | None:
-        value = self._scalar(node, where, "true or false")
-        if not isinstance(value, bool):
-            if value is not None:
-                self.problem(node, where, f"expected true or false, got {value!r}")
-            return None
-        return value
-
-    def integer(self, node: yaml.Node, where: str, *, minimum: int = 0) -> int | None:
-        value = self._scalar(node, where, "a whole number")
-        if isinstance(value, bool) or not isinstance(value, int):
-            if value is not None:
-                self.problem(node, where, f"expected a whole number, got {value!r}")
-            return None
-        if value < minimum:
-            self.problem(node, where, f"must be at least {minimum}, got {value}")
-            return None
-        return value
-
-    def duration(self, node: yaml.Node, where: str) -> float | None:
-        """``2s``, ``15m``, ``1h``, ``500ms``, ``30d``; a bare number needs a unit, except 0 (issue 11.4).
-
-        ``idle_unload: 15`` read as seconds surprised everyone who meant
-        minutes, so a number alone is refused rather than guessed at.
-        """
-        value = self._scalar(node, where, "a duration like 2s")
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if value == 0:
-                return 0.0
-            self.problem(node, where, f"{value!r} needs a unit: {value}s, {value}m or {value}h")
-            return None
-        m = _DURATION.match(str(value)) if isinstance(value, str) else None
-        if m is None or m.group(2) is None and float(m.group(1)) != 0:
-            if m is not None:
-                self.problem(node, where, f"{value!r} needs a unit: {m.group(1)}s, {m.group(1)}m or {m.group(1)}h")
-            elif value is not None:
-                self.problem(node, where, f"expected a duration like 2s, 15m or 1h, got {value!r}")
-            return None
-        return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-
-    def size(self, node: yaml.Node, where: str) -> int | None:
-        """``22GiB``, ``500MB``, ``1.5TiB``; a bare number is refused: 22 would be 22 bytes (issue 11.4)."""
-        value = self._scalar(node, where, "a size like 22GiB")
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            self.problem(node, where, f"{value!r} needs a unit, like {value}GiB or {value}GB "
-                                      f"(a bare number would be bytes)")
-            return None
-        m = _SIZE.match(str(value)) if isinstance(value, str) else None
-        if m is None or m.group(2) is None:
-            if m is not None:
-                self.problem(node, where, f"{value!r} needs a unit, like {m.group(1)}GiB or {m.group(1)}GB "
-                                          f"(a bare number would be bytes)")
-            elif value is not None:
-                self.problem(node, where, f"expected a size like 22GiB or 500MB, got {value!r}")
-            return None
-        size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
-        if size <= 0:
-            self.problem(node, where, f"must be more than 0, got {value!r}")
-            return None
-        return size
-
-    def path(self, node: yaml.Node, where: str) -> Path | None:
-        value = self.string(node, where)
-        if value is None:
-            return None
-        p = Path(os.path.expandvars(value)).expanduser()
-        # Relative paths are relative to the config file, not to wherever the
-        # daemon happens to be started from (systemd starts it in /), and all
-        # of them absolute and normalised (issue 10.1).
-        return canonical(p if p.is_absolute() else (self.base / p))
-
-    def is_null(self, node: yaml.Node) -> bool:
-        return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
-
-    def string_list(self, node: yaml.Node, where: str) -> list[tuple[str, yaml.Node]]:
-        """A list of strings; a single string is taken as a list of one."""
-        if isinstance(node, yaml.ScalarNode):
-            s = self.string(node, where)
-            return [(s, node)] if s is not None else []
-        out = []
-        for i, item in enumerate(self.sequence(node, where)):
-            s = self.string(item, f"{where}[{i}]")
-            if s is not None:
-                out.append((s, item))
-        return out
-
-
-def _did_you_mean(key: str, allowed: tuple[str, ...]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(key, allowed, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 # --------------------------------------------------------------------- sections
 
-_TOP_KEYS = ("model", "engine", "state", "include", "watch", "rules", "jobs", "api", "hooks")
-_MODEL_KEYS = ("backend", "name", "attention", "dtype", "device", "devices", "min_pixels", "max_pixels", "batch_size",
+TOP_KEYS = ("model", "engine", "state", "include", "watch", "rules", "jobs", "api", "hooks")
+MODEL_KEYS = ("backend", "name", "attention", "dtype", "device", "devices", "min_pixels", "max_pixels", "batch_size",
                "max_gpu_memory", "max_new_tokens", "quantization", "idle_unload", "base_url", "api_key_env",
                "max_concurrency", "timeout")
-_WATCH_KEYS = ("path", "rules", "recursive", "polling", "settle", "output_dir", "follow_symlinks_out")
-_RULE_KEYS = ("name", "match", "task", "prompt", "output", "also", "csp", "raw_html", "objects", "max_new_tokens",
-              "min_pixels", "max_pixels", "formats", "pages", "reference", "on_done", "on_failed",
-              "webhook", "answers", "temperatures", "longest_side")
-_JOBS_KEYS = ("attempts", "backoff", "rescan", "keep_history", "batch_wait", "redo_outdated")
-_API_KEYS = ("listen", "token_env", "sync_wait", "http_sources", "max_context", "max_pdf_pages",
+WATCH_KEYS = ("path", "rules", "recursive", "polling", "settle", "output_dir", "follow_symlinks_out")
+JOBS_KEYS = ("attempts", "backoff", "rescan", "keep_history", "batch_wait", "redo_outdated")
+API_KEYS = ("listen", "token_env", "sync_wait", "http_sources", "max_context", "max_pdf_pages",
              "max_request_pixels")
-_HOOKS_KEYS = ("on_done", "on_failed", "timeout")
+HOOKS_KEYS = ("on_done", "on_failed", "timeout")
 
 
-
-
-def _read_config(r: _Reader, node: yaml.Node, path: Path) -> Config | None:
-    keys = r.mapping(node, "", _TOP_KEYS)
+def _read_config(r: Reader, node: yaml.Node, path: Path) -> Config | None:
+    keys = r.mapping(node, "", TOP_KEYS)
     model = _read_model(r, keys["model"]) if "model" in keys else ModelConfig()
     state = default_state_path()
     if "state" in keys and (p := r.path(keys["state"], "state")) is not None:
@@ -289,11 +92,11 @@ def _read_config(r: _Reader, node: yaml.Node, path: Path) -> Config | None:
         r.problem(keys["model"], "model.dtype", "float16 overflows Qwen2.5-VL (NaN logits); use bfloat16 or "
                                                 "float32, or set engine.allow_fp16: true to insist")
 
-    own_rules = _read_rules(r, keys["rules"], "rules") if "rules" in keys else []
+    own_rules = read_rules(r, keys["rules"], "rules") if "rules" in keys else []
     include = [(s, n) for s, n in r.string_list(keys["include"], "include")] if "include" in keys else []
-    pack_rules = _read_packs(r, include)
-    rules = _unique_rules(r, own_rules + pack_rules)
-    rules = [(_with_default_prompt(r, rule), n) for rule, n in rules]
+    pack_rules = read_packs(r, include)
+    rules = unique_rules(r, own_rules + pack_rules)
+    rules = [(with_default_prompt(r, rule), n) for rule, n in rules]
 
     watch = []
     if "watch" in keys:
@@ -319,13 +122,13 @@ def _read_config(r: _Reader, node: yaml.Node, path: Path) -> Config | None:
     )
 
 
-def _has_rule_problems(r: _Reader) -> bool:
+def _has_rule_problems(r: Reader) -> bool:
     """Whether rules were given but refused (then "no rules" would only add noise)."""
     return any(p.where.startswith(("rules", "include", "name")) or p.file != r.file for p in r.problems)
 
 
-def _read_model(r: _Reader, node: yaml.Node) -> ModelConfig:
-    keys = r.mapping(node, "model", _MODEL_KEYS)
+def _read_model(r: Reader, node: yaml.Node) -> ModelConfig:
+    keys = r.mapping(node, "model", MODEL_KEYS)
     kw: dict[str, Any] = {}
     w = "model."
     if "backend" in keys:
@@ -393,7 +196,7 @@ DEVICE_ALIASES = {"gpu": "cuda", "nvidia": "cuda", "cuda0": "cuda:0", "gpu0": "c
                   "cuda1": "cuda:1", "gpu1": "cuda:1", "gpu:1": "cuda:1"}
 
 
-def _read_device(r: _Reader, node: yaml.Node, where: str, *, local: bool = True) -> str | None:
+def _read_device(r: Reader, node: yaml.Node, where: str, *, local: bool = True) -> str | None:
     """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; a CUDA device this machine lacks is a problem.
 
     ``device: gpu`` or ``device: cuda`` on a machine without one used to pass
@@ -448,8 +251,8 @@ def _known_backends() -> tuple[str, ...]:
     return tuple(dict.fromkeys((*BACKENDS, *registry)))
 
 
-def _read_jobs(r: _Reader, node: yaml.Node) -> JobsConfig:
-    keys = r.mapping(node, "jobs", _JOBS_KEYS)
+def _read_jobs(r: Reader, node: yaml.Node) -> JobsConfig:
+    keys = r.mapping(node, "jobs", JOBS_KEYS)
     kw: dict[str, Any] = {}
     if "attempts" in keys:
         kw["attempts"] = r.integer(keys["attempts"], "jobs.attempts", minimum=1)
@@ -461,10 +264,10 @@ def _read_jobs(r: _Reader, node: yaml.Node) -> JobsConfig:
     return JobsConfig(**{k: v for k, v in kw.items() if v is not None})
 
 
-def _read_api(r: _Reader, node: yaml.Node) -> ApiConfig:
+def _read_api(r: Reader, node: yaml.Node) -> ApiConfig:
     if r.is_null(node):
         return ApiConfig(listen=None)
-    keys = r.mapping(node, "api", _API_KEYS)
+    keys = r.mapping(node, "api", API_KEYS)
     listen: str | None = DEFAULT_LISTEN
     if "listen" in keys:
         listen = None if r.is_null(keys["listen"]) else r.string(keys["listen"], "api.listen")
@@ -506,7 +309,7 @@ def _read_api(r: _Reader, node: yaml.Node) -> ApiConfig:
     return ApiConfig(listen=listen, token_env=token_env, **extra)
 
 
-def _read_engine(r: _Reader, node: yaml.Node, where: str) -> EngineOptions:
+def _read_engine(r: Reader, node: yaml.Node, where: str) -> EngineOptions:
     """The ``engine:`` section; ``{}`` or null is every default (issue 22.3)."""
     if r.is_null(node):
         return EngineOptions()
@@ -537,7 +340,7 @@ def _read_engine(r: _Reader, node: yaml.Node, where: str) -> EngineOptions:
                 kw[k] = None
     if "backlog_share" in keys:
         n = keys["backlog_share"]
-        value = r._scalar(n, w + "backlog_share", "a number from 0 to 1")
+        value = r.scalar(n, w + "backlog_share", "a number from 0 to 1")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
             if value is not None:
                 r.problem(n, w + "backlog_share", f"expected a number above 0 and at most 1, got {value!r}")
@@ -546,7 +349,7 @@ def _read_engine(r: _Reader, node: yaml.Node, where: str) -> EngineOptions:
     return EngineOptions(**{k: v for k, v in kw.items() if v is not None})
 
 
-def _read_compile(r: _Reader, node: yaml.Node, where: str) -> tuple[str, ...] | None:
+def _read_compile(r: Reader, node: yaml.Node, where: str) -> tuple[str, ...] | None:
     """``compile: true`` (every part), ``false`` (none), or the parts: ``[decode, prefill]``."""
     if isinstance(node, yaml.ScalarNode) and isinstance(r.value(node), bool):
         return COMPILE_PARTS if r.value(node) else ()
@@ -568,7 +371,7 @@ def parse_engine_options(pairs: list[str], base: EngineOptions | None = None) ->
     """
     from dataclasses import asdict
 
-    r = _Reader("--engine", base=Path.cwd())
+    r = Reader("--engine", base=Path.cwd())
     lines = []
     for i, pair in enumerate(pairs):
         key, sep, value = pair.partition("=")
@@ -588,61 +391,19 @@ def parse_engine_options(pairs: list[str], base: EngineOptions | None = None) ->
     return EngineOptions(**{**asdict(base or EngineOptions()), **kw})
 
 
-def _read_argv(r: _Reader, node: yaml.Node, where: str) -> tuple[str, ...] | None:
-    """A command as an argv list (no shell): ``[notify-send, vlwatch, done]``."""
-    if r.is_null(node):
-        return None
-    if not isinstance(node, yaml.SequenceNode):
-        r.problem(node, where, "expected a command as a list of words, like [notify-send, vlwatch, done] "
-                               "(no shell: use [sh, -c, '...'] for one)")
-        return None
-    argv = [s for s, _ in r.string_list(node, where)]
-    if not argv:
-        r.problem(node, where, "must name a command")
-        return None
-    return tuple(argv)
-
-
-def _read_webhook(r: _Reader, node: yaml.Node, where: str) -> str | None:
-    url = r.string(node, where)
-    if url is None:
-        return None
-    if (problem := url_problem(url)) is not None:
-        r.problem(node, where, problem)
-        return None
-    return url.strip()
-
-
-def _read_hooks(r: _Reader, node: yaml.Node) -> HooksConfig:
-    keys = r.mapping(node, "hooks", _HOOKS_KEYS)
+def _read_hooks(r: Reader, node: yaml.Node) -> HooksConfig:
+    keys = r.mapping(node, "hooks", HOOKS_KEYS)
     kw: dict[str, Any] = {}
     for k in ("on_done", "on_failed"):
         if k in keys:
-            kw[k] = _read_argv(r, keys[k], f"hooks.{k}")
+            kw[k] = read_argv(r, keys[k], f"hooks.{k}")
     if "timeout" in keys:
         kw["timeout"] = r.duration(keys["timeout"], "hooks.timeout")
     return HooksConfig(**{k: v for k, v in kw.items() if v is not None})
 
 
-def _read_reference(r: _Reader, node: yaml.Node, where: str) -> tuple[Path, ...]:
-    """Reference images, relative to the file that defines the rule.
-
-    A missing one is a warning, like a watch folder not mounted yet: the
-    machine that checks a config may not have it; the rule's jobs fail with
-    its name until it is there.
-    """
-    out: list[Path] = []
-    for value, n in r.string_list(node, where):
-        p = Path(os.path.expandvars(value)).expanduser()
-        p = Path(os.path.normpath((p if p.is_absolute() else r.base / p).absolute()))
-        if not p.is_file():
-            r.warn(n, where, f"reference image {p} does not exist (yet); this rule's files fail until it does")
-        out.append(p)
-    return tuple(out)
-
-
-def _read_watch(r: _Reader, node: yaml.Node, where: str, rule_names: set[str]) -> WatchConfig | None:
-    keys = r.mapping(node, where, _WATCH_KEYS)
+def _read_watch(r: Reader, node: yaml.Node, where: str, rule_names: set[str]) -> WatchConfig | None:
+    keys = r.mapping(node, where, WATCH_KEYS)
     if "path" not in keys:
         r.problem(node, where, "missing required key 'path'")
         return None
@@ -658,7 +419,7 @@ def _read_watch(r: _Reader, node: yaml.Node, where: str, rule_names: set[str]) -
                 r.problem(n, f"{where}.rules", f"rule {name!r} is not defined; the bundled pack {name!r} defines it: "
                                                f"add it to include (include: [{name}])")
             elif name not in rule_names:
-                r.problem(n, f"{where}.rules", f"rule {name!r} is not defined{_did_you_mean(name, tuple(rule_names))}")
+                r.problem(n, f"{where}.rules", f"rule {name!r} is not defined{did_you_mean(name, tuple(rule_names))}")
         kw["rules"] = tuple(name for name, _ in names)
     for k in ("recursive", "polling", "follow_symlinks_out"):
         if k in keys:
@@ -700,251 +461,10 @@ def _inside(child: Path, parent: Path) -> bool:
         return False
 
 
-def _read_rules(r: _Reader, node: yaml.Node, where: str) -> list[tuple[Rule, yaml.Node]]:
-    out = []
-    for i, item in enumerate(r.sequence(node, where)):
-        rule = _read_rule(r, item, f"{where}[{i}]")
-        if rule is not None:
-            out.append((rule, item))
-    return out
-
-
-def _read_rule(r: _Reader, node: yaml.Node, where: str) -> Rule | None:
-    keys = r.mapping(node, where, _RULE_KEYS)
-    missing = [k for k in ("name", "task") if k not in keys]
-    if missing:
-        r.problem(node, where, f"missing required key {', '.join(repr(m) for m in missing)}")
-        return None
-    name = r.string(keys["name"], f"{where}.name")
-    if name is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", name):
-        # The name goes into sidecar file names: keep it a plain word.
-        r.problem(keys["name"], f"{where}.name", f"{name!r} must be letters, digits, '-', '_' or '.'")
-        name = None
-    task = r.choice(keys["task"], f"{where}.task", TASKS)
-    output = r.choice(keys["output"], f"{where}.output", OUTPUTS) if "output" in keys else DEFAULT_OUTPUT.get(task or "")
-    if output is None and task == "custom" and "output" not in keys:
-        r.problem(node, where, "a custom rule needs 'output' (md, html or json)")
-    if task == "ground" and output not in (None, "json"):
-        r.problem(keys["output"], f"{where}.output", "a ground rule writes json (boxes and an overlay)")
-    if task == "code" and output not in (None, "html"):
-        r.problem(keys["output"], f"{where}.output", "a code rule writes html")
-    prompt = None
-    if "prompt" in keys:
-        prompt = r.string(keys["prompt"], f"{where}.prompt")
-        if prompt is not None and not _check_template(r, keys["prompt"], f"{where}.prompt", prompt):
-            prompt = None
-    elif task == "custom":
-        r.problem(node, where, "a custom rule needs a 'prompt'")
-    match = IMAGE_GLOBS
-    if "match" in keys:
-        globs = r.string_list(keys["match"], f"{where}.match")
-        for g, n in globs:
-            if (msg := _glob_problem(g)) is not None:
-                r.problem(n, f"{where}.match", f"bad glob {g!r}: {msg}")
-        match = tuple(g for g, _ in globs)
-        if not match:
-            r.problem(keys["match"], f"{where}.match", "must list at least one glob")
-    kw: dict[str, Any] = {}
-    for k in ("also", "csp", "raw_html"):
-        if k in keys:
-            kw[k] = r.boolean(keys[k], f"{where}.{k}")
-    if "objects" in keys:
-        kw["objects"] = r.string(keys["objects"], f"{where}.objects")
-    for k in ("max_new_tokens", "min_pixels", "max_pixels", "longest_side"):
-        if k in keys:
-            kw[k] = r.integer(keys[k], f"{where}.{k}", minimum=1)
-    if "answers" in keys:
-        kw["answers"] = r.choice(keys["answers"], f"{where}.answers", ANSWER_FORMATS)
-        if kw["answers"] == "olmocr" and output not in (None, "md"):
-            r.problem(keys["answers"], f"{where}.answers", "olmocr answers make one Markdown document: output md")
-    if "temperatures" in keys:
-        kw["temperatures"] = _read_temperatures(r, keys["temperatures"], f"{where}.temperatures")
-        if "answers" not in keys:
-            r.problem(keys["temperatures"], f"{where}.temperatures",
-                      "retries need a way to tell a bad answer: set answers (one of "
-                      f"{', '.join(ANSWER_FORMATS)}) too")
-    if "formats" in keys:
-        kw["formats"] = _read_formats(r, keys["formats"], f"{where}.formats")
-    if "pages" in keys:
-        kw["pages"] = _read_pages(r, keys["pages"], f"{where}.pages")
-    if "reference" in keys:
-        kw["reference"] = _read_reference(r, keys["reference"], f"{where}.reference") or None
-    for k in ("on_done", "on_failed"):
-        if k in keys:
-            kw[k] = _read_argv(r, keys[k], f"{where}.{k}")
-    if "webhook" in keys and not r.is_null(keys["webhook"]):
-        kw["webhook"] = _read_webhook(r, keys["webhook"], f"{where}.webhook")
-    if name is None or task is None or output is None or (prompt is None and ("prompt" in keys or task == "custom")):
-        return None
-    line = node.start_mark.line + 1
-    return Rule(name=name, match=match, task=task, prompt=prompt or "", output=output,
-                source=f"{r.file}:{line}", **{k: v for k, v in kw.items() if v is not None})
-
-
-#: Tries of one page at most: each is a whole generation.
-MAX_TRIES = 16
-
-
-def _read_temperatures(r: _Reader, node: yaml.Node, where: str) -> tuple[float, ...] | None:
-    """``temperatures: [0.1, 0.1, 0.2, 0.3]``: one per try of a page, 0 (greedy) to 2."""
-    out: list[float] = []
-    items = r.sequence(node, where)
-    for n in items:
-        value = r._scalar(n, where, "a number")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 2:
-            if value is not None:
-                r.problem(n, where, f"expected a temperature from 0 to 2, got {value!r}")
-            continue
-        out.append(float(value))
-    if isinstance(node, yaml.SequenceNode) and not items:
-        r.problem(node, where, "must list at least one temperature (one per try)")
-    if len(items) > MAX_TRIES:
-        r.problem(node, where, f"at most {MAX_TRIES} tries (each is a whole generation)")
-    return tuple(out) or None
-
-
-def _read_formats(r: _Reader, node: yaml.Node, where: str) -> tuple[str, ...] | None:
-    out: list[str] = []
-    given = r.string_list(node, where)
-    for value, n in given:
-        fmt = value.strip().lower().lstrip(".")
-        fmt = FORMAT_ALIASES.get(fmt, fmt)
-        if fmt not in FORMATS:
-            r.problem(n, where, f"{value!r} is not one of {', '.join(FORMATS)}{_did_you_mean(fmt, FORMATS)}")
-        elif fmt not in out:
-            out.append(fmt)
-    if not given and isinstance(node, yaml.SequenceNode):
-        r.problem(node, where, "must list at least one format")
-    return tuple(out) or None
-
-
-def _read_pages(r: _Reader, node: yaml.Node, where: str) -> PageRanges | None:
-    """``pages: 1``, ``pages: "1-3,7-"`` or ``pages: [1, "4-6"]``."""
-    items = r.sequence(node, where) if isinstance(node, yaml.SequenceNode) else [node]
-    ranges: list[tuple[int, int | None]] = []
-    for n in items:
-        value = r._scalar(n, where, "a page number or a range like 1-3")
-        if value is None:
-            continue
-        try:
-            ranges.extend(parse_pages(value if isinstance(value, (int, str)) and not isinstance(value, bool) else "?"))
-        except ValueError as exc:
-            r.problem(n, where, str(exc))
-    return tuple(ranges) or None
-
-
-def _check_template(r: _Reader, node: yaml.Node, where: str, text: str) -> bool:
-    template = string.Template(text)
-    if not template.is_valid():
-        r.problem(node, where, "invalid template: a '$' must start $name or ${name}; write $$ for a literal $")
-        return False
-    unknown = sorted(set(template.get_identifiers()) - TEMPLATE_VARIABLES)
-    if unknown:
-        known = ", ".join(f"${v}" for v in sorted(TEMPLATE_VARIABLES))
-        r.problem(node, where, f"unknown variable {', '.join('$' + u for u in unknown)}; known: {known}")
-        return False
-    return True
-
-
-def _glob_problem(pattern: str) -> str | None:
-    if pattern.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", pattern):
-        return "must be relative to the watched folder"
-    if ".." in pattern.replace("\\", "/").split("/"):
-        return "must not climb out of the watched folder with '..'"
-    if pattern.count("[") != pattern.count("]"):
-        return "unbalanced [ ]"
-    if pattern.count("{") != pattern.count("}"):
-        return "unbalanced { }"
-    try:
-        wcglob.translate(pattern, flags=GLOB_FLAGS)
-    except Exception as exc:  # wcmatch raises several types for bad patterns
-        return str(exc)
-    return None
-
-
-def _read_packs(r: _Reader, include: list[tuple[str, yaml.Node]]) -> list[tuple[Rule, yaml.Node]]:
-    bundled = bundled_packs()
-    out: list[tuple[Rule, yaml.Node]] = []
-    for i, (entry, node) in enumerate(include):
-        if entry in bundled:
-            pack = bundled[entry]
-        elif entry.endswith((".yaml", ".yml")) or "/" in entry:
-            pack = Path(os.path.expandvars(entry)).expanduser()
-            pack = canonical(pack if pack.is_absolute() else r.base / pack)
-            if not pack.is_file():
-                r.problem(node, f"include[{i}]", f"rule file {pack} does not exist")
-                continue
-        else:
-            names = ", ".join(sorted(bundled))
-            r.problem(node, f"include[{i}]", f"no rule pack named {entry!r}{_did_you_mean(entry, tuple(bundled))}; bundled: {names}")
-            continue
-        out.extend(_read_pack_file(r, pack))
-    return out
-
-
-def _read_pack_file(r: _Reader, pack: Path) -> list[tuple[Rule, yaml.Node]]:
-    try:
-        text = pack.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        r.problems.append(Problem(str(pack), None, "", f"cannot read rule file: {exc}"))
-        return []
-    sub = _Reader(str(pack), base=pack.parent)
-    node = sub.compose(text)
-    rules: list[tuple[Rule, yaml.Node]] = []
-    if node is not None:
-        keys = sub.mapping(node, "", ("rules",))
-        if "rules" in keys:
-            rules = _read_rules(sub, keys["rules"], "rules")
-        else:
-            sub.problem(node, "", "a rule file holds a 'rules:' list")
-    r.problems.extend(sub.problems)
-    r.warnings.extend(sub.warnings)
-    return rules
-
-
-def _with_default_prompt(r: _Reader, rule: Rule) -> Rule:
-    """A rule that names a task but no prompt gets the bundled pack's prompt for that task."""
-    if rule.prompt:
-        return rule
-    pack = bundled_packs().get(rule.task)
-    if pack is not None:
-        sub = _Reader(str(pack), base=pack.parent)
-        for default, _ in _read_pack_file(sub, pack):
-            if default.name == rule.task and default.prompt:
-                return replace(rule, prompt=default.prompt)
-    r.problems.append(Problem(rule.source, None, rule.name, f"no prompt given and no bundled default for task {rule.task!r}"))
-    return rule
-
-
-def _unique_rules(r: _Reader, rules: list[tuple[Rule, yaml.Node]]) -> list[tuple[Rule, yaml.Node]]:
-    """Drop (and report) a second rule of the same name.
-
-    A second definition is almost always a copy-paste slip or a config rule
-    that collides with an included pack, so it is an error rather than a
-    silent override.  It is reported where the user can fix it: in the
-    config file when one of the two is there.
-    """
-    seen: dict[str, tuple[Rule, yaml.Node]] = {}
-    out = []
-    for rule, node in rules:
-        if rule.name not in seen:
-            seen[rule.name] = (rule, node)
-            out.append((rule, node))
-            continue
-        first, first_node = seen[rule.name]
-        here, here_node, other = (rule, node, first)
-        if not rule.source.startswith(r.file + ":") and first.source.startswith(r.file + ":"):
-            here, here_node, other = first, first_node, rule
-        r.problems.append(Problem(here.source.rsplit(":", 1)[0], here_node.start_mark.line + 1, "name",
-                                  f"rule {rule.name!r} is also defined at {other.source}; rename one "
-                                  "(or drop the pack from include)"))
-    return out
-
-
 # -------------------------------------------------------------------- the model
 
 
-def _check_model_present(r: _Reader, node: yaml.Node | None, name: str) -> str | None:
+def _check_model_present(r: Reader, node: yaml.Node | None, name: str) -> str | None:
     """A warning (not a problem) when the weights are not on this machine: `check` must pass without them."""
     if local_model_path(name) is not None:
         return None
@@ -957,8 +477,5 @@ def _check_model_present(r: _Reader, node: yaml.Node | None, name: str) -> str |
                 line = value.start_mark.line + 1
     return str(Problem(r.file, line, "model.name", f"model {name!r} is not downloaded; run `vlwatch pull {name}` "
                                                    "or set model.name to a local directory"))
-
-
-
 
 

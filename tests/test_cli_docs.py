@@ -36,9 +36,10 @@ def test_every_option_in_help_is_in_the_readme() -> None:
 
 def test_every_config_key_is_in_the_readme() -> None:
     from daemon import config_reader as config
+    from daemon.rules_reader import RULE_KEYS
 
-    for keys in (config._TOP_KEYS, config._MODEL_KEYS, config._WATCH_KEYS, config._RULE_KEYS, config._JOBS_KEYS,
-                 config._API_KEYS, config._HOOKS_KEYS, config.ENGINE_KEYS):
+    for keys in (config.TOP_KEYS, config.MODEL_KEYS, config.WATCH_KEYS, RULE_KEYS, config.JOBS_KEYS,
+                 config.API_KEYS, config.HOOKS_KEYS, config.ENGINE_KEYS):
         for key in keys:
             assert re.search(rf"^\s*(- )?{key}:", README, re.MULTILINE), f"config key {key!r} is not in README.md"
 
