@@ -11,7 +11,7 @@ step), the bandwidth the FP8 kernel reaches on the weight bytes, and its
 error against the dequantized fp32 product.  First it sweeps the kernel's
 tile configurations at one row and keeps the fastest overall, then times
 split-K at that tile per shape (1, 2, 4, 8 parts and ``split_for``'s choice);
-then sweeps the 32- and 64-row tiles at their own row counts; the row counts
+then sweeps the 32-, 64- and 128-row tiles at their own row counts; the row counts
 where the kernel beats ``_scaled_mm`` give ``engine.fp8_rows_max``'s default.
 
 Writes ``fp8_gemv_probe.json`` to ``--out``.  Exit 1 if the kernel is wrong
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daemon.backends.transformers import fp8, fp8_gemv  # noqa: E402
 
-ROWS = (1, 2, 4, 8, 16, 32, 64)
+ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def main() -> int:
@@ -105,10 +105,10 @@ def main() -> int:
           f"auto {sum(r['us']['auto'] for r in splits):.1f} us, best per shape "
           f"{sum(min(r['us'].values()) for r in splits):.1f} us")
 
-    # 1c. the wider row tiles (fp8_gemv.block_m: 32 and 64 rows), each swept at its own row count; a
+    # 1c. the wider row tiles (fp8_gemv.block_m: 32, 64 and 128 rows), each swept at its own row count; a
     # configuration Triton cannot build (shared memory) is skipped
     tiles = {16: best}
-    for m in (32, 64):
+    for m in (32, 64, 128):
         tried = []
         for bn, bk, stages in itertools.product((16, 32, 64), (128, 256, 512), (3, 4)):
             config = {"BN": bn, "BK": bk, "num_warps": 4, "num_stages": stages}

@@ -119,8 +119,8 @@ class EngineOptions:
     #: one part); 0 picks by the card's SMs (``fp8_gemv.split_for``).  Not an answer-changing switch: the
     #: sums differ in fp32 rounding only
     fp8_rows_split: int = 1
-    #: rows up to which that kernel runs (1-64; a decode step with more slots takes ``_scaled_mm``).  Rows
-    #: past 16 take its 32- and 64-row tiles, 16 until an H100 measures them
+    #: rows up to which that kernel runs (1-128; a decode step with more slots takes ``_scaled_mm``).  Rows
+    #: past 16 take its 32-, 64- and 128-row tiles, 16 until an H100 measures them
     fp8_rows_max: int = 16
     #: let ``model.dtype: float16`` load Qwen2.5-VL, which overflows float16
     allow_fp16: bool = False

@@ -332,7 +332,7 @@ def _read_engine(r: Reader, node: yaml.Node, where: str) -> EngineOptions:
     for k in ("step_tokens", "interactive_slots"):
         if k in keys:
             kw[k] = r.integer(keys[k], w + k, minimum=1 if k == "step_tokens" else 0)
-    for k, lowest, highest in (("fp8_rows_split", 0, 8), ("fp8_rows_max", 1, 64)):  # 64: fp8_gemv.MAX_ROWS
+    for k, lowest, highest in (("fp8_rows_split", 0, 8), ("fp8_rows_max", 1, 128)):  # 128: fp8_gemv.MAX_ROWS
         if k in keys:
             kw[k] = r.integer(keys[k], w + k, minimum=lowest)
             if kw[k] is not None and kw[k] > highest:

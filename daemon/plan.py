@@ -310,11 +310,16 @@ def weight_bytes(shape: ModelShape, precision: str, itemsize: int = 2) -> int:
 
 
 def round_slots(slots: int) -> int:
-    """Slots the engine takes out of ``slots`` that fit: at most MAX_AUTO_SLOTS, a multiple of 8 from 8 on."""
-    slots = min(MAX_AUTO_SLOTS, slots)
-    if slots >= 8:
-        slots -= slots % 8  # shapes the kernels like
-    return slots
+    """Slots the engine takes out of ``slots`` that fit: all of them, at most MAX_AUTO_SLOTS.
+
+    No rounding down to a multiple of 8 (the first engine's unmeasured habit):
+    a decode step is bound by reading the weights, so its time hardly moves
+    with the row count, and on a small card the rounding threw away up to
+    half the slots (15 that fit ran as 8: the 3B on 8 GiB for pages).  The
+    decode graphs are captured per width anyway (powers of two and the slot
+    count: ``scheduler.decode_widths``).
+    """
+    return min(MAX_AUTO_SLOTS, slots)
 
 
 def slots_for_budget(shape: ModelShape, budget: int, *, tokens: int, max_new: int, itemsize: int = 2,

@@ -24,7 +24,8 @@ def _reference(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, bias: torch.Te
     (16, 130, 257, True),  # the most rows of the 16-row tile; ragged on both sides
     (17, 64, 300, False),  # one past it: the 32-row tile, mostly empty
     (40, 96, 384, True),   # the 64-row tile (engine.fp8_rows_max past 32)
-    (64, 70, 256, False),  # the most rows one launch takes
+    (64, 70, 256, False),  # the whole 64-row tile
+    (100, 48, 200, True),  # the 128-row tile (71 slots: the 7B's pages in fp8 under 22 GiB)
 ])
 def test_rows_kernel_is_the_dequantized_product(rows: int, n: int, k: int, with_bias: bool) -> None:
     torch.manual_seed(rows)
@@ -68,10 +69,14 @@ def test_split_for_fills_the_card_only_where_the_tiles_do_not() -> None:
     assert fp8_gemv.split_for(2048, 2048, 32, 512, sms) == 4  # the 3B's o: 4 steps, at most 4 parts
 
 
+def test_rows_go_to_the_smallest_tile_that_holds_them() -> None:
+    assert [fp8_gemv.block_m(m) for m in (1, 16, 17, 32, 33, 64, 65, 71, 128)] == [16, 16, 32, 32, 64, 64, 128, 128, 128]
+
+
 def test_more_rows_than_the_widest_tile_are_refused() -> None:
     q, s = fp8.quantize_rows(torch.randn(32, 64))
-    with pytest.raises(ValueError, match="1 to 64 rows, got 65"):
-        fp8_gemv.launch(torch.randn(65, 64).to(torch.bfloat16), q, s, None)
+    with pytest.raises(ValueError, match="1 to 128 rows, got 129"):
+        fp8_gemv.launch(torch.randn(129, 64).to(torch.bfloat16), q, s, None)
 
 
 def test_rows_up_to_the_configured_count_take_the_kernel() -> None:
@@ -92,8 +97,10 @@ def test_rows_up_to_the_configured_count_take_the_kernel() -> None:
         fp8_gemv.configure(True, rows=48)
         assert [fp8.takes_rows_kernel(rows(m)) for m in (16, 17, 48, 49)] == [True, True, True, False]
         assert not fp8.takes_rows_kernel(torch.zeros(1, 8))  # a CPU tensor never does
-        with pytest.raises(ValueError, match="1 to 64 rows, asked for 65"):
-            fp8_gemv.configure(True, rows=65)
+        fp8_gemv.configure(True, rows=128)
+        assert [fp8.takes_rows_kernel(rows(m)) for m in (71, 128, 129)] == [True, True, False]
+        with pytest.raises(ValueError, match="1 to 128 rows, asked for 129"):
+            fp8_gemv.configure(True, rows=129)
     finally:
         fp8_gemv.configure(True)
 
@@ -120,7 +127,7 @@ def test_the_engine_options_reach_the_kernel(tiny_model: Path) -> None:
     model = ModelConfig(name=str(tiny_model), quantization="fp8")
     try:
         for pairs, expected in (([], (True, 1, 16)), (["fp8_rows_kernel=false"], (False, 1, 16)),
-                                (["fp8_rows_split=0", "fp8_rows_max=64"], (True, 0, 64))):
+                                (["fp8_rows_split=0", "fp8_rows_max=128"], (True, 0, 128))):
             backend = TransformersBackend(model, options=parse_engine_options(pairs, base=EngineOptions()))
             backend.load()
             assert (fp8_gemv.enabled(), fp8_gemv.split(), fp8_gemv.rows()) == expected
@@ -133,6 +140,6 @@ def test_the_split_option_is_checked() -> None:
     from daemon.config_reader import ConfigError, parse_engine_options
 
     with pytest.raises(ConfigError) as err:
-        parse_engine_options(["fp8_rows_split=9", "fp8_rows_max=65"])
+        parse_engine_options(["fp8_rows_split=9", "fp8_rows_max=129"])
     assert [str(p) for p in err.value.problems] == ["--engine:1: engine.fp8_rows_split: must be at most 8, got 9",
-                                                    "--engine:2: engine.fp8_rows_max: must be at most 64, got 65"]
+                                                    "--engine:2: engine.fp8_rows_max: must be at most 128, got 129"]

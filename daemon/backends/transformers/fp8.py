@@ -167,19 +167,27 @@ def scaled_mm_works(device: torch.device) -> bool:
             log.warning("FP8: torch._scaled_mm with row-wise scales does not run here (%s); "
                         "using the dequantizing path", first_line(exc))
             _probed[device] = False
-        x = torch.randn(3, 320, device=device, dtype=torch.bfloat16)
-        if _probed[device] and takes_rows_kernel(x):
-            try:
-                works = _close(fp8_linear(x, w, s, None, fast=True),
-                               fp8_linear(x.float(), w, s, None, fast=False, emulate=True))
-                problem = "" if works else "wrong results"
-            except Exception as exc:  # a Triton compile error is not a RuntimeError
-                problem = first_line(exc)
-            if problem:
-                log.warning("FP8: the few-rows kernel does not run here (%s); _scaled_mm takes every row count",
-                            problem)
-                fp8_gemv.disable()
+        problem = _rows_kernel_problem(device, w, s) if _probed[device] else ""
+        if problem:
+            log.warning("FP8: the few-rows kernel does not run here (%s); _scaled_mm takes every row count", problem)
+            fp8_gemv.disable()
     return _probed[device]
+
+
+def _rows_kernel_problem(device: torch.device, w: torch.Tensor, s: torch.Tensor) -> str:
+    """What is wrong with the few-rows kernel on ``device`` ("" if nothing): each row tile the engine may launch
+    (``fp8_gemv.block_m`` up to ``engine.fp8_rows_max``) tried once, before any graph capture."""
+    for m in (3, 24, 48, 100):
+        x = torch.randn(m, 320, device=device, dtype=torch.bfloat16)
+        if not takes_rows_kernel(x):
+            return ""
+        try:
+            if not _close(fp8_linear(x, w, s, None, fast=True),
+                          fp8_linear(x.float(), w, s, None, fast=False, emulate=True)):
+                return f"wrong results at {m} rows"
+        except Exception as exc:  # a Triton compile error is not a RuntimeError
+            return f"{m} rows: {first_line(exc)}"
+    return ""
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> bool:

@@ -7,9 +7,9 @@ quantized by a kernel of their own; session 4 measured FP8 at batch 1 *slower*
 than bf16 (1.358 s against 1.292 s for one image and 256 tokens, H200), and
 the H100 probe (session 5) found ``_scaled_mm`` no faster than bf16 at 32 and
 64 rows either (206-208 us a 7B layer against 207-211), where this kernel took
-145 us at 16 rows.  Rows come in tiles of 16, 32 or 64 (``block_m``); how many
-rows take the kernel is ``engine.fp8_rows_max`` (16 until an H100 measures the
-wider tiles).
+145 us at 16 rows.  Rows come in tiles of 16, 32, 64 or 128 (``block_m``); how
+many rows take the kernel is ``engine.fp8_rows_max`` (16 until an H100 measures
+the wider tiles).
 
 This kernel reads the FP8 weight once, widens it to bf16 in registers and
 multiplies it with the activations as they are (weight-only FP8, "W8A16", as
@@ -39,8 +39,9 @@ import torch
 #: few slots): it was faster at every row count up to 16 on the H100 (benchmarks/fp8_gemv_probe.py), the
 #: widest it then took.  ``engine.fp8_rows_max`` moves it, up to ``MAX_ROWS``.
 SMALL_M = 16
-#: The most rows one launch takes: one tile of rows, every weight tile read once (``block_m``).
-MAX_ROWS = 64
+#: The most rows one launch takes: one tile of rows, every weight tile read once (``block_m``).  128
+#: covers the slots a memory cap leaves for pages (71 for the 7B in fp8 under 22 GiB).
+MAX_ROWS = 128
 
 
 #: Whether few-row FP8 linears take this kernel: asked for (``engine.fp8_rows_kernel``), Triton runs, and
@@ -76,11 +77,11 @@ def rows() -> int:
 
 
 def block_m(m: int) -> int:
-    """The row tile for ``m`` rows: 16 (``tl.dot``'s smallest), 32 or 64; every row in one tile, so each
-    weight tile is read from memory once whatever the row count."""
+    """The row tile for ``m`` rows: 16 (``tl.dot``'s smallest), 32, 64 or 128; every row in one tile, so
+    each weight tile is read from memory once whatever the row count."""
     if not 1 <= m <= MAX_ROWS:
         raise ValueError(f"fp8_gemv takes 1 to {MAX_ROWS} rows, got {m}")
-    return 16 if m <= 16 else 32 if m <= 32 else 64
+    return max(16, 1 << (m - 1).bit_length())
 
 
 def enabled() -> bool:
@@ -169,9 +170,11 @@ def _kernels() -> tuple[Any, Any]:
 #: (session 6, call L4).
 CONFIG = {"BN": 32, "BK": 512, "num_warps": 4, "num_stages": 3}
 #: The wider row tiles' defaults, by ``block_m``, until the probe sweeps them on an H100 (``--rows-tiles``):
-#: a 64-row tile of activations at BK 512 would take 64 KiB of shared memory a stage, so BK halves there.
+#: a 64-row tile of activations at BK 512 would take 64 KiB of shared memory a stage, so BK halves there,
+#: and again at 128 rows.
 CONFIGS = {16: CONFIG, 32: {"BN": 32, "BK": 512, "num_warps": 4, "num_stages": 3},
-           64: {"BN": 32, "BK": 256, "num_warps": 4, "num_stages": 3}}
+           64: {"BN": 32, "BK": 256, "num_warps": 4, "num_stages": 3},
+           128: {"BN": 32, "BK": 128, "num_warps": 4, "num_stages": 3}}
 #: Programs per SM that split-K aims at (gate/up, 1,184 programs, ~9 an SM, reads at 2.1 TB/s).
 PROGRAMS_PER_SM = 4
 
@@ -192,7 +195,7 @@ def _sms(index: int) -> int:
 
 def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
            config: dict[str, int] | None = None) -> torch.Tensor:
-    """``x`` [M <= 64, K] bf16 times FP8 ``weight`` [N, K] with row scales [N] (+ bias) -> [M, N] bf16."""
+    """``x`` [M <= 128, K] bf16 times FP8 ``weight`` [N, K] with row scales [N] (+ bias) -> [M, N] bf16."""
     m, k = x.shape
     n = weight.shape[0]
     bm = block_m(m)
