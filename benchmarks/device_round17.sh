@@ -4,7 +4,7 @@
 # fp8 against bf16 (same call).  Predictions: NOTES "Call M2".
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
-(timeout ${PROBE_LIMIT:-120} python3 benchmarks/fp8_gemv_probe.py --model 7b --out "$OUT" 2>&1 | grep -v -i warn) \
+(timeout ${PROBE_LIMIT:-200} python3 benchmarks/fp8_gemv_probe.py --model 7b --out "$OUT" 2>&1 | grep -v -i warn) \
     | tee "$OUT/fp8-gemv-probe-7b.log"
 b1=(bench --load-format dummy --ignore-eos --images 2 --batch-sizes '' --baseline-images 0 --latency-images 3
     --quantization fp8)
