@@ -19,15 +19,14 @@ What happens to each job (retries, outages, dropped jobs) is the engine's
 (``daemon.engine.loop``); ``scan``, ``status`` and ``retry`` are ``daemon.commands``.
 
 Deliberately not here: the watching, readiness, queue and model code (their
-own modules); this one decides only what happens when.
+own modules), and what becomes of a file the watcher sees
+(``intake.arrivals``); this one decides only what happens when.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import faulthandler
-import functools
 import logging
 import os
 import select
@@ -35,13 +34,12 @@ import signal
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 from daemon.backends import Backend, create_backend
-from daemon.config import Config, Rule, Snapshot, WatchConfig
+from daemon.config import Config, Snapshot
 from daemon.config_reader import load_config
 from daemon.engine.loop import STALL, WorkerLoop, check_model
 from daemon.engine.outcomes import Processor
@@ -53,22 +51,19 @@ from daemon.errors import (
     VlwatchError,
     plural,
 )
-from daemon.intake.readiness import Arrival, Kind, Settler
-from daemon.intake.rules import Match, forget_real_roots, normalised, watched_rules
+from daemon.intake.arrivals import Arrivals, log_queued
+from daemon.intake.rules import forget_real_roots
 from daemon.intake.scanning import (
     Progress,
-    Recipes,
     Work,
     enqueue_in_chunks,
     find_work,
     remove_stale_temp,
     sidecars_written,
 )
-from daemon.intake.sidecars import sidecar_fresh, sidecar_missing
-from daemon.intake.watching import Watcher, is_ignored, overflowed
+from daemon.intake.watching import Watcher, overflowed
 from daemon.periodic import Periodic
-from daemon.store.keys import bytes_hash, content_hash, unreadable_hash
-from daemon.store.queue import Candidate, Queue, Queued
+from daemon.store.queue import Queue
 from daemon.store.state import StateLock
 
 log = logging.getLogger(__name__)
@@ -77,46 +72,6 @@ log = logging.getLogger(__name__)
 STOP_GRACE = 20.0
 #: How often STATUS= is refreshed.
 STATUS_EVERY = 5.0
-
-
-# -------------------------------------------------------------- intake log
-
-
-#: A batch of more jobs than this is logged as one line at INFO, its files each at
-#: DEBUG: a burst of 100,000 files is not 100,000 lines in the journal, nor
-#: their cost in the burst (issue 10.21).
-LOG_EACH = 10
-
-
-def log_queued(jobs: Sequence[Queued], why: Callable[[Queued], str] | None = None) -> None:
-    """A line per job queued, or for a batch of more than ``LOG_EACH`` one summary line (each job at DEBUG)."""
-    few = len(jobs) <= LOG_EACH
-    each = log.info if few else log.debug
-    if few or log.isEnabledFor(logging.DEBUG):
-        for job in jobs:
-            if why is None:
-                each("%s: queued for %s", job.path, job.rule)
-            else:
-                each("%s: queued for %s (%s)", job.path, job.rule, why(job))
-    if not few:
-        folders = {os.path.dirname(job.path) for job in jobs}
-        where = next(iter(folders)) if len(folders) == 1 else f"{len(folders)} folders"
-        log.info("queued %d jobs for %s in %s (%s ... %s; each at DEBUG)", len(jobs),
-                 ", ".join(sorted({job.rule for job in jobs})), where, jobs[0].path.name, jobs[-1].path.name)
-
-
-#: A ready batch of at least this many files has its sidecars looked for on
-#: ``LOOKUP_THREADS`` threads (``Daemon._sidecars_fresh``).  While a slow writer
-#: fills a folder, ready batches are small and their lookups are made one at a
-#: time: the settler then has time to spare (it kept pace in every slow run), and
-#: handing small batches to the threads too cost more CPU (10.2-11.0 s against
-#: 9.2-10.2 s for 100,000 files at 16).
-PARALLEL_LOOKUPS = 64
-LOOKUP_THREADS = 4
-
-
-def _fresh_each(files: list[tuple[Match, int]]) -> list[bool]:
-    return [sidecar_fresh(m, mtime_ns) for m, mtime_ns in files]
 
 
 # ------------------------------------------------------------------ systemd
@@ -172,7 +127,8 @@ class Daemon:
         self.config_path = config.source
         self.lock = StateLock(config.state)
         self.queue: Queue | None = None
-        self.settler = Settler(self._deliver, digest=bytes_hash)  # hashed from the bytes it checked
+        #: the watcher's events -> settled files -> queued jobs (``intake.arrivals``)
+        self.arrivals = Arrivals(lambda: self.snapshot, wake=self._wake_engines)
         self.watcher = self._new_watcher()
         self.loop: WorkerLoop | EngineGroup | None = None
         self.api = None  # daemon.server.serve.ApiServer once started
@@ -182,11 +138,7 @@ class Daemon:
         self._scan_lock = threading.Lock()
         self._scanning = False  # a catch-up or rescan is walking the folders
         self._scan_again: str | None = None  # asked for while one ran: run another after it
-        self._arrived: collections.deque[tuple[float, int]] = collections.deque()
-        self._shared_data: dict[tuple[object, ...], tuple[object, ...]] = {}  # see _travels
         self._threads: list[threading.Thread] = []  # catch-up and rescans: joined before the queue closes
-        self._lookups: ThreadPoolExecutor | None = None  # see _sidecars_fresh
-        self._lookups_lock = threading.Lock()
 
     # -- start
     def start(self) -> None:
@@ -204,10 +156,10 @@ class Daemon:
                 self.queue.set_meta(key, None)
         # One engine, or one per device (model.devices): engine 0 here, the others in processes
         # of their own (daemon.engine.processes); the group looks like one WorkerLoop.
-        self.loop = start_engines(self.queue, self.config, Processor(self.queue, self._requeue_changed),
-                                  backlog=self._intake_load, stop_grace=STOP_GRACE)
+        self.loop = start_engines(self.queue, self.config, Processor(self.queue, self.arrivals.requeue_changed),
+                                  backlog=self.arrivals.load, stop_grace=STOP_GRACE)
         self.loop._note_model_state()
-        self.settler.start()
+        self.arrivals.start(self.queue)
         self.watcher.start(self.config.watch)
         self.loop.start()
         self.periodic.start(self.config)
@@ -235,8 +187,13 @@ class Daemon:
         return self.snapshot.config
 
     def _new_watcher(self) -> Watcher:
-        return Watcher(self._offer, self.settler.forget, self.settler.forget_under,
-                       on_watched=self._now_watched, on_overflow=self._overflowed, backlog=self.settler.ready_backlog)
+        settler = self.arrivals.settler
+        return Watcher(self.arrivals.offer, settler.forget, settler.forget_under,
+                       on_watched=self._now_watched, on_overflow=self._overflowed, backlog=settler.ready_backlog)
+
+    def _wake_engines(self) -> None:
+        if self.loop is not None:
+            self.loop.wake()
 
     def _now_watched(self, roots: list[Path]) -> None:
         """A folder missing at start appeared and is watched now: catch up on what is already in it."""
@@ -302,9 +259,10 @@ class Daemon:
     def health(self) -> str:
         """ok, stalled (a batch is taking too long) or dead (a thread is gone)."""
         assert self.loop is not None
-        if not (self.loop.is_alive() and self.settler.alive and self.watcher.alive()):
+        settler = self.arrivals.settler
+        if not (self.loop.is_alive() and settler.alive and self.watcher.alive()):
             log.critical("a daemon thread died (worker %s, settler %s, observers %s); exiting",
-                         self.loop.is_alive(), self.settler.alive, self.watcher.alive())
+                         self.loop.is_alive(), settler.alive, self.watcher.alive())
             return "dead"
         busy = self.loop.busy_since
         if busy is not None and time.monotonic() - busy > STALL:
@@ -329,9 +287,7 @@ class Daemon:
             self.api.stop()  # no new requests; those in flight get GRACE seconds
         self.watcher.stop()
         self.periodic.shutdown()
-        self.settler.stop()
-        if self._lookups is not None:  # the settler's helpers: idle once it has stopped
-            self._lookups.shutdown(wait=True)
+        self.arrivals.stop()
         assert self.loop is not None and self.queue is not None
         self.loop.stop()
         # Catch-up and rescans stop at the next file once _stopping is set;
@@ -409,162 +365,6 @@ class Daemon:
         self.periodic.apply(new)
         log.info("%s: reloaded: %d rules, %d watched folders", self.config_path, len(new.rules), len(new.watch))
 
-    # -- intake: watcher events -> settler -> queue
-    def _offer(self, path: str, kind: Kind) -> None:
-        if self.settler.note(path, kind):
-            return  # already tracked: only its timing changes
-        snapshot = self.snapshot
-        admitted = self._admit(snapshot, path)
-        if admitted is not None:
-            watch, rules = admitted
-            self.settler.note(path, kind, watch.settle, data=self._travels(snapshot, rules, watch))
-
-    def _travels(self, snapshot: Snapshot, rules: Sequence[Rule], watch: WatchConfig) -> tuple[object, ...]:
-        """What travels with an accepted file: the snapshot, its rules and where it is watched.
-
-        Not Match objects: one tuple shared by every file of the same rules
-        and folder, so memory per file in flight stays small and the ready
-        file needs no second look-up of its folder (issue 10.21).
-        """
-        root, output_dir = watch.path, watch.output_dir
-        # By identity (a snapshot does not hash); the entry holds them, so no id is reused meanwhile.
-        key = (id(snapshot), *(id(rule) for rule in rules), root, output_dir)
-        shared = self._shared_data.get(key)
-        if shared is None:
-            if len(self._shared_data) > 1024:  # many reloads or rule sets: start again
-                self._shared_data.clear()
-            shared = self._shared_data.setdefault(key, (snapshot, tuple(rules), root, output_dir))
-        return shared
-
-    @staticmethod
-    def _admit(snapshot: Snapshot, path: str | Path) -> tuple[WatchConfig, list[Rule]] | None:
-        """(its watch, the rules that match) for a new path that may become a job, else None.
-
-        Text in, no ``Path`` or ``Match`` made: this runs for every new file
-        of a burst (issue 10.21).  The same answers as ``match_file``.
-        """
-        text = os.fspath(path)
-        if not os.path.isabs(text) or os.path.normpath(text) != text:
-            text = os.path.normpath(os.path.abspath(text))  # rules.normalised, as text
-        found = snapshot.find(text)
-        if found is None:
-            return None
-        watch, root, skip = found
-        if is_ignored(text, root, snapshot.rule_names, skip):
-            log.debug("%s: ignored", text)
-            return None
-        rules = watched_rules(snapshot.config, text, watch)
-        if not rules:
-            log.debug("%s: no rule matches", text)
-            return None
-        return watch, rules
-
-    @staticmethod
-    def _accept(snapshot: Snapshot, path: Path) -> tuple[float, list[Match]] | None:
-        """(settle time, matching rules) for a new path that may become a job, else None."""
-        admitted = Daemon._admit(snapshot, path)
-        if admitted is None:
-            return None
-        watch, rules = admitted
-        path = normalised(path)
-        return watch.settle, [Match(path, rule, watch.path, watch.output_dir) for rule in rules]
-
-    def _deliver(self, arrivals: list[Arrival]) -> None:
-        """Ready files from the settler: hash once, queue a job per matching rule, one commit."""
-        assert self.queue is not None and self.loop is not None
-        snapshot = self.snapshot
-        recipes = Recipes(snapshot.config)
-        found: list[tuple[Arrival, Match, str, float]] = []
-        for arrival in arrivals:
-            matches = self._matches_now(snapshot, arrival)
-            if not matches:
-                continue
-            try:
-                digest = arrival.digest or content_hash(arrival.path)
-            except PermissionError:
-                # Recorded as a failed job saying so (issue 10.3), retried once readable.
-                digest = unreadable_hash(arrival.size, arrival.mtime_ns)
-            except OSError:
-                continue  # gone already
-            seen_at = time.time()
-            found.extend((arrival, m, digest, seen_at) for m in matches)
-        fresh = self._sidecars_fresh([(m, arrival.mtime_ns) for arrival, m, _, _ in found])
-        batch: list[Candidate] = []
-        for (arrival, m, digest, seen_at), sidecar_newer in zip(found, fresh):
-            if sidecar_newer and self._came_with_its_sidecar(m, arrival):
-                continue
-            batch.append(Candidate(arrival.path, m.rule.name, digest, arrival.size, arrival.mtime_ns,
-                                   redo=functools.partial(sidecar_missing, m), seen_at=seen_at,
-                                   recipe=recipes(m)))
-        jobs = self.queue.enqueue(batch)
-        self._arrived.append((time.monotonic(), len(arrivals)))
-        log_queued(jobs)
-        if jobs:
-            self.loop.wake()
-
-    def _sidecars_fresh(self, files: list[tuple[Match, int]]) -> list[bool]:
-        """``sidecar_fresh`` of each (match, mtime_ns), several at a time for a large batch.
-
-        A new file's sidecar is usually missing, and looking up a name that
-        is missing in a folder that a writer is filling waits for the
-        folder's lock behind each of the writer's file creations: 140-170 µs
-        a lookup on ext4 here, against 2-5 µs in a quiet folder, which made
-        it the settler's largest cost in a burst (issue 10.21).  Lookups made
-        on a few threads at once share those waits (about 10 µs each).
-        """
-        if len(files) < PARALLEL_LOOKUPS:
-            return [sidecar_fresh(m, mtime_ns) for m, mtime_ns in files]
-        with self._lookups_lock:
-            if self._lookups is None:
-                self._lookups = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="vlwatch-lookup")
-            pool = self._lookups
-        size = -(-len(files) // LOOKUP_THREADS)
-        parts = pool.map(_fresh_each, [files[i:i + size] for i in range(0, len(files), size)])
-        return [fresh for part in parts for fresh in part]
-
-    def _came_with_its_sidecar(self, match: Match, arrival: Arrival) -> bool:
-        """A file new to the queue whose sidecars are already there and newer (``_sidecars_fresh``
-        said so): a processed folder renamed or moved in.  The same rule as the scan's for
-        sidecars with no job."""
-        assert self.queue is not None
-        if self.queue.latest(match.path, match.rule.name) is not None:
-            return False  # known: the queue decides by content hash
-        log.info("%s: %s sidecar already present and newer; not queued", arrival.path, match.rule.name)
-        return True
-
-    def _intake_load(self) -> int:
-        """Files waiting to settle plus the rate of files queued lately (per second): a burst if large.
-
-        The rate counts only while files are still waiting: it says more are
-        coming, and once every file of a burst is queued the engines have
-        nothing to wait for (a 256-file burst held them 0.5 s longer, idle).
-        """
-        horizon = time.monotonic() - 0.5
-        while self._arrived and self._arrived[0][0] < horizon:
-            self._arrived.popleft()
-        pending = self.settler.pending()
-        return pending + 2 * sum(n for _, n in self._arrived) if pending else 0
-
-    @staticmethod
-    def _matches_now(snapshot: Snapshot, arrival: Arrival) -> list[Match]:
-        """The rules that apply to a ready file under the running snapshot.
-
-        Matched with the snapshot it was accepted under when nothing was
-        reloaded since (the filter passed then); judged again in full otherwise.
-        """
-        if isinstance(arrival.data, tuple) and arrival.data[0] is snapshot:
-            _, rules, root, output_dir = arrival.data
-            return [Match(arrival.path, rule, root, output_dir) for rule in rules]
-        accepted = Daemon._accept(snapshot, arrival.path)
-        return accepted[1] if accepted is not None else []
-
-    def _requeue_changed(self, path: Path) -> None:
-        snapshot = self.snapshot
-        admitted = self._admit(snapshot, path)
-        if admitted is not None:
-            watch, rules = admitted
-            self.settler.note(path, "changed", watch.settle, data=self._travels(snapshot, rules, watch))
-
     # -- chores
     def catch_up(self, why: str) -> None:
         """Queue files without an up-to-date sidecar; recent ones go through the settler first.
@@ -607,7 +407,7 @@ class Daemon:
             found = snapshot.find(work.match.path)
             settle = found[0].settle if found else 0.0
             if now - work.mtime_ns / 1e9 < settle:
-                self.settler.note(work.match.path, "changed", settle)  # may still be being written
+                self.arrivals.settler.note(work.match.path, "changed", settle)  # may still be being written
                 continue
             settled.append(work)
             if len(settled) >= 500:

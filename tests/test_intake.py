@@ -133,7 +133,7 @@ def test_migration_makes_relative_rows_absolute(tmp_path: Path, monkeypatch: pyt
 
 def test_an_event_is_judged_by_one_snapshot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # issue 10.17: a reload in the middle of judging an event cannot mix old and new config
-    from daemon import service
+    from daemon.intake import arrivals
 
     for d in ("a", "b"):
         (tmp_path / d).mkdir()
@@ -146,15 +146,16 @@ def test_an_event_is_judged_by_one_snapshot(tmp_path: Path, monkeypatch: pytest.
         return load_config(tmp_path / f"{folder}.yaml")
 
     old, new = config("a", "old"), config("b", "new")
-    daemon = service.Daemon(old)
-    real = service.is_ignored
+    running = [Snapshot.of(old)]  # the daemon's snapshot, which a reload swaps whole
+    intake = arrivals.Arrivals(lambda: running[0], wake=lambda: None)
+    real = arrivals.is_ignored
 
     def swap_midway(*args, **kw):  # the reload lands while the observer thread is judging
-        daemon.snapshot = Snapshot.of(new)
+        running[0] = Snapshot.of(new)
         return real(*args, **kw)
 
-    monkeypatch.setattr(service, "is_ignored", swap_midway)
-    accepted = daemon._accept(daemon.snapshot, tmp_path / "a" / "x.png")
+    monkeypatch.setattr(arrivals, "is_ignored", swap_midway)
+    accepted = intake.accept(running[0], tmp_path / "a" / "x.png")
     assert accepted is not None and [m.rule.name for m in accepted[1]] == ["old"]
 
 
@@ -396,47 +397,46 @@ def test_a_ready_batch_queues_each_file_once_and_skips_those_that_came_with_thei
     # for the folder's lock: 140-170 us a lookup, one at a time)
     import threading
 
-    from daemon import service
+    from daemon.intake import arrivals
     from daemon.intake.readiness import Arrival
     from daemon.store.keys import content_hash
 
     (tmp_path / "in").mkdir()
     monkeypatch.setenv("VLWATCH_PLUGINS", "tests.stub_backend")
-    daemon = service.Daemon(load_config(_config(tmp_path)))
+    snapshot = Snapshot.of(load_config(_config(tmp_path)))
     woken: list[int] = []
-    daemon.queue = Queue(tmp_path / "state" / "state.db")
-    daemon.loop = type("Loop", (), {"wake": lambda self: woken.append(1)})()  # no engine: only intake is tested
+    intake = arrivals.Arrivals(lambda: snapshot, wake=lambda: woken.append(1))  # no engine: only intake
+    queue = Queue(tmp_path / "state" / "state.db")
+    intake.start(queue)
     looked_from: set[str] = set()
-    fresh = service.sidecar_fresh
-    monkeypatch.setattr(service, "sidecar_fresh",
+    fresh = arrivals.sidecar_fresh
+    monkeypatch.setattr(arrivals, "sidecar_fresh",
                         lambda m, t: looked_from.add(threading.current_thread().name) or fresh(m, t))
     try:
         files = [put(tmp_path / "in" / f"f{i}.png", png_bytes(i)) for i in range(n)]
         for f in files[:5]:  # a processed folder moved in: the sidecars are there and newer
             put(Path(f"{f}.ground.json"), b"{}")
-        snapshot = daemon.snapshot
 
         def arrival(f: Path, digest: str | None) -> Arrival:
             st = f.stat()
-            admitted = daemon._admit(snapshot, f)
+            admitted = intake.admit(snapshot, f)
             assert admitted is not None
-            return Arrival(f, st.st_size, st.st_mtime_ns, daemon._travels(snapshot, admitted[1], admitted[0]), digest)
+            return Arrival(f, st.st_size, st.st_mtime_ns, intake.travels(snapshot, admitted[1], admitted[0]), digest)
 
         # half carry the settler's hash, half are hashed here; one file twice in the batch
         batch = [arrival(f, content_hash(f) if i % 2 else None) for i, f in enumerate(files)] + [arrival(files[7], None)]
-        daemon._deliver(batch)
-        daemon._deliver(batch)  # the same files again: nothing new
-        jobs = daemon.queue.history()
+        intake.deliver(batch)
+        intake.deliver(batch)  # the same files again: nothing new
+        jobs = queue.history()
         assert sorted(j.path.name for j in jobs) == sorted(f.name for f in files[5:])
         assert all(j.hash == content_hash(j.path) for j in jobs) and woken
-        if n >= service.PARALLEL_LOOKUPS:
+        if n >= arrivals.PARALLEL_LOOKUPS:
             assert looked_from and all(t.startswith("vlwatch-lookup") for t in looked_from)
         else:
             assert looked_from == {threading.current_thread().name}
     finally:
-        if daemon._lookups is not None:
-            daemon._lookups.shutdown()
-        daemon.queue.close()
+        intake.stop()
+        queue.close()
 
 
 def test_recipes_hash_every_part_as_before(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -481,12 +481,12 @@ def test_recipes_hash_every_part_as_before(tmp_path: Path, monkeypatch: pytest.M
 
 def test_a_burst_is_logged_in_one_line_per_batch(caplog: pytest.LogCaptureFixture) -> None:
     # issue 10.21: a line per file for a few files; one line for a large batch, each file at DEBUG
-    from daemon.service import LOG_EACH, log_queued
+    from daemon.intake.arrivals import LOG_EACH, log_queued
     from daemon.store.queue import Queued
 
     few = [Queued(i, Path(f"/in/f{i}.png"), "describe", "h") for i in range(3)]
     many = [Queued(i, Path(f"/in/g{i}.png"), "describe", "h") for i in range(LOG_EACH + 40)]
-    with caplog.at_level(logging.INFO, logger="daemon.service"):
+    with caplog.at_level(logging.INFO, logger="daemon.intake.arrivals"):
         log_queued(few)
         log_queued(many)
     lines = [r.getMessage() for r in caplog.records]
@@ -494,6 +494,6 @@ def test_a_burst_is_logged_in_one_line_per_batch(caplog: pytest.LogCaptureFixtur
     assert lines[3:] == [f"queued {LOG_EACH + 40} jobs for describe in /in (g0.png ... g{LOG_EACH + 39}.png; "
                          "each at DEBUG)"]
     caplog.clear()
-    with caplog.at_level(logging.DEBUG, logger="daemon.service"):
+    with caplog.at_level(logging.DEBUG, logger="daemon.intake.arrivals"):
         log_queued(many)
     assert len(caplog.records) == len(many) + 1
