@@ -143,3 +143,30 @@ def test_the_split_option_is_checked() -> None:
         parse_engine_options(["fp8_rows_split=9", "fp8_rows_max=129"])
     assert [str(p) for p in err.value.problems] == ["--engine:1: engine.fp8_rows_split: must be at most 8, got 9",
                                                     "--engine:2: engine.fp8_rows_max: must be at most 128, got 129"]
+
+
+@pytest.mark.parametrize(("failing_tile", "rows_left", "enabled"), [(64, 32, True), (16, 16, False), (None, 128, True)])
+def test_a_tile_that_fails_at_load_leaves_the_rows_below_it_to_the_kernel(
+        monkeypatch: pytest.MonkeyPatch, failing_tile: int | None, rows_left: int, enabled: bool) -> None:
+    # At load each row tile up to engine.fp8_rows_max is tried once (fp8.scaled_mm_works): one that fails to
+    # build (a Triton compile error, shared memory) must not take the working tiles below it down, nor reach a
+    # decode step.  The CPU stands in for the GPU: the interpreter runs the kernel, and "fast" rows are allowed.
+    real_launch = fp8_gemv.launch
+
+    def launch(x: torch.Tensor, *args, **kw):  # type: ignore[no-untyped-def]
+        if fp8_gemv.block_m(x.shape[0]) == failing_tile:
+            raise RuntimeError("out of resource: shared memory")  # what Triton raises for a tile too large
+        return real_launch(x, *args, **kw)
+
+    monkeypatch.setattr(fp8_gemv, "launch", launch)
+    monkeypatch.setattr(fp8, "takes_rows_kernel", lambda x: x.shape[0] <= fp8_gemv.rows() and fp8_gemv.enabled())
+    # The probe runs once per device and process, and a failed kernel stays off for the process: both put back.
+    monkeypatch.setattr(fp8, "_probed", {})
+    monkeypatch.setattr(fp8_gemv, "_broken", False)
+    try:
+        fp8_gemv.configure(True, rows=128)
+        assert fp8.scaled_mm_works(torch.device("cpu"))  # torch runs _scaled_mm on the CPU too
+        assert (fp8_gemv.enabled(), fp8_gemv.rows() if enabled else rows_left) == (enabled, rows_left)
+    finally:
+        monkeypatch.undo()
+        fp8_gemv.configure(True)

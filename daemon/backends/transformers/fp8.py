@@ -167,27 +167,36 @@ def scaled_mm_works(device: torch.device) -> bool:
             log.warning("FP8: torch._scaled_mm with row-wise scales does not run here (%s); "
                         "using the dequantizing path", first_line(exc))
             _probed[device] = False
-        problem = _rows_kernel_problem(device, w, s) if _probed[device] else ""
-        if problem:
-            log.warning("FP8: the few-rows kernel does not run here (%s); _scaled_mm takes every row count", problem)
-            fp8_gemv.disable()
+        if _probed[device]:
+            _try_rows_kernel(device, w, s)
     return _probed[device]
 
 
-def _rows_kernel_problem(device: torch.device, w: torch.Tensor, s: torch.Tensor) -> str:
-    """What is wrong with the few-rows kernel on ``device`` ("" if nothing): each row tile the engine may launch
-    (``fp8_gemv.block_m`` up to ``engine.fp8_rows_max``) tried once, before any graph capture."""
-    for m in (3, 24, 48, 100):
+def _try_rows_kernel(device: torch.device, w: torch.Tensor, s: torch.Tensor) -> None:
+    """Each row tile the engine may launch (``fp8_gemv.block_m`` up to ``engine.fp8_rows_max``), tried once
+    before any graph capture: a tile that fails or is wrong leaves the rows below it to the kernel (or, the
+    smallest failing, none) and the rest to ``_scaled_mm``, with a warning."""
+    below = 0
+    for m in (3, 24, 48, 100):  # one row count in each tile: 16, 32, 64, 128
         x = torch.randn(m, 320, device=device, dtype=torch.bfloat16)
         if not takes_rows_kernel(x):
-            return ""
+            return
         try:
-            if not _close(fp8_linear(x, w, s, None, fast=True),
-                          fp8_linear(x.float(), w, s, None, fast=False, emulate=True)):
-                return f"wrong results at {m} rows"
+            problem = "" if _close(fp8_linear(x, w, s, None, fast=True),
+                                   fp8_linear(x.float(), w, s, None, fast=False, emulate=True)) else "wrong results"
         except Exception as exc:  # a Triton compile error is not a RuntimeError
-            return f"{m} rows: {first_line(exc)}"
-    return ""
+            problem = first_line(exc)
+        if problem:
+            if below:
+                log.warning("FP8: the few-rows kernel's %d-row tile does not run here (%s); it takes up to %d rows, "
+                            "_scaled_mm the rest", fp8_gemv.block_m(m), problem, below)
+                fp8_gemv.limit_rows(below)
+            else:
+                log.warning("FP8: the few-rows kernel does not run here (%s); _scaled_mm takes every row count",
+                            problem)
+                fp8_gemv.disable()
+            return
+        below = fp8_gemv.block_m(m)
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> bool:

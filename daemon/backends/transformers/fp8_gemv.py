@@ -88,6 +88,12 @@ def enabled() -> bool:
     return _enabled
 
 
+def limit_rows(rows: int) -> None:
+    """Take at most ``rows`` rows from now on (a wider tile failed its probe: ``fp8.scaled_mm_works``)."""
+    global _rows
+    _rows = min(_rows, rows)
+
+
 def disable() -> None:
     """Send every row count to ``_scaled_mm`` for good (the kernel failed its probe: ``fp8.scaled_mm_works``)."""
     global _enabled, _broken
