@@ -74,6 +74,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
     if web is not None and hasattr(web, "router"):
         app.include_router(web.router)
         app.include_router(importlib.import_module("daemon.server.conversations").router)
+        app.include_router(importlib.import_module("daemon.server.thumbnails").router)
     if web is not None and callable(getattr(web, "setup", None)):
         web.setup(app)  # e.g. app.mount("/static", StaticFiles(...)): the Guard covers mounts too
     app.add_exception_handler(ApiError, _api_error)

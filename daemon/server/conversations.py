@@ -32,7 +32,7 @@ from daemon.server.web import (
     MAX_RENDER,
     MAX_UPLOAD,
     WebState,
-    _allowed,
+    allowed_path,
     _json,
     _when,
     render_markdown,
@@ -184,7 +184,7 @@ def _image_size(config: Config, ws: WebState, cid: int, url: str) -> tuple[int, 
         if url.startswith("file://"):
             from daemon.images import open_image
 
-            path = _allowed(config, urllib.parse.unquote(urllib.parse.urlsplit(url).path))
+            path = allowed_path(config, urllib.parse.unquote(urllib.parse.urlsplit(url).path))
             with open_image(path) as image:
                 return image.size
         image_id = int(url.rsplit("/", 1)[-1])

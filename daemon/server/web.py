@@ -39,8 +39,6 @@ files (the API's ``POST /api/v1/jobs`` does that).
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
 import os
@@ -48,7 +46,6 @@ import re
 import threading
 import time
 import urllib.parse
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -78,7 +75,6 @@ STATIC = HERE / "static"
 PAGE_SIZE = 20
 #: Sidecar text rendered on a results page (a runaway answer must not make the page huge).
 MAX_RENDER = 200_000
-THUMB_WIDTHS = (160, 320, 640)
 #: Uploaded images: at most this big each (the chat API's own limit is similar).
 MAX_UPLOAD = 20 * 1024 * 1024
 #: How many recent jobs count towards "rate".
@@ -579,60 +575,12 @@ async def _json(request: Request) -> dict[str, Any]:
     return body
 
 
-# ------------------------------------------------------------------ thumbnails
+# ------------------------------------------------------------------ paths
 
 
-class _ThumbCache:
-    """Downsized images in memory, keyed by path, size, mtime and width (a changed file misses)."""
-
-    def __init__(self, capacity: int = 512) -> None:
-        self.capacity = capacity
-        self._items: OrderedDict[tuple, bytes] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple) -> bytes | None:
-        with self._lock:
-            data = self._items.get(key)
-            if data is not None:
-                self._items.move_to_end(key)
-            return data
-
-    def put(self, key: tuple, data: bytes) -> None:
-        with self._lock:
-            self._items[key] = data
-            self._items.move_to_end(key)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
-
-
-_thumbs = _ThumbCache()
-
-
-@router.get("/web/thumb")
-def thumb(request: Request, path: str, w: int = 320, ctx: ServerContext = Depends(context)) -> Response:
-    """A JPEG of the image at ``path`` (inside a watched folder or output_dir), at most ``w`` pixels wide."""
-    from daemon.server.api import _open_inside
-    from daemon.server.chat import served_roots
-
-    width = min(THUMB_WIDTHS, key=lambda t: abs(t - w))
-    wanted = _allowed(ctx.config(), path)
-    roots = served_roots(ctx.config())
-    f = _open_inside(wanted, roots)  # 403/404 for anything outside, symlinks resolved
-    with f:
-        st = os.fstat(f.fileno())
-        key = (str(wanted), st.st_size, st.st_mtime_ns, width)
-        etag = '"' + hashlib.blake2b(repr(key).encode(), digest_size=12).hexdigest() + '"'
-        headers = {"ETag": etag, "Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"}
-        if request.headers.get("if-none-match") == etag:
-            return Response(status_code=304, headers=headers)
-        data = _thumbs.get(key)
-        if data is None:
-            data = _make_thumb(wanted, width)
-            _thumbs.put(key, data)
-    return Response(data, media_type="image/jpeg", headers=headers)
-
-
-def _allowed(config: Config, path: str) -> Path:
+def allowed_path(config: Config, path: str) -> Path:
+    """``path`` as a normalised absolute path inside a watched folder or ``output_dir`` (400/403 otherwise);
+    the file itself is opened through the API's checks (symlinks resolved)."""
     from daemon.server.chat import served_roots
 
     if not path.startswith("/"):
@@ -642,31 +590,6 @@ def _allowed(config: Config, path: str) -> Path:
         raise ApiError(403, f"{printable(wanted)} is not inside a watched folder or output_dir", param="path",
                        code="path_not_allowed")
     return wanted
-
-
-def _make_thumb(path: Path, width: int) -> bytes:
-    from daemon.images import open_image
-
-    try:
-        image = open_image(path)
-    except Exception as exc:  # not an image we can read: a grey tile says so, the page stays whole
-        log.debug("%s: no thumbnail: %s", printable(path), exc)
-        return _placeholder(width)
-    try:
-        image.thumbnail((width, width * 4))
-        out = io.BytesIO()
-        image.convert("RGB").save(out, format="JPEG", quality=82)
-        return out.getvalue()
-    finally:
-        image.close()
-
-
-def _placeholder(width: int) -> bytes:
-    from PIL import Image
-
-    out = io.BytesIO()
-    Image.new("RGB", (width, width * 3 // 4), (210, 210, 210)).save(out, format="JPEG")
-    return out.getvalue()
 
 
 # ------------------------------------------------------------------ static
