@@ -145,9 +145,13 @@ def test_the_split_option_is_checked() -> None:
                                                     "--engine:2: engine.fp8_rows_max: must be at most 128, got 129"]
 
 
-@pytest.mark.parametrize(("failing_tile", "rows_left", "enabled"), [(64, 32, True), (16, 16, False), (None, 128, True)])
+@pytest.mark.parametrize(("rows_max", "failing_tile", "rows_left", "enabled"), [
+    (128, 64, 32, True), (128, 16, 16, False), (128, None, 128, True),
+    (20, 32, 16, True),  # 17-20 rows take the 32-row tile: it is tried too, though 20 is below its middle
+])
 def test_a_tile_that_fails_at_load_leaves_the_rows_below_it_to_the_kernel(
-        monkeypatch: pytest.MonkeyPatch, failing_tile: int | None, rows_left: int, enabled: bool) -> None:
+        monkeypatch: pytest.MonkeyPatch, rows_max: int, failing_tile: int | None, rows_left: int,
+        enabled: bool) -> None:
     # At load each row tile up to engine.fp8_rows_max is tried once (fp8.scaled_mm_works): one that fails to
     # build (a Triton compile error, shared memory) must not take the working tiles below it down, nor reach a
     # decode step.  The CPU stands in for the GPU: the interpreter runs the kernel, and "fast" rows are allowed.
@@ -164,7 +168,7 @@ def test_a_tile_that_fails_at_load_leaves_the_rows_below_it_to_the_kernel(
     monkeypatch.setattr(fp8, "_probed", {})
     monkeypatch.setattr(fp8_gemv, "_broken", False)
     try:
-        fp8_gemv.configure(True, rows=128)
+        fp8_gemv.configure(True, rows=rows_max)
         assert fp8.scaled_mm_works(torch.device("cpu"))  # torch runs _scaled_mm on the CPU too
         assert (fp8_gemv.enabled(), fp8_gemv.rows() if enabled else rows_left) == (enabled, rows_left)
     finally:

@@ -177,8 +177,10 @@ def _try_rows_kernel(device: torch.device, w: torch.Tensor, s: torch.Tensor) -> 
     before any graph capture: a tile that fails or is wrong leaves the rows below it to the kernel (or, the
     smallest failing, none) and the rest to ``_scaled_mm``, with a warning."""
     below = 0
-    for m in (3, 24, 48, 100):  # one row count in each tile: 16, 32, 64, 128
-        x = torch.randn(m, 320, device=device, dtype=torch.bfloat16)
+    for tile, m in ((16, 3), (32, 24), (64, 48), (128, 100)):  # a row count inside each tile
+        if tile > 16 and fp8_gemv.rows() <= tile // 2:
+            return  # no row count the engine may launch falls in this tile
+        x = torch.randn(min(m, fp8_gemv.rows()), 320, device=device, dtype=torch.bfloat16)
         if not takes_rows_kernel(x):
             return
         try:
@@ -189,14 +191,14 @@ def _try_rows_kernel(device: torch.device, w: torch.Tensor, s: torch.Tensor) -> 
         if problem:
             if below:
                 log.warning("FP8: the few-rows kernel's %d-row tile does not run here (%s); it takes up to %d rows, "
-                            "_scaled_mm the rest", fp8_gemv.block_m(m), problem, below)
+                            "_scaled_mm the rest", tile, problem, below)
                 fp8_gemv.limit_rows(below)
             else:
                 log.warning("FP8: the few-rows kernel does not run here (%s); _scaled_mm takes every row count",
                             problem)
                 fp8_gemv.disable()
             return
-        below = fp8_gemv.block_m(m)
+        below = tile
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> bool:

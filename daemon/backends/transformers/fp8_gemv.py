@@ -175,7 +175,7 @@ def _kernels() -> tuple[Any, Any]:
 #: (o, q/k/v, down: 112-144 programs for 132 SMs) read their weight at ~0.9-1.4 TB/s against gate/up's 2.1
 #: (session 6, call L4).
 CONFIG = {"BN": 32, "BK": 512, "num_warps": 4, "num_stages": 3}
-#: The wider row tiles' defaults, by ``block_m``, until the probe sweeps them on an H100 (``--rows-tiles``):
+#: The wider row tiles' defaults, by ``block_m``, until the probe (benchmarks/fp8_gemv_probe.py) sweeps them on an H100:
 #: a 64-row tile of activations at BK 512 would take 64 KiB of shared memory a stage, so BK halves there,
 #: and again at 128 rows.
 CONFIGS = {16: CONFIG, 32: {"BN": 32, "BK": 512, "num_warps": 4, "num_stages": 3},
