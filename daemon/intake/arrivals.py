@@ -79,7 +79,8 @@ class Arrivals:
     """The daemon's intake between its watcher and its queue (one per daemon; its settler runs a thread)."""
 
     def __init__(self, snapshot: Callable[[], Snapshot], wake: Callable[[], None]) -> None:
-        """``snapshot``: the running config (swapped whole by a reload); ``wake``: the engines, jobs are queued."""
+        """``snapshot``: the running config (swapped whole by a reload); ``wake``: tells the engines that jobs
+        were queued."""
         self._snapshot = snapshot
         self._wake = wake
         self.queue: Queue | None = None  # the daemon's, once it has opened it (``start``)
@@ -99,6 +100,7 @@ class Arrivals:
             self._lookups.shutdown(wait=True)
 
     def offer(self, path: str, kind: Kind) -> None:
+        """The watcher saw ``path`` (created, modified, moved in): settle it if a rule may take it."""
         if self.settler.note(path, kind):
             return  # already tracked: only its timing changes
         snapshot = self._snapshot()
@@ -247,6 +249,7 @@ class Arrivals:
         return accepted[1] if accepted is not None else []
 
     def requeue_changed(self, path: Path) -> None:
+        """A job's file changed while it ran (the processor saw it): settle it again, as a new arrival."""
         snapshot = self._snapshot()
         admitted = self.admit(snapshot, path)
         if admitted is not None:
