@@ -249,7 +249,7 @@ class Arrivals:
         return accepted[1] if accepted is not None else []
 
     def requeue_changed(self, path: Path) -> None:
-        """A job's file changed while it ran (the processor saw it): settle it again, as a new arrival."""
+        """A job's file changed since it was queued (the processor saw it when recording): settle it again."""
         snapshot = self._snapshot()
         admitted = self.admit(snapshot, path)
         if admitted is not None:
