@@ -237,6 +237,23 @@ def _glob_matcher(patterns: tuple[str, ...]) -> wcglob.WcMatcher:
 _PAGE_PART = re.compile(r"^\s*(\d+)\s*(?:(-)\s*(\d+)?)?\s*$")
 
 
+#: Bytes per unit of a size as vlwatch writes them (``22GiB``, ``500MB``, ``1.5TiB``): the config,
+#: ``plan --gpu-memory`` and ``bench --max-gpu-memory`` read sizes the same way, each with its own rule
+#: for a bare number.
+SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+
+
+def size_parts(text: str) -> tuple[float, str | None] | None:
+    """(number, unit in lower case, or None for a bare number) of a size like ``22GiB``; None if it is not
+    one.  ``SIZE_UNITS[unit]`` is the unit's bytes."""
+    m = _SIZE.match(text)
+    if m is None:
+        return None
+    return float(m.group(1)), (m.group(2).lower() if m.group(2) else None)
+
+
 def parse_pages(spec: str | int) -> PageRanges:
     """``"1-3,7,10-"`` -> ``((1, 3), (7, 7), (10, None))``.
 

@@ -18,15 +18,12 @@ from typing import Any
 
 import yaml
 
-from daemon.config import canonical
+from daemon.config import SIZE_UNITS, canonical, size_parts
 from daemon.errors import Problem
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 class Reader:
@@ -164,15 +161,16 @@ class Reader:
             self.problem(node, where, f"{value!r} needs a unit, like {value}GiB or {value}GB "
                                       f"(a bare number would be bytes)")
             return None
-        m = _SIZE.match(str(value)) if isinstance(value, str) else None
-        if m is None or m.group(2) is None:
-            if m is not None:
-                self.problem(node, where, f"{value!r} needs a unit, like {m.group(1)}GiB or {m.group(1)}GB "
+        parts = size_parts(value) if isinstance(value, str) else None
+        if parts is None or parts[1] is None:
+            if parts is not None:
+                number = value.strip()  # type: ignore[union-attr]
+                self.problem(node, where, f"{value!r} needs a unit, like {number}GiB or {number}GB "
                                           f"(a bare number would be bytes)")
             elif value is not None:
                 self.problem(node, where, f"expected a size like 22GiB or 500MB, got {value!r}")
             return None
-        size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+        size = int(parts[0] * SIZE_UNITS[parts[1]])
         if size <= 0:
             self.problem(node, where, f"must be more than 0, got {value!r}")
             return None

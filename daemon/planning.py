@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 from daemon import plan
-from daemon.config import Config, ModelConfig, local_model_path
+from daemon.config import SIZE_UNITS, Config, ModelConfig, local_model_path, size_parts
 from daemon.errors import ExitCode, VlwatchError
 
 log = logging.getLogger(__name__)
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)\s*$", re.IGNORECASE)
-_UNITS = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 #: What ``plan`` assumes without --gpu-memory or model.max_gpu_memory: the
 #: common consumer card (RTX 3090/4090 report 24 GiB).
 DEFAULT_CARD = 24 * plan.GiB
@@ -40,11 +36,11 @@ class PlanRequest:
 
 def parse_size(text: str) -> int:
     """``24GiB``, ``12GB``, ``8192MiB``; a bare number is refused (GB or GiB differ by 7%)."""
-    m = _SIZE.match(text)
-    if m is None:
+    parts = size_parts(text)
+    if parts is None or parts[1] in (None, "b"):
         raise VlwatchError(f"--gpu-memory {text!r}: expected a size with a unit, like 24GiB or 12GB",
                            ExitCode.USAGE)
-    size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    size = int(parts[0] * SIZE_UNITS[parts[1]])
     if size <= 0:
         raise VlwatchError(f"--gpu-memory {text!r}: must be more than 0", ExitCode.USAGE)
     return size

@@ -22,15 +22,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from daemon.bench.results import SetupResult
+from daemon.config import SIZE_UNITS, size_parts
 from daemon.errors import ExitCode, VlwatchError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PROMPT = "Describe this image in detail."
 GiB = 2**30
-_BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 @dataclass
@@ -54,10 +52,10 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def parse_bytes(text: str) -> int:
-    m = _BYTES.match(text)
-    if m is None or (m.group(2) or "b").lower() not in _UNITS:
+    parts = size_parts(text)
+    if parts is None:
         raise VlwatchError(f"{text!r}: expected a size such as 22GiB", ExitCode.USAGE)
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
+    return int(parts[0] * SIZE_UNITS[parts[1] or "b"])  # a bare number is bytes here
 
 
 def model_config(args: argparse.Namespace, pixels: int) -> Any:
