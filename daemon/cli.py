@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", metavar="NAME", help="7b, 3b, a model id or a local model folder (default: model.name)")
     c.add_argument("--quantization", choices=("auto", "none", "fp8"),
                    help="auto | none | fp8 (default: model.quantization)")
+    c.add_argument("--kv-cache-dtype", choices=("auto", "fp8"),
+                   help="auto (the model's dtype) | fp8 (default: model.kv_cache_dtype)")
     c.add_argument("--max-pixels", type=int, metavar="N", help="largest image in pixels (default: model.max_pixels)")
     c.add_argument("--max-new-tokens", type=int, metavar="N", help="answer budget (default: model.max_new_tokens)")
     c.add_argument("--json", action="store_true", help="machine-readable output")
@@ -328,7 +330,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     # Offline and before any setup: a config only fills in defaults, and none is needed.
     have = args.config is not None or any(p.is_file() for p in config_candidates())
     request = PlanRequest(model=args.model, gpu_memory=args.gpu_memory, quantization=args.quantization,
-                          max_pixels=args.max_pixels, max_new_tokens=args.max_new_tokens)
+                          kv_cache_dtype=args.kv_cache_dtype, max_pixels=args.max_pixels, max_new_tokens=args.max_new_tokens)
     return run_plan(request, _config(args) if have else None, as_json=args.json)
 
 

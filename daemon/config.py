@@ -31,6 +31,8 @@ ANSWER_FORMATS = ("olmocr",)
 ATTENTIONS = ("auto", "flash_attention_2", "sdpa", "eager")
 #: model.quantization (issue 23); vLLM's word and values
 QUANTIZATIONS = ("auto", "none", "fp8")
+#: model.kv_cache_dtype: vLLM's word; auto = the model's dtype, fp8 = e4m3 with a scale per token and KV head
+KV_CACHE_DTYPES = ("auto", "fp8")
 #: What a prompt template may name.  Anything else is a config error, so a
 #: typo is caught by `check` rather than sent to the model verbatim.
 TEMPLATE_VARIABLES = frozenset({"filename", "stem", "suffix", "folder", "path", "rule", "objects"})
@@ -73,6 +75,9 @@ class ModelConfig:
     #: auto | none | fp8 (issue 23): auto takes FP8 weights on a card with FP8
     #: tensor cores when bf16 leaves no room for a useful batch (daemon.plan)
     quantization: str = "auto"
+    #: auto | fp8: the KV cache in the model's dtype, or in FP8 (half the bytes a slot takes: twice the slots
+    #: under a memory cap; CUDA, compute capability 8.9+). Changes answers, as FP8 weights do
+    kv_cache_dtype: str = "auto"
     idle_unload: float = 900.0  # seconds; 0 disables
     base_url: tuple[str, ...] = ("http://127.0.0.1:8000/v1",)
     api_key_env: str | None = None
@@ -116,9 +121,9 @@ class EngineOptions:
     #: (``backends.transformers.fp8_gemv``; CUDA with Triton) instead of ``torch._scaled_mm``
     fp8_rows_kernel: bool = True
     #: parts of K each output tile of that kernel is cut into (split-K: the narrow layers leave SMs idle at
-    #: one part); 0 picks by the card's SMs (``fp8_gemv.split_for``).  Not an answer-changing switch: the
-    #: sums differ in fp32 rounding only
-    fp8_rows_split: int = 1
+    #: one part); 0 picks by the card's SMs (``fp8_gemv.split_for``): batch 1 on an H100 1.153 s against
+    #: 1.285 s at 1 (session 8).  Not an answer-changing switch: the sums differ in fp32 rounding only
+    fp8_rows_split: int = 0
     #: rows up to which that kernel runs (1-128; a decode step with more slots takes ``_scaled_mm``).  Rows
     #: past 16 take its 32-, 64- and 128-row tiles, 16 until an H100 measures them
     fp8_rows_max: int = 16

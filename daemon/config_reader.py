@@ -30,9 +30,9 @@ import yaml
 
 from daemon import env
 from daemon.config import (ATTENTIONS, BACKENDS, COMPILE_PARTS, DECODE_ATTENTIONS, DEFAULT_LISTEN, ENGINE_KEYS,
-                           QUANTIZATIONS, ApiConfig, Config, EngineOptions, HooksConfig, JobsConfig, ModelConfig,
-                           WatchConfig, bundled_packs, canonical, default_state_path, find_config, is_loopback_host,
-                           load_plugins, local_model_path, split_host_port)
+                           KV_CACHE_DTYPES, QUANTIZATIONS, ApiConfig, Config, EngineOptions, HooksConfig, JobsConfig,
+                           ModelConfig, WatchConfig, bundled_packs, canonical, default_state_path, find_config,
+                           is_loopback_host, load_plugins, local_model_path, split_host_port)
 from daemon.config_nodes import Reader, did_you_mean
 from daemon.errors import ConfigError, ExitCode, Problem, VlwatchError
 from daemon.plan import canonical_name
@@ -68,7 +68,7 @@ def parse_config(text: str, path: Path) -> Config:
 
 TOP_KEYS = ("model", "engine", "state", "include", "watch", "rules", "jobs", "api", "hooks")
 MODEL_KEYS = ("backend", "name", "attention", "dtype", "device", "devices", "min_pixels", "max_pixels", "batch_size",
-               "max_gpu_memory", "max_new_tokens", "quantization", "idle_unload", "base_url", "api_key_env",
+               "max_gpu_memory", "max_new_tokens", "quantization", "kv_cache_dtype", "idle_unload", "base_url", "api_key_env",
                "max_concurrency", "timeout")
 WATCH_KEYS = ("path", "rules", "recursive", "polling", "settle", "output_dir", "follow_symlinks_out")
 JOBS_KEYS = ("attempts", "backoff", "rescan", "keep_history", "batch_wait", "redo_outdated")
@@ -146,6 +146,9 @@ def _read_model(r: Reader, node: yaml.Node) -> ModelConfig:
     if "quantization" in keys:
         kw["quantization"] = r.choice(keys["quantization"], w + "quantization", QUANTIZATIONS,
                                       {"bf16": "none", "bfloat16": "none", "float8": "fp8", "fp8_e4m3": "fp8"})
+    if "kv_cache_dtype" in keys:
+        kw["kv_cache_dtype"] = r.choice(keys["kv_cache_dtype"], w + "kv_cache_dtype", KV_CACHE_DTYPES,
+                                        {"float8": "fp8", "fp8_e4m3": "fp8"})
     if "device" in keys:
         kw["device"] = _read_device(r, keys["device"], w + "device",
                                     local=kw.get("backend", "transformers") == "transformers")

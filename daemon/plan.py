@@ -56,6 +56,9 @@ USEFUL_SLOTS = 32
 #: FP8 needs tensor cores that take e4m3 inputs: Ada (8.9) and Hopper (9.0) on.
 FP8_MIN_CAPABILITY = (8, 9)
 PRECISIONS = ("bf16", "fp8")
+#: ``model.kv_cache_dtype`` (vLLM's word and values): the model's dtype, or e4m3 with one float32 scale per
+#: token and KV head (``backends.transformers.kv_fp8``; the same cards as FP8 weights).
+KV_CACHE_DTYPES = ("auto", "fp8")
 
 
 @dataclass(frozen=True)
@@ -246,14 +249,16 @@ class Demand:
     why: str = ""  # for the plan's notes: "rule olmocr (2116 image tokens, 8000 new tokens)"
 
 
-def kv_bytes_per_token(shape: ModelShape, itemsize: int = 2) -> int:
-    """Keys and values of one token in every layer."""
-    return 2 * shape.layers * shape.kv_heads * shape.head_dim * itemsize
+def kv_bytes_per_token(shape: ModelShape, itemsize: int = 2, kv: str = "auto") -> int:
+    """Keys and values of one token in every layer: in the model's dtype, or (``kv`` fp8) one byte each
+    plus a float32 scale per KV head."""
+    per_head = shape.head_dim + 4 if kv == "fp8" else shape.head_dim * itemsize
+    return 2 * shape.layers * shape.kv_heads * per_head
 
 
-def slot_bytes(shape: ModelShape, length: int, itemsize: int = 2) -> int:
+def slot_bytes(shape: ModelShape, length: int, itemsize: int = 2, kv: str = "auto") -> int:
     """One slot of ``length`` tokens: its cache columns, plus its logits and the penalty's mask."""
-    return cache_length(length) * kv_bytes_per_token(shape, itemsize) + 3 * shape.vocab * 4
+    return cache_length(length) * kv_bytes_per_token(shape, itemsize, kv) + 3 * shape.vocab * 4
 
 
 @dataclass(frozen=True)
@@ -323,22 +328,24 @@ def round_slots(slots: int) -> int:
 
 
 def slots_for_budget(shape: ModelShape, budget: int, *, tokens: int, max_new: int, itemsize: int = 2,
-                     packing: Packing = PACKED) -> int:
+                     packing: Packing = PACKED, kv: str = "auto") -> int:
     """Slots of ``tokens + max_new`` that fit ``budget`` bytes (free after the weights) beside one prefill.
 
     0 when not even one fits (the engine then refuses to start rather than
     run out of memory capturing its decode graph).
     """
     room = budget - prefill_reserve(shape, tokens, itemsize, packing)
-    return max(0, round_slots(int(room // slot_bytes(shape, tokens + max_new, itemsize))))
+    return max(0, round_slots(int(room // slot_bytes(shape, tokens + max_new, itemsize, kv))))
 
 
-def fit(shape: ModelShape, budget: int, *, tokens: int, max_new: int, itemsize: int = 2) -> tuple[int, Packing]:
+def fit(shape: ModelShape, budget: int, *, tokens: int, max_new: int, itemsize: int = 2,
+        kv: str = "auto") -> tuple[int, Packing]:
     """Slots and the prefill packing for ``budget``: packed rounds, or one prompt a round where only that fits."""
-    slots = slots_for_budget(shape, budget, tokens=tokens, max_new=max_new, itemsize=itemsize)
+    slots = slots_for_budget(shape, budget, tokens=tokens, max_new=max_new, itemsize=itemsize, kv=kv)
     if slots >= 1:
         return slots, PACKED
-    return slots_for_budget(shape, budget, tokens=tokens, max_new=max_new, itemsize=itemsize, packing=LEAN), LEAN
+    return slots_for_budget(shape, budget, tokens=tokens, max_new=max_new, itemsize=itemsize, packing=LEAN,
+                            kv=kv), LEAN
 
 
 # ------------------------------------------------------------------ the plan
@@ -361,6 +368,7 @@ class Plan:
     slots: int
     fits: bool
     lean: bool = False  # one prompt per prefill round (Packing): what lets it fit at all
+    kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPES
     advice: tuple[str, ...] = field(default=())
     notes: tuple[str, ...] = field(default=())
 
@@ -370,6 +378,7 @@ class Plan:
         if not self.fits:
             return f"{label} {self.precision} on {self.memory_gib:.1f} GiB: does not fit"
         return (f"{label} {self.precision} on {self.memory_gib:.1f} GiB: {self.slots} slots of {self.tokens} tokens"
+                + (", fp8 KV cache" if self.kv_cache_dtype == "fp8" else "")
                 + (", one prompt per prefill" if self.lean else ""))
 
     def as_json(self) -> dict[str, Any]:
@@ -387,7 +396,7 @@ def short_label(name: str) -> str:
 
 
 def make_plan(shape: ModelShape, memory: int, *, precision: str, max_pixels: int, max_new_tokens: int,
-              capped: bool = False, itemsize: int = 2, tokens: int | None = None) -> Plan:
+              capped: bool = False, itemsize: int = 2, tokens: int | None = None, kv: str = "auto") -> Plan:
     """Slots for ``shape`` in ``precision`` in ``memory`` bytes (a whole card, or a cap when ``capped``).
 
     ``tokens``: the longest prompt a slot must hold (default: an image of
@@ -396,18 +405,18 @@ def make_plan(shape: ModelShape, memory: int, *, precision: str, max_pixels: int
     tokens = prompt_tokens(max_pixels) if tokens is None else tokens
     weights = weight_bytes(shape, precision, itemsize)
     budget = memory - weights - (0 if capped else CUDA_CONTEXT)
-    slots, packing = fit(shape, budget, tokens=tokens, max_new=max_new_tokens, itemsize=itemsize)
+    slots, packing = fit(shape, budget, tokens=tokens, max_new=max_new_tokens, itemsize=itemsize, kv=kv)
     return Plan(model=shape.name, precision=precision, memory_gib=round(memory / GiB, 2), capped=capped,
                 max_pixels=max_pixels, max_new_tokens=max_new_tokens,
                 tokens=cache_length(tokens + max_new_tokens), weights_gib=round(weights / GiB, 2),
                 reserve_gib=round(prefill_reserve(shape, tokens, itemsize, packing) / GiB, 2),
-                kv_per_slot_mib=round(slot_bytes(shape, tokens + max_new_tokens, itemsize) / 2**20, 2),
-                slots=slots, fits=slots >= 1, lean=packing.lean and slots >= 1)
+                kv_per_slot_mib=round(slot_bytes(shape, tokens + max_new_tokens, itemsize, kv) / 2**20, 2),
+                slots=slots, fits=slots >= 1, lean=packing.lean and slots >= 1, kv_cache_dtype=kv)
 
 
 def choose_precision(shape: ModelShape, memory: int, *, quantization: str, max_pixels: int, max_new_tokens: int,
                      capped: bool = False, fp8_capable: bool | None = None,
-                     prequantized: bool = False, tokens: int | None = None) -> tuple[str, str]:
+                     prequantized: bool = False, tokens: int | None = None, kv: str = "auto") -> tuple[str, str]:
     """The precision ``quantization`` (auto | none | fp8) comes to, and why.
 
     ``fp8_capable`` None means "unknown card" (the offline command): FP8 is
@@ -422,7 +431,7 @@ def choose_precision(shape: ModelShape, memory: int, *, quantization: str, max_p
     if fp8_capable is False:
         return "bf16", "this card has no FP8 tensor cores (compute capability below 8.9)"
     bf16 = make_plan(shape, memory, precision="bf16", max_pixels=max_pixels, max_new_tokens=max_new_tokens,
-                     capped=capped, tokens=tokens)
+                     capped=capped, tokens=tokens, kv=kv)
     # Only where bf16 fits nothing: FP8's check against its reference has not passed yet on the GPU
     # (benchmarks/NOTES.md, call F1), so auto does not trade a working bf16 setup for it. Where bf16
     # leaves fewer than USEFUL_SLOTS, the plan's advice names fp8 and its slots instead.
@@ -433,7 +442,8 @@ def choose_precision(shape: ModelShape, memory: int, *, quantization: str, max_p
 
 def plan_with_advice(shape: ModelShape, memory: int, *, quantization: str = "auto", max_pixels: int,
                      max_new_tokens: int, capped: bool = False, fp8_capable: bool | None = None,
-                     prequantized: bool = False, itemsize: int = 2, demand: "Demand | None" = None) -> Plan:
+                     prequantized: bool = False, itemsize: int = 2, demand: "Demand | None" = None,
+                     kv_cache_dtype: str = "auto") -> Plan:
     """The plan for the configured setup; where nothing fits, what would (3B, fp8, lower max_pixels).
 
     ``demand``: what the config's rules need of a slot, where that is more
@@ -448,13 +458,15 @@ def plan_with_advice(shape: ModelShape, memory: int, *, quantization: str = "aut
         demand = None
     precision, why = choose_precision(shape, memory, quantization=quantization, max_pixels=max_pixels,
                                       max_new_tokens=max_new_tokens, capped=capped, fp8_capable=fp8_capable,
-                                      prequantized=prequantized, tokens=tokens)
+                                      prequantized=prequantized, tokens=tokens, kv=kv_cache_dtype)
     plan = make_plan(shape, memory, precision=precision, max_pixels=max_pixels, max_new_tokens=max_new_tokens,
-                     capped=capped, itemsize=itemsize, tokens=tokens)
+                     capped=capped, itemsize=itemsize, tokens=tokens, kv=kv_cache_dtype)
     notes = [f"precision {precision}: {why}"]
+    if kv_cache_dtype == "fp8":
+        notes.append("KV cache fp8: e4m3 keys and values, a float32 scale per token and KV head")
     if demand is not None and demand.why:
         notes.append(f"slots sized for {demand.why}")
-    if precision == "fp8" and fp8_capable is None:
+    if (precision == "fp8" or kv_cache_dtype == "fp8") and fp8_capable is None:
         notes.append("fp8 needs a card with compute capability 8.9 or later (RTX 40xx, L4, L40S, H100, ...)")
     if plan.fits and plan.slots >= USEFUL_SLOTS:
         return replace(plan, notes=tuple(notes))
@@ -465,12 +477,17 @@ def plan_with_advice(shape: ModelShape, memory: int, *, quantization: str = "aut
 def _advice(shape: ModelShape, memory: int, plan: Plan, *, capped: bool, fp8_capable: bool | None,
             tokens: int | None = None, demand: "Demand | None" = None) -> list[str]:
     """Setups that would fit (or fit more), the smallest change first."""
-    kw: dict[str, Any] = {"max_new_tokens": plan.max_new_tokens, "capped": capped, "tokens": tokens}
+    kw: dict[str, Any] = {"max_new_tokens": plan.max_new_tokens, "capped": capped, "tokens": tokens,
+                          "kv": plan.kv_cache_dtype}
     out: list[str] = []
     if plan.precision == "bf16" and fp8_capable is not False:
         fp8 = make_plan(shape, memory, precision="fp8", max_pixels=plan.max_pixels, **kw)
         if fp8.slots > plan.slots:
             out.append(f"model.quantization: fp8 ({fp8.slots} slots; needs compute capability 8.9+)")
+    if plan.kv_cache_dtype != "fp8" and fp8_capable is not False:
+        kv8 = make_plan(shape, memory, precision=plan.precision, max_pixels=plan.max_pixels, **{**kw, "kv": "fp8"})
+        if kv8.slots > plan.slots:
+            out.append(f"model.kv_cache_dtype: fp8 ({kv8.slots} slots; needs compute capability 8.9+)")
     small = known_shape("3b")
     if small is not None and shape.hidden > small.hidden:
         for precision in ("bf16", "fp8") if fp8_capable is not False else ("bf16",):
@@ -497,7 +514,7 @@ def _advice(shape: ModelShape, memory: int, plan: Plan, *, capped: bool, fp8_cap
                 break
     if plan.max_new_tokens > 512 and (demand is None or plan.max_new_tokens > demand.max_new_tokens):
         alt = make_plan(shape, memory, precision=plan.precision, max_pixels=plan.max_pixels,
-                        max_new_tokens=512, capped=capped, tokens=tokens)
+                        **{**kw, "max_new_tokens": 512})
         if alt.slots > plan.slots:
             out.append(f"model.max_new_tokens: 512 ({alt.slots} slots)")
     if not out and not plan.fits:

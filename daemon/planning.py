@@ -30,6 +30,7 @@ class PlanRequest:
     model: str | None = None
     gpu_memory: str | None = None
     quantization: str | None = None
+    kv_cache_dtype: str | None = None
     max_pixels: int | None = None
     max_new_tokens: int | None = None
 
@@ -132,6 +133,7 @@ def make(request: PlanRequest, model: ModelConfig, config: Config | None = None)
     """The plan for ``request``, its gaps filled from the config's ``model:`` section (and its rules)."""
     name = plan.canonical_name(request.model or model.name)
     quantization = request.quantization or model.quantization
+    kv_cache_dtype = request.kv_cache_dtype or model.kv_cache_dtype
     if request.gpu_memory is not None:
         memory, capped = parse_size(request.gpu_memory), False
     elif model.max_gpu_memory:
@@ -149,7 +151,7 @@ def make(request: PlanRequest, model: ModelConfig, config: Config | None = None)
         demand = demand_of(replace(config, model=sized), text_counter(request.model or model.name))
     return plan.plan_with_advice(shape_for(name), memory, quantization=quantization, max_pixels=max_pixels,
                                  max_new_tokens=max_new_tokens, capped=capped, prequantized=_prequantized(name),
-                                 demand=demand)
+                                 demand=demand, kv_cache_dtype=kv_cache_dtype)
 
 
 def format_plan(p: plan.Plan, *, assumed_card: bool) -> str:
@@ -160,7 +162,8 @@ def format_plan(p: plan.Plan, *, assumed_card: bool) -> str:
         f"  weights          {p.weights_gib:6.1f} GiB" + ("  (text linears FP8; vision tower, embeddings, "
                                                           "lm_head bf16)" if p.precision == "fp8" else ""),
         f"  prefill reserve  {p.reserve_gib:6.1f} GiB  (one prefill's activations and KV, working margin)",
-        f"  per slot         {p.kv_per_slot_mib:6.1f} MiB  ({p.tokens} tokens of KV cache: max_pixels "
+        f"  per slot         {p.kv_per_slot_mib:6.1f} MiB  ({p.tokens} tokens of "
+        + ("fp8 " if p.kv_cache_dtype == "fp8" else "") + f"KV cache: max_pixels "
         f"{p.max_pixels}, max_new_tokens {p.max_new_tokens})",
     ]
     lines += [f"  {n}" for n in p.notes]

@@ -119,15 +119,15 @@ def test_the_op_compiles_opaque_with_the_right_shape() -> None:
 def test_the_engine_options_reach_the_kernel(tiny_model: Path) -> None:
     """``engine.fp8_rows_kernel: false``, ``engine.fp8_rows_split`` and ``engine.fp8_rows_max`` (``bench --engine
     ...`` for an A/B) reach the kernel's switches when an FP8 model loads; the defaults turn it on where Triton
-    runs, one part of K, up to 16 rows."""
+    runs, K split by the card's SMs, up to 16 rows."""
     from daemon.backends.transformers.backend import TransformersBackend
     from daemon.config import EngineOptions, ModelConfig
     from daemon.config_reader import parse_engine_options
 
     model = ModelConfig(name=str(tiny_model), quantization="fp8")
     try:
-        for pairs, expected in (([], (True, 1, 16)), (["fp8_rows_kernel=false"], (False, 1, 16)),
-                                (["fp8_rows_split=0", "fp8_rows_max=128"], (True, 0, 128))):
+        for pairs, expected in (([], (True, 0, 16)), (["fp8_rows_kernel=false"], (False, 0, 16)),
+                                (["fp8_rows_split=1", "fp8_rows_max=128"], (True, 1, 128))):
             backend = TransformersBackend(model, options=parse_engine_options(pairs, base=EngineOptions()))
             backend.load()
             assert (fp8_gemv.enabled(), fp8_gemv.split(), fp8_gemv.rows()) == expected

@@ -62,6 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=("transformers", "openai"), help="default: model.backend of the config")
     parser.add_argument("--quantization", choices=("auto", "none", "fp8"),
                         help="FP8 text weights or not (default: model.quantization of the config)")
+    parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"),
+                        help="the KV cache in the model's dtype or FP8 (default: model.kv_cache_dtype of the config)")
     parser.add_argument("--attention", choices=("auto", "flash_attention_2", "sdpa", "eager"),
                         help="default: model.attention of the config")
     parser.add_argument("--images", type=int, default=128, metavar="N", help="images per batched setup (default 128)")

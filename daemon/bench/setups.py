@@ -83,7 +83,7 @@ def configs(args: argparse.Namespace, pixels: int) -> tuple[Any, Any]:
     overrides: dict[str, Any] = {"max_new_tokens": args.new_tokens, "batch_size": None,
                                  # the images are shown at exactly --size
                                  "max_pixels": max(model.max_pixels, pixels)}
-    for key in ("model", "backend", "attention", "quantization"):
+    for key in ("model", "backend", "attention", "quantization", "kv_cache_dtype"):
         value = getattr(args, key, None)
         if value is not None:
             overrides["name" if key == "model" else key] = canonical_name(value) if key == "model" else value

@@ -104,6 +104,8 @@ class TransformersBackend(BaseBackend):
         self._lock = threading.Lock()
         #: bf16 | fp8: the text model's linear weights as loaded (model.quantization resolved)
         self.precision: str | None = None
+        #: auto | fp8: the slot engine's KV cache as it runs (model.kv_cache_dtype resolved at load)
+        self.kv_cache_dtype = "auto"
         #: what daemon.plan said before loading (CUDA only): logged, and shown by `status`
         self.plan: plan.Plan | None = None
         #: called after the model is loaded or unloaded (the daemon records it for `status`)
@@ -175,6 +177,8 @@ class TransformersBackend(BaseBackend):
         fast, vision = self._fast, self._vision
         if fast is not None and self.engine != "hf":
             parts.append(f"decode {fast.attention}")
+            if fast.fp8_cache and fast.attention != "fp8_kv":  # rounds every key and value attended to
+                parts.append("kv cache fp8")
             parts.append("prefill " + ("packed" if fast.packed else "stock"))
             compiled = [p for p, on in (("decode", fast._layer_fn is not None),
                                         ("vision", vision is not None and vision.use_compiled),
@@ -220,7 +224,8 @@ class TransformersBackend(BaseBackend):
         processor = loading.load_processor(source)
         # Refuses a setup that cannot fit, with advice.
         demand = loading.demand(sizing, lambda prompt: _text_tokens(processor, prompt))
-        self.plan = loading.plan_memory(self.config, source, device, dtype, demand)
+        self.kv_cache_dtype = loading.resolve_kv_cache(self.config, device)
+        self.plan = loading.plan_memory(self.config, source, device, dtype, demand, self.kv_cache_dtype)
         self.precision = loading.resolve_precision(self.config, source, device, self.plan)
         if self.precision == "fp8":
             from daemon.backends.transformers import fp8_gemv
@@ -232,7 +237,8 @@ class TransformersBackend(BaseBackend):
                                                 precision=self.precision, load_format=self.load_format)
         self._processor, self._model, self.attention = processor, model, attention
         log.info("loaded %s on %s (%s, attention=%s)", self.model, device, str(dtype).removeprefix("torch."), attention)
-        paths = loading.speed_up(model, processor, attention, engine=self.engine, options=self.options)
+        paths = loading.speed_up(model, processor, attention, engine=self.engine, options=self.options,
+                                 kv_cache_dtype=self.kv_cache_dtype)
         if paths is None:  # a model the slot engine does not support: model.generate runs it
             return
         self._fast, self._vision, self._text = paths.fast, paths.vision, paths.text
@@ -273,6 +279,7 @@ class TransformersBackend(BaseBackend):
         if self._fast is not None:
             info["engine"] = "slot engine" + (" + CUDA graphs" if self._fast.use_cuda_graphs else "")
             info["decode_compiled"] = self._fast._layer_fn is not None
+            info["kv_cache"] = "fp8" if self._fast.fp8_cache else self.dtype
         if self._vision is not None:
             info["vision_attention"] = self._vision.last_path or "stock"
             info["vision_compiled"] = self._vision.use_compiled
@@ -566,7 +573,9 @@ class TransformersBackend(BaseBackend):
         if self._fast is not None:
             budget += self._fast.held_bytes()  # the cache in hand is reused or replaced, not added to
         shape = loading.model_shape(self._model)
-        slots, packing = plan.fit(shape, budget, tokens=tokens, max_new=max_new, itemsize=self._model.dtype.itemsize)
+        kv = self._fast.kv_cache_dtype if self._fast is not None else "auto"
+        slots, packing = plan.fit(shape, budget, tokens=tokens, max_new=max_new, itemsize=self._model.dtype.itemsize,
+                                  kv=kv)
         if self._fast is not None and packing != self._fast.packing:
             self._fast.packing = packing
             log.info("prefill: %s", "one prompt per round (packed rounds leave no room for a slot here)"

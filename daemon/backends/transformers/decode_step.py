@@ -8,11 +8,15 @@ captured as one CUDA graph and each layer compiled with ``torch.compile``:
 - ``attend``: the attention of each row's new query against its own cache
   row, through the kernel ``attention_kind`` picks (FlashAttention-2's varlen
   entry on CUDA in half precision, two small matmuls for a lone row, SDPA
-  with a mask otherwise);
+  with a mask otherwise; over an FP8 cache, ``kv_fp8``'s kernel);
+- ``store``: a token's keys or values into the cache (quantized, for an FP8
+  cache, with their scales beside);
 - ``choose``, ``penalize``: the next token (greedy or sampled) and the
   repetition penalty, as transformers computes them.
 
-The cache is token-major: ``(slot, column, kv head, dim)``.
+The cache is token-major: ``(slot, column, kv head, dim)``; an FP8 cache
+(``model.kv_cache_dtype: fp8``) has a float32 scale per ``(slot, column, kv
+head)`` beside it, passed as ``k_scale`` / ``v_scale`` (None otherwise).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from daemon.backends.transformers import kv_fp8
 from daemon.backends.transformers.fp8 import Fp8Linear, fp8_linear
 from daemon.backends.transformers.fp8 import concat as fp8_concat
 from daemon.backends.transformers.qwen2_5_vl import flash_attention, flash_takes_seqused_k, flash_varlen
@@ -128,21 +133,40 @@ class Where(NamedTuple):
     cu_k: torch.Tensor
 
 
-def attention_kind(device: torch.device, dtype: torch.dtype, *, flash: bool = True) -> str:
-    """``flash`` where FlashAttention-2's varlen kernel takes per-row key lengths, else ``sdpa``.
+def attention_kind(device: torch.device, dtype: torch.dtype, *, flash: bool = True, fp8_cache: bool = False) -> str:
+    """``flash`` where FlashAttention-2's varlen kernel takes per-row key lengths, else ``sdpa``; ``fp8_kv``
+    for an FP8 cache where ``kv_fp8``'s kernel runs (CUDA with Triton).
 
     On an H100 the SDPA call with a mask (the memory-efficient kernel) was
     12 of a 19.6 ms step at 256 slots; the flash kernel read the same cache
     at 1.3-1.4x its bandwidth (benchmarks/NOTES.md, call D1).
-    ``flash=False`` (``engine.decode_attention: sdpa``) turns it off.
+    ``flash=False`` (``engine.decode_attention: sdpa``) turns it off.  An FP8
+    cache elsewhere (a CPU: the tests) is widened to the model's dtype per
+    step and read by ``sdpa``: correct, slow.
     """
+    if fp8_cache:
+        return "fp8_kv" if device.type == "cuda" and kv_fp8.runs(device) else "sdpa"
     if not flash or not flash_varlen(device, dtype) or not flash_takes_seqused_k():
         return "sdpa"
     return "flash"
 
 
+def store(cache: torch.Tensor, scale: torch.Tensor | None, rows: torch.Tensor, cols: torch.Tensor,
+          x: torch.Tensor) -> None:
+    """``x`` (rows, kv heads, dim) into ``cache[rows, cols]``; for an FP8 cache (``scale`` given) quantized,
+    one scale per token and KV head."""
+    if scale is None:
+        cache[rows, cols] = x
+        return
+    q, s = kv_fp8.quantize(x)
+    # Through uint8 views: index_put_ is not implemented for float8 on every torch this runs on.
+    cache.view(torch.uint8)[rows, cols] = q.view(torch.uint8)
+    scale[rows, cols] = s
+
+
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, where: Where, scale: float,
-           group: int, kind: str) -> torch.Tensor:
+           group: int, kind: str, k_scale: torch.Tensor | None = None,
+           v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of each row's one new query against its cache row: ``(rows, heads * dim)``.
 
     Query head j uses KV head j // group (HF's repeat_kv), against the
@@ -153,9 +177,19 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, where:
     - ``one``: a single row as two small matrix products, the query heads of a
       group as rows against their KV head (the fused kernels give one row too
       little parallelism: 2.1 of an 8 ms batch-1 step on an H100, call D1);
-    - ``sdpa``: the group's queries as rows against one KV head, with the mask.
+    - ``sdpa``: the group's queries as rows against one KV head, with the mask;
+    - ``fp8_kv``: ``kv_fp8``'s kernel over the FP8 cache and its scales (``used`` columns per row).
+
+    An FP8 cache for another kind is widened to ``q``'s dtype first (a CPU).
     """
     n, n_kv, dim = q.shape[0], k_cache.shape[2], q.shape[-1]
+    if k_scale is not None and v_scale is not None:
+        if kind == "fp8_kv":
+            assert where.used is not None
+            o = kv_fp8.fp8_kv_attention(q, k_cache, k_scale, v_cache, v_scale, where.used, scale)
+            return o.reshape(n, n_kv * group * dim)
+        k_cache = kv_fp8.dequantize(k_cache[:n], k_scale[:n], q.dtype)
+        v_cache = kv_fp8.dequantize(v_cache[:n], v_scale[:n], q.dtype)
     if kind == "flash":
         length = k_cache.shape[1]
         o = flash_attention(
@@ -177,16 +211,20 @@ def layer_step(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: t
                v_cache: torch.Tensor, rows: torch.Tensor, wpos: torch.Tensor, bias: torch.Tensor | None,
                used: torch.Tensor | None, cu_q: torch.Tensor, cu_k: torch.Tensor, qkv_w: Weight,
                qkv_b: torch.Tensor, gate_up: Weight, ln1: torch.Tensor, ln2: torch.Tensor, o_w: Weight,
-               down_w: Weight, eps: float, scale: float, n_kv: int, group: int, kind: str) -> torch.Tensor:
-    """One decoder layer for one new token per row (the compiled form of slots.SlotEngine._step's loop body)."""
+               down_w: Weight, eps: float, scale: float, n_kv: int, group: int, kind: str,
+               k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """One decoder layer for one new token per row (the compiled form of slots.SlotEngine._step's loop body).
+
+    ``k_scale`` / ``v_scale``: an FP8 cache's scales (module docstring), None for a cache in the model's dtype.
+    """
     n, dim = x.shape[0], k_cache.shape[-1]
     qkv = linear(_rms(x, ln1, eps), qkv_w, qkv_b)
     q, k, v = qkv.split([n_kv * group * dim, n_kv * dim, n_kv * dim], dim=-1)
     q = rotate(q.reshape(n, n_kv * group, dim), cos, sin)
     k = rotate(k.reshape(n, n_kv, dim), cos, sin)
-    k_cache[rows, wpos] = k
-    v_cache[rows, wpos] = v.reshape(n, n_kv, dim)
-    o = attend(q, k_cache, v_cache, Where(rows, wpos, bias, used, cu_q, cu_k), scale, group, kind)
+    store(k_cache, k_scale, rows, wpos, k)
+    store(v_cache, v_scale, rows, wpos, v.reshape(n, n_kv, dim))
+    o = attend(q, k_cache, v_cache, Where(rows, wpos, bias, used, cu_q, cu_k), scale, group, kind, k_scale, v_scale)
     x = x + linear(o, o_w)
     gate, up = linear(_rms(x, ln2, eps), gate_up).chunk(2, dim=-1)
     return x + linear(F.silu(gate) * up, down_w)

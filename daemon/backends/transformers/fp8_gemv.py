@@ -51,12 +51,12 @@ _enabled = False
 #: the kernel failed its probe on a device (``fp8.scaled_mm_works``): off for the process
 _broken = False
 #: parts of K per output tile when the caller names none (``engine.fp8_rows_split``; 0: ``split_for``)
-_split = 1
+_split = 0
 #: rows up to which FP8 linears take the kernel (``engine.fp8_rows_max``)
 _rows = SMALL_M
 
 
-def configure(wanted: bool, *, split: int = 1, rows: int = SMALL_M) -> None:
+def configure(wanted: bool, *, split: int = 0, rows: int = SMALL_M) -> None:
     """Use the kernel or not (``engine.fp8_rows_kernel``), its split-K (``engine.fp8_rows_split``) and up to
     how many rows (``engine.fp8_rows_max``), where Triton runs; the loader calls it before FP8 layers exist."""
     global _enabled, _split, _rows
@@ -171,9 +171,9 @@ def _kernels() -> tuple[Any, Any]:
 #: at one row, against 150.5 for (32, 256, 4 stages) and 200-220 for 16-row tiles.  A ``config`` given to
 #: ``launch`` may also name ``SPLIT``, the parts of K each output tile is cut into (split-K, then one small
 #: kernel adds the parts up; 0 chooses by the card's SMs, ``split_for``); without it the engine's
-#: ``engine.fp8_rows_split`` applies (``configure``), 1 until an H100 probe says otherwise: the narrow layers
-#: (o, q/k/v, down: 112-144 programs for 132 SMs) read their weight at ~0.9-1.4 TB/s against gate/up's 2.1
-#: (session 6, call L4).
+#: ``engine.fp8_rows_split`` applies (``configure``), 0 by default: the narrow layers (o, q/k/v, down:
+#: 112-144 programs for 132 SMs) read their weight at ~0.9-1.4 TB/s against gate/up's 2.1 at one part
+#: (session 6, call L4), and the automatic split took batch 1 from 1.285 to 1.153 s on an H100 (session 8).
 CONFIG = {"BN": 32, "BK": 512, "num_warps": 4, "num_stages": 3}
 #: The wider row tiles' defaults, by ``block_m``, until the probe (benchmarks/fp8_gemv_probe.py) sweeps them on an H100:
 #: a 64-row tile of activations at BK 512 would take 64 KiB of shared memory a stage, so BK halves there,

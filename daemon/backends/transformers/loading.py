@@ -2,7 +2,8 @@
 
 ``backend.TransformersBackend`` loads in this order, one function here per
 step: the device and dtype (``pick_device``, ``pick_dtype``,
-``refuse_fp16``), the processor, the memory plan (``plan_memory``, counting
+``refuse_fp16``), the processor, the KV cache's dtype (``resolve_kv_cache``:
+its kernel is tried on the card first), the memory plan (``plan_memory``, counting
 the feed's declared requests: ``demand``) on the memory the card has free
 before any weight arrives, the precision of the text weights
 (``resolve_precision``), then the weights themselves under the memory cap,
@@ -166,8 +167,32 @@ def demand(sizing: Sizing, text_tokens: Callable[[str], int]) -> plan.Demand | N
                        why=f"the rules' requests (up to {max(lengths)} prompt tokens, {budget} new tokens)")
 
 
+def resolve_kv_cache(config: ModelConfig, device: Any) -> str:
+    """What ``model.kv_cache_dtype`` comes to here: ``auto`` as asked; ``fp8`` where its attention kernel
+    runs (``kv_fp8.runs``), refused on a card before compute capability 8.9 with what to set instead, kept
+    in the model's dtype (a warning) where the kernel fails its check; on a CPU FP8 through the widening
+    reference path (correct, slow: the tests).
+    """
+    import torch
+
+    from daemon.backends.transformers import kv_fp8
+
+    if config.kv_cache_dtype != "fp8":
+        return "auto"
+    if device.type != "cuda":
+        log.warning("an FP8 KV cache on %s is widened to the model's dtype at every step (slow): its kernel "
+                    "needs CUDA compute capability 8.9+", device)
+        return "fp8"
+    capability = tuple(torch.cuda.get_device_capability(device))
+    if capability < plan.FP8_MIN_CAPABILITY:
+        raise BackendError(f"model.kv_cache_dtype: fp8 needs a GPU with compute capability 8.9 or later (RTX 40xx, "
+                           f"L4, L40S, H100); this one has {'.'.join(map(str, capability))}. Set "
+                           "model.kv_cache_dtype: auto")
+    return "fp8" if kv_fp8.runs(device) else "auto"
+
+
 def plan_memory(config: ModelConfig, source: str, device: Any, dtype: Any,
-                demand: plan.Demand | None) -> plan.Plan | None:
+                demand: plan.Demand | None, kv_cache_dtype: str = "auto") -> plan.Plan | None:
     """The plan for this model on this card, logged; a clear error when nothing fits.
 
     The same arithmetic as ``vlwatch plan`` and ``auto_batch_size``
@@ -198,7 +223,8 @@ def plan_memory(config: ModelConfig, source: str, device: Any, dtype: Any,
     planned = plan.plan_with_advice(
         shape, memory, quantization=quantization, max_pixels=config.max_pixels,
         max_new_tokens=config.max_new_tokens, capped=True,  # free memory: the context is counted already
-        fp8_capable=capable, prequantized=prequantized, itemsize=dtype.itemsize, demand=demand)
+        fp8_capable=capable, prequantized=prequantized, itemsize=dtype.itemsize, demand=demand,
+        kv_cache_dtype=kv_cache_dtype)
     if quantization != config.quantization:
         raise BackendError(plan.fp8_unsupported_message(".".join(map(str, capability)), planned))
     log.info("memory plan: %s (weights %.1f GiB, prefill reserve %.1f GiB, %.0f MiB per slot; %s)",
@@ -377,7 +403,8 @@ def quantize(model: Any, source: str, device: Any, *, precision: str, load_forma
     return model
 
 
-def speed_up(model: Any, processor: Any, attention: str, *, engine: str, options: EngineOptions) -> FastPaths | None:
+def speed_up(model: Any, processor: Any, attention: str, *, engine: str, options: EngineOptions,
+             kv_cache_dtype: str = "auto") -> FastPaths | None:
     """The slot engine and the vision/prefill patches for ``model``, each checked against the stock path.
 
     Returns None for a model the slot engine does not support (the stock
@@ -386,6 +413,7 @@ def speed_up(model: Any, processor: Any, attention: str, *, engine: str, options
     Args:
         engine: ``auto`` builds the slot engine, ``hf`` does not (stock ``model.generate``).
         options: the ``engine:`` section.
+        kv_cache_dtype: the slot engine's cache, ``resolve_kv_cache``'s answer.
     """
     if getattr(model.config, "model_type", None) != "qwen2_5_vl":
         log.info("generation: model.generate (the slot engine supports qwen2_5_vl only)")
@@ -407,7 +435,8 @@ def speed_up(model: Any, processor: Any, attention: str, *, engine: str, options
     started = time.perf_counter()
     checked = qwen2_5_vl_check.check_rope_index(model)
     if engine != "hf" and checked.ok("rope_index"):
-        candidate = slots.SlotEngine(model, eos_ids=eos_ids(model, processor), options=o)
+        candidate = slots.SlotEngine(model, eos_ids=eos_ids(model, processor), options=o,
+                                     kv_cache_dtype=kv_cache_dtype)
         checked += check_engine(candidate)
         fast = candidate if checked.ok("text_layers") else None
     if not checked.ok("flash_attention") and vision is not None:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from daemon.backends import reraise_if_fatal
-from daemon.backends.transformers.decode_step import at_eos, choose, penalize, weight_of
+from daemon.backends.transformers.decode_step import at_eos, choose, penalize, store, weight_of
 from daemon.backends.transformers.patches import rows_vary
 from daemon.backends.transformers.prefill_step import pack, prefill_layer
 from daemon.backends.transformers import qwen2_5_vl
@@ -66,6 +66,7 @@ class PrefillRounds:
     eos: torch.Tensor  # end-of-sequence ids (a -1 when there are none)
     _state: dict[str, torch.Tensor]
     _kv: list[tuple[torch.Tensor, torch.Tensor]]
+    _scales: list[tuple[torch.Tensor, torch.Tensor]]  # an FP8 cache's scales (static_cache), [] otherwise
 
     def _image_features(self, prompts: list[Prompt]) -> list[torch.Tensor | None]:
         """The vision tower's output for each prompt's images, all images in one call.
@@ -163,12 +164,13 @@ class PrefillRounds:
         if layer_fn is self._prefill_fn:
             rows_vary(x, cos, sin, slot_of, col_of, cu)
         group = self.n_heads // self.n_kv
-        for layer, (k_cache, v_cache) in zip(self.layers, self._kv):
+        scales = self._scales or [(None, None)] * len(self._kv)
+        for layer, (k_cache, v_cache), (k_scale, v_scale) in zip(self.layers, self._kv, scales):
             attn = layer.self_attn
             x = layer_fn(x, cos, sin, k_cache, v_cache, slot_of, col_of, cu, layout.spans if kind == "sdpa" else (),
                          *self.fused[id(layer)], layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
                          weight_of(attn.o_proj), weight_of(layer.mlp.down_proj), self.eps, attn.scaling, self.n_kv,
-                         group, kind)
+                         group, kind, k_scale, v_scale)
         logits = self.lm_head(self.norm(x[last])).float()
         return self._first_tokens(logits, rows, ids, slot_of, per_row, temps, any(p.temperature > 0 for p in prompts))
 
@@ -216,9 +218,12 @@ class PrefillRounds:
         # One unpadded sequence: no attention mask, so the text model takes the plain causal path.
         out = qwen2_5_vl.text_model(model)(input_ids=None, inputs_embeds=embeds, position_ids=positions, use_cache=True)
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        for layer, (k_cache, v_cache) in zip(cache.layers, self._kv):
-            k_cache[slot, :length] = layer.keys[0].transpose(0, 1)
-            v_cache[slot, :length] = layer.values[0].transpose(0, 1)
+        scales = self._scales or [(None, None)] * len(self._kv)
+        put_row = torch.full((length,), slot, device=self.device)
+        cols = torch.arange(length, device=self.device)
+        for layer, (k_cache, v_cache), (k_scale, v_scale) in zip(cache.layers, self._kv, scales):
+            store(k_cache, k_scale, put_row, cols, layer.keys[0].transpose(0, 1))
+            store(v_cache, v_scale, put_row, cols, layer.values[0].transpose(0, 1))
         logits = self.lm_head(out.last_hidden_state[:, -1]).float()
         put = self._staging.to_device
         rows = put(torch.tensor([slot]))

@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from daemon.backends.transformers.decode_step import Weight, _rms, linear, rotate
+from daemon.backends.transformers.decode_step import Weight, _rms, linear, rotate, store
 from daemon.backends.transformers.qwen2_5_vl import flash_attention
 
 
@@ -94,12 +94,16 @@ def prefill_layer(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache
                   v_cache: torch.Tensor, slot_of: torch.Tensor, col_of: torch.Tensor, cu: torch.Tensor,
                   spans: tuple[tuple[int, int], ...], qkv_w: Weight, qkv_b: torch.Tensor, gate_up: Weight,
                   ln1: torch.Tensor, ln2: torch.Tensor, o_w: Weight, down_w: Weight, eps: float,
-                  scale: float, n_kv: int, group: int, kind: str) -> torch.Tensor:
+                  scale: float, n_kv: int, group: int, kind: str, k_scale: torch.Tensor | None = None,
+                  v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One decoder layer over a round's packed tokens ``x`` (tokens, hidden); keys and values into the cache.
 
     ``cos``/``sin``: (tokens, 1, head dim), the model's M-RoPE for each
     token's 3D position.  The stock layer's arithmetic (Qwen2DecoderLayer):
     q/k/v through the fused weights of ``decode_step.fuse_projections``.
+    An FP8 cache (``k_scale``/``v_scale`` given) takes the keys and values
+    quantized; the round's own attention reads them unrounded, as vLLM's
+    prefill does.
     """
     t, dim = x.shape[0], k_cache.shape[-1]
     qkv = linear(_rms(x, ln1, eps), qkv_w, qkv_b)
@@ -107,8 +111,8 @@ def prefill_layer(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache
     q = rotate(q.reshape(t, n_kv * group, dim), cos, sin)
     k = rotate(k.reshape(t, n_kv, dim), cos, sin)
     v = v.reshape(t, n_kv, dim).contiguous()
-    k_cache[slot_of, col_of] = k
-    v_cache[slot_of, col_of] = v
+    store(k_cache, k_scale, slot_of, col_of, k)
+    store(v_cache, v_scale, slot_of, col_of, v)
     x = x + linear(causal(q, k, v, cu, spans, scale, kind), o_w)
     gate, up = linear(_rms(x, ln2, eps), gate_up).chunk(2, dim=-1)
     return x + linear(F.silu(gate) * up, down_w)

@@ -89,7 +89,7 @@ class SlotEngine(PrefillRounds, CacheAndStep):
     """Static-cache greedy decoding over ``slots`` sequences of a Qwen2.5-VL model."""
 
     def __init__(self, model: Any, *, eos_ids: set[int], use_cuda_graphs: bool | None = None,
-                 options: EngineOptions = EngineOptions()) -> None:
+                 options: EngineOptions = EngineOptions(), kv_cache_dtype: str = "auto") -> None:
         self.model = model
         text = text_model(model)
         self.layers = list(text.layers)
@@ -116,7 +116,10 @@ class SlotEngine(PrefillRounds, CacheAndStep):
         self.detect_loops = True  # stop sequences stuck repeating (LOOP_WINDOW)
         self.eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
         self.fused = fuse_projections(self.layers)
-        self.attention = attention_kind(self.device, self.dtype, flash=options.decode_attention == "flash")
+        #: auto (the model's dtype) | fp8 (``model.kv_cache_dtype``: e4m3 with scales, ``static_cache``)
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attention = attention_kind(self.device, self.dtype, flash=options.decode_attention == "flash",
+                                        fp8_cache=kv_cache_dtype == "fp8")
         # On CUDA one decoder layer's step runs through torch.compile (one
         # compiled function for all layers): it fuses the norms, the rotary
         # embedding and the residual adds, ~30 small kernels per layer.
@@ -145,6 +148,7 @@ class SlotEngine(PrefillRounds, CacheAndStep):
         self._step_s: dict[int, float] = {}  # last measured seconds per decode step, by slots stepped
         self._state: dict[str, torch.Tensor] = {}
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._scales: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._staging = Staging(self.device)
         self._true = torch.ones((), dtype=torch.bool, device=self.device)
         self.vision: Any = None  # patches.VisionAttentionPatch, told the window bounds ahead (_vision_layout)

@@ -8,6 +8,8 @@ admits prompts and hands results back is ``slots``):
   layer, token-major (the layout FlashAttention's varlen entry reads), and
   the per-slot state the step updates on the device (token fed next, its
   position and cache column, tokens so far, budget, active flag, output);
+  with ``model.kv_cache_dtype: fp8`` the keys and values are e4m3 with a
+  float32 scale per token and KV head beside them (``_scales``, ``kv_fp8``);
 - the **decode step** (``_step``): one token for the first ``n`` slots,
   written against the model's own modules and weights (the fused layer
   function of ``decode_step``, compiled on CUDA), greedy or per-slot
@@ -25,7 +27,9 @@ from typing import Any, Callable
 import torch
 
 from daemon.backends import is_sticky_cuda_error
-from daemon.backends.transformers.decode_step import Where, at_eos, attend, choose, layer_step, penalize, rotate, weight_of
+from daemon.backends.transformers import kv_fp8
+from daemon.backends.transformers.decode_step import (Where, at_eos, attend, choose, layer_step, penalize, rotate,
+                                                      store, weight_of)
 from daemon.backends.transformers.oom import is_out_of_memory
 from daemon.backends.transformers.scheduler import decode_widths
 from daemon.plan import cache_length
@@ -63,21 +67,30 @@ class CacheAndStep:
     _graphs: dict[tuple[int, bool], Any]
     _state: dict[str, torch.Tensor]
     _kv: list[tuple[torch.Tensor, torch.Tensor]]
+    #: an FP8 cache's scales per layer, (keys, values), each (slots, length, kv heads) float32; [] otherwise
+    _scales: list[tuple[torch.Tensor, torch.Tensor]]
+    kv_cache_dtype: str  # auto (the model's dtype) | fp8
 
     # ------------------------------------------------------------ memory
 
+    @property
+    def fp8_cache(self) -> bool:
+        return self.kv_cache_dtype == "fp8"
+
     def kv_bytes_per_token(self) -> int:
-        return 2 * len(self.layers) * self.n_kv * self.head_dim * self.dtype.itemsize
+        per_head = self.head_dim + 4 if self.fp8_cache else self.head_dim * self.dtype.itemsize
+        return 2 * len(self.layers) * self.n_kv * per_head
 
     def held_bytes(self) -> int:
         """Device memory the cache and state hold now (reused by the next run that fits)."""
-        tensors = [t for pair in self._kv for t in pair] + list(self._state.values())
+        tensors = [t for pair in self._kv + self._scales for t in pair] + list(self._state.values())
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def release(self) -> None:
         """Drop the static cache and the captured graphs (their memory goes back to the allocator)."""
         self._graphs.clear()
         self._kv = []
+        self._scales = []
         self._state = {}
         self._slots = self._length = 0
 
@@ -97,8 +110,12 @@ class CacheAndStep:
         # Token-major (slot, column, kv head, dim): one column is one token's
         # keys for every head, the layout FlashAttention's varlen entry reads.
         shape = (slots, length, self.n_kv, self.head_dim)
-        self._kv = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                     torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in self.layers]
+        cache_dtype = torch.float8_e4m3fn if self.fp8_cache else self.dtype
+        self._kv = [(torch.zeros(shape, dtype=cache_dtype, device=self.device),
+                     torch.zeros(shape, dtype=cache_dtype, device=self.device)) for _ in self.layers]
+        if self.fp8_cache:  # ones: a column never written reads as zeros, never as NaN
+            self._scales = [(torch.ones(shape[:3], dtype=torch.float32, device=self.device),
+                             torch.ones(shape[:3], dtype=torch.float32, device=self.device)) for _ in self.layers]
         dev, vocab = self.device, self.lm_head.weight.shape[0]
         self._state = {
             "tok": torch.zeros(slots, dtype=torch.long, device=dev),  # token fed to the next step
@@ -122,8 +139,8 @@ class CacheAndStep:
         self._slots, self._length = slots, length
         # INFO: what the daemon's runs really hold, where the rules' prompts and budgets (backends.Sizing)
         # make the rows longer than the plan at load assumed (the olmocr pack's 8000-token budget, say).
-        log.info("static cache: %d slots x %d tokens (%.2f GiB)", slots, length,
-                  slots * length * self.kv_bytes_per_token() / 2**30)
+        log.info("static cache: %d slots x %d tokens (%.2f GiB%s)", slots, length,
+                 slots * length * self.kv_bytes_per_token() / 2**30, ", fp8" if self.fp8_cache else "")
         return True
 
     def device_active(self) -> list[int]:
@@ -144,8 +161,13 @@ class CacheAndStep:
         Each ``(columns, kv heads, head dim)``: what prefill and decoding
         wrote there (a prompt's tokens, then the generated ones).  For tests
         and debugging: whether a packed prefill leaves what the stock text
-        model would, for instance.
+        model would, for instance.  An FP8 cache's columns come back
+        dequantized, in the model's dtype.
         """
+        if self.fp8_cache:
+            return [(kv_fp8.dequantize(k[slot, :columns], ks[slot, :columns], self.dtype),
+                     kv_fp8.dequantize(v[slot, :columns], vs[slot, :columns], self.dtype))
+                    for (k, v), (ks, vs) in zip(self._kv, self._scales)]
         return [(k[slot, :columns].clone(), v[slot, :columns].clone()) for k, v in self._kv]
 
     def warm(self, busy: Callable[[], bool]) -> list[int]:
@@ -188,10 +210,14 @@ class CacheAndStep:
 
     # ------------------------------------------------------------ decode step
 
-    def _view(self, n: int) -> tuple[dict[str, torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+    def _view(self, n: int) -> tuple[dict[str, torch.Tensor], list[tuple[torch.Tensor, ...]]]:
+        """The state and, per layer, (keys, values, key scales, value scales) of the first ``n`` slots
+        (the scales None for a cache in the model's dtype)."""
         state = {k: (v[:n] if v.dim() and k not in ("cols", "cu_q", "cu_k") else v) for k, v in self._state.items()}
         state["cu_q"], state["cu_k"] = self._state["cu_q"][:n + 1], self._state["cu_k"][:n + 1]
-        return state, [(k[:n], v[:n]) for k, v in self._kv]
+        scales = self._scales or [(None, None)] * len(self._kv)
+        return state, [(k[:n], v[:n], ks if ks is None else ks[:n], vs if vs is None else vs[:n])
+                       for (k, v), (ks, vs) in zip(self._kv, scales)]
 
     def _step(self, n: int, sample: bool = False) -> None:
         """One decode step for the first ``n`` slots, in place on the state (graph-safe).
@@ -205,8 +231,8 @@ class CacheAndStep:
         rows, wpos = s["rows"], s["wpos"]
         x = self.embed(s["tok"])
         cos, sin = self._rope(s["pos"])
-        kind = "one" if n == 1 else self.attention
-        if kind == "flash":  # each row's filled columns, the current token included
+        kind = "one" if n == 1 and self.attention != "fp8_kv" else self.attention
+        if kind in ("flash", "fp8_kv"):  # each row's filled columns, the current token included
             bias, used = None, (wpos + 1).to(torch.int32)
         else:  # an additive mask over the cache columns
             visible = s["cols"][None, :] <= wpos[:, None]
@@ -217,13 +243,13 @@ class CacheAndStep:
         # The fused weights' layer function: compiled on CUDA, else as it is
         # (on the CPU the tests hold it to stock generate token for token).
         layer_fn = self._layer_fn or (layer_step if self.fused and self._silu else None)
-        for layer, (k_cache, v_cache) in zip(self.layers, kv):
+        for layer, (k_cache, v_cache, k_scale, v_scale) in zip(self.layers, kv):
             attn = layer.self_attn
             if layer_fn is not None:
                 x = layer_fn(x, cos, sin, k_cache, v_cache, *where, *self.fused[id(layer)],
                              layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
                              weight_of(attn.o_proj), weight_of(layer.mlp.down_proj), self.eps, attn.scaling,
-                             self.n_kv, group, kind)
+                             self.n_kv, group, kind, k_scale, v_scale)
                 continue
             # A layout fuse_projections does not know: the model's own modules.
             h = layer.input_layernorm(x)
@@ -231,9 +257,9 @@ class CacheAndStep:
             k = attn.k_proj(h).view(n, self.n_kv, self.head_dim)
             v = attn.v_proj(h).view(n, self.n_kv, self.head_dim)
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-            k_cache[rows, wpos] = k
-            v_cache[rows, wpos] = v
-            o = attend(q, k_cache, v_cache, where, attn.scaling, group, kind)
+            store(k_cache, k_scale, rows, wpos, k)
+            store(v_cache, v_scale, rows, wpos, v)
+            o = attend(q, k_cache, v_cache, where, attn.scaling, group, kind, k_scale, v_scale)
             x = x + attn.o_proj(o)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         logits = self.lm_head(self.norm(x)).float()
