@@ -241,8 +241,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _quantization_note(config: Config) -> str:
-    """``, quantization fp8`` where the local backend runs the model (issue 23)."""
-    return f", quantization {config.model.quantization}" if config.model.backend == "transformers" else ""
+    """``, quantization fp8`` (and ``, kv cache fp8``) where the local backend runs the model (issue 23)."""
+    if config.model.backend != "transformers":
+        return ""
+    kv = ", kv cache fp8" if config.model.kv_cache_dtype == "fp8" else ""
+    return f", quantization {config.model.quantization}{kv}"
 
 
 def cmd_init(args: argparse.Namespace) -> int:

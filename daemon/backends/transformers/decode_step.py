@@ -159,8 +159,10 @@ def store(cache: torch.Tensor, scale: torch.Tensor | None, rows: torch.Tensor, c
         cache[rows, cols] = x
         return
     q, s = kv_fp8.quantize(x)
-    # Through uint8 views: index_put_ is not implemented for float8 on every torch this runs on.
-    cache.view(torch.uint8)[rows, cols] = q.view(torch.uint8)
+    # Straight into the float8 tensor, the same pattern as the bf16 cache's write, which inductor turns into a
+    # store in place.  Through a uint8 view of the cache (session 8's first version) the mutation goes through a
+    # dtype view of a graph input, which torch.compile may not write in place (suspected of N5's slow steps).
+    cache[rows, cols] = q
     scale[rows, cols] = s
 
 
