@@ -773,6 +773,26 @@ def test_decode_runs_are_bounded_in_time(fresh_backend: TransformersBackend, mon
     assert set(runs[1:]) == {1}, runs
 
 
+@pytest.mark.parametrize("urgent", [False, True])
+def test_an_interactive_answer_is_synced_more_often(fresh_backend: TransformersBackend,
+                                                    monkeypatch: pytest.MonkeyPatch, urgent: bool) -> None:
+    # issue 22: a stream's tokens go out at each host sync, so while an interactive answer decodes the stretches
+    # between syncs are bounded by SYNC_SECONDS_STREAMING instead of SYNC_SECONDS (the longest pause it sees).
+    engine = fresh_backend.slot_engine
+    at_start: list[int] = []
+    monkeypatch.setattr(engine, "trace", lambda e: at_start.append(engine.stats.decode_steps)
+                        if isinstance(e, Decode) else None)
+    monkeypatch.setattr(fastgen, "SYNC_SECONDS", 60.0)  # folder work: up to SYNC_EVERY steps a stretch
+    monkeypatch.setattr(fastgen, "SYNC_SECONDS_STREAMING", 0.0)  # an interactive answer: one step a stretch
+    monkeypatch.setattr(engine, "ignore_eos", True)
+    prompts = [replace(p, urgent=urgent) for p in _prompts(fresh_backend, 1, 24)]
+    with torch.inference_mode():
+        engine.run(ListSource(prompts), slots=1, cache_length=256, max_new=24)
+    runs = [b - a for a, b in zip(at_start, at_start[1:] + [engine.stats.decode_steps])]
+    assert sum(runs) == 23, runs
+    assert set(runs[1:]) == ({1} if urgent else {runs[1]}) and (urgent or runs[1] > 1), runs
+
+
 class RaisingBackend:
     """A plugin backend that raises RuntimeError (not a BackendError) on one file's request."""
 

@@ -77,6 +77,11 @@ SYNC_EVERY = 16
 #: for the run to end before its prefill (16 steps of 256 slots took ~0.3 s
 #: on an H100).  A sync costs the GPU well under a millisecond.
 SYNC_SECONDS = 0.08
+#: The same while an interactive answer is being decoded: its stream gets its tokens at each sync, and the
+#: longest pause it sees is one queued prefill turn plus one stretch (session 8, H100: 0.256 s at worst
+#: with 0.08 s stretches, against issue 22's 0.25).  Shorter stretches cost a host sync more per step
+#: or two, while a person waits only.
+SYNC_SECONDS_STREAMING = 0.04
 #: Repetition loops (issue 12.4; Qwen2.5-VL loops on long tables and OCR): a
 #: sequence whose last LOOP_WINDOW tokens repeat with a period of at most
 #: LOOP_MAX_PERIOD tokens (so at least three copies of a 48-token phrase, or
@@ -443,7 +448,8 @@ class SlotEngine(PrefillRounds, CacheAndStep):
         left = min(owner[i].max_new_tokens - n_gen[i] for i in stepped)
         steps = min(SYNC_EVERY, left)
         if n in self._step_s:
-            steps = min(steps, int(SYNC_SECONDS / self._step_s[n]))
+            within = SYNC_SECONDS_STREAMING if any(i < n for i in self._interactive_slots()) else SYNC_SECONDS
+            steps = min(steps, int(within / self._step_s[n]))
         steps = max(1, steps)
         t0 = time.perf_counter()
         for _ in range(steps):
