@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from daemon.config_reader import parse_config
-from daemon.images import shown_size
+from daemon.pages import shown_size
 from daemon.intake.rules import render_prompt
 
 

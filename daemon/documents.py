@@ -43,7 +43,8 @@ import yaml
 
 from daemon import answers
 from daemon.errors import VlwatchError
-from daemon.images import pdf_page_text, printable
+from daemon.errors import printable
+from daemon.images import pdf_page_text
 from daemon.policies import PageAnswer
 from daemon.results import Result
 

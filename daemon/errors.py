@@ -2,6 +2,7 @@
 
 Every error a user can cause is a ``VlwatchError`` whose ``code`` is what the
 command exits with, so the CLI maps exceptions to exit codes in one place.
+``printable`` is how every message names a file (a hostile name escaped).
 """
 
 from __future__ import annotations
@@ -168,3 +169,16 @@ class StateUnavailableError(BackendUnavailableError):
     meta_key = "state"
     first_pause = 1.0  # trying a commit again costs nothing
     max_pause = 30.0
+
+
+def printable(path: object) -> str:
+    """``path`` for a message or a log line: control characters escaped.
+
+    A file name may hold a newline (which would forge a second log line) or
+    bytes that are not UTF-8 (which would make printing it raise); both are
+    shown escaped, as ``repr`` would.
+    """
+    text = str(path)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -42,7 +42,7 @@ from typing import Sequence
 
 from daemon import webhooks
 from daemon.config import Config, Rule
-from daemon.images import printable
+from daemon.errors import printable
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,10 @@
 """Decode a source file into RGB pages and size them for the model.
 
-Everything the model sees passes through here, for every backend.
+Everything the model sees passes through here, for every backend.  This
+module opens the file (once, under the symlink policy), tells its format by
+its content and decodes raster images with Pillow; a PDF's pages go to
+``daemon.pdf`` (PDFium); what comes out, and the sizing arithmetic, is
+``daemon.pages``'.
 
 What goes in: PNG, JPEG, WebP, BMP, GIF, TIFF (every page), PDF (every page,
 rasterised with PDFium through pypdfium2) and HEIC/HEIF when the optional
@@ -41,10 +45,7 @@ header) stays a plain, retried ``InputError``.  Accepted risks:
   0.7 GB for RGBA).  The limit stays on and is reported clearly; Pillow's
   *warning* at half of it is silenced, as 600 dpi A3 scans pass it
   legitimately.
-- PDFium parses hostile PDFs in this process.  It is fuzzed by Google and
-  pypdfium2 ships current builds, but a page with a pathological content
-  stream can take long to render; the daemon's per-job handling bounds what
-  follows, not the render itself.
+- PDFium parses hostile PDFs in this process (``daemon.pdf`` says more).
 - The symlink policy (``allowed_roots``) is checked on the file actually
   opened (``/proc/self/fd``), so swapping a symlink in between check and
   read gains nothing on Linux; elsewhere the check is on the resolved path.
@@ -68,28 +69,21 @@ from typing import BinaryIO
 
 from PIL import Image
 
+from daemon import pdf
 from daemon.config import FORMATS, PageRanges, last_page_wanted, page_selected
 from daemon.errors import (
-    AspectRatioError,
     ImageTooLargeError,
     InputError,
     LinkOutsideError,
     NoPagesError,
     NotAnImageError,
     UnsupportedFormatError,
+    printable,
 )
+from daemon.pages import MAX_PAGES, Page, PageSize, ranges, reason, resize, shown_size
 
 log = logging.getLogger(__name__)
 
-#: Qwen2.5-VL: 14-pixel patches merged 2x2, so image sides are multiples of 28.
-FACTOR = 28
-#: Nominal resolution a PDF page is rasterised at (before ``max_pixels``
-#: shrinks it): what "original pixels" means for a PDF's boxes and overlay.
-PDF_DPI = 200
-#: Pages of one file sent to the model at most.  A 100000-page TIFF or a PDF
-#: whose page tree claims a million pages is refused instead of filling memory
-#: with page images; a rule's ``pages:`` selects a part of a longer document.
-MAX_PAGES = 500
 #: Frames of a multi-page TIFF walked at most to reach the selected pages.
 MAX_FRAMES = 5000
 
@@ -107,37 +101,11 @@ _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
               4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
               6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 
-# PDFium is not thread-safe (pypdfium2's README says so): the worker prepares
-# files on several threads, so every PDFium call holds this lock.
-_PDFIUM_LOCK = threading.Lock()
-
 # The *error* at twice this limit stays; see the module docstring.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 # "Corrupt EXIF data" and the like: Pillow carries on without the metadata and
 # so do we; a warning on stderr per photo would only be noise in the journal.
 warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-
-
-@dataclass(frozen=True)
-class Page:
-    """One picture as the model will see it, with the size it had originally."""
-
-    image: Image.Image  # RGB, already resized to ``shown``
-    original: tuple[int, int]  # (width, height) after EXIF rotation; PDF: at PDF_DPI
-    number: int = 1
-
-    @property
-    def shown(self) -> tuple[int, int]:
-        return self.image.size
-
-
-@dataclass(frozen=True)
-class PageSize:
-    """One selected page as the model will see it, known before any of its pixels is decoded."""
-
-    number: int
-    original: tuple[int, int]  # as ``Page.original``
-    shown: tuple[int, int]  # as ``Page.shown``
 
 
 @dataclass(frozen=True)
@@ -171,19 +139,6 @@ class PageSource:
             if _identity(f) != self.identity:
                 raise InputError(f"{printable(self.path)}: changed while its pages were being read")
             return _render(self.path, f, self.pdf, sizes)
-
-
-def printable(path: object) -> str:
-    """``path`` for a message or a log line: control characters escaped.
-
-    A file name may hold a newline (which would forge a second log line) or
-    bytes that are not UTF-8 (which would make printing it raise); both are
-    shown escaped, as ``repr`` would.
-    """
-    text = str(path)
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 # ------------------------------------------------------------------ public
@@ -236,11 +191,11 @@ def open_pages(path: Path, *, min_pixels: int, max_pixels: int, formats: Sequenc
     """
     with open_source(path, allowed_roots) as f:
         identity = _identity(f)
-        pdf = _is_pdf(path, f)
-        if pdf:
+        is_pdf = _is_pdf(path, f)
+        if is_pdf:
             _check_format(path, "pdf", formats)
-            sizes, out = _pdf_pages(path, f, min_pixels=min_pixels, max_pixels=max_pixels, pages=pages,
-                                    longest_side=longest_side, render=render)
+            sizes, out = pdf.measure(path, f, min_pixels=min_pixels, max_pixels=max_pixels, pages=pages,
+                                     longest_side=longest_side, render=render)
         else:
             image = _open_pillow(path, f)
             try:
@@ -252,7 +207,7 @@ def open_pages(path: Path, *, min_pixels: int, max_pixels: int, formats: Sequenc
     for size in sizes:
         log.debug("%s: page %d: %dx%d shown as %dx%d", printable(path), size.number, *size.original, *size.shown)
     roots = tuple(allowed_roots) if allowed_roots is not None else None
-    return PageSource(path, tuple(sizes), roots, pdf, identity), out
+    return PageSource(path, tuple(sizes), roots, is_pdf, identity), out
 
 
 def pdf_page_count(path: Path, allowed_roots: Sequence[Path] | None = None) -> int | None:
@@ -262,20 +217,17 @@ def pdf_page_count(path: Path, allowed_roots: Sequence[Path] | None = None) -> i
         InputError: as ``load_pages`` for a file it could not open.
     """
     with open_source(path, allowed_roots) as f:
-        if not _is_pdf(path, f):
-            return None
-        with _PDFIUM_LOCK, _pdf_document(path, f) as doc:
-            return len(doc)
+        return pdf.count(path, f) if _is_pdf(path, f) else None
 
 
 def open_image(path: Path, number: int = 1) -> Image.Image:
     """Page ``number`` of ``path`` at its original size, upright and RGB (for overlays).
 
-    A PDF page is rendered at ``PDF_DPI``, the size its boxes refer to.
+    A PDF page is rendered at ``pdf.PDF_DPI``, the size its boxes refer to.
     """
     with open_source(path) as f:
         if _is_pdf(path, f):
-            return _pdf_original(path, f, number)
+            return pdf.original(path, f, number)
         image = _open_pillow(path, f)
         try:
             if number > 1:
@@ -285,10 +237,6 @@ def open_image(path: Path, number: int = 1) -> Image.Image:
             return _detached(_transpose(to_rgb(image), orientation), image)
         finally:
             image.close()
-
-
-#: Characters of one page's text layer kept at most (a hostile PDF can claim any amount).
-MAX_PAGE_TEXT = 200_000
 
 
 def pdf_page_text(path: Path, number: int, allowed_roots: Sequence[Path] | None = None) -> str | None:
@@ -304,22 +252,7 @@ def pdf_page_text(path: Path, number: int, allowed_roots: Sequence[Path] | None 
         InputError: the file cannot be read (as ``load_pages``).
     """
     with open_source(path, allowed_roots) as f:
-        if not _is_pdf(path, f):
-            return None
-        with _PDFIUM_LOCK, _pdf_document(path, f) as doc:
-            if not 1 <= number <= len(doc):
-                raise NoPagesError(f"{printable(path)}: has no page {number}")
-            page = _pdf_load_page(path, doc, number)
-            try:
-                textpage = _pdf_guarded(path, number, "read as text", page.get_textpage)
-                try:
-                    text = _pdf_guarded(path, number, "read as text", textpage.get_text_range)
-                finally:
-                    textpage.close()
-            finally:
-                page.close()
-    text = text.replace("\r\n", "\n").replace("\r", "\n")[:MAX_PAGE_TEXT].strip()
-    return text or None
+        return pdf.text(path, f, number) if _is_pdf(path, f) else None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -335,34 +268,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def shown_size(width: int, height: int, *, min_pixels: int, max_pixels: int,
-               longest_side: int | None = None) -> tuple[int, int]:
-    """(width, height) the model sees for an image of this size.
-
-    With ``longest_side``, the image is first scaled (up or down, aspect kept)
-    so that its longer side is that long, as olmOCR renders a page; the
-    result is then sized within ``min_pixels``/``max_pixels`` as any image.
-    """
-    if longest_side is not None and max(width, height) > 0:
-        scale = longest_side / max(width, height)
-        width, height = max(1, round(width * scale)), max(1, round(height * scale))
-    try:
-        h, w = smart_resize(height, width, factor=FACTOR, min_pixels=min_pixels, max_pixels=max_pixels)
-    except ValueError as exc:  # qwen-vl-utils refuses aspect ratios over 200:1
-        raise AspectRatioError(f"image of {width}x{height} cannot be shown to the model: {exc}") from exc
-    # qwen-vl-utils 0.0.14 floors the short side of a thin strip it shrinks to
-    # 0 (3000x20 -> 2996x0); transformers' own copy clamps it to one factor.
-    if h < FACTOR:
-        h, w = FACTOR, min(w, max(FACTOR, max_pixels // FACTOR // FACTOR * FACTOR))
-    if w < FACTOR:
-        w, h = FACTOR, min(h, max(FACTOR, max_pixels // FACTOR // FACTOR * FACTOR))
-    return w, h
-
-
 def size_page(rgb: Image.Image, *, min_pixels: int, max_pixels: int, number: int = 1) -> Page:
     """An already decoded RGB picture as a ``Page`` (kept for callers holding a PIL image)."""
     w, h = shown_size(rgb.width, rgb.height, min_pixels=min_pixels, max_pixels=max_pixels)
-    resized = rgb if (w, h) == rgb.size else _resize(rgb, (w, h))
+    resized = rgb if (w, h) == rgb.size else resize(rgb, (w, h))
     return Page(image=resized, original=rgb.size, number=number)
 
 
@@ -446,7 +355,7 @@ def _open_pillow(path: Path, f: BinaryIO) -> Image.Image:
         kind = "a text file" if _looks_like_text(f.read(4096)) else "not an image vlwatch can read"
         raise NotAnImageError(f"{p}: is {kind}; supported: {_SUPPORTED}") from exc
     except Exception as exc:  # a corrupt header: Pillow raises OSError, SyntaxError, ValueError, struct.error...
-        raise InputError(f"{p}: cannot read image header: {_reason(exc)}") from exc
+        raise InputError(f"{p}: cannot read image header: {reason(exc)}") from exc
     return image
 
 
@@ -466,47 +375,6 @@ def _looks_like_text(head: bytes) -> bool:
 # would make each of them import these (torch, through qwen-vl-utils) at once;
 # one at a time is safer and costs nothing after the first.
 _IMPORT_LOCK = threading.Lock()
-
-
-def smart_resize(height: int, width: int, factor: int, min_pixels: int | None = None,
-                 max_pixels: int | None = None) -> tuple[int, int]:
-    """qwen-vl-utils 0.0.14's ``smart_resize``, line for line.
-
-    Why a copy: importing ``qwen_vl_utils`` imports torch and torchvision
-    (about 650 MB resident) for this arithmetic alone, which a watcher-only
-    process, a daemon on the ``openai`` backend, or ``vlwatch explain`` should
-    not pay.  ``tests/test_images.py`` pins this copy to the library's function
-    over thousands of sizes, so a change upstream fails the tests instead of
-    silently moving grounding boxes.
-    """
-    max_pixels = max_pixels if max_pixels is not None else 16384 * factor**2
-    min_pixels = min_pixels if min_pixels is not None else 4 * factor**2
-    if max_pixels < min_pixels:
-        raise ValueError("The max_pixels of image must be greater than or equal to min_pixels.")
-    if max(height, width) / min(height, width) > _MAX_RATIO:
-        raise ValueError(f"absolute aspect ratio must be smaller than {_MAX_RATIO}, got {max(height, width) / min(height, width)}")
-    h_bar = max(factor, round(height / factor) * factor)
-    w_bar = max(factor, round(width / factor) * factor)
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = math.floor(height / beta / factor) * factor
-        w_bar = math.floor(width / beta / factor) * factor
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
-
-
-_MAX_RATIO = 200  # qwen_vl_utils.vision_process.MAX_RATIO
-
-
-@cache
-def _pdfium():  # -> the pypdfium2 module
-    with _IMPORT_LOCK:
-        import pypdfium2
-
-    return pypdfium2
 
 
 @cache
@@ -537,11 +405,6 @@ _NAMES = {"png": "PNG", "jpeg": "JPEG", "webp": "WebP", "bmp": "BMP", "gif": "GI
 assert set(_NAMES) == set(FORMATS)
 
 
-def _reason(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return printable(text if len(text) <= 200 else text[:197] + "...")
-
-
 # ------------------------------------------------------------- raster images
 
 
@@ -556,7 +419,7 @@ def _image_pages(path: Path, image: Image.Image, *, min_pixels: int, max_pixels:
         sizes.append(_frame_size(path, image, number, min_pixels=min_pixels, max_pixels=max_pixels,
                                  longest_side=longest_side))
     if not sizes:
-        raise NoPagesError(f"{printable(path)}: none of the rule's pages ({_ranges(pages)}) exist in this file")
+        raise NoPagesError(f"{printable(path)}: none of the rule's pages ({ranges(pages)}) exist in this file")
     return sizes, _frame_pages(path, image, sizes[:render])
 
 
@@ -592,7 +455,7 @@ def _frames(path: Path, image: Image.Image, fmt: str, pages: PageRanges | None) 
         except EOFError:
             return
         except Exception as exc:
-            raise InputError(f"{printable(path)}: page {number + 1} cannot be read: {_reason(exc)}") from exc
+            raise InputError(f"{printable(path)}: page {number + 1} cannot be read: {reason(exc)}") from exc
         number += 1
 
 
@@ -602,7 +465,7 @@ def _seek(path: Path, image: Image.Image, frame: int) -> None:
     except EOFError as exc:
         raise NoPagesError(f"{printable(path)}: has no page {frame + 1}") from exc
     except Exception as exc:
-        raise InputError(f"{printable(path)}: page {frame + 1} cannot be read: {_reason(exc)}") from exc
+        raise InputError(f"{printable(path)}: page {frame + 1} cannot be read: {reason(exc)}") from exc
 
 
 def _frame_size(path: Path, image: Image.Image, number: int, *, min_pixels: int, max_pixels: int,
@@ -631,12 +494,12 @@ def _frame_page(path: Path, image: Image.Image, size: PageSize) -> Page:
         image.draft(None, target)
     _decode(path, image)
     try:
-        small = _resize(_without_palette(image), target)
+        small = resize(_without_palette(image), target)
         rgb = _detached(_transpose(to_rgb(small), orientation), image)
     except InputError:
         raise
     except Exception as exc:  # an exotic mode Pillow cannot convert
-        raise InputError(f"{p}: cannot convert {image.mode} pixels to RGB: {_reason(exc)}") from exc
+        raise InputError(f"{p}: cannot convert {image.mode} pixels to RGB: {reason(exc)}") from exc
     return Page(image=rgb, original=size.original, number=size.number)
 
 
@@ -650,7 +513,7 @@ def _decode(path: Path, image: Image.Image) -> None:
     except MemoryError as exc:
         raise InputError(f"{p}: not enough memory to decode an image of {image.size[0]}x{image.size[1]}") from exc
     except Exception as exc:  # OSError "image file is truncated", SyntaxError, ValueError...
-        raise InputError(f"{p}: cannot decode image: {_reason(exc)}") from exc
+        raise InputError(f"{p}: cannot decode image: {reason(exc)}") from exc
 
 
 def _detached(result: Image.Image, source: Image.Image) -> Image.Image:
@@ -689,20 +552,6 @@ def _without_palette(image: Image.Image) -> Image.Image:
     if image.mode == "1":
         return image.convert("L")
     return image
-
-
-def _resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    if image.size == size:
-        return image
-    # reducing_gap: shrink by an integer factor first (box filter, cheap, no
-    # full-size copy), then resample; 3.0 is indistinguishable from a plain
-    # resize.  Only where both sides shrink that much (Pillow divides by zero
-    # on a strip shrunk one way and enlarged the other) and the mode has reduce().
-    gap = 3.0
-    shrinks = min(image.width / size[0], image.height / size[1]) >= 2 * gap
-    if not shrinks or image.mode.startswith("I;16"):
-        return image.resize(size, Image.Resampling.BICUBIC)
-    return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=gap)
 
 
 def _to_eight_bit(image: Image.Image) -> Image.Image:
@@ -747,39 +596,13 @@ def _cmyk_to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _ranges(pages: PageRanges | None) -> str:
-    if pages is None:
-        return "all"
-    return ",".join(f"{a}" if a == b else f"{a}-{b or ''}" for a, b in pages)
+# ------------------------------------------------------------- either
 
 
-# ------------------------------------------------------------------- PDF
-
-
-def _pdf_pages(path: Path, f: BinaryIO, *, min_pixels: int, max_pixels: int, pages: PageRanges | None,
-               longest_side: int | None = None,
-               render: int | None = None) -> tuple[list[PageSize], list[Page]]:
-    with _PDFIUM_LOCK, _pdf_document(path, f) as doc:
-        count = len(doc)
-        if count == 0:
-            raise NoPagesError(f"{printable(path)}: PDF has no pages")
-        numbers = _selected(count, pages)
-        if len(numbers) > MAX_PAGES:
-            raise ImageTooLargeError(f"{printable(path)}: has {count} pages, more than the {MAX_PAGES} vlwatch takes "
-                             "from one file; give the rule a `pages:` range to take part of it")
-        if not numbers:
-            raise NoPagesError(f"{printable(path)}: has {count} page{'s' if count != 1 else ''}; "
-                             f"none of the rule's pages ({_ranges(pages)}) exist")
-        sizes = [_pdf_size(path, doc, n, min_pixels=min_pixels, max_pixels=max_pixels, longest_side=longest_side)
-                 for n in numbers]
-        return sizes, [_pdf_page(path, doc, size) for size in sizes[:render]]
-
-
-def _render(path: Path, f: BinaryIO, pdf: bool, sizes: Sequence[PageSize]) -> list[Page]:
+def _render(path: Path, f: BinaryIO, is_pdf: bool, sizes: Sequence[PageSize]) -> list[Page]:
     """``sizes``' pages of the file open as ``f`` (measured by ``open_pages``)."""
-    if pdf:
-        with _PDFIUM_LOCK, _pdf_document(path, f) as doc:
-            return [_pdf_page(path, doc, size) for size in sizes]
+    if is_pdf:
+        return pdf.render(path, f, sizes)
     image = _open_pillow(path, f)
     try:
         return _frame_pages(path, image, sizes)
@@ -792,131 +615,3 @@ def _identity(f: BinaryIO) -> tuple[int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def _pdf_guarded(path: Path, number: int, what: str, fn, *args):
-    """``fn(*args)``, with anything PDFium raises on a hostile page turned into an ``InputError``."""
-    try:
-        return fn(*args)
-    except InputError:
-        raise
-    except Exception as exc:
-        raise InputError(f"{printable(path)}: page {number} of the PDF cannot be {what}: {_reason(exc)}") from exc
-
-
-def _selected(count: int, pages: PageRanges | None) -> range | list[int]:
-    """The page numbers of a ``count``-page document that ``pages`` selects, in order.
-
-    At most MAX_PAGES + 1 are listed: a page tree may claim a million pages.
-    """
-    if pages is None:
-        return range(1, count + 1)
-    out: list[int] = []
-    for first, last in sorted(pages):
-        start = max(first, out[-1] + 1 if out else 1)
-        stop = min(count, last if last is not None else count)
-        out.extend(range(start, min(stop, start + MAX_PAGES) + 1))
-        if len(out) > MAX_PAGES:
-            break
-    return out
-
-
-@contextmanager
-def _pdf_document(path: Path, f: BinaryIO) -> Iterator["object"]:
-    pdfium = _pdfium()
-    p = printable(path)
-    try:
-        doc = pdfium.PdfDocument(f)
-    except pdfium.PdfiumError as exc:
-        # PDFium's error code is process-global and not reset by a failure
-        # that does not set it (a PDF without pages leaves the previous
-        # file's "incorrect password"), so the file itself tells encryption.
-        if _has_encrypt_entry(f):
-            raise UnsupportedFormatError(f"{p}: PDF is password-protected (or encrypted in a way PDFium cannot "
-                                         "open); vlwatch cannot read it") from exc
-        # Damaged may mean still being copied: transient, retried.
-        raise InputError(f"{p}: PDF cannot be read: it is damaged, not really a PDF, or has no pages") from exc
-    try:
-        yield doc
-    finally:
-        doc.close()
-
-
-def _has_encrypt_entry(f: BinaryIO) -> bool:
-    f.seek(0)
-    tail = b""
-    while chunk := f.read(1 << 20):
-        if b"/Encrypt" in tail + chunk:
-            return True
-        tail = chunk[-16:]
-    return False
-
-
-def _pdf_size(path: Path, doc: object, number: int, *, min_pixels: int, max_pixels: int,
-              longest_side: int | None = None) -> PageSize:
-    """The sizes of page ``number``, from the page tree alone (nothing is parsed or drawn)."""
-    # FPDF_GetPageSizeByIndexF: the size ``PdfPage.get_size`` gives, rotation applied, without loading the page.
-    points = _pdf_guarded(path, number, "read", doc.get_page_size, number - 1)  # type: ignore[attr-defined]
-    original = _pdf_nominal(path, points, number)
-    try:
-        shown = shown_size(*original, min_pixels=min_pixels, max_pixels=max_pixels, longest_side=longest_side)
-    except InputError as exc:
-        raise type(exc)(f"{printable(path)}: page {number}: {exc}") from None  # keep the kind: permanent or not
-    return PageSize(number, original, shown)
-
-
-def _pdf_page(path: Path, doc: object, size: PageSize) -> Page:
-    page = _pdf_load_page(path, doc, size.number)
-    try:
-        image = _pdf_render(path, page, size.number, size.shown)
-    finally:
-        page.close()
-    return Page(image=_resize(image, size.shown), original=size.original, number=size.number)
-
-
-def _pdf_original(path: Path, f: BinaryIO, number: int) -> Image.Image:
-    with _PDFIUM_LOCK, _pdf_document(path, f) as doc:
-        if not 1 <= number <= len(doc):
-            raise NoPagesError(f"{printable(path)}: has no page {number}")
-        page = _pdf_load_page(path, doc, number)
-        try:
-            size = _pdf_nominal(path, _pdf_guarded(path, number, "measured", page.get_size), number)
-            return _resize(_pdf_render(path, page, number, size), size)
-        finally:
-            page.close()
-
-
-def _pdf_load_page(path: Path, doc: object, number: int):  # -> pypdfium2.PdfPage
-    try:
-        return doc[number - 1]  # type: ignore[index]
-    except Exception as exc:  # PdfiumError: a page tree that lies about its pages
-        raise InputError(f"{printable(path)}: page {number} of the PDF cannot be read: {_reason(exc)}") from exc
-
-
-def _pdf_nominal(path: Path, points: tuple[float, float], number: int) -> tuple[int, int]:
-    """A page's size in pixels at PDF_DPI (from its size in points, rotation applied), shrunk to
-    Pillow's pixel limit if it is enormous."""
-    w_pt, h_pt = points
-    if not (math.isfinite(w_pt) and math.isfinite(h_pt)) or w_pt <= 0 or h_pt <= 0:
-        raise InputError(f"{printable(path)}: page {number} of the PDF has no size")
-    dpi = float(PDF_DPI)
-    limit = Image.MAX_IMAGE_PIXELS or 89_478_485
-    area = (w_pt * dpi / 72) * (h_pt * dpi / 72)
-    if area > limit:
-        dpi *= math.sqrt(limit / area)
-    return max(1, round(w_pt * dpi / 72)), max(1, round(h_pt * dpi / 72))
-
-
-def _pdf_render(path: Path, page, number: int, size: tuple[int, int]) -> Image.Image:
-    """Render at (a hair over) ``size``, so a huge page never makes a huge bitmap."""
-    w_pt, h_pt = _pdf_guarded(path, number, "measured", page.get_size)
-    scale = max(size[0] / w_pt, size[1] / h_pt)
-    try:
-        bitmap = page.render(scale=scale, fill_color=(255, 255, 255, 255), draw_annots=True)
-        try:
-            image = bitmap.to_pil()
-            if image.readonly or image.mode != "RGB":  # shares PDFium's buffer: copy it out
-                image = image.convert("RGB")
-        finally:
-            bitmap.close()
-    except Exception as exc:
-        raise InputError(f"{printable(path)}: page {number} of the PDF cannot be rendered: {_reason(exc)}") from exc
-    return image

@@ -45,7 +45,7 @@ from daemon import answers
 from daemon.controls import for_file
 from daemon.documents import document_markdown
 from daemon.errors import VlwatchError
-from daemon.images import printable
+from daemon.errors import printable
 from daemon.intake.rules import Match
 from daemon.results import PageResult, Result, missing
 

@@ -43,7 +43,7 @@ from daemon.engine.loop import WorkerLoop, check_model
 from daemon.engine.outcomes import Processor
 from daemon.engine.worker import Worker
 from daemon.errors import ExitCode, VlwatchError, plural
-from daemon.images import printable
+from daemon.errors import printable
 from daemon.intake.readiness import file_signature
 from daemon.intake.recipes import recipe_of
 from daemon.intake.rules import match_file, normalised, watch_for

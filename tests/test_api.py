@@ -25,7 +25,7 @@ import openai
 import pytest
 from PIL import Image
 
-from daemon.images import shown_size
+from daemon.pages import shown_size
 from tests.conftest import run_vlwatch, write_config
 from tests.test_daemon import Daemon, png_bytes, put, wait_until
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from daemon.backends import create_backend, expected_requests
 from daemon.config_reader import load_config
 from daemon.engine.worker import Worker
-from daemon.images import shown_size
+from daemon.pages import shown_size
 from daemon.intake.rules import match_file
 from tests.conftest import run_vlwatch, write_config
 from tests.test_daemon import Daemon, png_bytes, put

@@ -27,7 +27,7 @@ from daemon.config import Rule
 from daemon.config_reader import parse_config
 from daemon.engine.worker import Worker
 from daemon.errors import VlwatchError
-from daemon.images import printable
+from daemon.errors import printable
 from daemon.intake.rules import Match, match_file
 from daemon.intake.sidecars import optional_sidecars, planned_sidecars
 from daemon.outputs import checked_sidecar_path, write_result

@@ -22,7 +22,9 @@ from PIL import Image, ImageDraw
 
 from daemon.config import parse_pages
 from daemon.errors import InputError
-from daemon.images import MAX_PAGES, load_pages, open_image, open_pages, open_source, printable, shown_size
+from daemon.errors import printable
+from daemon.images import load_pages, open_image, open_pages, open_source
+from daemon.pages import MAX_PAGES, shown_size
 from tests.conftest import REPO, run_vlwatch, write_config
 from tests.data.make_hostile import _heic, _pages_pdf, _picture, _tiff_pages, pdf
 
@@ -184,7 +186,7 @@ def test_huge_pdf_page_is_rendered_small(tmp_path: Path) -> None:
     (tmp_path / "poster.pdf").write_bytes(pdf([b"<< /Type /Catalog /Pages 2 0 R >>",
                                                b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
                                                b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 14400 14400] >>"]))
-    code = ("import resource; from pathlib import Path; from daemon.images import load_pages, shown_size\n"
+    code = ("import resource; from pathlib import Path; from daemon.images import load_pages; from daemon.pages import shown_size\n"
             "shown_size(9, 9, min_pixels=1, max_pixels=100)\n"  # import qwen-vl-utils (and torch) first
             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
             f"p = load_pages(Path({str(tmp_path / 'poster.pdf')!r}), min_pixels=3136, max_pixels=1003520)\n"
@@ -398,7 +400,7 @@ def test_smart_resize_copy_matches_qwen_vl_utils() -> None:
 
     from qwen_vl_utils import smart_resize as upstream
 
-    from daemon.images import smart_resize
+    from daemon.pages import smart_resize
 
     rng = random.Random(7)
     cases = [(2000, 3000, 3136, 1003520), (20, 3000, 3136, 1003520), (1, 199, 3136, 50000), (9000, 12000, 3136, 1003520)]
@@ -420,7 +422,7 @@ def test_images_module_does_not_import_torch() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; from daemon.images import shown_size; shown_size(3000, 2000, min_pixels=3136, max_pixels=1003520);"
+    code = ("import sys; from daemon.pages import shown_size; shown_size(3000, 2000, min_pixels=3136, max_pixels=1003520);"
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

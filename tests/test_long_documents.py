@@ -6,7 +6,7 @@ PDF through the worker's batch path (``vlwatch process --local``, ``scan``,
 server backends) and the daemon's live feed (``JobFeed``, the slot engine's
 way in), with plugin backends that count, at each call, the rendered page
 images still alive: a weak reference to each image PDFium's page renderer
-(``images._pdf_page``) returns, so whoever holds one (a request, a policy,
+(``pdf._page``) returns, so whoever holds one (a request, a policy,
 the worker) is caught.  (Not ``gc.get_objects()``: it takes references to
 tuples other threads are still building, which CPython then refuses to
 resize: SystemError.)  The bound is two chunks of ``page_chunk(batch_size)``
@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 import pytest
 
-from daemon import images
+from daemon import pdf
 from daemon.backends import Answer, Feed, Request
 from daemon.config_reader import load_config
 from daemon.engine.loop import WorkerLoop
@@ -46,7 +46,7 @@ RENDERED: list[weakref.ref] = []
 
 @pytest.fixture(autouse=True)
 def track_pages(monkeypatch: pytest.MonkeyPatch) -> None:
-    render = images._pdf_page
+    render = pdf._page
 
     def tracked(*args, **kwargs):  # type: ignore[no-untyped-def]
         page = render(*args, **kwargs)
@@ -54,7 +54,7 @@ def track_pages(monkeypatch: pytest.MonkeyPatch) -> None:
         return page
 
     RENDERED.clear()
-    monkeypatch.setattr(images, "_pdf_page", tracked)
+    monkeypatch.setattr(pdf, "_page", tracked)
 
 
 def page_colours(n: int, names: Sequence[str] = ("red", "green", "blue", "grey")) -> list[str]:

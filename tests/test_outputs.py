@@ -13,7 +13,7 @@ from PIL import Image
 
 from daemon.backends import Answer
 from daemon.config import Rule
-from daemon.images import shown_size
+from daemon.pages import shown_size
 from daemon.intake.rules import Match
 from daemon.intake.sidecars import (
     is_output_name,

@@ -34,7 +34,7 @@ from daemon.errors import (
     StorageUnavailableError,
     plural,
 )
-from daemon.images import printable
+from daemon.errors import printable
 from daemon.intake.readiness import file_signature
 from daemon.intake.rules import Match, match_file
 from daemon.intake.sidecars import TEMP_PREFIX, TEMP_SUFFIX

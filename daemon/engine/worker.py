@@ -44,7 +44,9 @@ from daemon.backends import Answer, Backend, DeviceLostError, Request, as_backen
 from daemon.config import Config
 from daemon.documents import document_note
 from daemon.errors import BackendUnavailableError, VlwatchError
-from daemon.images import Page, PageSize, load_pages, open_pages, printable
+from daemon.errors import printable
+from daemon.images import load_pages, open_pages
+from daemon.pages import Page, PageSize
 from daemon.intake.rules import Match, allowed_roots, render_prompt
 from daemon.outputs import FolderSyncs, write_result
 from daemon.policies import AnswerPolicy, policy_for

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from daemon.config import Config, Snapshot
-from daemon.images import printable
+from daemon.errors import printable
 from daemon.intake.readiness import file_signature
 from daemon.intake.recipes import recipe_of
 from daemon.intake.rules import Match, match_file

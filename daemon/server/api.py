@@ -34,7 +34,7 @@ from daemon import commands
 from daemon.backends import Answer
 from daemon.config import Config
 from daemon.errors import BackendError, BackendUnavailableError, VlwatchError
-from daemon.images import printable
+from daemon.errors import printable
 from daemon.intake.rules import links_out, normalised
 from daemon.process import Submitted, submit
 from daemon.server.chat import ChatCall, parse_chat, resolves_outside, served_roots

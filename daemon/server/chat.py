@@ -51,7 +51,8 @@ from PIL import Image
 from daemon.backends import Message, Request
 from daemon.config import Config
 from daemon.errors import InputError
-from daemon.images import load_pages, pdf_page_count, printable
+from daemon.errors import printable
+from daemon.images import load_pages, pdf_page_count
 from daemon.memory import TRIM_AFTER_PIXELS, give_back
 from daemon.server import budget
 from daemon.server.context import ApiError

@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from daemon import answers
 from daemon.config import Config
-from daemon.images import shown_size
+from daemon.pages import shown_size
 from daemon.server.context import ApiError, RowId, ServerContext, context
 from daemon.store import conversations as stored
 

@@ -53,7 +53,9 @@ from daemon.backends import Answer, Request
 from daemon.config import Config, Rule, bundled_packs
 from daemon.engine.worker import MAX_CHUNK, error_text, reference_images
 from daemon.errors import BackendUnavailableError, InputError, VlwatchError
-from daemon.images import Page, PageSource, open_pages, pdf_page_text, printable
+from daemon.errors import printable
+from daemon.images import PageSource, open_pages, pdf_page_text
+from daemon.pages import Page
 from daemon.intake.rules import render_prompt
 from daemon.policies import AnswerPolicy, PageAnswer, policy_for
 from daemon.server.chat import in_memory

@@ -27,7 +27,7 @@ from typing import Callable
 from daemon.config import Config, split_host_port
 from daemon.engine.loop import WorkerLoop
 from daemon.errors import VlwatchError
-from daemon.images import printable
+from daemon.errors import printable
 
 log = logging.getLogger(__name__)
 

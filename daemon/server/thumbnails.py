@@ -21,7 +21,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from daemon.images import printable
+from daemon.errors import printable
 from daemon.server.context import ServerContext, context
 from daemon.server.web import allowed_path
 

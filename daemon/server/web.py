@@ -58,7 +58,7 @@ from markdown_it import MarkdownIt
 from starlette.concurrency import run_in_threadpool
 
 from daemon.config import Config
-from daemon.images import printable
+from daemon.errors import printable
 from daemon.server.context import MAX_ROW_ID, ApiError, ServerContext, context, parse_json
 from daemon.store import history
 from daemon.store.history import Done, Failed
