@@ -43,6 +43,7 @@ model:
   max_new_tokens: 2048
   # max_gpu_memory: 22GiB        # to fit a 24 GB card or share a GPU (sizes need a unit)
   # quantization: auto           # auto | none | fp8; `vlwatch plan --gpu-memory 12GiB` says what fits (name: 3b is smaller)
+  # kv_cache_dtype: auto         # auto | fp8: half the KV cache per slot (RTX 40xx and later)
   idle_unload: 15m               # free GPU memory after this long with nothing to do
 
 state: {state}   # the durable queue (SQLite)
