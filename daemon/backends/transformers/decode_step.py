@@ -159,9 +159,9 @@ def store(cache: torch.Tensor, scale: torch.Tensor | None, rows: torch.Tensor, c
         cache[rows, cols] = x
         return
     q, s = kv_fp8.quantize(x)
-    # Straight into the float8 tensor, the same pattern as the bf16 cache's write, which inductor turns into a
-    # store in place.  Through a uint8 view of the cache (session 8's first version) the mutation goes through a
-    # dtype view of a graph input, which torch.compile may not write in place (suspected of N5's slow steps).
+    # Straight into the float8 tensor, the same pattern as the bf16 cache's write (index_put_ takes float8 since
+    # torch 2.4).  Session 8's first version wrote through uint8 views of both; inductor (2.13, 2.14, CPU) wrote
+    # either form in place, the device's 2.11 is timed both ways by benchmarks/profile_decode.py --store-variants.
     cache[rows, cols] = q
     scale[rows, cols] = s
 
