@@ -573,9 +573,8 @@ class TransformersBackend(BaseBackend):
         if self._fast is not None:
             budget += self._fast.held_bytes()  # the cache in hand is reused or replaced, not added to
         shape = loading.model_shape(self._model)
-        kv = self._fast.kv_cache_dtype if self._fast is not None else "auto"
         slots, packing = plan.fit(shape, budget, tokens=tokens, max_new=max_new, itemsize=self._model.dtype.itemsize,
-                                  kv=kv)
+                                  kv=self.kv_cache_dtype)
         if self._fast is not None and packing != self._fast.packing:
             self._fast.packing = packing
             log.info("prefill: %s", "one prompt per round (packed rounds leave no room for a slot here)"

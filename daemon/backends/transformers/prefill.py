@@ -66,7 +66,7 @@ class PrefillRounds:
     eos: torch.Tensor  # end-of-sequence ids (a -1 when there are none)
     _state: dict[str, torch.Tensor]
     _kv: list[tuple[torch.Tensor, torch.Tensor]]
-    _scales: list[tuple[torch.Tensor, torch.Tensor]]  # an FP8 cache's scales (static_cache), [] otherwise
+    _scales: list[tuple[torch.Tensor | None, torch.Tensor | None]]  # an FP8 cache's scales per layer (static_cache)
 
     def _image_features(self, prompts: list[Prompt]) -> list[torch.Tensor | None]:
         """The vision tower's output for each prompt's images, all images in one call.
@@ -164,8 +164,7 @@ class PrefillRounds:
         if layer_fn is self._prefill_fn:
             rows_vary(x, cos, sin, slot_of, col_of, cu)
         group = self.n_heads // self.n_kv
-        scales = self._scales or [(None, None)] * len(self._kv)
-        for layer, (k_cache, v_cache), (k_scale, v_scale) in zip(self.layers, self._kv, scales):
+        for layer, (k_cache, v_cache), (k_scale, v_scale) in zip(self.layers, self._kv, self._scales):
             attn = layer.self_attn
             x = layer_fn(x, cos, sin, k_cache, v_cache, slot_of, col_of, cu, layout.spans if kind == "sdpa" else (),
                          *self.fused[id(layer)], layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
@@ -218,10 +217,9 @@ class PrefillRounds:
         # One unpadded sequence: no attention mask, so the text model takes the plain causal path.
         out = qwen2_5_vl.text_model(model)(input_ids=None, inputs_embeds=embeds, position_ids=positions, use_cache=True)
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        scales = self._scales or [(None, None)] * len(self._kv)
         put_row = torch.full((length,), slot, device=self.device)
         cols = torch.arange(length, device=self.device)
-        for layer, (k_cache, v_cache), (k_scale, v_scale) in zip(cache.layers, self._kv, scales):
+        for layer, (k_cache, v_cache), (k_scale, v_scale) in zip(cache.layers, self._kv, self._scales):
             store(k_cache, k_scale, put_row, cols, layer.keys[0].transpose(0, 1))
             store(v_cache, v_scale, put_row, cols, layer.values[0].transpose(0, 1))
         logits = self.lm_head(out.last_hidden_state[:, -1]).float()

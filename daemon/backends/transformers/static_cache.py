@@ -67,8 +67,9 @@ class CacheAndStep:
     _graphs: dict[tuple[int, bool], Any]
     _state: dict[str, torch.Tensor]
     _kv: list[tuple[torch.Tensor, torch.Tensor]]
-    #: an FP8 cache's scales per layer, (keys, values), each (slots, length, kv heads) float32; [] otherwise
-    _scales: list[tuple[torch.Tensor, torch.Tensor]]
+    #: per layer, an FP8 cache's scales (keys, values), each (slots, length, kv heads) float32; (None, None)
+    #: for a cache in the model's dtype: what the layer functions take as ``k_scale``/``v_scale``
+    _scales: list[tuple[torch.Tensor | None, torch.Tensor | None]]
     kv_cache_dtype: str  # auto (the model's dtype) | fp8
 
     # ------------------------------------------------------------ memory
@@ -83,7 +84,7 @@ class CacheAndStep:
 
     def held_bytes(self) -> int:
         """Device memory the cache and state hold now (reused by the next run that fits)."""
-        tensors = [t for pair in self._kv + self._scales for t in pair] + list(self._state.values())
+        tensors = [t for pair in self._kv + self._scales for t in pair if t is not None] + list(self._state.values())
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def release(self) -> None:
@@ -113,6 +114,7 @@ class CacheAndStep:
         cache_dtype = torch.float8_e4m3fn if self.fp8_cache else self.dtype
         self._kv = [(torch.zeros(shape, dtype=cache_dtype, device=self.device),
                      torch.zeros(shape, dtype=cache_dtype, device=self.device)) for _ in self.layers]
+        self._scales = [(None, None)] * len(self.layers)
         if self.fp8_cache:  # ones: a column never written reads as zeros, never as NaN
             self._scales = [(torch.ones(shape[:3], dtype=torch.float32, device=self.device),
                              torch.ones(shape[:3], dtype=torch.float32, device=self.device)) for _ in self.layers]
@@ -215,9 +217,8 @@ class CacheAndStep:
         (the scales None for a cache in the model's dtype)."""
         state = {k: (v[:n] if v.dim() and k not in ("cols", "cu_q", "cu_k") else v) for k, v in self._state.items()}
         state["cu_q"], state["cu_k"] = self._state["cu_q"][:n + 1], self._state["cu_k"][:n + 1]
-        scales = self._scales or [(None, None)] * len(self._kv)
         return state, [(k[:n], v[:n], ks if ks is None else ks[:n], vs if vs is None else vs[:n])
-                       for (k, v), (ks, vs) in zip(self._kv, scales)]
+                       for (k, v), (ks, vs) in zip(self._kv, self._scales)]
 
     def _step(self, n: int, sample: bool = False) -> None:
         """One decode step for the first ``n`` slots, in place on the state (graph-safe).
