@@ -249,11 +249,15 @@ class Demand:
     why: str = ""  # for the plan's notes: "rule olmocr (2116 image tokens, 8000 new tokens)"
 
 
+def kv_head_bytes(head_dim: int, itemsize: int = 2, kv: str = "auto") -> int:
+    """One KV head's keys (or values) of one token: in the model's dtype, or (``kv`` fp8) one byte each
+    plus its float32 scale (the slot engine allocates by this too)."""
+    return head_dim + 4 if kv == "fp8" else head_dim * itemsize
+
+
 def kv_bytes_per_token(shape: ModelShape, itemsize: int = 2, kv: str = "auto") -> int:
-    """Keys and values of one token in every layer: in the model's dtype, or (``kv`` fp8) one byte each
-    plus a float32 scale per KV head."""
-    per_head = shape.head_dim + 4 if kv == "fp8" else shape.head_dim * itemsize
-    return 2 * shape.layers * shape.kv_heads * per_head
+    """Keys and values of one token in every layer."""
+    return 2 * shape.layers * shape.kv_heads * kv_head_bytes(shape.head_dim, itemsize, kv)
 
 
 def slot_bytes(shape: ModelShape, length: int, itemsize: int = 2, kv: str = "auto") -> int:

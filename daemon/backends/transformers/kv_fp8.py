@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from daemon.backends import is_sticky_cuda_error
+from daemon.backends.transformers.fp8 import fp8_capable
 
 log = logging.getLogger(__name__)
 
@@ -317,9 +318,7 @@ def runs(device: torch.device) -> bool:
     False on a CPU, before compute capability 8.9 (no ``float8e4nv`` in Triton), without Triton, or when
     the kernel fails or disagrees (logged: the engine then keeps its cache in the model's dtype).
     """
-    if device.type != "cuda":
-        return False
-    if torch.cuda.get_device_capability(device) < (8, 9):
+    if not fp8_capable(device):
         return False
     try:
         _kernels()

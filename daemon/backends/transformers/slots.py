@@ -153,7 +153,7 @@ class SlotEngine(PrefillRounds, CacheAndStep):
         self._step_s: dict[int, float] = {}  # last measured seconds per decode step, by slots stepped
         self._state: dict[str, torch.Tensor] = {}
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._scales: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._scales: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
         self._staging = Staging(self.device)
         self._true = torch.ones((), dtype=torch.bool, device=self.device)
         self.vision: Any = None  # patches.VisionAttentionPatch, told the window bounds ahead (_vision_layout)

@@ -32,7 +32,7 @@ from daemon.backends.transformers.decode_step import (Where, at_eos, attend, cho
                                                       store, weight_of)
 from daemon.backends.transformers.oom import is_out_of_memory
 from daemon.backends.transformers.scheduler import decode_widths
-from daemon.plan import cache_length
+from daemon.plan import cache_length, kv_head_bytes
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,8 @@ class CacheAndStep:
         return self.kv_cache_dtype == "fp8"
 
     def kv_bytes_per_token(self) -> int:
-        per_head = self.head_dim + 4 if self.fp8_cache else self.head_dim * self.dtype.itemsize
-        return 2 * len(self.layers) * self.n_kv * per_head
+        return 2 * len(self.layers) * self.n_kv * kv_head_bytes(self.head_dim, self.dtype.itemsize,
+                                                                self.kv_cache_dtype)
 
     def held_bytes(self) -> int:
         """Device memory the cache and state hold now (reused by the next run that fits)."""
