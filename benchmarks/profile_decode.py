@@ -144,8 +144,10 @@ def attention_variants(slots: int, length: int, fill: int, n_heads: int, n_kv: i
 def store_variants(slots: int, length: int, n_kv: int, dim: int) -> dict[str, float]:
     """One layer's FP8 cache write (keys and values, a column per row) compiled as the decode step compiles
     it, two ways: straight into the float8 tensor (``decode_step.store``) and through uint8 views of it (session
-    8's first version).  Milliseconds per call (CUDA graph replays): a write that copies the cache shows as
-    ~0.1 ms per 180 MB of cache instead of a few microseconds."""
+    8's first version); then the attention kernel reading the cache alone, and after the straight write in the
+    same compiled function (the decode step's order).  Milliseconds per call (CUDA graph replays): a write that
+    copies the cache shows as ~0.1 ms per 180 MB of cache instead of a few microseconds, and
+    ``direct_then_read`` well above ``direct`` + ``read_only`` would be the read forcing that copy."""
     from daemon.backends.transformers import kv_fp8
 
     dev = "cuda"
@@ -167,8 +169,26 @@ def store_variants(slots: int, length: int, n_kv: int, dim: int) -> dict[str, fl
         ks[rows, cols] = s
         return x + 1
 
+    # The decode step reads the cache right after writing it (kv_fp8's custom op, declared as mutating nothing):
+    # whether that read makes the compiled write copy the cache is what these two tell, beside the read alone.
+    q_heads = n_kv * 7  # the 7B's group
+    query = torch.randn(slots, q_heads, dim, device=dev, dtype=torch.bfloat16)
+    big_v = torch.zeros_like(big_k)
+    big_vs = torch.ones_like(big_s)
+    used = torch.full((slots,), length // 2 + 1, device=dev, dtype=torch.int32)
+
+    def read_only(kc: torch.Tensor, ks: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return kv_fp8.fp8_kv_attention(query, kc, ks, big_v[:slots], big_vs[:slots], used, dim ** -0.5)
+
+    def direct_then_read(kc: torch.Tensor, ks: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        q, s = kv_fp8.quantize(x)
+        kc[rows, cols] = q
+        ks[rows, cols] = s
+        return kv_fp8.fp8_kv_attention(query, kc, ks, big_v[:slots], big_vs[:slots], used, dim ** -0.5)
+
     out = {}
-    for name, fn in (("direct", direct), ("via_uint8", via_uint8)):
+    for name, fn in (("direct", direct), ("via_uint8", via_uint8), ("read_only", read_only),
+                     ("direct_then_read", direct_then_read)):
         try:
             compiled = torch.compile(fn, fullgraph=True)
             for _ in range(3):
@@ -190,7 +210,7 @@ def main() -> int:
     p.add_argument("--cases", help="SLOTSxLENGTHxFILL,... instead of the built-in four, e.g. 71x2560x2300")
     p.add_argument("--no-variants", action="store_true", help="skip the attention kernels timed on their own")
     p.add_argument("--store-variants", action="store_true",
-                   help="time the FP8 cache write two ways per case (straight and through uint8 views)")
+                   help="time the FP8 cache write two ways per case (straight, through uint8 views), and with the read")
     args = p.parse_args()
     cases = [tuple(int(n) for n in c.split("x")) for c in args.cases.split(",")] if args.cases else CASES
     args.out.mkdir(parents=True, exist_ok=True)
