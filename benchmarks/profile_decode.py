@@ -141,7 +141,7 @@ def attention_variants(slots: int, length: int, fill: int, n_heads: int, n_kv: i
     return out
 
 
-def store_variants(slots: int, length: int, n_kv: int, dim: int) -> dict[str, float]:
+def store_variants(slots: int, length: int, heads: int, n_kv: int, dim: int) -> dict[str, float]:
     """One layer's FP8 cache write (keys and values, a column per row) compiled as the decode step compiles
     it, two ways: straight into the float8 tensor (``decode_step.store``) and through uint8 views of it (session
     8's first version); then the attention kernel reading the cache alone, and after the straight write in the
@@ -171,8 +171,7 @@ def store_variants(slots: int, length: int, n_kv: int, dim: int) -> dict[str, fl
 
     # The decode step reads the cache right after writing it (kv_fp8's custom op, declared as mutating nothing):
     # whether that read makes the compiled write copy the cache is what these two tell, beside the read alone.
-    q_heads = n_kv * 7  # the 7B's group
-    query = torch.randn(slots, q_heads, dim, device=dev, dtype=torch.bfloat16)
+    query = torch.randn(slots, heads, dim, device=dev, dtype=torch.bfloat16)
     big_v = torch.zeros_like(big_k)
     big_vs = torch.ones_like(big_s)
     used = torch.full((slots,), length // 2 + 1, device=dev, dtype=torch.int32)
@@ -238,7 +237,7 @@ def main() -> int:
             kv = slots * fill * fast.kv_bytes_per_token()
             case: dict[str, Any] = {
                 "slots": slots, "cache_length": fast._length, "filled": fill,
-                "attention": "one" if slots == 1 and fast.attention != "fp8_kv" else fast.attention,
+                "attention": fast.decode_attention(slots),
                 "kv_cache": fast.kv_cache_dtype, "precision": backend.precision,
                 "step_ms": round(step_ms, 3),
                 "floor_ms": round((weight_bytes + kv) / bandwidth * 1e3, 3),
@@ -251,7 +250,7 @@ def main() -> int:
                 case["attention_kernels"] = attention_variants(slots, fast._length, fill, fast.n_heads, fast.n_kv,
                                                                fast.head_dim, fast.layers[0].self_attn.scaling)
             if args.store_variants:
-                case["fp8_store_ms"] = store_variants(slots, fast._length, fast.n_kv, fast.head_dim)
+                case["fp8_store_ms"] = store_variants(slots, fast._length, fast.n_heads, fast.n_kv, fast.head_dim)
             results["cases"].append(case)
             print(json.dumps(case, indent=1), flush=True)
     (args.out / "profile_decode.json").write_text(json.dumps(results, indent=1))

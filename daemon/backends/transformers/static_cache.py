@@ -220,6 +220,11 @@ class CacheAndStep:
         return state, [(k[:n], v[:n], ks if ks is None else ks[:n], vs if vs is None else vs[:n])
                        for (k, v), (ks, vs) in zip(self._kv, self._scales)]
 
+    def decode_attention(self, n: int) -> str:
+        """The attention kind a decode step over ``n`` slots runs (``decode_step.attend``): ``one`` for a
+        single row, except over an FP8 cache, which only ``kv_fp8``'s kernel (or its widening) reads."""
+        return "one" if n == 1 and self.attention != "fp8_kv" else self.attention
+
     def _step(self, n: int, sample: bool = False) -> None:
         """One decode step for the first ``n`` slots, in place on the state (graph-safe).
 
@@ -232,7 +237,7 @@ class CacheAndStep:
         rows, wpos = s["rows"], s["wpos"]
         x = self.embed(s["tok"])
         cos, sin = self._rope(s["pos"])
-        kind = "one" if n == 1 and self.attention != "fp8_kv" else self.attention
+        kind = self.decode_attention(n)
         if kind in ("flash", "fp8_kv"):  # each row's filled columns, the current token included
             bias, used = None, (wpos + 1).to(torch.int32)
         else:  # an additive mask over the cache columns
