@@ -154,3 +154,14 @@ def test_the_plan_command_counts_an_fp8_cache_and_advises_it(tmp_path: Path) -> 
     assert fp8["kv_per_slot_mib"] < plain["kv_per_slot_mib"] / 1.9
     assert fp8["slots"] >= 1.9 * plain["slots"] and "fp8 KV cache" in fp8["summary"]
     assert any(a.startswith(f"model.kv_cache_dtype: fp8 ({fp8['slots']} slots") for a in plain["advice"])
+
+
+def test_bench_verify_holds_the_fp8_cache_to_stock_generate_rounding_the_same_way(tiny_model: Path) -> None:
+    # Stock generate with a plain cache parts from the engine's FP8 cache within 40 tokens here (2 of 6
+    # requests, from tokens 13 and 14); with ``stock.rounding_cache`` the two agree token for token.
+    done = run_vlwatch("bench", "--verify", "--model", tiny_model, "--kv-cache-dtype", "fp8", "--verify-sizes",
+                       "56x56,112x84,84x140,168x168,56x112,224x224", "--verify-slots", "2", "--new-tokens", "40",
+                       timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "kv_cache fp8" in done.stdout and "6 of 6 requests gave the same tokens" in done.stdout
+    assert "FutureWarning" not in done.stderr

@@ -4,6 +4,8 @@ Images of several sizes run through fewer slots than requests (so slots
 are refilled mid-run) with different budgets; every request's tokens must
 equal stock ``generate``'s, one request per call; exit 1 on any mismatch.
 Run it after upgrading torch or transformers, and after any engine change.
+With ``--kv-cache-dtype fp8`` the stock side rounds its cache as the
+engine's FP8 cache does (``stock.rounding_cache``).
 """
 
 from __future__ import annotations

@@ -595,7 +595,8 @@ class TransformersBackend(BaseBackend):
 
     def _generate_hf_raw(self, requests: list[Request]) -> tuple[list[list[int]], list[bool]]:
         tokens, ended, self.last_stats = stock.generate(self._model, self._processor, requests,
-                                                         ignore_eos=self.ignore_eos)
+                                                         ignore_eos=self.ignore_eos,
+                                                         kv_cache_dtype=self.kv_cache_dtype)
         return tokens, ended
 
 def image_tokens(width: int, height: int) -> int:

@@ -6,12 +6,20 @@ in fp32) and the fallback where it does not apply.  Batches of what the feed
 has, one ``generate`` call per sampling setting; a CUDA out-of-memory error
 halves the batch, any other failure of a batch runs its requests one by one
 so that one bad request fails alone.
+
+With ``model.kv_cache_dtype: fp8`` stock ``generate`` keeps its usual
+cache but rounds every key and value through e4m3 as the slot engine's FP8
+cache stores them (``rounding_cache``): it computes what the engine
+computes, without the memory saved, so ``bench --verify --kv-cache-dtype
+fp8`` can hold the two to the same tokens.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+import warnings
 from typing import Any, Callable, Sequence
 
 from daemon.backends import Answer, DeviceLostError, Feed, Item, Request, is_sticky_cuda_error
@@ -78,10 +86,11 @@ def split_on_oom(requests: list[Request], run: Run) -> list[Answer]:
         return split_on_oom(requests[:half], run) + split_on_oom(requests[half:], run)
 
 
-def generate(model: Any, processor: Any, requests: Sequence[Request], *,
-             ignore_eos: bool = False) -> tuple[list[list[int]], list[bool], dict[str, Any]]:
+def generate(model: Any, processor: Any, requests: Sequence[Request], *, ignore_eos: bool = False,
+             kv_cache_dtype: str = "auto") -> tuple[list[list[int]], list[bool], dict[str, Any]]:
     """One ``model.generate`` call for ``requests`` (one temperature): token ids up to end-of-sequence per
-    request, whether each ended there (not at its budget), and what the call measured."""
+    request, whether each ended there (not at its budget), and what the call measured.  With
+    ``kv_cache_dtype`` fp8 the cache rounds keys and values as the engine's FP8 cache does."""
     import torch
 
     texts = [processor.apply_chat_template(messages(r), tokenize=False, add_generation_prompt=True) for r in requests]
@@ -99,7 +108,12 @@ def generate(model: Any, processor: Any, requests: Sequence[Request], *,
         else {"do_sample": False}
     started = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=max_new, **sampling, **forced)
+        cache = {"past_key_values": rounding_cache()} if kv_cache_dtype == "fp8" else {}
+        with warnings.catch_warnings():
+            # transformers 5.2x renames generate's past_key_values to cache; 5.17 (the device's) knows
+            # only the old name, which works in both until 6.0.
+            warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
+            out = model.generate(**inputs, max_new_tokens=max_new, **sampling, **forced, **cache)
     stats = {"wall_s": time.perf_counter() - started, "requests": len(requests),
              "new_tokens": int(out.shape[0] * (out.shape[1] - inputs["input_ids"].shape[1]))}
     new = out[:, inputs["input_ids"].shape[1]:]
@@ -111,6 +125,38 @@ def generate(model: Any, processor: Any, requests: Sequence[Request], *,
         tokens.append(kept)
         ended.append(len(kept) < len(budget))
     return tokens, ended, stats
+
+
+def rounding_cache() -> Any:
+    """A ``transformers.DynamicCache`` that keeps keys and values as the slot engine's FP8 cache does.
+
+    Each key and value vector is rounded through e4m3 with its own scale
+    (``kv_fp8.quantize``, then back) before it is cached.  A prompt's own
+    pass attends to its keys and values unrounded, as the engine's prefill
+    does (it stores them rounded afterwards); every later step reads them
+    rounded, its own token's included (the engine writes, then reads).
+    """
+    return _rounding_cache_class()()
+
+
+@functools.cache
+def _rounding_cache_class() -> type:
+    from transformers import DynamicCache
+
+    from daemon.backends.transformers import kv_fp8
+
+    def rounded(x: Any) -> Any:
+        return kv_fp8.dequantize(*kv_fp8.quantize(x), x.dtype)
+
+    class RoundingCache(DynamicCache):  # type: ignore[misc,valid-type]
+        def update(self, key_states: Any, value_states: Any, layer_idx: int, *args: Any,
+                   **kwargs: Any) -> tuple[Any, Any]:
+            keys, values = super().update(rounded(key_states), rounded(value_states), layer_idx, *args, **kwargs)
+            if keys.shape[-2] == key_states.shape[-2]:  # the prompt's own pass: nothing was cached before it
+                return key_states, value_states
+            return keys, values
+
+    return RoundingCache
 
 
 def messages(request: Request) -> list[dict[str, Any]]:
