@@ -145,11 +145,12 @@ api:
     return path
 
 
-def stream_once(client: Any, image_url: str, max_tokens: int) -> tuple[float, float, int, float]:
+def stream_once(client: Any, image_url: str, max_tokens: int) -> tuple[float, float, int, float, float]:
     """(seconds to the first content chunk, seconds to the end, chunks, longest gap between two content
-    chunks) of one streamed request."""
+    chunks, when it was sent: Unix time, to set beside the daemon's log) of one streamed request."""
     body = {"model": "bench", "stream": True, "max_tokens": max_tokens, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": "Describe this image."}]}]}
+    sent = time.time()
     started = time.perf_counter()
     first = None
     chunks = 0
@@ -173,7 +174,7 @@ def stream_once(client: Any, image_url: str, max_tokens: int) -> tuple[float, fl
                     gap = max(gap, now - last)
                 last = now
     total = time.perf_counter() - started
-    return (first if first is not None else total), total, chunks, gap
+    return (first if first is not None else total), total, chunks, gap, sent
 
 
 def summary(values: list[float]) -> dict[str, float]:

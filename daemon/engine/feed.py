@@ -53,6 +53,7 @@ class Ask(Future[Answer]):
     def __init__(self) -> None:
         super().__init__()
         self.abandoned = threading.Event()
+        self.submitted = time.monotonic()
 
     def cancel(self) -> bool:
         self.abandoned.set()
@@ -161,6 +162,9 @@ class JobFeed:
         while (waiting := self.loop.next_interactive()) is not None:
             request, future = waiting
             if future.set_running_or_notify_cancel():
+                if isinstance(future, Ask):
+                    log.debug("an interactive request taken by the engine %.3f s after it was submitted",
+                              time.monotonic() - future.submitted)
                 self._asks_seen += 1
                 key = ("ask", self._asks_seen)
                 self.asks[key] = future

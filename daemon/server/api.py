@@ -82,11 +82,16 @@ def list_models(ctx: ServerContext = Depends(context)) -> dict[str, Any]:
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, ctx: ServerContext = Depends(context)) -> Any:
+    arrived = time.monotonic()
     body = await _json_body(request)
     config = ctx.config()
     if ctx.loop is None:
         raise ApiError(503, "no model is served by this process", code="model_not_served")
+    read = time.monotonic()
     call = await run_in_threadpool(parse_chat, body, config)
+    # Where a question's first token went before the engine saw it (a busy daemon's GIL; NOTES "Calls P2
+    # and P1"): the engine logs how long it then waited there.
+    log.debug("chat request: body read in %.3f s, parsed in %.3f s", read - arrived, time.monotonic() - read)
     served = config.model.name
     if call.stream:
         return StreamingResponse(_chat_stream(ctx, call, served), media_type="text/event-stream",
