@@ -9,6 +9,9 @@ step verify-fp32-kvfp8 ${VERIFY_LIMIT:-90} bench --verify --load-format dummy --
 step verify-fp32 ${VERIFY_LIMIT:-80} bench --verify --load-format dummy --new-tokens 128
 img=(bench --load-format dummy --ignore-eos --baseline-images 0 --latency-images 0 --batch-sizes auto --quantization fp8
      --images 512)
+# issue 22's one unmet figure: batch 1 in bf16 (J2, session 5: 1.582 s against <= 1.55)
+step batch1-bf16 ${B1_LIMIT:-70} bench --load-format dummy --ignore-eos --images 2 --batch-sizes '' --baseline-images 0 \
+    --latency-images 3 --quantization none
 step img-7b-fp8-full-kvfp8 ${LIMIT:-110} -v "${img[@]}" --kv-cache-dtype fp8
 step img-7b-fp8-full ${LIMIT:-110} -v "${img[@]}"
 exit 0
