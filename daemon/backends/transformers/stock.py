@@ -141,6 +141,8 @@ def rounding_cache() -> Any:
 
 @functools.cache
 def _rounding_cache_class() -> type:
+    # Made on first use, as this module's other transformers and torch imports are: importing the
+    # backend package (the CLI does) must not load transformers.
     from transformers import DynamicCache
 
     from daemon.backends.transformers import kv_fp8
