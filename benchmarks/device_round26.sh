@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Call Q3 (an H100; carry .whl; from a clean, committed tree): the CUDA-core FP8 kernel (fp8_gemv's VEC path,
+# Call Q3 (ran at 191d52c, session 11: the VEC kernel and --vec-only were removed after it; an H100; carry .whl): the CUDA-core FP8 kernel (fp8_gemv's VEC path,
 # no tensor-core tile for one to four rows) against the tensor-core kernel with split auto, one decoder layer of
 # the 7B and of the 3B, 1, 2 and 4 rows.  Predictions: NOTES "Call Q3".
 set -uo pipefail

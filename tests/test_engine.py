@@ -393,6 +393,36 @@ def test_an_interactive_request_takes_a_slot_back_from_the_queued_sequence_admit
     assert engine.stats.requests == 12 and engine.stats.preempted == 0
 
 
+def test_questions_one_after_another_never_wait_for_a_wave_of_queued_sequences_to_end(
+        backend: TransformersBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Call Q2 (session 11): a wave of queued prompts admitted together ends together; each question took an
+    # interactive slot back, the sequence it displaced was admitted again into the same slot when the question
+    # ended, and a sequence gives its slot up once at most, so after two questions (two interactive slots here)
+    # the third waited for the wave's end (1.5 s on the H100). It must take a slot back higher up instead.
+    engine = backend.slot_engine
+    folder = _prompts(backend, 8, 160)
+    asks = _prompts(backend, 3, 2, first=100, urgent=True)
+    source = UrgentSource(folder, [])
+    waiting = list(asks)
+
+    def record(event: Event) -> None:
+        if isinstance(event, Prefill):
+            source.events.extend(("prefill", p.index) for p in event.prompts)
+        elif isinstance(event, Decode) and waiting and not source.pending and (
+                len(waiting) == len(asks) or ("finished", asks[-len(waiting) - 1].index) in source.events):
+            source.pending.append(waiting.pop(0))  # the next question comes once the last one is answered
+
+    monkeypatch.setattr(engine, "trace", record)
+    monkeypatch.setattr(engine, "ignore_eos", True)
+    with torch.inference_mode():
+        engine.run(source, slots=8, cache_length=256, max_new=160, shrink=True, reserve=True)
+    events = source.events
+    first_end = events.index(next(e for e in events if e[0] == "finished" and e[1] < 100))
+    assert [events.index(("prefill", a.index)) < first_end for a in asks] == [True, True, True], str([
+        e for e in events if e[0] != "partial"])
+    assert all(isinstance(source.results[i], Generated) for i in [*range(8), 100, 101, 102])
+
+
 def test_a_fixed_list_uses_every_slot(backend: TransformersBackend, monkeypatch: pytest.MonkeyPatch) -> None:
     # The bench and `process --local` bring no interactive requests: no slot is held back for them (a held-back
     # slot left 2 of 512 bench images to decode alone after the rest, at the full batch's step cost: -35% decode).

@@ -61,27 +61,6 @@ def test_split_k_adds_its_parts_up_to_the_same_product(rows: int, n: int, k: int
     assert float((parts.float() - whole.float()).abs().max()) <= 0.02 * float(want.abs().max())
 
 
-@pytest.mark.parametrize(("rows", "n", "k", "split", "with_bias"), [
-    (1, 96, 320, 1, True),    # one row, columns not a multiple of the tile
-    (1, 130, 1000, 3, False),  # split-K with a short last part
-    (3, 64, 257, 1, True),    # a row tile of 4 with one masked row, K ragged
-    (4, 70, 512, 2, True),    # the most rows it takes
-])
-def test_the_cuda_core_kernel_is_the_same_product(rows: int, n: int, k: int, split: int, with_bias: bool) -> None:
-    # The batch-1 path (issue 23: one row in a 16-row tensor-core tile is 15 masked rows): asked for with VEC.
-    torch.manual_seed(n + k)
-    q, s = fp8.quantize_rows(torch.randn(n, k) * 0.05)
-    x = torch.randn(rows, k).to(torch.bfloat16)
-    bias = torch.randn(n).to(torch.bfloat16) if with_bias else None
-    got = fp8_gemv.launch(x, q, s, bias, {"VEC": 1, "BN": 16, "BK": 128, "num_warps": 2, "num_stages": 2,
-                                          "SPLIT": split})
-    tiles = fp8_gemv.launch(x, q, s, bias, {"BN": 32, "BK": 128, "num_warps": 4, "num_stages": 2, "SPLIT": 1})
-    want = _reference(x, q, s, bias)
-    assert got.shape == (rows, n) and got.dtype == torch.bfloat16
-    assert float((got.float() - want).norm() / want.norm()) < 0.005
-    assert float((got.float() - tiles.float()).abs().max()) <= 0.02 * float(want.abs().max())
-
-
 def test_split_for_fills_the_card_only_where_the_tiles_do_not() -> None:
     sms = 132  # an H100
     assert fp8_gemv.split_for(37888, 3584, 32, 512, sms) == 1  # gate/up: 1,184 programs already

@@ -42,7 +42,10 @@ def test_an_interactive_prompt_takes_back_the_interactive_slot_a_queued_sequence
     sched = Scheduler(16, SchedulerOptions(interactive_slots=4), reserve=True)
     # slot -> when its queued sequence was admitted: slots 3, 2, 1 filled last, in that order
     assert sched.victim({5: 1, 3: 7, 2: 8, 1: 9, 9: 10}) == 1
-    assert sched.victim({5: 1, 9: 2}) is None  # above the interactive slots nothing is taken back
+    # every interactive slot held by a sequence that gave its slot up before (not in ``queued``): the one
+    # admitted last anywhere gives its slot up, rather than the question waiting for a wave to end (call Q2)
+    assert sched.victim({5: 1, 9: 2}) == 9
+    assert sched.victim({5: 1, 3: 7}, interactive=4) is None  # as many questions running as slots kept for them
     assert sched.victim({}) is None
     assert Scheduler(16, reserve=False).victim({0: 1}) is None  # a fixed list: nothing to make room for
 

@@ -110,7 +110,7 @@ def _triton_imports() -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def _kernels() -> tuple[Any, Any, Any]:
+def _kernels() -> tuple[Any, Any]:
     import triton
     import triton.language as tl
 
@@ -162,39 +162,7 @@ def _kernels() -> tuple[Any, Any, Any]:
             acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=inside)
 
-    @triton.jit
-    def fp8_vec_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, K_PER,
-                       stride_xm, stride_wn, stride_ym,
-                       HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        # The same product for one to VEC_ROWS rows on the CUDA cores: no 16-row tensor-core tile to fill
-        # with masked rows, no shared-memory staging; products kept per column and summed once at the end.
-        pid = tl.program_id(0)
-        part = tl.program_id(1)
-        rows = tl.arange(0, BM)
-        cols = pid * BN + tl.arange(0, BN)
-        ks = tl.arange(0, BK)
-        acc = tl.zeros((BM, BN, BK), dtype=tl.float32)
-        k_lo = part * K_PER
-        for k0 in range(k_lo, tl.minimum(k_lo + K_PER, K), BK):
-            k = k0 + ks
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :],
-                        mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
-            w = tl.load(w_ptr + cols[:, None] * stride_wn + k[None, :],
-                        mask=(cols[:, None] < N) & (k[None, :] < K), other=0.0)
-            acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-        out = tl.sum(acc, axis=2)
-        if SPLIT == 1:
-            out = out * tl.load(s_ptr + cols, mask=cols < N, other=0.0)[None, :]
-            if HAS_BIAS:
-                out += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], out.to(y_ptr.dtype.element_ty),
-                     mask=(rows[:, None] < M) & (cols[None, :] < N))
-        else:
-            tl.store(y_ptr + part * M * N + rows[:, None] * N + cols[None, :], out,
-                     mask=(rows[:, None] < M) & (cols[None, :] < N))
-
-    return fp8_rows_kernel, fp8_rows_reduce, fp8_vec_kernel
+    return fp8_rows_kernel, fp8_rows_reduce
 
 
 #: Tile and pipeline: ``BN`` output rows per program (enough programs to fill the card for the narrowest
@@ -213,14 +181,6 @@ CONFIG = {"BN": 32, "BK": 512, "num_warps": 4, "num_stages": 3}
 CONFIGS = {16: CONFIG, 32: {"BN": 32, "BK": 512, "num_warps": 4, "num_stages": 3},
            64: {"BN": 32, "BK": 256, "num_warps": 4, "num_stages": 3},
            128: {"BN": 32, "BK": 128, "num_warps": 4, "num_stages": 3}}
-#: Rows up to which the CUDA-core kernel (``fp8_vec_kernel``) may take a launch: a batch of one to four
-#: decoding rows, where the tensor-core kernel's 16-row tile is mostly masked rows.
-VEC_ROWS = 4
-#: Its tile when a probe asks for it without one; ``VEC_CONFIG`` (None: the tensor-core kernel for every row
-#: count) is what the engine uses, set once an H100 has timed it against the tensor-core kernel
-#: (benchmarks/fp8_gemv_probe.py).
-VEC_DEFAULT = {"BN": 16, "BK": 256, "num_warps": 2, "num_stages": 2}
-VEC_CONFIG: dict[str, int] | None = None
 #: Programs per SM that split-K aims at (gate/up, 1,184 programs, ~9 an SM, reads at 2.1 TB/s).
 PROGRAMS_PER_SM = 4
 
@@ -241,19 +201,11 @@ def _sms(index: int) -> int:
 
 def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
            config: dict[str, int] | None = None) -> torch.Tensor:
-    """``x`` [M <= 128, K] bf16 times FP8 ``weight`` [N, K] with row scales [N] (+ bias) -> [M, N] bf16.
-
-    A ``config`` with ``VEC`` 1 sends up to ``VEC_ROWS`` rows to the CUDA-core kernel (``VEC_CONFIG``)."""
+    """``x`` [M <= 128, K] bf16 times FP8 ``weight`` [N, K] with row scales [N] (+ bias) -> [M, N] bf16."""
     m, k = x.shape
     n = weight.shape[0]
-    asked = (config or {}).get("VEC")
-    vec = m <= VEC_ROWS and (bool(asked) if asked is not None else VEC_CONFIG is not None)
-    if vec:
-        bm = max(1, 1 << (m - 1).bit_length())
-        c = (VEC_CONFIG or VEC_DEFAULT) | {"SPLIT": _split} | (config or {})
-    else:
-        bm = block_m(m)
-        c = CONFIGS[bm] | {"SPLIT": _split} | (config or {})
+    bm = block_m(m)
+    c = CONFIGS[bm] | {"SPLIT": _split} | (config or {})
     bn, bk = c["BN"], c["BK"]
     split = c["SPLIT"] or (split_for(n, k, bn, bk, _sms(x.device.index or 0)) if x.is_cuda else 1)
     x = x.contiguous()
@@ -262,16 +214,11 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: tor
     b = bias if bias is not None else scale
     tiles = -(-n // bn)
     k_per = -(-(-(-k // bk)) // split) * bk  # whole BK steps per part
-    main, reduce, vector = _kernels()
+    main, reduce = _kernels()
     out = y if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
-    if vec:
-        vector[(tiles, split)](x, weight, scale, b, out, m, n, k, k_per, x.stride(0), weight.stride(0), y.stride(0),
-                               HAS_BIAS=bias is not None, SPLIT=split, BM=bm, BN=bn, BK=bk,
-                               num_warps=c["num_warps"], num_stages=c["num_stages"])
-    else:
-        main[(tiles, split)](x, weight, scale, b, out, m, n, k, k_per, x.stride(0), weight.stride(0), y.stride(0),
-                             HAS_BIAS=bias is not None, WIDE=interpreted(), SPLIT=split, BM=bm, BN=bn, BK=bk,
-                             num_warps=c["num_warps"], num_stages=c["num_stages"])
+    main[(tiles, split)](x, weight, scale, b, out, m, n, k, k_per, x.stride(0), weight.stride(0), y.stride(0),
+                         HAS_BIAS=bias is not None, WIDE=interpreted(), SPLIT=split, BM=bm, BN=bn, BK=bk,
+                         num_warps=c["num_warps"], num_stages=c["num_stages"])
     if split > 1:
         reduce[(tiles,)](out, scale, b, y, m, n, y.stride(0), HAS_BIAS=bias is not None, SPLIT=split,
                          BM=bm, BN=bn, num_warps=4)

@@ -130,19 +130,27 @@ class Scheduler:
             chosen.append(pick)
         return chosen
 
-    def victim(self, queued: Mapping[int, int]) -> int | None:
+    def victim(self, queued: Mapping[int, int], interactive: int = 0) -> int | None:
         """The slot to take back for an interactive prompt that finds none free, or None.
 
         ``queued`` maps the slots that queued sequences hold (and that may be
-        preempted) to when each was admitted (any increasing count).  The
-        victim is the one admitted last among the interactive slots: the
-        least work lost, and the interactive sequence then sits low, where
-        its own decode stretches stay narrow.  Slots above them are never
-        taken back: at most ``reserved`` interactive requests displace queued
-        work; more wait for a slot as queued prompts do.
+        preempted: each gives its slot up once at most) to when each was
+        admitted (any increasing count); ``interactive`` counts the
+        interactive sequences running.  The victim is the one admitted last
+        among the interactive slots: the least work lost, and the interactive
+        sequence then sits low, where its own decode stretches stay narrow.
+        Where every interactive slot holds a sequence that gave its slot up
+        before (a wave of queued prompts admitted together refills them with
+        the ones it gave back, and ends together), the one admitted last
+        anywhere gives its slot up instead: the question would otherwise wait
+        for the wave's end (call Q2: 1.5 s; a wave of pages takes ~15 s).
+        At most ``reserved`` interactive requests displace queued work; more
+        wait for a slot as queued prompts do.
         """
-        held = [(began, slot) for slot, began in queued.items() if slot < self.reserved]
-        return max(held)[1] if held else None
+        if interactive >= self.reserved or not queued:
+            return None
+        low = [(began, slot) for slot, began in queued.items() if slot < self.reserved]
+        return max(low or [(began, slot) for slot, began in queued.items()])[1]
 
     # ------------------------------------------------------------ decode
 

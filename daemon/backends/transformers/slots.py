@@ -322,7 +322,7 @@ class SlotEngine(PrefillRounds, CacheAndStep):
         from the start later (its tokens so far are dropped: a few hundred at most, of one row)."""
         queued = {i: self._began[i] for i, p in self._owner.items()
                   if not (p.urgent or p.stream or p.preempted)}  # each prompt gives its slot up once at most
-        slot = self._sched.victim(queued)
+        slot = self._sched.victim(queued, interactive=len(self._interactive_slots()))
         if slot is None:
             return False
         prompt = self._owner.pop(slot)
