@@ -113,8 +113,8 @@ def _kernels() -> tuple[Any, Any]:
                       qk_scale, group, heads, splits, per_split,
                       stride_qn, stride_qh, stride_kn, stride_kc, stride_kh, stride_vn, stride_vc, stride_vh,
                       stride_ksn, stride_ksc, stride_ksh, stride_vsn, stride_vsc, stride_vsh, stride_on, stride_oh,
-                      DIRECT: tl.constexpr, WIDE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                      DIM: tl.constexpr):
+                      DIRECT: tl.constexpr, WIDE: tl.constexpr, IEEE: tl.constexpr, BLOCK_H: tl.constexpr,
+                      BLOCK_N: tl.constexpr, DIM: tl.constexpr):
         row = tl.program_id(0)
         kvh = tl.program_id(1)
         part = tl.program_id(2)  # which per_split columns of the row (split-KV); 0 when DIRECT
@@ -143,7 +143,11 @@ def _kernels() -> tuple[Any, Any]:
             # e4m3 is exact in bf16 and fp16 (3 mantissa bits, exponents -9..8): widening loses nothing
             k = tl.load(k_row + cols[:, None] * stride_kc + d[None, :], mask=live[:, None], other=0.0)
             k_s = tl.load(ks_row + cols * stride_ksc, mask=live, other=0.0)
-            s = tl.dot(q, tl.trans(k.to(q.dtype))) * (k_s * qk_scale)[None, :]
+            if IEEE:  # a float32 model (the fp32 check against stock generate): no TF32 in its sums
+                s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k.to(q.dtype)))
+            s = s * (k_s * qk_scale)[None, :]
             s = tl.where(live[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: the step's first column is live
             alpha = tl.exp2(m_i - m_new)
@@ -151,7 +155,11 @@ def _kernels() -> tuple[Any, Any]:
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_row + cols[:, None] * stride_vc + d[None, :], mask=live[:, None], other=0.0)
             v_s = tl.load(vs_row + cols * stride_vsc, mask=live, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot((p * v_s[None, :]).to(q.dtype), v.to(q.dtype))
+            if IEEE:
+                pv = tl.dot((p * v_s[None, :]).to(q.dtype), v.to(q.dtype), input_precision="ieee")
+            else:
+                pv = tl.dot((p * v_s[None, :]).to(q.dtype), v.to(q.dtype))
+            acc = acc * alpha[:, None] + pv
             m_i = m_new
         if DIRECT:  # one part: normalise and write the output; used 0 (never asked) gives zeros, not NaN
             out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -249,7 +257,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, k_scale: torch.Tens
     """Attention of each row's new query against its FP8 cache row: ``(n, heads * dim)`` in ``q.dtype``.
 
     Args:
-        q: (n, heads, dim), bf16 on the GPU (fp16 works; fp32 takes TF32 dots there).
+        q: (n, heads, dim), bf16 on the GPU (fp16 works; fp32 takes full float32 dots, no TF32: the fp32
+            check against stock ``generate``, session 11's call Q1, parted at token 25 with TF32).
         k_cache, v_cache: (slots >= n, length, n_kv, dim) float8_e4m3fn, token-major as the engine keeps
             it; rows 0..n-1 belong to the n queries.  Any strides but the last (``k[:n]`` of a bigger cache).
         k_scale, v_scale: (slots, length, n_kv) float32, ``quantize``'s scales.
@@ -284,7 +293,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, k_scale: torch.Tens
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), k_scale.stride(0), k_scale.stride(1),
         k_scale.stride(2), v_scale.stride(0), v_scale.stride(1), v_scale.stride(2), out.stride(0), out.stride(1),
-        DIRECT=splits == 1, WIDE=interpreted(), BLOCK_H=max(MIN_HEADS_TILE, 1 << (group - 1).bit_length()),
+        DIRECT=splits == 1, WIDE=interpreted(), IEEE=q.dtype == torch.float32, BLOCK_H=max(MIN_HEADS_TILE, 1 << (group - 1).bit_length()),
         BLOCK_N=block_n, DIM=dim, num_warps=c["num_warps"], num_stages=c["num_stages"])
     if splits > 1:
         combine[(n, heads)](acc, m, l_, out, heads, splits, out.stride(0), out.stride(1),
