@@ -11,6 +11,4 @@ b1=(bench --load-format dummy --ignore-eos --images 2 --batch-sizes '' --baselin
 step batch1-fp8-kvfp8 ${B1_LIMIT:-70} "${b1[@]}" --kv-cache-dtype fp8
 step batch1-fp8 ${B1_LIMIT:-70} "${b1[@]}"
 ttft ttft-full --ask-after 12
-zcat "$OUT/ttft-full/api_ttft-daemon.log.gz" | grep -e 'chat request: body' -e 'taken by the engine' \
-    > "$OUT/ttft-full/asks.txt"
 exit 0
