@@ -173,6 +173,11 @@ def test_bench_verify_exits_1_on_a_mismatch(tiny_model: Path, monkeypatch: pytes
     assert run_bench(args) == 1
     out = capsys.readouterr().out
     assert "DIFFERENT from token 5" in out and "4 of 5 requests gave the same tokens: MISMATCH" in out
+    # Where they part, how far stock's own token was ahead of the engine's in stock's scores (session 11: a
+    # near-tie and a wrong kernel read the same without it); the others, the same, say nothing of it.
+    margins = re.findall(r"DIFFERENT from token 5 \(stock's token ahead by ([-0-9.e+]+) of ([-0-9.e+]+)\)", out)
+    assert len(margins) == 1 and float(margins[0][0]) > 0, out
+    assert out.count("ahead by") == 1
 
 
 def test_bench_one_engine_per_device(tiny_model: Path) -> None:

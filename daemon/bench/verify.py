@@ -5,7 +5,10 @@ are refilled mid-run) with different budgets; every request's tokens must
 equal stock ``generate``'s, one request per call; exit 1 on any mismatch.
 Run it after upgrading torch or transformers, and after any engine change.
 With ``--kv-cache-dtype fp8`` the stock side rounds its cache as the
-engine's FP8 cache does (``stock.rounding_cache``).
+engine's FP8 cache does (``stock.rounding_cache``).  Where a request parts,
+stock's scores at that token are read again (``stock.scores_at``) and the
+table gives how far its own token was ahead of the engine's: quantized runs
+part at near-ties (docs/engine.md, "Checking exactness").
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ class VerifyRow:
     engine_tokens: int
     stock_tokens: int
     first_difference: int | None  # index of the first differing token, None when equal
+    #: at the first differing token: stock's score for its own token minus its score for the engine's (its
+    #: processed logits; >= 0, greedy takes the largest), and its own token's score; None where one side
+    #: only ended sooner
+    stock_margin: float | None = None
+    stock_score: float | None = None
 
     @property
     def same(self) -> bool:
@@ -65,11 +73,14 @@ def run_verify(args: argparse.Namespace) -> int:
     backend.set_engine("hf")
     stock = backend.token_ids(requests, engine="hf")
     rows = []
-    for (w, h), n, a, b in zip(sizes, budgets, engine, stock):
+    for (w, h), request, a, b in zip(sizes, requests, engine, stock):
         diff = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        row = VerifyRow(f"{w}x{h}", (w // 28) * (h // 28), request.max_new_tokens, len(a), len(b), diff)
         if diff is None and len(a) != len(b):
-            diff = min(len(a), len(b))
-        rows.append(VerifyRow(f"{w}x{h}", (w // 28) * (h // 28), n, len(a), len(b), diff))
+            row.first_difference = min(len(a), len(b))
+        elif diff is not None:
+            row.stock_margin, row.stock_score = _margin(backend.stock_scores(request, diff), b[diff], a[diff])
+        rows.append(row)
     same = sum(r.same for r in rows)
     header = describe(backend, model, args, *sizes[0])
     header.pop("image", None), header.pop("image_tokens", None)
@@ -84,11 +95,22 @@ def run_verify(args: argparse.Namespace) -> int:
     return ExitCode.OK if same == len(rows) else ExitCode.FAILED
 
 
+def _margin(scores: Any, stock_token: int, engine_token: int) -> tuple[float, float]:
+    """(stock's score for its token minus its score for the engine's, stock's score for its token)."""
+    own = float(scores[stock_token])
+    if int(scores.argmax()) != stock_token and float(scores.max()) > own:  # a tie picks the lower id
+        raise VlwatchError(f"--verify: stock's scores at a parting do not make its own token {stock_token} the "
+                           f"largest (token {int(scores.argmax())} is): the scores read are not the step's")
+    return own - float(scores[engine_token]), own
+
+
 def format_verify(header: dict[str, Any], rows: list[VerifyRow], same: int) -> str:
     first = ", ".join(f"{k} {v}" for k, v in header.items())
     lines = ["| image | image tokens | budget | engine tokens | stock tokens | result |", "|---|---|---|---|---|---|"]
     for r in rows:
         result = "same" if r.same else f"DIFFERENT from token {r.first_difference}"
+        if r.stock_margin is not None:
+            result += f" (stock's token ahead by {r.stock_margin:.3g} of {r.stock_score:.3g})"
         lines.append(f"| {r.size} | {r.image_tokens} | {r.budget} | {r.engine_tokens} | {r.stock_tokens} | {result} |")
     verdict = f"{same} of {len(rows)} requests gave the same tokens" + ("" if same == len(rows) else ": MISMATCH")
     return f"vlwatch bench --verify: {first}\n\n" + "\n".join(lines) + f"\n\n{verdict}"

@@ -590,6 +590,14 @@ class TransformersBackend(BaseBackend):
         return [Answer(text=tokenizer.decode(t, skip_special_tokens=True), new_tokens=len(t), finished=full)
                 for t, full in zip(tokens, ended)]
 
+    def stock_scores(self, request: Request, step: int) -> Any:
+        """Stock ``generate``'s scores for new token ``step`` of ``request`` (``stock.scores_at``): what
+        ``bench --verify`` reads where the engine parts from stock."""
+        self.load()
+        with self._lock, _on_device(self._model.device):
+            return stock.scores_at(self._model, self._processor, request, step, ignore_eos=self.ignore_eos,
+                                   kv_cache_dtype=self.kv_cache_dtype)
+
     def _generate_hf_tokens(self, requests: list[Request]) -> list[list[int]]:
         return self._generate_hf_raw(requests)[0]
 

@@ -91,14 +91,7 @@ def generate(model: Any, processor: Any, requests: Sequence[Request], *, ignore_
     """One ``model.generate`` call for ``requests`` (one temperature): token ids up to end-of-sequence per
     request, whether each ended there (not at its budget), and what the call measured.  With
     ``kv_cache_dtype`` fp8 the cache rounds keys and values as the engine's FP8 cache does."""
-    import torch
-
-    texts = [processor.apply_chat_template(messages(r), tokenize=False, add_generation_prompt=True) for r in requests]
-    images = [img for r in requests for img in r.images]
-    # do_resize=False: daemon.images already sized every image to multiples
-    # of 28; resizing again would move the boxes the model answers with.
-    inputs = processor(text=texts, images=images or None, padding=True, return_tensors="pt", do_resize=False)
-    inputs = inputs.to(model.device)
+    inputs = _inputs(model, processor, requests)
     max_new = max(r.max_new_tokens for r in requests)
     # Forced length (bench): the same work whatever random weights say.
     forced: dict[str, Any] = {"min_new_tokens": max_new} if ignore_eos else {}
@@ -107,13 +100,7 @@ def generate(model: Any, processor: Any, requests: Sequence[Request], *, ignore_
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 \
         else {"do_sample": False}
     started = time.perf_counter()
-    with torch.inference_mode():
-        cache = {"past_key_values": rounding_cache()} if kv_cache_dtype == "fp8" else {}
-        with warnings.catch_warnings():
-            # transformers 5.2x renames generate's past_key_values to cache; 5.17 (the device's) knows
-            # only the old name, which works in both until 6.0.
-            warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
-            out = model.generate(**inputs, max_new_tokens=max_new, **sampling, **forced, **cache)
+    out = _generate(model, inputs, kv_cache_dtype, max_new_tokens=max_new, **sampling, **forced)
     stats = {"wall_s": time.perf_counter() - started, "requests": len(requests),
              "new_tokens": int(out.shape[0] * (out.shape[1] - inputs["input_ids"].shape[1]))}
     new = out[:, inputs["input_ids"].shape[1]:]
@@ -125,6 +112,42 @@ def generate(model: Any, processor: Any, requests: Sequence[Request], *, ignore_
         tokens.append(kept)
         ended.append(len(kept) < len(budget))
     return tokens, ended, stats
+
+
+def scores_at(model: Any, processor: Any, request: Request, step: int, *, ignore_eos: bool = False,
+              kv_cache_dtype: str = "auto") -> Any:
+    """Greedy stock ``generate``'s scores for new token ``step`` of ``request`` (float32, on the CPU): the
+    logits after its processors (the repetition penalty), which its token is the largest of.
+
+    Where ``bench --verify`` finds the engine parting from stock, how far stock's own token was ahead of the
+    engine's there tells a near-tie (two correct computations a rounding apart) from a clear choice.
+    """
+    inputs = _inputs(model, processor, [request])
+    forced: dict[str, Any] = {"min_new_tokens": step + 1} if ignore_eos else {}
+    out = _generate(model, inputs, kv_cache_dtype, max_new_tokens=step + 1, do_sample=False, output_scores=True,
+                    return_dict_in_generate=True, **forced)
+    return out.scores[step][0].float().cpu()
+
+
+def _inputs(model: Any, processor: Any, requests: Sequence[Request]) -> Any:
+    texts = [processor.apply_chat_template(messages(r), tokenize=False, add_generation_prompt=True) for r in requests]
+    images = [img for r in requests for img in r.images]
+    # do_resize=False: daemon.images already sized every image to multiples
+    # of 28; resizing again would move the boxes the model answers with.
+    inputs = processor(text=texts, images=images or None, padding=True, return_tensors="pt", do_resize=False)
+    return inputs.to(model.device)
+
+
+def _generate(model: Any, inputs: Any, kv_cache_dtype: str, **kwargs: Any) -> Any:
+    import torch
+
+    with torch.inference_mode():
+        cache = {"past_key_values": rounding_cache()} if kv_cache_dtype == "fp8" else {}
+        with warnings.catch_warnings():
+            # transformers 5.2x renames generate's past_key_values to cache; 5.17 (the device's) knows
+            # only the old name, which works in both until 6.0.
+            warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
+            return model.generate(**inputs, **kwargs, **cache)
 
 
 def rounding_cache() -> Any:
