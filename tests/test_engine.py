@@ -408,9 +408,10 @@ def test_questions_one_after_another_never_wait_for_a_wave_of_queued_sequences_t
     def record(event: Event) -> None:
         if isinstance(event, Prefill):
             source.events.extend(("prefill", p.index) for p in event.prompts)
-        elif isinstance(event, Decode) and waiting and not source.pending and (
-                len(waiting) == len(asks) or ("finished", asks[-len(waiting) - 1].index) in source.events):
-            source.pending.append(waiting.pop(0))  # the next question comes once the last one is answered
+        elif isinstance(event, Decode) and waiting and not source.pending:
+            asked = len(asks) - len(waiting)
+            if asked == 0 or ("finished", asks[asked - 1].index) in source.events:
+                source.pending.append(waiting.pop(0))  # the next question comes once the last one is answered
 
     monkeypatch.setattr(engine, "trace", record)
     monkeypatch.setattr(engine, "ignore_eos", True)
