@@ -98,7 +98,7 @@ def run_verify(args: argparse.Namespace) -> int:
 def _margin(scores: Any, stock_token: int, engine_token: int) -> tuple[float, float]:
     """(stock's score for its token minus its score for the engine's, stock's score for its token)."""
     own = float(scores[stock_token])
-    if int(scores.argmax()) != stock_token and float(scores.max()) > own:  # a tie picks the lower id
+    if float(scores.max()) > own:
         raise VlwatchError(f"--verify: stock's scores at a parting do not make its own token {stock_token} the "
                            f"largest (token {int(scores.argmax())} is): the scores read are not the step's")
     return own - float(scores[engine_token]), own

@@ -293,8 +293,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, k_scale: torch.Tens
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), k_scale.stride(0), k_scale.stride(1),
         k_scale.stride(2), v_scale.stride(0), v_scale.stride(1), v_scale.stride(2), out.stride(0), out.stride(1),
-        DIRECT=splits == 1, WIDE=interpreted(), IEEE=q.dtype == torch.float32, BLOCK_H=max(MIN_HEADS_TILE, 1 << (group - 1).bit_length()),
-        BLOCK_N=block_n, DIM=dim, num_warps=c["num_warps"], num_stages=c["num_stages"])
+        DIRECT=splits == 1, WIDE=interpreted(), IEEE=q.dtype == torch.float32,
+        BLOCK_H=max(MIN_HEADS_TILE, 1 << (group - 1).bit_length()), BLOCK_N=block_n, DIM=dim,
+        num_warps=c["num_warps"], num_stages=c["num_stages"])
     if splits > 1:
         combine[(n, heads)](acc, m, l_, out, heads, splits, out.stride(0), out.stride(1),
                             BLOCK_S=1 << (splits - 1).bit_length(), DIM=dim, num_warps=4)
