@@ -89,8 +89,8 @@ async def chat_completions(request: Request, ctx: ServerContext = Depends(contex
         raise ApiError(503, "no model is served by this process", code="model_not_served")
     read = time.monotonic()
     call = await run_in_threadpool(parse_chat, body, config)
-    # Where a question's first token went before the engine saw it (a busy daemon's GIL; NOTES "Calls P2
-    # and P1"): the engine logs how long it then waited there.
+    # Where a question's time goes before the engine sees it; the engine's feed logs how long it then
+    # waited there (session 11's call Q2 placed a slow first token by these two lines: NOTES "Calls Q1, Q3, Q2").
     log.debug("chat request: body read in %.3f s, parsed in %.3f s", read - arrived, time.monotonic() - read)
     served = config.model.name
     if call.stream:
