@@ -19,11 +19,21 @@ FP8 kernel (``fp8_gemv``) with split-K 1 and automatic, in microseconds a
 layer and in TB/s on the weight's bytes.  Writes ``fp8_layer_graph.json``
 to ``--out``.  ``--cpu`` runs the same arithmetic eagerly under
 ``TRITON_INTERPRET=1`` on small shapes, as a smoke test (its times mean nothing).
+
+``--sweep`` then times every tile of ``SWEEP`` (rows per program ``BN``,
+columns a step ``BK``, pipeline depth, warps; split-K 1 and automatic) at
+``--sweep-rows`` rows, the same way, and writes ``fp8_layer_sweep.json``: the
+best tile for each projection beside the engine's one (``fp8_gemv.CONFIGS``).
+Session 5's host-timed sweep chose that tile by the wide projections alone;
+whether the narrow ones want another is what a tile table would be for.  It
+stops after ``--sweep-seconds`` (Triton compiles each tile once, ~0.5 s) and
+keeps what it has; a tile the card cannot run (shared memory) is skipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -41,6 +51,10 @@ from daemon.backends.transformers import fp8, fp8_gemv  # noqa: E402
 #: hidden, MLP width, k (or v) width of Qwen2.5-VL's published configs
 MODELS = {"7b": (3584, 18944, 512), "3b": (2048, 11008, 256)}
 ROWS = (1, 2, 4, 8, 16)
+#: (BN, BK, num_stages, num_warps) tried by ``--sweep``, each with split-K 1 and automatic (0); the engine's
+#: tile's neighbours first, so that a sweep cut short by ``--sweep-seconds`` has timed those
+SWEEP = [(bn, bk, stages, warps) for bn, bk in itertools.product((32, 16, 64), (512, 256, 1024))
+         for stages, warps in ((3, 4), (4, 4), (2, 4), (6, 4), (3, 8), (4, 8))]
 
 
 def timed(fn: Callable[[], None], *, graph: bool, reps: int) -> float:
@@ -66,6 +80,47 @@ def timed(fn: Callable[[], None], *, graph: bool, reps: int) -> float:
     return statistics.median(times)
 
 
+def sweep(stack: list[dict], shapes: dict[str, tuple[int, int]], *, rows: int, dev: torch.device,
+          graph: bool, reps: int, seconds: float, grid: list[tuple[int, int, int, int]]) -> dict[str, object]:
+    """Every tile of ``grid`` with split-K 1 and automatic, a layer's time per projection at ``rows`` rows."""
+    xs = {name: torch.randn(rows, k, device=dev, dtype=torch.bfloat16) for name, (_, k) in shapes.items()}
+    deadline = time.monotonic() + seconds
+    tried: list[dict[str, object]] = []
+    for (bn, bk, stages, warps), split in itertools.product(grid, (1, 0)):
+        if time.monotonic() > deadline:
+            print(f"sweep: stopped after {seconds:.0f} s, {len(tried)} timings")
+            break
+        config = {"BN": bn, "BK": bk, "num_stages": stages, "num_warps": warps, "SPLIT": split}
+        for name, (n, k) in shapes.items():
+            def run(name=name) -> None:
+                for layer in stack:
+                    fp8_gemv.launch(xs[name], layer[name][1], layer[name][2], None, config)
+            try:
+                us = timed(run, graph=graph, reps=reps) / len(stack) * 1e6
+            except Exception as e:  # noqa: BLE001 - a tile past the card's shared memory, or a bad capture
+                print(f"sweep: {config} on {name} does not run: {type(e).__name__}: {str(e)[:120]}")
+                if graph:
+                    torch.cuda.synchronize()
+                continue
+            tried.append({"shape": name, **config, "us": us, "tbs": n * k / (us / 1e6) / 1e12})
+    default = fp8_gemv.CONFIGS[fp8_gemv.block_m(rows)]
+    best: dict[str, dict[str, object]] = {}
+    for entry in tried:
+        name = str(entry["shape"])
+        if name not in best or float(entry["us"]) < float(best[name]["us"]):
+            best[name] = entry
+    same = [e for e in tried if all(e[key] == default[key] for key in default) and e["SPLIT"] == 0]
+    for name, entry in best.items():
+        print(f"sweep rows {rows} {name}: best " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                        for k, v in entry.items() if k != "shape"))
+    total_best = sum(float(e["us"]) for e in best.values())
+    total_default = sum(float(e["us"]) for e in same) if len(same) == len(shapes) else None
+    print(f"sweep rows {rows}: a layer's four projections, each at its best tile {total_best:.1f} us; the engine's "
+          f"tile (split auto) " + (f"{total_default:.1f} us" if total_default is not None else "not timed"))
+    return {"rows": rows, "default": default, "best": best, "layer_best_us": total_best,
+            "layer_default_us": total_default, "tried": tried}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=tuple(MODELS), default="7b")
@@ -73,6 +128,9 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--out", type=Path, default=Path("."))
     p.add_argument("--cpu", action="store_true", help="a smoke run on small shapes (TRITON_INTERPRET=1)")
+    p.add_argument("--sweep", action="store_true", help="then time every tile of SWEEP (fp8_layer_sweep.json)")
+    p.add_argument("--sweep-rows", type=int, default=1)
+    p.add_argument("--sweep-seconds", type=float, default=240)
     args = p.parse_args()
     h, i, kv = (64, 128, 32) if args.cpu else MODELS[args.model]
     dev = torch.device("cpu" if args.cpu else "cuda")
@@ -116,6 +174,13 @@ def main() -> int:
     (args.out / "fp8_layer_graph.json").write_text(json.dumps(
         {"device": "cpu (smoke)" if args.cpu else torch.cuda.get_device_name(), "model": args.model,
          "layers": args.layers, "config": fp8_gemv.CONFIG, "rows": rows_out}, indent=2))
+    if args.sweep:
+        grid = SWEEP[:2] if args.cpu else SWEEP
+        found = sweep(stack, shapes, rows=args.sweep_rows, dev=dev, graph=not args.cpu, reps=args.reps,
+                      seconds=args.sweep_seconds, grid=grid)
+        (args.out / "fp8_layer_sweep.json").write_text(json.dumps(
+            {"device": "cpu (smoke)" if args.cpu else torch.cuda.get_device_name(), "model": args.model,
+             "layers": args.layers, **found}, indent=2))
     worst = max(float(r["rel_error"]) for r in rows_out)
     print(f"worst relative error against the dequantized product: {worst:.5f}")
     return 0 if worst <= 0.01 else 1
