@@ -61,6 +61,27 @@ def test_split_k_adds_its_parts_up_to_the_same_product(rows: int, n: int, k: int
     assert float((parts.float() - whole.float()).abs().max()) <= 0.02 * float(want.abs().max())
 
 
+@pytest.mark.parametrize(("rows", "n", "k", "split"), [
+    (1, 200, 320, 1),   # 7 tiles for 2 programs: each takes three or four, the last ragged
+    (5, 96, 1000, 3),   # 3 tiles x 3 parts of K, the last part short
+    (40, 64, 256, 1),   # the 64-row tile
+])
+def test_a_persistent_program_takes_its_tiles_in_turn_to_the_same_product(rows: int, n: int, k: int,
+                                                                        split: int) -> None:
+    # PERSIST starts a few programs that loop over the (tile, part) pairs; each tile's sums are the ones a
+    # program of its own makes, so the product is the same to the bit.
+    torch.manual_seed(n)
+    q, s = fp8.quantize_rows(torch.randn(n, k) * 0.05)
+    x = torch.randn(rows, k).to(torch.bfloat16)
+    bias = torch.randn(n).to(torch.bfloat16)
+    config = {"BN": 32, "BK": 128, "num_warps": 4, "num_stages": 2, "SPLIT": split}
+    one_each = fp8_gemv.launch(x, q, s, bias, config)
+    persistent = fp8_gemv.launch(x, q, s, bias, config | {"PERSIST": 1})
+    assert torch.equal(persistent, one_each)
+    want = _reference(x, q, s, bias)
+    assert float((persistent.float() - want).norm() / want.norm()) < 0.005
+
+
 def test_split_for_fills_the_card_only_where_the_tiles_do_not() -> None:
     sms = 132  # an H100
     assert fp8_gemv.split_for(37888, 3584, 32, 512, sms) == 1  # gate/up: 1,184 programs already

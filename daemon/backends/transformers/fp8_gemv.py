@@ -115,17 +115,15 @@ def _kernels() -> tuple[Any, Any]:
     import triton.language as tl
 
     @triton.jit
-    def fp8_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, K_PER,
-                        stride_xm, stride_wn, stride_ym,
-                        HAS_BIAS: tl.constexpr, WIDE: tl.constexpr, SPLIT: tl.constexpr,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        pid = tl.program_id(0)
-        part = tl.program_id(1)  # which K_PER columns of K (split-K); 0 when SPLIT is 1
+    def fp8_rows_tile(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, tile, part, M, N, K, K_PER,
+                      stride_xm, stride_wn, stride_ym,
+                      HAS_BIAS: tl.constexpr, WIDE: tl.constexpr, SPLIT: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         rows = tl.arange(0, BM)
-        cols = pid * BN + tl.arange(0, BN)
+        cols = tile * BN + tl.arange(0, BN)
         ks = tl.arange(0, BK)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        k_lo = part * K_PER
+        k_lo = part * K_PER  # which K_PER columns of K (split-K); 0 when SPLIT is 1
         for k0 in range(k_lo, tl.minimum(k_lo + K_PER, K), BK):
             k = k0 + ks
             x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :],
@@ -146,6 +144,22 @@ def _kernels() -> tuple[Any, Any]:
         else:  # this part's fp32 sums, [SPLIT, M, N]; fp8_rows_reduce adds them up
             tl.store(y_ptr + part * M * N + rows[:, None] * N + cols[None, :], acc,
                      mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+    # Triton looks a jitted function's callees up among its module's globals, not in this closure.
+    globals()["fp8_rows_tile"] = fp8_rows_tile
+
+    @triton.jit
+    def fp8_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, K_PER,
+                        stride_xm, stride_wn, stride_ym,
+                        HAS_BIAS: tl.constexpr, WIDE: tl.constexpr, SPLIT: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PROGRAMS: tl.constexpr):
+        if PROGRAMS == 0:  # a program for each output tile and part: grid (tiles, SPLIT)
+            fp8_rows_tile(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, tl.program_id(0), tl.program_id(1), M, N, K, K_PER,
+                          stride_xm, stride_wn, stride_ym, HAS_BIAS, WIDE, SPLIT, BM, BN, BK)
+        else:  # persistent: PROGRAMS programs take the (tile, part) pairs in turn, loads pipelined across them
+            for item in tl.range(tl.program_id(0), tl.cdiv(N, BN) * SPLIT, PROGRAMS, flatten=True):
+                fp8_rows_tile(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, item // SPLIT, item % SPLIT, M, N, K, K_PER,
+                              stride_xm, stride_wn, stride_ym, HAS_BIAS, WIDE, SPLIT, BM, BN, BK)
 
     @triton.jit
     def fp8_rows_reduce(p_ptr, s_ptr, b_ptr, y_ptr, M, N, stride_ym,
@@ -183,6 +197,13 @@ CONFIGS = {16: CONFIG, 32: {"BN": 32, "BK": 512, "num_warps": 4, "num_stages": 3
            128: {"BN": 32, "BK": 128, "num_warps": 4, "num_stages": 3}}
 #: Programs per SM that split-K aims at (gate/up, 1,184 programs, ~9 an SM, reads at 2.1 TB/s).
 PROGRAMS_PER_SM = 4
+#: ``PERSIST`` in a ``launch`` config: 0 (the engine's, until measured) starts a program for each output tile
+#: and part; N > 0 starts N programs an SM that take the tiles in turn.  Why try it: both kernels tried at one
+#: row (this one and a CUDA-core one, session 11) stopped at ~2.1 TB/s on gate/up, whose 1,184 programs each
+#: read only 7 steps of 16 KiB: each program's first loads wait unhidden, and the last of ~4.5 waves runs half
+#: the card.  A persistent program keeps its loads in flight from one tile into the next (Triton's
+#: ``tl.range(..., flatten=True)``, as its persistent-matmul tutorial does).  ``benchmarks/fp8_layer_graph.py``
+#: times it.
 
 
 def split_for(n: int, k: int, bn: int, bk: int, sms: int) -> int:
@@ -216,9 +237,13 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: tor
     k_per = -(-(-(-k // bk)) // split) * bk  # whole BK steps per part
     main, reduce = _kernels()
     out = y if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
-    main[(tiles, split)](x, weight, scale, b, out, m, n, k, k_per, x.stride(0), weight.stride(0), y.stride(0),
-                         HAS_BIAS=bias is not None, WIDE=interpreted(), SPLIT=split, BM=bm, BN=bn, BK=bk,
-                         num_warps=c["num_warps"], num_stages=c["num_stages"])
+    persist = c.get("PERSIST", 0)
+    # (Triton's CPU interpreter counts as two SMs, so that the tests see a program take several tiles.)
+    programs = min(tiles * split, persist * (_sms(x.device.index or 0) if x.is_cuda else 2)) if persist else 0
+    grid = (programs,) if programs else (tiles, split)
+    main[grid](x, weight, scale, b, out, m, n, k, k_per, x.stride(0), weight.stride(0), y.stride(0),
+               HAS_BIAS=bias is not None, WIDE=interpreted(), SPLIT=split, BM=bm, BN=bn, BK=bk, PROGRAMS=programs,
+               num_warps=c["num_warps"], num_stages=c["num_stages"])
     if split > 1:
         reduce[(tiles,)](out, scale, b, y, m, n, y.stride(0), HAS_BIAS=bias is not None, SPLIT=split,
                          BM=bm, BN=bn, num_warps=4)
