@@ -341,7 +341,7 @@ def explain(config: Config, path: Path) -> int:
     from daemon.config import Snapshot
     from daemon.intake.rules import candidate_rules, match_file, normalised, relative_to_root, render_prompt
     from daemon.intake.sidecars import optional_sidecars, planned_sidecars
-    from daemon.intake.watching import ignore_reason
+    from daemon.intake.ignoring import ignore_reason
 
     path = normalised(path)
     shown = safe_text(str(path))

@@ -217,7 +217,7 @@ def test_explain_says_why(tmp_path: Path) -> None:
     assert "no rule matches 'notes.txt'; it was held against:" in done.stdout
     assert "rule code (" in done.stdout and "match *.png, *.jpg" in done.stdout
     assert "(not tried: ocr; this folder's `rules:` leaves them out)" in done.stdout
-    # The daemon's own words (watching.ignore_reason: one answer for both, issue 10.5).
+    # The daemon's own words (ignoring.ignore_reason: one answer for both, issue 10.5).
     for name, words in [("a.png.code.html", "vlwatch's own sidecar of rule 'code'"),
                         (".vlwatch-0123456789ab.tmp", "vlwatch's own temporary file"),
                         ("scan.png.part", "partial download")]:

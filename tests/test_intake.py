@@ -23,7 +23,8 @@ from daemon.config import Snapshot
 
 from daemon.config_reader import load_config
 from daemon.intake.readiness import probe_image
-from daemon.intake.watching import Watcher, ignore_reason, is_ignored
+from daemon.intake.ignoring import ignore_reason, is_ignored
+from daemon.intake.watching import Watcher
 from daemon.store.queue import PERMISSION_DENIED, Queue
 from tests.conftest import Daemon, png_bytes, put, run_vlwatch, wait_until
 

@@ -18,7 +18,8 @@ from PIL import Image
 
 from daemon.config import WatchConfig
 from daemon.intake.readiness import Arrival, Settler
-from daemon.intake.watching import Watcher, is_ignored, walk_files
+from daemon.intake.ignoring import is_ignored
+from daemon.intake.watching import Watcher, walk_files
 from tests.conftest import wait_until
 
 RULES = frozenset({"describe", "ground"})

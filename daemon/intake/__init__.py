@@ -1,7 +1,8 @@
 """The intake: everything between "a file appears in a watched folder" and "a job is on the queue".
 
-- ``watching``: the observers (``Watcher``) and the filter that drops what is
-  not input (hidden, temporary, litter, our own outputs): ``ignore_reason``;
+- ``ignoring``: the filter that drops what is not input (hidden, temporary,
+  litter, our own outputs): ``ignore_reason``;
+- ``watching``: the observers (``Watcher``) and the tree walk (``walk_files``);
 - ``readiness``: when a file is complete (closed, moved in whole, or settled)
   and what it holds then (``Settler``, ``look_at``, ``file_signature``);
 - ``rules``: which rules match a file (``match_file``, ``Match``), the symlink

@@ -32,7 +32,7 @@ from daemon.intake.readiness import Arrival, Kind, Settler
 from daemon.intake.rules import Match, normalised, watched_rules
 from daemon.intake.scanning import Recipes
 from daemon.intake.sidecars import sidecar_fresh, sidecar_missing
-from daemon.intake.watching import is_ignored
+from daemon.intake.ignoring import is_ignored
 from daemon.store.keys import bytes_hash, content_hash, unreadable_hash
 from daemon.store.queue import Candidate, Queue, Queued
 

@@ -37,7 +37,8 @@ from daemon.intake.readiness import file_signature
 from daemon.intake.recipes import recipe_of
 from daemon.intake.rules import Match, match_file
 from daemon.intake.sidecars import is_temp_name, planned_sidecars, temp_writer_gone
-from daemon.intake.watching import is_ignored, walk_files
+from daemon.intake.ignoring import is_ignored
+from daemon.intake.watching import walk_files
 from daemon.store.keys import UNREADABLE, content_hash, unreadable_hash
 from daemon.store.queue import ACTIVE, MTIME_SLACK_NS, Candidate, Job, Queue, Queued
 
