@@ -524,8 +524,14 @@ def _advice(shape: ModelShape, memory: int, plan: Plan, *, capped: bool, fp8_cap
     if not out and not plan.fits:
         need = weight_bytes(shape, plan.precision) + prefill_reserve(
             shape, prompt_tokens(plan.max_pixels) if tokens is None else tokens, packing=LEAN)
-        out.append(f"more GPU memory: the weights and one prefill alone need {need / GiB:.1f} GiB")
+        what = "the weights and one prefill" if plan.capped else "the weights, one prefill and the CUDA context"
+        out.append(f"more GPU memory: {what} alone need {(need + _context(plan)) / GiB:.1f} GiB")
     return out
+
+
+def _context(plan: Plan) -> int:
+    """The CUDA context's bytes where ``plan`` is for a whole card (a cap limits torch's allocator alone)."""
+    return 0 if plan.capped else CUDA_CONTEXT
 
 
 def _demanded(demand: Demand, max_pixels: int) -> int:
@@ -535,8 +541,9 @@ def _demanded(demand: Demand, max_pixels: int) -> int:
 
 def nothing_fits_message(plan: Plan) -> str:
     """The engine's refusal and the command's verdict when not one slot fits."""
-    need = plan.weights_gib + plan.reserve_gib
-    text = (f"{plan.summary()}: the weights ({plan.weights_gib:.1f} GiB) and one prefill "
+    need = plan.weights_gib + plan.reserve_gib + _context(plan) / GiB
+    context = "" if plan.capped else f", the CUDA context (~{CUDA_CONTEXT / GiB:.1f} GiB)"
+    text = (f"{plan.summary()}: the weights ({plan.weights_gib:.1f} GiB){context} and one prefill "
             f"({plan.reserve_gib:.1f} GiB) need {need:.1f} GiB before the first slot "
             f"({plan.kv_per_slot_mib:.0f} MiB)")
     if plan.advice:

@@ -80,6 +80,22 @@ def test_auto_takes_fp8_only_where_bf16_leaves_no_useful_batch() -> None:
     assert any("3B" in a for a in old.advice)
 
 
+def test_a_whole_card_too_small_is_told_a_need_larger_than_the_card() -> None:
+    # A 6 GiB card and the 3B in fp8: weights 4.4 GiB and one prefill 1.4 GiB are 5.8 GiB, under 6.0, but the
+    # CUDA context's ~0.5 GiB is outside torch's allocator; "need 5.8 GiB" on a 6 GiB card reads as a bug.
+    shape = plan.known_shape("3b")
+    small = plan.plan_with_advice(shape, 6 * GiB, quantization="fp8", max_pixels=1003520, max_new_tokens=2048)
+    assert not small.fits
+    text = plan.nothing_fits_message(small)
+    need = float(text.split(" need ")[1].split(" GiB")[0])
+    assert need > 6.0 and "CUDA context" in text, text
+    assert any(a.startswith("more GPU memory") and "CUDA context" in a for a in small.advice), small.advice
+    # Under a cap the allocator alone is capped (max_gpu_memory), so the context is not counted there.
+    capped = plan.plan_with_advice(shape, 5 * GiB, quantization="fp8", max_pixels=1003520, max_new_tokens=2048,
+                                   capped=True)
+    assert not capped.fits and "CUDA context" not in plan.nothing_fits_message(capped)
+
+
 def test_plan_command_json_and_exit_codes(tmp_path: Path) -> None:
     env = {"VLWATCH_CONFIG": str(tmp_path / "none.yaml"), "XDG_CONFIG_HOME": str(tmp_path)}
     done = run_vlwatch("plan", "--gpu-memory", "16GiB", "--quantization", "none", "--json", env=env, timeout=60)
