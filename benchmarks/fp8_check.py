@@ -62,7 +62,8 @@ from daemon.backends.transformers import fp8  # noqa: E402
 from daemon.backends.transformers.backend import TransformersBackend  # noqa: E402
 from daemon.backends.transformers.stock import messages  # noqa: E402
 from daemon.bench.setups import synthetic_images  # noqa: E402
-from daemon.config import ModelConfig  # noqa: E402
+from daemon.config import EngineOptions, ModelConfig  # noqa: E402
+from daemon.config_reader import parse_engine_options  # noqa: E402
 
 SIZES = ((1036, 1036), (644, 980), (812, 476), (448, 448))
 PROMPTS = ("Read the text.", "Describe this image in detail.", "Extract all text as Markdown.",
@@ -79,12 +80,15 @@ def main() -> int:
     p.add_argument("--floor-factor", type=float, default=1.5)
     p.add_argument("--force-fast", action="store_true", help="the _scaled_mm path wherever it runs (CPU included)")
     p.add_argument("--out", type=Path, default=Path("."))
+    p.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
+                   help="an engine option, as in bench (e.g. fp8_rows_widen=bits); repeatable")
     args = p.parse_args()
     started = time.perf_counter()
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     config = ModelConfig(name=args.model, quantization="fp8", dtype="bfloat16", max_pixels=max(w * h for w, h in sizes),
                          max_new_tokens=args.new_tokens)
-    backend = TransformersBackend(config, load_format=args.load_format)
+    backend = TransformersBackend(config, load_format=args.load_format,
+                                  options=parse_engine_options(args.engine, base=EngineOptions()))
     backend.ignore_eos = True  # random weights: run every answer to its budget
     backend.load()
     model = backend.hf_model

@@ -14,10 +14,12 @@ far larger than the L2 cache, so each is read from HBM as in a real step)
 run their projections in one graph, replayed; a projection's time is the
 graph's over the layer count.  Rows 1-16: batch 1 to a few slots.
 
-For each projection and row count: bf16 ``F.linear`` (cuBLAS), the few-row
-FP8 kernel (``fp8_gemv``) with split-K 1 and automatic, and persistent
-(``PERSIST``: 1 or 2 programs an SM taking the tiles in turn), in microseconds
-a layer and in TB/s on the weight's bytes.  Writes ``fp8_layer_graph.json``
+For each projection and row count: bf16 ``F.linear`` (cuBLAS) and the
+few-row FP8 kernel (``fp8_gemv``) in the ``WAYS`` below: split-K 1 and
+automatic, the weight widened by conversion (the engine's) or by moving its
+bits (``SHIFT`` 1 in Triton's operations, 2 in PTX), one program a tile or
+persistent (``PERSIST`` 2: two programs an SM taking the tiles in turn); in
+microseconds a layer and in TB/s on the weight's bytes.  Writes ``fp8_layer_graph.json``
 to ``--out``.  ``--cpu`` runs the same arithmetic eagerly under
 ``TRITON_INTERPRET=1`` on small shapes, as a smoke test (its times mean nothing).
 
@@ -57,9 +59,18 @@ ROWS = (1, 2, 4, 8, 16)
 #: tile's neighbours first, so that a sweep cut short by ``--sweep-seconds`` has timed those
 SWEEP = [(bn, bk, stages, warps) for bn, bk in itertools.product((32, 16, 64), (512, 256, 1024))
          for stages, warps in ((3, 4), (4, 4), (2, 4), (4, 8))]
-#: split-K 1 or automatic (0), a program for each tile (PERSIST 0) or two an SM taking the tiles in turn
-VARIANTS = ({"SPLIT": 1, "PERSIST": 0}, {"SPLIT": 0, "PERSIST": 0}, {"SPLIT": 1, "PERSIST": 2},
-            {"SPLIT": 0, "PERSIST": 2})
+#: the engine's launch as it is, then the bits moved in PTX (SHIFT 2) with split-K 1 or automatic (0), a
+#: program for each tile (PERSIST 0) or two an SM taking the tiles in turn
+VARIANTS = ({"SPLIT": 0, "PERSIST": 0, "SHIFT": 0}, {"SPLIT": 0, "PERSIST": 0, "SHIFT": 2},
+            {"SPLIT": 1, "PERSIST": 0, "SHIFT": 2}, {"SPLIT": 1, "PERSIST": 2, "SHIFT": 2},
+            {"SPLIT": 0, "PERSIST": 2, "SHIFT": 2})
+#: the main table's launches of the FP8 kernel, by name (bf16 ``F.linear`` runs beside them)
+WAYS = {"fp8_split1": {"SPLIT": 1}, "fp8_split_auto": {"SPLIT": 0},
+        "fp8_persist2": {"SPLIT": 1, "PERSIST": 2},
+        "fp8_shift1_auto": {"SPLIT": 0, "SHIFT": 1},
+        "fp8_shift2_split1": {"SPLIT": 1, "SHIFT": 2}, "fp8_shift2_auto": {"SPLIT": 0, "SHIFT": 2},
+        "fp8_shift2_persist2": {"SPLIT": 1, "PERSIST": 2, "SHIFT": 2},
+        "fp8_shift2_persist2_auto": {"SPLIT": 0, "PERSIST": 2, "SHIFT": 2}}
 
 
 def timed(fn: Callable[[], None], *, graph: bool, reps: int) -> float:
@@ -115,7 +126,7 @@ def sweep(stack: list[dict], shapes: dict[str, tuple[int, int]], *, rows: int, d
         if name not in best or float(entry["us"]) < float(best[name]["us"]):
             best[name] = entry
     same = [e for e in tried if all(e[key] == default[key] for key in default) and e["SPLIT"] == 0
-            and e["PERSIST"] == 0]
+            and e["PERSIST"] == 0 and e["SHIFT"] == 0]
     for name, entry in best.items():
         print(f"sweep rows {rows} {name}: best " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                         for k, v in entry.items() if k != "shape"))
@@ -150,14 +161,9 @@ def main() -> int:
             q, s = fp8.quantize_rows(w)
             layer[name] = (w.to(torch.bfloat16), q, s)
         stack.append(layer)
-    ways: dict[str, Callable[[torch.Tensor, tuple], torch.Tensor]] = {
-        "bf16": lambda x, t: F.linear(x, t[0]),
-        "fp8_split1": lambda x, t: fp8_gemv.launch(x, t[1], t[2], None, {"SPLIT": 1}),
-        "fp8_split_auto": lambda x, t: fp8_gemv.launch(x, t[1], t[2], None, {"SPLIT": 0}),
-        "fp8_persist1": lambda x, t: fp8_gemv.launch(x, t[1], t[2], None, {"SPLIT": 1, "PERSIST": 1}),
-        "fp8_persist2": lambda x, t: fp8_gemv.launch(x, t[1], t[2], None, {"SPLIT": 1, "PERSIST": 2}),
-        "fp8_persist2_auto": lambda x, t: fp8_gemv.launch(x, t[1], t[2], None, {"SPLIT": 0, "PERSIST": 2}),
-    }
+    ways: dict[str, Callable[[torch.Tensor, tuple], torch.Tensor]] = {"bf16": lambda x, t: F.linear(x, t[0])}
+    for name, config in WAYS.items():
+        ways[name] = lambda x, t, config=config: fp8_gemv.launch(x, t[1], t[2], None, config)
     rows_out = []
     for m in ROWS:
         xs = {name: torch.randn(m, k, device=dev, dtype=torch.bfloat16) for name, (_, k) in shapes.items()}
@@ -175,8 +181,14 @@ def main() -> int:
             got = ways["fp8_split_auto"](xs[name], stack[0][name]).float()
             entry["rel_error"] = float((got - want).norm() / want.norm())
             # each tile's sums are made the same way whichever program takes it: the same bits
-            entry["persist_same"] = bool(torch.equal(ways["fp8_persist2"](xs[name], stack[0][name]),
-                                                     ways["fp8_split1"](xs[name], stack[0][name])))
+            one_each = ways["fp8_split1"](xs[name], stack[0][name])
+            entry["persist_same"] = bool(torch.equal(ways["fp8_persist2"](xs[name], stack[0][name]), one_each))
+            # moved bits are the converted numbers 2^120 too small, put back exactly, so the same bits too,
+            # unless the tensor cores flush the few e4m3 subnormals (bf16 subnormals there): then a trace
+            for way in ("fp8_shift1_auto", "fp8_shift2_split1"):
+                moved = ways[way](xs[name], stack[0][name]).float()
+                entry[f"{way}_same"] = bool(torch.equal(moved, one_each.float()))
+                entry[f"{way}_rel_error"] = float((moved - want).norm() / want.norm())
             rows_out.append(entry)
             print(" ".join(f"{k_}={v:.4g}" if isinstance(v, float) else f"{k_}={v}" for k_, v in entry.items()))
         sel = [r for r in rows_out if r["rows"] == m]
@@ -193,7 +205,11 @@ def main() -> int:
         (args.out / "fp8_layer_sweep.json").write_text(json.dumps(
             {"device": "cpu (smoke)" if args.cpu else torch.cuda.get_device_name(), "model": args.model,
              "layers": args.layers, **found}, indent=2))
-    worst = max(float(r["rel_error"]) for r in rows_out)
+    worst = max(float(r[key]) for r in rows_out for key in r if str(key).endswith("rel_error"))
+    for way in ("fp8_shift1_auto", "fp8_shift2_split1"):
+        apart = [f"{r['shape']}@{r['rows']}" for r in rows_out if not r[f"{way}_same"]]
+        print(f"{way}: " + (f"not the same bits as the conversion at {', '.join(apart)}" if apart
+                            else "the same bits as the conversion everywhere"))
     differ = [f"{r['shape']}@{r['rows']}" for r in rows_out if not r["persist_same"]]
     print(f"worst relative error against the dequantized product: {worst:.5f}; persistent programs "
           + (f"DIFFER from one a tile at {', '.join(differ)}" if differ else "give the same bits as one a tile"))

@@ -89,6 +89,8 @@ class ModelConfig:
 COMPILE_PARTS = ("decode", "vision", "prefill")
 #: The decode step's attention kernels (``engine.decode_attention``).
 DECODE_ATTENTIONS = ("flash", "sdpa")
+#: How the few-row FP8 kernel widens its weight (``engine.fp8_rows_widen``).
+FP8_WIDENS = ("convert", "bits")
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,10 @@ class EngineOptions:
     #: rows up to which that kernel runs (1-128; a decode step with more slots takes ``_scaled_mm``).  Rows
     #: past 16 take its 32-, 64- and 128-row tiles, 16 until an H100 measures them
     fp8_rows_max: int = 16
+    #: how that kernel widens the FP8 weight to bf16: ``convert`` (Triton's conversion, the conversion unit's
+    #: 16 results a clock an SM) or ``bits`` (moved into place by integer instructions; the same numbers,
+    #: ``fp8_gemv.E4M3_TO_BF16_X4``).  ``convert`` until an H100 times ``bits``
+    fp8_rows_widen: str = "convert"
     #: let ``model.dtype: float16`` load Qwen2.5-VL, which overflows float16
     allow_fp16: bool = False
     #: seconds without a heartbeat before an engine process counts as hung and is killed
@@ -162,7 +168,8 @@ class EngineOptions:
 
 #: ``engine:``'s keys, in the order ``check`` shows them.
 ENGINE_KEYS = ("compile", "cuda_graphs", "decode_attention", "packed_prefill", "overlap_rounds", "vision_blocks",
-               "vision_varlen", "fp8_rows_kernel", "fp8_rows_split", "fp8_rows_max", "allow_fp16", "engine_lost_after", "step_tokens", "backlog_share",
+               "vision_varlen", "fp8_rows_kernel", "fp8_rows_split", "fp8_rows_max",
+               "fp8_rows_widen", "allow_fp16", "engine_lost_after", "step_tokens", "backlog_share",
                "interactive_slots")
 
 

@@ -30,7 +30,7 @@ import yaml
 
 from daemon import env
 from daemon.config import (ATTENTIONS, BACKENDS, COMPILE_PARTS, DECODE_ATTENTIONS, DEFAULT_LISTEN, ENGINE_KEYS,
-                           KV_CACHE_DTYPES, QUANTIZATIONS, ApiConfig, Config, EngineOptions, HooksConfig, JobsConfig,
+                           FP8_WIDENS, KV_CACHE_DTYPES, QUANTIZATIONS, ApiConfig, Config, EngineOptions, HooksConfig, JobsConfig,
                            ModelConfig, WatchConfig, bundled_packs, canonical, default_state_path, find_config,
                            is_loopback_host, load_plugins, local_model_path, split_host_port)
 from daemon.config_nodes import Reader, did_you_mean
@@ -327,6 +327,8 @@ def _read_engine(r: Reader, node: yaml.Node, where: str) -> EngineOptions:
             kw[k] = r.boolean(keys[k], w + k)
     if "decode_attention" in keys:
         kw["decode_attention"] = r.choice(keys["decode_attention"], w + "decode_attention", DECODE_ATTENTIONS)
+    if "fp8_rows_widen" in keys:
+        kw["fp8_rows_widen"] = r.choice(keys["fp8_rows_widen"], w + "fp8_rows_widen", FP8_WIDENS)
     if "engine_lost_after" in keys:
         kw["engine_lost_after"] = r.duration(keys["engine_lost_after"], w + "engine_lost_after")
         if kw["engine_lost_after"] is not None and kw["engine_lost_after"] < 1:

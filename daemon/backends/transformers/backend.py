@@ -192,7 +192,7 @@ class TransformersBackend(BaseBackend):
 
                 if fp8.runs_scaled_mm(self._model):  # few rows: weight-only (activations unrounded) or not
                     parts.append("fp8 few rows " + (f"weight-only kernel (up to {fp8_gemv.rows()} rows, split "
-                                                    f"{fp8_gemv.split() or 'auto'})"
+                                                    f"{fp8_gemv.split() or 'auto'}, {fp8_gemv.widen()})"
                                                     if fp8_gemv.enabled() else "_scaled_mm"))
         else:
             parts.append("stock generate")
@@ -232,7 +232,7 @@ class TransformersBackend(BaseBackend):
 
             # before the FP8 layers probe their kernels
             fp8_gemv.configure(self.options.fp8_rows_kernel, split=self.options.fp8_rows_split,
-                               rows=self.options.fp8_rows_max)
+                               rows=self.options.fp8_rows_max, widen=self.options.fp8_rows_widen)
         model, attention = loading.load_weights(self.config, source, device, dtype, name=self.model,
                                                 precision=self.precision, load_format=self.load_format)
         self._processor, self._model, self.attention = processor, model, attention
