@@ -81,7 +81,7 @@ def main() -> int:
     p.add_argument("--force-fast", action="store_true", help="the _scaled_mm path wherever it runs (CPU included)")
     p.add_argument("--out", type=Path, default=Path("."))
     p.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
-                   help="an engine option, as in bench (e.g. fp8_rows_widen=bits); repeatable")
+                   help="an engine option, as in bench (e.g. fp8_widen=bits); repeatable")
     args = p.parse_args()
     started = time.perf_counter()
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]

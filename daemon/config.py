@@ -89,7 +89,7 @@ class ModelConfig:
 COMPILE_PARTS = ("decode", "vision", "prefill")
 #: The decode step's attention kernels (``engine.decode_attention``).
 DECODE_ATTENTIONS = ("flash", "sdpa")
-#: How the few-row FP8 kernel widens its weight (``engine.fp8_rows_widen``).
+#: How vlwatch's FP8 kernels widen e4m3 to bf16 (``engine.fp8_widen``).
 FP8_WIDENS = ("convert", "bits")
 
 
@@ -129,10 +129,11 @@ class EngineOptions:
     #: rows up to which that kernel runs (1-128; a decode step with more slots takes ``_scaled_mm``).  Rows
     #: past 16 take its 32-, 64- and 128-row tiles, 16 until an H100 measures them
     fp8_rows_max: int = 16
-    #: how that kernel widens the FP8 weight to bf16: ``convert`` (Triton's conversion, the conversion unit's
-    #: 16 results a clock an SM) or ``bits`` (moved into place by integer instructions; the same numbers,
-    #: ``fp8_gemv.E4M3_TO_BF16_X4``).  ``convert`` until an H100 times ``bits``
-    fp8_rows_widen: str = "convert"
+    #: how vlwatch's FP8 kernels (the few-row weights, the FP8 KV cache) widen e4m3 to bf16: ``convert``
+    #: (Triton's conversion, on the conversion unit's 16 results a clock an SM) or ``bits`` (moved into place by
+    #: integer instructions: the same numbers, ``backends.transformers.e4m3``).  ``convert`` until an H100
+    #: times ``bits``
+    fp8_widen: str = "convert"
     #: let ``model.dtype: float16`` load Qwen2.5-VL, which overflows float16
     allow_fp16: bool = False
     #: seconds without a heartbeat before an engine process counts as hung and is killed
@@ -169,7 +170,7 @@ class EngineOptions:
 #: ``engine:``'s keys, in the order ``check`` shows them.
 ENGINE_KEYS = ("compile", "cuda_graphs", "decode_attention", "packed_prefill", "overlap_rounds", "vision_blocks",
                "vision_varlen", "fp8_rows_kernel", "fp8_rows_split", "fp8_rows_max",
-               "fp8_rows_widen", "allow_fp16", "engine_lost_after", "step_tokens", "backlog_share",
+               "fp8_widen", "allow_fp16", "engine_lost_after", "step_tokens", "backlog_share",
                "interactive_slots")
 
 

@@ -327,8 +327,8 @@ def _read_engine(r: Reader, node: yaml.Node, where: str) -> EngineOptions:
             kw[k] = r.boolean(keys[k], w + k)
     if "decode_attention" in keys:
         kw["decode_attention"] = r.choice(keys["decode_attention"], w + "decode_attention", DECODE_ATTENTIONS)
-    if "fp8_rows_widen" in keys:
-        kw["fp8_rows_widen"] = r.choice(keys["fp8_rows_widen"], w + "fp8_rows_widen", FP8_WIDENS)
+    if "fp8_widen" in keys:
+        kw["fp8_widen"] = r.choice(keys["fp8_widen"], w + "fp8_widen", FP8_WIDENS)
     if "engine_lost_after" in keys:
         kw["engine_lost_after"] = r.duration(keys["engine_lost_after"], w + "engine_lost_after")
         if kw["engine_lost_after"] is not None and kw["engine_lost_after"] < 1:

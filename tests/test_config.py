@@ -234,7 +234,7 @@ def test_bench_engine_pairs_are_read_like_the_config(tmp_path: Path) -> None:
         "--engine:2: 'nonsense' is not KEY=VALUE (like packed_prefill=false)",
         "--engine:3: engine.cuda_graph: unknown key (did you mean 'cuda_graphs'?); allowed: "
         + ", ".join(("compile", "cuda_graphs", "decode_attention", "packed_prefill", "overlap_rounds", "vision_blocks",
-                     "vision_varlen", "fp8_rows_kernel", "fp8_rows_split", "fp8_rows_max", "fp8_rows_widen", "allow_fp16",
+                     "vision_varlen", "fp8_rows_kernel", "fp8_rows_split", "fp8_rows_max", "fp8_widen", "allow_fp16",
                      "engine_lost_after", "step_tokens",
                      "backlog_share",
                      "interactive_slots"))]
@@ -252,7 +252,7 @@ def test_check_and_status_show_the_engine_options(tmp_path: Path) -> None:
     done = run_vlwatch("check", "--config", path)
     assert done.returncode == 0, done.stdout + done.stderr
     line = ("engine: compile=[decode] cuda_graphs=true decode_attention=flash packed_prefill=false overlap_rounds=true "
-            "vision_blocks=true vision_varlen=false fp8_rows_kernel=true fp8_rows_split=0 fp8_rows_max=16 fp8_rows_widen=convert "
+            "vision_blocks=true vision_varlen=false fp8_rows_kernel=true fp8_rows_split=0 fp8_rows_max=16 fp8_widen=convert "
             "allow_fp16=false "
             "engine_lost_after=120s "
             "step_tokens=512 "

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 # conftest.py sets TRITON_INTERPRET=1 before anything imports triton.
 pytest.importorskip("triton", reason="Triton is not installed (the test extra installs it on Linux x86-64)")
 
-from daemon.backends.transformers import fp8, fp8_gemv  # noqa: E402
+from daemon.backends.transformers import e4m3, fp8, fp8_gemv  # noqa: E402
 
 
 def _reference(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -98,47 +98,6 @@ def test_a_weight_widened_by_moving_its_bits_gives_the_same_product(shift: int, 
     assert torch.equal(fp8_gemv.launch(x, q, s, bias, config | {"SHIFT": shift}), fp8_gemv.launch(x, q, s, bias, config))
 
 
-def _run_ptx(text: str, word: int) -> tuple[int, int]:
-    """The few PTX instructions ``fp8_gemv.E4M3_TO_BF16_X4`` uses, run by hand on one input register ($2)."""
-    regs = {"$2": word, "0": 0}
-
-    def val(arg: str) -> int:
-        return regs[arg] if arg in regs else int(arg, 0)
-
-    for line in text.strip().strip("{}").splitlines():
-        op, _, rest = line.strip().rstrip(";").partition(" ")
-        if not op or op.startswith("."):
-            continue
-        d, *args = [a.strip() for a in rest.split(",")]
-        if op == "prmt.b32":  # bytes 0-3 from the first source, 4-7 from the second, one selector nibble each
-            pool = val(args[0]) | val(args[1]) << 32
-            regs[d] = sum(((pool >> 8 * (val(args[2]) >> 4 * i & 7)) & 0xFF) << 8 * i for i in range(4))
-        elif op == "lop3.b32":  # each bit: the table's bit at (a, b, c)
-            a, b, c, lut = (val(x) for x in args)
-            regs[d] = sum(((lut >> ((a >> i & 1) << 2 | (b >> i & 1) << 1 | (c >> i & 1))) & 1) << i for i in range(32))
-        elif op == "shr.b32":
-            regs[d] = val(args[0]) >> val(args[1])
-        else:
-            raise AssertionError(f"an instruction this test does not know: {op}")
-    return regs["$0"], regs["$1"]
-
-
-def test_the_ptx_widening_puts_each_e4m3_in_a_bf16_2_to_the_120_too_small() -> None:
-    # SHIFT 2 runs only on a GPU; its eight instructions are run here by hand over every byte in every
-    # position of the register, against the value torch gives each e4m3 byte.
-    every = torch.arange(256, dtype=torch.uint8)
-    want = every.view(torch.float8_e4m3fn).float() * 2.0**-120
-    finite = ~want.isnan()  # 0x7f and 0xff are e4m3fn's NaN, which quantize_rows never writes
-    for position in range(4):
-        got = []
-        for byte in range(256):
-            lo, hi = _run_ptx(fp8_gemv.E4M3_TO_BF16_X4, byte << 8 * position | 0x5A5A5A5A & ~(0xFF << 8 * position))
-            half = (lo, lo >> 16, hi, hi >> 16)[position] & 0xFFFF
-            got.append(half)
-        as_bf16 = torch.tensor(got, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
-        assert torch.equal(as_bf16[finite], want[finite]), f"byte position {position}"
-
-
 def test_split_for_fills_the_card_only_where_the_tiles_do_not() -> None:
     sms = 132  # an H100
     assert fp8_gemv.split_for(37888, 3584, 32, 512, sms) == 1  # gate/up: 1,184 programs already
@@ -196,7 +155,7 @@ def test_the_op_compiles_opaque_with_the_right_shape() -> None:
 
 def test_the_engine_options_reach_the_kernel(tiny_model: Path) -> None:
     """``engine.fp8_rows_kernel: false``, ``engine.fp8_rows_split``, ``engine.fp8_rows_max`` and
-    ``engine.fp8_rows_widen`` (``bench --engine ...`` for an A/B) reach the kernel's switches when an FP8 model
+    ``engine.fp8_widen`` (``bench --engine ...`` for an A/B) reach the kernel's switches when an FP8 model
     loads; the defaults turn it on where Triton runs, K split by the card's SMs, up to 16 rows, converted."""
     from daemon.backends.transformers.backend import TransformersBackend
     from daemon.config import EngineOptions, ModelConfig
@@ -205,24 +164,25 @@ def test_the_engine_options_reach_the_kernel(tiny_model: Path) -> None:
     model = ModelConfig(name=str(tiny_model), quantization="fp8")
     try:
         for pairs, expected in (([], (True, 0, 16, "convert")), (["fp8_rows_kernel=false"], (False, 0, 16, "convert")),
-                                (["fp8_rows_split=1", "fp8_rows_max=128", "fp8_rows_widen=bits"],
+                                (["fp8_rows_split=1", "fp8_rows_max=128", "fp8_widen=bits"],
                                  (True, 1, 128, "bits"))):
             backend = TransformersBackend(model, options=parse_engine_options(pairs, base=EngineOptions()))
             backend.load()
-            assert (fp8_gemv.enabled(), fp8_gemv.split(), fp8_gemv.rows(), fp8_gemv.widen()) == expected
+            assert (fp8_gemv.enabled(), fp8_gemv.split(), fp8_gemv.rows(), e4m3.widen()) == expected
             backend.unload()
     finally:
         fp8_gemv.configure(True)
+        e4m3.configure("convert")
 
 
 def test_the_split_option_is_checked() -> None:
     from daemon.config_reader import ConfigError, parse_engine_options
 
     with pytest.raises(ConfigError) as err:
-        parse_engine_options(["fp8_rows_split=9", "fp8_rows_max=129", "fp8_rows_widen=fast"])
+        parse_engine_options(["fp8_rows_split=9", "fp8_rows_max=129", "fp8_widen=fast"])
     assert [str(p) for p in err.value.problems] == ["--engine:1: engine.fp8_rows_split: must be at most 8, got 9",
                                                     "--engine:2: engine.fp8_rows_max: must be at most 128, got 129",
-                                                    "--engine:3: engine.fp8_rows_widen: 'fast' is not one of convert, "
+                                                    "--engine:3: engine.fp8_widen: 'fast' is not one of convert, "
                                                     "bits"]
 
 

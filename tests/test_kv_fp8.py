@@ -81,6 +81,33 @@ def test_the_kernel_is_the_dequantized_attention(model: str, rows: int, splits: 
     _assert_close(got, want)
 
 
+def _without_subnormals(cache: torch.Tensor) -> torch.Tensor:
+    bits = cache.view(torch.uint8)
+    return torch.where((bits & 0x78) == 0, torch.zeros_like(bits), bits).view(torch.float8_e4m3fn)
+
+
+@pytest.mark.parametrize("shift", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_keys_and_values_widened_by_moving_bits_give_the_same_attention(dtype: torch.dtype, shift: int) -> None:
+    # engine.fp8_widen: bits reads the cache as bytes moved into bf16 2^120 too small, and puts the 2^120 back
+    # through the softmax scale (keys) and the value scales: the same numbers, so the same result to the bit.
+    # Except in this interpreter where e4m3 subnormals (the small entries of a vector) are involved: they
+    # become bf16 subnormals, which its bf16-to-float32 cast loses (0x0010 reads 0; a GPU shifts the bits).
+    # So: to the bit without subnormals, and as close to the reference as converting with them.
+    q, k, k_s, v, v_s, used = _case("7b", 3, 96, seed=11, dtype=dtype)
+    assert bool((((k.view(torch.uint8) & 0x78) == 0) & ((k.view(torch.uint8) & 0x07) != 0)).any())
+    want = kv_fp8.reference(q.float(), k, k_s, v, v_s, used, DIM ** -0.5)
+    for splits in (1, 3):
+        config = {"BLOCK_N": 32, "SPLITS": splits}
+        _assert_close(kv_fp8.decode_attention(q, k[:3], k_s[:3], v[:3], v_s[:3], used, DIM ** -0.5,
+                                              config | {"SHIFT": shift}), want)
+        kn, vn = _without_subnormals(k), _without_subnormals(v)
+        converted = kv_fp8.decode_attention(q, kn[:3], k_s[:3], vn[:3], v_s[:3], used, DIM ** -0.5, config)
+        moved = kv_fp8.decode_attention(q, kn[:3], k_s[:3], vn[:3], v_s[:3], used, DIM ** -0.5,
+                                        config | {"SHIFT": shift})
+        assert torch.equal(moved, converted)
+
+
 def test_a_length_not_a_multiple_of_the_block_and_uneven_parts() -> None:
     # 200 columns of 64: four steps, the last one short; five parts asked: four of one step.
     q, k, k_s, v, v_s, used = _case("7b", 3, 200, seed=5)

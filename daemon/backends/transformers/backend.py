@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
 
 from daemon.backends import (Answer, BaseBackend, Capabilities, DeviceLostError, Feed, Item, ListFeed, Request,
                              Sizing, is_sticky_cuda_error)
-from daemon.backends.transformers import loading, stock
+from daemon.backends.transformers import e4m3, loading, stock
 from daemon.backends.transformers.live import LiveSource
 from daemon.backends.transformers.oom import is_out_of_memory
 from daemon import plan
@@ -192,7 +192,7 @@ class TransformersBackend(BaseBackend):
 
                 if fp8.runs_scaled_mm(self._model):  # few rows: weight-only (activations unrounded) or not
                     parts.append("fp8 few rows " + (f"weight-only kernel (up to {fp8_gemv.rows()} rows, split "
-                                                    f"{fp8_gemv.split() or 'auto'}, {fp8_gemv.widen()})"
+                                                    f"{fp8_gemv.split() or 'auto'}, {e4m3.widen()})"
                                                     if fp8_gemv.enabled() else "_scaled_mm"))
         else:
             parts.append("stock generate")
@@ -224,6 +224,7 @@ class TransformersBackend(BaseBackend):
         processor = loading.load_processor(source)
         # Refuses a setup that cannot fit, with advice.
         demand = loading.demand(sizing, lambda prompt: _text_tokens(processor, prompt))
+        e4m3.configure(self.options.fp8_widen)  # before the FP8 kernels (KV cache, few-row weights) are probed
         self.kv_cache_dtype = loading.resolve_kv_cache(self.config, device)
         self.plan = loading.plan_memory(self.config, source, device, dtype, demand, self.kv_cache_dtype)
         self.precision = loading.resolve_precision(self.config, source, device, self.plan)
@@ -232,7 +233,7 @@ class TransformersBackend(BaseBackend):
 
             # before the FP8 layers probe their kernels
             fp8_gemv.configure(self.options.fp8_rows_kernel, split=self.options.fp8_rows_split,
-                               rows=self.options.fp8_rows_max, widen=self.options.fp8_rows_widen)
+                               rows=self.options.fp8_rows_max)
         model, attention = loading.load_weights(self.config, source, device, dtype, name=self.model,
                                                 precision=self.precision, load_format=self.load_format)
         self._processor, self._model, self.attention = processor, model, attention

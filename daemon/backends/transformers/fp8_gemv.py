@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from daemon.backends.transformers import e4m3
+
 #: Rows up to which a CUDA FP8 linear takes this kernel instead of ``_scaled_mm`` by default (decode with
 #: few slots): it was faster at every row count up to 16 on the H100 (benchmarks/fp8_gemv_probe.py), the
 #: widest it then took.  ``engine.fp8_rows_max`` moves it, up to ``MAX_ROWS``.
@@ -54,21 +56,17 @@ _broken = False
 _split = 0
 #: rows up to which FP8 linears take the kernel (``engine.fp8_rows_max``)
 _rows = SMALL_M
-#: ``SHIFT`` when the caller names none (``engine.fp8_rows_widen``: convert 0, bits 2)
-_shift = 0
 
 
-def configure(wanted: bool, *, split: int = 0, rows: int = SMALL_M, widen: str = "convert") -> None:
-    """Use the kernel or not (``engine.fp8_rows_kernel``), its split-K (``engine.fp8_rows_split``), up to
-    how many rows (``engine.fp8_rows_max``) and how it widens the weight (``engine.fp8_rows_widen``), where
-    Triton runs; the loader calls it before FP8 layers exist."""
-    global _enabled, _split, _rows, _shift
+def configure(wanted: bool, *, split: int = 0, rows: int = SMALL_M) -> None:
+    """Use the kernel or not (``engine.fp8_rows_kernel``), its split-K (``engine.fp8_rows_split``) and up to
+    how many rows (``engine.fp8_rows_max``), where Triton runs; the loader calls it before FP8 layers exist.
+    How it widens the weight is ``e4m3.configure``'s (``engine.fp8_widen``)."""
+    global _enabled, _split, _rows
     if not 1 <= rows <= MAX_ROWS:
         raise ValueError(f"fp8_gemv takes 1 to {MAX_ROWS} rows, asked for {rows}")
-    if widen not in ("convert", "bits"):
-        raise ValueError(f"fp8_gemv widens by convert or bits, asked for {widen!r}")
     _enabled = wanted and not _broken and _triton_imports()
-    _split, _rows, _shift = split, rows, 2 if widen == "bits" else 0
+    _split, _rows = split, rows
 
 
 def split() -> int:
@@ -80,10 +78,6 @@ def rows() -> int:
     """Rows up to which FP8 linears take the kernel (``configure``)."""
     return _rows
 
-
-def widen() -> str:
-    """How the engine's launches widen the weight (``configure``): convert or bits."""
-    return "bits" if _shift else "convert"
 
 
 def block_m(m: int) -> int:
@@ -124,15 +118,12 @@ def _kernels() -> tuple[Any, Any]:
     import triton
     import triton.language as tl
 
+    e4m3.load()
+
     @triton.jit
     def widen_tile(w, SHIFT: tl.constexpr, WIDE: tl.constexpr):
         """An e4m3 tile as bf16 (float32 in the interpreter); with SHIFT, read as bytes and 2^120 too small."""
-        if SHIFT == 1:
-            b = w.to(tl.uint16)
-            w = (((b & 0x80) << 8) | ((b & 0x7F) << 4)).to(tl.bfloat16, bitcast=True)
-        elif SHIFT == 2:  # the same, four bytes of one register at a time (PTX: a GPU only)
-            w = tl.inline_asm_elementwise(asm=PTX_E4M3_TO_BF16_X4, constraints="=r,=r,r", args=[w],
-                                          dtype=tl.bfloat16, is_pure=True, pack=4)
+        w = e4m3.tile(w, SHIFT)
         if WIDE:  # the CPU interpreter's bf16 dot is wrong (Triton 3.9): it multiplies in float32
             w = w.to(tl.float32)
         else:
@@ -162,7 +153,7 @@ def _kernels() -> tuple[Any, Any]:
         if SPLIT == 1:
             scale = tl.load(s_ptr + cols, mask=cols < N, other=0.0)
             if SHIFT:
-                scale = scale * 1.329227995784916e36  # UNBIAS, 2^120: a literal, as Triton wants
+                scale = scale * 1.329227995784916e36  # e4m3.UNBIAS, 2^120
             acc = acc * scale[None, :]
             if HAS_BIAS:
                 acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
@@ -172,10 +163,8 @@ def _kernels() -> tuple[Any, Any]:
             tl.store(y_ptr + part * M * N + rows[:, None] * N + cols[None, :], acc,
                      mask=(rows[:, None] < M) & (cols[None, :] < N))
 
-    # Triton looks a jitted function's callees and constants up among its module's globals, not in this
-    # closure, and takes only constexpr ones.
-    globals().update(widen_tile=widen_tile, fp8_rows_tile=fp8_rows_tile,
-                     PTX_E4M3_TO_BF16_X4=tl.constexpr(E4M3_TO_BF16_X4))
+    # Triton looks a jitted function's callees up among its module's globals, not in this closure.
+    globals().update(widen_tile=widen_tile, fp8_rows_tile=fp8_rows_tile)
 
     @triton.jit
     def fp8_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, K_PER,
@@ -204,7 +193,7 @@ def _kernels() -> tuple[Any, Any]:
             acc += tl.load(p_ptr + part * M * N + rows[:, None] * N + cols[None, :], mask=inside, other=0.0)
         scale = tl.load(s_ptr + cols, mask=cols < N, other=0.0)
         if SHIFT:
-            scale = scale * 1.329227995784916e36  # UNBIAS, 2^120: a literal, as Triton wants
+            scale = scale * 1.329227995784916e36  # e4m3.UNBIAS, 2^120
         acc = acc * scale[None, :]
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
@@ -229,36 +218,9 @@ CONFIG = {"BN": 32, "BK": 512, "num_warps": 4, "num_stages": 3}
 CONFIGS = {16: CONFIG, 32: {"BN": 32, "BK": 512, "num_warps": 4, "num_stages": 3},
            64: {"BN": 32, "BK": 256, "num_warps": 4, "num_stages": 3},
            128: {"BN": 32, "BK": 128, "num_warps": 4, "num_stages": 3}}
-#: ``SHIFT`` in a ``launch`` config: 1 widens the weight by moving its bits instead of converting it.  Why:
-#: ``w.to(bfloat16)`` compiles to one F2FP (e4m3 pairs to f16) and, per element, one F2F (f16 to bf16); both
-#: run on the conversion unit, 16 results a clock an SM on Hopper (CUDA guide, "all other type conversions"),
-#: so a 7B gate/up at one row needs ~50 us of conversions alone for a weight HBM reads in ~45: both kernels
-#: of session 11 stopped at ~2.1 TB/s.  Placed into a bf16's bits (sign to bit 15, exponent and mantissa to
-#: bits 4-10) an e4m3 is exactly itself times 2^-120 (subnormals included: bf16 keeps float32's range); two
-#: masks, two shifts and an or, on the integer units, and 2^120 goes into the row scale (float32, exact).
-#: 0 (the engine's) until ``benchmarks/fp8_layer_graph.py`` times it on a GPU.
-UNBIAS = 2.0**120
-assert UNBIAS == 1.329227995784916e36  # the kernels' literal
-#: ``SHIFT`` 2: the same move as PTX, four e4m3 bytes of one register ($2, element i in byte i) into two
-#: registers of two bf16 each ($0: elements 0 and 1, $1: 2 and 3); Triton's own e4m3-to-f16 conversions
-#: are written this way.  Each byte goes to the top of a 16-bit half (prmt), the half without its sign
-#: moves down four bits, the sign goes back: eight integer instructions for four elements, none on the
-#: conversion unit.  Triton writes ``SHIFT`` 1's 16-bit operations one element at a time (three byte
-#: permutes each, session 12's sm_90 build: 1,536 instructions a program against 1,024).  The CPU
-#: interpreter cannot run PTX: there 2 runs as 1 (``tests/test_fp8_gemv.py`` runs this text by hand).
-#: E4M3_TO_BF16_X4 as Triton's constexpr, for the kernels (``_kernels`` sets it: Triton imports late)
-PTX_E4M3_TO_BF16_X4: Any = None
-E4M3_TO_BF16_X4 = """{
-.reg .b32 a<2>, b<2>;
-prmt.b32 a0, 0, $2, 0x5140;
-prmt.b32 a1, 0, $2, 0x7362;
-lop3.b32 b0, a0, 0x7fff7fff, 0, 0xc0;
-lop3.b32 b1, a1, 0x7fff7fff, 0, 0xc0;
-shr.b32 b0, b0, 4;
-shr.b32 b1, b1, 4;
-lop3.b32 $0, b0, 0x80008000, a0, 0xf8;
-lop3.b32 $1, b1, 0x80008000, a1, 0xf8;
-}"""
+#: ``SHIFT`` in a ``launch`` config: how the weight is widened (``e4m3``): 0 converted, 1 or 2 its bits moved
+#: (Triton's operations, PTX), 2^120 then going into the row scale.  Without it the engine's
+#: (``engine.fp8_widen``, ``e4m3.configure``).
 
 #: Programs per SM that split-K aims at (gate/up, 1,184 programs, ~9 an SM, reads at 2.1 TB/s).
 PROGRAMS_PER_SM = 4
@@ -291,7 +253,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: tor
     m, k = x.shape
     n = weight.shape[0]
     bm = block_m(m)
-    c = CONFIGS[bm] | {"SPLIT": _split, "SHIFT": _shift} | (config or {})
+    c = CONFIGS[bm] | {"SPLIT": _split} | (config or {})
     bn, bk = c["BN"], c["BK"]
     split = c["SPLIT"] or (split_for(n, k, bn, bk, _sms(x.device.index or 0)) if x.is_cuda else 1)
     x = x.contiguous()
@@ -306,7 +268,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: tor
     # (Triton's CPU interpreter counts as two SMs, so that the tests see a program take several tiles.)
     programs = min(tiles * split, persist * (_sms(x.device.index or 0) if x.is_cuda else 2)) if persist else 0
     grid = (programs,) if programs else (tiles, split)
-    shift = 1 if c.get("SHIFT", 0) == 2 and interpreted() else c.get("SHIFT", 0)
+    shift = e4m3.shift(c.get("SHIFT"))
     w = weight.view(torch.uint8) if shift else weight
     main[grid](x, w, scale, b, out, m, n, k, k_per, x.stride(0), weight.stride(0), y.stride(0),
                HAS_BIAS=bias is not None, WIDE=interpreted(), SPLIT=split, BM=bm, BN=bn, BK=bk, PROGRAMS=programs,

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from daemon.backends import is_sticky_cuda_error
+from daemon.backends.transformers import e4m3
 from daemon.backends.transformers.fp8 import fp8_capable
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,8 @@ def _kernels() -> tuple[Any, Any]:
     import triton
     import triton.language as tl
 
+    e4m3.load()
+
     # The shape counts stay unspecialised: Triton would otherwise compile a variant per divisibility by 16
     # of each (28 heads and 16, 14 parts and 16), and the probe's sweep or a new slot count would pay it.
     @triton.jit(do_not_specialize=["group", "heads", "splits", "per_split"])
@@ -114,7 +117,7 @@ def _kernels() -> tuple[Any, Any]:
                       stride_qn, stride_qh, stride_kn, stride_kc, stride_kh, stride_vn, stride_vc, stride_vh,
                       stride_ksn, stride_ksc, stride_ksh, stride_vsn, stride_vsc, stride_vsh, stride_on, stride_oh,
                       DIRECT: tl.constexpr, WIDE: tl.constexpr, IEEE: tl.constexpr, BLOCK_H: tl.constexpr,
-                      BLOCK_N: tl.constexpr, DIM: tl.constexpr):
+                      BLOCK_N: tl.constexpr, DIM: tl.constexpr, SHIFT: tl.constexpr):
         row = tl.program_id(0)
         kvh = tl.program_id(1)
         part = tl.program_id(2)  # which per_split columns of the row (split-KV); 0 when DIRECT
@@ -142,6 +145,7 @@ def _kernels() -> tuple[Any, Any]:
             live = cols < used
             # e4m3 is exact in bf16 and fp16 (3 mantissa bits, exponents -9..8): widening loses nothing
             k = tl.load(k_row + cols[:, None] * stride_kc + d[None, :], mask=live[:, None], other=0.0)
+            k = e4m3.tile(k, SHIFT)  # with SHIFT, 2^120 too small: qk_scale carries it back
             k_s = tl.load(ks_row + cols * stride_ksc, mask=live, other=0.0)
             if IEEE:  # a float32 model (the fp32 check against stock generate): no TF32 in its sums
                 s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
@@ -154,7 +158,10 @@ def _kernels() -> tuple[Any, Any]:
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_row + cols[:, None] * stride_vc + d[None, :], mask=live[:, None], other=0.0)
+            v = e4m3.tile(v, SHIFT)
             v_s = tl.load(vs_row + cols * stride_vsc, mask=live, other=0.0)
+            if SHIFT:
+                v_s = v_s * 1.329227995784916e36  # e4m3.UNBIAS, 2^120
             if IEEE:
                 pv = tl.dot((p * v_s[None, :]).to(q.dtype), v.to(q.dtype), input_precision="ieee")
             else:
@@ -264,7 +271,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, k_scale: torch.Tens
         k_scale, v_scale: (slots, length, n_kv) float32, ``quantize``'s scales.
         used: (n,) int32, the filled columns of each row, 1 <= used[i] <= length; nothing past them is read.
         scale: the softmax scale (head dim ** -0.5).
-        config: overrides of ``CONFIG`` (``BLOCK_N``, ``num_warps``, ``num_stages``, ``SPLITS``).
+        config: overrides of ``CONFIG`` (``BLOCK_N``, ``num_warps``, ``num_stages``, ``SPLITS``; ``SHIFT``, how
+            e4m3 is widened, ``e4m3``: the engine's, ``engine.fp8_widen``, without it).
 
     The same as ``reference`` up to accumulation order and bf16 rounding of
     the probabilities (as FlashAttention-2): the e4m3 values are exact in bf16.
@@ -274,6 +282,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, k_scale: torch.Tens
     length, n_kv = k_cache.shape[1], k_cache.shape[2]
     group = heads // n_kv
     c = CONFIG | {"SPLITS": 0} | (config or {})
+    # How the kernel widens e4m3: converted (0) or its bits moved (1, 2).  Not under float16 queries: a
+    # value 2^120 too small is zero there (and the 2^120 on the probabilities infinite).
+    shift = e4m3.shift(c.get("SHIFT")) if q.dtype != torch.float16 else 0
     block_n = c["BLOCK_N"]
     splits = splits_of(n, n_kv, length, block_n, c["SPLITS"], q.device)
     per_split = -(-length // (splits * block_n)) * block_n  # whole blocks a part
@@ -287,14 +298,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, k_scale: torch.Tens
         m = torch.empty((n, heads, splits), device=q.device, dtype=torch.float32)
         l_ = torch.empty((n, heads, splits), device=q.device, dtype=torch.float32)
     decode, combine = _kernels()
+    keys, values = (k_cache.view(torch.uint8), v_cache.view(torch.uint8)) if shift else (k_cache, v_cache)
     decode[(n, n_kv, splits)](
-        q, k_cache, k_scale, v_cache, v_scale, used, out, acc, m, l_,
-        scale * _LOG2E, group, heads, splits, per_split,
+        q, keys, k_scale, values, v_scale, used, out, acc, m, l_,
+        scale * _LOG2E * (e4m3.UNBIAS if shift else 1.0), group, heads, splits, per_split,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), k_scale.stride(0), k_scale.stride(1),
         k_scale.stride(2), v_scale.stride(0), v_scale.stride(1), v_scale.stride(2), out.stride(0), out.stride(1),
         DIRECT=splits == 1, WIDE=interpreted(), IEEE=q.dtype == torch.float32,
-        BLOCK_H=max(MIN_HEADS_TILE, 1 << (group - 1).bit_length()), BLOCK_N=block_n, DIM=dim,
+        BLOCK_H=max(MIN_HEADS_TILE, 1 << (group - 1).bit_length()), BLOCK_N=block_n, DIM=dim, SHIFT=shift,
         num_warps=c["num_warps"], num_stages=c["num_stages"])
     if splits > 1:
         combine[(n, heads)](acc, m, l_, out, heads, splits, out.stride(0), out.stride(1),
