@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -62,3 +67,20 @@ def test_the_engine_way_is_checked_and_the_interpreter_runs_ptx_as_triton_operat
             e4m3.configure("fast")
     finally:
         e4m3.configure("convert")
+
+
+@pytest.mark.parametrize("kernel", ["fp8_rows", "fp8_kv"])
+def test_moving_bits_leaves_no_conversion_instruction_in_either_kernel_built_for_an_h100(kernel: str) -> None:
+    # benchmarks/kernel_sass.py compiles the kernel for sm_90 here (ptxas ships in the Triton wheel): the
+    # PTX must assemble, and with bits no F2F (f16 to bf16, the conversion unit) may be left in the loop.
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this Triton has no ptxas")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "kernel_sass.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(script), "--kernel", kernel, "--shift", "2"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = done.stdout.strip().splitlines()[-1]
+    assert f"{kernel} SHIFT=2 sm_90:" in line and "HMMA" in line, line
+    assert "F2F " not in line, line
