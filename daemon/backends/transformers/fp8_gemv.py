@@ -79,7 +79,6 @@ def rows() -> int:
     return _rows
 
 
-
 def block_m(m: int) -> int:
     """The row tile for ``m`` rows: 16 (``tl.dot``'s smallest), 32, 64 or 128; every row in one tile, so
     each weight tile is read from memory once whatever the row count."""
@@ -218,19 +217,18 @@ CONFIG = {"BN": 32, "BK": 512, "num_warps": 4, "num_stages": 3}
 CONFIGS = {16: CONFIG, 32: {"BN": 32, "BK": 512, "num_warps": 4, "num_stages": 3},
            64: {"BN": 32, "BK": 256, "num_warps": 4, "num_stages": 3},
            128: {"BN": 32, "BK": 128, "num_warps": 4, "num_stages": 3}}
-#: ``SHIFT`` in a ``launch`` config: how the weight is widened (``e4m3``): 0 converted, 1 or 2 its bits moved
-#: (Triton's operations, PTX), 2^120 then going into the row scale.  Without it the engine's
-#: (``engine.fp8_widen``, ``e4m3.configure``).
+# ``SHIFT`` in a ``launch`` config: how the weight is widened (``e4m3``): 0 converted, 1 or 2 its bits moved
+# (Triton's operations, PTX), 2^120 then going into the row scale.  Without it, the engine's
+# (``engine.fp8_widen``, ``e4m3.configure``).
 
 #: Programs per SM that split-K aims at (gate/up, 1,184 programs, ~9 an SM, reads at 2.1 TB/s).
 PROGRAMS_PER_SM = 4
-#: ``PERSIST`` in a ``launch`` config: 0 (the engine's, until measured) starts a program for each output tile
-#: and part; N > 0 starts N programs an SM that take the tiles in turn.  Why try it: both kernels tried at one
-#: row (this one and a CUDA-core one, session 11) stopped at ~2.1 TB/s on gate/up, whose 1,184 programs each
-#: read only 7 steps of 16 KiB: each program's first loads wait unhidden, and the last of ~4.5 waves runs half
-#: the card.  A persistent program keeps its loads in flight from one tile into the next (Triton's
-#: ``tl.range(..., flatten=True)``, as its persistent-matmul tutorial does).  ``benchmarks/fp8_layer_graph.py``
-#: times it.
+# ``PERSIST`` in a ``launch`` config: 0 (the engine's, until measured) starts a program for each output tile
+# and part; N > 0 starts N programs an SM that take the tiles in turn, keeping their loads in flight from one
+# tile into the next (Triton's ``tl.range(..., flatten=True)``, as its persistent-matmul tutorial does).  Tried
+# because gate/up's 1,184 programs each read only 7 steps of 16 KiB, and the last of their waves runs part of
+# the card; session 12 then traced the kernel's ~2.1 TB/s to the widening (``e4m3``).
+# ``benchmarks/fp8_layer_graph.py`` times both.
 
 
 def split_for(n: int, k: int, bn: int, bk: int, sms: int) -> int:
