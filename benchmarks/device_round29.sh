@@ -6,7 +6,7 @@
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 (timeout ${PROBE_LIMIT:-330} python3 benchmarks/fp8_layer_graph.py --model 7b --out "$OUT/7b" \
-    --sweep --sweep-rows 1 --sweep-seconds ${SWEEP_SECONDS:-210} 2>&1 | grep -v -i warn) | tee "$OUT/fp8-layer-graph-7b.log"
+    --sweep --sweep-rows 1 --sweep-seconds ${SWEEP_SECONDS:-170} 2>&1 | grep -v -i warn) | tee "$OUT/fp8-layer-graph-7b.log"
 (timeout ${PROBE_LIMIT_3B:-150} python3 benchmarks/fp8_layer_graph.py --model 3b --out "$OUT/3b" 2>&1 \
     | grep -v -i warn) | tee "$OUT/fp8-layer-graph-3b.log"
 exit 0
