@@ -3,9 +3,9 @@
 Run on the GPU machine from the repository root:
 
     PYTHONPATH=. python3 benchmarks/profile_decode.py [--out DIR] [--quantization fp8] [--kv-cache-dtype fp8]
-        [--cases SLOTSxLENGTHxFILL,...] [--no-variants]
+        [--cases SLOTSxLENGTHxFILL,...] [--no-variants] [--model NAME] [--engine KEY=VALUE ...]
 
-Full-size Qwen2.5-VL-7B architecture, random bf16 weights.  For a few
+Full-size Qwen2.5-VL-7B architecture (``--model`` another, e.g. the 3B), random weights.  For a few
 (slots, cache length) pairs the engine's workloads use -- batch 1 and 256
 slots, 1036x1036 images with 256 new tokens (cache 1728) and document
 pages with 768 (cache 2496) -- it reports:
@@ -39,7 +39,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daemon.backends.transformers.backend import TransformersBackend
-from daemon.config import ModelConfig
+from daemon.config import EngineOptions, ModelConfig
+from daemon.config_reader import parse_engine_options
 
 CASES = [  # (slots, cache length, tokens filled per row)
     (1, 1728, 1500),
@@ -206,14 +207,18 @@ def main() -> int:
     p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto", help="the slot cache (default bf16)")
     p.add_argument("--cases", help="SLOTSxLENGTHxFILL,... instead of the built-in four, e.g. 71x2560x2300")
     p.add_argument("--no-variants", action="store_true", help="skip the attention kernels timed on their own")
+    p.add_argument("--model", default=ModelConfig().name, help="a published Qwen2.5-VL (default the 7B)")
+    p.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
+                   help="an engine option, as in bench (e.g. fp8_widen=bits); repeatable")
     p.add_argument("--store-variants", action="store_true",
                    help="time the FP8 cache write two ways per case (straight, through uint8 views), and with the read")
     args = p.parse_args()
     cases = [tuple(int(n) for n in c.split("x")) for c in args.cases.split(",")] if args.cases else CASES
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "cases": []}
-    backend = TransformersBackend(ModelConfig(quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype),
-                                  load_format="dummy")
+    backend = TransformersBackend(ModelConfig(name=args.model, quantization=args.quantization,
+                                              kv_cache_dtype=args.kv_cache_dtype),
+                                  load_format="dummy", options=parse_engine_options(args.engine, base=EngineOptions()))
     backend.load()
     fast = backend.slot_engine
     weight_bytes = sum(t.numel() * t.element_size() for layer in fast.layers for t in layer.parameters())
