@@ -130,6 +130,18 @@ def _kernels() -> tuple[Any, Any]:
         return w
 
     @triton.jit
+    def finish(acc, s_ptr, b_ptr, y_ptr, rows, cols, M, N, stride_ym, HAS_BIAS: tl.constexpr, SHIFT: tl.constexpr):
+        """An output tile's float32 sums times the row scales (and 2^120 with SHIFT), plus the bias, stored."""
+        scale = tl.load(s_ptr + cols, mask=cols < N, other=0.0)
+        if SHIFT:
+            scale = scale * 1.329227995784916e36  # e4m3.UNBIAS, 2^120
+        acc = acc * scale[None, :]
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+    @triton.jit
     def fp8_rows_tile(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, tile, part, M, N, K, K_PER,
                       stride_xm, stride_wn, stride_ym,
                       HAS_BIAS: tl.constexpr, WIDE: tl.constexpr, SPLIT: tl.constexpr,
@@ -150,20 +162,13 @@ def _kernels() -> tuple[Any, Any]:
             else:
                 acc += tl.dot(x, tl.trans(widen_tile(w, SHIFT, WIDE)))
         if SPLIT == 1:
-            scale = tl.load(s_ptr + cols, mask=cols < N, other=0.0)
-            if SHIFT:
-                scale = scale * 1.329227995784916e36  # e4m3.UNBIAS, 2^120
-            acc = acc * scale[None, :]
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
-                     mask=(rows[:, None] < M) & (cols[None, :] < N))
+            finish(acc, s_ptr, b_ptr, y_ptr, rows, cols, M, N, stride_ym, HAS_BIAS, SHIFT)
         else:  # this part's fp32 sums, [SPLIT, M, N]; fp8_rows_reduce adds them up
             tl.store(y_ptr + part * M * N + rows[:, None] * N + cols[None, :], acc,
                      mask=(rows[:, None] < M) & (cols[None, :] < N))
 
     # Triton looks a jitted function's callees up among its module's globals, not in this closure.
-    globals().update(widen_tile=widen_tile, fp8_rows_tile=fp8_rows_tile)
+    globals().update(widen_tile=widen_tile, finish=finish, fp8_rows_tile=fp8_rows_tile)
 
     @triton.jit
     def fp8_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, K_PER,
@@ -190,13 +195,7 @@ def _kernels() -> tuple[Any, Any]:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for part in tl.static_range(SPLIT):
             acc += tl.load(p_ptr + part * M * N + rows[:, None] * N + cols[None, :], mask=inside, other=0.0)
-        scale = tl.load(s_ptr + cols, mask=cols < N, other=0.0)
-        if SHIFT:
-            scale = scale * 1.329227995784916e36  # e4m3.UNBIAS, 2^120
-        acc = acc * scale[None, :]
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=inside)
+        finish(acc, s_ptr, b_ptr, y_ptr, rows, cols, M, N, stride_ym, HAS_BIAS, SHIFT)
 
     return fp8_rows_kernel, fp8_rows_reduce
 
