@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -215,3 +218,16 @@ def test_a_tile_that_fails_at_load_leaves_the_rows_below_it_to_the_kernel(
     finally:
         monkeypatch.undo()
         fp8_gemv.configure(True)
+
+
+def test_the_layer_probe_runs_on_the_cpu(tmp_path: Path) -> None:
+    # benchmarks/fp8_layer_graph.py is what a lent GPU runs first (call R1): a Python error there costs a call.
+    # Its --cpu mode runs every way and the sweep's variants on small shapes in the interpreter; the bits of
+    # the moved and persistent ways against one program a tile are checked as on the GPU (exit 1 if not).
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "fp8_layer_graph.py"
+    done = subprocess.run([sys.executable, str(script), "--cpu", "--layers", "1", "--reps", "1", "--sweep",
+                           "--sweep-seconds", "5", "--out", str(tmp_path)],
+                          env=os.environ | {"TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "the same bits as the conversion everywhere" in done.stdout
+    assert {"fp8_layer_graph.json", "fp8_layer_sweep.json"} <= {p.name for p in tmp_path.iterdir()}
