@@ -29,10 +29,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 #: instructions worth counting: conversions, the integer moves that replace them, byte permutes, MMAs, async copies
-SHOWN = ("F2F", "F2FP", "I2F", "PRMT", "LOP3", "SHF", "HMMA", "LDGSTS", "LDS", "FFMA", "MUFU")
+SHOWN = ("F2F", "F2FP", "I2F", "PRMT", "LOP3", "SHF", "HMMA", "LDGSTS", "LDS", "FFMA", "MUFU", "ATOM", "ATOMG", "RED",
+         "MEMBAR", "BAR")
 
 
-def build(kernel: str, shift: int, target: int, warps: int, stages: int) -> Any:
+def build(kernel: str, shift: int, target: int, warps: int, stages: int, split: int = 1, fuse: bool = False) -> Any:
     """The kernel compiled for ``sm_<target>`` with the engine's tile (fp8_rows: one row, 16-row tile)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -44,9 +45,9 @@ def build(kernel: str, shift: int, target: int, warps: int, stages: int) -> Any:
         fn = fp8_gemv._kernels()[0]
         c = fp8_gemv.CONFIG
         types = {"x_ptr": "*bf16", "w_ptr": "*u8" if shift else "*fp8e4nv", "s_ptr": "*fp32", "b_ptr": "*fp32",
-                 "y_ptr": "*bf16"}
-        consts = {"HAS_BIAS": False, "WIDE": False, "SPLIT": 1, "BM": 16, "BN": c["BN"], "BK": c["BK"],
-                  "PROGRAMS": 0, "SHIFT": shift}
+                 "y_ptr": "*fp32" if split > 1 else "*bf16", "o_ptr": "*bf16", "c_ptr": "*i32"}
+        consts = {"HAS_BIAS": False, "WIDE": False, "SPLIT": split, "BM": 16, "BN": c["BN"], "BK": c["BK"],
+                  "PROGRAMS": 0, "SHIFT": shift, "FUSE": fuse}
         unhinted = {"M"}  # the row count: 1 to 16, no alignment to promise
     else:
         fn = kv_fp8._kernels()[0]
@@ -71,6 +72,8 @@ def main() -> int:
     p.add_argument("--kernel", choices=("fp8_rows", "fp8_kv"), default="fp8_rows")
     p.add_argument("--shift", type=int, choices=(0, 1, 2), default=0, help="e4m3's widening (backends.transformers.e4m3)")
     p.add_argument("--target", type=int, default=90, help="compute capability x 10 (90: H100, 89: RTX 40xx)")
+    p.add_argument("--split", type=int, default=1, help="fp8_rows: parts of K (split-K)")
+    p.add_argument("--fuse", action="store_true", help="fp8_rows: the last part adds the parts up (FUSE)")
     p.add_argument("--sass", type=Path, help="write the disassembly here")
     args = p.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -80,7 +83,7 @@ def main() -> int:
     from daemon.backends.transformers import fp8_gemv, kv_fp8
 
     config = fp8_gemv.CONFIG if args.kernel == "fp8_rows" else kv_fp8.CONFIG
-    k = build(args.kernel, args.shift, args.target, config["num_warps"], config["num_stages"])
+    k = build(args.kernel, args.shift, args.target, config["num_warps"], config["num_stages"], args.split, args.fuse)
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
@@ -91,7 +94,8 @@ def main() -> int:
                                check=True).stdout
     ops = collections.Counter(re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass))
     regs = re.search(r"REG:(\d+)", usage)
-    print(f"{args.kernel} SHIFT={args.shift} sm_{args.target}: {sum(ops.values())} instructions, "
+    print(f"{args.kernel} SHIFT={args.shift} split {args.split}{' fused' if args.fuse else ''} sm_{args.target}: "
+          f"{sum(ops.values())} instructions, "
           f"{regs.group(1) if regs else '?'} registers, {k.metadata.shared} B shared; "
           + ", ".join(f"{op} {ops[op]}" for op in SHOWN if ops[op]))
     if args.sass:

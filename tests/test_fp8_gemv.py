@@ -101,6 +101,23 @@ def test_a_weight_widened_by_moving_its_bits_gives_the_same_product(shift: int, 
     assert torch.equal(fp8_gemv.launch(x, q, s, bias, config | {"SHIFT": shift}), fp8_gemv.launch(x, q, s, bias, config))
 
 
+@pytest.mark.parametrize(("rows", "split", "extra"), [
+    (1, 3, {}),                          # K in three parts; 7 tiles
+    (5, 4, {"SHIFT": 1}),                # with the moved bits
+    (2, 2, {"PERSIST": 1}),              # persistent programs finishing tiles they did not start
+])
+def test_the_last_part_of_a_tile_adds_the_parts_up_to_the_same_product(rows: int, split: int, extra: dict) -> None:
+    # FUSE drops split-K's second kernel: the part that counts last sums the parts in order, as that kernel
+    # does, so the same bits; and it zeroes its tile's counter, so the next launch sums again (twice here).
+    torch.manual_seed(rows + split)
+    q, s = fp8.quantize_rows(torch.randn(200, 1000) * 0.05)
+    bias = torch.randn(200).to(torch.bfloat16)
+    config = {"BN": 32, "BK": 128, "num_warps": 4, "num_stages": 2, "SPLIT": split} | extra
+    for _ in range(2):
+        x = torch.randn(rows, 1000).to(torch.bfloat16)
+        assert torch.equal(fp8_gemv.launch(x, q, s, bias, config | {"FUSE": 1}), fp8_gemv.launch(x, q, s, bias, config))
+
+
 def test_split_for_fills_the_card_only_where_the_tiles_do_not() -> None:
     sms = 132  # an H100
     assert fp8_gemv.split_for(37888, 3584, 32, 512, sms) == 1  # gate/up: 1,184 programs already

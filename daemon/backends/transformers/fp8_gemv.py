@@ -142,10 +142,11 @@ def _kernels() -> tuple[Any, Any]:
                  mask=(rows[:, None] < M) & (cols[None, :] < N))
 
     @triton.jit
-    def fp8_rows_tile(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, tile, part, M, N, K, K_PER,
+    def fp8_rows_tile(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, o_ptr, c_ptr, tile, part, M, N, K, K_PER,
                       stride_xm, stride_wn, stride_ym,
                       HAS_BIAS: tl.constexpr, WIDE: tl.constexpr, SPLIT: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SHIFT: tl.constexpr):
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SHIFT: tl.constexpr,
+                      FUSE: tl.constexpr):
         rows = tl.arange(0, BM)
         cols = tile * BN + tl.arange(0, BN)
         ks = tl.arange(0, BK)
@@ -163,26 +164,40 @@ def _kernels() -> tuple[Any, Any]:
                 acc += tl.dot(x, tl.trans(widen_tile(w, SHIFT, WIDE)))
         if SPLIT == 1:
             finish(acc, s_ptr, b_ptr, y_ptr, rows, cols, M, N, stride_ym, HAS_BIAS, SHIFT)
-        else:  # this part's fp32 sums, [SPLIT, M, N]; fp8_rows_reduce adds them up
-            tl.store(y_ptr + part * M * N + rows[:, None] * N + cols[None, :], acc,
-                     mask=(rows[:, None] < M) & (cols[None, :] < N))
+        else:  # this part's fp32 sums, [SPLIT, M, N]: fp8_rows_reduce adds them up, or with FUSE the last part
+            inside = (rows[:, None] < M) & (cols[None, :] < N)
+            tl.store(y_ptr + part * M * N + rows[:, None] * N + cols[None, :], acc, mask=inside)
+            if FUSE:
+                # CUTLASS's serial split-K: every thread's sums stored, then one release by the program; the
+                # part that counts last reads them all from L2 (.cg) in order (the reduce kernel's bits), writes
+                # the output (o_ptr) and zeroes the tile's counter for the next launch.
+                tl.debug_barrier()
+                if tl.atomic_add(c_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
+                    total = tl.zeros((BM, BN), dtype=tl.float32)
+                    for p in tl.static_range(SPLIT):
+                        total += tl.load(y_ptr + p * M * N + rows[:, None] * N + cols[None, :], mask=inside,
+                                         other=0.0, cache_modifier=".cg")
+                    finish(total, s_ptr, b_ptr, o_ptr, rows, cols, M, N, stride_ym, HAS_BIAS, SHIFT)
+                    tl.atomic_xchg(c_ptr + tile, 0, sem="relaxed", scope="gpu")
 
     # Triton looks a jitted function's callees up among its module's globals, not in this closure.
     globals().update(widen_tile=widen_tile, finish=finish, fp8_rows_tile=fp8_rows_tile)
 
     @triton.jit
-    def fp8_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, K_PER,
+    def fp8_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, o_ptr, c_ptr, M, N, K, K_PER,
                         stride_xm, stride_wn, stride_ym,
                         HAS_BIAS: tl.constexpr, WIDE: tl.constexpr, SPLIT: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PROGRAMS: tl.constexpr,
-                        SHIFT: tl.constexpr):
+                        SHIFT: tl.constexpr, FUSE: tl.constexpr):
         if PROGRAMS == 0:  # a program for each output tile and part: grid (tiles, SPLIT)
-            fp8_rows_tile(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, tl.program_id(0), tl.program_id(1), M, N, K, K_PER,
-                          stride_xm, stride_wn, stride_ym, HAS_BIAS, WIDE, SPLIT, BM, BN, BK, SHIFT)
+            fp8_rows_tile(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, o_ptr, c_ptr, tl.program_id(0), tl.program_id(1),
+                          M, N, K, K_PER, stride_xm, stride_wn, stride_ym, HAS_BIAS, WIDE, SPLIT, BM, BN, BK, SHIFT,
+                          FUSE)
         else:  # persistent: PROGRAMS programs take the (tile, part) pairs in turn, loads pipelined across them
             for item in tl.range(tl.program_id(0), tl.cdiv(N, BN) * SPLIT, PROGRAMS, flatten=True):
-                fp8_rows_tile(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, item // SPLIT, item % SPLIT, M, N, K, K_PER,
-                              stride_xm, stride_wn, stride_ym, HAS_BIAS, WIDE, SPLIT, BM, BN, BK, SHIFT)
+                fp8_rows_tile(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, o_ptr, c_ptr, item // SPLIT, item % SPLIT,
+                              M, N, K, K_PER, stride_xm, stride_wn, stride_ym, HAS_BIAS, WIDE, SPLIT, BM, BN, BK,
+                              SHIFT, FUSE)
 
     @triton.jit
     def fp8_rows_reduce(p_ptr, s_ptr, b_ptr, y_ptr, M, N, stride_ym,
@@ -222,6 +237,9 @@ CONFIGS = {16: CONFIG, 32: {"BN": 32, "BK": 512, "num_warps": 4, "num_stages": 3
 
 #: Programs per SM that split-K aims at (gate/up, 1,184 programs, ~9 an SM, reads at 2.1 TB/s).
 PROGRAMS_PER_SM = 4
+# ``FUSE`` in a ``launch`` config: 1 drops split-K's second kernel; the part that finishes a tile last adds
+# the parts up (``fp8_rows_tile``), saving a launch a split projection (three a layer; ~2-3 us each inside a
+# CUDA graph at one row).  0 (the engine's) until a GPU shows it the same bits and faster.
 # ``PERSIST`` in a ``launch`` config: 0 (the engine's, until measured) starts a program for each output tile
 # and part; N > 0 starts N programs an SM that take the tiles in turn, keeping their loads in flight from one
 # tile into the next (Triton's ``tl.range(..., flatten=True)``, as its persistent-matmul tutorial does).  Tried
@@ -267,13 +285,35 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: tor
     grid = (programs,) if programs else (tiles, split)
     shift = e4m3.shift(c.get("SHIFT"))
     w = weight.view(torch.uint8) if shift else weight
-    main[grid](x, w, scale, b, out, m, n, k, k_per, x.stride(0), weight.stride(0), y.stride(0),
+    fuse = split > 1 and bool(c.get("FUSE", 0))
+    counts = _counters(x.device, tiles) if fuse else scale  # (not read without FUSE)
+    main[grid](x, w, scale, b, out, y, counts, m, n, k, k_per, x.stride(0), weight.stride(0), y.stride(0),
                HAS_BIAS=bias is not None, WIDE=interpreted(), SPLIT=split, BM=bm, BN=bn, BK=bk, PROGRAMS=programs,
-               SHIFT=shift, num_warps=c["num_warps"], num_stages=c["num_stages"])
-    if split > 1:
+               SHIFT=shift, FUSE=fuse, num_warps=c["num_warps"], num_stages=c["num_stages"])
+    if split > 1 and not fuse:
         reduce[(tiles,)](out, scale, b, y, m, n, y.stride(0), HAS_BIAS=bias is not None, SPLIT=split,
                          BM=bm, BN=bn, SHIFT=shift, num_warps=4)
     return y
+
+
+#: Output tiles a ``FUSE`` launch may count (7B gate/up at BN 16: 2,368).
+MAX_TILES = 8192
+
+
+@functools.lru_cache(maxsize=8)
+def _counter_buffer(device: torch.device) -> torch.Tensor:
+    return torch.zeros(MAX_TILES, device=device, dtype=torch.int32)
+
+
+def _counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """The per-tile counters of ``FUSE``, zero between launches (each launch's last parts zero theirs).
+
+    One buffer a device, made at the first ``FUSE`` launch, which must come before any CUDA graph capture
+    (the probes' eager calls do): launches on one stream run one after another, so they can share it.
+    """
+    if tiles > MAX_TILES:
+        raise ValueError(f"fp8_gemv FUSE counts at most {MAX_TILES} output tiles, asked for {tiles}")
+    return _counter_buffer(device)
 
 
 @torch.library.custom_op("vlwatch::fp8_rows", mutates_args=())
