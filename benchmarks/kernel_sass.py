@@ -94,8 +94,8 @@ def main() -> int:
                                check=True).stdout
     ops = collections.Counter(re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass))
     regs = re.search(r"REG:(\d+)", usage)
-    print(f"{args.kernel} SHIFT={args.shift} split {args.split}{' fused' if args.fuse else ''} sm_{args.target}: "
-          f"{sum(ops.values())} instructions, "
+    split = f" split {args.split}{' fused' if args.fuse else ''}" if args.kernel == "fp8_rows" else ""
+    print(f"{args.kernel} SHIFT={args.shift}{split} sm_{args.target}: {sum(ops.values())} instructions, "
           f"{regs.group(1) if regs else '?'} registers, {k.metadata.shared} B shared; "
           + ", ".join(f"{op} {ops[op]}" for op in SHOWN if ops[op]))
     if args.sass:
