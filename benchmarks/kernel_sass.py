@@ -70,7 +70,8 @@ def build(kernel: str, shift: int, target: int, warps: int, stages: int, split: 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kernel", choices=("fp8_rows", "fp8_kv"), default="fp8_rows")
-    p.add_argument("--shift", type=int, choices=(0, 1, 2), default=0, help="e4m3's widening (backends.transformers.e4m3)")
+    p.add_argument("--shift", type=int, choices=(0, 1, 2), default=0,
+                   help="e4m3's widening (backends.transformers.e4m3)")
     p.add_argument("--target", type=int, default=90, help="compute capability x 10 (90: H100, 89: RTX 40xx)")
     p.add_argument("--split", type=int, default=1, help="fp8_rows: parts of K (split-K)")
     p.add_argument("--fuse", action="store_true", help="fp8_rows: the last part adds the parts up (FUSE)")

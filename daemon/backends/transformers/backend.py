@@ -176,7 +176,9 @@ class TransformersBackend(BaseBackend):
         parts = [self.dtype]
         fast, vision = self._fast, self._vision
         if fast is not None and self.engine != "hf":
-            parts.append(f"decode {fast.attention}")
+            # (e4m3 widened by moved bits: the same numbers but where tensor cores flush subnormals, so shown)
+            parts.append(f"decode {fast.attention}" + (", bits" if fast.attention == "fp8_kv" and e4m3.widen() == "bits"
+                                                       else ""))
             if fast.fp8_cache and fast.attention != "fp8_kv":  # rounds every key and value attended to
                 parts.append("kv cache fp8")
             parts.append("prefill " + ("packed" if fast.packed else "stock"))
