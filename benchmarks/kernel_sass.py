@@ -12,6 +12,11 @@ registers, shared memory and the instructions that tell where the time goes
 Hopper).  Session 12 found the FP8 kernels conversion-bound this way
 (benchmarks/NOTES.md, "Why the FP8 kernel stops at 2.1 TB/s").  No timing:
 that takes a GPU (``fp8_layer_graph.py``, ``kv_fp8_probe.py``).
+
+``--tree DIR --sass FILE`` builds another checkout's kernels (say a ``git
+worktree`` of an older commit) and writes their SASS with the parameter
+offsets blanked: two such files that ``diff`` finds the same are the same
+machine code (session 12 showed its refactors left the default kernels so).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+TREE = Path(sys.argv[sys.argv.index("--tree") + 1]).resolve() if "--tree" in sys.argv else None
+sys.path.insert(0, str(TREE or Path(__file__).resolve().parent.parent))
 
 #: instructions worth counting: conversions, the integer moves that replace them, byte permutes, MMAs, async copies
 SHOWN = ("F2F", "F2FP", "I2F", "PRMT", "LOP3", "SHF", "HMMA", "LDGSTS", "LDS", "FFMA", "MUFU", "ATOM", "ATOMG", "RED",
@@ -60,6 +66,7 @@ def build(kernel: str, shift: int, target: int, warps: int, stages: int, split: 
                   "SHIFT": shift}
         unhinted = {"group", "heads", "splits", "per_split", "qk_scale"}  # do_not_specialize, and a float
     names = fn.arg_names
+    consts = {k: v for k, v in consts.items() if k in names}  # an older tree's kernel may take fewer
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
              if sig[n] != "constexpr" and n not in unhinted}
@@ -75,7 +82,8 @@ def main() -> int:
     p.add_argument("--target", type=int, default=90, help="compute capability x 10 (90: H100, 89: RTX 40xx)")
     p.add_argument("--split", type=int, default=1, help="fp8_rows: parts of K (split-K)")
     p.add_argument("--fuse", action="store_true", help="fp8_rows: the last part adds the parts up (FUSE)")
-    p.add_argument("--sass", type=Path, help="write the disassembly here")
+    p.add_argument("--sass", type=Path, help="write the disassembly here (parameter offsets blanked)")
+    p.add_argument("--tree", type=Path, help="build this checkout's kernels instead (e.g. a git worktree)")
     args = p.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         p.error("unset TRITON_INTERPRET: this compiles, it does not interpret")
@@ -100,7 +108,9 @@ def main() -> int:
           f"{regs.group(1) if regs else '?'} registers, {k.metadata.shared} B shared; "
           + ", ".join(f"{op} {ops[op]}" for op in SHOWN if ops[op]))
     if args.sass:
-        args.sass.write_text(sass)
+        lines = [re.sub(r"/\*[0-9a-f]{4}\*/|/\* 0x[0-9a-f]+ \*/", "", line).strip() for line in sass.splitlines()
+                 if "/*" in line and ";" in line]
+        args.sass.write_text("\n".join(re.sub(r"c\[0x0\]\[0x[0-9a-f]+\]", "c[param]", line) for line in lines) + "\n")
     return 0
 
 
