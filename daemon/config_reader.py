@@ -30,9 +30,9 @@ import yaml
 
 from daemon import env
 from daemon.config import (ATTENTIONS, BACKENDS, COMPILE_PARTS, DECODE_ATTENTIONS, DEFAULT_LISTEN, ENGINE_KEYS,
-                           FP8_WIDENS, KV_CACHE_DTYPES, QUANTIZATIONS, ApiConfig, Config, EngineOptions, HooksConfig, JobsConfig,
-                           ModelConfig, WatchConfig, bundled_packs, canonical, default_state_path, find_config,
-                           is_loopback_host, load_plugins, local_model_path, split_host_port)
+                           FP8_WIDENS, KV_CACHE_DTYPES, QUANTIZATIONS, ApiConfig, Config, EngineOptions, HooksConfig,
+                           JobsConfig, ModelConfig, WatchConfig, bundled_packs, canonical, default_state_path,
+                           find_config, is_loopback_host, load_plugins, local_model_path, split_host_port)
 from daemon.config_nodes import Reader, did_you_mean
 from daemon.errors import ConfigError, ExitCode, Problem, VlwatchError
 from daemon.plan import canonical_name

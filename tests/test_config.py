@@ -252,7 +252,8 @@ def test_check_and_status_show_the_engine_options(tmp_path: Path) -> None:
     done = run_vlwatch("check", "--config", path)
     assert done.returncode == 0, done.stdout + done.stderr
     line = ("engine: compile=[decode] cuda_graphs=true decode_attention=flash packed_prefill=false overlap_rounds=true "
-            "vision_blocks=true vision_varlen=false fp8_rows_kernel=true fp8_rows_split=0 fp8_rows_max=16 fp8_widen=convert "
+            "vision_blocks=true vision_varlen=false fp8_rows_kernel=true fp8_rows_split=0 fp8_rows_max=16 "
+            "fp8_widen=convert "
             "allow_fp16=false "
             "engine_lost_after=120s "
             "step_tokens=512 "

@@ -20,7 +20,7 @@ power of two: exact) back through a float32 scale they multiply by anyway.
 element by element: three byte permutes each), 2 as eight PTX integer
 instructions for four elements (``E4M3_TO_BF16_X4``, the way Triton writes its
 own fp8 conversions).  The CPU interpreter cannot run PTX, so 2 runs as 1
-there, and ``tests/test_fp8_gemv.py`` runs the PTX text by hand.
+there, and ``tests/test_e4m3.py`` runs the PTX text by hand.
 
 ``engine.fp8_widen`` (``convert`` or ``bits``) picks the engine's way for both
 kernels (``configure``); ``convert`` until an H100 times ``bits``.
@@ -31,6 +31,8 @@ from __future__ import annotations
 import functools
 import os
 from typing import Any
+
+from daemon.config import FP8_WIDENS
 
 #: 2^120: the factor the moved bits are short of (float32 exponent bias 127 against e4m3's 7).
 UNBIAS = 2.0**120
@@ -49,7 +51,7 @@ lop3.b32 $0, b0, 0x80008000, a0, 0xf8;
 lop3.b32 $1, b1, 0x80008000, a1, 0xf8;
 }"""
 assert UNBIAS == 1.329227995784916e36  # the literal the kernels multiply by (Triton wants literals there)
-#: E4M3_TO_BF16_X4 as Triton's constexpr (``jit_widen`` sets it: Triton is imported late)
+#: E4M3_TO_BF16_X4 as Triton's constexpr (``load`` sets it: Triton is imported late)
 PTX_E4M3_TO_BF16_X4: Any = None
 #: ``tile(w, SHIFT)``, the Triton function the kernels call as ``e4m3.tile`` (``load`` makes it: Triton is
 #: imported late): an e4m3 tile as it is (SHIFT 0), or its bits moved into bf16 (1, 2); with SHIFT the tile
@@ -62,8 +64,8 @@ _shift = 0
 def configure(widen: str) -> None:
     """``engine.fp8_widen``: ``convert`` or ``bits``, for both FP8 kernels' launches from now on."""
     global _shift
-    if widen not in ("convert", "bits"):
-        raise ValueError(f"e4m3 widens by convert or bits, asked for {widen!r}")
+    if widen not in FP8_WIDENS:
+        raise ValueError(f"e4m3 widens by {' or '.join(FP8_WIDENS)}, asked for {widen!r}")
     _shift = 2 if widen == "bits" else 0
 
 
