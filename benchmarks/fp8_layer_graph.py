@@ -59,8 +59,9 @@ ROWS = (1, 2, 4, 8, 16)
 #: tile's neighbours first, so that a sweep cut short by ``--sweep-seconds`` has timed those
 SWEEP = [(bn, bk, stages, warps) for bn, bk in itertools.product((32, 16, 64), (512, 256, 1024))
          for stages, warps in ((3, 4), (4, 4), (2, 4), (4, 8))]
-#: the engine's launch as it is, then the bits moved in PTX (SHIFT 2) with split-K 1 or automatic (0), a
-#: program for each tile (PERSIST 0) or two an SM taking the tiles in turn
+#: the engine's launch as it is, then the bits moved in PTX (SHIFT 2) with split-K 1 or automatic (0), the
+#: parts added up by the last of them (FUSE), a program for each tile (PERSIST 0) or two an SM taking the
+#: tiles in turn
 VARIANTS = ({"SPLIT": 0, "PERSIST": 0, "SHIFT": 0}, {"SPLIT": 0, "PERSIST": 0, "SHIFT": 2},
             {"SPLIT": 0, "PERSIST": 0, "SHIFT": 2, "FUSE": 1},
             {"SPLIT": 1, "PERSIST": 0, "SHIFT": 2}, {"SPLIT": 1, "PERSIST": 2, "SHIFT": 2},
