@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 VERIFY_SIZES = ("224x224", "448x336", "336x672", "1036x1036", "812x476", "112x112", "644x980", "560x560")
 
 
-@dataclass
+@dataclass(frozen=True)
 class VerifyRow:
     size: str
     image_tokens: int
@@ -75,12 +75,13 @@ def run_verify(args: argparse.Namespace) -> int:
     rows = []
     for (w, h), request, a, b in zip(sizes, requests, engine, stock):
         diff = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-        row = VerifyRow(f"{w}x{h}", (w // 28) * (h // 28), request.max_new_tokens, len(a), len(b), diff)
-        if diff is None and len(a) != len(b):
-            row.first_difference = min(len(a), len(b))
-        elif diff is not None:
-            row.stock_margin, row.stock_score = _margin(backend.stock_scores(request, diff), b[diff], a[diff])
-        rows.append(row)
+        margin = score = None
+        if diff is not None:
+            margin, score = _margin(backend.stock_scores(request, diff), b[diff], a[diff])
+        elif len(a) != len(b):
+            diff = min(len(a), len(b))
+        rows.append(VerifyRow(f"{w}x{h}", (w // 28) * (h // 28), request.max_new_tokens, len(a), len(b), diff,
+                              margin, score))
     same = sum(r.same for r in rows)
     header = describe(backend, model, args, *sizes[0])
     header.pop("image", None), header.pop("image_tokens", None)
