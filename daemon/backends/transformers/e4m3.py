@@ -77,7 +77,12 @@ def widen() -> str:
 def shift(asked: int | None = None) -> int:
     """The ``SHIFT`` a launch compiles with: ``asked``, else the engine's; 2 becomes 1 in the interpreter."""
     value = _shift if asked is None else asked
-    return 1 if value == 2 and os.environ.get("TRITON_INTERPRET") == "1" else value
+    return 1 if value == 2 and interpreted() else value
+
+
+def interpreted() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``: the tests)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.lru_cache(maxsize=1)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 from typing import Any
 
 import torch
@@ -288,7 +287,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: tor
     fuse = split > 1 and bool(c.get("FUSE", 0))
     counts = _counters(x.device, tiles) if fuse else scale  # (not read without FUSE)
     main[grid](x, w, scale, b, out, y, counts, m, n, k, k_per, x.stride(0), weight.stride(0), y.stride(0),
-               HAS_BIAS=bias is not None, WIDE=interpreted(), SPLIT=split, BM=bm, BN=bn, BK=bk, PROGRAMS=programs,
+               HAS_BIAS=bias is not None, WIDE=e4m3.interpreted(), SPLIT=split, BM=bm, BN=bn, BK=bk, PROGRAMS=programs,
                SHIFT=shift, FUSE=fuse, num_warps=c["num_warps"], num_stages=c["num_stages"])
     if split > 1 and not fuse:
         reduce[(tiles,)](out, scale, b, y, m, n, y.stride(0), HAS_BIAS=bias is not None, SPLIT=split,
@@ -325,8 +324,3 @@ def fp8_rows(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: t
 @fp8_rows.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty((x.shape[0], weight.shape[0]))
-
-
-def interpreted() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``: the tests)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"

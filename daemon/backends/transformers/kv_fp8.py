@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Any
 
 import torch
@@ -305,7 +304,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, k_scale: torch.Tens
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), k_scale.stride(0), k_scale.stride(1),
         k_scale.stride(2), v_scale.stride(0), v_scale.stride(1), v_scale.stride(2), out.stride(0), out.stride(1),
-        DIRECT=splits == 1, WIDE=interpreted(), IEEE=q.dtype == torch.float32,
+        DIRECT=splits == 1, WIDE=e4m3.interpreted(), IEEE=q.dtype == torch.float32,
         BLOCK_H=max(MIN_HEADS_TILE, 1 << (group - 1).bit_length()), BLOCK_N=block_n, DIM=dim, SHIFT=shift,
         num_warps=c["num_warps"], num_stages=c["num_stages"])
     if splits > 1:
@@ -366,8 +365,3 @@ def runs(device: torch.device) -> bool:
         return False
     log.debug("FP8 KV attention kernel checked on %s: error %.2g of the largest output", device, err)
     return True
-
-
-def interpreted() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``: the tests)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
